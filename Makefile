@@ -1,0 +1,40 @@
+# One entry point for people and CI. Every target builds the virtualenv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU build of torch, pinned so that CI and laptops never pull CUDA wheels.
+# GPU machines: install the CUDA build of torch first, then `pip install -e .[worker]`.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup serve test lint format bench-load clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[worker,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job. Until the HTTP server lands this runs the runtime's generate demo
+# on a tiny random-weight model written on the spot (no downloads).
+serve: setup
+	$(VENV)/bin/alignedserve generate --prompt "Hello, AlignedServe" --max-tokens 32
+
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+bench-load: setup
+	$(PY) benchmarks/load_rss.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""kopf operator reconciling the AlignedServe custom resource. Never imports torch."""

@@ -1,0 +1,3 @@
+from alignedserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""`alignedserve` command line. Parsing imports nothing heavy; each command imports what it
+needs after the arguments are read, so `--help` and torch-free services start fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignedserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(
+        dest="model_command", required=True
+    )
+    tiny = model.add_parser("init-tiny", help="write a small random-weight model + tokenizer")
+    tiny.add_argument("dir", help="output directory")
+    tiny.add_argument("--arch", choices=TINY_ARCHS, default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+
+    gen = sub.add_parser("generate", help="generate from prompts with the runtime, no server")
+    gen.add_argument("--model", help="model directory (default: a tiny model made on the spot)")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "model":
+        from alignedserve.worker.tiny import init_tiny
+
+        init_tiny(args.dir, arch=args.arch, seed=args.seed, dtype=args.dtype)
+        print(f"wrote tiny {args.arch} model to {args.dir}")
+        return 0
+    if args.command == "generate":
+        from alignedserve.worker.demo import run_generate
+
+        return run_generate(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model execution: prefill and decode over the block-format KV cache (torch)."""

@@ -1,0 +1,119 @@
+"""Attention over the block-format KV cache for a packed batch of requests.
+
+One mechanism covers prefill, chunked prefill and decode: each request brings `q_len` new
+tokens on top of `num_cached` tokens already in its blocks; the new K/V are written into the
+blocks, then every new query attends causally over all of its request's keys. Decode is the
+case q_len = 1.
+
+`paged_attention_ref` is plain torch: the CPU path, and the reference the Triton kernels are
+tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignedserve.worker.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Index tensors for one forward pass, shared by all layers. N = total new tokens."""
+
+    positions: torch.Tensor  # [N] position of each new token in its request
+    slot_block: torch.Tensor  # [N] block holding that position
+    slot_offset: torch.Tensor  # [N] offset inside the block
+    q_batch: torch.Tensor  # [N] which request each new token belongs to
+    q_index: torch.Tensor  # [N] its index among that request's new tokens
+    block_tables: torch.Tensor  # [B, max_blocks] (padding points at block 0 and is masked)
+    q_lens: torch.Tensor  # [B]
+    ctx_lens: torch.Tensor  # [B] cached + new tokens
+    last_token: torch.Tensor  # [B] packed index of each request's last new token
+    max_q_len: int
+
+    @classmethod
+    def build(
+        cls,
+        q_lens: Sequence[int],
+        num_cached: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_tokens: int,
+        device: str | torch.device,
+    ) -> AttentionMetadata:
+        batch = len(q_lens)
+        q_lens_t = torch.tensor(q_lens, dtype=torch.long)
+        cached_t = torch.tensor(num_cached, dtype=torch.long)
+        q_batch = torch.repeat_interleave(torch.arange(batch), q_lens_t)
+        starts = torch.cumsum(q_lens_t, 0) - q_lens_t  # packed offset of each request
+        q_index = torch.arange(int(q_lens_t.sum())) - starts[q_batch]
+        positions = cached_t[q_batch] + q_index
+        max_blocks = max(len(t) for t in block_tables)
+        table = torch.zeros((batch, max_blocks), dtype=torch.long)
+        for i, t in enumerate(block_tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        slot_block = table[q_batch, positions // block_tokens]
+        return cls(
+            positions=positions.to(device),
+            slot_block=slot_block.to(device),
+            slot_offset=(positions % block_tokens).to(device),
+            q_batch=q_batch.to(device),
+            q_index=q_index.to(device),
+            block_tables=table.to(device),
+            q_lens=q_lens_t.to(device),
+            ctx_lens=(cached_t + q_lens_t).to(device),
+            last_token=(starts + q_lens_t - 1).to(device),
+            max_q_len=int(q_lens_t.max()),
+        )
+
+
+def attention_mask(
+    meta: AttentionMetadata, num_keys: int, sliding_window: int | None
+) -> torch.Tensor:
+    """[B, 1, max_q_len, num_keys] bool: may query i of request b see key position s?"""
+    device = meta.q_lens.device
+    i = torch.arange(meta.max_q_len, device=device)[None, :]  # [1, Q]
+    # Padding rows (i >= q_len) act as the last real query: their output is discarded, and
+    # this keeps every row non-empty (an all-masked row would produce NaN).
+    i = torch.minimum(i, meta.q_lens[:, None] - 1)  # [B, Q]
+    q_pos = meta.ctx_lens[:, None] - meta.q_lens[:, None] + i  # [B, Q]
+    s = torch.arange(num_keys, device=device)[None, None, :]  # [1, 1, S]
+    mask = s <= q_pos[:, :, None]  # causal; implies s < ctx_len
+    if sliding_window is not None:
+        mask &= s > q_pos[:, :, None] - sliding_window
+    return mask[:, None]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [N, q_heads, head_dim]
+    k: torch.Tensor,  # [N, kv_heads, head_dim] new keys (after RoPE)
+    v: torch.Tensor,  # [N, kv_heads, head_dim]
+    kv_cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [N, q_heads, head_dim]
+    kv_cache.write(layer, meta.slot_block, meta.slot_offset, k, v)
+    k_blocks, v_blocks = kv_cache.layer(layer)  # [num_blocks, T, kv_heads, D]
+    batch, max_blocks = meta.block_tables.shape
+    block_tokens, kv_heads, head_dim = k_blocks.shape[1:]
+    num_keys = max_blocks * block_tokens
+    # Gather each request's blocks into a padded [B, S, kv_heads, D] view of its context.
+    keys = k_blocks[meta.block_tables].reshape(batch, num_keys, kv_heads, head_dim)
+    values = v_blocks[meta.block_tables].reshape(batch, num_keys, kv_heads, head_dim)
+    q_heads = q.shape[1]
+    q_pad = q.new_zeros((batch, meta.max_q_len, q_heads, head_dim))
+    q_pad[meta.q_batch, meta.q_index] = q
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2),  # [B, Hq, Q, D]
+        keys.to(q.dtype).transpose(1, 2),  # [B, Hk, S, D]
+        values.to(q.dtype).transpose(1, 2),
+        attn_mask=attention_mask(meta, num_keys, sliding_window),
+        scale=scale,
+        enable_gqa=q_heads != kv_heads,
+    )  # [B, Hq, Q, D]
+    return out.transpose(1, 2)[meta.q_batch, meta.q_index]

@@ -1,0 +1,38 @@
+"""A device's KV memory: `num_blocks` blocks in the common block format (see common.kv_layout)."""
+
+from __future__ import annotations
+
+import torch
+
+from alignedserve.common.kv_layout import KVLayout
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class KVCache:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu"):
+        self.layout = layout
+        self.num_blocks = num_blocks
+        # [num_blocks, layers, 2, block_tokens, kv_heads, head_dim]
+        self.blocks = torch.zeros(
+            (num_blocks, *layout.block_shape), dtype=TORCH_DTYPES[layout.dtype], device=device
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's K and V: each [num_blocks, block_tokens, kv_heads, head_dim]."""
+        return self.blocks[:, layer, 0], self.blocks[:, layer, 1]
+
+    def write(
+        self,
+        layer: int,
+        slot_block: torch.Tensor,  # [N] block index of each new token
+        slot_offset: torch.Tensor,  # [N] position inside that block
+        k: torch.Tensor,  # [N, kv_heads, head_dim]
+        v: torch.Tensor,  # [N, kv_heads, head_dim]
+    ) -> None:
+        self.blocks[slot_block, layer, 0, slot_offset] = k.to(self.blocks.dtype)
+        self.blocks[slot_block, layer, 1, slot_offset] = v.to(self.blocks.dtype)

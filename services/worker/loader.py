@@ -1,0 +1,96 @@
+"""Load a Hugging Face-format checkpoint directory into one of our model families.
+
+The model is built on the meta device (no memory), then each tensor is read from the
+memory-mapped safetensors file(s) and placed straight on the target device in the target
+dtype, one tensor at a time: host memory never holds a second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from alignedserve.common.errors import ModelLoadError
+from alignedserve.common.model_config import ModelConfig
+from alignedserve.worker.kv_cache import TORCH_DTYPES
+from alignedserve.worker.models import FAMILIES
+
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some checkpoints carry that we recompute instead of loading.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from e
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{index} names shard {f.name!r}, which does not exist")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{str(model_dir)!r} has no *.safetensors weights")
+    return files
+
+
+def load_model(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
+) -> nn.Module:
+    path = Path(model_dir)
+    config = ModelConfig.from_dir(path)
+    target_dtype = TORCH_DTYPES[dtype or config.dtype]
+    with torch.device("meta"):
+        model = FAMILIES[config.family](config)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    loaded: set[str] = set()
+    for file in checkpoint_files(path):
+        try:
+            handle = safe_open(str(file), framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"{file}: cannot read safetensors ({e})") from e
+        with handle as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name = key if key in expected else f"model.{key}"  # old OPT files lack "model."
+                if name not in expected:
+                    if key.endswith(IGNORED_SUFFIXES) or (
+                        config.tie_word_embeddings and key == "lm_head.weight"
+                    ):
+                        continue
+                    raise ModelLoadError(
+                        f"{file.name}: unexpected tensor {key!r} for {config.architecture}"
+                    )
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    raise ModelLoadError(
+                        f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(expected[name])}"
+                    )
+                param = nn.Parameter(tensor.to(device, target_dtype), requires_grad=False)
+                _set_parameter(model, name, param)
+                loaded.add(name)
+    missing = sorted(expected.keys() - loaded)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ModelLoadError(f"{path}: checkpoint lacks tensors {missing[:3]}{more}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for module in model.modules():
+        if hasattr(module, "materialize_buffers"):
+            module.materialize_buffers(device)
+    return model.eval()
+
+
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner_name), attr, param)

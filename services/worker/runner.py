@@ -1,0 +1,77 @@
+"""Execute one forward pass for a plan of request chunks: the scheduler<->model contract.
+
+The caller (the batcher, or `generate` below the service layer) decides which requests run,
+which tokens are new and which blocks hold their KV; the runner only computes. It keeps no
+per-request state, so any request can move between batches and workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.worker.attention import AttentionMetadata
+from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.sampler import sample
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One request's share of a forward pass."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens: a prompt (chunk) or the last sampled token
+    num_cached_tokens: int  # tokens of this request already in its KV blocks
+    block_table: tuple[int, ...]  # blocks covering num_cached_tokens + len(token_ids)
+    sampling: SamplingParams | None  # None: produce no token (a non-final prefill chunk)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    request_id: str
+    token_id: int
+    logprob: float  # log-probability under the model's (unprocessed) distribution
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_cache: KVCache):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.blocks.device
+        self.block_tokens = kv_cache.layout.block_tokens
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+        """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab])."""
+        meta = AttentionMetadata.build(
+            q_lens=[len(c.token_ids) for c in chunks],
+            num_cached=[c.num_cached_tokens for c in chunks],
+            block_tables=[c.block_table for c in chunks],
+            block_tokens=self.block_tokens,
+            device=self.device,
+        )
+        input_ids = torch.tensor(
+            [t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device
+        )
+        hidden = self.model(input_ids, meta.positions, meta, self.kv_cache)  # [N, hidden]
+        return self.model.logits(hidden if all_logits else hidden[meta.last_token])
+
+    def step(self, chunks: Sequence[SeqChunk]) -> list[SampledToken]:
+        """Run the chunks and sample one token for each chunk that asks for one."""
+        logits = self.forward(chunks)
+        wanted = [i for i, c in enumerate(chunks) if c.sampling is not None]
+        if not wanted:
+            return []
+        tokens, logprobs = sample(
+            logits[wanted],
+            [chunks[i].sampling for i in wanted],
+            [chunks[i].num_cached_tokens + len(chunks[i].token_ids) for i in wanted],
+        )
+        return [
+            SampledToken(chunks[i].request_id, int(t), float(lp))
+            for i, t, lp in zip(wanted, tokens.tolist(), logprobs.tolist(), strict=True)
+        ]

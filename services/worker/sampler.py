@@ -1,0 +1,65 @@
+"""Turn the last-position logits of a batch into one token per request.
+
+Randomness is counter-based: the noise for a request's token at position p comes from a
+generator seeded with (seed, p). The runner keeps no per-request state, so a request moved
+to another batch or another worker (after a crash) samples exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from alignedserve.common.sampling_params import SamplingParams
+
+_MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads (seed, position) pairs
+
+
+def _row_seed(seed: int, position: int) -> int:
+    return (seed * _MIX + position) % (2**63)
+
+
+def sample(
+    logits: torch.Tensor,  # [M, vocab]
+    params: Sequence[SamplingParams],
+    positions: Sequence[int],  # position of the token being sampled, per row
+) -> tuple[torch.Tensor, torch.Tensor]:  # token ids [M], logprob of each under the model [M]
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        probs = _filtered_probs(logits[idx], [params[i] for i in rows])
+        # Exponential race (equivalent to Gumbel-max): argmax p_i / E_i draws i with prob p_i.
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            seed = params[i].seed
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=logits.device)
+                gen.manual_seed(_row_seed(seed, positions[i]))
+            noise[j].exponential_(generator=gen)
+        tokens[idx] = (probs / noise).argmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, chosen
+
+
+def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), as vLLM and transformers order them."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temps[:, None]
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the more likely tokens before it already cover top_p; keep the first.
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_logits = sorted_logits.masked_fill((before >= top_p[:, None]) & (ranks > 0), -torch.inf)
+    filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return filtered.softmax(dim=-1)

@@ -1,0 +1,80 @@
+"""Shared test factories: tiny Hugging Face checkpoints and prompt batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 320
+
+
+def hf_config(arch: str):
+    """A tiny transformers config for one architecture (fp32, no EOS so generate runs fully)."""
+    import transformers as tf
+
+    llama_like = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        rope = dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )
+        return tf.LlamaConfig(**llama_like, rope_parameters=rope, attention_bias=True)
+    if arch == "mistral":  # a window shorter than prompt + output exercises the sliding mask
+        return tf.MistralConfig(**llama_like, sliding_window=24)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=32)
+    opt = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    if arch == "opt":
+        return tf.OPTConfig(**opt)
+    if arch == "opt-350m":  # post-LN and embedding projections, as opt-350m has
+        return tf.OPTConfig(**opt, do_layer_norm_before=False, word_embed_proj_dim=32)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "opt-350m")
+
+
+def save_hf_model(arch: str, path: Path, seed: int = 0):
+    """Random-weight transformers model saved with save_pretrained; returns the HF model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = hf_config(arch)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in lengths]
