@@ -80,7 +80,8 @@ def main() -> None:
             extra = r["peak_mib"] - r["baseline_mib"]
             print(
                 f"{which:<14}{r['peak_mib']:>14.0f}{r['peak_mib'] / size_mib:>8.2f}"
-                f"{extra:>14.0f}{extra / size_mib:>8.2f}   {r['dtypes']} checksum {r['checksum']:.3f}"
+                f"{extra:>14.0f}{extra / size_mib:>8.2f}   {r['dtypes']}"
+                f" checksum {r['checksum']:.3f}"
             )
 
 

@@ -94,12 +94,6 @@ def test_config_json_invalid(model_dir):
     assert "config.json" in str(e.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="BUG model_config.py from_dict: a config.json that is valid JSON but not an object "
-    "raises AttributeError ('list' object has no attribute 'get'), not ModelLoadError",
-)
 def test_config_json_not_an_object(model_dir):
     (model_dir / "config.json").write_text("[]")
     with pytest.raises(ModelLoadError, match=r"config\.json"):
@@ -123,15 +117,7 @@ def test_unknown_architecture_lists_supported(model_dir):
         "intermediate_size",
         "num_hidden_layers",
         "num_attention_heads",
-        pytest.param(
-            "vocab_size",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=KeyError,
-                reason="BUG model_config.py from_dict: raw['vocab_size'] is read outside the "
-                "try/except KeyError, so a missing vocab_size raises a bare KeyError",
-            ),
-        ),
+        "vocab_size",
     ],
 )
 def test_required_config_field_missing(model_dir, field):

@@ -82,6 +82,8 @@ class ModelConfig:
             raw = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{config_path}: invalid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(config_path))
 
     @classmethod
@@ -95,7 +97,11 @@ class ModelConfig:
             )
         family = ARCHITECTURES[arch]
         try:
+            heads = raw["num_attention_heads"]
+            if not isinstance(heads, int) or heads <= 0:
+                raise ModelLoadError(f"{source}: num_attention_heads={heads!r} must be > 0")
             parsed = _parse_opt(raw) if family == "opt" else _parse_llama(raw, arch)
+            parsed["vocab_size"] = raw["vocab_size"]
         except KeyError as e:
             raise ModelLoadError(f"{source}: required field {e.args[0]!r} missing") from e
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
@@ -106,7 +112,6 @@ class ModelConfig:
         config = cls(
             architecture=arch,
             family=family,
-            vocab_size=raw["vocab_size"],
             dtype=dtype,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -29,9 +29,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from e
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+            shards = set(weight_map.values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({e!r})") from e
+        files = [model_dir / name for name in sorted(shards)]
         for f in files:
             if not f.is_file():
                 raise ModelLoadError(f"{index} names shard {f.name!r}, which does not exist")
@@ -47,6 +48,8 @@ def load_model(
 ) -> nn.Module:
     path = Path(model_dir)
     config = ModelConfig.from_dir(path)
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ModelLoadError(f"dtype={dtype!r} not one of {list(TORCH_DTYPES)}")
     target_dtype = TORCH_DTYPES[dtype or config.dtype]
     with torch.device("meta"):
         model = FAMILIES[config.family](config)
