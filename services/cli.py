@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from alignedserve.common.errors import AlignedServeError
+
+    try:
+        return _run(args)
+    except AlignedServeError as e:
+        print(f"alignedserve: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "model":
         from alignedserve.worker.tiny import init_tiny
 

@@ -45,9 +45,13 @@ class BlockAllocator:
         return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
+        """Return blocks; a list with any bad entry is rejected whole, changing nothing."""
         blocks = list(blocks)
         for b in blocks:
             if not 0 <= b < self.num_blocks or not self._in_use[b]:
                 raise ValueError(f"block {b} freed but not allocated")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"a block is freed twice in one call: {sorted(blocks)}")
+        for b in blocks:
             self._in_use[b] = 0
         self._free.extend(blocks)

@@ -12,6 +12,14 @@ from alignedserve.worker.tiny import init_tiny
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    # Validate the request before spending time on loading a model.
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     with tempfile.TemporaryDirectory(prefix="alignedserve-tiny-") as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -23,13 +31,6 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.chat:
             texts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         prompts = [tok.encode(t, add_special_tokens=not args.chat) for t in texts]
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-        )
         start = time.perf_counter()
         gens = runtime.generate(prompts, [params] * len(prompts))
         elapsed = time.perf_counter() - start

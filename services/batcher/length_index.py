@@ -1,0 +1,143 @@
+"""Pooled requests indexed by current KV length, for length-aligned ("prefix-aware") batching.
+
+Only pooled requests are indexed: their lengths do not change until they run again (see
+docs/batcher.md). Lengths fall into log-linear buckets: width 1 below 2**s, then 2**s
+sub-buckets per power of two, so a bucket spans at most 1/2**s of its length and a band of
+W adjacent buckets bounds the batch's *relative* length spread, which is what a padded decode
+step wastes. add/remove are O(1); band queries are numpy passes over the ~400 bucket counts,
+so their cost does not grow with the number of pooled requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_LENGTH = 65536
+
+
+def bucket_of(length: int, sub_bits: int = 5) -> int:
+    """Bucket index of a length >= 1; monotonic, contiguous."""
+    if length < (1 << sub_bits):
+        return length
+    shift = length.bit_length() - 1 - sub_bits
+    return ((shift + 1) << sub_bits) + (length >> shift) - (1 << sub_bits)
+
+
+def bucket_start(bucket: int, sub_bits: int = 5) -> int:
+    """Smallest length in a bucket (inverse of bucket_of on bucket boundaries)."""
+    if bucket < (1 << sub_bits):
+        return bucket
+    shift = (bucket >> sub_bits) - 1
+    return ((bucket & ((1 << sub_bits) - 1)) + (1 << sub_bits)) << shift
+
+
+@dataclass(frozen=True)
+class Band:
+    """Buckets lo..hi inclusive, lengths min_length..max_length inclusive."""
+
+    lo: int
+    hi: int
+    min_length: int
+    max_length: int
+    count: int
+
+
+class LengthIndex:
+    def __init__(self, max_length: int = MAX_LENGTH, sub_bits: int = 5):
+        self.max_length, self.sub_bits = max_length, sub_bits
+        self.num_buckets = bucket_of(max_length, sub_bits) + 1
+        starts = [bucket_start(b, sub_bits) for b in range(self.num_buckets + 1)]
+        self._start = np.array(starts, dtype=np.int64)  # [num_buckets + 1]
+        self._end = self._start[1:] - 1  # [num_buckets] last length of each bucket
+        self._counts = np.zeros(self.num_buckets, dtype=np.int64)
+        # Per bucket, request_id -> (entry order, length); dicts keep insertion order, so
+        # iterating a bucket yields its members oldest-entry first.
+        self._buckets: list[dict[str, tuple[int, int]]] = [{} for _ in range(self.num_buckets)]
+        self._where: dict[str, int] = {}
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._where
+
+    def add(self, request_id: str, length: int) -> None:
+        if not 1 <= length <= self.max_length:
+            raise ValueError(f"length={length} outside 1..{self.max_length}")
+        if request_id in self._where:
+            raise KeyError(f"request {request_id!r} already indexed")
+        b = bucket_of(length, self.sub_bits)
+        self._buckets[b][request_id] = (next(self._order), length)
+        self._counts[b] += 1
+        self._where[request_id] = b
+
+    def remove(self, request_id: str) -> int:
+        """Drop a request; returns its length."""
+        b = self._where.pop(request_id)
+        _, length = self._buckets[b].pop(request_id)
+        self._counts[b] -= 1
+        return length
+
+    def length_of(self, request_id: str) -> int:
+        return self._buckets[self._where[request_id]][request_id][1]
+
+    def band(self, lo: int, hi: int) -> Band:
+        lo, hi = max(lo, 0), min(hi, self.num_buckets - 1)
+        count = int(self._counts[lo : hi + 1].sum())
+        return Band(lo, hi, int(self._start[lo]), int(self._end[hi]), count)
+
+    def band_for_lengths(self, min_length: int, max_length: int) -> Band:
+        return self.band(bucket_of(max(min_length, 1), self.sub_bits), self._bucket(max_length))
+
+    def best_band(self, need: np.ndarray, max_width: int) -> Band | None:
+        """The narrowest band (<= max_width buckets) holding at least need[hi] members, where
+        `need` [num_buckets] is the batch size wanted when the band's longest bucket is hi
+        (long requests need fewer members to fill the KV budget). Among full bands of that
+        width, the one giving the largest batch wins (most tokens per step), then the densest.
+        If no band fills, the densest band of max_width. None if the index is empty."""
+        if not self._where:
+            return None
+        cum = np.concatenate(([0], np.cumsum(self._counts)))  # [num_buckets + 1]
+        for width in range(1, max_width + 1):
+            sums = cum[width:] - cum[:-width]  # [num_buckets - width + 1] members of lo..lo+w-1
+            need_w = need[width - 1 :]  # need of each band's longest bucket
+            full = sums >= need_w
+            if full.any():
+                score = np.where(full, need_w * (len(self._where) + 1) + sums, -1)
+                lo = int(np.argmax(score))
+                return self.band(lo, lo + width - 1)
+        lo = int(np.argmax(sums))
+        return self.band(lo, lo + max_width - 1)
+
+    def band_around(self, length: int, max_width: int) -> Band:
+        """The densest band of max_width buckets that contains `length`'s bucket."""
+        b = self._bucket(length)
+        first = max(0, b - max_width + 1)
+        last = min(b, self.num_buckets - max_width)  # band start range keeping b inside
+        cum = np.concatenate(([0], np.cumsum(self._counts)))
+        starts = np.arange(first, max(last, first) + 1)
+        sums = cum[np.minimum(starts + max_width, self.num_buckets)] - cum[starts]
+        lo = int(starts[int(np.argmax(sums))])
+        return self.band(lo, lo + max_width - 1)
+
+    def members(self, band: Band, limit: int | None = None) -> list[str]:
+        """Up to `limit` request ids in the band, oldest entry first."""
+        buckets = (self._bucket_items(b) for b in range(band.lo, band.hi + 1))
+        merged = heapq.merge(*buckets)
+        return [rid for _, rid in itertools.islice(merged, limit)]
+
+    def bucket_ends(self) -> np.ndarray:
+        """[num_buckets] longest length of each bucket (to build `need` arrays)."""
+        return self._end
+
+    def _bucket_items(self, b: int) -> Iterator[tuple[int, str]]:
+        return ((order, rid) for rid, (order, _) in self._buckets[b].items())
+
+    def _bucket(self, length: int) -> int:
+        return bucket_of(min(max(length, 1), self.max_length), self.sub_bits)

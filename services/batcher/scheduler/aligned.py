@@ -1,0 +1,187 @@
+"""`aligned`: decode together only requests of about the same KV length.
+
+Pooled requests (KV in the CPU pool) sit in a LengthIndex. One batch runs on the decode GPU;
+its members' lengths grow in lockstep, so it stays aligned. Each step:
+1. prefill waiting requests (on the prefetch GPU) into the pool;
+2. if a pooled request has waited past the starvation bound, or the running batch has
+   shrunk below `switch_below_fraction` of what its band could hold, choose the next batch
+   (around the starving request, else the narrowest band that fills a batch) and start
+   prefetching it; once it has landed, switch to it, sending the old members back to the pool;
+   the current batch keeps decoding until the executor reports the prefetch complete;
+3. otherwise refill the running batch with pooled requests of matching length (joiners).
+A batch's KV (with growth headroom) never exceeds `max_batch_kv_fraction` of the decode GPU,
+so the running and the prefetched batch fit side by side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alignedserve.batcher.length_index import LengthIndex, bucket_of, bucket_start
+from alignedserve.batcher.request import Request, RequestState
+from alignedserve.batcher.scheduler.config import SchedulerConfig
+from alignedserve.batcher.scheduler.core import BatchPlan, Scheduler
+
+S = RequestState
+
+
+class AlignedPolicy:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.index = LengthIndex()
+        self.pooled: dict[str, None] = {}  # pool entry order: first = longest waiting
+        self.running: dict[str, None] = {}
+        self.next_batch: list[str] = []  # prefetching
+        self.next_ready = False  # the executor reported the prefetch complete
+        ends = np.maximum(self.index.bucket_ends(), 1)
+        self.need = np.array([self.cap(int(e)) for e in ends])  # batch size wanted per band end
+
+    def cap(self, max_length: int) -> int:
+        """Members a batch of this longest length may hold within the KV budget."""
+        per_member = max_length + self.config.growth_tokens
+        return max(1, min(self.config.max_batch_size, self.config.batch_kv_tokens // per_member))
+
+    # ---- the step ----------------------------------------------------------------------
+    def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
+        prefill = sched.plan_prefill(prefill_budget, max_requests=1 << 30)
+        if self.next_batch and (self.next_ready or not self.running):
+            return self._switch(sched, prefill, now)
+        if self.next_batch:  # keep decoding (and refilling) while the next batch streams in
+            joiners = self._joiners(
+                sched, [sched.store.get(r).num_tokens for r in self.running], now
+            )
+            return BatchPlan(prefill=prefill, decode=tuple(self.running), load=tuple(joiners))
+        starving = self._starving(sched, now)
+        lengths = [sched.store.get(r).num_tokens for r in self.running]
+        weak = not lengths or len(lengths) < self.config.switch_below_fraction * self.cap(
+            max(lengths)
+        )
+        if starving is not None or weak:
+            batch = self._pick(sched, starving, len(lengths), now)
+            if batch and not self.running:  # nothing to overlap with: load it right away
+                self.next_batch = batch
+                return self._switch(sched, prefill, now)
+            if batch:
+                self.next_batch = batch
+                return BatchPlan(prefill=prefill, decode=tuple(self.running), prefetch=tuple(batch))
+        joiners = self._joiners(sched, lengths, now)
+        return BatchPlan(prefill=prefill, decode=tuple(self.running), load=tuple(joiners))
+
+    def _switch(self, sched: Scheduler, prefill, now: float) -> BatchPlan:
+        evict = tuple(self.running)
+        for request_id in evict:
+            self._to_pool(sched, sched.store.get(request_id), now)
+        self.running = dict.fromkeys(self.next_batch)
+        for request_id in self.next_batch:
+            sched.store.transition(sched.store.get(request_id), S.RUNNING)
+        self.next_batch, self.next_ready = [], False
+        return BatchPlan(
+            prefill=prefill,
+            decode=tuple(self.running),
+            load=tuple(self.running),
+            evict=evict,
+            is_switch=bool(evict),
+        )
+
+    def _starving(self, sched: Scheduler, now: float) -> Request | None:
+        if not self.pooled:
+            return None
+        oldest = sched.store.get(next(iter(self.pooled)))
+        return oldest if now - oldest.pooled_since_s > self.config.starvation_s else None
+
+    def _pick(
+        self, sched: Scheduler, starving: Request | None, running_size: int, now: float
+    ) -> list[str]:
+        """Choose the next batch from the pool (moving its members to PREFETCHING)."""
+        width = self.config.max_band_buckets
+        if starving is not None:
+            band = self.index.band_around(starving.num_tokens, width)
+        else:
+            band = self.index.best_band(self.need, width)
+            # Only worth a switch if it beats what runs now.
+            if band is None or min(band.count, self.need[band.hi]) <= running_size:
+                return []
+        batch = self.index.members(band, limit=int(self.need[band.hi]))
+        for request_id in batch:
+            self._from_pool(sched, request_id, S.PREFETCHING, now)
+        return batch
+
+    def _joiners(self, sched: Scheduler, lengths: list[int], now: float) -> list[str]:
+        if not lengths or not self.pooled:
+            return []
+        room = self.cap(max(lengths)) - len(lengths)
+        if room <= 0:
+            return []
+        band = self.index.band_for_lengths(min(lengths), max(lengths))
+        joiners = [
+            r
+            for r in self.index.members(band, limit=room * 4)
+            if min(lengths) <= self.index.length_of(r) <= max(lengths)
+        ][:room]
+        for request_id in joiners:
+            self._from_pool(sched, request_id, S.RUNNING, now)
+            self.running[request_id] = None
+        return joiners
+
+    # ---- pool membership ---------------------------------------------------------------
+    def _to_pool(self, sched: Scheduler, request: Request, now: float) -> None:
+        sched.store.transition(request, S.POOLED)
+        request.pooled_since_s = now
+        self.index.add(request.request_id, min(request.num_tokens, self.index.max_length))
+        self.pooled[request.request_id] = None
+
+    def _from_pool(
+        self, sched: Scheduler, request_id: str, state: RequestState, now: float
+    ) -> None:
+        self.index.remove(request_id)
+        del self.pooled[request_id]
+        request = sched.store.get(request_id)
+        request.max_pool_wait_s = max(request.max_pool_wait_s, now - request.pooled_since_s)
+        sched.store.transition(request, state)
+
+    # ---- Policy callbacks ----------------------------------------------------------------
+    def on_prefetch_done(self) -> None:
+        self.next_ready = bool(self.next_batch)
+
+    def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None:
+        self._to_pool(sched, request, now)
+
+    def on_done(self, sched: Scheduler, request: Request) -> None:
+        rid = request.request_id
+        if rid in self.pooled:
+            self.index.remove(rid)
+            del self.pooled[rid]
+        self.running.pop(rid, None)
+        if rid in self.next_batch:
+            self.next_batch.remove(rid)
+
+    def preempt_one(self, sched: Scheduler, now: float) -> Request | None:
+        """CPU pool full: recompute the most recently pooled request, else the newest member."""
+        if self.pooled:
+            request_id = next(reversed(self.pooled))
+            self.index.remove(request_id)
+            del self.pooled[request_id]
+        elif self.running:
+            request_id = next(reversed(self.running))
+            del self.running[request_id]
+        else:
+            return None
+        victim = sched.store.get(request_id)
+        sched.release_for_recompute(victim)
+        return victim
+
+    def check_invariants(self, sched: Scheduler) -> None:
+        by_state = {s: set() for s in S}
+        for r in sched.store:
+            by_state[r.state].add(r.request_id)
+        assert by_state[S.POOLED] == set(self.pooled) == set(self.index._where)
+        assert by_state[S.RUNNING] == set(self.running)
+        assert by_state[S.PREFETCHING] == set(self.next_batch)
+        if self.running:
+            lengths = [sched.store.get(r).num_tokens for r in self.running]
+            lo = bucket_of(min(lengths))
+            spread_bound = bucket_start(lo + self.config.max_band_buckets) - bucket_start(lo)
+            assert max(lengths) - min(lengths) <= spread_bound, (min(lengths), max(lengths))
+            assert len(lengths) <= self.cap(max(lengths) - 1) + 1 or len(lengths) <= self.cap(
+                min(lengths)
+            )

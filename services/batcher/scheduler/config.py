@@ -1,0 +1,50 @@
+"""Scheduler settings: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from alignedserve.common.errors import ConfigError
+
+POLICIES = ("aligned", "fcfs")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "aligned"
+    block_tokens: int = 16
+    num_pool_blocks: int = 65536  # aligned: CPU-pool blocks; fcfs: decode-GPU KV blocks
+    gpu_kv_tokens: int = 1 << 20  # decode GPU KV capacity, in tokens
+    max_batch_size: int = 512  # members of one decode batch
+    min_batch_size: int = (
+        36  # K_min: a smaller aligned batch is worth a switch only if nothing better
+    )
+    max_batch_kv_fraction: float = 0.4  # B_max: running + prefetched batch both fit the GPU
+    max_band_buckets: int = 4  # widest length band, in index buckets (each <= 1/32 of its length)
+    switch_below_fraction: float = 0.5  # prepare a switch when the batch falls below this x cap
+    starvation_s: float = 5.0  # no pooled request waits longer than this for a batch (+ one switch)
+    growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
+    max_waiting: int = 10000  # bounded admission queue (waiting for prefill)
+    prefill_tokens_per_step: int = 8192  # prefill chunk budget per step
+    max_running: int = 256  # fcfs: running requests (vLLM's max_num_seqs)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise ConfigError(f"{f.name}={value} must be > 0")
+        if not 0 < self.max_batch_kv_fraction <= 0.5:
+            raise ConfigError(
+                f"max_batch_kv_fraction={self.max_batch_kv_fraction} must be in (0, 0.5]: "
+                "the running and the prefetched batch must both fit on the decode GPU"
+            )
+        if self.min_batch_size > self.max_batch_size:
+            raise ConfigError(
+                f"min_batch_size={self.min_batch_size} > max_batch_size={self.max_batch_size}"
+            )
+
+    @property
+    def batch_kv_tokens(self) -> int:
+        return int(self.gpu_kv_tokens * self.max_batch_kv_fraction)

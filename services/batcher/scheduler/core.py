@@ -1,0 +1,215 @@
+"""The batch scheduler: admission, one plan per step, and the update after it ran.
+
+Each step reads top to bottom: `schedule(now)` asks the policy for a `BatchPlan` (plan in),
+the executor (worker service, or the simulator's cost model) runs it, and `update(plan,
+tokens, now)` applies the result (result out): appends tokens, grows KV blocks, finishes
+requests and frees their blocks. What is policy (who prefills, who decodes, when to switch)
+lives behind the `Policy` interface; everything else is here, once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from alignedserve.batcher.request import Request, RequestState, RequestStore
+from alignedserve.batcher.scheduler.config import SchedulerConfig
+from alignedserve.common.block_allocator import BlockAllocator
+from alignedserve.common.errors import AlignedServeError
+from alignedserve.common.sampling_params import SamplingParams, finish_reason
+
+
+class QueueFullError(AlignedServeError):
+    """Admission queue is full: the caller should retry later (HTTP 429)."""
+
+    http_status = 429
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the executor does in one step."""
+
+    prefill: tuple[tuple[str, int], ...] = ()  # (request, prompt tokens to compute now)
+    decode: tuple[str, ...] = ()  # members decoded this step; their KV is on the decode GPU
+    load: tuple[str, ...] = ()  # KV to bring from the CPU pool to the decode GPU first
+    evict: tuple[str, ...] = ()  # leave the decode GPU: write their new KV back to the pool
+    prefetch: tuple[str, ...] = ()  # start moving this next batch's KV towards the decode GPU
+    is_switch: bool = False  # the running batch was replaced
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.prefill or self.decode or self.load or self.prefetch)
+
+
+class Policy(Protocol):
+    def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan: ...
+    def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None: ...
+    def on_done(self, sched: Scheduler, request: Request) -> None: ...
+    def preempt_one(self, sched: Scheduler, now: float) -> Request | None: ...
+    def check_invariants(self, sched: Scheduler) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        policy: Policy,
+        eos_token_ids: Sequence[int] = (),
+        max_model_len: int = 1 << 20,
+    ):
+        self.config = config
+        self.policy = policy
+        self.store = RequestStore()
+        self.allocator = BlockAllocator(config.num_pool_blocks)
+        self.waiting: deque[str] = deque()  # FCFS admission order for prefill
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.num_switches = 0
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: Sequence[int], params: SamplingParams, now: float
+    ) -> Request:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests waiting: queue full")
+        if self.blocks_for(len(prompt) + params.max_tokens) > self.config.num_pool_blocks:
+            raise AlignedServeError(
+                f"request {request_id}: prompt + max_tokens needs more KV than the whole pool"
+            )
+        request = Request(request_id, prompt, params, arrival_s=now)
+        self.store.add(request)
+        self.waiting.append(request_id)
+        return request
+
+    def abort(self, request_id: str, now: float) -> None:
+        request = self.store.get(request_id)
+        if request.state.is_done:
+            return
+        self._finish(request, RequestState.ABORTED, "abort", now)
+
+    # ---- one step ----------------------------------------------------------------------
+    def schedule(self, now: float, prefill_token_budget: int | None = None) -> BatchPlan:
+        """The next step's plan. The executor may cap this step's prefill tokens (the
+        simulator gives the prefetch GPU what it can compute while the decode step runs)."""
+        budget = self.config.prefill_tokens_per_step
+        if prefill_token_budget is not None:
+            budget = min(budget, prefill_token_budget)
+        plan = self.policy.schedule(self, now, budget)
+        self.num_switches += plan.is_switch
+        return plan
+
+    def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
+        """Apply a step's result: `tokens` has one sampled token per request that finished its
+        prefill this step and per decoded member. Returns the requests that finished."""
+        done: list[Request] = []
+        for request_id, num in plan.prefill:
+            r = self.store.get(request_id)
+            if r.state is not RequestState.WAITING_PREFILL:
+                continue  # aborted meanwhile
+            r.num_prefilled += num
+            if r.num_prefilled == r.num_tokens:  # whole prompt (and any recomputed output) in
+                self._dequeue(request_id)
+                if r.first_token_s is None:
+                    r.first_token_s = now
+                if self._append(r, tokens[request_id], now):
+                    done.append(r)
+                elif r.state is RequestState.WAITING_PREFILL:
+                    self.policy.on_prefilled(self, r, now)
+        for request_id in plan.decode:
+            r = self.store.get(request_id)
+            if r.state is RequestState.RUNNING and self._append(r, tokens[request_id], now):
+                done.append(r)
+        return done
+
+    # ---- helpers shared by the policies -------------------------------------------------
+    def plan_prefill(self, token_budget: int, max_requests: int) -> tuple[tuple[str, int], ...]:
+        """Prefill chunks for waiting requests, first come first served, within the token
+        budget; the head of the queue is never skipped (no reordering by size)."""
+        chunks = []
+        for request_id in self.waiting:
+            if token_budget <= 0 or len(chunks) >= max_requests:
+                break
+            r = self.store.get(request_id)
+            n = min(r.num_tokens - r.num_prefilled, token_budget)
+            if not self.try_reserve(r, r.num_prefilled + n):
+                break  # pool full: admission waits until blocks are freed
+            chunks.append((request_id, n))
+            token_budget -= n
+        return tuple(chunks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_tokens)
+
+    def try_reserve(self, request: Request, num_tokens: int) -> bool:
+        """Grow the request's blocks to cover num_tokens if the pool has room (no preemption)."""
+        need = self.blocks_for(num_tokens) - len(request.blocks)
+        if need > 0:
+            if not self.allocator.can_allocate(need):
+                return False
+            request.blocks.extend(self.allocator.allocate(need))
+        return True
+
+    def reserve_blocks(self, request: Request, num_tokens: int, now: float) -> None:
+        """Grow a running request's blocks, preempting others (policy's choice, possibly this
+        very request) while the pool is full."""
+        while not self.try_reserve(request, num_tokens):
+            victim = self.policy.preempt_one(self, now)
+            if victim is None:
+                raise RuntimeError("KV pool exhausted and nothing can be preempted")
+            if victim is request:
+                return
+
+    def release_for_recompute(self, request: Request) -> None:
+        """Preemption by recomputation (vLLM's default): drop the KV, prefill again later."""
+        self.allocator.free(request.blocks)
+        request.blocks = []
+        request.num_prefilled = 0
+        self.store.transition(request, RequestState.WAITING_PREFILL)
+        self.waiting.appendleft(request.request_id)
+        self.num_preemptions += 1
+
+    def check_invariants(self) -> None:
+        self.store.check_invariants(self.config.block_tokens, self.config.num_pool_blocks)
+        owned = sum(len(r.blocks) for r in self.store)
+        assert owned == self.allocator.num_used, f"{owned} owned vs {self.allocator.num_used}"
+        waiting = [r.request_id for r in self.store.in_state(RequestState.WAITING_PREFILL)]
+        assert sorted(waiting) == sorted(self.waiting), "waiting queue out of sync"
+        self.policy.check_invariants(self)
+
+    # ---- internals ---------------------------------------------------------------------
+    def _append(self, r: Request, token: int, now: float) -> bool:
+        """Append a sampled token; True if the request finished."""
+        r.output_token_ids.append(token)
+        r.last_token_s = now
+        reason = finish_reason(
+            r.params,
+            token,
+            len(r.output_token_ids),
+            r.num_tokens,
+            self.eos_token_ids,
+            self.max_model_len,
+        )
+        if reason is not None:
+            self._finish(r, RequestState.FINISHED, reason, now)
+            return True
+        self.reserve_blocks(r, r.num_kv_tokens + 1, now)  # room for the next token's KV
+        return False
+
+    def _dequeue(self, request_id: str) -> None:
+        # Prefills complete in queue order, so this is almost always the head: O(1).
+        if self.waiting and self.waiting[0] == request_id:
+            self.waiting.popleft()
+        elif request_id in self.waiting:
+            self.waiting.remove(request_id)
+
+    def _finish(self, r: Request, state: RequestState, reason: str, now: float) -> None:
+        self._dequeue(r.request_id)
+        self.policy.on_done(self, r)
+        self.allocator.free(r.blocks)
+        r.blocks = []
+        r.finish_reason = reason
+        r.finished_s = now
+        self.store.transition(r, state)

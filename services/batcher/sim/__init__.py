@@ -1,0 +1,1 @@
+"""Discrete-event simulator of a decode + prefetch GPU pair: cost model, workloads, loop."""

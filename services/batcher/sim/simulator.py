@@ -1,0 +1,214 @@
+"""Run the real scheduler code against a cost model of GPU pairs.
+
+Each GPU pair gets an equal share of the requests (round-robin) and its own clock:
+- `aligned`: one Scheduler per pair. The decode GPU runs the plan's decode step; the
+  prefetch GPU prefills in parallel, given as many prompt tokens per step as it can compute
+  in the previous step's time; the next batch streams in over both PCIe links while the
+  current batch decodes, and the switch waits only for what is still in flight. Joiners
+  are copied over the decode GPU's own link before the step (not overlapped).
+- `fcfs`: the baseline gets the same two GPUs as two independent data-parallel engines,
+  each doing continuous batching with chunked prefill mixed into its decode steps.
+Write-back of evicted members (only the KV decoded since they were loaded) is overlapped on
+the device-to-host direction and not charged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from alignedserve.batcher.request import RequestState
+from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
+from alignedserve.batcher.sim.cost_model import CostModel
+from alignedserve.batcher.sim.workload import SimRequest
+from alignedserve.common.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    finish_s: float = 0.0
+    num_steps: int = 0
+    num_switches: int = 0
+    num_preemptions: int = 0
+    num_rejected: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_spreads: list[float] = field(default_factory=list)  # (max - min) / max length
+    schedule_s: list[float] = field(default_factory=list)  # wall time of each decision
+    peak_pool_blocks: int = 0
+    stall_s: float = 0.0  # decode GPU waiting for KV copies
+    max_pool_wait_s: float = 0.0  # longest wait of any request in the pool for a batch
+
+
+def simulate_engine(
+    requests: list[SimRequest], config: SchedulerConfig, cost: CostModel, check: bool = False
+) -> EngineStats:
+    """One engine (one aligned GPU pair, or one fcfs GPU) over its share of the requests."""
+    sched = make_scheduler(config)
+    aligned = config.policy == "aligned"
+    kv_bytes = cost.model.kv_bytes_per_token
+    prefill_tok_per_s = 2048 / cost.prefill_s([2048])
+    stats = EngineStats()
+    pending = sorted(requests, key=lambda r: r.arrival_s)
+    now, i, last_step_s, prefetch_ready_s = 0.0, 0, 0.02, None
+    while i < len(pending) or len(sched.store):
+        while i < len(pending) and pending[i].arrival_s <= now:
+            r = pending[i]
+            params = SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True)
+            try:
+                sched.add_request(r.request_id, range(r.prompt_tokens), params, now)
+            except QueueFullError:
+                stats.num_rejected += 1
+            i += 1
+        if prefetch_ready_s is not None and now >= prefetch_ready_s:
+            sched.policy.on_prefetch_done()
+            prefetch_ready_s = None
+        budget = max(512, int(last_step_s * prefill_tok_per_s)) if aligned else None
+        t0 = time.perf_counter()
+        plan = sched.schedule(now, budget)
+        stats.schedule_s.append(time.perf_counter() - t0)
+        lengths = np.array([sched.store.get(r).num_tokens for r in plan.decode], dtype=np.int64)
+        prefill_tokens = sum(n for _, n in plan.prefill)
+        stall = 0.0
+        if plan.load:
+            if plan.is_switch or (not plan.evict and set(plan.load) == set(plan.decode)):
+                # a prefetched batch: wait for what is still streaming in (or all of it
+                # when nothing ran to overlap with)
+                if prefetch_ready_s is not None:
+                    stall = max(0.0, prefetch_ready_s - now)
+                    prefetch_ready_s = None
+                elif not plan.is_switch:
+                    load_bytes = sum(sched.store.get(r).num_kv_tokens for r in plan.load)
+                    stall = cost.h2d_s(load_bytes * kv_bytes, links=2)
+            else:  # joiners: over the decode GPU's own link
+                load_bytes = sum(sched.store.get(r).num_kv_tokens for r in plan.load)
+                stall = cost.h2d_s(load_bytes * kv_bytes, links=1)
+        if plan.prefetch:
+            nbytes = sum(sched.store.get(r).num_kv_tokens for r in plan.prefetch) * kv_bytes
+            prefetch_ready_s = now + cost.h2d_s(nbytes, links=2)
+        if aligned:
+            decode_s = cost.decode_step_s(lengths) + stall if len(lengths) else 0.0
+            prefill_s = cost.prefill_s([n for _, n in plan.prefill]) if plan.prefill else 0.0
+            step = max(decode_s, prefill_s)
+        else:
+            step = cost.mixed_step_s(lengths, prefill_tokens) if plan.decode or plan.prefill else 0
+        if step == 0.0:  # idle: jump to the next event
+            nxt = [t for t in (prefetch_ready_s,) if t is not None and t > now]
+            if i < len(pending):
+                nxt.append(pending[i].arrival_s)
+            if not nxt:
+                raise RuntimeError(f"simulation stalled at t={now:.3f}s with work left")
+            now = max(min(nxt), now + 1e-6)
+            continue
+        now += step
+        last_step_s = step
+        stats.stall_s += stall
+        stats.num_steps += 1
+        if len(lengths):
+            stats.batch_sizes.append(len(lengths))
+            stats.batch_spreads.append(float((lengths.max() - lengths.min()) / lengths.max()))
+        tokens = dict.fromkeys(plan.decode, 0)
+        tokens.update((rid, 0) for rid, _ in plan.prefill)
+        for r in sched.update(plan, tokens, now):
+            stats.max_pool_wait_s = max(stats.max_pool_wait_s, r.max_pool_wait_s)
+            stats.output_tokens += len(r.output_token_ids)
+            stats.ttft_s.append(r.first_token_s - r.arrival_s)
+            if len(r.output_token_ids) > 1:
+                stats.tpot_s.append(
+                    (r.finished_s - r.first_token_s) / (len(r.output_token_ids) - 1)
+                )
+            sched.store.pop(r.request_id)
+        stats.peak_pool_blocks = max(stats.peak_pool_blocks, sched.allocator.num_used)
+        if check:
+            sched.check_invariants()
+    stats.finish_s = now
+    stats.num_switches = sched.num_switches
+    stats.num_preemptions = sched.num_preemptions
+    assert all(r.state.is_done for r in sched.store) or not len(sched.store), RequestState
+    return stats
+
+
+@dataclass(frozen=True)
+class SimSummary:
+    policy: str
+    output_tokens: int
+    makespan_s: float
+    throughput_tok_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    switch_fraction: float  # batch switches per decode iteration
+    mean_batch: float
+    mean_spread: float
+    schedule_p99_ms: float
+    peak_pool_fraction: float
+    num_preemptions: int
+    num_rejected: int
+
+
+def simulate(
+    requests: list[SimRequest],
+    config: SchedulerConfig,
+    cost: CostModel,
+    num_pairs: int = 1,
+    check: bool = False,
+) -> SimSummary:
+    """Requests spread round-robin over `num_pairs` GPU pairs (fcfs: 2 engines per pair)."""
+    engines = num_pairs * (2 if config.policy == "fcfs" else 1)
+    runs = [
+        simulate_engine(requests[e::engines], config, cost, check=check) for e in range(engines)
+    ]
+    ttft = np.concatenate([r.ttft_s for r in runs])
+    tpot = np.concatenate([r.tpot_s for r in runs]) if any(r.tpot_s for r in runs) else [0.0]
+    tokens = sum(r.output_tokens for r in runs)
+    makespan = max(r.finish_s for r in runs)
+    steps = sum(r.num_steps for r in runs)
+    sizes = np.concatenate([r.batch_sizes for r in runs])
+    return SimSummary(
+        policy=config.policy,
+        output_tokens=tokens,
+        makespan_s=makespan,
+        throughput_tok_s=tokens / makespan,
+        ttft_p50_s=float(np.percentile(ttft, 50)),
+        ttft_p99_s=float(np.percentile(ttft, 99)),
+        tpot_p50_s=float(np.percentile(tpot, 50)),
+        tpot_p99_s=float(np.percentile(tpot, 99)),
+        switch_fraction=sum(r.num_switches for r in runs) / max(steps, 1),
+        mean_batch=float(sizes.mean()) if len(sizes) else 0.0,
+        mean_spread=float(np.mean(np.concatenate([r.batch_spreads for r in runs]))),
+        schedule_p99_ms=1e3
+        * float(np.percentile(np.concatenate([r.schedule_s for r in runs]), 99)),
+        peak_pool_fraction=max(r.peak_pool_blocks for r in runs) / config.num_pool_blocks,
+        num_preemptions=sum(r.num_preemptions for r in runs),
+        num_rejected=sum(r.num_rejected for r in runs),
+    )
+
+
+def configs_for(cost: CostModel, pool_bytes: float, **overrides) -> dict[str, SchedulerConfig]:
+    """Side-by-side configs sized from the cost model: aligned with a CPU pool of
+    `pool_bytes`, fcfs with vLLM v1's defaults for large GPUs (8192-token step budget,
+    1024 sequences) and its KV on the GPU."""
+    gpu_tokens = cost.kv_capacity_tokens()
+    block = 16
+    base = SchedulerConfig(gpu_kv_tokens=gpu_tokens, block_tokens=block, max_waiting=1 << 22)
+    aligned = replace(
+        base,
+        policy="aligned",
+        num_pool_blocks=int(pool_bytes // (cost.model.kv_bytes_per_token * block)),
+    )
+    fcfs = replace(
+        base,
+        policy="fcfs",
+        num_pool_blocks=gpu_tokens // block,
+        max_running=1024,
+        prefill_tokens_per_step=8192,
+    )
+    return {
+        "aligned": replace(aligned, **overrides.get("aligned", {})),
+        "fcfs": replace(fcfs, **overrides.get("fcfs", {})),
+    }

@@ -1,0 +1,256 @@
+"""The folder layout is the architecture: packaging lists every package, the torch-free
+services stay torch-free, and `alignedserve.operator` never shadows the stdlib `operator`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
+PACKAGE_DIR: dict[str, str] = SETUPTOOLS["package-dir"]
+
+# Modules and packages that must import without torch (or triton).
+COMMON_MODULES = ("model_config", "kv_layout", "block_allocator", "sampling_params")
+COMMON_MODULES += ("tokenizer", "errors")
+TORCH_FREE = (
+    "alignedserve",
+    "alignedserve.cli",
+    *(f"alignedserve.common.{m}" for m in COMMON_MODULES),
+    "alignedserve.router",
+    "alignedserve.batcher",
+    "alignedserve.operator",
+)
+HEAVY = ("torch", "triton")
+
+
+def python(
+    code: str, *flags: str, cwd: Path = ROOT, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *flags, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )
+
+
+def explain(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+# ---- packaging ----------------------------------------------------------------------------
+
+
+def package_dirs_on_disk() -> dict[str, Path]:
+    """Every directory holding an __init__.py under a package-dir root, named as setuptools
+    names it: the mapped package of the deepest root that contains it, plus the subpath."""
+    roots = sorted(PACKAGE_DIR.items(), key=lambda kv: -len(Path(kv[1]).parts))
+    found: dict[str, Path] = {}
+    for _, rel_root in roots:
+        for init in sorted((ROOT / rel_root).rglob("__init__.py")):
+            d = init.parent
+            pkg, base = next(
+                (p, ROOT / r) for p, r in roots if d == ROOT / r or (ROOT / r) in d.parents
+            )
+            name = ".".join([pkg, *d.relative_to(base).parts])
+            assert found.get(name, d) == d, f"{name} maps to both {found[name]} and {d}"
+            found[name] = d
+    return found
+
+
+def test_package_list_matches_the_directories():
+    on_disk = package_dirs_on_disk()
+    listed = SETUPTOOLS["packages"]
+    assert len(listed) == len(set(listed)), "a package is listed twice"
+    missing = sorted(set(on_disk) - set(listed))
+    assert not missing, f"in the tree but not in [tool.setuptools].packages: {missing}"
+    stale = sorted(set(listed) - set(on_disk))
+    assert not stale, f"listed in [tool.setuptools].packages but not a package dir: {stale}"
+
+
+def test_package_dir_roots_are_packages():
+    assert PACKAGE_DIR.get("alignedserve") == "services"
+    on_disk = package_dirs_on_disk()
+    for pkg, rel in PACKAGE_DIR.items():
+        assert (ROOT / rel / "__init__.py").is_file(), f"{pkg} -> {rel} has no __init__.py"
+        assert on_disk[pkg] == ROOT / rel
+    assert on_disk["alignedserve.worker.models"] == ROOT / "services" / "worker" / "models"
+
+
+def test_every_directory_with_modules_is_a_package():
+    """A subfolder of .py files without __init__.py would be left out of the wheel."""
+    for rel_root in PACKAGE_DIR.values():
+        for py in (ROOT / rel_root).rglob("*.py"):
+            d = py.parent
+            if any(part.startswith((".", "__pycache__")) for part in d.relative_to(ROOT).parts):
+                continue
+            assert (d / "__init__.py").is_file(), f"{d.relative_to(ROOT)} has no __init__.py"
+
+
+def test_installed_package_resolves_to_this_tree():
+    import alignedserve
+    import alignedserve.operator
+
+    for module in (alignedserve, alignedserve.operator):
+        expected = ROOT / PACKAGE_DIR[module.__name__] / "__init__.py"
+        assert Path(module.__file__).resolve() == expected, "stale editable install?"
+
+
+# ---- torch-free imports --------------------------------------------------------------------
+
+
+def test_all_common_modules_are_covered():
+    on_disk = {p.stem for p in (ROOT / "services" / "common").glob("*.py")} - {"__init__"}
+    assert on_disk == set(COMMON_MODULES), "add new alignedserve.common modules to this test"
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_import_leaves_torch_out(module, tmp_path):
+    proc = python(
+        f"""
+        import importlib, sys
+        importlib.import_module({module!r})
+        heavy = [m for m in {HEAVY!r} if m in sys.modules]
+        assert not heavy, f"importing {module} imported {{heavy}}"
+        print("ok")
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", explain(proc)
+
+
+def test_all_torch_free_modules_together_leave_torch_out(tmp_path):
+    proc = python(
+        f"""
+        import importlib, sys
+        for m in {TORCH_FREE!r}:
+            importlib.import_module(m)
+        print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", explain(proc)
+
+
+def test_python_m_alignedserve_help_exits_0(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignedserve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.startswith("usage: alignedserve")
+    for command in ("model", "generate"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["generate", "--help"], ["model", "--help"], ["model", "init-tiny", "--help"]],
+    ids=lambda argv: " ".join(argv),
+)
+def test_help_imports_no_torch(argv, tmp_path):
+    proc = python(
+        f"""
+        import sys
+        from alignedserve.cli import build_parser
+        try:
+            build_parser().parse_args({argv!r})
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        else:
+            raise AssertionError("--help did not exit")
+        assert "torch" not in sys.modules, "--help imported torch"
+        assert "triton" not in sys.modules, "--help imported triton"
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.startswith("usage: alignedserve")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"]], ids=["--help", "generate"])
+def test_main_module_help_imports_no_torch(argv, tmp_path):
+    """The whole `python -m alignedserve` path (__main__ + cli.main), not just the parser."""
+    proc = python(
+        f"""
+        import runpy, sys
+        sys.argv = ["alignedserve", *{argv!r}]
+        try:
+            runpy.run_module("alignedserve", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        else:
+            raise AssertionError("--help did not exit")
+        assert "torch" not in sys.modules, "python -m alignedserve --help imported torch"
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert "usage: alignedserve" in proc.stdout
+
+
+# ---- the stdlib `operator` ------------------------------------------------------------------
+
+STDLIB_OPERATOR_CHECK = f"""
+    import operator, sys
+    import alignedserve.operator as ours
+    import operator as again
+    assert operator is again is sys.modules["operator"]
+    assert operator.add(1, 2) == 3 and operator.itemgetter(1)("ab") == "b"
+    assert not operator.__file__.startswith({str(ROOT)!r}), operator.__file__
+    assert ours is not operator and ours.__name__ == "alignedserve.operator"
+    assert ours.__file__.startswith({str(ROOT / PACKAGE_DIR["alignedserve.operator"])!r})
+    import collections, functools  # stdlib users of operator still work
+    assert functools.reduce(operator.mul, [2, 3, 4]) == 24
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("where", ["repo-root", "elsewhere"])
+def test_alignedserve_operator_does_not_shadow_stdlib_operator(where, tmp_path):
+    # from the repo root, "" (the cwd) is first on sys.path: the worst case for shadowing
+    proc = python(STDLIB_OPERATOR_CHECK, cwd=ROOT if where == "repo-root" else tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", explain(proc)
+
+
+def test_stdlib_operator_in_this_process():
+    import operator
+
+    import alignedserve.operator
+
+    assert operator.add(1, 2) == 3
+    assert ROOT not in Path(operator.__file__).resolve().parents
+    assert alignedserve.operator is not operator
+
+
+def test_repo_root_on_pythonpath_keeps_stdlib_operator(tmp_path):
+    """`PYTHONPATH=.`: the repo root comes before the stdlib, before site.py imports operator."""
+    proc = python(STDLIB_OPERATOR_CHECK, cwd=tmp_path, PYTHONPATH=str(ROOT))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", explain(proc)
+
+
+def test_no_site_in_repo_root_keeps_stdlib_operator():
+    """`python -S` in the repo root: nothing imported operator before "" (the cwd) is searched."""
+    proc = python(
+        f"""
+        import operator, collections
+        assert operator.add(1, 2) == 3
+        assert not operator.__file__.startswith({str(ROOT)!r}), operator.__file__
+        print("ok")
+        """,
+        "-S",
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", explain(proc)
