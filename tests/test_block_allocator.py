@@ -109,6 +109,22 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.alloc.free([bad])
         assert self.snapshot() == before, f"freeing bad block {bad} changed the allocator"
 
+    @precondition(lambda self: self.allocations)
+    @rule(data=st.data())
+    def free_list_with_a_bad_entry(self, data: st.DataObject) -> None:
+        """Owned blocks plus one bad entry (anywhere in the list) are rejected whole."""
+        n = self.alloc.num_blocks
+        owned = sorted(self.owned)
+        good = data.draw(st.lists(st.sampled_from(owned), unique=True, min_size=1), label="good")
+        bad = data.draw(
+            st.sampled_from([-1, n, *good, *sorted(set(range(n)) - self.owned)]), label="bad"
+        )  # out of range, a duplicate of a good entry, or a free block
+        at = data.draw(st.integers(0, len(good)), label="at")
+        before = self.snapshot()
+        with pytest.raises(ValueError):
+            self.alloc.free([*good[:at], bad, *good[at:]])
+        assert self.snapshot() == before, "a rejected free list changed the allocator"
+
     @rule()
     def drain_and_restore(self) -> None:
         """The free list holds exactly the blocks nobody owns (checked by draining it)."""

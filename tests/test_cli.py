@@ -144,8 +144,8 @@ def test_generate_chat(runs):
 @pytest.mark.slow
 def test_invalid_sampling_value_is_a_clean_error(runs):
     proc = runs["bad-temperature"]
-    assert proc.returncode != 0
-    assert "temperature" in proc.stderr
+    assert proc.returncode != 0, explain(proc)
+    assert "temperature" in proc.stderr and "error" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -95,25 +95,10 @@ class LengthIndex:
     def band_for_lengths(self, min_length: int, max_length: int) -> Band:
         return self.band(bucket_of(max(min_length, 1), self.sub_bits), self._bucket(max_length))
 
-    def best_band(self, need: np.ndarray, max_width: int) -> Band | None:
-        """The narrowest band (<= max_width buckets) holding at least need[hi] members, where
-        `need` [num_buckets] is the batch size wanted when the band's longest bucket is hi
-        (long requests need fewer members to fill the KV budget). Among full bands of that
-        width, the one giving the largest batch wins (most tokens per step), then the densest.
-        If no band fills, the densest band of max_width. None if the index is empty."""
-        if not self._where:
-            return None
+    def window_counts(self, width: int) -> np.ndarray:
+        """[num_buckets - width + 1] members of each band of `width` buckets, by first bucket."""
         cum = np.concatenate(([0], np.cumsum(self._counts)))  # [num_buckets + 1]
-        for width in range(1, max_width + 1):
-            sums = cum[width:] - cum[:-width]  # [num_buckets - width + 1] members of lo..lo+w-1
-            need_w = need[width - 1 :]  # need of each band's longest bucket
-            full = sums >= need_w
-            if full.any():
-                score = np.where(full, need_w * (len(self._where) + 1) + sums, -1)
-                lo = int(np.argmax(score))
-                return self.band(lo, lo + width - 1)
-        lo = int(np.argmax(sums))
-        return self.band(lo, lo + max_width - 1)
+        return cum[width:] - cum[:-width]
 
     def band_around(self, length: int, max_width: int) -> Band:
         """The densest band of max_width buckets that contains `length`'s bucket."""

@@ -3,12 +3,12 @@
 Pooled requests (KV in the CPU pool) sit in a LengthIndex. One batch runs on the decode GPU;
 its members' lengths grow in lockstep, so it stays aligned. Each step:
 1. prefill waiting requests (on the prefetch GPU) into the pool;
-2. if a pooled request has waited past the starvation bound, or the running batch has
-   shrunk below `switch_below_fraction` of what its band could hold, choose the next batch
-   (around the starving request, else the narrowest band that fills a batch) and start
-   prefetching it; once it has landed, switch to it, sending the old members back to the pool;
-   the current batch keeps decoding until the executor reports the prefetch complete;
-3. otherwise refill the running batch with pooled requests of matching length (joiners).
+2. refill the running batch with pooled requests of matching length (joiners);
+3. if a pooled request has waited past the starvation bound, or some length band of the
+   pool would make a batch that decodes `switch_margin` more tokens per unit of step cost
+   (see `score`), choose it as the next batch and start prefetching it; the current batch
+   keeps decoding until the executor reports the prefetch complete, then they switch and
+   the old members go back to the pool, to rejoin a batch when lengths match again.
 A batch's KV (with growth headroom) never exceeds `max_batch_kv_fraction` of the decode GPU,
 so the running and the prefetched batch fit side by side.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignedserve.batcher.length_index import LengthIndex, bucket_of, bucket_start
+from alignedserve.batcher.length_index import Band, LengthIndex, bucket_of, bucket_start
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.batcher.scheduler.core import BatchPlan, Scheduler
@@ -33,8 +33,8 @@ class AlignedPolicy:
         self.running: dict[str, None] = {}
         self.next_batch: list[str] = []  # prefetching
         self.next_ready = False  # the executor reported the prefetch complete
-        ends = np.maximum(self.index.bucket_ends(), 1)
-        self.need = np.array([self.cap(int(e)) for e in ends])  # batch size wanted per band end
+        self.ends = np.maximum(self.index.bucket_ends(), 1)  # longest length of each bucket
+        self.need = np.array([self.cap(int(e)) for e in self.ends])  # batch cap per band end
 
     def cap(self, max_length: int) -> int:
         """Members a batch of this longest length may hold within the KV budget."""
@@ -47,25 +47,19 @@ class AlignedPolicy:
         if self.next_batch and (self.next_ready or not self.running):
             return self._switch(sched, prefill, now)
         if self.next_batch:  # keep decoding (and refilling) while the next batch streams in
-            joiners = self._joiners(
-                sched, [sched.store.get(r).num_tokens for r in self.running], now
-            )
+            joiners = self._joiners(sched, self._lengths(sched), now)
             return BatchPlan(prefill=prefill, decode=tuple(self.running), load=tuple(joiners))
         starving = self._starving(sched, now)
-        lengths = [sched.store.get(r).num_tokens for r in self.running]
-        weak = not lengths or len(lengths) < self.config.switch_below_fraction * self.cap(
-            max(lengths)
+        joiners = self._joiners(sched, self._lengths(sched), now)
+        lengths = self._lengths(sched)
+        batch = self._pick(sched, starving, lengths, now)
+        if batch and not self.running:  # nothing to overlap with: load it right away
+            self.next_batch = batch
+            return self._switch(sched, prefill, now)
+        self.next_batch = batch
+        return BatchPlan(
+            prefill=prefill, decode=tuple(self.running), load=tuple(joiners), prefetch=tuple(batch)
         )
-        if starving is not None or weak:
-            batch = self._pick(sched, starving, len(lengths), now)
-            if batch and not self.running:  # nothing to overlap with: load it right away
-                self.next_batch = batch
-                return self._switch(sched, prefill, now)
-            if batch:
-                self.next_batch = batch
-                return BatchPlan(prefill=prefill, decode=tuple(self.running), prefetch=tuple(batch))
-        joiners = self._joiners(sched, lengths, now)
-        return BatchPlan(prefill=prefill, decode=tuple(self.running), load=tuple(joiners))
 
     def _switch(self, sched: Scheduler, prefill, now: float) -> BatchPlan:
         evict = tuple(self.running)
@@ -89,17 +83,44 @@ class AlignedPolicy:
         oldest = sched.store.get(next(iter(self.pooled)))
         return oldest if now - oldest.pooled_since_s > self.config.starvation_s else None
 
+    def _lengths(self, sched: Scheduler) -> list[int]:
+        return [sched.store.get(r).num_tokens for r in self.running]
+
+    def score(self, size: int, max_length: int) -> float:
+        """Tokens per unit of step cost for a batch (padded model: every member costs as much
+        as the longest; the weights cost `weight_kv_tokens` once per step)."""
+        return size / (self.config.weight_kv_tokens + size * max_length)
+
+    def _best_band(self) -> Band | None:
+        """The band (<= max_band_buckets wide) whose batch scores best; at equal size the
+        narrower band wins, as its longest length is smaller."""
+        best, best_score = None, 0.0
+        for width in range(1, self.config.max_band_buckets + 1):
+            size = np.minimum(self.index.window_counts(width), self.need[width - 1 :])
+            ends = self.ends[width - 1 :]
+            score = size / (self.config.weight_kv_tokens + size * ends)
+            lo = int(np.argmax(score))
+            if score[lo] > best_score * (1 + 1e-9):
+                best, best_score = (lo, lo + width - 1), float(score[lo])
+        return self.index.band(*best) if best else None
+
     def _pick(
-        self, sched: Scheduler, starving: Request | None, running_size: int, now: float
+        self, sched: Scheduler, starving: Request | None, lengths: list[int], now: float
     ) -> list[str]:
-        """Choose the next batch from the pool (moving its members to PREFETCHING)."""
-        width = self.config.max_band_buckets
+        """Choose the next batch from the pool (moving its members to PREFETCHING), or []
+        when the running batch should go on: nothing starves and no band beats it by
+        `switch_margin` with at least `min_batch_size` members."""
+        if not self.pooled:
+            return []
         if starving is not None:
-            band = self.index.band_around(starving.num_tokens, width)
+            band = self.index.band_around(starving.num_tokens, self.config.max_band_buckets)
         else:
-            band = self.index.best_band(self.need, width)
-            # Only worth a switch if it beats what runs now.
-            if band is None or min(band.count, self.need[band.hi]) <= running_size:
+            band = self._best_band()
+            size = min(band.count, int(self.need[band.hi]))
+            running = self.score(len(lengths), max(lengths)) if lengths else 0.0
+            if self.score(size, band.max_length) <= running * (1 + self.config.switch_margin):
+                return []
+            if lengths and size < self.config.min_batch_size:
                 return []
         batch = self.index.members(band, limit=int(self.need[band.hi]))
         for request_id in batch:

@@ -20,8 +20,11 @@ class SchedulerConfig:
         36  # K_min: a smaller aligned batch is worth a switch only if nothing better
     )
     max_batch_kv_fraction: float = 0.4  # B_max: running + prefetched batch both fit the GPU
-    max_band_buckets: int = 4  # widest length band, in index buckets (each <= 1/32 of its length)
-    switch_below_fraction: float = 0.5  # prepare a switch when the batch falls below this x cap
+    max_band_buckets: int = 16  # widest length band, in index buckets (each <= 1/32 of its length)
+    # The weights' read cost in KV-token equivalents (weight bytes / KV bytes per token): a
+    # padded step over n members of longest length L costs ~ weight_kv_tokens + n * L.
+    weight_kv_tokens: int = 122_000  # Llama-3-8B bf16: 16.06 GB / 128 KiB
+    switch_margin: float = 0.2  # switch when the best band beats the running batch by 20%
     starvation_s: float = 5.0  # no pooled request waits longer than this for a batch (+ one switch)
     growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
     max_waiting: int = 10000  # bounded admission queue (waiting for prefill)

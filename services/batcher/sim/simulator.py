@@ -195,7 +195,12 @@ def configs_for(cost: CostModel, pool_bytes: float, **overrides) -> dict[str, Sc
     1024 sequences) and its KV on the GPU."""
     gpu_tokens = cost.kv_capacity_tokens()
     block = 16
-    base = SchedulerConfig(gpu_kv_tokens=gpu_tokens, block_tokens=block, max_waiting=1 << 22)
+    base = SchedulerConfig(
+        gpu_kv_tokens=gpu_tokens,
+        block_tokens=block,
+        max_waiting=1 << 22,
+        weight_kv_tokens=cost.model.weight_bytes // cost.model.kv_bytes_per_token,
+    )
     aligned = replace(
         base,
         policy="aligned",
