@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     gen.add_argument("--device", default="cpu")
+
+    sim = sub.add_parser("sim", help="simulate aligned vs fcfs scheduling on GPU pairs")
+    from alignedserve.batcher.sim.cli import add_arguments  # no torch: cheap to import
+
+    add_arguments(sim)
     return parser
 
 
@@ -58,6 +63,10 @@ def _run(args: argparse.Namespace) -> int:
         init_tiny(args.dir, arch=args.arch, seed=args.seed, dtype=args.dtype)
         print(f"wrote tiny {args.arch} model to {args.dir}")
         return 0
+    if args.command == "sim":
+        from alignedserve.batcher.sim.cli import run_sim
+
+        return run_sim(args)
     if args.command == "generate":
         from alignedserve.worker.demo import run_generate
 

@@ -94,7 +94,7 @@ def test_abort_frees_blocks_in_every_state(policy):
     for step in range(6):  # requests spread over waiting, pooled, prefetching, running
         plan = sched.schedule(now)
         now += 0.01
-        tokens = dict.fromkeys(plan.decode, 0) | {rid: 0 for rid, _ in plan.prefill}
+        tokens = dict.fromkeys(plan.decode, 0) | {rid: 0 for rid, _ in plan.all_prefill}
         sched.update(plan, tokens, now)
         if policy == "aligned" and step == 2:
             sched.policy.on_prefetch_done()

@@ -2,7 +2,8 @@
 
 Pooled requests (KV in the CPU pool) sit in a LengthIndex. One batch runs on the decode GPU;
 its members' lengths grow in lockstep, so it stays aligned. Each step:
-1. prefill waiting requests (on the prefetch GPU) into the pool;
+1. prefill waiting requests (on the prefetch GPU) into the pool; while the pool holds less
+   than two full batches, the decode GPU prefills a bounded chunk too, in its step;
 2. refill the running batch with pooled requests of matching length (joiners);
 3. if a pooled request has waited past the starvation bound, or some length band of the
    pool would make a batch that decodes `switch_margin` more tokens per unit of step cost
@@ -14,6 +15,8 @@ so the running and the prefetched batch fit side by side.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -43,7 +46,15 @@ class AlignedPolicy:
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
-        prefill = sched.plan_prefill(prefill_budget, max_requests=1 << 30)
+        return self._with_assist(sched, self._plan(sched, now, prefill_budget))
+
+    def _admit_room(self, sched: Scheduler) -> int:
+        """How many more requests may start prefill without exceeding max_inflight."""
+        inflight = len(self.pooled) + len(self.next_batch) + len(self.running)
+        return max(0, self.config.max_inflight - inflight)
+
+    def _plan(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
+        prefill = sched.plan_prefill(prefill_budget, max_requests=self._admit_room(sched))
         if self.next_batch and (self.next_ready or not self.running):
             return self._switch(sched, prefill, now)
         if self.next_batch:  # keep decoding (and refilling) while the next batch streams in
@@ -60,6 +71,19 @@ class AlignedPolicy:
         return BatchPlan(
             prefill=prefill, decode=tuple(self.running), load=tuple(joiners), prefetch=tuple(batch)
         )
+
+    def _with_assist(self, sched: Scheduler, plan: BatchPlan) -> BatchPlan:
+        """While the pool holds less than two full batches, the prefetch GPU alone cannot
+        keep the decode GPU fed: the decode GPU prefills too, a bounded chunk per step mixed
+        into its decode step, so no GPU idles and the pool fills."""
+        if not sched.waiting:
+            return plan
+        target = 2 * self.config.max_batch_size
+        if len(self.pooled) + len(self.next_batch) >= target:
+            return plan
+        room = self._admit_room(sched) - len(plan.prefill)
+        mixed = sched.plan_prefill(self.config.assist_tokens_per_step, room, after=plan.prefill)
+        return replace(plan, mixed_prefill=mixed)
 
     def _switch(self, sched: Scheduler, prefill, now: float) -> BatchPlan:
         evict = tuple(self.running)

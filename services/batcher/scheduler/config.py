@@ -29,6 +29,11 @@ class SchedulerConfig:
     growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
     max_waiting: int = 10000  # bounded admission queue (waiting for prefill)
     prefill_tokens_per_step: int = 8192  # prefill chunk budget per step
+    assist_tokens_per_step: int = 2048  # aligned: prefill the decode GPU mixes into its step
+    # aligned: requests held past prefill (pooled + prefetching + running). Beyond it new
+    # requests wait before prefill (visible as TTFT, as in fcfs) instead of in the pool
+    # (where waiting would inflate every pooled request's time per output token).
+    max_inflight: int = 1024
     max_running: int = 256  # fcfs: running requests (vLLM's max_num_seqs)
 
     def __post_init__(self) -> None:

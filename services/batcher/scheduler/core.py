@@ -31,7 +31,8 @@ class QueueFullError(AlignedServeError):
 class BatchPlan:
     """What the executor does in one step."""
 
-    prefill: tuple[tuple[str, int], ...] = ()  # (request, prompt tokens to compute now)
+    prefill: tuple[tuple[str, int], ...] = ()  # (request, prompt tokens) on the prefetch GPU
+    mixed_prefill: tuple[tuple[str, int], ...] = ()  # chunks the decode GPU runs in its step
     decode: tuple[str, ...] = ()  # members decoded this step; their KV is on the decode GPU
     load: tuple[str, ...] = ()  # KV to bring from the CPU pool to the decode GPU first
     evict: tuple[str, ...] = ()  # leave the decode GPU: write their new KV back to the pool
@@ -40,7 +41,11 @@ class BatchPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.prefill or self.decode or self.load or self.prefetch)
+        return not (self.prefill or self.mixed_prefill or self.decode or self.load or self.prefetch)
+
+    @property
+    def all_prefill(self) -> tuple[tuple[str, int], ...]:
+        return self.prefill + self.mixed_prefill
 
 
 class Policy(Protocol):
@@ -105,7 +110,7 @@ class Scheduler:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
         prefill this step and per decoded member. Returns the requests that finished."""
         done: list[Request] = []
-        for request_id, num in plan.prefill:
+        for request_id, num in plan.all_prefill:
             r = self.store.get(request_id)
             if r.state is not RequestState.WAITING_PREFILL:
                 continue  # aborted meanwhile
@@ -125,13 +130,20 @@ class Scheduler:
         return done
 
     # ---- helpers shared by the policies -------------------------------------------------
-    def plan_prefill(self, token_budget: int, max_requests: int) -> tuple[tuple[str, int], ...]:
+    def plan_prefill(
+        self, token_budget: int, max_requests: int, after: tuple[tuple[str, int], ...] = ()
+    ) -> tuple[tuple[str, int], ...]:
         """Prefill chunks for waiting requests, first come first served, within the token
-        budget; the head of the queue is never skipped (no reordering by size)."""
-        chunks = []
+        budget; a request is never skipped for a smaller one behind it. `after`: chunks
+        already planned this step on the other GPU; those requests are left to it (a
+        request's chunks run in order, on one GPU at a time)."""
+        chunks: list[tuple[str, int]] = []
+        planned = {request_id for request_id, _ in after}
         for request_id in self.waiting:
             if token_budget <= 0 or len(chunks) >= max_requests:
                 break
+            if request_id in planned:
+                continue
             r = self.store.get(request_id)
             n = min(r.num_tokens - r.num_prefilled, token_budget)
             if not self.try_reserve(r, r.num_prefilled + n):

@@ -20,7 +20,7 @@ class FcfsPolicy:
         decode = tuple(self.running)
         room = sched.config.max_running - len(decode)
         prefill = sched.plan_prefill(prefill_budget - len(decode), room)
-        return BatchPlan(prefill=prefill, decode=decode)
+        return BatchPlan(mixed_prefill=prefill, decode=decode)
 
     def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None:
         sched.store.transition(request, RequestState.RUNNING)

@@ -1,9 +1,9 @@
 """Run the real scheduler code against a cost model of GPU pairs.
 
 Each GPU pair gets an equal share of the requests (round-robin) and its own clock:
-- `aligned`: one Scheduler per pair. The decode GPU runs the plan's decode step; the
-  prefetch GPU prefills in parallel, given as many prompt tokens per step as it can compute
-  in the previous step's time; the next batch streams in over both PCIe links while the
+- `aligned`: one Scheduler per pair. The decode GPU runs the plan's decode step (with any
+  mixed-in prefill chunks); the prefetch GPU prefills in parallel, given as many prompt
+  tokens per step as it can compute in the previous step's time; the next batch streams in over both PCIe links while the
   current batch decodes, and the switch waits only for what is still in flight. Joiners
   are copied over the decode GPU's own link before the step (not overlapped).
 - `fcfs`: the baseline gets the same two GPUs as two independent data-parallel engines,
@@ -72,7 +72,7 @@ def simulate_engine(
         plan = sched.schedule(now, budget)
         stats.schedule_s.append(time.perf_counter() - t0)
         lengths = np.array([sched.store.get(r).num_tokens for r in plan.decode], dtype=np.int64)
-        prefill_tokens = sum(n for _, n in plan.prefill)
+        mixed_tokens = sum(n for _, n in plan.mixed_prefill)
         stall = 0.0
         if plan.load:
             if plan.is_switch or (not plan.evict and set(plan.load) == set(plan.decode)):
@@ -90,12 +90,13 @@ def simulate_engine(
         if plan.prefetch:
             nbytes = sum(sched.store.get(r).num_kv_tokens for r in plan.prefetch) * kv_bytes
             prefetch_ready_s = now + cost.h2d_s(nbytes, links=2)
-        if aligned:
-            decode_s = cost.decode_step_s(lengths) + stall if len(lengths) else 0.0
-            prefill_s = cost.prefill_s([n for _, n in plan.prefill]) if plan.prefill else 0.0
-            step = max(decode_s, prefill_s)
-        else:
-            step = cost.mixed_step_s(lengths, prefill_tokens) if plan.decode or plan.prefill else 0
+        # decode GPU: the decode step with any mixed-in prefill chunks; prefetch GPU (aligned):
+        # its prefill chunks, in parallel
+        decode_s = 0.0
+        if plan.decode or plan.mixed_prefill:
+            decode_s = cost.mixed_step_s(lengths, mixed_tokens) + stall
+        prefill_s = cost.prefill_s([n for _, n in plan.prefill]) if plan.prefill else 0.0
+        step = max(decode_s, prefill_s)
         if step == 0.0:  # idle: jump to the next event
             nxt = [t for t in (prefetch_ready_s,) if t is not None and t > now]
             if i < len(pending):
@@ -112,7 +113,7 @@ def simulate_engine(
             stats.batch_sizes.append(len(lengths))
             stats.batch_spreads.append(float((lengths.max() - lengths.min()) / lengths.max()))
         tokens = dict.fromkeys(plan.decode, 0)
-        tokens.update((rid, 0) for rid, _ in plan.prefill)
+        tokens.update((rid, 0) for rid, _ in plan.all_prefill)
         for r in sched.update(plan, tokens, now):
             stats.max_pool_wait_s = max(stats.max_pool_wait_s, r.max_pool_wait_s)
             stats.output_tokens += len(r.output_token_ids)
@@ -189,7 +190,9 @@ def simulate(
     )
 
 
-def configs_for(cost: CostModel, pool_bytes: float, **overrides) -> dict[str, SchedulerConfig]:
+def configs_for(
+    cost: CostModel, pool_bytes: float, **overrides: dict[str, object]
+) -> dict[str, SchedulerConfig]:
     """Side-by-side configs sized from the cost model: aligned with a CPU pool of
     `pool_bytes`, fcfs with vLLM v1's defaults for large GPUs (8192-token step budget,
     1024 sequences) and its KV on the GPU."""
