@@ -11,9 +11,9 @@ from dataclasses import asdict
 
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.batcher.sim.cost_model import SHAPES, CostModel
-from alignedserve.common.errors import ConfigError
 from alignedserve.batcher.sim.simulator import configs_for, simulate
 from alignedserve.batcher.sim.workload import WORKLOADS
+from alignedserve.common.errors import ConfigError
 
 COLUMNS = (
     ("tok/s", "throughput_tok_s", "{:>9.0f}"),
