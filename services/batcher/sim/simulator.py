@@ -3,9 +3,9 @@
 Each GPU pair gets an equal share of the requests (round-robin) and its own clock:
 - `aligned`: one Scheduler per pair. The decode GPU runs the plan's decode step (with any
   mixed-in prefill chunks); the prefetch GPU prefills in parallel, given as many prompt
-  tokens per step as it can compute in the previous step's time; the next batch streams in over both PCIe links while the
-  current batch decodes, and the switch waits only for what is still in flight. Joiners
-  are copied over the decode GPU's own link before the step (not overlapped).
+  tokens per step as it can compute in the previous step's time; the next batch streams in
+  over both PCIe links while the current batch decodes, and the switch waits only for what
+  is still in flight. Joiners are copied over the decode GPU's own link before the step.
 - `fcfs`: the baseline gets the same two GPUs as two independent data-parallel engines,
   each doing continuous batching with chunked prefill mixed into its decode steps.
 Write-back of evicted members (only the KV decoded since they were loaded) is overlapped on
