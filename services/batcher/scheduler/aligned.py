@@ -1,31 +1,78 @@
 """`aligned`: decode together only requests of about the same KV length.
 
-Pooled requests (KV in the CPU pool) sit in a LengthIndex. One batch runs on the decode GPU;
-its members' lengths grow in lockstep, so it stays aligned. Each step:
-1. prefill waiting requests (on the prefetch GPU) into the pool; while the pool holds less
-   than two full batches, the decode GPU prefills a bounded chunk too, in its step;
-2. refill the running batch with pooled requests of matching length (joiners);
-3. if a pooled request has waited past the starvation bound, or some length band of the
-   pool would make a batch that decodes `switch_margin` more tokens per unit of step cost
-   (see `score`), choose it as the next batch and start prefetching it; the current batch
-   keeps decoding until the executor reports the prefetch complete, then they switch and
-   the old members go back to the pool, to rejoin a batch when lengths match again.
-A batch's KV (with growth headroom) never exceeds `max_batch_kv_fraction` of the decode GPU,
-so the running and the prefetched batch fit side by side.
+Requests whose KV is on the decode GPU are *resident*; they are partitioned into contiguous
+length groups, and each step decodes one group, round-robin, so every resident request
+advances once per round and moving between groups costs no copy. The partition minimises
+the round's cost under the decode kernel's cost model (`partition_groups`): with a padded
+kernel every member costs as much as the group's longest, so requests of very different
+lengths are split apart exactly when the padding they would waste exceeds one more read
+of the weights; with a balanced kernel one group is best and the policy becomes continuous
+batching with prefill moved off the decode GPU.
+
+The CPU pool holds the rest (its index by length finds partners). Each step, top to bottom:
+1. prefill waiting requests on the prefetch GPU (and on the decode GPU too while nothing
+   waits in the pool and the GPU has room), admitting at most `max_inflight` past prefill;
+2. requests that finished streaming in become resident;
+3. a pooled request waiting past `starvation_s` while the GPU is full makes room by sending
+   the longest-resident requests back to the pool (they write back only new KV);
+4. while nothing streams, pooled requests that fit the KV budget start streaming in: the
+   starving first, then those whose lengths fall inside an existing group (they cost one
+   member, not a new group), then the longest waiting;
+5. decode the next group.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import replace
 
 import numpy as np
 
-from alignedserve.batcher.length_index import Band, LengthIndex, bucket_of, bucket_start
+from alignedserve.batcher.length_index import LengthIndex, bucket_of
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.batcher.scheduler.core import BatchPlan, Scheduler
 
 S = RequestState
+# Groups are formed over coarser buckets than the pool's index (16 per power of two: each
+# <= 6.25 % of its length), which halves the partition's work at a small cost in fit.
+GROUP_SUB_BITS = 3
+
+
+def partition_groups(
+    buckets: np.ndarray,  # [m] distinct occupied buckets, ascending
+    counts: np.ndarray,  # [m] members in each
+    ends: np.ndarray,  # [m] longest length of each bucket
+    sums: np.ndarray,  # [m] total length of the members of each
+    weight_tokens: int,
+    padded: bool,
+    max_members: int,
+    max_span: int,
+) -> list[int]:
+    """Split occupied buckets into contiguous groups minimising sum over groups of
+    (weight_tokens + cost of its members): padded n * longest, balanced the sum of lengths.
+    A group holds at most max_members members and spans at most max_span buckets (a group
+    that must exceed max_members alone is allowed: one bucket cannot be split by length).
+    Returns the index (into `buckets`) where each group starts."""
+    m = len(buckets)
+    best = np.full(m + 1, np.inf)  # best[j]: cost of buckets[:j]
+    best[0] = 0.0
+    start = np.zeros(m + 1, dtype=np.int64)
+    cum_n = np.concatenate(([0], np.cumsum(counts)))
+    cum_s = np.concatenate(([0], np.cumsum(sums)))
+    for j in range(1, m + 1):
+        first = np.arange(j)  # candidate first bucket index i of the last group [i, j)
+        n = cum_n[j] - cum_n[first]
+        member_cost = n * ends[j - 1] if padded else cum_s[j] - cum_s[first]
+        ok = ((n <= max_members) | (first == j - 1)) & (buckets[j - 1] - buckets[first] < max_span)
+        total = np.where(ok, best[first] + weight_tokens + member_cost, np.inf)
+        i = int(np.argmin(total))
+        best[j], start[j] = total[i], i
+    starts, j = [], m
+    while j > 0:
+        starts.append(int(start[j]))
+        j = starts[-1]
+    return starts[::-1]
 
 
 class AlignedPolicy:
@@ -33,140 +80,192 @@ class AlignedPolicy:
         self.config = config
         self.index = LengthIndex()
         self.pooled: dict[str, None] = {}  # pool entry order: first = longest waiting
-        self.running: dict[str, None] = {}
-        self.next_batch: list[str] = []  # prefetching
-        self.next_ready = False  # the executor reported the prefetch complete
-        self.ends = np.maximum(self.index.bucket_ends(), 1)  # longest length of each bucket
-        self.need = np.array([self.cap(int(e)) for e in self.ends])  # batch cap per band end
-
-    def cap(self, max_length: int) -> int:
-        """Members a batch of this longest length may hold within the KV budget."""
-        per_member = max_length + self.config.growth_tokens
-        return max(1, min(self.config.max_batch_size, self.config.batch_kv_tokens // per_member))
+        self.resident: dict[str, None] = {}  # on the decode GPU, in load order
+        self.loading: list[str] = []  # streaming in (PREFETCHING)
+        self.loading_done = False
+        self.groups: list[list[str]] = []
+        self.group_starts: list[int] = []  # first length bucket of each group, ascending
+        self.next_group = 0
+        self.steps_since_regroup = 0
+        self.churn = 0  # members joined or left since the last full regroup
+        self.kv_budget = int(config.gpu_kv_tokens * config.max_resident_kv_fraction)
+        self.gpu_tokens = 0  # KV tokens of resident + loading requests, kept exact
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
-        return self._with_assist(sched, self._plan(sched, now, prefill_budget))
+        prefill = sched.plan_prefill(prefill_budget, self._admit_room())
+        load = (
+            self._land(sched) if self.loading and (self.loading_done or not self.resident) else ()
+        )
+        evict = self._evict_for_starving(sched, now)
+        prefetch = () if self.loading else self._start_loading(sched, now)
+        if prefetch and not self.resident and not load:  # nothing to overlap with: wait for it
+            load = self._land(sched)
+        self.steps_since_regroup += 1
+        self.churn += len(load) + len(evict)
+        # Leavers just drop out of their groups and joiners slot into one; lengths grow in
+        # lockstep, so the partition stays sound until membership has changed by a quarter.
+        if (
+            not self.groups
+            or self.churn * 4 > len(self.resident)
+            or self.steps_since_regroup >= self.config.regroup_steps
+        ):
+            self._regroup(sched)
+        elif load:
+            self._insert(sched, load)
+        group = self._next_group()
+        plan = BatchPlan(
+            prefill=prefill,
+            decode=tuple(group),
+            load=tuple(load),
+            evict=tuple(evict),
+            prefetch=tuple(prefetch),
+            is_switch=bool(evict),
+        )
+        return self._with_assist(sched, plan)
 
-    def _admit_room(self, sched: Scheduler) -> int:
-        """How many more requests may start prefill without exceeding max_inflight."""
-        inflight = len(self.pooled) + len(self.next_batch) + len(self.running)
+    def _admit_room(self) -> int:
+        inflight = len(self.pooled) + len(self.loading) + len(self.resident)
         return max(0, self.config.max_inflight - inflight)
 
-    def _plan(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
-        prefill = sched.plan_prefill(prefill_budget, max_requests=self._admit_room(sched))
-        if self.next_batch and (self.next_ready or not self.running):
-            return self._switch(sched, prefill, now)
-        if self.next_batch:  # keep decoding (and refilling) while the next batch streams in
-            joiners = self._joiners(sched, self._lengths(sched), now)
-            return BatchPlan(prefill=prefill, decode=tuple(self.running), load=tuple(joiners))
-        starving = self._starving(sched, now)
-        joiners = self._joiners(sched, self._lengths(sched), now)
-        lengths = self._lengths(sched)
-        batch = self._pick(sched, starving, lengths, now)
-        if batch and not self.running:  # nothing to overlap with: load it right away
-            self.next_batch = batch
-            return self._switch(sched, prefill, now)
-        self.next_batch = batch
-        return BatchPlan(
-            prefill=prefill, decode=tuple(self.running), load=tuple(joiners), prefetch=tuple(batch)
-        )
-
     def _with_assist(self, sched: Scheduler, plan: BatchPlan) -> BatchPlan:
-        """While the pool holds less than two full batches, the prefetch GPU alone cannot
-        keep the decode GPU fed: the decode GPU prefills too, a bounded chunk per step mixed
-        into its decode step, so no GPU idles and the pool fills."""
-        if not sched.waiting:
+        """With nothing in the pool and room on the GPU, the prefetch GPU's prefill is the
+        bottleneck: the decode GPU prefills a bounded chunk in its step too."""
+        if not sched.waiting or self.pooled or self._free_tokens(sched) <= 0:
             return plan
-        target = 2 * self.config.max_batch_size
-        if len(self.pooled) + len(self.next_batch) >= target:
-            return plan
-        room = self._admit_room(sched) - len(plan.prefill)
+        room = self._admit_room() - len(plan.prefill)
         mixed = sched.plan_prefill(self.config.assist_tokens_per_step, room, after=plan.prefill)
         return replace(plan, mixed_prefill=mixed)
 
-    def _switch(self, sched: Scheduler, prefill, now: float) -> BatchPlan:
-        evict = tuple(self.running)
-        for request_id in evict:
-            self._to_pool(sched, sched.store.get(request_id), now)
-        self.running = dict.fromkeys(self.next_batch)
-        for request_id in self.next_batch:
+    # ---- residency ---------------------------------------------------------------------
+    def _need_tokens(self, r: Request) -> int:
+        return r.num_tokens + self.config.growth_tokens
+
+    def _free_tokens(self, sched: Scheduler) -> int:
+        members = len(self.resident) + len(self.loading)
+        return self.kv_budget - self.gpu_tokens - members * self.config.growth_tokens
+
+    def _start_loading(self, sched: Scheduler, now: float) -> list[str]:
+        if not self.pooled:
+            return []
+        free = self._free_tokens(sched)
+        room = self.config.max_batch_size * 4 - len(self.resident)
+        picked: list[str] = []
+        for request_id in self._candidates(sched, now):
+            if len(picked) >= room:
+                break
+            need = self._need_tokens(sched.store.get(request_id))
+            if need > free:
+                if picked or self.resident:
+                    break  # keep FCFS among candidates: no skipping to smaller ones
+                need = free  # an empty GPU takes even an oversized request
+            free -= need
+            picked.append(request_id)
+        for request_id in picked:
+            self._from_pool(sched, request_id, now)
+            self.gpu_tokens += sched.store.get(request_id).num_tokens
+        self.loading, self.loading_done = picked, False
+        return picked
+
+    def _candidates(self, sched: Scheduler, now: float):
+        """Pooled requests in load order: starving, then fitting a group, then oldest."""
+        seen: set[str] = set()
+        bound = now - self.config.starvation_s
+        for request_id in self.pooled:
+            if sched.store.get(request_id).pooled_since_s > bound:
+                break
+            seen.add(request_id)
+            yield request_id
+        for group in self.groups:
+            lengths = [sched.store.get(r).num_tokens for r in group if r in self.resident]
+            if lengths:
+                band = self.index.band_for_lengths(min(lengths), max(lengths))
+                for request_id in self.index.members(band):
+                    if request_id not in seen:
+                        seen.add(request_id)
+                        yield request_id
+        for request_id in list(self.pooled):
+            if request_id not in seen:
+                yield request_id
+
+    def _land(self, sched: Scheduler) -> list[str]:
+        landed = self.loading
+        for request_id in landed:
             sched.store.transition(sched.store.get(request_id), S.RUNNING)
-        self.next_batch, self.next_ready = [], False
-        return BatchPlan(
-            prefill=prefill,
-            decode=tuple(self.running),
-            load=tuple(self.running),
-            evict=evict,
-            is_switch=bool(evict),
-        )
+            self.resident[request_id] = None
+        self.loading, self.loading_done = [], False
+        return landed
 
-    def _starving(self, sched: Scheduler, now: float) -> Request | None:
-        if not self.pooled:
-            return None
+    def _evict_for_starving(self, sched: Scheduler, now: float) -> list[str]:
+        if not self.pooled or self.loading:
+            return []
         oldest = sched.store.get(next(iter(self.pooled)))
-        return oldest if now - oldest.pooled_since_s > self.config.starvation_s else None
-
-    def _lengths(self, sched: Scheduler) -> list[int]:
-        return [sched.store.get(r).num_tokens for r in self.running]
-
-    def score(self, size: int, max_length: int) -> float:
-        """Tokens per unit of step cost for a batch (padded model: every member costs as much
-        as the longest; the weights cost `weight_kv_tokens` once per step)."""
-        return size / (self.config.weight_kv_tokens + size * max_length)
-
-    def _best_band(self) -> Band | None:
-        """The band (<= max_band_buckets wide) whose batch scores best; at equal size the
-        narrower band wins, as its longest length is smaller."""
-        best, best_score = None, 0.0
-        for width in range(1, self.config.max_band_buckets + 1):
-            size = np.minimum(self.index.window_counts(width), self.need[width - 1 :])
-            ends = self.ends[width - 1 :]
-            score = size / (self.config.weight_kv_tokens + size * ends)
-            lo = int(np.argmax(score))
-            if score[lo] > best_score * (1 + 1e-9):
-                best, best_score = (lo, lo + width - 1), float(score[lo])
-        return self.index.band(*best) if best else None
-
-    def _pick(
-        self, sched: Scheduler, starving: Request | None, lengths: list[int], now: float
-    ) -> list[str]:
-        """Choose the next batch from the pool (moving its members to PREFETCHING), or []
-        when the running batch should go on: nothing starves and no band beats it by
-        `switch_margin` with at least `min_batch_size` members."""
-        if not self.pooled:
+        if now - oldest.pooled_since_s <= self.config.starvation_s:
             return []
-        if starving is not None:
-            band = self.index.band_around(starving.num_tokens, self.config.max_band_buckets)
-        else:
-            band = self._best_band()
-            size = min(band.count, int(self.need[band.hi]))
-            running = self.score(len(lengths), max(lengths)) if lengths else 0.0
-            if self.score(size, band.max_length) <= running * (1 + self.config.switch_margin):
-                return []
-            if lengths and size < self.config.min_batch_size:
-                return []
-        batch = self.index.members(band, limit=int(self.need[band.hi]))
-        for request_id in batch:
-            self._from_pool(sched, request_id, S.PREFETCHING, now)
-        return batch
+        short = self._need_tokens(oldest) - self._free_tokens(sched)
+        evict: list[str] = []
+        for request_id in self.resident:  # longest-resident first: they had their turn
+            if short <= 0:
+                break
+            evict.append(request_id)
+            short -= self._need_tokens(sched.store.get(request_id))
+        for request_id in evict:
+            del self.resident[request_id]
+            request = sched.store.get(request_id)
+            self.gpu_tokens -= request.num_tokens
+            self._to_pool(sched, request, now)
+        return evict
 
-    def _joiners(self, sched: Scheduler, lengths: list[int], now: float) -> list[str]:
-        if not lengths or not self.pooled:
-            return []
-        room = self.cap(max(lengths)) - len(lengths)
-        if room <= 0:
-            return []
-        band = self.index.band_for_lengths(min(lengths), max(lengths))
-        joiners = [
-            r
-            for r in self.index.members(band, limit=room * 4)
-            if min(lengths) <= self.index.length_of(r) <= max(lengths)
-        ][:room]
-        for request_id in joiners:
-            self._from_pool(sched, request_id, S.RUNNING, now)
-            self.running[request_id] = None
-        return joiners
+    # ---- groups ------------------------------------------------------------------------
+    def _regroup(self, sched: Scheduler) -> None:
+        if not self.resident:
+            self.groups, self.group_starts, self.next_group = [], [], 0
+            return
+        by_bucket: dict[int, list[str]] = {}
+        lengths: dict[int, list[int]] = {}
+        for request_id in self.resident:
+            length = sched.store.get(request_id).num_tokens
+            b = bucket_of(min(length, self.index.max_length), GROUP_SUB_BITS)
+            by_bucket.setdefault(b, []).append(request_id)
+            lengths.setdefault(b, []).append(length)
+        buckets = np.array(sorted(by_bucket))
+        starts = partition_groups(
+            buckets,
+            np.array([len(by_bucket[b]) for b in buckets]),
+            np.array([max(lengths[b]) for b in buckets]),
+            np.array([sum(lengths[b]) for b in buckets]),
+            self.config.weight_kv_tokens,
+            self.config.kernel_cost == "padded",
+            self.config.max_batch_size,
+            self.config.max_band_buckets,
+        )
+        bounds = [*starts, len(buckets)]
+        self.groups = [
+            [r for b in buckets[bounds[g] : bounds[g + 1]] for r in by_bucket[int(b)]]
+            for g in range(len(starts))
+        ]
+        self.group_starts = [int(buckets[i]) for i in starts]
+        self.next_group %= len(self.groups)
+        self.steps_since_regroup = self.churn = 0
+
+    def _insert(self, sched: Scheduler, request_ids) -> None:
+        """Place newly resident requests into the group whose length range holds them (the
+        next full regroup re-optimises); lengths below the first group join the first."""
+        for request_id in request_ids:
+            length = min(sched.store.get(request_id).num_tokens, self.index.max_length)
+            b = bucket_of(length, GROUP_SUB_BITS)
+            g = max(0, bisect.bisect_right(self.group_starts, b) - 1)
+            self.groups[g].append(request_id)
+
+    def _next_group(self) -> list[str]:
+        """Round-robin over groups, skipping members that left since the partition."""
+        for _ in range(len(self.groups)):
+            group = [r for r in self.groups[self.next_group] if r in self.resident]
+            self.groups[self.next_group] = group
+            self.next_group = (self.next_group + 1) % len(self.groups)
+            if group:
+                return group
+        return []
 
     # ---- pool membership ---------------------------------------------------------------
     def _to_pool(self, sched: Scheduler, request: Request, now: float) -> None:
@@ -175,18 +274,20 @@ class AlignedPolicy:
         self.index.add(request.request_id, min(request.num_tokens, self.index.max_length))
         self.pooled[request.request_id] = None
 
-    def _from_pool(
-        self, sched: Scheduler, request_id: str, state: RequestState, now: float
-    ) -> None:
+    def _from_pool(self, sched: Scheduler, request_id: str, now: float) -> None:
         self.index.remove(request_id)
         del self.pooled[request_id]
         request = sched.store.get(request_id)
         request.max_pool_wait_s = max(request.max_pool_wait_s, now - request.pooled_since_s)
-        sched.store.transition(request, state)
+        sched.store.transition(request, S.PREFETCHING)
 
     # ---- Policy callbacks ----------------------------------------------------------------
     def on_prefetch_done(self) -> None:
-        self.next_ready = bool(self.next_batch)
+        self.loading_done = bool(self.loading)
+
+    def on_token(self, request: Request) -> None:
+        if request.request_id in self.resident:
+            self.gpu_tokens += 1
 
     def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None:
         self._to_pool(sched, request, now)
@@ -196,19 +297,23 @@ class AlignedPolicy:
         if rid in self.pooled:
             self.index.remove(rid)
             del self.pooled[rid]
-        self.running.pop(rid, None)
-        if rid in self.next_batch:
-            self.next_batch.remove(rid)
+        if rid in self.resident or rid in self.loading:
+            self.gpu_tokens -= request.num_tokens
+            self.churn += 1
+        self.resident.pop(rid, None)
+        if rid in self.loading:
+            self.loading.remove(rid)
 
     def preempt_one(self, sched: Scheduler, now: float) -> Request | None:
-        """CPU pool full: recompute the most recently pooled request, else the newest member."""
+        """CPU pool full: recompute the most recently pooled request, else the newest resident."""
         if self.pooled:
             request_id = next(reversed(self.pooled))
             self.index.remove(request_id)
             del self.pooled[request_id]
-        elif self.running:
-            request_id = next(reversed(self.running))
-            del self.running[request_id]
+        elif self.resident:
+            request_id = next(reversed(self.resident))
+            del self.resident[request_id]
+            self.gpu_tokens -= sched.store.get(request_id).num_tokens
         else:
             return None
         victim = sched.store.get(request_id)
@@ -216,17 +321,24 @@ class AlignedPolicy:
         return victim
 
     def check_invariants(self, sched: Scheduler) -> None:
-        by_state = {s: set() for s in S}
+        by_state: dict[RequestState, set[str]] = {s: set() for s in S}
         for r in sched.store:
             by_state[r.state].add(r.request_id)
         assert by_state[S.POOLED] == set(self.pooled) == set(self.index._where)
-        assert by_state[S.RUNNING] == set(self.running)
-        assert by_state[S.PREFETCHING] == set(self.next_batch)
-        if self.running:
-            lengths = [sched.store.get(r).num_tokens for r in self.running]
-            lo = bucket_of(min(lengths))
-            spread_bound = bucket_start(lo + self.config.max_band_buckets) - bucket_start(lo)
-            assert max(lengths) - min(lengths) <= spread_bound, (min(lengths), max(lengths))
-            assert len(lengths) <= self.cap(max(lengths) - 1) + 1 or len(lengths) <= self.cap(
-                min(lengths)
-            )
+        assert by_state[S.RUNNING] == set(self.resident)
+        assert by_state[S.PREFETCHING] == set(self.loading)
+        on_gpu = [*self.resident, *self.loading]
+        assert self.gpu_tokens == sum(sched.store.get(r).num_tokens for r in on_gpu)
+        grouped = [r for g in self.groups for r in g if r in self.resident]
+        assert set(grouped) == set(self.resident), "a resident request in no group"
+        assert len(grouped) == len(set(grouped)), "a request in two groups"
+        for group in self.groups:
+            members = [sched.store.get(r) for r in group if r in self.resident]
+            if len(members) > 1:
+                b = [
+                    bucket_of(min(m.num_tokens, self.index.max_length), GROUP_SUB_BITS)
+                    for m in members
+                ]
+                # lengths grow in lockstep (one token per round), so a group's bucket span
+                # can exceed the bound it was formed with by at most one bucket boundary
+                assert max(b) - min(b) <= self.config.max_band_buckets, (min(b), max(b))

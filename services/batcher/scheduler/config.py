@@ -16,17 +16,17 @@ class SchedulerConfig:
     num_pool_blocks: int = 65536  # aligned: CPU-pool blocks; fcfs: decode-GPU KV blocks
     gpu_kv_tokens: int = 1 << 20  # decode GPU KV capacity, in tokens
     max_batch_size: int = 512  # members of one decode batch
-    min_batch_size: int = (
-        36  # K_min: a smaller aligned batch is worth a switch only if nothing better
-    )
-    max_batch_kv_fraction: float = 0.4  # B_max: running + prefetched batch both fit the GPU
-    max_band_buckets: int = 16  # widest length band, in index buckets (each <= 1/32 of its length)
+    max_resident_kv_fraction: float = 0.9  # aligned: decode-GPU KV for resident + streaming in
+    # widest group, in length buckets (each <= 1/8 of its length); 113 covers 1..65536
+    max_band_buckets: int = 113
+    regroup_steps: int = 128  # aligned: re-optimise the length groups this often
+    kernel_cost: str = "padded"  # decode kernel: padded (longest member sets the cost) | balanced
     # The weights' read cost in KV-token equivalents (weight bytes / KV bytes per token): a
     # padded step over n members of longest length L costs ~ weight_kv_tokens + n * L.
     weight_kv_tokens: int = 122_000  # Llama-3-8B bf16: 16.06 GB / 128 KiB
-    switch_margin: float = 0.2  # switch when the best band beats the running batch by 20%
     starvation_s: float = 5.0  # no pooled request waits longer than this for a batch (+ one switch)
     growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
+    admit_watermark: float = 0.05  # a new request starts prefill only if 5% of the pool stays free
     max_waiting: int = 10000  # bounded admission queue (waiting for prefill)
     prefill_tokens_per_step: int = 8192  # prefill chunk budget per step
     assist_tokens_per_step: int = 2048  # aligned: prefill the decode GPU mixes into its step
@@ -43,16 +43,9 @@ class SchedulerConfig:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
                 raise ConfigError(f"{f.name}={value} must be > 0")
-        if not 0 < self.max_batch_kv_fraction <= 0.5:
+        if not 0 < self.max_resident_kv_fraction <= 1:
             raise ConfigError(
-                f"max_batch_kv_fraction={self.max_batch_kv_fraction} must be in (0, 0.5]: "
-                "the running and the prefetched batch must both fit on the decode GPU"
+                f"max_resident_kv_fraction={self.max_resident_kv_fraction} must be in (0, 1]"
             )
-        if self.min_batch_size > self.max_batch_size:
-            raise ConfigError(
-                f"min_batch_size={self.min_batch_size} > max_batch_size={self.max_batch_size}"
-            )
-
-    @property
-    def batch_kv_tokens(self) -> int:
-        return int(self.gpu_kv_tokens * self.max_batch_kv_fraction)
+        if self.kernel_cost not in ("padded", "balanced"):
+            raise ConfigError(f"kernel_cost={self.kernel_cost!r} not 'padded' or 'balanced'")

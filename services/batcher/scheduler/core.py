@@ -50,6 +50,7 @@ class BatchPlan:
 
 class Policy(Protocol):
     def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan: ...
+    def on_token(self, request: Request) -> None: ...
     def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None: ...
     def on_done(self, sched: Scheduler, request: Request) -> None: ...
     def preempt_one(self, sched: Scheduler, now: float) -> Request | None: ...
@@ -146,6 +147,8 @@ class Scheduler:
                 continue
             r = self.store.get(request_id)
             n = min(r.num_tokens - r.num_prefilled, token_budget)
+            if r.num_prefilled == 0 and not self._has_headroom(r.num_tokens):
+                break  # admission waits: running requests need the room to grow
             if not self.try_reserve(r, r.num_prefilled + n):
                 break  # pool full: admission waits until blocks are freed
             chunks.append((request_id, n))
@@ -154,6 +157,14 @@ class Scheduler:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_tokens)
+
+    def _has_headroom(self, num_tokens: int) -> bool:
+        """Would the pool keep `admit_watermark` of its blocks free after this request? An
+        empty pool always admits, so a request that fits the pool always makes progress."""
+        if self.allocator.num_used == 0:
+            return True
+        free_after = self.allocator.num_free - self.blocks_for(num_tokens)
+        return free_after >= self.config.admit_watermark * self.config.num_pool_blocks
 
     def try_reserve(self, request: Request, num_tokens: int) -> bool:
         """Grow the request's blocks to cover num_tokens if the pool has room (no preemption)."""
@@ -196,6 +207,7 @@ class Scheduler:
         """Append a sampled token; True if the request finished."""
         r.output_token_ids.append(token)
         r.last_token_s = now
+        self.policy.on_token(r)
         reason = finish_reason(
             r.params,
             token,

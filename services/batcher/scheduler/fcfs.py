@@ -22,6 +22,9 @@ class FcfsPolicy:
         prefill = sched.plan_prefill(prefill_budget - len(decode), room)
         return BatchPlan(mixed_prefill=prefill, decode=decode)
 
+    def on_token(self, request: Request) -> None:
+        pass
+
     def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None:
         sched.store.transition(request, RequestState.RUNNING)
         self.running[request.request_id] = None

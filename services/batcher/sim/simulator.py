@@ -4,8 +4,8 @@ Each GPU pair gets an equal share of the requests (round-robin) and its own cloc
 - `aligned`: one Scheduler per pair. The decode GPU runs the plan's decode step (with any
   mixed-in prefill chunks); the prefetch GPU prefills in parallel, given as many prompt
   tokens per step as it can compute in the previous step's time; the next batch streams in
-  over both PCIe links while the current batch decodes, and the switch waits only for what
-  is still in flight. Joiners are copied over the decode GPU's own link before the step.
+  over both PCIe links while the resident groups decode; when nothing is resident the
+  decode GPU waits for the copy (charged as a stall).
 - `fcfs`: the baseline gets the same two GPUs as two independent data-parallel engines,
   each doing continuous batching with chunked prefill mixed into its decode steps.
 Write-back of evicted members (only the KV decoded since they were loaded) is overlapped on
@@ -74,22 +74,15 @@ def simulate_engine(
         lengths = np.array([sched.store.get(r).num_tokens for r in plan.decode], dtype=np.int64)
         mixed_tokens = sum(n for _, n in plan.mixed_prefill)
         stall = 0.0
-        if plan.load:
-            if plan.is_switch or (not plan.evict and set(plan.load) == set(plan.decode)):
-                # a prefetched batch: wait for what is still streaming in (or all of it
-                # when nothing ran to overlap with)
-                if prefetch_ready_s is not None:
-                    stall = max(0.0, prefetch_ready_s - now)
-                    prefetch_ready_s = None
-                elif not plan.is_switch:
-                    load_bytes = sum(sched.store.get(r).num_kv_tokens for r in plan.load)
-                    stall = cost.h2d_s(load_bytes * kv_bytes, links=2)
-            else:  # joiners: over the decode GPU's own link
-                load_bytes = sum(sched.store.get(r).num_kv_tokens for r in plan.load)
-                stall = cost.h2d_s(load_bytes * kv_bytes, links=1)
+        if plan.load and prefetch_ready_s is not None:
+            # KV that streamed in while the previous steps ran; wait for any rest of it
+            stall = max(0.0, prefetch_ready_s - now)
+            prefetch_ready_s = None
         if plan.prefetch:
             nbytes = sum(sched.store.get(r).num_kv_tokens for r in plan.prefetch) * kv_bytes
             prefetch_ready_s = now + cost.h2d_s(nbytes, links=2)
+            if plan.load == plan.prefetch:  # landed at once: nothing resident to overlap
+                stall, prefetch_ready_s = prefetch_ready_s - now, None
         # decode GPU: the decode step with any mixed-in prefill chunks; prefetch GPU (aligned):
         # its prefill chunks, in parallel
         decode_s = 0.0
@@ -203,6 +196,9 @@ def configs_for(
         block_tokens=block,
         max_waiting=1 << 22,
         weight_kv_tokens=cost.model.weight_bytes // cost.model.kv_bytes_per_token,
+        kernel_cost="padded" if cost.padded else "balanced",
+        max_batch_size=1024,  # same cap as fcfs's max_running: one decode step's members
+        max_running=1024,
     )
     aligned = replace(
         base,
@@ -213,7 +209,6 @@ def configs_for(
         base,
         policy="fcfs",
         num_pool_blocks=gpu_tokens // block,
-        max_running=1024,
         prefill_tokens_per_step=8192,
     )
     return {
