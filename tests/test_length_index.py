@@ -121,14 +121,6 @@ def test_empty_index_queries():
     assert index.band_for_lengths(100, 200).count == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG length_index.py:96 band_for_lengths clamps max_length (via _bucket) but not "
-    "min_length: a min_length > index.max_length gives lo = bucket_of(min) >= num_buckets and "
-    "band() indexes self._start[lo] out of range (IndexError). Reached from "
-    "AlignedPolicy._joiners when every running member is longer than 65536 tokens. "
-    "Fix: self.band(self._bucket(min_length), self._bucket(max_length)).",
-)
 def test_band_for_lengths_past_max_length_clamps_like_band_around():
     index = LengthIndex()
     index.add("long", MAX_LENGTH)

@@ -109,14 +109,6 @@ def test_pop_done_request_holding_blocks_raises():
         store.pop("a")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG request.py:92-96 RequestStore.pop removes the request from the dict *before* "
-    "checking it, so a refused pop (live request, or done but holding blocks) raises "
-    "RuntimeError yet the request is gone: the store loses a live request and check_invariants"
-    " no longer sees its blocks. Fix: request = self._requests[request_id]; check; then "
-    "del self._requests[request_id].",
-)
 @pytest.mark.parametrize("holding_blocks", [False, True])
 def test_refused_pop_keeps_the_request(holding_blocks):
     store = RequestStore()

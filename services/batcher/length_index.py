@@ -93,7 +93,7 @@ class LengthIndex:
         return Band(lo, hi, int(self._start[lo]), int(self._end[hi]), count)
 
     def band_for_lengths(self, min_length: int, max_length: int) -> Band:
-        return self.band(bucket_of(max(min_length, 1), self.sub_bits), self._bucket(max_length))
+        return self.band(self._bucket(min_length), self._bucket(max_length))
 
     def window_counts(self, width: int) -> np.ndarray:
         """[num_buckets - width + 1] members of each band of `width` buckets, by first bucket."""

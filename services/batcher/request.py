@@ -90,9 +90,10 @@ class RequestStore:
         return self._requests[request_id]
 
     def pop(self, request_id: str) -> Request:
-        request = self._requests.pop(request_id)
+        request = self._requests[request_id]
         if not request.state.is_done or request.blocks:
             raise RuntimeError(f"request {request_id} removed while {request.state.value}")
+        del self._requests[request_id]
         return request
 
     def transition(self, request: Request, new: RequestState) -> None:
