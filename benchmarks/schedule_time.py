@@ -15,7 +15,8 @@ For each N (default 10k and 100k):
    are popped from the store, as the simulator does; `now` advances 0.02 s a cycle.
 Prints p50/p99/max of both times in ms, overall and by kind of cycle (one that moved
 requests between pool and GPU — load/evict/prefetch — or a plain decode step), pooled
-requests at start and end, mean decode batch size, switches and Python GC collections.
+requests at start and end, mean decode batch size, switches, the slowest cycles, and the
+cyclic GC's pauses (all, and those that fell inside a timed schedule()).
 
     .venv/bin/python benchmarks/schedule_time.py [--pooled N ...] [--cycles C] [--profile]
 
@@ -92,10 +93,6 @@ def fill(sched) -> tuple[float, int]:
     return now, steps
 
 
-def pooled(sched) -> int:
-    return sched.store.count_by_state()[RequestState.POOLED]
-
-
 def ms(values_ns) -> str:
     a = np.asarray(values_ns, dtype=np.float64) / 1e6
     if not len(a):
@@ -106,6 +103,27 @@ def ms(values_ns) -> str:
 
 def gc_collections() -> list[int]:
     return [s["collections"] for s in gc.get_stats()]
+
+
+class GcPauses:
+    """Cyclic-GC pauses (generation, ns), to tell collector pauses from scheduling work."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, int]] = []
+        self._start = 0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter_ns()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter_ns() - self._start))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
 
 
 def run(
@@ -121,28 +139,32 @@ def run(
     start = {s.value: counts[s] for s in RequestState if counts[s]}
     switches0, gc0 = sched.num_switches, gc_collections()
     sched_ns, update_ns, moved, batch, sizes = [], [], [], [], []
-    for _ in range(cycles):
-        if profile is not None:
-            profile.enable()
-        t1 = time.perf_counter_ns()
-        plan = sched.schedule(now)
-        t2 = time.perf_counter_ns()
-        if profile is not None:
-            profile.disable()
-        tokens = tokens_for(plan)
-        t3 = time.perf_counter_ns()
-        done = sched.update(plan, tokens, now)
-        t4 = time.perf_counter_ns()
-        for r in done:
-            sched.store.pop(r.request_id)
-        if plan.prefetch:
-            sched.policy.on_prefetch_done()
-        sched_ns.append(t2 - t1)
-        update_ns.append(t4 - t3)
-        moved.append(bool(plan.load or plan.evict or plan.prefetch or plan.is_switch))
-        batch.append(len(plan.decode))
-        sizes.append((len(plan.load), len(plan.evict), len(plan.prefetch), plan.is_switch))
-        now += STEP_S
+    gc_in_schedule: list[tuple[int, int]] = []
+    with GcPauses() as pauses:
+        for _ in range(cycles):
+            if profile is not None:
+                profile.enable()
+            seen = len(pauses.pauses)
+            t1 = time.perf_counter_ns()
+            plan = sched.schedule(now)
+            t2 = time.perf_counter_ns()
+            gc_in_schedule += pauses.pauses[seen:]
+            if profile is not None:
+                profile.disable()
+            tokens = tokens_for(plan)
+            t3 = time.perf_counter_ns()
+            done = sched.update(plan, tokens, now)
+            t4 = time.perf_counter_ns()
+            for r in done:
+                sched.store.pop(r.request_id)
+            if plan.prefetch:
+                sched.policy.on_prefetch_done()
+            sched_ns.append(t2 - t1)
+            update_ns.append(t4 - t3)
+            moved.append(bool(plan.load or plan.evict or plan.prefetch or plan.is_switch))
+            batch.append(len(plan.decode))
+            sizes.append((len(plan.load), len(plan.evict), len(plan.prefetch), plan.is_switch))
+            now += STEP_S
     counts = sched.store.count_by_state()
     return dict(
         n=n,
@@ -162,6 +184,8 @@ def run(
         now_end=now,
         switches=sched.num_switches - switches0,
         gc=[b - a for a, b in zip(gc0, gc_collections(), strict=True)],
+        gc_pauses=pauses.pauses,
+        gc_in_schedule=gc_in_schedule,
     )
 
 
@@ -196,6 +220,13 @@ def report(res: dict, cycles: int) -> None:
         + ", ".join(f"#{i} {s[i] / 1e6:.2f} {res['sizes'][i]}" for i in worst)
     )
     print(f"switches: {res['switches']}   gc collections (gen0/1/2): {res['gc']}")
+    for label, pauses in (("all", res["gc_pauses"]), ("inside schedule()", res["gc_in_schedule"])):
+        ns = [p for _, p in pauses]
+        if ns:
+            print(
+                f"gc pauses, {label}: {len(ns)} (gens {sorted({g for g, _ in pauses})}), "
+                f"total {sum(ns) / 1e6:.1f} ms, max {max(ns) / 1e6:.2f} ms"
+            )
     verdict = "MET" if p99 < 1.0 else "MISSED"
     print(f"target schedule() p99 < 1 ms: {verdict} ({p99:.3f} ms)")
 

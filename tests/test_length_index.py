@@ -7,6 +7,8 @@ dict id -> length, whose insertion order is the index's entry order (oldest firs
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,7 +22,14 @@ from hypothesis.stateful import (
     rule,
 )
 
-from alignedserve.batcher.length_index import MAX_LENGTH, Band, LengthIndex, bucket_of, bucket_start
+from alignedserve.batcher.length_index import (
+    MAX_LENGTH,
+    Band,
+    LengthIndex,
+    bucket_of,
+    bucket_of_array,
+    bucket_start,
+)
 
 # ---- buckets ---------------------------------------------------------------------------------
 
@@ -127,6 +136,27 @@ def test_band_for_lengths_past_max_length_clamps_like_band_around():
     band = index.band_for_lengths(70_000, 70_001)
     assert band.lo == band.hi == index.num_buckets - 1
     assert index.members(band) == ["long"]
+
+
+def young_objects_after_churn(index: LengthIndex, churn: int) -> int:
+    """GC-tracked objects left in generation 0 by `churn` remove+add pairs, GC paused."""
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects(generation=0))
+        for i in range(churn):
+            length = index.remove(f"r{i}")
+            index.add(f"r{i}", length + 1)
+        return len(gc.get_objects(generation=0)) - before
+    finally:
+        gc.enable()
+
+
+def test_churn_allocates_no_gc_tracked_objects():
+    index = LengthIndex()
+    for i in range(5000):
+        index.add(f"r{i}", 100 + i % 2000)
+    assert young_objects_after_churn(index, 5000) < 500
 
 
 # ---- the index against a brute-force model ---------------------------------------------------
@@ -276,3 +306,10 @@ def test_members_oldest_first_across_buckets():
     index.add("r0", 41)  # re-entry makes it the newest
     assert index.members(band) == ["r1", "r2", "r3", "r5", "r0"]
     assert isinstance(band, Band) and band.count == 5
+
+
+@pytest.mark.parametrize("sub_bits", [3, 4, 5])
+def test_vectorised_buckets_equal_scalar(sub_bits):
+    lengths = np.arange(1, 70_001)
+    expected = np.array([bucket_of(int(x), sub_bits) for x in lengths])
+    assert (bucket_of_array(lengths, sub_bits) == expected).all()

@@ -28,6 +28,15 @@ def bucket_of(length: int, sub_bits: int = 5) -> int:
     return ((shift + 1) << sub_bits) + (length >> shift) - (1 << sub_bits)
 
 
+def bucket_of_array(lengths: np.ndarray, sub_bits: int = 5) -> np.ndarray:
+    """bucket_of for an int array of lengths >= 1."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bit_length = np.frexp(lengths.astype(np.float64))[1]  # exact below 2**53
+    shift = np.maximum(bit_length - 1 - sub_bits, 0)
+    big = ((shift + 1) << sub_bits) + (lengths >> shift) - (1 << sub_bits)
+    return np.where(lengths < (1 << sub_bits), lengths, big)
+
+
 def bucket_start(bucket: int, sub_bits: int = 5) -> int:
     """Smallest length in a bucket (inverse of bucket_of on bucket boundaries)."""
     if bucket < (1 << sub_bits):
@@ -55,10 +64,12 @@ class LengthIndex:
         self._start = np.array(starts, dtype=np.int64)  # [num_buckets + 1]
         self._end = self._start[1:] - 1  # [num_buckets] last length of each bucket
         self._counts = np.zeros(self.num_buckets, dtype=np.int64)
-        # Per bucket, request_id -> (entry order, length); dicts keep insertion order, so
-        # iterating a bucket yields its members oldest-entry first.
-        self._buckets: list[dict[str, tuple[int, int]]] = [{} for _ in range(self.num_buckets)]
-        self._where: dict[str, int] = {}
+        # Per bucket, request_id -> entry order; dicts keep insertion order, so iterating a
+        # bucket yields its members oldest-entry first. Only ints are stored: a tuple per
+        # request would be tracked by the cyclic GC and make churn trigger long collections.
+        self._buckets: list[dict[str, int]] = [{} for _ in range(self.num_buckets)]
+        self._where: dict[str, int] = {}  # request_id -> bucket
+        self._length: dict[str, int] = {}
         self._order = itertools.count()
 
     def __len__(self) -> int:
@@ -73,19 +84,20 @@ class LengthIndex:
         if request_id in self._where:
             raise KeyError(f"request {request_id!r} already indexed")
         b = bucket_of(length, self.sub_bits)
-        self._buckets[b][request_id] = (next(self._order), length)
+        self._buckets[b][request_id] = next(self._order)
         self._counts[b] += 1
         self._where[request_id] = b
+        self._length[request_id] = length
 
     def remove(self, request_id: str) -> int:
         """Drop a request; returns its length."""
         b = self._where.pop(request_id)
-        _, length = self._buckets[b].pop(request_id)
+        del self._buckets[b][request_id]
         self._counts[b] -= 1
-        return length
+        return self._length.pop(request_id)
 
     def length_of(self, request_id: str) -> int:
-        return self._buckets[self._where[request_id]][request_id][1]
+        return self._length[request_id]
 
     def band(self, lo: int, hi: int) -> Band:
         lo, hi = max(lo, 0), min(hi, self.num_buckets - 1)
@@ -113,16 +125,19 @@ class LengthIndex:
 
     def members(self, band: Band, limit: int | None = None) -> list[str]:
         """Up to `limit` request ids in the band, oldest entry first."""
+        return list(itertools.islice(self.iter_members(band), limit))
+
+    def iter_members(self, band: Band) -> Iterator[str]:
+        """The band's request ids, oldest entry first, lazily: O(W) to start, O(log W) each."""
         buckets = (self._bucket_items(b) for b in range(band.lo, band.hi + 1))
-        merged = heapq.merge(*buckets)
-        return [rid for _, rid in itertools.islice(merged, limit)]
+        return (rid for _, rid in heapq.merge(*buckets))
 
     def bucket_ends(self) -> np.ndarray:
         """[num_buckets] longest length of each bucket (to build `need` arrays)."""
         return self._end
 
     def _bucket_items(self, b: int) -> Iterator[tuple[int, str]]:
-        return ((order, rid) for rid, (order, _) in self._buckets[b].items())
+        return ((order, rid) for rid, order in self._buckets[b].items())
 
     def _bucket(self, length: int) -> int:
         return bucket_of(min(max(length, 1), self.max_length), self.sub_bits)

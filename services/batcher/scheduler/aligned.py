@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from alignedserve.batcher.length_index import LengthIndex, bucket_of
+from alignedserve.batcher.length_index import LengthIndex, bucket_of, bucket_of_array
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.batcher.scheduler.core import BatchPlan, Scheduler
@@ -146,9 +146,9 @@ class AlignedPolicy:
         return self.kv_budget - self.gpu_tokens - members * self.config.growth_tokens
 
     def _start_loading(self, sched: Scheduler, now: float) -> list[str]:
-        if not self.pooled:
-            return []
         free = self._free_tokens(sched)
+        if not self.pooled or (free <= self.config.growth_tokens and self.resident):
+            return []  # not even the shortest request could fit
         room = self.config.max_batch_size * 4 - len(self.resident)
         picked: list[str] = []
         for request_id in self._candidates(sched, now):
@@ -180,11 +180,11 @@ class AlignedPolicy:
             lengths = [sched.store.get(r).num_tokens for r in group if r in self.resident]
             if lengths:
                 band = self.index.band_for_lengths(min(lengths), max(lengths))
-                for request_id in self.index.members(band):
+                for request_id in self.index.iter_members(band):
                     if request_id not in seen:
                         seen.add(request_id)
                         yield request_id
-        for request_id in list(self.pooled):
+        for request_id in self.pooled:
             if request_id not in seen:
                 yield request_id
 
@@ -221,30 +221,27 @@ class AlignedPolicy:
         if not self.resident:
             self.groups, self.group_starts, self.next_group = [], [], 0
             return
-        by_bucket: dict[int, list[str]] = {}
-        lengths: dict[int, list[int]] = {}
-        for request_id in self.resident:
-            length = sched.store.get(request_id).num_tokens
-            b = bucket_of(min(length, self.index.max_length), GROUP_SUB_BITS)
-            by_bucket.setdefault(b, []).append(request_id)
-            lengths.setdefault(b, []).append(length)
-        buckets = np.array(sorted(by_bucket))
+        ids = list(self.resident)
+        lengths = np.fromiter(
+            (sched.store.get(r).num_tokens for r in ids), dtype=np.int64, count=len(ids)
+        )
+        buckets = bucket_of_array(np.minimum(lengths, self.index.max_length), GROUP_SUB_BITS)
+        order = np.argsort(buckets, kind="stable")
+        occupied, first, counts = np.unique(buckets[order], return_index=True, return_counts=True)
+        by_order = lengths[order]
         starts = partition_groups(
-            buckets,
-            np.array([len(by_bucket[b]) for b in buckets]),
-            np.array([max(lengths[b]) for b in buckets]),
-            np.array([sum(lengths[b]) for b in buckets]),
+            occupied,
+            counts,
+            np.maximum.reduceat(by_order, first),
+            np.add.reduceat(by_order, first),
             self.config.weight_kv_tokens,
             self.config.kernel_cost == "padded",
             self.config.max_batch_size,
             self.config.max_band_buckets,
         )
-        bounds = [*starts, len(buckets)]
-        self.groups = [
-            [r for b in buckets[bounds[g] : bounds[g + 1]] for r in by_bucket[int(b)]]
-            for g in range(len(starts))
-        ]
-        self.group_starts = [int(buckets[i]) for i in starts]
+        cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
+        self.groups = [[ids[k] for k in order[cuts[g] : cuts[g + 1]]] for g in range(len(starts))]
+        self.group_starts = [int(occupied[i]) for i in starts]
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
 
