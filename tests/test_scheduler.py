@@ -48,8 +48,11 @@ def make_config(policy: str, block_tokens: int, pool_blocks: int, starvation_s: 
     policy=st.sampled_from(["aligned", "fcfs"]),
     block_tokens=st.sampled_from([4, 16]),
     pool_factor=st.floats(0.6, 3.0),
+    band_buckets=st.integers(1, 12),
 )
-def test_random_workloads_finish_without_leaks(workload, policy, block_tokens, pool_factor):
+def test_random_workloads_finish_without_leaks(
+    workload, policy, block_tokens, pool_factor, band_buckets
+):
     requests = [
         SimRequest(f"r{i}", arrival, prompt, out)
         for i, (arrival, prompt, out) in enumerate(workload)
@@ -57,8 +60,10 @@ def test_random_workloads_finish_without_leaks(workload, policy, block_tokens, p
     biggest = max(-(-(p + o) // block_tokens) for _, p, o in workload)
     total = sum(-(-(p + o) // block_tokens) for _, p, o in workload)
     pool = max(biggest, int(total * pool_factor))  # sometimes too small: forces preemption
-    config = make_config(policy, block_tokens, pool, starvation_s=0.2)
-    stats = simulate_engine(requests, config, COST, check=True)
+    config = replace(
+        make_config(policy, block_tokens, pool, starvation_s=0.2), max_band_buckets=band_buckets
+    )
+    stats = simulate_engine(requests, config, COST, check=True)  # checks the spread bound too
     assert stats.output_tokens == sum(o for _, _, o in workload)
     assert len(stats.ttft_s) == len(workload)
     assert min(stats.ttft_s) >= 0
@@ -105,3 +110,20 @@ def test_abort_frees_blocks_in_every_state(policy):
         sched.check_invariants()
     assert sched.allocator.num_used == 0
     assert all(r.finish_reason == "abort" for r in sched.store)
+
+
+def test_a_joiner_never_stretches_a_group_past_the_spread_bound():
+    """40 short requests are resident in one group; a long one lands while the group is
+    large enough that it is slotted in without a full regroup, unless that would break the
+    bound: check_invariants (every step) asserts each group's bucket span."""
+    shorts = [SimRequest(f"s{i}", 0.0, 100, 60) for i in range(40)]
+    requests = [*shorts, SimRequest("long", 0.05, 2000, 5)]
+    for band_buckets in (2, 113):
+        config = replace(
+            make_config("aligned", 16, 100_000, 5.0),
+            gpu_kv_tokens=200_000,
+            max_batch_size=64,
+            max_band_buckets=band_buckets,
+        )
+        stats = simulate_engine(requests, config, COST, check=True)
+        assert stats.output_tokens == 40 * 60 + 5

@@ -85,6 +85,7 @@ class AlignedPolicy:
         self.loading_done = False
         self.groups: list[list[str]] = []
         self.group_starts: list[int] = []  # first length bucket of each group, ascending
+        self.group_spans: list[tuple[int, int]] = []  # occupied buckets: (lowest, highest)
         self.next_group = 0
         self.steps_since_regroup = 0
         self.churn = 0  # members joined or left since the last full regroup
@@ -219,7 +220,7 @@ class AlignedPolicy:
     # ---- groups ------------------------------------------------------------------------
     def _regroup(self, sched: Scheduler) -> None:
         if not self.resident:
-            self.groups, self.group_starts, self.next_group = [], [], 0
+            self.groups, self.group_starts, self.group_spans, self.next_group = [], [], [], 0
             return
         ids = list(self.resident)
         lengths = np.fromiter(
@@ -242,16 +243,26 @@ class AlignedPolicy:
         cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
         self.groups = [[ids[k] for k in order[cuts[g] : cuts[g + 1]]] for g in range(len(starts))]
         self.group_starts = [int(occupied[i]) for i in starts]
+        ends = [*starts[1:], len(occupied)]
+        spans = zip(starts, ends, strict=True)
+        self.group_spans = [(int(occupied[a]), int(occupied[b - 1])) for a, b in spans]
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
 
     def _insert(self, sched: Scheduler, request_ids) -> None:
         """Place newly resident requests into the group whose length range holds them (the
-        next full regroup re-optimises); lengths below the first group join the first."""
+        next full regroup re-optimises); one that would stretch a group past
+        max_band_buckets triggers that regroup now instead."""
         for request_id in request_ids:
             length = min(sched.store.get(request_id).num_tokens, self.index.max_length)
             b = bucket_of(length, GROUP_SUB_BITS)
             g = max(0, bisect.bisect_right(self.group_starts, b) - 1)
+            lo, hi = self.group_spans[g]
+            lo, hi = min(lo, b), max(hi, b)
+            if hi - lo >= self.config.max_band_buckets:
+                self._regroup(sched)  # places every resident request, these included
+                return
+            self.group_spans[g] = (lo, hi)
             self.groups[g].append(request_id)
 
     def _next_group(self) -> list[str]:
