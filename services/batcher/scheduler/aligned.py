@@ -84,8 +84,9 @@ class AlignedPolicy:
         self.loading: list[str] = []  # streaming in (PREFETCHING)
         self.loading_done = False
         self.groups: list[list[str]] = []
-        self.group_starts: list[int] = []  # first length bucket of each group, ascending
-        self.group_spans: list[tuple[int, int]] = []  # occupied buckets: (lowest, highest)
+        # per group, its shortest and longest member: lengths grow in lockstep, so groups stay
+        # ordered by length and these two stay its ends until one of them leaves
+        self.group_ends: list[tuple[str, str]] = []
         self.next_group = 0
         self.steps_since_regroup = 0
         self.churn = 0  # members joined or left since the last full regroup
@@ -220,7 +221,7 @@ class AlignedPolicy:
     # ---- groups ------------------------------------------------------------------------
     def _regroup(self, sched: Scheduler) -> None:
         if not self.resident:
-            self.groups, self.group_starts, self.group_spans, self.next_group = [], [], [], 0
+            self.groups, self.group_ends, self.next_group = [], [], 0
             return
         ids = list(self.resident)
         lengths = np.fromiter(
@@ -242,27 +243,42 @@ class AlignedPolicy:
         )
         cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
         self.groups = [[ids[k] for k in order[cuts[g] : cuts[g + 1]]] for g in range(len(starts))]
-        self.group_starts = [int(occupied[i]) for i in starts]
-        ends = [*starts[1:], len(occupied)]
-        spans = zip(starts, ends, strict=True)
-        self.group_spans = [(int(occupied[a]), int(occupied[b - 1])) for a, b in spans]
+        self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by bucket
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
+
+    def _group_range(self, sched: Scheduler, g: int) -> tuple[int, int]:
+        """Current (shortest, longest) length in group g."""
+        lo_id, hi_id = self.group_ends[g]
+        if lo_id not in self.resident or hi_id not in self.resident:
+            members = [r for r in self.groups[g] if r in self.resident]
+            if not members:
+                return (0, 0)
+            lo_id = min(members, key=lambda r: sched.store.get(r).num_tokens)
+            hi_id = max(members, key=lambda r: sched.store.get(r).num_tokens)
+            self.group_ends[g] = (lo_id, hi_id)
+        return sched.store.get(lo_id).num_tokens, sched.store.get(hi_id).num_tokens
 
     def _insert(self, sched: Scheduler, request_ids) -> None:
         """Place newly resident requests into the group whose length range holds them (the
         next full regroup re-optimises); one that would stretch a group past
         max_band_buckets triggers that regroup now instead."""
         for request_id in request_ids:
-            length = min(sched.store.get(request_id).num_tokens, self.index.max_length)
-            b = bucket_of(length, GROUP_SUB_BITS)
-            g = max(0, bisect.bisect_right(self.group_starts, b) - 1)
-            lo, hi = self.group_spans[g]
-            lo, hi = min(lo, b), max(hi, b)
-            if hi - lo >= self.config.max_band_buckets:
+            length = sched.store.get(request_id).num_tokens
+            ranges = [self._group_range(sched, g) for g in range(len(self.groups))]
+            g = max(0, bisect.bisect_right([lo for lo, _ in ranges], length) - 1)
+            lo, hi = ranges[g]
+            lo_id, hi_id = self.group_ends[g]
+            if not self.groups[g] or length < lo:
+                lo, lo_id = length, request_id
+            if length > hi:
+                hi, hi_id = length, request_id
+            cap = self.index.max_length
+            span = bucket_of(min(hi, cap), GROUP_SUB_BITS) - bucket_of(min(lo, cap), GROUP_SUB_BITS)
+            if span >= self.config.max_band_buckets:
                 self._regroup(sched)  # places every resident request, these included
                 return
-            self.group_spans[g] = (lo, hi)
+            self.group_ends[g] = (lo_id, hi_id)
             self.groups[g].append(request_id)
 
     def _next_group(self) -> list[str]:
