@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 NAMES = {"llama3-8b": "Llama-3-8B", "opt-13b": "OPT-13B"}
 
 
 def main(paths: list[str]) -> None:
-    rows = [r for p in paths for r in json.load(open(p))]
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())]
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["shape"], r["cost_model"], r["rate"]), {})[r["policy"]] = r
