@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignedserve.batcher.scheduler import SchedulerConfig, make_scheduler
+from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
 from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel
 from alignedserve.batcher.sim.simulator import simulate_engine
 from alignedserve.batcher.sim.workload import SimRequest
@@ -127,3 +127,24 @@ def test_a_joiner_never_stretches_a_group_past_the_spread_bound():
         )
         stats = simulate_engine(requests, config, COST, check=True)
         assert stats.output_tokens == 40 * 60 + 5
+
+
+@pytest.mark.parametrize("policy", ["aligned", "fcfs"])
+def test_full_pool_waits_or_rejects_as_configured(policy):
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for mode in ("wait", "reject"):
+        config = replace(make_config(policy, 4, 20, 0.2), pool_full=mode)
+        sched = make_scheduler(config)
+        sched.add_request("big", range(60), params, now=0.0)  # 15 of 20 blocks
+        plan = sched.schedule(0.0)
+        sched.update(plan, {rid: 0 for rid, _ in plan.all_prefill}, 0.01)
+        if mode == "reject":
+            with pytest.raises(QueueFullError, match="no room"):
+                sched.add_request("next", range(40), params, now=0.01)
+            assert "next" not in sched.store
+        else:
+            sched.add_request("next", range(40), params, now=0.01)  # queued, not prefilled
+            plan = sched.schedule(0.01)
+            assert "next" not in {rid for rid, _ in plan.all_prefill}
+            assert list(sched.waiting) == ["next"]
+        sched.check_invariants()

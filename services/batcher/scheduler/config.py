@@ -26,6 +26,7 @@ class SchedulerConfig:
     weight_kv_tokens: int = 122_000  # Llama-3-8B bf16: 16.06 GB / 128 KiB
     starvation_s: float = 5.0  # no pooled request waits longer than this for a batch (+ one switch)
     growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
+    pool_full: str = "wait"  # when the pool lacks room for a new prompt: wait | reject (429)
     admit_watermark: float = 0.05  # a new request starts prefill only if 5% of the pool stays free
     max_waiting: int = 10000  # bounded admission queue (waiting for prefill)
     prefill_tokens_per_step: int = 8192  # prefill chunk budget per step
@@ -47,5 +48,7 @@ class SchedulerConfig:
             raise ConfigError(
                 f"max_resident_kv_fraction={self.max_resident_kv_fraction} must be in (0, 1]"
             )
+        if self.pool_full not in ("wait", "reject"):
+            raise ConfigError(f"pool_full={self.pool_full!r} not 'wait' or 'reject'")
         if self.kernel_cost not in ("padded", "balanced"):
             raise ConfigError(f"kernel_cost={self.kernel_cost!r} not 'padded' or 'balanced'")

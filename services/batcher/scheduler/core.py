@@ -81,6 +81,11 @@ class Scheduler:
     ) -> Request:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests waiting: queue full")
+        if self.config.pool_full == "reject" and not self._has_headroom(len(prompt)):
+            raise QueueFullError(
+                f"KV pool has {self.allocator.num_free} free blocks: no room for a "
+                f"{len(prompt)}-token prompt now"
+            )
         if self.blocks_for(len(prompt) + params.max_tokens) > self.config.num_pool_blocks:
             raise AlignedServeError(
                 f"request {request_id}: prompt + max_tokens needs more KV than the whole pool"
