@@ -107,22 +107,6 @@ class LengthIndex:
     def band_for_lengths(self, min_length: int, max_length: int) -> Band:
         return self.band(self._bucket(min_length), self._bucket(max_length))
 
-    def window_counts(self, width: int) -> np.ndarray:
-        """[num_buckets - width + 1] members of each band of `width` buckets, by first bucket."""
-        cum = np.concatenate(([0], np.cumsum(self._counts)))  # [num_buckets + 1]
-        return cum[width:] - cum[:-width]
-
-    def band_around(self, length: int, max_width: int) -> Band:
-        """The densest band of max_width buckets that contains `length`'s bucket."""
-        b = self._bucket(length)
-        first = max(0, b - max_width + 1)
-        last = min(b, self.num_buckets - max_width)  # band start range keeping b inside
-        cum = np.concatenate(([0], np.cumsum(self._counts)))
-        starts = np.arange(first, max(last, first) + 1)
-        sums = cum[np.minimum(starts + max_width, self.num_buckets)] - cum[starts]
-        lo = int(starts[int(np.argmax(sums))])
-        return self.band(lo, lo + max_width - 1)
-
     def members(self, band: Band, limit: int | None = None) -> list[str]:
         """Up to `limit` request ids in the band, oldest entry first."""
         return list(itertools.islice(self.iter_members(band), limit))
@@ -131,10 +115,6 @@ class LengthIndex:
         """The band's request ids, oldest entry first, lazily: O(W) to start, O(log W) each."""
         buckets = (self._bucket_items(b) for b in range(band.lo, band.hi + 1))
         return (rid for _, rid in heapq.merge(*buckets))
-
-    def bucket_ends(self) -> np.ndarray:
-        """[num_buckets] longest length of each bucket (to build `need` arrays)."""
-        return self._end
 
     def _bucket_items(self, b: int) -> Iterator[tuple[int, str]]:
         return ((order, rid) for rid, order in self._buckets[b].items())
