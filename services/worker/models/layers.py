@@ -10,6 +10,12 @@ from torch import nn
 from alignedserve.common.model_config import RopeConfig
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table without random init: every weight comes from the checkpoint (or
+    init_tiny), and random init on the meta device would pull in torch._dynamo (~1 s)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -25,8 +31,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """[head_dim / 2] inverse frequencies, with linear or llama3-style scaling."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """[head_dim / 2] inverse frequencies, with linear or llama3-style scaling (on the CPU:
+    under a meta-device build, meta maths would pull in torch._dynamo, ~1.4 s)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (rope.theta**exponent)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor

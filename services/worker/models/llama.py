@@ -13,7 +13,7 @@ from torch import nn
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
-from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding
+from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding, embedding
 
 
 class LlamaAttention(nn.Module):
@@ -82,7 +82,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)

@@ -10,6 +10,7 @@ from torch import nn
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.models.layers import embedding
 
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -62,10 +63,8 @@ class OPTDecoder(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         embed_dim = config.word_embed_proj_dim or hidden
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
-        self.embed_positions = nn.Embedding(
-            config.max_position_embeddings + POSITION_OFFSET, hidden
-        )
+        self.embed_tokens = embedding(config.vocab_size, embed_dim)
+        self.embed_positions = embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         if config.word_embed_proj_dim:
             self.project_in = nn.Linear(embed_dim, hidden, bias=False)
             self.project_out = nn.Linear(hidden, embed_dim, bias=False)
