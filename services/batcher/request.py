@@ -33,7 +33,7 @@ TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     # waiting (fcfs recompute); every live state can be aborted.
     S.WAITING_PREFILL: frozenset({S.POOLED, S.RUNNING, S.FINISHED, S.ABORTED}),
     S.POOLED: frozenset({S.PREFETCHING, S.RUNNING, S.WAITING_PREFILL, S.ABORTED}),
-    S.PREFETCHING: frozenset({S.RUNNING, S.POOLED, S.ABORTED}),
+    S.PREFETCHING: frozenset({S.RUNNING, S.POOLED, S.WAITING_PREFILL, S.ABORTED}),
     S.RUNNING: frozenset({S.POOLED, S.WAITING_PREFILL, S.FINISHED, S.ABORTED}),
     S.FINISHED: frozenset(),
     S.ABORTED: frozenset(),

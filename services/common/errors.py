@@ -30,3 +30,15 @@ class OutOfBlocksError(AlignedServeError):
     """A KV block pool has fewer free blocks than asked for."""
 
     http_status = 503
+
+
+class UnavailableError(AlignedServeError):
+    """Not serving right now (draining, or no worker within the recovery deadline)."""
+
+    http_status = 503
+
+
+class QueueFullError(AlignedServeError):
+    """Admission queue or KV pool is full: retry later (HTTP 429 with Retry-After)."""
+
+    http_status = 429

@@ -328,6 +328,12 @@ class AlignedPolicy:
         if rid in self.loading:
             self.loading.remove(rid)
 
+    def forget(self, sched: Scheduler, request: Request) -> None:
+        """Drop a request the policy tracked (its worker is gone), as if it had finished."""
+        self.on_done(sched, request)
+        if not self.loading:
+            self.loading_done = False
+
     def preempt_one(self, sched: Scheduler, now: float) -> Request | None:
         """CPU pool full: recompute the most recently pooled request, else the newest resident."""
         if self.pooled:

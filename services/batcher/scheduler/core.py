@@ -17,14 +17,8 @@ from typing import Protocol
 from alignedserve.batcher.request import Request, RequestState, RequestStore
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.common.block_allocator import BlockAllocator
-from alignedserve.common.errors import AlignedServeError
+from alignedserve.common.errors import AlignedServeError, QueueFullError
 from alignedserve.common.sampling_params import SamplingParams, finish_reason
-
-
-class QueueFullError(AlignedServeError):
-    """Admission queue is full: the caller should retry later (HTTP 429)."""
-
-    http_status = 429
 
 
 @dataclass(frozen=True)
@@ -53,6 +47,7 @@ class Policy(Protocol):
     def on_token(self, request: Request) -> None: ...
     def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None: ...
     def on_done(self, sched: Scheduler, request: Request) -> None: ...
+    def forget(self, sched: Scheduler, request: Request) -> None: ...
     def preempt_one(self, sched: Scheduler, now: float) -> Request | None: ...
     def check_invariants(self, sched: Scheduler) -> None: ...
 
@@ -117,6 +112,8 @@ class Scheduler:
         prefill this step and per decoded member. Returns the requests that finished."""
         done: list[Request] = []
         for request_id, num in plan.all_prefill:
+            if request_id not in self.store:
+                continue  # aborted and dropped while the step ran
             r = self.store.get(request_id)
             if r.state is not RequestState.WAITING_PREFILL:
                 continue  # aborted meanwhile
@@ -130,6 +127,8 @@ class Scheduler:
                 elif r.state is RequestState.WAITING_PREFILL:
                     self.policy.on_prefilled(self, r, now)
         for request_id in plan.decode:
+            if request_id not in self.store:
+                continue
             r = self.store.get(request_id)
             if r.state is RequestState.RUNNING and self._append(r, tokens[request_id], now):
                 done.append(r)
@@ -198,6 +197,23 @@ class Scheduler:
         self.store.transition(request, RequestState.WAITING_PREFILL)
         self.waiting.appendleft(request.request_id)
         self.num_preemptions += 1
+
+    def recover_from_worker_loss(self, synced: dict[str, int]) -> list[Request]:
+        """The worker died: whatever it held on its device is gone. Each request it held
+        goes back to waiting for a prefill that continues from `synced[id]`, the tokens whose
+        KV reached the pool; its pool blocks are kept. The prefill recomputes the rest and
+        samples the next token: with counter-based sampling, the very token it would have
+        produced. Returns the requests moved, in arrival order."""
+        lost = sorted(
+            (r for r in self.store if r.state in (RequestState.RUNNING, RequestState.PREFETCHING)),
+            key=lambda r: r.arrival_s,
+        )
+        for r in lost:
+            self.policy.forget(self, r)
+            r.num_prefilled = min(synced.get(r.request_id, 0), r.num_kv_tokens)
+            self.store.transition(r, RequestState.WAITING_PREFILL)
+        self.waiting.extendleft(r.request_id for r in reversed(lost))
+        return lost
 
     def check_invariants(self) -> None:
         self.store.check_invariants(self.config.block_tokens, self.config.num_pool_blocks)

@@ -32,6 +32,9 @@ class FcfsPolicy:
     def on_done(self, sched: Scheduler, request: Request) -> None:
         self.running.pop(request.request_id, None)
 
+    def forget(self, sched: Scheduler, request: Request) -> None:
+        self.on_done(sched, request)
+
     def preempt_one(self, sched: Scheduler, now: float) -> Request | None:
         if not self.running:
             return None

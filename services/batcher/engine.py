@@ -1,0 +1,344 @@
+"""The batcher's engine: schedule -> execute on the worker -> update -> fan tokens out.
+
+One asyncio task runs the loop; gRPC handlers submit and abort requests in the same event
+loop, between steps. One step is in flight at a time, so the pool blocks a step writes are
+never handed to another request before the worker has finished with them.
+
+If the worker's session breaks, every request it held returns to the prefill queue from
+the KV that reached the pool (see Scheduler.recover_from_worker_loss), and the engine keeps
+reconnecting until `worker_recovery_s`; clients see a delay, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.batcher.request import Request, RequestState
+from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
+from alignedserve.common import wire
+from alignedserve.common.errors import InvalidRequestError, UnavailableError
+from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
+from alignedserve.common.rpc import CHANNEL_OPTIONS
+from alignedserve.common.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step produced for one request, as sent to its Generate stream."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class WorkerLost(Exception):
+    """The worker's session broke (crash, restart, network)."""
+
+
+class WorkerLink:
+    """The batcher's connection to one worker: Describe, Attach, and the step session."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._session = None
+
+    async def connect(self) -> worker_pb2.ModelInfo:
+        await self.close()
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        return await self.stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
+
+    async def attach(self, pool: CpuKVPool) -> None:
+        await self.stub.Attach(
+            worker_pb2.AttachRequest(
+                pool_name=pool.name,
+                num_pool_blocks=pool.num_blocks,
+                kv_layout=wire.layout_to_proto(pool.layout),
+            ),
+            timeout=30,
+        )
+        self._session = self.stub.Session()
+
+    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        try:
+            await self._session.write(request)
+            response = await self._session.read()
+        except grpc.aio.AioRpcError as e:
+            raise WorkerLost(f"{e.code().name}: {e.details()}") from e
+        if response is grpc.aio.EOF:
+            raise WorkerLost("session ended")
+        return response
+
+    async def close(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
+            self._session = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    worker_address: str
+    pool_bytes: int
+    scheduler: SchedulerConfig  # block_tokens / pool / GPU sizes are filled in from the worker
+    worker_recovery_s: float = 60.0
+
+
+class BatcherEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.link = WorkerLink(config.worker_address)
+        self.pool: CpuKVPool | None = None
+        self.scheduler = None
+        self.info: worker_pb2.ModelInfo | None = None
+        self.worker_ready = False
+        self.draining = False
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
+        self._release: list[str] = []  # finished on our side; free on the worker next step
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._step = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to the worker (retrying until worker_recovery_s), make the pool, attach."""
+        await self._connect(first=True)
+        self._task = asyncio.create_task(self._loop(), name="batcher-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.link.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.unlink()
+
+    @property
+    def num_live(self) -> int:
+        return len(self._queues)
+
+    # ---- requests ------------------------------------------------------------------------
+    def submit(
+        self, request_id: str, prompt: Sequence[int], params: SamplingParams
+    ) -> asyncio.Queue:
+        if self.draining:
+            raise UnavailableError("batcher is draining: send new requests elsewhere")
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request_id {request_id!r} is in use", "request_id")
+        max_len = self.info.max_model_len
+        if not 1 <= len(prompt) < max_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; this model takes 1..{max_len - 1}", "prompt"
+            )
+        if max(prompt) >= self.info.vocab_size or min(prompt) < 0:
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.info.vocab_size})", "prompt"
+            )
+        self.scheduler.add_request(request_id, tuple(prompt), params, time.monotonic())
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._wake.set()
+        return queue
+
+    def abort(self, request_id: str) -> bool:
+        if request_id not in self._queues or request_id not in self.scheduler.store:
+            return False
+        request = self.scheduler.store.get(request_id)
+        if request.state.is_done:
+            return False
+        self.scheduler.abort(request_id, time.monotonic())
+        self._finish(request)
+        return True
+
+    def load(self) -> dict[str, float]:
+        counts = self.scheduler.store.count_by_state() if self.scheduler else {}
+        return dict(
+            num_waiting=counts.get(RequestState.WAITING_PREFILL, 0),
+            num_running=counts.get(RequestState.RUNNING, 0)
+            + counts.get(RequestState.PREFETCHING, 0),
+            num_pooled=counts.get(RequestState.POOLED, 0),
+            kv_pool_usage=self.scheduler.allocator.usage if self.scheduler else 0.0,
+        )
+
+    # ---- the loop ------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self._has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = self.scheduler.schedule(time.monotonic())
+            if plan.is_empty and not self._release:
+                # e.g. the pool is full of finished-but-unsent work: wait for a change
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+                continue
+            before = self._snapshot(plan)
+            request = self._to_proto(plan)
+            try:
+                response = await self.link.step(request)
+            except WorkerLost as e:
+                log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
+                await self._recover()
+                continue
+            self._after_step(plan, response, before)
+
+    def _has_work(self) -> bool:
+        return bool(self._release) or any(not r.state.is_done for r in self.scheduler.store)
+
+    def _snapshot(self, plan: BatchPlan) -> dict[str, int]:
+        """Output length of every request the step may give a token to."""
+        ids = {*plan.decode, *(rid for rid, _ in plan.all_prefill)}
+        return {rid: len(self.scheduler.store.get(rid).output_token_ids) for rid in ids}
+
+    def _to_proto(self, plan: BatchPlan) -> worker_pb2.StepRequest:
+        store = self.scheduler.store
+        keep_resident = self.scheduler.config.policy == "fcfs"
+        self._step += 1
+        msg = worker_pb2.StepRequest(step=self._step, release=self._release)
+        self._release = []
+        for rid in plan.load:
+            r = store.get(rid)
+            msg.load.add(request_id=rid, pool_blocks=r.blocks, num_kv_tokens=r.num_kv_tokens)
+        for rid, n in plan.all_prefill:
+            r = store.get(rid)
+            tokens = [*r.prompt_token_ids, *r.output_token_ids]
+            end = r.num_prefilled + n
+            msg.prefill.add(
+                request_id=rid,
+                token_ids=tokens[r.num_prefilled : end],
+                num_cached_tokens=r.num_prefilled,
+                pool_blocks=r.blocks,
+                params=wire.sampling_to_proto(r.params),
+                sample=end == r.num_tokens,
+                keep_resident=keep_resident,
+            )
+            if not keep_resident:
+                self._synced[rid] = end
+        for rid in plan.decode:
+            r = store.get(rid)
+            msg.decode.add(
+                request_id=rid,
+                token_id=r.output_token_ids[-1],
+                num_kv_tokens=r.num_kv_tokens,
+                params=wire.sampling_to_proto(r.params),
+            )
+        for rid in plan.evict:
+            r = store.get(rid)
+            msg.evict.add(request_id=rid, pool_blocks=r.blocks)
+            self._synced[rid] = r.num_kv_tokens
+        return msg
+
+    def _after_step(self, plan: BatchPlan, response, before: dict[str, int]) -> None:
+        if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
+            # this worker loads synchronously, at the step that lands them
+            self.scheduler.policy.on_prefetch_done()
+        tokens = {t.request_id: t.token_id for t in response.tokens}
+        logprobs = {t.request_id: t.logprob for t in response.tokens}
+        finished = self.scheduler.update(plan, tokens, time.monotonic())
+        for rid, n in before.items():
+            if rid not in self.scheduler.store:
+                continue  # aborted while the step ran
+            r = self.scheduler.store.get(rid)
+            new = r.output_token_ids[n:]
+            if new and rid in self._queues:
+                want = r.params.logprobs
+                self._queues[rid].put_nowait(
+                    Delta(
+                        token_ids=tuple(new),
+                        logprobs=(logprobs.get(rid, 0.0),) * len(new) if want else (),
+                        finish_reason=None,
+                        prompt_tokens=len(r.prompt_token_ids),
+                        completion_tokens=len(r.output_token_ids),
+                    )
+                )
+        for r in finished:
+            self._finish(r)
+
+    def _finish(self, r: Request) -> None:
+        """Send the final message, forget the request, free it on the worker next step."""
+        queue = self._queues.pop(r.request_id, None)
+        if queue is not None:
+            queue.put_nowait(
+                Delta((), (), r.finish_reason, len(r.prompt_token_ids), len(r.output_token_ids))
+            )
+        self._release.append(r.request_id)
+        self._synced.pop(r.request_id, None)
+        if r.request_id in self.scheduler.store:
+            self.scheduler.store.pop(r.request_id)
+        self._wake.set()
+
+    # ---- the worker ----------------------------------------------------------------------
+    async def _connect(self, first: bool = False) -> None:
+        deadline = time.monotonic() + self.config.worker_recovery_s
+        delay = 0.05
+        while True:
+            try:
+                info = await self.link.connect()
+                if first:
+                    self._setup(info)
+                await self.link.attach(self.pool)
+                self.worker_ready = True
+                log.info("worker %s attached (%s)", self.config.worker_address, info.model_name)
+                return
+            except grpc.aio.AioRpcError as e:
+                if time.monotonic() > deadline:
+                    raise UnavailableError(
+                        f"no worker at {self.config.worker_address} within "
+                        f"{self.config.worker_recovery_s:g} s: {e.code().name}"
+                    ) from e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _setup(self, info: worker_pb2.ModelInfo) -> None:
+        self.info = info
+        layout = wire.layout_from_proto(info.kv_layout)
+        self.pool = CpuKVPool.create_bytes(layout, self.config.pool_bytes)
+        base = self.config.scheduler
+        config = type(base)(
+            **{
+                **base.__dict__,
+                "block_tokens": layout.block_tokens,
+                "num_pool_blocks": self.pool.num_blocks,
+                "gpu_kv_tokens": info.num_device_blocks * layout.block_tokens,
+            }
+        )
+        self.scheduler = make_scheduler(
+            config, eos_token_ids=tuple(info.eos_token_ids), max_model_len=info.max_model_len
+        )
+
+    async def _recover(self) -> None:
+        self.worker_ready = False
+        self.scheduler.recover_from_worker_loss(self._synced)
+        self._release = []  # the new session starts with nothing resident
+        try:
+            await self._connect()
+        except UnavailableError as e:
+            log.error("%s: failing %d requests", e, self.num_live)
+            for rid in list(self._queues):
+                r = self.scheduler.store.get(rid)
+                self.scheduler.abort(rid, time.monotonic())
+                self._queues[rid].put_nowait(e)
+                del self._queues[rid]
+                self._release.append(rid)
+                if r.request_id in self.scheduler.store:
+                    self.scheduler.store.pop(rid)
+            await self._connect()  # keep trying; new requests wait for it

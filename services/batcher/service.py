@@ -1,0 +1,157 @@
+"""The Batcher gRPC service (for routers) around the engine, and its process entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig
+from alignedserve.batcher.scheduler import SchedulerConfig
+from alignedserve.common import rpc, wire
+from alignedserve.common.errors import AlignedServeError, ConfigError
+from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = "alignedserve.v1.Batcher"
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    worker: str = "127.0.0.1:50061"  # worker address
+    host: str = "127.0.0.1"
+    port: int = 50051
+    pool_gib: float = 1.0  # CPU KV pool (shared memory)
+    policy: str = "aligned"  # aligned | fcfs
+    max_waiting: int = 1024  # admission queue bound: beyond it, RESOURCE_EXHAUSTED (429)
+    starvation_s: float = 5.0
+    worker_recovery_s: float = 60.0  # how long requests wait for a lost worker to return
+    drain_s: float = 30.0  # on SIGTERM: finish in-flight requests for at most this long
+
+    def __post_init__(self) -> None:
+        if self.pool_gib <= 0:
+            raise ConfigError(f"pool_gib={self.pool_gib} must be > 0")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port={self.port} outside 0..65535")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            worker_address=self.worker,
+            pool_bytes=int(self.pool_gib * 2**30),
+            scheduler=SchedulerConfig(
+                policy=self.policy, max_waiting=self.max_waiting, starvation_s=self.starvation_s
+            ),
+            worker_recovery_s=self.worker_recovery_s,
+        )
+
+
+def add_batcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags generated from BatcherConfig's fields: names and defaults cannot drift."""
+    for f in dataclasses.fields(BatcherConfig):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> BatcherConfig:
+    return BatcherConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(BatcherConfig)}
+    )
+
+
+class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
+    def __init__(self, engine: BatcherEngine):
+        self.engine = engine
+
+    async def Generate(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            params = wire.sampling_from_proto(request.params)
+            queue = self.engine.submit(request_id, list(request.prompt_token_ids), params)
+        except AlignedServeError as e:
+            await context.abort(rpc.grpc_status(e), str(e))
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                if isinstance(delta, Exception):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(delta))
+                finished = delta.finish_reason is not None
+                yield _response(delta)
+        finally:
+            if not finished:  # the client went away (or the call was cancelled)
+                self.engine.abort(request_id)
+
+    async def Abort(self, request, context):
+        return batcher_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetLoad(self, request, context):
+        load = self.engine.load()
+        info = self.engine.info
+        return batcher_pb2.LoadReport(
+            num_waiting=load["num_waiting"],
+            num_running=load["num_running"],
+            num_pooled=load["num_pooled"],
+            kv_pool_usage=load["kv_pool_usage"],
+            worker_ready=self.engine.worker_ready and not self.engine.draining,
+            max_model_len=info.max_model_len if info else 0,
+            model_name=info.model_name if info else "",
+            max_waiting=self.engine.config.scheduler.max_waiting,
+        )
+
+
+def _response(delta: Delta) -> batcher_pb2.GenerateResponse:
+    msg = batcher_pb2.GenerateResponse(
+        token_ids=delta.token_ids,
+        logprobs=delta.logprobs,
+        finish_reason=delta.finish_reason or "",
+    )
+    if delta.finish_reason is not None:
+        msg.usage.prompt_tokens = delta.prompt_tokens
+        msg.usage.completion_tokens = delta.completion_tokens
+    return msg
+
+
+async def serve_batcher(
+    config: BatcherConfig, started: asyncio.Future | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run until `stop` is set (or the task is cancelled), then drain: refuse new requests,
+    let in-flight ones finish for up to drain_s, stop. `started` receives the bound port."""
+    engine = BatcherEngine(config.engine_config())
+    await engine.start()
+    server, health = rpc.aio_server([SERVICE])
+    batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(engine), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    await rpc.set_serving(health, [SERVICE], True)
+    log.info("batcher serving on %s:%d (worker %s)", config.host, port, config.worker)
+    if started is not None:
+        started.set_result(port)
+    try:
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        engine.draining = True
+        await rpc.set_serving(health, [SERVICE], False)
+        deadline = asyncio.get_running_loop().time() + config.drain_s
+        while engine.num_live and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await server.stop(grace=1.0)
+        await engine.stop()
+
+
+def run_batcher(config: BatcherConfig) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_batcher(config, stop=stop)
+
+    asyncio.run(main())
+    return 0

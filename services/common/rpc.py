@@ -1,0 +1,70 @@
+"""gRPC helpers shared by the services: the one error -> status table, and servers that
+always carry the standard health service."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from alignedserve.common.errors import (
+    AlignedServeError,
+    ConfigError,
+    InvalidRequestError,
+    ModelLoadError,
+    OutOfBlocksError,
+    QueueFullError,
+    UnavailableError,
+)
+
+# error class -> gRPC status; HTTP statuses live on the classes (AlignedServeError.http_status)
+GRPC_STATUS: dict[type[AlignedServeError], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    OutOfBlocksError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+# and back, for clients turning a status into an HTTP answer
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 500,
+}
+
+
+def grpc_status(error: AlignedServeError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in GRPC_STATUS:
+            return GRPC_STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+# Large enough for a step carrying thousands of block tables; KV itself never travels here.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+]
+
+
+def aio_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """An asyncio gRPC server with the standard health service; the caller adds its own
+    servicers, binds a port and flips health to SERVING when ready."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+async def set_serving(health_servicer, service_names: list[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await health_servicer.set(name, status)
