@@ -55,9 +55,12 @@ def main() -> int:
     wanted = render()
     present = {p.name: p.read_text() for p in OUT.glob("*.py*")} if OUT.exists() else {}
     if args.check:
-        stale = sorted(set(wanted) ^ set(present) | {n for n in wanted if present.get(n) != wanted[n]})
+        differ = {n for n in wanted if present.get(n) != wanted[n]}
+        stale = sorted(set(wanted) ^ set(present) | differ)
         if stale:
-            print(f"stale generated code in {OUT}: {stale}; run protos/generate.py", file=sys.stderr)
+            print(
+                f"stale generated code in {OUT}: {stale}; run protos/generate.py", file=sys.stderr
+            )
             return 1
         return 0
     OUT.mkdir(parents=True, exist_ok=True)
