@@ -1,0 +1,169 @@
+"""The batcher service driving a real worker service, both over loopback gRPC: greedy tokens
+equal the runtime's own, aborts free blocks, and a worker that dies mid-run costs a delay,
+never a token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import grpc
+import pytest
+
+from alignedserve.batcher.service import BatcherConfig, serve_batcher
+from alignedserve.common import wire
+from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.worker.generate import LocalRuntime
+from alignedserve.worker.service import WorkerConfig, serve_worker
+from alignedserve.worker.tiny import init_tiny
+
+from factories import random_prompts
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def stack(model_dir, worker_port, **batcher_kw):
+    """A worker and a batcher on loopback; yields (batcher stub, worker task holder)."""
+    worker = {"task": asyncio.create_task(serve_worker(WorkerConfig(model_dir, port=worker_port)))}
+    started = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    config = BatcherConfig(
+        worker=f"127.0.0.1:{worker_port}", port=0, pool_gib=0.05, drain_s=5, **batcher_kw
+    )
+    batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
+    port = await asyncio.wait_for(started, 60)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield batcher_pb2_grpc.BatcherStub(channel), worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(batcher, 30)
+        await channel.close()
+        worker["task"].cancel()
+        await asyncio.gather(worker["task"], return_exceptions=True)
+
+
+async def generate(stub, request_id, prompt, params, progress=None):
+    tokens = progress.setdefault(request_id, []) if progress is not None else []
+    finish, usage = None, None
+    call = stub.Generate(
+        batcher_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt, params=wire.sampling_to_proto(params)
+        )
+    )
+    async for msg in call:
+        tokens += msg.token_ids
+        if msg.finish_reason:
+            finish, usage = msg.finish_reason, msg.usage
+    return tokens, finish, usage
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def test_greedy_tokens_equal_the_runtime(model_dir):
+    prompts = random_prompts((5, 17, 33, 60, 9, 24), seed=4)
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(20)] * len(prompts))
+
+    async def main():
+        async with stack(model_dir, free_port()) as (stub, _):
+            results = await asyncio.gather(
+                *(generate(stub, f"r{i}", p, greedy(20)) for i, p in enumerate(prompts))
+            )
+            load = await stub.GetLoad(batcher_pb2.GetLoadRequest())
+            return results, load
+
+    results, load = asyncio.run(main())
+    for (tokens, finish, usage), prompt, ref in zip(results, prompts, expected, strict=True):
+        assert tokens == ref.token_ids
+        assert finish == "length"
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), 20)
+    assert load.worker_ready and load.kv_pool_usage == 0.0 and load.num_running == 0
+
+
+def test_abort_and_cancel_free_everything(model_dir):
+    prompts = random_prompts((12,) * 8, seed=5)
+
+    async def main():
+        async with stack(model_dir, free_port()) as (stub, _):
+            calls = [
+                stub.Generate(
+                    batcher_pb2.GenerateRequest(
+                        request_id=f"a{i}",
+                        prompt_token_ids=p,
+                        params=wire.sampling_to_proto(greedy(1000)),
+                    )
+                )
+                for i, p in enumerate(prompts)
+            ]
+            for call in calls:
+                await call.read()  # each has a first token
+            for i in range(4):
+                assert (await stub.Abort(batcher_pb2.AbortRequest(request_id=f"a{i}"))).found
+            for call in calls[4:]:
+                call.cancel()  # a router whose client went away
+            finals = []
+            for call in calls[:4]:
+                while (msg := await call.read()) is not grpc.aio.EOF:
+                    if msg.finish_reason:
+                        finals.append(msg.finish_reason)
+            for _ in range(100):
+                load = await stub.GetLoad(batcher_pb2.GetLoadRequest())
+                if load.kv_pool_usage == 0 and load.num_running + load.num_waiting == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return finals, load
+
+    finals, load = asyncio.run(main())
+    assert finals == ["abort"] * 4
+    assert load.kv_pool_usage == 0.0 and load.num_running == load.num_pooled == 0
+
+
+def test_worker_restart_mid_run_loses_no_token(model_dir, caplog):
+    prompts = random_prompts((7, 30, 15, 22), seed=6)
+    n = 300
+    params = [greedy(n), greedy(n), SamplingParams(max_tokens=n, temperature=0.9, seed=11)]
+    params.append(greedy(n))
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, params)
+    port = free_port()
+    progress: dict[str, list[int]] = {}
+
+    async def main():
+        async with stack(model_dir, port, worker_recovery_s=30) as (stub, worker):
+            runs = [
+                asyncio.create_task(generate(stub, f"k{i}", p, params[i], progress))
+                for i, p in enumerate(prompts)
+            ]
+            while len(progress) < len(prompts) or min(map(len, progress.values())) < 5:
+                await asyncio.sleep(0.005)
+            at_kill = {rid: len(t) for rid, t in progress.items()}
+            worker["task"].cancel()  # the worker goes away mid-run...
+            await asyncio.gather(worker["task"], return_exceptions=True)
+            await asyncio.sleep(0.3)
+            worker["task"] = asyncio.create_task(  # ...and comes back on the same address
+                serve_worker(WorkerConfig(model_dir, port=port))
+            )
+            return at_kill, await asyncio.wait_for(asyncio.gather(*runs), 60)
+
+    with caplog.at_level("WARNING", logger="alignedserve.batcher.engine"):
+        at_kill, results = asyncio.run(main())
+    assert "worker lost" in caplog.text  # the batcher saw the crash and recovered
+    assert all(
+        n_then < len(ref.token_ids) for n_then, ref in zip(at_kill.values(), expected, strict=True)
+    )  # every request was still running when its worker died
+    for (tokens, finish, _), ref in zip(results, expected, strict=True):
+        assert tokens == ref.token_ids
+        assert finish == ref.finish_reason
