@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -132,7 +134,17 @@ def test_abort_and_cancel_free_everything(model_dir):
     assert load.kv_pool_usage == 0.0 and load.num_running == load.num_pooled == 0
 
 
-def test_worker_restart_mid_run_loses_no_token(model_dir, caplog):
+def start_worker_process(model_dir: str, port: int) -> subprocess.Popen:
+    code = (
+        "from alignedserve.worker.service import WorkerConfig, run_worker; "
+        f"run_worker(WorkerConfig({model_dir!r}, port={port}))"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+
+
+def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
+    """SIGKILL the worker process mid-generation, start a new one on the same address: every
+    request completes with exactly the tokens an uninterrupted run gives."""
     prompts = random_prompts((7, 30, 15, 22), seed=6)
     n = 300
     params = [greedy(n), greedy(n), SamplingParams(max_tokens=n, temperature=0.9, seed=11)]
@@ -140,30 +152,42 @@ def test_worker_restart_mid_run_loses_no_token(model_dir, caplog):
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, params)
     port = free_port()
     progress: dict[str, list[int]] = {}
+    workers = [start_worker_process(model_dir, port)]
 
     async def main():
-        async with stack(model_dir, port, worker_recovery_s=30) as (stub, worker):
+        started = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        config = BatcherConfig(
+            worker=f"127.0.0.1:{port}", port=0, pool_gib=0.05, worker_recovery_s=60
+        )
+        batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
+        bport = await asyncio.wait_for(started, 60)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{bport}") as channel:
+            stub = batcher_pb2_grpc.BatcherStub(channel)
             runs = [
                 asyncio.create_task(generate(stub, f"k{i}", p, params[i], progress))
                 for i, p in enumerate(prompts)
             ]
             while len(progress) < len(prompts) or min(map(len, progress.values())) < 5:
                 await asyncio.sleep(0.005)
-            at_kill = {rid: len(t) for rid, t in progress.items()}
-            worker["task"].cancel()  # the worker goes away mid-run...
-            await asyncio.gather(worker["task"], return_exceptions=True)
-            await asyncio.sleep(0.3)
-            worker["task"] = asyncio.create_task(  # ...and comes back on the same address
-                serve_worker(WorkerConfig(model_dir, port=port))
-            )
-            return at_kill, await asyncio.wait_for(asyncio.gather(*runs), 60)
+            at_kill = [len(t) for t in progress.values()]
+            workers[0].kill()  # SIGKILL: no goodbye, its device KV is gone
+            workers[0].wait()
+            workers.append(start_worker_process(model_dir, port))
+            results = await asyncio.wait_for(asyncio.gather(*runs), 90)
+        stop.set()
+        await batcher
+        return at_kill, results
 
-    with caplog.at_level("WARNING", logger="alignedserve.batcher.engine"):
-        at_kill, results = asyncio.run(main())
+    try:
+        with caplog.at_level("WARNING", logger="alignedserve.batcher.engine"):
+            at_kill, results = asyncio.run(main())
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
     assert "worker lost" in caplog.text  # the batcher saw the crash and recovered
-    assert all(
-        n_then < len(ref.token_ids) for n_then, ref in zip(at_kill.values(), expected, strict=True)
-    )  # every request was still running when its worker died
+    assert all(n_then < len(ref.token_ids) for n_then, ref in zip(at_kill, expected, strict=True))
     for (tokens, finish, _), ref in zip(results, expected, strict=True):
         assert tokens == ref.token_ids
         assert finish == ref.finish_reason

@@ -54,7 +54,8 @@ CHANNEL_OPTIONS = [
 def aio_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """An asyncio gRPC server with the standard health service; the caller adds its own
     servicers, binds a port and flips health to SERVING when ready."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # no SO_REUSEPORT: a second server on a busy port must fail, not silently share it
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
