@@ -35,6 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     gen.add_argument("--device", default="cpu")
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API (default: router + batcher + worker here)",
+        description="With no role: router and batcher in this process and a supervised "
+        "worker process, over loopback gRPC. A role runs that one service (as a pod does).",
+    )
+    from alignedserve.serve import add_serve_arguments  # each of these imports no torch
+
+    add_serve_arguments(serve)
+    roles = serve.add_subparsers(dest="role")
+    from alignedserve.batcher.service import add_batcher_arguments
+    from alignedserve.router.config import add_router_arguments
+    from alignedserve.worker.service import add_worker_arguments
+
+    add_router_arguments(roles.add_parser("router", help="the HTTP front door alone"))
+    add_batcher_arguments(roles.add_parser("batcher", help="the batcher alone"))
+    add_worker_arguments(roles.add_parser("worker", help="the model worker alone"))
+
     sim = sub.add_parser("sim", help="simulate aligned vs fcfs scheduling on GPU pairs")
     from alignedserve.batcher.sim.cli import add_arguments  # no torch: cheap to import
 
@@ -63,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         init_tiny(args.dir, arch=args.arch, seed=args.seed, dtype=args.dtype)
         print(f"wrote tiny {args.arch} model to {args.dir}")
         return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "sim":
         from alignedserve.batcher.sim.cli import run_sim
 
@@ -72,6 +92,25 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_generate(args)
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.role == "router":
+        from alignedserve.router.config import config_from_args
+        from alignedserve.router.server import run_router
+
+        return run_router(config_from_args(args))
+    if args.role == "batcher":
+        from alignedserve.batcher.service import config_from_args, run_batcher
+
+        return run_batcher(config_from_args(args))
+    if args.role == "worker":
+        from alignedserve.worker.service import config_from_args, run_worker
+
+        return run_worker(config_from_args(args))
+    from alignedserve.serve import config_from_args, run_serve
+
+    return run_serve(config_from_args(args))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import grpc
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
-from alignedserve.common import wire
+from alignedserve.common import metrics, wire
 from alignedserve.common.errors import InvalidRequestError, UnavailableError
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import CHANNEL_OPTIONS
@@ -192,6 +192,7 @@ class BatcherEngine:
                     await asyncio.wait_for(self._wake.wait(), timeout=0.05)
                 continue
             before = self._snapshot(plan)
+            self._report(plan)
             request = self._to_proto(plan)
             try:
                 response = await self.link.step(request)
@@ -220,6 +221,9 @@ class BatcherEngine:
             msg.load.add(request_id=rid, pool_blocks=r.blocks, num_kv_tokens=r.num_kv_tokens)
         for rid, n in plan.all_prefill:
             r = store.get(rid)
+            if r.num_prefilled == 0 and not r.output_token_ids:  # its first prefill chunk
+                queued = time.monotonic() - r.arrival_s
+                metrics.REQUEST_QUEUE_TIME_SECONDS.labels(self.info.model_name).observe(queued)
             tokens = [*r.prompt_token_ids, *r.output_token_ids]
             end = r.num_prefilled + n
             msg.prefill.add(
@@ -246,6 +250,34 @@ class BatcherEngine:
             msg.evict.add(request_id=rid, pool_blocks=r.blocks)
             self._synced[rid] = r.num_kv_tokens
         return msg
+
+    def _report(self, plan: BatchPlan) -> None:
+        """Update the scheduling metrics after a step (names: common/metrics.py)."""
+        model = self.info.model_name
+        load = self.load()
+        metrics.NUM_REQUESTS_WAITING.labels(model).set(load["num_waiting"])
+        metrics.NUM_REQUESTS_RUNNING.labels(model).set(load["num_running"])
+        metrics.NUM_REQUESTS_POOLED.labels(model).set(load["num_pooled"])
+        metrics.CPU_POOL_USAGE_PERC.labels(model).set(load["kv_pool_usage"])
+        device_tokens = getattr(self.scheduler.policy, "gpu_tokens", None)
+        kv_use = (
+            device_tokens / self.scheduler.config.gpu_kv_tokens
+            if device_tokens is not None
+            else self.scheduler.allocator.usage  # fcfs: the pool blocks stand for device ones
+        )
+        metrics.KV_CACHE_USAGE_PERC.labels(model).set(kv_use)
+        if plan.decode:
+            lengths = [self.scheduler.store.get(r).num_tokens for r in plan.decode]
+            spread = (max(lengths) - min(lengths)) / max(lengths)
+            metrics.BATCH_LENGTH_SPREAD.labels(model).observe(spread)
+        if plan.is_switch:
+            metrics.BATCH_SWITCHES_TOTAL.labels(model).inc()
+        if plan.load:
+            tokens = sum(self.scheduler.store.get(r).num_kv_tokens for r in plan.load)
+            layout = self.pool.layout
+            metrics.PREFETCH_BYTES_TOTAL.labels(model).inc(
+                tokens * layout.block_bytes // layout.block_tokens
+            )
 
     def _after_step(self, plan: BatchPlan, response, before: dict[str, int]) -> None:
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+import prometheus_client
 
 from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig
 from alignedserve.batcher.scheduler import SchedulerConfig
@@ -33,6 +34,7 @@ class BatcherConfig:
     starvation_s: float = 5.0
     worker_recovery_s: float = 60.0  # how long requests wait for a lost worker to return
     drain_s: float = 30.0  # on SIGTERM: finish in-flight requests for at most this long
+    metrics_port: int = 0  # Prometheus /metrics on this HTTP port; 0: none (the router's serves)
 
     def __post_init__(self) -> None:
         if self.pool_gib <= 0:
@@ -123,6 +125,8 @@ async def serve_batcher(
 ) -> None:
     """Run until `stop` is set (or the task is cancelled), then drain: refuse new requests,
     let in-flight ones finish for up to drain_s, stop. `started` receives the bound port."""
+    if config.metrics_port:
+        prometheus_client.start_http_server(config.metrics_port, addr=config.host)
     engine = BatcherEngine(config.engine_config())
     await engine.start()
     server, health = rpc.aio_server([SERVICE])

@@ -1,0 +1,198 @@
+"""`alignedserve serve`: the embedded default. The router and the batcher run in this
+process, the worker in a supervised child process (restarted if it dies: the batcher then
+recovers its requests), all over loopback gRPC. No cluster and no downloads: without
+--model it first writes a tiny random-weight model. This process never imports torch.
+
+SIGTERM or SIGINT drains: the router stops taking requests (/ready turns 503) and lets the
+in-flight ones finish, then the batcher stops, then the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignedserve.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = ""  # model directory; empty: write a tiny random-weight model and serve it
+    host: str = "127.0.0.1"  # HTTP address; 0.0.0.0 to serve other machines
+    port: int = 8000  # HTTP port
+    device: str = "cpu"  # the worker's torch device
+    dtype: str = ""  # weights and KV dtype; empty: the checkpoint's
+    pool_gib: float = 1.0  # CPU KV pool
+    policy: str = "aligned"  # aligned | fcfs
+    num_device_blocks: int = 2048  # KV blocks on the worker's device
+    max_waiting: int = 1024  # admission queue bound (429 beyond)
+    drain_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port={self.port} outside 0..65535")
+        if self.model and not Path(self.model).is_dir():
+            raise ConfigError(f"model={self.model!r} is not a directory")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags generated from ServeConfig's fields: names and defaults cannot drift."""
+    for f in dataclasses.fields(ServeConfig):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerSupervisor:
+    """Keeps one `alignedserve serve worker` child running until told to stop."""
+
+    def __init__(self, args: list[str]):
+        self.args = args
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            cmd = [sys.executable, "-m", "alignedserve", "serve", "worker", *self.args]
+            self.process = await asyncio.create_subprocess_exec(*cmd)
+            exited = asyncio.create_task(self.process.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                exited.cancel()
+                await self._terminate()
+                return
+            stopping.cancel()
+            self.restarts += 1
+            log.warning("worker exited (%s): restarting it", self.process.returncode)
+            await asyncio.sleep(0.5)
+
+    async def _terminate(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def serve_all(
+    config: ServeConfig, started: asyncio.Future | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run until `stop` is set, then drain. `started` receives a dict of the bound ports and
+    the worker supervisor (tests kill the worker through it)."""
+    from alignedserve.batcher.service import BatcherConfig, serve_batcher
+    from alignedserve.router.config import RouterConfig
+    from alignedserve.router.server import serve_router
+
+    stop = stop or asyncio.Event()
+    with tempfile.TemporaryDirectory(prefix="alignedserve-") as tmp:
+        model_dir = config.model or _write_tiny_model(Path(tmp) / "tiny")
+        worker_port = free_port()
+        worker_args = ["--model", model_dir, "--device", config.device, "--port", str(worker_port)]
+        worker_args += ["--num-device-blocks", str(config.num_device_blocks)]
+        if config.dtype:
+            worker_args += ["--dtype", config.dtype]
+        supervisor = WorkerSupervisor(worker_args)
+        stop_worker, stop_batcher, stop_router = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")
+        batcher_started = asyncio.get_running_loop().create_future()
+        batcher = asyncio.create_task(
+            serve_batcher(
+                BatcherConfig(
+                    worker=f"127.0.0.1:{worker_port}",
+                    port=0,
+                    pool_gib=config.pool_gib,
+                    policy=config.policy,
+                    max_waiting=config.max_waiting,
+                    drain_s=config.drain_s,
+                ),
+                started=batcher_started,
+                stop=stop_batcher,
+            ),
+            name="batcher",
+        )
+        router = None
+        try:
+            batcher_port = await _first(batcher_started, batcher)
+            router_config = RouterConfig(
+                model_dir=model_dir,
+                batcher_addresses=(f"127.0.0.1:{batcher_port}",),
+                host=config.host,
+                port=config.port,
+                drain_timeout_s=config.drain_s,
+            )
+            router_started = asyncio.get_running_loop().create_future()
+            router = asyncio.create_task(
+                serve_router(router_config, started=router_started, stop=stop_router),
+                name="router",
+            )
+            http_port = await _first(router_started, router)
+            log.info("serving %s at http://%s:%d/v1", model_dir, config.host, http_port)
+            if started is not None:
+                started.set_result(
+                    {"http": http_port, "batcher": batcher_port, "worker": supervisor}
+                )
+            await stop.wait()
+        finally:
+            stop_router.set()  # drain in order: router, batcher, worker
+            if router is not None:
+                await asyncio.gather(router, return_exceptions=True)
+            stop_batcher.set()
+            await asyncio.gather(batcher, return_exceptions=True)
+            stop_worker.set()
+            await asyncio.gather(worker, return_exceptions=True)
+
+
+async def _first(started: asyncio.Future, task: asyncio.Task):
+    """What `started` receives, or the task's error if it dies first."""
+    await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+    if started.done():
+        return started.result()
+    task.result()  # raises its error
+    raise RuntimeError(f"{task.get_name()} stopped before it started")
+
+
+def _write_tiny_model(path: Path) -> str:
+    # A child process: writing weights needs torch, and this process must not import it.
+    cmd = [sys.executable, "-m", "alignedserve", "model", "init-tiny", str(path)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    log.info("no --model given: serving a tiny random-weight model (its text is noise)")
+    return str(path)
+
+
+def run_serve(config: ServeConfig) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_all(config, stop=stop)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
