@@ -129,7 +129,7 @@ async def serve_batcher(
         prometheus_client.start_http_server(config.metrics_port, addr=config.host)
     engine = BatcherEngine(config.engine_config())
     await engine.start()
-    server, health = rpc.aio_server([SERVICE])
+    server, health = rpc.aio_server()
     batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(engine), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()

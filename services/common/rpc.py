@@ -51,7 +51,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def aio_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def aio_server() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """An asyncio gRPC server with the standard health service; the caller adds its own
     servicers, binds a port and flips health to SERVING when ready."""
     # no SO_REUSEPORT: a second server on a busy port must fail, not silently share it

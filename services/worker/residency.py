@@ -1,0 +1,213 @@
+"""Which requests have their KV on the decode device, and the block copies between the
+batcher's CPU pool and device memory.
+
+The batcher decides everything (which request, which pool blocks, when); this module only
+keeps the device side consistent with its plan: a device block list per resident request,
+how many tokens of KV it holds, and how many of those are also in the pool (`num_synced`).
+A request's i-th device block mirrors its i-th pool block, so moving KV either way is one
+indexed copy of whole blocks, never a re-layout (the block format is the same on both sides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.common.block_allocator import BlockAllocator
+from alignedserve.common.errors import ConfigError, InvalidRequestError
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.runner import SeqChunk
+
+
+@dataclass
+class _Resident:
+    device_blocks: list[int]
+    num_kv_tokens: int  # tokens whose KV is on the device
+    num_synced: int  # of those, tokens whose KV is also in the pool
+
+
+class DeviceResidency:
+    """Device KV blocks of the resident requests, over one attached CPU pool. Not thread-safe:
+    the service calls it from one step at a time."""
+
+    def __init__(self, kv_cache: KVCache, pool: CpuKVPool):
+        if pool.layout != kv_cache.layout:
+            raise ConfigError(
+                f"pool {pool.name!r} has layout {pool.layout}, the device cache {kv_cache.layout}"
+            )
+        self.kv_cache = kv_cache
+        self.pool = pool
+        self.allocator = BlockAllocator(kv_cache.num_blocks)
+        self._block_tokens = kv_cache.layout.block_tokens
+        # Zero-copy over the shared segment; uint8 -> dtype is a reinterpretation, so bf16
+        # works although numpy has no bf16.
+        # [num_pool_blocks, layers, 2, block_tokens, kv_heads, head_dim]
+        self._pool_blocks: torch.Tensor | None = (
+            torch.from_numpy(pool.blocks())
+            .view(kv_cache.dtype)
+            .view(pool.num_blocks, *kv_cache.layout.block_shape)
+        )
+        self._requests: dict[str, _Resident] = {}
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._requests)
+
+    def is_resident(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def num_kv_tokens(self, request_id: str) -> int:
+        return self._get(request_id, "query").num_kv_tokens
+
+    def num_synced(self, request_id: str) -> int:
+        return self._get(request_id, "query").num_synced
+
+    def block_table(self, request_id: str) -> tuple[int, ...]:
+        """The request's device blocks, in token order."""
+        return tuple(self._get(request_id, "query").device_blocks)
+
+    # ---------------------------------------------------------------- residency
+
+    def load(self, request_id: str, pool_blocks: Sequence[int], num_kv_tokens: int) -> None:
+        """Bring the first num_kv_tokens tokens of KV from the request's pool blocks onto the
+        device; it is resident after, fully synced. num_kv_tokens=0 only registers it."""
+        if request_id in self._requests:
+            raise InvalidRequestError(f"load {request_id!r}: it is already resident")
+        num_blocks = self.kv_cache.layout.blocks_for(num_kv_tokens)
+        self._check_pool_blocks("load", request_id, pool_blocks, num_blocks)
+        device_blocks = self.allocator.allocate(num_blocks)
+        if num_blocks:
+            src = self._pool_index(pool_blocks[:num_blocks])
+            dst = self._device_index(device_blocks)
+            # [n, layers, 2, block_tokens, kv_heads, head_dim]
+            self.kv_cache.blocks[dst] = self._pool()[src].to(self.kv_cache.blocks.device)
+        self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
+
+    def ensure_room(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
+        """Grow the request's device blocks to hold num_tokens tokens; its block table.
+        OutOfBlocksError (nothing allocated) when the device is full."""
+        r = self._get(request_id, "ensure_room")
+        need = self.kv_cache.layout.blocks_for(num_tokens) - len(r.device_blocks)
+        if need > 0:
+            r.device_blocks.extend(self.allocator.allocate(need))
+        return tuple(r.device_blocks)
+
+    def advance(self, request_id: str, num_new_tokens: int) -> None:
+        """num_new_tokens more tokens of KV were written on the device (after a forward)."""
+        r = self._get(request_id, "advance")
+        num_tokens = r.num_kv_tokens + num_new_tokens
+        if num_tokens > len(r.device_blocks) * self._block_tokens:
+            raise ValueError(f"{request_id!r}: {num_tokens} tokens exceed its device blocks")
+        r.num_kv_tokens = num_tokens
+
+    def write_back(self, request_id: str, pool_blocks: Sequence[int]) -> None:
+        """Copy the KV not yet in the pool (tokens [num_synced, num_kv_tokens)) to the
+        matching pool blocks: whole blocks, from the one holding token num_synced."""
+        r = self._get(request_id, "write_back")
+        num_blocks = self.kv_cache.layout.blocks_for(r.num_kv_tokens)
+        self._check_pool_blocks("write_back", request_id, pool_blocks, num_blocks)
+        if r.num_synced < r.num_kv_tokens:
+            first = r.num_synced // self._block_tokens
+            src = self._device_index(r.device_blocks[first:num_blocks])
+            dst = self._pool_index(pool_blocks[first:num_blocks])
+            # [n, layers, 2, block_tokens, kv_heads, head_dim]
+            self._pool()[dst] = self.kv_cache.blocks[src].to("cpu")
+        r.num_synced = r.num_kv_tokens
+
+    def release(self, request_id: str) -> None:
+        """Free the request's device blocks, no write-back. Not resident: nothing to do, so
+        the batcher may release a finished or aborted request wherever its KV lives."""
+        r = self._requests.pop(request_id, None)
+        if r is not None:
+            self.allocator.free(r.device_blocks)
+
+    def release_all(self) -> None:
+        for request_id in list(self._requests):
+            self.release(request_id)
+
+    def close(self) -> None:
+        """Release everything and unmap the pool (the segment itself is the batcher's)."""
+        self.release_all()
+        # The mapping cannot be unmapped while a view of it is alive.
+        self._pool_blocks = None
+        self.pool.close()
+
+    # ---------------------------------------------------------------- one step's chunks
+
+    def prefill_chunk(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_cached_tokens: int,
+        pool_blocks: Sequence[int],
+        sampling: SamplingParams | None,
+    ) -> SeqChunk:
+        """Make the request resident with room for the chunk. A request not resident has its
+        first num_cached_tokens tokens of KV in the pool (an earlier chunk, or a re-prefill
+        after a worker restart): they are loaded first."""
+        if request_id in self._requests:
+            self._check_length("prefill", request_id, "num_cached_tokens", num_cached_tokens)
+        else:
+            self.load(request_id, pool_blocks, num_cached_tokens)
+        table = self.ensure_room(request_id, num_cached_tokens + len(token_ids))
+        return SeqChunk(request_id, tuple(token_ids), num_cached_tokens, table, sampling)
+
+    def decode_chunk(
+        self, request_id: str, token_id: int, num_kv_tokens: int, sampling: SamplingParams
+    ) -> SeqChunk:
+        """One decode token for a resident request whose device KV must hold num_kv_tokens."""
+        self._get(request_id, "decode")
+        self._check_length("decode", request_id, "num_kv_tokens", num_kv_tokens)
+        table = self.ensure_room(request_id, num_kv_tokens + 1)
+        return SeqChunk(request_id, (token_id,), num_kv_tokens, table, sampling)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _get(self, request_id: str, op: str) -> _Resident:
+        r = self._requests.get(request_id)
+        if r is None:
+            raise InvalidRequestError(f"{op} {request_id!r}: it is not resident on the device")
+        return r
+
+    def _check_length(self, op: str, request_id: str, field: str, value: int) -> None:
+        have = self._requests[request_id].num_kv_tokens
+        if value != have:
+            raise InvalidRequestError(
+                f"{op} {request_id!r}: {field}={value}, but the device holds {have} tokens "
+                f"of its KV",
+                param=field,
+            )
+
+    def _check_pool_blocks(
+        self, op: str, request_id: str, pool_blocks: Sequence[int], num_blocks: int
+    ) -> None:
+        if len(pool_blocks) < num_blocks:
+            raise InvalidRequestError(
+                f"{op} {request_id!r}: {len(pool_blocks)} pool blocks given, its KV needs "
+                f"{num_blocks}",
+                param="pool_blocks",
+            )
+        bad = [b for b in pool_blocks[:num_blocks] if not 0 <= b < self.pool.num_blocks]
+        if bad:
+            raise InvalidRequestError(
+                f"{op} {request_id!r}: pool blocks {bad[:3]} out of range "
+                f"[0, {self.pool.num_blocks})",
+                param="pool_blocks",
+            )
+
+    def _pool(self) -> torch.Tensor:
+        if self._pool_blocks is None:
+            raise RuntimeError(f"the pool {self.pool.name!r} was closed")
+        return self._pool_blocks
+
+    def _pool_index(self, blocks: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(blocks), dtype=torch.long)
+
+    def _device_index(self, blocks: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(blocks), dtype=torch.long, device=self.kv_cache.blocks.device)

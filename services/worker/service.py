@@ -1,0 +1,405 @@
+"""The Worker gRPC service: runs the batcher's step plans on one model (`worker.proto`).
+
+The worker follows plans and decides nothing: per step it loads KV from the batcher's CPU
+pool, runs one forward pass over every prefill chunk and decode entry, samples, then writes
+back and frees what the plan says. It keeps no request state beyond device residency, so a
+batcher that loses its worker re-prefills each request from its last write-back, and one that
+restarts re-attaches its pool.
+
+This module imports no torch at import time: the CLI builds its parser from `WorkerConfig`,
+and `--help` must not pay for torch. The torch side is imported where the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import signal
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.common.errors import AlignedServeError, ConfigError, InvalidRequestError
+from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.model_config import DTYPES, ModelConfig
+from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
+from alignedserve.common.rpc import aio_server, grpc_status, set_serving
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
+from alignedserve.common.wire import layout_from_proto, layout_to_proto, sampling_from_proto
+
+if TYPE_CHECKING:
+    from alignedserve.worker.residency import DeviceResidency
+    from alignedserve.worker.runner import ModelRunner, SampledToken, SeqChunk
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+STOP_GRACE_S = 5.0  # on shutdown, in-flight RPCs get this long before they are cancelled
+STATS_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: str = field(metadata={"help": "Hugging Face model directory"})
+    device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1"})
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "weights and KV dtype (default: the checkpoint's)", "choices": DTYPES},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=0, metadata={"help": "port to listen on; 0 picks a free one"})
+    num_device_blocks: int = field(
+        default=2048, metadata={"help": "KV blocks on the device (the decode KV capacity)"}
+    )
+    block_tokens: int = field(default=16, metadata={"help": "tokens per KV block"})
+    # A batcher that reconnects may open its new Session before the worker has seen the old
+    # stream end (and finished its in-flight step): it waits this long, then is refused.
+    session_handover_s: float = field(
+        default=5.0, metadata={"help": "how long a new Session waits for the previous to end"}
+    )
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("model_dir", bool(self.model_dir), "must name a directory"),
+            ("device", bool(self.device), "must name a torch device"),
+            ("dtype", self.dtype is None or self.dtype in DTYPES, f"not one of {list(DTYPES)}"),
+            ("host", bool(self.host), "must name an address"),
+            ("port", 0 <= self.port <= 65535, "must be in [0, 65535]"),
+            ("num_device_blocks", self.num_device_blocks >= 1, "must be >= 1"),
+            ("block_tokens", self.block_tokens >= 1, "must be >= 1"),
+            ("session_handover_s", self.session_handover_s >= 0, "must be >= 0"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"WorkerConfig.{name}={getattr(self, name)!r} {rule}")
+
+
+# ---------------------------------------------------------------- CLI flags from the config
+
+_FLAG_NAMES = {"model_dir": "--model"}  # every other field: --field-name
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per WorkerConfig field, with its default and help: they cannot drift."""
+    hints = typing.get_type_hints(WorkerConfig)
+    for f in fields(WorkerConfig):
+        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        # `X | None` parses as X; leaving the flag out keeps the None default.
+        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+        kind = kinds[0] if kinds else hints[f.name]
+        required = f.default is MISSING
+        shows_default = not required and f.default is not None
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            required=required,
+            default=None if required else f.default,
+            choices=list(f.metadata["choices"]) if "choices" in f.metadata else None,
+            help=f.metadata["help"] + (" (default: %(default)s)" if shows_default else ""),
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
+
+
+# ---------------------------------------------------------------- the service
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Describe / Attach / Session over one loaded model. One Session at a time; its steps
+    run strictly in order, each in a worker thread so the event loop keeps serving."""
+
+    def __init__(
+        self,
+        info: worker_pb2.ModelInfo,
+        runner: ModelRunner,
+        new_residency: Callable[[CpuKVPool], DeviceResidency],
+        session_handover_s: float = 5.0,
+    ):
+        self.info = info
+        self.layout = layout_from_proto(info.kv_layout)
+        self.port: int | None = None  # set by serve_worker once bound
+        self.residency: DeviceResidency | None = None  # set by Attach
+        self._runner = runner
+        self._new_residency = new_residency
+        self._handover_s = session_handover_s
+        self._session_lock = asyncio.Lock()
+        self._num_tokens = 0  # sampled since the last stats line
+        self._stats_at = time.monotonic()
+
+    async def Describe(self, request, context) -> worker_pb2.ModelInfo:
+        return self.info
+
+    async def Attach(self, request, context) -> worker_pb2.AttachResponse:
+        if self._session_lock.locked():
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "a Session is running: end it before Attach"
+            )
+        try:
+            layout = layout_from_proto(request.kv_layout)
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Attach: kv_layout: {e}")
+        if layout != self.layout:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Attach: the pool's kv_layout {layout} differs from the model's {self.layout}",
+            )
+        try:
+            pool = CpuKVPool.attach(request.pool_name, layout, request.num_pool_blocks)
+        except FileNotFoundError:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"Attach: no shared-memory pool {request.pool_name!r}"
+            )
+        except ConfigError as e:  # size mismatch, num_pool_blocks < 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Attach: {e}")
+        self.close()  # a batcher restart: the previous pool is gone from its side
+        self.residency = self._new_residency(pool)
+        logger.info("attached pool %r (%d blocks)", pool.name, pool.num_blocks)
+        return worker_pb2.AttachResponse()
+
+    async def Session(self, request_iterator, context) -> None:
+        try:
+            await asyncio.wait_for(self._session_lock.acquire(), self._handover_s)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "another Session is running on this worker"
+            )
+        step: asyncio.Future[worker_pb2.StepResponse] | None = None
+        try:
+            if self.residency is None:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, "no pool attached: call Attach first"
+                )
+            logger.info("session started")
+            while (request := await context.read()) is not grpc.aio.EOF:
+                step = asyncio.ensure_future(asyncio.to_thread(self._execute, request))
+                try:
+                    # shielded: a cancelled stream must not forget a step still running
+                    response = await asyncio.shield(step)
+                except AlignedServeError as e:
+                    await context.abort(grpc_status(e), f"step {request.step}: {e}")
+                except Exception as e:  # a bug or a device error: end the session, not the process
+                    logger.exception("step %d failed", request.step)
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"step {request.step}: {type(e).__name__}: {e}"
+                    )
+                await context.write(response)
+                self._log_stats(len(response.tokens))
+        finally:
+            # A thread cannot be interrupted: free the device only once its step is done.
+            if step is None or step.done():
+                self._end_session(step)
+            else:
+                step.add_done_callback(self._end_session)
+
+    def close(self) -> None:
+        """Release the device and unmap the pool (at re-Attach and at shutdown)."""
+        if self.residency is not None:
+            self.residency.close()
+            self.residency = None
+
+    def _end_session(self, step: asyncio.Future | None) -> None:
+        if step is not None and not step.cancelled():
+            step.exception()  # retrieved here, so asyncio does not log it as never retrieved
+        if self.residency is not None:
+            self.residency.release_all()
+        self._session_lock.release()
+        logger.info("session ended")
+
+    # ---------------------------------------------------------------- one step (worker thread)
+
+    def _execute(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        res = self.residency
+        assert res is not None, "Session checks Attach"
+        self._check_unique(request)
+        for e in request.load:
+            res.load(e.request_id, e.pool_blocks, e.num_kv_tokens)
+        chunks: list[SeqChunk] = []
+        write_back = []  # prefill chunks not kept resident, then the evicted
+        for c in request.prefill:
+            self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
+            sampling = self._sampling(c.request_id, c.params) if c.sample else None
+            chunks.append(
+                res.prefill_chunk(
+                    c.request_id, c.token_ids, c.num_cached_tokens, c.pool_blocks, sampling
+                )
+            )
+            if not c.keep_resident:
+                write_back.append((c.request_id, c.pool_blocks))
+        for d in request.decode:
+            self._check_tokens(d.request_id, [d.token_id], d.num_kv_tokens)
+            sampling = self._sampling(d.request_id, d.params)
+            chunks.append(res.decode_chunk(d.request_id, d.token_id, d.num_kv_tokens, sampling))
+        write_back += [(e.request_id, e.pool_blocks) for e in request.evict]
+        compute_s = 0.0
+        sampled: list[SampledToken] = []
+        if chunks:
+            start = time.perf_counter()
+            sampled = self._runner.step(chunks)  # returns host values: the device is done
+            compute_s = time.perf_counter() - start
+            for chunk in chunks:
+                res.advance(chunk.request_id, len(chunk.token_ids))
+        for request_id, pool_blocks in write_back:
+            res.write_back(request_id, pool_blocks)
+            res.release(request_id)
+        for request_id in request.release:
+            res.release(request_id)
+        return worker_pb2.StepResponse(
+            step=request.step,
+            tokens=[
+                worker_pb2.SampledToken(
+                    request_id=t.request_id, token_id=t.token_id, logprob=t.logprob
+                )
+                for t in sampled
+            ],
+            compute_s=compute_s,
+        )
+
+    def _check_unique(self, request: worker_pb2.StepRequest) -> None:
+        ids = [c.request_id for c in request.prefill] + [d.request_id for d in request.decode]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidRequestError(f"requests {dup} appear twice in one forward pass")
+
+    def _check_tokens(self, request_id: str, token_ids: Sequence[int], num_cached: int) -> None:
+        # On a GPU an out-of-range index is a device-side assert that poisons the whole
+        # context, so the plan is checked here, not left to the embedding lookup.
+        if not token_ids:
+            raise InvalidRequestError(f"{request_id!r}: no tokens to compute", param="token_ids")
+        bad = [t for t in token_ids if t >= self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{request_id!r}: token ids {bad[:3]} not below vocab_size={self.info.vocab_size}",
+                param="token_ids",
+            )
+        if num_cached + len(token_ids) > self.info.max_model_len:
+            raise InvalidRequestError(
+                f"{request_id!r}: {num_cached} + {len(token_ids)} tokens exceed "
+                f"max_model_len={self.info.max_model_len}",
+                param="token_ids",
+            )
+
+    def _sampling(self, request_id: str, params) -> SamplingParams:
+        try:
+            return sampling_from_proto(params)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{request_id!r}: {e}", param=e.param) from e
+
+    def _log_stats(self, num_tokens: int) -> None:
+        self._num_tokens += num_tokens
+        elapsed = time.monotonic() - self._stats_at
+        if elapsed < STATS_INTERVAL_S or self.residency is None:
+            return
+        allocator = self.residency.allocator
+        logger.info(
+            "%.1f tokens/s, %d resident requests, device KV %.1f%% used",
+            self._num_tokens / elapsed,
+            self.residency.num_resident,
+            100 * allocator.usage,
+        )
+        self._num_tokens = 0
+        self._stats_at = time.monotonic()
+
+
+# ---------------------------------------------------------------- serving
+
+
+def load_servicer(config: WorkerConfig) -> WorkerServicer:
+    """Load the model and its device KV cache (blocking: seconds to minutes)."""
+    # The torch side, imported here and not at the top: see the module docstring.
+    from alignedserve.worker.kv_cache import KVCache
+    from alignedserve.worker.loader import load_model
+    from alignedserve.worker.residency import DeviceResidency
+    from alignedserve.worker.runner import ModelRunner
+
+    model_dir = Path(config.model_dir)
+    model_config = ModelConfig.from_dir(model_dir)
+    model = load_model(model_dir, device=config.device, dtype=config.dtype)
+    layout = KVLayout.for_model(model_config, config.block_tokens, config.dtype)
+    kv_cache = KVCache(layout, config.num_device_blocks, device=config.device)
+    eos = set(model_config.eos_token_ids)
+    if (model_dir / TOKENIZER_FILE).is_file():  # generation_config's end-of-turn ids
+        eos |= set(Tokenizer.from_dir(model_dir).eos_token_ids)
+    info = worker_pb2.ModelInfo(
+        model_name=model_dir.resolve().name,
+        max_model_len=model_config.max_position_embeddings,
+        vocab_size=model_config.vocab_size,
+        eos_token_ids=sorted(eos),
+        kv_layout=layout_to_proto(layout),
+        num_device_blocks=config.num_device_blocks,
+        device=str(kv_cache.blocks.device),
+    )
+    return WorkerServicer(
+        info,
+        ModelRunner(model, kv_cache),
+        functools.partial(DeviceResidency, kv_cache),
+        session_handover_s=config.session_handover_s,
+    )
+
+
+async def serve_worker(
+    config: WorkerConfig,
+    ready: asyncio.Event | None = None,
+    on_ready: Callable[[WorkerServicer], None] | None = None,
+) -> None:
+    """Load the model, serve until cancelled, then stop gracefully. Once serving, `on_ready`
+    gets the servicer (its `port` is the bound port) and `ready` is set."""
+    servicer = await asyncio.to_thread(load_servicer, config)
+    server, health = aio_server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
+    try:
+        servicer.port = server.add_insecure_port(f"{host}:{config.port}")
+    except RuntimeError as e:  # grpc reports a port it cannot bind this way
+        raise ConfigError(f"WorkerConfig: cannot listen on {host}:{config.port} ({e})") from e
+    await server.start()
+    try:
+        await set_serving(health, [SERVICE_NAME], serving=True)
+        logger.info(
+            "worker serving %s on %s:%d (%s)",
+            servicer.info.model_name,
+            config.host,
+            servicer.port,
+            servicer.info.device,
+        )
+        if on_ready is not None:
+            on_ready(servicer)
+        if ready is not None:
+            ready.set()
+        # Shielded: cancelling grpc's own wait also cancels the future that stop() awaits,
+        # and stop() would then raise instead of stopping gracefully.
+        await asyncio.shield(server.wait_for_termination())
+    finally:
+        await set_serving(health, [SERVICE_NAME], serving=False)
+        await server.stop(STOP_GRACE_S)
+        servicer.close()
+        logger.info("worker stopped")
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Blocking entry for `alignedserve serve worker`: serve until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(serve_worker(config))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, serving.cancel)
+        try:
+            await serving
+        except asyncio.CancelledError:
+            if not serving.cancelled():  # we were cancelled, not the server by a signal
+                raise
+
+    asyncio.run(main())
+    return 0
