@@ -106,8 +106,10 @@ async def serve_all(
     """Run until `stop` is set, then drain. `started` receives a dict of the bound ports and
     the worker supervisor (tests kill the worker through it)."""
     from alignedserve.batcher.service import BatcherConfig, serve_batcher
+    from alignedserve.router.app import create_app
+    from alignedserve.router.client import BatcherClient
     from alignedserve.router.config import RouterConfig
-    from alignedserve.router.server import serve_router
+    from alignedserve.router.server import RouterServer
 
     stop = stop or asyncio.Event()
     with tempfile.TemporaryDirectory(prefix="alignedserve-") as tmp:
@@ -118,7 +120,7 @@ async def serve_all(
         if config.dtype:
             worker_args += ["--dtype", config.dtype]
         supervisor = WorkerSupervisor(worker_args)
-        stop_worker, stop_batcher, stop_router = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        stop_worker, stop_batcher = asyncio.Event(), asyncio.Event()
         worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")
         batcher_started = asyncio.get_running_loop().create_future()
         batcher = asyncio.create_task(
@@ -136,7 +138,7 @@ async def serve_all(
             ),
             name="batcher",
         )
-        router = None
+        router = http = None
         try:
             batcher_port = await _first(batcher_started, batcher)
             router_config = RouterConfig(
@@ -146,20 +148,28 @@ async def serve_all(
                 port=config.port,
                 drain_timeout_s=config.drain_s,
             )
-            router_started = asyncio.get_running_loop().create_future()
-            router = asyncio.create_task(
-                serve_router(router_config, started=router_started, stop=stop_router),
-                name="router",
+            client = BatcherClient(
+                router_config.batcher_addresses,
+                poll_interval_s=router_config.load_poll_interval_s,
+                request_timeout_s=router_config.request_timeout_s,
+                ready_window_s=router_config.ready_window_s,
             )
-            http_port = await _first(router_started, router)
+            bound = asyncio.Event()
+            http = RouterServer(router_config, create_app(router_config, client), bound)
+            # uvicorn takes SIGTERM/SIGINT while it runs: the first drains the router; once it
+            # has stopped it re-raises the signal, which reaches run_serve's handler (`stop`).
+            router = asyncio.create_task(http.serve(), name="router")
+            await _first(asyncio.ensure_future(bound.wait()), router)
+            http_port = http.servers[0].sockets[0].getsockname()[1]
             log.info("serving %s at http://%s:%d/v1", model_dir, config.host, http_port)
             if started is not None:
                 started.set_result(
                     {"http": http_port, "batcher": batcher_port, "worker": supervisor}
                 )
             await stop.wait()
-        finally:
-            stop_router.set()  # drain in order: router, batcher, worker
+        finally:  # drain in order: router, batcher, worker
+            if http is not None:
+                http.begin_drain()
             if router is not None:
                 await asyncio.gather(router, return_exceptions=True)
             stop_batcher.set()

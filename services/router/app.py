@@ -1,0 +1,123 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, and
+/health, /ready, /metrics for Kubernetes and Prometheus."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import prometheus_client
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from alignedserve.common.errors import UnavailableError
+from alignedserve.common.model_config import ModelConfig
+from alignedserve.common.tokenizer import Tokenizer
+from alignedserve.router.client import BatcherClient
+from alignedserve.router.config import RouterConfig
+from alignedserve.router.formats import ChatFormat, CompletionFormat, ResponseFormat
+from alignedserve.router.generation import generate_text
+from alignedserve.router.guard import RequestGuard, RouterState
+from alignedserve.router.http_errors import ErrorReplies, ModelNotFoundError
+from alignedserve.router.preprocess import GenerationInput, Limits, chat_input, completion_input
+from alignedserve.router.request_stats import RequestStats, init_series
+from alignedserve.router.schemas import ChatCompletionRequest, CompletionRequest
+from alignedserve.router.serving import respond
+
+
+def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
+    """The app starts and closes `client` with its lifespan. `app.state.router` is the
+    RouterState a server drains with."""
+    model_name = config.served_model_name
+    tokenizer = Tokenizer.from_dir(config.model_dir)
+    model = ModelConfig.from_dir(config.model_dir)
+    limits = Limits(model.max_position_embeddings, model.vocab_size, config.default_max_tokens)
+    state = RouterState()
+    errors = ErrorReplies(model_name, config.retry_after_s)
+    created = int(time.time())
+    init_series(model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="AlignedServe", lifespan=lifespan)
+    app.state.router = state
+    app.add_middleware(RequestGuard, state=state, errors=errors)
+    errors.install(app)
+
+    @app.exception_handler(ClientDisconnect)  # while reading the body, or from respond()
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    def admit(model_field: str) -> None:
+        if state.is_draining:
+            raise UnavailableError("the router is shutting down; retry on another replica")
+        if model_field != model_name:
+            raise ModelNotFoundError(model_field)
+
+    async def run(
+        request: Request, arrival_s: float, gen: GenerationInput, fmt: ResponseFormat
+    ) -> Response:
+        stats = RequestStats(model_name, arrival_s, len(gen.prompt_ids))
+        deltas = generate_text(client, tokenizer, gen, stats)
+        return await respond(request, deltas, fmt, gen.stream, gen.include_usage, errors)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrival_s = time.monotonic()
+        admit(body.model)
+        gen = completion_input(body, tokenizer, limits, f"cmpl-{uuid.uuid4().hex}")
+        fmt = CompletionFormat(
+            gen.request_id, model_name, int(time.time()), tokenizer, gen.params.logprobs
+        )
+        return await run(request, arrival_s, gen, fmt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrival_s = time.monotonic()
+        admit(body.model)
+        gen = chat_input(body, tokenizer, limits, f"chatcmpl-{uuid.uuid4().hex}")
+        fmt = ChatFormat(
+            gen.request_id, model_name, int(time.time()), tokenizer, gen.params.logprobs
+        )
+        return await run(request, arrival_s, gen, fmt)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "alignedserve",
+            "max_model_len": limits.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})  # the process answers: nothing more is claimed
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        if state.is_draining:
+            return errors.response(request, UnavailableError("shutting down"))
+        if not client.is_ready():
+            why = f"no batcher reported a ready worker in the last {config.ready_window_s} s"
+            return errors.response(request, UnavailableError(why))
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(
+            prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST
+        )
+
+    return app

@@ -1,0 +1,88 @@
+"""The router's configuration, and its command-line flags generated from the same fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignedserve.common.errors import ConfigError
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_dir: str = field(metadata=_help("model directory: tokenizer, chat template, config"))
+    batcher_addresses: tuple[str, ...] = field(
+        metadata=_help("host:port of each batcher; requests go to the least loaded")
+    )
+    served_model_name: str = field(
+        default="", metadata=_help("the model's name in the API (default: model_dir's name)")
+    )
+    host: str = field(default="0.0.0.0", metadata=_help("HTTP listen address"))
+    port: int = field(default=8000, metadata=_help("HTTP port"))
+    default_max_tokens: int = field(
+        default=4096,
+        metadata=_help("max_tokens of a request that sets none (never past the context)"),
+    )
+    request_timeout_s: float = field(
+        default=600.0, metadata=_help("deadline of one generation at the batcher")
+    )
+    load_poll_interval_s: float = field(
+        default=0.5, metadata=_help("how often each batcher's load is polled")
+    )
+    ready_window_s: float = field(
+        default=5.0,
+        metadata=_help("/ready is 200 while a batcher reported a ready worker this recently"),
+    )
+    drain_timeout_s: float = field(
+        default=30.0, metadata=_help("on SIGTERM, how long in-flight requests may finish")
+    )
+    retry_after_s: int = field(
+        default=1, metadata=_help("Retry-After of 429 and 503 answers, seconds")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.batcher_addresses:
+            raise ConfigError("batcher_addresses is empty: give at least one host:port")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port={self.port} outside 0..65535")
+        positive = ("default_max_tokens", "request_timeout_s", "load_poll_interval_s")
+        positive += ("ready_window_s", "drain_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.retry_after_s < 0:
+            raise ConfigError(f"retry_after_s={self.retry_after_s} must be >= 0")
+        if not self.served_model_name:
+            # The directory's own name, as vLLM names a model served from a local path.
+            name = Path(self.model_dir).resolve().name
+            object.__setattr__(self, "served_model_name", name)
+
+
+def add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per RouterConfig field (--model-dir, ...): names and defaults cannot drift."""
+    hints = typing.get_type_hints(RouterConfig)
+    for f in dataclasses.fields(RouterConfig):
+        kind = hints[f.name]
+        options: dict[str, typing.Any] = {"help": f.metadata["help"]}
+        if typing.get_origin(kind) is tuple:
+            options.update(nargs="+", type=typing.get_args(kind)[0])
+        else:
+            options["type"] = kind
+        if f.default is dataclasses.MISSING:
+            options["required"] = True
+        else:
+            options["default"] = f.default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **options)
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)}
+    values["batcher_addresses"] = tuple(values["batcher_addresses"])
+    return RouterConfig(**values)

@@ -1,0 +1,84 @@
+"""One request's token stream from a batcher -> text deltas: incremental detokenization (a
+multi-byte character is never split across deltas), stop strings, usage, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from alignedserve.common.tokenizer import Tokenizer
+from alignedserve.router.client import BatcherClient
+from alignedserve.router.preprocess import GenerationInput
+from alignedserve.router.request_stats import RequestStats
+from alignedserve.router.stop import StopMatcher
+from alignedserve.router.wire import GenerateChunk, Usage
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str  # may be "" while a character or a possible stop string is held back
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # one per token when requested, else empty
+    finish_reason: str | None = None  # set on the last delta
+    usage: Usage | None = None  # set on the last delta
+
+
+class _TextStream:
+    """Token ids -> text safe to release: incremental detokenization, then stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, request: GenerationInput):
+        self._detokenizer = tokenizer.detokenizer()
+        self._stops = StopMatcher(request.stop)
+        self._stop_ids = request.params.stop_token_ids
+
+    def feed(self, chunk: GenerateChunk) -> tuple[str, bool]:
+        """(text, whether a stop string ended it); at the end, the text held back is added."""
+        token_ids, is_last = chunk.token_ids, chunk.finish_reason is not None
+        if chunk.finish_reason == "stop" and token_ids and token_ids[-1] in self._stop_ids:
+            # A stop token's text is left out, as a stop string's is (as vLLM does).
+            token_ids = token_ids[:-1]
+        text = "".join(self._detokenizer.step(t) for t in token_ids)
+        if is_last:
+            text += self._detokenizer.flush()
+        text, stopped = self._stops.feed(text)
+        if is_last and not stopped:
+            text += self._stops.flush()
+        return text, stopped
+
+
+async def generate_text(
+    client: BatcherClient, tokenizer: Tokenizer, request: GenerationInput, stats: RequestStats
+) -> AsyncGenerator[Delta, None]:
+    """The request's deltas, the last with finish_reason and usage. Closing the iterator before
+    the end (the client went away) cancels the batcher call and records an abort."""
+    texts = _TextStream(tokenizer, request)
+    num_generated = 0
+    finished = False
+    chunks = client.generate(request.request_id, request.prompt_ids, request.params)
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                stats.on_tokens(len(chunk.token_ids))
+                num_generated += len(chunk.token_ids)
+                text, stopped = texts.feed(chunk)
+                if stopped:
+                    # Abort before answering, so the request's KV blocks are free by the time
+                    # the client sends its next turn.
+                    await client.abort(request.request_id)
+                finish_reason = "stop" if stopped else chunk.finish_reason
+                if finish_reason is None:
+                    yield Delta(text, chunk.token_ids, chunk.logprobs)
+                    continue
+                # Counted here rather than taken from the batcher's usage, which a request cut
+                # short by a stop string never receives.
+                usage = Usage(len(request.prompt_ids), num_generated)
+                finished = True
+                stats.on_finish(finish_reason)
+                yield Delta(text, chunk.token_ids, chunk.logprobs, finish_reason, usage)
+                return
+    except (GeneratorExit, asyncio.CancelledError):
+        if not finished:
+            stats.on_finish("abort")
+        raise

@@ -1,0 +1,189 @@
+"""A validated request body -> what the batcher is asked to do: prompt token ids, sampling
+parameters, stop strings. Every refusal is an InvalidRequestError naming the field."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from alignedserve.common.errors import InvalidRequestError
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.common.tokenizer import Tokenizer
+from alignedserve.router.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    GenerationRequest,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int  # context length, tokens
+    vocab_size: int  # token ids must be below it
+    default_max_tokens: int  # for requests that set no max_tokens
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    stop: tuple[str, ...]  # stop strings, matched by the router on the text
+    stream: bool
+    include_usage: bool  # streaming: a last chunk with usage and no choices
+
+
+# field -> (values that change nothing, so that ignoring the feature is exact; what we support)
+_SHARED_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((None, 1), "only n=1"),
+    "presence_penalty": ((None, 0), "no penalties"),
+    "frequency_penalty": ((None, 0), "no penalties"),
+    "repetition_penalty": ((None, 1), "no penalties"),
+    "logit_bias": ((None, {}), "no logit_bias"),
+    "min_tokens": ((None, 0), "no min_tokens"),
+    "min_p": ((None, 0), "no min_p"),
+}
+_COMPLETION_UNSUPPORTED = {
+    "echo": ((None, False), "no echo"),
+    "best_of": ((None, 1), "only best_of=1"),
+    "suffix": ((None, ""), "no suffix"),
+}
+_CHAT_UNSUPPORTED = {
+    "top_logprobs": ((None, 0), "only the sampled token's logprob: top_logprobs must be 0"),
+    "tools": ((None, []), "no tools"),
+    "response_format": ((None, {"type": "text"}), "only text responses"),
+}
+
+
+def completion_input(
+    req: CompletionRequest, tokenizer: Tokenizer, limits: Limits, request_id: str
+) -> GenerationInput:
+    _refuse_unsupported(req, {**_SHARED_UNSUPPORTED, **_COMPLETION_UNSUPPORTED})
+    if req.logprobs is not None and not 0 <= req.logprobs <= 1:
+        raise InvalidRequestError(
+            f"logprobs={req.logprobs} is not supported: 0 or 1 (the sampled token's logprob)",
+            param="logprobs",
+        )
+    if not req.prompt:
+        raise InvalidRequestError("prompt is empty", param="prompt")
+    if isinstance(req.prompt, str):
+        prompt_ids = tokenizer.encode(req.prompt)
+    else:
+        _check_token_ids(req.prompt, limits, "prompt")
+        prompt_ids = req.prompt
+    return _generation_input(
+        req,
+        request_id,
+        prompt_ids,
+        prompt_param="prompt",
+        max_param="max_tokens",
+        num_max=req.max_tokens,
+        logprobs=req.logprobs is not None,
+        limits=limits,
+    )
+
+
+def chat_input(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits, request_id: str
+) -> GenerationInput:
+    _refuse_unsupported(req, {**_SHARED_UNSUPPORTED, **_CHAT_UNSUPPORTED})
+    # The rendered template starts with its own BOS: encode without adding another.
+    text = tokenizer.apply_chat_template([_message(m) for m in req.messages])
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    max_param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+    return _generation_input(
+        req,
+        request_id,
+        prompt_ids,
+        prompt_param="messages",
+        max_param=max_param,
+        num_max=getattr(req, max_param),
+        logprobs=bool(req.logprobs),
+        limits=limits,
+    )
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    # Chat templates expect string content; text parts are joined as vLLM joins them.
+    content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
+    message: dict[str, Any] = {"role": m.role, "content": content}
+    if m.name is not None:
+        message["name"] = m.name
+    return message
+
+
+def _refuse_unsupported(
+    req: GenerationRequest, table: dict[str, tuple[tuple[Any, ...], str]]
+) -> None:
+    for name, (neutral, supported) in table.items():
+        value = getattr(req, name)
+        if value not in neutral:
+            raise InvalidRequestError(f"{name}={value!r} is not supported ({supported})", name)
+
+
+def _check_token_ids(ids: Sequence[int], limits: Limits, param: str) -> None:
+    bad = next((i for i in ids if not 0 <= i < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"token id {bad} in {param} is outside the vocabulary [0, {limits.vocab_size})",
+            param=param,
+        )
+
+
+def _generation_input(
+    req: GenerationRequest,
+    request_id: str,
+    prompt_ids: Sequence[int],
+    *,
+    prompt_param: str,  # the field that carried the prompt
+    max_param: str,  # the field that carried num_max
+    num_max: int | None,
+    logprobs: bool,
+    limits: Limits,
+) -> GenerationInput:
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
+    n, context = len(prompt_ids), limits.max_model_len
+    if n >= context:
+        raise InvalidRequestError(
+            f"this model's context length is {context} tokens, and the prompt alone is {n} "
+            f"tokens: at most {context - 1} leave room for one generated token",
+            param=prompt_param,
+        )
+    if num_max is None:
+        num_max = min(context - n, limits.default_max_tokens)
+    elif num_max < 1:
+        raise InvalidRequestError(f"{max_param}={num_max} must be >= 1", param=max_param)
+    elif n + num_max > context:
+        raise InvalidRequestError(
+            f"this model's context length is {context} tokens, but {n} prompt tokens plus "
+            f"{max_param}={num_max} is {n + num_max}: lower {max_param} or shorten the prompt",
+            param=max_param,
+        )
+    stop_ids = req.stop_token_ids or []
+    _check_token_ids(stop_ids, limits, "stop_token_ids")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if "" in stop:
+        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    params = SamplingParams(
+        max_tokens=num_max,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        seed=req.seed,
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+    )
+    return GenerationInput(
+        request_id=request_id,
+        prompt_ids=tuple(prompt_ids),
+        params=params,
+        stop=stop,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )

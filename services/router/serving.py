@@ -1,0 +1,112 @@
+"""Answering one generation request, streamed (server-sent events) or whole, and stopping its
+generation as soon as the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Send
+
+from alignedserve.router.formats import ResponseFormat
+from alignedserve.router.generation import Delta
+from alignedserve.router.http_errors import ErrorReplies
+
+T = TypeVar("T")
+DONE = "data: [DONE]\n\n"
+
+
+async def respond(
+    request: Request,
+    deltas: AsyncGenerator[Delta, None],
+    fmt: ResponseFormat,
+    stream: bool,
+    include_usage: bool,
+    errors: ErrorReplies,
+) -> Response:
+    if not stream:
+        collected = await until_disconnect(request, _collect(deltas))
+        return JSONResponse(fmt.response(collected))
+    # Wait for the first delta before answering, so that admission errors (429 queue full,
+    # 503 draining) get their own status instead of an error event inside a 200.
+    first = await until_disconnect(request, anext(deltas))
+    return EventStreamResponse(_events(first, deltas, fmt, include_usage, errors))
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """`await awaitable` in this task, cancelled if the client disconnects meanwhile (which
+    cancels the batcher call inside it); then ClientDisconnect."""
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, scope))
+        try:
+            return await awaitable
+        finally:
+            watcher.cancel()
+    raise ClientDisconnect()  # reached only when the scope was cancelled
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    # The body has been read, so the next message can only be the disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
+    return [delta async for delta in deltas]
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _events(
+    first: Delta,
+    deltas: AsyncGenerator[Delta, None],
+    fmt: ResponseFormat,
+    include_usage: bool,
+    errors: ErrorReplies,
+) -> AsyncGenerator[str, None]:
+    async with aclosing(deltas):
+        for chunk in fmt.prelude():
+            yield _event(chunk)
+        delta = first
+        try:
+            while True:
+                chunk = fmt.chunk(delta)
+                if chunk is not None:
+                    yield _event(chunk)
+                if delta.finish_reason is not None:
+                    break
+                delta = await anext(deltas)
+        except Exception as exc:
+            # The 200 is out: the error travels as an event, as OpenAI's and vLLM's do.
+            yield _event(errors.event(exc))
+        else:
+            if include_usage:
+                assert delta.usage is not None, "the last delta carries usage"
+                yield _event(fmt.usage_chunk(delta.usage))
+    yield DONE
+
+
+class EventStreamResponse(StreamingResponse):
+    """Closes its events however the response ends: when a client disconnects, Starlette
+    cancels the sending task and would leave the generator (and its batcher call) to the
+    garbage collector; closing it here cancels the call at once."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[str, None]):
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
+
+    async def stream_response(self, send: Send) -> None:
+        async with aclosing(self._events):
+            await super().stream_response(send)

@@ -1,0 +1,158 @@
+"""A real grpc.aio Batcher server on loopback with deterministic behaviour, for router tests.
+
+Generation: the prompt's byte tokens (ids < 256, special tokens skipped), cycled, one token
+per message every `token_delay_s`; finishes with "stop" on a stop_token_id, "length" at
+max_tokens or the context length, "abort" on Abort; the last message carries usage. The seed
+and temperature change nothing (EOS is never generated). `reject_with` makes Generate fail
+with that status before any token, `fail_after` after some tokens. Every request, Abort and
+cancellation is recorded.
+
+Each fake runs its own event loop in a thread, like a separate process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from alignedserve.common import wire
+from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
+from alignedserve.common.sampling_params import SamplingParams, finish_reason
+
+NUM_BYTE_TOKENS = 256  # write_byte_tokenizer: ids 0..255 are bytes, the rest special
+
+
+def logprob_of(index: int) -> float:
+    """The logprob the fake reports for the index-th generated token."""
+    return -0.25 * (index % 4) - 0.125
+
+
+class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
+    def __init__(self, token_delay_s: float = 0.005, max_model_len: int = 2048):
+        self.token_delay_s = token_delay_s
+        self.max_model_len = max_model_len
+        self.worker_ready = True
+        self.reject_with: grpc.StatusCode | None = None  # Generate fails at once
+        self.fail_after: int | None = None  # Generate fails (INTERNAL) after this many tokens
+        self.requests: list[tuple[str, list[int], SamplingParams]] = []
+        self.aborted: list[str] = []  # request ids named by Abort calls that found them
+        self.cancelled: list[str] = []  # Generate calls the client cancelled
+        self.num_load_calls = 0
+        self._abort_flags: dict[str, bool] = {}
+        self.address = ""
+
+    # ---- the servicer ----------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        params = wire.sampling_from_proto(request.params)
+        prompt = list(request.prompt_token_ids)
+        self.requests.append((request.request_id, prompt, params))
+        if self.reject_with is not None:
+            await context.abort(self.reject_with, "fake: queue full, retry later")
+        script = [t for t in prompt if t < NUM_BYTE_TOKENS] or [0]
+        self._abort_flags[request.request_id] = False
+        ended = False  # by the fake: finished, aborted or failed
+        try:
+            for n, token in enumerate(itertools.cycle(script), start=1):
+                await asyncio.sleep(self.token_delay_s)
+                if self._abort_flags[request.request_id]:
+                    ended = True
+                    yield self._final([], [], "abort", len(prompt), n - 1)
+                    return
+                if self.fail_after is not None and n > self.fail_after:
+                    ended = True
+                    await context.abort(grpc.StatusCode.INTERNAL, "fake: worker lost")
+                logprobs = [logprob_of(n - 1)] if params.logprobs else []
+                finish = finish_reason(params, token, n, len(prompt) + n, (), self.max_model_len)
+                if finish is None:
+                    yield batcher_pb2.GenerateResponse(token_ids=[token], logprobs=logprobs)
+                else:
+                    ended = True
+                    yield self._final([token], logprobs, finish, len(prompt), n)
+                    return
+        finally:
+            del self._abort_flags[request.request_id]
+            # Else the client cancelled: grpc cancels the servicer (CancelledError) or, when it
+            # is suspended at a yield, closes it (GeneratorExit).
+            if not ended:
+                self.cancelled.append(request.request_id)
+
+    async def Abort(self, request, context):
+        found = request.request_id in self._abort_flags
+        if found:
+            self._abort_flags[request.request_id] = True
+            self.aborted.append(request.request_id)
+        return batcher_pb2.AbortResponse(found=found)
+
+    async def GetLoad(self, request, context):
+        self.num_load_calls += 1
+        return batcher_pb2.LoadReport(
+            num_waiting=0,
+            num_running=len(self._abort_flags),
+            worker_ready=self.worker_ready,
+            max_model_len=self.max_model_len,
+            model_name="fake",
+            max_waiting=16,
+        )
+
+    @staticmethod
+    def _final(tokens, logprobs, finish, num_prompt, num_generated):
+        return batcher_pb2.GenerateResponse(
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=finish,
+            usage=batcher_pb2.Usage(prompt_tokens=num_prompt, completion_tokens=num_generated),
+        )
+
+    # ---- test helpers ------------------------------------------------------------------------
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.01)
+        return condition()
+
+
+class FakeBatcherFactory:
+    """Starts fakes on free loopback ports; close() stops them all (use it as a fixture)."""
+
+    def __init__(self) -> None:
+        self._stops: list[Callable[[], None]] = []
+
+    def __call__(self, **options) -> FakeBatcher:
+        fake = FakeBatcher(**options)
+        started = threading.Event()
+        loop = asyncio.new_event_loop()
+        stop = asyncio.Event()
+
+        async def serve() -> None:
+            server = grpc.aio.server()
+            batcher_pb2_grpc.add_BatcherServicer_to_server(fake, server)
+            fake.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            await server.start()
+            started.set()
+            await stop.wait()
+            await server.stop(grace=None)
+
+        thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+        thread.start()
+        assert started.wait(10), "fake batcher did not start"
+
+        def shutdown() -> None:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(10)
+            loop.close()
+
+        self._stops.append(shutdown)
+        return fake
+
+    def close(self) -> None:
+        for shutdown in self._stops:
+            shutdown()

@@ -1,0 +1,223 @@
+"""The whole stack as `alignedserve serve` runs it (router + batcher in one process, the worker
+in a supervised child process, loopback gRPC), driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.common.tokenizer import Tokenizer
+from alignedserve.serve import ServeConfig, serve_all
+from alignedserve.worker.generate import LocalRuntime
+from alignedserve.worker.tiny import init_tiny
+
+from factories import random_prompts
+
+
+class Stack:
+    """serve_all in a background thread with its own event loop."""
+
+    def __init__(self, config: ServeConfig):
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        started = self.loop.create_future()
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete,
+            args=(serve_all(config, started=started, stop=self.stop),),
+            daemon=True,
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not started.done():
+            assert time.monotonic() < deadline and self.thread.is_alive(), "stack did not start"
+            time.sleep(0.05)
+        self.ports = started.result()
+        self.url = f"http://127.0.0.1:{self.ports['http']}"
+        while httpx.get(f"{self.url}/ready").status_code != 200:  # the worker is attached
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.1)
+        self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(60)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        values = re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
+        return sum(float(v) for v in values)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir):
+    s = Stack(ServeConfig(model=model_dir, port=0, pool_gib=0.1, drain_s=5))
+    yield s
+    s.close()
+
+
+def client(stack, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, **kw)
+
+
+def test_openai_client_completions_and_streamed_chat(stack):
+    c = client(stack)
+    model = c.models.list().data[0].id
+    assert model == stack.model
+    done = c.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0)
+    assert done.usage.completion_tokens == len(done.choices[0].text.encode()) or done.usage
+    assert done.choices[0].finish_reason in ("length", "stop")
+    chunks = list(
+        c.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Hi there"}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    whole = c.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi there"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_greedy_through_the_stack_equals_the_runtime(stack, model_dir):
+    prompts = random_prompts((4, 19, 33, 8), seed=9)
+    runtime = LocalRuntime.from_dir(model_dir)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = runtime.generate(prompts, [params] * len(prompts))
+    tokenizer = Tokenizer.from_dir(model_dir)
+    c = client(stack)
+    for prompt, ref in zip(prompts, expected, strict=True):
+        got = c.completions.create(
+            model=stack.model,
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert got.choices[0].text == tokenizer.decode(ref.token_ids)
+        assert got.usage.completion_tokens == 24
+
+
+def test_200_concurrent_streams_then_50_aborted_free_their_blocks(stack):
+    async def main():
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+        async with openai.AsyncOpenAI(
+            base_url=f"{stack.url}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=httpx.AsyncClient(limits=limits, timeout=120),
+        ) as c:
+
+            async def one(i: int, abort: bool):
+                stream = await c.completions.create(
+                    model=stack.model,
+                    prompt=f"request {i} " * (1 + i % 7),
+                    max_tokens=64 if not abort else 1500,
+                    temperature=0.8,
+                    seed=i,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
+                n, usage = 0, None
+                async for chunk in stream:
+                    if chunk.choices:
+                        n += 1
+                    usage = chunk.usage or usage
+                    if abort and n >= 3:
+                        await stream.close()  # the client goes away mid-stream
+                        return None
+                return usage
+
+            results = await asyncio.gather(*(one(i, i < 50) for i in range(250)))
+            return results
+
+    results = asyncio.run(main())
+    completed = [u for u in results[50:]]
+    assert len(completed) == 200
+    assert all(u is not None and u.completion_tokens == 64 for u in completed)
+    deadline = time.monotonic() + 20
+    while stack.metric("alignedserve:cpu_pool_usage_perc") > 0 or stack.metric(
+        "alignedserve:num_requests_running"
+    ):
+        assert time.monotonic() < deadline, "aborted requests kept their blocks"
+        time.sleep(0.1)
+    assert stack.metric("alignedserve:request_success_total") >= 200
+
+
+def test_killing_the_worker_process_mid_run_loses_no_request(stack):
+    """SIGKILL the worker while 6 streams are mid-generation: the supervisor restarts it, the
+    batcher re-prefills from the pool, and every stream finishes with the text it would have
+    had without the kill."""
+    supervisor = stack.ports["worker"]
+    restarts = supervisor.restarts
+    c = client(stack, timeout=120)
+    args = dict(model=stack.model, max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+    unkilled = [c.completions.create(prompt=[5 + i, 6, 7, 8], **args) for i in range(2)]
+    progress = [0] * 6
+
+    async def main():
+        async with openai.AsyncOpenAI(
+            base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120
+        ) as ac:
+
+            async def one(i):
+                stream = await ac.completions.create(prompt=[5 + i, 6, 7, 8], stream=True, **args)
+                text = ""
+                async for chunk in stream:
+                    text += chunk.choices[0].text
+                    progress[i] += 1
+                return text
+
+            tasks = [asyncio.create_task(one(i)) for i in range(6)]
+            while min(progress) < 5:
+                await asyncio.sleep(0.005)
+            at_kill = list(progress)
+            os.kill(supervisor.process.pid, signal.SIGKILL)
+            return at_kill, await asyncio.gather(*tasks)
+
+    at_kill, texts = asyncio.run(main())
+    assert supervisor.restarts == restarts + 1
+    assert max(at_kill) < 300  # every stream was mid-run at the kill
+    assert texts[:2] == [u.choices[0].text for u in unkilled]
+    assert all(len(t) > 0 for t in texts)
+
+
+def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(stack):
+    bad = [
+        ("/v1/completions", b"{not json"),
+        ("/v1/completions", b'{"model": "MODEL", "prompt": "x", "max_tokens": -1}'),
+        ("/v1/completions", b'{"model": "nope", "prompt": "x"}'),
+        ("/v1/chat/completions", b'{"model": "MODEL", "messages": []}'),
+        ("/v1/completions", b'{"model": "MODEL", "prompt": "x", "temperature": "hot"}'),
+        ("/v1/completions", b'{"model": "MODEL", "prompt": [1, 2], "max_tokens": 100000}'),
+    ]
+    for path, body in bad:
+        body = body.replace(b"MODEL", stack.model.encode())
+        r = httpx.post(stack.url + path, content=body, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (body, r.status_code)
+        assert r.json()["error"]["message"]
+    ok = client(stack).completions.create(model=stack.model, prompt="x", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
