@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # GPU machines: install the CUDA build of torch first, then `pip install -e .[worker]`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test lint format bench-load clean
+.PHONY: setup serve test lint format bench-load protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job. Until the HTTP server lands this runs the runtime's generate demo
-# on a tiny random-weight model written on the spot (no downloads).
+# The main job: the OpenAI-compatible server on http://127.0.0.1:8000/v1 (router + batcher +
+# a supervised worker process). With no MODEL it serves a tiny random-weight model written on
+# the spot (no downloads). `make serve MODEL=/path/to/hf-model ARGS="--port 9000"`.
+MODEL ?=
 serve: setup
-	$(VENV)/bin/alignedserve generate --prompt "Hello, AlignedServe" --max-tokens 32
+	$(VENV)/bin/alignedserve serve $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff format --check .
@@ -32,6 +34,9 @@ format: setup
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+protos: setup
+	$(PY) protos/generate.py
 
 bench-load: setup
 	$(PY) benchmarks/load_rss.py
