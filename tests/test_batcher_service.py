@@ -76,12 +76,13 @@ def greedy(n):
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def test_greedy_tokens_equal_the_runtime(model_dir):
+@pytest.mark.parametrize("policy", ["aligned", "fcfs"])
+def test_greedy_tokens_equal_the_runtime(model_dir, policy):
     prompts = random_prompts((5, 17, 33, 60, 9, 24), seed=4)
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(20)] * len(prompts))
 
     async def main():
-        async with stack(model_dir, free_port()) as (stub, _):
+        async with stack(model_dir, free_port(), policy=policy) as (stub, _):
             results = await asyncio.gather(
                 *(generate(stub, f"r{i}", p, greedy(20)) for i, p in enumerate(prompts))
             )
