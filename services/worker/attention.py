@@ -34,6 +34,7 @@ class AttentionMetadata:
     ctx_lens: torch.Tensor  # [B] cached + new tokens
     last_token: torch.Tensor  # [B] packed index of each request's last new token
     max_q_len: int
+    num_splits: int | None = None  # decode kernel's KV splits; fixed when a graph is captured
 
     @classmethod
     def build(
@@ -85,6 +86,36 @@ def attention_mask(
     if sliding_window is not None:
         mask &= s > q_pos[:, :, None] - sliding_window
     return mask[:, None]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [N, q_heads, head_dim]
+    k: torch.Tensor,  # [N, kv_heads, head_dim] new keys (after RoPE)
+    v: torch.Tensor,  # [N, kv_heads, head_dim]
+    kv_cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [N, q_heads, head_dim]
+    """The models' attention: a pure decode step on a GPU runs the Triton paged kernel
+    (kernels/decode_attention.py); everything else runs the torch reference below."""
+    if q.is_cuda and meta.max_q_len == 1:
+        from alignedserve.worker.kernels.decode_attention import decode_attention
+
+        kv_cache.write(layer, meta.slot_block, meta.slot_offset, k, v)
+        k_blocks, v_blocks = kv_cache.layer(layer)
+        return decode_attention(
+            q,
+            k_blocks,
+            v_blocks,
+            meta.block_tables,
+            meta.ctx_lens,
+            scale,
+            sliding_window,
+            num_splits=meta.num_splits,
+        )
+    return paged_attention_ref(q, k, v, kv_cache, layer, meta, scale, sliding_window)
 
 
 def paged_attention_ref(

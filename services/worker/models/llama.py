@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignedserve.common.model_config import ModelConfig
-from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
+from alignedserve.worker.attention import AttentionMetadata, paged_attention
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding, embedding
 
@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        out = paged_attention_ref(
+        out = paged_attention(
             q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5, self.sliding_window
         )  # [N, heads, head_dim]
         return self.o_proj(out.reshape(n, -1))

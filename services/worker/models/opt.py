@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignedserve.common.model_config import ModelConfig
-from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
+from alignedserve.worker.attention import AttentionMetadata, paged_attention
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.models.layers import embedding
 
@@ -32,7 +32,7 @@ class OPTAttention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_heads, self.head_dim)
-        out = paged_attention_ref(q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5)
+        out = paged_attention(q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5)
         return self.out_proj(out.reshape(n, -1))
 
 

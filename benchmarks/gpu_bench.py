@@ -1,0 +1,245 @@
+"""One GPU run that checks and times the decode path, side by side, and prints a table.
+
+    python3 benchmarks/gpu_bench.py --out "$OUT"            # on a GPU machine (device tool)
+    python3 benchmarks/gpu_bench.py --quick --out "$OUT"    # a smaller grid
+
+1. environment: GPU, torch, triton;
+2. measured ceilings in this run: HBM read bandwidth (a 4 GiB bf16 sum) and bf16 matmul rate
+   (8192^3), the two sides of the roofline;
+3. correctness: the Triton decode kernel against its torch twin at Llama-3-8B (GQA) and
+   OPT-13B (MHA) layer shapes, bf16, fresh random inputs; greedy tokens of the GPU path equal
+   the CPU path's on a tiny fp32 model;
+4. decode step, Llama-3-8B shape, random bf16 weights, batch x KV length grid: eager and
+   CUDA-graph step times against the roofline max(bytes / HBM bandwidth, FLOPs / matmul rate).
+Results go to stdout and to OUT/gpu_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_alignedserve() -> None:
+    """The GPU image has no network, so the project is not pip-installed there: map the
+    package name onto services/ with a symlink instead."""
+    try:
+        import alignedserve  # noqa: F401
+    except ImportError:
+        shim = Path(tempfile.mkdtemp()) / "alignedserve"
+        shim.symlink_to(ROOT / "services")
+        sys.path.insert(0, str(shim.parent))
+
+
+import_alignedserve()
+
+import torch  # noqa: E402
+
+from alignedserve.common.kv_layout import KVLayout  # noqa: E402
+from alignedserve.common.model_config import ModelConfig  # noqa: E402
+from alignedserve.worker.attention import AttentionMetadata  # noqa: E402
+from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
+from alignedserve.worker.kv_cache import KVCache  # noqa: E402
+from alignedserve.worker.models import LlamaForCausalLM  # noqa: E402
+
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    torch_dtype="bfloat16",
+)
+
+
+def cuda_time(fn, iters: int = 10, warmup: int = 3) -> float:
+    """Median seconds of fn() over iters, each synchronised."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceilings() -> dict[str, float]:
+    x = torch.empty(2 << 30, dtype=torch.bfloat16, device="cuda").normal_()  # 4 GiB
+    read_s = cuda_time(lambda: x.sum(dtype=torch.float32), iters=10)
+    x = None  # free it before the matmul operands
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = cuda_time(lambda: a @ b, iters=20)
+    return {"hbm_read_bytes_per_s": 4 * 2**30 / read_s, "matmul_flops_per_s": 2 * 8192**3 / mm_s}
+
+
+def check_kernel() -> list[dict]:
+    from alignedserve.worker.kernels.decode_attention import (
+        decode_attention,
+        decode_attention_ref,
+    )
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, hq, hk in (("llama3-8b", 32, 8), ("opt-13b", 40, 40)):
+        for batch, max_ctx in ((1, 4096), (64, 2048), (256, 1024)):
+            block_tokens, d = 16, 128
+            ctx = torch.randint(1, max_ctx + 1, (batch,), generator=gen, device="cuda")
+            per = math.ceil(max_ctx / block_tokens)
+            num_blocks = batch * per + 7
+            k_blocks = torch.randn(
+                num_blocks, block_tokens, hk, d, generator=gen, device="cuda"
+            ).to(torch.bfloat16)
+            v_blocks = torch.randn_like(k_blocks)
+            tables = torch.randperm(num_blocks, generator=gen, device="cuda")[: batch * per]
+            tables = tables.view(batch, per)
+            q = torch.randn(batch, hq, d, generator=gen, device="cuda").to(torch.bfloat16)
+            ref = decode_attention_ref(q, k_blocks, v_blocks, tables, ctx, d**-0.5)
+            for splits in (None, 1, 8):
+                out = decode_attention(q, k_blocks, v_blocks, tables, ctx, d**-0.5, None, splits)
+                err = (out.float() - ref.float()).abs().max().item()
+                rows.append(
+                    dict(shape=name, batch=batch, max_ctx=max_ctx, splits=splits, max_abs_err=err)
+                )
+                print(f"  kernel {name} B={batch} ctx<={max_ctx} splits={splits}: err {err:.2e}")
+    return rows
+
+
+def check_greedy() -> dict:
+    from alignedserve.common.sampling_params import SamplingParams
+    from alignedserve.worker.generate import LocalRuntime
+    from alignedserve.worker.tiny import init_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_tiny(tmp, arch="llama")
+        prompts = [[5, 6, 7], list(range(40, 73)), [300, 1, 2, 3, 4, 5, 6, 7]]
+        params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)] * 3
+        cpu = LocalRuntime.from_dir(tmp, device="cpu").generate(prompts, params)
+        gpu = LocalRuntime.from_dir(tmp, device="cuda").generate(prompts, params)
+    same = [c.token_ids == g.token_ids for c, g in zip(cpu, gpu, strict=True)]
+    print(f"  greedy tokens GPU == CPU (tiny fp32 llama, 3 prompts x 32): {same}")
+    return {"greedy_equal": same}
+
+
+def decode_grid(ceil: dict[str, float], quick: bool) -> list[dict]:
+    config = ModelConfig.from_dict(LLAMA3_8B)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.model.embed_tokens.weight.normal_(0, 0.02)
+    model = model.to("cuda").eval()
+    params = sum(p.numel() for p in model.parameters())
+    read_params = params - model.model.embed_tokens.weight.numel()  # a step reads B rows of it
+    layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
+    free, _ = torch.cuda.mem_get_info()
+    num_blocks = int((free - 12 * 2**30) // layout.block_bytes)
+    kv = KVCache(layout, num_blocks, device="cuda")
+    cache_gib = num_blocks * layout.block_bytes / 2**30
+    print(f"  model {params / 1e9:.2f} B params, KV cache {cache_gib:.0f} GiB")
+    batches = (64, 256) if quick else (64, 128, 256, 512)
+    lengths = (512, 2048) if quick else (512, 1024, 2048, 4096, 8192)
+    rows = []
+    for batch in batches:
+        for length in lengths:
+            per = math.ceil(length / 16)
+            if batch * per + 1 > num_blocks:
+                print(f"  B={batch} L={length}: KV does not fit, skipped")
+                continue
+            rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
+    return rows
+
+
+def decode_cell(model, config, kv, ceil, read_params, batch, length, per) -> dict:
+    tables = torch.arange(batch * per, device="cuda").view(batch, per)
+    ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
+    ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
+
+    def eager():
+        meta = AttentionMetadata.build(
+            [1] * batch, [length - 1] * batch, tables.tolist(), 16, "cuda"
+        )
+        with torch.inference_mode():
+            return model.logits(model(ids, meta.positions, meta, kv)).argmax(-1)
+
+    graph = DecodeGraph(model, kv, batch, per, scratch_block=kv.num_blocks - 1)
+    step_eager = cuda_time(eager, iters=5, warmup=2)
+    step_graph = cuda_time(lambda: graph.replay(ids, tables, ctx).argmax(-1))
+    attention_flops = 4 * config.num_heads * config.head_dim * length * config.num_layers
+    flops = batch * (2 * read_params + attention_flops)
+    nbytes = read_params * 2 + batch * length * config.kv_bytes_per_token
+    memory_s = nbytes / ceil["hbm_read_bytes_per_s"]
+    compute_s = flops / ceil["matmul_flops_per_s"]
+    roof = max(memory_s, compute_s)
+    row = dict(
+        batch=batch,
+        kv_len=length,
+        eager_ms=step_eager * 1e3,
+        graph_ms=step_graph * 1e3,
+        roofline_ms=roof * 1e3,
+        bound="memory" if memory_s >= compute_s else "compute",
+        graph_fraction=roof / step_graph,
+        tokens_per_s=batch / step_graph,
+    )
+    print(
+        f"  B={batch:4d} L={length:5d}: eager {row['eager_ms']:7.2f} ms"
+        f"  graph {row['graph_ms']:7.2f} ms  roofline {row['roofline_ms']:6.2f} ms"
+        f" ({row['bound']})  {100 * row['graph_fraction']:5.1f}% of roofline"
+        f"  {row['tokens_per_s']:8.0f} tok/s"
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections: kernel greedy decode")
+    args = parser.parse_args()
+    import triton
+
+    env = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    print("environment:", env)
+    result: dict = {"environment": env}
+    result["ceilings"] = ceil = ceilings()
+    print(
+        f"ceilings: HBM read {ceil['hbm_read_bytes_per_s'] / 1e9:.0f} GB/s, "
+        f"bf16 matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"
+    )
+    if "kernel" not in args.skip:
+        print("decode kernel vs torch reference (bf16):")
+        result["kernel"] = check_kernel()
+    if "greedy" not in args.skip:
+        print("greedy tokens:")
+        result["greedy"] = check_greedy()
+    if "decode" not in args.skip:
+        print("decode step, Llama-3-8B shape, random bf16 weights:")
+        result["decode"] = decode_grid(ceil, args.quick)
+    out = Path(args.out) / "gpu_bench.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""CUDA graphs for the decode step, one per (batch bucket, block-table width).
+
+A decode step launches ~20 kernels per layer; at small and medium batches their launch
+and Python overhead, not the GPU, sets the pace. A captured graph replays them all with one
+launch. Inputs live in static buffers that each replay overwrites. Rows beyond the real
+batch point at a scratch block with a one-token context, so padding never touches a real
+request's KV. The attention kernel reads context lengths from memory and its number of KV
+splits is fixed at capture, so one graph serves any context up to the table width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from alignedserve.worker.attention import AttentionMetadata
+from alignedserve.worker.kv_cache import KVCache
+
+
+class DecodeGraph:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        batch_size: int,
+        max_blocks: int,
+        scratch_block: int,
+        num_splits: int | None = None,
+    ):
+        self.model, self.kv_cache = model, kv_cache
+        self.batch_size, self.max_blocks = batch_size, max_blocks
+        self.scratch_block = scratch_block
+        self.block_tokens = kv_cache.layout.block_tokens
+        dev = kv_cache.blocks.device
+        b = batch_size
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
+        self.slot_block = torch.full((b,), scratch_block, dtype=torch.long, device=dev)
+        self.slot_offset = torch.zeros(b, dtype=torch.long, device=dev)
+        self.block_tables = torch.full(
+            (b, max_blocks), scratch_block, dtype=torch.long, device=dev
+        )  # [B, max_blocks]
+        self.ctx_lens = torch.ones(b, dtype=torch.long, device=dev)  # [B]
+        rows = torch.arange(b, device=dev)
+        self.meta = AttentionMetadata(
+            positions=self.positions,
+            slot_block=self.slot_block,
+            slot_offset=self.slot_offset,
+            q_batch=rows,
+            q_index=torch.zeros(b, dtype=torch.long, device=dev),
+            block_tables=self.block_tables,
+            q_lens=torch.ones(b, dtype=torch.long, device=dev),
+            ctx_lens=self.ctx_lens,
+            last_token=rows,
+            max_q_len=1,
+            num_splits=num_splits,
+        )
+        # Warm up on a side stream (Triton compiles, cuBLAS picks algorithms), then capture.
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = self._forward()  # [B, vocab], rewritten by every replay
+
+    def _forward(self) -> torch.Tensor:
+        hidden = self.model(self.input_ids, self.positions, self.meta, self.kv_cache)
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def replay(
+        self,
+        input_ids: torch.Tensor,  # [n] the token each request decodes now
+        block_tables: torch.Tensor,  # [n, w <= max_blocks] device block ids
+        ctx_lens: torch.Tensor,  # [n] KV length including this token
+    ) -> torch.Tensor:  # [n, vocab] logits
+        n, width = block_tables.shape
+        assert n <= self.batch_size and width <= self.max_blocks, (n, width)
+        positions = ctx_lens - 1
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.ctx_lens[:n].copy_(ctx_lens)
+        self.block_tables[:n, :width].copy_(block_tables)
+        self.block_tables[:n, width:].fill_(self.scratch_block)
+        rows = torch.arange(n, device=block_tables.device)
+        self.slot_block[:n].copy_(block_tables[rows, positions // self.block_tokens])
+        self.slot_offset[:n].copy_(positions % self.block_tokens)
+        # padding rows: a one-token context in the scratch block
+        self.block_tables[n:].fill_(self.scratch_block)
+        self.ctx_lens[n:].fill_(1)
+        self.positions[n:].zero_()
+        self.slot_block[n:].fill_(self.scratch_block)
+        self.slot_offset[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n]
