@@ -1,0 +1,339 @@
+"""Triton paged decode attention against its torch twin, and the twin against the model path.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tiny shapes). With one,
+the same tiny cases run compiled on it, and the `gpu` tests add realistic shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must precede triton's import (and the kernel module's): @triton.jit reads it there.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip(
+    "triton",
+    reason="triton is not installed (the worker's GPU kernels need it; pip install triton)",
+)
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from alignedserve.common.kv_layout import KVLayout  # noqa: E402
+from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref  # noqa: E402
+from alignedserve.worker.kv_cache import KVCache  # noqa: E402
+
+# By path: the package re-exports the function under the module's name.
+dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+if not HAS_CUDA and not isinstance(dam._decode_attention_kernel, InterpretedFunction):
+    # Another test module imported the kernels before TRITON_INTERPRET was set: re-decorate.
+    dam = importlib.reload(dam)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+NAN = float("nan")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_scalar_index():
+    """triton 3.6's interpreter turns a loop bound into int(shape-(1,) array), which numpy >= 2.4
+    refuses (triton-lang/triton#9171); the kernel's `range(lo, hi)` hits it. Patch that one
+    conversion for this module; compiled kernels are untouched."""
+    if HAS_CUDA:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter, "_patch_lang_tensor", patch)
+        yield
+
+
+def make_case(
+    contexts: list[int],
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int = 64,
+    block_tokens: int = 16,
+    dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
+    device: str = DEVICE,
+    seed: int = 0,
+):
+    """A pool of blocks [num_blocks, layers=2, 2, T, Hk, D] read through layer 1's strided views.
+
+    Each request's blocks are a shuffled, non-contiguous subset of a larger pool. Every slot
+    the query must not see holds NaN: the other layer, spare blocks, the tail of each last
+    block, slots before the sliding window, and the block that block-table padding points
+    at. A kernel that reads one of them, or mixes up a stride, returns NaN.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(contexts)
+    num_req_blocks = [-(-c // block_tokens) for c in contexts]
+    max_blocks = max(1, *num_req_blocks)
+    num_blocks = sum(num_req_blocks) + 3  # spares, one of them the padding target
+    order = torch.randperm(num_blocks, generator=gen)
+    table = torch.full((batch, max_blocks), int(order[-1]), dtype=torch.long)
+    start = 0
+    for b, n in enumerate(num_req_blocks):
+        table[b, :n] = order[start : start + n]
+        start += n
+
+    shape = (num_blocks, 2, 2, block_tokens, kv_heads, head_dim)
+    torch.manual_seed(seed)
+    pool = torch.empty(shape, dtype=dtype, device=device).normal_()
+    pool[:, 0] = NAN  # the other layer
+    visible = torch.zeros((num_blocks, block_tokens), dtype=torch.bool)  # [num_blocks, T]
+    positions = torch.arange(max_blocks * block_tokens)
+    for b, (ctx, n) in enumerate(zip(contexts, num_req_blocks, strict=True)):
+        seen = positions < ctx
+        if sliding_window is not None:
+            seen &= positions >= ctx - sliding_window
+        visible[table[b, :n]] = seen[: n * block_tokens].reshape(n, block_tokens)
+    pool.masked_fill_(~visible.to(device)[:, None, None, :, None, None], NAN)
+
+    q = torch.randn((batch, q_heads, head_dim), generator=gen).to(device, dtype)
+    k_blocks, v_blocks = pool[:, 1, 0], pool[:, 1, 1]  # [num_blocks, T, Hk, D], strided
+    lens = torch.tensor(contexts, dtype=torch.long, device=device)
+    return q, k_blocks, v_blocks, table.to(device), lens
+
+
+def check(contexts, q_heads, kv_heads, atol, rtol=0.0, *, num_splits, block_n=None, **case):
+    window = case.get("sliding_window")
+    q, k, v, table, lens = make_case(contexts, q_heads, kv_heads, **case)
+    scale = q.shape[-1] ** -0.5
+    want = dam.decode_attention_ref(q, k, v, table, lens, scale, window)
+    got = dam.decode_attention(
+        q, k, v, table, lens, scale, window, num_splits=num_splits, block_n=block_n
+    )
+    assert got.dtype == q.dtype and got.shape == q.shape
+    assert not want.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+HEADS = [(4, 4), (8, 2)]  # MHA, GQA (G = 4)
+CONTEXTS = [(1,), (50,), (15, 16, 17), (1, 50, 16)]  # B in {1, 3}; block edges at T = 16
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa"])
+@pytest.mark.parametrize("contexts", CONTEXTS, ids=str)
+def test_kernel_matches_ref_fp32(contexts, heads, num_splits):
+    check(list(contexts), *heads, atol=1e-4, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_matches_ref_half(dtype, num_splits):
+    check([1, 17, 50], 8, 2, atol=2e-2, rtol=1e-2, dtype=dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize(
+    ("block_tokens", "block_n"),
+    [(16, 32), (16, 64), (32, 16), (32, 32)],
+    ids=["2-blocks-per-tile", "4-blocks-per-tile", "half-block-per-tile", "1-block-per-tile"],
+)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tile_and_block_sizes(block_tokens, block_n, num_splits):
+    check([1, 31, 32, 33, 50], 8, 2, atol=1e-4, num_splits=num_splits, block_n=block_n,
+          block_tokens=block_tokens)  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 20])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_window(window, num_splits):
+    # NaN before the window: blocks wholly before it are skipped, the rest are masked.
+    check([1, 15, 17, 50], 8, 2, atol=1e-4, num_splits=num_splits, sliding_window=window)
+
+
+def test_auto_splits_and_strided_inputs():
+    """num_splits=None, a non-contiguous q, and an int32 block table with extra padding."""
+    q, k, v, table, lens = make_case([3, 40], 8, 2)
+    q_strided = torch.stack([q, q], dim=-1)[..., 0]  # [B, Hq, D], stride(2) == 2
+    assert not q_strided.is_contiguous()
+    wide = torch.cat([table, table[:, :1].expand(-1, 5)], dim=1).to(torch.int32)
+    want = dam.decode_attention_ref(q, k, v, table, lens, 0.125)
+    got = dam.decode_attention(q_strided, k, v, wide, lens.to(torch.int32), 0.125)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_empty_context_gives_zeros(num_splits):
+    """Batch padding (ctx_len 0) must come out as zeros, not NaN, in both twins."""
+    q, k, v, table, lens = make_case([0, 20], 8, 2)
+    want = dam.decode_attention_ref(q, k, v, table, lens, 0.125)
+    got = dam.decode_attention(q, k, v, table, lens, 0.125, num_splits=num_splits)
+    assert (want[0] == 0).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_auto_num_splits():
+    h200_sms = 132
+    assert dam.auto_num_splits(64, 8, 4096, h200_sms) == 1  # 512 programs: GPU full
+    assert dam.auto_num_splits(1, 8, 1024, h200_sms) == 8  # capped by 128 keys per split
+    assert dam.auto_num_splits(1, 8, 100_000, h200_sms) == 32  # capped by MAX_SPLITS
+    assert dam.auto_num_splits(16, 8, 8192, h200_sms) == 2  # 264 // 128 programs
+    assert dam.auto_num_splits(4, 8, 16384, h200_sms) == 8  # 264 // 32, not 9: no tail
+    assert dam.auto_num_splits(4, 8, 100, h200_sms) == 1  # too short to split
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(head_dim=48), "head_dim=48"),
+        (dict(block_tokens=24), "block_tokens=24"),
+        (dict(q_heads=6), "q heads 6"),
+        (dict(block_n=8), "block_n=8"),
+        (dict(sliding_window=0), "sliding_window=0"),
+    ],
+)
+def test_rejects_bad_shapes(change, message):
+    q = torch.zeros((2, change.get("q_heads", 8), change.get("head_dim", 64)), device=DEVICE)
+    kv = torch.zeros((4, change.get("block_tokens", 16), 4, q.shape[-1]), device=DEVICE)
+    table = torch.zeros((2, 1), dtype=torch.long, device=DEVICE)
+    lens = torch.ones(2, dtype=torch.long, device=DEVICE)
+    kwargs = {k: change[k] for k in ("block_n", "sliding_window") if k in change}
+    with pytest.raises(ValueError, match=message):
+        dam.decode_attention(q, kv, kv, table, lens, 0.125, **kwargs)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa"])
+def test_ref_matches_model_path(heads, sliding_window):
+    """The twin equals `paged_attention_ref` (the path the models run, checked against
+    transformers) on a decode step: q_len = 1, whose new K/V that path writes itself."""
+    q_heads, kv_heads = heads
+    contexts = [1, 16, 17, 50]
+    layout = KVLayout(num_layers=2, num_kv_heads=kv_heads, head_dim=64, block_tokens=16,
+                      dtype="float32")  # fmt: skip
+    cache = KVCache(layout, num_blocks=16, device=DEVICE)
+    torch.manual_seed(1)
+    cache.blocks.normal_()  # stale data everywhere, including where the new K/V go
+    order = torch.randperm(16).tolist()
+    tables, start = [], 0
+    for ctx in contexts:
+        n = layout.blocks_for(ctx)
+        tables.append(order[start : start + n])
+        start += n
+    meta = AttentionMetadata.build(
+        q_lens=[1] * len(contexts),
+        num_cached=[c - 1 for c in contexts],
+        block_tables=tables,
+        block_tokens=16,
+        device=DEVICE,
+    )
+    q = torch.randn((len(contexts), q_heads, 64), device=DEVICE)
+    k_new = torch.randn((len(contexts), kv_heads, 64), device=DEVICE)
+    v_new = torch.randn((len(contexts), kv_heads, 64), device=DEVICE)
+    model = paged_attention_ref(q, k_new, v_new, cache, 1, meta, 0.125, sliding_window)
+    k_blocks, v_blocks = cache.layer(1)
+    twin = dam.decode_attention_ref(
+        q, k_blocks, v_blocks, meta.block_tables, meta.ctx_lens, 0.125, sliding_window
+    )
+    torch.testing.assert_close(twin, model, atol=1e-5, rtol=1e-5)
+    kernel = dam.decode_attention(
+        q, k_blocks, v_blocks, meta.block_tables, meta.ctx_lens, 0.125, sliding_window
+    )
+    torch.testing.assert_close(kernel, model, atol=1e-4, rtol=0)
+
+
+# ---- GPU: realistic shapes (pytest -m gpu) ----
+
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def gpu_contexts(batch: int, max_context: int = 4096, seed: int = 0) -> list[int]:
+    """Mixed lengths 1..max_context, with both extremes and a block edge always present."""
+    if batch == 1:
+        return [max_context]
+    gen = torch.Generator().manual_seed(seed)
+    contexts = torch.randint(1, max_context + 1, (batch,), generator=gen).tolist()
+    contexts[:4] = [1, max_context, 16, 17][:batch]
+    return contexts
+
+
+def ref_in_chunks(q, k, v, table, lens, scale, window, chunk: int = 16):
+    """The twin over slices of the batch: its fp32 gather of a whole batch would not fit."""
+    return torch.cat(
+        [
+            dam.decode_attention_ref(
+                q[i : i + chunk], k, v, table[i : i + chunk], lens[i : i + chunk], scale, window
+            )
+            for i in range(0, q.shape[0], chunk)
+        ]
+    )
+
+
+def check_gpu(contexts, q_heads, kv_heads, num_splits, **case):
+    window = case.get("sliding_window")
+    q, k, v, table, lens = make_case(contexts, q_heads, kv_heads, device="cuda", **case)
+    scale = q.shape[-1] ** -0.5
+    want = ref_in_chunks(q, k, v, table, lens, scale, window)
+    got = dam.decode_attention(q, k, v, table, lens, scale, window, num_splits=num_splits)
+    torch.cuda.synchronize()
+    assert not want.isnan().any()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_gpu_llama3_8b_layer(batch, num_splits):
+    check_gpu(gpu_contexts(batch), 32, 8, num_splits, head_dim=128, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_gpu_opt_13b_layer_mha(batch, num_splits):
+    check_gpu(gpu_contexts(batch), 40, 40, num_splits, head_dim=128, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(dtype=torch.float16, head_dim=128),
+        dict(dtype=torch.bfloat16, head_dim=64),
+        dict(dtype=torch.bfloat16, head_dim=128, block_tokens=32),
+        dict(dtype=torch.bfloat16, head_dim=128, sliding_window=1000),
+        dict(dtype=torch.float32, head_dim=128),
+    ],
+    ids=["fp16", "d64", "t32", "window", "fp32"],
+)
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+def test_gpu_variants(case, num_splits):
+    check_gpu(gpu_contexts(48, seed=1), 32, 8, num_splits, **case)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_cuda_graph_replay():
+    """Auto splits read no lengths on the host, so one captured graph serves every step."""
+    contexts = gpu_contexts(8, max_context=2048)
+    q, k, v, table, lens = make_case(
+        contexts, 32, 8, head_dim=128, dtype=torch.bfloat16, device="cuda"
+    )
+    static_lens = lens.clone()
+    dam.decode_attention(q, k, v, table, static_lens, 0.088)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dam.decode_attention(q, k, v, table, static_lens, 0.088)
+    for shrink in (0, 5, 700):
+        static_lens.copy_((lens - shrink).clamp(min=1))
+        graph.replay()
+        want = ref_in_chunks(q, k, v, table, static_lens, 0.088, None)
+        torch.testing.assert_close(out, want, atol=2e-2, rtol=1e-2)
