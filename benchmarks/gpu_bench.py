@@ -48,6 +48,7 @@ from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.worker.attention import AttentionMetadata  # noqa: E402
 from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
+from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import LlamaForCausalLM  # noqa: E402
 
 LLAMA3_8B = dict(
@@ -143,8 +144,10 @@ def decode_grid(ceil: dict[str, float], quick: bool) -> list[dict]:
     with torch.device("cuda"):
         model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
+    model.requires_grad_(False)
     model.model.embed_tokens.weight.normal_(0, 0.02)
     model = model.to("cuda").eval()
+    fuse_projections(model)  # as load_model does on a GPU
     params = sum(p.numel() for p in model.parameters())
     read_params = params - model.model.embed_tokens.weight.numel()  # a step reads B rows of it
     layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")

@@ -91,7 +91,17 @@ def load_model(
     for module in model.modules():
         if hasattr(module, "materialize_buffers"):
             module.materialize_buffers(device)
+    if torch.device(device).type == "cuda":
+        fuse_projections(model)
     return model.eval()
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """q/k/v and gate/up as single GEMMs. GPU only: on the CPU the parameters are views of the
+    memory-mapped checkpoint, and concatenating them would copy the weights into RAM."""
+    for module in list(model.modules()):
+        if hasattr(module, "fuse_projections"):
+            module.fuse_projections()
 
 
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:

@@ -16,6 +16,25 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing the given ones side by side (outputs concatenated): one GEMM
+    instead of several. Used on GPUs after loading; the checkpoint keeps its own names."""
+    first = linears[0]
+    fused = nn.Linear(
+        first.in_features,
+        sum(lin.out_features for lin in linears),
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    fused.requires_grad_(False)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -13,7 +13,7 @@ from torch import nn
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.attention import AttentionMetadata, paged_attention
 from alignedserve.worker.kv_cache import KVCache
-from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding, embedding
+from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding, embedding, fuse_linears
 
 
 class LlamaAttention(nn.Module):
@@ -42,9 +42,14 @@ class LlamaAttention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "qkv_proj"):  # fused on GPUs: one GEMM
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
@@ -52,6 +57,10 @@ class LlamaAttention(nn.Module):
             q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5, self.sliding_window
         )  # [N, heads, head_dim]
         return self.o_proj(out.reshape(n, -1))
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
 
 class LlamaMLP(nn.Module):
@@ -63,7 +72,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):  # fused on GPUs: one GEMM
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.attention import AttentionMetadata, paged_attention
 from alignedserve.worker.kv_cache import KVCache
-from alignedserve.worker.models.layers import embedding
+from alignedserve.worker.models.layers import embedding, fuse_linears
 
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -29,11 +29,19 @@ class OPTAttention(nn.Module):
 
     def forward(self, x, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_heads, self.head_dim)
+        if hasattr(self, "qkv_proj"):  # fused on GPUs: one GEMM
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_heads, self.head_dim)
+        v = v.view(n, self.num_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5)
         return self.out_proj(out.reshape(n, -1))
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
 
 class OPTDecoderLayer(nn.Module):
