@@ -7,6 +7,7 @@ import pytest
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.loader import fuse_projections
 from alignedserve.worker.runner import SeqChunk
+
 from factories import ARCHS, random_prompts, save_hf_model
 
 
