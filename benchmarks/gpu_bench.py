@@ -138,7 +138,7 @@ def check_greedy() -> dict:
     return {"greedy_equal": same}
 
 
-def decode_grid(ceil: dict[str, float], quick: bool) -> list[dict]:
+def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
     config = ModelConfig.from_dict(LLAMA3_8B)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -166,7 +166,43 @@ def decode_grid(ceil: dict[str, float], quick: bool) -> list[dict]:
                 print(f"  B={batch} L={length}: KV does not fit, skipped")
                 continue
             rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
-    return rows
+    return {"grid": rows, "with_prefetch": decode_with_prefetch(model, config, kv)}
+
+
+def decode_with_prefetch(model, config, kv) -> dict:
+    """A CUDA-graph decode step (B=64, L=2048) alone, and while 4 GiB of KV streams into the
+    same GPU beside it (both links when there are two GPUs)."""
+    from alignedserve.worker.prefetch import Prefetcher, pin, unpin
+
+    batch, length, per = 64, 2048, 128
+    tables = torch.arange(batch * per, device="cuda").view(batch, per)
+    ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
+    ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
+    graph = DecodeGraph(model, kv, batch, per, scratch_block=kv.num_blocks - 1)
+    alone = cuda_time(lambda: graph.replay(ids, tables, ctx).argmax(-1))
+    n = 2048  # 4 GiB
+    host = torch.empty((n, *kv.layout.block_shape), dtype=torch.bfloat16)
+    host.view(-1)[:: 1 << 20].fill_(1.0)
+    pin(host)
+    staging = "cuda:1" if torch.cuda.device_count() > 1 else None
+    pre = Prefetcher(host, kv.blocks, staging_device=staging)
+    dst = list(range(kv.num_blocks - 1 - n, kv.num_blocks - 1))  # not the cell's blocks
+    torch.cuda.synchronize()
+    events = pre.start(list(range(n)), dst)
+    start, steps = time.perf_counter(), 0
+    while not Prefetcher.done(events):
+        graph.replay(ids, tables, ctx).argmax(-1)
+        torch.cuda.synchronize()
+        steps += 1
+    during = (time.perf_counter() - start) / max(steps, 1)
+    unpin(host)
+    row = dict(alone_ms=alone * 1e3, with_prefetch_ms=during * 1e3, ratio=during / alone)
+    row["steps_during_prefetch"] = steps
+    print(
+        f"  decode B=64 L=2048 alone {row['alone_ms']:.2f} ms, with a prefetch beside it "
+        f"{row['with_prefetch_ms']:.2f} ms ({row['ratio']:.2f}x, {steps} steps)"
+    )
+    return row
 
 
 def decode_cell(model, config, kv, ceil, read_params, batch, length, per) -> dict:
@@ -209,11 +245,45 @@ def decode_cell(model, config, kv, ceil, read_params, batch, length, per) -> dic
     return row
 
 
+def prefetch_bench(ceil: dict[str, float]) -> dict:
+    """KV of a batch into the decode GPU: one PCIe link vs both (the prefetch GPU's link +
+    NVLink), and a decode step with a prefetch running beside it vs alone."""
+    from alignedserve.worker.prefetch import Prefetcher, pin, unpin
+
+    gpus = torch.cuda.device_count()
+    block_shape = (32, 2, 16, 8, 128)  # one Llama-3-8B block: 2 MiB in bf16
+    n = 4096  # 8 GiB of KV
+    host = torch.empty((n, *block_shape), dtype=torch.bfloat16)
+    host.view(-1)[:: 1 << 20].fill_(1.0)  # touch the pages
+    pin(host)
+    cache = torch.empty((n, *block_shape), dtype=torch.bfloat16, device="cuda:0")
+    nbytes = host.numel() * host.element_size()
+    order = torch.randperm(n).tolist()  # scattered blocks, as a real batch's are
+    out = {}
+    variants = [("one link", None)] + ([("two links", "cuda:1")] if gpus > 1 else [])
+    for name, staging in variants:
+        pre = Prefetcher(host, cache, staging_device=staging)
+
+        def run(pre=pre):
+            events = pre.start(order, list(range(n)))
+            Prefetcher.wait_on(events)
+
+        seconds = cuda_time(run, iters=3, warmup=1)
+        out[name] = nbytes / seconds
+        print(f"  prefetch 8 GiB, {name}: {nbytes / seconds / 1e9:.1f} GB/s")
+    if "two links" in out:
+        print(f"  two links / one link: {out['two links'] / out['one link']:.2f}x")
+    unpin(host)
+    return {"bytes_per_s": out, "gpus": gpus}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections: kernel greedy decode")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="sections: kernel greedy decode prefetch"
+    )
     args = parser.parse_args()
     import triton
 
@@ -236,6 +306,9 @@ def main() -> None:
     if "greedy" not in args.skip:
         print("greedy tokens:")
         result["greedy"] = check_greedy()
+    if "prefetch" not in args.skip:
+        print("prefetch (GPU-Prefetch-For-GPU):")
+        result["prefetch"] = prefetch_bench(ceil)
     if "decode" not in args.skip:
         print("decode step, Llama-3-8B shape, random bf16 weights:")
         result["decode"] = decode_grid(ceil, args.quick)
