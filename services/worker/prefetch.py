@@ -15,18 +15,87 @@ from collections.abc import Sequence
 
 import torch
 
+CUDA_HOST_REGISTER_PORTABLE_MAPPED = 3  # every GPU may read it, through its own link
+
 
 def pin(host: torch.Tensor) -> None:
-    """Page-lock a CPU tensor's memory in place (e.g. the shared-memory pool), so that
-    copies from it are DMA transfers at full PCIe speed."""
+    """Page-lock a CPU tensor's memory in place (e.g. the shared-memory pool) and map it into
+    every GPU's address space: copies from it are DMA, and kernels may read it directly."""
     nbytes = host.numel() * host.element_size()
-    err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0)
+    err = torch.cuda.cudart().cudaHostRegister(
+        host.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE_MAPPED
+    )
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister failed ({err}): raise the memlock limit?")
 
 
+class _HostView:
+    """__cuda_array_interface__ over pinned, mapped host memory (unified addressing: the
+    device address is the host address), so torch sees it as a CUDA tensor, without a copy."""
+
+    def __init__(self, host: torch.Tensor):
+        typestr = {torch.bfloat16: "<u2", torch.float16: "<f2", torch.float32: "<f4"}
+        self.__cuda_array_interface__ = {
+            "data": (host.data_ptr(), False),
+            "shape": tuple(host.shape),
+            "typestr": typestr[host.dtype],
+            "version": 3,
+        }
+
+
+def device_view(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CUDA tensor on `device` reading `host` (pinned with `pin`) over that GPU's link."""
+    with torch.cuda.device(device):
+        view = torch.as_tensor(_HostView(host), device=device)
+    return view.view(host.dtype) if host.dtype == torch.bfloat16 else view
+
+
 def unpin(host: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+
+
+class GatherPrefetcher:
+    """The same job in a few kernel launches, whatever the number of blocks: each GPU gathers
+    its share of the blocks straight from host memory (one indexing kernel reading over its
+    own link), and the prefetch GPU pushes its whole share over NVLink as one copy."""
+
+    def __init__(
+        self,
+        pool: torch.Tensor,  # pinned with pin(): [num_pool_blocks, *block_shape]
+        cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
+        staging_device: torch.device | str | None = None,
+        direct_share: float = 0.5,
+    ):
+        self.cache = cache
+        self.direct_share = direct_share if staging_device is not None else 1.0
+        self.direct = device_view(pool, cache.device)
+        self.direct_stream = torch.cuda.Stream(cache.device)
+        self.staging_device = staging_device
+        if staging_device is not None:
+            self.remote = device_view(pool, staging_device)
+            self.staging_stream = torch.cuda.Stream(staging_device)
+            self.push_stream = torch.cuda.Stream(cache.device)
+
+    def start(self, pool_blocks: Sequence[int], device_blocks: Sequence[int]) -> list:
+        n = len(pool_blocks)
+        split = round(n * self.direct_share)
+        dev = self.cache.device
+        src = torch.tensor(pool_blocks, dtype=torch.long)
+        dst = torch.tensor(device_blocks, dtype=torch.long)
+        events = []
+        with torch.cuda.stream(self.direct_stream):
+            src_d, dst_d = src[:split].to(dev, non_blocking=True), dst[:split].to(dev)
+            self.cache.index_copy_(0, dst_d, self.direct.index_select(0, src_d))
+            events.append(self.direct_stream.record_event())
+        if split < n:
+            with torch.cuda.stream(self.staging_stream), torch.cuda.stream(self.push_stream):
+                src_r = src[split:].to(self.staging_device)
+                staged = self.remote.index_select(0, src_r)  # over the prefetch GPU's link
+                landed = staged.to(dev, non_blocking=True)  # one NVLink copy
+                self.cache.index_copy_(0, dst[split:].to(dev), landed)
+                events.append(self.staging_stream.record_event())
+                events.append(self.push_stream.record_event())
+        return events
 
 
 class Prefetcher:
