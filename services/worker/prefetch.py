@@ -76,23 +76,35 @@ class GatherPrefetcher:
             self.staging_stream = torch.cuda.Stream(staging_device)
             self.push_stream = torch.cuda.Stream(cache.device)
 
-    def start(self, pool_blocks: Sequence[int], device_blocks: Sequence[int]) -> list:
+    def start(
+        self, pool_blocks: Sequence[int], device_blocks: Sequence[int], chunks: int = 8
+    ) -> list:
+        """Queue the gathers; returns events (see Prefetcher.wait_on / done). The host never
+        waits: block indices travel as pinned, non-blocking copies on the same streams."""
         n = len(pool_blocks)
         split = round(n * self.direct_share)
         dev = self.cache.device
-        src = torch.tensor(pool_blocks, dtype=torch.long)
-        dst = torch.tensor(device_blocks, dtype=torch.long)
+        src = torch.tensor(pool_blocks, dtype=torch.long).pin_memory()
+        dst = torch.tensor(device_blocks, dtype=torch.long).pin_memory()
         events = []
         with torch.cuda.stream(self.direct_stream):
-            src_d, dst_d = src[:split].to(dev, non_blocking=True), dst[:split].to(dev)
+            src_d = src[:split].to(dev, non_blocking=True)
+            dst_d = dst[:split].to(dev, non_blocking=True)
             self.cache.index_copy_(0, dst_d, self.direct.index_select(0, src_d))
             events.append(self.direct_stream.record_event())
         if split < n:
+            # The prefetch GPU's share in chunks, so the NVLink push of one chunk overlaps
+            # the gather (over PCIe) of the next.
             with torch.cuda.stream(self.staging_stream), torch.cuda.stream(self.push_stream):
-                src_r = src[split:].to(self.staging_device)
-                staged = self.remote.index_select(0, src_r)  # over the prefetch GPU's link
-                landed = staged.to(dev, non_blocking=True)  # one NVLink copy
-                self.cache.index_copy_(0, dst[split:].to(dev), landed)
+                for part in torch.arange(split, n).chunk(chunks):
+                    lo, hi = int(part[0]), int(part[-1]) + 1
+                    src_r = src[lo:hi].to(self.staging_device, non_blocking=True)
+                    staged = self.remote.index_select(0, src_r)  # the prefetch GPU's link
+                    gathered = self.staging_stream.record_event()
+                    self.push_stream.wait_event(gathered)
+                    landed = staged.to(dev, non_blocking=True)  # NVLink
+                    dst_p = dst[lo:hi].to(dev, non_blocking=True)
+                    self.cache.index_copy_(0, dst_p, landed)
                 events.append(self.staging_stream.record_event())
                 events.append(self.push_stream.record_event())
         return events
