@@ -100,6 +100,7 @@ class GatherPrefetcher:
                     lo, hi = int(part[0]), int(part[-1]) + 1
                     src_r = src[lo:hi].to(self.staging_device, non_blocking=True)
                     staged = self.remote.index_select(0, src_r)  # the prefetch GPU's link
+                    staged.record_stream(self.push_stream)  # read there: keep it till then
                     gathered = self.staging_stream.record_event()
                     self.push_stream.wait_event(gathered)
                     landed = staged.to(dev, non_blocking=True)  # NVLink
