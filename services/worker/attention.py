@@ -88,23 +88,20 @@ def attention_mask(
     return mask[:, None]
 
 
-def paged_attention(
-    q: torch.Tensor,  # [N, q_heads, head_dim]
-    k: torch.Tensor,  # [N, kv_heads, head_dim] new keys (after RoPE)
-    v: torch.Tensor,  # [N, kv_heads, head_dim]
-    kv_cache: KVCache,
+def attend_cached(
+    q: torch.Tensor,  # [N, q_heads, head_dim], RoPE applied
+    kv_cache: KVCache,  # the new tokens' K/V already written
     layer: int,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:  # [N, q_heads, head_dim]
-    """The models' attention: a pure decode step on a GPU runs the Triton paged kernel
-    (kernels/decode_attention.py); everything else runs the torch reference below."""
+    """Each new query against its request's cached keys: a pure decode step on a GPU runs
+    the Triton paged kernel (kernels/decode_attention.py), anything else the torch path."""
+    k_blocks, v_blocks = kv_cache.layer(layer)
     if q.is_cuda and meta.max_q_len == 1:
         from alignedserve.worker.kernels.decode_attention import decode_attention
 
-        kv_cache.write(layer, meta.slot_block, meta.slot_offset, k, v)
-        k_blocks, v_blocks = kv_cache.layer(layer)
         return decode_attention(
             q,
             k_blocks,
@@ -115,7 +112,7 @@ def paged_attention(
             sliding_window,
             num_splits=meta.num_splits,
         )
-    return paged_attention_ref(q, k, v, kv_cache, layer, meta, scale, sliding_window)
+    return _attend_ref(q, k_blocks, v_blocks, meta, scale, sliding_window)
 
 
 def paged_attention_ref(
@@ -130,6 +127,17 @@ def paged_attention_ref(
 ) -> torch.Tensor:  # [N, q_heads, head_dim]
     kv_cache.write(layer, meta.slot_block, meta.slot_offset, k, v)
     k_blocks, v_blocks = kv_cache.layer(layer)  # [num_blocks, T, kv_heads, D]
+    return _attend_ref(q, k_blocks, v_blocks, meta, scale, sliding_window)
+
+
+def _attend_ref(
+    q: torch.Tensor,  # [N, q_heads, head_dim]
+    k_blocks: torch.Tensor,  # [num_blocks, T, kv_heads, D]
+    v_blocks: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [N, q_heads, head_dim]
     batch, max_blocks = meta.block_tables.shape
     block_tokens, kv_heads, head_dim = k_blocks.shape[1:]
     num_keys = max_blocks * block_tokens

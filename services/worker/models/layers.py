@@ -35,6 +35,19 @@ def fuse_linears(*linears: nn.Linear) -> nn.Linear:
     return fused
 
 
+def add_rms_norm(
+    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual): the residual stream and the next layer's input.
+    One fused kernel on a GPU; the same arithmetic in torch elsewhere."""
+    if x.is_cuda:
+        from alignedserve.worker.kernels.fused import fused_add_rms_norm
+
+        return fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+    summed = x if residual is None else x + residual
+    return norm(summed), summed
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -76,10 +89,20 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE; cos/sin made per step from positions, so no length cap."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int):
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int = 8192):
         super().__init__()
-        self.rope, self.head_dim = rope, head_dim
+        self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
+        self._cos_sin: torch.Tensor | None = None
+
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        """[max_positions, head_dim] fp32 cos | sin table for the fused GPU kernel; built on
+        first use (before any CUDA graph is captured: capture runs a warm-up step first)."""
+        if self._cos_sin is None or self._cos_sin.device != device:
+            from alignedserve.worker.kernels.fused import build_cos_sin_cache
+
+            self._cos_sin = build_cos_sin_cache(self.inv_freq.to(device), self.max_positions)
+        return self._cos_sin
 
     def materialize_buffers(self, device: str | torch.device) -> None:
         """Recompute the (non-checkpoint) buffer after the model was built on the meta device."""

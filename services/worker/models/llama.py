@@ -11,9 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignedserve.common.model_config import ModelConfig
-from alignedserve.worker.attention import AttentionMetadata, paged_attention
+from alignedserve.worker.attention import AttentionMetadata, attend_cached, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
-from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding, embedding, fuse_linears
+from alignedserve.worker.models.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    add_rms_norm,
+    embedding,
+    fuse_linears,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -52,10 +58,21 @@ class LlamaAttention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = paged_attention(
-            q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5, self.sliding_window
-        )  # [N, heads, head_dim]
+        scale = self.head_dim**-0.5
+        if q.is_cuda:  # one kernel rotates q and k and appends k, v to the cache
+            from alignedserve.worker.kernels.fused import rope_kv_write
+
+            k_blocks, v_blocks = kv_cache.layer(self.layer_idx)
+            cos_sin = rotary.cos_sin_cache(q.device)
+            q, _ = rope_kv_write(
+                q, k, v, positions, cos_sin, k_blocks, v_blocks, meta.slot_block, meta.slot_offset
+            )
+            out = attend_cached(q, kv_cache, self.layer_idx, meta, scale, self.sliding_window)
+        else:
+            q, k = rotary(positions, q, k)
+            out = paged_attention_ref(
+                q, k, v, kv_cache, self.layer_idx, meta, scale, self.sliding_window
+            )  # [N, heads, head_dim]
         return self.o_proj(out.reshape(n, -1))
 
     def fuse_projections(self) -> None:
@@ -72,9 +89,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):  # fused on GPUs: one GEMM
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+        if hasattr(self, "gate_up_proj"):  # fused on GPUs: one GEMM, one activation kernel
+            from alignedserve.worker.kernels.fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def fuse_projections(self) -> None:
@@ -90,9 +108,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, x, positions, rotary, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, meta, kv_cache):
+        """x: what the previous layer adds to the residual stream (the embeddings for the
+        first layer, whose residual is None). Returns this layer's addition and the stream."""
+        h, residual = add_rms_norm(self.input_layernorm, x, residual)
+        h = self.self_attn(h, positions, rotary, meta, kv_cache)
+        h, residual = add_rms_norm(self.post_attention_layernorm, h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -101,13 +123,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [N, hidden]
+        x, residual = self.embed_tokens(input_ids), None  # [N, hidden]
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, meta, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, meta, kv_cache)
+        return add_rms_norm(self.norm, x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignedserve.common.model_config import ModelConfig
-from alignedserve.worker.attention import AttentionMetadata, paged_attention
+from alignedserve.worker.attention import AttentionMetadata, attend_cached, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.models.layers import embedding, fuse_linears
 
@@ -36,7 +36,12 @@ class OPTAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_heads, self.head_dim)
         v = v.view(n, self.num_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, self.layer_idx, meta, self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if q.is_cuda:
+            kv_cache.write(self.layer_idx, meta.slot_block, meta.slot_offset, k, v)
+            out = attend_cached(q, kv_cache, self.layer_idx, meta, scale)
+        else:
+            out = paged_attention_ref(q, k, v, kv_cache, self.layer_idx, meta, scale)
         return self.out_proj(out.reshape(n, -1))
 
     def fuse_projections(self) -> None:
