@@ -2,11 +2,14 @@
 GPU over two PCIe links at once.
 
 Each GPU has its own PCIe link to host memory (55.5 GB/s each, 109.6 GB/s together,
-../shared/notes/gpu-facts.md). So the decode GPU pulls a share of the blocks over its own
-link, while the prefetch GPU pulls the rest into a staging area and pushes them over NVLink
-(396 GB/s, so never the bottleneck). Both run on their own streams, beside the decode
-kernels. Blocks keep the one block format everywhere, so every copy is whole contiguous
+../shared/notes/gpu-facts.md). The decode GPU pulls a share of the blocks over its own link
+with DMA copies, while the prefetch GPU gathers the rest and pushes them over NVLink
+(396 GB/s, never the bottleneck). Everything runs on side streams, beside the decode
+kernels. Blocks keep the one block format everywhere, so every copy moves whole contiguous
 blocks.
+
+Measured (docs/benchmarks.md): a gather kernel on the decode GPU itself starves decode of
+SMs, so the decode GPU's share always uses copy engines.
 """
 
 from __future__ import annotations
@@ -54,107 +57,52 @@ def unpin(host: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
 
-class GatherPrefetcher:
-    """The same job in a few kernel launches, whatever the number of blocks: each GPU gathers
-    its share of the blocks straight from host memory (one indexing kernel reading over its
-    own link), and the prefetch GPU pushes its whole share over NVLink as one copy."""
+class Prefetcher:
+    """Moves blocks pool -> decode GPU. The decode GPU pulls its share with DMA copies (copy
+    engines: its SMs stay with the decode kernels); the prefetch GPU gathers the rest with one
+    kernel reading host memory over its own link (its SMs are idle anyway) and pushes them
+    over NVLink as one copy. With no prefetch GPU every block is a DMA copy over one link."""
 
     def __init__(
         self,
         pool: torch.Tensor,  # pinned with pin(): [num_pool_blocks, *block_shape]
         cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
-        staging_device: torch.device | str | None = None,
-        direct_share: float = 0.5,
+        staging_device: torch.device | str | None = None,  # the prefetch GPU
+        direct_share: float = 0.5,  # fraction of blocks the decode GPU copies itself
     ):
-        self.cache = cache
+        self.pool, self.cache = pool, cache
         self.direct_share = direct_share if staging_device is not None else 1.0
-        self.direct = device_view(pool, cache.device)
         self.direct_stream = torch.cuda.Stream(cache.device)
         self.staging_device = staging_device
         if staging_device is not None:
             self.remote = device_view(pool, staging_device)
             self.staging_stream = torch.cuda.Stream(staging_device)
-            self.push_stream = torch.cuda.Stream(cache.device)
-
-    def start(
-        self, pool_blocks: Sequence[int], device_blocks: Sequence[int], chunks: int = 8
-    ) -> list:
-        """Queue the gathers; returns events (see Prefetcher.wait_on / done). The host never
-        waits: block indices travel as pinned, non-blocking copies on the same streams."""
-        n = len(pool_blocks)
-        split = round(n * self.direct_share)
-        dev = self.cache.device
-        src = torch.tensor(pool_blocks, dtype=torch.long).pin_memory()
-        dst = torch.tensor(device_blocks, dtype=torch.long).pin_memory()
-        events = []
-        with torch.cuda.stream(self.direct_stream):
-            src_d = src[:split].to(dev, non_blocking=True)
-            dst_d = dst[:split].to(dev, non_blocking=True)
-            self.cache.index_copy_(0, dst_d, self.direct.index_select(0, src_d))
-            events.append(self.direct_stream.record_event())
-        if split < n:
-            # The prefetch GPU's share in chunks, so the NVLink push of one chunk overlaps
-            # the gather (over PCIe) of the next.
-            with torch.cuda.stream(self.staging_stream), torch.cuda.stream(self.push_stream):
-                for part in torch.arange(split, n).chunk(chunks):
-                    lo, hi = int(part[0]), int(part[-1]) + 1
-                    src_r = src[lo:hi].to(self.staging_device, non_blocking=True)
-                    staged = self.remote.index_select(0, src_r)  # the prefetch GPU's link
-                    staged.record_stream(self.push_stream)  # read there: keep it till then
-                    gathered = self.staging_stream.record_event()
-                    self.push_stream.wait_event(gathered)
-                    landed = staged.to(dev, non_blocking=True)  # NVLink
-                    dst_p = dst[lo:hi].to(dev, non_blocking=True)
-                    self.cache.index_copy_(0, dst_p, landed)
-                events.append(self.staging_stream.record_event())
-                events.append(self.push_stream.record_event())
-        return events
-
-
-class Prefetcher:
-    def __init__(
-        self,
-        pool: torch.Tensor,  # [num_pool_blocks, *block_shape], pinned CPU memory
-        cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
-        staging_device: torch.device | str | None = None,  # the prefetch GPU; None: one link
-        staging_blocks: int = 64,
-        direct_share: float = 0.5,  # fraction of blocks the decode GPU pulls itself
-    ):
-        self.pool, self.cache = pool, cache
-        self.direct_share = direct_share if staging_device is not None else 1.0
-        self.direct_stream = torch.cuda.Stream(cache.device)
-        self.staging = None
-        if staging_device is not None:
-            self.staging_stream = torch.cuda.Stream(staging_device)
             # torch orders a peer copy against the current stream of both GPUs: on the decode
             # GPU that must be a side stream too, or the push would queue behind decode work
             self.push_stream = torch.cuda.Stream(cache.device)
-            # a ring of staging blocks: the H2D copy of block i+R waits for block i's NVLink push
-            self.staging = torch.empty(
-                (staging_blocks, *cache.shape[1:]), dtype=cache.dtype, device=staging_device
-            )
 
     def start(self, pool_blocks: Sequence[int], device_blocks: Sequence[int]) -> list:
         """Queue the copies pool_blocks[i] -> device_blocks[i]; returns events to wait on
-        (`done` / `wait_on`). Nothing blocks the calling thread."""
+        (`wait_on` / `done`). The host never waits for the GPUs."""
         n = len(pool_blocks)
         split = round(n * self.direct_share)
         events = []
-        with torch.cuda.stream(self.direct_stream):
-            for src, dst in zip(pool_blocks[:split], device_blocks[:split], strict=True):
-                self.cache[dst].copy_(self.pool[src], non_blocking=True)
-            events.append(self.direct_stream.record_event())
-        if split < n:
-            ring = self.staging.shape[0]
+        if split < n:  # first, so the prefetch GPU starts while the host issues the rest
+            dev = self.cache.device
+            src = torch.tensor(pool_blocks[split:], dtype=torch.long).pin_memory()
+            dst = torch.tensor(device_blocks[split:], dtype=torch.long).pin_memory()
             with torch.cuda.stream(self.staging_stream), torch.cuda.stream(self.push_stream):
-                for i, (src, dst) in enumerate(
-                    zip(pool_blocks[split:], device_blocks[split:], strict=True)
-                ):
-                    slot = self.staging[i % ring]
-                    slot.copy_(self.pool[src], non_blocking=True)  # prefetch GPU's link
-                    self.cache[dst].copy_(slot, non_blocking=True)  # NVLink, same stream: ordered
+                staged = self.remote.index_select(0, src.to(self.staging_device, non_blocking=True))
+                landed = staged.to(dev, non_blocking=True)  # one NVLink copy
+                self.cache.index_copy_(0, dst.to(dev, non_blocking=True), landed)
                 events.append(self.staging_stream.record_event())
                 events.append(self.push_stream.record_event())
+        with torch.cuda.stream(self.direct_stream):
+            for src_block, dst_block in zip(
+                pool_blocks[:split], device_blocks[:split], strict=True
+            ):
+                self.cache[dst_block].copy_(self.pool[src_block], non_blocking=True)
+            events.append(self.direct_stream.record_event())
         return events
 
     @staticmethod
