@@ -6,35 +6,17 @@ the same tiny cases run compiled on it, and the `gpu` tests add realistic shapes
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Must precede triton's import (and the kernel module's): @triton.jit reads it there.
-    os.environ["TRITON_INTERPRET"] = "1"
+from alignedserve.common.kv_layout import KVLayout
+from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
+from alignedserve.worker.kv_cache import KVCache
 
-triton = pytest.importorskip(
-    "triton",
-    reason="triton is not installed (the worker's GPU kernels need it; pip install triton)",
-)
+from triton_cpu import DEVICE, HAS_CUDA, kernel_module
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+dam = kernel_module("alignedserve.worker.kernels.decode_attention", "_decode_attention_kernel")
 
-from alignedserve.common.kv_layout import KVLayout  # noqa: E402
-from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref  # noqa: E402
-from alignedserve.worker.kv_cache import KVCache  # noqa: E402
-
-# By path: the package re-exports the function under the module's name.
-dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
-if not HAS_CUDA and not isinstance(dam._decode_attention_kernel, InterpretedFunction):
-    # Another test module imported the kernels before TRITON_INTERPRET was set: re-decorate.
-    dam = importlib.reload(dam)
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 NAN = float("nan")
 
 

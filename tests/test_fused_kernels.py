@@ -8,37 +8,19 @@ the same tiny cases run compiled on it, and the `gpu` tests add Llama-3-8B shape
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Must precede triton's import (and the kernel module's): @triton.jit reads it there.
-    os.environ["TRITON_INTERPRET"] = "1"
+from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.model_config import RopeConfig
+from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding
 
-triton = pytest.importorskip(
-    "triton",
-    reason="triton is not installed (the worker's GPU kernels need it; pip install triton)",
-)
+from triton_cpu import DEVICE, HAS_CUDA, kernel_module, triton
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+fused = kernel_module("alignedserve.worker.kernels.fused", "_add_rms_norm_kernel")
 
-from alignedserve.common.kv_layout import KVLayout  # noqa: E402
-from alignedserve.common.model_config import RopeConfig  # noqa: E402
-from alignedserve.worker.kv_cache import KVCache  # noqa: E402
-from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
-
-# By path, as the package may re-export the functions under the module's names.
-fused = importlib.import_module("alignedserve.worker.kernels.fused")
-if not HAS_CUDA and not isinstance(fused._add_rms_norm_kernel, InterpretedFunction):
-    # Another test module imported the kernels before TRITON_INTERPRET was set: re-decorate.
-    fused = importlib.reload(fused)
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 DTYPES = [torch.float32, *HALF_DTYPES]
 NAN = float("nan")
