@@ -91,10 +91,15 @@ class Prefetcher:
             dev = self.cache.device
             src = torch.tensor(pool_blocks[split:], dtype=torch.long).pin_memory()
             dst = torch.tensor(device_blocks[split:], dtype=torch.long).pin_memory()
+            first, count = int(device_blocks[split]), n - split
+            in_place = list(device_blocks[split:]) == list(range(first, first + count))
             with torch.cuda.stream(self.staging_stream), torch.cuda.stream(self.push_stream):
                 staged = self.remote.index_select(0, src.to(self.staging_device, non_blocking=True))
-                landed = staged.to(dev, non_blocking=True)  # one NVLink copy
-                self.cache.index_copy_(0, dst.to(dev, non_blocking=True), landed)
+                if in_place:  # a contiguous destination: one NVLink copy straight into place
+                    self.cache[first : first + count].copy_(staged, non_blocking=True)
+                else:  # land, then scatter on the decode GPU
+                    landed = staged.to(dev, non_blocking=True)
+                    self.cache.index_copy_(0, dst.to(dev, non_blocking=True), landed)
                 events.append(self.staging_stream.record_event())
                 events.append(self.push_stream.record_event())
         with torch.cuda.stream(self.direct_stream):
