@@ -166,7 +166,41 @@ def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
                 print(f"  B={batch} L={length}: KV does not fit, skipped")
                 continue
             rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
-    return {"grid": rows, "with_prefetch": decode_with_prefetch(model, config, kv)}
+    return {
+        "grid": rows,
+        "with_prefetch": decode_with_prefetch(model, config, kv),
+        "prefill": prefill_speed(model, config, kv, ceil, read_params),
+    }
+
+
+def prefill_speed(model, config, kv, ceil, read_params) -> list[dict]:
+    """Prefill through the model (fused SDPA per request, chunks continuing cached KV):
+    prompt tokens per second and the fraction of the matmul ceiling reached."""
+    rows = []
+    for batch, q_len, cached in ((1, 2048, 0), (4, 2048, 0), (1, 2048, 6144)):
+        per = math.ceil((cached + q_len) / 16)
+        tables = torch.arange(batch * per, device="cuda").view(batch, per).tolist()
+        ids = torch.randint(0, config.vocab_size, (batch * q_len,), device="cuda")
+
+        def step(batch=batch, q_len=q_len, cached=cached, tables=tables, ids=ids):
+            meta = AttentionMetadata.build([q_len] * batch, [cached] * batch, tables, 16, "cuda")
+            with torch.inference_mode():
+                hidden = model(ids, meta.positions, meta, kv)
+                return model.logits(hidden[meta.last_token])
+
+        seconds = cuda_time(step, iters=5, warmup=2)
+        tokens = batch * q_len
+        attention = 4 * config.num_heads * config.head_dim * config.num_layers
+        flops = tokens * 2 * read_params + batch * attention * q_len * (cached + q_len / 2)
+        row = dict(batch=batch, q_len=q_len, cached=cached, ms=seconds * 1e3)
+        row["tokens_per_s"] = tokens / seconds
+        row["matmul_fraction"] = flops / seconds / ceil["matmul_flops_per_s"]
+        rows.append(row)
+        print(
+            f"  prefill B={batch} chunk {q_len} after {cached} cached: {row['ms']:.1f} ms, "
+            f"{row['tokens_per_s']:.0f} tok/s, {100 * row['matmul_fraction']:.0f}% of matmul peak"
+        )
+    return rows
 
 
 def decode_with_prefetch(model, config, kv) -> dict:
@@ -193,7 +227,7 @@ def decode_with_prefetch(model, config, kv) -> dict:
     decode_stream = torch.cuda.current_stream()
     for _ in range(steps):  # decode steps while the copies run
         graph.replay(ids, tables, ctx).argmax(-1)
-        decode_stream.synchronize()  # this stream only: a device-wide sync would wait for the copies
+        decode_stream.synchronize()  # this stream only: a device-wide sync waits for the copies
     during = (time.perf_counter() - start) / steps
     covered = not Prefetcher.done(events)  # the copy outlasted every timed step
     Prefetcher.wait_on(events)

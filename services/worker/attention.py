@@ -35,6 +35,8 @@ class AttentionMetadata:
     last_token: torch.Tensor  # [B] packed index of each request's last new token
     max_q_len: int
     num_splits: int | None = None  # decode kernel's KV splits; fixed when a graph is captured
+    host_q_lens: tuple[int, ...] = ()  # the same lengths on the host (prefill loops over them)
+    host_ctx_lens: tuple[int, ...] = ()
 
     @classmethod
     def build(
@@ -68,6 +70,8 @@ class AttentionMetadata:
             ctx_lens=(cached_t + q_lens_t).to(device),
             last_token=(starts + q_lens_t - 1).to(device),
             max_q_len=int(q_lens_t.max()),
+            host_q_lens=tuple(q_lens),
+            host_ctx_lens=tuple(c + q for c, q in zip(num_cached, q_lens, strict=True)),
         )
 
 
@@ -112,7 +116,41 @@ def attend_cached(
             sliding_window,
             num_splits=meta.num_splits,
         )
+    if q.is_cuda and sliding_window is None and meta.host_q_lens:
+        return attend_prefill(q, k_blocks, v_blocks, meta, scale)
     return _attend_ref(q, k_blocks, v_blocks, meta, scale, sliding_window)
+
+
+def attend_prefill(
+    q: torch.Tensor,  # [N, q_heads, head_dim] packed new tokens of all requests
+    k_blocks: torch.Tensor,  # [num_blocks, T, kv_heads, D]
+    v_blocks: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [N, q_heads, head_dim]
+    """(Chunked) prefill, one request at a time, through torch's fused attention: the causal
+    mask is aligned to the bottom right (a chunk's queries come after its cached keys), which
+    the flash and memory-efficient kernels take without materialising a mask. No padding."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    out = torch.empty_like(q)
+    block_tokens = k_blocks.shape[1]
+    start = 0
+    for b, (q_len, ctx_len) in enumerate(zip(meta.host_q_lens, meta.host_ctx_lens, strict=True)):
+        table = meta.block_tables[b, : -(-ctx_len // block_tokens)]
+        keys = k_blocks[table].flatten(0, 1)[:ctx_len]  # [ctx, kv_heads, D]
+        values = v_blocks[table].flatten(0, 1)[:ctx_len]
+        q_b = q[start : start + q_len]  # [q_len, q_heads, D]
+        out[start : start + q_len] = F.scaled_dot_product_attention(
+            q_b.transpose(0, 1)[None],  # [1, Hq, q_len, D]
+            keys.to(q.dtype).transpose(0, 1)[None],  # [1, Hk, ctx, D]
+            values.to(q.dtype).transpose(0, 1)[None],
+            attn_mask=causal_lower_right(q_len, ctx_len),
+            scale=scale,
+            enable_gqa=q.shape[1] != keys.shape[1],
+        )[0].transpose(0, 1)
+        start += q_len
+    return out
 
 
 def paged_attention_ref(
