@@ -33,28 +33,15 @@ class DecodeGraph:
         self.block_tokens = kv_cache.layout.block_tokens
         dev = kv_cache.blocks.device
         b = batch_size
+        # The inputs a replay writes; positions and KV slots are derived inside the graph.
         self.input_ids = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
-        self.positions = torch.zeros(b, dtype=torch.long, device=dev)  # [B]
-        self.slot_block = torch.full((b,), scratch_block, dtype=torch.long, device=dev)
-        self.slot_offset = torch.zeros(b, dtype=torch.long, device=dev)
         self.block_tables = torch.full(
             (b, max_blocks), scratch_block, dtype=torch.long, device=dev
         )  # [B, max_blocks]
         self.ctx_lens = torch.ones(b, dtype=torch.long, device=dev)  # [B]
-        rows = torch.arange(b, device=dev)
-        self.meta = AttentionMetadata(
-            positions=self.positions,
-            slot_block=self.slot_block,
-            slot_offset=self.slot_offset,
-            q_batch=rows,
-            q_index=torch.zeros(b, dtype=torch.long, device=dev),
-            block_tables=self.block_tables,
-            q_lens=torch.ones(b, dtype=torch.long, device=dev),
-            ctx_lens=self.ctx_lens,
-            last_token=rows,
-            max_q_len=1,
-            num_splits=num_splits,
-        )
+        self.rows = torch.arange(b, device=dev)
+        self.num_splits = num_splits
+        self.filled = b  # rows [filled:] hold padding (a 1-token context in the scratch block)
         # Warm up on a side stream (Triton compiles, cuBLAS picks algorithms), then capture.
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -67,7 +54,21 @@ class DecodeGraph:
             self.logits = self._forward()  # [B, vocab], rewritten by every replay
 
     def _forward(self) -> torch.Tensor:
-        hidden = self.model(self.input_ids, self.positions, self.meta, self.kv_cache)
+        positions = self.ctx_lens - 1  # [B] the new token's position
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_block=self.block_tables[self.rows, positions // self.block_tokens],
+            slot_offset=positions % self.block_tokens,
+            q_batch=self.rows,
+            q_index=torch.zeros_like(self.rows),
+            block_tables=self.block_tables,
+            q_lens=torch.ones_like(self.rows),
+            ctx_lens=self.ctx_lens,
+            last_token=self.rows,
+            max_q_len=1,
+            num_splits=self.num_splits,
+        )
+        hidden = self.model(self.input_ids, positions, meta, self.kv_cache)
         return self.model.logits(hidden)
 
     @torch.inference_mode()
@@ -79,20 +80,14 @@ class DecodeGraph:
     ) -> torch.Tensor:  # [n, vocab] logits
         n, width = block_tables.shape
         assert n <= self.batch_size and width <= self.max_blocks, (n, width)
-        positions = ctx_lens - 1
         self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
         self.ctx_lens[:n].copy_(ctx_lens)
         self.block_tables[:n, :width].copy_(block_tables)
-        self.block_tables[:n, width:].fill_(self.scratch_block)
-        rows = torch.arange(n, device=block_tables.device)
-        self.slot_block[:n].copy_(block_tables[rows, positions // self.block_tokens])
-        self.slot_offset[:n].copy_(positions % self.block_tokens)
-        # padding rows: a one-token context in the scratch block
-        self.block_tables[n:].fill_(self.scratch_block)
-        self.ctx_lens[n:].fill_(1)
-        self.positions[n:].zero_()
-        self.slot_block[n:].fill_(self.scratch_block)
-        self.slot_offset[n:].zero_()
+        if width < self.max_blocks:
+            self.block_tables[:n, width:].fill_(self.scratch_block)
+        if n != self.filled:  # padding rows: a one-token context in the scratch block
+            self.block_tables[n:].fill_(self.scratch_block)
+            self.ctx_lens[n:].fill_(1)
+            self.filled = n
         self.graph.replay()
         return self.logits[:n]
