@@ -133,9 +133,13 @@ def check_greedy() -> dict:
         params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)] * 3
         cpu = LocalRuntime.from_dir(tmp, device="cpu").generate(prompts, params)
         gpu = LocalRuntime.from_dir(tmp, device="cuda").generate(prompts, params)
+        graphs = LocalRuntime.from_dir(tmp, device="cuda", cuda_graphs=True)
+        graphed = graphs.generate(prompts, params)
     same = [c.token_ids == g.token_ids for c, g in zip(cpu, gpu, strict=True)]
+    same_graphs = [c.token_ids == g.token_ids for c, g in zip(cpu, graphed, strict=True)]
     print(f"  greedy tokens GPU == CPU (tiny fp32 llama, 3 prompts x 32): {same}")
-    return {"greedy_equal": same}
+    print(f"  ... with CUDA-graph decode (buckets {sorted(graphs.runner._graphs)}): {same_graphs}")
+    return {"greedy_equal": same, "greedy_equal_graphs": same_graphs}
 
 
 def decode_grid(ceil: dict[str, float], quick: bool) -> dict:

@@ -26,6 +26,7 @@ class DecodeGraph:
         max_blocks: int,
         scratch_block: int,
         num_splits: int | None = None,
+        pool=None,  # a torch.cuda.graph_pool_handle() shared by graphs that never run at once
     ):
         self.model, self.kv_cache = model, kv_cache
         self.batch_size, self.max_blocks = batch_size, max_blocks
@@ -50,7 +51,7 @@ class DecodeGraph:
                 self._forward()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
             self.logits = self._forward()  # [B, vocab], rewritten by every replay
 
     def _forward(self) -> torch.Tensor:

@@ -47,11 +47,13 @@ class LocalRuntime:
         num_blocks: int = 1024,
         block_tokens: int = 16,
         load_tokenizer: bool = True,
+        cuda_graphs: bool = False,
     ) -> LocalRuntime:
         config = ModelConfig.from_dir(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype)
         layout = KVLayout.for_model(config, block_tokens=block_tokens, dtype=dtype)
-        runner = ModelRunner(model, KVCache(layout, num_blocks, device=device))
+        cache = KVCache(layout, num_blocks, device=device, scratch_block=cuda_graphs)
+        runner = ModelRunner(model, cache)
         tokenizer = Tokenizer.from_dir(model_dir) if load_tokenizer else None
         return cls(config, runner, tokenizer)
 

@@ -10,12 +10,22 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 class KVCache:
-    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        device: str | torch.device = "cpu",
+        scratch_block: bool = False,
+    ):
         self.layout = layout
-        self.num_blocks = num_blocks
-        # [num_blocks, layers, 2, block_tokens, kv_heads, head_dim]
+        self.num_blocks = num_blocks  # blocks requests may own
+        # One more block that nobody owns: CUDA-graph padding rows read and write it.
+        self.scratch_block = num_blocks if scratch_block else None
+        # [num_blocks (+ scratch), layers, 2, block_tokens, kv_heads, head_dim]
         self.blocks = torch.zeros(
-            (num_blocks, *layout.block_shape), dtype=TORCH_DTYPES[layout.dtype], device=device
+            (num_blocks + scratch_block, *layout.block_shape),
+            dtype=TORCH_DTYPES[layout.dtype],
+            device=device,
         )
 
     @property

@@ -43,10 +43,16 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = kv_cache.blocks.device
         self.block_tokens = kv_cache.layout.block_tokens
+        # Decode steps replay CUDA graphs when the cache has a scratch block for their padding.
+        self.use_graphs = self.device.type == "cuda" and kv_cache.scratch_block is not None
+        self._graphs: dict[tuple[int, int], object] = {}  # (batch bucket, width bucket)
+        self._graph_pool = None
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[SeqChunk], all_logits: bool = False) -> torch.Tensor:
         """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab])."""
+        if self.use_graphs and not all_logits and all(len(c.token_ids) == 1 for c in chunks):
+            return self._decode_with_graph(chunks)
         meta = AttentionMetadata.build(
             q_lens=[len(c.token_ids) for c in chunks],
             num_cached=[c.num_cached_tokens for c in chunks],
@@ -59,6 +65,37 @@ class ModelRunner:
         )
         hidden = self.model(input_ids, meta.positions, meta, self.kv_cache)  # [N, hidden]
         return self.model.logits(hidden if all_logits else hidden[meta.last_token])
+
+    def _decode_with_graph(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """A pure decode step through a captured graph: batch and block-table width are
+        rounded up to powers of two, each (batch, width) bucket captured on first use, all
+        sharing one memory pool (they never run at the same time)."""
+        from alignedserve.worker.cuda_graph import DecodeGraph
+
+        n = len(chunks)
+        width = max(len(c.block_table) for c in chunks)
+        key = (_bucket(n), _bucket(max(width, 16)))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = DecodeGraph(
+                self.model, self.kv_cache, *key, self.kv_cache.scratch_block, pool=self._graph_pool
+            )
+            self._graphs[key] = graph
+        scratch = self.kv_cache.scratch_block
+        tables = torch.tensor(
+            [list(c.block_table) + [scratch] * (width - len(c.block_table)) for c in chunks],
+            dtype=torch.long,
+        )
+        ids = torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long)
+        ctx = torch.tensor([c.num_cached_tokens + 1 for c in chunks], dtype=torch.long)
+        dev = self.device
+        return graph.replay(
+            ids.to(dev, non_blocking=True),
+            tables.to(dev, non_blocking=True),
+            ctx.to(dev, non_blocking=True),
+        )
 
     def step(self, chunks: Sequence[SeqChunk]) -> list[SampledToken]:
         """Run the chunks and sample one token for each chunk that asks for one."""
@@ -75,3 +112,8 @@ class ModelRunner:
             SampledToken(chunks[i].request_id, int(t), float(lp))
             for i, t, lp in zip(wanted, tokens.tolist(), logprobs.tolist(), strict=True)
         ]
+
+
+def _bucket(n: int) -> int:
+    """The next power of two >= n."""
+    return 1 << (n - 1).bit_length()

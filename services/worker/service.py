@@ -315,6 +315,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 # ---------------------------------------------------------------- serving
 
 
+def torch_device_is_cuda(device: str) -> bool:
+    return device.split(":")[0] == "cuda"
+
+
 def load_servicer(config: WorkerConfig) -> WorkerServicer:
     """Load the model and its device KV cache (blocking: seconds to minutes)."""
     # The torch side, imported here and not at the top: see the module docstring.
@@ -327,7 +331,8 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
     model_config = ModelConfig.from_dir(model_dir)
     model = load_model(model_dir, device=config.device, dtype=config.dtype)
     layout = KVLayout.for_model(model_config, config.block_tokens, config.dtype)
-    kv_cache = KVCache(layout, config.num_device_blocks, device=config.device)
+    on_gpu = torch_device_is_cuda(config.device)
+    kv_cache = KVCache(layout, config.num_device_blocks, device=config.device, scratch_block=on_gpu)
     eos = set(model_config.eos_token_ids)
     if (model_dir / TOKENIZER_FILE).is_file():  # generation_config's end-of-turn ids
         eos |= set(Tokenizer.from_dir(model_dir).eos_token_ids)
