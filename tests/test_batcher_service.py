@@ -36,9 +36,10 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def stack(model_dir, worker_port, **batcher_kw):
+async def stack(model_dir, worker_port, device="cpu", **batcher_kw):
     """A worker and a batcher on loopback; yields (batcher stub, worker task holder)."""
-    worker = {"task": asyncio.create_task(serve_worker(WorkerConfig(model_dir, port=worker_port)))}
+    config = WorkerConfig(model_dir, port=worker_port, device=device)
+    worker = {"task": asyncio.create_task(serve_worker(config))}
     started = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     config = BatcherConfig(
@@ -76,13 +77,21 @@ def greedy(n):
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("policy", ["aligned", "fcfs"])
-def test_greedy_tokens_equal_the_runtime(model_dir, policy):
+@pytest.mark.parametrize(
+    ("policy", "device"),
+    [
+        ("aligned", "cpu"),
+        ("fcfs", "cpu"),
+        # the worker on a GPU: CUDA-graph decode, fused kernels, pinned-pool loads/write-backs
+        pytest.param("aligned", "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
     prompts = random_prompts((5, 17, 33, 60, 9, 24), seed=4)
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(20)] * len(prompts))
 
     async def main():
-        async with stack(model_dir, free_port(), policy=policy) as (stub, _):
+        async with stack(model_dir, free_port(), device, policy=policy) as (stub, _):
             results = await asyncio.gather(
                 *(generate(stub, f"r{i}", p, greedy(20)) for i, p in enumerate(prompts))
             )

@@ -89,6 +89,12 @@ class Prefetcher:
         n = len(pool_blocks)
         split = round(n * self.direct_share)
         events = []
+        # the pool blocks may have just been written (write-back) by work queued on this stream
+        current = torch.cuda.current_stream(self.cache.device)
+        self.direct_stream.wait_stream(current)
+        if self.staging_device is not None:
+            self.staging_stream.wait_stream(current)
+            self.push_stream.wait_stream(current)
         if split < n:  # first, so the prefetch GPU starts while the host issues the rest
             dev = self.cache.device
             src = torch.tensor(pool_blocks[split:], dtype=torch.long).pin_memory()

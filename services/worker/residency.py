@@ -52,6 +52,14 @@ class DeviceResidency:
             .view(pool.num_blocks, *kv_cache.layout.block_shape)
         )
         self._requests: dict[str, _Resident] = {}
+        # On a GPU: page-lock the pool so loads are DMA on a copy stream (Prefetcher) and
+        # write-backs are DMA too; on the CPU the indexed copies below are already direct.
+        self._prefetcher = None
+        if kv_cache.blocks.is_cuda:
+            from alignedserve.worker.prefetch import Prefetcher, pin
+
+            pin(self._pool_blocks)
+            self._prefetcher = Prefetcher(self._pool_blocks, kv_cache.blocks)
 
     # ---------------------------------------------------------------- queries
 
@@ -82,7 +90,11 @@ class DeviceResidency:
         num_blocks = self.kv_cache.layout.blocks_for(num_kv_tokens)
         self._check_pool_blocks("load", request_id, pool_blocks, num_blocks)
         device_blocks = self.allocator.allocate(num_blocks)
-        if num_blocks:
+        if num_blocks and self._prefetcher is not None:
+            # copy engines on a side stream; the next forward (current stream) waits for them
+            events = self._prefetcher.start(list(pool_blocks[:num_blocks]), device_blocks)
+            self._prefetcher.wait_on(events)
+        elif num_blocks:
             src = self._pool_index(pool_blocks[:num_blocks])
             dst = self._device_index(device_blocks)
             # [n, layers, 2, block_tokens, kv_heads, head_dim]
@@ -112,7 +124,17 @@ class DeviceResidency:
         r = self._get(request_id, "write_back")
         num_blocks = self.kv_cache.layout.blocks_for(r.num_kv_tokens)
         self._check_pool_blocks("write_back", request_id, pool_blocks, num_blocks)
-        if r.num_synced < r.num_kv_tokens:
+        if r.num_synced < r.num_kv_tokens and self._prefetcher is not None:
+            first = r.num_synced // self._block_tokens
+            pool = self._pool()
+            for d, p in zip(
+                r.device_blocks[first:num_blocks], pool_blocks[first:num_blocks], strict=True
+            ):
+                pool[p].copy_(self.kv_cache.blocks[d], non_blocking=True)
+            # The batcher counts these tokens as safe in the pool once the step answers (a
+            # worker crash after that must not lose them): finish the copies first.
+            torch.cuda.current_stream().synchronize()
+        elif r.num_synced < r.num_kv_tokens:
             first = r.num_synced // self._block_tokens
             src = self._device_index(r.device_blocks[first:num_blocks])
             dst = self._pool_index(pool_blocks[first:num_blocks])
@@ -134,6 +156,12 @@ class DeviceResidency:
     def close(self) -> None:
         """Release everything and unmap the pool (the segment itself is the batcher's)."""
         self.release_all()
+        if self._prefetcher is not None:
+            from alignedserve.worker.prefetch import unpin
+
+            torch.cuda.synchronize()
+            unpin(self._pool_blocks)
+            self._prefetcher = None
         # The mapping cannot be unmapped while a view of it is alive.
         self._pool_blocks = None
         self.pool.close()

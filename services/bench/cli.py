@@ -1,0 +1,211 @@
+"""`alignedserve bench`: one workload against an OpenAI-compatible server, under each load
+shape asked for (a rate sweep, closed-loop concurrencies, or offline), then one table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alignedserve.bench.metrics import Slo, summarize
+from alignedserve.bench.plots import write_plots
+from alignedserve.bench.progress import Progress
+from alignedserve.bench.report import BenchRun, markdown_table, write_json, write_markdown
+from alignedserve.bench.shapes import Concurrency, LoadShape, Offline, Poisson, describe
+from alignedserve.bench.workload import is_workload, make_requests, workload_names
+from alignedserve.common.errors import ConfigError, UnavailableError
+
+if TYPE_CHECKING:
+    from alignedserve.bench.targets import Target
+
+WARM_UP_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    base_url: str = "http://127.0.0.1:8000"  # with or without /v1
+    model: str = ""  # empty: the first model of /v1/models
+    workload: str = "paper-90"
+    num_requests: int = 1000  # per run
+    seed: int = 0
+    # Prompt ids are drawn below it. The default is the smallest common vocabulary (Llama 2,
+    # Mistral), so the ids are valid on every usual model.
+    vocab_size: int = 32000
+    rates: tuple[float, ...] = ()  # req/s, one run each; inf: offline
+    concurrencies: tuple[int, ...] = ()  # requests in flight, one run each
+    # Offline, the requests in flight at once; for every run, the client's connections.
+    # AlignedServe wants a large pool of requests in flight: keep it above the server's.
+    max_concurrency: int = 1024
+    timeout_s: float = 3600.0  # per run
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    out: str = ""  # directory for bench.json, bench.md and the PNGs; empty: print only
+
+    def __post_init__(self) -> None:
+        if not is_workload(self.workload):
+            raise ConfigError(
+                f"workload={self.workload!r}: expected one of {workload_names()} "
+                "or fixed-PROMPT-OUTPUT"
+            )
+        for name in ("num_requests", "max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
+        if not all(rate > 0 for rate in self.rates):  # NaN fails too
+            raise ConfigError(f"rates={self.rates}: each must be > 0 (inf: offline)")
+        if not all(n >= 1 for n in self.concurrencies):
+            raise ConfigError(f"concurrencies={self.concurrencies}: each must be >= 1")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s={self.timeout_s} must be > 0")
+        for name in ("slo_ttft_s", "slo_tpot_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}={value} must be > 0")
+
+    def shapes(self) -> list[LoadShape]:
+        """The runs, in the order given: rates first, then concurrencies; offline if none."""
+        shapes: list[LoadShape] = [
+            Offline(self.max_concurrency) if math.isinf(rate) else Poisson(rate)
+            for rate in self.rates
+        ]
+        shapes += [Concurrency(n) for n in self.concurrencies]
+        return shapes or [Offline(self.max_concurrency)]
+
+    def slo(self) -> Slo:
+        return Slo(ttft_s=self.slo_ttft_s, tpot_s=self.slo_tpot_s)
+
+
+DEFAULTS = BenchConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    parser.add_argument("--base-url", default=d.base_url, help="the server (with or without /v1)")
+    parser.add_argument("--model", default=d.model, help="default: the first of /v1/models")
+    parser.add_argument(
+        "--workload",
+        default=d.workload,
+        help=f"{', '.join(workload_names())}, or any fixed-PROMPT-OUTPUT (default {d.workload})",
+    )
+    parser.add_argument("--num-requests", type=int, default=d.num_requests, help="per run")
+    parser.add_argument("--seed", type=int, default=d.seed, help="lengths, arrivals and prompts")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=d.vocab_size,
+        help="prompt token ids are drawn below it, away from both ends",
+    )
+    parser.add_argument(
+        "--rate",
+        dest="rates",
+        type=float,
+        action="append",
+        default=[],
+        help="Poisson arrivals at this many requests/s, one run each (repeat for a sweep); "
+        "inf: offline. With neither --rate nor --concurrency: one offline run",
+    )
+    parser.add_argument(
+        "--concurrency",
+        dest="concurrencies",
+        type=int,
+        action="append",
+        default=[],
+        help="closed loop with this many requests in flight, one run each (repeat)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=d.max_concurrency,
+        help="offline: requests in flight at once; every run: the client's connections",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=d.timeout_s,
+        help="stops a run: requests still out are cancelled and counted as failed",
+    )
+    parser.add_argument("--slo-ttft-s", type=float, default=d.slo_ttft_s, help="for goodput")
+    parser.add_argument("--slo-tpot-s", type=float, default=d.slo_tpot_s, help="for goodput")
+    parser.add_argument(
+        "--out", default=d.out, help="write bench.json, bench.md and PNG plots to this directory"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
+    return BenchConfig(
+        **{**values, "rates": tuple(args.rates), "concurrencies": tuple(args.concurrencies)}
+    )
+
+
+async def _warm_up(target: Target, config: BenchConfig, run_index: int) -> None:
+    """One short request before the runs, as vLLM's bench sends: the first run does not pay
+    the server's first-request costs, and an unusable endpoint fails once, not N times. Its
+    prompt (run_index) is one no run sends, so no run finds it in a prefix cache."""
+    (request,) = make_requests(config.workload, 1, config.seed, None, config.vocab_size, run_index)
+    request = replace(request, max_tokens=min(request.max_tokens, WARM_UP_MAX_TOKENS))
+    async with asyncio.timeout(config.timeout_s):
+        record = await target.run(request)
+    if not record.is_ok:
+        raise UnavailableError(f"the warm-up request failed: {record.error}")
+
+
+async def bench(config: BenchConfig) -> tuple[str, list[BenchRun]]:
+    """The model benchmarked and each run's results, in the order of config.shapes()."""
+    # The HTTP client is imported only to run, so that `alignedserve --help` stays light.
+    from alignedserve.bench.runner import run_load
+    from alignedserve.bench.targets import OpenAITarget, first_model
+
+    model = config.model or await first_model(config.base_url)
+    runs = []
+    max_connections = max(config.max_concurrency, *config.concurrencies)
+    shapes = config.shapes()
+    async with OpenAITarget(config.base_url, model, max_connections) as target:
+        await _warm_up(target, config, run_index=len(shapes))
+        for index, shape in enumerate(shapes):
+            rate = shape.rate_per_s if isinstance(shape, Poisson) else None
+            requests = make_requests(
+                config.workload, config.num_requests, config.seed, rate, config.vocab_size, index
+            )
+            async with Progress(describe(shape), len(requests)) as progress:
+                run = await run_load(target, requests, shape, config.timeout_s, progress.advance)
+            runs.append(BenchRun(shape, run, summarize(run, config.slo())))
+    return model, runs
+
+
+def _title(config: BenchConfig, model: str) -> str:
+    slo = config.slo()
+    objectives = [
+        f"{name} ≤ {value * 1e3:g} ms"
+        for name, value in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s))
+        if value is not None
+    ]
+    goodput = f"; goodput at {', '.join(objectives)}" if objectives else ""
+    return (
+        f"`alignedserve bench`: {config.workload}, {config.num_requests} requests per run, "
+        f"model {model} at {config.base_url}, EOS ignored{goodput}"
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Runs every load shape, writes the reports, prints the table; 1 if a request failed."""
+    config = config_from_args(args)
+    model, runs = asyncio.run(bench(config))
+    title = _title(config, model)
+    if config.out:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "bench.json", {**dataclasses.asdict(config), "model": model}, runs)
+        write_markdown(out / "bench.md", title, runs)
+        write_plots(out, runs)
+    print(f"{title}\n\n{markdown_table(runs)}", end="")
+    num_failed = sum(b.summary.num_failed + b.summary.num_not_sent for b in runs)
+    if num_failed:
+        print(f"alignedserve bench: {num_failed} requests failed or not sent", file=sys.stderr)
+    return 1 if num_failed else 0
