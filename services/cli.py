@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     from alignedserve.batcher.sim.cli import add_arguments  # no torch: cheap to import
 
     add_arguments(sim)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark an OpenAI-compatible server: throughput, TTFT, TPOT, ITL"
+    )
+    from alignedserve.bench.cli import add_arguments as add_bench_arguments  # no torch, no HTTP
+
+    add_bench_arguments(bench)
     return parser
 
 
@@ -87,6 +94,10 @@ def _run(args: argparse.Namespace) -> int:
         from alignedserve.batcher.sim.cli import run_sim
 
         return run_sim(args)
+    if args.command == "bench":
+        from alignedserve.bench.cli import run_bench
+
+        return run_bench(args)
     if args.command == "generate":
         from alignedserve.worker.demo import run_generate
 

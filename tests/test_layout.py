@@ -24,6 +24,7 @@ TORCH_FREE_PACKAGES = (
     "alignedserve.router",
     "alignedserve.batcher",
     "alignedserve.operator",
+    "alignedserve.bench",
 )
 REQUIRED_COMMON = ("model_config", "kv_layout", "block_allocator", "sampling_params")
 REQUIRED_COMMON += ("tokenizer", "errors")

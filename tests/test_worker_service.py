@@ -20,12 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.errors import ConfigError, InvalidRequestError, OutOfBlocksError
 from alignedserve.common.kv_layout import KVLayout
-from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
+from alignedserve.common.proto import health_pb2, health_pb2_grpc, worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import CHANNEL_OPTIONS
 from alignedserve.common.sampling_params import finish_reason
 from alignedserve.common.wire import layout_from_proto, layout_to_proto, sampling_to_proto

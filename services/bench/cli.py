@@ -105,6 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         dest="rates",
         type=float,
+        metavar="REQ_PER_S",
         action="append",
         default=[],
         help="Poisson arrivals at this many requests/s, one run each (repeat for a sweep); "
@@ -114,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         dest="concurrencies",
         type=int,
+        metavar="N",
         action="append",
         default=[],
         help="closed loop with this many requests in flight, one run each (repeat)",
@@ -153,7 +155,9 @@ async def _warm_up(target: Target, config: BenchConfig, run_index: int) -> None:
     async with asyncio.timeout(config.timeout_s):
         record = await target.run(request)
     if not record.is_ok:
-        raise UnavailableError(f"the warm-up request failed: {record.error}")
+        # The flag users most often get wrong: the default vocabulary fits usual models only.
+        hint = f"(--vocab-size {config.vocab_size}: is it at most the model's?)"
+        raise UnavailableError(f"the warm-up request failed: {record.error} {hint}")
 
 
 async def bench(config: BenchConfig) -> tuple[str, list[BenchRun]]:
@@ -164,7 +168,7 @@ async def bench(config: BenchConfig) -> tuple[str, list[BenchRun]]:
 
     model = config.model or await first_model(config.base_url)
     runs = []
-    max_connections = max(config.max_concurrency, *config.concurrencies)
+    max_connections = max((config.max_concurrency, *config.concurrencies))
     shapes = config.shapes()
     async with OpenAITarget(config.base_url, model, max_connections) as target:
         await _warm_up(target, config, run_index=len(shapes))

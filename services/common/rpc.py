@@ -3,8 +3,9 @@ always carry the standard health service."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from alignedserve.common.errors import (
     AlignedServeError,
@@ -15,6 +16,7 @@ from alignedserve.common.errors import (
     QueueFullError,
     UnavailableError,
 )
+from alignedserve.common.proto import health_pb2, health_pb2_grpc
 
 # error class -> gRPC status; HTTP statuses live on the classes (AlignedServeError.http_status)
 GRPC_STATUS: dict[type[AlignedServeError], grpc.StatusCode] = {
@@ -51,21 +53,52 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def aio_server() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """The standard gRPC health service (protos/alignedserve/v1/health.proto): a status per
+    service name, "" meaning the whole server. Check answers now; Watch streams changes."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    async def set(self, service: str, status: int) -> None:
+        self._status[service] = status
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def Check(self, request, context):
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        last = None
+        while True:
+            status = self._status.get(request.service, unknown)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            async with self._changed:
+                await self._changed.wait()
+
+
+def aio_server() -> tuple[grpc.aio.Server, HealthServicer]:
     """An asyncio gRPC server with the standard health service; the caller adds its own
     servicers, binds a port and flips health to SERVING when ready."""
     # no SO_REUSEPORT: a second server on a busy port must fail, not silently share it
     server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return server, health_servicer
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server, health
 
 
-async def set_serving(health_servicer, service_names: list[str], serving: bool) -> None:
+async def set_serving(health: HealthServicer, service_names: list[str], serving: bool) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
     for name in ["", *service_names]:
-        await health_servicer.set(name, status)
+        await health.set(name, status)
