@@ -36,9 +36,11 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def stack(model_dir, worker_port, device="cpu", **batcher_kw):
+async def stack(model_dir, worker_port, device="cpu", prefetch_device=None, **batcher_kw):
     """A worker and a batcher on loopback; yields (batcher stub, worker task holder)."""
-    config = WorkerConfig(model_dir, port=worker_port, device=device)
+    config = WorkerConfig(
+        model_dir, port=worker_port, device=device, prefetch_device=prefetch_device
+    )
     worker = {"task": asyncio.create_task(serve_worker(config))}
     started = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
@@ -84,6 +86,8 @@ def greedy(n):
         ("fcfs", "cpu"),
         # the worker on a GPU: CUDA-graph decode, fused kernels, pinned-pool loads/write-backs
         pytest.param("aligned", "cuda", marks=pytest.mark.gpu),
+        # the GPU pair: loads over both PCIe links (the prefetch GPU's via NVLink)
+        pytest.param("aligned", "cuda:0+cuda:1", marks=pytest.mark.gpu2),
     ],
 )
 def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
@@ -91,7 +95,11 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(20)] * len(prompts))
 
     async def main():
-        async with stack(model_dir, free_port(), device, policy=policy) as (stub, _):
+        decode, _, prefetch = device.partition("+")
+        async with stack(model_dir, free_port(), decode, prefetch or None, policy=policy) as (
+            stub,
+            _,
+        ):
             results = await asyncio.gather(
                 *(generate(stub, f"r{i}", p, greedy(20)) for i, p in enumerate(prompts))
             )

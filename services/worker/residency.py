@@ -34,7 +34,7 @@ class DeviceResidency:
     """Device KV blocks of the resident requests, over one attached CPU pool. Not thread-safe:
     the service calls it from one step at a time."""
 
-    def __init__(self, kv_cache: KVCache, pool: CpuKVPool):
+    def __init__(self, kv_cache: KVCache, pool: CpuKVPool, prefetch_device: str | None = None):
         if pool.layout != kv_cache.layout:
             raise ConfigError(
                 f"pool {pool.name!r} has layout {pool.layout}, the device cache {kv_cache.layout}"
@@ -59,7 +59,9 @@ class DeviceResidency:
             from alignedserve.worker.prefetch import Prefetcher, pin
 
             pin(self._pool_blocks)
-            self._prefetcher = Prefetcher(self._pool_blocks, kv_cache.blocks)
+            self._prefetcher = Prefetcher(
+                self._pool_blocks, kv_cache.blocks, staging_device=prefetch_device
+            )
 
     # ---------------------------------------------------------------- queries
 

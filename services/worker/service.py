@@ -61,6 +61,10 @@ class WorkerConfig:
         default=2048, metadata={"help": "KV blocks on the device (the decode KV capacity)"}
     )
     block_tokens: int = field(default=16, metadata={"help": "tokens per KV block"})
+    prefetch_device: str | None = field(
+        default=None,
+        metadata={"help": "the pair's prefetch GPU (e.g. cuda:1): loads use both PCIe links"},
+    )
     # A batcher that reconnects may open its new Session before the worker has seen the old
     # stream end (and finished its in-flight step): it waits this long, then is refused.
     session_handover_s: float = field(
@@ -348,7 +352,7 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
     return WorkerServicer(
         info,
         ModelRunner(model, kv_cache),
-        functools.partial(DeviceResidency, kv_cache),
+        functools.partial(DeviceResidency, kv_cache, prefetch_device=config.prefetch_device),
         session_handover_s=config.session_handover_s,
     )
 
