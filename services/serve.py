@@ -33,6 +33,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # HTTP address; 0.0.0.0 to serve other machines
     port: int = 8000  # HTTP port
     device: str = "cpu"  # the worker's torch device
+    prefetch_device: str = ""  # the pair's prefetch GPU (e.g. cuda:1): loads over both links
     dtype: str = ""  # weights and KV dtype; empty: the checkpoint's
     pool_gib: float = 1.0  # CPU KV pool
     policy: str = "aligned"  # aligned | fcfs
@@ -119,6 +120,8 @@ async def serve_all(
         worker_args += ["--num-device-blocks", str(config.num_device_blocks)]
         if config.dtype:
             worker_args += ["--dtype", config.dtype]
+        if config.prefetch_device:
+            worker_args += ["--prefetch-device", config.prefetch_device]
         supervisor = WorkerSupervisor(worker_args)
         stop_worker, stop_batcher = asyncio.Event(), asyncio.Event()
         worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")

@@ -345,11 +345,16 @@ class BatcherEngine:
         layout = wire.layout_from_proto(info.kv_layout)
         self.pool = CpuKVPool.create_bytes(layout, self.config.pool_bytes)
         base = self.config.scheduler
+        # fcfs keeps every running request's KV on the device: its blocks budget is the
+        # device's, whatever the pool's size (the pool only mirrors them)
+        blocks = self.pool.num_blocks
+        if base.policy == "fcfs":
+            blocks = min(blocks, info.num_device_blocks)
         config = type(base)(
             **{
                 **base.__dict__,
                 "block_tokens": layout.block_tokens,
-                "num_pool_blocks": self.pool.num_blocks,
+                "num_pool_blocks": blocks,
                 "gpu_kv_tokens": info.num_device_blocks * layout.block_tokens,
             }
         )
