@@ -258,3 +258,18 @@ def test_import_is_torch_free() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_padded_byte_tokenizer_decodes_every_id(tmp_path):
+    """A random-weight model samples any id below its vocab size; padded to that size, the
+    tiny tokenizer turns each into text (streamed benchmarks count tokens by text chunks)."""
+    assert write_byte_tokenizer(tmp_path, vocab_size=1000) == 1000
+    tok = Tokenizer.from_dir(tmp_path)
+    detok = tok.detokenizer()
+    pieces = [detok.step(i) for i in (500, 999, 261)]
+    assert pieces == ["w500", "w999", "w261"]
+    assert write_byte_tokenizer(tmp_path / "plain") == 261
+    plain = Tokenizer.from_dir(tmp_path / "plain")
+    text = "héllo, wörld"  # plain text still encodes byte by byte, as without the padding
+    assert tok.encode(text) == plain.encode(text)
+    assert write_byte_tokenizer(tmp_path / "small", vocab_size=10) == 261  # never shrinks

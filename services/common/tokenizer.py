@@ -282,7 +282,9 @@ _BYTE_SPECIAL_TOKENS = (
 )
 
 
-def write_byte_tokenizer(model_dir: str | os.PathLike[str], model_max_length: int = 2048) -> int:
+def write_byte_tokenizer(
+    model_dir: str | os.PathLike[str], model_max_length: int = 2048, vocab_size: int | None = None
+) -> int:
     """Writes tokenizer.json + tokenizer_config.json for tiny random-weight test models: a
     byte-level tokenizer that needs no download, loadable by our Tokenizer and by transformers'
     AutoTokenizer.
@@ -291,7 +293,9 @@ def write_byte_tokenizer(model_dir: str | os.PathLike[str], model_max_length: in
     stand-ins, not byte order); 256..260 are <|begin_of_text|> (bos), <|end_of_text|> (eos),
     <|start_header_id|>, <|end_header_id|>, <|eot_id|> (end of turn; listed as an eos id in
     generation_config.json by whoever writes the model config). BOS is prepended by the
-    post-processor. Returns the vocab size, so the model's embedding can be sized >= it.
+    post-processor. With `vocab_size`, ordinary tokens "w<id>" fill the vocabulary up to it, so
+    that every id a random-weight model can sample decodes to text (streamed benchmarks count
+    tokens by the text chunks they receive). Returns the vocab size.
     """
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -303,6 +307,10 @@ def write_byte_tokenizer(model_dir: str | os.PathLike[str], model_max_length: in
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in _BYTE_SPECIAL_TOKENS]
     )
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if vocab_size is not None and vocab_size > size:
+        # ASCII only: the ByteLevel decoder passes printable ASCII through unchanged
+        backend.add_tokens([AddedToken(f"w{i}", normalized=False) for i in range(size, vocab_size)])
     bos, eos = _BYTE_SPECIAL_TOKENS[0], _BYTE_SPECIAL_TOKENS[1]
     bos_id = backend.token_to_id(bos)
     backend.post_processor = processors.TemplateProcessing(

@@ -96,9 +96,9 @@ def init_tiny(
     """Write config.json, model.safetensors, tokenizer files and generation_config.json."""
     path = Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
-    num_tokens = write_byte_tokenizer(path)
     raw = dict(TINY_CONFIGS[arch], bos_token_id=BOS, eos_token_id=EOS, torch_dtype=dtype)
     raw.update(overrides or {})
+    num_tokens = write_byte_tokenizer(path, vocab_size=raw["vocab_size"])
     assert raw["vocab_size"] >= num_tokens, "tokenizer outgrew the tiny vocab"
     config = ModelConfig.from_dict(raw)
     (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
