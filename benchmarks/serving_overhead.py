@@ -1,0 +1,103 @@
+"""What the serving loop costs per step with no model at all: the real batcher service
+against a worker that answers every step instantly, N concurrent streaming requests from a
+gRPC client in the same process. The ceiling this sets on tokens/s is what the services can
+deliver, whatever the GPU does.
+
+    .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+
+import grpc
+
+from alignedserve.batcher.service import BatcherConfig, serve_batcher
+from alignedserve.common import rpc, wire
+from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc, worker_pb2, worker_pb2_grpc
+from alignedserve.common.sampling_params import SamplingParams
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_tokens=16, dtype="float32")
+
+
+class InstantWorker(worker_pb2_grpc.WorkerServicer):
+    """Follows the protocol, computes nothing: one token (id 5) per sampled request per step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    async def Describe(self, request, context):
+        return worker_pb2.ModelInfo(
+            model_name="instant",
+            max_model_len=16384,
+            vocab_size=32000,
+            eos_token_ids=[2],
+            kv_layout=wire.layout_to_proto(LAYOUT),
+            num_device_blocks=200_000,
+            device="none",
+        )
+
+    async def Attach(self, request, context):
+        return worker_pb2.AttachResponse()
+
+    async def Session(self, request_iterator, context):
+        async for step in request_iterator:
+            self.steps += 1
+            ids = [p.request_id for p in step.prefill if p.sample]
+            ids += [d.request_id for d in step.decode]
+            tokens = [worker_pb2.SampledToken(request_id=i, token_id=5) for i in ids]
+            yield worker_pb2.StepResponse(step=step.step, tokens=tokens)
+
+
+async def main(args: argparse.Namespace) -> None:
+    worker = InstantWorker()
+    server, _ = rpc.aio_server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    started, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
+    config = BatcherConfig(worker=f"127.0.0.1:{port}", port=0, pool_gib=0.5, max_waiting=10_000)
+    batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{await started}")
+    stub = batcher_pb2_grpc.BatcherStub(channel)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int) -> int:
+        request = batcher_pb2.GenerateRequest(
+            request_id=f"r{i}",
+            prompt_token_ids=[7] * (100 + i % 900),
+            params=wire.sampling_to_proto(params),
+        )
+        return sum([len(m.token_ids) async for m in stub.Generate(request)])
+
+    profile = cProfile.Profile() if args.profile else None
+    start, steps = time.perf_counter(), worker.steps
+    if profile:
+        profile.enable()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(args.requests))))
+    if profile:
+        profile.disable()
+    seconds, steps = time.perf_counter() - start, worker.steps - steps
+    print(
+        f"{args.requests} streams x {args.max_tokens} tokens: {steps} steps in {seconds:.1f} s, "
+        f"{1e3 * seconds / steps:.2f} ms per step, {tokens / seconds:.0f} tokens/s"
+    )
+    stop.set()
+    await batcher
+    await channel.close()
+    await server.stop(0)
+    if profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--profile", action="store_true")
+    asyncio.run(main(parser.parse_args()))
