@@ -20,24 +20,11 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def import_alignedserve() -> None:
-    """The GPU image has no network, so the project is not pip-installed there: map the
-    package name onto services/ with a symlink instead."""
-    try:
-        import alignedserve  # noqa: F401
-    except ImportError:
-        shim = Path(tempfile.mkdtemp()) / "alignedserve"
-        shim.symlink_to(ROOT / "services")
-        sys.path.insert(0, str(shim.parent))
-
+from device_env import import_alignedserve
 
 import_alignedserve()
 
@@ -50,20 +37,7 @@ from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import LlamaForCausalLM  # noqa: E402
-
-LLAMA3_8B = dict(
-    architectures=["LlamaForCausalLM"],
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    torch_dtype="bfloat16",
-)
+from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
 
 
 def cuda_time(fn, iters: int = 10, warmup: int = 3) -> float:
@@ -143,7 +117,8 @@ def check_greedy() -> dict:
 
 
 def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
-    config = ModelConfig.from_dict(LLAMA3_8B)
+    shape = dict(TINY_CONFIGS["llama"], **FULL_SIZE["llama3-8b"], torch_dtype="bfloat16")
+    config = ModelConfig.from_dict(shape)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config)

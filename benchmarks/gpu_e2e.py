@@ -20,24 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=16384,
-    rope_theta=500000.0,
-)
+from device_env import ROOT, import_alignedserve, project_path
+
+import_alignedserve()
+from alignedserve.worker.tiny import FULL_SIZE  # noqa: E402
 
 
 def environment() -> dict[str, str]:
-    """The project importable without installing it (the GPU image has no network)."""
-    shim = Path(tempfile.mkdtemp())
-    (shim / "alignedserve").symlink_to(ROOT / "services")
-    env = dict(os.environ, PYTHONPATH=f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    """The child processes' environment: the project importable, the carried wheels in."""
+    path = f"{project_path()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, PYTHONPATH=path)
     wheels = ROOT / ".wheels"
     if wheels.is_dir():  # the router's and the bench's packages, carried along
         subprocess.run(
@@ -49,10 +41,10 @@ def environment() -> dict[str, str]:
 
 
 def write_model(path: Path, env: dict[str, str], tiny: bool) -> None:
-    overrides = "None" if tiny else repr(LLAMA3_8B)
+    overrides = "None" if tiny else "FULL_SIZE['llama3-8b']"
     dtype = "float32" if tiny else "bfloat16"
     code = (
-        "from alignedserve.worker.tiny import init_tiny; "
+        "from alignedserve.worker.tiny import FULL_SIZE, init_tiny; "
         f"init_tiny({str(path)!r}, arch='llama', dtype={dtype!r}, overrides={overrides})"
     )
     start = time.monotonic()
@@ -124,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / ("tiny" if args.tiny else "llama3-8b-random")
         write_model(model, env, args.tiny)
-        vocab = 320 if args.tiny else LLAMA3_8B["vocab_size"]
+        vocab = 320 if args.tiny else FULL_SIZE["llama3-8b"]["vocab_size"]
         results = {p: run_policy(p, args, model, env, vocab) for p in args.policies}
     summary = {}
     for policy, result in results.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import socket
@@ -22,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,11 @@ class ServeConfig:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags generated from ServeConfig's fields: names and defaults cannot drift."""
-    for f in dataclasses.fields(ServeConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
-        )
+    flags.add_arguments(parser, ServeConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    return flags.from_args(ServeConfig, args)
 
 
 def free_port() -> int:

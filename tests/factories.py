@@ -78,3 +78,10 @@ def save_hf_model(arch: str, path: Path, seed: int = 0):
 def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy(max_tokens: int, **kw):
+    """Greedy SamplingParams (the runtime-vs-reference comparisons all decode greedily)."""
+    from alignedserve.common.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 
@@ -17,22 +16,18 @@ from alignedserve.batcher.service import BatcherConfig, serve_batcher
 from alignedserve.common import wire
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.serve import free_port
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.service import WorkerConfig, serve_worker
 from alignedserve.worker.tiny import init_tiny
 
+import factories
 from factories import random_prompts
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -76,7 +71,7 @@ async def generate(stub, request_id, prompt, params, progress=None):
 
 
 def greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return factories.greedy(n, ignore_eos=True)
 
 
 @pytest.mark.parametrize(

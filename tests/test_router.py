@@ -34,6 +34,7 @@ from alignedserve.router.client import BatcherClient, BatcherError
 from alignedserve.router.config import RouterConfig, add_router_arguments, config_from_args
 from alignedserve.router.server import RouterServer
 from alignedserve.router.stop import StopMatcher
+from alignedserve.serve import free_port
 
 from fake_batcher import NUM_BYTE_TOKENS, FakeBatcher, FakeBatcherFactory, logprob_of
 
@@ -43,12 +44,6 @@ CONTEXT = 2048  # the tiny llama's max_position_embeddings
 
 
 # ---- fixtures --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

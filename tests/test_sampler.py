@@ -16,6 +16,8 @@ from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.sampler import sample
 from alignedserve.worker.tiny import EOS, EOT, init_tiny
 
+from factories import greedy
+
 VOCAB = 64
 
 
@@ -320,10 +322,6 @@ def runtime(tiny_dir):
 
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], list(range(30, 70)), [300]]
-
-
-def greedy(max_tokens, **kw):
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 @pytest.mark.parametrize("index", [0, 2])

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,8 @@ from alignedserve.common.proto import health_pb2, health_pb2_grpc, worker_pb2, w
 from alignedserve.common.rpc import CHANNEL_OPTIONS
 from alignedserve.common.sampling_params import finish_reason
 from alignedserve.common.wire import layout_from_proto, layout_to_proto, sampling_to_proto
-from alignedserve.worker.generate import LocalRuntime, greedy
+from alignedserve.serve import free_port
+from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.kv_cache import TORCH_DTYPES, KVCache
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.service import (
@@ -41,7 +41,7 @@ from alignedserve.worker.service import (
 )
 from alignedserve.worker.tiny import EOS, EOT, init_tiny
 
-from factories import random_prompts
+from factories import greedy, random_prompts
 
 PROMPT_LENGTHS = (5, 17, 30, 3)
 MAX_TOKENS = 20
@@ -525,12 +525,6 @@ def test_import_pulls_in_no_http_stack_and_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_run_worker_stops_gracefully_on_sigterm(model_dir):

@@ -203,7 +203,8 @@ class BatcherEngine:
             self._after_step(plan, response, before)
 
     def _has_work(self) -> bool:
-        return bool(self._release) or any(not r.state.is_done for r in self.scheduler.store)
+        # the store holds live requests only: _finish removes each one as it ends
+        return bool(self._release) or len(self.scheduler.store) > 0
 
     def _snapshot(self, plan: BatchPlan) -> dict[str, int]:
         """Output length of every request the step may give a token to."""
@@ -305,12 +306,14 @@ class BatcherEngine:
         for r in finished:
             self._finish(r)
 
-    def _finish(self, r: Request) -> None:
-        """Send the final message, forget the request, free it on the worker next step."""
+    def _finish(self, r: Request, error: Exception | None = None) -> None:
+        """Send the final message (or the error that ends the stream), forget the request,
+        free it on the worker next step."""
         queue = self._queues.pop(r.request_id, None)
         if queue is not None:
             queue.put_nowait(
-                Delta((), (), r.finish_reason, len(r.prompt_token_ids), len(r.output_token_ids))
+                error
+                or Delta((), (), r.finish_reason, len(r.prompt_token_ids), len(r.output_token_ids))
             )
         self._release.append(r.request_id)
         self._synced.pop(r.request_id, None)
@@ -373,9 +376,5 @@ class BatcherEngine:
             for rid in list(self._queues):
                 r = self.scheduler.store.get(rid)
                 self.scheduler.abort(rid, time.monotonic())
-                self._queues[rid].put_nowait(e)
-                del self._queues[rid]
-                self._release.append(rid)
-                if r.request_id in self.scheduler.store:
-                    self.scheduler.store.pop(rid)
+                self._finish(r, error=e)
             await self._connect()  # keep trying; new requests wait for it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import signal
 import uuid
@@ -15,7 +14,7 @@ import prometheus_client
 
 from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig
 from alignedserve.batcher.scheduler import SchedulerConfig
-from alignedserve.common import rpc, wire
+from alignedserve.common import flags, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 
@@ -54,17 +53,11 @@ class BatcherConfig:
 
 
 def add_batcher_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags generated from BatcherConfig's fields: names and defaults cannot drift."""
-    for f in dataclasses.fields(BatcherConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
-        )
+    flags.add_arguments(parser, BatcherConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> BatcherConfig:
-    return BatcherConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(BatcherConfig)}
-    )
+    return flags.from_args(BatcherConfig, args)
 
 
 class BatcherServicer(batcher_pb2_grpc.BatcherServicer):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
 
 
@@ -66,23 +65,8 @@ class RouterConfig:
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per RouterConfig field (--model-dir, ...): names and defaults cannot drift."""
-    hints = typing.get_type_hints(RouterConfig)
-    for f in dataclasses.fields(RouterConfig):
-        kind = hints[f.name]
-        options: dict[str, typing.Any] = {"help": f.metadata["help"]}
-        if typing.get_origin(kind) is tuple:
-            options.update(nargs="+", type=typing.get_args(kind)[0])
-        else:
-            options["type"] = kind
-        if f.default is dataclasses.MISSING:
-            options["required"] = True
-        else:
-            options["default"] = f.default
-        parser.add_argument(f"--{f.name.replace('_', '-')}", **options)
+    flags.add_arguments(parser, RouterConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)}
-    values["batcher_addresses"] = tuple(values["batcher_addresses"])
-    return RouterConfig(**values)
+    return flags.from_args(RouterConfig, args)

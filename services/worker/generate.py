@@ -97,7 +97,3 @@ class LocalRuntime:
         need = self.layout.blocks_for(cached + len(new)) - len(g.block_table)
         g.block_table.extend(self.allocator.allocate(need))
         return SeqChunk(str(i), tuple(new), cached, tuple(g.block_table), params)
-
-
-def greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)

@@ -18,15 +18,15 @@ import functools
 import logging
 import signal
 import time
-import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.common import flags
 from alignedserve.common.errors import AlignedServeError, ConfigError, InvalidRequestError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import DTYPES, ModelConfig
@@ -89,32 +89,13 @@ class WorkerConfig:
 
 # ---------------------------------------------------------------- CLI flags from the config
 
-_FLAG_NAMES = {"model_dir": "--model"}  # every other field: --field-name
-
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per WorkerConfig field, with its default and help: they cannot drift."""
-    hints = typing.get_type_hints(WorkerConfig)
-    for f in fields(WorkerConfig):
-        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        # `X | None` parses as X; leaving the flag out keeps the None default.
-        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
-        kind = kinds[0] if kinds else hints[f.name]
-        required = f.default is MISSING
-        shows_default = not required and f.default is not None
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            required=required,
-            default=None if required else f.default,
-            choices=list(f.metadata["choices"]) if "choices" in f.metadata else None,
-            help=f.metadata["help"] + (" (default: %(default)s)" if shows_default else ""),
-        )
+    flags.add_arguments(parser, WorkerConfig, renames={"model_dir": "--model"})
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
+    return flags.from_args(WorkerConfig, args)
 
 
 # ---------------------------------------------------------------- the service

@@ -85,6 +85,22 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Full-size shapes for random-weight GPU benchmarks: TINY_CONFIGS["llama"] updated with these
+# (init_tiny(..., overrides=FULL_SIZE["llama3-8b"])) is a Llama-3-8B-shaped model.
+FULL_SIZE: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling=None,
+    ),
+}
+
 
 def init_tiny(
     model_dir: str | Path,
