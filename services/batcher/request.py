@@ -71,6 +71,8 @@ class Request:
 class RequestStore:
     def __init__(self) -> None:
         self._requests: dict[str, Request] = {}
+        # kept on every state change (add, transition, pop): metrics read it every step
+        self._counts: Counter[RequestState] = Counter()
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -85,6 +87,7 @@ class RequestStore:
         if request.request_id in self._requests:
             raise KeyError(f"request_id {request.request_id!r} already exists")
         self._requests[request.request_id] = request
+        self._counts[request.state] += 1
 
     def get(self, request_id: str) -> Request:
         return self._requests[request_id]
@@ -94,6 +97,7 @@ class RequestStore:
         if not request.state.is_done or request.blocks:
             raise RuntimeError(f"request {request_id} removed while {request.state.value}")
         del self._requests[request_id]
+        self._counts[request.state] -= 1
         return request
 
     def transition(self, request: Request, new: RequestState) -> None:
@@ -102,10 +106,12 @@ class RequestStore:
                 f"request {request.request_id}: illegal transition "
                 f"{request.state.value} -> {new.value}"
             )
+        self._counts[request.state] -= 1
+        self._counts[new] += 1
         request.state = new
 
     def count_by_state(self) -> Counter[RequestState]:
-        return Counter(r.state for r in self._requests.values())
+        return +self._counts  # a copy, without the zero entries
 
     def in_state(self, state: RequestState) -> Iterable[Request]:
         return (r for r in self._requests.values() if r.state is state)
@@ -113,6 +119,7 @@ class RequestStore:
     def check_invariants(self, block_tokens: int, num_pool_blocks: int) -> None:
         """Every pool block belongs to at most one request and lies in the pool; live requests
         past prefill hold exactly the blocks their KV needs; done requests hold none."""
+        assert +self._counts == Counter(r.state for r in self._requests.values())
         owner: dict[int, str] = {}
         for r in self._requests.values():
             for b in r.blocks:
