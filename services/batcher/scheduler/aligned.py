@@ -55,19 +55,23 @@ def partition_groups(
     that must exceed max_members alone is allowed: one bucket cannot be split by length).
     Returns the index (into `buckets`) where each group starts."""
     m = len(buckets)
+    cum_n = np.concatenate(([0], np.cumsum(counts)))
+    cum_s = np.concatenate(([0], np.cumsum(sums)))
+    # The cost of every candidate group [i, j) at once; costs are integers far below 2**53,
+    # so the float sums below are exact. [m (first bucket i), m (last bucket j - 1)]
+    i = np.arange(m)[:, None]
+    j = np.arange(1, m + 1)[None, :]
+    n = cum_n[j] - cum_n[i]
+    member_cost = n * ends[j - 1] if padded else cum_s[j] - cum_s[i]
+    ok = (i < j) & ((n <= max_members) | (i == j - 1)) & (buckets[j - 1] - buckets[i] < max_span)
+    cost = np.where(ok, weight_tokens + member_cost, np.inf)
     best = np.full(m + 1, np.inf)  # best[j]: cost of buckets[:j]
     best[0] = 0.0
     start = np.zeros(m + 1, dtype=np.int64)
-    cum_n = np.concatenate(([0], np.cumsum(counts)))
-    cum_s = np.concatenate(([0], np.cumsum(sums)))
-    for j in range(1, m + 1):
-        first = np.arange(j)  # candidate first bucket index i of the last group [i, j)
-        n = cum_n[j] - cum_n[first]
-        member_cost = n * ends[j - 1] if padded else cum_s[j] - cum_s[first]
-        ok = ((n <= max_members) | (first == j - 1)) & (buckets[j - 1] - buckets[first] < max_span)
-        total = np.where(ok, best[first] + weight_tokens + member_cost, np.inf)
-        i = int(np.argmin(total))
-        best[j], start[j] = total[i], i
+    for last in range(1, m + 1):
+        total = best[:last] + cost[:last, last - 1]
+        first = int(np.argmin(total))
+        best[last], start[last] = total[first], first
     starts, j = [], m
     while j > 0:
         starts.append(int(start[j]))
@@ -242,7 +246,8 @@ class AlignedPolicy:
             self.config.max_band_buckets,
         )
         cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
-        self.groups = [[ids[k] for k in order[cuts[g] : cuts[g + 1]]] for g in range(len(starts))]
+        ranked = [ids[k] for k in order.tolist()]
+        self.groups = [ranked[cuts[g] : cuts[g + 1]] for g in range(len(starts))]
         self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by bucket
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
