@@ -48,11 +48,14 @@ def partition_groups(
     padded: bool,
     max_members: int,
     max_span: int,
+    min_members: int = 1,
 ) -> list[int]:
     """Split occupied buckets into contiguous groups minimising sum over groups of
     (weight_tokens + cost of its members): padded n * longest, balanced the sum of lengths.
     A group holds at most max_members members and spans at most max_span buckets (a group
-    that must exceed max_members alone is allowed: one bucket cannot be split by length).
+    that must exceed max_members alone is allowed: one bucket cannot be split by length),
+    and at least min_members (or all members, when fewer are resident). When the span bound
+    leaves no partition with groups that large, the minimum is dropped rather than the span.
     Returns the index (into `buckets`) where each group starts."""
     m = len(buckets)
     cum_n = np.concatenate(([0], np.cumsum(counts)))
@@ -64,6 +67,7 @@ def partition_groups(
     n = cum_n[j] - cum_n[i]
     member_cost = n * ends[j - 1] if padded else cum_s[j] - cum_s[i]
     ok = (i < j) & ((n <= max_members) | (i == j - 1)) & (buckets[j - 1] - buckets[i] < max_span)
+    ok &= n >= min(min_members, int(cum_n[m]))
     cost = np.where(ok, weight_tokens + member_cost, np.inf)
     best = np.full(m + 1, np.inf)  # best[j]: cost of buckets[:j]
     best[0] = 0.0
@@ -72,6 +76,10 @@ def partition_groups(
         total = best[:last] + cost[:last, last - 1]
         first = int(np.argmin(total))
         best[last], start[last] = total[first], first
+    if not np.isfinite(best[m]):  # only a minimum the span bound cannot meet leaves this
+        return partition_groups(
+            buckets, counts, ends, sums, weight_tokens, padded, max_members, max_span
+        )
     starts, j = [], m
     while j > 0:
         starts.append(int(start[j]))
@@ -244,6 +252,7 @@ class AlignedPolicy:
             self.config.kernel_cost == "padded",
             self.config.max_batch_size,
             self.config.max_band_buckets,
+            self.config.min_batch_size,
         )
         cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
         ranked = [ids[k] for k in order.tolist()]

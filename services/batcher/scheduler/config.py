@@ -16,6 +16,9 @@ class SchedulerConfig:
     num_pool_blocks: int = 65536  # aligned: CPU-pool blocks; fcfs: decode-GPU KV blocks
     gpu_kv_tokens: int = 1 << 20  # decode GPU KV capacity, in tokens
     max_batch_size: int = 512  # members of one decode batch
+    min_batch_size: int = (
+        1  # aligned: fewest members of a length group, when that many are resident
+    )
     max_resident_kv_fraction: float = 0.9  # aligned: decode-GPU KV for resident + streaming in
     # widest group, in length buckets (each <= 1/8 of its length); 113 covers 1..65536
     max_band_buckets: int = 113
@@ -47,6 +50,10 @@ class SchedulerConfig:
         if not 0 < self.max_resident_kv_fraction <= 1:
             raise ConfigError(
                 f"max_resident_kv_fraction={self.max_resident_kv_fraction} must be in (0, 1]"
+            )
+        if self.min_batch_size > self.max_batch_size:
+            raise ConfigError(
+                f"min_batch_size={self.min_batch_size} exceeds max_batch_size={self.max_batch_size}"
             )
         if self.pool_full not in ("wait", "reject"):
             raise ConfigError(f"pool_full={self.pool_full!r} not 'wait' or 'reject'")
