@@ -106,7 +106,7 @@ class BatcherEngine:
         self.pool: CpuKVPool | None = None
         self.scheduler = None
         self.info: worker_pb2.ModelInfo | None = None
-        self.worker_ready = False
+        self._worker_ready = False
         self.draining = False
         self._queues: dict[str, asyncio.Queue] = {}
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
@@ -129,6 +129,17 @@ class BatcherEngine:
         if self.pool is not None:
             self.pool.close()
             self.pool.unlink()
+
+    @property
+    def worker_ready(self) -> bool:
+        return self._worker_ready
+
+    @worker_ready.setter
+    def worker_ready(self, is_ready: bool) -> None:
+        # the one place readiness changes, so the gauge cannot disagree with GetLoad
+        self._worker_ready = is_ready
+        if self.info is not None:
+            metrics.WORKER_READY.labels(self.info.model_name).set(int(is_ready))
 
     @property
     def num_live(self) -> int:

@@ -49,6 +49,11 @@ KV_CACHE_USAGE_PERC = Gauge(
 CPU_POOL_USAGE_PERC = Gauge(
     f"{PREFIX}cpu_pool_usage_perc", "Fraction of the CPU KV pool's blocks in use, 0-1.", MODEL
 )
+WORKER_READY = Gauge(
+    f"{PREFIX}worker_ready",
+    "1 while the batcher's worker is attached and answering, else 0.",
+    MODEL,
+)
 
 # ---- histograms ------------------------------------------------------------------------------
 TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
