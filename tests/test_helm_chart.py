@@ -108,6 +108,8 @@ def render(helm_name: str, *sets: str) -> tuple[dict, ...]:
         "--namespace",
         NAMESPACE,
         "--include-crds",
+        "--kube-version",
+        KUBERNETES_VERSION,
         *set_args(sets),
     ).stdout
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
@@ -336,7 +338,10 @@ def validate_object(doc: dict) -> None:
 @pytest.mark.parametrize("values", VALUE_SETS)
 @pytest.mark.parametrize("helm_name", HELMS)
 def test_lint_strict(helm_name: str, values: str) -> None:
-    result = helm(helm_name, "lint", "--strict", str(CHART), *set_args(VALUE_SETS[values]))
+    sets = set_args(VALUE_SETS[values])
+    result = helm(
+        helm_name, "lint", "--strict", "--kube-version", KUBERNETES_VERSION, str(CHART), *sets
+    )
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout, result.stdout
 
 
