@@ -1,5 +1,6 @@
-"""`alignedserve bench`: one workload against an OpenAI-compatible server, under each load
-shape asked for (a rate sweep, closed-loop concurrencies, or offline), then one table."""
+"""`alignedserve bench`: one workload against a target (an OpenAI-compatible server, or our
+batcher engine in this process), under each load shape asked for (a rate sweep, closed-loop
+concurrencies, or offline), then one table."""
 
 from __future__ import annotations
 
@@ -8,28 +9,38 @@ import asyncio
 import dataclasses
 import math
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignedserve.bench.engine_target import EngineTargetConfig
 from alignedserve.bench.metrics import Slo, summarize
 from alignedserve.bench.plots import write_plots
 from alignedserve.bench.progress import Progress
 from alignedserve.bench.report import BenchRun, markdown_table, write_json, write_markdown
 from alignedserve.bench.shapes import Concurrency, LoadShape, Offline, Poisson, describe
 from alignedserve.bench.workload import is_workload, make_requests, workload_names
+from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError, UnavailableError
 
 if TYPE_CHECKING:
     from alignedserve.bench.targets import Target
 
 WARM_UP_MAX_TOKENS = 16
+TARGETS = ("openai", "engine")
+
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    base_url: str = "http://127.0.0.1:8000"  # with or without /v1
-    model: str = ""  # empty: the first model of /v1/models
+    base_url: str = DEFAULT_BASE_URL  # with or without /v1
+    # openai: the served name, empty: the first of /v1/models; engine: the model directory,
+    # empty: a tiny random-weight model
+    model: str = ""
     workload: str = "paper-90"
     num_requests: int = 1000  # per run
     seed: int = 0
@@ -45,6 +56,7 @@ class BenchConfig:
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
     out: str = ""  # directory for bench.json, bench.md and the PNGs; empty: print only
+    engine: EngineTargetConfig | None = None  # None: the OpenAI-compatible server at base_url
 
     def __post_init__(self) -> None:
         if not is_workload(self.workload):
@@ -67,6 +79,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name}={value} must be > 0")
+        if self.engine is not None and self.base_url != DEFAULT_BASE_URL:
+            raise ConfigError(f"base_url={self.base_url!r}: the engine target has no URL")
 
     def shapes(self) -> list[LoadShape]:
         """The runs, in the order given: rates first, then concurrencies; offline if none."""
@@ -82,12 +96,27 @@ class BenchConfig:
 
 
 DEFAULTS = BenchConfig()
+ENGINE_DEFAULTS = EngineTargetConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    parser.add_argument("--base-url", default=d.base_url, help="the server (with or without /v1)")
-    parser.add_argument("--model", default=d.model, help="default: the first of /v1/models")
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default=TARGETS[0],
+        help="openai: the server at --base-url; engine: our batcher engine in this process, "
+        "its worker a child process, no router and no HTTP (default %(default)s)",
+    )
+    parser.add_argument(
+        "--base-url", default=d.base_url, help="openai: the server (with or without /v1)"
+    )
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        help="openai: the served name (default: the first of /v1/models); engine: the model "
+        "directory (default: a tiny random-weight model)",
+    )
     parser.add_argument(
         "--workload",
         default=d.workload,
@@ -99,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab-size",
         type=int,
         default=d.vocab_size,
-        help="prompt token ids are drawn below it, away from both ends",
+        help="prompt token ids are drawn below it (engine: and below the model's vocabulary), "
+        "away from both ends",
     )
     parser.add_argument(
         "--rate",
@@ -137,12 +167,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=d.out, help="write bench.json, bench.md and PNG plots to this directory"
     )
+    flags.add_arguments(
+        parser.add_argument_group("engine target (with --target engine)"), EngineTargetConfig
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
+    engine = flags.from_args(EngineTargetConfig, args)
+    if args.target != "engine":
+        given = [
+            f"--{f.name.replace('_', '-')}"
+            for f in dataclasses.fields(EngineTargetConfig)
+            if getattr(engine, f.name) != getattr(ENGINE_DEFAULTS, f.name)
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --target engine")
+        engine = None
+    names = [f.name for f in dataclasses.fields(BenchConfig) if f.name != "engine"]
+    values = {name: getattr(args, name) for name in names}
     return BenchConfig(
-        **{**values, "rates": tuple(args.rates), "concurrencies": tuple(args.concurrencies)}
+        **{**values, "rates": tuple(args.rates), "concurrencies": tuple(args.concurrencies)},
+        engine=engine,
     )
 
 
@@ -155,22 +200,41 @@ async def _warm_up(target: Target, config: BenchConfig, run_index: int) -> None:
     async with asyncio.timeout(config.timeout_s):
         record = await target.run(request)
     if not record.is_ok:
-        # The flag users most often get wrong: the default vocabulary fits usual models only.
-        hint = f"(--vocab-size {config.vocab_size}: is it at most the model's?)"
-        raise UnavailableError(f"the warm-up request failed: {record.error} {hint}")
+        # The flag users most often get wrong: the default vocabulary fits usual models only
+        # (the engine target knows its model's, and stays below it).
+        hint = f" (--vocab-size {config.vocab_size}: is it at most the model's?)"
+        hint = hint if config.engine is None else ""
+        raise UnavailableError(f"the warm-up request failed: {record.error}{hint}")
 
 
-async def bench(config: BenchConfig) -> tuple[str, list[BenchRun]]:
-    """The model benchmarked and each run's results, in the order of config.shapes()."""
+@asynccontextmanager
+async def open_target(config: BenchConfig) -> AsyncIterator[tuple[Target, BenchConfig, str]]:
+    """The target, the config as the runs use it, and the model's name."""
+    if config.engine is not None:
+        from alignedserve.bench.engine_target import EngineTarget
+
+        async with EngineTarget(config.engine, config.model) as engine:
+            # The model is known here: ids it does not have would only fail every request.
+            vocab_size = min(config.vocab_size, engine.vocab_size)
+            yield engine, replace(config, vocab_size=vocab_size), engine.model_name
+        return
     # The HTTP client is imported only to run, so that `alignedserve --help` stays light.
-    from alignedserve.bench.runner import run_load
     from alignedserve.bench.targets import OpenAITarget, first_model
 
     model = config.model or await first_model(config.base_url)
-    runs = []
     max_connections = max((config.max_concurrency, *config.concurrencies))
-    shapes = config.shapes()
     async with OpenAITarget(config.base_url, model, max_connections) as target:
+        yield target, config, model
+
+
+async def bench(config: BenchConfig) -> tuple[BenchConfig, str, list[BenchRun]]:
+    """The config as run (the engine target fits vocab_size to its model), the model
+    benchmarked and each run's results, in the order of config.shapes()."""
+    from alignedserve.bench.runner import run_load
+
+    runs = []
+    shapes = config.shapes()
+    async with open_target(config) as (target, config, model):
         await _warm_up(target, config, run_index=len(shapes))
         for index, shape in enumerate(shapes):
             rate = shape.rate_per_s if isinstance(shape, Poisson) else None
@@ -180,7 +244,7 @@ async def bench(config: BenchConfig) -> tuple[str, list[BenchRun]]:
             async with Progress(describe(shape), len(requests)) as progress:
                 run = await run_load(target, requests, shape, config.timeout_s, progress.advance)
             runs.append(BenchRun(shape, run, summarize(run, config.slo())))
-    return model, runs
+    return config, model, runs
 
 
 def _title(config: BenchConfig, model: str) -> str:
@@ -191,16 +255,16 @@ def _title(config: BenchConfig, model: str) -> str:
         if value is not None
     ]
     goodput = f"; goodput at {', '.join(objectives)}" if objectives else ""
+    where = f"at {config.base_url}" if config.engine is None else f"on {config.engine.describe()}"
     return (
         f"`alignedserve bench`: {config.workload}, {config.num_requests} requests per run, "
-        f"model {model} at {config.base_url}, EOS ignored{goodput}"
+        f"model {model} {where}, EOS ignored{goodput}"
     )
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Runs every load shape, writes the reports, prints the table; 1 if a request failed."""
-    config = config_from_args(args)
-    model, runs = asyncio.run(bench(config))
+    config, model, runs = asyncio.run(bench(config_from_args(args)))
     title = _title(config, model)
     if config.out:
         out = Path(config.out)

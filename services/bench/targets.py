@@ -1,8 +1,8 @@
 """Targets: what a benchmark request is sent to. A target sends one request, times its stream
 and returns a RequestRecord; it never raises for a failed request, the record says so.
 
-Today: any OpenAI-compatible server over HTTP. The seam (`Target`) is there so that an
-in-process engine, with no HTTP in the way, can be measured by the same runner and metrics.
+Here: any OpenAI-compatible server over HTTP. `engine_target` holds the other: our batcher
+engine in this process, with no HTTP in the way, measured by the same runner and metrics.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import openai
@@ -68,6 +68,22 @@ def _chunk_tokens(chunk: Completion, num_counted: int) -> int:
     return 1 if choice.text or choice.finish_reason else 0
 
 
+def completion_body(model: str, request: BenchRequest) -> dict[str, Any]:
+    """The arguments of `completions.create` for a request: its token ids as the prompt,
+    greedy, streamed, EOS ignored."""
+    return dict(
+        model=model,
+        prompt=list(request.prompt_token_ids),
+        max_tokens=request.max_tokens,
+        temperature=0.0,
+        stream=True,
+        # continuous_usage_stats (a vLLM and SGLang extension) puts usage on every chunk,
+        # which gives each chunk's exact token count; others ignore it.
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True},
+    )
+
+
 class OpenAITarget:
     """Streams /v1/completions with the request's token ids as the prompt, greedy, with EOS
     ignored so that every server emits exactly max_tokens tokens."""
@@ -94,17 +110,7 @@ class OpenAITarget:
         error = None
         send_s = time.perf_counter()
         try:
-            stream = await self._client.completions.create(
-                model=self.model,
-                prompt=list(request.prompt_token_ids),
-                max_tokens=request.max_tokens,
-                temperature=0.0,
-                stream=True,
-                # continuous_usage_stats (a vLLM and SGLang extension) puts usage on every
-                # chunk, which gives each chunk's exact token count; others ignore it.
-                stream_options={"include_usage": True, "continuous_usage_stats": True},
-                extra_body={"ignore_eos": True},
-            )
+            stream = await self._client.completions.create(**completion_body(self.model, request))
             async with stream:
                 async for chunk in stream:
                     now_s = time.perf_counter()
