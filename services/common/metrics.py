@@ -55,6 +55,13 @@ WORKER_READY = Gauge(
     MODEL,
 )
 
+# ---- gauges (router) -----------------------------------------------------------------------
+NUM_REQUESTS_HELD = Gauge(
+    f"{PREFIX}num_requests_held",
+    "Requests the router holds while no batcher is ready (scale from zero).",
+    MODEL,
+)
+
 # ---- histograms ------------------------------------------------------------------------------
 TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
     f"{PREFIX}time_to_first_token_seconds",

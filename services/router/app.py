@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from alignedserve.common.errors import UnavailableError
+from alignedserve.common.metrics import NUM_REQUESTS_HELD
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.common.tokenizer import Tokenizer
 from alignedserve.router.client import BatcherClient
@@ -39,6 +40,8 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
     errors = ErrorReplies(model_name, config.retry_after_s)
     created = int(time.time())
     init_series(model_name)
+    # Read at each scrape; the operator scales a pool from zero by it.
+    NUM_REQUESTS_HELD.labels(model_name).set_function(lambda: client.num_held)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,24 +1,30 @@
 """The router's gRPC client for its batchers: sends each request to the least loaded one,
 streams its tokens back, aborts, and polls every batcher's load in the background (routing
-and /ready both read it)."""
+and /ready both read it). The batchers are found again every resolve interval (DNS names
+such as a headless Service's: see discovery.py); a batcher that leaves gets no new request,
+and its channel closes once its streams have finished. While no batcher is ready (scaled to
+zero, or every worker loading), a request is held until one is, within bounds."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
+import socket
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from alignedserve.common.errors import AlignedServeError
+from alignedserve.common.errors import AlignedServeError, QueueFullError, UnavailableError
+from alignedserve.common.load_report import get_load
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.rpc import CHANNEL_OPTIONS, HTTP_STATUS
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router import wire
+from alignedserve.router.config import RouterConfig
+from alignedserve.router.discovery import Discovery, GetAddrInfo
 from alignedserve.router.wire import GenerateChunk, LoadReport
 
 log = logging.getLogger(__name__)
@@ -42,16 +48,19 @@ def _error(address: str, e: grpc.aio.AioRpcError) -> BatcherError:
     return BatcherError(f"batcher {address}: {e.details() or e.code().name}", e.code())
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: one address may come back as a new batcher
 class BatcherState:
     """What the router knows about one batcher (mutable: the poll loop updates it)."""
 
     address: str
+    channel: grpc.aio.Channel
     stub: batcher_pb2_grpc.BatcherStub
     load: LoadReport | None = None
     last_ready_s: float = -math.inf  # monotonic time of the last report with worker_ready
     num_sent: int = 0  # requests sent since `load` was reported, which it cannot count yet
     is_answering: bool = True  # for logging changes only
+    num_streams: int = 0  # Generate calls open on its channel
+    is_removed: bool = False  # discovery no longer finds it: its channel closes when idle
 
     @property
     def score(self) -> int:
@@ -68,37 +77,63 @@ class BatcherClient:
         poll_interval_s: float = 0.5,
         request_timeout_s: float | None = None,
         ready_window_s: float = 5.0,
+        resolve_interval_s: float = 5.0,
+        max_held: int = 1024,
+        hold_timeout_s: float = 60.0,
+        getaddrinfo: GetAddrInfo = socket.getaddrinfo,
     ):
-        self._addresses = tuple(addresses)
+        self._discovery = Discovery(addresses, getaddrinfo)
         self._poll_interval_s = poll_interval_s
         self._request_timeout_s = request_timeout_s
         self._ready_window_s = ready_window_s
-        self._channels: list[grpc.aio.Channel] = []
+        self._resolve_interval_s = resolve_interval_s
+        self._max_held = max_held
+        self._hold_timeout_s = hold_timeout_s
         self._by_address: dict[str, BatcherState] = {}
+        self._leaving: set[BatcherState] = set()  # removed, with streams still open
         self._routes: dict[str, BatcherState] = {}  # request_id -> its batcher, while streaming
         self._turn = 0  # rotates the choice among equally loaded batchers
-        self._poller: asyncio.Task[None] | None = None
+        self._num_held = 0
+        self._readiness = asyncio.Event()  # set, then replaced, when a ready report arrives
+        self._loops: list[asyncio.Task[None]] = []  # polling, resolving
+        self._closing: set[asyncio.Task[None]] = set()  # channels of batchers that left
+
+    @classmethod
+    def from_config(cls, config: RouterConfig, **overrides) -> BatcherClient:
+        options = dict(
+            poll_interval_s=config.load_poll_interval_s,
+            request_timeout_s=config.request_timeout_s,
+            ready_window_s=config.ready_window_s,
+            resolve_interval_s=config.resolve_interval_s,
+            max_held=config.max_held,
+            hold_timeout_s=config.hold_timeout_s,
+        )
+        return cls(config.batcher_addresses, **(options | overrides))
 
     async def start(self) -> None:
         # grpc.aio channels bind to the running loop, so they are made here, not in __init__.
-        for address in self._addresses:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels.append(channel)
-            self._by_address[address] = BatcherState(address, batcher_pb2_grpc.BatcherStub(channel))
-        await self._poll_all()  # route and answer /ready from real data at once
-        self._poller = asyncio.create_task(self._poll_forever())
+        await self.refresh()  # route and answer /ready from real data at once
+        for interval_s, action in (
+            (self._poll_interval_s, self._poll_all),
+            (self._resolve_interval_s, self.refresh),
+        ):
+            self._loops.append(asyncio.create_task(self._every(interval_s, action)))
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-        for channel in self._channels:
-            await channel.close()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._closing, return_exceptions=True)
+        for batcher in [*self._by_address.values(), *self._leaving]:
+            await batcher.channel.close()
 
     @property
     def batchers(self) -> list[BatcherState]:
         return list(self._by_address.values())
+
+    @property
+    def num_held(self) -> int:
+        """Requests waiting for a ready batcher now."""
+        return self._num_held
 
     def is_ready(self) -> bool:
         """A batcher reported a ready worker within the ready window."""
@@ -108,15 +143,33 @@ class BatcherClient:
     def _is_ready(self, batcher: BatcherState, now: float) -> bool:
         return now - batcher.last_ready_s <= self._ready_window_s
 
+    async def refresh(self) -> None:
+        """Resolves the addresses again: new batchers are added (and polled at once), those
+        gone are removed."""
+        addresses = await self._discovery.resolve()
+        for address in set(self._by_address) - set(addresses):
+            batcher = self._by_address.pop(address)
+            log.info("batcher %s removed (%d streams finishing)", address, batcher.num_streams)
+            batcher.is_removed = True
+            self._leaving.add(batcher)
+            self._close_if_idle(batcher)
+        added = []
+        for address in addresses:
+            if address not in self._by_address:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                stub = batcher_pb2_grpc.BatcherStub(channel)
+                self._by_address[address] = BatcherState(address, channel, stub)
+                added.append(self._by_address[address])
+        if added:
+            log.info("batchers added: %s", ", ".join(b.address for b in added))
+            await asyncio.gather(*(self._poll(b) for b in added))
+
     async def get_load(self, address: str) -> LoadReport:
         batcher = self._by_address[address]
         try:
-            msg = await batcher.stub.GetLoad(
-                batcher_pb2.GetLoadRequest(), timeout=CONTROL_TIMEOUT_S
-            )
+            return await get_load(batcher.stub, CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise _error(address, e) from e
-        return wire.load_from_proto(msg)
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
@@ -124,6 +177,7 @@ class BatcherClient:
         """The request's chunks, the last with finish_reason set. Closing the iterator early
         (or cancelling the task reading it) cancels the call, and the batcher aborts it."""
         request = wire.generate_request_to_proto(request_id, prompt_ids, params)
+        await self._until_ready()
         batcher, call, msg = await self._start_call(request)
         self._routes[request_id] = batcher
         try:
@@ -142,6 +196,7 @@ class BatcherClient:
         finally:
             del self._routes[request_id]
             call.cancel()  # a no-op once the call has ended
+            self._stream_ended(batcher)
 
     async def abort(self, request_id: str) -> bool:
         """Best effort: False if the request is unknown, finished or the batcher did not
@@ -158,6 +213,30 @@ class BatcherClient:
             return False
         return reply.found
 
+    async def _until_ready(self) -> None:
+        """Returns once a batcher is ready: at once, or after holding the request (at most
+        max_held at a time, for at most hold_timeout_s)."""
+        if self.is_ready():
+            return
+        if self._max_held == 0:
+            raise UnavailableError("no batcher has a ready worker")
+        if self._num_held >= self._max_held:
+            raise QueueFullError(
+                f"no batcher has a ready worker, and {self._num_held} requests already wait"
+                f" for one (max_held={self._max_held})"
+            )
+        self._num_held += 1
+        try:
+            async with asyncio.timeout(self._hold_timeout_s):
+                while not self.is_ready():
+                    await self._readiness.wait()
+        except TimeoutError:
+            raise UnavailableError(
+                f"no batcher became ready within {self._hold_timeout_s:g} s"
+            ) from None
+        finally:
+            self._num_held -= 1
+
     async def _start_call(
         self, request: batcher_pb2.GenerateRequest
     ) -> tuple[BatcherState, grpc.aio.UnaryStreamCall, batcher_pb2.GenerateResponse]:
@@ -166,16 +245,21 @@ class BatcherClient:
         errors: list[BatcherError] = []
         for batcher in self._by_load():
             batcher.num_sent += 1
+            batcher.num_streams += 1
             call = batcher.stub.Generate(request, timeout=self._request_timeout_s)
             try:
                 return batcher, call, await call.read()
             except grpc.aio.AioRpcError as e:
+                self._stream_ended(batcher)
                 errors.append(_error(batcher.address, e))
                 if e.code() not in TRY_ANOTHER:
                     raise errors[-1] from e
             except BaseException:
                 call.cancel()
+                self._stream_ended(batcher)
                 raise
+        if not errors:  # every batcher left while the request waited
+            raise UnavailableError("no batcher to send the request to")
         raise errors[-1]
 
     def _by_load(self) -> list[BatcherState]:
@@ -194,22 +278,43 @@ class BatcherClient:
         )
         return [batchers[i] for i in order]
 
-    async def _poll_forever(self) -> None:
+    def _stream_ended(self, batcher: BatcherState) -> None:
+        batcher.num_streams -= 1
+        self._close_if_idle(batcher)
+
+    def _close_if_idle(self, batcher: BatcherState) -> None:
+        if batcher.is_removed and batcher.num_streams == 0 and batcher in self._leaving:
+            self._leaving.discard(batcher)
+            task = asyncio.create_task(batcher.channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _every(interval_s: float, action) -> None:
         while True:
-            await asyncio.sleep(self._poll_interval_s)
-            await self._poll_all()
+            await asyncio.sleep(interval_s)
+            try:
+                await action()
+            except Exception:  # the loop must outlive one bad round
+                log.exception("%s failed", action.__name__)
 
     async def _poll_all(self) -> None:
         await asyncio.gather(*(self._poll(b) for b in self.batchers))
 
     async def _poll(self, batcher: BatcherState) -> None:
         try:
-            load = await self.get_load(batcher.address)
-        except BatcherError as e:
+            load = await get_load(batcher.stub, CONTROL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
             if batcher.is_answering:
-                log.warning("batcher %s does not answer GetLoad: %s", batcher.address, e)
+                log.warning(
+                    "batcher %s does not answer GetLoad: %s",
+                    batcher.address,
+                    _error(batcher.address, e),
+                )
             batcher.is_answering = False
             return
+        if batcher.is_removed:
+            return  # removed while the call was out
         if not batcher.is_answering:
             log.info("batcher %s answers GetLoad again", batcher.address)
         batcher.is_answering = True
@@ -217,3 +322,6 @@ class BatcherClient:
         batcher.num_sent = 0
         if load.worker_ready:
             batcher.last_ready_s = time.monotonic()
+            # Wake the held requests: set the event they wait on, and give later ones a new one.
+            self._readiness.set()
+            self._readiness = asyncio.Event()

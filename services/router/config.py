@@ -18,7 +18,11 @@ def _help(text: str) -> dict[str, str]:
 class RouterConfig:
     model_dir: str = field(metadata=_help("model directory: tokenizer, chat template, config"))
     batcher_addresses: tuple[str, ...] = field(
-        metadata=_help("host:port of each batcher; requests go to the least loaded")
+        metadata=_help(
+            "host:port of each batcher, or a DNS name:port standing for every address it"
+            " resolves to (a headless Service: one per ready pod); requests go to the least"
+            " loaded"
+        )
     )
     served_model_name: str = field(
         default="", metadata=_help("the model's name in the API (default: model_dir's name)")
@@ -45,6 +49,19 @@ class RouterConfig:
     retry_after_s: int = field(
         default=1, metadata=_help("Retry-After of 429 and 503 answers, seconds")
     )
+    resolve_interval_s: float = field(
+        default=5.0, metadata=_help("how often the names in batcher_addresses are resolved")
+    )
+    max_held: int = field(
+        default=1024,
+        metadata=_help(
+            "requests held while no batcher is ready (scale from zero); more are answered 429,"
+            " and 0 answers 503 at once"
+        ),
+    )
+    hold_timeout_s: float = field(
+        default=60.0, metadata=_help("how long a request is held for a ready batcher, then 503")
+    )
 
     def __post_init__(self) -> None:
         if not self.batcher_addresses:
@@ -52,12 +69,14 @@ class RouterConfig:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port={self.port} outside 0..65535")
         positive = ("default_max_tokens", "request_timeout_s", "load_poll_interval_s")
-        positive += ("ready_window_s", "drain_timeout_s")
+        positive += ("ready_window_s", "drain_timeout_s", "resolve_interval_s", "hold_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.retry_after_s < 0:
             raise ConfigError(f"retry_after_s={self.retry_after_s} must be >= 0")
+        if self.max_held < 0:
+            raise ConfigError(f"max_held={self.max_held} must be >= 0")
         if not self.served_model_name:
             # The directory's own name, as vLLM names a model served from a local path.
             name = Path(self.model_dir).resolve().name

@@ -91,12 +91,7 @@ async def serve_router(
 ) -> None:
     """Serves until SIGTERM/SIGINT (main thread only) has drained it. `ready_event` is set once
     the port is bound."""
-    client = BatcherClient(
-        config.batcher_addresses,
-        poll_interval_s=config.load_poll_interval_s,
-        request_timeout_s=config.request_timeout_s,
-        ready_window_s=config.ready_window_s,
-    )
+    client = BatcherClient.from_config(config)
     await RouterServer(config, create_app(config, client), ready_event).serve()
 
 

@@ -1,6 +1,7 @@
 """The router's side of the Batcher contract as frozen types; protobuf stops here.
 
-Sampling parameters go through alignedserve.common.wire, shared with the batcher.
+Sampling parameters go through alignedserve.common.wire, shared with the batcher; the load
+report through alignedserve.common.load_report, shared with the operator.
 """
 
 from __future__ import annotations
@@ -9,8 +10,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from alignedserve.common import wire
+from alignedserve.common.load_report import LoadReport, load_from_proto
 from alignedserve.common.proto import batcher_pb2
 from alignedserve.common.sampling_params import SamplingParams
+
+__all__ = [
+    "GenerateChunk",
+    "LoadReport",
+    "Usage",
+    "chunk_from_proto",
+    "generate_request_to_proto",
+    "load_from_proto",
+]
 
 
 @dataclass(frozen=True)
@@ -27,18 +38,6 @@ class GenerateChunk:
     logprobs: tuple[float, ...]  # one per token when requested, else empty
     finish_reason: str | None  # "stop" | "length" | "abort" on the last message
     usage: Usage | None  # on the last message
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    num_waiting: int
-    num_running: int
-    num_pooled: int
-    kv_pool_usage: float
-    worker_ready: bool
-    max_model_len: int
-    model_name: str
-    max_waiting: int
 
 
 def generate_request_to_proto(
@@ -60,17 +59,4 @@ def chunk_from_proto(msg: batcher_pb2.GenerateResponse) -> GenerateChunk:
         logprobs=tuple(msg.logprobs),
         finish_reason=msg.finish_reason or None,
         usage=usage,
-    )
-
-
-def load_from_proto(msg: batcher_pb2.LoadReport) -> LoadReport:
-    return LoadReport(
-        num_waiting=msg.num_waiting,
-        num_running=msg.num_running,
-        num_pooled=msg.num_pooled,
-        kv_pool_usage=msg.kv_pool_usage,
-        worker_ready=msg.worker_ready,
-        max_model_len=msg.max_model_len,
-        model_name=msg.model_name,
-        max_waiting=msg.max_waiting,
     )
