@@ -224,13 +224,41 @@ def _reorder(items: list, order: list, field: str) -> list:
     return [items[i] for i in ranked]
 
 
-def apply_merge(live: dict, applied: dict, *, is_custom: bool) -> dict:
-    """Server-side apply without field ownership: the applied configuration is merged into the
-    live object (associative lists by merge key for built-in kinds; lists replaced for custom
-    resources, like `x-kubernetes-list-type: atomic`). Fields dropped from a later apply stay."""
+def apply_merge(live: dict, applied: dict, last_applied: dict | None, *, is_custom: bool) -> dict:
+    """Server-side apply, with field ownership reduced to one rule: what this field manager
+    applied last time and no longer applies is removed (as kubectl's client-side three-way
+    apply does); the rest of the applied configuration is merged into the live object
+    (associative lists by merge key for built-in kinds; lists replaced for custom resources,
+    like `x-kubernetes-list-type: atomic`)."""
+    pruned = _prune(live, last_applied, applied, None, is_custom) if last_applied else live
     if is_custom:
-        return _deep_merge(live, applied)
-    return strategic_merge(live, applied)
+        return _deep_merge(pruned, applied)
+    return strategic_merge(pruned, applied)
+
+
+def _prune(live: Any, last: Any, new: Any, field: str | None, is_custom: bool) -> Any:
+    """live minus what `last` set and `new` no longer sets."""
+    if isinstance(live, dict) and isinstance(last, dict) and isinstance(new, dict):
+        result = dict(live)
+        for key, value in last.items():
+            if key not in new:
+                result.pop(key, None)
+            elif key in result:
+                result[key] = _prune(result[key], value, new[key], key, is_custom)
+        return result
+    if is_custom or field is None or not all(isinstance(x, list) for x in (live, last, new)):
+        return live
+    key = _merge_key(field, live + last + new)
+    if key is None:
+        return live
+    last_by, new_by = {i.get(key): i for i in last}, {i.get(key): i for i in new}
+    return [
+        _prune(item, last_by[item.get(key)], new_by[item.get(key)], None, is_custom)
+        if item.get(key) in new_by and item.get(key) in last_by
+        else item
+        for item in live
+        if not (item.get(key) in last_by and item.get(key) not in new_by)
+    ]
 
 
 def _deep_merge(target: Any, patch: Any) -> Any:

@@ -256,7 +256,14 @@ class ApiServer:
                 created = False
             else:
                 obj, created = store.patch(
-                    res, ns, name, request.content_type, body, subresource=sub, dry_run=dry_run
+                    res,
+                    ns,
+                    name,
+                    request.content_type,
+                    body,
+                    subresource=sub,
+                    dry_run=dry_run,
+                    field_manager=query.get("fieldManager", ""),
                 )
             if sub == "scale":
                 return _json(store.get_scale(res, ns, name))

@@ -76,6 +76,7 @@ class Store:
         self._crd_resources: dict[str, list[Resource]] = {}
         self._resources: dict[tuple[str, str, str], Resource] = {}
         self.hub = WatchHub()
+        self._applied: dict[tuple[str, str], dict] = {}  # (uid, field manager) -> last applied
         self._next_cluster_ip = 10
         self._refresh_resources()
         namespaces = self.resource("", "v1", "namespaces")
@@ -238,12 +239,16 @@ class Store:
         *,
         subresource: str | None = None,
         dry_run: bool = False,
+        field_manager: str = "",
     ) -> tuple[dict, bool]:
         """Returns (object, created): server-side apply creates a missing object."""
+        applying = content_type == APPLY_PATCH and isinstance(patch, dict)
         if self._key(res, namespace, name) not in self._bucket(res):
-            if content_type == APPLY_PATCH and subresource is None and isinstance(patch, dict):
+            if applying and subresource is None:
                 body = {**patch, "metadata": {**(patch.get("metadata") or {}), "name": name}}
-                return self.create(res, namespace, body, dry_run=dry_run), True
+                obj = self.create(res, namespace, body, dry_run=dry_run)
+                self._remember_applied(obj, field_manager, patch, dry_run)
+                return obj, True
             raise not_found(res, name)
         if subresource == "scale":
             view = self.get_scale(res, namespace, name)
@@ -259,7 +264,8 @@ class Store:
             elif content_type == STRATEGIC_PATCH and not res.is_custom:
                 new_view = strategic_merge_patch(view, patch)
             elif content_type == APPLY_PATCH:
-                new_view = apply_merge(view, patch, is_custom=res.is_custom)  # type: ignore[arg-type]
+                last = self._applied.get((view["metadata"]["uid"], field_manager))
+                new_view = apply_merge(view, patch, last, is_custom=res.is_custom)  # type: ignore[arg-type]
             else:
                 accepted = [MERGE_PATCH, JSON_PATCH, APPLY_PATCH]
                 accepted += [] if res.is_custom else [STRATEGIC_PATCH]
@@ -272,7 +278,13 @@ class Store:
         updated = self.update(
             res, namespace, name, new_view, subresource=subresource, dry_run=dry_run
         )
+        if applying:
+            self._remember_applied(updated, field_manager, patch, dry_run)
         return updated, False
+
+    def _remember_applied(self, obj: dict, manager: str, applied: object, dry_run: bool) -> None:
+        if not dry_run:
+            self._applied[(obj["metadata"]["uid"], manager)] = copy.deepcopy(applied)  # type: ignore[assignment]
 
     def delete(
         self,
