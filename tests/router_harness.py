@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignedserve.router.app import create_app
@@ -21,9 +22,17 @@ def tiny_model(directory: Path) -> Path:
     return init_tiny(directory / "tiny", arch="llama")
 
 
+@dataclass(frozen=True)
+class RunningRouter:
+    url: str
+    server: RouterServer
+
+
 @contextmanager
-def running_router(model_dir: Path, batcher_addresses: list[str], **options) -> Iterator[str]:
-    """Yields the router's base URL; options are RouterConfig's fields."""
+def running_router(
+    model_dir: Path, batcher_addresses: list[str], **options
+) -> Iterator[RunningRouter]:
+    """Options are RouterConfig's fields. The router drains and stops on leaving."""
     config = RouterConfig(
         model_dir=str(model_dir),
         batcher_addresses=tuple(batcher_addresses),
@@ -38,7 +47,7 @@ def running_router(model_dir: Path, batcher_addresses: list[str], **options) -> 
     thread.start()
     assert ready.wait(10), "router did not start"
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield RunningRouter(f"http://127.0.0.1:{config.port}", server)
     finally:
         server.begin_drain()
         thread.join(10)

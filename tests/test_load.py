@@ -116,7 +116,8 @@ def test_router_held_reads_a_real_routers_count(tmp_path, fakes, silent):
     fake.worker_ready = False  # nothing ready: the router holds what it gets
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
     model_dir = tiny_model(tmp_path)
-    with running_router(model_dir, [fake.address], hold_timeout_s=30) as url:
+    with running_router(model_dir, [fake.address], hold_timeout_s=30) as router:
+        url = router.url
         address = url.removeprefix("http://")
 
         async def scenario():

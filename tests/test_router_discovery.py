@@ -8,6 +8,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -286,9 +287,10 @@ def test_http_requests_wait_for_a_ready_batcher_then_429_and_503(model_dir, fake
     fake.worker_ready = False
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
     with (
-        running_router(model_dir, [fake.address], max_held=1, hold_timeout_s=30) as url,
-        httpx.Client(base_url=url, timeout=20) as http,
+        running_router(model_dir, [fake.address], max_held=1, hold_timeout_s=30) as router,
+        httpx.Client(base_url=router.url, timeout=20) as http,
     ):
+        url = router.url
         assert held_gauge(url) == 0
 
         async def held_then_served() -> httpx.Response:
@@ -314,10 +316,31 @@ def test_http_requests_wait_for_a_ready_batcher_then_429_and_503(model_dir, fake
         assert held_gauge(url) == 0
 
     fake.worker_ready = False
-    with running_router(model_dir, [fake.address], hold_timeout_s=0.3) as url:
+    with running_router(model_dir, [fake.address], hold_timeout_s=0.3) as router:
         started = time.monotonic()
-        late = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+        late = httpx.post(f"{router.url}/v1/completions", json=body, timeout=10)
         assert late.status_code == 503 and time.monotonic() - started >= 0.3
         error = late.json()["error"]
         assert error["type"] == "service_unavailable_error"
         assert "no batcher became ready within 0.3 s" in error["message"]
+
+
+def test_a_draining_router_answers_its_held_requests_503_at_once(model_dir, fakes):
+    fake = fakes()
+    fake.worker_ready = False
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
+    with running_router(model_dir, [fake.address], hold_timeout_s=30) as router:
+        url = router.url
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=20)
+            deadline = time.monotonic() + 5
+            while held_gauge(url) != 1:
+                assert time.monotonic() < deadline, "the request was not held"
+                time.sleep(0.02)
+            started = time.monotonic()
+            router.server.begin_drain()
+            reply = held.result()
+        assert time.monotonic() - started < 2  # not the hold timeout, nor the drain's
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+        assert "shutting down" in reply.json()["error"]["message"]
+    assert fake.requests == []

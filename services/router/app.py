@@ -31,7 +31,7 @@ from alignedserve.router.serving import respond
 
 def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
     """The app starts and closes `client` with its lifespan. `app.state.router` is the
-    RouterState a server drains with."""
+    RouterState a server drains with, `app.state.client` the client it stops holding."""
     model_name = config.served_model_name
     tokenizer = Tokenizer.from_dir(config.model_dir)
     model = ModelConfig.from_dir(config.model_dir)
@@ -53,6 +53,7 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
 
     app = FastAPI(title="AlignedServe", lifespan=lifespan)
     app.state.router = state
+    app.state.client = client
     app.add_middleware(RequestGuard, state=state, errors=errors)
     errors.install(app)
 

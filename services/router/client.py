@@ -94,6 +94,7 @@ class BatcherClient:
         self._routes: dict[str, BatcherState] = {}  # request_id -> its batcher, while streaming
         self._turn = 0  # rotates the choice among equally loaded batchers
         self._num_held = 0
+        self._is_holding = max_held > 0  # False once the router drains
         self._readiness = asyncio.Event()  # set, then replaced, when a ready report arrives
         self._loops: list[asyncio.Task[None]] = []  # polling, resolving
         self._closing: set[asyncio.Task[None]] = set()  # channels of batchers that left
@@ -213,12 +214,23 @@ class BatcherClient:
             return False
         return reply.found
 
+    def stop_holding(self) -> None:
+        """The router drains: the held requests are answered 503 now, for their clients to
+        retry on another router, and no more are held."""
+        self._is_holding = False
+        self._wake_held()
+
+    def _wake_held(self) -> None:
+        # Set the event they wait on, and give later ones a new one.
+        self._readiness.set()
+        self._readiness = asyncio.Event()
+
     async def _until_ready(self) -> None:
         """Returns once a batcher is ready: at once, or after holding the request (at most
         max_held at a time, for at most hold_timeout_s)."""
         if self.is_ready():
             return
-        if self._max_held == 0:
+        if not self._is_holding:
             raise UnavailableError("no batcher has a ready worker")
         if self._num_held >= self._max_held:
             raise QueueFullError(
@@ -229,6 +241,8 @@ class BatcherClient:
         try:
             async with asyncio.timeout(self._hold_timeout_s):
                 while not self.is_ready():
+                    if not self._is_holding:
+                        raise UnavailableError("the router is shutting down; retry on another")
                     await self._readiness.wait()
         except TimeoutError:
             raise UnavailableError(
@@ -322,6 +336,4 @@ class BatcherClient:
         batcher.num_sent = 0
         if load.worker_ready:
             batcher.last_ready_s = time.monotonic()
-            # Wake the held requests: set the event they wait on, and give later ones a new one.
-            self._readiness.set()
-            self._readiness = asyncio.Event()
+            self._wake_held()

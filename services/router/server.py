@@ -1,6 +1,6 @@
 """Runs the router's HTTP server, and drains it on SIGTERM: /ready turns 503 and new requests
-are refused while in-flight ones (streams included) finish, for up to drain_timeout_s; then
-the server stops."""
+are refused (held ones too: they have not started) while in-flight ones (streams included)
+finish, for up to drain_timeout_s; then the server stops."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ class RouterServer(uvicorn.Server):
             )
         )
         self._state: RouterState = app.state.router
+        self._client: BatcherClient = app.state.client
         self._drain_timeout_s = config.drain_timeout_s
         self._ready_event = ready_event
         self._drain_requested = False  # set from a signal handler or another thread
@@ -75,6 +76,7 @@ class RouterServer(uvicorn.Server):
                 self._drain_timeout_s,
             )
             self._state.is_draining = True
+            self._client.stop_holding()
             self._drain_started_s = time.monotonic()
         if self._drain_started_s is not None and not self.should_exit:
             waited_s = time.monotonic() - self._drain_started_s
