@@ -204,3 +204,52 @@ def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
     for (tokens, finish, _), ref in zip(results, expected, strict=True):
         assert tokens == ref.token_ids
         assert finish == ref.finish_reason
+
+
+def test_health_is_serving_only_while_a_worker_answers(model_dir):
+    """Readiness means "can serve": NOT_SERVING before the worker is up and after it dies,
+    SERVING while it answers (what Kubernetes' gRPC readiness probe of the pod reads)."""
+    from alignedserve.common.proto import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    workers: list[subprocess.Popen] = []
+
+    async def status_becomes(stub, want, timeout_s=60.0):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            if reply.status == want or asyncio.get_running_loop().time() > deadline:
+                return reply.status
+            await asyncio.sleep(0.05)
+
+    async def main():
+        stop = asyncio.Event()
+        bport = free_port()
+        config = BatcherConfig(worker=f"127.0.0.1:{port}", port=bport, pool_gib=0.05)
+        # `started` would only fire once a worker is attached; the health service is up first
+        batcher = asyncio.create_task(serve_batcher(config, stop=stop))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{bport}") as channel:
+            await channel.channel_ready()
+            stub = health_pb2_grpc.HealthStub(channel)
+            serving, not_serving = (
+                health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            seen = [await status_becomes(stub, serving, timeout_s=1.0)]  # no worker yet
+            workers.append(start_worker_process(model_dir, port))
+            seen.append(await status_becomes(stub, serving))
+            workers[0].kill()
+            workers[0].wait()
+            seen.append(await status_becomes(stub, not_serving))
+        stop.set()
+        await batcher
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    names = health_pb2.HealthCheckResponse.ServingStatus.Name
+    assert [names(s) for s in seen] == ["NOT_SERVING", "SERVING", "NOT_SERVING"]

@@ -78,6 +78,8 @@ class WorkerLink:
             response = await self._session.read()
         except grpc.aio.AioRpcError as e:
             raise WorkerLost(f"{e.code().name}: {e.details()}") from e
+        except asyncio.InvalidStateError as e:  # writing to a session the worker already ended
+            raise WorkerLost(str(e)) from e
         if response is grpc.aio.EOF:
             raise WorkerLost("session ended")
         return response
@@ -97,6 +99,9 @@ class EngineConfig:
     pool_bytes: int
     scheduler: SchedulerConfig  # block_tokens / pool / GPU sizes are filled in from the worker
     worker_recovery_s: float = 60.0
+    worker_startup_s: float = 600.0  # the first connection: the worker may still load its model
+    idle_probe_s: float = 1.0  # with nothing to do, send the worker an empty step this often
+    stall_s: float = 60.0  # a step running longer than this marks the worker not ready (wedged)
 
 
 class BatcherEngine:
@@ -114,6 +119,7 @@ class BatcherEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._step = 0
+        self._step_since: float | None = None  # monotonic start of the step in flight
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,6 +148,16 @@ class BatcherEngine:
             metrics.WORKER_READY.labels(self.info.model_name).set(int(is_ready))
 
     @property
+    def is_serving(self) -> bool:
+        """Can serve now: a worker attached, answering steps in time, and not draining."""
+        stalled = (
+            self._step_since is not None
+            and time.monotonic() - self._step_since > self.config.stall_s
+        )
+        alive = self._task is not None and not self._task.done()
+        return alive and self.worker_ready and not self.draining and not stalled
+
+    @property
     def num_live(self) -> int:
         return len(self._queues)
 
@@ -151,6 +167,8 @@ class BatcherEngine:
     ) -> asyncio.Queue:
         if self.draining:
             raise UnavailableError("batcher is draining: send new requests elsewhere")
+        if self.scheduler is None:
+            raise UnavailableError("batcher is starting: no worker attached yet")
         if request_id in self._queues:
             raise InvalidRequestError(f"request_id {request_id!r} is in use", "request_id")
         max_len = self.info.max_model_len
@@ -169,7 +187,9 @@ class BatcherEngine:
         return queue
 
     def abort(self, request_id: str) -> bool:
-        if request_id not in self._queues or request_id not in self.scheduler.store:
+        if request_id not in self._queues or self.scheduler is None:
+            return False
+        if request_id not in self.scheduler.store:
             return False
         request = self.scheduler.store.get(request_id)
         if request.state.is_done:
@@ -193,7 +213,10 @@ class BatcherEngine:
         while True:
             if not self._has_work():
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.idle_probe_s)
+                if not self._wake.is_set():  # idle: is the worker still there?
+                    await self._probe()
                 continue
             plan = self.scheduler.schedule(time.monotonic())
             if plan.is_empty and not self._release:
@@ -205,13 +228,28 @@ class BatcherEngine:
             before = self._snapshot(plan)
             self._report(plan)
             request = self._to_proto(plan)
+            self._step_since = time.monotonic()
             try:
                 response = await self.link.step(request)
             except WorkerLost as e:
                 log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
                 await self._recover()
                 continue
+            finally:
+                self._step_since = None
             self._after_step(plan, response, before)
+
+    async def _probe(self) -> None:
+        """An empty step through the session: a dead or wedged idle worker is noticed (and
+        readiness drops) before the next request finds it."""
+        self._step += 1
+        try:
+            await asyncio.wait_for(
+                self.link.step(worker_pb2.StepRequest(step=self._step)), self.config.stall_s
+            )
+        except (WorkerLost, TimeoutError) as e:
+            log.warning("worker lost while idle (%s)", e or "no answer")
+            await self._recover()
 
     def _has_work(self) -> bool:
         # the store holds live requests only: _finish removes each one as it ends
@@ -334,7 +372,8 @@ class BatcherEngine:
 
     # ---- the worker ----------------------------------------------------------------------
     async def _connect(self, first: bool = False) -> None:
-        deadline = time.monotonic() + self.config.worker_recovery_s
+        wait_s = self.config.worker_startup_s if first else self.config.worker_recovery_s
+        deadline = time.monotonic() + wait_s
         delay = 0.05
         while True:
             try:
@@ -349,7 +388,7 @@ class BatcherEngine:
                 if time.monotonic() > deadline:
                     raise UnavailableError(
                         f"no worker at {self.config.worker_address} within "
-                        f"{self.config.worker_recovery_s:g} s: {e.code().name}"
+                        f"{wait_s:g} s: {e.code().name}"
                     ) from e
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -380,12 +419,13 @@ class BatcherEngine:
         self.worker_ready = False
         self.scheduler.recover_from_worker_loss(self._synced)
         self._release = []  # the new session starts with nothing resident
-        try:
-            await self._connect()
-        except UnavailableError as e:
-            log.error("%s: failing %d requests", e, self.num_live)
-            for rid in list(self._queues):
-                r = self.scheduler.store.get(rid)
-                self.scheduler.abort(rid, time.monotonic())
-                self._finish(r, error=e)
-            await self._connect()  # keep trying; new requests wait for it
+        while True:  # keep trying; requests that outwait one recovery window fail
+            try:
+                await self._connect()
+                return
+            except UnavailableError as e:
+                log.error("%s: failing %d requests", e, self.num_live)
+                for rid in list(self._queues):
+                    r = self.scheduler.store.get(rid)
+                    self.scheduler.abort(rid, time.monotonic())
+                    self._finish(r, error=e)

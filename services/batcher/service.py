@@ -32,6 +32,9 @@ class BatcherConfig:
     max_waiting: int = 1024  # admission queue bound: beyond it, RESOURCE_EXHAUSTED (429)
     starvation_s: float = 5.0
     worker_recovery_s: float = 60.0  # how long requests wait for a lost worker to return
+    worker_startup_s: float = 600.0  # how long the first worker connection may take (model load)
+    min_batch: int = 1  # aligned: fewest members of a decode group, when that many are resident
+    max_batch_kv_fraction: float = 0.9  # aligned: decode-GPU KV that resident batches may use
     drain_s: float = 30.0  # on SIGTERM: finish in-flight requests for at most this long
     metrics_port: int = 0  # Prometheus /metrics on this HTTP port; 0: none (the router's serves)
 
@@ -46,9 +49,14 @@ class BatcherConfig:
             worker_address=self.worker,
             pool_bytes=int(self.pool_gib * 2**30),
             scheduler=SchedulerConfig(
-                policy=self.policy, max_waiting=self.max_waiting, starvation_s=self.starvation_s
+                policy=self.policy,
+                max_waiting=self.max_waiting,
+                starvation_s=self.starvation_s,
+                min_batch_size=self.min_batch,
+                max_resident_kv_fraction=self.max_batch_kv_fraction,
             ),
             worker_recovery_s=self.worker_recovery_s,
+            worker_startup_s=self.worker_startup_s,
         )
 
 
@@ -94,11 +102,24 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             num_running=load["num_running"],
             num_pooled=load["num_pooled"],
             kv_pool_usage=load["kv_pool_usage"],
-            worker_ready=self.engine.worker_ready and not self.engine.draining,
+            worker_ready=self.engine.is_serving,
             max_model_len=info.max_model_len if info else 0,
             model_name=info.model_name if info else "",
             max_waiting=self.engine.config.scheduler.max_waiting,
         )
+
+
+async def _mirror_readiness(engine: BatcherEngine, health, interval_s: float = 0.2) -> None:
+    """Health is SERVING only while a worker is attached and answering (and not draining):
+    a pod whose model worker is down or wedged must leave its Service, so readiness probes
+    (Kubernetes' gRPC probe) and routers see a batcher that can serve, not one that is up."""
+    serving = None
+    while True:
+        ready = engine.is_serving
+        if ready != serving:
+            await rpc.set_serving(health, [SERVICE], ready)
+            serving = ready
+        await asyncio.sleep(interval_s)
 
 
 def _response(delta: Delta) -> batcher_pb2.GenerateResponse:
@@ -121,12 +142,18 @@ async def serve_batcher(
     if config.metrics_port:
         prometheus_client.start_http_server(config.metrics_port, addr=config.host)
     engine = BatcherEngine(config.engine_config())
-    await engine.start()
+    # Serve (NOT_SERVING, so probes and routers can tell "starting") while the worker loads.
     server, health = rpc.aio_server()
     batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(engine), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    await rpc.set_serving(health, [SERVICE], True)
+    readiness = asyncio.create_task(_mirror_readiness(engine, health))
+    try:
+        await engine.start()
+    except BaseException:
+        readiness.cancel()
+        await server.stop(grace=None)
+        raise
     log.info("batcher serving on %s:%d (worker %s)", config.host, port, config.worker)
     if started is not None:
         started.set_result(port)
@@ -134,6 +161,8 @@ async def serve_batcher(
         await (stop.wait() if stop is not None else asyncio.Event().wait())
     finally:
         engine.draining = True
+        readiness.cancel()
+        await asyncio.gather(readiness, return_exceptions=True)
         await rpc.set_serving(health, [SERVICE], False)
         deadline = asyncio.get_running_loop().time() + config.drain_s
         while engine.num_live and asyncio.get_running_loop().time() < deadline:
