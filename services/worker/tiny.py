@@ -99,6 +99,17 @@ FULL_SIZE: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         rope_scaling=None,
     ),
+    # OPT-13B (MHA, 40 x 128 heads) over TINY_CONFIGS["opt"]; positions beyond OPT's 2048 so
+    # that the long prompts of the paper's mixes fit
+    "opt-13b": dict(
+        vocab_size=50272,
+        hidden_size=5120,
+        ffn_dim=20480,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        word_embed_proj_dim=5120,
+        max_position_embeddings=16384,
+    ),
 }
 
 
