@@ -7,11 +7,9 @@ import http.client
 import json
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import kubernetes
@@ -21,87 +19,18 @@ from kubernetes.client.rest import ApiException
 from k8s import binary
 from k8s.fakeapi import HELM_FLAGS, KUBECTL_FLAGS, FakeKubernetes, wait_until
 from k8s.fakeapi_patch import json_patch, merge_patch, strategic_merge
+from k8s.fakeapi_samples import (
+    KOPF_OPERATOR,
+    WIDGET_CRD,
+    config_map,
+    deployment,
+    run,
+    widget,
+    write_chart,
+)
 from k8s.fakeapi_select import field_selector, label_selector
 
 APPLY = "application/apply-patch+yaml"
-WIDGET_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "widgets.example.com"},
-    "spec": {
-        "group": "example.com",
-        "scope": "Namespaced",
-        "names": {
-            "kind": "Widget",
-            "plural": "widgets",
-            "singular": "widget",
-            "shortNames": ["wg"],
-        },
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "subresources": {
-                    "status": {},
-                    "scale": {
-                        "specReplicasPath": ".spec.replicas",
-                        "statusReplicasPath": ".status.replicas",
-                        "labelSelectorPath": ".status.selector",
-                    },
-                },
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "properties": {
-                            "spec": {
-                                "type": "object",
-                                "properties": {
-                                    "replicas": {"type": "integer", "default": 1},
-                                    "color": {"type": "string", "default": "red"},
-                                },
-                            },
-                            "status": {
-                                "type": "object",
-                                "x-kubernetes-preserve-unknown-fields": True,
-                            },
-                        },
-                    }
-                },
-            }
-        ],
-    },
-}
-
-
-def widget(name: str, **spec) -> dict:
-    return {
-        "apiVersion": "example.com/v1",
-        "kind": "Widget",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": spec,
-    }
-
-
-def deployment(name: str, image: str = "nginx:1", replicas: int = 1) -> dict:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": "default", "labels": labels},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": "web", "image": image}]},
-            },
-        },
-    }
-
-
-def config_map(name: str, namespace: str = "default", **data: str) -> dict:
-    return {"metadata": {"name": name, "namespace": namespace}, "data": data}
 
 
 @pytest.fixture
@@ -127,16 +56,30 @@ def reason(exc: ApiException) -> str:
 def test_discovery_serves_builtin_groups_kinds_and_subresources(client):
     assert kubernetes.client.CoreApi(client).get_api_versions().versions == ["v1"]
     groups = {g.name: g for g in kubernetes.client.ApisApi(client).get_api_versions().groups}
-    for group in ("apps", "policy", "rbac.authorization.k8s.io", "apiextensions.k8s.io",
-                  "monitoring.coreos.com", "coordination.k8s.io", "events.k8s.io"):  # fmt: skip
+    for group in (
+        "apps",
+        "policy",
+        "rbac.authorization.k8s.io",
+        "apiextensions.k8s.io",
+        "monitoring.coreos.com",
+        "coordination.k8s.io",
+        "events.k8s.io",
+    ):
         assert group in groups, group
     assert groups["apps"].preferred_version.group_version == "apps/v1"
 
     core = kubernetes.client.CoreV1Api(client).get_api_resources()
     assert core.group_version == "v1"
     by_name = {r.name: r for r in core.resources}
-    assert {"namespaces", "services", "pods", "configmaps", "secrets", "serviceaccounts",
-            "events"} <= by_name.keys()  # fmt: skip
+    assert {
+        "namespaces",
+        "services",
+        "pods",
+        "configmaps",
+        "secrets",
+        "serviceaccounts",
+        "events",
+    } <= by_name.keys()
     assert by_name["namespaces"].namespaced is False
     assert by_name["services"].short_names == ["svc"]
     assert "services/status" in by_name
@@ -423,10 +366,14 @@ def test_finalizers_hold_deletion_until_removed(client):
 
 def _owned(name: str, *owners: dict) -> dict:
     refs = [
-        {"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
-         "uid": o["metadata"]["uid"]}
+        {
+            "apiVersion": o["apiVersion"],
+            "kind": o["kind"],
+            "name": o["metadata"]["name"],
+            "uid": o["metadata"]["uid"],
+        }
         for o in owners
-    ]  # fmt: skip
+    ]
     return {"metadata": {"name": name, "ownerReferences": refs}}
 
 
@@ -526,14 +473,6 @@ def test_scale_subresource_for_deployments_and_custom_resources(kube, client):
 # --- kubectl ------------------------------------------------------------------------------------
 
 
-def run(args: list, kube: FakeKubernetes, *, env: dict | None = None) -> str:
-    done = subprocess.run(
-        [str(a) for a in args], env=env or kube.env(), capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, f"{args}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def test_kubectl_apply_get_wait_scale_delete(kube, tmp_path):
     kubectl = binary("kubectl")
 
@@ -583,43 +522,39 @@ def test_kubectl_apply_get_wait_scale_delete(kube, tmp_path):
     assert {("deployments", "patch"), ("widgets", "watch"), ("widgets", "delete")} <= verbs
 
 
+def test_kubectl_create_sends_protobuf_for_namespaces_configmaps_secrets(kube):
+    kubectl = binary("kubectl")
+    run([kubectl, "create", "namespace", "team"], kube)
+    run([kubectl, "-n", "team", "create", "configmap", "c", "--from-literal=k=v"], kube)
+    run([kubectl, "-n", "team", "create", "secret", "generic", "s", "--from-literal=k=v"], kube)
+    assert kube.get("v1", "ConfigMap", "team", "c")["data"] == {"k": "v"}
+    assert kube.get("v1", "Secret", "team", "s")["data"] == {"k": "dg=="}  # base64 of "v"
+    assert {"application/vnd.kubernetes.protobuf"} == {
+        r.content_type for r in kube.requests if r.verb == "create"
+    }
+    run([kubectl, "delete", "namespace", "team", "--timeout=60s"], kube)
+    assert kube.get("v1", "ConfigMap", "team", "c") is None
+
+
+def test_kubectl_rollout_status_with_the_test_playing_the_deployment_controller(kube, tmp_path):
+    kubectl = binary("kubectl")
+    (tmp_path / "web.json").write_text(json.dumps(deployment("web", replicas=2)))
+    run([kubectl, "apply", "--server-side", *KUBECTL_FLAGS, "-f", tmp_path / "web.json"], kube)
+    ready = {
+        "observedGeneration": 1,
+        "replicas": 2,
+        "updatedReplicas": 2,
+        "readyReplicas": 2,
+        "availableReplicas": 2,
+        "conditions": [{"type": "Available", "status": "True"}],
+    }
+    kube.patch_status("apps/v1", "deployments", "default", "web", ready)
+    out = run([kubectl, "rollout", "status", "deployment/web", "--timeout=60s"], kube)
+    assert "successfully rolled out" in out
+    run([kubectl, "wait", "--for=condition=Available", "deployment/web", "--timeout=60s"], kube)
+
+
 # --- helm ---------------------------------------------------------------------------------------
-
-
-def write_chart(root: Path) -> Path:
-    chart = root / "demo"
-    (chart / "crds").mkdir(parents=True)
-    (chart / "templates").mkdir()
-    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: demo\nversion: 0.1.0\n")
-    (chart / "values.yaml").write_text("port: 80\n")
-    (chart / "crds" / "widgets.yaml").write_text(json.dumps(WIDGET_CRD))
-    (chart / "templates" / "all.yaml").write_text(
-        textwrap.dedent("""\
-        apiVersion: apps/v1
-        kind: Deployment
-        metadata: {name: "{{ .Release.Name }}-web", labels: {app: web}}
-        spec:
-          replicas: 1
-          selector: {matchLabels: {app: web}}
-          template:
-            metadata: {labels: {app: web}}
-            spec:
-              containers: [{name: web, image: nginx, ports: [{containerPort: 80}]}]
-        ---
-        apiVersion: v1
-        kind: Service
-        metadata: {name: "{{ .Release.Name }}-web"}
-        spec:
-          selector: {app: web}
-          ports: [{name: http, port: {{ .Values.port }}}]
-        ---
-        apiVersion: rbac.authorization.k8s.io/v1
-        kind: ClusterRole
-        metadata: {name: "{{ .Release.Name }}-reader"}
-        rules: [{apiGroups: [""], resources: [pods], verbs: [get]}]
-        """)
-    )
-    return chart
 
 
 @pytest.mark.parametrize("helm_name", ["helm3", "helm4"])
@@ -653,48 +588,10 @@ def test_helm_installs_upgrades_and_uninstalls(kube, tmp_path, helm_name):
 
 # --- kopf ---------------------------------------------------------------------------------------
 
-OPERATOR = """
-import kopf
-import kubernetes
-
-
-@kopf.on.startup()
-def startup(settings, **_):
-    kubernetes.config.load_kube_config()
-    settings.watching.server_timeout = 2  # reconnect often: resuming from a resourceVersion
-
-
-def core():
-    return kubernetes.client.CoreV1Api()
-
-
-@kopf.on.create("example.com", "v1", "widgets")
-def created(body, spec, name, namespace, **_):
-    child = {"metadata": {"name": f"{name}-child"}, "data": {"color": spec["color"]}}
-    kopf.adopt(child)
-    core().create_namespaced_config_map(namespace, child)
-    kopf.info(body, reason="ChildCreated", message=child["metadata"]["name"])
-    return {"child": child["metadata"]["name"]}
-
-
-@kopf.on.update("example.com", "v1", "widgets")
-def updated(spec, name, namespace, retry, **_):
-    if retry == 0:  # the retry count lives in kopf's progress annotations on the object
-        raise kopf.TemporaryError("first attempt fails", delay=0.2)
-    patch = {"data": {"color": spec["color"], "retry": str(retry)}}
-    core().patch_namespaced_config_map(f"{name}-child", namespace, patch)
-    return {"color": spec["color"]}
-
-
-@kopf.on.delete("example.com", "v1", "widgets")
-def deleted(name, namespace, **_):
-    core().create_namespaced_config_map(namespace, {"metadata": {"name": f"{name}-deleted"}})
-"""
-
 
 def test_kopf_operator_handles_create_update_delete(kube, tmp_path):
     kubectl = binary("kubectl")
-    (tmp_path / "operator.py").write_text(OPERATOR)
+    (tmp_path / "operator.py").write_text(KOPF_OPERATOR)
     (tmp_path / "crd.json").write_text(json.dumps(WIDGET_CRD))
     run([kubectl, "apply", *KUBECTL_FLAGS, "-f", tmp_path / "crd.json"], kube)
     log = (tmp_path / "kopf.log").open("w")

@@ -7,24 +7,35 @@ helm 3 and 4, kopf operators and the `kubernetes` Python client.
         assert kube.get("v1", "Service", "default", "web") is not None
         verbs = {(r.api_group, r.resource, r.verb) for r in kube.requests}
 
-Why not kmock (0.8): its emulator is a DSL for canned responses over a plain dict store; every
-stateful handler (create, update, patch, delete, list, watch, fetch) and its URL parsing and
-discovery had to be replaced to get resourceVersions, selectors, watch resumption, the status
-subresource split, server-side apply, CRD serving, scale and garbage collection right, leaving
-nothing of it in use. This is the subset on aiohttp directly, in five modules of one job each:
+Why not kmock 0.8 (decided after reading it, before writing this): its emulator is a DSL of
+canned responses over a plain dict store. Each stateful handler (create, update, patch, delete,
+list, watch, fetch), its URL parsing and its discovery had to be replaced to get resource
+versions, selectors, watch resumption, the status split, server-side apply, CRD serving, scale
+and garbage collection right -- which would have left nothing of kmock in use but its DSL
+router. So this is the subset written on aiohttp directly, one job per module:
 `fakeapi_resources` (kinds, discovery), `fakeapi_store` (the API machinery's semantics),
-`fakeapi_patch` (merge/JSON/strategic patches, apply, CRD defaults), `fakeapi_select`
-(selectors), `fakeapi_server` (HTTP, watch streams, request log).
+`fakeapi_watch` (event log, subscribers), `fakeapi_patch` (merge, JSON and strategic patches,
+apply, CRD defaults), `fakeapi_select` (selectors), `fakeapi_proto` (the few protobuf bodies),
+`fakeapi_errors` (Status objects), `fakeapi_server` (HTTP, watch streams, request log).
 
-What clients need: see HELM_FLAGS / KUBECTL_FLAGS below and `helm_env()` (release storage).
+What clients need:
+- kubectl: `--validate=false` on apply/create (KUBECTL_FLAGS): no OpenAPI documents here.
+  Apply CRDs before the custom resources that use them (as on a real cluster).
+- helm 3 and 4: `--disable-openapi-validation` on install/upgrade (HELM_FLAGS). Release storage
+  is helm's default (Secrets, sent as protobuf: decoded here), so it persists across helm
+  processes; use `helm_env()`. `--wait` needs a test that plays the controllers.
+- kopf and the `kubernetes` client: nothing beyond KUBECONFIG (`env()`).
 
-Known gaps (only a real cluster tests these): no protobuf or CBOR bodies (415), no OpenAPI
-documents (404), no admission, validation or RBAC enforcement (every request is allowed), no
-controllers (no ReplicaSets or Pods; a test plays kubelet with `patch_status`), no Table output
-(kubectl's default printer falls back to NAME/AGE columns), no field ownership in server-side
-apply (the applied object is merged into the live one, so fields dropped from a later apply
-stay), strategic merge keys by field name (not by Go type), foreground deletion is background,
-CRD versions served without conversion, no pagination (`limit` ignored, never a `continue`).
+Known gaps (only a real cluster tests these): protobuf bodies other than Secret, ConfigMap,
+Namespace and DeleteOptions answer 415 (so `kubectl create deployment` fails; apply works); no
+OpenAPI documents (404); no admission, schema validation or pruning, nor RBAC enforcement
+(every request is allowed; CRD `default`s are applied); no controllers (no ReplicaSets or Pods: a
+test plays kubelet with `patch_status`); no Table output (kubectl prints NAME and AGE only);
+server-side apply keeps no managedFields: per field manager it removes what that manager
+applied last time and no longer applies, then merges; strategic merge keys by field name, not
+Go type (`ports` by containerPort, else port); foreground deletion acts as background; a child
+whose owners were already gone when it was created is not collected; CRD versions are served
+without conversion; `limit` is ignored (never a `continue`).
 """
 
 from __future__ import annotations
@@ -148,8 +159,8 @@ class FakeKubernetes:
         }
 
     def helm_env(self) -> dict[str, str]:
-        """env() plus helm's own directories under the fake's temporary directory and the
-        release storage that works here (see HELM_DRIVER in the module docstring)."""
+        """env() plus helm's cache, config and data directories under the fake's temporary
+        directory (no repositories or plugins from the user's home)."""
         home = Path(self._dir.name) / "helm"
         return self.env() | {
             "HELM_CACHE_HOME": str(home / "cache"),
@@ -188,6 +199,8 @@ class FakeKubernetes:
     def get(
         self, api_version: str, kind_or_plural: str, namespace: str | None, name: str
     ) -> dict | None:
+        """The object, or None if it does not exist; KeyError if the kind is not served."""
+
         def get() -> dict | None:
             res = self._resource(api_version, kind_or_plural)
             try:

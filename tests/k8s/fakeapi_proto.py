@@ -1,6 +1,7 @@
-"""Decode the protobuf request bodies the fake must accept: v1 Secret, ConfigMap and
+"""Decode the protobuf request bodies the fake must accept: v1 Secret, ConfigMap, Namespace and
 DeleteOptions, which typed client-go clientsets send as `application/vnd.kubernetes.protobuf`
-(helm's release storage). Every other kind is refused with 415, as documented in `fakeapi`.
+(helm's release storage; kubectl create configmap|secret|namespace). Every other kind is
+refused with 415, as documented in `fakeapi`.
 
 Wire format: b"k8s\\x00" + runtime.Unknown{1: TypeMeta{1: apiVersion, 2: kind}, 2: raw}, raw
 being the kind's message. Field numbers are those of k8s.io/api's generated.proto.
@@ -127,6 +128,15 @@ def _config_map(raw: bytes) -> dict:
     return obj
 
 
+def _namespace(raw: bytes) -> dict:
+    obj: dict = {"apiVersion": "v1", "kind": "Namespace"}
+    for number, value in _fields(raw):
+        if number == 1:
+            assert isinstance(value, bytes)
+            obj["metadata"] = _object_meta(value)
+    return obj
+
+
 def _delete_options(raw: bytes) -> dict:
     options: dict = {"kind": "DeleteOptions"}
     for number, value in _fields(raw):
@@ -146,7 +156,12 @@ def _delete_options(raw: bytes) -> dict:
     return options
 
 
-DECODERS = {"Secret": _secret, "ConfigMap": _config_map, "DeleteOptions": _delete_options}
+DECODERS = {
+    "Secret": _secret,
+    "ConfigMap": _config_map,
+    "Namespace": _namespace,  # metadata only: kubectl create namespace
+    "DeleteOptions": _delete_options,
+}
 
 
 def decode(body: bytes) -> dict:

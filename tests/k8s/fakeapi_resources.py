@@ -31,6 +31,7 @@ class Resource:
     short_names: tuple[str, ...] = ()
     has_status: bool = False  # a status subresource: .status is written only through /status
     scale: ScalePaths | None = None
+    categories: tuple[str, ...] = ()  # e.g. "all", for `kubectl get all`
     is_custom: bool = False  # defined by a CustomResourceDefinition (or pretending to be)
     schema: dict | None = None  # openAPIV3Schema of a CRD version, for server-side defaulting
 
@@ -58,12 +59,13 @@ def _builtin(api_version: str, plural: str, kind: str, scope: str, *short: str, 
     return Resource(group, version, plural, kind, scope == "ns", tuple(short), **kw)
 
 
+ALL = ("all",)
 BUILTINS: tuple[Resource, ...] = (
     _builtin("v1", "namespaces", "Namespace", "cluster", "ns", has_status=True),
     _builtin("v1", "nodes", "Node", "cluster", "no", has_status=True),
-    _builtin("v1", "services", "Service", "ns", "svc", has_status=True),
+    _builtin("v1", "services", "Service", "ns", "svc", has_status=True, categories=ALL),
     _builtin("v1", "endpoints", "Endpoints", "ns", "ep"),
-    _builtin("v1", "pods", "Pod", "ns", "po", has_status=True),
+    _builtin("v1", "pods", "Pod", "ns", "po", has_status=True, categories=ALL),
     _builtin("v1", "configmaps", "ConfigMap", "ns", "cm"),
     _builtin("v1", "secrets", "Secret", "ns"),
     _builtin("v1", "serviceaccounts", "ServiceAccount", "ns", "sa"),
@@ -71,12 +73,12 @@ BUILTINS: tuple[Resource, ...] = (
     _builtin("v1", "events", "Event", "ns", "ev"),
     _builtin("events.k8s.io/v1", "events", "Event", "ns", "ev"),
     _builtin("apps/v1", "deployments", "Deployment", "ns", "deploy", has_status=True,
-             scale=DEPLOYMENT_SCALE),
+             categories=ALL, scale=DEPLOYMENT_SCALE),
     _builtin("apps/v1", "statefulsets", "StatefulSet", "ns", "sts", has_status=True,
-             scale=DEPLOYMENT_SCALE),
+             categories=ALL, scale=DEPLOYMENT_SCALE),
     _builtin("apps/v1", "replicasets", "ReplicaSet", "ns", "rs", has_status=True,
-             scale=DEPLOYMENT_SCALE),
-    _builtin("apps/v1", "daemonsets", "DaemonSet", "ns", "ds", has_status=True),
+             categories=ALL, scale=DEPLOYMENT_SCALE),
+    _builtin("apps/v1", "daemonsets", "DaemonSet", "ns", "ds", has_status=True, categories=ALL),
     _builtin("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", "ns", "pdb",
              has_status=True),
     _builtin("autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", "ns", "hpa",
@@ -116,6 +118,7 @@ def resources_from_crd(crd: dict) -> list[Resource]:
                 kind=names["kind"],
                 is_namespaced=spec.get("scope", "Namespaced") == "Namespaced",
                 short_names=tuple(names.get("shortNames", ())),
+                categories=tuple(names.get("categories", ())),
                 has_status="status" in sub,
                 scale=ScalePaths(
                     scale["specReplicasPath"],
@@ -177,6 +180,7 @@ def api_resource_list(group_version: str, resources: Iterable[Resource]) -> dict
                 "kind": res.kind,
                 "verbs": list(ALL_VERBS),
                 **({"shortNames": list(res.short_names)} if res.short_names else {}),
+                **({"categories": list(res.categories)} if res.categories else {}),
             }
         )
         sub_verbs = ["get", "patch", "update"]
