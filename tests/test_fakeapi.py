@@ -153,7 +153,7 @@ def test_update_with_a_stale_resource_version_conflicts(client):
     assert core.replace_namespaced_config_map("a", "default", fresh).data == {"color": "green"}
 
 
-def test_status_is_written_only_through_the_status_subresource(client):
+def test_status_is_written_only_through_the_status_subresource(kube, client):
     apps = kubernetes.client.AppsV1Api(client)
     body = deployment("web") | {"status": {"replicas": 9}}
     created = apps.create_namespaced_deployment("default", body)
@@ -167,6 +167,15 @@ def test_status_is_written_only_through_the_status_subresource(client):
     assert written.status.ready_replicas == 1
     assert written.spec.replicas == 1  # spec is ignored on /status
     assert written.metadata.generation == 1
+
+    # The history a watch replays is what each write produced (stored states are snapshots).
+    before = int(created.metadata.resource_version) - 1
+    path = f"/apis/apps/v1/namespaces/default/deployments?watch=1&resourceVersion={before}"
+    added, modified = _raw_watch(kube, path, "MODIFIED")
+    assert added["object"]["metadata"]["resourceVersion"] == created.metadata.resource_version
+    assert "status" not in added["object"]
+    assert modified["object"]["metadata"]["resourceVersion"] == written.metadata.resource_version
+    assert modified["object"]["status"] == {"readyReplicas": 1}
 
 
 def test_label_and_field_selectors_filter_lists(client):

@@ -213,9 +213,10 @@ class Store:
         if body_meta.get("resourceVersion") not in (None, "", old["metadata"]["resourceVersion"]):
             raise conflict(res, name)
         if subresource == "status":
-            new = {**old, "status": copy.deepcopy(body.get("status"))}
-            if new["status"] is None:
-                del new["status"]
+            new = copy.deepcopy(old)
+            new.pop("status", None)
+            if body.get("status") is not None:
+                new["status"] = copy.deepcopy(body["status"])
         elif subresource == "scale":
             if res.scale is None:
                 raise not_found(res, name)
@@ -226,7 +227,7 @@ class Store:
             if res.has_status:
                 new.pop("status", None)
                 if "status" in old:
-                    new["status"] = old["status"]
+                    new["status"] = copy.deepcopy(old["status"])
         return self._write(res, old, new, dry_run=dry_run)
 
     def patch(
@@ -369,6 +370,8 @@ class Store:
         if kind == "DELETED":
             bucket.pop(key, None)
             self._uids.pop(meta["uid"], None)
+            for applied in [k for k in self._applied if k[0] == meta["uid"]]:
+                del self._applied[applied]
         else:
             bucket[key] = obj
             self._uids[meta["uid"]] = (res.storage_key, key)
