@@ -253,3 +253,28 @@ def test_health_is_serving_only_while_a_worker_answers(model_dir):
             w.wait()
     names = health_pb2.HealthCheckResponse.ServingStatus.Name
     assert [names(s) for s in seen] == ["NOT_SERVING", "SERVING", "NOT_SERVING"]
+
+
+def test_metrics_keep_their_colons_for_prometheus():
+    """Prometheus asks for OpenMetrics 1.0 first; our server answers in the classic format,
+    so `alignedserve:*` names reach it unescaped."""
+    import urllib.request
+
+    from alignedserve.common import metrics
+
+    port = free_port()
+    server = metrics.start_metrics_server(port, "127.0.0.1")
+    try:
+        accept = (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+            "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        server.shutdown()
+    assert "# TYPE alignedserve:num_requests_waiting gauge" in text
+    assert "alignedserve_num_requests_waiting" not in text

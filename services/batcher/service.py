@@ -10,11 +10,10 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-import prometheus_client
 
 from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig
 from alignedserve.batcher.scheduler import SchedulerConfig
-from alignedserve.common import flags, rpc, wire
+from alignedserve.common import flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 
@@ -140,7 +139,7 @@ async def serve_batcher(
     """Run until `stop` is set (or the task is cancelled), then drain: refuse new requests,
     let in-flight ones finish for up to drain_s, stop. `started` receives the bound port."""
     if config.metrics_port:
-        prometheus_client.start_http_server(config.metrics_port, addr=config.host)
+        metrics.start_metrics_server(config.metrics_port, config.host)
     engine = BatcherEngine(config.engine_config())
     # Serve (NOT_SERVING, so probes and routers can tell "starting") while the worker loads.
     server, health = rpc.aio_server()

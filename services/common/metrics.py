@@ -9,7 +9,18 @@ records the request-level ones (latencies, tokens, outcomes).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 PREFIX = "alignedserve:"
 MODEL = ("model_name",)
@@ -121,3 +132,34 @@ REQUESTS_REJECTED_TOTAL = Counter(
     "Requests answered with an error, by reason (invalid_request, queue_full, ...).",
     (*MODEL, "reason"),
 )
+
+
+def start_metrics_server(
+    port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY
+) -> ThreadingHTTPServer:
+    """Serve `registry` at /metrics in the classic text format, whatever the scraper asks for.
+
+    prometheus_client's own server answers Prometheus' default Accept header with OpenMetrics
+    1.0, whose sample names cannot carry ':' there, so `alignedserve:x` would be stored as
+    `alignedserve_x` and miss every dashboard and rule. The router serves the same format.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
