@@ -74,8 +74,14 @@ def test_sampling_is_what_the_router_makes_of_the_http_targets_request():
     assert routed.params.ignore_eos and routed.params.max_tokens == 7
 
 
-def test_engine_target_module_imports_no_torch():
-    code = "import sys, alignedserve.bench.engine_target\nassert 'torch' not in sys.modules"
+def test_the_engine_target_imports_no_torch_and_no_http_client():
+    """The GPU machines have no openai or httpx: the engine target must not need them (the
+    worker, a child process, imports torch)."""
+    modules = [f"alignedserve.bench.{m}" for m in ("cli", "runner", "engine_target")]
+    code = (
+        f"import sys\nfor m in {modules!r}: __import__(m)\n"
+        "assert not {'torch', 'openai', 'httpx'} & set(sys.modules), sys.modules.keys()"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

@@ -13,25 +13,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from alignedserve.bench.engine_target import EngineTargetConfig
 from alignedserve.bench.metrics import Slo, summarize
 from alignedserve.bench.plots import write_plots
 from alignedserve.bench.progress import Progress
+from alignedserve.bench.records import Target
 from alignedserve.bench.report import BenchRun, markdown_table, write_json, write_markdown
 from alignedserve.bench.shapes import Concurrency, LoadShape, Offline, Poisson, describe
 from alignedserve.bench.workload import is_workload, make_requests, workload_names
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError, UnavailableError
 
-if TYPE_CHECKING:
-    from alignedserve.bench.targets import Target
-
 WARM_UP_MAX_TOKENS = 16
 TARGETS = ("openai", "engine")
-
-
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 

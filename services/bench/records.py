@@ -6,6 +6,10 @@ Times are `time.perf_counter()` seconds: one monotonic clock for the target and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from alignedserve.bench.workload import BenchRequest
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class RequestRecord:
     @property
     def first_token_s(self) -> float | None:
         return self.chunks[0].time_s if self.chunks else None
+
+
+class Target(Protocol):
+    """Sends one request, times its stream, returns its record; never raises for a failed
+    request (the record says so). Here, not beside the HTTP target, so that the runner and the
+    engine target import no HTTP client."""
+
+    async def run(self, request: BenchRequest) -> RequestRecord: ...
 
 
 @dataclass(frozen=True)

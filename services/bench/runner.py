@@ -8,9 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-from alignedserve.bench.records import RequestRecord, RunRecords
+from alignedserve.bench.records import RequestRecord, RunRecords, Target
 from alignedserve.bench.shapes import LoadShape, Offline, Poisson
-from alignedserve.bench.targets import Target
 from alignedserve.bench.workload import BenchRequest
 
 Gate = Callable[[BenchRequest], AbstractAsyncContextManager[None]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import openai
@@ -19,10 +19,6 @@ from openai.types import Completion
 from alignedserve.bench.records import Chunk, RequestRecord
 from alignedserve.bench.workload import BenchRequest
 from alignedserve.common.errors import ConfigError, UnavailableError
-
-
-class Target(Protocol):
-    async def run(self, request: BenchRequest) -> RequestRecord: ...
 
 
 def api_url(base_url: str) -> str:
