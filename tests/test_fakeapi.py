@@ -17,7 +17,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from k8s import binary
-from k8s.fakeapi import HELM_FLAGS, KUBECTL_FLAGS, FakeKubernetes, wait_until
+from k8s.fakeapi import FakeKubernetes, wait_until
 from k8s.fakeapi_patch import json_patch, merge_patch, strategic_merge
 from k8s.fakeapi_samples import (
     KOPF_OPERATOR,
@@ -489,11 +489,11 @@ def test_kubectl_apply_get_wait_scale_delete(kube, tmp_path):
         return run([kubectl, *args], kube)
 
     (tmp_path / "crd.json").write_text(json.dumps(WIDGET_CRD))
-    ctl("apply", *KUBECTL_FLAGS, "-f", str(tmp_path / "crd.json"))  # CRDs first, as in a cluster
+    ctl("apply", "-f", str(tmp_path / "crd.json"))  # CRDs first, as in a cluster
     manifests = tmp_path / "app.yaml"
     docs = [widget("w", replicas=1), deployment("web")]
     manifests.write_text("\n---\n".join(json.dumps(d) for d in docs))
-    ctl("apply", *KUBECTL_FLAGS, "-f", str(manifests))
+    ctl("apply", "-f", str(manifests))
     assert kube.get("apps/v1", "Deployment", "default", "web") is not None
 
     # A controller adds a field to the live container; the next apply must merge containers by
@@ -505,7 +505,7 @@ def test_kubectl_apply_get_wait_scale_delete(kube, tmp_path):
     docs[1] = deployment("web", image="nginx:2")
     docs[1]["spec"]["template"]["spec"]["containers"].append({"name": "side", "image": "s:1"})
     manifests.write_text("\n---\n".join(json.dumps(d) for d in docs))
-    ctl("apply", *KUBECTL_FLAGS, "-f", str(manifests))
+    ctl("apply", "-f", str(manifests))
     got = json.loads(ctl("get", "deployment", "web", "-o", "json"))
     assert got["spec"]["template"]["spec"]["containers"] == [
         {"name": "web", "image": "nginx:2", "terminationMessagePath": "/dev/termination-log"},
@@ -548,7 +548,7 @@ def test_kubectl_create_sends_protobuf_for_namespaces_configmaps_secrets(kube):
 def test_kubectl_rollout_status_with_the_test_playing_the_deployment_controller(kube, tmp_path):
     kubectl = binary("kubectl")
     (tmp_path / "web.json").write_text(json.dumps(deployment("web", replicas=2)))
-    run([kubectl, "apply", "--server-side", *KUBECTL_FLAGS, "-f", tmp_path / "web.json"], kube)
+    run([kubectl, "apply", "--server-side", "-f", tmp_path / "web.json"], kube)
     ready = {
         "observedGeneration": 1,
         "replicas": 2,
@@ -569,29 +569,29 @@ def test_kubectl_rollout_status_with_the_test_playing_the_deployment_controller(
 @pytest.mark.parametrize("helm_name", ["helm3", "helm4"])
 def test_helm_installs_upgrades_and_uninstalls(kube, tmp_path, helm_name):
     helm, chart, env = binary(helm_name), write_chart(tmp_path), kube.helm_env()
-    run([helm, "install", "demo", chart, *HELM_FLAGS], kube, env=env)
+    ns = ["--namespace", "apps"]
+    run([helm, "install", "demo", chart, *ns, "--create-namespace"], kube, env=env)
 
     crd = kube.get("apiextensions.k8s.io/v1", "crds", None, "widgets.example.com")
-    assert crd is not None
-    assert {"type": "Established", "status": "True"}.items() <= crd["status"]["conditions"][
-        1
-    ].items()
-    assert kube.get("apps/v1", "Deployment", "default", "demo-web") is not None
+    established = {c["type"]: c["status"] for c in crd["status"]["conditions"]}["Established"]
+    assert established == "True"
+    assert kube.get("apps/v1", "Deployment", "apps", "demo-web") is not None
     assert kube.get("rbac.authorization.k8s.io/v1", "ClusterRole", None, "demo-reader") is not None
-    service = kube.get("v1", "Service", "default", "demo-web")
+    service = kube.get("v1", "Service", "apps", "demo-web")
     assert service["spec"]["ports"] == [{"name": "http", "port": 80}]
-    release = kube.list("v1", "secrets", "default", label_selector="owner=helm,name=demo")
+    release = kube.list("v1", "secrets", "apps", label_selector="owner=helm,name=demo")
     assert [s["metadata"]["labels"]["status"] for s in release] == ["deployed"]
 
     # Release storage (helm's protobuf Secrets) must survive across helm processes.
-    run([helm, "upgrade", "demo", chart, "--set", "port=8080", *HELM_FLAGS], kube, env=env)
-    service = kube.get("v1", "Service", "default", "demo-web")
+    run([helm, "upgrade", "demo", chart, *ns, "--set", "port=8080"], kube, env=env)
+    service = kube.get("v1", "Service", "apps", "demo-web")
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080}]
-    assert "demo" in run([helm, "list", "--deployed", "-q"], kube, env=env).split()
-    run([helm, "uninstall", "demo"], kube, env=env)
-    assert kube.get("v1", "Service", "default", "demo-web") is None
-    assert kube.get("apps/v1", "Deployment", "default", "demo-web") is None
-    assert kube.list("v1", "secrets", "default", label_selector="owner=helm") == []
+    assert "demo" in run([helm, "list", *ns, "--deployed", "-q"], kube, env=env).split()
+    run([helm, "uninstall", "demo", *ns], kube, env=env)
+    assert kube.get("v1", "Service", "apps", "demo-web") is None
+    assert kube.get("apps/v1", "Deployment", "apps", "demo-web") is None
+    assert kube.get("rbac.authorization.k8s.io/v1", "ClusterRole", None, "demo-reader") is None
+    assert kube.list("v1", "secrets", "apps", label_selector="owner=helm") == []
     assert kube.get("apiextensions.k8s.io/v1", "crds", None, "widgets.example.com") is not None
 
 
@@ -602,7 +602,7 @@ def test_kopf_operator_handles_create_update_delete(kube, tmp_path):
     kubectl = binary("kubectl")
     (tmp_path / "operator.py").write_text(KOPF_OPERATOR)
     (tmp_path / "crd.json").write_text(json.dumps(WIDGET_CRD))
-    run([kubectl, "apply", *KUBECTL_FLAGS, "-f", tmp_path / "crd.json"], kube)
+    run([kubectl, "apply", "-f", tmp_path / "crd.json"], kube)
     log = (tmp_path / "kopf.log").open("w")
     operator = subprocess.Popen(
         [sys.executable, "-m", "kopf", "run", "--standalone", "-A", str(tmp_path / "operator.py")],
@@ -622,7 +622,7 @@ def test_kopf_operator_handles_create_update_delete(kube, tmp_path):
 
     try:
         (tmp_path / "w.json").write_text(json.dumps(widget("w", color="red")))
-        run([kubectl, "apply", *KUBECTL_FLAGS, "-f", tmp_path / "w.json"], kube)
+        run([kubectl, "apply", "-f", tmp_path / "w.json"], kube)
         made = wait_until(child, 60, "the child ConfigMap")
         assert made["data"] == {"color": "red"}
         owner = made["metadata"]["ownerReferences"][0]
@@ -639,7 +639,7 @@ def test_kopf_operator_handles_create_update_delete(kube, tmp_path):
         assert json.loads(handled)["spec"] == {"color": "red", "replicas": 1}
 
         (tmp_path / "w.json").write_text(json.dumps(widget("w", color="blue")))
-        run([kubectl, "apply", *KUBECTL_FLAGS, "-f", tmp_path / "w.json"], kube)
+        run([kubectl, "apply", "-f", tmp_path / "w.json"], kube)
         wait_until(lambda: child()["data"].get("color") == "blue", 60, "the update handler")
         assert child()["data"]["retry"] == "1"
         wait_until(lambda: widget_body().get("status", {}).get("updated"), 60, "update status")

@@ -18,24 +18,24 @@ router. So this is the subset written on aiohttp directly, one job per module:
 apply, CRD defaults), `fakeapi_select` (selectors), `fakeapi_proto` (the few protobuf bodies),
 `fakeapi_errors` (Status objects), `fakeapi_server` (HTTP, watch streams, request log).
 
-What clients need:
-- kubectl: `--validate=false` on apply/create (KUBECTL_FLAGS): no OpenAPI documents here.
-  Apply CRDs before the custom resources that use them (as on a real cluster).
-- helm 3 and 4: `--disable-openapi-validation` on install/upgrade (HELM_FLAGS). Release storage
-  is helm's default (Secrets, sent as protobuf: decoded here), so it persists across helm
-  processes; use `helm_env()`. `--wait` needs a test that plays the controllers.
-- kopf and the `kubernetes` client: nothing beyond KUBECONFIG (`env()`).
+What clients need: no flags. KUBECONFIG (`env()`) for kubectl, kopf and the `kubernetes`
+client; `helm_env()` for helm 3 and 4, whose release storage is its default (Secrets, sent as
+protobuf and decoded here), so releases persist across helm processes. The OpenAPI v3 documents
+served declare only that PATCH takes `fieldValidation`, which makes kubectl and helm leave
+validation to the server (which accepts everything) instead of downloading schemas. Apply CRDs
+before the custom resources that use them (as on a real cluster); helm's `--wait` needs a test
+that plays the controllers (as for `kubectl rollout status`).
 
 Known gaps (only a real cluster tests these): protobuf bodies other than Secret, ConfigMap,
 Namespace and DeleteOptions answer 415 (so `kubectl create deployment` fails; apply works); no
-OpenAPI documents (404); no admission, schema validation or pruning, nor RBAC enforcement
-(every request is allowed; CRD `default`s are applied); no controllers (no ReplicaSets or Pods: a
-test plays kubelet with `patch_status`); no Table output (kubectl prints NAME and AGE only);
-server-side apply keeps no managedFields: per field manager it removes what that manager
-applied last time and no longer applies, then merges; strategic merge keys by field name, not
-Go type (`ports` by containerPort, else port); foreground deletion acts as background; a child
-whose owners were already gone when it was created is not collected; CRD versions are served
-without conversion; `limit` is ignored (never a `continue`).
+OpenAPI schemas (`kubectl explain` fails; /openapi/v2 is 404); no admission, schema validation
+or pruning, nor RBAC enforcement (every request is allowed; CRD `default`s are applied); no
+controllers (no ReplicaSets or Pods: a test plays kubelet with `patch_status`); no Table output
+(kubectl prints NAME and AGE only); server-side apply keeps no managedFields: per field manager
+it removes what that manager applied last time and no longer applies, then merges; strategic
+merge keys by field name, not Go type (`ports` by containerPort, else port); foreground deletion
+acts as background; a child whose owners were already gone when it was created is not
+collected; CRD versions are served without conversion; `limit` is ignored (never a `continue`).
 """
 
 from __future__ import annotations
@@ -60,11 +60,7 @@ from k8s.fakeapi_select import label_selector as parse_label_selector
 from k8s.fakeapi_server import ApiServer, RequestRecord
 from k8s.fakeapi_store import MERGE_PATCH, Store
 
-__all__ = ["HELM_FLAGS", "KUBECTL_FLAGS", "FakeKubernetes", "RequestRecord", "wait_until"]
-
-# The fake serves no OpenAPI documents, so client-side schema validation must be off.
-KUBECTL_FLAGS = ("--validate=false",)
-HELM_FLAGS = ("--disable-openapi-validation",)
+__all__ = ["FakeKubernetes", "RequestRecord", "wait_until"]
 
 T = TypeVar("T")
 

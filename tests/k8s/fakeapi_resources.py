@@ -3,6 +3,7 @@ discovery documents (/api, /apis, /api/v1, /apis/<group>/<version>) built from t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -92,10 +93,15 @@ BUILTINS: tuple[Resource, ...] = (
              "cluster", "crd", "crds", has_status=True),
     _builtin("coordination.k8s.io/v1", "leases", "Lease", "ns"),
     _builtin("networking.k8s.io/v1", "ingresses", "Ingress", "ns", "ing", has_status=True),
+    _builtin("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", "ns", "netpol"),
+    _builtin("batch/v1", "jobs", "Job", "ns", has_status=True, categories=ALL),
+    _builtin("batch/v1", "cronjobs", "CronJob", "ns", "cj", has_status=True, categories=ALL),
     # Prometheus operator kinds, as if their CRDs were installed.
     _builtin("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", "ns", "smon",
              is_custom=True),
     _builtin("monitoring.coreos.com/v1", "prometheusrules", "PrometheusRule", "ns", "promrule",
+             is_custom=True),
+    _builtin("monitoring.coreos.com/v1", "podmonitors", "PodMonitor", "ns", "pmon",
              is_custom=True),
 )  # fmt: skip
 
@@ -207,3 +213,49 @@ def _subresource(res: Resource, name: str, kind: str, verbs: list[str], group=""
     if group:
         entry |= {"group": group, "version": version}
     return entry
+
+
+# --- OpenAPI v3: only what clients probe -------------------------------------------------------
+# kubectl and helm validate client-side only when the server's PATCH operations lack the
+# `fieldValidation` query parameter (then they need the full schemas). Declaring it for every
+# kind makes them leave validation to the server (which, here, accepts everything). No PATCH
+# operation declares a request body, so kubectl's apply computes strategic merge patches from
+# its compiled-in types, as it does with no OpenAPI at all.
+
+
+def _api_path(group_version: str) -> str:
+    return f"apis/{group_version}" if "/" in group_version else f"api/{group_version}"
+
+
+def openapi_v3_root(resources: Iterable[Resource]) -> dict:
+    group_versions = sorted({r.api_version for r in resources})
+    version_tag = hashlib.sha256(" ".join(group_versions).encode()).hexdigest()[:16]
+    paths = {
+        _api_path(gv): {"serverRelativeURL": f"/openapi/v3/{_api_path(gv)}?hash={version_tag}"}
+        for gv in group_versions
+    }
+    return {"paths": paths}
+
+
+def openapi_v3_group_version(group_version: str, resources: Iterable[Resource]) -> dict | None:
+    paths = {}
+    for res in resources:
+        if res.api_version != group_version:
+            continue
+        scope = "namespaces/{namespace}/" if res.is_namespaced else ""
+        patch = {
+            "x-kubernetes-group-version-kind": {
+                "group": res.group,
+                "version": res.version,
+                "kind": res.kind,
+            },
+            "parameters": [
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+            ],
+            "responses": {},
+        }
+        paths[f"/{_api_path(group_version)}/{scope}{res.plural}/{{name}}"] = {"patch": patch}
+    if not paths:
+        return None
+    info = {"title": "fake Kubernetes", "version": "v1.35.0"}
+    return {"openapi": "3.0.0", "info": info, "paths": paths, "components": {"schemas": {}}}

@@ -2,7 +2,7 @@
 
 Paths: /api, /apis, /api/v1, /apis/<g>, /apis/<g>/<v> (discovery), /version, /healthz, /readyz,
 /livez, and /api/v1/... and /apis/<g>/<v>/... [namespaces/<ns>/]<plural>[/<name>[/<subresource>]]
-with subresources `status` and `scale`. /openapi/v2 and /openapi/v3 answer 404.
+with subresources `status` and `scale`; /openapi/v3 (a probe answer, see fakeapi_resources).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from aiohttp import web
 
 from k8s import fakeapi_proto
 from k8s.fakeapi_errors import ApiError
-from k8s.fakeapi_resources import Resource, api_group, api_group_list, api_resource_list
+from k8s.fakeapi_resources import (
+    Resource,
+    api_group,
+    api_group_list,
+    api_resource_list,
+    openapi_v3_group_version,
+    openapi_v3_root,
+)
 from k8s.fakeapi_resources import api_versions as core_api_versions
 from k8s.fakeapi_select import SelectorError, field_selector, label_selector
 from k8s.fakeapi_store import APPLY_PATCH, Store
@@ -203,6 +210,12 @@ class ApiServer:
             if versions:
                 group = api_group(parts[1], list(dict.fromkeys(versions)))
                 return _json({"kind": "APIGroup", "apiVersion": "v1"} | group)
+        if parts == ["openapi", "v3"]:
+            return _json(openapi_v3_root(served))
+        if parts[:2] == ["openapi", "v3"]:
+            document = openapi_v3_group_version("/".join(parts[3:]), served)
+            if document is not None:
+                return _json(document)
         if parts[:1] == ["apis"] and len(parts) == 3:
             group_version = f"{parts[1]}/{parts[2]}"
             if any(r.api_version == group_version for r in served):
