@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     from alignedserve.bench.cli import add_arguments as add_bench_arguments  # no torch, no HTTP
 
     add_bench_arguments(bench)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator for AlignedServe resources")
+    from alignedserve.operator.main import add_operator_arguments  # kopf loads only when run
+
+    add_operator_arguments(op)
     return parser
 
 
@@ -102,6 +107,10 @@ def _run(args: argparse.Namespace) -> int:
         from alignedserve.worker.demo import run_generate
 
         return run_generate(args)
+    if args.command == "operator":
+        from alignedserve.operator.main import run_operator
+
+        return run_operator(args)
     return 2
 
 

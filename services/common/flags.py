@@ -1,7 +1,8 @@
 """Command-line flags generated from a config dataclass, so that names, types and defaults
 cannot drift from the config. One flag per field: `--field-name` (or a rename); the field's
-type (`X | None` parses as X, `tuple[X, ...]` takes one or more values); required when the
-field has no default; help and choices from the field's metadata when it has them."""
+type (`X | None` parses as X, `tuple[X, ...]` takes one or more values, a bool is `--name` /
+`--no-name`); required when the field has no default; help and choices from the field's
+metadata when it has them."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def add_arguments(
         options: dict[str, Any] = {"dest": f.name}
         if typing.get_origin(kind) is tuple:
             options.update(nargs="+", type=typing.get_args(kind)[0])
+        elif kind is bool:  # --flag / --no-flag
+            options["action"] = argparse.BooleanOptionalAction
         else:
             kinds = [t for t in typing.get_args(kind) if t is not NONE]
             options["type"] = kinds[0] if kinds else kind
