@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from router_harness import running_router, tiny_model
 
 from alignedserve.common.load_report import LoadReport
 from alignedserve.common.metrics import INTER_TOKEN_LATENCY_SECONDS, ITL_BUCKETS
@@ -35,6 +34,7 @@ from alignedserve.serve import free_port
 
 from fake_batcher import FakeBatcherFactory
 from k8s import system_binary
+from router_harness import running_router, tiny_model
 
 
 @pytest.fixture

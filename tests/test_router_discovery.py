@@ -14,7 +14,6 @@ import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from router_harness import running_router, tiny_model
 
 from alignedserve.common.errors import QueueFullError, UnavailableError
 from alignedserve.common.sampling_params import SamplingParams
@@ -23,6 +22,7 @@ from alignedserve.router.config import RouterConfig, add_router_arguments, confi
 from alignedserve.router.discovery import Discovery, join_host_port, split_host_port
 
 from fake_batcher import FakeBatcherFactory
+from router_harness import running_router, tiny_model
 
 NAME = "tiny-worker.ns.svc.cluster.local"
 
