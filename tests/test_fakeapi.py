@@ -201,7 +201,7 @@ def test_label_and_field_selectors_filter_lists(client):
 # --- watch --------------------------------------------------------------------------------------
 
 
-def test_watch_resumes_after_a_lists_resource_version_and_loses_nothing(client):
+def test_watch_resumes_after_a_lists_resource_version_and_loses_nothing(kube, client):
     core = kubernetes.client.CoreV1Api(client)
     core.create_namespaced_config_map("default", config_map("before"))
     listed = core.list_namespaced_config_map("default")
@@ -213,18 +213,19 @@ def test_watch_resumes_after_a_lists_resource_version_and_loses_nothing(client):
             core.list_namespaced_config_map,
             "default",
             resource_version=listed.metadata.resource_version,
-            timeout_seconds=3,
+            timeout_seconds=4,
         )
         events.extend((e["type"], e["object"].metadata.name) for e in stream)
 
     watcher = threading.Thread(target=watch)
-    watcher.start()
-    core.patch_namespaced_config_map("before", "default", {"data": {"k": "v"}})
-    core.delete_namespaced_config_map("between", "default")
     started = time.monotonic()
-    watcher.join(30)
+    watcher.start()
+    wait_until(lambda: [r for r in kube.requests if r.verb == "watch"], 30, "the watch")
+    core.patch_namespaced_config_map("before", "default", {"data": {"k": "v"}})  # live events
+    core.delete_namespaced_config_map("between", "default")
+    watcher.join(60)
     assert not watcher.is_alive()
-    assert time.monotonic() - started < 10  # timeoutSeconds=3 ended the stream
+    assert 4 <= time.monotonic() - started < 30  # timeoutSeconds ended the stream
     assert events == [("ADDED", "between"), ("MODIFIED", "before"), ("DELETED", "between")]
 
 
@@ -657,6 +658,20 @@ def test_kopf_operator_handles_create_update_delete(kube, tmp_path):
         wait_until(lambda: child("w-deleted"), 60, "the delete handler")
         assert child() is None  # garbage-collected with its owner
         assert kube.get("example.com/v1", "Widget", "default", "w") is None
+
+        assert kube.rbac_usage("kopf/") >= {
+            ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+            ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+            ("example.com", "widgets", "list"),
+            ("example.com", "widgets", "watch"),
+            ("example.com", "widgets", "patch"),
+            ("example.com", "widgets/status", "patch"),
+            ("", "events", "create"),
+        }
+        assert kube.rbac_usage("OpenAPI-Generator/") == {
+            ("", "configmaps", "create"),
+            ("", "configmaps", "patch"),
+        }
     finally:
         operator.terminate()
         try:

@@ -171,6 +171,18 @@ class FakeKubernetes:
         """Every API call so far, in arrival order (watches when their stream opened)."""
         return list(self._records)
 
+    def rbac_usage(self, *user_agent_prefixes: str) -> set[tuple[str, str, str]]:
+        """(API group, resource[/subresource], verb) of every resource request so far whose
+        User-Agent starts with one of the prefixes (all requests when none is given): what a
+        Role must grant that client. kopf sends `kopf/<version>`, the `kubernetes` client
+        `OpenAPI-Generator/<version>/python` unless told otherwise, kubectl `kubectl/...`."""
+        return {
+            (r.api_group, f"{r.resource}/{r.subresource}" if r.subresource else r.resource, r.verb)
+            for r in self.requests
+            if r.resource is not None and r.api_group is not None and r.verb is not None
+            if not user_agent_prefixes or r.user_agent.startswith(user_agent_prefixes)
+        }
+
     def _call(self, fn: Callable[[], T]) -> T:
         """fn() on the server's loop thread (the store is single-threaded); a copy of its result."""
         assert self._loop is not None, "use FakeKubernetes as a context manager"
