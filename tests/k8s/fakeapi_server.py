@@ -136,7 +136,6 @@ class ApiServer:
         route: Route | None = None
         verb: str | None = None
         group = version = None
-        status = 500
         try:
             if parts[:1] == ["api"] and len(parts) > 2:
                 group, version = "", parts[1]
@@ -146,8 +145,7 @@ class ApiServer:
                 route = _route(self.store, group, version, parts[3 if group else 2 :])
                 verb = _verb(request.method, route, dict(request.query))
                 if verb == "watch":
-                    status = 200
-                    self._record(request, started, status, route, verb)
+                    self._record(request, started, 200, route, verb)
                     return await self._watch(request, route)
                 response = await self._resource(request, route, verb)
             else:
@@ -159,9 +157,8 @@ class ApiServer:
         except Exception as exc:  # a bug in the fake: answer like the real server's 500
             logger.exception("fake API server failed on %s %s", request.method, request.path)
             response = _json(ApiError(500, "InternalError", repr(exc)).status(), 500)
-        status = response.status
         if verb != "watch":
-            self._record(request, started, status, route, verb)
+            self._record(request, started, response.status, route, verb)
         return response
 
     def _record(self, request, started, status, route: Route | None, verb: str | None) -> None:

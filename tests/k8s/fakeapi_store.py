@@ -243,12 +243,12 @@ class Store:
         field_manager: str = "",
     ) -> tuple[dict, bool]:
         """Returns (object, created): server-side apply creates a missing object."""
-        applying = content_type == APPLY_PATCH and isinstance(patch, dict)
+        applied = patch if content_type == APPLY_PATCH and isinstance(patch, dict) else None
         if self._key(res, namespace, name) not in self._bucket(res):
-            if applying and subresource is None:
-                body = {**patch, "metadata": {**(patch.get("metadata") or {}), "name": name}}
+            if applied is not None and subresource is None:
+                body = {**applied, "metadata": {**(applied.get("metadata") or {}), "name": name}}
                 obj = self.create(res, namespace, body, dry_run=dry_run)
-                self._remember_applied(obj, field_manager, patch, dry_run)
+                self._remember_applied(obj, field_manager, applied, dry_run)
                 return obj, True
             raise not_found(res, name)
         if subresource == "scale":
@@ -264,9 +264,9 @@ class Store:
                 new_view = json_patch(view, patch)
             elif content_type == STRATEGIC_PATCH and not res.is_custom:
                 new_view = strategic_merge_patch(view, patch)
-            elif content_type == APPLY_PATCH:
+            elif applied is not None:
                 last = self._applied.get((view["metadata"]["uid"], field_manager))
-                new_view = apply_merge(view, patch, last, is_custom=res.is_custom)  # type: ignore[arg-type]
+                new_view = apply_merge(view, applied, last, is_custom=res.is_custom)
             else:
                 accepted = [MERGE_PATCH, JSON_PATCH, APPLY_PATCH]
                 accepted += [] if res.is_custom else [STRATEGIC_PATCH]
@@ -279,13 +279,13 @@ class Store:
         updated = self.update(
             res, namespace, name, new_view, subresource=subresource, dry_run=dry_run
         )
-        if applying:
-            self._remember_applied(updated, field_manager, patch, dry_run)
+        if applied is not None:
+            self._remember_applied(updated, field_manager, applied, dry_run)
         return updated, False
 
-    def _remember_applied(self, obj: dict, manager: str, applied: object, dry_run: bool) -> None:
+    def _remember_applied(self, obj: dict, manager: str, applied: dict, dry_run: bool) -> None:
         if not dry_run:
-            self._applied[(obj["metadata"]["uid"], manager)] = copy.deepcopy(applied)  # type: ignore[assignment]
+            self._applied[(obj["metadata"]["uid"], manager)] = copy.deepcopy(applied)
 
     def delete(
         self,
