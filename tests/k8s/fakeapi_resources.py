@@ -140,6 +140,25 @@ def resources_from_crd(crd: dict) -> list[Resource]:
     return found
 
 
+def crd_status(crd: dict, old_status: dict | None, now: str) -> dict:
+    """What the API server's CRD controllers write: names accepted, established."""
+    spec = crd.get("spec", {})
+    names = dict(spec.get("names", {}))
+    names.setdefault("singular", names.get("kind", "").lower())
+    names.setdefault("listKind", names.get("kind", "") + "List")
+    old_conditions = {c["type"]: c for c in (old_status or {}).get("conditions", [])}
+    conditions = []
+    for kind, reason, message in (
+        ("NamesAccepted", "NoConflicts", "no conflicts found"),
+        ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+    ):
+        since = old_conditions.get(kind, {}).get("lastTransitionTime") or now
+        condition = {"type": kind, "status": "True", "reason": reason, "message": message}
+        conditions.append(condition | {"lastTransitionTime": since})
+    stored = [v["name"] for v in spec.get("versions", []) if v.get("storage")]
+    return {"acceptedNames": names, "conditions": conditions, "storedVersions": stored}
+
+
 # --- discovery documents -----------------------------------------------------------------------
 
 

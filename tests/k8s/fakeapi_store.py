@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from k8s.fakeapi_errors import ApiError, conflict, invalid, not_found
 from k8s.fakeapi_patch import PatchError, apply_defaults, apply_merge, json_patch, merge_patch
 from k8s.fakeapi_patch import strategic_merge as strategic_merge_patch
-from k8s.fakeapi_resources import BUILTINS, Resource, resources_from_crd
+from k8s.fakeapi_resources import BUILTINS, Resource, crd_status, resources_from_crd
 from k8s.fakeapi_select import label_selector_string
 from k8s.fakeapi_watch import Event, ResumeTooOld, Watcher, WatchHub
 
@@ -355,7 +355,7 @@ class Store:
                 spec["clusterIP"] = old_ip or self._allocate_cluster_ip()
                 spec["clusterIPs"] = [spec["clusterIP"]]
         elif res.storage_key == CRD_KEY:
-            obj["status"] = _crd_status(obj, (old or {}).get("status"))
+            obj["status"] = crd_status(obj, (old or {}).get("status"), now())
 
     def _allocate_cluster_ip(self) -> str:
         self._next_cluster_ip += 1
@@ -484,21 +484,3 @@ class Store:
         except ResumeTooOld:
             message = f"too old resource version: {resource_version} ({self.rv})"
             raise ApiError(410, "Expired", message) from None
-
-
-def _crd_status(crd: dict, old_status: dict | None) -> dict:
-    spec = crd.get("spec", {})
-    names = dict(spec.get("names", {}))
-    names.setdefault("singular", names.get("kind", "").lower())
-    names.setdefault("listKind", names.get("kind", "") + "List")
-    old_conditions = {c["type"]: c for c in (old_status or {}).get("conditions", [])}
-    conditions = []
-    for kind, reason, message in (
-        ("NamesAccepted", "NoConflicts", "no conflicts found"),
-        ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
-    ):
-        since = old_conditions.get(kind, {}).get("lastTransitionTime") or now()
-        condition = {"type": kind, "status": "True", "reason": reason, "message": message}
-        conditions.append(condition | {"lastTransitionTime": since})
-    stored = [v["name"] for v in spec.get("versions", []) if v.get("storage")]
-    return {"acceptedNames": names, "conditions": conditions, "storedVersions": stored}
