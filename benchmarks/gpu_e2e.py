@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_env import ROOT, import_alignedserve, project_path
+from device_env import ROOT, import_alignedserve
 
 import_alignedserve()
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
@@ -92,9 +92,20 @@ class Clock:
         return max(10.0, min(cap_s, share))
 
 
+def package_path() -> str:
+    """A directory whose `alignedserve` package is laid out as installed: services/, with
+    operator/controller/ as its `operator` (the CLI imports it to build its parser)."""
+    shim = Path(tempfile.mkdtemp()) / "alignedserve"
+    shim.mkdir()
+    for entry in (ROOT / "services").iterdir():
+        (shim / entry.name).symlink_to(entry)
+    (shim / "operator").symlink_to(ROOT / "operator" / "controller")
+    return str(shim.parent)
+
+
 def environment() -> dict[str, str]:
     """The child processes' environment: the project importable, the carried wheels in."""
-    path = f"{project_path()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    path = f"{package_path()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     wheels = ROOT / ".wheels"
     if wheels.is_dir():  # the router's and the bench's packages, carried along
@@ -485,6 +496,9 @@ def main() -> None:
     parser.add_argument("--device-kv-gib", type=float, default=88, help="decode GPU's KV")
     parser.add_argument("--peer-requests", type=int, default=48, help="0: no peer")
     parser.add_argument("--peer-timeout-s", type=float, default=120, help="its generation")
+    parser.add_argument(
+        "--peer-json", default="", help="an earlier hf_peer.py result for these requests: reused"
+    )
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
     clock = Clock(args.deadline_s)
@@ -502,7 +516,10 @@ def main() -> None:
         print(f"model written to {model} in {timings['model_write_s']:.0f} s", flush=True)
         vocab = ModelConfig.from_dir(model).vocab_size
         blocks = device_blocks(model, args.device_kv_gib)
-        if args.peer_requests:
+        if args.peer_json:  # our engine then runs the requests the peer ran
+            shutil.copy(args.peer_json, work / "peer.json")
+            args.peer_requests = json.loads(Path(args.peer_json).read_text())["num_requests"]
+        elif args.peer_requests:
             run_peer(args, model, env, work, clock, timings)
             write_outputs(args, work, timings, blocks, device)
         for i, policy in enumerate(args.policies):
