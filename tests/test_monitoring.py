@@ -693,12 +693,14 @@ def substitute(expr: str) -> str:
     return expr
 
 
+@pytest.mark.slow  # the `live` session: ~12 s, once for all of these
 def test_the_server_saw_the_traffic(live) -> None:
     assert live.outcomes["ok"] >= 16 + 4
     assert live.outcomes["rate_limited"] >= 1
     assert live.outcomes["bad_request"] == 1
 
 
+@pytest.mark.slow
 def test_metrics_text_passes_promtool_check_metrics(live) -> None:
     """promtool's only complaint is the colon the names share with vLLM's (`vllm:...`), which
     it reserves for recording rules: the names are fixed by the model-server convention. Any
@@ -711,6 +713,7 @@ def test_metrics_text_passes_promtool_check_metrics(live) -> None:
     assert "alignedserve:worker_ready metric names should not contain ':'" in problems
 
 
+@pytest.mark.slow
 def test_every_dashboard_panel_returns_data(live) -> None:
     empty, finite = [], []
     for panel in panels():
@@ -728,6 +731,7 @@ def test_every_dashboard_panel_returns_data(live) -> None:
     assert len(finite) == total - len(empty)
 
 
+@pytest.mark.slow
 def test_dashboard_variables_list_the_scraped_labels(live) -> None:
     for variable in dashboard_json()["templating"]["list"][1:]:
         match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
@@ -736,6 +740,7 @@ def test_dashboard_variables_list_the_scraped_labels(live) -> None:
         assert values == [{"namespace": NAMESPACE, "model_name": "tiny"}[label]]
 
 
+@pytest.mark.slow
 def test_every_alert_expression_evaluates_on_live_data(live) -> None:
     rules = {
         r["alert"]: r for r in render(*EVALUATING)["PrometheusRule"]["spec"]["groups"][0]["rules"]
@@ -757,6 +762,7 @@ def test_every_alert_expression_evaluates_on_live_data(live) -> None:
     assert all(r["health"] == "ok" for g in loaded for r in g["rules"]), loaded
 
 
+@pytest.mark.slow
 def test_worker_ready_dropped_while_the_worker_restarted(live) -> None:
     assert live.saw_worker_not_ready
     # the rule as Prometheus loaded it (for: 1s) went pending, at least, while the worker was away
@@ -766,6 +772,7 @@ def test_worker_ready_dropped_while_the_worker_restarted(live) -> None:
     assert {s["metric"]["model_name"] for s in alerts} == {"tiny"}
 
 
+@pytest.mark.slow
 def test_batcher_down_fires_for_the_stopped_server_only(live) -> None:
     """Last: it stops the server. The unrelated dead target never exported worker_ready."""
     rules = render(*EVALUATING)["PrometheusRule"]["spec"]["groups"][0]["rules"]
