@@ -5,7 +5,7 @@ helm 3 and 4, kopf operators and the `kubernetes` Python client.
         subprocess.run([kubectl, "apply", "-f", path], env=kube.env(), check=True)
         kube.patch_status("apps/v1", "deployments", "default", "web", {"readyReplicas": 1})
         assert kube.get("v1", "Service", "default", "web") is not None
-        verbs = {(r.api_group, r.resource, r.verb) for r in kube.requests}
+        assert ("apps", "deployments", "patch") in kube.rbac_usage("kopf/", "OpenAPI-Generator/")
 
 Why not kmock 0.8 (decided after reading it, before writing this): its emulator is a DSL of
 canned responses over a plain dict store. Each stateful handler (create, update, patch, delete,
@@ -31,8 +31,9 @@ Namespace and DeleteOptions answer 415 (so `kubectl create deployment` fails; ap
 OpenAPI schemas (`kubectl explain` fails; /openapi/v2 is 404); no admission, schema validation
 or pruning, nor RBAC enforcement (every request is allowed; CRD `default`s are applied); no
 controllers (no ReplicaSets or Pods: a test plays kubelet with `patch_status`); no Table output
-(kubectl prints NAME and AGE only); server-side apply keeps no managedFields: per field manager
-it removes what that manager applied last time and no longer applies, then merges; strategic
+(kubectl prints NAME and AGE only); server-side apply keeps no managedFields and never reports
+a conflict between managers: per field manager it removes what that manager applied last time
+and no longer applies, then merges; strategic
 merge keys by field name, not Go type (`ports` by containerPort, else port); foreground deletion
 acts as background; a child whose owners were already gone when it was created is not
 collected; CRD versions are served without conversion; `limit` is ignored (never a `continue`).
