@@ -7,6 +7,7 @@ CEL rules, RBAC enforcement, the image build itself) is said where it matters.""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -23,6 +24,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
+
+from alignedserve.cli import build_parser
+from alignedserve.common import flags
+from alignedserve.operator.main import OperatorArgs
 
 from k8s import binary
 
@@ -123,6 +128,15 @@ def one(docs: tuple[dict, ...], kind: str) -> dict:
 def operator_container(docs: tuple[dict, ...]) -> dict:
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def operator_cli(container: dict) -> tuple[argparse.Namespace, OperatorArgs]:
+    """The container's command line as `alignedserve` itself parses it, and the operator's
+    config built (and validated) from it: the chart and the CLI must agree on every flag."""
+    assert container["command"] == ["alignedserve"]
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.command == "operator"
+    return parsed, flags.from_args(OperatorArgs, parsed)
 
 
 def granted_permissions(docs: tuple[dict, ...]) -> set[tuple[str, str, str]]:
@@ -566,10 +580,11 @@ def test_operator_deployment_runs_one_standalone_kopf() -> None:
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
     container = operator_container(docs)
-    assert [*container["command"], *container["args"]] == [
-        "alignedserve",
-        "--log-level",
-        "INFO",
+    # The brief's command line, in order; then the real CLI's reading of all of it.
+    assert container["command"] == ["alignedserve"]
+    args = container["args"]
+    start = args.index("operator")
+    assert args[start : start + 7] == [
         "operator",
         "--standalone",
         "--all-namespaces",
@@ -577,9 +592,12 @@ def test_operator_deployment_runs_one_standalone_kopf() -> None:
         "http://0.0.0.0:8081/healthz",
         "--metrics-port",
         "8080",
-        "--log-format",
-        "full",
     ]
+    parsed, config = operator_cli(container)
+    assert parsed.log_level == "INFO"
+    assert (config.standalone, config.all_namespaces, config.namespace) == (True, True, ())
+    assert (config.liveness, config.metrics_port) == ("http://0.0.0.0:8081/healthz", 8080)
+    assert config.log_format == "full"
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     assert container["image"] == f"ghcr.io/alignedserve/alignedserve:{app_version}"
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -634,12 +652,10 @@ def test_operator_values_reach_the_pod() -> None:
         "imagePullSecrets[0].name=regcred",
     )
     container = operator_container(docs)
-    args = container["args"]
-    assert "--all-namespaces" not in args
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["team-a", "team-b"]
-    assert args[args.index("--liveness") + 1] == "http://0.0.0.0:9101/healthz"
-    assert args[args.index("--metrics-port") + 1] == "9100"
-    assert args[args.index("--log-format") + 1] == "json"
+    _, config = operator_cli(container)
+    assert (config.all_namespaces, config.namespace) == (False, ("team-a", "team-b"))
+    assert (config.liveness, config.metrics_port) == ("http://0.0.0.0:9101/healthz", 9100)
+    assert config.log_format == "json"
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "metrics": 9100,
         "health": 9101,

@@ -86,16 +86,19 @@ app.kubernetes.io/component: operator
 
 {{/*
 The operator's arguments after `alignedserve`: kopf's single-instance mode (no peering, so
-exactly one replica), its namespaces, liveness endpoint and metrics port.
+exactly one replica), its namespaces (one --namespace followed by every name: the flag takes
+a list, and a repeated flag would keep only its last list), liveness endpoint, metrics port.
 */}}
 {{- define "alignedserve.operator.args" -}}
 - --log-level
 - {{ .Values.operator.logLevel | quote }}
 - operator
 - --standalone
-{{- range .Values.operator.watchNamespaces }}
+{{- with .Values.operator.watchNamespaces }}
 - --namespace
+{{- range . }}
 - {{ . | quote }}
+{{- end }}
 {{- else }}
 - --all-namespaces
 {{- end }}
