@@ -905,7 +905,6 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_build_context() -> None:
         assert dockerignore_excludes(heavy), heavy
 
 
-@pytest.mark.slow  # ~6 s: a real setuptools build
 def test_dockerfile_build_context_makes_the_wheel(tmp_path: Path) -> None:
     """Run the build stage's `pip wheel` on exactly what its COPY lines would copy (after
     .dockerignore): the wheel holds every package, the `alignedserve` script, and needs torch
