@@ -31,10 +31,16 @@ def model_dir(tmp_path_factory):
 
 
 @contextlib.asynccontextmanager
-async def stack(model_dir, worker_port, device="cpu", prefetch_device=None, **batcher_kw):
+async def stack(
+    model_dir, worker_port, device="cpu", prefetch_device=None, device_blocks=2048, **batcher_kw
+):
     """A worker and a batcher on loopback; yields (batcher stub, worker task holder)."""
     config = WorkerConfig(
-        model_dir, port=worker_port, device=device, prefetch_device=prefetch_device
+        model_dir,
+        port=worker_port,
+        device=device,
+        prefetch_device=prefetch_device,
+        num_device_blocks=device_blocks,
     )
     worker = {"task": asyncio.create_task(serve_worker(config))}
     started = asyncio.get_running_loop().create_future()
@@ -107,6 +113,29 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
         assert finish == "length"
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), 20)
     assert load.worker_ready and load.kv_pool_usage == 0.0 and load.num_running == 0
+
+
+@pytest.mark.parametrize("policy", ["fcfs"])
+def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, policy):
+    """Device KV for about two of eight requests: fcfs preempts (and recomputes) running
+    requests, aligned keeps most in the pool. The worker must free a preempted request's
+    blocks before the plan hands them on (it ran out of blocks and looped on recovery)."""
+    prompts = random_prompts((40, 35, 50, 45, 38, 42, 47, 33), seed=9)
+    n = 40
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
+
+    async def main():
+        async with stack(model_dir, free_port(), device_blocks=12, policy=policy) as (stub, _):
+            return await asyncio.wait_for(
+                asyncio.gather(
+                    *(generate(stub, f"p{i}", p, greedy(n)) for i, p in enumerate(prompts))
+                ),
+                120,
+            )
+
+    for (tokens, finish, _), ref in zip(asyncio.run(main()), expected, strict=True):
+        assert tokens == ref.token_ids
+        assert finish == "length"
 
 
 def test_abort_and_cancel_free_everything(model_dir):

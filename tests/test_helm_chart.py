@@ -70,17 +70,16 @@ MONITORING_KINDS = {
 OPERATOR_PERMISSIONS = frozenset(
     (group, resource, verb)
     for group, resource, verbs in (
-        ("alignedserve.io", "alignedserves", "get list watch patch"),
-        ("alignedserve.io", "alignedserves/status", "get patch"),
-        ("apps", "deployments", "get list watch create patch"),
-        ("", "services", "get create patch"),
+        ("alignedserve.io", "alignedserves", "list watch patch"),
+        ("alignedserve.io", "alignedserves/status", "patch"),
+        # server-side apply is a PATCH; one that creates the object also needs `create`
+        ("apps", "deployments", "get create patch"),
+        ("", "services", "create patch"),
         ("", "pods", "list"),
         ("", "events", "create"),
-        ("policy", "poddisruptionbudgets", "get create patch"),
-        ("monitoring.coreos.com", "servicemonitors", "get create patch"),
-        ("events.k8s.io", "events", "create"),
+        ("policy", "poddisruptionbudgets", "create patch"),
+        ("monitoring.coreos.com", "servicemonitors", "create patch delete"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list watch"),
-        ("", "namespaces", "list watch"),
     )
     for verb in verbs.split()
 )

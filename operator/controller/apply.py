@@ -11,10 +11,12 @@ API errors map to kopf's retry semantics: 4xx for a bad object is permanent, the
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -41,24 +43,40 @@ def path(api_version: str, kind: str, namespace: str, name: str = "") -> str:
     return f"{prefix}/namespaces/{namespace}/{plural}{tail}"
 
 
+def _request(
+    api: client.ApiClient,
+    method: str,
+    url: str,
+    query: list[tuple[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+    body: Any = None,
+) -> Any:
+    """One API call; the decoded JSON body, or ApiException for a non-2xx answer."""
+    request = api.param_serialize(
+        method,
+        url,
+        query_params=query or [],
+        header_params={"Accept": "application/json", **(headers or {})},
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    try:
+        response = api.call_api(*request)
+        data = response.read()
+    except (OSError, urllib3.exceptions.HTTPError) as e:  # refused, reset, DNS, timeouts
+        raise kopf.TemporaryError(f"{method} {url}: {e}", delay=5) from e
+    if not 200 <= response.status < 300:
+        raise ApiException(status=response.status, reason=response.reason, body=data)
+    return json.loads(data) if data else None
+
+
 def _call(api: client.ApiClient, method: str, url: str, **kwargs: Any) -> Any:
     try:
-        data = api.call_api(
-            url,
-            method,
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
-            _preload_content=True,
-            **kwargs,
-        )
+        return _request(api, method, url, **kwargs)
     except ApiException as e:
         if e.status in PERMANENT and method != "GET":
             raise kopf.PermanentError(f"{method} {url}: {e.status} {e.reason}: {e.body}") from e
         raise kopf.TemporaryError(f"{method} {url}: {e.status} {e.reason}", delay=5) from e
-    except OSError as e:  # connection refused, reset, DNS
-        raise kopf.TemporaryError(f"{method} {url}: {e}", delay=5) from e
-    return data
 
 
 def apply(api: client.ApiClient, obj: dict) -> dict:
@@ -69,8 +87,8 @@ def apply(api: client.ApiClient, obj: dict) -> dict:
         api,
         "PATCH",
         url,
-        query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-        header_params={"Content-Type": "application/apply-patch+yaml"},
+        query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        headers={"Content-Type": "application/apply-patch+yaml"},
         body=obj,  # sent as JSON, which is YAML
     )
 
@@ -78,13 +96,7 @@ def apply(api: client.ApiClient, obj: dict) -> dict:
 def get(api: client.ApiClient, api_version: str, kind: str, namespace: str, name: str):
     """The object, or None when it does not exist."""
     try:
-        return api.call_api(
-            path(api_version, kind, namespace, name),
-            "GET",
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
-        )
+        return _request(api, "GET", path(api_version, kind, namespace, name))
     except ApiException as e:
         if e.status == 404:
             return None
@@ -94,13 +106,7 @@ def get(api: client.ApiClient, api_version: str, kind: str, namespace: str, name
 def delete(api: client.ApiClient, api_version: str, kind: str, namespace: str, name: str) -> bool:
     """Delete if present; True when something was deleted."""
     try:
-        api.call_api(
-            path(api_version, kind, namespace, name),
-            "DELETE",
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
-        )
+        _request(api, "DELETE", path(api_version, kind, namespace, name))
     except ApiException as e:
         if e.status == 404:
             return False
@@ -113,6 +119,6 @@ def list_pods(api: client.ApiClient, namespace: str, label_selector: str) -> lis
         api,
         "GET",
         path("v1", "Pod", namespace),
-        query_params=[("labelSelector", label_selector)],
+        query=[("labelSelector", label_selector)],
     )
     return list(data.get("items") or [])

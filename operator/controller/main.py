@@ -28,11 +28,16 @@ class OperatorArgs:
     standalone: bool = field(default=False, metadata={"help": "no peering with other operators"})
     liveness: str = field(default="", metadata={"help": "kopf's liveness endpoint URL"})
     metrics_port: int = field(default=8080, metadata={"help": "Prometheus /metrics port; 0: off"})
+    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address of /metrics"})
     interval_s: float = field(
         default=10.0, metadata={"help": "how often children and load are observed"}
     )
     prometheus_url: str = field(
         default="", metadata={"help": "Prometheus for p99 TPOT autoscaling (optional)"}
+    )
+    log_format: str = field(
+        default="full",
+        metadata={"help": "kopf's log lines", "choices": ("plain", "full", "json")},
     )
     default_image: str = field(
         default=os.environ.get(
@@ -64,8 +69,12 @@ def run_operator(args: argparse.Namespace) -> int:
     from alignedserve.operator import handlers, metrics
 
     assert dataclasses.asdict(handlers.CONFIG)["interval_s"] == config.interval_s
+    for handler in list(logging.root.handlers):  # kopf installs its own (text or JSON)
+        logging.root.removeHandler(handler)
+    kopf.configure(log_format=kopf.LogFormat[config.log_format.upper()])
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # a line per probe
     if config.metrics_port:
-        start_metrics_server(config.metrics_port, registry=metrics.REGISTRY)
+        start_metrics_server(config.metrics_port, config.metrics_host, metrics.REGISTRY)
     log.info("operator starting (namespaces: %s)", config.namespace or "all")
     kopf.run(
         standalone=config.standalone,

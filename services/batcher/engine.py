@@ -336,6 +336,7 @@ class BatcherEngine:
         tokens = {t.request_id: t.token_id for t in response.tokens}
         logprobs = {t.request_id: t.logprob for t in response.tokens}
         finished = self.scheduler.update(plan, tokens, time.monotonic())
+        self._release += self.scheduler.take_preempted()  # recomputed later: free the device
         for rid, n in before.items():
             if rid not in self.scheduler.store:
                 continue  # aborted while the step ran
@@ -419,6 +420,7 @@ class BatcherEngine:
         self.worker_ready = False
         self.scheduler.recover_from_worker_loss(self._synced)
         self._release = []  # the new session starts with nothing resident
+        self.scheduler.take_preempted()
         while True:  # keep trying; requests that outwait one recovery window fail
             try:
                 await self._connect()

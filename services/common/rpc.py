@@ -52,6 +52,16 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
 ]
 
+# Accept the clients' keepalive pings (every 10 s, idle streams included): by default a server
+# counts pings closer than 5 minutes as abuse and closes the connection with GOAWAY
+# "too_many_pings", which ended idle batcher->worker sessions.
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """The standard gRPC health service (protos/alignedserve/v1/health.proto): a status per
@@ -87,8 +97,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 def aio_server() -> tuple[grpc.aio.Server, HealthServicer]:
     """An asyncio gRPC server with the standard health service; the caller adds its own
     servicers, binds a port and flips health to SERVING when ready."""
-    # no SO_REUSEPORT: a second server on a busy port must fail, not silently share it
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, *SERVER_OPTIONS])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     return server, health

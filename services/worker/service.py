@@ -208,6 +208,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         res = self.residency
         assert res is not None, "Session checks Attach"
         self._check_unique(request)
+        # First free what the batcher already counts as free (requests that finished before
+        # this step): its plan may give their device blocks to this step's new requests.
+        for request_id in request.release:
+            res.release(request_id)
         for e in request.load:
             res.load(e.request_id, e.pool_blocks, e.num_kv_tokens)
         chunks: list[SeqChunk] = []
@@ -237,8 +241,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 res.advance(chunk.request_id, len(chunk.token_ids))
         for request_id, pool_blocks in write_back:
             res.write_back(request_id, pool_blocks)
-            res.release(request_id)
-        for request_id in request.release:
             res.release(request_id)
         return worker_pb2.StepResponse(
             step=request.step,

@@ -106,6 +106,14 @@ a list, and a repeated flag would keep only its last list), liveness endpoint, m
 - {{ printf "http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) | quote }}
 - --metrics-port
 - {{ printf "%d" (int .Values.operator.metricsPort) | quote }}
+- --metrics-host
+- "0.0.0.0"
+- --interval-s
+- {{ .Values.operator.intervalSeconds | toString | quote }}
+{{- with .Values.operator.prometheusUrl }}
+- --prometheus-url
+- {{ . | quote }}
+{{- end }}
 - --log-format
 - {{ .Values.operator.logFormat | quote }}
 {{- end }}

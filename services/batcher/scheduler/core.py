@@ -69,6 +69,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.num_switches = 0
         self.num_preemptions = 0
+        # preempted since the executor last asked: their device KV must be freed there too
+        self._preempted: list[str] = []
 
     # ---- admission -------------------------------------------------------------------
     def add_request(
@@ -197,6 +199,13 @@ class Scheduler:
         self.store.transition(request, RequestState.WAITING_PREFILL)
         self.waiting.appendleft(request.request_id)
         self.num_preemptions += 1
+        self._preempted.append(request.request_id)
+
+    def take_preempted(self) -> list[str]:
+        """Requests preempted (for recompute) since the last call: the executor frees their
+        KV on the device before the step that prefills them again."""
+        taken, self._preempted = self._preempted, []
+        return taken
 
     def recover_from_worker_loss(self, synced: dict[str, int]) -> list[Request]:
         """The worker died: whatever it held on its device is gone. Each request it held

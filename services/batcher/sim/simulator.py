@@ -106,6 +106,7 @@ def simulate_engine(
             stats.batch_spreads.append(float((lengths.max() - lengths.min()) / lengths.max()))
         tokens = dict.fromkeys(plan.decode, 0)
         tokens.update((rid, 0) for rid, _ in plan.all_prefill)
+        sched.take_preempted()  # the cost model frees a preempted request's KV at once
         for r in sched.update(plan, tokens, now):
             stats.max_pool_wait_s = max(stats.max_pool_wait_s, r.max_pool_wait_s)
             stats.output_tokens += len(r.output_token_ids)

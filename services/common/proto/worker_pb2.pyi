@@ -92,20 +92,20 @@ class EvictEntry(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step", "load", "prefill", "decode", "evict", "release")
+    __slots__ = ("step", "release", "load", "prefill", "decode", "evict")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     EVICT_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_FIELD_NUMBER: _ClassVar[int]
     step: int
+    release: _containers.RepeatedScalarFieldContainer[str]
     load: _containers.RepeatedCompositeFieldContainer[LoadEntry]
     prefill: _containers.RepeatedCompositeFieldContainer[PrefillChunk]
     decode: _containers.RepeatedCompositeFieldContainer[DecodeEntry]
     evict: _containers.RepeatedCompositeFieldContainer[EvictEntry]
-    release: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., load: _Optional[_Iterable[_Union[LoadEntry, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[DecodeEntry, _Mapping]]] = ..., evict: _Optional[_Iterable[_Union[EvictEntry, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., release: _Optional[_Iterable[str]] = ..., load: _Optional[_Iterable[_Union[LoadEntry, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[DecodeEntry, _Mapping]]] = ..., evict: _Optional[_Iterable[_Union[EvictEntry, _Mapping]]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "token_id", "logprob")
