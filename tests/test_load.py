@@ -12,15 +12,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram
 
 from alignedserve.common.load_report import LoadReport
-from alignedserve.common.metrics import INTER_TOKEN_LATENCY_SECONDS, ITL_BUCKETS
+from alignedserve.common.metrics import (
+    INTER_TOKEN_LATENCY_SECONDS,
+    ITL_BUCKETS,
+    start_metrics_server,
+)
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.operator.load import (
     batcher_loads,
@@ -150,34 +153,17 @@ def test_tpot_query():
 
 @contextmanager
 def serving_itl() -> Iterator[tuple[int, Histogram]]:
-    """A /metrics with the routers' inter-token histogram, in the classic text format as the
-    router answers every scrape (prometheus_client's own server would negotiate OpenMetrics,
-    whose default escaping turns the ':' of our names into '_')."""
+    """A /metrics with the routers' inter-token histogram, served as the project serves every
+    /metrics (classic text format, so the ':' of our names reaches Prometheus)."""
     registry = CollectorRegistry()
     name = INTER_TOKEN_LATENCY_SECONDS.describe()[0].name
     itl = Histogram(name, "ITL", ["model_name"], buckets=ITL_BUCKETS, registry=registry)
-
-    class Metrics(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = generate_latest(registry)
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = start_metrics_server(0, "127.0.0.1", registry)
     try:
         yield server.server_address[1], itl.labels("tiny")
     finally:
         server.shutdown()
         server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture
