@@ -115,7 +115,7 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
     assert load.worker_ready and load.kv_pool_usage == 0.0 and load.num_running == 0
 
 
-@pytest.mark.parametrize("policy", ["fcfs"])
+@pytest.mark.parametrize("policy", ["aligned", "fcfs"])
 def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, policy):
     """Device KV for about two of eight requests: fcfs preempts (and recomputes) running
     requests, aligned keeps most in the pool. The worker must free a preempted request's

@@ -6,7 +6,9 @@ never handed to another request before the worker has finished with them.
 
 If the worker's session breaks, every request it held returns to the prefill queue from
 the KV that reached the pool (see Scheduler.recover_from_worker_loss), and the engine keeps
-reconnecting until `worker_recovery_s`; clients see a delay, not an error.
+reconnecting until `worker_recovery_s`; clients see a delay, not an error. A step the worker
+rejects (worker_link.StepRejected: the plan itself is wrong, so sending it again would fail
+again) fails the requests it held, with an error to their clients; the rest recover so.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
+from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
-from alignedserve.common.errors import InvalidRequestError, UnavailableError
-from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
-from alignedserve.common.rpc import CHANNEL_OPTIONS
+from alignedserve.common.errors import AlignedServeError, InvalidRequestError, UnavailableError
+from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.proto import worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,65 +46,57 @@ class Delta:
     completion_tokens: int
 
 
-class WorkerLost(Exception):
-    """The worker's session broke (crash, restart, network)."""
-
-
-class WorkerLink:
-    """The batcher's connection to one worker: Describe, Attach, and the step session."""
-
-    def __init__(self, address: str):
-        self.address = address
-        self._channel: grpc.aio.Channel | None = None
-        self._session = None
-
-    async def connect(self) -> worker_pb2.ModelInfo:
-        await self.close()
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
-        return await self.stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
-
-    async def attach(self, pool: CpuKVPool) -> None:
-        await self.stub.Attach(
-            worker_pb2.AttachRequest(
-                pool_name=pool.name,
-                num_pool_blocks=pool.num_blocks,
-                kv_layout=wire.layout_to_proto(pool.layout),
-            ),
-            timeout=30,
-        )
-        self._session = self.stub.Session()
-
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        try:
-            await self._session.write(request)
-            response = await self._session.read()
-        except grpc.aio.AioRpcError as e:
-            raise WorkerLost(f"{e.code().name}: {e.details()}") from e
-        except asyncio.InvalidStateError as e:  # writing to a session the worker already ended
-            raise WorkerLost(str(e)) from e
-        if response is grpc.aio.EOF:
-            raise WorkerLost("session ended")
-        return response
-
-    async def close(self) -> None:
-        if self._session is not None:
-            self._session.cancel()
-            self._session = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+class StepRejectedError(AlignedServeError):
+    """The worker could not run a step that held this request (see worker_link)."""
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     worker_address: str
     pool_bytes: int
-    scheduler: SchedulerConfig  # block_tokens / pool / GPU sizes are filled in from the worker
+    # block_tokens, pool and device sizes, and the decode cost model are filled in from the
+    # worker (scheduler_config_for); the two cost fields below override the worker's
+    scheduler: SchedulerConfig
     worker_recovery_s: float = 60.0
     worker_startup_s: float = 600.0  # the first connection: the worker may still load its model
     idle_probe_s: float = 1.0  # with nothing to do, send the worker an empty step this often
     stall_s: float = 60.0  # a step running longer than this marks the worker not ready (wedged)
+    kernel_cost: str | None = None  # padded | balanced; None: what the worker's kernel is
+    weight_kv_tokens: int | None = None  # None: the worker's weight bytes / KV bytes per token
+
+
+def scheduler_config_for(
+    config: EngineConfig, info: worker_pb2.ModelInfo, num_pool_blocks: int
+) -> SchedulerConfig:
+    """The scheduler's settings for this worker: `config.scheduler` with the block size, the
+    pool and device sizes and the decode cost model taken from the worker's ModelInfo (a cost
+    field the worker does not report keeps the configured value; EngineConfig's overrides
+    win over both)."""
+    base = config.scheduler
+    layout = wire.layout_from_proto(info.kv_layout)
+    # fcfs keeps every running request's KV on the device: its blocks budget is the
+    # device's, whatever the pool's size (the pool only mirrors them)
+    if base.policy == "fcfs":
+        num_pool_blocks = min(num_pool_blocks, info.num_device_blocks)
+    kernel_cost = config.kernel_cost or info.decode_kernel_cost or base.kernel_cost
+    if config.weight_kv_tokens is not None:
+        weight_kv_tokens = config.weight_kv_tokens
+    elif info.weight_bytes:
+        weight_kv_tokens = max(1, info.weight_bytes // kv_bytes_per_token(layout))
+    else:
+        weight_kv_tokens = base.weight_kv_tokens
+    return replace(
+        base,
+        block_tokens=layout.block_tokens,
+        num_pool_blocks=num_pool_blocks,
+        gpu_kv_tokens=info.num_device_blocks * layout.block_tokens,
+        kernel_cost=kernel_cost,
+        weight_kv_tokens=weight_kv_tokens,
+    )
+
+
+def kv_bytes_per_token(layout: KVLayout) -> int:
+    return layout.block_bytes // layout.block_tokens
 
 
 class BatcherEngine:
@@ -115,6 +110,7 @@ class BatcherEngine:
         self.draining = False
         self._queues: dict[str, asyncio.Queue] = {}
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
+        self._writing: dict[str, int] = {}  # what _synced becomes once the step in flight ends
         self._release: list[str] = []  # finished on our side; free on the worker next step
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -231,13 +227,27 @@ class BatcherEngine:
             self._step_since = time.monotonic()
             try:
                 response = await self.link.step(request)
+            except StepRejected as e:
+                self._fail_plan(plan, e)
+                await self._recover(plan)
+                continue
             except WorkerLost as e:
                 log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
-                await self._recover()
+                await self._recover(plan)
                 continue
             finally:
                 self._step_since = None
             self._after_step(plan, response, before)
+
+    def _forget_worker(self, lost: BatchPlan | None = None) -> None:
+        """The worker's device is gone, with the step in flight (`lost`, if any): requests
+        it held go back to prefill from what reached the pool, those the lost step was
+        evicting included (their write-back may not have happened)."""
+        self.worker_ready = False
+        self._writing = {}
+        self.scheduler.recover_from_worker_loss(self._synced, lost.evict if lost else ())
+        self._release = []  # the new session starts with nothing resident
+        self.scheduler.take_preempted()
 
     async def _probe(self) -> None:
         """An empty step through the session: a dead or wedged idle worker is noticed (and
@@ -251,6 +261,29 @@ class BatcherEngine:
             log.warning("worker lost while idle (%s)", e or "no answer")
             await self._recover()
 
+    def _fail_plan(self, plan: BatchPlan, rejected: StepRejected) -> None:
+        """The worker rejected this plan: the requests it held fail (the same plan would fail
+        again), once, with the worker's reason; the session is gone, so the rest recover."""
+        ids = dict.fromkeys(
+            (*plan.load, *(rid for rid, _ in plan.all_prefill), *plan.decode, *plan.evict)
+        )
+        failed = [rid for rid in ids if rid in self.scheduler.store]
+        error = StepRejectedError(
+            f"the worker could not run a step with this request "
+            f"({rejected.code.name}: {rejected.details})"
+        )
+        log.error(
+            "worker rejected step %d (%s): failing its %d requests, recovering the other %d",
+            rejected.step,
+            rejected,
+            len(failed),
+            self.num_live - len(failed),
+        )
+        for rid in failed:
+            request = self.scheduler.store.get(rid)
+            self.scheduler.abort(rid, time.monotonic())
+            self._finish(request, error=error)
+
     def _has_work(self) -> bool:
         # the store holds live requests only: _finish removes each one as it ends
         return bool(self._release) or len(self.scheduler.store) > 0
@@ -263,6 +296,7 @@ class BatcherEngine:
     def _to_proto(self, plan: BatchPlan) -> worker_pb2.StepRequest:
         store = self.scheduler.store
         keep_resident = self.scheduler.config.policy == "fcfs"
+        self._writing = {}
         self._step += 1
         msg = worker_pb2.StepRequest(step=self._step, release=self._release)
         self._release = []
@@ -286,7 +320,7 @@ class BatcherEngine:
                 keep_resident=keep_resident,
             )
             if not keep_resident:
-                self._synced[rid] = end
+                self._writing[rid] = end
         for rid in plan.decode:
             r = store.get(rid)
             msg.decode.add(
@@ -298,7 +332,7 @@ class BatcherEngine:
         for rid in plan.evict:
             r = store.get(rid)
             msg.evict.add(request_id=rid, pool_blocks=r.blocks)
-            self._synced[rid] = r.num_kv_tokens
+            self._writing[rid] = r.num_kv_tokens
         return msg
 
     def _report(self, plan: BatchPlan) -> None:
@@ -309,10 +343,10 @@ class BatcherEngine:
         metrics.NUM_REQUESTS_RUNNING.labels(model).set(load["num_running"])
         metrics.NUM_REQUESTS_POOLED.labels(model).set(load["num_pooled"])
         metrics.CPU_POOL_USAGE_PERC.labels(model).set(load["kv_pool_usage"])
-        device_tokens = getattr(self.scheduler.policy, "gpu_tokens", None)
+        device_blocks = getattr(self.scheduler.policy, "held_blocks", None)
         kv_use = (
-            device_tokens / self.scheduler.config.gpu_kv_tokens
-            if device_tokens is not None
+            device_blocks / self.scheduler.num_device_blocks
+            if device_blocks is not None
             else self.scheduler.allocator.usage  # fcfs: the pool blocks stand for device ones
         )
         metrics.KV_CACHE_USAGE_PERC.labels(model).set(kv_use)
@@ -330,6 +364,11 @@ class BatcherEngine:
             )
 
     def _after_step(self, plan: BatchPlan, response, before: dict[str, int]) -> None:
+        # the step's write-backs reached the pool (of requests not aborted meanwhile)
+        self._synced.update((r, n) for r, n in self._writing.items() if r in self.scheduler.store)
+        self._writing = {}
+        if plan.load:  # this worker loads at the step that lands them, before its forward
+            metrics.PREFETCH_SECONDS.labels(self.info.model_name).observe(response.load_s)
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
             # this worker loads synchronously, at the step that lands them
             self.scheduler.policy.on_prefetch_done()
@@ -398,29 +437,42 @@ class BatcherEngine:
         self.info = info
         layout = wire.layout_from_proto(info.kv_layout)
         self.pool = CpuKVPool.create_bytes(layout, self.config.pool_bytes)
-        base = self.config.scheduler
-        # fcfs keeps every running request's KV on the device: its blocks budget is the
-        # device's, whatever the pool's size (the pool only mirrors them)
-        blocks = self.pool.num_blocks
-        if base.policy == "fcfs":
-            blocks = min(blocks, info.num_device_blocks)
-        config = type(base)(
-            **{
-                **base.__dict__,
-                "block_tokens": layout.block_tokens,
-                "num_pool_blocks": blocks,
-                "gpu_kv_tokens": info.num_device_blocks * layout.block_tokens,
-            }
+        config = scheduler_config_for(self.config, info, self.pool.num_blocks)
+        log.info(
+            "scheduler: %s policy, %d device blocks, decode cost %s with weights = %d KV tokens",
+            config.policy,
+            info.num_device_blocks,
+            config.kernel_cost,
+            config.weight_kv_tokens,
         )
         self.scheduler = make_scheduler(
             config, eos_token_ids=tuple(info.eos_token_ids), max_model_len=info.max_model_len
         )
+        self._init_metrics()
 
-    async def _recover(self) -> None:
-        self.worker_ready = False
-        self.scheduler.recover_from_worker_loss(self._synced)
-        self._release = []  # the new session starts with nothing resident
-        self.scheduler.take_preempted()
+    def _init_metrics(self) -> None:
+        """Every batcher series of this model exists from the start: a counter or histogram
+        at zero scrapes as 0 (and rates as 0), not as a missing series, before its first event."""
+        model = self.info.model_name
+        for histogram in (
+            metrics.REQUEST_QUEUE_TIME_SECONDS,
+            metrics.BATCH_LENGTH_SPREAD,
+            metrics.PREFETCH_SECONDS,
+        ):
+            histogram.labels(model)
+        for counter in (metrics.BATCH_SWITCHES_TOTAL, metrics.PREFETCH_BYTES_TOTAL):
+            counter.labels(model)
+        for gauge in (
+            metrics.NUM_REQUESTS_WAITING,
+            metrics.NUM_REQUESTS_RUNNING,
+            metrics.NUM_REQUESTS_POOLED,
+            metrics.KV_CACHE_USAGE_PERC,
+            metrics.CPU_POOL_USAGE_PERC,
+        ):
+            gauge.labels(model).set(0)
+
+    async def _recover(self, lost: BatchPlan | None = None) -> None:
+        self._forget_worker(lost)
         while True:  # keep trying; requests that outwait one recovery window fail
             try:
                 await self._connect()

@@ -36,10 +36,17 @@ class BatcherConfig:
     max_batch_kv_fraction: float = 0.9  # aligned: decode-GPU KV that resident batches may use
     drain_s: float = 30.0  # on SIGTERM: finish in-flight requests for at most this long
     metrics_port: int = 0  # Prometheus /metrics on this HTTP port; 0: none (the router's serves)
+    # aligned's decode cost model; by default what the worker reports (ModelInfo)
+    kernel_cost: str | None = None  # padded | balanced
+    weight_kv_tokens: int | None = None  # weight bytes / KV bytes per token
 
     def __post_init__(self) -> None:
         if self.pool_gib <= 0:
             raise ConfigError(f"pool_gib={self.pool_gib} must be > 0")
+        if self.kernel_cost not in (None, "padded", "balanced"):
+            raise ConfigError(f"kernel_cost={self.kernel_cost!r} not 'padded' or 'balanced'")
+        if self.weight_kv_tokens is not None and self.weight_kv_tokens <= 0:
+            raise ConfigError(f"weight_kv_tokens={self.weight_kv_tokens} must be > 0")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port={self.port} outside 0..65535")
 
@@ -56,6 +63,8 @@ class BatcherConfig:
             ),
             worker_recovery_s=self.worker_recovery_s,
             worker_startup_s=self.worker_startup_s,
+            kernel_cost=self.kernel_cost,
+            weight_kv_tokens=self.weight_kv_tokens,
         )
 
 
@@ -82,6 +91,8 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         try:
             while not finished:
                 delta = await queue.get()
+                if isinstance(delta, AlignedServeError):  # e.g. the worker rejected its step
+                    await context.abort(rpc.grpc_status(delta), str(delta))
                 if isinstance(delta, Exception):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(delta))
                 finished = delta.finish_reason is not None

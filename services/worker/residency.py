@@ -10,7 +10,8 @@ indexed copy of whole blocks, never a re-layout (the block format is the same on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,32 @@ class DeviceResidency:
             # [n, layers, 2, block_tokens, kv_heads, head_dim]
             self.kv_cache.blocks[dst] = self._pool()[src].to(self.kv_cache.blocks.device)
         self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
+
+    def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> Callable[[], float]:
+        """`load` each (request_id, pool_blocks, num_kv_tokens). Returns a function giving the
+        seconds the copies took until their KV was on the device: call it once the step's
+        device work is done (on a GPU the copies run on side streams, timed there)."""
+        if not loads:
+            return lambda: 0.0
+        if self._prefetcher is None:  # plain copies: done when load returns
+            start = time.perf_counter()
+            for request_id, pool_blocks, num_kv_tokens in loads:
+                self.load(request_id, pool_blocks, num_kv_tokens)
+            elapsed = time.perf_counter() - start
+            return lambda: elapsed
+        # The current stream is idle here (the previous step ended with host values) and
+        # waits for every copy (Prefetcher.wait_on): its events bracket the loads.
+        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        begin.record()
+        for request_id, pool_blocks, num_kv_tokens in loads:
+            self.load(request_id, pool_blocks, num_kv_tokens)
+        end.record()
+
+        def seconds() -> float:
+            end.synchronize()
+            return begin.elapsed_time(end) / 1000
+
+        return seconds
 
     def ensure_room(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         """Grow the request's device blocks to hold num_tokens tokens; its block table.

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.batcher.worker_link import REJECTED_STEP_KEY
 from alignedserve.common import flags
 from alignedserve.common.errors import AlignedServeError, ConfigError, InvalidRequestError
 from alignedserve.common.kv_layout import KVLayout
@@ -169,15 +170,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             logger.info("session started")
             while (request := await context.read()) is not grpc.aio.EOF:
                 step = asyncio.ensure_future(asyncio.to_thread(self._execute, request))
+                # a step it cannot run ends the session, marked as that step's rejection
+                rejected = ((REJECTED_STEP_KEY, str(request.step)),)
                 try:
                     # shielded: a cancelled stream must not forget a step still running
                     response = await asyncio.shield(step)
                 except AlignedServeError as e:
-                    await context.abort(grpc_status(e), f"step {request.step}: {e}")
+                    await context.abort(grpc_status(e), f"step {request.step}: {e}", rejected)
                 except Exception as e:  # a bug or a device error: end the session, not the process
                     logger.exception("step %d failed", request.step)
                     await context.abort(
-                        grpc.StatusCode.INTERNAL, f"step {request.step}: {type(e).__name__}: {e}"
+                        grpc.StatusCode.INTERNAL,
+                        f"step {request.step}: {type(e).__name__}: {e}",
+                        rejected,
                     )
                 await context.write(response)
                 self._log_stats(len(response.tokens))
@@ -212,8 +217,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # this step): its plan may give their device blocks to this step's new requests.
         for request_id in request.release:
             res.release(request_id)
-        for e in request.load:
-            res.load(e.request_id, e.pool_blocks, e.num_kv_tokens)
+        load_s = res.load_batch(
+            [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
+        )
         chunks: list[SeqChunk] = []
         write_back = []  # prefill chunks not kept resident, then the evicted
         for c in request.prefill:
@@ -251,6 +257,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 for t in sampled
             ],
             compute_s=compute_s,
+            load_s=load_s(),
         )
 
     def _check_unique(self, request: worker_pb2.StepRequest) -> None:
@@ -306,6 +313,14 @@ def torch_device_is_cuda(device: str) -> bool:
     return device.split(":")[0] == "cuda"
 
 
+def decode_kernel_cost(device: str) -> str:
+    """How a decode step's attention cost grows with its members' lengths (attention.py's
+    attend_cached): on a GPU the Triton paged kernel reads each member's own blocks, so the
+    cost is the sum of the lengths ("balanced"); the torch path that runs elsewhere gathers
+    every member's blocks into one tensor as wide as the longest member's ("padded")."""
+    return "balanced" if torch_device_is_cuda(device) else "padded"
+
+
 def load_servicer(config: WorkerConfig) -> WorkerServicer:
     """Load the model and its device KV cache (blocking: seconds to minutes)."""
     # The torch side, imported here and not at the top: see the module docstring.
@@ -331,6 +346,9 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         kv_layout=layout_to_proto(layout),
         num_device_blocks=config.num_device_blocks,
         device=str(kv_cache.blocks.device),
+        # a tied embedding is one parameter: counted once, as a step reads it once
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        decode_kernel_cost=decode_kernel_cost(config.device),
     )
     return WorkerServicer(
         info,

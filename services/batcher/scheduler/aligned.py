@@ -19,6 +19,17 @@ The CPU pool holds the rest (its index by length finds partners). Each step, top
    starving first, then those whose lengths fall inside an existing group (they cost one
    member, not a new group), then the longest waiting;
 5. decode the next group.
+
+The KV budget above (`max_resident_kv_fraction`, `growth_tokens`) is a soft target in
+tokens. The hard bound is the device's blocks, counted as the worker allocates them
+(worker/residency.py): every block a resident holds stays allocated through the step (an
+evicted one's until the step ends), and before the forward pass the worker allocates each
+load's blocks, a block for each decoded member whose next token starts one, and every
+prefill chunk's blocks for its cached + new tokens (this worker prefills on the decode
+device too, then writes the chunk back and frees it). Each step grants those in that
+order, so one plan never asks for more blocks than the device has: loads land only when
+they fit beside a block of growth per resident, a member without room skips the step (and
+leaves for the pool when nothing else frees one), and prefill gets the blocks left.
 """
 
 from __future__ import annotations
@@ -93,6 +104,7 @@ class AlignedPolicy:
         self.index = LengthIndex()
         self.pooled: dict[str, None] = {}  # pool entry order: first = longest waiting
         self.resident: dict[str, None] = {}  # on the decode GPU, in load order
+        self.undecoded: set[str] = set()  # resident, no token decoded since it landed
         self.loading: list[str] = []  # streaming in (PREFETCHING)
         self.loading_done = False
         self.groups: list[list[str]] = []
@@ -104,17 +116,20 @@ class AlignedPolicy:
         self.churn = 0  # members joined or left since the last full regroup
         self.kv_budget = int(config.gpu_kv_tokens * config.max_resident_kv_fraction)
         self.gpu_tokens = 0  # KV tokens of resident + loading requests, kept exact
+        self.num_device_blocks = config.gpu_kv_tokens // config.block_tokens
+        self.held_blocks = 0  # device blocks the residents' KV fills, kept exact
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
-        prefill = sched.plan_prefill(prefill_budget, self._admit_room())
-        load = (
-            self._land(sched) if self.loading and (self.loading_done or not self.resident) else ()
-        )
+        free = self.num_device_blocks - self.held_blocks  # device blocks this step may take
+        load: list[str] = []
+        if self.loading and (self.loading_done or not self.resident):
+            load = self._land(sched, free)
         evict = self._evict_for_starving(sched, now)
-        prefetch = () if self.loading else self._start_loading(sched, now)
+        prefetch = () if self.loading else self._start_loading(sched, now, set(evict))
         if prefetch and not self.resident and not load:  # nothing to overlap with: wait for it
-            load = self._land(sched)
+            load = self._land(sched, free)
+        free -= sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in load)
         self.steps_since_regroup += 1
         self.churn += len(load) + len(evict)
         # Leavers just drop out of their groups and joiners slot into one; lengths grow in
@@ -127,29 +142,61 @@ class AlignedPolicy:
             self._regroup(sched)
         elif load:
             self._insert(sched, load)
-        group = self._next_group()
+        decode, free, make_room = self._fit_decode(sched, self._next_group(), free, now)
+        prefill = sched.plan_prefill(prefill_budget, self._admit_room(), device_blocks=free)
         plan = BatchPlan(
             prefill=prefill,
-            decode=tuple(group),
+            decode=tuple(decode),
             load=tuple(load),
-            evict=tuple(evict),
+            evict=(*evict, *make_room),
             prefetch=tuple(prefetch),
             is_switch=bool(evict),
         )
-        return self._with_assist(sched, plan)
+        return self._with_assist(sched, plan, free - sched.prefill_device_blocks(prefill))
 
     def _admit_room(self) -> int:
         inflight = len(self.pooled) + len(self.loading) + len(self.resident)
         return max(0, self.config.max_inflight - inflight)
 
-    def _with_assist(self, sched: Scheduler, plan: BatchPlan) -> BatchPlan:
+    def _with_assist(self, sched: Scheduler, plan: BatchPlan, free_blocks: int) -> BatchPlan:
         """With nothing in the pool and room on the GPU, the prefetch GPU's prefill is the
         bottleneck: the decode GPU prefills a bounded chunk in its step too."""
         if not sched.waiting or self.pooled or self._free_tokens(sched) <= 0:
             return plan
         room = self._admit_room() - len(plan.prefill)
-        mixed = sched.plan_prefill(self.config.assist_tokens_per_step, room, after=plan.prefill)
+        mixed = sched.plan_prefill(
+            self.config.assist_tokens_per_step, room, after=plan.prefill, device_blocks=free_blocks
+        )
         return replace(plan, mixed_prefill=mixed)
+
+    def _fit_decode(
+        self, sched: Scheduler, group: list[str], free: int, now: float
+    ) -> tuple[list[str], int, list[str]]:
+        """The members of `group` the device has room to decode (a member whose next token
+        starts a block needs one more), the blocks left, and members to evict so that those
+        left out find room next step: without that, a device full of members that all need
+        a block would stall. A member alone on the device always fits (admission)."""
+        decode, short = [], []
+        for request_id in group:
+            kv = sched.store.get(request_id).num_kv_tokens
+            grow = sched.blocks_for(kv + 1) - sched.blocks_for(kv)
+            if grow <= free:
+                decode.append(request_id)
+                free -= grow
+            else:
+                short.append(request_id)
+        need = len(short) - free  # blocks still missing next step
+        make_room: list[str] = []
+        for request_id in reversed(short):  # the longest first: the fewest leave
+            if need <= 0:
+                break
+            make_room.append(request_id)
+            need -= 1 + sched.blocks_for(sched.store.get(request_id).num_kv_tokens)
+        for request_id in make_room:
+            self._leave_device(sched, request_id)
+            self._to_pool(sched, sched.store.get(request_id), now)
+        self.churn += len(make_room)
+        return decode, free, make_room
 
     # ---- residency ---------------------------------------------------------------------
     def _need_tokens(self, r: Request) -> int:
@@ -159,21 +206,28 @@ class AlignedPolicy:
         members = len(self.resident) + len(self.loading)
         return self.kv_budget - self.gpu_tokens - members * self.config.growth_tokens
 
-    def _start_loading(self, sched: Scheduler, now: float) -> list[str]:
+    def _start_loading(self, sched: Scheduler, now: float, evicted: set[str]) -> list[str]:
         free = self._free_tokens(sched)
         if not self.pooled or (free <= self.config.growth_tokens and self.resident):
             return []  # not even the shortest request could fit
         room = self.config.max_batch_size * 4 - len(self.resident)
+        # the hard bound: blocks the picks take when they land (first token included),
+        # beside a block of growth per resident; the evicted leave before that
+        free_blocks = self.num_device_blocks - self.held_blocks - len(self.resident)
         picked: list[str] = []
         for request_id in self._candidates(sched, now):
             if len(picked) >= room:
                 break
+            if request_id in evicted:
+                continue  # it leaves the device this step: not straight back
             need = self._need_tokens(sched.store.get(request_id))
-            if need > free:
+            blocks = sched.blocks_for(sched.store.get(request_id).num_tokens)
+            if need > free or blocks > free_blocks:
                 if picked or self.resident:
                     break  # keep FCFS among candidates: no skipping to smaller ones
                 need = free  # an empty GPU takes even an oversized request
             free -= need
+            free_blocks -= blocks
             picked.append(request_id)
         for request_id in picked:
             self._from_pool(sched, request_id, now)
@@ -202,13 +256,29 @@ class AlignedPolicy:
             if request_id not in seen:
                 yield request_id
 
-    def _land(self, sched: Scheduler) -> list[str]:
+    def _land(self, sched: Scheduler, free_blocks: int) -> list[str]:
+        """The streaming-in requests become resident, if their blocks (and each one's first
+        decoded token) fit the device beside a block of growth per resident; else they wait."""
+        blocks = [sched.blocks_for(sched.store.get(r).num_tokens) for r in self.loading]
+        if sum(blocks) > free_blocks - len(self.resident):
+            return []
         landed = self.loading
         for request_id in landed:
-            sched.store.transition(sched.store.get(request_id), S.RUNNING)
+            request = sched.store.get(request_id)
+            sched.store.transition(request, S.RUNNING)
             self.resident[request_id] = None
+            self.undecoded.add(request_id)
+            self.held_blocks += sched.blocks_for(request.num_kv_tokens)
         self.loading, self.loading_done = [], False
         return landed
+
+    def _leave_device(self, sched: Scheduler, request_id: str) -> None:
+        """A resident leaves the device (its blocks are freed at the end of this step)."""
+        del self.resident[request_id]
+        self.undecoded.discard(request_id)
+        request = sched.store.get(request_id)
+        self.gpu_tokens -= request.num_tokens
+        self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
 
     def _evict_for_starving(self, sched: Scheduler, now: float) -> list[str]:
         if not self.pooled or self.loading:
@@ -221,13 +291,13 @@ class AlignedPolicy:
         for request_id in self.resident:  # longest-resident first: they had their turn
             if short <= 0:
                 break
+            if request_id in self.undecoded:
+                continue  # not yet: sent back before its turn, it could starve in turn
             evict.append(request_id)
             short -= self._need_tokens(sched.store.get(request_id))
         for request_id in evict:
-            del self.resident[request_id]
-            request = sched.store.get(request_id)
-            self.gpu_tokens -= request.num_tokens
-            self._to_pool(sched, request, now)
+            self._leave_device(sched, request_id)
+            self._to_pool(sched, sched.store.get(request_id), now)
         return evict
 
     # ---- groups ------------------------------------------------------------------------
@@ -326,6 +396,9 @@ class AlignedPolicy:
     def on_token(self, request: Request) -> None:
         if request.request_id in self.resident:
             self.gpu_tokens += 1
+            self.undecoded.discard(request.request_id)
+            # the decode wrote the KV of token kv - 1: a new device block if it starts one
+            self.held_blocks += (request.num_kv_tokens - 1) % self.config.block_tokens == 0
 
     def on_prefilled(self, sched: Scheduler, request: Request, now: float) -> None:
         self._to_pool(sched, request, now)
@@ -338,7 +411,10 @@ class AlignedPolicy:
         if rid in self.resident or rid in self.loading:
             self.gpu_tokens -= request.num_tokens
             self.churn += 1
+        if rid in self.resident:
+            self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
         self.resident.pop(rid, None)
+        self.undecoded.discard(rid)
         if rid in self.loading:
             self.loading.remove(rid)
 
@@ -356,8 +432,7 @@ class AlignedPolicy:
             del self.pooled[request_id]
         elif self.resident:
             request_id = next(reversed(self.resident))
-            del self.resident[request_id]
-            self.gpu_tokens -= sched.store.get(request_id).num_tokens
+            self._leave_device(sched, request_id)
         else:
             return None
         victim = sched.store.get(request_id)
@@ -369,10 +444,12 @@ class AlignedPolicy:
         for r in sched.store:
             by_state[r.state].add(r.request_id)
         assert by_state[S.POOLED] == set(self.pooled) == set(self.index._where)
-        assert by_state[S.RUNNING] == set(self.resident)
+        assert by_state[S.RUNNING] == set(self.resident) >= self.undecoded
         assert by_state[S.PREFETCHING] == set(self.loading)
         on_gpu = [*self.resident, *self.loading]
         assert self.gpu_tokens == sum(sched.store.get(r).num_tokens for r in on_gpu)
+        held = sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in self.resident)
+        assert self.held_blocks == held <= self.num_device_blocks, (self.held_blocks, held)
         grouped = [r for g in self.groups for r in g if r in self.resident]
         assert set(grouped) == set(self.resident), "a resident request in no group"
         assert len(grouped) == len(set(grouped)), "a request in two groups"

@@ -17,7 +17,7 @@ from typing import Protocol
 from alignedserve.batcher.request import Request, RequestState, RequestStore
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.common.block_allocator import BlockAllocator
-from alignedserve.common.errors import AlignedServeError, QueueFullError
+from alignedserve.common.errors import InvalidRequestError, QueueFullError
 from alignedserve.common.sampling_params import SamplingParams, finish_reason
 
 
@@ -35,7 +35,14 @@ class BatchPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.prefill or self.mixed_prefill or self.decode or self.load or self.prefetch)
+        return not (
+            self.prefill
+            or self.mixed_prefill
+            or self.decode
+            or self.load
+            or self.evict
+            or self.prefetch
+        )
 
     @property
     def all_prefill(self) -> tuple[tuple[str, int], ...]:
@@ -69,6 +76,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.num_switches = 0
         self.num_preemptions = 0
+        self.num_device_blocks = config.gpu_kv_tokens // config.block_tokens
         # preempted since the executor last asked: their device KV must be freed there too
         self._preempted: list[str] = []
 
@@ -83,9 +91,19 @@ class Scheduler:
                 f"KV pool has {self.allocator.num_free} free blocks: no room for a "
                 f"{len(prompt)}-token prompt now"
             )
-        if self.blocks_for(len(prompt) + params.max_tokens) > self.config.num_pool_blocks:
-            raise AlignedServeError(
-                f"request {request_id}: prompt + max_tokens needs more KV than the whole pool"
+        # the most KV it can reach: a request stops at max_model_len tokens
+        need = self.blocks_for(min(len(prompt) + params.max_tokens, self.max_model_len))
+        if need > self.config.num_pool_blocks:
+            raise InvalidRequestError(
+                f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more than "
+                f"the whole pool ({self.config.num_pool_blocks})",
+                param="max_tokens",
+            )
+        if need > self.num_device_blocks:  # decoded alone, it would still not fit
+            raise InvalidRequestError(
+                f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more than "
+                f"the decode device holds ({self.num_device_blocks})",
+                param="max_tokens",
             )
         request = Request(request_id, prompt, params, arrival_s=now)
         self.store.add(request)
@@ -138,28 +156,56 @@ class Scheduler:
 
     # ---- helpers shared by the policies -------------------------------------------------
     def plan_prefill(
-        self, token_budget: int, max_requests: int, after: tuple[tuple[str, int], ...] = ()
+        self,
+        token_budget: int,
+        max_requests: int,
+        after: tuple[tuple[str, int], ...] = (),
+        device_blocks: int | None = None,
     ) -> tuple[tuple[str, int], ...]:
         """Prefill chunks for waiting requests, first come first served, within the token
         budget; a request is never skipped for a smaller one behind it. `after`: chunks
         already planned this step on the other GPU; those requests are left to it (a
-        request's chunks run in order, on one GPU at a time)."""
+        request's chunks run in order, on one GPU at a time). `device_blocks`: the device
+        blocks the chunks may take while they run (see prefill_device_blocks).
+
+        A request is admitted at its first chunk: it reserves the pool blocks of its whole
+        prompt and first token then, so its later chunks and its first token never wait for
+        the pool. Admission stops at the first request the pool has no room for; requests
+        admitted before it (chunked prefills, preempted or recovered ones behind a
+        recomputed one) go on: they hold blocks the one waiting may need."""
         chunks: list[tuple[str, int]] = []
         planned = {request_id for request_id, _ in after}
+        admitting = True
         for request_id in self.waiting:
             if token_budget <= 0 or len(chunks) >= max_requests:
                 break
             if request_id in planned:
                 continue
             r = self.store.get(request_id)
+            if not r.blocks:  # not admitted yet
+                if not admitting:
+                    continue
+                if not self._has_headroom(r.num_tokens) or not self.try_reserve(
+                    r, r.num_tokens + 1
+                ):
+                    admitting = False  # admission waits until blocks are freed
+                    continue
             n = min(r.num_tokens - r.num_prefilled, token_budget)
-            if r.num_prefilled == 0 and not self._has_headroom(r.num_tokens):
-                break  # admission waits: running requests need the room to grow
-            if not self.try_reserve(r, r.num_prefilled + n):
-                break  # pool full: admission waits until blocks are freed
+            if device_blocks is not None:
+                device_blocks -= self.blocks_for(r.num_prefilled + n)
+                if device_blocks < 0:
+                    break  # the device is full: the chunk waits for blocks to be freed
             chunks.append((request_id, n))
             token_budget -= n
         return tuple(chunks)
+
+    def prefill_device_blocks(self, chunks: Sequence[tuple[str, int]]) -> int:
+        """Device blocks these chunks' requests fill while they run: all of their KV, the
+        cached tokens (loaded first when not resident) and the new ones."""
+        return sum(
+            self.blocks_for(self.store.get(request_id).num_prefilled + n)
+            for request_id, n in chunks
+        )
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_tokens)
@@ -207,20 +253,39 @@ class Scheduler:
         taken, self._preempted = self._preempted, []
         return taken
 
-    def recover_from_worker_loss(self, synced: dict[str, int]) -> list[Request]:
+    def recover_from_worker_loss(
+        self, synced: Mapping[str, int], evicting: Sequence[str] = ()
+    ) -> list[Request]:
         """The worker died: whatever it held on its device is gone. Each request it held
-        goes back to waiting for a prefill that continues from `synced[id]`, the tokens whose
-        KV reached the pool; its pool blocks are kept. The prefill recomputes the rest and
-        samples the next token: with counter-based sampling, the very token it would have
-        produced. Returns the requests moved, in arrival order."""
+        (and each it was `evicting` in the step that was lost: pooled since, but its new KV
+        may never have reached the pool) goes back to waiting for a prefill that continues
+        from `synced[id]`, the tokens whose KV reached the pool; its pool blocks are kept. The
+        prefill recomputes the rest and samples the next token: with counter-based sampling,
+        the very token it would have produced. Returns the requests moved, in arrival order."""
+        for r in self.store.in_state(RequestState.WAITING_PREFILL):
+            # a chunked prefill kept on the device (fcfs) lost the chunks not in the pool
+            r.num_prefilled = min(r.num_prefilled, synced.get(r.request_id, 0))
+        on_device = (RequestState.RUNNING, RequestState.PREFETCHING)
         lost = sorted(
-            (r for r in self.store if r.state in (RequestState.RUNNING, RequestState.PREFETCHING)),
+            (
+                r
+                for r in self.store
+                if r.state in on_device
+                or (r.state is RequestState.POOLED and r.request_id in evicting)
+            ),
             key=lambda r: r.arrival_s,
         )
         for r in lost:
             self.policy.forget(self, r)
-            r.num_prefilled = min(synced.get(r.request_id, 0), r.num_kv_tokens)
             self.store.transition(r, RequestState.WAITING_PREFILL)
+        for r in lost:  # admitted again: room for the whole prefill and its token (see
+            # plan_prefill); one the pool cannot top up is recomputed from scratch instead
+            if self.try_reserve(r, r.num_tokens + 1):
+                r.num_prefilled = min(synced.get(r.request_id, 0), r.num_kv_tokens)
+            else:
+                self.allocator.free(r.blocks)
+                r.blocks = []
+                r.num_prefilled = 0
         self.waiting.extendleft(r.request_id for r in reversed(lost))
         return lost
 
@@ -228,8 +293,10 @@ class Scheduler:
         self.store.check_invariants(self.config.block_tokens, self.config.num_pool_blocks)
         owned = sum(len(r.blocks) for r in self.store)
         assert owned == self.allocator.num_used, f"{owned} owned vs {self.allocator.num_used}"
-        waiting = [r.request_id for r in self.store.in_state(RequestState.WAITING_PREFILL)]
-        assert sorted(waiting) == sorted(self.waiting), "waiting queue out of sync"
+        waiting = list(self.store.in_state(RequestState.WAITING_PREFILL))
+        assert sorted(r.request_id for r in waiting) == sorted(self.waiting), "waiting out of sync"
+        for r in waiting:  # admitted ones hold room for their whole prefill and first token
+            assert not r.blocks or len(r.blocks) >= self.blocks_for(r.num_tokens + 1), r
         self.policy.check_invariants(self)
 
     # ---- internals ---------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The batcher's connection to its worker: Describe, Attach, and the step session; and how
+a failed step is read: the worker lost (reconnect and recover) or the plan rejected.
+
+A worker that cannot run a step answers it with an error status and ends the session (see
+worker/service.py), marking the answer with the step's number in the trailing metadata
+`alignedserve-rejected-step`. Its status says why: RESOURCE_EXHAUSTED (the plan asked for
+more device blocks than it has), INVALID_ARGUMENT or FAILED_PRECONDITION (the plan does not
+match the worker's state or model), INTERNAL (the step raised). Sending the same plan to a
+reconnected worker fails the same way, so such a step is `StepRejected`: its requests fail.
+Anything else (UNAVAILABLE, CANCELLED, the session ending, or a refusal of the session
+itself) is `WorkerLost`: reconnect, and the requests continue from the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.common import wire
+from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
+from alignedserve.common.rpc import CHANNEL_OPTIONS
+
+REJECTED_STEP_KEY = "alignedserve-rejected-step"
+PLAN_ERRORS = frozenset(
+    {
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+class WorkerLost(Exception):
+    """The worker's session broke (crash, restart, network)."""
+
+
+class StepRejected(WorkerLost):
+    """The worker could not run this step's plan (and ended the session, as after a loss)."""
+
+    def __init__(self, step: int, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.step = step
+        self.code = code
+        self.details = details
+
+
+def rejected_step(error: grpc.aio.AioRpcError) -> int | None:
+    """The step the worker rejected with this error, or None if it is not a rejection."""
+    if error.code() not in PLAN_ERRORS:
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == REJECTED_STEP_KEY:
+            return int(value)
+    return None
+
+
+class WorkerLink:
+    """The batcher's connection to one worker: Describe, Attach, and the step session."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._session = None
+
+    async def connect(self) -> worker_pb2.ModelInfo:
+        await self.close()
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        return await self.stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
+
+    async def attach(self, pool: CpuKVPool) -> None:
+        await self.stub.Attach(
+            worker_pb2.AttachRequest(
+                pool_name=pool.name,
+                num_pool_blocks=pool.num_blocks,
+                kv_layout=wire.layout_to_proto(pool.layout),
+            ),
+            timeout=30,
+        )
+        self._session = self.stub.Session()
+
+    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        try:
+            await self._session.write(request)
+            response = await self._session.read()
+        except grpc.aio.AioRpcError as e:
+            if rejected_step(e) == request.step:
+                raise StepRejected(request.step, e.code(), e.details()) from e
+            raise WorkerLost(f"{e.code().name}: {e.details()}") from e
+        except asyncio.InvalidStateError as e:  # writing to a session the worker already ended
+            raise WorkerLost(str(e)) from e
+        if response is grpc.aio.EOF:
+            raise WorkerLost("session ended")
+        return response
+
+    async def close(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
+            self._session = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
