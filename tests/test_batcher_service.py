@@ -138,6 +138,45 @@ def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, p
         assert finish == "length"
 
 
+@pytest.mark.parametrize("policy", ["aligned", "fcfs"])
+def test_a_step_the_worker_rejects_fails_its_requests_and_the_batcher_serves_on(
+    model_dir, policy, monkeypatch, caplog
+):
+    """A worker that claims 64 device blocks but has 6 (a misconfiguration): the plan for a
+    request of 8 blocks is answered RESOURCE_EXHAUSTED. Sending it again would fail again,
+    so it is no lost worker: that request fails with the worker's reason (logged once), and
+    the batcher goes on serving the next one with the runtime's tokens."""
+    from alignedserve.worker import service as worker_service
+
+    load = worker_service.load_servicer
+
+    def claims_more_blocks(config):
+        servicer = load(config)
+        servicer.info.num_device_blocks = 64
+        return servicer
+
+    monkeypatch.setattr(worker_service, "load_servicer", claims_more_blocks)
+    big, small = random_prompts((120, 20), seed=12)
+    expected = LocalRuntime.from_dir(model_dir).generate([small], [greedy(10)])[0]
+
+    async def main():
+        async with stack(model_dir, free_port(), device_blocks=6, policy=policy) as (stub, _):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await asyncio.wait_for(generate(stub, "big", big, greedy(10)), 60)
+            served = await asyncio.wait_for(generate(stub, "small", small, greedy(10)), 60)
+            load = await stub.GetLoad(batcher_pb2.GetLoadRequest())
+            return failed.value, served, load
+
+    with caplog.at_level("ERROR", logger="alignedserve.batcher.engine"):
+        error, (tokens, finish, _), load = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "RESOURCE_EXHAUSTED" in error.details() and "KV blocks" in error.details()
+    rejected = [r for r in caplog.records if "rejected step" in r.getMessage()]
+    assert len(rejected) == 1, caplog.text
+    assert (tokens, finish) == (expected.token_ids, "length")
+    assert load.worker_ready and load.num_running + load.num_waiting + load.num_pooled == 0
+
+
 def test_abort_and_cancel_free_everything(model_dir):
     prompts = random_prompts((12,) * 8, seed=5)
 
