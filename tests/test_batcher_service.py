@@ -115,8 +115,19 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
     assert load.worker_ready and load.kv_pool_usage == 0.0 and load.num_running == 0
 
 
-@pytest.mark.parametrize("policy", ["aligned", "fcfs"])
-def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, policy):
+@pytest.mark.parametrize(
+    ("policy", "device"),
+    [
+        ("aligned", "cpu"),
+        ("fcfs", "cpu"),
+        # pinned-pool loads and write-backs, CUDA graphs, a scratch block beside the 12
+        pytest.param("aligned", "cuda", marks=pytest.mark.gpu),
+        pytest.param("fcfs", "cuda", marks=pytest.mark.gpu),
+        # loads through the prefetch GPU too (on the CPU the prefetch device is unused)
+        pytest.param("aligned", "cuda:0+cuda:1", marks=pytest.mark.gpu2),
+    ],
+)
+def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, policy, device):
     """Device KV for about two of eight requests: fcfs preempts (and recomputes) running
     requests, aligned keeps most in the pool. The worker must free a preempted request's
     blocks before the plan hands them on (it ran out of blocks and looped on recovery)."""
@@ -125,7 +136,10 @@ def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, p
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
 
     async def main():
-        async with stack(model_dir, free_port(), device_blocks=12, policy=policy) as (stub, _):
+        decode, _, prefetch = device.partition("+")
+        async with stack(
+            model_dir, free_port(), decode, prefetch or None, device_blocks=12, policy=policy
+        ) as (stub, _):
             return await asyncio.wait_for(
                 asyncio.gather(
                     *(generate(stub, f"p{i}", p, greedy(n)) for i, p in enumerate(prompts))

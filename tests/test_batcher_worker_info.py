@@ -29,8 +29,16 @@ def sample(name: str, model: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"model_name": model})
 
 
-def test_a_cpu_worker_reports_its_cost_model_and_the_batcher_uses_it(tmp_path):
-    model_dir = init_tiny(tmp_path / "cost-model-tiny", arch="llama")  # a model name of its own
+@pytest.mark.parametrize(
+    ("device", "kernel_cost"),
+    [
+        ("cpu", "padded"),  # the torch path pads every member to the longest
+        # the Triton paged kernel; loads on side streams, timed with CUDA events
+        pytest.param("cuda", "balanced", marks=pytest.mark.gpu),
+    ],
+)
+def test_a_worker_reports_its_cost_model_and_the_batcher_uses_it(tmp_path, device, kernel_cost):
+    model_dir = init_tiny(tmp_path / f"cost-model-{device}", arch="llama")  # its own series
     model = model_dir.resolve().name
     tensors = load_file(model_dir / "model.safetensors").values()
     checkpoint_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -40,7 +48,7 @@ def test_a_cpu_worker_reports_its_cost_model_and_the_batcher_uses_it(tmp_path):
         holder = {}
         worker = asyncio.create_task(
             serve_worker(
-                WorkerConfig(str(model_dir), num_device_blocks=64),
+                WorkerConfig(str(model_dir), device=device, num_device_blocks=64),
                 ready=ready,
                 on_ready=lambda s: holder.setdefault("servicer", s),
             )
@@ -85,9 +93,8 @@ def test_a_cpu_worker_reports_its_cost_model_and_the_batcher_uses_it(tmp_path):
     kv_bytes_per_token = layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim * 4
     assert layout.dtype == "float32" and layout.block_bytes == kv_bytes_per_token * 16
     assert info.weight_bytes == checkpoint_bytes  # every weight once (fp32, none tied)
-    assert info.decode_kernel_cost == "padded"  # the CPU's torch path pads to the longest
+    assert info.decode_kernel_cost == config.kernel_cost == kernel_cost
     assert config.weight_kv_tokens == checkpoint_bytes // kv_bytes_per_token
-    assert config.kernel_cost == "padded"
     assert (config.gpu_kv_tokens, config.block_tokens) == (64 * 16, 16)
 
     assert at_attach == dict.fromkeys(at_attach, 0.0)  # every series there, at zero

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
@@ -336,32 +337,9 @@ class BatcherEngine:
         return msg
 
     def _report(self, plan: BatchPlan) -> None:
-        """Update the scheduling metrics after a step (names: common/metrics.py)."""
-        model = self.info.model_name
-        load = self.load()
-        metrics.NUM_REQUESTS_WAITING.labels(model).set(load["num_waiting"])
-        metrics.NUM_REQUESTS_RUNNING.labels(model).set(load["num_running"])
-        metrics.NUM_REQUESTS_POOLED.labels(model).set(load["num_pooled"])
-        metrics.CPU_POOL_USAGE_PERC.labels(model).set(load["kv_pool_usage"])
-        device_blocks = getattr(self.scheduler.policy, "held_blocks", None)
-        kv_use = (
-            device_blocks / self.scheduler.num_device_blocks
-            if device_blocks is not None
-            else self.scheduler.allocator.usage  # fcfs: the pool blocks stand for device ones
+        engine_metrics.report_plan(
+            self.info.model_name, self.scheduler, self.load(), self.pool.layout, plan
         )
-        metrics.KV_CACHE_USAGE_PERC.labels(model).set(kv_use)
-        if plan.decode:
-            lengths = [self.scheduler.store.get(r).num_tokens for r in plan.decode]
-            spread = (max(lengths) - min(lengths)) / max(lengths)
-            metrics.BATCH_LENGTH_SPREAD.labels(model).observe(spread)
-        if plan.is_switch:
-            metrics.BATCH_SWITCHES_TOTAL.labels(model).inc()
-        if plan.load:
-            tokens = sum(self.scheduler.store.get(r).num_kv_tokens for r in plan.load)
-            layout = self.pool.layout
-            metrics.PREFETCH_BYTES_TOTAL.labels(model).inc(
-                tokens * layout.block_bytes // layout.block_tokens
-            )
 
     def _after_step(self, plan: BatchPlan, response, before: dict[str, int]) -> None:
         # the step's write-backs reached the pool (of requests not aborted meanwhile)
@@ -448,28 +426,7 @@ class BatcherEngine:
         self.scheduler = make_scheduler(
             config, eos_token_ids=tuple(info.eos_token_ids), max_model_len=info.max_model_len
         )
-        self._init_metrics()
-
-    def _init_metrics(self) -> None:
-        """Every batcher series of this model exists from the start: a counter or histogram
-        at zero scrapes as 0 (and rates as 0), not as a missing series, before its first event."""
-        model = self.info.model_name
-        for histogram in (
-            metrics.REQUEST_QUEUE_TIME_SECONDS,
-            metrics.BATCH_LENGTH_SPREAD,
-            metrics.PREFETCH_SECONDS,
-        ):
-            histogram.labels(model)
-        for counter in (metrics.BATCH_SWITCHES_TOTAL, metrics.PREFETCH_BYTES_TOTAL):
-            counter.labels(model)
-        for gauge in (
-            metrics.NUM_REQUESTS_WAITING,
-            metrics.NUM_REQUESTS_RUNNING,
-            metrics.NUM_REQUESTS_POOLED,
-            metrics.KV_CACHE_USAGE_PERC,
-            metrics.CPU_POOL_USAGE_PERC,
-        ):
-            gauge.labels(model).set(0)
+        engine_metrics.create_series(info.model_name)
 
     async def _recover(self, lost: BatchPlan | None = None) -> None:
         self._forget_worker(lost)
