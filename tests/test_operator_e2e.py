@@ -9,6 +9,7 @@ children. What only a real cluster tests is listed in the README."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -136,13 +137,13 @@ def flood(base_url: str, n: int, max_tokens: int) -> list[int | str]:
     return statuses
 
 
-def test_operator_end_to_end(tmp_path):
-    model_dir = init_tiny(tmp_path / "tiny", arch="llama")
+@contextlib.contextmanager
+def cluster(tmp_path: Path):
+    """A fake API server with the chart installed and a kubelet running its pods."""
     (tmp_path / "logs").mkdir()
     with FakeKubernetes() as kube:
         env = kube.helm_env()
-        kubectl = binary("kubectl")
-        run([kubectl, "create", "namespace", NS], env)
+        run([binary("kubectl"), "create", "namespace", NS], env)
         run(
             [binary("helm4"), "install", "as", CHART, "--namespace", "alignedserve-system",
              "--create-namespace", "--set-json", f"operator.intervalSeconds={INTERVAL_S}"],
@@ -153,18 +154,53 @@ def test_operator_end_to_end(tmp_path):
         selector = "app.kubernetes.io/name=alignedserve"
         with Kubelet(kube, selector, tmp_path / "logs", env=kube.env()) as kubelet:
             try:
-                _scenario(kube, kubelet, env, kubectl, model_dir, tmp_path)
+                yield kube, kubelet, env
             except BaseException:
                 print(kubelet.log_tail())
                 raise
             assert not kubelet.errors, kubelet.errors
 
 
+def apply(env: dict, tmp_path: Path, obj: dict) -> None:
+    path = tmp_path / "alignedserve.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    run([binary("kubectl"), "apply", "-f", path], env)
+
+
+def test_operator_end_to_end(tmp_path):
+    model_dir = init_tiny(tmp_path / "tiny", arch="llama")
+    with cluster(tmp_path) as (kube, kubelet, env):
+        _scenario(kube, kubelet, env, binary("kubectl"), model_dir, tmp_path)
+
+
+def test_scale_to_zero_and_back_on_a_held_request(tmp_path):
+    """An idle pool goes to zero worker pods after the window; the router (ready on /health
+    then) holds a request, the operator brings a pod back, and the request is answered."""
+    obj = manifest(init_tiny(tmp_path / "tiny", arch="llama"))
+    obj["spec"]["autoscaling"] |= {
+        "scaleToZero": True,
+        "workers": {"minReplicas": 0, "maxReplicas": 1},
+        "scaleDownStabilizationSeconds": 3,
+    }
+    with cluster(tmp_path) as (kube, kubelet, env):
+        apply(env, tmp_path, obj)
+        wait_until(lambda: kubelet.settled(NS, f"{NAME}-worker"), 240, "a worker pod")
+        wait_until(lambda: worker_replicas(kube) == 0, 60, "scale to zero")
+        wait_until(lambda: not kubelet.pods.get((NS, f"{NAME}-worker")), 60, "no worker pods")
+        assert condition(kube, "Ready") == "True"  # scaled to zero is ready: routers hold
+        (router,) = wait_until(lambda: kubelet.settled(NS, f"{NAME}-router"), 60, "router")
+        body = {"model": NAME, "prompt": "hello", "max_tokens": 4}
+        reply = httpx.post(f"http://{router.ip}:8000/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
+        assert worker_replicas(kube) == 1
+        reasons = [(e.get("reason"), e.get("message", "")) for e in kube.list("v1", "events", NS)]
+        assert any(r == "ScaledUp" and "workers 0 -> 1" in m for r, m in reasons), reasons
+
+
 def _scenario(kube, kubelet, env, kubectl, model_dir, tmp_path):
     # 1. apply: the operator renders every child, owned by the resource
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(manifest(model_dir)))
-    run([kubectl, "apply", "-f", path], env)
+    apply(env, tmp_path, manifest(model_dir))
     for api_version, plural, name in [
         ("apps/v1", "deployments", f"{NAME}-router"),
         ("apps/v1", "deployments", f"{NAME}-worker"),

@@ -72,11 +72,7 @@ def fake(fakes) -> FakeBatcher:
 
 @contextmanager
 def running_router(config: RouterConfig) -> Iterator[RouterServer]:
-    client = BatcherClient(
-        config.batcher_addresses,
-        poll_interval_s=config.load_poll_interval_s,
-        ready_window_s=config.ready_window_s,
-    )
+    client = BatcherClient.from_config(config)
     ready = threading.Event()
     server = RouterServer(config, create_app(config, client), ready_event=ready)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -99,6 +95,7 @@ def router(model_dir, fake) -> Iterator[str]:
         port=free_port(),
         load_poll_interval_s=0.05,
         ready_window_s=0.5,
+        hold_timeout_s=1.0,
     )
     with running_router(config):
         yield f"http://127.0.0.1:{config.port}"
@@ -304,10 +301,14 @@ def test_queue_full_is_429_with_retry_after(client, fake):
         assert e.value.response.headers["retry-after"] == "1"
         assert e.value.body["type"] == "rate_limit_error"
         assert "queue full" in e.value.body["message"]
+    # refused as unavailable (draining, or gone): held for another batcher until the hold
+    # timeout, then 503
     fake.reject_with = grpc.StatusCode.UNAVAILABLE
+    start = time.monotonic()
     with pytest.raises(openai.InternalServerError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
     assert e.value.status_code == 503
+    assert time.monotonic() - start >= 0.9
 
 
 def test_error_mid_stream_is_an_error_event(client, fake):

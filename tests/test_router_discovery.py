@@ -228,6 +228,33 @@ def test_a_request_is_held_until_a_batcher_exists_and_is_ready(fakes):
     asyncio.run(scenario())
 
 
+def test_a_batcher_that_refuses_before_any_token_sends_the_request_to_the_next(fakes):
+    """A rollout: the only batcher the router knows is draining (or its pod is gone) though
+    its last report said ready. The request is held, not failed, until the new pod's batcher
+    is found and ready, and is answered there."""
+    leaving, arriving = fakes(), fakes()
+    leaving.reject_with = grpc.StatusCode.UNAVAILABLE
+    dns = FakeDNS({NAME: [leaving.address]})
+
+    async def scenario() -> None:
+        client = BatcherClient(
+            [f"{NAME}:50051"], poll_interval_s=0.02, resolve_interval_s=0.05, getaddrinfo=dns
+        )
+        await client.start()
+        try:
+            await eventually(client.is_ready)
+            held = asyncio.create_task(collect(client, "moved", max_tokens=3))
+            await eventually(lambda: client.num_held == 1)  # refused, and held
+            dns.records[NAME] = [arriving.address]
+            chunks = await asyncio.wait_for(held, 5)
+            assert chunks[-1].finish_reason == "length"
+            assert [r[0] for r in arriving.requests] == ["moved"]
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_holding_is_bounded_in_number_and_time(fakes):
     fake = fakes()
     fake.worker_ready = False

@@ -178,8 +178,18 @@ class BatcherClient:
         """The request's chunks, the last with finish_reason set. Closing the iterator early
         (or cancelling the task reading it) cancels the call, and the batcher aborts it."""
         request = wire.generate_request_to_proto(request_id, prompt_ids, params)
-        await self._until_ready()
-        batcher, call, msg = await self._start_call(request)
+        deadline = time.monotonic() + self._hold_timeout_s
+        while True:
+            await self._until_ready()
+            try:
+                batcher, call, msg = await self._start_call(request)
+                break
+            except BatcherError as e:
+                # Every batcher it tried was gone or draining (a rollout, a pod the DNS has
+                # not dropped yet) before any token: hold the request for the next ready one.
+                unreachable = e.grpc_code == grpc.StatusCode.UNAVAILABLE
+                if not (unreachable and self._is_holding and time.monotonic() < deadline):
+                    raise
         self._routes[request_id] = batcher
         try:
             while msg is not grpc.aio.EOF:
@@ -266,6 +276,8 @@ class BatcherClient:
             except grpc.aio.AioRpcError as e:
                 self._stream_ended(batcher)
                 errors.append(_error(batcher.address, e))
+                if e.code() == grpc.StatusCode.UNAVAILABLE:  # gone or draining: not ready
+                    batcher.last_ready_s = -math.inf
                 if e.code() not in TRY_ANOTHER:
                     raise errors[-1] from e
             except BaseException:

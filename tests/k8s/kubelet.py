@@ -6,14 +6,16 @@ Each pod gets its own loopback address (127.0.N.M: Linux routes all of 127/8 to 
 every "0.0.0.0" or "127.0.0.1" in its arguments becomes that address, so two pods' identical
 ports never clash and a pod's containers still reach each other on "localhost". A hostPath
 volume's mount path in the arguments becomes the host path (one filesystem here). Cluster DNS
-names of a headless Service become the addresses of that Service's pods when the pod starts
-(the router resolves names; a real cluster's DNS keeps them current). Pods are Pod objects in
-the fake (labels, status.podIP), so the operator finds them as it would on a cluster.
+is a table of each Service's ready pod addresses, kept current in a file that the pods'
+Python processes resolve `*.svc.cluster.local` names from (tests/k8s/dns/sitecustomize.py).
+Pods are Pod objects in the fake (labels, status.podIP), so the operator finds them as it
+would on a cluster.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -39,10 +41,9 @@ class Pod:
     name: str
     ip: str
     containers: list[dict]
+    labels: dict[str, str]
     processes: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
-    # Services whose DNS names its arguments held, and the pod addresses they became
-    resolved: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def is_alive(self) -> bool:
         return all(p.poll() is None for p in self.processes)
@@ -109,7 +110,14 @@ class Kubelet:
         self.kube = kube
         self.selector = selector
         self.log_dir = log_dir
-        self.env = env or dict(os.environ)
+        self.dns_table = log_dir / "cluster-dns.json"
+        self.dns_table.write_text("{}")
+        base = env or dict(os.environ)
+        dns = str(Path(__file__).parent / "dns")
+        self.env = base | {
+            "FAKE_CLUSTER_DNS": str(self.dns_table),
+            "PYTHONPATH": os.pathsep.join(p for p in (dns, base.get("PYTHONPATH")) if p),
+        }
         self.interval_s = interval_s
         self.pods: dict[tuple[str, str], list[Pod]] = {}  # (namespace, deployment) -> pods
         self._ips = (f"127.0.{a}.{b}" for a, b in itertools.product(range(1, 255), range(2, 255)))
@@ -148,6 +156,27 @@ class Kubelet:
         for key in set(self.pods) - seen:  # the Deployment is gone (deleted, or collected)
             for pod in self.pods.pop(key):
                 self._delete_pod(key[0], pod)
+        self._publish_dns()
+
+    def _publish_dns(self) -> None:
+        """Each Service's DNS name -> the addresses of its ready pods (headless Services)."""
+        table = {}
+        for service in self.kube.list("v1", "services", None):
+            selector = (service.get("spec") or {}).get("selector")
+            if not selector:
+                continue
+            meta = service["metadata"]
+            name = f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+            table[name] = [
+                pod.ip
+                for (namespace, _), pods in self.pods.items()
+                if namespace == meta["namespace"]
+                for pod in pods
+                if selector.items() <= pod.labels.items() and pod.is_ready()
+            ]
+        part = self.dns_table.with_suffix(".part")
+        part.write_text(json.dumps(table))
+        part.replace(self.dns_table)  # atomic: readers never see half a table
 
     def _reconcile(self, dep: dict, pods: list[Pod]) -> None:
         namespace = dep["metadata"]["namespace"]
@@ -161,13 +190,10 @@ class Kubelet:
         for pod in [p for p in pods if not p.is_alive()]:  # crashed: restart as kubelet would
             self._delete_pod(namespace, pod)
             pods.remove(pod)
-        for pod in [p for p in pods if self._is_stale(p)]:
-            self._delete_pod(namespace, pod)
-            pods.remove(pod)
         want = dep["spec"].get("replicas", 1)
         while len(pods) > want:
             self._delete_pod(namespace, pods.pop())
-        while len(pods) < want and self._can_resolve(namespace, template):
+        while len(pods) < want:
             pods.append(self._start_pod(dep, template))
         ready = sum(pod.is_ready() for pod in pods)
         status = {
@@ -187,7 +213,9 @@ class Kubelet:
     def _start_pod(self, dep: dict, template: dict) -> Pod:
         namespace = dep["metadata"]["namespace"]
         name = f"{dep['metadata']['name']}-{next(self._names)}"
-        pod = Pod(name, next(self._ips), template["spec"]["containers"])
+        pod = Pod(
+            name, next(self._ips), template["spec"]["containers"], template["metadata"]["labels"]
+        )
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
         for container in pod.containers:
             argv = self._argv(namespace, pod, container, volumes)
@@ -225,45 +253,8 @@ class Kubelet:
                 host = volumes.get(mount["name"], {}).get("hostPath", {}).get("path")
                 if host and arg.startswith(mount["mountPath"]):
                     arg = host + arg[len(mount["mountPath"]) :]
-            args.extend(self._resolve(pod, arg))
+            args.append(arg)
         return command + args
-
-    @staticmethod
-    def _service_of(arg: str) -> tuple[str, str, str] | None:
-        """(namespace, service, port) of an argument `svc.ns.svc[.cluster.local]:port`."""
-        host, _, port = arg.rpartition(":")
-        parts = host.split(".")
-        if len(parts) < 3 or parts[2] != "svc":
-            return None
-        return parts[1], parts[0], port
-
-    def _can_resolve(self, namespace: str, template: dict) -> bool:
-        """A pod naming a Service starts once that Service has pods (DNS would be empty)."""
-        for container in template["spec"]["containers"]:
-            for arg in container.get("args", []):
-                found = self._service_of(arg)
-                if found and not self.pods.get(found[:2]):
-                    return False
-        return True
-
-    def _is_stale(self, pod: Pod) -> bool:
-        """Every address a pod's DNS name became is gone (a rollout replaced them all): a
-        real router re-resolves the name; here the pod restarts with the new addresses."""
-        for key, addresses in pod.resolved.items():
-            alive = {p.ip for p in self.pods.get(key, []) if p.is_alive()}
-            if not alive & {a.rsplit(":", 1)[0] for a in addresses}:
-                return True
-        return False
-
-    def _resolve(self, pod: Pod, arg: str) -> list[str]:
-        """A cluster DNS name of a headless Service -> its pods' addresses (at start time)."""
-        found = self._service_of(arg)
-        if found is None:
-            return [arg]
-        namespace, service, port = found
-        addresses = [f"{p.ip}:{port}" for p in self.pods.get((namespace, service), [])]
-        pod.resolved[(namespace, service)] = addresses
-        return addresses
 
     def _report_pod(self, namespace: str, pod: Pod, template: dict) -> None:
         ready = "True" if pod.is_ready() else "False"
@@ -292,7 +283,7 @@ class Kubelet:
         if dep is None or len(pods) != dep["spec"].get("replicas", 1):
             return []
         current = dep["spec"]["template"]["spec"]["containers"]
-        if any(p.containers != current or self._is_stale(p) or not p.is_ready() for p in pods):
+        if any(p.containers != current or not p.is_ready() for p in pods):
             return []
         return pods
 
