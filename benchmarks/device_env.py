@@ -1,14 +1,17 @@
 """Shared by the GPU scripts: the project importable on a machine where it is not installed.
 
-The GPU images have no network, so the project cannot be pip-installed there; a symlink named
-`alignedserve` pointing at services/ stands in for the installed package.
+The GPU images have no network, so the project cannot be pip-installed there; a directory of
+symlinks laid out as the installed package stands in for it (pyproject's package-dir:
+services/ is `alignedserve`, operator/controller/ is `alignedserve.operator`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,10 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @functools.cache
 def project_path() -> str:
-    """A directory whose `alignedserve` is this checkout's services/ (made once)."""
-    shim = Path(tempfile.mkdtemp())
-    (shim / "alignedserve").symlink_to(ROOT / "services")
-    return str(shim)
+    """A directory whose `alignedserve` package is laid out as installed: each entry of
+    services/, and operator/controller/ as its `operator` (the CLI imports it to build its
+    parser). Made once per process."""
+    package = Path(tempfile.mkdtemp(prefix="alignedserve-shim-")) / "alignedserve"
+    package.mkdir()
+    for entry in (ROOT / "services").iterdir():
+        (package / entry.name).symlink_to(entry)
+    (package / "operator").symlink_to(ROOT / "operator" / "controller")
+    return str(package.parent)
 
 
 def import_alignedserve() -> None:
@@ -28,3 +36,9 @@ def import_alignedserve() -> None:
         import alignedserve  # noqa: F401
     except ImportError:
         sys.path.insert(0, project_path())
+
+
+def child_pythonpath(environ: Mapping[str, str] = os.environ) -> str:
+    """PYTHONPATH for child processes (`python -m alignedserve ...`): the shim first, so they
+    run this checkout whether or not a copy is installed."""
+    return os.pathsep.join(p for p in (project_path(), environ.get("PYTHONPATH", "")) if p)

@@ -4,7 +4,8 @@ transformers' continuous batching on the same checkpoint and requests.
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
     .venv/bin/python benchmarks/gpu_e2e.py --tiny --device cpu --prefetch-device "" \\
-        --workload fixed-32-24 --num-requests 8 --rate 4 --peer-requests 4 --out /tmp/e2e  # dry run
+        --pool-gib 0.5 --device-kv-gib 0.25 --workload fixed-32-24 --num-requests 8 \\
+        --rate 4 --peer-requests 4 --out /tmp/e2e  # a CPU dry run (1 min on 2 cores)
 
 For one model shape (random weights, bf16; llama3-8b is GQA, opt-13b is MHA):
 1. the checkpoint is written (on /dev/shm when it has room), with a tokenizer padded to the
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_env import ROOT, import_alignedserve
+from device_env import ROOT, child_pythonpath, import_alignedserve
 
 import_alignedserve()
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
@@ -91,21 +92,9 @@ class Clock:
         return max(10.0, min(cap_s, share))
 
 
-def package_path() -> str:
-    """A directory whose `alignedserve` package is laid out as installed: services/, with
-    operator/controller/ as its `operator` (the CLI imports it to build its parser)."""
-    shim = Path(tempfile.mkdtemp()) / "alignedserve"
-    shim.mkdir()
-    for entry in (ROOT / "services").iterdir():
-        (shim / entry.name).symlink_to(entry)
-    (shim / "operator").symlink_to(ROOT / "operator" / "controller")
-    return str(shim.parent)
-
-
 def environment() -> dict[str, str]:
     """The child processes' environment: the project importable, the carried wheels in."""
-    path = f"{package_path()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(), PYTHONUNBUFFERED="1")
     wheels = ROOT / ".wheels"
     if wheels.is_dir():  # the router's and the bench's packages, carried along
         subprocess.run(

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sim)
 
     bench = sub.add_parser(
-        "bench", help="benchmark an OpenAI-compatible server: throughput, TTFT, TPOT, ITL"
+        "bench",
+        help="benchmark an OpenAI-compatible server or the in-process engine: throughput, "
+        "TTFT, TPOT, ITL",
     )
     from alignedserve.bench.cli import add_arguments as add_bench_arguments  # no torch, no HTTP
 

@@ -20,7 +20,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from alignedserve.batcher.service import BatcherConfig
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
 
@@ -39,6 +41,8 @@ class ServeConfig:
     policy: str = "aligned"  # aligned | fcfs
     num_device_blocks: int = 2048  # KV blocks on the worker's device
     max_waiting: int = 1024  # admission queue bound (429 beyond)
+    min_batch: int = BatcherConfig.min_batch  # aligned: fewest members of a decode group
+    max_batch_kv_fraction: float = BatcherConfig.max_batch_kv_fraction  # aligned: of GPU KV
     drain_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
 
     def __post_init__(self) -> None:
@@ -46,6 +50,63 @@ class ServeConfig:
             raise ConfigError(f"port={self.port} outside 0..65535")
         if self.model and not Path(self.model).is_dir():
             raise ConfigError(f"model={self.model!r} is not a directory")
+        check_batcher_settings(self)
+
+
+class BatcherSettings(Protocol):
+    """What `alignedserve serve` and the engine bench pass on to their batcher."""
+
+    @property
+    def pool_gib(self) -> float: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def max_waiting(self) -> int: ...
+    @property
+    def min_batch(self) -> int: ...
+    @property
+    def max_batch_kv_fraction(self) -> float: ...
+
+
+class WorkerSettings(Protocol):
+    """What `alignedserve serve` and the engine bench pass on to their worker."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def prefetch_device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...  # empty: the checkpoint's
+    @property
+    def num_device_blocks(self) -> int: ...
+
+
+# BatcherSettings' fields: each is the BatcherConfig field of the same name.
+BATCHER_FIELDS = ("pool_gib", "policy", "max_waiting", "min_batch", "max_batch_kv_fraction")
+
+
+def batcher_config(settings: BatcherSettings, worker: str, **more) -> BatcherConfig:
+    """The embedded batcher's config: the settings' BATCHER_FIELDS, the worker's address and
+    `more` (other BatcherConfig fields)."""
+    return BatcherConfig(
+        worker=worker, **{name: getattr(settings, name) for name in BATCHER_FIELDS}, **more
+    )
+
+
+def check_batcher_settings(settings: BatcherSettings) -> None:
+    """Raises ConfigError as the batcher would, before anything starts."""
+    batcher_config(settings, worker="").engine_config()
+
+
+def worker_args(settings: WorkerSettings, model_dir: str, port: int) -> list[str]:
+    """The command line of `alignedserve serve worker` for a supervised local worker."""
+    args = ["--model", model_dir, "--device", settings.device, "--port", str(port)]
+    args += ["--num-device-blocks", str(settings.num_device_blocks)]
+    if settings.dtype:
+        args += ["--dtype", settings.dtype]
+    if settings.prefetch_device:
+        args += ["--prefetch-device", settings.prefetch_device]
+    return args
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +163,7 @@ async def serve_all(
 ) -> None:
     """Run until `stop` is set, then drain. `started` receives a dict of the bound ports and
     the worker supervisor (tests kill the worker through it)."""
-    from alignedserve.batcher.service import BatcherConfig, serve_batcher
+    from alignedserve.batcher.service import serve_batcher
     from alignedserve.router.app import create_app
     from alignedserve.router.client import BatcherClient
     from alignedserve.router.config import RouterConfig
@@ -110,28 +171,15 @@ async def serve_all(
 
     stop = stop or asyncio.Event()
     with tempfile.TemporaryDirectory(prefix="alignedserve-") as tmp:
-        model_dir = config.model or _write_tiny_model(Path(tmp) / "tiny")
+        model_dir = config.model or write_tiny_model(Path(tmp) / "tiny")
         worker_port = free_port()
-        worker_args = ["--model", model_dir, "--device", config.device, "--port", str(worker_port)]
-        worker_args += ["--num-device-blocks", str(config.num_device_blocks)]
-        if config.dtype:
-            worker_args += ["--dtype", config.dtype]
-        if config.prefetch_device:
-            worker_args += ["--prefetch-device", config.prefetch_device]
-        supervisor = WorkerSupervisor(worker_args)
+        supervisor = WorkerSupervisor(worker_args(config, model_dir, worker_port))
         stop_worker, stop_batcher = asyncio.Event(), asyncio.Event()
         worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")
         batcher_started = asyncio.get_running_loop().create_future()
         batcher = asyncio.create_task(
             serve_batcher(
-                BatcherConfig(
-                    worker=f"127.0.0.1:{worker_port}",
-                    port=0,
-                    pool_gib=config.pool_gib,
-                    policy=config.policy,
-                    max_waiting=config.max_waiting,
-                    drain_s=config.drain_s,
-                ),
+                batcher_config(config, f"127.0.0.1:{worker_port}", port=0, drain_s=config.drain_s),
                 started=batcher_started,
                 stop=stop_batcher,
             ),
@@ -139,7 +187,10 @@ async def serve_all(
         )
         router = http = None
         try:
-            batcher_port = await _first(batcher_started, batcher)
+            batcher_port = await _first(batcher_started, batcher, stop)
+            if batcher_port is None:  # stopped while the worker loads: nothing to drain yet
+                batcher.cancel()
+                return
             router_config = RouterConfig(
                 model_dir=model_dir,
                 batcher_addresses=(f"127.0.0.1:{batcher_port}",),
@@ -147,12 +198,7 @@ async def serve_all(
                 port=config.port,
                 drain_timeout_s=config.drain_s,
             )
-            client = BatcherClient(
-                router_config.batcher_addresses,
-                poll_interval_s=router_config.load_poll_interval_s,
-                request_timeout_s=router_config.request_timeout_s,
-                ready_window_s=router_config.ready_window_s,
-            )
+            client = BatcherClient.from_config(router_config)
             bound = asyncio.Event()
             http = RouterServer(router_config, create_app(router_config, client), bound)
             # uvicorn takes SIGTERM/SIGINT while it runs: the first drains the router; once it
@@ -177,16 +223,24 @@ async def serve_all(
             await asyncio.gather(worker, return_exceptions=True)
 
 
-async def _first(started: asyncio.Future, task: asyncio.Task):
-    """What `started` receives, or the task's error if it dies first."""
-    await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+async def _first(started: asyncio.Future, task: asyncio.Task, stop: asyncio.Event | None = None):
+    """What `started` receives, or the task's error if it dies first; None if `stop` is set
+    first (a SIGTERM while the worker loads, which can take minutes, or restarts forever)."""
+    stopping = asyncio.ensure_future(stop.wait() if stop else asyncio.Event().wait())
+    try:
+        await asyncio.wait({started, task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
     if started.done():
         return started.result()
+    if not task.done():
+        return None
     task.result()  # raises its error
     raise RuntimeError(f"{task.get_name()} stopped before it started")
 
 
-def _write_tiny_model(path: Path) -> str:
+def write_tiny_model(path: Path) -> str:
+    """A tiny random-weight model (and tokenizer) written to `path`; returns the path."""
     # A child process: writing weights needs torch, and this process must not import it.
     cmd = [sys.executable, "-m", "alignedserve", "model", "init-tiny", str(path)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

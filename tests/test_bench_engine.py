@@ -51,9 +51,14 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_engine_flags_make_the_engine_config_and_need_the_engine_target():
     config = config_from_args(parse("--target", "engine", "--policy", "fcfs", "--pool-gib", "2"))
     assert config.engine == EngineTargetConfig(policy="fcfs", pool_gib=2.0)
+    knobs = ("--min-batch", "3", "--max-batch-kv-fraction", "0.5")
+    config = config_from_args(parse("--target", "engine", *knobs))
+    assert config.engine == EngineTargetConfig(min_batch=3, max_batch_kv_fraction=0.5)
     assert config_from_args(parse()).engine is None  # the OpenAI target by default
     with pytest.raises(ConfigError, match="--device, --policy: only with --target engine"):
         config_from_args(parse("--policy", "fcfs", "--device", "cuda"))
+    with pytest.raises(ConfigError, match="--min-batch: only with --target engine"):
+        config_from_args(parse("--min-batch", "2"))
     with pytest.raises(ConfigError, match=r"base_url=.*the engine target has no URL"):
         config_from_args(parse("--target", "engine", "--base-url", "http://h:1"))
     with pytest.raises(SystemExit):  # argparse's choices
@@ -128,8 +133,13 @@ def test_exact_lengths_then_a_timeout_aborts_in_the_engine(model_dir):
     long = request("long", 8, 1800)  # thousands of ms on a CPU: the 0.3 s timeout cuts it
 
     async def main():
-        config = EngineTargetConfig(pool_gib=float(POOL_GIB))
+        # the aligned knobs reach the live scheduler
+        config = EngineTargetConfig(
+            pool_gib=float(POOL_GIB), min_batch=2, max_batch_kv_fraction=0.8
+        )
         async with EngineTarget(config, model_dir) as target:
+            scheduler = target.engine.scheduler.config
+            assert (scheduler.min_batch_size, scheduler.max_resident_kv_fraction) == (2, 0.8)
             run = await run_load(target, requests, Offline(4), timeout_s=60)
             cut = await run_load(target, [long, request("late", 8, 2)], Offline(1), 0.3)
             engine_after_cut = (target.engine.num_live, target.engine.load())

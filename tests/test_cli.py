@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alignedserve.cli import TINY_ARCHS
+from alignedserve.cli import TINY_ARCHS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_FILES = (
@@ -96,6 +96,14 @@ def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess[str]]:
 
 def test_archs_cover_the_readme():
     assert set(TINY_ARCHS) == set(ARCHITECTURES)
+
+
+def test_bench_help_names_both_targets(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one line per command
+    (line,) = [
+        s for s in build_parser().format_help().splitlines() if s.strip().startswith("bench")
+    ]
+    assert "an OpenAI-compatible server or the in-process engine" in line
 
 
 @pytest.mark.slow

@@ -22,13 +22,20 @@ from types import TracebackType
 
 from alignedserve.batcher.engine import BatcherEngine, Delta
 from alignedserve.batcher.scheduler.config import POLICIES
-from alignedserve.batcher.service import BatcherConfig
 from alignedserve.bench.records import Chunk, RequestRecord
 from alignedserve.bench.workload import BenchRequest
 from alignedserve.common.errors import AlignedServeError, ConfigError, UnavailableError
 from alignedserve.common.model_config import DTYPES
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.serve import ServeConfig, WorkerSupervisor, _write_tiny_model, free_port
+from alignedserve.serve import (
+    ServeConfig,
+    WorkerSupervisor,
+    batcher_config,
+    check_batcher_settings,
+    free_port,
+    worker_args,
+    write_tiny_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +69,21 @@ class EngineTargetConfig:
         default=SERVE.max_waiting,
         metadata={"help": "admission queue bound: beyond it a request fails, as a 429 would"},
     )
+    min_batch: int = field(
+        default=SERVE.min_batch,
+        metadata={"help": "aligned: fewest members of a decode group, when that many are resident"},
+    )
+    max_batch_kv_fraction: float = field(
+        default=SERVE.max_batch_kv_fraction,
+        metadata={"help": "aligned: the decode GPU's KV that resident batches may use"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} not one of {list(DTYPES)} (or empty)")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
-        for name in ("pool_gib", "num_device_blocks", "max_waiting"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if not self.num_device_blocks > 0:
+            raise ConfigError(f"num_device_blocks={self.num_device_blocks} must be > 0")
+        check_batcher_settings(self)  # policy, pool_gib, max_waiting, min_batch, ...
 
     def describe(self) -> str:
         devices = "+".join(d for d in (self.device, self.prefetch_device) if d)
@@ -129,9 +142,9 @@ class EngineTarget:
         model_dir = self.model_dir
         if not model_dir:
             tmp = self._exit.enter_context(tempfile.TemporaryDirectory(prefix="alignedserve-"))
-            model_dir = await asyncio.to_thread(_write_tiny_model, Path(tmp) / "tiny")
+            model_dir = await asyncio.to_thread(write_tiny_model, Path(tmp) / "tiny")
         worker_port = free_port()
-        supervisor = WorkerSupervisor(self._worker_args(model_dir, worker_port))
+        supervisor = WorkerSupervisor(worker_args(self.config, model_dir, worker_port))
         stop_worker = asyncio.Event()
         worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")
 
@@ -140,27 +153,12 @@ class EngineTarget:
             await asyncio.gather(worker, return_exceptions=True)
 
         self._exit.push_async_callback(stop_the_worker)
-        batcher = BatcherConfig(
-            worker=f"127.0.0.1:{worker_port}",
-            pool_gib=self.config.pool_gib,
-            policy=self.config.policy,
-            max_waiting=self.config.max_waiting,
-        )
+        batcher = batcher_config(self.config, f"127.0.0.1:{worker_port}")
         self.engine = BatcherEngine(batcher.engine_config())
         self._exit.push_async_callback(self.engine.stop)  # stops before the worker does
         await self._start_engine(supervisor)
         self._supervisor = supervisor
         log.info("bench: %s serving %s", self.config.describe(), model_dir)
-
-    def _worker_args(self, model_dir: str, port: int) -> list[str]:
-        c = self.config
-        args = ["--model", model_dir, "--device", c.device, "--port", str(port)]
-        args += ["--num-device-blocks", str(c.num_device_blocks)]
-        if c.dtype:
-            args += ["--dtype", c.dtype]
-        if c.prefetch_device:
-            args += ["--prefetch-device", c.prefetch_device]
-        return args
 
     async def _start_engine(self, supervisor: WorkerSupervisor) -> None:
         """The engine's start, failing at once if the worker dies first: the supervisor would

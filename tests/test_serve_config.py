@@ -1,0 +1,193 @@
+"""`alignedserve serve`'s settings reach its parts: the worker's command line (parsed by the
+worker's own flags), the embedded batcher's config and scheduler, the router's batcher client
+(built from the router's config). serve_all runs for real with its worker supervisor and its
+batcher replaced by recorders: no child process, the router on a free port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import pytest
+
+import alignedserve.batcher.service
+import alignedserve.serve
+from alignedserve.batcher.service import BatcherConfig
+from alignedserve.bench.engine_target import EngineTargetConfig
+from alignedserve.cli import build_parser, main
+from alignedserve.common.errors import ConfigError
+from alignedserve.router.client import BatcherClient
+from alignedserve.serve import (
+    BATCHER_FIELDS,
+    ServeConfig,
+    batcher_config,
+    config_from_args,
+    serve_all,
+    worker_args,
+)
+from alignedserve.worker import service as worker_service
+from alignedserve.worker.tiny import init_tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
+
+
+def serve_config(*argv: str) -> ServeConfig:
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def parse_worker(args: list[str]) -> worker_service.WorkerConfig:
+    parser = argparse.ArgumentParser()
+    worker_service.add_worker_arguments(parser)
+    return worker_service.config_from_args(parser.parse_args(args))
+
+
+def test_batcher_knobs_have_the_batchers_defaults_and_flags():
+    for name in BATCHER_FIELDS:
+        assert getattr(ServeConfig(), name) == getattr(BatcherConfig(), name), name
+        assert getattr(EngineTargetConfig(), name) == getattr(ServeConfig(), name), name
+    config = serve_config("--min-batch", "3", "--max-batch-kv-fraction", "0.5")
+    assert (config.min_batch, config.max_batch_kv_fraction) == (3, 0.5)
+    scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
+    assert (scheduler.min_batch_size, scheduler.max_resident_kv_fraction) == (3, 0.5)
+
+
+@pytest.mark.parametrize("config_cls", [ServeConfig, EngineTargetConfig])
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"min_batch": 0}, "min_batch_size=0"),
+        ({"min_batch": 513}, "min_batch_size=513 exceeds max_batch_size"),
+        ({"max_batch_kv_fraction": 1.5}, r"max_resident_kv_fraction=1.5 must be in \(0, 1\]"),
+        ({"max_batch_kv_fraction": 0.0}, "max_resident_kv_fraction=0.0"),
+        ({"pool_gib": 0.0}, "pool_gib=0.0 must be > 0"),
+        ({"policy": "lifo"}, "policy='lifo' not one of"),
+    ],
+)
+def test_bad_batcher_knobs_fail_the_config_at_once(config_cls, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        config_cls(**bad)
+
+
+def test_a_bad_knob_is_a_clean_cli_error_before_anything_starts(capsys):
+    assert main(["serve", "--min-batch", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("alignedserve: error: ") and "min_batch_size=0" in err
+
+
+@pytest.mark.parametrize("config_cls", [ServeConfig, EngineTargetConfig])
+def test_worker_args_are_the_workers_own_flags(config_cls):
+    settings = config_cls(
+        device="cuda:0", prefetch_device="cuda:1", dtype="bfloat16", num_device_blocks=77
+    )
+    worker = parse_worker(worker_args(settings, "/models/m", 5123))
+    assert worker == worker_service.WorkerConfig(
+        model_dir="/models/m",
+        device="cuda:0",
+        prefetch_device="cuda:1",
+        dtype="bfloat16",
+        port=5123,
+        num_device_blocks=77,
+    )
+    plain = parse_worker(worker_args(config_cls(), "/models/m", 1))
+    assert (plain.dtype, plain.prefetch_device, plain.device) == (None, None, "cpu")
+
+
+def test_serve_all_passes_its_settings_to_worker_batcher_and_router(model_dir, monkeypatch):
+    supervisors, batchers, clients = [], [], []
+
+    class RecordingSupervisor:
+        """Stands in for WorkerSupervisor: records the worker's command line, runs nothing."""
+
+        def __init__(self, args: list[str]):
+            self.args = args
+            self.restarts = 0
+            supervisors.append(self)
+
+        async def run(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+
+    async def recording_batcher(config, started, stop):
+        batchers.append(config)
+        started.set_result(50999)  # the port the router is told; nothing listens there
+        await stop.wait()
+
+    real_from_config = BatcherClient.from_config.__func__
+
+    def recording_from_config(cls, config, **overrides):
+        clients.append(config)
+        return real_from_config(cls, config, **overrides)
+
+    monkeypatch.setattr(alignedserve.serve, "WorkerSupervisor", RecordingSupervisor)
+    monkeypatch.setattr(alignedserve.batcher.service, "serve_batcher", recording_batcher)
+    monkeypatch.setattr(BatcherClient, "from_config", classmethod(recording_from_config))
+    argv = ["--model", model_dir, "--port", "0", "--policy", "fcfs", "--pool-gib", "0.25"]
+    argv += ["--max-waiting", "9", "--min-batch", "4", "--max-batch-kv-fraction", "0.6"]
+    argv += ["--drain-s", "2", "--dtype", "float32", "--num-device-blocks", "64"]
+    config = serve_config(*argv)
+
+    async def run():
+        started = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(serve_all(config, started=started, stop=stop))
+        ports = await asyncio.wait_for(started, 60)
+        stop.set()
+        await asyncio.wait_for(serving, 60)
+        return ports
+
+    ports = asyncio.run(run())
+    assert ports["batcher"] == 50999 and ports["http"] > 0
+    (supervisor,) = supervisors
+    worker = parse_worker(supervisor.args)
+    assert (worker.model_dir, worker.dtype, worker.num_device_blocks) == (model_dir, "float32", 64)
+    (batcher,) = batchers
+    assert batcher == BatcherConfig(
+        worker=f"127.0.0.1:{worker.port}",
+        port=0,
+        pool_gib=0.25,
+        policy="fcfs",
+        max_waiting=9,
+        min_batch=4,
+        max_batch_kv_fraction=0.6,
+        drain_s=2.0,
+    )
+    (router,) = clients
+    assert router.batcher_addresses == ("127.0.0.1:50999",)
+    assert (router.model_dir, router.port, router.drain_timeout_s) == (model_dir, 0, 2.0)
+
+
+def test_a_stop_while_the_worker_loads_ends_serve_all_at_once(model_dir, monkeypatch):
+    """SIGTERM before the worker attaches (a load takes minutes; a worker that cannot start is
+    restarted forever): the real batcher, waiting for a worker that never comes, is cancelled
+    and the worker supervisor stopped, instead of the stop waiting for worker_startup_s."""
+    supervisor_runs = []
+
+    class NeverStarts:
+        def __init__(self, args: list[str]):
+            self.restarts = 0
+
+        async def run(self, stop: asyncio.Event) -> None:
+            supervisor_runs.append("running")
+            await stop.wait()
+            supervisor_runs.append("stopped")
+
+    monkeypatch.setattr(alignedserve.serve, "WorkerSupervisor", NeverStarts)
+    config = ServeConfig(model=model_dir, port=0, pool_gib=0.05)
+
+    async def run():
+        started = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(serve_all(config, started=started, stop=stop))
+        await asyncio.sleep(1.0)  # the batcher is trying to reach the worker
+        assert not serving.done() and not started.done()
+        stop.set()
+        begin = time.monotonic()
+        await asyncio.wait_for(serving, 30)
+        return time.monotonic() - begin, started.done()
+
+    took_s, was_started = asyncio.run(run())
+    assert took_s < 5 and not was_started
+    assert supervisor_runs == ["running", "stopped"]
