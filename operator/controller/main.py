@@ -10,7 +10,6 @@ operators acting on one resource.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -68,7 +67,8 @@ def run_operator(args: argparse.Namespace) -> int:
     from alignedserve.common.metrics import start_metrics_server
     from alignedserve.operator import handlers, metrics
 
-    assert dataclasses.asdict(handlers.CONFIG)["interval_s"] == config.interval_s
+    if handlers.CONFIG.interval_s != config.interval_s:  # imported before the flags were read
+        raise ConfigError("alignedserve.operator.handlers was imported before run_operator")
     for handler in list(logging.root.handlers):  # kopf installs its own (text or JSON)
         logging.root.removeHandler(handler)
     kopf.configure(log_format=kopf.LogFormat[config.log_format.upper()])
