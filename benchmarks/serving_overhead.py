@@ -1,9 +1,11 @@
 """What the serving loop costs per step with no model at all: the real batcher service
 against a worker that answers every step instantly, N concurrent streaming requests from a
 gRPC client in the same process. The ceiling this sets on tokens/s is what the services can
-deliver, whatever the GPU does.
+deliver, whatever the GPU does. The client is the router's (BatcherClient: every request on
+one multiplexed Stream call), or with --client generate one Generate call per request.
 
-    .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256] [--profile]
+    .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256]
+        [--client router|generate] [--profile]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from alignedserve.common import rpc, wire
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc, worker_pb2, worker_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.router.client import BatcherClient
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_tokens=16, dtype="float32")
 
@@ -63,15 +66,19 @@ async def main(args: argparse.Namespace) -> None:
     started, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
     config = BatcherConfig(worker=f"127.0.0.1:{port}", port=0, pool_gib=0.5, max_waiting=10_000)
     batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{await started}")
+    address = f"127.0.0.1:{await started}"
+    channel = grpc.aio.insecure_channel(address)
     stub = batcher_pb2_grpc.BatcherStub(channel)
+    client = BatcherClient([address])
+    await client.start()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(i: int) -> int:
+        prompt = [7] * (100 + i % 900)
+        if args.client == "router":
+            return sum([len(c.token_ids) async for c in client.generate(f"r{i}", prompt, params)])
         request = batcher_pb2.GenerateRequest(
-            request_id=f"r{i}",
-            prompt_token_ids=[7] * (100 + i % 900),
-            params=wire.sampling_to_proto(params),
+            request_id=f"r{i}", prompt_token_ids=prompt, params=wire.sampling_to_proto(params)
         )
         return sum([len(m.token_ids) async for m in stub.Generate(request)])
 
@@ -87,7 +94,9 @@ async def main(args: argparse.Namespace) -> None:
         f"{args.requests} streams x {args.max_tokens} tokens: {steps} steps in {seconds:.1f} s, "
         f"{1e3 * seconds / steps:.2f} ms per step, {tokens / seconds:.0f} tokens/s"
     )
+    assert tokens == args.requests * args.max_tokens, tokens
     stop.set()
+    await client.close()
     await batcher
     await channel.close()
     await server.stop(0)
@@ -99,5 +108,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--client", choices=("router", "generate"), default="router")
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))

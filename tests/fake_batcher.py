@@ -5,7 +5,8 @@ per message every `token_delay_s`; finishes with "stop" on a stop_token_id, "len
 max_tokens or the context length, "abort" on Abort; the last message carries usage. The seed
 and temperature change nothing (EOS is never generated). `reject_with` makes Generate fail
 with that status before any token, `fail_after` after some tokens. Every request, Abort and
-cancellation is recorded.
+cancellation is recorded. Stream (the router's multiplexed call) runs Generate for each of
+its requests, and cancels it on the call's abort, so both RPCs behave alike.
 
 Each fake runs its own event loop in a thread, like a separate process would.
 """
@@ -43,6 +44,8 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
         self.aborted: list[str] = []  # request ids named by Abort calls that found them
         self.cancelled: list[str] = []  # Generate calls the client cancelled
         self.num_load_calls = 0
+        self.num_stream_calls = 0
+        self.break_streams_with: grpc.StatusCode | None = None  # Stream calls end so at once
         self._abort_flags: dict[str, bool] = {}
         self.address = ""
 
@@ -82,6 +85,54 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
             if not ended:
                 self.cancelled.append(request.request_id)
 
+    async def Stream(self, request_iterator, context):
+        self.num_stream_calls += 1
+        outbox: asyncio.Queue[batcher_pb2.RequestDelta] = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+
+        async def run(request) -> None:
+            rid = request.request_id
+            try:
+                async for msg in self.Generate(request, _SubContext()):
+                    delta = batcher_pb2.RequestDelta(
+                        request_id=rid,
+                        token_ids=msg.token_ids,
+                        logprobs=msg.logprobs,
+                        finish_reason=msg.finish_reason,
+                    )
+                    if msg.HasField("usage"):
+                        delta.usage.CopyFrom(msg.usage)
+                    outbox.put_nowait(delta)
+            except _Aborted as e:
+                outbox.put_nowait(
+                    batcher_pb2.RequestDelta(
+                        request_id=rid, error_code=e.code.value[0], error_message=e.details
+                    )
+                )
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                if msg.HasField("generate"):
+                    rid = msg.generate.request_id
+                    tasks[rid] = asyncio.create_task(run(msg.generate))
+                    tasks[rid].add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))
+                elif msg.HasField("abort") and msg.abort.request_id in tasks:
+                    tasks[msg.abort.request_id].cancel()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                deltas = [await outbox.get()]
+                while not outbox.empty():
+                    deltas.append(outbox.get_nowait())
+                if self.break_streams_with is not None:
+                    await context.abort(self.break_streams_with, "fake: stream broken")
+                yield batcher_pb2.StreamResponse(deltas=deltas)
+        finally:
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()
+
     async def Abort(self, request, context):
         found = request.request_id in self._abort_flags
         if found:
@@ -118,6 +169,19 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
                 return True
             time.sleep(0.01)
         return condition()
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _SubContext:
+    """What Generate needs of a servicer context, for a request on a Stream call."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
 
 
 class FakeBatcherFactory:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -45,6 +45,11 @@ class Delta:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     prompt_tokens: int
     completion_tokens: int
+
+
+# Where a request's deltas go, called in the engine's loop: each Delta, then its last one
+# (finish_reason set) or the exception that failed it. Must not block.
+Sink = Callable[["Delta | Exception"], None]
 
 
 class StepRejectedError(AlignedServeError):
@@ -109,7 +114,7 @@ class BatcherEngine:
         self.info: worker_pb2.ModelInfo | None = None
         self._worker_ready = False
         self.draining = False
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._sinks: dict[str, Sink] = {}  # live requests
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
         self._writing: dict[str, int] = {}  # what _synced becomes once the step in flight ends
         self._release: list[str] = []  # finished on our side; free on the worker next step
@@ -156,17 +161,23 @@ class BatcherEngine:
 
     @property
     def num_live(self) -> int:
-        return len(self._queues)
+        return len(self._sinks)
 
     # ---- requests ------------------------------------------------------------------------
     def submit(
-        self, request_id: str, prompt: Sequence[int], params: SamplingParams
-    ) -> asyncio.Queue:
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        sink: Sink | None = None,
+    ) -> asyncio.Queue | None:
+        """Admit a request (or raise AlignedServeError). Its deltas go to `sink`; without one,
+        to the asyncio.Queue returned."""
         if self.draining:
             raise UnavailableError("batcher is draining: send new requests elsewhere")
         if self.scheduler is None:
             raise UnavailableError("batcher is starting: no worker attached yet")
-        if request_id in self._queues:
+        if request_id in self._sinks:
             raise InvalidRequestError(f"request_id {request_id!r} is in use", "request_id")
         max_len = self.info.max_model_len
         if not 1 <= len(prompt) < max_len:
@@ -178,13 +189,16 @@ class BatcherEngine:
                 f"prompt token ids must be in [0, {self.info.vocab_size})", "prompt"
             )
         self.scheduler.add_request(request_id, tuple(prompt), params, time.monotonic())
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        queue: asyncio.Queue | None = None
+        if sink is None:
+            queue = asyncio.Queue()
+            sink = queue.put_nowait
+        self._sinks[request_id] = sink
         self._wake.set()
         return queue
 
     def abort(self, request_id: str) -> bool:
-        if request_id not in self._queues or self.scheduler is None:
+        if request_id not in self._sinks or self.scheduler is None:
             return False
         if request_id not in self.scheduler.store:
             return False
@@ -354,14 +368,16 @@ class BatcherEngine:
         logprobs = {t.request_id: t.logprob for t in response.tokens}
         finished = self.scheduler.update(plan, tokens, time.monotonic())
         self._release += self.scheduler.take_preempted()  # recomputed later: free the device
+        store, sinks = self.scheduler.store, self._sinks
         for rid, n in before.items():
-            if rid not in self.scheduler.store:
+            if rid not in store:
                 continue  # aborted while the step ran
-            r = self.scheduler.store.get(rid)
+            r = store.get(rid)
             new = r.output_token_ids[n:]
-            if new and rid in self._queues:
+            sink = sinks.get(rid)
+            if new and sink is not None:
                 want = r.params.logprobs
-                self._queues[rid].put_nowait(
+                sink(
                     Delta(
                         token_ids=tuple(new),
                         logprobs=(logprobs.get(rid, 0.0),) * len(new) if want else (),
@@ -376,9 +392,9 @@ class BatcherEngine:
     def _finish(self, r: Request, error: Exception | None = None) -> None:
         """Send the final message (or the error that ends the stream), forget the request,
         free it on the worker next step."""
-        queue = self._queues.pop(r.request_id, None)
-        if queue is not None:
-            queue.put_nowait(
+        sink = self._sinks.pop(r.request_id, None)
+        if sink is not None:
+            sink(
                 error
                 or Delta((), (), r.finish_reason, len(r.prompt_token_ids), len(r.output_token_ids))
             )
@@ -436,7 +452,7 @@ class BatcherEngine:
                 return
             except UnavailableError as e:
                 log.error("%s: failing %d requests", e, self.num_live)
-                for rid in list(self._queues):
+                for rid in list(self._sinks):
                     r = self.scheduler.store.get(rid)
                     self.scheduler.abort(rid, time.monotonic())
                     self._finish(r, error=e)

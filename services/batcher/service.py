@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig
+from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig, Sink
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.common import flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
@@ -101,6 +101,46 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             if not finished:  # the client went away (or the call was cancelled)
                 self.engine.abort(request_id)
 
+    async def Stream(self, request_iterator, context):
+        """A router's requests on one call: each engine step's deltas of all of them go out
+        as one message (those of several steps, when the router reads slower)."""
+        outbox = _Outbox()
+        live: set[str] = set()  # this call's requests that have not ended
+
+        def admit(request: batcher_pb2.GenerateRequest) -> None:
+            request_id = request.request_id
+            sink = outbox.sink(request_id, live)
+            try:
+                params = wire.sampling_from_proto(request.params)
+                self.engine.submit(request_id, list(request.prompt_token_ids), params, sink)
+                live.add(request_id)
+            except AlignedServeError as e:
+                outbox.add(_error_delta(request_id, rpc.grpc_status(e), str(e)))
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                if msg.HasField("generate"):
+                    admit(msg.generate)
+                elif msg.HasField("abort") and msg.abort.request_id in live:
+                    self.engine.abort(msg.abort.request_id)
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: outbox.wake.set())
+        try:
+            while True:
+                await outbox.wake.wait()
+                outbox.wake.clear()
+                if outbox.pending:
+                    deltas, outbox.pending = outbox.pending, []
+                    yield batcher_pb2.StreamResponse(deltas=deltas)
+                if reader.done() and not live and not outbox.pending:
+                    reader.result()  # the client's half-close, or its error
+                    return
+        finally:
+            reader.cancel()
+            for request_id in list(live):  # the call ended (or the router went away)
+                self.engine.abort(request_id)
+
     async def Abort(self, request, context):
         return batcher_pb2.AbortResponse(found=self.engine.abort(request.request_id))
 
@@ -130,6 +170,46 @@ async def _mirror_readiness(engine: BatcherEngine, health, interval_s: float = 0
             await rpc.set_serving(health, [SERVICE], ready)
             serving = ready
         await asyncio.sleep(interval_s)
+
+
+class _Outbox:
+    """The deltas a Stream call has yet to send, and the event that wakes its sender."""
+
+    def __init__(self) -> None:
+        self.pending: list[batcher_pb2.RequestDelta] = []
+        self.wake = asyncio.Event()
+
+    def add(self, delta: batcher_pb2.RequestDelta) -> None:
+        self.pending.append(delta)
+        self.wake.set()
+
+    def sink(self, request_id: str, live: set[str]) -> Sink:
+        """The engine's sink for one request of this call."""
+
+        def put(delta: Delta | Exception) -> None:
+            if isinstance(delta, Exception):
+                live.discard(request_id)
+                code = rpc.grpc_status(delta) if isinstance(delta, AlignedServeError) else None
+                self.add(_error_delta(request_id, code or grpc.StatusCode.UNAVAILABLE, str(delta)))
+                return
+            msg = batcher_pb2.RequestDelta(
+                request_id=request_id, token_ids=delta.token_ids, logprobs=delta.logprobs
+            )
+            if delta.finish_reason is not None:
+                live.discard(request_id)
+                msg.finish_reason = delta.finish_reason
+                msg.usage.prompt_tokens = delta.prompt_tokens
+                msg.usage.completion_tokens = delta.completion_tokens
+            self.pending.append(msg)
+            self.wake.set()
+
+        return put
+
+
+def _error_delta(request_id: str, code: grpc.StatusCode, message: str) -> batcher_pb2.RequestDelta:
+    return batcher_pb2.RequestDelta(
+        request_id=request_id, error_code=code.value[0], error_message=message
+    )
 
 
 def _response(delta: Delta) -> batcher_pb2.GenerateResponse:

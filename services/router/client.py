@@ -3,7 +3,10 @@ streams its tokens back, aborts, and polls every batcher's load in the backgroun
 and /ready both read it). The batchers are found again every resolve interval (DNS names
 such as a headless Service's: see discovery.py); a batcher that leaves gets no new request,
 and its channel closes once its streams have finished. While no batcher is ready (scaled to
-zero, or every worker loading), a request is held until one is, within bounds."""
+zero, or every worker loading), a request is held until one is, within bounds.
+
+All the requests sent to one batcher share one Stream call (a _Mux): the batcher sends one
+message per engine step with every request's tokens, fanned out here to the requests."""
 
 from __future__ import annotations
 
@@ -48,6 +51,72 @@ def _error(address: str, e: grpc.aio.AioRpcError) -> BatcherError:
     return BatcherError(f"batcher {address}: {e.details() or e.code().name}", e.code())
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _delta_error(address: str, delta: batcher_pb2.RequestDelta) -> BatcherError:
+    code = _CODES.get(delta.error_code, grpc.StatusCode.UNKNOWN)
+    return BatcherError(f"batcher {address}: {delta.error_message or code.name}", code)
+
+
+class _Mux:
+    """One Stream call to a batcher, shared by the requests the router sends it: requests
+    and aborts go out in order; each delta that comes back goes to its request's queue (an
+    error delta as a BatcherError). When the call ends, every request still on it gets the
+    error (UNAVAILABLE if the batcher ended it cleanly)."""
+
+    def __init__(self, address: str, stub: batcher_pb2_grpc.BatcherStub):
+        self.address = address
+        self.is_done = False
+        self._sends: asyncio.Queue[batcher_pb2.StreamRequest | None] = asyncio.Queue()
+        self._requests: dict[str, asyncio.Queue] = {}
+        self._call = stub.Stream(self._outgoing())
+        self._reader = asyncio.create_task(self._read())
+
+    def open(self, request: batcher_pb2.GenerateRequest) -> asyncio.Queue:
+        """Send the request; its deltas (then a BatcherError, if it fails) arrive in the queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._requests[request.request_id] = queue
+        self._sends.put_nowait(batcher_pb2.StreamRequest(generate=request))
+        return queue
+
+    def release(self, request_id: str, abort: bool) -> None:
+        """The request is done with here; `abort`: it has not finished at the batcher."""
+        if self._requests.pop(request_id, None) is not None and abort and not self.is_done:
+            abort_msg = batcher_pb2.AbortRequest(request_id=request_id)
+            self._sends.put_nowait(batcher_pb2.StreamRequest(abort=abort_msg))
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _outgoing(self):
+        while (msg := await self._sends.get()) is not None:
+            yield msg
+
+    async def _read(self) -> None:
+        error = BatcherError(
+            f"batcher {self.address} ended its stream", grpc.StatusCode.UNAVAILABLE
+        )
+        try:
+            async for msg in self._call:
+                requests = self._requests
+                for delta in msg.deltas:
+                    queue = requests.get(delta.request_id)
+                    if queue is not None:
+                        queue.put_nowait(
+                            _delta_error(self.address, delta) if delta.error_code else delta
+                        )
+        except grpc.aio.AioRpcError as e:
+            error = _error(self.address, e)
+        finally:
+            self.is_done = True
+            self._sends.put_nowait(None)
+            for queue in self._requests.values():
+                queue.put_nowait(error)
+
+
 @dataclass(eq=False)  # by identity: one address may come back as a new batcher
 class BatcherState:
     """What the router knows about one batcher (mutable: the poll loop updates it)."""
@@ -59,7 +128,8 @@ class BatcherState:
     last_ready_s: float = -math.inf  # monotonic time of the last report with worker_ready
     num_sent: int = 0  # requests sent since `load` was reported, which it cannot count yet
     is_answering: bool = True  # for logging changes only
-    num_streams: int = 0  # Generate calls open on its channel
+    num_streams: int = 0  # requests open on its channel
+    mux: _Mux | None = None  # the Stream call its requests share
     is_removed: bool = False  # discovery no longer finds it: its channel closes when idle
 
     @property
@@ -125,7 +195,7 @@ class BatcherClient:
             task.cancel()
         await asyncio.gather(*self._loops, *self._closing, return_exceptions=True)
         for batcher in [*self._by_address.values(), *self._leaving]:
-            await batcher.channel.close()
+            await self._close_batcher(batcher)
 
     @property
     def batchers(self) -> list[BatcherState]:
@@ -176,13 +246,13 @@ class BatcherClient:
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
     ) -> AsyncGenerator[GenerateChunk, None]:
         """The request's chunks, the last with finish_reason set. Closing the iterator early
-        (or cancelling the task reading it) cancels the call, and the batcher aborts it."""
+        (or cancelling the task reading it) aborts it at the batcher."""
         request = wire.generate_request_to_proto(request_id, prompt_ids, params)
         deadline = time.monotonic() + self._hold_timeout_s
         while True:
             await self._until_ready()
             try:
-                batcher, call, msg = await self._start_call(request)
+                batcher, mux, queue, msg, timer = await self._start_call(request)
                 break
             except BatcherError as e:
                 # Every batcher it tried was gone or draining (a rollout, a pod the DNS has
@@ -191,22 +261,22 @@ class BatcherClient:
                 if not (unreachable and self._is_holding and time.monotonic() < deadline):
                     raise
         self._routes[request_id] = batcher
+        finished = False
         try:
-            while msg is not grpc.aio.EOF:
-                chunk = wire.chunk_from_proto(msg)
+            while True:
+                if isinstance(msg, BatcherError):
+                    raise msg
+                chunk = wire.chunk_from_delta(msg)
                 yield chunk
                 if chunk.finish_reason is not None:
+                    finished = True
                     return
-                msg = await call.read()
-            raise BatcherError(
-                f"batcher {batcher.address} ended {request_id} without a finish reason",
-                grpc.StatusCode.INTERNAL,
-            )
-        except grpc.aio.AioRpcError as e:
-            raise _error(batcher.address, e) from e
+                msg = await queue.get()
         finally:
+            if timer is not None:
+                timer.cancel()
             del self._routes[request_id]
-            call.cancel()  # a no-op once the call has ended
+            mux.release(request_id, abort=not finished)
             self._stream_ended(batcher)
 
     async def abort(self, request_id: str) -> bool:
@@ -261,29 +331,48 @@ class BatcherClient:
         finally:
             self._num_held -= 1
 
-    async def _start_call(
-        self, request: batcher_pb2.GenerateRequest
-    ) -> tuple[BatcherState, grpc.aio.UnaryStreamCall, batcher_pb2.GenerateResponse]:
-        """Sends the request to the least loaded batcher and waits for its first message:
-        admission errors arrive before it, while another batcher can still be tried."""
+    async def _start_call(self, request: batcher_pb2.GenerateRequest):
+        """Sends the request to the least loaded batcher and waits for its first delta:
+        admission errors arrive before it, while another batcher can still be tried.
+        Returns the batcher, its _Mux, the request's queue, that delta, and the timer that
+        ends the request at its deadline (None without one)."""
         errors: list[BatcherError] = []
+        request_id = request.request_id
         for batcher in self._by_load():
             batcher.num_sent += 1
             batcher.num_streams += 1
-            call = batcher.stub.Generate(request, timeout=self._request_timeout_s)
+            if batcher.mux is None or batcher.mux.is_done:
+                batcher.mux = _Mux(batcher.address, batcher.stub)
+            mux = batcher.mux
+            queue = mux.open(request)
+            timer = None
+            if self._request_timeout_s is not None:
+                expired = BatcherError(
+                    f"batcher {batcher.address}: Deadline Exceeded",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+                timer = asyncio.get_running_loop().call_later(
+                    self._request_timeout_s, queue.put_nowait, expired
+                )
             try:
-                return batcher, call, await call.read()
-            except grpc.aio.AioRpcError as e:
-                self._stream_ended(batcher)
-                errors.append(_error(batcher.address, e))
-                if e.code() == grpc.StatusCode.UNAVAILABLE:  # gone or draining: not ready
-                    batcher.last_ready_s = -math.inf
-                if e.code() not in TRY_ANOTHER:
-                    raise errors[-1] from e
+                first = await queue.get()
             except BaseException:
-                call.cancel()
+                if timer is not None:
+                    timer.cancel()
+                mux.release(request_id, abort=True)
                 self._stream_ended(batcher)
                 raise
+            if not isinstance(first, BatcherError):
+                return batcher, mux, queue, first, timer
+            if timer is not None:
+                timer.cancel()
+            mux.release(request_id, abort=first.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED)
+            self._stream_ended(batcher)
+            errors.append(first)
+            if first.grpc_code == grpc.StatusCode.UNAVAILABLE:  # gone or draining: not ready
+                batcher.last_ready_s = -math.inf
+            if first.grpc_code not in TRY_ANOTHER:
+                raise first
         if not errors:  # every batcher left while the request waited
             raise UnavailableError("no batcher to send the request to")
         raise errors[-1]
@@ -311,9 +400,15 @@ class BatcherClient:
     def _close_if_idle(self, batcher: BatcherState) -> None:
         if batcher.is_removed and batcher.num_streams == 0 and batcher in self._leaving:
             self._leaving.discard(batcher)
-            task = asyncio.create_task(batcher.channel.close())
+            task = asyncio.create_task(self._close_batcher(batcher))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_batcher(batcher: BatcherState) -> None:
+        if batcher.mux is not None:
+            await batcher.mux.close()
+        await batcher.channel.close()
 
     @staticmethod
     async def _every(interval_s: float, action) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "GenerateChunk",
     "LoadReport",
     "Usage",
+    "chunk_from_delta",
     "chunk_from_proto",
     "generate_request_to_proto",
     "load_from_proto",
@@ -51,6 +52,19 @@ def generate_request_to_proto(
 
 
 def chunk_from_proto(msg: batcher_pb2.GenerateResponse) -> GenerateChunk:
+    usage = None
+    if msg.HasField("usage"):
+        usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens)
+    return GenerateChunk(
+        token_ids=tuple(msg.token_ids),
+        logprobs=tuple(msg.logprobs),
+        finish_reason=msg.finish_reason or None,
+        usage=usage,
+    )
+
+
+def chunk_from_delta(msg: batcher_pb2.RequestDelta) -> GenerateChunk:
+    """One request's delta from a Stream message (not an error delta: error_code is 0)."""
     usage = None
     if msg.HasField("usage"):
         usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alignedserve.common.proto import common_pb2 as alignedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61lignedserve/v1/batcher.proto\x12\x0f\x61lignedserve.v1\x1a\x1c\x61lignedserve/v1/common.proto\"p\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x06params\x18\x03 \x01(\x0b\x32\x1f.alignedserve.v1.SamplingParams\"u\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.alignedserve.v1.Usage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xb7\x01\n\nLoadReport\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x12\n\nnum_pooled\x18\x03 \x01(\r\x12\x15\n\rkv_pool_usage\x18\x04 \x01(\x01\x12\x14\n\x0cworker_ready\x18\x05 \x01(\x08\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x13\n\x0bmax_waiting\x18\x08 \x01(\r2\xed\x01\n\x07\x42\x61tcher\x12Q\n\x08Generate\x12 .alignedserve.v1.GenerateRequest\x1a!.alignedserve.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.alignedserve.v1.AbortRequest\x1a\x1e.alignedserve.v1.AbortResponse\x12G\n\x07GetLoad\x12\x1f.alignedserve.v1.GetLoadRequest\x1a\x1b.alignedserve.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61lignedserve/v1/batcher.proto\x12\x0f\x61lignedserve.v1\x1a\x1c\x61lignedserve/v1/common.proto\"p\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x06params\x18\x03 \x01(\x0b\x32\x1f.alignedserve.v1.SamplingParams\"u\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.alignedserve.v1.Usage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"}\n\rStreamRequest\x12\x34\n\x08generate\x18\x01 \x01(\x0b\x32 .alignedserve.v1.GenerateRequestH\x00\x12.\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1d.alignedserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"?\n\x0eStreamResponse\x12-\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x1d.alignedserve.v1.RequestDelta\"\xb0\x01\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.alignedserve.v1.Usage\x12\x12\n\nerror_code\x18\x06 \x01(\r\x12\x15\n\rerror_message\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xb7\x01\n\nLoadReport\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x12\n\nnum_pooled\x18\x03 \x01(\r\x12\x15\n\rkv_pool_usage\x18\x04 \x01(\x01\x12\x14\n\x0cworker_ready\x18\x05 \x01(\x08\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x13\n\x0bmax_waiting\x18\x08 \x01(\r2\xbc\x02\n\x07\x42\x61tcher\x12Q\n\x08Generate\x12 .alignedserve.v1.GenerateRequest\x1a!.alignedserve.v1.GenerateResponse0\x01\x12M\n\x06Stream\x12\x1e.alignedserve.v1.StreamRequest\x1a\x1f.alignedserve.v1.StreamResponse(\x01\x30\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.alignedserve.v1.AbortRequest\x1a\x1e.alignedserve.v1.AbortResponse\x12G\n\x07GetLoad\x12\x1f.alignedserve.v1.GetLoadRequest\x1a\x1b.alignedserve.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=311
   _globals['_USAGE']._serialized_start=313
   _globals['_USAGE']._serialized_end=370
-  _globals['_ABORTREQUEST']._serialized_start=372
-  _globals['_ABORTREQUEST']._serialized_end=406
-  _globals['_ABORTRESPONSE']._serialized_start=408
-  _globals['_ABORTRESPONSE']._serialized_end=438
-  _globals['_GETLOADREQUEST']._serialized_start=440
-  _globals['_GETLOADREQUEST']._serialized_end=456
-  _globals['_LOADREPORT']._serialized_start=459
-  _globals['_LOADREPORT']._serialized_end=642
-  _globals['_BATCHER']._serialized_start=645
-  _globals['_BATCHER']._serialized_end=882
+  _globals['_STREAMREQUEST']._serialized_start=372
+  _globals['_STREAMREQUEST']._serialized_end=497
+  _globals['_STREAMRESPONSE']._serialized_start=499
+  _globals['_STREAMRESPONSE']._serialized_end=562
+  _globals['_REQUESTDELTA']._serialized_start=565
+  _globals['_REQUESTDELTA']._serialized_end=741
+  _globals['_ABORTREQUEST']._serialized_start=743
+  _globals['_ABORTREQUEST']._serialized_end=777
+  _globals['_ABORTRESPONSE']._serialized_start=779
+  _globals['_ABORTRESPONSE']._serialized_end=809
+  _globals['_GETLOADREQUEST']._serialized_start=811
+  _globals['_GETLOADREQUEST']._serialized_end=827
+  _globals['_LOADREPORT']._serialized_start=830
+  _globals['_LOADREPORT']._serialized_end=1013
+  _globals['_BATCHER']._serialized_start=1016
+  _globals['_BATCHER']._serialized_end=1332
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class BatcherStub:
                 request_serializer=alignedserve_dot_v1_dot_batcher__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=alignedserve_dot_v1_dot_batcher__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/alignedserve.v1.Batcher/Stream',
+                request_serializer=alignedserve_dot_v1_dot_batcher__pb2.StreamRequest.SerializeToString,
+                response_deserializer=alignedserve_dot_v1_dot_batcher__pb2.StreamResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/alignedserve.v1.Batcher/Abort',
                 request_serializer=alignedserve_dot_v1_dot_batcher__pb2.AbortRequest.SerializeToString,
@@ -59,6 +64,17 @@ class BatcherServicer:
         tokens for it; the last message has finish_reason and usage set. Errors: INVALID_ARGUMENT
         (bad parameters, prompt over the context length), RESOURCE_EXHAUSTED (queue full: retry
         later), UNAVAILABLE (draining). Cancelling the call aborts the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
+        """Many requests on one call (a router's): the client sends requests and aborts; the batcher
+        sends, once per engine step (or fewer, when the client reads slower), one message with
+        what that step produced for every request of this call. Each request ends with one delta
+        that has finish_reason set, or error_code (a grpc status code, with the same meanings as
+        Generate's) set; ending the call aborts its unfinished requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +101,11 @@ def add_BatcherServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=alignedserve_dot_v1_dot_batcher__pb2.GenerateRequest.FromString,
                     response_serializer=alignedserve_dot_v1_dot_batcher__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=alignedserve_dot_v1_dot_batcher__pb2.StreamRequest.FromString,
+                    response_serializer=alignedserve_dot_v1_dot_batcher__pb2.StreamResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -124,6 +145,33 @@ class Batcher:
             '/alignedserve.v1.Batcher/Generate',
             alignedserve_dot_v1_dot_batcher__pb2.GenerateRequest.SerializeToString,
             alignedserve_dot_v1_dot_batcher__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/alignedserve.v1.Batcher/Stream',
+            alignedserve_dot_v1_dot_batcher__pb2.StreamRequest.SerializeToString,
+            alignedserve_dot_v1_dot_batcher__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
