@@ -20,9 +20,8 @@ import grpc
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common import wire
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
-from alignedserve.common.rpc import CHANNEL_OPTIONS
+from alignedserve.common.rpc import CHANNEL_OPTIONS, REJECTED_STEP_KEY
 
-REJECTED_STEP_KEY = "alignedserve-rejected-step"
 PLAN_ERRORS = frozenset(
     {
         grpc.StatusCode.RESOURCE_EXHAUSTED,

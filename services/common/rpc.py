@@ -45,6 +45,10 @@ def grpc_status(error: AlignedServeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Trailing metadata of a worker step the worker refused to run (the plan is wrong, not the
+# worker gone): the batcher fails that step's requests instead of recovering and retrying.
+REJECTED_STEP_KEY = "alignedserve-rejected-step"
+
 # Large enough for a step carrying thousands of block tables; KV itself never travels here.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),

@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
-from alignedserve.batcher.worker_link import REJECTED_STEP_KEY
 from alignedserve.common import flags
 from alignedserve.common.errors import AlignedServeError, ConfigError, InvalidRequestError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import DTYPES, ModelConfig
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
-from alignedserve.common.rpc import aio_server, grpc_status, set_serving
+from alignedserve.common.rpc import REJECTED_STEP_KEY, aio_server, grpc_status, set_serving
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
 from alignedserve.common.wire import layout_from_proto, layout_to_proto, sampling_from_proto
