@@ -117,12 +117,18 @@ def model_root(shape: Shape, pool_gib: float, tiny: bool) -> str | None:
     return None
 
 
-def write_model(path: Path, name: str, shape: Shape, env: dict[str, str], tiny: bool) -> None:
+def write_model(
+    path: Path, name: str, shape: Shape, env: dict[str, str], tiny: bool, device: str
+) -> None:
+    """The random checkpoint, drawn on the decode device when it is a GPU (seconds instead of
+    the CPU's minutes; CUDA's generator gives other weights than the CPU's for the seed)."""
     overrides = f"{{'vocab_size': {TINY_VOCAB}}}" if tiny else f"FULL_SIZE[{name!r}]"
     dtype = "float32" if tiny else "bfloat16"
+    draw_on = device if device.startswith("cuda") else "cpu"
     code = (
         "from alignedserve.worker.tiny import FULL_SIZE, init_tiny; "
-        f"init_tiny({str(path)!r}, arch={shape.arch!r}, dtype={dtype!r}, overrides={overrides})"
+        f"init_tiny({str(path)!r}, arch={shape.arch!r}, dtype={dtype!r}, overrides={overrides}, "
+        f"device={draw_on!r})"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
@@ -507,7 +513,7 @@ def main() -> None:
         tempfile.TemporaryDirectory() as work_dir,
     ):
         model, work = Path(tmp) / f"{args.model_shape}-random", Path(work_dir)
-        write_model(model, args.model_shape, shape, env, args.tiny)
+        write_model(model, args.model_shape, shape, env, args.tiny, args.device)
         timings["model_write_s"] = clock.elapsed()
         print(f"model written to {model} in {timings['model_write_s']:.0f} s", flush=True)
         vocab = ModelConfig.from_dir(model).vocab_size

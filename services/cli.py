@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
+
+
+def _torch_device(value: str) -> str:
+    """cpu, cuda or cuda:N, checked without importing torch."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", value) is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not cpu, cuda or cuda:N")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", choices=TINY_ARCHS, default="llama")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    tiny.add_argument(
+        "--device",
+        type=_torch_device,
+        default="cpu",
+        help="draw the weights here, e.g. cuda:0 (fast for full-size shapes); the same seed "
+        "gives the same weights on the same kind of device, CPU and CUDA differ",
+    )
 
     gen = sub.add_parser("generate", help="generate from prompts with the runtime, no server")
     gen.add_argument("--model", help="model directory (default: a tiny model made on the spot)")
@@ -92,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "model":
         from alignedserve.worker.tiny import init_tiny
 
-        init_tiny(args.dir, arch=args.arch, seed=args.seed, dtype=args.dtype)
+        init_tiny(args.dir, arch=args.arch, seed=args.seed, dtype=args.dtype, device=args.device)
         print(f"wrote tiny {args.arch} model to {args.dir}")
         return 0
     if args.command == "serve":

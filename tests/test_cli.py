@@ -125,6 +125,27 @@ def test_init_tiny_writes_a_hf_model_dir(runs, tmp_path_factory, arch):
     assert generation["eos_token_id"]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_init_tiny_device_flag(device):
+    args = build_parser().parse_args(["model", "init-tiny", "d", "--device", device])
+    assert args.device == device
+    assert build_parser().parse_args(["model", "init-tiny", "d"]).device == "cpu"
+
+
+@pytest.mark.slow
+def test_init_tiny_flags_reach_the_writer(tmp_path):
+    from alignedserve.worker.tiny import init_tiny  # torch, for this test only
+
+    flags = ("--arch", "opt", "--seed", "7", "--dtype", "bfloat16", "--device", "cpu")
+    proc = cli("model", "init-tiny", str(tmp_path / "cli"), *flags)
+    assert proc.returncode == 0, explain(proc)
+    ref = init_tiny(tmp_path / "ref", arch="opt", seed=7, dtype="bfloat16", device="cpu")
+    other = init_tiny(tmp_path / "other", arch="opt", seed=0, dtype="bfloat16", device="cpu")
+    written = (tmp_path / "cli" / "model.safetensors").read_bytes()
+    assert written == (ref / "model.safetensors").read_bytes()
+    assert written != (other / "model.safetensors").read_bytes()  # the seed was passed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_generate_prints_one_output_per_prompt(runs, arch):
@@ -165,8 +186,16 @@ def test_invalid_sampling_value_is_a_clean_error(runs):
         (("generate", "--max-tokens", "5"), "--prompt"),
         (("model", "init-tiny", "unused-dir", "--arch", "gpt2"), "--arch"),
         (("model", "init-tiny", "unused-dir", "--dtype", "int8"), "--dtype"),
+        (("model", "init-tiny", "unused-dir", "--device", "gpu0"), "--device"),
     ],
-    ids=["temperature-not-a-number", "max-tokens-not-an-int", "no-prompt", "arch", "dtype"],
+    ids=[
+        "temperature-not-a-number",
+        "max-tokens-not-an-int",
+        "no-prompt",
+        "arch",
+        "dtype",
+        "device",
+    ],
 )
 def test_argument_errors_exit_2_with_usage(args, flag, tmp_path):
     proc = cli(*args, timeout=60, cwd=tmp_path)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from alignedserve.common.errors import ModelLoadError
@@ -21,7 +24,7 @@ from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.kv_cache import TORCH_DTYPES
 from alignedserve.worker.loader import INDEX_FILE, checkpoint_files, load_model
 from alignedserve.worker.runner import SeqChunk
-from alignedserve.worker.tiny import BOS, EOS, TINY_CONFIGS, init_tiny
+from alignedserve.worker.tiny import BOS, EOS, TINY_CONFIGS, init_tiny, write_safetensors
 
 from factories import random_prompts, save_hf_model
 
@@ -315,3 +318,105 @@ def test_init_tiny_loads_in_transformers(tmp_path, arch):
     assert ids == Tokenizer.from_dir(path).encode(text)
     assert ids[0] == BOS and len(ids) == 1 + len(text.encode())
     assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+# --- init_tiny's writer: seeded per device, tensor by tensor ----------------------------------
+
+CUDA = pytest.param(
+    "cuda:0", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_init_tiny_same_seed_same_bytes(tmp_path, device):
+    def files(name: str, seed: int, on: str = device) -> dict[str, bytes]:
+        path = init_tiny(tmp_path / name, arch="opt", seed=seed, dtype="bfloat16", device=on)
+        return {f.name: f.read_bytes() for f in path.iterdir()}
+
+    first, again, other = files("first", 3), files("again", 3), files("other", 4)
+    assert WEIGHTS in first and "config.json" in first
+    assert first.keys() == again.keys() == other.keys()
+    for name in first:
+        assert first[name] == again[name], f"{name} differs for the same seed"
+    assert other[WEIGHTS] != first[WEIGHTS]
+    for name in set(first) - {WEIGHTS}:
+        assert other[name] == first[name], f"{name} depends on the seed"
+    if device != "cpu":  # documented: CUDA's generator draws other numbers than the CPU's
+        on_cpu = files("cpu", 3, "cpu")[WEIGHTS]
+        assert on_cpu != first[WEIGHTS]
+        assert len(on_cpu) == len(first[WEIGHTS])  # same header, same layout
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_init_tiny_bf16_has_transformers_parameters(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    path = init_tiny(tmp_path / arch, arch=arch, dtype="bfloat16")
+    stored = load_file(str(path / WEIGHTS))
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        path, output_loading_info=True, dtype=torch.bfloat16
+    )
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info[key], (key, info[key])
+    expected = dict(hf.named_parameters())  # a tied lm_head is listed once, as the embedding
+    assert stored.keys() == expected.keys()
+    for name, t in stored.items():
+        assert (t.shape, t.dtype) == (expected[name].shape, torch.bfloat16), name
+        assert torch.equal(expected[name].detach(), t), name
+        if name.endswith("bias"):
+            assert not t.any(), name
+        elif t.dim() == 1:
+            assert (t == 1).all(), name
+        else:
+            assert 0.018 < t.float().std().item() < 0.022, name
+
+
+def test_write_safetensors_streams_in_layout_order(tmp_path):
+    layout = [
+        ("z.weight", (3, 5), torch.bfloat16),
+        ("a.bias", (7,), torch.float32),
+        ("m.weight", (2, 2, 2), torch.float16),
+    ]
+    expected = {name: torch.randn(shape).to(dt) for name, shape, dt in layout}
+    refs: list[weakref.ref] = []
+
+    def produced():
+        for name, _, _ in layout:
+            assert all(r() is None for r in refs), "the writer still holds an earlier tensor"
+            t = expected[name].clone()
+            refs.append(weakref.ref(t))
+            yield name, t
+            del t
+
+    file = tmp_path / "x.safetensors"
+    write_safetensors(file, layout, produced(), {"format": "pt"})
+    stored = load_file(str(file))
+    assert stored.keys() == expected.keys()
+    for name, t in expected.items():
+        assert stored[name].dtype == t.dtype and torch.equal(stored[name], t), name
+    with safe_open(str(file), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    data = file.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    assert header_len % 8 == 0
+    header = json.loads(data[8 : 8 + header_len])
+    offsets = [header[name]["data_offsets"] for name, _, _ in layout]
+    assert offsets == [[0, 30], [30, 58], [58, 74]]  # generation order, not name order
+    assert len(data) == 8 + header_len + 74
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ([("a", torch.zeros(2))], "expected b .* got nothing"),
+        ([("a", torch.zeros(2)), ("b", torch.zeros(3))], r"got b \(3,\)"),
+        ([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.float16))], "float16"),
+        ([("b", torch.zeros(2)), ("a", torch.zeros(2))], "expected a .* got b"),
+        ([("a", torch.zeros(2)), ("b", torch.zeros(2)), ("c", torch.zeros(2))], "more tensors"),
+    ],
+    ids=["too-few", "shape", "dtype", "order", "too-many"],
+)
+def test_write_safetensors_rejects_tensors_the_header_does_not_describe(tmp_path, tensors, message):
+    layout = [("a", (2,), torch.float32), ("b", (2,), torch.float32)]
+    with pytest.raises(ValueError, match=message):
+        write_safetensors(tmp_path / "x.safetensors", layout, iter(tensors), {})

@@ -8,11 +8,13 @@ can load the same directory (the tests use that as an independent reference).
 from __future__ import annotations
 
 import json
+import math
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.common.tokenizer import write_byte_tokenizer
@@ -119,8 +121,16 @@ def init_tiny(
     seed: int = 0,
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json."""
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json.
+
+    The weights are drawn on `device` (a CUDA device draws a full-size model in seconds where
+    the CPU takes minutes) and written one tensor at a time: host memory holds at most about
+    one tensor, never the whole state dict. The same seed on the same kind of device gives a
+    byte-identical checkpoint; the CPU and CUDA generators draw different numbers for the
+    same seed, so a model drawn on "cpu" and one drawn on "cuda" differ.
+    """
     path = Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
     raw = dict(TINY_CONFIGS[arch], bos_token_id=BOS, eos_token_id=EOS, torch_dtype=dtype)
@@ -132,26 +142,91 @@ def init_tiny(
     (path / "generation_config.json").write_text(
         json.dumps({"bos_token_id": BOS, "eos_token_id": [EOS, EOT]}, indent=2) + "\n"
     )
-    save_file(
-        random_state_dict(config, seed, dtype), str(path / "model.safetensors"), {"format": "pt"}
+    specs = parameter_specs(config)
+    write_safetensors(
+        path / "model.safetensors",
+        [(name, shape, TORCH_DTYPES[dtype]) for name, shape in specs],
+        random_tensors(specs, seed, dtype, device),
+        {"format": "pt"},
     )
     return path
 
 
-def random_state_dict(config: ModelConfig, seed: int, dtype: str) -> dict[str, torch.Tensor]:
-    """Normal(0, 0.02) matrices and embeddings, zero biases, unit norms: a well-conditioned
-    random model whose greedy tokens are stable under small numeric differences."""
-    gen = torch.Generator().manual_seed(seed)
-    model = FAMILIES[config.family](config)
-    tensors = {}
-    for name, p in model.named_parameters():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if name.endswith("bias"):
-            t = torch.zeros(p.shape)
-        elif p.dim() == 1:  # norm weights
-            t = torch.ones(p.shape)
-        else:
-            t = torch.randn(p.shape, generator=gen) * 0.02
-        tensors[name] = t.to(TORCH_DTYPES[dtype]).contiguous()
-    return tensors
+def parameter_specs(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every stored parameter, in the order the model declares them; the
+    model is built on the meta device, so this allocates nothing."""
+    with torch.device("meta"):
+        model = FAMILIES[config.family](config)
+    return [
+        (name, tuple(p.shape))
+        for name, p in model.named_parameters()
+        if not (name == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+
+
+def random_tensors(
+    specs: list[tuple[str, tuple[int, ...]]],
+    seed: int,
+    dtype: str,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for each spec, in order: Normal(0, 0.02) matrices and embeddings,
+    zero biases, unit norms — a well-conditioned random model whose greedy tokens are stable
+    under small numeric differences. Matrices are drawn on `device` from one generator seeded
+    with `seed`, in spec order, so the output depends only on (specs, seed, dtype, device
+    type)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, shape in specs:  # no local keeps a yielded tensor alive while the next is drawn
+        yield name, _random_tensor(name, shape, gen, TORCH_DTYPES[dtype])
+
+
+def _random_tensor(
+    name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if len(shape) == 1:  # norm weights
+        return torch.ones(shape, dtype=dtype)
+    drawn = torch.randn(shape, generator=gen, device=gen.device).mul_(0.02)
+    return drawn.to(device="cpu", dtype=dtype).contiguous()
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(
+    file: Path,
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+) -> None:
+    """A safetensors file written tensor by tensor: the header (every name, dtype, shape and
+    offset, from `layout`) first, then each tensor's bytes as `tensors` yields it, in
+    `layout`'s order. safetensors readers order tensors by offset, so the data may follow
+    generation order rather than name order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dt in layout:
+        size = math.prod(shape) * dt.itemsize
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dt],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        produced = iter(tensors)
+        for name, shape, dt in layout:
+            got_name, t = next(produced, (None, None))
+            if t is None or (got_name, tuple(t.shape), t.dtype) != (name, shape, dt):
+                got = "nothing" if t is None else f"{got_name} {tuple(t.shape)} {t.dtype}"
+                raise ValueError(f"{file}: expected {name} {shape} {dt}, got {got}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+            del t  # released before the next tensor is produced
+        if next(produced, None) is not None:
+            raise ValueError(f"{file}: more tensors than the layout names")
