@@ -62,7 +62,6 @@ CONFIG = OperatorConfig(
     interval_s=float(os.environ.get("ALIGNEDSERVE_OPERATOR_INTERVAL_S", OperatorConfig.interval_s)),
     prometheus_url=os.environ.get("ALIGNEDSERVE_PROMETHEUS_URL", ""),
 )
-_states: dict[tuple[str, str], AutoscaleState] = {}  # (uid, pool) -> the autoscaler's window
 _api: kubernetes.client.ApiClient | None = None
 
 
@@ -195,6 +194,7 @@ async def observe(
     meta: Any,
     body: Any,
     patch: Any,
+    memo: kopf.Memo,
     **_: Any,
 ) -> None:
     try:
@@ -204,7 +204,9 @@ async def observe(
     owner = Owner(name, namespace, uid)
     workers, routers = replicas(parsed, status)
     if parsed.autoscaling.enabled:
-        scaled = await _autoscale(owner, parsed, workers, routers, body)
+        # the autoscaler's windows live in kopf's per-resource memo: gone with the resource
+        states = memo.setdefault("autoscale_states", {})
+        scaled = await _autoscale(owner, parsed, workers, routers, body, states)
         if scaled != (workers, routers):
             workers, routers = scaled
             await asyncio.to_thread(_apply_all, owner, parsed, workers, routers)
@@ -234,7 +236,12 @@ async def _addresses(owner: Owner, component: str, port: int) -> list[str]:
 
 
 async def _autoscale(
-    owner: Owner, spec: AlignedServeSpec, workers: int, routers: int, body: Any
+    owner: Owner,
+    spec: AlignedServeSpec,
+    workers: int,
+    routers: int,
+    body: Any,
+    states: dict[str, AutoscaleState],
 ) -> tuple[int, int]:
     """(worker pods, routers) the autoscaler wants now."""
     auto = spec.autoscaling
@@ -270,15 +277,21 @@ async def _autoscale(
     live = seen.queue + seen.running + seen.pooled
     router_seen = PoolObservation(now, routers, router_pool.ready, live, 0, 0, None, 0.0)
     return (
-        _decide(owner, "workers", worker_policy, seen, body),
-        _decide(owner, "routers", router_policy, router_seen, body),
+        _decide(owner, "workers", worker_policy, seen, body, states),
+        _decide(owner, "routers", router_policy, router_seen, body, states),
     )
 
 
-def _decide(owner: Owner, pool: str, policy: PoolPolicy, seen: PoolObservation, body: Any) -> int:
-    key = (owner.uid, pool)
-    state = _states.get(key) or AutoscaleState.initial(seen.now_s, seen.current_replicas)
-    decision, _states[key] = decide(policy, state, seen)
+def _decide(
+    owner: Owner,
+    pool: str,
+    policy: PoolPolicy,
+    seen: PoolObservation,
+    body: Any,
+    states: dict[str, AutoscaleState],
+) -> int:
+    state = states.get(pool) or AutoscaleState.initial(seen.now_s, seen.current_replicas)
+    decision, states[pool] = decide(policy, state, seen)
     metrics.AUTOSCALER_DESIRED_REPLICAS.labels(owner.namespace, owner.name, pool).set(
         decision.desired_replicas
     )
