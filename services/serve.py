@@ -1,6 +1,8 @@
-"""`alignedserve serve`: the embedded default. The router and the batcher run in this
-process, the worker in a supervised child process (restarted if it dies: the batcher then
-recovers its requests), all over loopback gRPC. No cluster and no downloads: without
+"""`alignedserve serve`: the embedded default. The router runs in this process, the batcher
+and the worker each in a supervised child process (restarted if it dies: for the worker,
+the batcher then recovers its requests), all over loopback gRPC: the router's per-token HTTP
+work and the batcher's step loop do not share an event loop or a GIL. The router's /metrics
+shows the batcher's series too (serve_metrics). No cluster and no downloads: without
 --model it first writes a tiny random-weight model. This process never imports torch.
 
 SIGTERM or SIGINT drains: the router stops taking requests (/ready turns 503) and lets the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -123,17 +126,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class WorkerSupervisor:
-    """Keeps one `alignedserve serve worker` child running until told to stop."""
+class Supervisor:
+    """Keeps one `alignedserve serve ROLE` child running until told to stop; on stop, SIGTERM
+    and up to `stop_timeout_s` for it to drain and exit before a SIGKILL."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, role: str, args: list[str], stop_timeout_s: float = 10.0):
+        self.role = role
         self.args = args
+        self.stop_timeout_s = stop_timeout_s
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            cmd = [sys.executable, "-m", "alignedserve", "serve", "worker", *self.args]
+            cmd = [sys.executable, "-m", "alignedserve", "serve", self.role, *self.args]
             self.process = await asyncio.create_subprocess_exec(*cmd)
             exited = asyncio.create_task(self.process.wait())
             stopping = asyncio.create_task(stop.wait())
@@ -144,7 +150,7 @@ class WorkerSupervisor:
                 return
             stopping.cancel()
             self.restarts += 1
-            log.warning("worker exited (%s): restarting it", self.process.returncode)
+            log.warning("%s exited (%s): restarting it", self.role, self.process.returncode)
             await asyncio.sleep(0.5)
 
     async def _terminate(self) -> None:
@@ -152,48 +158,102 @@ class WorkerSupervisor:
             return
         self.process.terminate()
         try:
-            await asyncio.wait_for(self.process.wait(), 10)
+            await asyncio.wait_for(self.process.wait(), self.stop_timeout_s)
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
 
 
+class WorkerSupervisor(Supervisor):
+    """The supervisor of a local `alignedserve serve worker` (the engine bench's too)."""
+
+    def __init__(self, args: list[str]):
+        super().__init__("worker", args)
+
+
+def batcher_args(config: BatcherConfig) -> list[str]:
+    """The command line of `alignedserve serve batcher` that parses back to `config`."""
+    args = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is not None:
+            args += ["--" + field.name.replace("_", "-"), str(value)]
+    return args
+
+
+async def batcher_serving(address: str, stop: asyncio.Event, interval_s: float = 0.1) -> bool:
+    """Waits until the batcher at `address` reports SERVING (a worker attached): True; or
+    until `stop` is set first: False. It may be down for a while (starting, restarting)."""
+    import grpc
+
+    from alignedserve.batcher.service import SERVICE
+    from alignedserve.common.proto import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while not stop.is_set():
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+    return False
+
+
 async def serve_all(
     config: ServeConfig, started: asyncio.Future | None = None, stop: asyncio.Event | None = None
 ) -> None:
-    """Run until `stop` is set, then drain. `started` receives a dict of the bound ports and
-    the worker supervisor (tests kill the worker through it)."""
-    from alignedserve.batcher.service import serve_batcher
+    """Run until `stop` is set, then drain. `started` receives the HTTP port ("http"), the
+    batcher's gRPC port ("grpc") and the supervisors of the "worker" and the "batcher" (tests
+    kill their processes through them)."""
     from alignedserve.router.app import create_app
     from alignedserve.router.client import BatcherClient
     from alignedserve.router.config import RouterConfig
     from alignedserve.router.server import RouterServer
+    from alignedserve.serve_metrics import merged_into
 
     stop = stop or asyncio.Event()
-    with tempfile.TemporaryDirectory(prefix="alignedserve-") as tmp:
+    with contextlib.ExitStack() as resources:
+        tmp = resources.enter_context(tempfile.TemporaryDirectory(prefix="alignedserve-"))
         model_dir = config.model or write_tiny_model(Path(tmp) / "tiny")
-        worker_port = free_port()
-        supervisor = WorkerSupervisor(worker_args(config, model_dir, worker_port))
-        stop_worker, stop_batcher = asyncio.Event(), asyncio.Event()
-        worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")
-        batcher_started = asyncio.get_running_loop().create_future()
-        batcher = asyncio.create_task(
-            serve_batcher(
-                batcher_config(config, f"127.0.0.1:{worker_port}", port=0, drain_s=config.drain_s),
-                started=batcher_started,
-                stop=stop_batcher,
+        worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
+        batcher_address = f"127.0.0.1:{batcher_port}"
+        supervisors = {
+            "worker": Supervisor("worker", worker_args(config, model_dir, worker_port)),
+            "batcher": Supervisor(
+                "batcher",
+                batcher_args(
+                    batcher_config(
+                        config,
+                        f"127.0.0.1:{worker_port}",
+                        port=batcher_port,
+                        metrics_port=metrics_port,
+                        drain_s=config.drain_s,
+                    )
+                ),
+                stop_timeout_s=config.drain_s + 10,  # its drain, then the server's stop
             ),
-            name="batcher",
-        )
+        }
+        stops = {role: asyncio.Event() for role in supervisors}
+        children = {
+            role: asyncio.create_task(s.run(stops[role]), name=f"{role}-supervisor")
+            for role, s in supervisors.items()
+        }
+        resources.enter_context(merged_into(f"http://127.0.0.1:{metrics_port}/metrics"))
         router = http = None
         try:
-            batcher_port = await _first(batcher_started, batcher, stop)
-            if batcher_port is None:  # stopped while the worker loads: nothing to drain yet
-                batcher.cancel()
+            if not await batcher_serving(batcher_address, stop):
+                # Stopped while the worker loads (minutes; or it restarts forever): nothing
+                # to drain, and a batcher still waiting for its worker would not yet heed a
+                # SIGTERM.
+                supervisors["batcher"].stop_timeout_s = 1.0
                 return
             router_config = RouterConfig(
                 model_dir=model_dir,
-                batcher_addresses=(f"127.0.0.1:{batcher_port}",),
+                batcher_addresses=(batcher_address,),
                 host=config.host,
                 port=config.port,
                 drain_timeout_s=config.drain_s,
@@ -208,33 +268,23 @@ async def serve_all(
             http_port = http.servers[0].sockets[0].getsockname()[1]
             log.info("serving %s at http://%s:%d/v1", model_dir, config.host, http_port)
             if started is not None:
-                started.set_result(
-                    {"http": http_port, "batcher": batcher_port, "worker": supervisor}
-                )
+                started.set_result({"http": http_port, "grpc": batcher_port, **supervisors})
             await stop.wait()
         finally:  # drain in order: router, batcher, worker
             if http is not None:
                 http.begin_drain()
             if router is not None:
                 await asyncio.gather(router, return_exceptions=True)
-            stop_batcher.set()
-            await asyncio.gather(batcher, return_exceptions=True)
-            stop_worker.set()
-            await asyncio.gather(worker, return_exceptions=True)
+            for role in ("batcher", "worker"):
+                stops[role].set()
+                await asyncio.gather(children[role], return_exceptions=True)
 
 
-async def _first(started: asyncio.Future, task: asyncio.Task, stop: asyncio.Event | None = None):
-    """What `started` receives, or the task's error if it dies first; None if `stop` is set
-    first (a SIGTERM while the worker loads, which can take minutes, or restarts forever)."""
-    stopping = asyncio.ensure_future(stop.wait() if stop else asyncio.Event().wait())
-    try:
-        await asyncio.wait({started, task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
+async def _first(started: asyncio.Future, task: asyncio.Task):
+    """What `started` receives, or the task's error if it dies first."""
+    await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
     if started.done():
         return started.result()
-    if not task.done():
-        return None
     task.result()  # raises its error
     raise RuntimeError(f"{task.get_name()} stopped before it started")
 

@@ -1,5 +1,6 @@
-"""The whole stack as `alignedserve serve` runs it (router + batcher in one process, the worker
-in a supervised child process, loopback gRPC), driven by the official `openai` client."""
+"""The whole stack as `alignedserve serve` runs it (the router in this process, the batcher and
+the worker each in a supervised child process, loopback gRPC), driven by the official `openai`
+client."""
 
 from __future__ import annotations
 
@@ -50,6 +51,17 @@ class Stack:
     def close(self):
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(60)
+
+    def local_series(self) -> set[tuple[str, str]]:
+        """(name, model_name) of this process's own samples, without the batcher's."""
+        from alignedserve.serve_metrics import alignedserve_metrics
+
+        return {
+            (sample.name, sample.labels.get("model_name", ""))
+            for metric in alignedserve_metrics()
+            for family in metric.collect()
+            for sample in family.samples
+        }
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
@@ -203,6 +215,42 @@ def test_killing_the_worker_process_mid_run_loses_no_request(stack):
     assert max(at_kill) < 300  # every stream was mid-run at the kill
     assert texts[:2] == [u.choices[0].text for u in unkilled]
     assert all(len(t) > 0 for t in texts)
+
+
+def test_the_batcher_runs_in_its_own_process_and_its_series_reach_the_routers_metrics(stack):
+    batcher = stack.ports["batcher"].process
+    assert batcher.returncode is None and batcher.pid not in (os.getpid(), None)
+    assert batcher.pid != stack.ports["worker"].process.pid
+    assert ("alignedserve:worker_ready", stack.model) not in stack.local_series()  # not ours
+    assert stack.metric("alignedserve:worker_ready") == 1  # the batcher child's series
+    before = stack.metric("alignedserve:request_queue_time_seconds_count")
+    client(stack).completions.create(model=stack.model, prompt="x", max_tokens=2)
+    assert stack.metric("alignedserve:request_queue_time_seconds_count") == before + 1
+
+
+def test_killing_the_batcher_process_restarts_it_and_the_stack_serves_again(stack):
+    """SIGKILL the batcher: its supervisor restarts it on the same port, it attaches to the
+    worker again, and the router's client reconnects; new requests are served."""
+    supervisor = stack.ports["batcher"]
+    restarts, killed = supervisor.restarts, supervisor.process.pid
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while supervisor.restarts == restarts or supervisor.process.pid == killed:
+        assert time.monotonic() < deadline, "the batcher was not restarted"
+        time.sleep(0.1)
+    c = client(stack, timeout=30)
+    while True:
+        try:
+            done = c.completions.create(model=stack.model, prompt="x", max_tokens=3)
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            assert time.monotonic() < deadline, "the stack never served again"
+            time.sleep(0.2)
+    assert done.usage.completion_tokens == 3
+    assert supervisor.restarts == restarts + 1 and supervisor.process.returncode is None
+    while stack.metric("alignedserve:worker_ready") != 1:  # the new batcher's series
+        assert time.monotonic() < deadline, "no worker_ready from the restarted batcher"
+        time.sleep(0.1)
 
 
 def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(stack):

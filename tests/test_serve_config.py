@@ -21,6 +21,7 @@ from alignedserve.router.client import BatcherClient
 from alignedserve.serve import (
     BATCHER_FIELDS,
     ServeConfig,
+    batcher_args,
     batcher_config,
     config_from_args,
     serve_all,
@@ -96,24 +97,37 @@ def test_worker_args_are_the_workers_own_flags(config_cls):
     assert (plain.dtype, plain.prefetch_device, plain.device) == (None, None, "cpu")
 
 
+def parse_batcher(args: list[str]) -> BatcherConfig:
+    parser = argparse.ArgumentParser()
+    alignedserve.batcher.service.add_batcher_arguments(parser)
+    return alignedserve.batcher.service.config_from_args(parser.parse_args(args))
+
+
+def test_batcher_args_parse_back_to_the_config():
+    config = BatcherConfig(
+        worker="127.0.0.1:7", port=9, metrics_port=11, pool_gib=0.3, policy="fcfs", min_batch=3
+    )
+    assert parse_batcher(batcher_args(config)) == config
+    tuned = BatcherConfig(kernel_cost="balanced", weight_kv_tokens=4096, drain_s=2.5)
+    assert parse_batcher(batcher_args(tuned)) == tuned
+
+
 def test_serve_all_passes_its_settings_to_worker_batcher_and_router(model_dir, monkeypatch):
-    supervisors, batchers, clients = [], [], []
+    supervisors, clients = {}, []
 
     class RecordingSupervisor:
-        """Stands in for WorkerSupervisor: records the worker's command line, runs nothing."""
+        """Stands in for Supervisor: records each child's command line, runs nothing."""
 
-        def __init__(self, args: list[str]):
-            self.args = args
+        def __init__(self, role: str, args: list[str], stop_timeout_s: float = 10.0):
+            self.args, self.stop_timeout_s = args, stop_timeout_s
             self.restarts = 0
-            supervisors.append(self)
+            supervisors[role] = self
 
         async def run(self, stop: asyncio.Event) -> None:
             await stop.wait()
 
-    async def recording_batcher(config, started, stop):
-        batchers.append(config)
-        started.set_result(50999)  # the port the router is told; nothing listens there
-        await stop.wait()
+    async def batcher_serving(address, stop):  # nothing listens there: the router is told
+        return True
 
     real_from_config = BatcherClient.from_config.__func__
 
@@ -121,8 +135,8 @@ def test_serve_all_passes_its_settings_to_worker_batcher_and_router(model_dir, m
         clients.append(config)
         return real_from_config(cls, config, **overrides)
 
-    monkeypatch.setattr(alignedserve.serve, "WorkerSupervisor", RecordingSupervisor)
-    monkeypatch.setattr(alignedserve.batcher.service, "serve_batcher", recording_batcher)
+    monkeypatch.setattr(alignedserve.serve, "Supervisor", RecordingSupervisor)
+    monkeypatch.setattr(alignedserve.serve, "batcher_serving", batcher_serving)
     monkeypatch.setattr(BatcherClient, "from_config", classmethod(recording_from_config))
     argv = ["--model", model_dir, "--port", "0", "--policy", "fcfs", "--pool-gib", "0.25"]
     argv += ["--max-waiting", "9", "--min-batch", "4", "--max-batch-kv-fraction", "0.6"]
@@ -139,14 +153,17 @@ def test_serve_all_passes_its_settings_to_worker_batcher_and_router(model_dir, m
         return ports
 
     ports = asyncio.run(run())
-    assert ports["batcher"] == 50999 and ports["http"] > 0
-    (supervisor,) = supervisors
-    worker = parse_worker(supervisor.args)
+    assert set(supervisors) == {"worker", "batcher"}
+    assert ports["worker"] is supervisors["worker"] and ports["http"] > 0
+    assert ports["batcher"] is supervisors["batcher"] and ports["grpc"] > 0
+    worker = parse_worker(supervisors["worker"].args)
     assert (worker.model_dir, worker.dtype, worker.num_device_blocks) == (model_dir, "float32", 64)
-    (batcher,) = batchers
+    batcher = parse_batcher(supervisors["batcher"].args)
+    assert batcher.port == ports["grpc"] and batcher.metrics_port > 0
     assert batcher == BatcherConfig(
         worker=f"127.0.0.1:{worker.port}",
-        port=0,
+        port=batcher.port,
+        metrics_port=batcher.metrics_port,
         pool_gib=0.25,
         policy="fcfs",
         max_waiting=9,
@@ -154,40 +171,47 @@ def test_serve_all_passes_its_settings_to_worker_batcher_and_router(model_dir, m
         max_batch_kv_fraction=0.6,
         drain_s=2.0,
     )
+    # SIGTERM gives the batcher its drain and then some before a SIGKILL
+    assert supervisors["batcher"].stop_timeout_s > batcher.drain_s
     (router,) = clients
-    assert router.batcher_addresses == ("127.0.0.1:50999",)
+    assert router.batcher_addresses == (f"127.0.0.1:{batcher.port}",)
     assert (router.model_dir, router.port, router.drain_timeout_s) == (model_dir, 0, 2.0)
 
 
 def test_a_stop_while_the_worker_loads_ends_serve_all_at_once(model_dir, monkeypatch):
     """SIGTERM before the worker attaches (a load takes minutes; a worker that cannot start is
-    restarted forever): the real batcher, waiting for a worker that never comes, is cancelled
-    and the worker supervisor stopped, instead of the stop waiting for worker_startup_s."""
-    supervisor_runs = []
+    restarted forever): the real batcher process, waiting for a worker that never comes, is
+    stopped at once and the worker supervisor too, instead of the stop waiting for
+    worker_startup_s or the batcher's drain."""
+    supervisor_runs, batchers = [], []
+    real = alignedserve.serve.Supervisor
 
-    class NeverStarts:
-        def __init__(self, args: list[str]):
-            self.restarts = 0
-
+    class NeverStartsWorker(real):
         async def run(self, stop: asyncio.Event) -> None:
+            if self.role == "batcher":
+                batchers.append(self)
+                return await super().run(stop)
             supervisor_runs.append("running")
             await stop.wait()
             supervisor_runs.append("stopped")
 
-    monkeypatch.setattr(alignedserve.serve, "WorkerSupervisor", NeverStarts)
+    monkeypatch.setattr(alignedserve.serve, "Supervisor", NeverStartsWorker)
     config = ServeConfig(model=model_dir, port=0, pool_gib=0.05)
 
     async def run():
         started = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
         serving = asyncio.create_task(serve_all(config, started=started, stop=stop))
-        await asyncio.sleep(1.0)  # the batcher is trying to reach the worker
+        await asyncio.sleep(4.0)  # the batcher process is up, trying to reach the worker
         assert not serving.done() and not started.done()
+        (batcher,) = batchers
+        assert batcher.process is not None and batcher.process.returncode is None
         stop.set()
         begin = time.monotonic()
         await asyncio.wait_for(serving, 30)
-        return time.monotonic() - begin, started.done()
+        return time.monotonic() - begin, started.done(), batcher.process.returncode
 
-    took_s, was_started = asyncio.run(run())
+    took_s, was_started, batcher_exit = asyncio.run(run())
     assert took_s < 5 and not was_started
+    assert batcher_exit is not None  # no batcher process is left behind
     assert supervisor_runs == ["running", "stopped"]

@@ -1,0 +1,125 @@
+"""The router process's /metrics with the batcher in a child process: its AlignedServe series
+and those the batcher child serves, merged into one exposition that Prometheus' own parser
+(promtool check metrics) and prometheus_client's parser read. No processes: the child's text is
+produced by a separate registry here."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from alignedserve.common import metrics
+from alignedserve.serve_metrics import MergedCollector, alignedserve_metrics, merged_into
+
+from k8s import system_binary
+
+
+def child_text() -> str:
+    """What a batcher child serves: its own copies of some shared families, its process_*."""
+    registry = CollectorRegistry()  # a fresh registry stands in for the child's REGISTRY
+    waiting = Gauge(
+        "alignedserve:num_requests_waiting", "waiting", ["model_name"], registry=registry
+    )
+    waiting.labels("m").set(7)
+    switches = Counter("alignedserve:batch_switches", "switches", ["model_name"], registry=registry)
+    switches.labels("m").inc(3)
+    queue = Histogram(
+        "alignedserve:request_queue_time_seconds", "q", ["model_name"], registry=registry
+    )
+    queue.labels("m").observe(0.2)
+    Gauge("process_open_fds", "fds", registry=registry).set(99)
+    return generate_latest(registry).decode()
+
+
+def router_side() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    tokens = Counter("alignedserve:generation_tokens", "tokens", ["model_name"], registry=registry)
+    tokens.labels("m").inc(5)
+    Gauge("alignedserve:num_requests_waiting", "waiting", ["model_name"], registry=registry)
+    Counter("alignedserve:batch_switches", "switches", ["model_name"], registry=registry)
+    Gauge("process_open_fds", "fds", registry=registry).set(12)
+    return registry
+
+
+def merged_text() -> str:
+    local = router_side()
+    ours = list(local._collector_to_names)  # the test registry's collectors
+    for collector in ours:
+        local.unregister(collector)
+    local.register(MergedCollector(ours, child_text))
+    return generate_latest(local).decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def test_the_childs_series_join_the_routers_and_nothing_is_doubled():
+    text = merged_text()
+    got = samples(text)
+    m = (("model_name", "m"),)
+    assert got[("alignedserve:num_requests_waiting", m)] == 7
+    assert got[("alignedserve:batch_switches_total", m)] == 3
+    assert got[("alignedserve:generation_tokens_total", m)] == 5
+    assert got[("alignedserve:request_queue_time_seconds_count", m)] == 1
+    assert got[("process_open_fds", ())] == 12  # the router's own, not the child's 99
+    for family in (
+        "num_requests_waiting",
+        "batch_switches_total",
+        "batch_switches_created",
+        "request_queue_time_seconds",
+        "request_queue_time_seconds_created",
+    ):
+        assert text.count(f"# TYPE alignedserve:{family} ") == 1, family
+
+
+def test_the_merged_text_passes_promtool_check_metrics():
+    import subprocess
+
+    result = subprocess.run(
+        [str(system_binary("promtool")), "check", "metrics"],
+        input=merged_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.strip() and "should not contain ':'" not in line
+    ]
+    assert problems == [], problems
+
+
+def test_a_child_that_does_not_answer_leaves_the_routers_series():
+    local = router_side()
+    ours = list(local._collector_to_names)
+    for collector in ours:
+        local.unregister(collector)
+    local.register(MergedCollector(ours, lambda: ""))
+    got = samples(generate_latest(local).decode())
+    assert got[("alignedserve:generation_tokens_total", (("model_name", "m"),))] == 5
+    assert not any(name == "alignedserve:num_requests_waiting" for name, _ in got)
+
+
+def test_merged_into_swaps_the_global_registry_and_puts_it_back():
+    before = set(REGISTRY._collector_to_names)
+    assert set(alignedserve_metrics()) <= before
+    with merged_into("http://127.0.0.1:1/metrics") as merged:  # nothing listens: no series
+        inside = set(REGISTRY._collector_to_names)
+        assert merged in inside and not set(alignedserve_metrics()) & inside
+        metrics.NUM_REQUESTS_HELD.labels("merge-test").set(2)
+        got = samples(generate_latest().decode())
+        assert got[("alignedserve:num_requests_held", (("model_name", "merge-test"),))] == 2
+    assert set(REGISTRY._collector_to_names) == before
