@@ -164,13 +164,6 @@ class Supervisor:
             await self.process.wait()
 
 
-class WorkerSupervisor(Supervisor):
-    """The supervisor of a local `alignedserve serve worker` (the engine bench's too)."""
-
-    def __init__(self, args: list[str]):
-        super().__init__("worker", args)
-
-
 def batcher_args(config: BatcherConfig) -> list[str]:
     """The command line of `alignedserve serve batcher` that parses back to `config`."""
     args = []

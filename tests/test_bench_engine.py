@@ -167,7 +167,7 @@ def test_exact_lengths_then_a_timeout_aborts_in_the_engine(model_dir):
 
 
 class DyingWorker:
-    """A WorkerSupervisor whose worker exits at once (as on a bad model directory) and is
+    """A worker Supervisor whose worker exits at once (as on a bad model directory) and is
     restarted: what the target sees while the engine retries its connection."""
 
     def __init__(self):

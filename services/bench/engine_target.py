@@ -29,7 +29,7 @@ from alignedserve.common.model_config import DTYPES
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.serve import (
     ServeConfig,
-    WorkerSupervisor,
+    Supervisor,
     batcher_config,
     check_batcher_settings,
     free_port,
@@ -105,7 +105,7 @@ class EngineTarget:
         self.config = config
         self.model_dir = model_dir
         self.engine: BatcherEngine | None = None
-        self._supervisor: WorkerSupervisor | None = None  # once the engine has started
+        self._supervisor: Supervisor | None = None  # once the engine has started
         self._exit = contextlib.AsyncExitStack()
 
     @property
@@ -144,7 +144,7 @@ class EngineTarget:
             tmp = self._exit.enter_context(tempfile.TemporaryDirectory(prefix="alignedserve-"))
             model_dir = await asyncio.to_thread(write_tiny_model, Path(tmp) / "tiny")
         worker_port = free_port()
-        supervisor = WorkerSupervisor(worker_args(self.config, model_dir, worker_port))
+        supervisor = Supervisor("worker", worker_args(self.config, model_dir, worker_port))
         stop_worker = asyncio.Event()
         worker = asyncio.create_task(supervisor.run(stop_worker), name="worker-supervisor")
 
@@ -160,7 +160,7 @@ class EngineTarget:
         self._supervisor = supervisor
         log.info("bench: %s serving %s", self.config.describe(), model_dir)
 
-    async def _start_engine(self, supervisor: WorkerSupervisor) -> None:
+    async def _start_engine(self, supervisor: Supervisor) -> None:
         """The engine's start, failing at once if the worker dies first: the supervisor would
         restart it, and the engine would wait for it, again and again."""
         start = asyncio.create_task(self.engine.start())
