@@ -63,9 +63,12 @@ class Stack:
             for sample in family.samples
         }
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, model: str | None = None) -> float:
+        """The sum of the samples of `name` on /metrics, of one model_name if given (this
+        process's registry also holds series of other tests' in-process engines)."""
         text = httpx.get(f"{self.url}/metrics").text
-        values = re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
+        label = re.escape(f'model_name="{model}"') if model else ""
+        values = re.findall(rf"^{re.escape(name)}{{[^}}]*{label}[^}}]*}} (\S+)$", text, re.M)
         return sum(float(v) for v in values)
 
 
@@ -222,7 +225,7 @@ def test_the_batcher_runs_in_its_own_process_and_its_series_reach_the_routers_me
     assert batcher.returncode is None and batcher.pid not in (os.getpid(), None)
     assert batcher.pid != stack.ports["worker"].process.pid
     assert ("alignedserve:worker_ready", stack.model) not in stack.local_series()  # not ours
-    assert stack.metric("alignedserve:worker_ready") == 1  # the batcher child's series
+    assert stack.metric("alignedserve:worker_ready", stack.model) == 1  # the batcher child's
     before = stack.metric("alignedserve:request_queue_time_seconds_count")
     client(stack).completions.create(model=stack.model, prompt="x", max_tokens=2)
     assert stack.metric("alignedserve:request_queue_time_seconds_count") == before + 1
@@ -248,7 +251,7 @@ def test_killing_the_batcher_process_restarts_it_and_the_stack_serves_again(stac
             time.sleep(0.2)
     assert done.usage.completion_tokens == 3
     assert supervisor.restarts == restarts + 1 and supervisor.process.returncode is None
-    while stack.metric("alignedserve:worker_ready") != 1:  # the new batcher's series
+    while stack.metric("alignedserve:worker_ready", stack.model) != 1:  # the new batcher's
         assert time.monotonic() < deadline, "no worker_ready from the restarted batcher"
         time.sleep(0.1)
 

@@ -225,10 +225,13 @@ def test_p99_tpot_from_a_real_prometheus(prometheus):
     thread.start()
     try:
         deadline = time.monotonic() + 20
-        while (p99 := asyncio.run(prometheus_p99_tpot(url, "prod", "fast"))) is None:
+        while True:  # both targets scraped twice (a rate needs two samples), on their own clocks
+            p99 = asyncio.run(prometheus_p99_tpot(url, "prod", "fast"))
+            slow = asyncio.run(prometheus_p99_tpot(url, "prod", "slow"))
+            if p99 is not None and slow is not None:
+                break
             assert time.monotonic() < deadline, "no p99 from Prometheus"
             time.sleep(0.2)
-        slow = asyncio.run(prometheus_p99_tpot(url, "prod", "slow"))
     finally:
         stop.set()
         thread.join()
