@@ -14,17 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import load_rss  # benchmarks/, beside this script
+
 from alignedserve.worker.tiny import init_tiny
 
-SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5504,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    max_position_embeddings=4096,
-)
+SHAPE = load_rss.CONFIG  # the same ~1 GiB-in-fp16 Llama shape
 
 
 def peak_rss_mib() -> float:

@@ -105,8 +105,10 @@ def ensure_prometheus() -> tuple[str, str] | None:
     if subprocess.run(apt, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True)
         subprocess.run(apt, env=env, check=True, capture_output=True)
-    # The package starts a system service on some images; the tests start their own.
-    subprocess.run(["systemctl", "stop", "prometheus"], capture_output=True)
+    # The package starts a system service on some images (where policy-rc.d allows it); the
+    # tests start their own Prometheus, and the service's port 9090 is one our pods use.
+    if shutil.which("systemctl"):
+        subprocess.run(["systemctl", "stop", "prometheus"], capture_output=True)
     return shutil.which("prometheus"), shutil.which("promtool")  # type: ignore[return-value]
 
 
