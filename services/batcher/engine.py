@@ -30,7 +30,7 @@ from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLos
 from alignedserve.common import metrics, wire
 from alignedserve.common.errors import AlignedServeError, InvalidRequestError, UnavailableError
 from alignedserve.common.kv_layout import KVLayout
-from alignedserve.common.proto import worker_pb2
+from alignedserve.common.proto import common_pb2, worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ class BatcherEngine:
         self._sinks: dict[str, Sink] = {}  # live requests
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
         self._writing: dict[str, int] = {}  # what _synced becomes once the step in flight ends
+        # each live request's sampling parameters as a message, built once (not every step)
+        self._params_msg: dict[str, common_pb2.SamplingParams] = {}
         self._release: list[str] = []  # finished on our side; free on the worker next step
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -330,7 +332,7 @@ class BatcherEngine:
                 token_ids=tokens[r.num_prefilled : end],
                 num_cached_tokens=r.num_prefilled,
                 pool_blocks=r.blocks,
-                params=wire.sampling_to_proto(r.params),
+                params=self._params_of(r),
                 sample=end == r.num_tokens,
                 keep_resident=keep_resident,
             )
@@ -342,7 +344,7 @@ class BatcherEngine:
                 request_id=rid,
                 token_id=r.output_token_ids[-1],
                 num_kv_tokens=r.num_kv_tokens,
-                params=wire.sampling_to_proto(r.params),
+                params=self._params_of(r),
             )
         for rid in plan.evict:
             r = store.get(rid)
@@ -389,6 +391,12 @@ class BatcherEngine:
         for r in finished:
             self._finish(r)
 
+    def _params_of(self, r: Request) -> common_pb2.SamplingParams:
+        msg = self._params_msg.get(r.request_id)
+        if msg is None:
+            msg = self._params_msg[r.request_id] = wire.sampling_to_proto(r.params)
+        return msg
+
     def _finish(self, r: Request, error: Exception | None = None) -> None:
         """Send the final message (or the error that ends the stream), forget the request,
         free it on the worker next step."""
@@ -400,6 +408,7 @@ class BatcherEngine:
             )
         self._release.append(r.request_id)
         self._synced.pop(r.request_id, None)
+        self._params_msg.pop(r.request_id, None)
         if r.request_id in self.scheduler.store:
             self.scheduler.store.pop(r.request_id)
         self._wake.set()
