@@ -29,7 +29,6 @@ from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_sche
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
 from alignedserve.common.errors import AlignedServeError, InvalidRequestError, UnavailableError
-from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import common_pb2, worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
@@ -88,7 +87,7 @@ def scheduler_config_for(
     if config.weight_kv_tokens is not None:
         weight_kv_tokens = config.weight_kv_tokens
     elif info.weight_bytes:
-        weight_kv_tokens = max(1, info.weight_bytes // kv_bytes_per_token(layout))
+        weight_kv_tokens = max(1, info.weight_bytes // layout.token_bytes)
     else:
         weight_kv_tokens = base.weight_kv_tokens
     return replace(
@@ -99,10 +98,6 @@ def scheduler_config_for(
         kernel_cost=kernel_cost,
         weight_kv_tokens=weight_kv_tokens,
     )
-
-
-def kv_bytes_per_token(layout: KVLayout) -> int:
-    return layout.block_bytes // layout.block_tokens
 
 
 class BatcherEngine:
@@ -296,10 +291,7 @@ class BatcherEngine:
             len(failed),
             self.num_live - len(failed),
         )
-        for rid in failed:
-            request = self.scheduler.store.get(rid)
-            self.scheduler.abort(rid, time.monotonic())
-            self._finish(request, error=error)
+        self._fail(failed, error)
 
     def _has_work(self) -> bool:
         # the store holds live requests only: _finish removes each one as it ends
@@ -391,6 +383,13 @@ class BatcherEngine:
         for r in finished:
             self._finish(r)
 
+    def _fail(self, request_ids: Sequence[str], error: Exception) -> None:
+        """End these live requests with `error` (their clients get it), freeing their KV."""
+        for rid in request_ids:
+            request = self.scheduler.store.get(rid)
+            self.scheduler.abort(rid, time.monotonic())
+            self._finish(request, error=error)
+
     def _params_of(self, r: Request) -> common_pb2.SamplingParams:
         msg = self._params_msg.get(r.request_id)
         if msg is None:
@@ -461,7 +460,4 @@ class BatcherEngine:
                 return
             except UnavailableError as e:
                 log.error("%s: failing %d requests", e, self.num_live)
-                for rid in list(self._sinks):
-                    r = self.scheduler.store.get(rid)
-                    self.scheduler.abort(rid, time.monotonic())
-                    self._finish(r, error=e)
+                self._fail(list(self._sinks), e)

@@ -91,10 +91,8 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         try:
             while not finished:
                 delta = await queue.get()
-                if isinstance(delta, AlignedServeError):  # e.g. the worker rejected its step
-                    await context.abort(rpc.grpc_status(delta), str(delta))
                 if isinstance(delta, Exception):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(delta))
+                    await context.abort(_status_of(delta), str(delta))
                 finished = delta.finish_reason is not None
                 yield _response(delta)
         finally:
@@ -189,8 +187,7 @@ class _Outbox:
         def put(delta: Delta | Exception) -> None:
             if isinstance(delta, Exception):
                 live.discard(request_id)
-                code = rpc.grpc_status(delta) if isinstance(delta, AlignedServeError) else None
-                self.add(_error_delta(request_id, code or grpc.StatusCode.UNAVAILABLE, str(delta)))
+                self.add(_error_delta(request_id, _status_of(delta), str(delta)))
                 return
             msg = batcher_pb2.RequestDelta(
                 request_id=request_id, token_ids=delta.token_ids, logprobs=delta.logprobs
@@ -200,10 +197,17 @@ class _Outbox:
                 msg.finish_reason = delta.finish_reason
                 msg.usage.prompt_tokens = delta.prompt_tokens
                 msg.usage.completion_tokens = delta.completion_tokens
-            self.pending.append(msg)
-            self.wake.set()
+            self.add(msg)
 
         return put
+
+
+def _status_of(error: Exception) -> grpc.StatusCode:
+    """A request's failure as a status: ours by the one table (e.g. the worker rejected its
+    step), anything else means the worker was lost for good (UNAVAILABLE)."""
+    if isinstance(error, AlignedServeError):
+        return rpc.grpc_status(error)
+    return grpc.StatusCode.UNAVAILABLE
 
 
 def _error_delta(request_id: str, code: grpc.StatusCode, message: str) -> batcher_pb2.RequestDelta:

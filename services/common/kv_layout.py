@@ -53,6 +53,11 @@ class KVLayout:
             n *= d
         return n * DTYPES[self.dtype]
 
+    @property
+    def token_bytes(self) -> int:
+        """KV bytes of one token over all layers, K and V."""
+        return self.block_bytes // self.block_tokens
+
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` tokens."""
         return -(-num_tokens // self.block_tokens)
