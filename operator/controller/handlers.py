@@ -124,11 +124,18 @@ def _apply_all(owner: Owner, spec: AlignedServeSpec, workers: int, routers: int)
             apply.delete(client, api_version, kind, owner.namespace, name)
 
 
-def _pools(owner: Owner, workers: int, routers: int) -> tuple[PoolStatus, PoolStatus]:
-    client = api()
-    get = apply.get
+Deployments = tuple[dict | None, dict | None]  # (router, worker) as stored, None if missing
+
+
+def _deployments(owner: Owner) -> Deployments:
+    client, get = api(), apply.get
     router_dep = get(client, "apps/v1", "Deployment", owner.namespace, f"{owner.name}-router")
     worker_dep = get(client, "apps/v1", "Deployment", owner.namespace, f"{owner.name}-worker")
+    return router_dep, worker_dep
+
+
+def _pools(deployments: Deployments, workers: int, routers: int) -> tuple[PoolStatus, PoolStatus]:
+    router_dep, worker_dep = deployments
     return PoolStatus.of(router_dep, routers), PoolStatus.of(worker_dep, workers)
 
 
@@ -180,7 +187,7 @@ def reconcile(
         metrics.RECONCILES_TOTAL.labels("error").inc()
         raise
     metrics.RECONCILES_TOTAL.labels("applied").inc()
-    pools = _pools(owner, workers, routers)
+    pools = _pools(_deployments(owner), workers, routers)
     patch.status.update(_status_patch(owner, parsed, meta["generation"], status, pools))
 
 
@@ -203,15 +210,17 @@ async def observe(
         return  # reconcile has reported it; nothing to observe
     owner = Owner(name, namespace, uid)
     workers, routers = replicas(parsed, status)
+    deployments = await asyncio.to_thread(_deployments, owner)  # read once per observation
     if parsed.autoscaling.enabled:
         # the autoscaler's windows live in kopf's per-resource memo: gone with the resource
         states = memo.setdefault("autoscale_states", {})
-        scaled = await _autoscale(owner, parsed, workers, routers, body, states)
+        ready = _pools(deployments, workers, routers)
+        scaled = await _autoscale(owner, parsed, workers, routers, ready, body, states)
         if scaled != (workers, routers):
             workers, routers = scaled
             await asyncio.to_thread(_apply_all, owner, parsed, workers, routers)
         patch.status.update(_autoscaler_patch(status, workers, routers))
-    pools = await asyncio.to_thread(_pools, owner, workers, routers)
+    pools = _pools(deployments, workers, routers)
     patch.status.update(_status_patch(owner, parsed, meta["generation"], status, pools))
 
 
@@ -240,6 +249,7 @@ async def _autoscale(
     spec: AlignedServeSpec,
     workers: int,
     routers: int,
+    pools: tuple[PoolStatus, PoolStatus],
     body: Any,
     states: dict[str, AutoscaleState],
 ) -> tuple[int, int]:
@@ -254,7 +264,7 @@ async def _autoscale(
     tpot = None
     if CONFIG.prometheus_url and auto.target_p99_tpot_seconds > 0:
         tpot = await load.prometheus_p99_tpot(CONFIG.prometheus_url, owner.namespace, owner.name)
-    router_pool, worker_pool = await asyncio.to_thread(_pools, owner, workers, routers)
+    router_pool, worker_pool = pools
     now = time.monotonic()
     seen = load.pool_observation(now, workers, worker_pool.ready, loads, held, tpot)
     metrics.AUTOSCALER_QUEUE.labels(owner.namespace, owner.name).set(seen.queue)
