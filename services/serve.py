@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import socket
@@ -166,12 +165,7 @@ class Supervisor:
 
 def batcher_args(config: BatcherConfig) -> list[str]:
     """The command line of `alignedserve serve batcher` that parses back to `config`."""
-    args = []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is not None:
-            args += ["--" + field.name.replace("_", "-"), str(value)]
-    return args
+    return flags.to_args(config)
 
 
 async def batcher_serving(address: str, stop: asyncio.Event, interval_s: float = 0.1) -> bool:

@@ -55,3 +55,21 @@ def from_args(cls: type, args: argparse.Namespace):
             value = tuple(value)
         values[f.name] = value
     return cls(**values)
+
+
+def to_args(config) -> list[str]:
+    """The command line that from_args(type(config), ...) parses back to `config` (fields left
+    at None are left out, so they take their defaults)."""
+    args: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
