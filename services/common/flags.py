@@ -58,13 +58,13 @@ def from_args(cls: type, args: argparse.Namespace):
 
 
 def to_args(config) -> list[str]:
-    """The command line that from_args(type(config), ...) parses back to `config` (fields left
-    at None are left out, so they take their defaults)."""
+    """The command line that from_args(type(config), ...) parses back to `config`: fields at
+    their defaults are left out (they parse back to them)."""
     args: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if value is None:
+        if f.default is not dataclasses.MISSING and value == f.default:
             continue
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
