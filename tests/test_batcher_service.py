@@ -85,15 +85,29 @@ def greedy(n):
     [
         ("aligned", "cpu"),
         ("fcfs", "cpu"),
+        # prefill on a second replica (the prefetch device), its KV into the pool, from there
+        # loaded onto the decode device; fcfs, the baseline, keeps every chunk on the latter
+        ("aligned", "cpu+cpu"),
+        ("fcfs", "cpu+cpu"),
         # the worker on a GPU: CUDA-graph decode, fused kernels, pinned-pool loads/write-backs
         pytest.param("aligned", "cuda", marks=pytest.mark.gpu),
         # the GPU pair: loads over both PCIe links (the prefetch GPU's via NVLink)
         pytest.param("aligned", "cuda:0+cuda:1", marks=pytest.mark.gpu2),
     ],
 )
-def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
+def test_greedy_tokens_equal_the_runtime(model_dir, policy, device, monkeypatch):
     prompts = random_prompts((5, 17, 33, 60, 9, 24), seed=4)
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(20)] * len(prompts))
+    from alignedserve.worker.prefiller import Prefiller
+
+    offloaded = []  # request ids the prefill device prefilled
+    run = Prefiller.run
+
+    def counting_run(self, jobs, pool):
+        offloaded.extend(job.request_id for job in jobs)
+        return run(self, jobs, pool)
+
+    monkeypatch.setattr(Prefiller, "run", counting_run)
 
     async def main():
         decode, _, prefetch = device.partition("+")
@@ -113,6 +127,9 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
         assert finish == "length"
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), 20)
     assert load.worker_ready and load.kv_pool_usage == 0.0 and load.num_running == 0
+    # aligned beside a prefill device prefills there (all but what the idle decode device
+    # helps with); without one, or for fcfs, nothing runs there
+    assert bool(offloaded) == (policy == "aligned" and "+" in device), offloaded
 
 
 @pytest.mark.parametrize(
@@ -123,7 +140,9 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device):
         # pinned-pool loads and write-backs, CUDA graphs, a scratch block beside the 12
         pytest.param("aligned", "cuda", marks=pytest.mark.gpu),
         pytest.param("fcfs", "cuda", marks=pytest.mark.gpu),
-        # loads through the prefetch GPU too (on the CPU the prefetch device is unused)
+        # prefill on a CPU prefetch device (a replica), loads from the pool on the CPU
+        ("aligned", "cpu+cpu"),
+        # loads through the prefetch GPU too, and prefill there
         pytest.param("aligned", "cuda:0+cuda:1", marks=pytest.mark.gpu2),
     ],
 )

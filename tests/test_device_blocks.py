@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from alignedserve.batcher import engine as engine_module
 from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig, scheduler_config_for
+from alignedserve.batcher.prefill_pacer import PrefillPacer
 from alignedserve.batcher.scheduler import SchedulerConfig, make_scheduler
 from alignedserve.common import wire
 from alignedserve.common.errors import InvalidRequestError, OutOfBlocksError
@@ -36,8 +37,10 @@ class DeviceModel:
     """The worker's device blocks per request, as residency.py allocates them, and how much
     of each request's KV its write-backs have put in the pool (a load must find it there)."""
 
-    def __init__(self, num_blocks: int, block_tokens: int):
+    def __init__(self, num_blocks: int, block_tokens: int, num_staging_blocks: int = 0):
         self.num_blocks = num_blocks
+        self.num_staging_blocks = num_staging_blocks  # the prefill device's
+        self.num_prefilled_elsewhere = 0  # chunks run there
         self.block_tokens = block_tokens
         self.resident: dict[str, list[int]] = {}  # request -> [blocks, kv tokens]
         self.in_pool: dict[str, int] = {}  # request -> KV tokens of it its pool blocks hold
@@ -73,7 +76,10 @@ class DeviceModel:
         for e in msg.load:
             self._load(e.request_id, e.num_kv_tokens)
         computed, sampled, write_back = [], [], []
+        sampled += self._prefill_elsewhere([c for c in msg.prefill if c.on_prefill_device])
         for c in msg.prefill:
+            if c.on_prefill_device:
+                continue
             if c.request_id in self.resident:
                 assert self.resident[c.request_id][1] == c.num_cached_tokens, c.request_id
             else:
@@ -94,10 +100,28 @@ class DeviceModel:
         for request_id in [*write_back, *(e.request_id for e in msg.evict)]:
             self.in_pool[request_id] = self.resident.pop(request_id)[1]
         tokens = [worker_pb2.SampledToken(request_id=r, token_id=TOKEN) for r in sampled]
-        return worker_pb2.StepResponse(step=msg.step, tokens=tokens)
+        # timings for the engine's prefill pacer: a decode step of 10 ms, 20 prompt tokens/ms
+        prefill_tokens = sum(len(c.token_ids) for c in msg.prefill if c.on_prefill_device)
+        return worker_pb2.StepResponse(
+            step=msg.step, tokens=tokens, compute_s=0.01, prefill_s=prefill_tokens / 20_000
+        )
+
+    def _prefill_elsewhere(self, chunks) -> list[str]:
+        """Chunks on the prefill device (worker/prefiller.py): from the pool, into the pool,
+        within its staging blocks all at once (the scheduler's promise), never resident."""
+        staged = sum(self._blocks_for(c.num_cached_tokens + len(c.token_ids)) for c in chunks)
+        assert staged <= self.num_staging_blocks, (staged, self.num_staging_blocks)
+        self.num_prefilled_elsewhere += len(chunks)
+        for c in chunks:
+            assert c.request_id not in self.resident, f"{c.request_id}: resident"
+            assert not c.keep_resident, c.request_id
+            in_pool = self.in_pool.get(c.request_id, 0)
+            assert c.num_cached_tokens <= in_pool, f"{c.request_id}: cached KV not in the pool"
+            self.in_pool[c.request_id] = c.num_cached_tokens + len(c.token_ids)
+        return [c.request_id for c in chunks if c.sample]
 
 
-def model_info(device_blocks: int, block_tokens: int) -> worker_pb2.ModelInfo:
+def model_info(device_blocks: int, block_tokens: int, staging_blocks: int = 0):
     layout = KVLayout(1, 1, 4, block_tokens, "float32")
     return worker_pb2.ModelInfo(
         model_name="device-model",
@@ -105,6 +129,8 @@ def model_info(device_blocks: int, block_tokens: int) -> worker_pb2.ModelInfo:
         vocab_size=320,
         kv_layout=wire.layout_to_proto(layout),
         num_device_blocks=device_blocks,
+        prefill_device="cpu" if staging_blocks else "",
+        num_prefill_blocks=staging_blocks,
     )
 
 
@@ -135,11 +161,12 @@ def run(
 def _run(clock, config, info, pool_blocks, arrivals, aborts, losses):
     engine = BatcherEngine(config)
     engine.info = info
-    engine.scheduler = make_scheduler(
-        scheduler_config_for(config, info, pool_blocks), max_model_len=MAX_MODEL_LEN
-    )
+    scheduler_config = scheduler_config_for(config, info, pool_blocks)
+    engine.scheduler = make_scheduler(scheduler_config, max_model_len=MAX_MODEL_LEN)
+    if scheduler_config.num_prefill_device_blocks:  # as the engine's _setup makes it
+        engine.pacer = PrefillPacer(scheduler_config.prefill_tokens_per_step, min_tokens=4)
     layout = wire.layout_from_proto(info.kv_layout)
-    device = DeviceModel(info.num_device_blocks, layout.block_tokens)
+    device = DeviceModel(info.num_device_blocks, layout.block_tokens, info.num_prefill_blocks)
     queues, deltas = {}, {}
     limit = 40 * sum(prompt + out + 4 for _, prompt, out in arrivals) + 200
     idle = 0  # empty plans in a row: with work left, nothing but the clock changes
@@ -153,7 +180,7 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses):
         if not engine._has_work() and step > max(at for at, _, _ in arrivals):
             break
         clock.now += 0.01
-        plan = engine.scheduler.schedule(clock.now)
+        plan = engine._schedule()
         if plan.is_empty and not engine._release:  # the engine waits for a change
             idle += 1
             assert idle < 50, f"stalled: {states(engine)}"
@@ -188,6 +215,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
         prefill_tokens=8,
         assist_tokens=4,
         max_batch=1,
+        staging_slack=None,
     )
     return example(
         policy=policy,
@@ -244,6 +272,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
     assist_tokens=st.integers(4, 64),
     max_batch=st.integers(1, 6),
     starvation_s=st.sampled_from([0.001, 5.0]),
+    staging_slack=st.one_of(st.none(), st.integers(0, 24)),
 )
 def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     policy,
@@ -259,7 +288,10 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     max_batch,
     starvation_s,
     losses,
+    staging_slack,
 ):
+    """staging_slack: None, no prefill device; else it stages that many blocks more than
+    the largest request needs (the least it may have, by admission)."""
     needs = [-(-(prompt + out) // block_tokens) for _, prompt, out in arrivals]
     device_blocks = max(needs) + device_slack  # from room for one request alone, upwards
     pool_blocks = max(max(needs), int(sum(needs) * pool_factor))  # small: pool preemption
@@ -270,11 +302,11 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
         prefill_tokens_per_step=prefill_tokens,
         assist_tokens_per_step=assist_tokens,
         max_batch_size=max_batch,
-        max_running=max_batch,
         starvation_s=starvation_s,
     )
     config = EngineConfig("unused:1", pool_bytes=1, scheduler=scheduler)
-    info = model_info(device_blocks, block_tokens)
+    staging = 0 if staging_slack is None else max(needs) + staging_slack
+    info = model_info(device_blocks, block_tokens, staging)
     deltas, device = run(config, info, pool_blocks, arrivals, aborts, losses)
 
     assert device.peak <= device_blocks
@@ -287,16 +319,21 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
             assert sum(len(d.token_ids) for d in deltas[f"r{i}"]) == out
 
 
+@pytest.mark.parametrize("staging", [0, 8])
 @pytest.mark.parametrize("policy", ["aligned", "fcfs"])
-def test_the_batcher_service_scenario_fits_the_device(policy):
+def test_the_batcher_service_scenario_fits_the_device(policy, staging):
     """test_batcher_service's full-device case (8 prompts of ~40 tokens, 12 blocks of 16,
     40 tokens each), here with the default scheduler settings: the aligned plans used to ask
-    for every prompt's prefill blocks at once, beside the resident batch."""
+    for every prompt's prefill blocks at once, beside the resident batch. With a prefill
+    device of 8 staging blocks, aligned prefills there (two prompts per step; the decode
+    device helps while it has nothing to decode) and fcfs, the baseline, never does."""
     arrivals = [(0, p, 40) for p in (40, 35, 50, 45, 38, 42, 47, 33)]
     config = EngineConfig("unused:1", pool_bytes=1, scheduler=SchedulerConfig(policy=policy))
-    deltas, device = run(config, model_info(12, 16), 4096, arrivals, {})
+    deltas, device = run(config, model_info(12, 16, staging), 4096, arrivals, {})
     assert device.peak <= 12
     assert [d[-1].completion_tokens for d in deltas.values()] == [40] * 8
+    offloads = policy == "aligned" and staging > 0
+    assert (device.num_prefilled_elsewhere > 0) == offloads, device.num_prefilled_elsewhere
 
 
 def test_a_request_larger_than_the_device_is_refused_at_admission():
@@ -307,6 +344,15 @@ def test_a_request_larger_than_the_device_is_refused_at_admission():
     sched.add_request("fits", range(44), params, now=0.0)  # 64 tokens at most: 4 blocks
     with pytest.raises(InvalidRequestError, match="decode device holds"):
         sched.add_request("too-long", range(45), params, now=0.0)
+    # beside a prefill device, a request must fit its staging blocks too (a re-prefill
+    # after preemption stages the whole context at once)
+    staged = make_scheduler(
+        scheduler_config_for(config, model_info(16, 16, staging_blocks=3), 1000),
+        max_model_len=MAX_MODEL_LEN,
+    )
+    staged.add_request("fits", range(28), params, now=0.0)  # 48 tokens: 3 blocks
+    with pytest.raises(InvalidRequestError, match="prefill device stages"):
+        staged.add_request("too-long", range(29), params, now=0.0)
     # max_tokens beyond max_model_len cannot be reached: only what can is counted
     short = SamplingParams(max_tokens=10_000, ignore_eos=True)
     big = make_scheduler(scheduler_config_for(config, model_info(16, 16), 1000), max_model_len=64)

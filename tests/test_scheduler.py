@@ -38,7 +38,6 @@ def make_config(policy: str, block_tokens: int, pool_blocks: int, starvation_s: 
         max_batch_size=16,
         starvation_s=starvation_s,
         prefill_tokens_per_step=1024,
-        max_running=16,
     )
 
 

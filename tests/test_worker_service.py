@@ -417,6 +417,70 @@ def test_bad_step_aborts_the_session_and_the_worker_keeps_serving(model_dir):
     asyncio.run(main())
 
 
+def test_chunks_for_the_prefill_device_run_there_or_are_refused(model_dir):
+    """With a prefill device (a CPU replica here) Describe reports it; a chunk marked for it
+    runs there (prefill_s), gives the decode device's token and leaves nothing resident; one
+    that asks to stay resident, or one sent to a worker without a prefill device, is an
+    INVALID_ARGUMENT that names the field."""
+
+    def chunk(request_id, blocks, **flags):
+        return worker_pb2.PrefillChunk(
+            request_id=request_id,
+            token_ids=[5, 6, 7, 8, 9],
+            pool_blocks=blocks,
+            params=sampling_to_proto(GREEDY),
+            sample=True,
+            **flags,
+        )
+
+    async def first_token(stub, step):
+        call = stub.Session()
+        await call.write(step)
+        response = await call.read()
+        await call.done_writing()
+        return response
+
+    async def main():
+        async with running_worker(model_dir, prefetch_device="cpu", prefill_kv_tokens=64) as (
+            servicer,
+            stub,
+            _,
+        ):
+            info = await stub.Describe(worker_pb2.DescribeRequest())
+            assert (info.prefill_device, info.num_prefill_blocks) == ("cpu", 64 // 16)
+            async with attached(stub, info) as pool:
+                there = await first_token(
+                    stub,
+                    worker_pb2.StepRequest(
+                        step=1, prefill=[chunk("a", pool.allocate(1), on_prefill_device=True)]
+                    ),
+                )
+                assert there.prefill_s > 0 and servicer.residency.num_resident == 0
+                here = await first_token(
+                    stub, worker_pb2.StepRequest(step=1, prefill=[chunk("b", pool.allocate(1))])
+                )
+                assert [t.token_id for t in there.tokens] == [t.token_id for t in here.tokens]
+                assert here.prefill_s == 0
+                call = stub.Session()
+                both = chunk("c", pool.allocate(1), on_prefill_device=True, keep_resident=True)
+                await call.write(worker_pb2.StepRequest(step=1, prefill=[both]))
+                err = await rpc_error(call.read())
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "keep_resident" in err.details()
+        async with running_worker(model_dir) as (_, stub, _):
+            info = await stub.Describe(worker_pb2.DescribeRequest())
+            assert (info.prefill_device, info.num_prefill_blocks) == ("", 0)
+            async with attached(stub, info) as pool:
+                call = stub.Session()
+                elsewhere = chunk("a", pool.allocate(1), on_prefill_device=True)
+                await call.write(worker_pb2.StepRequest(step=1, prefill=[elsewhere]))
+                err = await rpc_error(call.read())
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "no prefill device" in err.details()
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- DeviceResidency alone
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, block_tokens=4, dtype="float32")

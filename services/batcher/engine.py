@@ -24,6 +24,7 @@ import grpc
 
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.batcher.prefill_pacer import PrefillPacer
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
@@ -97,6 +98,8 @@ def scheduler_config_for(
         gpu_kv_tokens=info.num_device_blocks * layout.block_tokens,
         kernel_cost=kernel_cost,
         weight_kv_tokens=weight_kv_tokens,
+        # fcfs is the baseline as vLLM runs it: every chunk in the decode device's step
+        num_prefill_device_blocks=info.num_prefill_blocks if base.policy == "aligned" else 0,
     )
 
 
@@ -119,6 +122,8 @@ class BatcherEngine:
         self._task: asyncio.Task | None = None
         self._step = 0
         self._step_since: float | None = None  # monotonic start of the step in flight
+        self.pacer: PrefillPacer | None = None  # set when the worker has a prefill device
+        self._decoding = False  # the last step decoded (its members will want the next)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -226,7 +231,7 @@ class BatcherEngine:
                 if not self._wake.is_set():  # idle: is the worker still there?
                     await self._probe()
                 continue
-            plan = self.scheduler.schedule(time.monotonic())
+            plan = self._schedule()
             if plan.is_empty and not self._release:
                 # e.g. the pool is full of finished-but-unsent work: wait for a change
                 self._wake.clear()
@@ -250,6 +255,11 @@ class BatcherEngine:
             finally:
                 self._step_since = None
             self._after_step(plan, response, before)
+
+    def _schedule(self) -> BatchPlan:
+        """The next step's plan; beside a prefill device, with its paced prefill budget."""
+        budget = self.pacer.budget(self._decoding) if self.pacer is not None else None
+        return self.scheduler.schedule(time.monotonic(), budget)
 
     def _forget_worker(self, lost: BatchPlan | None = None) -> None:
         """The worker's device is gone, with the step in flight (`lost`, if any): requests
@@ -312,7 +322,10 @@ class BatcherEngine:
         for rid in plan.load:
             r = store.get(rid)
             msg.load.add(request_id=rid, pool_blocks=r.blocks, num_kv_tokens=r.num_kv_tokens)
-        for rid, n in plan.all_prefill:
+        offload = self.scheduler.config.num_prefill_device_blocks > 0
+        chunks = [(rid, n, offload) for rid, n in plan.prefill]
+        chunks += [(rid, n, False) for rid, n in plan.mixed_prefill]
+        for rid, n, on_prefill_device in chunks:
             r = store.get(rid)
             if r.num_prefilled == 0 and not r.output_token_ids:  # its first prefill chunk
                 queued = time.monotonic() - r.arrival_s
@@ -327,6 +340,7 @@ class BatcherEngine:
                 params=self._params_of(r),
                 sample=end == r.num_tokens,
                 keep_resident=keep_resident,
+                on_prefill_device=on_prefill_device,
             )
             if not keep_resident:
                 self._writing[rid] = end
@@ -358,6 +372,14 @@ class BatcherEngine:
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
             # this worker loads synchronously, at the step that lands them
             self.scheduler.policy.on_prefetch_done()
+        if self.pacer is not None:
+            self._decoding = bool(plan.decode)
+            self.pacer.observe(
+                sum(n for _, n in plan.prefill),
+                response.prefill_s,
+                decoding=self._decoding and not plan.mixed_prefill,
+                compute_s=response.compute_s,
+            )
         tokens = {t.request_id: t.token_id for t in response.tokens}
         logprobs = {t.request_id: t.logprob for t in response.tokens}
         finished = self.scheduler.update(plan, tokens, time.monotonic())
@@ -450,6 +472,13 @@ class BatcherEngine:
         self.scheduler = make_scheduler(
             config, eos_token_ids=tuple(info.eos_token_ids), max_model_len=info.max_model_len
         )
+        if config.num_prefill_device_blocks:
+            log.info(
+                "prefill on the worker's %s (%d staging blocks), paced to the decode step",
+                info.prefill_device,
+                config.num_prefill_device_blocks,
+            )
+            self.pacer = PrefillPacer(config.prefill_tokens_per_step)
         engine_metrics.create_series(info.model_name)
 
     async def _recover(self, lost: BatchPlan | None = None) -> None:

@@ -51,7 +51,10 @@ class DecodeGraph:
                 self._forward()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+        # thread_local: the prefill device's thread (worker/prefiller.py) may be running its
+        # chunks meanwhile; its CUDA calls are not part of this capture and must not fail it
+        capture = torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local")
+        with capture, torch.inference_mode():
             self.logits = self._forward()  # [B, vocab], rewritten by every replay
 
     def _forward(self) -> torch.Tensor:

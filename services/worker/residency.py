@@ -101,7 +101,7 @@ class DeviceResidency:
             src = self._pool_index(pool_blocks[:num_blocks])
             dst = self._device_index(device_blocks)
             # [n, layers, 2, block_tokens, kv_heads, head_dim]
-            self.kv_cache.blocks[dst] = self._pool()[src].to(self.kv_cache.blocks.device)
+            self.kv_cache.blocks[dst] = self.pool_view()[src].to(self.kv_cache.blocks.device)
         self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
 
     def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> Callable[[], float]:
@@ -155,7 +155,7 @@ class DeviceResidency:
         self._check_pool_blocks("write_back", request_id, pool_blocks, num_blocks)
         if r.num_synced < r.num_kv_tokens and self._prefetcher is not None:
             first = r.num_synced // self._block_tokens
-            pool = self._pool()
+            pool = self.pool_view()
             for d, p in zip(
                 r.device_blocks[first:num_blocks], pool_blocks[first:num_blocks], strict=True
             ):
@@ -168,7 +168,7 @@ class DeviceResidency:
             src = self._device_index(r.device_blocks[first:num_blocks])
             dst = self._pool_index(pool_blocks[first:num_blocks])
             # [n, layers, 2, block_tokens, kv_heads, head_dim]
-            self._pool()[dst] = self.kv_cache.blocks[src].to("cpu")
+            self.pool_view()[dst] = self.kv_cache.blocks[src].to("cpu")
         r.num_synced = r.num_kv_tokens
 
     def release(self, request_id: str) -> None:
@@ -258,7 +258,8 @@ class DeviceResidency:
                 param="pool_blocks",
             )
 
-    def _pool(self) -> torch.Tensor:
+    def pool_view(self) -> torch.Tensor:
+        """The pool's blocks as a tensor: [num_pool_blocks, *block_shape] (pinned on a GPU)."""
         if self._pool_blocks is None:
             raise RuntimeError(f"the pool {self.pool.name!r} was closed")
         return self._pool_blocks

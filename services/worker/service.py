@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import signal
@@ -37,6 +38,7 @@ from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
 from alignedserve.common.wire import layout_from_proto, layout_to_proto, sampling_from_proto
 
 if TYPE_CHECKING:
+    from alignedserve.worker.prefiller import Prefiller
     from alignedserve.worker.residency import DeviceResidency
     from alignedserve.worker.runner import ModelRunner, SampledToken, SeqChunk
 
@@ -45,6 +47,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 STOP_GRACE_S = 5.0  # on shutdown, in-flight RPCs get this long before they are cancelled
 STATS_INTERVAL_S = 10.0
+# Default staging room on the prefill device beyond one whole context: the batcher's default
+# prefill budget per step, so a long request's last chunk and a step's other chunks fit at once.
+PREFILL_STAGING_EXTRA_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,24 @@ class WorkerConfig:
     block_tokens: int = field(default=16, metadata={"help": "tokens per KV block"})
     prefetch_device: str | None = field(
         default=None,
-        metadata={"help": "the pair's prefetch GPU (e.g. cuda:1): loads use both PCIe links"},
+        metadata={
+            "help": "the pair's prefetch GPU (e.g. cuda:1): loads use both PCIe links, and "
+            "prefill runs there (see offload_prefill)"
+        },
+    )
+    offload_prefill: bool = field(
+        default=True,
+        metadata={
+            "help": "with a prefetch device: prefill on a replica of the weights there, "
+            "beside the decode step (else every chunk runs on the decode device)"
+        },
+    )
+    prefill_kv_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "staging KV on the prefetch device, tokens; 0: one whole context plus "
+            f"{PREFILL_STAGING_EXTRA_TOKENS} (a step's chunks)"
+        },
     )
     # A batcher that reconnects may open its new Session before the worker has seen the old
     # stream end (and finished its in-flight step): it waits this long, then is refused.
@@ -81,6 +103,7 @@ class WorkerConfig:
             ("num_device_blocks", self.num_device_blocks >= 1, "must be >= 1"),
             ("block_tokens", self.block_tokens >= 1, "must be >= 1"),
             ("session_handover_s", self.session_handover_s >= 0, "must be >= 0"),
+            ("prefill_kv_tokens", self.prefill_kv_tokens >= 0, "must be >= 0"),
         )
         for name, ok, rule in checks:
             if not ok:
@@ -111,6 +134,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         runner: ModelRunner,
         new_residency: Callable[[CpuKVPool], DeviceResidency],
         session_handover_s: float = 5.0,
+        prefiller: Prefiller | None = None,
     ):
         self.info = info
         self.layout = layout_from_proto(info.kv_layout)
@@ -120,6 +144,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._new_residency = new_residency
         self._handover_s = session_handover_s
         self._session_lock = asyncio.Lock()
+        self._prefiller = prefiller
+        # one thread drives the prefill device, so its chunks run while this step's decode does
+        self._prefill_thread = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
+            if prefiller is not None
+            else None
+        )
         self._num_tokens = 0  # sampled since the last stats line
         self._stats_at = time.monotonic()
 
@@ -219,9 +250,76 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         load_s = res.load_batch(
             [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
         )
+        # the prefill device's chunks start first and run while this thread does the rest
+        offloaded = self._start_offloaded(request)
+        try:
+            sampled, compute_s = self._execute_here(request, res)
+        finally:  # a thread cannot be interrupted: the step ends when both devices are done
+            sampled_there, prefill_s = offloaded.result() if offloaded else ([], 0.0)
+        return worker_pb2.StepResponse(
+            step=request.step,
+            tokens=[
+                worker_pb2.SampledToken(
+                    request_id=t.request_id, token_id=t.token_id, logprob=t.logprob
+                )
+                for t in (*sampled, *sampled_there)
+            ],
+            compute_s=compute_s,
+            load_s=load_s(),
+            prefill_s=prefill_s,
+        )
+
+    def _start_offloaded(self, request: worker_pb2.StepRequest) -> concurrent.futures.Future | None:
+        """Submit the step's on_prefill_device chunks to the prefill device's thread."""
+        from alignedserve.worker.prefiller import PrefillJob
+
+        jobs = []
+        for c in request.prefill:
+            if not c.on_prefill_device:
+                continue
+            if self._prefiller is None:
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: on_prefill_device, but this worker has no "
+                    f"prefill device",
+                    param="on_prefill_device",
+                )
+            if c.keep_resident:
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: on_prefill_device chunks land in the pool; "
+                    f"keep_resident must be false",
+                    param="keep_resident",
+                )
+            if self.residency.is_resident(c.request_id):
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: on_prefill_device, but its KV is resident on "
+                    f"the decode device",
+                    param="on_prefill_device",
+                )
+            self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
+            sampling = self._sampling(c.request_id, c.params) if c.sample else None
+            jobs.append(
+                PrefillJob(
+                    c.request_id,
+                    tuple(c.token_ids),
+                    c.num_cached_tokens,
+                    tuple(c.pool_blocks),
+                    sampling,
+                )
+            )
+        if not jobs:
+            return None
+        return self._prefill_thread.submit(self._prefiller.run, jobs, self.residency.pool_view())
+
+    def _execute_here(
+        self, request: worker_pb2.StepRequest, res: DeviceResidency
+    ) -> tuple[list[SampledToken], float]:
+        """The decode device's part of the step: its prefill chunks and decodes in one
+        forward pass, then write-backs. Returns the tokens sampled and the pass's seconds."""
         chunks: list[SeqChunk] = []
         write_back = []  # prefill chunks not kept resident, then the evicted
         for c in request.prefill:
+            if c.on_prefill_device:
+                continue
             self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
             sampling = self._sampling(c.request_id, c.params) if c.sample else None
             chunks.append(
@@ -247,17 +345,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for request_id, pool_blocks in write_back:
             res.write_back(request_id, pool_blocks)
             res.release(request_id)
-        return worker_pb2.StepResponse(
-            step=request.step,
-            tokens=[
-                worker_pb2.SampledToken(
-                    request_id=t.request_id, token_id=t.token_id, logprob=t.logprob
-                )
-                for t in sampled
-            ],
-            compute_s=compute_s,
-            load_s=load_s(),
-        )
+        return sampled, compute_s
 
     def _check_unique(self, request: worker_pb2.StepRequest) -> None:
         ids = [c.request_id for c in request.prefill] + [d.request_id for d in request.decode]
@@ -349,11 +437,24 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         decode_kernel_cost=decode_kernel_cost(config.device),
     )
+    prefiller = None
+    if config.prefetch_device and config.offload_prefill:
+        from alignedserve.worker.prefiller import Prefiller
+
+        staging_tokens = config.prefill_kv_tokens or (
+            model_config.max_position_embeddings + PREFILL_STAGING_EXTRA_TOKENS
+        )
+        staging = KVCache(layout, layout.blocks_for(staging_tokens), device=config.prefetch_device)
+        replica = load_model(model_dir, device=config.prefetch_device, dtype=config.dtype)
+        prefiller = Prefiller(ModelRunner(replica, staging))
+        info.prefill_device = str(staging.blocks.device)
+        info.num_prefill_blocks = staging.num_blocks
     return WorkerServicer(
         info,
         ModelRunner(model, kv_cache),
         functools.partial(DeviceResidency, kv_cache, prefetch_device=config.prefetch_device),
         session_handover_s=config.session_handover_s,
+        prefiller=prefiller,
     )
 
 

@@ -10,8 +10,9 @@ of the weights; with a balanced kernel one group is best and the policy becomes 
 batching with prefill moved off the decode GPU.
 
 The CPU pool holds the rest (its index by length finds partners). Each step, top to bottom:
-1. prefill waiting requests on the prefetch GPU (and on the decode GPU too while nothing
-   waits in the pool and the GPU has room), admitting at most `max_inflight` past prefill;
+1. prefill waiting requests on the prefetch GPU, whose KV lands in the pool (and on the
+   decode GPU too while nothing waits in the pool, the GPU has room and, beside a prefill
+   device, decodes nothing), admitting at most `max_inflight` past prefill;
 2. requests that finished streaming in become resident;
 3. a pooled request waiting past `starvation_s` while the GPU is full makes room by sending
    the longest-resident requests back to the pool (they write back only new KV);
@@ -25,11 +26,12 @@ tokens. The hard bound is the device's blocks, counted as the worker allocates t
 (worker/residency.py): every block a resident holds stays allocated through the step (an
 evicted one's until the step ends), and before the forward pass the worker allocates each
 load's blocks, a block for each decoded member whose next token starts one, and every
-prefill chunk's blocks for its cached + new tokens (this worker prefills on the decode
-device too, then writes the chunk back and frees it). Each step grants those in that
-order, so one plan never asks for more blocks than the device has: loads land only when
-they fit beside a block of growth per resident, a member without room skips the step (and
-leaves for the pool when nothing else frees one), and prefill gets the blocks left.
+decode-device prefill chunk's blocks for its cached + new tokens (without a prefill device
+the worker prefills on the decode device, then writes the chunk back and frees it; with
+one, the chunks take its staging blocks instead). Each step grants those in that order,
+so one plan never asks for more blocks than the device has: loads land only when they fit
+beside a block of growth per resident, a member without room skips the step (and leaves for
+the pool when nothing else frees one), and prefill gets the blocks left.
 """
 
 from __future__ import annotations
@@ -143,7 +145,13 @@ class AlignedPolicy:
         elif load:
             self._insert(sched, load)
         decode, free, make_room = self._fit_decode(sched, self._next_group(), free, now)
-        prefill = sched.plan_prefill(prefill_budget, self._admit_room(), device_blocks=free)
+        # on a prefill device the chunks take its staging blocks; else the decode device's
+        staging = self.config.num_prefill_device_blocks
+        prefill = sched.plan_prefill(
+            prefill_budget, self._admit_room(), device_blocks=staging or free
+        )
+        if not staging:
+            free -= sched.prefill_device_blocks(prefill)
         plan = BatchPlan(
             prefill=prefill,
             decode=tuple(decode),
@@ -152,7 +160,7 @@ class AlignedPolicy:
             prefetch=tuple(prefetch),
             is_switch=bool(evict),
         )
-        return self._with_assist(sched, plan, free - sched.prefill_device_blocks(prefill))
+        return self._with_assist(sched, plan, free)
 
     def _admit_room(self) -> int:
         inflight = len(self.pooled) + len(self.loading) + len(self.resident)
@@ -160,8 +168,12 @@ class AlignedPolicy:
 
     def _with_assist(self, sched: Scheduler, plan: BatchPlan, free_blocks: int) -> BatchPlan:
         """With nothing in the pool and room on the GPU, the prefetch GPU's prefill is the
-        bottleneck: the decode GPU prefills a bounded chunk in its step too."""
+        bottleneck: the decode GPU prefills a bounded chunk in its step too. Not while it
+        decodes beside a prefill device: that chunk would stretch every member's step, which
+        is what the prefill device is there to prevent."""
         if not sched.waiting or self.pooled or self._free_tokens(sched) <= 0:
+            return plan
+        if self.config.num_prefill_device_blocks and self.resident:
             return plan
         room = self._admit_room() - len(plan.prefill)
         mixed = sched.plan_prefill(

@@ -15,7 +15,8 @@ class SchedulerConfig:
     block_tokens: int = 16
     num_pool_blocks: int = 65536  # aligned: CPU-pool blocks; fcfs: decode-GPU KV blocks
     gpu_kv_tokens: int = 1 << 20  # decode GPU KV capacity, in tokens
-    max_batch_size: int = 512  # members of one decode batch
+    # members of one decode batch; for fcfs, its running requests (vLLM's max_num_seqs)
+    max_batch_size: int = 512
     min_batch_size: int = (
         1  # aligned: fewest members of a length group, when that many are resident
     )
@@ -38,14 +39,20 @@ class SchedulerConfig:
     # requests wait before prefill (visible as TTFT, as in fcfs) instead of in the pool
     # (where waiting would inflate every pooled request's time per output token).
     max_inflight: int = 1024
-    max_running: int = 256  # fcfs: running requests (vLLM's max_num_seqs)
+    # aligned: the prefill device's staging KV blocks (the worker's ModelInfo): the prefill
+    # the policy plans (`BatchPlan.prefill`) runs there and lands in the pool, taking none of
+    # the decode device's blocks. 0: no prefill device; it runs on the decode device.
+    num_prefill_device_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            if f.name == "num_prefill_device_blocks":
+                if value < 0:
+                    raise ConfigError(f"{f.name}={value} must be >= 0")
+            elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
                 raise ConfigError(f"{f.name}={value} must be > 0")
         if not 0 < self.max_resident_kv_fraction <= 1:
             raise ConfigError(

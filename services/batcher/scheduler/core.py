@@ -105,6 +105,13 @@ class Scheduler:
                 f"the decode device holds ({self.num_device_blocks})",
                 param="max_tokens",
             )
+        staging = self.config.num_prefill_device_blocks
+        if staging and need > staging:  # a re-prefill (after preemption) takes it all at once
+            raise InvalidRequestError(
+                f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more than "
+                f"the prefill device stages ({staging})",
+                param="max_tokens",
+            )
         request = Request(request_id, prompt, params, arrival_s=now)
         self.store.add(request)
         self.waiting.append(request_id)

@@ -18,7 +18,7 @@ class FcfsPolicy:
 
     def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
         decode = tuple(self.running)
-        room = sched.config.max_running - len(decode)
+        room = sched.config.max_batch_size - len(decode)
         prefill = sched.plan_prefill(prefill_budget - len(decode), room)
         return BatchPlan(mixed_prefill=prefill, decode=decode)
 
@@ -47,4 +47,4 @@ class FcfsPolicy:
     def check_invariants(self, sched: Scheduler) -> None:
         running = {r.request_id for r in sched.store.in_state(RequestState.RUNNING)}
         assert running == set(self.running), "running set out of sync"
-        assert len(running) <= sched.config.max_running
+        assert len(running) <= sched.config.max_batch_size

@@ -196,8 +196,7 @@ def configs_for(
         max_waiting=1 << 22,
         weight_kv_tokens=cost.model.weight_bytes // cost.model.kv_bytes_per_token,
         kernel_cost="padded" if cost.padded else "balanced",
-        max_batch_size=1024,  # same cap as fcfs's max_running: one decode step's members
-        max_running=1024,
+        max_batch_size=1024,  # one decode step's members, for both policies
     )
     aligned = replace(
         base,

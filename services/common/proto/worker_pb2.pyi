@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "num_device_blocks", "device", "weight_bytes", "decode_kernel_cost")
+    __slots__ = ("model_name", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "num_device_blocks", "device", "weight_bytes", "decode_kernel_cost", "prefill_device", "num_prefill_blocks")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DECODE_KERNEL_COST_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     vocab_size: int
@@ -31,7 +33,9 @@ class ModelInfo(_message.Message):
     device: str
     weight_bytes: int
     decode_kernel_cost: str
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ...) -> None: ...
+    prefill_device: str
+    num_prefill_blocks: int
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ..., prefill_device: _Optional[str] = ..., num_prefill_blocks: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("pool_name", "num_pool_blocks", "kv_layout")
@@ -58,7 +62,7 @@ class LoadEntry(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., num_kv_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillChunk(_message.Message):
-    __slots__ = ("request_id", "token_ids", "num_cached_tokens", "pool_blocks", "params", "sample", "keep_resident")
+    __slots__ = ("request_id", "token_ids", "num_cached_tokens", "pool_blocks", "params", "sample", "keep_resident", "on_prefill_device")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +70,7 @@ class PrefillChunk(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     KEEP_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    ON_PREFILL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_cached_tokens: int
@@ -73,7 +78,8 @@ class PrefillChunk(_message.Message):
     params: _common_pb2.SamplingParams
     sample: bool
     keep_resident: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., keep_resident: _Optional[bool] = ...) -> None: ...
+    on_prefill_device: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., keep_resident: _Optional[bool] = ..., on_prefill_device: _Optional[bool] = ...) -> None: ...
 
 class DecodeEntry(_message.Message):
     __slots__ = ("request_id", "token_id", "num_kv_tokens", "params")
@@ -122,13 +128,15 @@ class SampledToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "tokens", "compute_s", "load_s")
+    __slots__ = ("step", "tokens", "compute_s", "load_s", "prefill_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
     compute_s: float
     load_s: float
-    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., load_s: _Optional[float] = ...) -> None: ...
+    prefill_s: float
+    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., load_s: _Optional[float] = ..., prefill_s: _Optional[float] = ...) -> None: ...
