@@ -1,25 +1,35 @@
-"""Issue 6 in one call: aligned vs fcfs side by side through the HTTP API on a GPU pair, and
-transformers' continuous batching on the same checkpoint and requests.
+"""Issue 6 in one call: aligned against an fcfs baseline through the HTTP API on a GPU pair,
+and transformers' continuous batching on the same checkpoint and requests.
+
+The variants (--policies; --baseline names the one aligned is compared with):
+- aligned: `alignedserve serve --policy aligned`, one engine decoding on --device with
+  --prefetch-device, the pair's second GPU, loading KV beside it;
+- fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
+  computing on --device, the second GPU idle;
+- fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
+  scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
+  fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
+  least loaded batcher. On CPU with no --prefetch-device, both workers run on --device.
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
     .venv/bin/python benchmarks/gpu_e2e.py --tiny --device cpu --prefetch-device "" \\
-        --pool-gib 0.5 --device-kv-gib 0.25 --workload fixed-32-24 --num-requests 8 \\
-        --rate 4 --peer-requests 4 --out /tmp/e2e  # a CPU dry run (1 min on 2 cores)
+        --workload fixed-32-24 --num-requests 8 --rate 4 --peer-requests 4 \\
+        --out /tmp/e2e  # a CPU dry run (2 min on 2 cores)
 
 For one model shape (random weights, bf16; llama3-8b is GQA, opt-13b is MHA):
 1. the checkpoint is written (on /dev/shm when it has room), with a tokenizer padded to the
    model's vocabulary, so that every id the model samples streams as text of its own;
 2. the peer, benchmarks/hf_peer.py, generates for the bench's offline requests (a bounded
    subset: --peer-requests of them) on --device, before any server takes the GPU;
-3. for each policy, `alignedserve serve` (router + batcher + worker on --device, the pair's
-   prefetch GPU beside it) and `alignedserve bench` on it: offline, then each --rate (Poisson),
-   the same requests for both policies, EOS ignored. The aligned server also runs the peer's
-   requests offline, unless they are the offline run's own (--peer-requests = --num-requests);
+3. for each variant, its server(s) and `alignedserve bench` on the router: offline, then each
+   --rate (Poisson), the same requests for every variant, EOS ignored. The aligned server also
+   runs the peer's requests offline, unless they are the offline run's own (--peer-requests =
+   --num-requests);
 4. the report, rewritten after each step so that a call cut short still returns what it did:
-   OUT/gpu_e2e_<shape>.md and .json (every cell, aligned ÷ fcfs output tok/s and fcfs ÷ aligned
-   p99 TPOT against the issue's targets, and the peer ratio), _tpot.png (TPOT CDFs), and
-   .tar.gz (each bench's own JSON, Markdown and plots, and the peer's JSON).
+   OUT/gpu_e2e_<shape>.md and .json (every variant's cells, aligned ÷ baseline output tok/s and
+   baseline ÷ aligned p99 TPOT against the issue's targets, and the peer ratio), _tpot.png
+   (TPOT CDFs), and .tar.gz (each bench's own JSON, Markdown and plots, and the peer's JSON).
 
 --deadline-s (from the start) sizes each bench's per-run timeout, so that the call ends inside
 the device tool's 10-minute limit; a cell cut short is reported with its unfinished requests.
@@ -28,6 +38,7 @@ the device tool's 10-minute limit; a cell cut short is reported with its unfinis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -38,6 +49,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +58,18 @@ from device_env import ROOT, child_pythonpath, import_alignedserve
 
 import_alignedserve()
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
+from alignedserve.common.metrics import PREFIX  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
+from alignedserve.serve import free_port  # noqa: E402
 
-POLICIES = ("aligned", "fcfs")
+VARIANTS = ("aligned", "fcfs", "fcfs-dp2")  # the docstring says what each one runs
+PARTS = ("offline", "online")  # each variant's two bench calls (online: the rates)
+BASELINES = ("fcfs", "fcfs-dp2")
+VARIANT_TEXT = {
+    "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
+    "fcfs": "one fcfs engine on --device, the second GPU idle",
+    "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
+}
 MIN_PEER_RATIO = 10.0  # issue 6: at least 10x the transformers peer's output tok/s
 TINY_VOCAB = 8192  # a dry run's vocabulary: as in the full ones, nearly every id is a word
 SERVER_OVERHEAD_S = 60.0  # reserved for each server still to start and stop
@@ -60,8 +81,8 @@ class Shape:
     arch: str  # key of tiny.TINY_CONFIGS; the full size is tiny.FULL_SIZE[name]
     attention: str
     checkpoint_gib: float  # bf16 weights, to decide whether /dev/shm has room
-    min_throughput_ratio: float  # issue 6: aligned ÷ fcfs output tok/s
-    min_tpot_ratio: float  # issue 6: fcfs ÷ aligned p99 TPOT
+    min_throughput_ratio: float  # issue 6: aligned ÷ baseline output tok/s
+    min_tpot_ratio: float  # issue 6: baseline ÷ aligned p99 TPOT
 
 
 SHAPES = {
@@ -139,21 +160,58 @@ def device_blocks(model: Path, kv_gib: float) -> int:
     return int(kv_gib * 2**30 // layout.block_bytes)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def http_get(url: str) -> str | None:
+    """The body of a 200 answer; None for any other answer or none."""
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode() if r.status == 200 else None
+    except OSError:
+        return None
+
+
+def wait_until(
+    ready: Callable[[], bool], procs: list[subprocess.Popen], timeout_s: float, what: str
+) -> None:
+    """Polls `ready` until true; fails early when one of the processes serving it exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        for proc in procs:
+            if proc.poll() is not None:
+                name = " ".join(a for a in proc.args[2:5] if not a.startswith("-"))
+                raise RuntimeError(f"{name} exited with {proc.returncode}")
+        if ready():
+            return
         time.sleep(1)
-    raise TimeoutError("server never ready")
+    raise TimeoutError(f"{what} never ready")
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen], timeout_s: float) -> None:
+    wait_until(lambda: http_get(f"{url}/ready") is not None, procs, timeout_s, url)
+
+
+def worker_attached(metrics_url: str) -> bool:
+    """The batcher's worker_ready gauge reads 1: its worker has loaded and attached."""
+    text = http_get(metrics_url) or ""
+    return any(
+        line.startswith(f"{PREFIX}worker_ready{{") and float(line.split()[-1]) == 1
+        for line in text.splitlines()
+    )
+
+
+def stop(tiers: list[list[subprocess.Popen]], timeout_s: float = 60) -> None:
+    """Front to back, one tier at a time (each drains into the one behind it): SIGTERM, then
+    up to timeout_s to exit before a SIGKILL."""
+    for procs in tiers:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_s: float):
@@ -165,37 +223,107 @@ def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_
     ]  # fmt: skip
 
 
-def run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_after, timings):
-    """Serve with this policy and run its benches; the benches' results land in work/."""
-    serve = [
+def start_serve(policy, args, model, env, blocks, tiers) -> None:
+    """`alignedserve serve`: router, batcher and worker under one process."""
+    cmd = [
         sys.executable, "-m", "alignedserve", "serve", "--model", str(model),
         "--device", args.device, "--policy", policy, "--port", str(args.port),
         "--pool-gib", str(args.pool_gib), "--num-device-blocks", str(blocks),
     ]  # fmt: skip
     if args.prefetch_device:
-        serve += ["--prefetch-device", args.prefetch_device]
-    peer_run = policy == "aligned" and 0 < args.peer_requests != args.num_requests
-    rates = [math.inf, *args.rate]
-    start = time.monotonic()
-    proc = subprocess.Popen(serve, env=env)
+        cmd += ["--prefetch-device", args.prefetch_device]
+    tiers.append([subprocess.Popen(cmd, env=env)])
+    wait_ready(f"http://127.0.0.1:{args.port}", tiers[0], timeout_s=300)
+
+
+def start_fcfs_dp2(args, model, env, blocks, tiers) -> None:
+    """Two fcfs workers and batchers, one pair per device, behind one router. Each list joins
+    `tiers` before its processes start, so that any started are stopped if a later one fails."""
+    role = [sys.executable, "-m", "alignedserve", "serve"]
+    workers: list[subprocess.Popen] = []
+    batchers: list[subprocess.Popen] = []
+    tiers += [workers, batchers]
+    addresses, metrics_urls = [], []
+    for device in (args.device, args.prefetch_device or args.device):
+        worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
+        workers.append(subprocess.Popen([
+            *role, "worker", "--model", str(model), "--device", device,
+            "--port", str(worker_port), "--num-device-blocks", str(blocks),
+        ], env=env))  # fmt: skip
+        # Half the pool each: the CPU pools' host memory totals the single-server variants'.
+        batchers.append(subprocess.Popen([
+            *role, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--policy", "fcfs",
+            "--port", str(batcher_port), "--metrics-port", str(metrics_port),
+            "--pool-gib", str(args.pool_gib / 2),
+        ], env=env))  # fmt: skip
+        addresses.append(f"127.0.0.1:{batcher_port}")
+        metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
+    # The router's /ready needs only one ready batcher, and it sends requests to ready ones
+    # first: started once both have their workers, it polls both before it answers /ready,
+    # so that the first requests of a run are spread over both engines.
+    wait_until(
+        lambda: all(worker_attached(url) for url in metrics_urls),
+        [*workers, *batchers],
+        timeout_s=300,
+        what="the batchers' workers",
+    )
+    tiers.append([subprocess.Popen([
+        *role, "router", "--model-dir", str(model), "--batcher-addresses", *addresses,
+        "--host", "127.0.0.1", "--port", str(args.port),
+    ], env=env)])  # fmt: skip
+    wait_ready(f"http://127.0.0.1:{args.port}", [p for t in tiers for p in t], timeout_s=120)
+
+
+@contextlib.contextmanager
+def serving(policy, args, model, env, blocks) -> Iterator[None]:
+    """The variant's server(s), ready at args.port; stopped on the way out, router first."""
+    tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
-        wait_ready(f"http://127.0.0.1:{args.port}", proc, timeout_s=300)
+        if policy == "fcfs-dp2":
+            start_fcfs_dp2(args, model, env, blocks, tiers)
+        else:
+            start_serve(policy, args, model, env, blocks, tiers)
+        yield
+    finally:
+        stop(tiers[::-1])
+
+
+def run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_after, timings):
+    """Serve this variant and run its benches: offline, then the online rates (--rate, and
+    each --rate-fraction of the baseline's offline request rate, measured before). Results
+    land in work/<variant>/{offline,online}/."""
+    peer_run = policy == "aligned" and 0 < args.peer_requests != args.num_requests
+    start = time.monotonic()
+    with serving(policy, args, model, env, blocks):
         timings[f"{policy}_server_start_s"] = time.monotonic() - start
         print(f"{policy}: serving after {time.monotonic() - start:.0f} s", flush=True)
         if peer_run:  # short, and first: the timeouts below then share what is left
             timeout = clock.run_timeout(1, servers_after, args.timeout_s)
             cmd = bench_args(args, vocab, args.peer_requests, [math.inf], timeout)
             subprocess.run([*cmd, "--out", str(work / "aligned-peer")], env=env, check=False)
-        runs_left = len(rates) * (1 + servers_after)
+        num_online = len(args.rate) + len(args.rate_fraction)
+        runs_left = (1 + num_online) * (1 + servers_after)
         timeout = clock.run_timeout(runs_left, servers_after, args.timeout_s)
-        print(f"{policy}: {len(rates)} runs, up to {timeout:.0f} s each", flush=True)
+        print(f"{policy}: {1 + num_online} runs, up to {timeout:.0f} s each", flush=True)
         start = time.monotonic()
-        cmd = bench_args(args, vocab, args.num_requests, rates, timeout)
-        subprocess.run([*cmd, "--out", str(work / policy)], env=env, check=False)
+        cmd = bench_args(args, vocab, args.num_requests, [math.inf], timeout)
+        subprocess.run([*cmd, "--out", str(work / policy / "offline")], env=env, check=False)
+        rates = [*args.rate, *fraction_rates(work, args.baseline, args.rate_fraction)]
+        if rates:
+            timeout = clock.run_timeout(len(rates) * (1 + servers_after), servers_after, timeout)
+            cmd = bench_args(args, vocab, args.num_requests, rates, timeout)
+            subprocess.run([*cmd, "--out", str(work / policy / "online")], env=env, check=False)
         timings[f"{policy}_bench_s"] = time.monotonic() - start
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+
+
+def fraction_rates(work: Path, baseline: str, fractions: list[float]) -> list[float]:
+    """Each fraction of the baseline's offline request rate, rounded to 0.1 req/s, so that
+    the online runs sit below, at and beyond its capacity whatever the hardware gives."""
+    path = work / baseline / "offline" / "bench.json"
+    if not fractions or not path.is_file():
+        return []
+    capacity = json.loads(path.read_text())["runs"][0]["summary"]["requests_per_s"]
+    return [max(0.1, round(f * capacity, 1)) for f in fractions]
 
 
 def run_peer(args, model: Path, env, work: Path, clock: Clock, timings) -> None:
@@ -219,13 +347,14 @@ def run_peer(args, model: Path, env, work: Path, clock: Clock, timings) -> None:
 
 
 def load_runs(work: Path) -> dict[str, dict[str, dict]]:
-    """runs[load][policy] = that bench run's JSON (summary and per-request rows)."""
+    """runs[load][variant] = that bench run's JSON (summary and per-request rows)."""
     runs: dict[str, dict[str, dict]] = {}
-    for policy in POLICIES:
-        path = work / policy / "bench.json"
-        if path.is_file():
-            for run in json.loads(path.read_text())["runs"]:
-                runs.setdefault(run["load"], {})[policy] = run
+    for variant in VARIANTS:
+        for part in PARTS:
+            path = work / variant / part / "bench.json"
+            if path.is_file():
+                for run in json.loads(path.read_text())["runs"]:
+                    runs.setdefault(run["load"], {})[variant] = run
     return runs
 
 
@@ -246,18 +375,24 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def cell(
-    load: str, by_policy: dict[str, dict], shape: Shape, capacity_per_s: float | None
+    load: str,
+    by_variant: dict[str, dict],
+    variants: list[str],
+    baseline: str,
+    shape: Shape,
+    capacity_per_s: float | None,
 ) -> dict[str, Any]:
-    """One load's comparison against the issue's targets, with the reasons the numbers give.
-    capacity_per_s: the lesser of the two policies' offline request rates."""
-    a, f = by_policy.get("aligned"), by_policy.get("fcfs")
+    """One load: each variant's numbers, and aligned against the baseline by the issue's
+    targets, with the reasons the numbers give. capacity_per_s: the lesser of aligned's and
+    the baseline's offline request rates."""
     row: dict[str, Any] = {"load": load, "notes": []}
-    for policy, run in (("aligned", a), ("fcfs", f)):
+    for variant in variants:
+        run = by_variant.get(variant)
         if run is None:
-            row["notes"].append(f"{policy}: no run")
+            row["notes"].append(f"{variant}: no run")
             continue
         s = run["summary"]
-        row[policy] = {
+        row[variant] = {
             "requests_per_s": s["requests_per_s"],
             "output_tokens_per_s": s["output_tokens_per_s"],
             "p50_tpot_s": s["tpot_s"]["p50"] if s["tpot_s"] else None,
@@ -266,36 +401,38 @@ def cell(
             "chunks_per_token": chunks_per_token(run),
             "num_failed": s["num_failed"] + s["num_not_sent"],
         }
-        if row[policy]["num_failed"]:
+        if row[variant]["num_failed"]:
             row["notes"].append(
-                f"{policy}: {row[policy]['num_failed']} requests unfinished (run timeout)"
+                f"{variant}: {row[variant]['num_failed']} requests unfinished (run timeout)"
             )
-        cpt = row[policy]["chunks_per_token"]
+        cpt = row[variant]["chunks_per_token"]
         if cpt is not None and cpt < MIN_CHUNKS_PER_TOKEN:
-            row["notes"].append(f"{policy}: {cpt:.2f} chunks per token, latency suspect")
-    if a is None or f is None:
+            row["notes"].append(f"{variant}: {cpt:.2f} chunks per token, latency suspect")
+    a, b = by_variant.get("aligned"), by_variant.get(baseline)
+    if a is None or b is None:
         return row
     rate = a["shape"].get("rate_per_s")
     row["offered_rate_per_s"] = rate
     row["throughput_ratio"] = _ratio(
-        a["summary"]["output_tokens_per_s"], f["summary"]["output_tokens_per_s"]
+        a["summary"]["output_tokens_per_s"], b["summary"]["output_tokens_per_s"]
     )
-    row["tpot_ratio"] = _ratio(_p99_tpot_s(f), _p99_tpot_s(a))
+    row["tpot_ratio"] = _ratio(_p99_tpot_s(b), _p99_tpot_s(a))
     row["throughput_met"] = (row["throughput_ratio"] or 0) >= shape.min_throughput_ratio
     row["tpot_met"] = (row["tpot_ratio"] or 0) >= shape.min_tpot_ratio
     if isinstance(rate, int | float) and capacity_per_s and rate < capacity_per_s:
         row["notes"].append(
-            f"{rate:g} req/s is below both policies' offline rate ({capacity_per_s:.2f} "
-            "req/s): throughput follows the offered load"
+            f"{rate:g} req/s is below both aligned's and {baseline}'s offline rates "
+            f"(≥ {capacity_per_s:.2f} req/s): throughput follows the offered load"
         )
     return row
 
 
-def offline_capacity(runs: dict[str, dict[str, dict]]) -> float | None:
+def offline_capacity(runs: dict[str, dict[str, dict]], baseline: str) -> float | None:
     offline = runs.get("offline", {})
-    if not set(POLICIES) <= offline.keys():
+    compared = ("aligned", baseline)
+    if not set(compared) <= offline.keys():
         return None
-    return min(offline[p]["summary"]["requests_per_s"] for p in POLICIES)
+    return min(offline[p]["summary"]["requests_per_s"] for p in compared)
 
 
 def peer_cell(work: Path, runs: dict[str, dict[str, dict]], args) -> dict[str, Any] | None:
@@ -334,38 +471,54 @@ def _x(value: float | None, target: float, met: bool | None) -> str:
     return f"**{value:.2f}×** (≥ {target:g}×: {'met' if met else 'missed'})"
 
 
-def _pair(row: dict, key: str, fmt: str) -> str:
-    values = [row.get(p, {}).get(key) for p in POLICIES]
-    return " / ".join("–" if v is None else format(v, fmt) for v in values)
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     shape = SHAPES[report["model_shape"]]
     c = report["config"]
+    baseline = c["baseline"]
     lines = [
         f"## {report['model_shape']} ({shape.attention}), {c['workload']}, "
-        f"{c['num_requests']} requests per run, aligned vs fcfs",
+        f"{c['num_requests']} requests per run, aligned vs {baseline}",
         "",
-        f"Device: {report.get('device', '?')}; date {report['date']}; "
-        f"CPU pool {c['pool_gib']:g} GiB, {c['device_blocks']} device KV blocks "
-        f"({c['device_kv_gib']:g} GiB). Timings: "
+        f"Ratios and targets compare aligned with the baseline, **{baseline}**. Variants: "
+        + "; ".join(f"{v} = {VARIANT_TEXT[v]}" for v in c["policies"])
+        + ".",
+        "",
+        f"Device: {report.get('device', '?')} (--device {c['device']}, --prefetch-device "
+        f"{c['prefetch_device'] or '–'}); date {report['date']}; CPU pool {c['pool_gib']:g} GiB"
+        + (" (fcfs-dp2: half per batcher)" if "fcfs-dp2" in c["policies"] else "")
+        + f", {c['device_blocks']} device KV blocks "
+        f"({c['device_kv_gib']:g} GiB) per engine. Timings: "
         + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),
         "",
-        "| load | req/s aligned / fcfs | output tok/s aligned / fcfs | aligned ÷ fcfs | "
-        "p99 TPOT ms aligned / fcfs | fcfs ÷ aligned | chunks per token aligned / fcfs | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | variant | req/s | output tok/s | p50 TPOT ms | p99 TPOT ms | chunks per token |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["cells"]:
-        tpot = " / ".join(_ms(row.get(p, {}).get("p99_tpot_s")) for p in POLICIES)
+        for variant in c["policies"]:
+            if variant in row:
+                v = row[variant]
+                lines.append(
+                    f"| {row['load']} | {variant} | {_num(v['requests_per_s'], '.2f')} "
+                    f"| {_num(v['output_tokens_per_s'], '.0f')} | {_ms(v['p50_tpot_s'])} "
+                    f"| {_ms(v['p99_tpot_s'])} | {_num(v['chunks_per_token'], '.3f')} |"
+                )
+    lines += [
+        "",
+        f"| load | aligned ÷ {baseline} output tok/s | {baseline} ÷ aligned p99 TPOT | notes |",
+        "|---|---|---|---|",
+    ]
+    for row in report["cells"]:
         throughput = _x(
             row.get("throughput_ratio"), shape.min_throughput_ratio, row.get("throughput_met")
         )
+        tpot = _x(row.get("tpot_ratio"), shape.min_tpot_ratio, row.get("tpot_met"))
         lines.append(
-            f"| {row['load']} | {_pair(row, 'requests_per_s', '.2f')} "
-            f"| {_pair(row, 'output_tokens_per_s', '.0f')} | {throughput} | {tpot} "
-            f"| {_x(row.get('tpot_ratio'), shape.min_tpot_ratio, row.get('tpot_met'))} "
-            f"| {_pair(row, 'chunks_per_token', '.3f')} | {'; '.join(row['notes']) or '–'} |"
-        )  # fmt: skip
+            f"| {row['load']} | {throughput} | {tpot} | {'; '.join(row['notes']) or '–'} |"
+        )
     peer = report.get("peer")
     if peer is not None:
         p = peer["peer"]
@@ -395,8 +548,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 def make_report(args, work: Path, timings: dict, blocks: int, device: str) -> dict[str, Any]:
     shape = SHAPES[args.model_shape]
     runs = load_runs(work)
+    capacity = offline_capacity(runs, args.baseline)
     tables = {}
-    for name in (*POLICIES, "aligned-peer"):
+    for name in (*(f"{v}/{part}" for v in VARIANTS for part in PARTS), "aligned-peer"):
         if (work / name / "bench.md").is_file():
             tables[name] = (work / name / "bench.md").read_text()
     return {
@@ -405,9 +559,14 @@ def make_report(args, work: Path, timings: dict, blocks: int, device: str) -> di
         "device": device,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "config": {
+            "policies": args.policies,
+            "baseline": args.baseline,
+            "device": args.device,
+            "prefetch_device": args.prefetch_device,
             "workload": args.workload,
             "num_requests": args.num_requests,
             "rates": args.rate,
+            "rate_fractions": args.rate_fraction,
             "pool_gib": args.pool_gib,
             "device_kv_gib": args.device_kv_gib,
             "device_blocks": blocks,
@@ -420,7 +579,8 @@ def make_report(args, work: Path, timings: dict, blocks: int, device: str) -> di
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "cells": [
-            cell(load, by_policy, shape, offline_capacity(runs)) for load, by_policy in runs.items()
+            cell(load, by_variant, args.policies, args.baseline, shape, capacity)
+            for load, by_variant in runs.items()
         ],
         "peer": peer_cell(work, runs, args),
         "bench_tables": tables,
@@ -488,14 +648,25 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model (a dry run)")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--prefetch-device", default="cuda:1")
-    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument(
+        "--policies", nargs="+", choices=VARIANTS, default=["aligned", "fcfs-dp2"],
+        help="the variants to run, in this order",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline", choices=BASELINES, default="fcfs-dp2", help="what aligned is compared with"
+    )
     parser.add_argument("--workload", default="paper-90")
     parser.add_argument("--num-requests", type=int, default=100, help="per run")
     parser.add_argument("--rate", type=float, action="append", default=[], help="req/s (repeat)")
+    parser.add_argument(
+        "--rate-fraction", type=float, action="append", default=[],
+        help="a Poisson rate as this fraction of the baseline's offline req/s (repeat); the "
+        "baseline then runs first",
+    )  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=240, help="cap per bench run")
     parser.add_argument("--deadline-s", type=float, default=560, help="the whole call's")
-    parser.add_argument("--pool-gib", type=float, default=64)
-    parser.add_argument("--device-kv-gib", type=float, default=88, help="decode GPU's KV")
+    parser.add_argument("--pool-gib", type=float, help="CPU KV pool: 64, --tiny 0.5")
+    parser.add_argument("--device-kv-gib", type=float, help="decode GPU's KV: 88, --tiny 0.25")
     parser.add_argument("--peer-requests", type=int, default=48, help="0: no peer")
     parser.add_argument("--peer-timeout-s", type=float, default=120, help="its generation")
     parser.add_argument(
@@ -503,6 +674,20 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
+    # The defaults fit an H200 pair's host; a dry run's tiny model needs next to nothing, and
+    # on a small machine the full sizes cannot even be allocated.
+    if args.pool_gib is None:
+        args.pool_gib = 0.5 if args.tiny else 64
+    if args.device_kv_gib is None:
+        args.device_kv_gib = 0.25 if args.tiny else 88
+    if len(args.policies) > 1 and args.baseline not in args.policies:
+        parser.error(f"--baseline {args.baseline} is not among --policies: nothing to compare")
+    if "fcfs-dp2" in args.policies and not args.prefetch_device and args.device != "cpu":
+        parser.error("fcfs-dp2 needs a second GPU: --prefetch-device")
+    if args.rate_fraction:  # its offline run sets the rates of every variant
+        if args.baseline not in args.policies:
+            parser.error(f"--rate-fraction needs the baseline {args.baseline} among --policies")
+        args.policies.sort(key=lambda v: v != args.baseline)
     clock = Clock(args.deadline_s)
     shape = SHAPES[args.model_shape]
     env = environment()
