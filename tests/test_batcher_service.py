@@ -93,6 +93,9 @@ def greedy(n):
         pytest.param("aligned", "cuda", marks=pytest.mark.gpu),
         # the GPU pair: loads over both PCIe links (the prefetch GPU's via NVLink)
         pytest.param("aligned", "cuda:0+cuda:1", marks=pytest.mark.gpu2),
+        # a worker on a GPU that is not the process's first (Triton launches on the
+        # current device): one fcfs engine of a data-parallel pair
+        pytest.param("fcfs", "cuda:1", marks=pytest.mark.gpu2),
     ],
 )
 def test_greedy_tokens_equal_the_runtime(model_dir, policy, device, monkeypatch):

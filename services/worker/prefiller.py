@@ -18,7 +18,6 @@ outgrow the cache (ModelInfo.num_prefill_blocks).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,13 +55,13 @@ class Prefiller:
         on a GPU machine); returns their sampled tokens and the seconds it took. Called from
         a thread of its own while the decode device runs its step."""
         start = time.perf_counter()
-        on_gpu = self.device.type == "cuda"
         sampled: list[SampledToken] = []
-        # Triton launches on the thread's current device, not the tensors': set it here.
-        with torch.cuda.device(self.device) if on_gpu else contextlib.nullcontext():
+        with self.runner.on_device():
             for batch in self._batches(jobs):
                 sampled += self._run_batch(batch, pool)
-            if on_gpu:  # the copies out must be in the pool before the step answers
+            if (
+                self.device.type == "cuda"
+            ):  # the copies out must reach the pool before the step answers
                 torch.cuda.current_stream(self.device).synchronize()
         return sampled, time.perf_counter() - start
 

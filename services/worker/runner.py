@@ -7,6 +7,8 @@ per-request state, so any request can move between batches and workers.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,14 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and kv_cache.scratch_block is not None
         self._graphs: dict[tuple[int, int], object] = {}  # (batch bucket, width bucket)
         self._graph_pool = None
+        self.capture_s = 0.0  # spent capturing graphs (on first use of each bucket)
+
+    def on_device(self):
+        """A context in which this thread's current CUDA device is the runner's: Triton
+        launches its kernels on the current device, whatever device their tensors are on."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[SeqChunk], all_logits: bool = False) -> torch.Tensor:
@@ -79,9 +89,11 @@ class ModelRunner:
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
+            start = time.perf_counter()
             graph = DecodeGraph(
                 self.model, self.kv_cache, *key, self.kv_cache.scratch_block, pool=self._graph_pool
             )
+            self.capture_s += time.perf_counter() - start
             self._graphs[key] = graph
         scratch = self.kv_cache.scratch_block
         tables = torch.tensor(

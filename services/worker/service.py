@@ -151,7 +151,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if prefiller is not None
             else None
         )
-        self._num_tokens = 0  # sampled since the last stats line
+        self._stats = StepStats()  # since the last stats line
         self._stats_at = time.monotonic()
 
     async def Describe(self, request, context) -> worker_pb2.ModelInfo:
@@ -199,6 +199,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 )
             logger.info("session started")
             while (request := await context.read()) is not grpc.aio.EOF:
+                began = time.perf_counter()
                 step = asyncio.ensure_future(asyncio.to_thread(self._execute, request))
                 # a step it cannot run ends the session, marked as that step's rejection
                 rejected = ((REJECTED_STEP_KEY, str(request.step)),)
@@ -215,7 +216,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         rejected,
                     )
                 await context.write(response)
-                self._log_stats(len(response.tokens))
+                self._stats.add(response, time.perf_counter() - began)
+                self._log_stats()
         finally:
             # A thread cannot be interrupted: free the device only once its step is done.
             if step is None or step.done():
@@ -240,6 +242,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ---------------------------------------------------------------- one step (worker thread)
 
     def _execute(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        # asyncio.to_thread picks any pool thread: each step sets the device it runs on
+        with self._runner.on_device():
+            return self._execute_on_device(request)
+
+    def _execute_on_device(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
         res = self.residency
         assert res is not None, "Session checks Attach"
         self._check_unique(request)
@@ -377,20 +384,46 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except InvalidRequestError as e:
             raise InvalidRequestError(f"{request_id!r}: {e}", param=e.param) from e
 
-    def _log_stats(self, num_tokens: int) -> None:
-        self._num_tokens += num_tokens
+    def _log_stats(self) -> None:
+        """The periodic stats line: throughput, and where a step's time goes."""
         elapsed = time.monotonic() - self._stats_at
         if elapsed < STATS_INTERVAL_S or self.residency is None:
             return
-        allocator = self.residency.allocator
+        w, capture_s = self._stats, self._runner.capture_s
+        per_step = max(w.steps, 1) * 1e-3
         logger.info(
-            "%.1f tokens/s, %d resident requests, device KV %.1f%% used",
-            self._num_tokens / elapsed,
+            "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps: %.1f ms "
+            "each, decode device %.1f ms, prefill device %.1f ms; %.1f s capturing graphs",
+            w.tokens / elapsed,
             self.residency.num_resident,
-            100 * allocator.usage,
+            100 * self.residency.allocator.usage,
+            w.steps,
+            w.step_s / per_step,
+            w.compute_s / per_step,
+            w.prefill_s / per_step,
+            capture_s - w.capture_s_before,
         )
-        self._num_tokens = 0
+        self._stats = StepStats(capture_s_before=capture_s)
         self._stats_at = time.monotonic()
+
+
+@dataclass
+class StepStats:
+    """Sums over the steps since the last stats line."""
+
+    steps: int = 0
+    tokens: int = 0
+    step_s: float = 0.0  # from receiving the plan to answering it
+    compute_s: float = 0.0
+    prefill_s: float = 0.0
+    capture_s_before: float = 0.0  # the runner's capture time at the window's start
+
+    def add(self, response: worker_pb2.StepResponse, step_s: float) -> None:
+        self.steps += 1
+        self.tokens += len(response.tokens)
+        self.step_s += step_s
+        self.compute_s += response.compute_s
+        self.prefill_s += response.prefill_s
 
 
 # ---------------------------------------------------------------- serving
