@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from alignedserve.batcher import engine as engine_module
 from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig, scheduler_config_for
-from alignedserve.batcher.prefill_pacer import PrefillPacer
 from alignedserve.batcher.scheduler import SchedulerConfig, make_scheduler
 from alignedserve.common import wire
 from alignedserve.common.errors import InvalidRequestError, OutOfBlocksError
@@ -37,9 +36,13 @@ class DeviceModel:
     """The worker's device blocks per request, as residency.py allocates them, and how much
     of each request's KV its write-backs have put in the pool (a load must find it there)."""
 
-    def __init__(self, num_blocks: int, block_tokens: int, num_staging_blocks: int = 0):
+    def __init__(
+        self, num_blocks: int, block_tokens: int, num_staging_blocks: int = 0, prefill_delay=0
+    ):
         self.num_blocks = num_blocks
         self.num_staging_blocks = num_staging_blocks  # the prefill device's
+        self.prefill_delay = prefill_delay  # steps its batch runs beyond the one that sent it
+        self.in_flight = None  # its batch: (chunks, steps left)
         self.num_prefilled_elsewhere = 0  # chunks run there
         self.block_tokens = block_tokens
         self.resident: dict[str, list[int]] = {}  # request -> [blocks, kv tokens]
@@ -71,12 +74,13 @@ class DeviceModel:
         self._grow(request_id, num_kv_tokens)
 
     def step(self, msg: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        self._check_not_in_flight(msg)
         for request_id in msg.release:
             self.resident.pop(request_id, None)
         for e in msg.load:
             self._load(e.request_id, e.num_kv_tokens)
         computed, sampled, write_back = [], [], []
-        sampled += self._prefill_elsewhere([c for c in msg.prefill if c.on_prefill_device])
+        self._prefill_elsewhere([c for c in msg.prefill if c.on_prefill_device])
         for c in msg.prefill:
             if c.on_prefill_device:
                 continue
@@ -99,26 +103,55 @@ class DeviceModel:
             self.resident[request_id][1] += n
         for request_id in [*write_back, *(e.request_id for e in msg.evict)]:
             self.in_pool[request_id] = self.resident.pop(request_id)[1]
+        prefilled = self._take_prefilled(msg.wait_prefill)
+        sampled += [c.request_id for c in prefilled if c.sample]
         tokens = [worker_pb2.SampledToken(request_id=r, token_id=TOKEN) for r in sampled]
-        # timings for the engine's prefill pacer: a decode step of 10 ms, 20 prompt tokens/ms
-        prefill_tokens = sum(len(c.token_ids) for c in msg.prefill if c.on_prefill_device)
         return worker_pb2.StepResponse(
-            step=msg.step, tokens=tokens, compute_s=0.01, prefill_s=prefill_tokens / 20_000
+            step=msg.step, tokens=tokens, prefilled=[c.request_id for c in prefilled]
         )
 
-    def _prefill_elsewhere(self, chunks) -> list[str]:
-        """Chunks on the prefill device (worker/prefiller.py): from the pool, into the pool,
-        within its staging blocks all at once (the scheduler's promise), never resident."""
+    def _prefill_elsewhere(self, chunks) -> None:
+        """Chunks for the prefill device (worker/prefiller.py): from the pool, into the pool,
+        within its staging blocks all at once (the scheduler's promise), never resident; one
+        batch at a time, done `prefill_delay` steps later (or when a step waits for it)."""
+        if not chunks:
+            return
+        assert self.in_flight is None, "a second batch while the prefill device is busy"
         staged = sum(self._blocks_for(c.num_cached_tokens + len(c.token_ids)) for c in chunks)
         assert staged <= self.num_staging_blocks, (staged, self.num_staging_blocks)
-        self.num_prefilled_elsewhere += len(chunks)
         for c in chunks:
             assert c.request_id not in self.resident, f"{c.request_id}: resident"
             assert not c.keep_resident, c.request_id
             in_pool = self.in_pool.get(c.request_id, 0)
             assert c.num_cached_tokens <= in_pool, f"{c.request_id}: cached KV not in the pool"
+        self.in_flight = (list(chunks), self.prefill_delay)
+        self.num_prefilled_elsewhere += len(chunks)
+
+    def _take_prefilled(self, wait: bool) -> list:
+        if self.in_flight is None:
+            return []
+        chunks, steps_left = self.in_flight
+        if steps_left > 0 and not wait:
+            self.in_flight = (chunks, steps_left - 1)
+            return []
+        self.in_flight = None
+        for c in chunks:  # its KV reached the pool
             self.in_pool[c.request_id] = c.num_cached_tokens + len(c.token_ids)
-        return [c.request_id for c in chunks if c.sample]
+        return chunks
+
+    def _check_not_in_flight(self, msg: worker_pb2.StepRequest) -> None:
+        """Nothing in a step touches a request, or a pool block, that the prefill device's
+        batch is still writing (an aborted request's blocks must not be handed out again)."""
+        if self.in_flight is None:
+            return
+        busy_ids = {c.request_id for c in self.in_flight[0]}
+        busy_blocks = {b for c in self.in_flight[0] for b in c.pool_blocks}
+        for entry in (*msg.load, *msg.prefill, *msg.evict):
+            assert entry.request_id not in busy_ids, f"{entry.request_id}: being prefilled"
+            overlap = busy_blocks & set(entry.pool_blocks)
+            assert not overlap, f"{entry.request_id}: pool blocks {overlap} being prefilled"
+        for d in msg.decode:
+            assert d.request_id not in busy_ids, f"{d.request_id}: being prefilled"
 
 
 def model_info(device_blocks: int, block_tokens: int, staging_blocks: int = 0):
@@ -148,6 +181,7 @@ def run(
     arrivals: list[tuple[int, int, int]],  # (step, prompt tokens, max_tokens)
     aborts: dict[int, int],  # step -> index of the request to abort then
     losses: frozenset[int] = frozenset(),  # steps whose worker dies while running them
+    prefill_delay: int = 0,  # steps the prefill device's batch runs beyond the one sending it
 ) -> tuple[dict[str, list], DeviceModel]:
     """Drive the engine's plan -> StepRequest -> answer cycle, as its loop does, against the
     device model, on a simulated clock (a step takes 10 ms). Returns each request's deltas
@@ -155,18 +189,18 @@ def run(
     clock = SimpleNamespace(now=0.0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
-        return _run(clock, config, info, pool_blocks, arrivals, aborts, losses)
+        return _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_delay)
 
 
-def _run(clock, config, info, pool_blocks, arrivals, aborts, losses):
+def _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_delay):
     engine = BatcherEngine(config)
     engine.info = info
     scheduler_config = scheduler_config_for(config, info, pool_blocks)
     engine.scheduler = make_scheduler(scheduler_config, max_model_len=MAX_MODEL_LEN)
-    if scheduler_config.num_prefill_device_blocks:  # as the engine's _setup makes it
-        engine.pacer = PrefillPacer(scheduler_config.prefill_tokens_per_step, min_tokens=4)
     layout = wire.layout_from_proto(info.kv_layout)
-    device = DeviceModel(info.num_device_blocks, layout.block_tokens, info.num_prefill_blocks)
+    device = DeviceModel(
+        info.num_device_blocks, layout.block_tokens, info.num_prefill_blocks, prefill_delay
+    )
     queues, deltas = {}, {}
     limit = 40 * sum(prompt + out + 4 for _, prompt, out in arrivals) + 200
     idle = 0  # empty plans in a row: with work left, nothing but the clock changes
@@ -180,8 +214,8 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses):
         if not engine._has_work() and step > max(at for at, _, _ in arrivals):
             break
         clock.now += 0.01
-        plan = engine._schedule()
-        if plan.is_empty and not engine._release:  # the engine waits for a change
+        plan = engine.scheduler.schedule(clock.now)
+        if plan.is_empty and not engine._release and not engine.scheduler.prefilling:
             idle += 1
             assert idle < 50, f"stalled: {states(engine)}"
             continue
@@ -190,6 +224,7 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses):
         msg = engine._to_proto(plan)
         if step in losses:  # a new worker: an empty device, and the engine recovers
             device.resident.clear()
+            device.in_flight = None  # its prefill device's batch is lost too
             engine._forget_worker(plan)
             continue
         engine._after_step(plan, device.step(msg), before)
@@ -216,6 +251,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
         assist_tokens=4,
         max_batch=1,
         staging_slack=None,
+        prefill_delay=0,
     )
     return example(
         policy=policy,
@@ -273,6 +309,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
     max_batch=st.integers(1, 6),
     starvation_s=st.sampled_from([0.001, 5.0]),
     staging_slack=st.one_of(st.none(), st.integers(0, 24)),
+    prefill_delay=st.integers(0, 3),
 )
 def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     policy,
@@ -289,9 +326,11 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     starvation_s,
     losses,
     staging_slack,
+    prefill_delay,
 ):
     """staging_slack: None, no prefill device; else it stages that many blocks more than
-    the largest request needs (the least it may have, by admission)."""
+    the largest request needs (the least it may have, by admission), and each batch of its
+    chunks is done prefill_delay steps after the step that sent it."""
     needs = [-(-(prompt + out) // block_tokens) for _, prompt, out in arrivals]
     device_blocks = max(needs) + device_slack  # from room for one request alone, upwards
     pool_blocks = max(max(needs), int(sum(needs) * pool_factor))  # small: pool preemption
@@ -307,7 +346,7 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     config = EngineConfig("unused:1", pool_bytes=1, scheduler=scheduler)
     staging = 0 if staging_slack is None else max(needs) + staging_slack
     info = model_info(device_blocks, block_tokens, staging)
-    deltas, device = run(config, info, pool_blocks, arrivals, aborts, losses)
+    deltas, device = run(config, info, pool_blocks, arrivals, aborts, losses, prefill_delay)
 
     assert device.peak <= device_blocks
     assert device.resident == {}  # every request's blocks were freed on the device

@@ -452,15 +452,35 @@ def test_chunks_for_the_prefill_device_run_there_or_are_refused(model_dir):
                 there = await first_token(
                     stub,
                     worker_pb2.StepRequest(
-                        step=1, prefill=[chunk("a", pool.allocate(1), on_prefill_device=True)]
+                        step=1,
+                        prefill=[chunk("a", pool.allocate(1), on_prefill_device=True)],
+                        wait_prefill=True,  # nothing else to do: answer when it is done
                     ),
                 )
-                assert there.prefill_s > 0 and servicer.residency.num_resident == 0
+                assert list(there.prefilled) == ["a"] and there.prefill_s > 0
+                assert servicer.residency.num_resident == 0
                 here = await first_token(
                     stub, worker_pb2.StepRequest(step=1, prefill=[chunk("b", pool.allocate(1))])
                 )
                 assert [t.token_id for t in there.tokens] == [t.token_id for t in here.tokens]
-                assert here.prefill_s == 0
+                assert here.prefill_s == 0 and not here.prefilled
+                # without wait_prefill a step answers at once; the batch is answered as done
+                # by a later step; none other goes to the device before that
+                call = stub.Session()
+                slow = chunk("d", pool.allocate(1), on_prefill_device=True)
+                await call.write(worker_pb2.StepRequest(step=1, prefill=[slow]))
+                answers = [await call.read()]
+                if not answers[0].prefilled:
+                    more = chunk("e", pool.allocate(1), on_prefill_device=True)
+                    await call.write(worker_pb2.StepRequest(step=2, prefill=[more]))
+                    err = await rpc_error(call.read())
+                    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "still runs the batch" in err.details()
+                else:  # it was quicker than the answer: a step that waits finds nothing
+                    await call.write(worker_pb2.StepRequest(step=2, wait_prefill=True))
+                    answers.append(await call.read())
+                    await call.done_writing()
+                    assert not answers[1].prefilled
                 call = stub.Session()
                 both = chunk("c", pool.allocate(1), on_prefill_device=True, keep_resident=True)
                 await call.write(worker_pb2.StepRequest(step=1, prefill=[both]))

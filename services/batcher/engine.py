@@ -24,7 +24,6 @@ import grpc
 
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.kv_pool import CpuKVPool
-from alignedserve.batcher.prefill_pacer import PrefillPacer
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
@@ -122,8 +121,6 @@ class BatcherEngine:
         self._task: asyncio.Task | None = None
         self._step = 0
         self._step_since: float | None = None  # monotonic start of the step in flight
-        self.pacer: PrefillPacer | None = None  # set when the worker has a prefill device
-        self._decoding = False  # the last step decoded (its members will want the next)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -231,8 +228,8 @@ class BatcherEngine:
                 if not self._wake.is_set():  # idle: is the worker still there?
                     await self._probe()
                 continue
-            plan = self._schedule()
-            if plan.is_empty and not self._release:
+            plan = self.scheduler.schedule(time.monotonic())
+            if plan.is_empty and not self._release and not self.scheduler.prefilling:
                 # e.g. the pool is full of finished-but-unsent work: wait for a change
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -255,11 +252,6 @@ class BatcherEngine:
             finally:
                 self._step_since = None
             self._after_step(plan, response, before)
-
-    def _schedule(self) -> BatchPlan:
-        """The next step's plan; beside a prefill device, with its paced prefill budget."""
-        budget = self.pacer.budget(self._decoding) if self.pacer is not None else None
-        return self.scheduler.schedule(time.monotonic(), budget)
 
     def _forget_worker(self, lost: BatchPlan | None = None) -> None:
         """The worker's device is gone, with the step in flight (`lost`, if any): requests
@@ -342,7 +334,7 @@ class BatcherEngine:
                 keep_resident=keep_resident,
                 on_prefill_device=on_prefill_device,
             )
-            if not keep_resident:
+            if not keep_resident and not on_prefill_device:  # (that one: when it is done)
                 self._writing[rid] = end
         for rid in plan.decode:
             r = store.get(rid)
@@ -356,6 +348,8 @@ class BatcherEngine:
             r = store.get(rid)
             msg.evict.add(request_id=rid, pool_blocks=r.blocks)
             self._writing[rid] = r.num_kv_tokens
+        # nothing for the decode device: answer when the prefill device's batch is done
+        msg.wait_prefill = not (msg.load or msg.decode or msg.evict or plan.mixed_prefill)
         return msg
 
     def _report(self, plan: BatchPlan) -> None:
@@ -372,17 +366,18 @@ class BatcherEngine:
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
             # this worker loads synchronously, at the step that lands them
             self.scheduler.policy.on_prefetch_done()
-        if self.pacer is not None:
-            self._decoding = bool(plan.decode)
-            self.pacer.observe(
-                sum(n for _, n in plan.prefill),
-                response.prefill_s,
-                decoding=self._decoding and not plan.mixed_prefill,
-                compute_s=response.compute_s,
-            )
         tokens = {t.request_id: t.token_id for t in response.tokens}
         logprobs = {t.request_id: t.logprob for t in response.tokens}
-        finished = self.scheduler.update(plan, tokens, time.monotonic())
+        now = time.monotonic()
+        finished = self.scheduler.update(plan, tokens, now)
+        if response.prefilled:  # the prefill device's batch (sent at this step or before)
+            store = self.scheduler.store
+            landed = [rid for rid in response.prefilled if rid in store]
+            before.update((rid, len(store.get(rid).output_token_ids)) for rid in landed)
+            synced = {rid: store.get(rid).num_prefilled + self.scheduler.prefilling[rid]
+                      for rid in landed if rid in self.scheduler.prefilling}  # fmt: skip
+            finished += self.scheduler.prefill_done(response.prefilled, tokens, now)
+            self._synced.update((rid, n) for rid, n in synced.items() if rid in store)
         self._release += self.scheduler.take_preempted()  # recomputed later: free the device
         store, sinks = self.scheduler.store, self._sinks
         for rid, n in before.items():
@@ -474,11 +469,10 @@ class BatcherEngine:
         )
         if config.num_prefill_device_blocks:
             log.info(
-                "prefill on the worker's %s (%d staging blocks), paced to the decode step",
+                "prefill on the worker's %s (%d staging blocks), beside the decode steps",
                 info.prefill_device,
                 config.num_prefill_device_blocks,
             )
-            self.pacer = PrefillPacer(config.prefill_tokens_per_step)
         engine_metrics.create_series(info.model_name)
 
     async def _recover(self, lost: BatchPlan | None = None) -> None:

@@ -145,12 +145,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._handover_s = session_handover_s
         self._session_lock = asyncio.Lock()
         self._prefiller = prefiller
-        # one thread drives the prefill device, so its chunks run while this step's decode does
+        # One thread drives the prefill device: its batch of chunks runs across decode steps.
         self._prefill_thread = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
             if prefiller is not None
             else None
         )
+        self._prefilling: concurrent.futures.Future | None = None  # the batch in flight
+        self._prefilling_ids: frozenset[str] = frozenset()
         self._stats = StepStats()  # since the last stats line
         self._stats_at = time.monotonic()
 
@@ -234,6 +236,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _end_session(self, step: asyncio.Future | None) -> None:
         if step is not None and not step.cancelled():
             step.exception()  # retrieved here, so asyncio does not log it as never retrieved
+        if self._prefilling is not None:
+            # it writes into the pool's blocks: no next session (or pool) before it is done
+            concurrent.futures.wait([self._prefilling])
+            self._prefilling, self._prefilling_ids = None, frozenset()
         if self.residency is not None:
             self.residency.release_all()
         self._session_lock.release()
@@ -258,11 +264,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
         )
         # the prefill device's chunks start first and run while this thread does the rest
-        offloaded = self._start_offloaded(request)
-        try:
-            sampled, compute_s = self._execute_here(request, res)
-        finally:  # a thread cannot be interrupted: the step ends when both devices are done
-            sampled_there, prefill_s = offloaded.result() if offloaded else ([], 0.0)
+        self._start_offloaded(request)
+        sampled, compute_s = self._execute_here(request, res)
+        if request.wait_prefill and self._prefilling is not None:
+            concurrent.futures.wait([self._prefilling])
+        prefilled, sampled_there, prefill_s = self._take_prefilled()
         return worker_pb2.StepResponse(
             step=request.step,
             tokens=[
@@ -273,10 +279,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ],
             compute_s=compute_s,
             load_s=load_s(),
+            prefilled=prefilled,
             prefill_s=prefill_s,
         )
 
-    def _start_offloaded(self, request: worker_pb2.StepRequest) -> concurrent.futures.Future | None:
+    def _take_prefilled(self) -> tuple[list[str], list[SampledToken], float]:
+        """The prefill device's batch, if done: its request ids, sampled tokens and seconds
+        (a batch that failed raises its error here, failing this step)."""
+        if self._prefilling is None or not self._prefilling.done():
+            return [], [], 0.0
+        done, ids = self._prefilling, self._prefilling_ids
+        self._prefilling, self._prefilling_ids = None, frozenset()
+        sampled, seconds = done.result()
+        return sorted(ids), sampled, seconds
+
+    def _start_offloaded(self, request: worker_pb2.StepRequest) -> None:
         """Submit the step's on_prefill_device chunks to the prefill device's thread."""
         from alignedserve.worker.prefiller import PrefillJob
 
@@ -288,6 +305,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 raise InvalidRequestError(
                     f"prefill {c.request_id!r}: on_prefill_device, but this worker has no "
                     f"prefill device",
+                    param="on_prefill_device",
+                )
+            if self._prefilling is not None:
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: the prefill device still runs the batch of "
+                    f"{sorted(self._prefilling_ids)[:3]}; send the next once it is done",
                     param="on_prefill_device",
                 )
             if c.keep_resident:
@@ -313,9 +336,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     sampling,
                 )
             )
-        if not jobs:
-            return None
-        return self._prefill_thread.submit(self._prefiller.run, jobs, self.residency.pool_view())
+        if jobs:
+            pool = self.residency.pool_view()
+            self._prefilling = self._prefill_thread.submit(self._prefiller.run, jobs, pool)
+            self._prefilling_ids = frozenset(job.request_id for job in jobs)
 
     def _execute_here(
         self, request: worker_pb2.StepRequest, res: DeviceResidency
@@ -359,6 +383,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidRequestError(f"requests {dup} appear twice in one forward pass")
+        busy = self._prefilling_ids & {
+            *ids,
+            *(e.request_id for e in (*request.load, *request.evict)),
+        }
+        if busy:
+            raise InvalidRequestError(
+                f"requests {sorted(busy)[:3]} are being prefilled on the prefill device"
+            )
 
     def _check_tokens(self, request_id: str, token_ids: Sequence[int], num_cached: int) -> None:
         # On a GPU an out-of-range index is a device-side assert that poisons the whole

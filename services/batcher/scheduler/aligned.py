@@ -10,9 +10,10 @@ of the weights; with a balanced kernel one group is best and the policy becomes 
 batching with prefill moved off the decode GPU.
 
 The CPU pool holds the rest (its index by length finds partners). Each step, top to bottom:
-1. prefill waiting requests on the prefetch GPU, whose KV lands in the pool (and on the
-   decode GPU too while nothing waits in the pool, the GPU has room and, beside a prefill
-   device, decodes nothing), admitting at most `max_inflight` past prefill;
+1. prefill waiting requests on the prefetch GPU, whose KV lands in the pool: there, one
+   batch of chunks runs across decode steps, never holding one up (and on the decode GPU
+   too while nothing waits in the pool, the GPU has room and, beside a prefill device,
+   decodes nothing), admitting at most `max_inflight` past prefill;
 2. requests that finished streaming in become resident;
 3. a pooled request waiting past `starvation_s` while the GPU is full makes room by sending
    the longest-resident requests back to the pool (they write back only new KV);
@@ -145,12 +146,16 @@ class AlignedPolicy:
         elif load:
             self._insert(sched, load)
         decode, free, make_room = self._fit_decode(sched, self._next_group(), free, now)
-        # on a prefill device the chunks take its staging blocks; else the decode device's
+        # On a prefill device the chunks take its staging blocks, one batch at a time (it runs
+        # across decode steps); else they take the decode device's blocks, in its step.
         staging = self.config.num_prefill_device_blocks
-        prefill = sched.plan_prefill(
-            prefill_budget, self._admit_room(), device_blocks=staging or free
-        )
-        if not staging:
+        if staging:
+            prefill = ()
+            if not sched.prefilling:
+                room = self._admit_room()
+                prefill = sched.plan_prefill(prefill_budget, room, device_blocks=staging)
+        else:
+            prefill = sched.plan_prefill(prefill_budget, self._admit_room(), device_blocks=free)
             free -= sched.prefill_device_blocks(prefill)
         plan = BatchPlan(
             prefill=prefill,

@@ -40,8 +40,9 @@ class SchedulerConfig:
     # (where waiting would inflate every pooled request's time per output token).
     max_inflight: int = 1024
     # aligned: the prefill device's staging KV blocks (the worker's ModelInfo): the prefill
-    # the policy plans (`BatchPlan.prefill`) runs there and lands in the pool, taking none of
-    # the decode device's blocks. 0: no prefill device; it runs on the decode device.
+    # the policy plans (`BatchPlan.prefill`) runs there, across decode steps, and lands in the
+    # pool, taking none of the decode device's blocks. 0: no prefill device; it runs on the
+    # decode device, in the step.
     num_prefill_device_blocks: int = 0
 
     def __post_init__(self) -> None:

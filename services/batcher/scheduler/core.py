@@ -79,6 +79,12 @@ class Scheduler:
         self.num_device_blocks = config.gpu_kv_tokens // config.block_tokens
         # preempted since the executor last asked: their device KV must be freed there too
         self._preempted: list[str] = []
+        # Chunks on the prefill device (request -> tokens): planned by the policy as
+        # `BatchPlan.prefill` when config.num_prefill_device_blocks, done at a later step
+        # (`prefill_done`). Blocks of a request that ended meanwhile wait here for the chunk:
+        # the device still writes into them.
+        self.prefilling: dict[str, int] = {}
+        self._orphaned_blocks: dict[str, list[int]] = {}
 
     # ---- admission -------------------------------------------------------------------
     def add_request(
@@ -132,27 +138,18 @@ class Scheduler:
             budget = min(budget, prefill_token_budget)
         plan = self.policy.schedule(self, now, budget)
         self.num_switches += plan.is_switch
+        if self.config.num_prefill_device_blocks:
+            self.prefilling.update(plan.prefill)
         return plan
 
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
-        prefill this step and per decoded member. Returns the requests that finished."""
+        prefill this step and per decoded member. Returns the requests that finished. (The
+        prefill device's chunks are applied by `prefill_done`, when they are done.)"""
         done: list[Request] = []
-        for request_id, num in plan.all_prefill:
-            if request_id not in self.store:
-                continue  # aborted and dropped while the step ran
-            r = self.store.get(request_id)
-            if r.state is not RequestState.WAITING_PREFILL:
-                continue  # aborted meanwhile
-            r.num_prefilled += num
-            if r.num_prefilled == r.num_tokens:  # whole prompt (and any recomputed output) in
-                self._dequeue(request_id)
-                if r.first_token_s is None:
-                    r.first_token_s = now
-                if self._append(r, tokens[request_id], now):
-                    done.append(r)
-                elif r.state is RequestState.WAITING_PREFILL:
-                    self.policy.on_prefilled(self, r, now)
+        chunks = plan.mixed_prefill if self.config.num_prefill_device_blocks else plan.all_prefill
+        for request_id, num in chunks:
+            self._prefilled(request_id, num, tokens, now, done)
         for request_id in plan.decode:
             if request_id not in self.store:
                 continue
@@ -160,6 +157,39 @@ class Scheduler:
             if r.state is RequestState.RUNNING and self._append(r, tokens[request_id], now):
                 done.append(r)
         return done
+
+    def prefill_done(
+        self, request_ids: Sequence[str], tokens: Mapping[str, int], now: float
+    ) -> list[Request]:
+        """The prefill device finished these requests' chunks: apply them as `update` does
+        (tokens: the sampled ones). Returns the requests that finished."""
+        done: list[Request] = []
+        for request_id in request_ids:
+            num = self.prefilling.pop(request_id, None)
+            orphaned = self._orphaned_blocks.pop(request_id, None)
+            if orphaned is not None:
+                self.allocator.free(orphaned)
+            elif num is not None:
+                self._prefilled(request_id, num, tokens, now, done)
+        return done
+
+    def _prefilled(
+        self, request_id: str, num: int, tokens: Mapping[str, int], now: float, done: list
+    ) -> None:
+        if request_id not in self.store:
+            return  # aborted and dropped while the step ran
+        r = self.store.get(request_id)
+        if r.state is not RequestState.WAITING_PREFILL:
+            return  # aborted meanwhile
+        r.num_prefilled += num
+        if r.num_prefilled == r.num_tokens:  # whole prompt (and any recomputed output) in
+            self._dequeue(request_id)
+            if r.first_token_s is None:
+                r.first_token_s = now
+            if self._append(r, tokens[request_id], now):
+                done.append(r)
+            elif r.state is RequestState.WAITING_PREFILL:
+                self.policy.on_prefilled(self, r, now)
 
     # ---- helpers shared by the policies -------------------------------------------------
     def plan_prefill(
@@ -186,7 +216,7 @@ class Scheduler:
         for request_id in self.waiting:
             if token_budget <= 0 or len(chunks) >= max_requests:
                 break
-            if request_id in planned:
+            if request_id in planned or request_id in self.prefilling:
                 continue
             r = self.store.get(request_id)
             if not r.blocks:  # not admitted yet
@@ -269,6 +299,13 @@ class Scheduler:
         from `synced[id]`, the tokens whose KV reached the pool; its pool blocks are kept. The
         prefill recomputes the rest and samples the next token: with counter-based sampling,
         the very token it would have produced. Returns the requests moved, in arrival order."""
+        # the prefill device's chunk in flight is lost with it (its requests are planned again);
+        # the blocks of those that ended meanwhile are free once the old session is gone,
+        # before any new plan is sent
+        self.prefilling.clear()
+        for blocks in self._orphaned_blocks.values():
+            self.allocator.free(blocks)
+        self._orphaned_blocks.clear()
         for r in self.store.in_state(RequestState.WAITING_PREFILL):
             # a chunked prefill kept on the device (fcfs) lost the chunks not in the pool
             r.num_prefilled = min(r.num_prefilled, synced.get(r.request_id, 0))
@@ -299,7 +336,12 @@ class Scheduler:
     def check_invariants(self) -> None:
         self.store.check_invariants(self.config.block_tokens, self.config.num_pool_blocks)
         owned = sum(len(r.blocks) for r in self.store)
+        owned += sum(len(blocks) for blocks in self._orphaned_blocks.values())
         assert owned == self.allocator.num_used, f"{owned} owned vs {self.allocator.num_used}"
+        assert self._orphaned_blocks.keys() <= self.prefilling.keys()
+        for request_id in self.prefilling.keys() - self._orphaned_blocks.keys():
+            r = self.store.get(request_id)
+            assert r.state is RequestState.WAITING_PREFILL, r
         waiting = list(self.store.in_state(RequestState.WAITING_PREFILL))
         assert sorted(r.request_id for r in waiting) == sorted(self.waiting), "waiting out of sync"
         for r in waiting:  # admitted ones hold room for their whole prefill and first token
@@ -336,7 +378,10 @@ class Scheduler:
     def _finish(self, r: Request, state: RequestState, reason: str, now: float) -> None:
         self._dequeue(r.request_id)
         self.policy.on_done(self, r)
-        self.allocator.free(r.blocks)
+        if r.request_id in self.prefilling:  # the prefill device still writes into them
+            self._orphaned_blocks[r.request_id] = r.blocks
+        else:
+            self.allocator.free(r.blocks)
         r.blocks = []
         r.finish_reason = reason
         r.finished_s = now

@@ -102,20 +102,22 @@ class EvictEntry(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step", "release", "load", "prefill", "decode", "evict")
+    __slots__ = ("step", "release", "load", "prefill", "decode", "evict", "wait_prefill")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     EVICT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_PREFILL_FIELD_NUMBER: _ClassVar[int]
     step: int
     release: _containers.RepeatedScalarFieldContainer[str]
     load: _containers.RepeatedCompositeFieldContainer[LoadEntry]
     prefill: _containers.RepeatedCompositeFieldContainer[PrefillChunk]
     decode: _containers.RepeatedCompositeFieldContainer[DecodeEntry]
     evict: _containers.RepeatedCompositeFieldContainer[EvictEntry]
-    def __init__(self, step: _Optional[int] = ..., release: _Optional[_Iterable[str]] = ..., load: _Optional[_Iterable[_Union[LoadEntry, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[DecodeEntry, _Mapping]]] = ..., evict: _Optional[_Iterable[_Union[EvictEntry, _Mapping]]] = ...) -> None: ...
+    wait_prefill: bool
+    def __init__(self, step: _Optional[int] = ..., release: _Optional[_Iterable[str]] = ..., load: _Optional[_Iterable[_Union[LoadEntry, _Mapping]]] = ..., prefill: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[DecodeEntry, _Mapping]]] = ..., evict: _Optional[_Iterable[_Union[EvictEntry, _Mapping]]] = ..., wait_prefill: _Optional[bool] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("request_id", "token_id", "logprob")
@@ -128,15 +130,17 @@ class SampledToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "tokens", "compute_s", "load_s", "prefill_s")
+    __slots__ = ("step", "tokens", "compute_s", "load_s", "prefilled", "prefill_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
     compute_s: float
     load_s: float
+    prefilled: _containers.RepeatedScalarFieldContainer[str]
     prefill_s: float
-    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., load_s: _Optional[float] = ..., prefill_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., load_s: _Optional[float] = ..., prefilled: _Optional[_Iterable[str]] = ..., prefill_s: _Optional[float] = ...) -> None: ...
