@@ -52,8 +52,12 @@ class DecodeGraph:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the prefill device's thread (worker/prefiller.py) may be running its
-        # chunks meanwhile; its CUDA calls are not part of this capture and must not fail it
-        capture = torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local")
+        # chunks meanwhile; its CUDA calls are not part of this capture and must not fail it.
+        # stream: torch's default capture stream is made once per process, on the device
+        # current then; a graph of another device must be captured on a stream of its own.
+        capture = torch.cuda.graph(
+            self.graph, pool=pool, stream=side, capture_error_mode="thread_local"
+        )
         with capture, torch.inference_mode():
             self.logits = self._forward()  # [B, vocab], rewritten by every replay
 
