@@ -231,6 +231,8 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_del
         engine.scheduler.check_invariants()
     else:
         pytest.fail(f"not done in {limit} steps: {states(engine)}")
+    # no pool block leaked: an aborted request's blocks came back once its prefill was done
+    assert engine.scheduler.allocator.num_used == 0 and not engine.scheduler.prefilling
     for request_id, queue in queues.items():
         deltas[request_id] = []
         while not queue.empty():
@@ -350,6 +352,7 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
 
     assert device.peak <= device_blocks
     assert device.resident == {}  # every request's blocks were freed on the device
+    assert device.in_flight is None  # the prefill device's last batch was answered
     for i, (_, _, out) in enumerate(arrivals):
         final = deltas[f"r{i}"][-1]
         assert isinstance(final, Delta) and final.finish_reason in ("length", "abort")

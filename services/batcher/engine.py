@@ -296,8 +296,9 @@ class BatcherEngine:
         self._fail(failed, error)
 
     def _has_work(self) -> bool:
-        # the store holds live requests only: _finish removes each one as it ends
-        return bool(self._release) or len(self.scheduler.store) > 0
+        # the store holds live requests only: _finish removes each one as it ends; a prefill
+        # batch in flight must still be answered (an aborted request's blocks wait for it)
+        return bool(self._release or self.scheduler.prefilling) or len(self.scheduler.store) > 0
 
     def _snapshot(self, plan: BatchPlan) -> dict[str, int]:
         """Output length of every request the step may give a token to."""
