@@ -143,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         return run_batcher(config_from_args(args))
     if args.role == "worker":
-        from alignedserve.worker.service import config_from_args, run_worker
+        from alignedserve.worker.server import run_worker
+        from alignedserve.worker.service import config_from_args
 
         return run_worker(config_from_args(args))
     from alignedserve.serve import config_from_args, run_serve

@@ -18,7 +18,8 @@ from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.serve import free_port
 from alignedserve.worker.generate import LocalRuntime
-from alignedserve.worker.service import WorkerConfig, serve_worker
+from alignedserve.worker.server import serve_worker
+from alignedserve.worker.service import WorkerConfig
 from alignedserve.worker.tiny import init_tiny
 
 import factories
@@ -182,16 +183,16 @@ def test_a_step_the_worker_rejects_fails_its_requests_and_the_batcher_serves_on(
     request of 8 blocks is answered RESOURCE_EXHAUSTED. Sending it again would fail again,
     so it is no lost worker: that request fails with the worker's reason (logged once), and
     the batcher goes on serving the next one with the runtime's tokens."""
-    from alignedserve.worker import service as worker_service
+    from alignedserve.worker import server as worker_server
 
-    load = worker_service.load_servicer
+    load = worker_server.load_servicer
 
     def claims_more_blocks(config):
         servicer = load(config)
         servicer.info.num_device_blocks = 64
         return servicer
 
-    monkeypatch.setattr(worker_service, "load_servicer", claims_more_blocks)
+    monkeypatch.setattr(worker_server, "load_servicer", claims_more_blocks)
     big, small = random_prompts((120, 20), seed=12)
     expected = LocalRuntime.from_dir(model_dir).generate([small], [greedy(10)])[0]
 
@@ -253,7 +254,8 @@ def test_abort_and_cancel_free_everything(model_dir):
 
 def start_worker_process(model_dir: str, port: int) -> subprocess.Popen:
     code = (
-        "from alignedserve.worker.service import WorkerConfig, run_worker; "
+        "from alignedserve.worker.server import run_worker; "
+        "from alignedserve.worker.service import WorkerConfig; "
         f"run_worker(WorkerConfig({model_dir!r}, port={port}))"
     )
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)

@@ -13,7 +13,8 @@ from alignedserve.batcher.service import BatcherConfig, serve_batcher
 from alignedserve.common import wire
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.serve import free_port
-from alignedserve.worker.service import WorkerConfig, serve_worker
+from alignedserve.worker.server import serve_worker
+from alignedserve.worker.service import WorkerConfig
 
 from factories import random_prompts
 

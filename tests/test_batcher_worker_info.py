@@ -18,7 +18,8 @@ from alignedserve.common import wire
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import worker_pb2
-from alignedserve.worker.service import WorkerConfig, decode_kernel_cost, serve_worker
+from alignedserve.worker.server import decode_kernel_cost, serve_worker
+from alignedserve.worker.service import WorkerConfig
 from alignedserve.worker.tiny import init_tiny
 
 import factories

@@ -31,13 +31,13 @@ from alignedserve.serve import free_port
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.kv_cache import TORCH_DTYPES, KVCache
 from alignedserve.worker.residency import DeviceResidency
+from alignedserve.worker.server import serve_worker
 from alignedserve.worker.service import (
     SERVICE_NAME,
     WorkerConfig,
     WorkerServicer,
     add_worker_arguments,
     config_from_args,
-    serve_worker,
 )
 from alignedserve.worker.tiny import EOS, EOT, init_tiny
 
@@ -615,7 +615,8 @@ def test_run_worker_stops_gracefully_on_sigterm(model_dir):
     port = free_port()
     code = (
         "import sys\n"
-        "from alignedserve.worker.service import WorkerConfig, run_worker\n"
+        "from alignedserve.worker.server import run_worker\n"
+        "from alignedserve.worker.service import WorkerConfig\n"
         f"sys.exit(run_worker(WorkerConfig(model_dir={str(model_dir)!r}, port={port})))\n"
     )
     proc = subprocess.Popen(

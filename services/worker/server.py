@@ -1,0 +1,150 @@
+"""Serving one worker process: load the model (and, beside a prefetch device, the prefill
+replica), then serve the Worker gRPC service (`service.py`) until told to stop.
+
+Like the service, this module imports no torch at import time; `load_servicer` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from alignedserve.common.errors import ConfigError
+from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.model_config import ModelConfig
+from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
+from alignedserve.common.rpc import aio_server, set_serving
+from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
+from alignedserve.common.wire import layout_to_proto
+from alignedserve.worker.service import (
+    PREFILL_STAGING_EXTRA_TOKENS,
+    SERVICE_NAME,
+    STOP_GRACE_S,
+    WorkerConfig,
+    WorkerServicer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def torch_device_is_cuda(device: str) -> bool:
+    return device.split(":")[0] == "cuda"
+
+
+def decode_kernel_cost(device: str) -> str:
+    """How a decode step's attention cost grows with its members' lengths (attention.py's
+    attend_cached): on a GPU the Triton paged kernel reads each member's own blocks, so the
+    cost is the sum of the lengths ("balanced"); the torch path that runs elsewhere gathers
+    every member's blocks into one tensor as wide as the longest member's ("padded")."""
+    return "balanced" if torch_device_is_cuda(device) else "padded"
+
+
+def load_servicer(config: WorkerConfig) -> WorkerServicer:
+    """Load the model and its device KV cache (blocking: seconds to minutes)."""
+    # The torch side, imported here and not at the top: see the module docstring.
+    from alignedserve.worker.kv_cache import KVCache
+    from alignedserve.worker.loader import load_model
+    from alignedserve.worker.residency import DeviceResidency
+    from alignedserve.worker.runner import ModelRunner
+
+    model_dir = Path(config.model_dir)
+    model_config = ModelConfig.from_dir(model_dir)
+    model = load_model(model_dir, device=config.device, dtype=config.dtype)
+    layout = KVLayout.for_model(model_config, config.block_tokens, config.dtype)
+    on_gpu = torch_device_is_cuda(config.device)
+    kv_cache = KVCache(layout, config.num_device_blocks, device=config.device, scratch_block=on_gpu)
+    eos = set(model_config.eos_token_ids)
+    if (model_dir / TOKENIZER_FILE).is_file():  # generation_config's end-of-turn ids
+        eos |= set(Tokenizer.from_dir(model_dir).eos_token_ids)
+    info = worker_pb2.ModelInfo(
+        model_name=model_dir.resolve().name,
+        max_model_len=model_config.max_position_embeddings,
+        vocab_size=model_config.vocab_size,
+        eos_token_ids=sorted(eos),
+        kv_layout=layout_to_proto(layout),
+        num_device_blocks=config.num_device_blocks,
+        device=str(kv_cache.blocks.device),
+        # a tied embedding is one parameter: counted once, as a step reads it once
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        decode_kernel_cost=decode_kernel_cost(config.device),
+    )
+    prefiller = None
+    if config.prefetch_device and config.offload_prefill:
+        from alignedserve.worker.prefiller import Prefiller
+
+        staging_tokens = config.prefill_kv_tokens or (
+            model_config.max_position_embeddings + PREFILL_STAGING_EXTRA_TOKENS
+        )
+        staging = KVCache(layout, layout.blocks_for(staging_tokens), device=config.prefetch_device)
+        replica = load_model(model_dir, device=config.prefetch_device, dtype=config.dtype)
+        prefiller = Prefiller(ModelRunner(replica, staging))
+        info.prefill_device = str(staging.blocks.device)
+        info.num_prefill_blocks = staging.num_blocks
+    return WorkerServicer(
+        info,
+        ModelRunner(model, kv_cache),
+        functools.partial(DeviceResidency, kv_cache, prefetch_device=config.prefetch_device),
+        session_handover_s=config.session_handover_s,
+        prefiller=prefiller,
+    )
+
+
+async def serve_worker(
+    config: WorkerConfig,
+    ready: asyncio.Event | None = None,
+    on_ready: Callable[[WorkerServicer], None] | None = None,
+) -> None:
+    """Load the model, serve until cancelled, then stop gracefully. Once serving, `on_ready`
+    gets the servicer (its `port` is the bound port) and `ready` is set."""
+    servicer = await asyncio.to_thread(load_servicer, config)
+    server, health = aio_server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
+    try:
+        servicer.port = server.add_insecure_port(f"{host}:{config.port}")
+    except RuntimeError as e:  # grpc reports a port it cannot bind this way
+        raise ConfigError(f"WorkerConfig: cannot listen on {host}:{config.port} ({e})") from e
+    await server.start()
+    try:
+        await set_serving(health, [SERVICE_NAME], serving=True)
+        logger.info(
+            "worker serving %s on %s:%d (%s)",
+            servicer.info.model_name,
+            config.host,
+            servicer.port,
+            servicer.info.device,
+        )
+        if on_ready is not None:
+            on_ready(servicer)
+        if ready is not None:
+            ready.set()
+        # Shielded: cancelling grpc's own wait also cancels the future that stop() awaits,
+        # and stop() would then raise instead of stopping gracefully.
+        await asyncio.shield(server.wait_for_termination())
+    finally:
+        await set_serving(health, [SERVICE_NAME], serving=False)
+        await server.stop(STOP_GRACE_S)
+        servicer.close()
+        logger.info("worker stopped")
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Blocking entry for `alignedserve serve worker`: serve until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(serve_worker(config))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, serving.cancel)
+        try:
+            await serving
+        except asyncio.CancelledError:
+            if not serving.cancelled():  # we were cancelled, not the server by a signal
+                raise
+
+    asyncio.run(main())
+    return 0
