@@ -14,9 +14,9 @@ from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import ModelConfig
-from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.kv_cache import KVCache, copy_blocks
 from alignedserve.worker.loader import load_model
-from alignedserve.worker.prefiller import Prefiller, PrefillJob, copy_blocks
+from alignedserve.worker.prefiller import Prefiller, PrefillJob
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import ModelRunner
 from alignedserve.worker.tiny import init_tiny

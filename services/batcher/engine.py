@@ -375,10 +375,9 @@ class BatcherEngine:
             store = self.scheduler.store
             landed = [rid for rid in response.prefilled if rid in store]
             before.update((rid, len(store.get(rid).output_token_ids)) for rid in landed)
-            synced = {rid: store.get(rid).num_prefilled + self.scheduler.prefilling[rid]
-                      for rid in landed if rid in self.scheduler.prefilling}  # fmt: skip
             finished += self.scheduler.prefill_done(response.prefilled, tokens, now)
-            self._synced.update((rid, n) for rid, n in synced.items() if rid in store)
+            # their KV up to num_prefilled is in the pool now
+            self._synced.update((rid, store.get(rid).num_prefilled) for rid in landed)
         self._release += self.scheduler.take_preempted()  # recomputed later: free the device
         store, sinks = self.scheduler.store, self._sinks
         for rid, n in before.items():

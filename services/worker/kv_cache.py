@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from alignedserve.common.kv_layout import KVLayout
@@ -46,3 +48,16 @@ class KVCache:
     ) -> None:
         self.blocks[slot_block, layer, 0, slot_offset] = k.to(self.blocks.dtype)
         self.blocks[slot_block, layer, 1, slot_offset] = v.to(self.blocks.dtype)
+
+
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
+    """dst[d] = src[s] for each (d, s): one copy per run of consecutive ids on both sides, so
+    pinned host <-> GPU copies are few large DMA transfers (asynchronous on a GPU)."""
+    i = 0
+    while i < len(pairs):
+        d0, s0 = pairs[i]
+        n = 1
+        while i + n < len(pairs) and pairs[i + n] == (d0 + n, s0 + n):
+            n += 1
+        dst[d0 : d0 + n].copy_(src[s0 : s0 + n], non_blocking=True)
+        i += n

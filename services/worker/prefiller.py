@@ -26,6 +26,7 @@ import torch
 
 from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.worker.kv_cache import copy_blocks
 from alignedserve.worker.runner import ModelRunner, SampledToken, SeqChunk
 
 
@@ -59,9 +60,8 @@ class Prefiller:
         with self.runner.on_device():
             for batch in self._batches(jobs):
                 sampled += self._run_batch(batch, pool)
-            if (
-                self.device.type == "cuda"
-            ):  # the copies out must reach the pool before the step answers
+            # the copies out must reach the pool before the step answers
+            if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
         return sampled, time.perf_counter() - start
 
@@ -112,16 +112,3 @@ class Prefiller:
         sampled = self.runner.step(chunks)  # host values: the forward pass is done
         copy_blocks(pool, self.blocks, out)
         return sampled
-
-
-def copy_blocks(dst: torch.Tensor, src: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
-    """dst[d] = src[s] for each (d, s): one copy per run of consecutive ids on both sides, so
-    pinned host <-> GPU copies are few large DMA transfers (asynchronous on a GPU)."""
-    i = 0
-    while i < len(pairs):
-        d0, s0 = pairs[i]
-        n = 1
-        while i + n < len(pairs) and pairs[i + n] == (d0 + n, s0 + n):
-            n += 1
-        dst[d0 : d0 + n].copy_(src[s0 : s0 + n], non_blocking=True)
-        i += n

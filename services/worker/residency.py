@@ -20,7 +20,7 @@ from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import ConfigError, InvalidRequestError
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.kv_cache import KVCache, copy_blocks
 from alignedserve.worker.runner import SeqChunk
 
 
@@ -98,10 +98,8 @@ class DeviceResidency:
             events = self._prefetcher.start(list(pool_blocks[:num_blocks]), device_blocks)
             self._prefetcher.wait_on(events)
         elif num_blocks:
-            src = self._pool_index(pool_blocks[:num_blocks])
-            dst = self._device_index(device_blocks)
-            # [n, layers, 2, block_tokens, kv_heads, head_dim]
-            self.kv_cache.blocks[dst] = self.pool_view()[src].to(self.kv_cache.blocks.device)
+            pairs = list(zip(device_blocks, pool_blocks[:num_blocks], strict=True))
+            copy_blocks(self.kv_cache.blocks, self.pool_view(), pairs)
         self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
 
     def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> Callable[[], float]:
@@ -153,22 +151,14 @@ class DeviceResidency:
         r = self._get(request_id, "write_back")
         num_blocks = self.kv_cache.layout.blocks_for(r.num_kv_tokens)
         self._check_pool_blocks("write_back", request_id, pool_blocks, num_blocks)
-        if r.num_synced < r.num_kv_tokens and self._prefetcher is not None:
+        if r.num_synced < r.num_kv_tokens:
             first = r.num_synced // self._block_tokens
-            pool = self.pool_view()
-            for d, p in zip(
-                r.device_blocks[first:num_blocks], pool_blocks[first:num_blocks], strict=True
-            ):
-                pool[p].copy_(self.kv_cache.blocks[d], non_blocking=True)
-            # The batcher counts these tokens as safe in the pool once the step answers (a
-            # worker crash after that must not lose them): finish the copies first.
-            torch.cuda.current_stream().synchronize()
-        elif r.num_synced < r.num_kv_tokens:
-            first = r.num_synced // self._block_tokens
-            src = self._device_index(r.device_blocks[first:num_blocks])
-            dst = self._pool_index(pool_blocks[first:num_blocks])
-            # [n, layers, 2, block_tokens, kv_heads, head_dim]
-            self.pool_view()[dst] = self.kv_cache.blocks[src].to("cpu")
+            dst, src = pool_blocks[first:num_blocks], r.device_blocks[first:num_blocks]
+            copy_blocks(self.pool_view(), self.kv_cache.blocks, list(zip(dst, src, strict=True)))
+            if self._prefetcher is not None:
+                # The batcher counts these tokens as safe in the pool once the step answers (a
+                # worker crash after that must not lose them): finish the copies first.
+                torch.cuda.current_stream().synchronize()
         r.num_synced = r.num_kv_tokens
 
     def release(self, request_id: str) -> None:
@@ -263,9 +253,3 @@ class DeviceResidency:
         if self._pool_blocks is None:
             raise RuntimeError(f"the pool {self.pool.name!r} was closed")
         return self._pool_blocks
-
-    def _pool_index(self, blocks: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(blocks), dtype=torch.long)
-
-    def _device_index(self, blocks: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(blocks), dtype=torch.long, device=self.kv_cache.blocks.device)

@@ -149,13 +149,11 @@ class AlignedPolicy:
         # On a prefill device the chunks take its staging blocks, one batch at a time (it runs
         # across decode steps); else they take the decode device's blocks, in its step.
         staging = self.config.num_prefill_device_blocks
-        if staging:
-            prefill = ()
-            if not sched.prefilling:
-                room = self._admit_room()
-                prefill = sched.plan_prefill(prefill_budget, room, device_blocks=staging)
-        else:
-            prefill = sched.plan_prefill(prefill_budget, self._admit_room(), device_blocks=free)
+        prefill = ()
+        if not sched.prefilling:
+            room = self._admit_room()
+            prefill = sched.plan_prefill(prefill_budget, room, device_blocks=staging or free)
+        if not staging:
             free -= sched.prefill_device_blocks(prefill)
         plan = BatchPlan(
             prefill=prefill,

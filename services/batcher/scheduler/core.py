@@ -99,25 +99,19 @@ class Scheduler:
             )
         # the most KV it can reach: a request stops at max_model_len tokens
         need = self.blocks_for(min(len(prompt) + params.max_tokens, self.max_model_len))
-        if need > self.config.num_pool_blocks:
-            raise InvalidRequestError(
-                f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more than "
-                f"the whole pool ({self.config.num_pool_blocks})",
-                param="max_tokens",
-            )
-        if need > self.num_device_blocks:  # decoded alone, it would still not fit
-            raise InvalidRequestError(
-                f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more than "
-                f"the decode device holds ({self.num_device_blocks})",
-                param="max_tokens",
-            )
-        staging = self.config.num_prefill_device_blocks
-        if staging and need > staging:  # a re-prefill (after preemption) takes it all at once
-            raise InvalidRequestError(
-                f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more than "
-                f"the prefill device stages ({staging})",
-                param="max_tokens",
-            )
+        limits = (
+            (self.config.num_pool_blocks, "the whole pool"),
+            (self.num_device_blocks, "the decode device holds"),  # decoded alone, even
+            # a re-prefill (after preemption) stages the whole context at once
+            (self.config.num_prefill_device_blocks or need, "the prefill device stages"),
+        )
+        for limit, where in limits:
+            if need > limit:
+                raise InvalidRequestError(
+                    f"request {request_id}: prompt + max_tokens needs {need} KV blocks, more "
+                    f"than {where} ({limit})",
+                    param="max_tokens",
+                )
         request = Request(request_id, prompt, params, arrival_s=now)
         self.store.add(request)
         self.waiting.append(request_id)
