@@ -20,7 +20,6 @@ from prometheus_client.registry import Collector
 from alignedserve.common import metrics
 
 log = logging.getLogger(__name__)
-PREFIX = "alignedserve:"
 
 
 def fetch(url: str, timeout_s: float = 2.0) -> Callable[[], str]:
@@ -46,7 +45,7 @@ def parse(text: str) -> dict[str, Metric]:
         owner = families.get(name.removesuffix("_created"))
         if owner is not None and owner.type in ("counter", "histogram", "summary"):
             owner.samples.extend(families.pop(name).samples)
-    return {n: f for n, f in families.items() if n.startswith(PREFIX)}
+    return {n: f for n, f in families.items() if n.startswith(metrics.PREFIX)}
 
 
 class MergedCollector(Collector):

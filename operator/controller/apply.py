@@ -24,20 +24,19 @@ from alignedserve.operator.render import FIELD_MANAGER
 
 log = logging.getLogger(__name__)
 
-# kind -> (plural, namespaced); only the kinds the operator renders or reads
+# kind -> plural; only the kinds the operator renders or reads (all namespaced)
 RESOURCES = {
-    "Deployment": ("deployments", True),
-    "Service": ("services", True),
-    "PodDisruptionBudget": ("poddisruptionbudgets", True),
-    "ServiceMonitor": ("servicemonitors", True),
-    "Pod": ("pods", True),
-    "AlignedServe": ("alignedserves", True),
+    "Deployment": "deployments",
+    "Service": "services",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "ServiceMonitor": "servicemonitors",
+    "Pod": "pods",
 }
 PERMANENT = {400, 403, 404, 405, 415, 422}
 
 
 def path(api_version: str, kind: str, namespace: str, name: str = "") -> str:
-    plural, _ = RESOURCES[kind]
+    plural = RESOURCES[kind]
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     tail = f"/{name}" if name else ""
     return f"{prefix}/namespaces/{namespace}/{plural}{tail}"

@@ -38,7 +38,16 @@ from alignedserve.operator.render import (
     render,
     selector_string,
 )
-from alignedserve.operator.spec import GROUP, PLURAL, VERSION, AlignedServeSpec, SpecError, parse
+from alignedserve.operator.spec import (
+    DEFAULT_IMAGE,
+    DEFAULT_INTERVAL_S,
+    GROUP,
+    PLURAL,
+    VERSION,
+    AlignedServeSpec,
+    SpecError,
+    parse,
+)
 from alignedserve.operator.status import PoolStatus, conditions, merge_conditions
 
 log = logging.getLogger(__name__)
@@ -51,8 +60,8 @@ ROUTER_STREAMS_PER_REPLICA = 256
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    default_image: str = "ghcr.io/alignedserve/alignedserve:0.1.0"
-    interval_s: float = 10.0  # how often each AlignedServe's children and load are observed
+    default_image: str = DEFAULT_IMAGE
+    interval_s: float = DEFAULT_INTERVAL_S
     prometheus_url: str = ""  # p99 TPOT for autoscaling comes from here when set
     load_timeout_s: float = 2.0
 

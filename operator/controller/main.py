@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
+from alignedserve.operator.spec import DEFAULT_IMAGE, DEFAULT_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class OperatorArgs:
     metrics_port: int = field(default=8080, metadata={"help": "Prometheus /metrics port; 0: off"})
     metrics_host: str = field(default="0.0.0.0", metadata={"help": "address of /metrics"})
     interval_s: float = field(
-        default=10.0, metadata={"help": "how often children and load are observed"}
+        default=DEFAULT_INTERVAL_S, metadata={"help": "how often children and load are observed"}
     )
     prometheus_url: str = field(
         default="", metadata={"help": "Prometheus for p99 TPOT autoscaling (optional)"}
@@ -39,9 +40,7 @@ class OperatorArgs:
         metadata={"help": "kopf's log lines", "choices": ("plain", "full", "json")},
     )
     default_image: str = field(
-        default=os.environ.get(
-            "ALIGNEDSERVE_DEFAULT_IMAGE", "ghcr.io/alignedserve/alignedserve:0.1.0"
-        ),
+        default=os.environ.get("ALIGNEDSERVE_DEFAULT_IMAGE", DEFAULT_IMAGE),
         metadata={"help": "image of AlignedServe pods whose spec names none"},
     )
 

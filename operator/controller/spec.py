@@ -18,6 +18,10 @@ from typing import Any
 
 from alignedserve.common.errors import ConfigError
 
+# The operator's defaults, here because the CLI (main.py) must not import kopf (handlers.py)
+DEFAULT_IMAGE = "ghcr.io/alignedserve/alignedserve:0.1.0"  # of pods whose spec names none
+DEFAULT_INTERVAL_S = 10.0  # how often each AlignedServe's children and load are observed
+
 GROUP = "alignedserve.io"
 VERSION = "v1alpha1"
 PLURAL = "alignedserves"

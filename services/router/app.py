@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -120,8 +121,9 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(
-            prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST
-        )
+        # off the event loop: under `alignedserve serve` a scrape also reads the batcher's
+        # /metrics over HTTP (serve_metrics), which must not pause every token stream
+        text = await asyncio.to_thread(prometheus_client.generate_latest)
+        return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     return app

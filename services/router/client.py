@@ -235,13 +235,6 @@ class BatcherClient:
             log.info("batchers added: %s", ", ".join(b.address for b in added))
             await asyncio.gather(*(self._poll(b) for b in added))
 
-    async def get_load(self, address: str) -> LoadReport:
-        batcher = self._by_address[address]
-        try:
-            return await get_load(batcher.stub, CONTROL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            raise _error(address, e) from e
-
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
     ) -> AsyncGenerator[GenerateChunk, None]:
@@ -266,7 +259,7 @@ class BatcherClient:
             while True:
                 if isinstance(msg, BatcherError):
                     raise msg
-                chunk = wire.chunk_from_delta(msg)
+                chunk = wire.chunk_from_proto(msg)
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = True

@@ -18,7 +18,6 @@ __all__ = [
     "GenerateChunk",
     "LoadReport",
     "Usage",
-    "chunk_from_delta",
     "chunk_from_proto",
     "generate_request_to_proto",
     "load_from_proto",
@@ -51,20 +50,9 @@ def generate_request_to_proto(
     )
 
 
-def chunk_from_proto(msg: batcher_pb2.GenerateResponse) -> GenerateChunk:
-    usage = None
-    if msg.HasField("usage"):
-        usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens)
-    return GenerateChunk(
-        token_ids=tuple(msg.token_ids),
-        logprobs=tuple(msg.logprobs),
-        finish_reason=msg.finish_reason or None,
-        usage=usage,
-    )
-
-
-def chunk_from_delta(msg: batcher_pb2.RequestDelta) -> GenerateChunk:
-    """One request's delta from a Stream message (not an error delta: error_code is 0)."""
+def chunk_from_proto(msg: batcher_pb2.GenerateResponse | batcher_pb2.RequestDelta) -> GenerateChunk:
+    """A Generate message, or one request's delta from a Stream message (not an error delta:
+    error_code is 0): the two carry the same fields."""
     usage = None
     if msg.HasField("usage"):
         usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens)
