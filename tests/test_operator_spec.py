@@ -96,6 +96,17 @@ def test_bad_examples_are_refused_with_the_field_named(path):
             },
             "must not exceed maxReplicas",
         ),
+        (  # the CRD's minimum: the autoscaler's bounds would refuse it on every tick
+            {
+                "model": {"path": "/m"},
+                "autoscaling": {
+                    "enabled": True,
+                    "scaleToZero": True,
+                    "workers": {"minReplicas": 0, "maxReplicas": 0},
+                },
+            },
+            "autoscaling.workers.maxReplicas must be >= 1",
+        ),
         ({"model": {"path": "/m"}, "drainSeconds": 1.5}, "drainSeconds=1.5 must be of type int"),
         ({"model": {"path": "/m"}, "workers": {"replicas": True}}, "must be of type int"),
         ({"model": "/m"}, "model: expected an object"),

@@ -209,12 +209,13 @@ def _check(spec: AlignedServeSpec) -> None:
     auto = spec.autoscaling
     for pool in ("workers", "routers"):
         bounds: PoolBounds = getattr(auto, pool)
-        rules.append(
+        rules += [
             (
                 bounds.min_replicas <= bounds.max_replicas,
                 f"autoscaling.{pool}.minReplicas must not exceed maxReplicas",
-            )
-        )
+            ),
+            (bounds.max_replicas >= 1, f"autoscaling.{pool}.maxReplicas must be >= 1"),
+        ]
     rules += [
         (auto.routers.min_replicas >= 1, "autoscaling.routers.minReplicas must be >= 1"),
         (
