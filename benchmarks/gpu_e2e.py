@@ -545,9 +545,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_report(args, work: Path, timings: dict, blocks: int, device: str) -> dict[str, Any]:
+def make_report(
+    args, work: Path, runs: dict[str, dict[str, dict]], timings: dict, blocks: int, device: str
+) -> dict[str, Any]:
     shape = SHAPES[args.model_shape]
-    runs = load_runs(work)
     capacity = offline_capacity(runs, args.baseline)
     tables = {}
     for name in (*(f"{v}/{part}" for v in VARIANTS for part in PARTS), "aligned-peer"):
@@ -614,18 +615,22 @@ def plot_tpot(runs: dict[str, dict[str, dict]], path: Path, title: str) -> bool:
     return True
 
 
-def write_outputs(args, work: Path, timings: dict, blocks: int, device: str) -> None:
+def write_outputs(args, work: Path, timings: dict, blocks: int, device: str) -> str:
+    """Writes the report's files; returns its Markdown."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_e2e_{args.model_shape}{'_tiny' if args.tiny else ''}"
-    report = make_report(args, work, timings, blocks, device)
+    runs = load_runs(work)
+    report = make_report(args, work, runs, timings, blocks, device)
+    markdown = render_markdown(report)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(render_markdown(report))
-    plot_tpot(load_runs(work), out / f"{stem}_tpot.png", f"{args.model_shape}: TPOT per request")
+    (out / f"{stem}.md").write_text(markdown)
+    plot_tpot(runs, out / f"{stem}_tpot.png", f"{args.model_shape}: TPOT per request")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(work, arcname=stem)
     (out / f"{stem}.tar.gz").write_bytes(buffer.getvalue())
+    return markdown
 
 
 def device_name(device: str) -> str:
@@ -714,11 +719,8 @@ def main() -> None:
             run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_after, timings)
             timings.pop("total_s", None)  # kept last
             timings["total_s"] = clock.elapsed()
-            write_outputs(args, work, timings, blocks, device)
-    report = json.loads(
-        Path(args.out, f"gpu_e2e_{args.model_shape}{'_tiny' if args.tiny else ''}.json").read_text()
-    )
-    print("\n" + render_markdown(report), flush=True)
+            markdown = write_outputs(args, work, timings, blocks, device)
+    print("\n" + markdown, flush=True)
 
 
 if __name__ == "__main__":
