@@ -122,18 +122,23 @@ def replicas(spec: AlignedServeSpec, status: Any) -> tuple[int, int]:
     )
 
 
-def _apply_all(owner: Owner, spec: AlignedServeSpec, workers: int, routers: int) -> None:
+Deployments = tuple[dict | None, dict | None]  # (router, worker) as stored, None if missing
+
+
+def _apply_all(owner: Owner, spec: AlignedServeSpec, workers: int, routers: int) -> Deployments:
+    """Apply every child, delete optional ones switched off; the two Deployments as the
+    API server stored them (its apply answers carry them: no second read)."""
     client = api()
     children = render(owner, spec, CONFIG.default_image, workers, routers)
-    for child in children:
-        apply.apply(client, child)
+    stored = {(c["kind"], c["metadata"]["name"]): apply.apply(client, c) for c in children}
     rendered = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
     for api_version, kind, name in optional_children(owner):
         if (api_version, kind, name) not in rendered:
             apply.delete(client, api_version, kind, owner.namespace, name)
-
-
-Deployments = tuple[dict | None, dict | None]  # (router, worker) as stored, None if missing
+    return (
+        stored.get(("Deployment", f"{owner.name}-router")),
+        stored.get(("Deployment", f"{owner.name}-worker")),
+    )
 
 
 def _deployments(owner: Owner) -> Deployments:
@@ -191,12 +196,12 @@ def reconcile(
     owner = Owner(name, namespace, uid)
     workers, routers = replicas(parsed, status)
     try:
-        _apply_all(owner, parsed, workers, routers)
+        deployments = _apply_all(owner, parsed, workers, routers)
     except kopf.TemporaryError:
         metrics.RECONCILES_TOTAL.labels("error").inc()
         raise
     metrics.RECONCILES_TOTAL.labels("applied").inc()
-    pools = _pools(_deployments(owner), workers, routers)
+    pools = _pools(deployments, workers, routers)
     patch.status.update(_status_patch(owner, parsed, meta["generation"], status, pools))
 
 
