@@ -6,6 +6,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   --prefetch-device, the pair's second GPU, loading KV beside it;
 - fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
   computing on --device, the second GPU idle;
+- aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
+  next (--max-steps-in-flight 1; every other variant runs one step ahead of the answers);
 - fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
   scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
   fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
@@ -62,11 +64,13 @@ from alignedserve.common.metrics import PREFIX  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.serve import free_port  # noqa: E402
 
-VARIANTS = ("aligned", "fcfs", "fcfs-dp2")  # the docstring says what each one runs
+VARIANTS = ("aligned", "aligned-sync", "fcfs", "fcfs-dp2")  # the docstring says what each runs
+SYNC = "-sync"  # a variant's suffix: its batcher waits for each answer (max_steps_in_flight 1)
 PARTS = ("offline", "online")  # each variant's two bench calls (online: the rates)
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
+    "aligned-sync": "aligned, each step planned once the last is answered",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
 }
@@ -227,9 +231,11 @@ def start_serve(policy, args, model, env, blocks, tiers) -> None:
     """`alignedserve serve`: router, batcher and worker under one process."""
     cmd = [
         sys.executable, "-m", "alignedserve", "serve", "--model", str(model),
-        "--device", args.device, "--policy", policy, "--port", str(args.port),
+        "--device", args.device, "--policy", policy.removesuffix(SYNC), "--port", str(args.port),
         "--pool-gib", str(args.pool_gib), "--num-device-blocks", str(blocks),
     ]  # fmt: skip
+    if policy.endswith(SYNC):
+        cmd += ["--max-steps-in-flight", "1"]
     if args.prefetch_device:
         cmd += ["--prefetch-device", args.prefetch_device]
     tiers.append([subprocess.Popen(cmd, env=env)])

@@ -45,6 +45,7 @@ class ServeConfig:
     max_waiting: int = 1024  # admission queue bound (429 beyond)
     min_batch: int = BatcherConfig.min_batch  # aligned: fewest members of a decode group
     max_batch_kv_fraction: float = BatcherConfig.max_batch_kv_fraction  # aligned: of GPU KV
+    max_steps_in_flight: int = BatcherConfig.max_steps_in_flight  # 1: wait for each answer
     drain_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
 
     def __post_init__(self) -> None:
@@ -68,6 +69,8 @@ class BatcherSettings(Protocol):
     def min_batch(self) -> int: ...
     @property
     def max_batch_kv_fraction(self) -> float: ...
+    @property
+    def max_steps_in_flight(self) -> int: ...
 
 
 class WorkerSettings(Protocol):
@@ -84,7 +87,14 @@ class WorkerSettings(Protocol):
 
 
 # BatcherSettings' fields: each is the BatcherConfig field of the same name.
-BATCHER_FIELDS = ("pool_gib", "policy", "max_waiting", "min_batch", "max_batch_kv_fraction")
+BATCHER_FIELDS = (
+    "pool_gib",
+    "policy",
+    "max_waiting",
+    "min_batch",
+    "max_batch_kv_fraction",
+    "max_steps_in_flight",
+)
 
 
 def batcher_config(settings: BatcherSettings, worker: str, **more) -> BatcherConfig:

@@ -2,17 +2,22 @@
 over random workloads on small devices.
 
 The engine turns each plan into the StepRequest it sends (its own `_to_proto`, releases
-included) and applies the answer (`_after_step`); `DeviceModel` stands for the worker: it
-allocates and frees blocks for a StepRequest exactly as worker/service.py `_execute` does over
-worker/residency.py (release, load, prefill chunks, decode, then write-back and free of the
-chunks not kept resident and of the evicted), and fails the way the worker does when a plan
-asks for more than is free. It also checks that a load only asks for KV that a write-back put
-in the pool. Random aborts and worker losses (the engine's recovery) mix in; every request
-must finish, with all its tokens. No model, no gRPC: thousands of steps a second.
+included) and applies the answer (`_after_step`), one or two steps in flight as its loop
+runs them; `DeviceModel` stands for the worker: it allocates and frees blocks for a
+StepRequest exactly as worker/service.py `_execute` does over worker/residency.py (release,
+load, prefill chunks, decode, then write-back and free of the chunks not kept resident and
+of the evicted), and fails the way the worker does when a plan asks for more than is free.
+It also checks that a load only asks for KV that a write-back put in the pool, and that every
+input token is the right one: its "model" samples a fixed token per request and position
+(`token_at`, a stop token now and then), so a decode sent before its input token was
+answered must name the one the device sampled. Random aborts and worker losses (the
+engine's recovery) mix in; every request must finish with exactly its tokens, up to its
+first stop token where it heeds them. No model, no gRPC: thousands of steps a second.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -29,7 +34,20 @@ from alignedserve.common.proto import worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
 MAX_MODEL_LEN = 256
-TOKEN = 7  # what the model "samples": ignore_eos, so requests end at max_tokens
+EOS = 2
+
+
+def token_at(request_id: str, position: int, prompt_tokens: int) -> int:
+    """The token at `position` of a request: its prompt (1, 2, ...), then what the model
+    samples: a stop token (EOS) every 37th position or so, else a token of its own."""
+    if position < prompt_tokens:
+        return position + 1
+    i = int(request_id[1:])
+    return EOS if (i * 7 + position) % 37 == 0 else 10 + (i * 13 + position) % 300
+
+
+def heeds_eos(i: int) -> bool:
+    return i % 3 == 0
 
 
 class DeviceModel:
@@ -47,7 +65,25 @@ class DeviceModel:
         self.block_tokens = block_tokens
         self.resident: dict[str, list[int]] = {}  # request -> [blocks, kv tokens]
         self.in_pool: dict[str, int] = {}  # request -> KV tokens of it its pool blocks hold
+        self.prompt_tokens: dict[str, int] = {}  # set by the driver as requests arrive
+        self.last_sampled: dict[str, int] = {}  # this session's, as the worker keeps it
         self.peak = 0
+
+    def lose(self) -> None:
+        """The worker dies: a new one starts with an empty device and no prefill batch."""
+        self.resident.clear()
+        self.last_sampled.clear()
+        self.in_flight = None
+
+    def _sample(self, request_id: str, position: int) -> worker_pb2.SampledToken:
+        token = token_at(request_id, position, self.prompt_tokens[request_id])
+        self.last_sampled[request_id] = token
+        return worker_pb2.SampledToken(request_id=request_id, token_id=token)
+
+    def _check_input(self, request_id: str, first: int, token_ids) -> None:
+        prompt = self.prompt_tokens[request_id]
+        want = [token_at(request_id, p, prompt) for p in range(first, first + len(token_ids))]
+        assert list(token_ids) == want, f"{request_id}: input {list(token_ids)} != {want}"
 
     @property
     def num_used(self) -> int:
@@ -77,6 +113,7 @@ class DeviceModel:
         self._check_not_in_flight(msg)
         for request_id in msg.release:
             self.resident.pop(request_id, None)
+            self.last_sampled.pop(request_id, None)
         for e in msg.load:
             self._load(e.request_id, e.num_kv_tokens)
         computed, sampled, write_back = [], [], []
@@ -88,24 +125,29 @@ class DeviceModel:
                 assert self.resident[c.request_id][1] == c.num_cached_tokens, c.request_id
             else:
                 self._load(c.request_id, c.num_cached_tokens)
+            self._check_input(c.request_id, c.num_cached_tokens, c.token_ids)
             self._grow(c.request_id, c.num_cached_tokens + len(c.token_ids))
             computed.append((c.request_id, len(c.token_ids)))
             if c.sample:
-                sampled.append(c.request_id)
+                sampled.append((c.request_id, c.num_cached_tokens + len(c.token_ids)))
             if not c.keep_resident:
                 write_back.append(c.request_id)
         for d in msg.decode:
             assert self.resident[d.request_id][1] == d.num_kv_tokens, d.request_id
+            token = self.last_sampled[d.request_id] if d.last_sampled else d.token_id
+            self._check_input(d.request_id, d.num_kv_tokens, [token])
             self._grow(d.request_id, d.num_kv_tokens + 1)
             computed.append((d.request_id, 1))
-            sampled.append(d.request_id)
+            sampled.append((d.request_id, d.num_kv_tokens + 1))
         for request_id, n in computed:  # the forward pass wrote their KV
             self.resident[request_id][1] += n
         for request_id in [*write_back, *(e.request_id for e in msg.evict)]:
             self.in_pool[request_id] = self.resident.pop(request_id)[1]
         prefilled = self._take_prefilled(msg.wait_prefill)
-        sampled += [c.request_id for c in prefilled if c.sample]
-        tokens = [worker_pb2.SampledToken(request_id=r, token_id=TOKEN) for r in sampled]
+        sampled += [
+            (c.request_id, c.num_cached_tokens + len(c.token_ids)) for c in prefilled if c.sample
+        ]
+        tokens = [self._sample(request_id, position) for request_id, position in sampled]
         return worker_pb2.StepResponse(
             step=msg.step, tokens=tokens, prefilled=[c.request_id for c in prefilled]
         )
@@ -122,6 +164,7 @@ class DeviceModel:
         for c in chunks:
             assert c.request_id not in self.resident, f"{c.request_id}: resident"
             assert not c.keep_resident, c.request_id
+            self._check_input(c.request_id, c.num_cached_tokens, c.token_ids)
             in_pool = self.in_pool.get(c.request_id, 0)
             assert c.num_cached_tokens <= in_pool, f"{c.request_id}: cached KV not in the pool"
         self.in_flight = (list(chunks), self.prefill_delay)
@@ -184,8 +227,8 @@ def run(
     prefill_delay: int = 0,  # steps the prefill device's batch runs beyond the one sending it
 ) -> tuple[dict[str, list], DeviceModel]:
     """Drive the engine's plan -> StepRequest -> answer cycle, as its loop does, against the
-    device model, on a simulated clock (a step takes 10 ms). Returns each request's deltas
-    and the device."""
+    device model, on a simulated clock (10 ms a turn). Returns each request's deltas and
+    the device."""
     clock = SimpleNamespace(now=0.0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine_module, "time", SimpleNamespace(monotonic=lambda: clock.now))
@@ -196,41 +239,50 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_del
     engine = BatcherEngine(config)
     engine.info = info
     scheduler_config = scheduler_config_for(config, info, pool_blocks)
-    engine.scheduler = make_scheduler(scheduler_config, max_model_len=MAX_MODEL_LEN)
+    engine.scheduler = make_scheduler(
+        scheduler_config, max_model_len=MAX_MODEL_LEN, eos_token_ids=(EOS,)
+    )
     layout = wire.layout_from_proto(info.kv_layout)
+    engine.pool = SimpleNamespace(layout=layout)  # (for the metrics; no pool is mapped)
     device = DeviceModel(
         info.num_device_blocks, layout.block_tokens, info.num_prefill_blocks, prefill_delay
     )
     queues, deltas = {}, {}
-    limit = 40 * sum(prompt + out + 4 for _, prompt, out in arrivals) + 200
-    idle = 0  # empty plans in a row: with work left, nothing but the clock changes
-    for step in range(limit):
+    sent: deque[worker_pb2.StepRequest] = deque()  # what the device has still to run
+    limit = 80 * sum(prompt + out + 4 for _, prompt, out in arrivals) + 400
+    idle = 0  # turns in a row with nothing sent or answered: only the clock changes
+    for turn in range(limit):
         for i, (at, prompt, out) in enumerate(arrivals):
-            if at == step:
-                params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
+            if at == turn:
+                params = SamplingParams(
+                    max_tokens=out, temperature=0.0, ignore_eos=not heeds_eos(i)
+                )
+                device.prompt_tokens[f"r{i}"] = prompt
                 queues[f"r{i}"] = engine.submit(f"r{i}", list(range(1, prompt + 1)), params)
-        if step in aborts:
-            engine.abort(f"r{aborts[step] % len(arrivals)}")
-        if not engine._has_work() and step > max(at for at, _, _ in arrivals):
+        if turn in aborts:
+            engine.abort(f"r{aborts[turn] % len(arrivals)}")
+        if not engine._has_work() and turn > max(at for at, _, _ in arrivals):
             break
         clock.now += 0.01
-        plan = engine.scheduler.schedule(clock.now)
-        if plan.is_empty and not engine._release and not engine.scheduler.prefilling:
+        plan = engine._next_plan()  # the loop: send while it may, else answer the oldest
+        if plan is not None:
+            idle = 0
+            sent.append(engine._send(plan))
+            continue
+        if not engine._in_flight:
             idle += 1
             assert idle < 50, f"stalled: {states(engine)}"
             continue
         idle = 0
-        before = engine._snapshot(plan)
-        msg = engine._to_proto(plan)
-        if step in losses:  # a new worker: an empty device, and the engine recovers
-            device.resident.clear()
-            device.in_flight = None  # its prefill device's batch is lost too
-            engine._forget_worker(plan)
+        if turn in losses:  # a new worker: an empty device, and the engine recovers
+            device.lose()
+            sent.clear()
+            engine._forget_worker()
             continue
-        engine._after_step(plan, device.step(msg), before)
+        engine._after_step(engine._in_flight.popleft(), device.step(sent.popleft()))
         engine.scheduler.check_invariants()
     else:
-        pytest.fail(f"not done in {limit} steps: {states(engine)}")
+        pytest.fail(f"not done in {limit} turns: {states(engine)}")
     # no pool block leaked: an aborted request's blocks came back once its prefill was done
     assert engine.scheduler.allocator.num_used == 0 and not engine.scheduler.prefilling
     for request_id, queue in queues.items():
@@ -238,6 +290,26 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_del
         while not queue.empty():
             deltas[request_id].append(queue.get_nowait())
     return deltas, device
+
+
+def check_tokens(deltas: dict[str, list], arrivals) -> None:
+    """Each request got exactly its tokens (token_at), in order: all max_tokens of them, or
+    up to and with its first stop token where it heeds them, or a prefix if aborted."""
+    for i, (_, prompt, out) in enumerate(arrivals):
+        rid = f"r{i}"
+        *middle, final = deltas[rid]
+        assert isinstance(final, Delta), final
+        got = [t for d in middle for t in d.token_ids]
+        want = [token_at(rid, prompt + k, prompt) for k in range(out)]
+        if heeds_eos(i) and EOS in want:
+            want = want[: want.index(EOS) + 1]
+        assert final.completion_tokens == len(got), (rid, final, len(got))
+        if final.finish_reason == "abort":
+            assert got == want[: len(got)], rid
+        else:
+            assert got == want, (rid, got, want)
+            stopped = bool(want) and want[-1] == EOS and heeds_eos(i)
+            assert final.finish_reason == ("stop" if stopped else "length"), (rid, final)
 
 
 def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
@@ -254,6 +326,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
         max_batch=1,
         staging_slack=None,
         prefill_delay=0,
+        steps_in_flight=2,
     )
     return example(
         policy=policy,
@@ -312,6 +385,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
     starvation_s=st.sampled_from([0.001, 5.0]),
     staging_slack=st.one_of(st.none(), st.integers(0, 24)),
     prefill_delay=st.integers(0, 3),
+    steps_in_flight=st.sampled_from([1, 2]),
 )
 def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     policy,
@@ -329,10 +403,12 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     losses,
     staging_slack,
     prefill_delay,
+    steps_in_flight,
 ):
     """staging_slack: None, no prefill device; else it stages that many blocks more than
     the largest request needs (the least it may have, by admission), and each batch of its
-    chunks is done prefill_delay steps after the step that sent it."""
+    chunks is done prefill_delay steps after the step that sent it. steps_in_flight: the
+    engine's max_steps_in_flight."""
     needs = [-(-(prompt + out) // block_tokens) for _, prompt, out in arrivals]
     device_blocks = max(needs) + device_slack  # from room for one request alone, upwards
     pool_blocks = max(max(needs), int(sum(needs) * pool_factor))  # small: pool preemption
@@ -345,7 +421,9 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
         max_batch_size=max_batch,
         starvation_s=starvation_s,
     )
-    config = EngineConfig("unused:1", pool_bytes=1, scheduler=scheduler)
+    config = EngineConfig(
+        "unused:1", pool_bytes=1, scheduler=scheduler, max_steps_in_flight=steps_in_flight
+    )
     staging = 0 if staging_slack is None else max(needs) + staging_slack
     info = model_info(device_blocks, block_tokens, staging)
     deltas, device = run(config, info, pool_blocks, arrivals, aborts, losses, prefill_delay)
@@ -353,12 +431,7 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     assert device.peak <= device_blocks
     assert device.resident == {}  # every request's blocks were freed on the device
     assert device.in_flight is None  # the prefill device's last batch was answered
-    for i, (_, _, out) in enumerate(arrivals):
-        final = deltas[f"r{i}"][-1]
-        assert isinstance(final, Delta) and final.finish_reason in ("length", "abort")
-        if final.finish_reason == "length":
-            assert final.completion_tokens == out
-            assert sum(len(d.token_ids) for d in deltas[f"r{i}"]) == out
+    check_tokens(deltas, arrivals)
 
 
 @pytest.mark.parametrize("staging", [0, 8])
@@ -373,7 +446,7 @@ def test_the_batcher_service_scenario_fits_the_device(policy, staging):
     config = EngineConfig("unused:1", pool_bytes=1, scheduler=SchedulerConfig(policy=policy))
     deltas, device = run(config, model_info(12, 16, staging), 4096, arrivals, {})
     assert device.peak <= 12
-    assert [d[-1].completion_tokens for d in deltas.values()] == [40] * 8
+    check_tokens(deltas, arrivals)
     offloads = policy == "aligned" and staging > 0
     assert (device.num_prefilled_elsewhere > 0) == offloads, device.num_prefilled_elsewhere
 

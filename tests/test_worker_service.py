@@ -134,6 +134,9 @@ class FakeBatcher:
         self.to_release: list[str] = []
         self.snapshots: dict[str, torch.Tensor] = {}  # device bytes before a plain evict
         self.num_bytes_checked = 0
+        # decodes name no token: the worker takes the one it sampled last (as when the
+        # batcher sends a step before the previous one is answered)
+        self.last_sampled = False
 
     @property
     def active(self) -> list[Req]:
@@ -199,7 +202,8 @@ class FakeBatcher:
                 s.decode.append(
                     worker_pb2.DecodeEntry(
                         request_id=r.request_id,
-                        token_id=r.tokens[-1],
+                        token_id=0 if self.last_sampled else r.tokens[-1],
+                        last_sampled=self.last_sampled,
                         num_kv_tokens=r.num_kv,
                         params=sampling_to_proto(GREEDY),
                     )
@@ -277,12 +281,14 @@ async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
 # ---------------------------------------------------------------- through gRPC
 
 
-def test_greedy_tokens_equal_the_reference_loop(model_dir, prompts, reference):
+@pytest.mark.parametrize("last_sampled", [False, True])
+def test_greedy_tokens_equal_the_reference_loop(model_dir, prompts, reference, last_sampled):
     async def main():
         async with running_worker(model_dir) as (servicer, stub, _):
             info = await stub.Describe(worker_pb2.DescribeRequest())
             async with attached(stub, info) as pool:
                 batcher = FakeBatcher(pool, info, prompts)
+                batcher.last_sampled = last_sampled
                 call = stub.Session()
                 await drive(call, batcher, servicer, until=lambda: False)
                 # the last finished requests are released by one more step
@@ -415,6 +421,62 @@ def test_bad_step_aborts_the_session_and_the_worker_keeps_serving(model_dir):
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
     asyncio.run(main())
+
+
+def test_a_step_sent_before_the_last_is_answered_decodes_the_sampled_token(model_dir):
+    """Steps 2 and 3 go out before step 1 is answered; their decodes name no token
+    (last_sampled) and must give what decodes naming the sampled tokens give. A decode with
+    last_sampled for a request this session never sampled is refused."""
+    params = sampling_to_proto(GREEDY)
+
+    def decode(num_kv: int, token: int | None) -> worker_pb2.DecodeEntry:
+        return worker_pb2.DecodeEntry(
+            request_id="a",
+            token_id=token or 0,
+            last_sampled=token is None,
+            num_kv_tokens=num_kv,
+            params=params,
+        )
+
+    async def main():
+        async with running_worker(model_dir) as (_, stub, _):
+            info = await stub.Describe(worker_pb2.DescribeRequest())
+            async with attached(stub, info) as pool:
+                prefill = worker_pb2.PrefillChunk(
+                    request_id="a",
+                    token_ids=[5, 9, 4, 7],
+                    pool_blocks=pool.allocate(1),
+                    params=params,
+                    sample=True,
+                    keep_resident=True,
+                )
+                call = stub.Session()
+                await call.write(worker_pb2.StepRequest(step=1, prefill=[prefill]))
+                await call.write(worker_pb2.StepRequest(step=2, decode=[decode(4, None)]))
+                await call.write(worker_pb2.StepRequest(step=3, decode=[decode(5, None)]))
+                ahead = [(await call.read()).tokens[0].token_id for _ in range(3)]
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+
+                call = stub.Session()  # the same, each step sent once the last is answered
+                await call.write(worker_pb2.StepRequest(step=1, prefill=[prefill]))
+                named = [(await call.read()).tokens[0].token_id]
+                for step, num_kv in ((2, 4), (3, 5)):
+                    msg = worker_pb2.StepRequest(step=step, decode=[decode(num_kv, named[-1])])
+                    await call.write(msg)
+                    named.append((await call.read()).tokens[0].token_id)
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+
+                call = stub.Session()  # nothing sampled in this session yet
+                await call.write(worker_pb2.StepRequest(step=1, decode=[decode(4, None)]))
+                err = await rpc_error(call.read())
+                return ahead, named, err
+
+    ahead, named, err = asyncio.run(main())
+    assert ahead == named
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "last_sampled" in err.details() and "'a'" in err.details()
 
 
 def test_chunks_for_the_prefill_device_run_there_or_are_refused(model_dir):

@@ -1,8 +1,19 @@
 """The batcher's engine: schedule -> execute on the worker -> update -> fan tokens out.
 
 One asyncio task runs the loop; gRPC handlers submit and abort requests in the same event
-loop, between steps. One step is in flight at a time, so the pool blocks a step writes are
-never handed to another request before the worker has finished with them.
+loop, between steps.
+
+The engine runs one step ahead of the worker (`max_steps_in_flight`, 2 by default): it sends
+step N+1 before step N is answered, so the worker finds its next plan waiting, and the
+batcher's own work (answering N, fanning its tokens out, planning N+2) overlaps the GPU's
+step N+1. The scheduler applies each step as it is sent, with a PENDING placeholder for
+every token it samples (scheduler/core.py), and the answer resolves them; a decode whose
+input is still PENDING asks the worker for the token it sampled last (`last_sampled`). A
+stop token found in an answer ends its request there, and whatever was planned after it is
+dropped. Only a prefill that would have to send a PENDING token (a request preempted or
+recovered meanwhile) waits for the answers first. The worker runs steps in order and
+finishes each step's pool writes before the next starts, so pool blocks freed while a
+step is in flight may go to a request of a later step.
 
 If the worker's session breaks, every request it held returns to the prefill queue from
 the KV that reached the pool (see Scheduler.recover_from_worker_loss), and the engine keeps
@@ -17,18 +28,24 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.batcher.request import Request, RequestState
-from alignedserve.batcher.scheduler import BatchPlan, SchedulerConfig, make_scheduler
+from alignedserve.batcher.scheduler import PENDING, BatchPlan, SchedulerConfig, make_scheduler
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
-from alignedserve.common.errors import AlignedServeError, InvalidRequestError, UnavailableError
+from alignedserve.common.errors import (
+    AlignedServeError,
+    ConfigError,
+    InvalidRequestError,
+    UnavailableError,
+)
 from alignedserve.common.proto import common_pb2, worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
@@ -68,6 +85,25 @@ class EngineConfig:
     stall_s: float = 60.0  # a step running longer than this marks the worker not ready (wedged)
     kernel_cost: str | None = None  # padded | balanced; None: what the worker's kernel is
     weight_kv_tokens: int | None = None  # None: the worker's weight bytes / KV bytes per token
+    # steps sent before the first is answered: 2 overlaps the batcher's per-step work with the
+    # worker's next step; 1 waits for each answer before planning the next step
+    max_steps_in_flight: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_steps_in_flight < 1:
+            raise ConfigError(f"max_steps_in_flight={self.max_steps_in_flight} must be >= 1")
+
+
+@dataclass
+class SentStep:
+    """A step sent to the worker and not answered yet."""
+
+    number: int
+    plan: BatchPlan
+    # request -> index in its output_token_ids of the PENDING token this step samples
+    placeholders: dict[str, int]
+    # request -> tokens of its KV in the pool once the step is done (its write-backs)
+    writing: dict[str, int] = field(default_factory=dict)
 
 
 def scheduler_config_for(
@@ -113,14 +149,16 @@ class BatcherEngine:
         self.draining = False
         self._sinks: dict[str, Sink] = {}  # live requests
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
-        self._writing: dict[str, int] = {}  # what _synced becomes once the step in flight ends
+        self._in_flight: deque[SentStep] = deque()  # sent, oldest first
+        self._num_sent: dict[str, int] = {}  # tokens given to each request's sink so far
         # each live request's sampling parameters as a message, built once (not every step)
         self._params_msg: dict[str, common_pb2.SamplingParams] = {}
         self._release: list[str] = []  # finished on our side; free on the worker next step
+        self._released: set[str] = set()  # finished as sent; released, sink still open
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._step = 0
-        self._step_since: float | None = None  # monotonic start of the step in flight
+        self._step_since: float | None = None  # since when the worker runs the oldest step
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -221,47 +259,107 @@ class BatcherEngine:
     # ---- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            if not self._has_work():
+            plan = self._next_plan()
+            if plan is not None:
+                msg = self._send(plan)
+                try:
+                    await self.link.send(msg)
+                except WorkerLost as e:
+                    log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
+                    await self._recover()
+                continue  # fill the pipeline before waiting for an answer
+            if self._in_flight:
+                await self._answer()
+            elif not self._has_work():
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.config.idle_probe_s)
                 if not self._wake.is_set():  # idle: is the worker still there?
                     await self._probe()
-                continue
-            plan = self.scheduler.schedule(time.monotonic())
-            if plan.is_empty and not self._release and not self.scheduler.prefilling:
-                # e.g. the pool is full of finished-but-unsent work: wait for a change
+            else:  # e.g. the pool is full of finished-but-unsent work: wait for a change
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.05)
-                continue
-            before = self._snapshot(plan)
-            self._report(plan)
-            request = self._to_proto(plan)
-            self._step_since = time.monotonic()
-            try:
-                response = await self.link.step(request)
-            except StepRejected as e:
-                self._fail_plan(plan, e)
-                await self._recover(plan)
-                continue
-            except WorkerLost as e:
-                log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
-                await self._recover(plan)
-                continue
-            finally:
-                self._step_since = None
-            self._after_step(plan, response, before)
 
-    def _forget_worker(self, lost: BatchPlan | None = None) -> None:
-        """The worker's device is gone, with the step in flight (`lost`, if any): requests
-        it held go back to prefill from what reached the pool, those the lost step was
-        evicting included (their write-back may not have happened)."""
+    def _next_plan(self) -> BatchPlan | None:
+        """The next step to send now, or None: the pipeline is full, a prefill it would
+        plan needs a token not answered yet, or there is nothing to do."""
+        if len(self._in_flight) >= self.config.max_steps_in_flight or not self._has_work():
+            return None
+        store = self.scheduler.store
+        if self._in_flight and any(
+            store.get(rid).state is RequestState.WAITING_PREFILL
+            for rid in self._unanswered()
+            if rid in store
+        ):
+            return None  # its prefill would send PENDING tokens: wait for the answers
+        plan = self.scheduler.schedule(time.monotonic())
+        if plan.is_empty and not self._release:
+            # a step just to hear from the prefill device, when none is in flight anyway
+            return plan if self.scheduler.prefilling and not self._in_flight else None
+        return plan
+
+    def _send(self, plan: BatchPlan) -> worker_pb2.StepRequest:
+        """Make the plan's step and apply it to the scheduler at once, with PENDING for every
+        token it samples (see the module's docstring). Returns the message to send."""
+        self._report(plan)
+        msg, writing = self._to_proto(plan)
+        store = self.scheduler.store
+        on_decode_device = (
+            plan.mixed_prefill
+            if self.scheduler.config.num_prefill_device_blocks
+            else plan.all_prefill
+        )
+        ids = [*plan.decode, *(rid for rid, _ in on_decode_device)]
+        before = {rid: len(store.get(rid).output_token_ids) for rid in ids}
+        finished = self.scheduler.update(plan, dict.fromkeys(ids, PENDING), time.monotonic())
+        # One it finished by length keeps its sink until its tokens are answered, but its KV
+        # is free for the next plan now: the worker must free it at the next step too.
+        self._release += (r.request_id for r in finished)
+        self._released.update(r.request_id for r in finished)
+        placeholders = {
+            rid: n for rid, n in before.items() if len(store.get(rid).output_token_ids) > n
+        }
+        self._release += self.scheduler.take_preempted()  # recomputed later: free the device
+        if not self._in_flight:
+            self._step_since = time.monotonic()
+        self._in_flight.append(SentStep(msg.step, plan, placeholders, writing))
+        return msg
+
+    async def _answer(self) -> None:
+        """Read the oldest step's answer and apply it; on a lost worker or a rejected
+        step, recover."""
+        try:
+            response = await self.link.receive([s.number for s in self._in_flight])
+        except StepRejected as e:
+            self._fail_plan(e)
+            await self._recover()
+            return
+        except WorkerLost as e:
+            log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
+            await self._recover()
+            return
+        self._after_step(self._in_flight.popleft(), response)
+        self._step_since = time.monotonic() if self._in_flight else None
+
+    def _forget_worker(self) -> None:
+        """The worker's device is gone, with the steps in flight: requests it held go back to
+        prefill from what reached the pool, those a lost step was evicting included (their
+        write-back may not have happened); the tokens of the lost steps were never made."""
         self.worker_ready = False
-        self._writing = {}
-        self.scheduler.recover_from_worker_loss(self._synced, lost.evict if lost else ())
+        evicting = [rid for sent in self._in_flight for rid in sent.plan.evict]
+        unanswered = self._unanswered()
+        self._in_flight.clear()
+        self._step_since = None
+        for rid in self.scheduler.recover_from_worker_loss(self._synced, evicting, unanswered):
+            self._synced.pop(rid, None)  # reopened: its KV blocks are gone
         self._release = []  # the new session starts with nothing resident
+        self._released.clear()
         self.scheduler.take_preempted()
+
+    def _unanswered(self) -> set[str]:
+        """Requests with a PENDING token (one a step in flight samples)."""
+        return {rid for sent in self._in_flight for rid in sent.placeholders}
 
     async def _probe(self) -> None:
         """An empty step through the session: a dead or wedged idle worker is noticed (and
@@ -275,9 +373,10 @@ class BatcherEngine:
             log.warning("worker lost while idle (%s)", e or "no answer")
             await self._recover()
 
-    def _fail_plan(self, plan: BatchPlan, rejected: StepRejected) -> None:
-        """The worker rejected this plan: the requests it held fail (the same plan would fail
+    def _fail_plan(self, rejected: StepRejected) -> None:
+        """The worker rejected a step: the requests it held fail (the same plan would fail
         again), once, with the worker's reason; the session is gone, so the rest recover."""
+        plan = next(s.plan for s in self._in_flight if s.number == rejected.step)
         ids = dict.fromkeys(
             (*plan.load, *(rid for rid, _ in plan.all_prefill), *plan.decode, *plan.evict)
         )
@@ -296,19 +395,20 @@ class BatcherEngine:
         self._fail(failed, error)
 
     def _has_work(self) -> bool:
-        # the store holds live requests only: _finish removes each one as it ends; a prefill
-        # batch in flight must still be answered (an aborted request's blocks wait for it)
-        return bool(self._release or self.scheduler.prefilling) or len(self.scheduler.store) > 0
+        # the store holds live requests (and ended ones waiting for a step's answer): _finish
+        # removes each one; a prefill batch in flight must still be answered (an aborted
+        # request's blocks wait for it)
+        return (
+            bool(self._release or self.scheduler.prefilling or self._in_flight)
+            or len(self.scheduler.store) > 0
+        )
 
-    def _snapshot(self, plan: BatchPlan) -> dict[str, int]:
-        """Output length of every request the step may give a token to."""
-        ids = {*plan.decode, *(rid for rid, _ in plan.all_prefill)}
-        return {rid: len(self.scheduler.store.get(rid).output_token_ids) for rid in ids}
-
-    def _to_proto(self, plan: BatchPlan) -> worker_pb2.StepRequest:
+    def _to_proto(self, plan: BatchPlan) -> tuple[worker_pb2.StepRequest, dict[str, int]]:
+        """The plan as the worker's message, and the KV tokens its write-backs put in the
+        pool, per request."""
         store = self.scheduler.store
         keep_resident = self.scheduler.config.policy == "fcfs"
-        self._writing = {}
+        writing: dict[str, int] = {}
         self._step += 1
         msg = worker_pb2.StepRequest(step=self._step, release=self._release)
         self._release = []
@@ -324,6 +424,7 @@ class BatcherEngine:
                 queued = time.monotonic() - r.arrival_s
                 metrics.REQUEST_QUEUE_TIME_SECONDS.labels(self.info.model_name).observe(queued)
             tokens = [*r.prompt_token_ids, *r.output_token_ids]
+            assert PENDING not in r.output_token_ids, "planned before its tokens were answered"
             end = r.num_prefilled + n
             msg.prefill.add(
                 request_id=rid,
@@ -336,32 +437,37 @@ class BatcherEngine:
                 on_prefill_device=on_prefill_device,
             )
             if not keep_resident and not on_prefill_device:  # (that one: when it is done)
-                self._writing[rid] = end
+                writing[rid] = end
         for rid in plan.decode:
             r = store.get(rid)
+            token = r.output_token_ids[-1]
             msg.decode.add(
                 request_id=rid,
-                token_id=r.output_token_ids[-1],
+                # still PENDING: the worker sampled it in a step it ran before this one
+                token_id=max(token, 0),
+                last_sampled=token == PENDING,
                 num_kv_tokens=r.num_kv_tokens,
                 params=self._params_of(r),
             )
         for rid in plan.evict:
             r = store.get(rid)
             msg.evict.add(request_id=rid, pool_blocks=r.blocks)
-            self._writing[rid] = r.num_kv_tokens
+            writing[rid] = r.num_kv_tokens
         # nothing for the decode device: answer when the prefill device's batch is done
         msg.wait_prefill = not (msg.load or msg.decode or msg.evict or plan.mixed_prefill)
-        return msg
+        return msg, writing
 
     def _report(self, plan: BatchPlan) -> None:
         engine_metrics.report_plan(
             self.info.model_name, self.scheduler, self.load(), self.pool.layout, plan
         )
 
-    def _after_step(self, plan: BatchPlan, response, before: dict[str, int]) -> None:
+    def _after_step(self, sent: SentStep, response: worker_pb2.StepResponse) -> None:
+        """Apply a step's answer: resolve its PENDING tokens, land the prefill device's batch
+        if done, give each request its new tokens, finish the requests that ended."""
+        store, plan = self.scheduler.store, sent.plan
         # the step's write-backs reached the pool (of requests not aborted meanwhile)
-        self._synced.update((r, n) for r, n in self._writing.items() if r in self.scheduler.store)
-        self._writing = {}
+        self._synced.update((r, n) for r, n in sent.writing.items() if r in store)
         if plan.load:  # this worker loads at the step that lands them, before its forward
             metrics.PREFETCH_SECONDS.labels(self.info.model_name).observe(response.load_s)
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
@@ -370,35 +476,51 @@ class BatcherEngine:
         tokens = {t.request_id: t.token_id for t in response.tokens}
         logprobs = {t.request_id: t.logprob for t in response.tokens}
         now = time.monotonic()
-        finished = self.scheduler.update(plan, tokens, now)
-        if response.prefilled:  # the prefill device's batch (sent at this step or before)
-            store = self.scheduler.store
-            landed = [rid for rid in response.prefilled if rid in store]
-            before.update((rid, len(store.get(rid).output_token_ids)) for rid in landed)
-            finished += self.scheduler.prefill_done(response.prefilled, tokens, now)
-            # their KV up to num_prefilled is in the pool now
-            self._synced.update((rid, store.get(rid).num_prefilled) for rid in landed)
-        self._release += self.scheduler.take_preempted()  # recomputed later: free the device
-        store, sinks = self.scheduler.store, self._sinks
-        for rid, n in before.items():
+        touched: list[Request] = []
+        for rid, index in sent.placeholders.items():
             if rid not in store:
-                continue  # aborted while the step ran
+                continue  # aborted meanwhile
             r = store.get(rid)
-            new = r.output_token_ids[n:]
-            sink = sinks.get(rid)
-            if new and sink is not None:
-                want = r.params.logprobs
-                sink(
-                    Delta(
-                        token_ids=tuple(new),
-                        logprobs=(logprobs.get(rid, 0.0),) * len(new) if want else (),
-                        finish_reason=None,
-                        prompt_tokens=len(r.prompt_token_ids),
-                        completion_tokens=len(r.output_token_ids),
-                    )
-                )
-        for r in finished:
-            self._finish(r)
+            if index < len(r.output_token_ids):  # else cut: a stop token came before it
+                self.scheduler.resolve(r, index, tokens[rid], now)
+                touched.append(r)
+        if response.prefilled:  # the prefill device's batch (sent at this step or before)
+            landed = [store.get(rid) for rid in response.prefilled if rid in store]
+            self.scheduler.prefill_done(response.prefilled, tokens, now)
+            # their KV up to num_prefilled is in the pool now
+            self._synced.update((r.request_id, r.num_prefilled) for r in landed)
+            touched += landed
+        self._release += self.scheduler.take_preempted()  # recomputed later: free the device
+        for r in touched:
+            self._emit(r, logprobs.get(r.request_id, 0.0))
+        for r in touched:
+            if r.state.is_done and self._is_answered(r):
+                self._finish(r)
+
+    @staticmethod
+    def _is_answered(r: Request) -> bool:
+        return not r.output_token_ids or r.output_token_ids[-1] != PENDING
+
+    def _emit(self, r: Request, logprob: float) -> None:
+        """Give the request's sink its tokens answered since the last delta."""
+        out, rid = r.output_token_ids, r.request_id
+        end = len(out)
+        while end and out[end - 1] == PENDING:
+            end -= 1
+        sent = self._num_sent.get(rid, 0)
+        sink = self._sinks.get(rid)
+        if end <= sent or sink is None:
+            return
+        self._num_sent[rid] = end
+        sink(
+            Delta(
+                token_ids=tuple(out[sent:end]),
+                logprobs=(logprob,) * (end - sent) if r.params.logprobs else (),
+                finish_reason=None,
+                prompt_tokens=len(r.prompt_token_ids),
+                completion_tokens=end,
+            )
+        )
 
     def _fail(self, request_ids: Sequence[str], error: Exception) -> None:
         """End these live requests with `error` (their clients get it), freeing their KV."""
@@ -417,12 +539,13 @@ class BatcherEngine:
         """Send the final message (or the error that ends the stream), forget the request,
         free it on the worker next step."""
         sink = self._sinks.pop(r.request_id, None)
+        num_sent = self._num_sent.pop(r.request_id, 0)  # all of them, unless it was aborted
         if sink is not None:
-            sink(
-                error
-                or Delta((), (), r.finish_reason, len(r.prompt_token_ids), len(r.output_token_ids))
-            )
-        self._release.append(r.request_id)
+            sink(error or Delta((), (), r.finish_reason, len(r.prompt_token_ids), num_sent))
+        if r.request_id in self._released:
+            self._released.remove(r.request_id)
+        else:
+            self._release.append(r.request_id)
         self._synced.pop(r.request_id, None)
         self._params_msg.pop(r.request_id, None)
         if r.request_id in self.scheduler.store:
@@ -475,8 +598,8 @@ class BatcherEngine:
             )
         engine_metrics.create_series(info.model_name)
 
-    async def _recover(self, lost: BatchPlan | None = None) -> None:
-        self._forget_worker(lost)
+    async def _recover(self) -> None:
+        self._forget_worker()
         while True:  # keep trying; requests that outwait one recovery window fail
             try:
                 await self._connect()

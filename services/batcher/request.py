@@ -30,10 +30,12 @@ class RequestState(enum.Enum):
 S = RequestState
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     # A request can finish at prefill (max_tokens=1 or EOS first) or be preempted back to
-    # waiting (fcfs recompute); every live state can be aborted.
+    # waiting (fcfs recompute); every live state can be aborted. It finishes from the pool
+    # when the stop token it sampled is answered after it left the decode GPU (the engine
+    # plans a step ahead of the answers).
     S.WAITING_PREFILL: frozenset({S.POOLED, S.RUNNING, S.FINISHED, S.ABORTED}),
-    S.POOLED: frozenset({S.PREFETCHING, S.RUNNING, S.WAITING_PREFILL, S.ABORTED}),
-    S.PREFETCHING: frozenset({S.RUNNING, S.POOLED, S.WAITING_PREFILL, S.ABORTED}),
+    S.POOLED: frozenset({S.PREFETCHING, S.RUNNING, S.WAITING_PREFILL, S.FINISHED, S.ABORTED}),
+    S.PREFETCHING: frozenset({S.RUNNING, S.POOLED, S.WAITING_PREFILL, S.FINISHED, S.ABORTED}),
     S.RUNNING: frozenset({S.POOLED, S.WAITING_PREFILL, S.FINISHED, S.ABORTED}),
     S.FINISHED: frozenset(),
     S.ABORTED: frozenset(),

@@ -39,6 +39,8 @@ class BatcherConfig:
     # aligned's decode cost model; by default what the worker reports (ModelInfo)
     kernel_cost: str | None = None  # padded | balanced
     weight_kv_tokens: int | None = None  # weight bytes / KV bytes per token
+    # steps sent to the worker before the first is answered; 1: wait for each answer
+    max_steps_in_flight: int = 2
 
     def __post_init__(self) -> None:
         if self.pool_gib <= 0:
@@ -65,6 +67,7 @@ class BatcherConfig:
             worker_startup_s=self.worker_startup_s,
             kernel_cost=self.kernel_cost,
             weight_kv_tokens=self.weight_kv_tokens,
+            max_steps_in_flight=self.max_steps_in_flight,
         )
 
 

@@ -14,6 +14,7 @@ itself) is `WorkerLost`: reconnect, and the requests continue from the pool.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
 
@@ -81,19 +82,33 @@ class WorkerLink:
         )
         self._session = self.stub.Session()
 
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    async def send(self, request: worker_pb2.StepRequest) -> None:
+        """Send a step; its answer comes, in order, from `receive`."""
         try:
             await self._session.write(request)
-            response = await self._session.read()
         except grpc.aio.AioRpcError as e:
-            if rejected_step(e) == request.step:
-                raise StepRejected(request.step, e.code(), e.details()) from e
             raise WorkerLost(f"{e.code().name}: {e.details()}") from e
         except asyncio.InvalidStateError as e:  # writing to a session the worker already ended
             raise WorkerLost(str(e)) from e
+
+    async def receive(self, in_flight: Sequence[int]) -> worker_pb2.StepResponse:
+        """The next answer. The worker's rejection of one of the steps `in_flight` (their
+        numbers) raises StepRejected; any other failure, WorkerLost."""
+        try:
+            response = await self._session.read()
+        except grpc.aio.AioRpcError as e:
+            step = rejected_step(e)
+            if step is not None and step in in_flight:
+                raise StepRejected(step, e.code(), e.details()) from e
+            raise WorkerLost(f"{e.code().name}: {e.details()}") from e
         if response is grpc.aio.EOF:
             raise WorkerLost("session ended")
         return response
+
+    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        """Send a step and wait for its answer (with no other step in flight)."""
+        await self.send(request)
+        return await self.receive([request.step])
 
     async def close(self) -> None:
         if self._session is not None:

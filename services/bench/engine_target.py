@@ -77,6 +77,10 @@ class EngineTargetConfig:
         default=SERVE.max_batch_kv_fraction,
         metadata={"help": "aligned: the decode GPU's KV that resident batches may use"},
     )
+    max_steps_in_flight: int = field(
+        default=SERVE.max_steps_in_flight,
+        metadata={"help": "steps the batcher sends before the first is answered (1: each waits)"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype and self.dtype not in DTYPES:

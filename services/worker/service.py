@@ -151,6 +151,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._prefilling_ids: frozenset[str] = frozenset()
         self._stats = StepStats()  # since the last stats line
         self._stats_at = time.monotonic()
+        # each live request's latest sampled token, this session: a decode the batcher sent
+        # before that token's step was answered takes it as input (DecodeEntry.last_sampled)
+        self._last_sampled: dict[str, int] = {}
 
     async def Describe(self, request, context) -> worker_pb2.ModelInfo:
         return self.info
@@ -238,6 +241,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._prefilling, self._prefilling_ids = None, frozenset()
         if self.residency is not None:
             self.residency.release_all()
+        self._last_sampled.clear()
         self._session_lock.release()
         logger.info("session ended")
 
@@ -256,6 +260,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # this step): its plan may give their device blocks to this step's new requests.
         for request_id in request.release:
             res.release(request_id)
+            self._last_sampled.pop(request_id, None)
         load_s = res.load_batch(
             [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
         )
@@ -265,6 +270,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.wait_prefill and self._prefilling is not None:
             concurrent.futures.wait([self._prefilling])
         prefilled, sampled_there, prefill_s = self._take_prefilled()
+        self._last_sampled.update((t.request_id, t.token_id) for t in (*sampled, *sampled_there))
         return worker_pb2.StepResponse(
             step=request.step,
             tokens=[
@@ -357,9 +363,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if not c.keep_resident:
                 write_back.append((c.request_id, c.pool_blocks))
         for d in request.decode:
-            self._check_tokens(d.request_id, [d.token_id], d.num_kv_tokens)
+            token = self._decode_input(d)
+            self._check_tokens(d.request_id, [token], d.num_kv_tokens)
             sampling = self._sampling(d.request_id, d.params)
-            chunks.append(res.decode_chunk(d.request_id, d.token_id, d.num_kv_tokens, sampling))
+            chunks.append(res.decode_chunk(d.request_id, token, d.num_kv_tokens, sampling))
         write_back += [(e.request_id, e.pool_blocks) for e in request.evict]
         compute_s = 0.0
         sampled: list[SampledToken] = []
@@ -373,6 +380,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             res.write_back(request_id, pool_blocks)
             res.release(request_id)
         return sampled, compute_s
+
+    def _decode_input(self, d: worker_pb2.DecodeEntry) -> int:
+        if not d.last_sampled:
+            return d.token_id
+        token = self._last_sampled.get(d.request_id)
+        if token is None:
+            raise InvalidRequestError(
+                f"decode {d.request_id!r}: last_sampled, but this session sampled no token for it",
+                param="last_sampled",
+            )
+        return token
 
     def _check_unique(self, request: worker_pb2.StepRequest) -> None:
         ids = [c.request_id for c in request.prefill] + [d.request_id for d in request.decode]

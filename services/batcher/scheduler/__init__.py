@@ -2,7 +2,7 @@
 
 from alignedserve.batcher.scheduler.aligned import AlignedPolicy
 from alignedserve.batcher.scheduler.config import SchedulerConfig
-from alignedserve.batcher.scheduler.core import BatchPlan, QueueFullError, Scheduler
+from alignedserve.batcher.scheduler.core import PENDING, BatchPlan, QueueFullError, Scheduler
 from alignedserve.batcher.scheduler.fcfs import FcfsPolicy
 
 
@@ -11,4 +11,11 @@ def make_scheduler(config: SchedulerConfig, **kw) -> Scheduler:
     return Scheduler(config, policy, **kw)
 
 
-__all__ = ["BatchPlan", "QueueFullError", "Scheduler", "SchedulerConfig", "make_scheduler"]
+__all__ = [
+    "PENDING",
+    "BatchPlan",
+    "QueueFullError",
+    "Scheduler",
+    "SchedulerConfig",
+    "make_scheduler",
+]

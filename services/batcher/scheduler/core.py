@@ -10,7 +10,7 @@ lives behind the `Policy` interface; everything else is here, once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,12 @@ from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import InvalidRequestError, QueueFullError
 from alignedserve.common.sampling_params import SamplingParams, finish_reason
+
+# A token sampled by a step that is sent but not answered yet. The engine runs the scheduler
+# one step ahead of the worker (see engine.py): it applies each step as soon as it is sent,
+# with this in place of every token the step samples, and `resolve`s each when its answer
+# comes. Lengths are exact meanwhile; only the token values (and so a stop token) wait.
+PENDING = -1
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,30 @@ class Scheduler:
             if r.state is RequestState.RUNNING and self._append(r, tokens[request_id], now):
                 done.append(r)
         return done
+
+    def resolve(self, r: Request, index: int, token: int, now: float) -> bool:
+        """The answer for the PENDING token at `index` of r's output: set it. If it is a stop
+        token, r ends there: what was planned after it is cut (a request still live finishes
+        now; one that had already finished by length finished by this stop instead). Returns
+        True if r finished now."""
+        r.output_token_ids[index] = token
+        reason = finish_reason(
+            r.params,
+            token,
+            index + 1,
+            len(r.prompt_token_ids) + index + 1,
+            self.eos_token_ids,
+            self.max_model_len,
+        )
+        if reason != "stop":
+            return False
+        finished_now = not r.state.is_done
+        if finished_now:  # first: the policy takes its KV off at the length it counted
+            self._finish(r, RequestState.FINISHED, "stop", now)
+        elif r.finish_reason == "length":
+            r.finish_reason = "stop"
+        del r.output_token_ids[index + 1 :]
+        return finished_now
 
     def prefill_done(
         self, request_ids: Sequence[str], tokens: Mapping[str, int], now: float
@@ -285,14 +315,19 @@ class Scheduler:
         return taken
 
     def recover_from_worker_loss(
-        self, synced: Mapping[str, int], evicting: Sequence[str] = ()
-    ) -> list[Request]:
+        self,
+        synced: Mapping[str, int],
+        evicting: Sequence[str] = (),
+        unanswered: Collection[str] = (),
+    ) -> list[str]:
         """The worker died: whatever it held on its device is gone. Each request it held
-        (and each it was `evicting` in the step that was lost: pooled since, but its new KV
+        (and each it was `evicting` in a step that was lost: pooled since, but its new KV
         may never have reached the pool) goes back to waiting for a prefill that continues
         from `synced[id]`, the tokens whose KV reached the pool; its pool blocks are kept. The
         prefill recomputes the rest and samples the next token: with counter-based sampling,
-        the very token it would have produced. Returns the requests moved, in arrival order."""
+        the very token it would have produced. The `unanswered` requests lose their PENDING
+        tokens (the steps that were to sample them are lost); one that had finished by length
+        on one is reopened (see _reopen). Returns the ids of the reopened."""
         # the prefill device's chunk in flight is lost with it (its requests are planned again);
         # the blocks of those that ended meanwhile are free once the old session is gone,
         # before any new plan is sent
@@ -309,23 +344,59 @@ class Scheduler:
                 r
                 for r in self.store
                 if r.state in on_device
-                or (r.state is RequestState.POOLED and r.request_id in evicting)
+                # pooled by a lost step: evicted, or prefilled there (its KV is not in the pool)
+                or (
+                    r.state is RequestState.POOLED
+                    and (r.request_id in evicting or r.request_id in unanswered)
+                )
             ),
             key=lambda r: r.arrival_s,
         )
         for r in lost:
-            self.policy.forget(self, r)
+            self.policy.forget(self, r)  # (at the length it counted, PENDING tokens included)
             self.store.transition(r, RequestState.WAITING_PREFILL)
+        reopened: list[Request] = []
+        for request_id in unanswered:
+            r = self.store.get(request_id) if request_id in self.store else None
+            if r is None or not r.output_token_ids or r.output_token_ids[-1] != PENDING:
+                continue
+            while r.output_token_ids and r.output_token_ids[-1] == PENDING:
+                r.output_token_ids.pop()
+            if r.state is RequestState.FINISHED:
+                reopened.append(self._reopen(r))
         for r in lost:  # admitted again: room for the whole prefill and its token (see
             # plan_prefill); one the pool cannot top up is recomputed from scratch instead
+            keep = self.blocks_for(r.num_tokens + 1)  # (it had room for its lost tokens too)
+            self.allocator.free(r.blocks[keep:])
+            del r.blocks[keep:]
             if self.try_reserve(r, r.num_tokens + 1):
                 r.num_prefilled = min(synced.get(r.request_id, 0), r.num_kv_tokens)
             else:
                 self.allocator.free(r.blocks)
                 r.blocks = []
                 r.num_prefilled = 0
-        self.waiting.extendleft(r.request_id for r in reversed(lost))
-        return lost
+        # reopened ones wait unadmitted (no blocks): admitted at their first chunk, as new
+        again = sorted([*lost, *reopened], key=lambda r: r.arrival_s)
+        self.waiting.extendleft(r.request_id for r in reversed(again))
+        return [r.request_id for r in reopened]
+
+    def _reopen(self, r: Request) -> Request:
+        """A request that finished by length on a token a lost step was to sample: that
+        token must still be computed. A new record of it waits for a prefill of its prompt
+        and its tokens so far (its KV blocks were freed when it finished)."""
+        self.store.pop(r.request_id)
+        again = Request(
+            r.request_id,
+            r.prompt_token_ids,
+            r.params,
+            r.arrival_s,
+            output_token_ids=r.output_token_ids,
+            first_token_s=r.first_token_s,
+            last_token_s=r.last_token_s,
+            max_pool_wait_s=r.max_pool_wait_s,
+        )
+        self.store.add(again)
+        return again
 
     def check_invariants(self) -> None:
         self.store.check_invariants(self.config.block_tokens, self.config.num_pool_blocks)

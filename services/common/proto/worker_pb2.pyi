@@ -82,16 +82,18 @@ class PrefillChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., keep_resident: _Optional[bool] = ..., on_prefill_device: _Optional[bool] = ...) -> None: ...
 
 class DecodeEntry(_message.Message):
-    __slots__ = ("request_id", "token_id", "num_kv_tokens", "params")
+    __slots__ = ("request_id", "token_id", "num_kv_tokens", "params", "last_sampled")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_id: int
     num_kv_tokens: int
     params: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    last_sampled: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., last_sampled: _Optional[bool] = ...) -> None: ...
 
 class EvictEntry(_message.Message):
     __slots__ = ("request_id", "pool_blocks")
