@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.worker.attention import AttentionMetadata
+from alignedserve.worker.attention import AttentionMetadata, padded_tables
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.sampler import sample
 
@@ -96,10 +96,7 @@ class ModelRunner:
             self.capture_s += time.perf_counter() - start
             self._graphs[key] = graph
         scratch = self.kv_cache.scratch_block
-        tables = torch.tensor(
-            [list(c.block_table) + [scratch] * (width - len(c.block_table)) for c in chunks],
-            dtype=torch.long,
-        )
+        tables = padded_tables([c.block_table for c in chunks], width, fill=scratch)
         ids = torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long)
         ctx = torch.tensor([c.num_cached_tokens + 1 for c in chunks], dtype=torch.long)
         dev = self.device
