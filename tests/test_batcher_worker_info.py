@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 from safetensors.torch import load_file
 
-from alignedserve.batcher.engine import BatcherEngine, EngineConfig, scheduler_config_for
+from alignedserve.batcher.engine import BatcherEngine
+from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.batcher.service import BatcherConfig, add_batcher_arguments, config_from_args
 from alignedserve.common import wire

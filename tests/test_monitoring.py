@@ -408,7 +408,8 @@ def test_docs_list_every_metric_and_alert() -> None:
 
 
 def test_engine_sets_worker_ready_where_readiness_changes() -> None:
-    from alignedserve.batcher.engine import BatcherEngine, EngineConfig
+    from alignedserve.batcher.engine import BatcherEngine
+    from alignedserve.batcher.engine_config import EngineConfig
     from alignedserve.batcher.scheduler import SchedulerConfig
     from alignedserve.common.proto import worker_pb2
 

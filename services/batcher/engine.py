@@ -30,19 +30,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import grpc
 
 from alignedserve.batcher import engine_metrics
+from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.batcher.request import Request, RequestState
-from alignedserve.batcher.scheduler import PENDING, BatchPlan, SchedulerConfig, make_scheduler
+from alignedserve.batcher.scheduler import PENDING, BatchPlan, make_scheduler
+from alignedserve.batcher.step_message import step_message
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
 from alignedserve.common.errors import (
     AlignedServeError,
-    ConfigError,
     InvalidRequestError,
     UnavailableError,
 )
@@ -72,28 +73,6 @@ class StepRejectedError(AlignedServeError):
     """The worker could not run a step that held this request (see worker_link)."""
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    worker_address: str
-    pool_bytes: int
-    # block_tokens, pool and device sizes, and the decode cost model are filled in from the
-    # worker (scheduler_config_for); the two cost fields below override the worker's
-    scheduler: SchedulerConfig
-    worker_recovery_s: float = 60.0
-    worker_startup_s: float = 600.0  # the first connection: the worker may still load its model
-    idle_probe_s: float = 1.0  # with nothing to do, send the worker an empty step this often
-    stall_s: float = 60.0  # a step running longer than this marks the worker not ready (wedged)
-    kernel_cost: str | None = None  # padded | balanced; None: what the worker's kernel is
-    weight_kv_tokens: int | None = None  # None: the worker's weight bytes / KV bytes per token
-    # steps sent before the first is answered: 2 overlaps the batcher's per-step work with the
-    # worker's next step; 1 waits for each answer before planning the next step
-    max_steps_in_flight: int = 2
-
-    def __post_init__(self) -> None:
-        if self.max_steps_in_flight < 1:
-            raise ConfigError(f"max_steps_in_flight={self.max_steps_in_flight} must be >= 1")
-
-
 @dataclass
 class SentStep:
     """A step sent to the worker and not answered yet."""
@@ -104,38 +83,6 @@ class SentStep:
     placeholders: dict[str, int]
     # request -> tokens of its KV in the pool once the step is done (its write-backs)
     writing: dict[str, int] = field(default_factory=dict)
-
-
-def scheduler_config_for(
-    config: EngineConfig, info: worker_pb2.ModelInfo, num_pool_blocks: int
-) -> SchedulerConfig:
-    """The scheduler's settings for this worker: `config.scheduler` with the block size, the
-    pool and device sizes and the decode cost model taken from the worker's ModelInfo (a cost
-    field the worker does not report keeps the configured value; EngineConfig's overrides
-    win over both)."""
-    base = config.scheduler
-    layout = wire.layout_from_proto(info.kv_layout)
-    # fcfs keeps every running request's KV on the device: its blocks budget is the
-    # device's, whatever the pool's size (the pool only mirrors them)
-    if base.policy == "fcfs":
-        num_pool_blocks = min(num_pool_blocks, info.num_device_blocks)
-    kernel_cost = config.kernel_cost or info.decode_kernel_cost or base.kernel_cost
-    if config.weight_kv_tokens is not None:
-        weight_kv_tokens = config.weight_kv_tokens
-    elif info.weight_bytes:
-        weight_kv_tokens = max(1, info.weight_bytes // layout.token_bytes)
-    else:
-        weight_kv_tokens = base.weight_kv_tokens
-    return replace(
-        base,
-        block_tokens=layout.block_tokens,
-        num_pool_blocks=num_pool_blocks,
-        gpu_kv_tokens=info.num_device_blocks * layout.block_tokens,
-        kernel_cost=kernel_cost,
-        weight_kv_tokens=weight_kv_tokens,
-        # fcfs is the baseline as vLLM runs it: every chunk in the decode device's step
-        num_prefill_device_blocks=info.num_prefill_blocks if base.policy == "aligned" else 0,
-    )
 
 
 class BatcherEngine:
@@ -404,57 +351,17 @@ class BatcherEngine:
         )
 
     def _to_proto(self, plan: BatchPlan) -> tuple[worker_pb2.StepRequest, dict[str, int]]:
-        """The plan as the worker's message, and the KV tokens its write-backs put in the
-        pool, per request."""
+        """The plan as the worker's message (see step_message), releases included."""
         store = self.scheduler.store
-        keep_resident = self.scheduler.config.policy == "fcfs"
-        writing: dict[str, int] = {}
-        self._step += 1
-        msg = worker_pb2.StepRequest(step=self._step, release=self._release)
-        self._release = []
-        for rid in plan.load:
-            r = store.get(rid)
-            msg.load.add(request_id=rid, pool_blocks=r.blocks, num_kv_tokens=r.num_kv_tokens)
-        offload = self.scheduler.config.num_prefill_device_blocks > 0
-        chunks = [(rid, n, offload) for rid, n in plan.prefill]
-        chunks += [(rid, n, False) for rid, n in plan.mixed_prefill]
-        for rid, n, on_prefill_device in chunks:
+        for rid, _ in plan.all_prefill:
             r = store.get(rid)
             if r.num_prefilled == 0 and not r.output_token_ids:  # its first prefill chunk
                 queued = time.monotonic() - r.arrival_s
                 metrics.REQUEST_QUEUE_TIME_SECONDS.labels(self.info.model_name).observe(queued)
-            tokens = [*r.prompt_token_ids, *r.output_token_ids]
-            assert PENDING not in r.output_token_ids, "planned before its tokens were answered"
-            end = r.num_prefilled + n
-            msg.prefill.add(
-                request_id=rid,
-                token_ids=tokens[r.num_prefilled : end],
-                num_cached_tokens=r.num_prefilled,
-                pool_blocks=r.blocks,
-                params=self._params_of(r),
-                sample=end == r.num_tokens,
-                keep_resident=keep_resident,
-                on_prefill_device=on_prefill_device,
-            )
-            if not keep_resident and not on_prefill_device:  # (that one: when it is done)
-                writing[rid] = end
-        for rid in plan.decode:
-            r = store.get(rid)
-            token = r.output_token_ids[-1]
-            msg.decode.add(
-                request_id=rid,
-                # still PENDING: the worker sampled it in a step it ran before this one
-                token_id=max(token, 0),
-                last_sampled=token == PENDING,
-                num_kv_tokens=r.num_kv_tokens,
-                params=self._params_of(r),
-            )
-        for rid in plan.evict:
-            r = store.get(rid)
-            msg.evict.add(request_id=rid, pool_blocks=r.blocks)
-            writing[rid] = r.num_kv_tokens
-        # nothing for the decode device: answer when the prefill device's batch is done
-        msg.wait_prefill = not (msg.load or msg.decode or msg.evict or plan.mixed_prefill)
+        self._step += 1
+        msg, writing = step_message(self._step, plan, self.scheduler, self._params_of)
+        msg.release.extend(self._release)
+        self._release = []
         return msg, writing
 
     def _report(self, plan: BatchPlan) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from alignedserve.batcher.engine import BatcherEngine, Delta, EngineConfig, Sink
+from alignedserve.batcher.engine import BatcherEngine, Delta, Sink
+from alignedserve.batcher.engine_config import EngineConfig
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.common import flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
