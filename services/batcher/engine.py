@@ -7,7 +7,7 @@ The engine runs one step ahead of the worker (`max_steps_in_flight`, 2 by defaul
 step N+1 before step N is answered, so the worker finds its next plan waiting, and the
 batcher's own work (answering N, fanning its tokens out, planning N+2) overlaps the GPU's
 step N+1. The scheduler applies each step as it is sent, with a PENDING placeholder for
-every token it samples (scheduler/core.py), and the answer resolves them; a decode whose
+every token it samples (request.py), and the answer resolves them; a decode whose
 input is still PENDING asks the worker for the token it sampled last (`last_sampled`). A
 stop token found in an answer ends its request there, and whatever was planned after it is
 dropped. Only a prefill that would have to send a PENDING token (a request preempted or
@@ -37,8 +37,8 @@ import grpc
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.kv_pool import CpuKVPool
-from alignedserve.batcher.request import Request, RequestState
-from alignedserve.batcher.scheduler import PENDING, BatchPlan, make_scheduler
+from alignedserve.batcher.request import PENDING, Request, RequestState
+from alignedserve.batcher.scheduler import BatchPlan, make_scheduler
 from alignedserve.batcher.step_message import step_message
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
@@ -401,19 +401,12 @@ class BatcherEngine:
         for r in touched:
             self._emit(r, logprobs.get(r.request_id, 0.0))
         for r in touched:
-            if r.state.is_done and self._is_answered(r):
+            if r.state.is_done and r.num_answered == len(r.output_token_ids):
                 self._finish(r)
-
-    @staticmethod
-    def _is_answered(r: Request) -> bool:
-        return not r.output_token_ids or r.output_token_ids[-1] != PENDING
 
     def _emit(self, r: Request, logprob: float) -> None:
         """Give the request's sink its tokens answered since the last delta."""
-        out, rid = r.output_token_ids, r.request_id
-        end = len(out)
-        while end and out[end - 1] == PENDING:
-            end -= 1
+        out, rid, end = r.output_token_ids, r.request_id, r.num_answered
         sent = self._num_sent.get(rid, 0)
         sink = self._sinks.get(rid)
         if end <= sent or sink is None:

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 
 from alignedserve.common.sampling_params import SamplingParams
 
+# A token sampled by a step that is sent but not answered yet. The engine runs the scheduler
+# one step ahead of the worker (see engine.py): it applies each step as soon as it is sent,
+# with this in place of every token the step samples, and `Scheduler.resolve` sets each when
+# its answer comes. Lengths are exact meanwhile; only the token values (and so a stop token)
+# wait. PENDING tokens are always the last of a request's output.
+PENDING = -1
+
 
 class RequestState(enum.Enum):
     WAITING_PREFILL = "waiting_prefill"  # admitted, KV not computed yet
@@ -63,6 +70,15 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt + generated tokens: the KV length the next decode step attends over."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_answered(self) -> int:
+        """Output tokens before the trailing PENDING ones: those whose value is known."""
+        out = self.output_token_ids
+        n = len(out)
+        while n and out[n - 1] == PENDING:
+            n -= 1
+        return n
 
     @property
     def num_kv_tokens(self) -> int:

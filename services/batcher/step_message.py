@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from alignedserve.batcher.request import Request
-from alignedserve.batcher.scheduler import PENDING, BatchPlan, Scheduler
+from alignedserve.batcher.request import PENDING, Request
+from alignedserve.batcher.scheduler import BatchPlan, Scheduler
 from alignedserve.common.proto import common_pb2, worker_pb2
 
 

@@ -2,7 +2,7 @@
 
 from alignedserve.batcher.scheduler.aligned import AlignedPolicy
 from alignedserve.batcher.scheduler.config import SchedulerConfig
-from alignedserve.batcher.scheduler.core import PENDING, BatchPlan, QueueFullError, Scheduler
+from alignedserve.batcher.scheduler.core import BatchPlan, QueueFullError, Scheduler
 from alignedserve.batcher.scheduler.fcfs import FcfsPolicy
 
 
@@ -12,7 +12,6 @@ def make_scheduler(config: SchedulerConfig, **kw) -> Scheduler:
 
 
 __all__ = [
-    "PENDING",
     "BatchPlan",
     "QueueFullError",
     "Scheduler",

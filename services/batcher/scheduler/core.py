@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from alignedserve.batcher.request import Request, RequestState, RequestStore
@@ -19,12 +19,6 @@ from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import InvalidRequestError, QueueFullError
 from alignedserve.common.sampling_params import SamplingParams, finish_reason
-
-# A token sampled by a step that is sent but not answered yet. The engine runs the scheduler
-# one step ahead of the worker (see engine.py): it applies each step as soon as it is sent,
-# with this in place of every token the step samples, and `resolve`s each when its answer
-# comes. Lengths are exact meanwhile; only the token values (and so a stop token) wait.
-PENDING = -1
 
 
 @dataclass(frozen=True)
@@ -358,10 +352,9 @@ class Scheduler:
         reopened: list[Request] = []
         for request_id in unanswered:
             r = self.store.get(request_id) if request_id in self.store else None
-            if r is None or not r.output_token_ids or r.output_token_ids[-1] != PENDING:
+            if r is None or r.num_answered == len(r.output_token_ids):
                 continue
-            while r.output_token_ids and r.output_token_ids[-1] == PENDING:
-                r.output_token_ids.pop()
+            del r.output_token_ids[r.num_answered :]
             if r.state is RequestState.FINISHED:
                 reopened.append(self._reopen(r))
         for r in lost:  # admitted again: room for the whole prefill and its token (see
@@ -385,15 +378,14 @@ class Scheduler:
         token must still be computed. A new record of it waits for a prefill of its prompt
         and its tokens so far (its KV blocks were freed when it finished)."""
         self.store.pop(r.request_id)
-        again = Request(
-            r.request_id,
-            r.prompt_token_ids,
-            r.params,
-            r.arrival_s,
-            output_token_ids=r.output_token_ids,
-            first_token_s=r.first_token_s,
-            last_token_s=r.last_token_s,
-            max_pool_wait_s=r.max_pool_wait_s,
+        again = replace(
+            r,
+            state=RequestState.WAITING_PREFILL,
+            num_prefilled=0,
+            blocks=[],
+            finished_s=None,
+            pooled_since_s=None,
+            finish_reason=None,
         )
         self.store.add(again)
         return again
