@@ -189,7 +189,7 @@ def test_scale_to_zero_and_back_on_a_held_request(tmp_path):
         wait_until(lambda: not kubelet.pods.get((NS, f"{NAME}-worker")), 60, "no worker pods")
         assert condition(kube, "Ready") == "True"  # scaled to zero is ready: routers hold
         (router,) = wait_until(lambda: kubelet.settled(NS, f"{NAME}-router"), 60, "router")
-        body = {"model": NAME, "prompt": "hello", "max_tokens": 4}
+        body = {"model": NAME, "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
         reply = httpx.post(f"http://{router.ip}:8000/v1/completions", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4
@@ -221,7 +221,13 @@ def _scenario(kube, kubelet, env, kubectl, model_dir, tmp_path):
     base_url = f"http://{router.ip}:8000/v1"
     reply = httpx.post(
         f"{base_url}/chat/completions",
-        json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        # ignore_eos: sampled at temperature 1, a stop token would end it early now and then
+        json={
+            "model": NAME,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+        },
         timeout=60,
     )
     assert reply.status_code == 200, reply.text
