@@ -8,6 +8,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   computing on --device, the second GPU idle;
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
   next (--max-steps-in-flight 1; every other variant runs one step ahead of the answers);
+- aligned-serial: aligned with a worker that answers each step before it queues the next on
+  the GPU (--no-overlap-steps; every other variant's worker queues step N+1 behind step N);
 - fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
   scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
   fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
@@ -64,13 +66,17 @@ from alignedserve.common.metrics import PREFIX  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.serve import free_port  # noqa: E402
 
-VARIANTS = ("aligned", "aligned-sync", "fcfs", "fcfs-dp2")  # the docstring says what each runs
-SYNC = "-sync"  # a variant's suffix: its batcher waits for each answer (max_steps_in_flight 1)
+# the docstring says what each runs
+VARIANTS = ("aligned", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
+# a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
+# -serial, the worker answers each step before it queues the next
+SUFFIX_FLAGS = {"-sync": ["--max-steps-in-flight", "1"], "-serial": ["--no-overlap-steps"]}
 PARTS = ("offline", "online")  # each variant's two bench calls (online: the rates)
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
     "aligned-sync": "aligned, each step planned once the last is answered",
+    "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
 }
@@ -231,11 +237,12 @@ def start_serve(policy, args, model, env, blocks, tiers) -> None:
     """`alignedserve serve`: router, batcher and worker under one process."""
     cmd = [
         sys.executable, "-m", "alignedserve", "serve", "--model", str(model),
-        "--device", args.device, "--policy", policy.removesuffix(SYNC), "--port", str(args.port),
+        "--device", args.device, "--policy", policy.split("-")[0], "--port", str(args.port),
         "--pool-gib", str(args.pool_gib), "--num-device-blocks", str(blocks),
     ]  # fmt: skip
-    if policy.endswith(SYNC):
-        cmd += ["--max-steps-in-flight", "1"]
+    for suffix, flags in SUFFIX_FLAGS.items():
+        if policy.endswith(suffix):
+            cmd += flags
     if args.prefetch_device:
         cmd += ["--prefetch-device", args.prefetch_device]
     tiers.append([subprocess.Popen(cmd, env=env)])

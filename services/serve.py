@@ -27,6 +27,8 @@ from typing import Protocol
 from alignedserve.batcher.service import BatcherConfig
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
+from alignedserve.worker.service import WorkerConfig
+from alignedserve.worker.service import worker_args as worker_command
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class ServeConfig:
     min_batch: int = BatcherConfig.min_batch  # aligned: fewest members of a decode group
     max_batch_kv_fraction: float = BatcherConfig.max_batch_kv_fraction  # aligned: of GPU KV
     max_steps_in_flight: int = BatcherConfig.max_steps_in_flight  # 1: wait for each answer
+    overlap_steps: bool = True  # the worker queues a step before answering the one before
     drain_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class WorkerSettings(Protocol):
     def dtype(self) -> str: ...  # empty: the checkpoint's
     @property
     def num_device_blocks(self) -> int: ...
+    @property
+    def overlap_steps(self) -> bool: ...
 
 
 # BatcherSettings' fields: each is the BatcherConfig field of the same name.
@@ -110,15 +115,17 @@ def check_batcher_settings(settings: BatcherSettings) -> None:
     batcher_config(settings, worker="").engine_config()
 
 
+# WorkerSettings' fields: each is the WorkerConfig field of the same name ("" for None).
+WORKER_FIELDS = ("device", "prefetch_device", "dtype", "num_device_blocks", "overlap_steps")
+
+
 def worker_args(settings: WorkerSettings, model_dir: str, port: int) -> list[str]:
     """The command line of `alignedserve serve worker` for a supervised local worker."""
-    args = ["--model", model_dir, "--device", settings.device, "--port", str(port)]
-    args += ["--num-device-blocks", str(settings.num_device_blocks)]
-    if settings.dtype:
-        args += ["--dtype", settings.dtype]
-    if settings.prefetch_device:
-        args += ["--prefetch-device", settings.prefetch_device]
-    return args
+    values = {name: getattr(settings, name) for name in WORKER_FIELDS}
+    config = WorkerConfig(
+        model_dir=model_dir, port=port, **{k: None if v == "" else v for k, v in values.items()}
+    )
+    return worker_command(config)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

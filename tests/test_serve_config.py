@@ -82,7 +82,11 @@ def test_a_bad_knob_is_a_clean_cli_error_before_anything_starts(capsys):
 @pytest.mark.parametrize("config_cls", [ServeConfig, EngineTargetConfig])
 def test_worker_args_are_the_workers_own_flags(config_cls):
     settings = config_cls(
-        device="cuda:0", prefetch_device="cuda:1", dtype="bfloat16", num_device_blocks=77
+        device="cuda:0",
+        prefetch_device="cuda:1",
+        dtype="bfloat16",
+        num_device_blocks=77,
+        overlap_steps=False,
     )
     worker = parse_worker(worker_args(settings, "/models/m", 5123))
     assert worker == worker_service.WorkerConfig(
@@ -92,9 +96,11 @@ def test_worker_args_are_the_workers_own_flags(config_cls):
         dtype="bfloat16",
         port=5123,
         num_device_blocks=77,
+        overlap_steps=False,
     )
     plain = parse_worker(worker_args(config_cls(), "/models/m", 1))
     assert (plain.dtype, plain.prefetch_device, plain.device) == (None, None, "cpu")
+    assert plain.overlap_steps
 
 
 def parse_batcher(args: list[str]) -> BatcherConfig:

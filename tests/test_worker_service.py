@@ -24,7 +24,7 @@ from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.errors import ConfigError, InvalidRequestError, OutOfBlocksError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import health_pb2, health_pb2_grpc, worker_pb2, worker_pb2_grpc
-from alignedserve.common.rpc import CHANNEL_OPTIONS
+from alignedserve.common.rpc import CHANNEL_OPTIONS, REJECTED_STEP_KEY
 from alignedserve.common.sampling_params import finish_reason
 from alignedserve.common.wire import layout_from_proto, layout_to_proto, sampling_to_proto
 from alignedserve.serve import free_port
@@ -137,6 +137,8 @@ class FakeBatcher:
         # decodes name no token: the worker takes the one it sampled last (as when the
         # batcher sends a step before the previous one is answered)
         self.last_sampled = False
+        self.snapshot = True  # check plain evicts byte for byte (only when nothing is ahead)
+        self.answered = 0  # the last step answered
 
     @property
     def active(self) -> list[Req]:
@@ -153,6 +155,7 @@ class FakeBatcher:
         for r in self.active:
             r.state, r.num_kv = "new", r.num_synced
         self.keep_resident = True
+        self.answered = self.step  # the steps in flight are lost with the session
 
     def plan(self, servicer: WorkerServicer) -> worker_pb2.StepRequest:
         self.step += 1
@@ -217,17 +220,20 @@ class FakeBatcher:
             r.num_synced = r.num_kv
             r.state = "pooled"
             r.load_at = self.step + RELOAD_AFTER
-        if plain_evict is not None:
+        if plain_evict is not None and self.snapshot:
             residency = servicer.residency
             table = list(residency.block_table(plain_evict.request_id))
             self.snapshots[plain_evict.request_id] = residency.kv_cache.blocks[table].clone()
         return s
 
     def absorb(self, response: worker_pb2.StepResponse) -> None:
-        assert response.step == self.step
+        assert response.step == self.answered + 1, (response.step, self.answered)
+        self.answered = response.step
         by_id = {r.request_id: r for r in self.reqs}
         for t in response.tokens:
             r = by_id[t.request_id]
+            if r.state == "finished":  # a step sent before its finish was known: dropped
+                continue
             r.tokens.append(t.token_id)
             reason = finish_reason(
                 GREEDY,
@@ -268,6 +274,17 @@ async def drive(
         batcher.absorb(await call.read())
 
 
+async def drive_ahead(call, batcher: FakeBatcher, servicer: WorkerServicer) -> None:
+    """As `drive`, with two steps in flight: each is sent before the previous is answered."""
+    in_flight = 0
+    while batcher.active or in_flight:
+        while batcher.active and in_flight < 2:
+            await call.write(batcher.plan(servicer))
+            in_flight += 1
+        batcher.absorb(await call.read())
+        in_flight -= 1
+
+
 def outputs(batcher: FakeBatcher) -> list[list[int]]:
     return [r.generated for r in batcher.reqs]
 
@@ -281,16 +298,27 @@ async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
 # ---------------------------------------------------------------- through gRPC
 
 
-@pytest.mark.parametrize("last_sampled", [False, True])
-def test_greedy_tokens_equal_the_reference_loop(model_dir, prompts, reference, last_sampled):
+@pytest.mark.parametrize(
+    "last_sampled, ahead",
+    [(False, False), (True, False), (True, True)],
+    ids=["named-tokens", "last-sampled", "two-steps-in-flight"],
+)
+def test_greedy_tokens_equal_the_reference_loop(model_dir, prompts, reference, last_sampled, ahead):
+    """With two steps in flight the worker launches each before answering the previous one,
+    and decodes take the previous step's tokens where they lie (TokenCarry)."""
+
     async def main():
         async with running_worker(model_dir) as (servicer, stub, _):
             info = await stub.Describe(worker_pb2.DescribeRequest())
             async with attached(stub, info) as pool:
                 batcher = FakeBatcher(pool, info, prompts)
                 batcher.last_sampled = last_sampled
+                batcher.snapshot = not ahead
                 call = stub.Session()
-                await drive(call, batcher, servicer, until=lambda: False)
+                if ahead:
+                    await drive_ahead(call, batcher, servicer)
+                else:
+                    await drive(call, batcher, servicer, until=lambda: False)
                 # the last finished requests are released by one more step
                 await call.write(worker_pb2.StepRequest(step=0, release=batcher.to_release))
                 assert not (await call.read()).tokens
@@ -298,12 +326,16 @@ def test_greedy_tokens_equal_the_reference_loop(model_dir, prompts, reference, l
                 assert servicer.residency.allocator.num_used == 0
                 await call.done_writing()
                 assert await call.code() == grpc.StatusCode.OK
-                return info, batcher
+                return info, batcher, servicer.num_launched_ahead
 
-    info, batcher = asyncio.run(main())
+    info, batcher, num_launched_ahead = asyncio.run(main())
     assert outputs(batcher) == reference
     assert batcher.step > 2 * EVICT_EVERY  # loads and evictions happened, more than once
-    assert batcher.num_bytes_checked >= 2
+    if ahead:
+        assert num_launched_ahead > batcher.step // 2  # the overlapped path, most steps
+    else:
+        assert batcher.num_bytes_checked >= 2
+        assert num_launched_ahead == 0
     assert set(info.eos_token_ids) == {EOS, EOT}  # config eos + generation_config end-of-turn
 
 
@@ -423,7 +455,10 @@ def test_bad_step_aborts_the_session_and_the_worker_keeps_serving(model_dir):
     asyncio.run(main())
 
 
-def test_a_step_sent_before_the_last_is_answered_decodes_the_sampled_token(model_dir):
+@pytest.mark.parametrize("overlap_steps", [True, False])
+def test_a_step_sent_before_the_last_is_answered_decodes_the_sampled_token(
+    model_dir, overlap_steps
+):
     """Steps 2 and 3 go out before step 1 is answered; their decodes name no token
     (last_sampled) and must give what decodes naming the sampled tokens give. A decode with
     last_sampled for a request this session never sampled is refused."""
@@ -439,7 +474,7 @@ def test_a_step_sent_before_the_last_is_answered_decodes_the_sampled_token(model
         )
 
     async def main():
-        async with running_worker(model_dir) as (_, stub, _):
+        async with running_worker(model_dir, overlap_steps=overlap_steps) as (servicer, stub, _):
             info = await stub.Describe(worker_pb2.DescribeRequest())
             async with attached(stub, info) as pool:
                 prefill = worker_pb2.PrefillChunk(
@@ -471,12 +506,47 @@ def test_a_step_sent_before_the_last_is_answered_decodes_the_sampled_token(model
                 call = stub.Session()  # nothing sampled in this session yet
                 await call.write(worker_pb2.StepRequest(step=1, decode=[decode(4, None)]))
                 err = await rpc_error(call.read())
-                return ahead, named, err
+                return ahead, named, err, servicer.num_launched_ahead
 
-    ahead, named, err = asyncio.run(main())
+    ahead, named, err, num_launched_ahead = asyncio.run(main())
     assert ahead == named
+    # with overlap, steps 2 and 3 were launched before 1 and 2 were answered
+    assert num_launched_ahead == (2 if overlap_steps else 0)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "last_sampled" in err.details() and "'a'" in err.details()
+
+
+def test_a_bad_step_sent_ahead_is_refused_after_the_step_before_is_answered(model_dir):
+    """Step 2 arrives while step 1 is launched and unanswered, and cannot run: step 1's
+    tokens are still answered, then the session ends marked as step 2's rejection."""
+
+    async def main():
+        async with running_worker(model_dir) as (_, stub, _):
+            info = await stub.Describe(worker_pb2.DescribeRequest())
+            async with attached(stub, info) as pool:
+                params = sampling_to_proto(GREEDY)
+                prefill = worker_pb2.PrefillChunk(
+                    request_id="a",
+                    token_ids=[1, 2, 3],
+                    pool_blocks=pool.allocate(1),
+                    params=params,
+                    sample=True,
+                    keep_resident=True,
+                )
+                wrong = worker_pb2.DecodeEntry(
+                    request_id="a", last_sampled=True, num_kv_tokens=7, params=params
+                )
+                call = stub.Session()
+                await call.write(worker_pb2.StepRequest(step=1, prefill=[prefill]))
+                await call.write(worker_pb2.StepRequest(step=2, decode=[wrong]))
+                first = await call.read()
+                err = await rpc_error(call.read())
+                return first, err, await call.trailing_metadata()
+
+    first, err, trailing = asyncio.run(main())
+    assert first.step == 1 and [t.request_id for t in first.tokens] == ["a"]
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_kv_tokens=7" in err.details()
+    assert (REJECTED_STEP_KEY, "2") in tuple(trailing)
 
 
 def test_chunks_for_the_prefill_device_run_there_or_are_refused(model_dir):

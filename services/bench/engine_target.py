@@ -81,6 +81,10 @@ class EngineTargetConfig:
         default=SERVE.max_steps_in_flight,
         metadata={"help": "steps the batcher sends before the first is answered (1: each waits)"},
     )
+    overlap_steps: bool = field(
+        default=SERVE.overlap_steps,
+        metadata={"help": "the worker queues a step on the device before answering the last"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype and self.dtype not in DTYPES:

@@ -57,13 +57,14 @@ def from_args(cls: type, args: argparse.Namespace):
     return cls(**values)
 
 
-def to_args(config) -> list[str]:
-    """The command line that from_args(type(config), ...) parses back to `config`: fields at
-    their defaults are left out (they parse back to them)."""
+def to_args(config, renames: Mapping[str, str] | None = None) -> list[str]:
+    """The command line that from_args(type(config), ...) parses back to `config` (with the
+    same renames as add_arguments): fields at their defaults are left out (they parse back
+    to them)."""
     args: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        flag = "--" + f.name.replace("_", "-")
+        flag = (renames or {}).get(f.name, "--" + f.name.replace("_", "-"))
         if f.default is not dataclasses.MISSING and value == f.default:
             continue
         if isinstance(value, bool):

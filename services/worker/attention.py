@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,15 @@ class AttentionMetadata:
         table = padded_tables(block_tables, max(len(t) for t in block_tables), fill=0)
         slot_block = table[q_batch, positions // block_tokens]
         return cls(
-            positions=positions.to(device),
-            slot_block=slot_block.to(device),
-            slot_offset=(positions % block_tokens).to(device),
-            q_batch=q_batch.to(device),
-            q_index=q_index.to(device),
-            block_tables=table.to(device),
-            q_lens=q_lens_t.to(device),
-            ctx_lens=(cached_t + q_lens_t).to(device),
-            last_token=(starts + q_lens_t - 1).to(device),
+            positions=to_device(positions, device),
+            slot_block=to_device(slot_block, device),
+            slot_offset=to_device(positions % block_tokens, device),
+            q_batch=to_device(q_batch, device),
+            q_index=to_device(q_index, device),
+            block_tables=to_device(table, device),
+            q_lens=to_device(q_lens_t, device),
+            ctx_lens=to_device(cached_t + q_lens_t, device),
+            last_token=to_device(starts + q_lens_t - 1, device),
             max_q_len=int(q_lens_t.max()),
             host_q_lens=tuple(q_lens),
             host_ctx_lens=tuple(c + q for c, q in zip(num_cached, q_lens, strict=True)),

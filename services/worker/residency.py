@@ -29,6 +29,9 @@ class _Resident:
     device_blocks: list[int]
     num_kv_tokens: int  # tokens whose KV is on the device
     num_synced: int  # of those, tokens whose KV is also in the pool
+    # a GPU load's copies still running on side streams: whatever first uses the device
+    # blocks (a pass, a write-back, freeing them) makes the current stream wait for it
+    landing: torch.cuda.Event | None = None
 
 
 class DeviceResidency:
@@ -63,6 +66,8 @@ class DeviceResidency:
             self._prefetcher = Prefetcher(
                 self._pool_blocks, kv_cache.blocks, staging_device=prefetch_device
             )
+            # waits for each load's copies and marks their end, holding up no pass
+            self._landing_stream = torch.cuda.Stream(kv_cache.blocks.device)
 
     # ---------------------------------------------------------------- queries
 
@@ -93,19 +98,24 @@ class DeviceResidency:
         num_blocks = self.kv_cache.layout.blocks_for(num_kv_tokens)
         self._check_pool_blocks("load", request_id, pool_blocks, num_blocks)
         device_blocks = self.allocator.allocate(num_blocks)
+        landing = None
         if num_blocks and self._prefetcher is not None:
-            # copy engines on a side stream; the next forward (current stream) waits for them
+            # Copy engines on side streams, beside the passes queued meanwhile; only a use of
+            # this request's blocks waits for them (`_landed`).
             events = self._prefetcher.start(list(pool_blocks[:num_blocks]), device_blocks)
-            self._prefetcher.wait_on(events)
+            for event in events:
+                self._landing_stream.wait_event(event)
+            landing = torch.cuda.Event(enable_timing=True)
+            landing.record(self._landing_stream)
         elif num_blocks:
             pairs = list(zip(device_blocks, pool_blocks[:num_blocks], strict=True))
             copy_blocks(self.kv_cache.blocks, self.pool_view(), pairs)
-        self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
+        self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens, landing)
 
     def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> Callable[[], float]:
-        """`load` each (request_id, pool_blocks, num_kv_tokens). Returns a function giving the
-        seconds the copies took until their KV was on the device: call it once the step's
-        device work is done (on a GPU the copies run on side streams, timed there)."""
+        """`load` each (request_id, pool_blocks, num_kv_tokens). Returns a function that
+        waits for the copies and gives the seconds they took (on a GPU they run on side
+        streams, beside the passes, timed there)."""
         if not loads:
             return lambda: 0.0
         if self._prefetcher is None:  # plain copies: done when load returns
@@ -114,13 +124,14 @@ class DeviceResidency:
                 self.load(request_id, pool_blocks, num_kv_tokens)
             elapsed = time.perf_counter() - start
             return lambda: elapsed
-        # The current stream is idle here (the previous step ended with host values) and
-        # waits for every copy (Prefetcher.wait_on): its events bracket the loads.
-        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        # The copies start once the work queued on the current stream before them is done
+        # (Prefetcher.start): `begin` marks that point, the last landing event their end.
+        begin = torch.cuda.Event(enable_timing=True)
         begin.record()
         for request_id, pool_blocks, num_kv_tokens in loads:
             self.load(request_id, pool_blocks, num_kv_tokens)
-        end.record()
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self._landing_stream)  # it waited for every copy, in order
 
         def seconds() -> float:
             end.synchronize()
@@ -147,18 +158,17 @@ class DeviceResidency:
 
     def write_back(self, request_id: str, pool_blocks: Sequence[int]) -> None:
         """Copy the KV not yet in the pool (tokens [num_synced, num_kv_tokens)) to the
-        matching pool blocks: whole blocks, from the one holding token num_synced."""
-        r = self._get(request_id, "write_back")
+        matching pool blocks: whole blocks, from the one holding token num_synced. On a GPU
+        the copies are queued on the current stream: the batcher counts these tokens safe in
+        the pool once the step answers, so the step waits for the stream before answering
+        (worker/executor.py)."""
+        r = self._landed(self._get(request_id, "write_back"))
         num_blocks = self.kv_cache.layout.blocks_for(r.num_kv_tokens)
         self._check_pool_blocks("write_back", request_id, pool_blocks, num_blocks)
         if r.num_synced < r.num_kv_tokens:
             first = r.num_synced // self._block_tokens
             dst, src = pool_blocks[first:num_blocks], r.device_blocks[first:num_blocks]
             copy_blocks(self.pool_view(), self.kv_cache.blocks, list(zip(dst, src, strict=True)))
-            if self._prefetcher is not None:
-                # The batcher counts these tokens as safe in the pool once the step answers (a
-                # worker crash after that must not lose them): finish the copies first.
-                torch.cuda.current_stream().synchronize()
         r.num_synced = r.num_kv_tokens
 
     def release(self, request_id: str) -> None:
@@ -166,6 +176,7 @@ class DeviceResidency:
         the batcher may release a finished or aborted request wherever its KV lives."""
         r = self._requests.pop(request_id, None)
         if r is not None:
+            self._landed(r)  # whoever gets the blocks next writes them after the copies
             self.allocator.free(r.device_blocks)
 
     def release_all(self) -> None:
@@ -202,6 +213,7 @@ class DeviceResidency:
             self._check_length("prefill", request_id, "num_cached_tokens", num_cached_tokens)
         else:
             self.load(request_id, pool_blocks, num_cached_tokens)
+        self._landed(self._requests[request_id])
         table = self.ensure_room(request_id, num_cached_tokens + len(token_ids))
         return SeqChunk(request_id, tuple(token_ids), num_cached_tokens, table, sampling)
 
@@ -209,7 +221,7 @@ class DeviceResidency:
         self, request_id: str, token_id: int, num_kv_tokens: int, sampling: SamplingParams
     ) -> SeqChunk:
         """One decode token for a resident request whose device KV must hold num_kv_tokens."""
-        self._get(request_id, "decode")
+        self._landed(self._get(request_id, "decode"))
         self._check_length("decode", request_id, "num_kv_tokens", num_kv_tokens)
         table = self.ensure_room(request_id, num_kv_tokens + 1)
         return SeqChunk(request_id, (token_id,), num_kv_tokens, table, sampling)
@@ -220,6 +232,14 @@ class DeviceResidency:
         r = self._requests.get(request_id)
         if r is None:
             raise InvalidRequestError(f"{op} {request_id!r}: it is not resident on the device")
+        return r
+
+    def _landed(self, r: _Resident) -> _Resident:
+        """The request's blocks are about to be used: work queued on the current stream from
+        now on runs after its load's copies (the host does not wait)."""
+        if r.landing is not None:
+            torch.cuda.current_stream(self.kv_cache.blocks.device).wait_event(r.landing)
+            r.landing = None
         return r
 
     def _check_length(self, op: str, request_id: str, field: str, value: int) -> None:

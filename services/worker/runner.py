@@ -3,6 +3,10 @@
 The caller (the batcher, or `generate` below the service layer) decides which requests run,
 which tokens are new and which blocks hold their KV; the runner only computes. It keeps no
 per-request state, so any request can move between batches and workers.
+
+`launch` queues a pass and its sampling on the device and returns at once; the host waits
+only in `LaunchedStep.result`. So the worker can queue step N+1 while step N runs, taking
+step N's sampled tokens as inputs where they lie, on the device (`TokenCarry`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.attention import AttentionMetadata, padded_tables
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.sampler import sample
+from alignedserve.worker.transfer import tensor_on, to_device
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,71 @@ class SampledToken:
     request_id: str
     token_id: int
     logprob: float  # log-probability under the model's (unprocessed) distribution
+
+
+@dataclass(frozen=True)
+class TokenCarry:
+    """New tokens not yet on the host: chunk `i`'s (single) token is `tokens[row]` for each
+    (i, row) in `rows`, where `tokens` are a launched step's sampled tokens. The chunk's own
+    token id is a placeholder."""
+
+    tokens: torch.Tensor  # [M] on the runner's device
+    rows: tuple[tuple[int, int], ...]  # (chunk index, row of `tokens`)
+
+
+class LaunchedStep:
+    """A forward pass and its sampling, queued on the device, with the copy of its tokens to
+    the host queued right behind: `result` waits for that copy only, not for the steps
+    queued after this one."""
+
+    def __init__(
+        self,
+        request_ids: list[str],  # of the sampled rows, in order
+        tokens: torch.Tensor | None,  # [M] on the device
+        logprobs: torch.Tensor | None,  # [M]
+        timer: tuple | None,  # CUDA events around the device work; None: it is done
+        host_s: float,
+    ):
+        self.request_ids = request_ids
+        self.tokens = tokens  # stays on the device: a later step may take them as inputs
+        self.row = {request_id: i for i, request_id in enumerate(request_ids)}
+        self._timer = timer
+        self._host_s = host_s
+        self._host = None
+        if tokens is not None:
+            if tokens.is_cuda:
+                host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+                host_tokens.copy_(tokens, non_blocking=True)
+                host_logprobs.copy_(logprobs, non_blocking=True)
+                copied = torch.cuda.current_stream().record_event()
+                self._host = (host_tokens, host_logprobs, copied)
+            else:
+                self._host = (tokens, logprobs, None)
+
+    def result(self) -> list[SampledToken]:
+        """The sampled tokens as host values; waits for their copy to the host."""
+        if self._host is None:
+            return []
+        tokens, logprobs, copied = self._host
+        if copied is not None:
+            copied.synchronize()
+        return [
+            SampledToken(request_id, t, lp)
+            for request_id, t, lp in zip(
+                self.request_ids, tokens.tolist(), logprobs.tolist(), strict=True
+            )
+        ]
+
+    @property
+    def compute_s(self) -> float:
+        """The device's seconds for the pass and its sampling (once it is done); on the CPU,
+        the launch's, which computed everything."""
+        if self._timer is None:
+            return self._host_s
+        begin, end = self._timer
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000
 
 
 class ModelRunner:
@@ -59,10 +129,15 @@ class ModelRunner:
         return torch.cuda.device(self.device)
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        chunks: Sequence[SeqChunk],
+        all_logits: bool = False,
+        carry: TokenCarry | None = None,
+    ) -> torch.Tensor:
         """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab])."""
         if self.use_graphs and not all_logits and all(len(c.token_ids) == 1 for c in chunks):
-            return self._decode_with_graph(chunks)
+            return self._decode_with_graph(chunks, carry)
         meta = AttentionMetadata.build(
             q_lens=[len(c.token_ids) for c in chunks],
             num_cached=[c.num_cached_tokens for c in chunks],
@@ -70,13 +145,24 @@ class ModelRunner:
             block_tokens=self.block_tokens,
             device=self.device,
         )
-        input_ids = torch.tensor(
-            [t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device
-        )
+        input_ids = tensor_on([t for c in chunks for t in c.token_ids], torch.long, self.device)
+        if carry is not None:
+            starts = [0]
+            for c in chunks:
+                starts.append(starts[-1] + len(c.token_ids))
+            self._take_carried(input_ids, carry, starts)
         hidden = self.model(input_ids, meta.positions, meta, self.kv_cache)  # [N, hidden]
         return self.model.logits(hidden if all_logits else hidden[meta.last_token])
 
-    def _decode_with_graph(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+    def _take_carried(self, input_ids: torch.Tensor, carry: TokenCarry, starts: list[int]):
+        """input_ids[starts[i]] = carry.tokens[row] for each (i, row): on the device."""
+        at = tensor_on([starts[i] for i, _ in carry.rows], torch.long, self.device)
+        rows = tensor_on([row for _, row in carry.rows], torch.long, self.device)
+        input_ids[at] = carry.tokens[rows]
+
+    def _decode_with_graph(
+        self, chunks: Sequence[SeqChunk], carry: TokenCarry | None
+    ) -> torch.Tensor:
         """A pure decode step through a captured graph: batch and block-table width are
         rounded up to powers of two, each (batch, width) bucket captured on first use, all
         sharing one memory pool (they never run at the same time)."""
@@ -97,30 +183,46 @@ class ModelRunner:
             self._graphs[key] = graph
         scratch = self.kv_cache.scratch_block
         tables = padded_tables([c.block_table for c in chunks], width, fill=scratch)
-        ids = torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long)
-        ctx = torch.tensor([c.num_cached_tokens + 1 for c in chunks], dtype=torch.long)
         dev = self.device
-        return graph.replay(
-            ids.to(dev, non_blocking=True),
-            tables.to(dev, non_blocking=True),
-            ctx.to(dev, non_blocking=True),
+        ids = tensor_on([c.token_ids[0] for c in chunks], torch.long, dev)
+        if carry is not None:
+            self._take_carried(ids, carry, list(range(n)))
+        ctx = tensor_on([c.num_cached_tokens + 1 for c in chunks], torch.long, dev)
+        return graph.replay(ids, to_device(tables, dev), ctx)
+
+    @torch.inference_mode()
+    def launch(self, chunks: Sequence[SeqChunk], carry: TokenCarry | None = None) -> LaunchedStep:
+        """Queue the chunks' forward pass and the sampling of one token for each chunk that
+        asks for one; returns without waiting for the device (on the CPU: when it is done)."""
+        start = time.perf_counter()
+        timer = None
+        if self.device.type == "cuda":
+            timer = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timer[0].record()
+        logits = self.forward(chunks, carry=carry)
+        wanted = [i for i, c in enumerate(chunks) if c.sampling is not None]
+        tokens = logprobs = None
+        if len(wanted) < len(chunks):
+            logits = logits[tensor_on(wanted, torch.long, self.device)]
+        if wanted:
+            tokens, logprobs = sample(
+                logits,
+                [chunks[i].sampling for i in wanted],
+                [chunks[i].num_cached_tokens + len(chunks[i].token_ids) for i in wanted],
+            )
+        if timer is not None:
+            timer[1].record()
+        return LaunchedStep(
+            [chunks[i].request_id for i in wanted],
+            tokens,
+            logprobs,
+            timer,
+            time.perf_counter() - start,
         )
 
     def step(self, chunks: Sequence[SeqChunk]) -> list[SampledToken]:
         """Run the chunks and sample one token for each chunk that asks for one."""
-        logits = self.forward(chunks)
-        wanted = [i for i, c in enumerate(chunks) if c.sampling is not None]
-        if not wanted:
-            return []
-        tokens, logprobs = sample(
-            logits[wanted],
-            [chunks[i].sampling for i in wanted],
-            [chunks[i].num_cached_tokens + len(chunks[i].token_ids) for i in wanted],
-        )
-        return [
-            SampledToken(chunks[i].request_id, int(t), float(lp))
-            for i, t, lp in zip(wanted, tokens.tolist(), logprobs.tolist(), strict=True)
-        ]
+        return self.launch(chunks).result()
 
 
 def _bucket(n: int) -> int:

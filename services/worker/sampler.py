@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.worker.transfer import tensor_on
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads (seed, position) pairs
 
@@ -30,17 +31,16 @@ def sample(
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rows:
-        idx = torch.tensor(rows, device=logits.device)
+        idx = tensor_on(rows, torch.long, logits.device)
         probs = _filtered_probs(logits[idx], [params[i] for i in rows])
         # Exponential race (equivalent to Gumbel-max): argmax p_i / E_i draws i with prob p_i.
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(probs).exponential_()  # unseeded rows: one draw for all
         for j, i in enumerate(rows):
             seed = params[i].seed
-            gen = None
             if seed is not None:
                 gen = torch.Generator(device=logits.device)
                 gen.manual_seed(_row_seed(seed, positions[i]))
-            noise[j].exponential_(generator=gen)
+                noise[j].exponential_(generator=gen)
         tokens[idx] = (probs / noise).argmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
     return tokens, chosen
@@ -49,11 +49,13 @@ def sample(
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), as vLLM and transformers order them."""
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device)
+    # every host value goes through tensor_on: the host must not wait for the device here
+    temps = tensor_on([p.temperature for p in params], torch.float32, device)
     logits = logits / temps[:, None]
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_k = tensor_on(top_k, torch.long, device)
+    top_p = tensor_on([p.top_p for p in params], torch.float32, device)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))

@@ -46,6 +46,7 @@ def decode_kernel_cost(device: str) -> str:
 def load_servicer(config: WorkerConfig) -> WorkerServicer:
     """Load the model and its device KV cache (blocking: seconds to minutes)."""
     # The torch side, imported here and not at the top: see the module docstring.
+    from alignedserve.worker.executor import StepExecutor
     from alignedserve.worker.kv_cache import KVCache
     from alignedserve.worker.loader import load_model
     from alignedserve.worker.residency import DeviceResidency
@@ -86,10 +87,10 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         info.num_prefill_blocks = staging.num_blocks
     return WorkerServicer(
         info,
-        ModelRunner(model, kv_cache),
+        StepExecutor(info, ModelRunner(model, kv_cache), prefiller),
         functools.partial(DeviceResidency, kv_cache, prefetch_device=config.prefetch_device),
         session_handover_s=config.session_handover_s,
-        prefiller=prefiller,
+        overlap_steps=config.overlap_steps,
     )
 
 

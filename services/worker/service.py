@@ -18,7 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,17 +26,15 @@ import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common import flags
-from alignedserve.common.errors import AlignedServeError, ConfigError, InvalidRequestError
+from alignedserve.common.errors import AlignedServeError, ConfigError
 from alignedserve.common.model_config import DTYPES
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import REJECTED_STEP_KEY, grpc_status
-from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.common.wire import layout_from_proto, sampling_from_proto
+from alignedserve.common.wire import layout_from_proto
 
 if TYPE_CHECKING:
-    from alignedserve.worker.prefiller import Prefiller
+    from alignedserve.worker.executor import Launched, StepExecutor
     from alignedserve.worker.residency import DeviceResidency
-    from alignedserve.worker.runner import ModelRunner, SampledToken, SeqChunk
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +81,13 @@ class WorkerConfig:
             f"{PREFILL_STAGING_EXTRA_TOKENS} (a step's chunks)"
         },
     )
+    overlap_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "queue a step on the device before answering the previous one, when it "
+            "has arrived: the device runs them back to back while the host answers"
+        },
+    )
     # A batcher that reconnects may open its new Session before the worker has seen the old
     # stream end (and finished its in-flight step): it waits this long, then is refused.
     session_handover_s: float = field(
@@ -109,8 +114,16 @@ class WorkerConfig:
 # ---------------------------------------------------------------- CLI flags from the config
 
 
+FLAG_RENAMES = {"model_dir": "--model"}
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    flags.add_arguments(parser, WorkerConfig, renames={"model_dir": "--model"})
+    flags.add_arguments(parser, WorkerConfig, renames=FLAG_RENAMES)
+
+
+def worker_args(config: WorkerConfig) -> list[str]:
+    """The command line of `alignedserve serve worker` that runs `config`."""
+    return flags.to_args(config, renames=FLAG_RENAMES)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -121,39 +134,32 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Describe / Attach / Session over one loaded model. One Session at a time; its steps
-    run strictly in order, each in a worker thread so the event loop keeps serving."""
+    """Describe / Attach / Session over one loaded model. One Session at a time. Its steps
+    run in order on one thread of their own (`StepExecutor`), so the event loop keeps
+    serving: each step is launched (queued on the device), then answered once its device
+    work is done. A step that arrives before the previous one's device work is done is
+    launched first, so the device runs the two back to back (`overlap_steps`)."""
 
     def __init__(
         self,
         info: worker_pb2.ModelInfo,
-        runner: ModelRunner,
+        executor: StepExecutor,
         new_residency: Callable[[CpuKVPool], DeviceResidency],
         session_handover_s: float = 5.0,
-        prefiller: Prefiller | None = None,
+        overlap_steps: bool = True,
     ):
         self.info = info
         self.layout = layout_from_proto(info.kv_layout)
         self.port: int | None = None  # set by serve_worker once bound
         self.residency: DeviceResidency | None = None  # set by Attach
-        self._runner = runner
+        self.num_launched_ahead = 0  # steps launched before the previous one was answered
+        self._executor = executor
         self._new_residency = new_residency
         self._handover_s = session_handover_s
+        self.overlap_steps = overlap_steps  # read per step: a benchmark may flip it
         self._session_lock = asyncio.Lock()
-        self._prefiller = prefiller
-        # One thread drives the prefill device: its batch of chunks runs across decode steps.
-        self._prefill_thread = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
-            if prefiller is not None
-            else None
-        )
-        self._prefilling: concurrent.futures.Future | None = None  # the batch in flight
-        self._prefilling_ids: frozenset[str] = frozenset()
         self._stats = StepStats()  # since the last stats line
         self._stats_at = time.monotonic()
-        # each live request's latest sampled token, this session: a decode the batcher sent
-        # before that token's step was answered takes it as input (DecodeEntry.last_sampled)
-        self._last_sampled: dict[str, int] = {}
 
     async def Describe(self, request, context) -> worker_pb2.ModelInfo:
         return self.info
@@ -192,39 +198,46 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "another Session is running on this worker"
             )
-        step: asyncio.Future[worker_pb2.StepResponse] | None = None
+        thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step")
+        loop = asyncio.get_running_loop()
+        reading: asyncio.Future | None = None
         try:
             if self.residency is None:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION, "no pool attached: call Attach first"
                 )
             logger.info("session started")
-            while (request := await context.read()) is not grpc.aio.EOF:
-                began = time.perf_counter()
-                step = asyncio.ensure_future(asyncio.to_thread(self._execute, request))
-                # a step it cannot run ends the session, marked as that step's rejection
-                rejected = ((REJECTED_STEP_KEY, str(request.step)),)
-                try:
-                    # shielded: a cancelled stream must not forget a step still running
-                    response = await asyncio.shield(step)
-                except AlignedServeError as e:
-                    await context.abort(grpc_status(e), f"step {request.step}: {e}", rejected)
-                except Exception as e:  # a bug or a device error: end the session, not the process
-                    logger.exception("step %d failed", request.step)
-                    await context.abort(
-                        grpc.StatusCode.INTERNAL,
-                        f"step {request.step}: {type(e).__name__}: {e}",
-                        rejected,
-                    )
-                await context.write(response)
-                self._stats.add(response, time.perf_counter() - began)
-                self._log_stats()
+            session = _Session(self, context, thread, loop)
+            launched: _InFlight | None = None  # queued on the device, not yet answered
+            reading = asyncio.ensure_future(context.read())
+            while True:
+                if launched is not None and not (self.overlap_steps and reading.done()):
+                    if self.overlap_steps:  # answer it once its device work ends ...
+                        await asyncio.wait({reading, launched.ready()}, return_when=FIRST)
+                    if not (self.overlap_steps and reading.done()):  # ... unless a step came first
+                        await session.answer(launched)
+                        launched = None
+                        continue
+                request = await reading
+                if request is grpc.aio.EOF:
+                    break
+                reading = asyncio.ensure_future(context.read())
+                nxt = await session.launch(request, answer_first=launched)
+                if launched is not None:
+                    self.num_launched_ahead += 1
+                    self._stats.launched_ahead += 1
+                    await session.answer(launched)
+                launched = nxt
+            if launched is not None:
+                await session.answer(launched)
         finally:
-            # A thread cannot be interrupted: free the device only once its step is done.
-            if step is None or step.done():
-                self._end_session(step)
-            else:
-                step.add_done_callback(self._end_session)
+            if reading is not None:
+                reading.cancel()
+            # A thread cannot be interrupted: the device is freed once its queued steps are
+            # done, on the same thread, after them.
+            ended = loop.run_in_executor(thread, self._executor.end_session, self.residency)
+            ended.add_done_callback(self._end_session)
+            thread.shutdown(wait=False)
 
     def close(self) -> None:
         """Release the device and unmap the pool (at re-Attach and at shutdown)."""
@@ -232,218 +245,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.residency.close()
             self.residency = None
 
-    def _end_session(self, step: asyncio.Future | None) -> None:
-        if step is not None and not step.cancelled():
-            step.exception()  # retrieved here, so asyncio does not log it as never retrieved
-        if self._prefilling is not None:
-            # it writes into the pool's blocks: no next session (or pool) before it is done
-            concurrent.futures.wait([self._prefilling])
-            self._prefilling, self._prefilling_ids = None, frozenset()
-        if self.residency is not None:
-            self.residency.release_all()
-        self._last_sampled.clear()
+    def _end_session(self, ended: asyncio.Future) -> None:
+        if ended.exception() is not None:
+            logger.error("ending the session failed", exc_info=ended.exception())
         self._session_lock.release()
         logger.info("session ended")
-
-    # ---------------------------------------------------------------- one step (worker thread)
-
-    def _execute(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        # asyncio.to_thread picks any pool thread: each step sets the device it runs on
-        with self._runner.on_device():
-            return self._execute_on_device(request)
-
-    def _execute_on_device(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        res = self.residency
-        assert res is not None, "Session checks Attach"
-        self._check_unique(request)
-        # First free what the batcher already counts as free (requests that finished before
-        # this step): its plan may give their device blocks to this step's new requests.
-        for request_id in request.release:
-            res.release(request_id)
-            self._last_sampled.pop(request_id, None)
-        load_s = res.load_batch(
-            [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
-        )
-        # the prefill device's chunks start first and run while this thread does the rest
-        self._start_offloaded(request)
-        sampled, compute_s = self._execute_here(request, res)
-        if request.wait_prefill and self._prefilling is not None:
-            concurrent.futures.wait([self._prefilling])
-        prefilled, sampled_there, prefill_s = self._take_prefilled()
-        self._last_sampled.update((t.request_id, t.token_id) for t in (*sampled, *sampled_there))
-        return worker_pb2.StepResponse(
-            step=request.step,
-            tokens=[
-                worker_pb2.SampledToken(
-                    request_id=t.request_id, token_id=t.token_id, logprob=t.logprob
-                )
-                for t in (*sampled, *sampled_there)
-            ],
-            compute_s=compute_s,
-            load_s=load_s(),
-            prefilled=prefilled,
-            prefill_s=prefill_s,
-        )
-
-    def _take_prefilled(self) -> tuple[list[str], list[SampledToken], float]:
-        """The prefill device's batch, if done: its request ids, sampled tokens and seconds
-        (a batch that failed raises its error here, failing this step)."""
-        if self._prefilling is None or not self._prefilling.done():
-            return [], [], 0.0
-        done, ids = self._prefilling, self._prefilling_ids
-        self._prefilling, self._prefilling_ids = None, frozenset()
-        sampled, seconds = done.result()
-        return sorted(ids), sampled, seconds
-
-    def _start_offloaded(self, request: worker_pb2.StepRequest) -> None:
-        """Submit the step's on_prefill_device chunks to the prefill device's thread."""
-        from alignedserve.worker.prefiller import PrefillJob
-
-        jobs = []
-        for c in request.prefill:
-            if not c.on_prefill_device:
-                continue
-            if self._prefiller is None:
-                raise InvalidRequestError(
-                    f"prefill {c.request_id!r}: on_prefill_device, but this worker has no "
-                    f"prefill device",
-                    param="on_prefill_device",
-                )
-            if self._prefilling is not None:
-                raise InvalidRequestError(
-                    f"prefill {c.request_id!r}: the prefill device still runs the batch of "
-                    f"{sorted(self._prefilling_ids)[:3]}; send the next once it is done",
-                    param="on_prefill_device",
-                )
-            if c.keep_resident:
-                raise InvalidRequestError(
-                    f"prefill {c.request_id!r}: on_prefill_device chunks land in the pool; "
-                    f"keep_resident must be false",
-                    param="keep_resident",
-                )
-            if self.residency.is_resident(c.request_id):
-                raise InvalidRequestError(
-                    f"prefill {c.request_id!r}: on_prefill_device, but its KV is resident on "
-                    f"the decode device",
-                    param="on_prefill_device",
-                )
-            self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
-            sampling = self._sampling(c.request_id, c.params) if c.sample else None
-            jobs.append(
-                PrefillJob(
-                    c.request_id,
-                    tuple(c.token_ids),
-                    c.num_cached_tokens,
-                    tuple(c.pool_blocks),
-                    sampling,
-                )
-            )
-        if jobs:
-            pool = self.residency.pool_view()
-            self._prefilling = self._prefill_thread.submit(self._prefiller.run, jobs, pool)
-            self._prefilling_ids = frozenset(job.request_id for job in jobs)
-
-    def _execute_here(
-        self, request: worker_pb2.StepRequest, res: DeviceResidency
-    ) -> tuple[list[SampledToken], float]:
-        """The decode device's part of the step: its prefill chunks and decodes in one
-        forward pass, then write-backs. Returns the tokens sampled and the pass's seconds."""
-        chunks: list[SeqChunk] = []
-        write_back = []  # prefill chunks not kept resident, then the evicted
-        for c in request.prefill:
-            if c.on_prefill_device:
-                continue
-            self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
-            sampling = self._sampling(c.request_id, c.params) if c.sample else None
-            chunks.append(
-                res.prefill_chunk(
-                    c.request_id, c.token_ids, c.num_cached_tokens, c.pool_blocks, sampling
-                )
-            )
-            if not c.keep_resident:
-                write_back.append((c.request_id, c.pool_blocks))
-        for d in request.decode:
-            token = self._decode_input(d)
-            self._check_tokens(d.request_id, [token], d.num_kv_tokens)
-            sampling = self._sampling(d.request_id, d.params)
-            chunks.append(res.decode_chunk(d.request_id, token, d.num_kv_tokens, sampling))
-        write_back += [(e.request_id, e.pool_blocks) for e in request.evict]
-        compute_s = 0.0
-        sampled: list[SampledToken] = []
-        if chunks:
-            start = time.perf_counter()
-            sampled = self._runner.step(chunks)  # returns host values: the device is done
-            compute_s = time.perf_counter() - start
-            for chunk in chunks:
-                res.advance(chunk.request_id, len(chunk.token_ids))
-        for request_id, pool_blocks in write_back:
-            res.write_back(request_id, pool_blocks)
-            res.release(request_id)
-        return sampled, compute_s
-
-    def _decode_input(self, d: worker_pb2.DecodeEntry) -> int:
-        if not d.last_sampled:
-            return d.token_id
-        token = self._last_sampled.get(d.request_id)
-        if token is None:
-            raise InvalidRequestError(
-                f"decode {d.request_id!r}: last_sampled, but this session sampled no token for it",
-                param="last_sampled",
-            )
-        return token
-
-    def _check_unique(self, request: worker_pb2.StepRequest) -> None:
-        ids = [c.request_id for c in request.prefill] + [d.request_id for d in request.decode]
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise InvalidRequestError(f"requests {dup} appear twice in one forward pass")
-        busy = self._prefilling_ids & {
-            *ids,
-            *(e.request_id for e in (*request.load, *request.evict)),
-        }
-        if busy:
-            raise InvalidRequestError(
-                f"requests {sorted(busy)[:3]} are being prefilled on the prefill device"
-            )
-
-    def _check_tokens(self, request_id: str, token_ids: Sequence[int], num_cached: int) -> None:
-        # On a GPU an out-of-range index is a device-side assert that poisons the whole
-        # context, so the plan is checked here, not left to the embedding lookup.
-        if not token_ids:
-            raise InvalidRequestError(f"{request_id!r}: no tokens to compute", param="token_ids")
-        bad = [t for t in token_ids if t >= self.info.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"{request_id!r}: token ids {bad[:3]} not below vocab_size={self.info.vocab_size}",
-                param="token_ids",
-            )
-        if num_cached + len(token_ids) > self.info.max_model_len:
-            raise InvalidRequestError(
-                f"{request_id!r}: {num_cached} + {len(token_ids)} tokens exceed "
-                f"max_model_len={self.info.max_model_len}",
-                param="token_ids",
-            )
-
-    def _sampling(self, request_id: str, params) -> SamplingParams:
-        try:
-            return sampling_from_proto(params)
-        except InvalidRequestError as e:
-            raise InvalidRequestError(f"{request_id!r}: {e}", param=e.param) from e
 
     def _log_stats(self) -> None:
         """The periodic stats line: throughput, and where a step's time goes."""
         elapsed = time.monotonic() - self._stats_at
         if elapsed < STATS_INTERVAL_S or self.residency is None:
             return
-        w, capture_s = self._stats, self._runner.capture_s
+        w, capture_s = self._stats, self._executor.runner.capture_s
         per_step = max(w.steps, 1) * 1e-3
         logger.info(
-            "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps: %.1f ms "
-            "each, decode device %.1f ms, prefill device %.1f ms; %.1f s capturing graphs",
+            "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps (%d launched "
+            "before the previous was answered): %.1f ms each, decode device %.1f ms, prefill "
+            "device %.1f ms; %.1f s capturing graphs",
             w.tokens / elapsed,
             self.residency.num_resident,
             100 * self.residency.allocator.usage,
             w.steps,
+            w.launched_ahead,
             w.step_s / per_step,
             w.compute_s / per_step,
             w.prefill_s / per_step,
@@ -453,11 +276,74 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._stats_at = time.monotonic()
 
 
+FIRST = asyncio.FIRST_COMPLETED
+
+
+@dataclass
+class _InFlight:
+    """A launched step, as the session loop sees it."""
+
+    launched: Launched
+    began: float  # when its plan arrived (perf_counter)
+    _ready: asyncio.Future | None = None
+
+    def ready(self) -> asyncio.Future:
+        """Done once the step's device work is (waited for on a thread of its own)."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(asyncio.to_thread(self.launched.wait))
+        return self._ready
+
+
+class _Session:
+    """One Session's steps, launched and answered on its step thread, in order. A step that
+    cannot be run ends the session, marked as that step's rejection."""
+
+    def __init__(self, servicer: WorkerServicer, context, thread, loop) -> None:
+        self.servicer, self.context = servicer, context
+        self.thread, self.loop = thread, loop
+
+    async def launch(
+        self, request: worker_pb2.StepRequest, answer_first: _InFlight | None
+    ) -> _InFlight:
+        began = time.perf_counter()
+        job = self.loop.run_in_executor(
+            self.thread, self.servicer._executor.launch, request, self.servicer.residency
+        )
+        try:
+            # shielded: a cancelled stream must not forget a step still running
+            return _InFlight(await asyncio.shield(job), began)
+        except Exception as e:
+            if answer_first is not None:  # launched before this one, its answer stands
+                await self.answer(answer_first)
+            await self._abort(request.step, e)
+
+    async def answer(self, step: _InFlight) -> None:
+        job = self.loop.run_in_executor(self.thread, self.servicer._executor.finish, step.launched)
+        try:
+            response = await asyncio.shield(job)
+        except Exception as e:
+            await self._abort(step.launched.request.step, e)
+        await self.context.write(response)
+        self.servicer._stats.add(response, time.perf_counter() - step.began)
+        self.servicer._log_stats()
+
+    async def _abort(self, step: int, error: Exception) -> None:
+        rejected = ((REJECTED_STEP_KEY, str(step)),)
+        if isinstance(error, AlignedServeError):
+            await self.context.abort(grpc_status(error), f"step {step}: {error}", rejected)
+        # a bug or a device error: end the session, not the process
+        logger.error("step %d failed", step, exc_info=error)
+        await self.context.abort(
+            grpc.StatusCode.INTERNAL, f"step {step}: {type(error).__name__}: {error}", rejected
+        )
+
+
 @dataclass
 class StepStats:
     """Sums over the steps since the last stats line."""
 
     steps: int = 0
+    launched_ahead: int = 0  # of them, launched before the previous one was answered
     tokens: int = 0
     step_s: float = 0.0  # from receiving the plan to answering it
     compute_s: float = 0.0

@@ -1,0 +1,306 @@
+"""One step of the batcher's plan on the devices, in two halves: `launch` and `finish`.
+
+`launch` does the step's host work and queues its device work: releases, loads, the prefill
+device's chunks, the decode device's forward pass and sampling, write-backs. `finish` waits
+for the device and builds the answer. The service calls `launch(N+1)` before `finish(N)`
+when step N+1 has arrived, so the GPU runs N+1 straight after N while the host answers N.
+
+A decode whose input is the token step N sampled (`DecodeEntry.last_sampled`) takes it from
+step N's output on the device (`TokenCarry`) while N is unanswered, and from the host after.
+At most one step is launched and not finished when the next is launched.
+
+Not thread-safe: the service runs both halves on one thread, in order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from alignedserve.common.errors import InvalidRequestError
+from alignedserve.common.proto import worker_pb2
+from alignedserve.common.sampling_params import SamplingParams
+from alignedserve.common.wire import sampling_from_proto
+from alignedserve.worker.prefiller import Prefiller, PrefillJob
+from alignedserve.worker.residency import DeviceResidency
+from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk, TokenCarry
+
+
+@dataclass
+class Launched:
+    """A step queued on the device, not yet answered."""
+
+    request: worker_pb2.StepRequest
+    run: LaunchedStep | None  # the decode device's pass; None: nothing to compute
+    load_s: Callable[[], float]
+    done: torch.cuda.Event | None  # after its pass and write-backs; None (CPU): done
+    wrote_back: bool  # it copies KV into the pool
+    # released by a later step: the token sampled here is not kept for them
+    dropped: set[str] = field(default_factory=set)
+
+    def wait(self) -> None:
+        """Block until the step's device work is done (thread-safe: only waits)."""
+        if self.done is not None:
+            self.done.synchronize()
+
+
+class StepExecutor:
+    def __init__(
+        self, info: worker_pb2.ModelInfo, runner: ModelRunner, prefiller: Prefiller | None
+    ):
+        self.info = info
+        self.runner = runner
+        self.prefiller = prefiller
+        # One thread drives the prefill device: its batch of chunks runs across decode steps.
+        self._prefill_thread = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
+            if prefiller is not None
+            else None
+        )
+        self._prefilling: concurrent.futures.Future | None = None  # the batch in flight
+        self._prefilling_ids: frozenset[str] = frozenset()
+        self._dropped_prefill: set[str] = set()  # released while their batch runs
+        # each live request's latest sampled token, this session, once its step is finished
+        self._last_sampled: dict[str, int] = {}
+        self._unfinished: Launched | None = None  # launched, not yet finished
+
+    # ---------------------------------------------------------------- the two halves
+
+    def launch(self, request: worker_pb2.StepRequest, res: DeviceResidency) -> Launched:
+        with self.runner.on_device():
+            return self._launch(request, res)
+
+    def finish(self, launched: Launched) -> worker_pb2.StepResponse:
+        """Wait for the step's device work; its answer (a prefill batch that failed raises its
+        error here, failing this step)."""
+        with self.runner.on_device():
+            sampled = launched.run.result() if launched.run is not None else []
+            launched.wait()  # the write-backs too: the batcher counts them safe in the pool
+            if launched.request.wait_prefill and self._prefilling is not None:
+                concurrent.futures.wait([self._prefilling])
+            prefilled, sampled_there, prefill_s = self._take_prefilled()
+            if self._unfinished is launched:
+                self._unfinished = None
+            self._last_sampled.update(
+                (t.request_id, t.token_id) for t in sampled if t.request_id not in launched.dropped
+            )
+            self._last_sampled.update((t.request_id, t.token_id) for t in sampled_there)
+            return worker_pb2.StepResponse(
+                step=launched.request.step,
+                tokens=[
+                    worker_pb2.SampledToken(
+                        request_id=t.request_id, token_id=t.token_id, logprob=t.logprob
+                    )
+                    for t in (*sampled, *sampled_there)
+                ],
+                compute_s=launched.run.compute_s if launched.run is not None else 0.0,
+                load_s=launched.load_s(),
+                prefilled=prefilled,
+                prefill_s=prefill_s,
+            )
+
+    def end_session(self, res: DeviceResidency | None) -> None:
+        """Once the session's last step is launched: wait for every device, free the device."""
+        with self.runner.on_device():
+            if self._unfinished is not None:
+                self._unfinished.wait()
+                self._unfinished = None
+            if self._prefilling is not None:
+                # it writes into the pool's blocks: no next session (or pool) before it is done
+                concurrent.futures.wait([self._prefilling])
+                self._prefilling, self._prefilling_ids = None, frozenset()
+            self._dropped_prefill.clear()
+            if res is not None:
+                res.release_all()
+            self._last_sampled.clear()
+
+    # ---------------------------------------------------------------- launch
+
+    def _launch(self, request: worker_pb2.StepRequest, res: DeviceResidency) -> Launched:
+        self._check_unique(request)
+        before = self._unfinished
+        # First free what the batcher already counts as free (requests that finished before
+        # this step): its plan may give their device blocks to this step's new requests.
+        for request_id in request.release:
+            res.release(request_id)
+            self._last_sampled.pop(request_id, None)
+            if before is not None:
+                before.dropped.add(request_id)
+            if request_id in self._prefilling_ids:
+                self._dropped_prefill.add(request_id)
+        load_s = res.load_batch(
+            [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
+        )
+        # the prefill device's chunks start first and run while this thread does the rest;
+        # they read the pool, so they wait for write-backs the step before still has queued
+        self._start_offloaded(request, res, before if before and before.wrote_back else None)
+        chunks, carried, write_back = self._chunks(request, res, before)
+        run = None
+        if chunks:
+            carry = TokenCarry(before.run.tokens, tuple(carried)) if carried else None
+            run = self.runner.launch(chunks, carry)
+            for chunk in chunks:
+                res.advance(chunk.request_id, len(chunk.token_ids))
+        for request_id, pool_blocks in write_back:
+            res.write_back(request_id, pool_blocks)  # queued behind the pass
+            res.release(request_id)
+        done = None
+        if self.runner.device.type == "cuda":
+            done = torch.cuda.current_stream().record_event()
+        launched = Launched(request, run, load_s, done, wrote_back=bool(write_back))
+        self._unfinished = launched
+        return launched
+
+    def _chunks(
+        self, request: worker_pb2.StepRequest, res: DeviceResidency, before: Launched | None
+    ) -> tuple[list[SeqChunk], list[tuple[int, int]], list[tuple[str, Sequence[int]]]]:
+        """The decode device's chunks: its prefill chunks, then the decodes; the decodes
+        whose input is still on the device, as (chunk index, row of `before`'s tokens); and
+        the write-backs after the pass (prefill chunks not kept resident, then the evicted)."""
+        chunks: list[SeqChunk] = []
+        carried: list[tuple[int, int]] = []
+        write_back: list[tuple[str, Sequence[int]]] = []
+        for c in request.prefill:
+            if c.on_prefill_device:
+                continue
+            self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
+            sampling = self._sampling(c.request_id, c.params) if c.sample else None
+            chunks.append(
+                res.prefill_chunk(
+                    c.request_id, c.token_ids, c.num_cached_tokens, c.pool_blocks, sampling
+                )
+            )
+            if not c.keep_resident:
+                write_back.append((c.request_id, c.pool_blocks))
+        on_device = before.run.row if before is not None and before.run is not None else {}
+        for d in request.decode:
+            token = d.token_id
+            if d.last_sampled:
+                row = on_device.get(d.request_id)
+                if row is not None and d.request_id not in before.dropped:
+                    carried.append((len(chunks), row))
+                    token = 0  # a placeholder: the pass takes the carried token
+                else:
+                    token = self._last_sampled_token(d.request_id)
+            self._check_tokens(d.request_id, [token], d.num_kv_tokens)
+            sampling = self._sampling(d.request_id, d.params)
+            chunks.append(res.decode_chunk(d.request_id, token, d.num_kv_tokens, sampling))
+        write_back += [(e.request_id, e.pool_blocks) for e in request.evict]
+        return chunks, carried, write_back
+
+    def _start_offloaded(
+        self, request: worker_pb2.StepRequest, res: DeviceResidency, after: Launched | None
+    ) -> None:
+        """Submit the step's on_prefill_device chunks to the prefill device's thread."""
+        jobs = []
+        for c in request.prefill:
+            if not c.on_prefill_device:
+                continue
+            if self.prefiller is None:
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: on_prefill_device, but this worker has no "
+                    f"prefill device",
+                    param="on_prefill_device",
+                )
+            if self._prefilling is not None:
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: the prefill device still runs the batch of "
+                    f"{sorted(self._prefilling_ids)[:3]}; send the next once it is done",
+                    param="on_prefill_device",
+                )
+            if c.keep_resident:
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: on_prefill_device chunks land in the pool; "
+                    f"keep_resident must be false",
+                    param="keep_resident",
+                )
+            if res.is_resident(c.request_id):
+                raise InvalidRequestError(
+                    f"prefill {c.request_id!r}: on_prefill_device, but its KV is resident on "
+                    f"the decode device",
+                    param="on_prefill_device",
+                )
+            self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
+            sampling = self._sampling(c.request_id, c.params) if c.sample else None
+            jobs.append(
+                PrefillJob(
+                    c.request_id,
+                    tuple(c.token_ids),
+                    c.num_cached_tokens,
+                    tuple(c.pool_blocks),
+                    sampling,
+                )
+            )
+        if jobs:
+            pool = res.pool_view()
+
+            def run() -> tuple[list[SampledToken], float]:
+                if after is not None:
+                    after.wait()
+                return self.prefiller.run(jobs, pool)
+
+            self._prefilling = self._prefill_thread.submit(run)
+            self._prefilling_ids = frozenset(job.request_id for job in jobs)
+
+    def _take_prefilled(self) -> tuple[list[str], list[SampledToken], float]:
+        """The prefill device's batch, if done: its request ids, sampled tokens (but for
+        requests released meanwhile) and seconds."""
+        if self._prefilling is None or not self._prefilling.done():
+            return [], [], 0.0
+        done, ids = self._prefilling, self._prefilling_ids
+        self._prefilling, self._prefilling_ids = None, frozenset()
+        dropped, self._dropped_prefill = self._dropped_prefill, set()
+        sampled, seconds = done.result()
+        return sorted(ids), [t for t in sampled if t.request_id not in dropped], seconds
+
+    # ---------------------------------------------------------------- checks
+
+    def _last_sampled_token(self, request_id: str) -> int:
+        token = self._last_sampled.get(request_id)
+        if token is None:
+            raise InvalidRequestError(
+                f"decode {request_id!r}: last_sampled, but this session sampled no token for it",
+                param="last_sampled",
+            )
+        return token
+
+    def _check_unique(self, request: worker_pb2.StepRequest) -> None:
+        ids = [c.request_id for c in request.prefill] + [d.request_id for d in request.decode]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidRequestError(f"requests {dup} appear twice in one forward pass")
+        busy = self._prefilling_ids & {
+            *ids,
+            *(e.request_id for e in (*request.load, *request.evict)),
+        }
+        if busy:
+            raise InvalidRequestError(
+                f"requests {sorted(busy)[:3]} are being prefilled on the prefill device"
+            )
+
+    def _check_tokens(self, request_id: str, token_ids: Sequence[int], num_cached: int) -> None:
+        # On a GPU an out-of-range index is a device-side assert that poisons the whole
+        # context, so the plan is checked here, not left to the embedding lookup.
+        if not token_ids:
+            raise InvalidRequestError(f"{request_id!r}: no tokens to compute", param="token_ids")
+        bad = [t for t in token_ids if t >= self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{request_id!r}: token ids {bad[:3]} not below vocab_size={self.info.vocab_size}",
+                param="token_ids",
+            )
+        if num_cached + len(token_ids) > self.info.max_model_len:
+            raise InvalidRequestError(
+                f"{request_id!r}: {num_cached} + {len(token_ids)} tokens exceed "
+                f"max_model_len={self.info.max_model_len}",
+                param="token_ids",
+            )
+
+    def _sampling(self, request_id: str, params) -> SamplingParams:
+        try:
+            return sampling_from_proto(params)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{request_id!r}: {e}", param=e.param) from e
