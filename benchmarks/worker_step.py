@@ -9,7 +9,13 @@ time per step against the device time the worker reports for the same steps
 (StepResponse.compute_s: the pass and its sampling, timed by CUDA events). Their gap is host
 time the device waits for.
 
+With --prefetch-device, it then measures the prefill device in the serving path: batches of
+prompts (90 % of 100-1,000 tokens, 10 % of 1,000-8,000, up to --prefill-tokens a batch) sent
+as on_prefill_device chunks, each batch once the last is reported done, first alone and then
+beside decode steps of the largest batch size: prompt tokens/s, and the decode step meanwhile.
+
     python3 benchmarks/worker_step.py --out "$OUT"                       # a GPU machine
+    python3 benchmarks/worker_step.py --prefetch-device cuda:1 --out "$OUT"   # the pair
     .venv/bin/python benchmarks/worker_step.py --tiny --device cpu --batches 4 8 --steps 20
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import shutil
 import statistics
 import tempfile
@@ -110,24 +117,126 @@ async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> di
     }
 
 
+def prompt_batches(args: argparse.Namespace, info) -> list[list[list[int]]]:
+    """Prompts of the paper's 90 %-short mix, packed into batches of up to --prefill-tokens."""
+    rng = random.Random(0)
+    longest = min(8000, info.max_model_len - 1, args.prefill_tokens)
+    batches: list[list[list[int]]] = [[]]
+    used = 0
+    for _ in range(args.prefill_prompts):
+        n = rng.randint(100, 1000) if rng.random() < 0.9 else rng.randint(1000, longest)
+        if used + n > args.prefill_tokens and batches[-1]:
+            batches.append([])
+            used = 0
+        batches[-1].append([rng.randrange(info.vocab_size) for _ in range(n)])
+        used += n
+    return batches
+
+
+async def run_prefill_cell(stub, pool, info, args, decode_batch: int) -> dict:
+    """Every prompt batch through the prefill device, each sent once the last is reported
+    done; with decode_batch > 0, decode steps of that many requests run all along."""
+    layout = layout_from_proto(info.kv_layout)
+    batches = prompt_batches(args, info)
+    blocks = list(range(layout.blocks_for(args.prefill_tokens + 16)))  # reused: batch by batch
+    decode_blocks = blocks[-1:]  # only read (loads): any block does
+    ids = [f"d{i}" for i in range(decode_batch)]
+    call = stub.Session()
+    step, num_kv = 1, args.kv_len
+    kv_blocks = decode_blocks * layout.blocks_for(args.kv_len)
+    loads = [
+        worker_pb2.LoadEntry(request_id=r, pool_blocks=kv_blocks, num_kv_tokens=args.kv_len)
+        for r in ids
+    ]
+    await call.write(worker_pb2.StepRequest(step=step, load=loads))
+    await call.read()
+    pending = list(enumerate(batches))
+    busy = False
+    decode_steps, decode_s, prompt_tokens = 0, 0.0, 0
+    batch_s: list[float] = []  # the prefill device's seconds for each batch
+    started = time.perf_counter()
+    while pending or busy:
+        step += 1
+        msg = worker_pb2.StepRequest(step=step)
+        if not busy and pending:
+            b, prompts = pending.pop(0)
+            used = 0
+            for i, prompt in enumerate(prompts):
+                n = layout.blocks_for(len(prompt) + 1)
+                msg.prefill.append(
+                    worker_pb2.PrefillChunk(
+                        request_id=f"p{b}-{i}",
+                        token_ids=prompt,
+                        pool_blocks=blocks[used : used + n],
+                        params=GREEDY,
+                        sample=True,
+                        on_prefill_device=True,
+                    )
+                )
+                used += n
+                prompt_tokens += len(prompt)
+            busy = True
+        for r in ids:
+            msg.decode.append(
+                worker_pb2.DecodeEntry(
+                    request_id=r,
+                    token_id=1,
+                    last_sampled=num_kv > args.kv_len,
+                    num_kv_tokens=num_kv,
+                    params=GREEDY,
+                )
+            )
+        num_kv += bool(ids)
+        msg.wait_prefill = not ids
+        await call.write(msg)
+        response = await call.read()
+        if response.prefilled:
+            busy = False
+            batch_s.append(response.prefill_s)
+        if ids:
+            decode_steps += 1
+            decode_s += response.compute_s
+    wall_s = time.perf_counter() - started
+    await call.write(worker_pb2.StepRequest(step=step + 1, release=ids))
+    await call.read()
+    await call.done_writing()
+    await call.code()
+    return {
+        "decode_batch": decode_batch,
+        "prompt_tokens": prompt_tokens,
+        "num_batches": len(batches),
+        "wall_s": wall_s,
+        "prompt_tokens_per_s": prompt_tokens / wall_s,
+        "prefill_device_s": sum(batch_s),
+        "first_batch_s": batch_s[0],
+        "median_batch_s": statistics.median(batch_s),
+        "decode_steps": decode_steps,
+        "decode_step_ms": 1e3 * wall_s / decode_steps if decode_steps else 0.0,
+        "decode_device_ms": 1e3 * decode_s / decode_steps if decode_steps else 0.0,
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
     model = write_model(args)
     config = WorkerConfig(
-        model_dir=str(model), device=args.device, num_device_blocks=args.device_blocks
+        model_dir=str(model),
+        device=args.device,
+        num_device_blocks=args.device_blocks,
+        prefetch_device=args.prefetch_device or None,
     )
     started: list[WorkerServicer] = []
     ready = asyncio.Event()
     serving = asyncio.create_task(serve_worker(config, ready, started.append))
     await ready.wait()
     servicer = started[0]
-    rows = []
+    rows, prefill_rows = [], []
     async with grpc.aio.insecure_channel(
         f"127.0.0.1:{servicer.port}", options=CHANNEL_OPTIONS
     ) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         info = await stub.Describe(worker_pb2.DescribeRequest())
         layout = layout_from_proto(info.kv_layout)
-        num_pool_blocks = layout.blocks_for(args.kv_len + args.steps + 64) + 1
+        num_pool_blocks = layout.blocks_for(max(args.kv_len + args.steps, args.prefill_tokens) + 64)
         with CpuKVPool.create(layout, num_pool_blocks) as pool:
             await stub.Attach(
                 worker_pb2.AttachRequest(
@@ -143,6 +252,21 @@ async def main(args: argparse.Namespace) -> None:
                         f"B={batch} L={args.kv_len} overlap={overlap}: {row['step_ms']:.2f} ms "
                         f"per step, device {row['device_ms']:.2f} ms "
                         f"({100 * row['device_busy']:.0f}% busy), {row['tokens_per_s']:.0f} tok/s",
+                        flush=True,
+                    )
+            if args.prefetch_device:
+                # alone, beside decode, alone again: the first cell also pays the warm-up
+                for decode_batch in (0, max(args.batches), 0):
+                    row = await run_prefill_cell(stub, pool, info, args, decode_batch)
+                    prefill_rows.append(row)
+                    print(
+                        f"prefill device, decode batch {decode_batch}: {row['prompt_tokens']} "
+                        f"prompt tokens in {row['num_batches']} batches, {row['wall_s']:.1f} s: "
+                        f"{row['prompt_tokens_per_s']:.0f} prompt tok/s; device busy "
+                        f"{row['prefill_device_s']:.1f} s, first batch "
+                        f"{row['first_batch_s']:.2f} s, median {row['median_batch_s']:.3f} s; "
+                        f"decode {row['decode_step_ms']:.2f} ms per step, device "
+                        f"{row['decode_device_ms']:.2f} ms",
                         flush=True,
                     )
     serving.cancel()
@@ -161,7 +285,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"B={on['batch']}: overlap on ÷ off, tok/s: {gain:.2f}x")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "worker_step.json").write_text(json.dumps(rows, indent=1))
+        result = {"decode": rows, "prefill": prefill_rows}
+        (Path(args.out) / "worker_step.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
@@ -174,5 +299,8 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--in-flight", type=int, default=2, help="the batcher's steps ahead")
     parser.add_argument("--device-blocks", type=int, default=16384)
+    parser.add_argument("--prefetch-device", default="", help="the pair's GPU: prefill there")
+    parser.add_argument("--prefill-tokens", type=int, default=8192, help="a prefill batch's")
+    parser.add_argument("--prefill-prompts", type=int, default=120)
     parser.add_argument("--out", default="")
     asyncio.run(main(parser.parse_args()))
