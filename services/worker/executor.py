@@ -105,9 +105,10 @@ class StepExecutor:
     def end_session(self, res: DeviceResidency | None) -> None:
         """Once the session's last step is launched: wait for every device, free the device."""
         with self.runner.on_device():
-            if self._unfinished is not None:
-                self._unfinished.wait()
-                self._unfinished = None
+            self._unfinished = None
+            if self.runner.device.type == "cuda":
+                # also what a launch that failed halfway had queued
+                torch.cuda.synchronize(self.runner.device)
             if self._prefilling is not None:
                 # it writes into the pool's blocks: no next session (or pool) before it is done
                 concurrent.futures.wait([self._prefilling])

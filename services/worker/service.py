@@ -211,10 +211,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             launched: _InFlight | None = None  # queued on the device, not yet answered
             reading = asyncio.ensure_future(context.read())
             while True:
-                if launched is not None and not (self.overlap_steps and reading.done()):
-                    if self.overlap_steps:  # answer it once its device work ends ...
+                if launched is not None:
+                    # answer it once its device work ends, unless the next step comes first
+                    if self.overlap_steps and not reading.done():
                         await asyncio.wait({reading, launched.ready()}, return_when=FIRST)
-                    if not (self.overlap_steps and reading.done()):  # ... unless a step came first
+                    if not (self.overlap_steps and reading.done()):
                         await session.answer(launched)
                         launched = None
                         continue
