@@ -58,6 +58,14 @@ def write_model(args: argparse.Namespace) -> Path:
     return init_tiny(path, arch="llama", dtype=dtype, overrides=overrides, device=draw_on)
 
 
+async def end_session(call, step: int, request_ids: list[str]) -> None:
+    """Release the requests, then end the session's stream."""
+    await call.write(worker_pb2.StepRequest(step=step, release=request_ids))
+    await call.read()
+    await call.done_writing()
+    await call.code()
+
+
 async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> dict:
     """One batch size: load, warm up (graph capture), then time --steps decode steps."""
     layout = pool.layout
@@ -98,10 +106,7 @@ async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> di
         if len(answered) == args.warmup:
             timed_from = time.perf_counter()
     wall_s = time.perf_counter() - timed_from
-    await call.write(worker_pb2.StepRequest(step=step + 1, release=ids))
-    await call.read()
-    await call.done_writing()
-    await call.code()
+    await end_session(call, step + 1, ids)
     timed = answered[args.warmup :]
     assert all(len(r.tokens) == batch for r in timed)
     step_ms = 1e3 * wall_s / len(timed)
@@ -197,10 +202,7 @@ async def run_prefill_cell(stub, pool, info, args, decode_batch: int) -> dict:
             decode_steps += 1
             decode_s += response.compute_s
     wall_s = time.perf_counter() - started
-    await call.write(worker_pb2.StepRequest(step=step + 1, release=ids))
-    await call.read()
-    await call.done_writing()
-    await call.code()
+    await end_session(call, step + 1, ids)
     return {
         "decode_batch": decode_batch,
         "prompt_tokens": prompt_tokens,

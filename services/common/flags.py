@@ -15,6 +15,11 @@ from typing import Any
 NONE = type(None)
 
 
+def _flag(name: str, renames: Mapping[str, str] | None) -> str:
+    """A field's flag: `--field-name`, or its rename."""
+    return (renames or {}).get(name, "--" + name.replace("_", "-"))
+
+
 def add_arguments(
     parser: argparse.ArgumentParser, cls: type, renames: Mapping[str, str] | None = None
 ) -> None:
@@ -41,8 +46,7 @@ def add_arguments(
             options["help"] = f.metadata["help"] + (
                 " (default: %(default)s)" if shows_default else ""
             )
-        flag = (renames or {}).get(f.name, "--" + f.name.replace("_", "-"))
-        parser.add_argument(flag, **options)
+        parser.add_argument(_flag(f.name, renames), **options)
 
 
 def from_args(cls: type, args: argparse.Namespace):
@@ -64,7 +68,7 @@ def to_args(config, renames: Mapping[str, str] | None = None) -> list[str]:
     args: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        flag = (renames or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        flag = _flag(f.name, renames)
         if f.default is not dataclasses.MISSING and value == f.default:
             continue
         if isinstance(value, bool):
