@@ -11,8 +11,9 @@ time the device waits for.
 
 With --prefetch-device, it then measures the prefill device in the serving path: batches of
 prompts (90 % of 100-1,000 tokens, 10 % of 1,000-8,000, up to --prefill-tokens a batch) sent
-as on_prefill_device chunks, each batch once the last is reported done, first alone and then
-beside decode steps of the largest batch size: prompt tokens/s, and the decode step meanwhile.
+as on_prefill_device chunks, each batch once the last is reported done, first alone, then
+beside decode steps of the largest batch size, then alone again, each cell with prompts of
+new lengths: prompt tokens/s, and the decode step meanwhile.
 
     python3 benchmarks/worker_step.py --out "$OUT"                       # a GPU machine
     python3 benchmarks/worker_step.py --prefetch-device cuda:1 --out "$OUT"   # the pair
@@ -122,9 +123,10 @@ async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> di
     }
 
 
-def prompt_batches(args: argparse.Namespace, info) -> list[list[list[int]]]:
-    """Prompts of the paper's 90 %-short mix, packed into batches of up to --prefill-tokens."""
-    rng = random.Random(0)
+def prompt_batches(args: argparse.Namespace, info, seed: int) -> list[list[list[int]]]:
+    """Prompts of the paper's 90 %-short mix, packed into batches of up to --prefill-tokens:
+    each seed its own shapes, as served prompts never repeat theirs."""
+    rng = random.Random(seed)
     longest = min(8000, info.max_model_len - 1, args.prefill_tokens)
     batches: list[list[list[int]]] = [[]]
     used = 0
@@ -138,11 +140,11 @@ def prompt_batches(args: argparse.Namespace, info) -> list[list[list[int]]]:
     return batches
 
 
-async def run_prefill_cell(stub, pool, info, args, decode_batch: int) -> dict:
+async def run_prefill_cell(stub, pool, info, args, decode_batch: int, seed: int) -> dict:
     """Every prompt batch through the prefill device, each sent once the last is reported
     done; with decode_batch > 0, decode steps of that many requests run all along."""
     layout = layout_from_proto(info.kv_layout)
-    batches = prompt_batches(args, info)
+    batches = prompt_batches(args, info, seed)
     blocks = list(range(layout.blocks_for(args.prefill_tokens + 16)))  # reused: batch by batch
     decode_blocks = blocks[-1:]  # only read (loads): any block does
     ids = [f"d{i}" for i in range(decode_batch)]
@@ -257,9 +259,10 @@ async def main(args: argparse.Namespace) -> None:
                         flush=True,
                     )
             if args.prefetch_device:
-                # alone, beside decode, alone again: the first cell also pays the warm-up
-                for decode_batch in (0, max(args.batches), 0):
-                    row = await run_prefill_cell(stub, pool, info, args, decode_batch)
+                # alone, beside decode, alone again, each with new prompt shapes: the first
+                # cell also pays the warm-up
+                for seed, decode_batch in enumerate((0, max(args.batches), 0)):
+                    row = await run_prefill_cell(stub, pool, info, args, decode_batch, seed)
                     prefill_rows.append(row)
                     print(
                         f"prefill device, decode batch {decode_batch}: {row['prompt_tokens']} "

@@ -37,8 +37,13 @@ class AttentionMetadata:
     last_token: torch.Tensor  # [B] packed index of each request's last new token
     max_q_len: int
     num_splits: int | None = None  # decode kernel's KV splits; fixed when a graph is captured
-    host_q_lens: tuple[int, ...] = ()  # the same lengths on the host (prefill loops over them)
-    host_ctx_lens: tuple[int, ...] = ()
+    # Prefill (max_q_len > 1): every request's keys, packed, as (block, offset) pairs, and
+    # the cumulative query / key counts a varlen attention call takes.
+    key_block: torch.Tensor | None = None  # [K] K = sum of ctx_lens
+    key_offset: torch.Tensor | None = None  # [K]
+    cu_q_lens: torch.Tensor | None = None  # [B + 1] int32
+    cu_ctx_lens: torch.Tensor | None = None  # [B + 1] int32
+    max_ctx_len: int = 0
 
     @classmethod
     def build(
@@ -58,6 +63,20 @@ class AttentionMetadata:
         positions = cached_t[q_batch] + q_index
         table = padded_tables(block_tables, max(len(t) for t in block_tables), fill=0)
         slot_block = table[q_batch, positions // block_tokens]
+        ctx_t = cached_t + q_lens_t
+        keys = {}
+        if int(q_lens_t.max()) > 1:
+            num_keys = int(ctx_t.sum())
+            k_batch = torch.repeat_interleave(torch.arange(batch), ctx_t, output_size=num_keys)
+            k_pos = torch.arange(num_keys) - (torch.cumsum(ctx_t, 0) - ctx_t)[k_batch]
+            zero = torch.zeros(1, dtype=torch.int32)
+            keys = dict(
+                key_block=to_device(table[k_batch, k_pos // block_tokens], device),
+                key_offset=to_device(k_pos % block_tokens, device),
+                cu_q_lens=to_device(torch.cat([zero, torch.cumsum(q_lens_t, 0).int()]), device),
+                cu_ctx_lens=to_device(torch.cat([zero, torch.cumsum(ctx_t, 0).int()]), device),
+                max_ctx_len=int(ctx_t.max()),
+            )
         return cls(
             positions=to_device(positions, device),
             slot_block=to_device(slot_block, device),
@@ -66,11 +85,10 @@ class AttentionMetadata:
             q_index=to_device(q_index, device),
             block_tables=to_device(table, device),
             q_lens=to_device(q_lens_t, device),
-            ctx_lens=to_device(cached_t + q_lens_t, device),
+            ctx_lens=to_device(ctx_t, device),
             last_token=to_device(starts + q_lens_t - 1, device),
             max_q_len=int(q_lens_t.max()),
-            host_q_lens=tuple(q_lens),
-            host_ctx_lens=tuple(c + q for c, q in zip(num_cached, q_lens, strict=True)),
+            **keys,
         )
 
 
@@ -124,7 +142,7 @@ def attend_cached(
             sliding_window,
             num_splits=meta.num_splits,
         )
-    if q.is_cuda and sliding_window is None and meta.host_q_lens:
+    if q.is_cuda and sliding_window is None and meta.key_block is not None:
         return attend_prefill(q, k_blocks, v_blocks, meta, scale)
     return _attend_ref(q, k_blocks, v_blocks, meta, scale, sliding_window)
 
@@ -136,28 +154,50 @@ def attend_prefill(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [N, q_heads, head_dim]
-    """(Chunked) prefill, one request at a time, through torch's fused attention: the causal
-    mask is aligned to the bottom right (a chunk's queries come after its cached keys), which
-    the flash and memory-efficient kernels take without materialising a mask. No padding."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    out = torch.empty_like(q)
-    block_tokens = k_blocks.shape[1]
-    start = 0
-    for b, (q_len, ctx_len) in enumerate(zip(meta.host_q_lens, meta.host_ctx_lens, strict=True)):
-        table = meta.block_tables[b, : -(-ctx_len // block_tokens)]
-        keys = k_blocks[table].flatten(0, 1)[:ctx_len]  # [ctx, kv_heads, D]
-        values = v_blocks[table].flatten(0, 1)[:ctx_len]
-        q_b = q[start : start + q_len]  # [q_len, q_heads, D]
-        out[start : start + q_len] = F.scaled_dot_product_attention(
-            q_b.transpose(0, 1)[None],  # [1, Hq, q_len, D]
-            keys.to(q.dtype).transpose(0, 1)[None],  # [1, Hk, ctx, D]
-            values.to(q.dtype).transpose(0, 1)[None],
-            attn_mask=causal_lower_right(q_len, ctx_len),
+    """(Chunked) prefill of the whole batch in one varlen attention call: every request's
+    keys are gathered from its blocks into one packed tensor, then each query attends
+    causally over its own request's keys, the mask aligned to the bottom right (a chunk's
+    queries come after its cached keys). One call per layer, whatever the batch's shapes:
+    a call per request cost the host ~70 % of a served prefill (docs/benchmarks.md)."""
+    keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
+    values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._flash_attention_forward(
+            q.contiguous(),
+            keys,
+            values,
+            meta.cu_q_lens,
+            meta.cu_ctx_lens,
+            meta.max_q_len,
+            meta.max_ctx_len,
+            0.0,  # dropout
+            True,  # causal: flash aligns it to the bottom right when keys outnumber queries
+            False,  # debug mask
             scale=scale,
-            enable_gqa=q.shape[1] != keys.shape[1],
-        )[0].transpose(0, 1)
-        start += q_len
+        )[0]
+    return varlen_attention_ref(q, keys, values, meta, scale)
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,  # [N, q_heads, D]
+    keys: torch.Tensor,  # [K, kv_heads, D] packed as meta.cu_ctx_lens says
+    values: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [N, q_heads, D]
+    """The varlen call in plain torch, a request at a time: float32 and the CPU."""
+    out = torch.empty_like(q)
+    q_starts, k_starts = meta.cu_q_lens.tolist(), meta.cu_ctx_lens.tolist()
+    for b in range(len(q_starts) - 1):
+        q_b = q[q_starts[b] : q_starts[b + 1]].transpose(0, 1)  # [Hq, q_len, D]
+        k_b = keys[k_starts[b] : k_starts[b + 1]].transpose(0, 1)  # [Hk, ctx, D]
+        v_b = values[k_starts[b] : k_starts[b + 1]].transpose(0, 1)
+        q_len, ctx = q_b.shape[1], k_b.shape[1]
+        i = torch.arange(q_len, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= i + (ctx - q_len)  # [q_len, ctx]
+        out[q_starts[b] : q_starts[b + 1]] = F.scaled_dot_product_attention(
+            q_b, k_b, v_b, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+        ).transpose(0, 1)
     return out
 
 

@@ -1,0 +1,223 @@
+"""Why the prefill device runs slower in serving than in a warm loop: a probe, one GPU.
+
+The served runs showed the prefill device at ~11k prompt tok/s, a warm loop repeating the
+same batches at ~36k. This drives the real `Prefiller` (weights, staging cache, copies to and
+from a pinned pool, fragmented pool blocks as the batcher's allocator leaves them) through
+sets of prompt batches of the 90 %-short mix, each set new shapes unless it says "repeat":
+
+  cold      the first set in the process
+  new       a fresh set of shapes, process warm
+  repeat    the same set again
+  +python   beside a thread that runs pure Python a quarter of the time (1 ms in 4, the
+            way the service's event loop holds the GIL), at Python's default GIL switch
+            interval (5 ms) and at 0.5 ms
+
+Per set: prompt tok/s, the median batch, the host's share (the seconds spent queueing the
+pass), and the caching allocator's new device allocations. One batch of a new set runs
+under torch.profiler; its top operators by host and by device time are printed.
+
+The first call of this probe (docs/results/session6/prefill_probe_call1.txt) found a call
+of torch's attention per request slow on the host for every new batch shape, and a thread
+running pure Python without pause slowing the prefill 250-fold; prefill attention is now
+one varlen call per layer.
+
+    python3 benchmarks/prefill_probe.py --out "$OUT"
+    .venv/bin/python benchmarks/prefill_probe.py --tiny --device cpu --batches 3 --pool-blocks 1200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from device_env import import_alignedserve
+
+import_alignedserve()
+import torch  # noqa: E402
+
+from alignedserve.common.kv_layout import KVLayout  # noqa: E402
+from alignedserve.common.model_config import ModelConfig  # noqa: E402
+from alignedserve.common.sampling_params import SamplingParams  # noqa: E402
+from alignedserve.worker import runner  # noqa: E402
+from alignedserve.worker.kv_cache import KVCache  # noqa: E402
+from alignedserve.worker.loader import fuse_projections  # noqa: E402
+from alignedserve.worker.models import llama  # noqa: E402
+from alignedserve.worker.prefiller import Prefiller, PrefillJob  # noqa: E402
+from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+def build(device: str, tiny: bool) -> tuple[Prefiller, ModelConfig]:
+    full = {} if tiny else FULL_SIZE["llama3-8b"]
+    shape = dict(TINY_CONFIGS["llama"], **full, torch_dtype="bfloat16")
+    config = ModelConfig.from_dict(shape)
+    torch.set_default_dtype(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = llama.LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.requires_grad_(False)
+    model.model.embed_tokens.weight.normal_(0, 0.02)
+    model.eval()
+    if device.startswith("cuda"):
+        fuse_projections(model)  # as load_model does on a GPU
+    layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
+    staging = KVCache(layout, layout.blocks_for(8192 + 1024), device=device)
+    return Prefiller(runner.ModelRunner(model, staging)), config
+
+
+def prompt_sets(seed: int, num_sets: int, batches: int, budget: int, config: ModelConfig):
+    rng = random.Random(seed)
+    sets = []
+    for _ in range(num_sets):
+        out: list[list[list[int]]] = [[]]
+        used = 0
+        while len(out) <= batches:
+            n = rng.randint(100, 1000) if rng.random() < 0.9 else rng.randint(1000, 8000)
+            n = min(n, config.max_position_embeddings - 1)
+            if used + n > budget and out[-1]:
+                out.append([])
+                used = 0
+            out[-1].append([rng.randrange(config.vocab_size) for _ in range(n)])
+            used += n
+        sets.append(out[:batches])
+    return sets
+
+
+def jobs_for(prompts, layout, free_blocks: list[int], rng: random.Random) -> list[PrefillJob]:
+    """Pool blocks drawn at random from the free list: fragmented, as in serving."""
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        blocks = rng.sample(free_blocks, layout.blocks_for(len(prompt) + 1))
+        jobs.append(PrefillJob(f"r{i}", tuple(prompt), 0, tuple(blocks), GREEDY))
+    return jobs
+
+
+HOST_S: list[float] = []
+
+
+def _recording_step(self, chunks):
+    launched = self.launch(chunks)
+    HOST_S.append(launched._host_s)
+    return launched.result()
+
+
+runner.ModelRunner.step = _recording_step
+
+
+def run_set(prefiller, pool, batches, layout, seed: int) -> dict:
+    rng = random.Random(seed)
+    free = list(range(pool.shape[0]))
+    HOST_S.clear()
+    on_gpu = prefiller.device.type == "cuda"
+    stats0 = torch.cuda.memory_stats() if on_gpu else {}
+    batch_s, tokens = [], 0
+    start = time.perf_counter()
+    for prompts in batches:
+        _, seconds = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
+        batch_s.append(seconds)
+        tokens += sum(len(p) for p in prompts)
+    wall = time.perf_counter() - start
+    stats1 = torch.cuda.memory_stats() if on_gpu else {}
+    return {
+        "tokens": tokens,
+        "tok_per_s": tokens / wall,
+        "median_batch_s": statistics.median(batch_s),
+        "first_batch_s": batch_s[0],
+        "host_share": sum(HOST_S) / wall,
+        "device_allocs": stats1.get("num_device_alloc", 0) - stats0.get("num_device_alloc", 0),
+        "alloc_retries": stats1.get("num_alloc_retries", 0) - stats0.get("num_alloc_retries", 0),
+    }
+
+
+class PythonLoad:
+    """A thread holding the GIL in pure Python for `busy_s` of every `period_s`."""
+
+    def __init__(self, busy_s: float = 1e-3, period_s: float = 4e-3):
+        self.busy_s, self.period_s = busy_s, period_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self):
+        while not self.stop.is_set():
+            until = time.perf_counter() + self.busy_s
+            while time.perf_counter() < until:
+                sum(i * i for i in range(50))
+            time.sleep(self.period_s - self.busy_s)
+
+    def __enter__(self):
+        self.thread.start()
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def profile_batch(prefiller, pool, prompts, layout, out: Path | None) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(99)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefiller.run(jobs_for(prompts, layout, list(range(pool.shape[0])), rng), pool)
+    averages = prof.key_averages()
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        table = averages.table(sort_by=key, row_limit=14, max_name_column_width=60)
+        print(f"\n-- top operators by {key} --\n{table}", flush=True)
+        if out:
+            (out / f"profile_{key}.txt").write_text(table)
+
+
+def main(args: argparse.Namespace) -> None:
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    prefiller, config = build(args.device, args.tiny)
+    layout = prefiller.layout
+    pool = torch.empty((args.pool_blocks, *layout.block_shape), dtype=torch.bfloat16)
+    if prefiller.device.type == "cuda":
+        pool = pool.pin_memory()
+    sets = prompt_sets(0, 6, args.batches, 8192, config)
+    cells = []
+
+    def cell(name: str, batches) -> None:
+        row = run_set(prefiller, pool, batches, layout, seed=len(cells))
+        row.update(cell=name, switch_interval_s=sys.getswitchinterval())
+        cells.append(row)
+        print(
+            f"{name:<28} {row['tokens']:>7} tokens: {row['tok_per_s']:>7.0f} tok/s, "
+            f"median batch {row['median_batch_s']:.3f} s, first {row['first_batch_s']:.3f} s, "
+            f"host {100 * row['host_share']:.0f}%, {row['device_allocs']} new device "
+            f"allocations, {row['alloc_retries']} retries",
+            flush=True,
+        )
+
+    cell("cold", sets[0])
+    cell("new", sets[1])
+    cell("repeat", sets[1])
+    cell("new again", sets[2])
+    few = args.batches // 3
+    for n, interval in ((3, 5e-3), (4, 5e-4)):
+        sys.setswitchinterval(interval)
+        with PythonLoad():
+            cell(f"new +python, switch {1e3 * interval:g} ms", sets[n][:few])
+    sys.setswitchinterval(5e-3)
+    profile_batch(prefiller, pool, sets[5][0], layout, out)
+    if out:
+        (out / "prefill_probe.json").write_text(json.dumps(cells, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (CPU dry run)")
+    parser.add_argument("--batches", type=int, default=10, help="batches per set")
+    parser.add_argument("--pool-blocks", type=int, default=4096)
+    parser.add_argument("--out", default="")
+    main(parser.parse_args())
