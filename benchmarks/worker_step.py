@@ -145,7 +145,8 @@ async def run_prefill_cell(stub, pool, info, args, decode_batch: int, seed: int)
     done; with decode_batch > 0, decode steps of that many requests run all along."""
     layout = layout_from_proto(info.kv_layout)
     batches = prompt_batches(args, info, seed)
-    blocks = list(range(layout.blocks_for(args.prefill_tokens + 16)))  # reused: batch by batch
+    # reused batch by batch: each prompt rounds up to whole blocks (and one token more)
+    blocks = list(range(layout.blocks_for(args.prefill_tokens) + args.prefill_prompts + 1))
     decode_blocks = blocks[-1:]  # only read (loads): any block does
     ids = [f"d{i}" for i in range(decode_batch)]
     call = stub.Session()
@@ -240,7 +241,10 @@ async def main(args: argparse.Namespace) -> None:
         stub = worker_pb2_grpc.WorkerStub(channel)
         info = await stub.Describe(worker_pb2.DescribeRequest())
         layout = layout_from_proto(info.kv_layout)
-        num_pool_blocks = layout.blocks_for(max(args.kv_len + args.steps, args.prefill_tokens) + 64)
+        num_pool_blocks = max(
+            layout.blocks_for(args.kv_len + args.steps + 64),
+            layout.blocks_for(args.prefill_tokens) + args.prefill_prompts + 2,
+        )
         with CpuKVPool.create(layout, num_pool_blocks) as pool:
             await stub.Attach(
                 worker_pb2.AttachRequest(
