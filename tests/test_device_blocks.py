@@ -28,6 +28,7 @@ from alignedserve.batcher import engine as engine_module
 from alignedserve.batcher.engine import BatcherEngine, Delta
 from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.scheduler import SchedulerConfig, make_scheduler
+from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
 from alignedserve.common import wire
 from alignedserve.common.errors import InvalidRequestError, OutOfBlocksError
 from alignedserve.common.kv_layout import KVLayout
@@ -61,8 +62,9 @@ class DeviceModel:
         self.num_blocks = num_blocks
         self.num_staging_blocks = num_staging_blocks  # the prefill device's
         self.prefill_delay = prefill_delay  # steps its batch runs beyond the one that sent it
-        self.in_flight = None  # its batch: (chunks, steps left)
+        self.in_flight: list = []  # its queued batches, oldest first: [chunks, steps left]
         self.num_prefilled_elsewhere = 0  # chunks run there
+        self.max_queued = 0  # most batches queued there at once
         self.block_tokens = block_tokens
         self.resident: dict[str, list[int]] = {}  # request -> [blocks, kv tokens]
         self.in_pool: dict[str, int] = {}  # request -> KV tokens of it its pool blocks hold
@@ -74,7 +76,7 @@ class DeviceModel:
         """The worker dies: a new one starts with an empty device and no prefill batch."""
         self.resident.clear()
         self.last_sampled.clear()
-        self.in_flight = None
+        self.in_flight = []
 
     def _sample(self, request_id: str, position: int) -> worker_pb2.SampledToken:
         token = token_at(request_id, position, self.prompt_tokens[request_id])
@@ -159,7 +161,7 @@ class DeviceModel:
         batch at a time, done `prefill_delay` steps later (or when a step waits for it)."""
         if not chunks:
             return
-        assert self.in_flight is None, "a second batch while the prefill device is busy"
+        assert len(self.in_flight) < PREFILL_BATCHES_IN_FLIGHT, "more batches than it queues"
         staged = sum(self._blocks_for(c.num_cached_tokens + len(c.token_ids)) for c in chunks)
         assert staged <= self.num_staging_blocks, (staged, self.num_staging_blocks)
         for c in chunks:
@@ -168,28 +170,29 @@ class DeviceModel:
             self._check_input(c.request_id, c.num_cached_tokens, c.token_ids)
             in_pool = self.in_pool.get(c.request_id, 0)
             assert c.num_cached_tokens <= in_pool, f"{c.request_id}: cached KV not in the pool"
-        self.in_flight = (list(chunks), self.prefill_delay)
+        self.in_flight.append([list(chunks), self.prefill_delay])
+        self.max_queued = max(self.max_queued, len(self.in_flight))
         self.num_prefilled_elsewhere += len(chunks)
 
     def _take_prefilled(self, wait: bool) -> list:
-        if self.in_flight is None:
-            return []
-        chunks, steps_left = self.in_flight
-        if steps_left > 0 and not wait:
-            self.in_flight = (chunks, steps_left - 1)
-            return []
-        self.in_flight = None
-        for c in chunks:  # its KV reached the pool
-            self.in_pool[c.request_id] = c.num_cached_tokens + len(c.token_ids)
-        return chunks
+        """The batches done, in order: each runs `prefill_delay` steps beyond the step that
+        sent it, and none finishes before the one queued ahead of it."""
+        done = []
+        for batch in self.in_flight:
+            batch[1] -= 1
+        while self.in_flight and (wait or self.in_flight[0][1] < 0):
+            chunks, _ = self.in_flight.pop(0)
+            for c in chunks:  # its KV reached the pool
+                self.in_pool[c.request_id] = c.num_cached_tokens + len(c.token_ids)
+            done += chunks
+        return done
 
     def _check_not_in_flight(self, msg: worker_pb2.StepRequest) -> None:
         """Nothing in a step touches a request, or a pool block, that the prefill device's
         batch is still writing (an aborted request's blocks must not be handed out again)."""
-        if self.in_flight is None:
-            return
-        busy_ids = {c.request_id for c in self.in_flight[0]}
-        busy_blocks = {b for c in self.in_flight[0] for b in c.pool_blocks}
+        queued = [c for chunks, _ in self.in_flight for c in chunks]
+        busy_ids = {c.request_id for c in queued}
+        busy_blocks = {b for c in queued for b in c.pool_blocks}
         for entry in (*msg.load, *msg.prefill, *msg.evict):
             assert entry.request_id not in busy_ids, f"{entry.request_id}: being prefilled"
             overlap = busy_blocks & set(entry.pool_blocks)
@@ -431,7 +434,7 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
 
     assert device.peak <= device_blocks
     assert device.resident == {}  # every request's blocks were freed on the device
-    assert device.in_flight is None  # the prefill device's last batch was answered
+    assert not device.in_flight  # the prefill device's last batch was answered
     check_tokens(deltas, arrivals)
 
 
@@ -450,6 +453,19 @@ def test_the_batcher_service_scenario_fits_the_device(policy, staging):
     check_tokens(deltas, arrivals)
     offloads = policy == "aligned" and staging > 0
     assert (device.num_prefilled_elsewhere > 0) == offloads, device.num_prefilled_elsewhere
+
+
+def test_the_prefill_device_queues_the_next_batch_behind_a_slow_one():
+    """While a batch runs (three steps here), the next is already planned and queued behind
+    it, so the device never waits for the batcher to learn that one is done. (The later
+    prompts arrive once a batch decodes: the decode device then leaves prefill to it.)"""
+    prompts = (40, 35, 50, 45, 38, 42, 47, 33, 30, 41)
+    arrivals = [(0 if i < 3 else 20, p, 30) for i, p in enumerate(prompts)]
+    scheduler = SchedulerConfig(prefill_tokens_per_step=64)  # one or two prompts a batch
+    config = EngineConfig("unused:1", pool_bytes=1, scheduler=scheduler)
+    deltas, device = run(config, model_info(64, 16, 8), 4096, arrivals, {}, prefill_delay=3)
+    check_tokens(deltas, arrivals)
+    assert device.max_queued == PREFILL_BATCHES_IN_FLIGHT == 2
 
 
 def test_a_request_larger_than_the_device_is_refused_at_admission():

@@ -149,15 +149,16 @@ def test_full_pool_waits_or_rejects_as_configured(policy):
         sched.check_invariants()
 
 
-def test_the_prefill_devices_batch_runs_across_steps_and_keeps_an_aborted_requests_blocks():
-    """With a prefill device, a planned chunk stays in flight until `prefill_done`: no other
-    batch is planned for that device meanwhile, the request is not planned again, and if it
-    is aborted its pool blocks stay allocated (the device still writes into them) until the
+def test_the_prefill_devices_batches_run_across_steps_and_keep_an_aborted_requests_blocks():
+    """With a prefill device, a planned chunk stays in flight until `prefill_done`: a second
+    batch may queue behind it but no third, no request is planned twice, and an aborted
+    request's pool blocks stay allocated (the device still writes into them) until its
     batch is done."""
     config = replace(
         make_config("aligned", 16, 1000, 5.0),
         num_prefill_device_blocks=64,
         assist_tokens_per_step=1,
+        prefill_tokens_per_step=100,
     )
     sched = make_scheduler(config)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -165,24 +166,31 @@ def test_the_prefill_devices_batch_runs_across_steps_and_keeps_an_aborted_reques
     plan = sched.schedule(0.0)
     assert plan.prefill == (("a", 100),) and sched.prefilling == {"a": 100}
     sched.add_request("b", range(1, 51), params, now=0.0)
-    # the device is busy: b waits, a is not planned twice; the idle decode device helps b
+    sched.add_request("c", range(1, 51), params, now=0.0)
+    sched.add_request("d", range(1, 51), params, now=0.0)
+    # b and c queue behind a; d waits, a is not planned twice; the idle decode device helps d
     plan = sched.schedule(0.01)
-    assert plan.prefill == () and plan.mixed_prefill == (("b", 1),)
+    assert plan.prefill == (("b", 50), ("c", 50)) and plan.mixed_prefill == (("d", 1),)
+    assert not sched.can_queue_prefill
     sched.update(plan, {}, now=0.01)
     a_blocks = set(sched.store.get("a").blocks)
     sched.abort("a", now=0.02)
     sched.store.pop("a")  # as the engine forgets it
     used = sched.allocator.num_used
-    assert len(a_blocks) == 7 and used == 7 + 4  # a's 101 tokens and b's 51: still held
+    assert len(a_blocks) == 7 and used == 7 + 3 * 4  # a's 101 tokens, 51 of b, c, d: held
     sched.check_invariants()
-    sched.update(sched.schedule(0.025), {}, now=0.025)  # b's blocks are not a's
-    assert not a_blocks & set(sched.store.get("b").blocks)
+    plan = sched.schedule(0.025)
+    assert plan.prefill == ()  # two batches queued already
+    sched.update(plan, {}, now=0.025)
+    assert not a_blocks & set(sched.store.get("d").blocks)  # d's blocks are not a's
     sched.prefill_done(["a"], {}, now=0.03)
-    assert sched.prefilling == {} and sched.allocator.num_used == 4
+    assert sched.prefilling == {"b": 50, "c": 50} and sched.allocator.num_used == 12
     sched.check_invariants()
-    plan = sched.schedule(0.04)  # the device is free: the rest of b's prompt goes there
-    assert plan.prefill == (("b", 48),)
+    plan = sched.schedule(0.04)  # room for a batch again: the rest of d's prompt goes there
+    assert plan.prefill == (("d", 48),)
     sched.update(plan, {}, now=0.04)
-    sched.prefill_done(["b"], {"b": 7}, now=0.05)
-    assert sched.store.get("b").output_token_ids == [7]
+    sched.prefill_done(["b", "c"], {"b": 7, "c": 8}, now=0.05)
+    sched.prefill_done(["d"], {"d": 9}, now=0.05)
+    assert [sched.store.get(r).output_token_ids for r in "bcd"] == [[7], [8], [9]]
+    assert sched.prefilling == {}
     sched.check_invariants()

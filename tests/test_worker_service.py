@@ -596,23 +596,27 @@ def test_chunks_for_the_prefill_device_run_there_or_are_refused(model_dir):
                 )
                 assert [t.token_id for t in there.tokens] == [t.token_id for t in here.tokens]
                 assert here.prefill_s == 0 and not here.prefilled
-                # without wait_prefill a step answers at once; the batch is answered as done
-                # by a later step; none other goes to the device before that
+                # without wait_prefill a step answers at once; a batch is answered as done
+                # by a later step, in the order sent; a second queues behind the first, a
+                # third is refused while both are there
                 call = stub.Session()
-                slow = chunk("d", pool.allocate(1), on_prefill_device=True)
-                await call.write(worker_pb2.StepRequest(step=1, prefill=[slow]))
-                answers = [await call.read()]
-                if not answers[0].prefilled:
-                    more = chunk("e", pool.allocate(1), on_prefill_device=True)
-                    await call.write(worker_pb2.StepRequest(step=2, prefill=[more]))
+                answers = []
+                for step, request_id in enumerate("de", start=1):
+                    queued = chunk(request_id, pool.allocate(1), on_prefill_device=True)
+                    await call.write(worker_pb2.StepRequest(step=step, prefill=[queued]))
+                    answers.append(await call.read())
+                done = [r for answer in answers for r in answer.prefilled]
+                if not done:
+                    third = chunk("f", pool.allocate(1), on_prefill_device=True)
+                    await call.write(worker_pb2.StepRequest(step=3, prefill=[third]))
                     err = await rpc_error(call.read())
                     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-                    assert "still runs the batch" in err.details()
-                else:  # it was quicker than the answer: a step that waits finds nothing
-                    await call.write(worker_pb2.StepRequest(step=2, wait_prefill=True))
+                    assert "2 batches are queued" in err.details()
+                else:  # quicker than the answers: a step that waits finds the rest
+                    await call.write(worker_pb2.StepRequest(step=3, wait_prefill=True))
                     answers.append(await call.read())
                     await call.done_writing()
-                    assert not answers[1].prefilled
+                    assert done + list(answers[2].prefilled) == ["d", "e"]
                 call = stub.Session()
                 both = chunk("c", pool.allocate(1), on_prefill_device=True, keep_resident=True)
                 await call.write(worker_pb2.StepRequest(step=1, prefill=[both]))

@@ -47,6 +47,11 @@ class Launched:
             self.done.synchronize()
 
 
+# Batches queued on the prefill device at once: the next runs straight after the one before,
+# while the batcher learns that one is done (a step or two later) and plans another.
+MAX_PREFILL_BATCHES = 2
+
+
 class StepExecutor:
     def __init__(
         self, info: worker_pb2.ModelInfo, runner: ModelRunner, prefiller: Prefiller | None
@@ -60,8 +65,8 @@ class StepExecutor:
             if prefiller is not None
             else None
         )
-        self._prefilling: concurrent.futures.Future | None = None  # the batch in flight
-        self._prefilling_ids: frozenset[str] = frozenset()
+        # the batches queued on it, oldest first, each with its request ids
+        self._prefilling: list[tuple[concurrent.futures.Future, frozenset[str]]] = []
         self._dropped_prefill: set[str] = set()  # released while their batch runs
         # each live request's latest sampled token, this session, once its step is finished
         self._last_sampled: dict[str, int] = {}
@@ -79,8 +84,8 @@ class StepExecutor:
         with self.runner.on_device():
             sampled = launched.run.result() if launched.run is not None else []
             launched.wait()  # the write-backs too: the batcher counts them safe in the pool
-            if launched.request.wait_prefill and self._prefilling is not None:
-                concurrent.futures.wait([self._prefilling])
+            if launched.request.wait_prefill and self._prefilling:
+                concurrent.futures.wait([future for future, _ in self._prefilling])
             prefilled, sampled_there, prefill_s = self._take_prefilled()
             if self._unfinished is launched:
                 self._unfinished = None
@@ -109,10 +114,9 @@ class StepExecutor:
             if self.runner.device.type == "cuda":
                 # also what a launch that failed halfway had queued
                 torch.cuda.synchronize(self.runner.device)
-            if self._prefilling is not None:
-                # it writes into the pool's blocks: no next session (or pool) before it is done
-                concurrent.futures.wait([self._prefilling])
-                self._prefilling, self._prefilling_ids = None, frozenset()
+            # they write into the pool's blocks: no next session (or pool) before they are done
+            concurrent.futures.wait([future for future, _ in self._prefilling])
+            self._prefilling = []
             self._dropped_prefill.clear()
             if res is not None:
                 res.release_all()
@@ -130,7 +134,7 @@ class StepExecutor:
             self._last_sampled.pop(request_id, None)
             if before is not None:
                 before.dropped.add(request_id)
-            if request_id in self._prefilling_ids:
+            if request_id in self._prefilling_ids():
                 self._dropped_prefill.add(request_id)
         load_s = res.load_batch(
             [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
@@ -206,10 +210,10 @@ class StepExecutor:
                     f"prefill device",
                     param="on_prefill_device",
                 )
-            if self._prefilling is not None:
+            if len(self._prefilling) >= MAX_PREFILL_BATCHES:
                 raise InvalidRequestError(
-                    f"prefill {c.request_id!r}: the prefill device still runs the batch of "
-                    f"{sorted(self._prefilling_ids)[:3]}; send the next once it is done",
+                    f"prefill {c.request_id!r}: {MAX_PREFILL_BATCHES} batches are queued on "
+                    f"the prefill device already; send the next once one is done",
                     param="on_prefill_device",
                 )
             if c.keep_resident:
@@ -243,19 +247,27 @@ class StepExecutor:
                     after.wait()
                 return self.prefiller.run(jobs, pool)
 
-            self._prefilling = self._prefill_thread.submit(run)
-            self._prefilling_ids = frozenset(job.request_id for job in jobs)
+            ids = frozenset(job.request_id for job in jobs)
+            self._prefilling.append((self._prefill_thread.submit(run), ids))
 
     def _take_prefilled(self) -> tuple[list[str], list[SampledToken], float]:
-        """The prefill device's batch, if done: its request ids, sampled tokens (but for
-        requests released meanwhile) and seconds."""
-        if self._prefilling is None or not self._prefilling.done():
-            return [], [], 0.0
-        done, ids = self._prefilling, self._prefilling_ids
-        self._prefilling, self._prefilling_ids = None, frozenset()
-        dropped, self._dropped_prefill = self._dropped_prefill, set()
-        sampled, seconds = done.result()
-        return sorted(ids), [t for t in sampled if t.request_id not in dropped], seconds
+        """The prefill device's batches done, oldest first (one still running holds back
+        those behind it): their request ids, sampled tokens (but for requests released
+        meanwhile) and seconds. A batch that failed raises its error."""
+        ids: list[str] = []
+        sampled: list[SampledToken] = []
+        seconds = 0.0
+        while self._prefilling and self._prefilling[0][0].done():
+            done, batch_ids = self._prefilling.pop(0)
+            batch_sampled, batch_s = done.result()
+            ids += sorted(batch_ids)
+            sampled += [t for t in batch_sampled if t.request_id not in self._dropped_prefill]
+            self._dropped_prefill -= batch_ids
+            seconds += batch_s
+        return ids, sampled, seconds
+
+    def _prefilling_ids(self) -> frozenset[str]:
+        return frozenset().union(*(ids for _, ids in self._prefilling))
 
     # ---------------------------------------------------------------- checks
 
@@ -273,7 +285,7 @@ class StepExecutor:
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidRequestError(f"requests {dup} appear twice in one forward pass")
-        busy = self._prefilling_ids & {
+        busy = self._prefilling_ids() & {
             *ids,
             *(e.request_id for e in (*request.load, *request.evict)),
         }

@@ -166,21 +166,9 @@ class ModelRunner:
         """A pure decode step through a captured graph: batch and block-table width are
         rounded up to powers of two, each (batch, width) bucket captured on first use, all
         sharing one memory pool (they never run at the same time)."""
-        from alignedserve.worker.cuda_graph import DecodeGraph
-
         n = len(chunks)
         width = max(len(c.block_table) for c in chunks)
-        key = (_bucket(n), _bucket(max(width, 16)))
-        graph = self._graphs.get(key)
-        if graph is None:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            start = time.perf_counter()
-            graph = DecodeGraph(
-                self.model, self.kv_cache, *key, self.kv_cache.scratch_block, pool=self._graph_pool
-            )
-            self.capture_s += time.perf_counter() - start
-            self._graphs[key] = graph
+        graph = self._graph((_bucket(n), _bucket(max(width, 16))))
         scratch = self.kv_cache.scratch_block
         tables = padded_tables([c.block_table for c in chunks], width, fill=scratch)
         dev = self.device
@@ -224,7 +212,59 @@ class ModelRunner:
         """Run the chunks and sample one token for each chunk that asks for one."""
         return self.launch(chunks).result()
 
+    def _graph(self, key: tuple[int, int]):
+        """The decode graph of a (batch bucket, width bucket), captured on first use, all
+        sharing one memory pool (they never run at the same time)."""
+        from alignedserve.worker.cuda_graph import DecodeGraph
+
+        graph = self._graphs.get(key)
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            start = time.perf_counter()
+            graph = DecodeGraph(
+                self.model, self.kv_cache, *key, self.kv_cache.scratch_block, pool=self._graph_pool
+            )
+            self.capture_s += time.perf_counter() - start
+            self._graphs[key] = graph
+        return graph
+
+    def warm_up(self, max_batch: int, max_model_len: int) -> int:
+        """Before serving, on a GPU: compile the prefill pass's kernels, and capture every
+        decode graph a step of up to `max_batch` requests of up to `max_model_len` tokens
+        can use, so that no request waits for them (the first prefill in a process took
+        2.6 s, a graph 30-200 ms). Scribbles on the first KV blocks: call it before any
+        request holds one. Returns the graphs captured."""
+        if self.device.type != "cuda":
+            return 0
+        block_tokens = self.block_tokens
+        with self.on_device():
+            # Triton specialises integer arguments on divisibility by 16: both kinds of
+            # token count; the second pass continues the first's KV (a later chunk)
+            n = min(256, max_model_len // 2) // 16 * 16
+            table = tuple(range(-(-(n + 13) // block_tokens)))
+            if n and len(table) <= self.kv_cache.num_blocks:
+                greedy = SamplingParams(max_tokens=1, temperature=0.0)
+                self.step([SeqChunk("warm-up", (0,) * n, 0, table, greedy)])
+                self.step([SeqChunk("warm-up", (0,) * 13, n, table, greedy)])
+            if self.use_graphs:
+                max_blocks = -(-max_model_len // block_tokens)
+                for key in graph_buckets(max_batch, max_blocks):
+                    self._graph(key)
+            torch.cuda.synchronize(self.device)
+        return len(self._graphs)
+
 
 def _bucket(n: int) -> int:
     """The next power of two >= n."""
     return 1 << (n - 1).bit_length()
+
+
+def graph_buckets(max_batch: int, max_blocks: int) -> list[tuple[int, int]]:
+    """Every (batch bucket, width bucket) a decode step of up to `max_batch` requests, each
+    of up to `max_blocks` blocks, can use; largest first, so the shared pool is sized once."""
+    if max_batch < 1:
+        return []
+    batches = [1 << i for i in range(_bucket(max_batch).bit_length())]
+    widths = [1 << i for i in range(4, _bucket(max(max_blocks, 16)).bit_length())]
+    return [(b, w) for b in reversed(batches) for w in reversed(widths)]

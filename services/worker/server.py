@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,9 +86,20 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         prefiller = Prefiller(ModelRunner(replica, staging))
         info.prefill_device = str(staging.blocks.device)
         info.num_prefill_blocks = staging.num_blocks
+    runner = ModelRunner(model, kv_cache)
+    start = time.perf_counter()
+    num_graphs = runner.warm_up(config.warm_up_batch, info.max_model_len)
+    if prefiller is not None:
+        prefiller.runner.warm_up(0, info.max_model_len)  # its prefill kernels only
+    if runner.device.type == "cuda":
+        logger.info(
+            "warmed up in %.1f s: prefill kernels compiled, %d decode graphs captured",
+            time.perf_counter() - start,
+            num_graphs,
+        )
     return WorkerServicer(
         info,
-        StepExecutor(info, ModelRunner(model, kv_cache), prefiller),
+        StepExecutor(info, runner, prefiller),
         functools.partial(DeviceResidency, kv_cache, prefetch_device=config.prefetch_device),
         session_handover_s=config.session_handover_s,
         overlap_steps=config.overlap_steps,

@@ -88,6 +88,13 @@ class WorkerConfig:
             "has arrived: the device runs them back to back while the host answers"
         },
     )
+    warm_up_batch: int = field(
+        default=512,
+        metadata={
+            "help": "on a GPU, before serving: compile the prefill kernels and capture the "
+            "decode graphs of batches up to this many requests (0: graphs on first use)"
+        },
+    )
     # A batcher that reconnects may open its new Session before the worker has seen the old
     # stream end (and finished its in-flight step): it waits this long, then is refused.
     session_handover_s: float = field(
@@ -105,6 +112,7 @@ class WorkerConfig:
             ("block_tokens", self.block_tokens >= 1, "must be >= 1"),
             ("session_handover_s", self.session_handover_s >= 0, "must be >= 0"),
             ("prefill_kv_tokens", self.prefill_kv_tokens >= 0, "must be >= 0"),
+            ("warm_up_batch", self.warm_up_batch >= 0, "must be >= 0"),
         )
         for name, ok, rule in checks:
             if not ok:

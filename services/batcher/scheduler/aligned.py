@@ -146,11 +146,12 @@ class AlignedPolicy:
         elif load:
             self._insert(sched, load)
         decode, free, make_room = self._fit_decode(sched, self._next_group(), free, now)
-        # On a prefill device the chunks take its staging blocks, one batch at a time (it runs
-        # across decode steps); else they take the decode device's blocks, in its step.
+        # On a prefill device the chunks take its staging blocks, one batch at a time (each
+        # runs across decode steps; the next is queued behind it); else they take the decode
+        # device's blocks, in its step.
         staging = self.config.num_prefill_device_blocks
         prefill = ()
-        if not sched.prefilling:
+        if sched.can_queue_prefill:
             room = self._admit_room()
             prefill = sched.plan_prefill(prefill_budget, room, device_blocks=staging or free)
         if not staging:

@@ -20,6 +20,11 @@ from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import InvalidRequestError, QueueFullError
 from alignedserve.common.sampling_params import SamplingParams, finish_reason
 
+# Batches queued on the prefill device at once (the worker's MAX_PREFILL_BATCHES): the next
+# runs straight after the one before, while this side learns that one is done and plans
+# another. With one, the device idled a step or two after every batch.
+PREFILL_BATCHES_IN_FLIGHT = 2
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -84,6 +89,7 @@ class Scheduler:
         # (`prefill_done`). Blocks of a request that ended meanwhile wait here for the chunk:
         # the device still writes into them.
         self.prefilling: dict[str, int] = {}
+        self._prefill_batches: list[set[str]] = []  # their batches, oldest first
         self._orphaned_blocks: dict[str, list[int]] = {}
 
     # ---- admission -------------------------------------------------------------------
@@ -132,9 +138,15 @@ class Scheduler:
             budget = min(budget, prefill_token_budget)
         plan = self.policy.schedule(self, now, budget)
         self.num_switches += plan.is_switch
-        if self.config.num_prefill_device_blocks:
+        if self.config.num_prefill_device_blocks and plan.prefill:
             self.prefilling.update(plan.prefill)
+            self._prefill_batches.append({request_id for request_id, _ in plan.prefill})
         return plan
+
+    @property
+    def can_queue_prefill(self) -> bool:
+        """May the next plan queue another batch on the prefill device?"""
+        return len(self._prefill_batches) < PREFILL_BATCHES_IN_FLIGHT
 
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
@@ -182,6 +194,8 @@ class Scheduler:
         """The prefill device finished these requests' chunks: apply them as `update` does
         (tokens: the sampled ones). Returns the requests that finished."""
         done: list[Request] = []
+        finished = set(request_ids)
+        self._prefill_batches = [b for b in self._prefill_batches if not b <= finished]
         for request_id in request_ids:
             num = self.prefilling.pop(request_id, None)
             orphaned = self._orphaned_blocks.pop(request_id, None)
@@ -326,6 +340,7 @@ class Scheduler:
         # the blocks of those that ended meanwhile are free once the old session is gone,
         # before any new plan is sent
         self.prefilling.clear()
+        self._prefill_batches.clear()
         for blocks in self._orphaned_blocks.values():
             self.allocator.free(blocks)
         self._orphaned_blocks.clear()
@@ -396,6 +411,8 @@ class Scheduler:
         owned += sum(len(blocks) for blocks in self._orphaned_blocks.values())
         assert owned == self.allocator.num_used, f"{owned} owned vs {self.allocator.num_used}"
         assert self._orphaned_blocks.keys() <= self.prefilling.keys()
+        assert set().union(*self._prefill_batches) == self.prefilling.keys()
+        assert len(self._prefill_batches) <= PREFILL_BATCHES_IN_FLIGHT
         for request_id in self.prefilling.keys() - self._orphaned_blocks.keys():
             r = self.store.get(request_id)
             assert r.state is RequestState.WAITING_PREFILL, r
