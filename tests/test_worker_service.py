@@ -778,3 +778,10 @@ def test_run_worker_stops_gracefully_on_sigterm(model_dir):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, stderr
+
+
+def test_the_batcher_queues_no_more_prefill_batches_than_the_worker_takes():
+    from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
+    from alignedserve.worker.executor import MAX_PREFILL_BATCHES
+
+    assert PREFILL_BATCHES_IN_FLIGHT == MAX_PREFILL_BATCHES

@@ -252,6 +252,7 @@ class ModelRunner:
                 for key in graph_buckets(max_batch, max_blocks):
                     self._graph(key)
             torch.cuda.synchronize(self.device)
+        self.capture_s = 0.0  # counts captures while serving (the stats line's)
         return len(self._graphs)
 
 
