@@ -384,3 +384,19 @@ def test_metrics_keep_their_colons_for_prometheus():
         server.shutdown()
     assert "# TYPE alignedserve:num_requests_waiting gauge" in text
     assert "alignedserve_num_requests_waiting" not in text
+
+
+def test_stop_while_waiting_for_the_first_worker_stops_at_once():
+    """SIGTERM (the stop event) before any worker answers: the batcher stops within a
+    moment, not after worker_startup_s (600 s)."""
+
+    async def main():
+        stop = asyncio.Event()
+        config = BatcherConfig(worker=f"127.0.0.1:{free_port()}", port=0, pool_gib=0.05)
+        batcher = asyncio.create_task(serve_batcher(config, stop=stop))
+        await asyncio.sleep(0.5)  # connecting: nothing listens there
+        assert not batcher.done()
+        stop.set()
+        await asyncio.wait_for(batcher, timeout=5.0)  # TimeoutError: it ignored the stop
+
+    asyncio.run(main())

@@ -232,6 +232,31 @@ def _response(delta: Delta) -> batcher_pb2.GenerateResponse:
     return msg
 
 
+async def _start_unless_stopped(engine: BatcherEngine, stop: asyncio.Event) -> bool:
+    """engine.start() (it waits for the worker, which may load for minutes), unless `stop`
+    is set first, as SIGTERM sets it: then it is abandoned and False returned."""
+    starting = asyncio.ensure_future(engine.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    if starting.cancelled():
+        return False
+    starting.result()  # its error, if it failed
+    return True
+
+
+async def _abandon(readiness: asyncio.Task, server, engine: BatcherEngine) -> None:
+    """Stop what serve_batcher started, when it never got to serve."""
+    readiness.cancel()
+    await server.stop(grace=None)
+    await engine.stop()
+
+
 async def serve_batcher(
     config: BatcherConfig, started: asyncio.Future | None = None, stop: asyncio.Event | None = None
 ) -> None:
@@ -246,17 +271,21 @@ async def serve_batcher(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     readiness = asyncio.create_task(_mirror_readiness(engine, health))
+    stop = stop if stop is not None else asyncio.Event()
     try:
-        await engine.start()
+        attached = await _start_unless_stopped(engine, stop)
     except BaseException:
-        readiness.cancel()
-        await server.stop(grace=None)
+        await _abandon(readiness, server, engine)
         raise
+    if not attached:
+        log.info("batcher stopped before a worker was attached")
+        await _abandon(readiness, server, engine)
+        return
     log.info("batcher serving on %s:%d (worker %s)", config.host, port, config.worker)
     if started is not None:
         started.set_result(port)
     try:
-        await (stop.wait() if stop is not None else asyncio.Event().wait())
+        await stop.wait()
     finally:
         engine.draining = True
         readiness.cancel()
