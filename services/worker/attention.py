@@ -64,8 +64,9 @@ class AttentionMetadata:
         table = padded_tables(block_tables, max(len(t) for t in block_tables), fill=0)
         slot_block = table[q_batch, positions // block_tokens]
         ctx_t = cached_t + q_lens_t
+        max_q_len = int(q_lens_t.max())
         keys = {}
-        if int(q_lens_t.max()) > 1:
+        if max_q_len > 1:
             num_keys = int(ctx_t.sum())
             k_batch = torch.repeat_interleave(torch.arange(batch), ctx_t, output_size=num_keys)
             k_pos = torch.arange(num_keys) - (torch.cumsum(ctx_t, 0) - ctx_t)[k_batch]
@@ -87,7 +88,7 @@ class AttentionMetadata:
             q_lens=to_device(q_lens_t, device),
             ctx_lens=to_device(ctx_t, device),
             last_token=to_device(starts + q_lens_t - 1, device),
-            max_q_len=int(q_lens_t.max()),
+            max_q_len=max_q_len,
             **keys,
         )
 

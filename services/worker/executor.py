@@ -129,12 +129,13 @@ class StepExecutor:
         before = self._unfinished
         # First free what the batcher already counts as free (requests that finished before
         # this step): its plan may give their device blocks to this step's new requests.
+        prefilling = self._prefilling_ids()
         for request_id in request.release:
             res.release(request_id)
             self._last_sampled.pop(request_id, None)
             if before is not None:
                 before.dropped.add(request_id)
-            if request_id in self._prefilling_ids():
+            if request_id in prefilling:
                 self._dropped_prefill.add(request_id)
         load_s = res.load_batch(
             [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
