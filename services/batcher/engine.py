@@ -36,9 +36,11 @@ import grpc
 
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
+from alignedserve.batcher.engine_stats import EngineStats
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.batcher.request import PENDING, Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, make_scheduler
+from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
 from alignedserve.batcher.step_message import step_message
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
@@ -106,6 +108,7 @@ class BatcherEngine:
         self._task: asyncio.Task | None = None
         self._step = 0
         self._step_since: float | None = None  # since when the worker runs the oldest step
+        self._stats = EngineStats(PREFILL_BATCHES_IN_FLIGHT)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +120,8 @@ class BatcherEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.scheduler is not None:
+            self._stats.log_if_due(self.load(), force=True)  # the last, partial window
         await self.link.close()
         if self.pool is not None:
             self.pool.close()
@@ -206,11 +211,14 @@ class BatcherEngine:
     # ---- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            plan = self._next_plan()
-            if plan is not None:
-                msg = self._send(plan)
+            self._observe_prefill_queue()
+            with self._stats.timer("plan_s"):
+                plan = self._next_plan()
+                msg = self._send(plan) if plan is not None else None
+            if msg is not None:
                 try:
-                    await self.link.send(msg)
+                    with self._stats.timer("send_s"):
+                        await self.link.send(msg)
                 except WorkerLost as e:
                     log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
                     await self._recover()
@@ -277,7 +285,8 @@ class BatcherEngine:
         """Read the oldest step's answer and apply it; on a lost worker or a rejected
         step, recover."""
         try:
-            response = await self.link.receive([s.number for s in self._in_flight])
+            with self._stats.timer("wait_s"):
+                response = await self.link.receive([s.number for s in self._in_flight])
         except StepRejected as e:
             self._fail_plan(e)
             await self._recover()
@@ -286,8 +295,20 @@ class BatcherEngine:
             log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
             await self._recover()
             return
-        self._after_step(self._in_flight.popleft(), response)
+        with self._stats.timer("apply_s"):
+            self._after_step(self._in_flight.popleft(), response)
         self._step_since = time.monotonic() if self._in_flight else None
+        self._stats.sums.steps += 1
+        self._stats.sums.tokens += len(response.tokens)
+        self._observe_prefill_queue()
+        self._stats.log_if_due(self.load())
+
+    def _observe_prefill_queue(self) -> None:
+        has_device = self.scheduler.config.num_prefill_device_blocks > 0
+        self._stats.observe(
+            self.scheduler.num_unplanned,
+            self.scheduler.num_prefill_batches if has_device else None,
+        )
 
     def _forget_worker(self) -> None:
         """The worker's device is gone, with the steps in flight: requests it held go back to

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
-from alignedserve.common import flags
+from alignedserve.common import flags, stats_line
 from alignedserve.common.errors import AlignedServeError, ConfigError
 from alignedserve.common.model_config import DTYPES
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 STOP_GRACE_S = 5.0  # on shutdown, in-flight RPCs get this long before they are cancelled
-STATS_INTERVAL_S = 10.0
 # Default staging room on the prefill device beyond one whole context: the batcher's default
 # prefill budget per step, so a long request's last chunk and a step's other chunks fit at once.
 PREFILL_STAGING_EXTRA_TOKENS = 8192
@@ -167,7 +166,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.overlap_steps = overlap_steps  # read per step: a benchmark may flip it
         self._session_lock = asyncio.Lock()
         self._stats = StepStats()  # since the last stats line
-        self._stats_at = time.monotonic()
+        self._window = stats_line.Window()
 
     async def Describe(self, request, context) -> worker_pb2.ModelInfo:
         return self.info
@@ -227,7 +226,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         await session.answer(launched)
                         launched = None
                         continue
-                request = await reading
+                    request = await reading
+                else:  # nothing queued on the device: it waits for the batcher's next plan
+                    idle_from = time.perf_counter()
+                    request = await reading
+                    self._stats.idle_s += time.perf_counter() - idle_from
                 if request is grpc.aio.EOF:
                     break
                 reading = asyncio.ensure_future(context.read())
@@ -242,6 +245,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             if reading is not None:
                 reading.cancel()
+            self._log_stats(force=True)  # the session's last, partial window
             # A thread cannot be interrupted: the device is freed once its queued steps are
             # done, on the same thread, after them.
             ended = loop.run_in_executor(thread, self._executor.end_session, self.residency)
@@ -260,29 +264,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._session_lock.release()
         logger.info("session ended")
 
-    def _log_stats(self) -> None:
-        """The periodic stats line: throughput, and where a step's time goes."""
-        elapsed = time.monotonic() - self._stats_at
-        if elapsed < STATS_INTERVAL_S or self.residency is None:
-            return
+    def _log_stats(self, force: bool = False) -> None:
+        """The periodic stats line: throughput, and where a step's time goes. Idle: the share
+        of the window with no step queued on the device, waiting for the batcher's plan."""
         w, capture_s = self._stats, self._executor.runner.capture_s
+        if not (self._window.is_due or (force and w.steps)) or self.residency is None:
+            return
+        elapsed = self._window.elapsed_s
         per_step = max(w.steps, 1) * 1e-3
         logger.info(
-            "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps (%d launched "
-            "before the previous was answered): %.1f ms each, decode device %.1f ms, prefill "
-            "device %.1f ms; %.1f s capturing graphs",
+            "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps %.1f ms "
+            "apart (%d launched before the previous was answered): %.1f ms from plan to "
+            "answer, decode device %.1f ms, prefill device %.1f ms; idle %.0f%%; %.1f s "
+            "capturing graphs",
             w.tokens / elapsed,
             self.residency.num_resident,
             100 * self.residency.allocator.usage,
             w.steps,
+            elapsed / per_step,
             w.launched_ahead,
             w.step_s / per_step,
             w.compute_s / per_step,
             w.prefill_s / per_step,
+            100 * w.idle_s / elapsed,
             capture_s - w.capture_s_before,
         )
         self._stats = StepStats(capture_s_before=capture_s)
-        self._stats_at = time.monotonic()
+        self._window.reopen()
 
 
 FIRST = asyncio.FIRST_COMPLETED
@@ -355,6 +363,7 @@ class StepStats:
     launched_ahead: int = 0  # of them, launched before the previous one was answered
     tokens: int = 0
     step_s: float = 0.0  # from receiving the plan to answering it
+    idle_s: float = 0.0  # nothing queued on the device: waiting for the next plan
     compute_s: float = 0.0
     prefill_s: float = 0.0
     capture_s_before: float = 0.0  # the runner's capture time at the window's start

@@ -148,6 +148,16 @@ class Scheduler:
         """May the next plan queue another batch on the prefill device?"""
         return len(self._prefill_batches) < PREFILL_BATCHES_IN_FLIGHT
 
+    @property
+    def num_prefill_batches(self) -> int:
+        """Batches queued on the prefill device (planned, not reported done)."""
+        return len(self._prefill_batches)
+
+    @property
+    def num_unplanned(self) -> int:
+        """Requests waiting for prefill that no batch on the prefill device holds."""
+        return len(self.waiting) - len(self.prefilling.keys() - self._orphaned_blocks.keys())
+
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
         prefill this step and per decoded member. Returns the requests that finished. (The

@@ -1,0 +1,49 @@
+"""When the periodic stats lines are written: one setting for every component.
+
+Each service logs one stats line per interval (STYLE.md: tokens/s, queue, KV use, where the
+time went). The interval is `ALIGNEDSERVE_STATS_INTERVAL_S` in the environment (seconds,
+default 10), as vLLM's VLLM_LOG_STATS_INTERVAL: `alignedserve serve`'s children and a
+benchmark's servers inherit it, so a benchmark asks for finer lines in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from alignedserve.common.errors import ConfigError
+
+ENV = "ALIGNEDSERVE_STATS_INTERVAL_S"
+DEFAULT_INTERVAL_S = 10.0
+
+
+def interval_s() -> float:
+    raw = os.environ.get(ENV, "")
+    if not raw:
+        return DEFAULT_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ConfigError(f"{ENV}={raw!r} must be > 0")
+    return value
+
+
+class Window:
+    """The current stats window: due once `interval_s()` has passed since it opened."""
+
+    def __init__(self) -> None:
+        self.interval_s = interval_s()
+        self.opened = time.monotonic()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.opened
+
+    @property
+    def is_due(self) -> bool:
+        return self.elapsed_s >= self.interval_s
+
+    def reopen(self) -> None:
+        self.opened = time.monotonic()
