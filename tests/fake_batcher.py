@@ -4,7 +4,7 @@ Generation: the prompt's byte tokens (ids < 256, special tokens skipped), cycled
 per message every `token_delay_s`; finishes with "stop" on a stop_token_id, "length" at
 max_tokens or the context length, "abort" on Abort; the last message carries usage. The seed
 and temperature change nothing (EOS is never generated). `reject_with` makes Generate fail
-with that status before any token, `fail_after` after some tokens. Every request, Abort and
+with that status before any token, `fail_after` after some tokens. Every request, abort and
 cancellation is recorded. Stream (the router's multiplexed call) runs Generate for each of
 its requests, and cancels it on the call's abort, so both RPCs behave alike.
 
@@ -43,6 +43,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
         self.requests: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: list[str] = []  # request ids named by Abort calls that found them
         self.cancelled: list[str] = []  # Generate calls the client cancelled
+        self.aborts_received: list[str] = []  # every abort, by Abort or on a Stream call
         self.num_load_calls = 0
         self.num_stream_calls = 0
         self.break_streams_with: grpc.StatusCode | None = None  # Stream calls end so at once
@@ -116,8 +117,10 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
                     rid = msg.generate.request_id
                     tasks[rid] = asyncio.create_task(run(msg.generate))
                     tasks[rid].add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))
-                elif msg.HasField("abort") and msg.abort.request_id in tasks:
-                    tasks[msg.abort.request_id].cancel()
+                elif msg.HasField("abort"):
+                    self.aborts_received.append(msg.abort.request_id)
+                    if msg.abort.request_id in tasks:
+                        tasks[msg.abort.request_id].cancel()
 
         reader = asyncio.create_task(read())
         try:
@@ -134,6 +137,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
                 task.cancel()
 
     async def Abort(self, request, context):
+        self.aborts_received.append(request.request_id)
         found = request.request_id in self._abort_flags
         if found:
             self._abort_flags[request.request_id] = True

@@ -600,6 +600,8 @@ def test_operator_deployment_runs_one_standalone_kopf() -> None:
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     assert container["image"] == f"ghcr.io/alignedserve/alignedserve:{app_version}"
     env = {e["name"]: e.get("value") for e in container["env"]}
+    # only what the operator (main.py) or Python reads: no variable that nothing uses
+    assert set(env) == {"ALIGNEDSERVE_DEFAULT_IMAGE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
     assert (
         env["ALIGNEDSERVE_DEFAULT_IMAGE"] == f"ghcr.io/alignedserve/alignedserve:{app_version}-gpu"
     )

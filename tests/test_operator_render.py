@@ -4,6 +4,7 @@ drain on termination, owner references, readiness that means "can serve")."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,8 +12,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from alignedserve.batcher.service import BatcherConfig
+from alignedserve.cli import build_parser
+from alignedserve.common import flags
 from alignedserve.operator.render import Owner, render
-from alignedserve.operator.spec import parse
+from alignedserve.operator.spec import Batching, Workers, camel, parse
+from alignedserve.router.config import RouterConfig
+from alignedserve.worker.service import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "operator"
@@ -76,6 +82,9 @@ def test_worker_pod_shape():
     assert args[args.index("--min-batch") + 1] == "32"
     assert args[args.index("--max-batch-kv-fraction") + 1] == "0.4"
     assert args[args.index("--starvation-s") + 1] == "2.5"
+    assert args[args.index("--max-steps-in-flight") + 1] == "2"
+    assert "--overlap-steps" in worker["args"]
+    assert worker["args"][worker["args"].index("--warm-up-batch") + 1] == "256"
     # drain: the worker outlives its batcher's drain, within the grace period
     grace = pod["terminationGracePeriodSeconds"]
     worker_wait = worker["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -128,3 +137,108 @@ def test_router_readiness_follows_scale_to_zero():
     assert probe({}) == "/ready"
     zero = {"enabled": True, "scaleToZero": True, "workers": {"minReplicas": 0}}
     assert probe({"autoscaling": zero}) == "/health"
+
+
+# --- every spec.batching and spec.workers field reaches its service's flag --------------------
+
+# Each field of spec.batching and spec.workers: (container, field of that service's config its
+# flag sets), or None for a field that shapes the pod instead of a flag. A new field fails
+# test_every_batching_and_workers_field_is_classified until it is listed here.
+SPEC_TO_CONFIG: dict[str, tuple[str, str] | None] = {
+    "batching.policy": ("batcher", "policy"),
+    "batching.minBatch": ("batcher", "min_batch"),
+    "batching.maxBatchKVFraction": ("batcher", "max_batch_kv_fraction"),
+    "batching.starvationSeconds": ("batcher", "starvation_s"),
+    "batching.maxWaiting": ("batcher", "max_waiting"),
+    "batching.maxStepsInFlight": ("batcher", "max_steps_in_flight"),
+    "workers.kvPoolGiB": ("batcher", "pool_gib"),
+    "workers.numDeviceBlocks": ("worker", "num_device_blocks"),
+    "workers.overlapSteps": ("worker", "overlap_steps"),
+    "workers.warmUpBatch": ("worker", "warm_up_batch"),
+    "workers.replicas": None,
+    "workers.gpusPerPod": None,  # the GPU request, --device and --prefetch-device
+    "workers.nodeSelector": None,
+    "workers.tolerations": None,
+    "workers.resources": None,
+}
+CONFIGS = {"batcher": BatcherConfig, "worker": WorkerConfig, "router": RouterConfig}
+# Where the operator's default is not the service's, and why.
+OWN_DEFAULTS = {"workers.kvPoolGiB"}  # a GPU node's pool; the CLI's 1 GiB suits a laptop
+# A value for every flag-carrying field that is neither the spec's default nor the service's.
+NON_DEFAULT = {
+    "batching.policy": "fcfs",
+    "batching.minBatch": 3,
+    "batching.maxBatchKVFraction": 0.5,
+    "batching.starvationSeconds": 2.5,
+    "batching.maxWaiting": 77,
+    "batching.maxStepsInFlight": 1,
+    "workers.kvPoolGiB": 0.5,
+    "workers.numDeviceBlocks": 99,
+    "workers.overlapSteps": False,
+    "workers.warmUpBatch": 0,
+}
+
+
+def _service_default(container: str, name: str):
+    (f,) = [f for f in dataclasses.fields(CONFIGS[container]) if f.name == name]
+    return f.default
+
+
+def _spec_default(path: str):
+    section, key = path.split(".")
+    cls = {"batching": Batching, "workers": Workers}[section]
+    (f,) = [f for f in dataclasses.fields(cls) if camel(f.name) == key]
+    return f.default
+
+
+def service_configs(objs: list[dict]) -> dict[str, object]:
+    """Each Deployment container's config, as the `alignedserve` CLI builds it (and
+    validates it) from the container's command line."""
+    configs = {}
+    for obj in objs:
+        if obj["kind"] != "Deployment":
+            continue
+        for container in obj["spec"]["template"]["spec"]["containers"]:
+            command = container["command"]
+            assert command[0] == "alignedserve"
+            parsed = build_parser().parse_args([*command[1:], *container["args"]])
+            assert parsed.role == container["name"]
+            configs[container["name"]] = flags.from_args(CONFIGS[parsed.role], parsed)
+    return configs
+
+
+def test_every_batching_and_workers_field_is_classified():
+    fields = {f"batching.{camel(f.name)}" for f in dataclasses.fields(Batching)}
+    fields |= {f"workers.{camel(f.name)}" for f in dataclasses.fields(Workers)}
+    assert set(SPEC_TO_CONFIG) == fields
+    assert set(NON_DEFAULT) == {path for path, target in SPEC_TO_CONFIG.items() if target}
+
+
+def test_spec_defaults_are_the_services_defaults():
+    for path, target in SPEC_TO_CONFIG.items():
+        if target is None or path in OWN_DEFAULTS:
+            continue
+        assert _spec_default(path) == _service_default(*target), path
+
+
+def test_every_spec_field_reaches_its_flag():
+    """Each field, set away from both defaults, comes back out of its container's command
+    line as the service's own CLI parses it (so a field that stopped reaching its flag would
+    parse back to the service's default)."""
+    raw: dict = {"model": {"path": "/m"}, "batching": {}, "workers": {}}
+    for path, value in NON_DEFAULT.items():
+        section, key = path.split(".")
+        raw[section][key] = value
+    spec = parse(raw, "x")
+    configs = service_configs(render(Owner("x", "d", "u"), spec, IMAGE, 1, 1))
+    for path, value in NON_DEFAULT.items():
+        container, name = SPEC_TO_CONFIG[path]
+        assert value not in (_spec_default(path), _service_default(container, name)), path
+        assert getattr(configs[container], name) == value, path
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_examples_render_command_lines_the_services_accept(example):
+    configs = service_configs(children(example))
+    assert set(configs) == {"batcher", "worker", "router"}
+    configs["batcher"].engine_config()  # the engine's and scheduler's own checks

@@ -109,7 +109,23 @@ def test_bad_examples_are_refused_with_the_field_named(path):
         ),
         ({"model": {"path": "/m"}, "drainSeconds": 1.5}, "drainSeconds=1.5 must be of type int"),
         ({"model": {"path": "/m"}, "workers": {"replicas": True}}, "must be of type int"),
+        (
+            {"model": {"path": "/m"}, "batching": {"maxStepsInFlight": 0}},
+            "batching.maxStepsInFlight must be >= 1",
+        ),
+        ({"model": {"path": "/m"}, "workers": {"warmUpBatch": -1}}, "warmUpBatch must be >= 0"),
+        (
+            {"model": {"path": "/m"}, "workers": {"overlapSteps": "false"}},
+            "workers.overlapSteps='false' must be of type bool",
+        ),
         ({"model": "/m"}, "model: expected an object"),
+        # the services' own bounds: the router refuses a zero drain, the batcher a group
+        # minimum above its largest group (SchedulerConfig.max_batch_size)
+        ({"model": {"path": "/m"}, "drainSeconds": 0}, "drainSeconds must be in 1..3600"),
+        (
+            {"model": {"path": "/m"}, "batching": {"minBatch": 513}},
+            "batching.minBatch must be in 1..512",
+        ),
     ],
 )
 def test_cross_field_rules(spec, message):
@@ -123,3 +139,13 @@ def test_scale_to_zero_allows_zero_workers():
         "autoscaling": {"enabled": True, "scaleToZero": True, "workers": {"minReplicas": 0}},
     }
     assert parse(spec, "x").autoscaling.workers.min_replicas == 0
+
+
+def test_the_group_minimum_bound_is_the_batchers_largest_group():
+    from alignedserve.batcher.scheduler import SchedulerConfig
+
+    largest = SchedulerConfig().max_batch_size
+    spec = {"model": {"path": "/m"}, "batching": {"minBatch": largest}}
+    assert parse(spec, "x").batching.min_batch == largest
+    with pytest.raises(SpecError):
+        parse({"model": {"path": "/m"}, "batching": {"minBatch": largest + 1}}, "x")

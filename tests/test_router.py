@@ -260,6 +260,26 @@ def test_stop_strings_truncate_and_abort_downstream(client, fake):
     assert chat.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_string_aborts_once_before_the_last_chunk(client, fake):
+    stream = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=50, stop="brown", stream=True
+    )
+    # the chunk with a finish_reason (the last), with the aborts the fake had when it came
+    ends = [
+        (c.id, c.choices[0].finish_reason, list(fake.aborts_received))
+        for c in stream
+        if c.choices and c.choices[0].finish_reason is not None
+    ]
+    ((request_id, finish_reason, aborts_then),) = ends
+    assert finish_reason == "stop"
+    assert request_id in aborts_then  # freed at the batcher before the client hears the end
+    # The next request goes on the same Stream call, behind any abort of the first one sent
+    # as its stream closed: once the fake has it, it has read all the aborts there were.
+    after = client.completions.create(model=MODEL, prompt="next", max_tokens=1)
+    assert fake.requests[-1][0] == after.id
+    assert fake.aborts_received.count(request_id) == 1
+
+
 def test_stop_token_ids(client, tokenizer):
     (q,) = tokenizer.encode("q", add_special_tokens=False)
     out = client.completions.create(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from alignedserve.common.errors import QueueFullError, UnavailableError
+from alignedserve.common.errors import AlignedServeError, QueueFullError, UnavailableError
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router.client import BatcherClient
 from alignedserve.router.config import RouterConfig, add_router_arguments, config_from_args
@@ -290,6 +290,36 @@ def test_holding_is_bounded_in_number_and_time(fakes):
                 await collect(no_hold, "now")
         finally:
             await no_hold.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_held_twice_is_held_hold_timeout_s_in_all(fakes):
+    """Held while no batcher is ready; one reports ready but refuses it (draining), then is not
+    ready again: the second wait ends at the request's first deadline, not a new one."""
+    fake = fakes()
+    fake.worker_ready = False
+    hold_timeout_s = 0.5
+
+    async def scenario() -> None:
+        client = BatcherClient([fake.address], poll_interval_s=0.02, hold_timeout_s=hold_timeout_s)
+        await client.start()
+        try:
+            started = time.monotonic()
+            held = asyncio.create_task(collect(client, "twice"))
+            await eventually(lambda: client.num_held == 1)
+            await asyncio.sleep(0.3 - (time.monotonic() - started))
+            fake.reject_with = grpc.StatusCode.UNAVAILABLE
+            fake.worker_ready = True
+            await eventually(lambda: fake.requests != [])  # woken, sent, refused
+            fake.worker_ready = False
+            with pytest.raises(AlignedServeError) as e:
+                await held
+            assert e.value.http_status == 503
+            assert time.monotonic() - started < hold_timeout_s + 0.15  # not 0.3 s + a new 0.5 s
+            assert client.num_held == 0
+        finally:
+            await client.close()
 
     asyncio.run(scenario())
 

@@ -9,13 +9,12 @@ import logging
 import re
 
 import pytest
+from test_batcher_service import generate, greedy, model_dir, stack  # noqa: F401
 
 from alignedserve.batcher import engine_stats
 from alignedserve.common import stats_line
 from alignedserve.common.errors import ConfigError
 from alignedserve.serve import free_port
-
-from test_batcher_service import generate, greedy, model_dir, stack  # noqa: F401
 
 from factories import random_prompts
 

@@ -109,7 +109,10 @@ def _model_volume(spec: AlignedServeSpec) -> tuple[list[dict], list[dict]]:
 def _flag_args(flags: Mapping[str, Any]) -> list[str]:
     args = []
     for flag, value in flags.items():
-        args += [f"--{flag}", f"{value:g}" if isinstance(value, float) else str(value)]
+        if isinstance(value, bool):  # the services' bool flags are --name / --no-name
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", f"{value:g}" if isinstance(value, float) else str(value)]
     return args
 
 
@@ -225,6 +228,7 @@ def worker_deployment(
                 "max-batch-kv-fraction": batching.max_batch_kv_fraction,
                 "starvation-s": batching.starvation_seconds,
                 "max-waiting": batching.max_waiting,
+                "max-steps-in-flight": batching.max_steps_in_flight,
                 "drain-s": spec.drain_seconds,
             }
         ),
@@ -250,6 +254,8 @@ def worker_deployment(
         "port": WORKER_PORT,
         "device": "cuda:0" if gpus else "cpu",
         "num-device-blocks": spec.workers.num_device_blocks,
+        "overlap-steps": spec.workers.overlap_steps,
+        "warm-up-batch": spec.workers.warm_up_batch,
     }
     if gpus == 2:
         worker_flags["prefetch-device"] = "cuda:1"

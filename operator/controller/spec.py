@@ -62,6 +62,9 @@ class Workers:
     gpus_per_pod: int = 2
     kv_pool_gib: float = 16.0
     num_device_blocks: int = 2048
+    # the worker queues a step on the GPU before answering the one before (back to back)
+    overlap_steps: bool = True
+    warm_up_batch: int = 512  # decode graphs captured before serving, up to this batch; 0: none
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     resources: Mapping[str, Any] = field(default_factory=dict)
@@ -74,6 +77,7 @@ class Batching:
     max_batch_kv_fraction: float = 0.9
     starvation_seconds: float = 5.0
     max_waiting: int = 1024
+    max_steps_in_flight: int = 2  # steps sent to the worker before the first is answered
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,8 @@ def _check(spec: AlignedServeSpec) -> None:
         (0 <= spec.workers.replicas <= 1000, "workers.replicas must be in 0..1000"),
         (spec.workers.kv_pool_gib >= 0.0625, "workers.kvPoolGiB must be >= 0.0625"),
         (spec.workers.num_device_blocks >= 1, "workers.numDeviceBlocks must be >= 1"),
-        (1 <= spec.batching.min_batch <= 4096, "batching.minBatch must be in 1..4096"),
+        (spec.workers.warm_up_batch >= 0, "workers.warmUpBatch must be >= 0"),
+        (1 <= spec.batching.min_batch <= 512, "batching.minBatch must be in 1..512"),
         (
             0.05 <= spec.batching.max_batch_kv_fraction <= 1,
             "batching.maxBatchKVFraction must be in 0.05..1",
@@ -204,7 +209,8 @@ def _check(spec: AlignedServeSpec) -> None:
             "batching.starvationSeconds must be in 0.1..3600",
         ),
         (spec.batching.max_waiting >= 1, "batching.maxWaiting must be >= 1"),
-        (0 <= spec.drain_seconds <= 3600, "drainSeconds must be in 0..3600"),
+        (spec.batching.max_steps_in_flight >= 1, "batching.maxStepsInFlight must be >= 1"),
+        (1 <= spec.drain_seconds <= 3600, "drainSeconds must be in 1..3600"),
     ]
     auto = spec.autoscaling
     for pool in ("workers", "routers"):

@@ -162,6 +162,7 @@ class BatcherClient:
         self._by_address: dict[str, BatcherState] = {}
         self._leaving: set[BatcherState] = set()  # removed, with streams still open
         self._routes: dict[str, BatcherState] = {}  # request_id -> its batcher, while streaming
+        self._aborted: set[str] = set()  # of those, the ones whose Abort the batcher answered
         self._turn = 0  # rotates the choice among equally loaded batchers
         self._num_held = 0
         self._is_holding = max_held > 0  # False once the router drains
@@ -241,9 +242,12 @@ class BatcherClient:
         """The request's chunks, the last with finish_reason set. Closing the iterator early
         (or cancelling the task reading it) aborts it at the batcher."""
         request = wire.generate_request_to_proto(request_id, prompt_ids, params)
-        deadline = time.monotonic() + self._hold_timeout_s
+        # One hold bound per request, taken as it arrives: a request held, refused by a batcher
+        # that was ready, then held again waits hold_timeout_s in all, not that per wait.
+        loop = asyncio.get_running_loop()
+        hold_deadline_s = loop.time() + self._hold_timeout_s
         while True:
-            await self._until_ready()
+            await self._until_ready(hold_deadline_s)
             try:
                 batcher, mux, queue, msg, timer = await self._start_call(request)
                 break
@@ -251,7 +255,7 @@ class BatcherClient:
                 # Every batcher it tried was gone or draining (a rollout, a pod the DNS has
                 # not dropped yet) before any token: hold the request for the next ready one.
                 unreachable = e.grpc_code == grpc.StatusCode.UNAVAILABLE
-                if not (unreachable and self._is_holding and time.monotonic() < deadline):
+                if not (unreachable and self._is_holding and loop.time() < hold_deadline_s):
                     raise
         self._routes[request_id] = batcher
         finished = False
@@ -269,12 +273,18 @@ class BatcherClient:
             if timer is not None:
                 timer.cancel()
             del self._routes[request_id]
-            mux.release(request_id, abort=not finished)
+            # An Abort the batcher answered (a stop string's) ended the request there already:
+            # one abort per request, not a second one on the Stream call.
+            is_ended = finished or request_id in self._aborted
+            self._aborted.discard(request_id)
+            mux.release(request_id, abort=not is_ended)
             self._stream_ended(batcher)
 
     async def abort(self, request_id: str) -> bool:
-        """Best effort: False if the request is unknown, finished or the batcher did not
-        answer (cancelling its Generate call aborts it as well)."""
+        """Aborts a request still streaming, and returns once the batcher has answered, that
+        is, has freed it. Best effort: False if the request is unknown, finished or the batcher
+        did not answer. Once it answered, closing the request's stream aborts nothing more;
+        else closing it aborts the request on the Stream call."""
         batcher = self._routes.get(request_id)
         if batcher is None:
             return False
@@ -285,6 +295,8 @@ class BatcherClient:
         except grpc.aio.AioRpcError as e:
             log.warning("abort %s: %s", request_id, _error(batcher.address, e))
             return False
+        if request_id in self._routes:  # its stream may have closed while the call was out
+            self._aborted.add(request_id)
         return reply.found
 
     def stop_holding(self) -> None:
@@ -298,9 +310,9 @@ class BatcherClient:
         self._readiness.set()
         self._readiness = asyncio.Event()
 
-    async def _until_ready(self) -> None:
+    async def _until_ready(self, hold_deadline_s: float) -> None:
         """Returns once a batcher is ready: at once, or after holding the request (at most
-        max_held at a time, for at most hold_timeout_s)."""
+        max_held at a time, until the request's hold deadline, in loop time)."""
         if self.is_ready():
             return
         if not self._is_holding:
@@ -312,7 +324,7 @@ class BatcherClient:
             )
         self._num_held += 1
         try:
-            async with asyncio.timeout(self._hold_timeout_s):
+            async with asyncio.timeout_at(hold_deadline_s):
                 while not self.is_ready():
                     if not self._is_holding:
                         raise UnavailableError("the router is shutting down; retry on another")

@@ -65,7 +65,10 @@ async def generate_text(
                 text, stopped = texts.feed(chunk)
                 if stopped:
                     # Abort before answering, so the request's KV blocks are free by the time
-                    # the client sends its next turn.
+                    # the client sends its next turn. The unary Abort, not one on the shared
+                    # Stream call: its reply says the batcher has freed the request, where a
+                    # Stream abort is acknowledged by nothing but the request's last delta.
+                    # The batcher having answered, closing `chunks` aborts nothing more.
                     await client.abort(request.request_id)
                 finish_reason = "stop" if stopped else chunk.finish_reason
                 if finish_reason is None:
