@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_busy import device_busy
 from device_env import ROOT, child_pythonpath, import_alignedserve
 
 import_alignedserve()
@@ -125,7 +126,13 @@ class Clock:
 
 def environment() -> dict[str, str]:
     """The child processes' environment: the project importable, the carried wheels in."""
-    env = dict(os.environ, PYTHONPATH=child_pythonpath(), PYTHONUNBUFFERED="1")
+    # stats lines every second: device_busy reads each GPU's share from the worker's
+    env = dict(
+        os.environ,
+        PYTHONPATH=child_pythonpath(),
+        PYTHONUNBUFFERED="1",
+        ALIGNEDSERVE_STATS_INTERVAL_S="1",
+    )
     wheels = ROOT / ".wheels"
     if wheels.is_dir():  # the router's and the bench's packages, carried along
         subprocess.run(
@@ -233,8 +240,9 @@ def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_
     ]  # fmt: skip
 
 
-def start_serve(policy, args, model, env, blocks, tiers) -> None:
-    """`alignedserve serve`: router, batcher and worker under one process."""
+def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
+    """`alignedserve serve`: router, batcher and worker under one process (its log and its
+    children's in logs/serve.log)."""
     cmd = [
         sys.executable, "-m", "alignedserve", "serve", "--model", str(model),
         "--device", args.device, "--policy", policy.split("-")[0], "--port", str(args.port),
@@ -245,30 +253,37 @@ def start_serve(policy, args, model, env, blocks, tiers) -> None:
             cmd += flags
     if args.prefetch_device:
         cmd += ["--prefetch-device", args.prefetch_device]
-    tiers.append([subprocess.Popen(cmd, env=env)])
+    tiers.append([subprocess.Popen(cmd, env=env, **log_to(logs / "serve.log"))])
     wait_ready(f"http://127.0.0.1:{args.port}", tiers[0], timeout_s=300)
 
 
-def start_fcfs_dp2(args, model, env, blocks, tiers) -> None:
+def log_to(path: Path) -> dict[str, Any]:
+    """Popen arguments sending the process's output to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return {"stdout": path.open("w"), "stderr": subprocess.STDOUT}
+
+
+def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
     """Two fcfs workers and batchers, one pair per device, behind one router. Each list joins
-    `tiers` before its processes start, so that any started are stopped if a later one fails."""
+    `tiers` before its processes start, so that any started are stopped if a later one fails.
+    Each process logs to a file of its own in `logs` (worker-0.log, ...)."""
     role = [sys.executable, "-m", "alignedserve", "serve"]
     workers: list[subprocess.Popen] = []
     batchers: list[subprocess.Popen] = []
     tiers += [workers, batchers]
     addresses, metrics_urls = [], []
-    for device in (args.device, args.prefetch_device or args.device):
+    for i, device in enumerate((args.device, args.prefetch_device or args.device)):
         worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
         workers.append(subprocess.Popen([
             *role, "worker", "--model", str(model), "--device", device,
             "--port", str(worker_port), "--num-device-blocks", str(blocks),
-        ], env=env))  # fmt: skip
+        ], env=env, **log_to(logs / f"worker-{i}.log")))  # fmt: skip
         # Half the pool each: the CPU pools' host memory totals the single-server variants'.
         batchers.append(subprocess.Popen([
             *role, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--policy", "fcfs",
             "--port", str(batcher_port), "--metrics-port", str(metrics_port),
             "--pool-gib", str(args.pool_gib / 2),
-        ], env=env))  # fmt: skip
+        ], env=env, **log_to(logs / f"batcher-{i}.log")))  # fmt: skip
         addresses.append(f"127.0.0.1:{batcher_port}")
         metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
     # The router's /ready needs only one ready batcher, and it sends requests to ready ones
@@ -283,19 +298,19 @@ def start_fcfs_dp2(args, model, env, blocks, tiers) -> None:
     tiers.append([subprocess.Popen([
         *role, "router", "--model-dir", str(model), "--batcher-addresses", *addresses,
         "--host", "127.0.0.1", "--port", str(args.port),
-    ], env=env)])  # fmt: skip
+    ], env=env, **log_to(logs / "router.log"))])  # fmt: skip
     wait_ready(f"http://127.0.0.1:{args.port}", [p for t in tiers for p in t], timeout_s=120)
 
 
 @contextlib.contextmanager
-def serving(policy, args, model, env, blocks) -> Iterator[None]:
+def serving(policy, args, model, env, blocks, logs: Path) -> Iterator[None]:
     """The variant's server(s), ready at args.port; stopped on the way out, router first."""
     tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
         if policy == "fcfs-dp2":
-            start_fcfs_dp2(args, model, env, blocks, tiers)
+            start_fcfs_dp2(args, model, env, blocks, tiers, logs)
         else:
-            start_serve(policy, args, model, env, blocks, tiers)
+            start_serve(policy, args, model, env, blocks, tiers, logs)
         yield
     finally:
         stop(tiers[::-1])
@@ -307,7 +322,7 @@ def run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_aft
     land in work/<variant>/{offline,online}/."""
     peer_run = policy == "aligned" and 0 < args.peer_requests != args.num_requests
     start = time.monotonic()
-    with serving(policy, args, model, env, blocks):
+    with serving(policy, args, model, env, blocks, work / policy / "logs"):
         timings[f"{policy}_server_start_s"] = time.monotonic() - start
         print(f"{policy}: serving after {time.monotonic() - start:.0f} s", flush=True)
         if peer_run:  # short, and first: the timeouts below then share what is left
@@ -553,6 +568,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
         if peer["notes"]:
             lines.append("Notes: " + "; ".join(peer["notes"]) + ".")
+    busy = report.get("gpu_busy") or {}
+    if busy:
+        lines += [
+            "",
+            "GPU busy while the worker made tokens (its 1 s stats lines, all of a variant's "
+            "runs): "
+            + "; ".join(
+                f"{variant} {log}: decode device {100 * b['decode_busy']:.0f}%"
+                + (f", prefill device {100 * b['prefill_busy']:.0f}%" if b["prefill_busy"] else "")
+                + f" of {b['window_s']:.0f} s"
+                for variant, logs in busy.items()
+                for log, b in logs.items()
+            )
+            + ".",
+        ]
     for policy, table in report["bench_tables"].items():
         lines += ["", f"### {policy}", "", table.strip()]
     return "\n".join(lines) + "\n"
@@ -597,8 +627,21 @@ def make_report(
             for load, by_variant in runs.items()
         ],
         "peer": peer_cell(work, runs, args),
+        "gpu_busy": gpu_busy(work, args.policies),
         "bench_tables": tables,
     }
+
+
+def gpu_busy(work: Path, variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Per variant and worker log: each device's busy share while it made tokens (all of the
+    variant's runs together)."""
+    busy: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        for path in sorted((work / variant / "logs").glob("*.log")):
+            shares = device_busy(path.read_text(errors="replace").splitlines())
+            if shares is not None:
+                busy.setdefault(variant, {})[path.stem] = shares
+    return busy
 
 
 def plot_tpot(runs: dict[str, dict[str, dict]], path: Path, title: str) -> bool:

@@ -5,8 +5,10 @@ loopback, prefill on a second CPU replica)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import re
+from pathlib import Path
 
 import pytest
 from test_batcher_service import generate, greedy, model_dir, stack  # noqa: F401
@@ -77,8 +79,37 @@ def test_both_services_log_their_lines(model_dir, monkeypatch, caplog):  # noqa:
     for line in batcher_lines:
         shares = re.findall(r"(\d+)% of the time, with one slot free (\d+)%", line)
         assert shares and all(0 <= int(v) <= 100 for v in shares[0]), line
+    # the GPU benchmark's reader of these lines (benchmarks/device_busy.py) parses them all
+    busy = load_device_busy().device_busy(worker)
+    assert busy is not None and busy["window_s"] > 0
+    assert 0 < busy["decode_busy"] <= 1.5 and 0 < busy["prefill_busy"] <= 1.5, busy
     worker_steps = sum(int(re.search(r"; (\d+) steps", m).group(1)) for m in worker_lines)
     # the batcher counts the steps it had answered; the worker every step it answered
     # (the batcher's idle probes and its last release step included)
     assert worker_steps >= steps
     assert all(re.search(r"idle (\d+)%", m) for m in worker_lines)
+
+
+def load_device_busy():
+    path = Path(__file__).resolve().parents[1] / "benchmarks/device_busy.py"
+    spec = importlib.util.spec_from_file_location("device_busy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_busy_sums_the_windows_with_tokens():
+    line = (
+        "{tps} tokens/s, 9 resident requests, device KV 1.2% used; {steps} steps {apart} ms "
+        "apart (59 launched before the previous was answered): 10.2 ms from plan to answer, "
+        "decode device {dec} ms, prefill device {pre} ms; idle 57%; 0.0 s capturing graphs"
+    )
+    lines = [
+        "unrelated",
+        line.format(tps=0.0, steps=1, apart=1000.0, dec=0.0, pre=0.0),  # idle: left out
+        line.format(tps=900.0, steps=100, apart=10.0, dec=9.0, pre=5.0),
+        line.format(tps=500.0, steps=50, apart=20.0, dec=10.0, pre=0.0),
+    ]
+    busy = load_device_busy().device_busy(lines)
+    assert busy == pytest.approx({"window_s": 2.0, "decode_busy": 0.7, "prefill_busy": 0.25})
+    assert load_device_busy().device_busy(lines[:2]) is None
