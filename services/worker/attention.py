@@ -37,13 +37,20 @@ class AttentionMetadata:
     last_token: torch.Tensor  # [B] packed index of each request's last new token
     max_q_len: int
     num_splits: int | None = None  # decode kernel's KV splits; fixed when a graph is captured
-    # Prefill (max_q_len > 1): every request's keys, packed, as (block, offset) pairs, and
-    # the cumulative query / key counts a varlen attention call takes.
-    key_block: torch.Tensor | None = None  # [K] K = sum of ctx_lens
+    # Prefill (max_q_len > 1): the keys of every request with more than one new token (P of
+    # them), packed, as (block, offset) pairs, and the cumulative query / key counts a varlen
+    # attention call takes.
+    key_block: torch.Tensor | None = None  # [K] K = sum of those requests' ctx_lens
     key_offset: torch.Tensor | None = None  # [K]
-    cu_q_lens: torch.Tensor | None = None  # [B + 1] int32
-    cu_ctx_lens: torch.Tensor | None = None  # [B + 1] int32
+    cu_q_lens: torch.Tensor | None = None  # [P + 1] int32
+    cu_ctx_lens: torch.Tensor | None = None  # [P + 1] int32
     max_ctx_len: int = 0
+    # A mixed step (prefill chunks beside decode rows): the decode rows go to the paged
+    # decode kernel, which reads their blocks where they are, the rest to the varlen call.
+    decode_rows: torch.Tensor | None = None  # [n] packed index of each decode row's token
+    prefill_rows: torch.Tensor | None = None  # [N - n] the other tokens, in packed order
+    decode_tables: torch.Tensor | None = None  # [n, max_blocks] the decode rows' tables
+    decode_ctx_lens: torch.Tensor | None = None  # [n]
 
     @classmethod
     def build(
@@ -67,17 +74,19 @@ class AttentionMetadata:
         max_q_len = int(q_lens_t.max())
         keys = {}
         if max_q_len > 1:
-            num_keys = int(ctx_t.sum())
-            k_batch = torch.repeat_interleave(torch.arange(batch), ctx_t, output_size=num_keys)
-            k_pos = torch.arange(num_keys) - (torch.cumsum(ctx_t, 0) - ctx_t)[k_batch]
-            zero = torch.zeros(1, dtype=torch.int32)
-            keys = dict(
-                key_block=to_device(table[k_batch, k_pos // block_tokens], device),
-                key_offset=to_device(k_pos % block_tokens, device),
-                cu_q_lens=to_device(torch.cat([zero, torch.cumsum(q_lens_t, 0).int()]), device),
-                cu_ctx_lens=to_device(torch.cat([zero, torch.cumsum(ctx_t, 0).int()]), device),
-                max_ctx_len=int(ctx_t.max()),
-            )
+            is_decode = q_lens_t == 1
+            chunked = (~is_decode).nonzero().squeeze(1)  # requests with a prompt chunk
+            keys = _packed_keys(table[chunked], q_lens_t[chunked], ctx_t[chunked], block_tokens)
+            if is_decode.any():
+                decoding = is_decode.nonzero().squeeze(1)
+                token_is_decode = is_decode[q_batch]
+                keys.update(
+                    decode_rows=token_is_decode.nonzero().squeeze(1),
+                    prefill_rows=(~token_is_decode).nonzero().squeeze(1),
+                    decode_tables=table[decoding],
+                    decode_ctx_lens=ctx_t[decoding],
+                )
+            keys = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in keys.items()}
         return cls(
             positions=to_device(positions, device),
             slot_block=to_device(slot_block, device),
@@ -91,6 +100,27 @@ class AttentionMetadata:
             max_q_len=max_q_len,
             **keys,
         )
+
+
+def _packed_keys(
+    table: torch.Tensor,  # [P, max_blocks]
+    q_lens: torch.Tensor,  # [P]
+    ctx_lens: torch.Tensor,  # [P]
+    block_tokens: int,
+) -> dict:
+    """The varlen call's inputs for these requests, on the CPU: each one's keys as (block,
+    offset) pairs, position by position, request by request, and the cumulative counts."""
+    num_keys = int(ctx_lens.sum())
+    k_batch = torch.repeat_interleave(torch.arange(len(ctx_lens)), ctx_lens, output_size=num_keys)
+    k_pos = torch.arange(num_keys) - (torch.cumsum(ctx_lens, 0) - ctx_lens)[k_batch]
+    zero = torch.zeros(1, dtype=torch.int32)
+    return dict(
+        key_block=table[k_batch, k_pos // block_tokens],
+        key_offset=k_pos % block_tokens,
+        cu_q_lens=torch.cat([zero, torch.cumsum(q_lens, 0).int()]),
+        cu_ctx_lens=torch.cat([zero, torch.cumsum(ctx_lens, 0).int()]),
+        max_ctx_len=int(ctx_lens.max()),
+    )
 
 
 def padded_tables(block_tables: Sequence[Sequence[int]], width: int, fill: int) -> torch.Tensor:
@@ -159,7 +189,34 @@ def attend_prefill(
     keys are gathered from its blocks into one packed tensor, then each query attends
     causally over its own request's keys, the mask aligned to the bottom right (a chunk's
     queries come after its cached keys). One call per layer, whatever the batch's shapes:
-    a call per request cost the host ~70 % of a served prefill (docs/benchmarks.md)."""
+    a call per request cost the host ~70 % of a served prefill (docs/benchmarks.md).
+
+    In a mixed step the decode rows are not gathered: the paged decode kernel reads their
+    blocks in place (gathering a long context to read it once more cost a mixed step more
+    than its decode rows' whole attention)."""
+    if meta.decode_rows is None:
+        return _attend_varlen(q, k_blocks, v_blocks, meta, scale)
+    out = torch.empty_like(q)
+    out[meta.decode_rows] = _attend_decode(
+        q[meta.decode_rows], k_blocks, v_blocks, meta.decode_tables, meta.decode_ctx_lens, scale
+    )
+    out[meta.prefill_rows] = _attend_varlen(q[meta.prefill_rows], k_blocks, v_blocks, meta, scale)
+    return out
+
+
+def _attend_decode(q, k_blocks, v_blocks, tables, ctx_lens, scale) -> torch.Tensor:
+    """One query per request over its blocks: the Triton kernel on a GPU, its twin else."""
+    from alignedserve.worker.kernels.decode_attention import (
+        decode_attention,
+        decode_attention_ref,
+    )
+
+    attend = decode_attention if q.is_cuda else decode_attention_ref
+    return attend(q, k_blocks, v_blocks, tables, ctx_lens, scale)
+
+
+def _attend_varlen(q, k_blocks, v_blocks, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The requests of meta.cu_q_lens, packed in q, in one varlen call."""
     keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
     values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
