@@ -68,10 +68,10 @@ class EngineStats:
     def log_if_due(self, counts: dict[str, float], force: bool = False) -> None:
         """The line, once the window is due (`counts`: BatcherEngine.load())."""
         s = self.sums
-        if not (self.window.is_due or (force and s.steps)):
+        if not self.window.is_due(s.steps, force):
             return
         elapsed = self.window.elapsed_s
-        per_step = max(s.steps, 1) * 1e-3
+        per_step = max(s.steps, 1) * 1e-3  # seconds per step, as ms
         log.info(
             "%.1f tokens/s; %d steps %.1f ms apart: planning %.1f ms, sending %.1f ms, waiting "
             "for the worker %.1f ms, applying answers %.1f ms each; requests: %d waiting for "
@@ -80,7 +80,7 @@ class EngineStats:
             "free %.0f%%",
             s.tokens / elapsed,
             s.steps,
-            elapsed / per_step,
+            self.window.ms_per(s.steps),
             s.plan_s / per_step,
             s.send_s / per_step,
             s.wait_s / per_step,

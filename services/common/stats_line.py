@@ -41,9 +41,14 @@ class Window:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.opened
 
-    @property
-    def is_due(self) -> bool:
-        return self.elapsed_s >= self.interval_s
+    def is_due(self, num_steps: int, force: bool = False) -> bool:
+        """Write the line now? Once the interval has passed, or when forced (a service
+        stopping: its last, partial window) if the window saw a step."""
+        return self.elapsed_s >= self.interval_s or (force and num_steps > 0)
+
+    def ms_per(self, num_steps: int) -> float:
+        """The window's length per step, in ms."""
+        return 1e3 * self.elapsed_s / max(num_steps, 1)
 
     def reopen(self) -> None:
         self.opened = time.monotonic()

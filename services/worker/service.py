@@ -214,7 +214,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     grpc.StatusCode.FAILED_PRECONDITION, "no pool attached: call Attach first"
                 )
             logger.info("session started")
-            session = _Session(self, context, thread, loop)
+            session = _Session(
+                self._executor, self.residency, self._answered, context, thread, loop
+            )
             launched: _InFlight | None = None  # queued on the device, not yet answered
             reading = asyncio.ensure_future(context.read())
             while True:
@@ -264,14 +266,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._session_lock.release()
         logger.info("session ended")
 
+    def _answered(self, response: worker_pb2.StepResponse, step_s: float) -> None:
+        """A step was answered `step_s` after its plan arrived: count it in the stats line."""
+        self._stats.add(response, step_s)
+        self._log_stats()
+
     def _log_stats(self, force: bool = False) -> None:
         """The periodic stats line: throughput, and where a step's time goes. Idle: the share
         of the window with no step queued on the device, waiting for the batcher's plan."""
         w, capture_s = self._stats, self._executor.runner.capture_s
-        if not (self._window.is_due or (force and w.steps)) or self.residency is None:
+        if not self._window.is_due(w.steps, force) or self.residency is None:
             return
         elapsed = self._window.elapsed_s
-        per_step = max(w.steps, 1) * 1e-3
+        per_step = max(w.steps, 1) * 1e-3  # seconds per step, as ms
         logger.info(
             "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps %.1f ms "
             "apart (%d launched before the previous was answered): %.1f ms from plan to "
@@ -281,7 +288,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.residency.num_resident,
             100 * self.residency.allocator.usage,
             w.steps,
-            elapsed / per_step,
+            self._window.ms_per(w.steps),
             w.launched_ahead,
             w.step_s / per_step,
             w.compute_s / per_step,
@@ -315,17 +322,23 @@ class _Session:
     """One Session's steps, launched and answered on its step thread, in order. A step that
     cannot be run ends the session, marked as that step's rejection."""
 
-    def __init__(self, servicer: WorkerServicer, context, thread, loop) -> None:
-        self.servicer, self.context = servicer, context
-        self.thread, self.loop = thread, loop
+    def __init__(
+        self,
+        executor: StepExecutor,
+        residency: DeviceResidency,  # fixed for the session: Attach is refused during one
+        answered: Callable[[worker_pb2.StepResponse, float], None],
+        context,
+        thread,
+        loop,
+    ) -> None:
+        self.executor, self.residency, self.answered = executor, residency, answered
+        self.context, self.thread, self.loop = context, thread, loop
 
     async def launch(
         self, request: worker_pb2.StepRequest, answer_first: _InFlight | None
     ) -> _InFlight:
         began = time.perf_counter()
-        job = self.loop.run_in_executor(
-            self.thread, self.servicer._executor.launch, request, self.servicer.residency
-        )
+        job = self.loop.run_in_executor(self.thread, self.executor.launch, request, self.residency)
         try:
             # shielded: a cancelled stream must not forget a step still running
             return _InFlight(await asyncio.shield(job), began)
@@ -335,14 +348,13 @@ class _Session:
             await self._abort(request.step, e)
 
     async def answer(self, step: _InFlight) -> None:
-        job = self.loop.run_in_executor(self.thread, self.servicer._executor.finish, step.launched)
+        job = self.loop.run_in_executor(self.thread, self.executor.finish, step.launched)
         try:
             response = await asyncio.shield(job)
         except Exception as e:
             await self._abort(step.launched.request.step, e)
         await self.context.write(response)
-        self.servicer._stats.add(response, time.perf_counter() - step.began)
-        self.servicer._log_stats()
+        self.answered(response, time.perf_counter() - step.began)
 
     async def _abort(self, step: int, error: Exception) -> None:
         rejected = ((REJECTED_STEP_KEY, str(step)),)
