@@ -20,13 +20,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
+from alignedserve.batcher.scheduler.config import POLICIES
 from alignedserve.batcher.service import BatcherConfig
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
+from alignedserve.common.model_config import DTYPES
 from alignedserve.worker.service import WorkerConfig
 from alignedserve.worker.service import worker_args as worker_command
 
@@ -34,64 +35,77 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ServeConfig:
-    model: str = ""  # model directory; empty: write a tiny random-weight model and serve it
-    host: str = "127.0.0.1"  # HTTP address; 0.0.0.0 to serve other machines
-    port: int = 8000  # HTTP port
-    device: str = "cpu"  # the worker's torch device
-    prefetch_device: str = ""  # the pair's prefetch GPU (e.g. cuda:1): loads over both links
-    dtype: str = ""  # weights and KV dtype; empty: the checkpoint's
-    pool_gib: float = 1.0  # CPU KV pool
-    policy: str = "aligned"  # aligned | fcfs
-    num_device_blocks: int = 2048  # KV blocks on the worker's device
-    max_waiting: int = 1024  # admission queue bound (429 beyond)
-    min_batch: int = BatcherConfig.min_batch  # aligned: fewest members of a decode group
-    max_batch_kv_fraction: float = BatcherConfig.max_batch_kv_fraction  # aligned: of GPU KV
-    max_steps_in_flight: int = BatcherConfig.max_steps_in_flight  # 1: wait for each answer
-    overlap_steps: bool = True  # the worker queues a step before answering the one before
-    drain_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+class EngineSettings:
+    """The engine and its worker: what `alignedserve serve` and the engine bench
+    (`bench/engine_target.py`) both set up, declared once. Each field is the BatcherConfig
+    (BATCHER_FIELDS) or WorkerConfig (WORKER_FIELDS; "" for None) field of the same name."""
+
+    device: str = field(default="cpu", metadata={"help": "the worker's torch device"})
+    prefetch_device: str = field(
+        default="",
+        metadata={"help": "the pair's prefetch GPU (e.g. cuda:1): loads over both links"},
+    )
+    dtype: str = field(
+        default="",
+        metadata={"help": f"weights and KV dtype, one of {list(DTYPES)}; empty: the checkpoint's"},
+    )
+    pool_gib: float = field(default=1.0, metadata={"help": "the CPU KV pool, GiB"})
+    policy: str = field(
+        default="aligned", metadata={"help": "the batcher's policy", "choices": POLICIES}
+    )
+    num_device_blocks: int = field(
+        default=2048, metadata={"help": "KV blocks on the worker's device"}
+    )
+    max_waiting: int = field(
+        default=1024, metadata={"help": "admission queue bound (beyond it: 429)"}
+    )
+    min_batch: int = field(
+        default=BatcherConfig.min_batch,
+        metadata={"help": "aligned: fewest members of a decode group, when that many are resident"},
+    )
+    max_batch_kv_fraction: float = field(
+        default=BatcherConfig.max_batch_kv_fraction,
+        metadata={"help": "aligned: the decode GPU's KV that resident batches may use"},
+    )
+    max_steps_in_flight: int = field(
+        default=BatcherConfig.max_steps_in_flight,
+        metadata={"help": "steps the batcher sends before the first is answered (1: each waits)"},
+    )
+    overlap_steps: bool = field(
+        default=True,
+        metadata={"help": "the worker queues a step on the device before answering the last"},
+    )
 
     def __post_init__(self) -> None:
+        if self.dtype and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} not one of {list(DTYPES)} (or empty)")
+        if not self.num_device_blocks > 0:
+            raise ConfigError(f"num_device_blocks={self.num_device_blocks} must be > 0")
+        check_batcher_settings(self)  # policy, pool_gib, max_waiting, min_batch, ...
+
+
+@dataclass(frozen=True)
+class ServeConfig(EngineSettings):
+    model: str = field(
+        default="",
+        metadata={"help": "model directory; empty: write a tiny random-weight model, serve it"},
+    )
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "HTTP address; 0.0.0.0 to serve other machines"}
+    )
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    drain_s: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port={self.port} outside 0..65535")
         if self.model and not Path(self.model).is_dir():
             raise ConfigError(f"model={self.model!r} is not a directory")
-        check_batcher_settings(self)
 
 
-class BatcherSettings(Protocol):
-    """What `alignedserve serve` and the engine bench pass on to their batcher."""
-
-    @property
-    def pool_gib(self) -> float: ...
-    @property
-    def policy(self) -> str: ...
-    @property
-    def max_waiting(self) -> int: ...
-    @property
-    def min_batch(self) -> int: ...
-    @property
-    def max_batch_kv_fraction(self) -> float: ...
-    @property
-    def max_steps_in_flight(self) -> int: ...
-
-
-class WorkerSettings(Protocol):
-    """What `alignedserve serve` and the engine bench pass on to their worker."""
-
-    @property
-    def device(self) -> str: ...
-    @property
-    def prefetch_device(self) -> str: ...
-    @property
-    def dtype(self) -> str: ...  # empty: the checkpoint's
-    @property
-    def num_device_blocks(self) -> int: ...
-    @property
-    def overlap_steps(self) -> bool: ...
-
-
-# BatcherSettings' fields: each is the BatcherConfig field of the same name.
 BATCHER_FIELDS = (
     "pool_gib",
     "policy",
@@ -102,7 +116,7 @@ BATCHER_FIELDS = (
 )
 
 
-def batcher_config(settings: BatcherSettings, worker: str, **more) -> BatcherConfig:
+def batcher_config(settings: EngineSettings, worker: str, **more) -> BatcherConfig:
     """The embedded batcher's config: the settings' BATCHER_FIELDS, the worker's address and
     `more` (other BatcherConfig fields)."""
     return BatcherConfig(
@@ -110,16 +124,15 @@ def batcher_config(settings: BatcherSettings, worker: str, **more) -> BatcherCon
     )
 
 
-def check_batcher_settings(settings: BatcherSettings) -> None:
+def check_batcher_settings(settings: EngineSettings) -> None:
     """Raises ConfigError as the batcher would, before anything starts."""
     batcher_config(settings, worker="").engine_config()
 
 
-# WorkerSettings' fields: each is the WorkerConfig field of the same name ("" for None).
 WORKER_FIELDS = ("device", "prefetch_device", "dtype", "num_device_blocks", "overlap_steps")
 
 
-def worker_args(settings: WorkerSettings, model_dir: str, port: int) -> list[str]:
+def worker_args(settings: EngineSettings, model_dir: str, port: int) -> list[str]:
     """The command line of `alignedserve serve worker` for a supervised local worker."""
     values = {name: getattr(settings, name) for name in WORKER_FIELDS}
     config = WorkerConfig(

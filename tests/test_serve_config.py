@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -20,6 +21,8 @@ from alignedserve.common.errors import ConfigError
 from alignedserve.router.client import BatcherClient
 from alignedserve.serve import (
     BATCHER_FIELDS,
+    WORKER_FIELDS,
+    EngineSettings,
     ServeConfig,
     batcher_args,
     batcher_config,
@@ -49,7 +52,6 @@ def parse_worker(args: list[str]) -> worker_service.WorkerConfig:
 def test_batcher_knobs_have_the_batchers_defaults_and_flags():
     for name in BATCHER_FIELDS:
         assert getattr(ServeConfig(), name) == getattr(BatcherConfig(), name), name
-        assert getattr(EngineTargetConfig(), name) == getattr(ServeConfig(), name), name
     config = serve_config("--min-batch", "3", "--max-batch-kv-fraction", "0.5")
     assert (config.min_batch, config.max_batch_kv_fraction) == (3, 0.5)
     scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
@@ -77,6 +79,19 @@ def test_a_bad_knob_is_a_clean_cli_error_before_anything_starts(capsys):
     assert main(["serve", "--min-batch", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("alignedserve: error: ") and "min_batch_size=0" in err
+
+
+def test_engine_settings_default_to_the_workers_and_batchers_own():
+    """Each EngineSettings field is a WorkerConfig or BatcherConfig field of the same name
+    ("" standing for None), with its default: `serve` and the engine bench set up exactly
+    what a worker and a batcher started alone would be."""
+    names = {f.name for f in dataclasses.fields(EngineSettings)}
+    assert names == set(BATCHER_FIELDS) | set(WORKER_FIELDS)
+    worker = worker_service.WorkerConfig(model_dir="/m")
+    for name in WORKER_FIELDS:
+        assert (getattr(EngineSettings(), name) or None) == getattr(worker, name), name
+    for name in BATCHER_FIELDS:
+        assert getattr(EngineSettings(), name) == getattr(BatcherConfig(), name), name
 
 
 @pytest.mark.parametrize("config_cls", [ServeConfig, EngineTargetConfig])

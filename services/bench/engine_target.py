@@ -16,22 +16,19 @@ import contextlib
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from alignedserve.batcher.engine import BatcherEngine, Delta
-from alignedserve.batcher.scheduler.config import POLICIES
 from alignedserve.bench.records import Chunk, RequestRecord
 from alignedserve.bench.workload import BenchRequest
 from alignedserve.common.errors import AlignedServeError, ConfigError, UnavailableError
-from alignedserve.common.model_config import DTYPES
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.serve import (
-    ServeConfig,
+    EngineSettings,
     Supervisor,
     batcher_config,
-    check_batcher_settings,
     free_port,
     worker_args,
     write_tiny_model,
@@ -39,59 +36,14 @@ from alignedserve.serve import (
 
 log = logging.getLogger(__name__)
 
-# The defaults are `alignedserve serve`'s, so that a bench of the engine measures what it serves.
-SERVE = ServeConfig()
 START_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
-class EngineTargetConfig:
-    """The engine and its worker, as `alignedserve serve` sets them up (the model directory is
-    the benchmark's --model)."""
-
-    device: str = field(default=SERVE.device, metadata={"help": "the worker's torch device"})
-    prefetch_device: str = field(
-        default=SERVE.prefetch_device,
-        metadata={"help": "the pair's prefetch GPU (e.g. cuda:1); empty: none"},
-    )
-    dtype: str = field(
-        default=SERVE.dtype,
-        metadata={"help": f"weights and KV dtype, one of {list(DTYPES)}; empty: the checkpoint's"},
-    )
-    pool_gib: float = field(default=SERVE.pool_gib, metadata={"help": "the CPU KV pool"})
-    policy: str = field(
-        default=SERVE.policy, metadata={"help": "the batcher's policy", "choices": POLICIES}
-    )
-    num_device_blocks: int = field(
-        default=SERVE.num_device_blocks, metadata={"help": "KV blocks on the worker's device"}
-    )
-    max_waiting: int = field(
-        default=SERVE.max_waiting,
-        metadata={"help": "admission queue bound: beyond it a request fails, as a 429 would"},
-    )
-    min_batch: int = field(
-        default=SERVE.min_batch,
-        metadata={"help": "aligned: fewest members of a decode group, when that many are resident"},
-    )
-    max_batch_kv_fraction: float = field(
-        default=SERVE.max_batch_kv_fraction,
-        metadata={"help": "aligned: the decode GPU's KV that resident batches may use"},
-    )
-    max_steps_in_flight: int = field(
-        default=SERVE.max_steps_in_flight,
-        metadata={"help": "steps the batcher sends before the first is answered (1: each waits)"},
-    )
-    overlap_steps: bool = field(
-        default=SERVE.overlap_steps,
-        metadata={"help": "the worker queues a step on the device before answering the last"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.dtype and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} not one of {list(DTYPES)} (or empty)")
-        if not self.num_device_blocks > 0:
-            raise ConfigError(f"num_device_blocks={self.num_device_blocks} must be > 0")
-        check_batcher_settings(self)  # policy, pool_gib, max_waiting, min_batch, ...
+class EngineTargetConfig(EngineSettings):
+    """The engine and its worker, as `alignedserve serve` sets them up, with its defaults, so
+    that a bench of the engine measures what it serves (the model directory is the
+    benchmark's --model)."""
 
     def describe(self) -> str:
         devices = "+".join(d for d in (self.device, self.prefetch_device) if d)
