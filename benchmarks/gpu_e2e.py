@@ -62,16 +62,24 @@ from device_busy import device_busy
 from device_env import ROOT, child_pythonpath, import_alignedserve
 
 import_alignedserve()
+from alignedserve.common import flags  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.metrics import PREFIX  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
-from alignedserve.serve import free_port  # noqa: E402
+from alignedserve.serve import (  # noqa: E402
+    EngineSettings,
+    ServeConfig,
+    batcher_args,
+    batcher_config,
+    free_port,
+    worker_args,
+)
 
 # the docstring says what each runs
 VARIANTS = ("aligned", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
 # a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
 # -serial, the worker answers each step before it queues the next
-SUFFIX_FLAGS = {"-sync": ["--max-steps-in-flight", "1"], "-serial": ["--no-overlap-steps"]}
+SUFFIX_SETTINGS = {"-sync": {"max_steps_in_flight": 1}, "-serial": {"overlap_steps": False}}
 PARTS = ("offline", "online")  # each variant's two bench calls (online: the rates)
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
@@ -243,16 +251,18 @@ def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_
 def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
     """`alignedserve serve`: router, batcher and worker under one process (its log and its
     children's in logs/serve.log)."""
-    cmd = [
-        sys.executable, "-m", "alignedserve", "serve", "--model", str(model),
-        "--device", args.device, "--policy", policy.split("-")[0], "--port", str(args.port),
-        "--pool-gib", str(args.pool_gib), "--num-device-blocks", str(blocks),
-    ]  # fmt: skip
-    for suffix, flags in SUFFIX_FLAGS.items():
-        if policy.endswith(suffix):
-            cmd += flags
-    if args.prefetch_device:
-        cmd += ["--prefetch-device", args.prefetch_device]
+    more = [v for suffix, v in SUFFIX_SETTINGS.items() if policy.endswith(suffix)]
+    config = ServeConfig(
+        model=str(model),
+        device=args.device,
+        prefetch_device=args.prefetch_device,
+        policy=policy.split("-")[0],
+        port=args.port,
+        pool_gib=args.pool_gib,
+        num_device_blocks=blocks,
+        **(more[0] if more else {}),
+    )
+    cmd = [sys.executable, "-m", "alignedserve", "serve", *flags.to_args(config)]
     tiers.append([subprocess.Popen(cmd, env=env, **log_to(logs / "serve.log"))])
     wait_ready(f"http://127.0.0.1:{args.port}", tiers[0], timeout_s=300)
 
@@ -274,16 +284,17 @@ def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
     addresses, metrics_urls = [], []
     for i, device in enumerate((args.device, args.prefetch_device or args.device)):
         worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
-        workers.append(subprocess.Popen([
-            *role, "worker", "--model", str(model), "--device", device,
-            "--port", str(worker_port), "--num-device-blocks", str(blocks),
-        ], env=env, **log_to(logs / f"worker-{i}.log")))  # fmt: skip
         # Half the pool each: the CPU pools' host memory totals the single-server variants'.
-        batchers.append(subprocess.Popen([
-            *role, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--policy", "fcfs",
-            "--port", str(batcher_port), "--metrics-port", str(metrics_port),
-            "--pool-gib", str(args.pool_gib / 2),
-        ], env=env, **log_to(logs / f"batcher-{i}.log")))  # fmt: skip
+        settings = EngineSettings(
+            device=device, policy="fcfs", num_device_blocks=blocks, pool_gib=args.pool_gib / 2
+        )
+        worker_cmd = [*role, "worker", *worker_args(settings, str(model), worker_port)]
+        workers.append(subprocess.Popen(worker_cmd, env=env, **log_to(logs / f"worker-{i}.log")))
+        batcher = batcher_config(
+            settings, f"127.0.0.1:{worker_port}", port=batcher_port, metrics_port=metrics_port
+        )
+        batcher_cmd = [*role, "batcher", *batcher_args(batcher)]
+        batchers.append(subprocess.Popen(batcher_cmd, env=env, **log_to(logs / f"batcher-{i}.log")))
         addresses.append(f"127.0.0.1:{batcher_port}")
         metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
     # The router's /ready needs only one ready batcher, and it sends requests to ready ones
