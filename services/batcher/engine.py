@@ -121,7 +121,7 @@ class BatcherEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self.scheduler is not None:
-            self._stats.log_if_due(self.load(), force=True)  # the last, partial window
+            self._stats.log_if_due(self.load, force=True)  # the last, partial window
         await self.link.close()
         if self.pool is not None:
             self.pool.close()
@@ -298,10 +298,9 @@ class BatcherEngine:
         with self._stats.timer("apply_s"):
             self._after_step(self._in_flight.popleft(), response)
         self._step_since = time.monotonic() if self._in_flight else None
-        self._stats.sums.steps += 1
-        self._stats.sums.tokens += len(response.tokens)
+        self._stats.answered(len(response.tokens))
         self._observe_prefill_queue()
-        self._stats.log_if_due(self.load())
+        self._stats.log_if_due(self.load)
 
     def _observe_prefill_queue(self) -> None:
         has_device = self.scheduler.config.num_prefill_device_blocks > 0

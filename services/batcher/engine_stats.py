@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from alignedserve.common import stats_line
@@ -65,11 +65,17 @@ class EngineStats:
         self._unfed = waits and num_prefill_batches == 0
         self._underfed = waits and num_prefill_batches < self.max_prefill_batches
 
-    def log_if_due(self, counts: dict[str, float], force: bool = False) -> None:
-        """The line, once the window is due (`counts`: BatcherEngine.load())."""
+    def answered(self, num_tokens: int) -> None:
+        """A step's answer was applied: it carried num_tokens sampled tokens."""
+        self.sums.steps += 1
+        self.sums.tokens += num_tokens
+
+    def log_if_due(self, load: Callable[[], dict[str, float]], force: bool = False) -> None:
+        """The line, once the window is due (`load`: BatcherEngine.load, read only then)."""
         s = self.sums
         if not self.window.is_due(s.steps, force):
             return
+        counts = load()
         elapsed = self.window.elapsed_s
         per_step = max(s.steps, 1) * 1e-3  # seconds per step, as ms
         log.info(

@@ -156,7 +156,8 @@ class Scheduler:
     @property
     def num_unplanned(self) -> int:
         """Requests waiting for prefill that no batch on the prefill device holds."""
-        return len(self.waiting) - len(self.prefilling.keys() - self._orphaned_blocks.keys())
+        # the orphaned (ended meanwhile) are among the prefilling and no longer wait
+        return len(self.waiting) - (len(self.prefilling) - len(self._orphaned_blocks))
 
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
@@ -423,6 +424,7 @@ class Scheduler:
         assert self._orphaned_blocks.keys() <= self.prefilling.keys()
         assert set().union(*self._prefill_batches) == self.prefilling.keys()
         assert len(self._prefill_batches) <= PREFILL_BATCHES_IN_FLIGHT
+        assert self.num_unplanned == sum(rid not in self.prefilling for rid in self.waiting)
         for request_id in self.prefilling.keys() - self._orphaned_blocks.keys():
             r = self.store.get(request_id)
             assert r.state is RequestState.WAITING_PREFILL, r
