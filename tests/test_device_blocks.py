@@ -25,10 +25,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from alignedserve.batcher import engine as engine_module
-from alignedserve.batcher.engine import BatcherEngine, Delta
+from alignedserve.batcher.engine import BatcherEngine
 from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.scheduler import SchedulerConfig, make_scheduler
 from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
+from alignedserve.batcher.streams import Delta
 from alignedserve.common import wire
 from alignedserve.common.errors import InvalidRequestError, OutOfBlocksError
 from alignedserve.common.kv_layout import KVLayout

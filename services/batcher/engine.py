@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -42,6 +42,7 @@ from alignedserve.batcher.request import PENDING, Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, make_scheduler
 from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
 from alignedserve.batcher.step_message import step_message
+from alignedserve.batcher.streams import Sink, Streams
 from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLost
 from alignedserve.common import metrics, wire
 from alignedserve.common.errors import (
@@ -53,22 +54,6 @@ from alignedserve.common.proto import common_pb2, worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """What one step produced for one request, as sent to its Generate stream."""
-
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
-    prompt_tokens: int
-    completion_tokens: int
-
-
-# Where a request's deltas go, called in the engine's loop: each Delta, then its last one
-# (finish_reason set) or the exception that failed it. Must not block.
-Sink = Callable[["Delta | Exception"], None]
 
 
 class StepRejectedError(AlignedServeError):
@@ -96,10 +81,9 @@ class BatcherEngine:
         self.info: worker_pb2.ModelInfo | None = None
         self._worker_ready = False
         self.draining = False
-        self._sinks: dict[str, Sink] = {}  # live requests
+        self._streams = Streams()  # live requests' sinks
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
         self._in_flight: deque[SentStep] = deque()  # sent, oldest first
-        self._num_sent: dict[str, int] = {}  # tokens given to each request's sink so far
         # each live request's sampling parameters as a message, built once (not every step)
         self._params_msg: dict[str, common_pb2.SamplingParams] = {}
         self._release: list[str] = []  # finished on our side; free on the worker next step
@@ -150,7 +134,7 @@ class BatcherEngine:
 
     @property
     def num_live(self) -> int:
-        return len(self._sinks)
+        return len(self._streams)
 
     # ---- requests ------------------------------------------------------------------------
     def submit(
@@ -166,7 +150,7 @@ class BatcherEngine:
             raise UnavailableError("batcher is draining: send new requests elsewhere")
         if self.scheduler is None:
             raise UnavailableError("batcher is starting: no worker attached yet")
-        if request_id in self._sinks:
+        if request_id in self._streams:
             raise InvalidRequestError(f"request_id {request_id!r} is in use", "request_id")
         max_len = self.info.max_model_len
         if not 1 <= len(prompt) < max_len:
@@ -182,12 +166,12 @@ class BatcherEngine:
         if sink is None:
             queue = asyncio.Queue()
             sink = queue.put_nowait
-        self._sinks[request_id] = sink
+        self._streams.open(request_id, sink)
         self._wake.set()
         return queue
 
     def abort(self, request_id: str) -> bool:
-        if request_id not in self._sinks or self.scheduler is None:
+        if request_id not in self._streams or self.scheduler is None:
             return False
         if request_id not in self.scheduler.store:
             return False
@@ -419,28 +403,10 @@ class BatcherEngine:
             touched += landed
         self._release += self.scheduler.take_preempted()  # recomputed later: free the device
         for r in touched:
-            self._emit(r, logprobs.get(r.request_id, 0.0))
+            self._streams.emit(r, logprobs.get(r.request_id, 0.0))
         for r in touched:
             if r.state.is_done and r.num_answered == len(r.output_token_ids):
                 self._finish(r)
-
-    def _emit(self, r: Request, logprob: float) -> None:
-        """Give the request's sink its tokens answered since the last delta."""
-        out, rid, end = r.output_token_ids, r.request_id, r.num_answered
-        sent = self._num_sent.get(rid, 0)
-        sink = self._sinks.get(rid)
-        if end <= sent or sink is None:
-            return
-        self._num_sent[rid] = end
-        sink(
-            Delta(
-                token_ids=tuple(out[sent:end]),
-                logprobs=(logprob,) * (end - sent) if r.params.logprobs else (),
-                finish_reason=None,
-                prompt_tokens=len(r.prompt_token_ids),
-                completion_tokens=end,
-            )
-        )
 
     def _fail(self, request_ids: Sequence[str], error: Exception) -> None:
         """End these live requests with `error` (their clients get it), freeing their KV."""
@@ -458,10 +424,7 @@ class BatcherEngine:
     def _finish(self, r: Request, error: Exception | None = None) -> None:
         """Send the final message (or the error that ends the stream), forget the request,
         free it on the worker next step."""
-        sink = self._sinks.pop(r.request_id, None)
-        num_sent = self._num_sent.pop(r.request_id, 0)  # all of them, unless it was aborted
-        if sink is not None:
-            sink(error or Delta((), (), r.finish_reason, len(r.prompt_token_ids), num_sent))
+        self._streams.close(r, error)
         if r.request_id in self._released:
             self._released.remove(r.request_id)
         else:
@@ -526,4 +489,4 @@ class BatcherEngine:
                 return
             except UnavailableError as e:
                 log.error("%s: failing %d requests", e, self.num_live)
-                self._fail(list(self._sinks), e)
+                self._fail(list(self._streams), e)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from alignedserve.batcher.engine import BatcherEngine, Delta, Sink
+from alignedserve.batcher.engine import BatcherEngine
 from alignedserve.batcher.engine_config import EngineConfig
 from alignedserve.batcher.scheduler import SchedulerConfig
+from alignedserve.batcher.streams import Delta, Sink
 from alignedserve.common import flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from alignedserve.batcher.engine import BatcherEngine, Delta
+from alignedserve.batcher.engine import BatcherEngine
+from alignedserve.batcher.streams import Delta
 from alignedserve.bench.records import Chunk, RequestRecord
 from alignedserve.bench.workload import BenchRequest
 from alignedserve.common.errors import AlignedServeError, ConfigError, UnavailableError
