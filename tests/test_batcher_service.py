@@ -20,15 +20,9 @@ from alignedserve.serve import free_port
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.server import serve_worker
 from alignedserve.worker.service import WorkerConfig
-from alignedserve.worker.tiny import init_tiny
 
 import factories
 from factories import random_prompts
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
 
 
 @contextlib.asynccontextmanager

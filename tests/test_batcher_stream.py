@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from test_batcher_service import generate, greedy, model_dir, stack  # noqa: F401 (fixture)
+from test_batcher_service import generate, greedy, stack
 
 from alignedserve.batcher.service import BatcherConfig, serve_batcher
 from alignedserve.common import wire
@@ -39,7 +39,7 @@ async def idle_load(stub, tries: int = 100) -> batcher_pb2.LoadReport:
     return load
 
 
-def test_one_call_carries_many_requests_with_the_tokens_of_generate(model_dir):  # noqa: F811
+def test_one_call_carries_many_requests_with_the_tokens_of_generate(model_dir):
     prompts = random_prompts((9, 17, 30, 5, 12, 21), seed=3)
 
     async def main():
@@ -78,7 +78,7 @@ def test_one_call_carries_many_requests_with_the_tokens_of_generate(model_dir): 
     assert load.kv_pool_usage == 0.0
 
 
-def test_abort_by_message_and_by_ending_the_call_free_everything(model_dir):  # noqa: F811
+def test_abort_by_message_and_by_ending_the_call_free_everything(model_dir):
     prompts = random_prompts((12,) * 6, seed=5)
 
     async def main():
@@ -106,7 +106,7 @@ def test_abort_by_message_and_by_ending_the_call_free_everything(model_dir):  # 
     assert load.kv_pool_usage == 0.0 and load.num_running == load.num_pooled == 0
 
 
-def test_a_draining_batcher_refuses_new_requests_and_finishes_live_ones(model_dir):  # noqa: F811
+def test_a_draining_batcher_refuses_new_requests_and_finishes_live_ones(model_dir):
     async def main():
         worker_port = free_port()
         worker = asyncio.create_task(serve_worker(WorkerConfig(model_dir, port=worker_port)))

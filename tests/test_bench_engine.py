@@ -29,14 +29,9 @@ from alignedserve.common.errors import ConfigError, UnavailableError
 from alignedserve.router.preprocess import Limits, completion_input
 from alignedserve.router.schemas import CompletionRequest
 from alignedserve.serve import free_port
-from alignedserve.worker.tiny import VOCAB, init_tiny
+from alignedserve.worker.tiny import VOCAB
 
 POOL_GIB = "0.05"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -19,7 +19,6 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.tokenizer import Tokenizer
 from alignedserve.serve import ServeConfig, serve_all
 from alignedserve.worker.generate import LocalRuntime
-from alignedserve.worker.tiny import init_tiny
 
 from factories import random_prompts
 
@@ -73,8 +72,13 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
+def model_dir(tmp_path_factory) -> str:
+    """A model of its own name: the tests below tell the batcher child's series from this
+    process's by it, and other modules run batchers in this process (whose series name
+    their model)."""
+    from alignedserve.worker.tiny import init_tiny
+
+    return str(init_tiny(tmp_path_factory.mktemp("e2e-model"), arch="llama"))
 
 
 @pytest.fixture(scope="module")

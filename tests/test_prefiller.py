@@ -19,17 +19,11 @@ from alignedserve.worker.loader import load_model
 from alignedserve.worker.prefiller import Prefiller, PrefillJob
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import ModelRunner
-from alignedserve.worker.tiny import init_tiny
 
 import factories
 from factories import random_prompts
 
 BLOCK_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,6 @@ from alignedserve.serve import (
     worker_args,
 )
 from alignedserve.worker import service as worker_service
-from alignedserve.worker.tiny import init_tiny
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama"))
 
 
 def serve_config(*argv: str) -> ServeConfig:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_batcher_service import generate, greedy, model_dir, stack  # noqa: F401
+from test_batcher_service import generate, greedy, stack
 
 from alignedserve.batcher import engine_stats
 from alignedserve.common import stats_line
@@ -53,7 +53,7 @@ def test_the_prefill_queue_is_integrated_over_time(monkeypatch):
     assert stats.sums.underfed_s == pytest.approx(3.0)  # 2 unfed + 1 with a slot free
 
 
-def test_both_services_log_their_lines(model_dir, monkeypatch, caplog):  # noqa: F811
+def test_both_services_log_their_lines(model_dir, monkeypatch, caplog):
     monkeypatch.setenv(stats_line.ENV, "0.05")
     caplog.set_level(logging.INFO)
     prompts = random_prompts((40, 17, 90, 33, 64, 8, 120, 25), seed=7)

@@ -39,7 +39,7 @@ from alignedserve.worker.service import (
     add_worker_arguments,
     config_from_args,
 )
-from alignedserve.worker.tiny import EOS, EOT, init_tiny
+from alignedserve.worker.tiny import EOS, EOT
 
 from factories import greedy, random_prompts
 
@@ -50,11 +50,6 @@ NUM_POOL_BLOCKS = 64
 EVICT_EVERY = 5  # steps
 RELOAD_AFTER = 2  # steps an evicted request waits in the pool
 PREFILL_CHUNK = 16  # tokens: the longer prompts are prefilled in two steps
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return init_tiny(tmp_path_factory.mktemp("tiny"), arch="llama")
 
 
 @pytest.fixture(scope="module")
