@@ -66,6 +66,7 @@ from alignedserve.common import flags  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.metrics import PREFIX  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
+from alignedserve.router.config import RouterConfig  # noqa: E402
 from alignedserve.serve import (  # noqa: E402
     EngineSettings,
     ServeConfig,
@@ -263,14 +264,15 @@ def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
         **(more[0] if more else {}),
     )
     cmd = [sys.executable, "-m", "alignedserve", "serve", *flags.to_args(config)]
-    tiers.append([subprocess.Popen(cmd, env=env, **log_to(logs / "serve.log"))])
+    tiers.append([popen_logged(cmd, env, logs / "serve.log")])
     wait_ready(f"http://127.0.0.1:{args.port}", tiers[0], timeout_s=300)
 
 
-def log_to(path: Path) -> dict[str, Any]:
-    """Popen arguments sending the process's output to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return {"stdout": path.open("w"), "stderr": subprocess.STDOUT}
+def popen_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """The process started with its output (stdout and stderr) in the file `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:  # the child keeps its own handle
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
@@ -289,12 +291,12 @@ def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
             device=device, policy="fcfs", num_device_blocks=blocks, pool_gib=args.pool_gib / 2
         )
         worker_cmd = [*role, "worker", *worker_args(settings, str(model), worker_port)]
-        workers.append(subprocess.Popen(worker_cmd, env=env, **log_to(logs / f"worker-{i}.log")))
+        workers.append(popen_logged(worker_cmd, env, logs / f"worker-{i}.log"))
         batcher = batcher_config(
             settings, f"127.0.0.1:{worker_port}", port=batcher_port, metrics_port=metrics_port
         )
         batcher_cmd = [*role, "batcher", *batcher_args(batcher)]
-        batchers.append(subprocess.Popen(batcher_cmd, env=env, **log_to(logs / f"batcher-{i}.log")))
+        batchers.append(popen_logged(batcher_cmd, env, logs / f"batcher-{i}.log"))
         addresses.append(f"127.0.0.1:{batcher_port}")
         metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
     # The router's /ready needs only one ready batcher, and it sends requests to ready ones
@@ -306,10 +308,12 @@ def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
         timeout_s=300,
         what="the batchers' workers",
     )
-    tiers.append([subprocess.Popen([
-        *role, "router", "--model-dir", str(model), "--batcher-addresses", *addresses,
-        "--host", "127.0.0.1", "--port", str(args.port),
-    ], env=env, **log_to(logs / "router.log"))])  # fmt: skip
+    router = RouterConfig(
+        model_dir=str(model), batcher_addresses=tuple(addresses), host="127.0.0.1", port=args.port
+    )
+    tiers.append(
+        [popen_logged([*role, "router", *flags.to_args(router)], env, logs / "router.log")]
+    )
     wait_ready(f"http://127.0.0.1:{args.port}", [p for t in tiers for p in t], timeout_s=120)
 
 

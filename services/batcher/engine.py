@@ -282,8 +282,7 @@ class BatcherEngine:
         with self._stats.timer("apply_s"):
             self._after_step(self._in_flight.popleft(), response)
         self._step_since = time.monotonic() if self._in_flight else None
-        self._stats.answered(len(response.tokens))
-        self._observe_prefill_queue()
+        self._stats.answered(len(response.tokens))  # (the loop observes the queue next)
         self._stats.log_if_due(self.load)
 
     def _observe_prefill_queue(self) -> None:

@@ -11,6 +11,7 @@ may hold (scheduler.core.PREFILL_BATCHES_IN_FLIGHT).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -77,7 +78,7 @@ class EngineStats:
             return
         counts = load()
         elapsed = self.window.elapsed_s
-        per_step = max(s.steps, 1) * 1e-3  # seconds per step, as ms
+        each = functools.partial(stats_line.ms_each, num_steps=s.steps)
         log.info(
             "%.1f tokens/s; %d steps %.1f ms apart: planning %.1f ms, sending %.1f ms, waiting "
             "for the worker %.1f ms, applying answers %.1f ms each; requests: %d waiting for "
@@ -87,10 +88,10 @@ class EngineStats:
             s.tokens / elapsed,
             s.steps,
             self.window.ms_per(s.steps),
-            s.plan_s / per_step,
-            s.send_s / per_step,
-            s.wait_s / per_step,
-            s.apply_s / per_step,
+            each(s.plan_s),
+            each(s.send_s),
+            each(s.wait_s),
+            each(s.apply_s),
             counts["num_waiting"],
             counts["num_pooled"],
             counts["num_running"],

@@ -48,7 +48,12 @@ class Window:
 
     def ms_per(self, num_steps: int) -> float:
         """The window's length per step, in ms."""
-        return 1e3 * self.elapsed_s / max(num_steps, 1)
+        return ms_each(self.elapsed_s, num_steps)
 
     def reopen(self) -> None:
         self.opened = time.monotonic()
+
+
+def ms_each(total_s: float, num_steps: int) -> float:
+    """`total_s` seconds spread over the steps: ms per step (0 steps: the total)."""
+    return 1e3 * total_s / max(num_steps, 1)

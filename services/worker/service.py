@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -278,7 +279,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not self._window.is_due(w.steps, force) or self.residency is None:
             return
         elapsed = self._window.elapsed_s
-        per_step = max(w.steps, 1) * 1e-3  # seconds per step, as ms
+        each = functools.partial(stats_line.ms_each, num_steps=w.steps)
         logger.info(
             "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps %.1f ms "
             "apart (%d launched before the previous was answered): %.1f ms from plan to "
@@ -290,9 +291,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             w.steps,
             self._window.ms_per(w.steps),
             w.launched_ahead,
-            w.step_s / per_step,
-            w.compute_s / per_step,
-            w.prefill_s / per_step,
+            each(w.step_s),
+            each(w.compute_s),
+            each(w.prefill_s),
             100 * w.idle_s / elapsed,
             capture_s - w.capture_s_before,
         )
