@@ -86,13 +86,24 @@ def check_kernel() -> list[dict]:
             tables = tables.view(batch, per)
             q = torch.randn(batch, hq, d, generator=gen, device="cuda").to(torch.bfloat16)
             ref = decode_attention_ref(q, k_blocks, v_blocks, tables, ctx, d**-0.5)
-            for splits in (None, 1, 8):
-                out = decode_attention(q, k_blocks, v_blocks, tables, ctx, d**-0.5, None, splits)
+            for chunk_tiles in (None, 1, 8):  # the kernel's own plan; fixed chunks of 1, 8 tiles
+                out = decode_attention(
+                    q, k_blocks, v_blocks, tables, ctx, d**-0.5, chunk_tiles=chunk_tiles
+                )
                 err = (out.float() - ref.float()).abs().max().item()
                 rows.append(
-                    dict(shape=name, batch=batch, max_ctx=max_ctx, splits=splits, max_abs_err=err)
+                    dict(
+                        shape=name,
+                        batch=batch,
+                        max_ctx=max_ctx,
+                        chunk_tiles=chunk_tiles,
+                        max_abs_err=err,
+                    )
                 )
-                print(f"  kernel {name} B={batch} ctx<={max_ctx} splits={splits}: err {err:.2e}")
+                print(
+                    f"  kernel {name} B={batch} ctx<={max_ctx} chunk_tiles={chunk_tiles}: "
+                    f"err {err:.2e}"
+                )
     return rows
 
 
@@ -116,7 +127,9 @@ def check_greedy() -> dict:
     return {"greedy_equal": same, "greedy_equal_graphs": same_graphs}
 
 
-def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
+def build_model():
+    """The Llama-3-8B shape with random bf16 weights on the GPU, its projections fused as
+    load_model does there, and a KV cache of what memory is left (12 GiB kept free)."""
     shape = dict(TINY_CONFIGS["llama"], **FULL_SIZE["llama3-8b"], torch_dtype="bfloat16")
     config = ModelConfig.from_dict(shape)
     torch.set_default_dtype(torch.bfloat16)
@@ -127,13 +140,18 @@ def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
     model.model.embed_tokens.weight.normal_(0, 0.02)
     model = model.to("cuda").eval()
     fuse_projections(model)  # as load_model does on a GPU
-    params = sum(p.numel() for p in model.parameters())
-    read_params = params - model.model.embed_tokens.weight.numel()  # a step reads B rows of it
     layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
     free, _ = torch.cuda.mem_get_info()
-    num_blocks = int((free - 12 * 2**30) // layout.block_bytes)
-    kv = KVCache(layout, num_blocks, device="cuda")
-    cache_gib = num_blocks * layout.block_bytes / 2**30
+    kv = KVCache(layout, int((free - 12 * 2**30) // layout.block_bytes), device="cuda")
+    return model, config, kv
+
+
+def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
+    model, config, kv = build_model()
+    num_blocks = kv.num_blocks
+    params = sum(p.numel() for p in model.parameters())
+    read_params = params - model.model.embed_tokens.weight.numel()  # a step reads B rows of it
+    cache_gib = num_blocks * kv.layout.block_bytes / 2**30
     print(f"  model {params / 1e9:.2f} B params, KV cache {cache_gib:.0f} GiB")
     batches = (64, 256) if quick else (64, 128, 256, 512)
     lengths = (512, 2048) if quick else (512, 1024, 2048, 4096, 8192)
@@ -147,9 +165,69 @@ def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
             rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
     return {
         "grid": rows,
+        "mixed": [mixed_cell(model, config, kv, batch) for batch in (8, 32, 128)],
         "with_prefetch": decode_with_prefetch(model, config, kv),
         "prefill": prefill_speed(model, config, kv, ceil, read_params),
     }
+
+
+def served_lengths(batch: int, seed: int = 0) -> list[int]:
+    """KV lengths of a served aligned batch on the 90 %-short mix: prompts of 32-1023
+    tokens (90 %) or 1024-8191 plus up to 511 generated; at least one long one."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    for i in range(batch):
+        is_long = i == 0 or torch.rand((), generator=gen) < 0.1
+        lo, hi = (1024, 8192) if is_long else (32, 1024)
+        prompt = int(torch.randint(lo, hi, (), generator=gen))
+        lengths.append(prompt + int(torch.randint(0, 512, (), generator=gen)))
+    return lengths
+
+
+def mixed_cell(model, config, kv, batch: int) -> dict:
+    """A served batch's lengths (one long request among short ones) against the same number
+    of KV tokens spread evenly: the decode step through its graph and one layer's attention
+    kernel, rows in arrival order and longest first. What a length spread costs the kernel
+    (a long request's programs run after the others finish) shows as mixed > even."""
+    from alignedserve.worker.kernels.decode_attention import decode_attention
+
+    mixed = served_lengths(batch)
+    even = [sum(mixed) // batch] * batch
+    width = math.ceil(max(mixed) / 16)
+    bucket = 1 << (max(width, 16) - 1).bit_length()  # the worker's width bucket
+    graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
+    ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
+    k_blocks, v_blocks = kv.layer(0)
+    q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16, device="cuda")
+    row = dict(batch=batch, lengths=mixed, width_bucket=bucket)
+    cases = (("even", even), ("mixed", mixed), ("mixed longest first", sorted(mixed)[::-1]))
+    for name, lengths in cases:
+        tables = torch.full((batch, width), kv.num_blocks - 1, dtype=torch.long, device="cuda")
+        start = 0
+        for b, n in enumerate(lengths):
+            per = math.ceil(n / 16)
+            tables[b, :per] = torch.arange(start, start + per, device="cuda")
+            start += per
+        ctx = torch.tensor(lengths, dtype=torch.long, device="cuda")
+        step = cuda_time(lambda t=tables, c=ctx: graph.replay(ids, t, c).argmax(-1))
+        wide = torch.full((batch, bucket), kv.num_blocks - 1, dtype=torch.long, device="cuda")
+        wide[:, :width] = tables
+
+        def attend(t=wide, c=ctx):
+            return decode_attention(q, k_blocks, v_blocks, t, c, config.head_dim**-0.5)
+
+        layer = cuda_time(attend, iters=50)
+        row[name] = dict(graph_ms=step * 1e3, attention_layer_us=layer * 1e6)
+    print(
+        f"  B={batch:4d} mixed lengths (max {max(mixed)}, mean {sum(mixed) // batch}, width"
+        f" bucket {bucket}): "
+        + "; ".join(
+            f"{name}: graph {row[name]['graph_ms']:.2f} ms, attention "
+            f"{row[name]['attention_layer_us']:.0f} us/layer"
+            for name, _ in cases
+        )
+    )
+    return row
 
 
 def prefill_speed(model, config, kv, ceil, read_params) -> list[dict]:

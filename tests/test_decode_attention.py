@@ -6,8 +6,12 @@ the same tiny cases run compiled on it, and the `gpu` tests add realistic shapes
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
@@ -90,13 +94,22 @@ def make_case(
     return q, k_blocks, v_blocks, table.to(device), lens
 
 
-def check(contexts, q_heads, kv_heads, atol, rtol=0.0, *, num_splits, block_n=None, **case):
+# How the kernel cuts the work: its own plan over 3 programs; every key tile a chunk of its
+# own (most requests merged from several partials); one program doing every item in turn.
+SPLITS = {
+    "auto": {},
+    "tile-chunks": dict(chunk_tiles=1),
+    "one-program": dict(num_programs=1, chunk_tiles=2),
+}
+
+
+def check(contexts, q_heads, kv_heads, atol, rtol=0.0, *, split, block_n=None, **case):
     window = case.get("sliding_window")
     q, k, v, table, lens = make_case(contexts, q_heads, kv_heads, **case)
     scale = q.shape[-1] ** -0.5
     want = dam.decode_attention_ref(q, k, v, table, lens, scale, window)
     got = dam.decode_attention(
-        q, k, v, table, lens, scale, window, num_splits=num_splits, block_n=block_n
+        q, k, v, table, lens, scale, window, block_n=block_n, **SPLITS[split]
     )
     assert got.dtype == q.dtype and got.shape == q.shape
     assert not want.isnan().any()
@@ -107,17 +120,17 @@ HEADS = [(4, 4), (8, 2)]  # MHA, GQA (G = 4)
 CONTEXTS = [(1,), (50,), (15, 16, 17), (1, 50, 16)]  # B in {1, 3}; block edges at T = 16
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa"])
 @pytest.mark.parametrize("contexts", CONTEXTS, ids=str)
-def test_kernel_matches_ref_fp32(contexts, heads, num_splits):
-    check(list(contexts), *heads, atol=1e-4, num_splits=num_splits)
+def test_kernel_matches_ref_fp32(contexts, heads, split):
+    check(list(contexts), *heads, atol=1e-4, split=split)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_kernel_matches_ref_half(dtype, num_splits):
-    check([1, 17, 50], 8, 2, atol=2e-2, rtol=1e-2, dtype=dtype, num_splits=num_splits)
+@pytest.mark.parametrize("split", SPLITS)
+def test_kernel_matches_ref_half(dtype, split):
+    check([1, 17, 50], 8, 2, atol=2e-2, rtol=1e-2, dtype=dtype, split=split)
 
 
 @pytest.mark.parametrize(
@@ -125,21 +138,21 @@ def test_kernel_matches_ref_half(dtype, num_splits):
     [(16, 32), (16, 64), (32, 16), (32, 32)],
     ids=["2-blocks-per-tile", "4-blocks-per-tile", "half-block-per-tile", "1-block-per-tile"],
 )
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_tile_and_block_sizes(block_tokens, block_n, num_splits):
-    check([1, 31, 32, 33, 50], 8, 2, atol=1e-4, num_splits=num_splits, block_n=block_n,
+@pytest.mark.parametrize("split", SPLITS)
+def test_tile_and_block_sizes(block_tokens, block_n, split):
+    check([1, 31, 32, 33, 50], 8, 2, atol=1e-4, split=split, block_n=block_n,
           block_tokens=block_tokens)  # fmt: skip
 
 
 @pytest.mark.parametrize("window", [1, 7, 16, 20])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_sliding_window(window, num_splits):
+@pytest.mark.parametrize("split", SPLITS)
+def test_sliding_window(window, split):
     # NaN before the window: blocks wholly before it are skipped, the rest are masked.
-    check([1, 15, 17, 50], 8, 2, atol=1e-4, num_splits=num_splits, sliding_window=window)
+    check([1, 15, 17, 50], 8, 2, atol=1e-4, split=split, sliding_window=window)
 
 
-def test_auto_splits_and_strided_inputs():
-    """num_splits=None, a non-contiguous q, and an int32 block table with extra padding."""
+def test_default_plan_and_strided_inputs():
+    """The default plan, a non-contiguous q, and an int32 block table with extra padding."""
     q, k, v, table, lens = make_case([3, 40], 8, 2)
     q_strided = torch.stack([q, q], dim=-1)[..., 0]  # [B, Hq, D], stride(2) == 2
     assert not q_strided.is_contiguous()
@@ -149,24 +162,51 @@ def test_auto_splits_and_strided_inputs():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_empty_context_gives_zeros(num_splits):
+@pytest.mark.parametrize("split", SPLITS)
+def test_empty_context_gives_zeros(split):
     """Batch padding (ctx_len 0) must come out as zeros, not NaN, in both twins."""
     q, k, v, table, lens = make_case([0, 20], 8, 2)
     want = dam.decode_attention_ref(q, k, v, table, lens, 0.125)
-    got = dam.decode_attention(q, k, v, table, lens, 0.125, num_splits=num_splits)
+    got = dam.decode_attention(q, k, v, table, lens, 0.125, **SPLITS[split])
     assert (want[0] == 0).all()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_auto_num_splits():
-    h200_sms = 132
-    assert dam.auto_num_splits(64, 8, 4096, h200_sms) == 1  # 512 programs: GPU full
-    assert dam.auto_num_splits(1, 8, 1024, h200_sms) == 8  # capped by 128 keys per split
-    assert dam.auto_num_splits(1, 8, 100_000, h200_sms) == 32  # capped by MAX_SPLITS
-    assert dam.auto_num_splits(16, 8, 8192, h200_sms) == 2  # 264 // 128 programs
-    assert dam.auto_num_splits(4, 8, 16384, h200_sms) == 8  # 264 // 32, not 9: no tail
-    assert dam.auto_num_splits(4, 8, 100, h200_sms) == 1  # too short to split
+@pytest.mark.parametrize("window", [None, 20])
+def test_a_long_request_is_cut_into_chunks_and_matches(window):
+    """One long request among short ones (what made one program the whole kernel's tail):
+    the kernel's plan, read back, is the Python twin's, cuts the long one into several
+    chunks and leaves the short ones whole; the output matches the reference. With a window,
+    only its tiles count."""
+    contexts = [300, 9, 17, 1, 33, 12]
+    q, k, v, table, lens = make_case(contexts, 8, 2, sliding_window=window)
+    starts = torch.empty(len(contexts) + 1, dtype=torch.int32)
+    got = dam.decode_attention(
+        q, k, v, table, lens, 0.125, window, num_programs=4, chunk_starts=starts
+    )
+    chunks = dam.plan_chunks(contexts, 2, 4, dam.MIN_DOT, window)
+    assert starts.tolist() == [0, *itertools.accumulate(chunks)]
+    if window is None:  # (with one, the long request has as few visible keys as the rest)
+        assert chunks[0] > 1 and chunks[1:] == [1] * 5, chunks
+    want = dam.decode_attention_ref(q, k, v, table, lens, 0.125, window)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    contexts=st.lists(st.integers(0, 20_000), min_size=1, max_size=64),
+    kv_heads=st.sampled_from([1, 8, 40]),
+    num_programs=st.integers(1, 300),
+    window=st.one_of(st.none(), st.integers(1, 5000)),
+)
+def test_plan_never_needs_more_chunks_than_the_workspace_holds(
+    contexts, kv_heads, num_programs, window
+):
+    """The workspace is sized by max_chunks from shapes alone (a CUDA graph fixes it at
+    capture): whatever the lengths, the plan fits it."""
+    chunks = dam.plan_chunks(contexts, kv_heads, num_programs, 128, window)
+    bound = dam.max_chunks(len(contexts), kv_heads, num_programs, 20_000, 128)
+    assert all(c >= 1 for c in chunks) and sum(chunks) <= bound
 
 
 @pytest.mark.parametrize(
@@ -256,12 +296,12 @@ def ref_in_chunks(q, k, v, table, lens, scale, window, chunk: int = 16):
     )
 
 
-def check_gpu(contexts, q_heads, kv_heads, num_splits, **case):
+def check_gpu(contexts, q_heads, kv_heads, split, **case):
     window = case.get("sliding_window")
     q, k, v, table, lens = make_case(contexts, q_heads, kv_heads, device="cuda", **case)
     scale = q.shape[-1] ** -0.5
     want = ref_in_chunks(q, k, v, table, lens, scale, window)
-    got = dam.decode_attention(q, k, v, table, lens, scale, window, num_splits=num_splits)
+    got = dam.decode_attention(q, k, v, table, lens, scale, window, **SPLITS[split])
     torch.cuda.synchronize()
     assert not want.isnan().any()
     torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
@@ -269,18 +309,18 @@ def check_gpu(contexts, q_heads, kv_heads, num_splits, **case):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("num_splits", [None, 1, 8])
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("batch", [1, 64, 256])
-def test_gpu_llama3_8b_layer(batch, num_splits):
-    check_gpu(gpu_contexts(batch), 32, 8, num_splits, head_dim=128, dtype=torch.bfloat16)
+def test_gpu_llama3_8b_layer(batch, split):
+    check_gpu(gpu_contexts(batch), 32, 8, split, head_dim=128, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("num_splits", [None, 1, 8])
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("batch", [1, 64, 256])
-def test_gpu_opt_13b_layer_mha(batch, num_splits):
-    check_gpu(gpu_contexts(batch), 40, 40, num_splits, head_dim=128, dtype=torch.bfloat16)
+def test_gpu_opt_13b_layer_mha(batch, split):
+    check_gpu(gpu_contexts(batch), 40, 40, split, head_dim=128, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -296,15 +336,16 @@ def test_gpu_opt_13b_layer_mha(batch, num_splits):
     ],
     ids=["fp16", "d64", "t32", "window", "fp32"],
 )
-@pytest.mark.parametrize("num_splits", [None, 1, 8])
-def test_gpu_variants(case, num_splits):
-    check_gpu(gpu_contexts(48, seed=1), 32, 8, num_splits, **case)
+@pytest.mark.parametrize("split", SPLITS)
+def test_gpu_variants(case, split):
+    check_gpu(gpu_contexts(48, seed=1), 32, 8, split, **case)
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_cuda_graph_replay():
-    """Auto splits read no lengths on the host, so one captured graph serves every step."""
+    """The plan is made on the device from the lengths, so one captured graph serves every
+    step, whatever its lengths."""
     contexts = gpu_contexts(8, max_context=2048)
     q, k, v, table, lens = make_case(
         contexts, 32, 8, head_dim=128, dtype=torch.bfloat16, device="cuda"

@@ -36,7 +36,6 @@ class AttentionMetadata:
     ctx_lens: torch.Tensor  # [B] cached + new tokens
     last_token: torch.Tensor  # [B] packed index of each request's last new token
     max_q_len: int
-    num_splits: int | None = None  # decode kernel's KV splits; fixed when a graph is captured
     # Prefill (max_q_len > 1): the keys of every request with more than one new token (P of
     # them), packed, as (block, offset) pairs, and the cumulative query / key counts a varlen
     # attention call takes.
@@ -171,7 +170,6 @@ def attend_cached(
             meta.ctx_lens,
             scale,
             sliding_window,
-            num_splits=meta.num_splits,
         )
     if q.is_cuda and sliding_window is None and meta.key_block is not None:
         return attend_prefill(q, k_blocks, v_blocks, meta, scale)

@@ -4,8 +4,8 @@ A decode step launches ~20 kernels per layer; at small and medium batches their 
 and Python overhead, not the GPU, sets the pace. A captured graph replays them all with one
 launch. Inputs live in static buffers that each replay overwrites. Rows beyond the real
 batch point at a scratch block with a one-token context, so padding never touches a real
-request's KV. The attention kernel reads context lengths from memory and its number of KV
-splits is fixed at capture, so one graph serves any context up to the table width.
+request's KV. The attention kernel reads context lengths from memory and plans its split of
+the keys on the device, so one graph serves any contexts up to the table width.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class DecodeGraph:
         batch_size: int,
         max_blocks: int,
         scratch_block: int,
-        num_splits: int | None = None,
         pool=None,  # a torch.cuda.graph_pool_handle() shared by graphs that never run at once
     ):
         self.model, self.kv_cache = model, kv_cache
@@ -41,7 +40,6 @@ class DecodeGraph:
         )  # [B, max_blocks]
         self.ctx_lens = torch.ones(b, dtype=torch.long, device=dev)  # [B]
         self.rows = torch.arange(b, device=dev)
-        self.num_splits = num_splits
         self.filled = b  # rows [filled:] hold padding (a 1-token context in the scratch block)
         # Warm up on a side stream (Triton compiles, cuBLAS picks algorithms), then capture.
         side = torch.cuda.Stream(dev)
@@ -74,7 +72,6 @@ class DecodeGraph:
             ctx_lens=self.ctx_lens,
             last_token=self.rows,
             max_q_len=1,
-            num_splits=self.num_splits,
         )
         hidden = self.model(self.input_ids, positions, meta, self.kv_cache)
         return self.model.logits(hidden)

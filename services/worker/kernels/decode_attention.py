@@ -7,10 +7,11 @@ position ctx_len - 1. For one layer the cache is read through the strided views
 `block_tables[b, p // block_tokens]` at offset `p % block_tokens`.
 
 Shape letters: B requests, Hq query heads, Hk kv heads, G = Hq // Hk query heads per kv head
-(GQA; G = 1 is MHA), D head_dim, T block_tokens, S splits of one request's keys.
+(GQA; G = 1 is MHA), D head_dim, T block_tokens, P persistent programs, C chunks.
 
 `decode_attention_ref` is plain torch; `decode_attention` runs the Triton kernels (flash
-decoding: an optional split of each request's keys, then a reduce) and must match it.
+decoding: each request's keys cut into chunks by the amount of work, then a reduce of the
+requests cut in several) and must match it.
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ MIN_DOT = 16
 GPU_BLOCK_N = 128
 NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop (loads in flight per program)
-# Auto split: aim for 2 programs per SM, but give each split at least this many keys, so the
-# per-split fixed cost (query load, workspace write, reduce) stays small against its reads.
-MIN_SPLIT_TOKENS = 128
-MAX_SPLITS = 32
-# Under the interpreter (CPU tensors) auto picks this, so tests exercise split and reduce.
-CPU_SPLITS = 2
+# Programs per SM on a GPU: more than fit at once, so the hardware hands the next one to
+# whichever SM frees first. With one per SM, uniform batches ran 1.2-1.45x slower (an SM
+# keeps fewer loads in flight).
+PROGRAMS_PER_SM = 4
+# Chunks per program: the work is cut so each program gets about this many, so the longest
+# chunk is a fraction of a program's share (the tail it can leave), while the partials of
+# requests cut in several stay few against the keys read. Chosen on an H200 with
+# benchmarks/decode_kernel_sweep.py (docs/benchmarks.md): 4 x 2 kept uniform batches within
+# 5 % of one program per (request, head) and cut served-like mixed ones by 8-40 %.
+ITEMS_PER_PROGRAM = 2
+# Programs under the interpreter (CPU tensors): few, so tests exercise the loop and reduce.
+CPU_PROGRAMS = 3
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 FLOAT_DTYPES = tuple(TL_DTYPES)
 
@@ -94,13 +101,17 @@ def _decode_attention_kernel(
     v_ptr,  # [num_blocks, T, Hk, D]
     block_tables_ptr,  # [B, max_blocks]
     context_lens_ptr,  # [B]
-    out_ptr,  # [B, Hq, D]: written when not SPLIT
-    ws_m_ptr,  # [B, Hq, S] fp32 running max (log2 units), contiguous: written when SPLIT
-    ws_l_ptr,  # [B, Hq, S] fp32 sum of exp2(score - m)
-    ws_acc_ptr,  # [B, Hq, S, D] fp32 unnormalized sum of p * v
+    out_ptr,  # [B, Hq, D]: a row of one chunk is written here directly
+    chunk_starts_ptr,  # [B + 1] int32: written by program 0, for the reduce
+    ws_m_ptr,  # [C, Hq] fp32 running max (log2 units) of each chunk of a row of several
+    ws_l_ptr,  # [C, Hq] fp32 sum of exp2(score - m)
+    ws_acc_ptr,  # [C, Hq, D] fp32 unnormalized sum of p * v
     qk_scale,  # softmax scale * log2(e): scores go straight to exp2
     sliding_window,  # keys with ctx_len - 1 - pos >= window are invisible (HAS_WINDOW)
-    num_splits,
+    batch,
+    kv_heads,
+    items_per_program,  # work is cut into chunks so that each program gets about this many
+    fixed_chunk_tiles,  # > 0: chunks of this many key tiles (tests); 0: from the work
     stride_qb,
     stride_qh,
     stride_qd,
@@ -123,145 +134,168 @@ def _decode_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,  # T
     BLOCK_N: tl.constexpr,  # keys per loop step (power of two, >= 16)
+    BATCH_PAD: tl.constexpr,  # B padded to a power of two
     HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # tl.dot operand type: q's dtype (fp32 for bf16 in the interpreter)
 ):
-    """One program = (request b, kv head, split): its G query rows against its share of keys."""
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    """A persistent program: it takes work items pid, pid + P, ... (P programs), each one
+    chunk of one request's key tiles for one kv head, against that head's G query rows.
 
-    ctx_len = tl.load(context_lens_ptr + b * stride_cb).to(tl.int32)
-    start = 0  # first visible key position
+    Every program first plans the same split from the context lengths: the chunk length is
+    the total key tiles over P * items_per_program, so no item is longer than a fraction of
+    a program's share and a long request among short ones is spread over many programs,
+    not left to one (with one program per (request, head), a request of 8k keys among ones
+    of 1k made the whole kernel wait for it). A request of one chunk writes its output
+    directly; the chunks of a longer one write partial softmaxes for the reduce."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+
+    # ---- the plan, the same in every program: [BATCH_PAD] vectors over the requests
+    offs_b = tl.arange(0, BATCH_PAD)
+    b_mask = offs_b < batch
+    ctx_all = tl.load(context_lens_ptr + offs_b * stride_cb, mask=b_mask, other=0).to(tl.int32)
+    first_all = tl.zeros([BATCH_PAD], tl.int32)
     if HAS_WINDOW:
-        start = tl.maximum(ctx_len - sliding_window, 0)
-    # Tiles wholly before the window are never visited. Every visited tile holds at least one
-    # visible key (start in the first, ctx_len - 1 in the last), so m is finite after one tile.
-    first_tile = start // BLOCK_N
-    num_tiles = tl.cdiv(ctx_len, BLOCK_N) - first_tile
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    lo = first_tile + split * tiles_per_split
-    hi = tl.minimum(lo + tiles_per_split, first_tile + num_tiles)  # may be <= lo: no keys
+        first_all = tl.maximum(ctx_all - sliding_window, 0) // BLOCK_N
+    tiles_all = tl.where(b_mask, tl.cdiv(ctx_all, BLOCK_N) - first_all, 0)
+    chunk_tiles = fixed_chunk_tiles
+    if fixed_chunk_tiles == 0:
+        chunk_tiles = tl.maximum(
+            tl.cdiv(tl.sum(tiles_all, 0) * kv_heads, num_programs * items_per_program), 1
+        )
+    # every request has at least one chunk: an empty context still writes its zeros
+    chunks_all = tl.where(b_mask, tl.maximum(tl.cdiv(tiles_all, chunk_tiles), 1), 0)
+    ends_all = tl.cumsum(chunks_all, 0)  # [BATCH_PAD] chunks up to and including request b
+    if pid == 0:
+        tl.store(chunk_starts_ptr + 1 + offs_b, ends_all, mask=b_mask)
+        tl.store(chunk_starts_ptr, 0)
+    num_items = tl.sum(chunks_all, 0) * kv_heads
 
     offs_g = tl.arange(0, GROUP_PAD)  # [G_PAD]
     offs_n = tl.arange(0, BLOCK_N)  # [N]
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
     g_mask = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g  # [G_PAD] query heads of this kv head
+    for item in range(pid, num_items, num_programs):
+        # head fastest: a request's heads run side by side, longest requests first if the
+        # caller sorts them so
+        kv_head = item % kv_heads
+        chunk_index = item // kv_heads  # over all requests' chunks
+        b = tl.sum((ends_all <= chunk_index).to(tl.int32), 0)  # the request it falls in
+        at_b = offs_b == b
+        num_chunks = tl.sum(tl.where(at_b, chunks_all, 0), 0)
+        chunk = chunk_index - (tl.sum(tl.where(at_b, ends_all, 0), 0) - num_chunks)
+        ctx_len = tl.sum(tl.where(at_b, ctx_all, 0), 0)
+        first_tile = tl.sum(tl.where(at_b, first_all, 0), 0)
+        num_tiles = tl.sum(tl.where(at_b, tiles_all, 0), 0)
+        start = first_tile * 0  # first visible key position
+        if HAS_WINDOW:
+            start = tl.maximum(ctx_len - sliding_window, 0)
+        lo = first_tile + chunk * chunk_tiles
+        hi = tl.minimum(lo + chunk_tiles, first_tile + num_tiles)  # may be <= lo: no keys
 
-    # Padding rows (g >= G) load zeros: finite scores, so they never turn NaN; never stored.
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=g_mask[:, None],
-        other=0.0,
-    ).to(DOT_DTYPE)  # [G_PAD, D]
-    m_i = tl.full([GROUP_PAD], NEG_INIT, tl.float32)  # running max of scores (log2 units)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m_i)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)  # running sum of p * v
-
-    table_row = block_tables_ptr + b * stride_tb
-    k_head = k_ptr + kv_head * stride_kh
-    v_head = v_ptr + kv_head * stride_vh
-    for tile in range(lo, hi):
-        pos = tile * BLOCK_N + offs_n  # [N] key positions of this tile
-        valid = (pos < ctx_len) & (pos >= start)
-        # A tile spans BLOCK_N // T blocks (or part of one): look up each key's block. int64:
-        # block * stride overflows int32 in a pool of many GiB.
-        block = tl.load(table_row + (pos // BLOCK_TOKENS) * stride_tn, mask=valid, other=0)
-        block = block.to(tl.int64)
-        slot = pos % BLOCK_TOKENS
-        k = tl.load(
-            k_head
-            + block[:, None] * stride_kb
-            + slot[:, None] * stride_kt
-            + offs_d[None, :] * stride_kd,
-            mask=valid[:, None],
+        heads = kv_head * GROUP + offs_g  # [G_PAD] query heads of this kv head
+        # Padding rows (g >= G) load zeros: finite scores, so they never turn NaN; never stored.
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=g_mask[:, None],
             other=0.0,
-        )  # [N, D]
-        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee")  # [G_PAD, N]
-        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))  # [G_PAD]
-        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
-        p = tl.exp2(scores - m_new[:, None])  # [G_PAD, N]; invisible keys -> 0
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # Masked to 0: stale slots may hold NaN, and p = 0 does not cancel NaN.
-        v = tl.load(
-            v_head
-            + block[:, None] * stride_vb
-            + slot[:, None] * stride_vt
-            + offs_d[None, :] * stride_vd,
-            mask=valid[:, None],
-            other=0.0,
-        )  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(
-            p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee"
-        )  # [G_PAD, D]
-        m_i = m_new
+        ).to(DOT_DTYPE)  # [G_PAD, D]
+        m_i = tl.full([GROUP_PAD], NEG_INIT, tl.float32)  # running max of scores (log2 units)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)  # running sum of p * v
 
-    if SPLIT:
-        # [G_PAD] flat indices into the contiguous [B, Hq, S] workspace (Hq = Hk * G)
-        ws = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
-        tl.store(ws_m_ptr + ws, m_i, mask=g_mask)
-        tl.store(ws_l_ptr + ws, l_i, mask=g_mask)
-        tl.store(ws_acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
-    else:
+        table_row = block_tables_ptr + b * stride_tb
+        k_head = k_ptr + kv_head * stride_kh
+        v_head = v_ptr + kv_head * stride_vh
+        for tile in range(lo, hi):
+            pos = tile * BLOCK_N + offs_n  # [N] key positions of this tile
+            valid = (pos < ctx_len) & (pos >= start)
+            # A tile spans BLOCK_N // T blocks (or part of one): look up each key's block.
+            # int64: block * stride overflows int32 in a pool of many GiB.
+            block = tl.load(table_row + (pos // BLOCK_TOKENS) * stride_tn, mask=valid, other=0)
+            block = block.to(tl.int64)
+            slot = pos % BLOCK_TOKENS
+            k = tl.load(
+                k_head
+                + block[:, None] * stride_kb
+                + slot[:, None] * stride_kt
+                + offs_d[None, :] * stride_kd,
+                mask=valid[:, None],
+                other=0.0,
+            )  # [N, D]
+            scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee")  # [G_PAD, N]
+            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))  # [G_PAD]
+            alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+            p = tl.exp2(scores - m_new[:, None])  # [G_PAD, N]; invisible keys -> 0
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # Masked to 0: stale slots may hold NaN, and p = 0 does not cancel NaN.
+            v = tl.load(
+                v_head
+                + block[:, None] * stride_vb
+                + slot[:, None] * stride_vt
+                + offs_d[None, :] * stride_vd,
+                mask=valid[:, None],
+                other=0.0,
+            )  # [N, D]
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee"
+            )  # [G_PAD, D]
+            m_i = m_new
+
+        alone = num_chunks == 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (ctx_len 0) -> zeros
         tl.store(
             out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
             out.to(out_ptr.dtype.element_ty),
-            mask=g_mask[:, None],
+            mask=g_mask[:, None] & alone,
         )
+        # [G_PAD] flat indices into the contiguous [C, Hq] workspace (Hq = Hk * G)
+        ws = chunk_index * (kv_heads * GROUP) + heads
+        partial = g_mask & (num_chunks > 1)
+        tl.store(ws_m_ptr + ws, m_i, mask=partial)
+        tl.store(ws_l_ptr + ws, l_i, mask=partial)
+        tl.store(ws_acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=partial[:, None])
 
 
 @triton.jit
-def _reduce_splits_kernel(
-    ws_m_ptr,  # [B, Hq, S] fp32
-    ws_l_ptr,  # [B, Hq, S] fp32
-    ws_acc_ptr,  # [B, Hq, S, D] fp32
+def _reduce_chunks_kernel(
+    chunk_starts_ptr,  # [B + 1] int32: request b's chunks are [starts[b], starts[b + 1])
+    ws_m_ptr,  # [C, Hq] fp32
+    ws_l_ptr,  # [C, Hq] fp32
+    ws_acc_ptr,  # [C, Hq, D] fp32
     out_ptr,  # [B, Hq, D]
-    num_splits,
     stride_ob,
     stride_oh,
     stride_od,
     HEAD_DIM: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # S padded to a power of two
 ):
-    """One program = (request b, query head h): merge the S partial softmaxes into one row."""
+    """One program = (request b, query head h): merge b's partial softmaxes, if it has
+    several chunks (one of a single chunk was written by the attention kernel)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)  # [S_PAD]
-    offs_d = tl.arange(0, HEAD_DIM)  # [D]
-    s_mask = offs_s < num_splits
-    ws = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [S_PAD]
-    m = tl.load(ws_m_ptr + ws, mask=s_mask, other=NEG_INIT)
-    l = tl.load(ws_l_ptr + ws, mask=s_mask, other=0.0)  # noqa: E741 (the paper's name)
-    acc = tl.load(
-        ws_acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0
-    )  # [S_PAD, D]
-    # Empty splits carry m = NEG_INIT, l = 0, acc = 0: their weight is 0 or multiplies zeros.
-    weight = tl.exp2(m - tl.max(m, 0))  # [S_PAD]
-    total = tl.sum(weight * l, 0)
-    out = tl.sum(weight[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)  # [D]
-    tl.store(
-        out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
-        out.to(out_ptr.dtype.element_ty),
-    )
-
-
-def auto_num_splits(batch: int, kv_heads: int, max_context_tokens: int, num_sms: int) -> int:
-    """How many programs share one (request, kv head): enough to fill the GPU, no more.
-
-    With B * Hk programs of one split the GPU runs about B * Hk / num_SMs waves. Below ~2
-    programs per SM it idles, so each request's keys are split up to that (rounded down: a
-    few programs past 2 per SM leave a tail; on an H200, B = 4 x 16384 keys took 81 us with
-    8 splits, 94 us with 9), but every split keeps at least MIN_SPLIT_TOKENS keys of the
-    longest context. Aligned batches (B = 64, Hk = 8 on 132 SMs) already fill the GPU and
-    take the single-pass path with no workspace.
-    """
-    wanted = 2 * num_sms // max(1, batch * kv_heads)
-    by_length = max(1, max_context_tokens // MIN_SPLIT_TOKENS)
-    return max(1, min(wanted, by_length, MAX_SPLITS))
+    q_heads = tl.num_programs(1)
+    first = tl.load(chunk_starts_ptr + b)
+    last = tl.load(chunk_starts_ptr + b + 1)
+    if last - first > 1:
+        offs_d = tl.arange(0, HEAD_DIM)  # [D]
+        m = tl.full([1], NEG_INIT, tl.float32)
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for c in range(first, last):  # online merge; an empty chunk has l = 0, acc = 0
+            m_c = tl.load(ws_m_ptr + c * q_heads + h + tl.zeros([1], tl.int32))
+            l_c = tl.load(ws_l_ptr + c * q_heads + h + tl.zeros([1], tl.int32))
+            acc_c = tl.load(ws_acc_ptr + (c * q_heads + h) * HEAD_DIM + offs_d)
+            m_new = tl.maximum(m, m_c)
+            old, new = tl.exp2(m - m_new), tl.exp2(m_c - m_new)
+            total = total * old + l_c * new
+            acc = acc * old + acc_c * new
+            m = m_new
+        out = acc / tl.where(total > 0, total, 1.0)  # [D]
+        tl.store(
+            out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+        )
 
 
 @functools.cache
@@ -305,24 +339,27 @@ def decode_attention(
     context_lens: torch.Tensor,  # [B] int: keys 0..ctx_len-1 are valid (0 -> output zeros)
     scale: float,
     sliding_window: int | None = None,
-    num_splits: int | None = None,
     *,
+    num_programs: int | None = None,
+    chunk_tiles: int | None = None,
     block_n: int | None = None,
+    chunk_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, Hq, D] in q's dtype
     """Triton paged decode attention; matches `decode_attention_ref`.
 
-    Launch grid (B, Hk, S): one program per request, kv head and split. A program loads the
-    G query rows of its kv head once and streams that head's keys and values once for all G
-    of them, which is what makes GQA decode cheap: every K/V byte is read once per step.
-    With S = 1 the program writes the output directly. With S > 1 (flash decoding: too few
-    (request, head) pairs to fill the GPU) each program handles a contiguous 1/S of the
-    request's key tiles and writes its partial softmax (m, l, acc) to an fp32 workspace,
-    and a second kernel on grid (B, Hq) merges the S partials of each row.
+    P persistent programs (`num_programs`; None: one per SM on a GPU, CPU_PROGRAMS under
+    the interpreter) share the work, cut on the device into chunks of each request's key
+    tiles for one kv head (see the kernel). A program loads the G query rows of its kv head
+    once per chunk and streams that head's keys and values once for all G of them, which is
+    what makes GQA decode cheap: every K/V byte is read once per step. A request of several
+    chunks (flash decoding) is merged by a second kernel on grid (B, Hq).
 
-    num_splits: None picks with `auto_num_splits` on a GPU (no host sync: the longest
-    context is bounded by the block table's width) and CPU_SPLITS under the interpreter.
+    chunk_tiles: None sizes chunks from the work on the device; an int fixes them (tests).
+    chunk_starts: an int32 [B + 1] tensor to receive the plan (request b's chunks are
+    [starts[b], starts[b + 1])); None: a scratch one.
     block_n: keys per loop step (a power of two >= 16); None picks a default. Only the
-    block table and context lengths are read on the device, so this is CUDA-graph safe.
+    block table and context lengths are read on the device and the launch depends on
+    shapes alone, so this is CUDA-graph safe.
     """
     _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window)
     batch, q_heads, head_dim = q.shape
@@ -333,43 +370,43 @@ def decode_attention(
         block_n = max(block_tokens, GPU_BLOCK_N if on_gpu else MIN_DOT)
     if block_n < MIN_DOT or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two >= {MIN_DOT}")
-    if num_splits is None:
-        if on_gpu:
-            num_sms = _num_sms(q.device.index)
-            max_context = block_tables.shape[1] * block_tokens
-            num_splits = auto_num_splits(batch, kv_heads, max_context, num_sms)
-        else:
-            num_splits = CPU_SPLITS
-    if num_splits < 1:
-        raise ValueError(f"num_splits={num_splits} must be >= 1")
+    if num_programs is None:
+        num_programs = PROGRAMS_PER_SM * _num_sms(q.device.index) if on_gpu else CPU_PROGRAMS
+    if num_programs < 1:
+        raise ValueError(f"num_programs={num_programs} must be >= 1")
+    if chunk_tiles is not None and chunk_tiles < 1:
+        raise ValueError(f"chunk_tiles={chunk_tiles} must be >= 1")
 
     out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    split = num_splits > 1
-    if split:
-        ws_m = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
-        ws_l = torch.empty_like(ws_m)
-        ws_acc = torch.empty(
-            (batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-    else:  # direct write: the workspace arguments are never touched
-        ws_m = ws_l = ws_acc = out
-
-    grid = (batch, kv_heads, num_splits)
-    _decode_attention_kernel[grid](
+    num_chunks = max_chunks(
+        batch, kv_heads, num_programs, block_tables.shape[1] * block_tokens, block_n, chunk_tiles
+    )
+    ws_m = torch.empty((num_chunks, q_heads), dtype=torch.float32, device=q.device)
+    ws_l = torch.empty_like(ws_m)
+    ws_acc = torch.empty((num_chunks, q_heads, head_dim), dtype=torch.float32, device=q.device)
+    if chunk_starts is None:
+        chunk_starts = torch.empty(batch + 1, dtype=torch.int32, device=q.device)
+    elif chunk_starts.shape != (batch + 1,) or chunk_starts.dtype != torch.int32:
+        raise ValueError(f"chunk_starts must be int32 [{batch + 1}]; got {chunk_starts.shape}")
+    _decode_attention_kernel[(num_programs,)](
         q,
         k_blocks,
         v_blocks,
         block_tables,
         context_lens,
         out,
+        chunk_starts,
         ws_m,
         ws_l,
         ws_acc,
         scale * LOG2E,
         sliding_window or 0,
-        num_splits,
+        batch,
+        kv_heads,
+        ITEMS_PER_PROGRAM,
+        chunk_tiles or 0,
         *q.stride(),
         *k_blocks.stride(),
         *v_blocks.stride(),
@@ -381,23 +418,50 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_TOKENS=block_tokens,
         BLOCK_N=block_n,
+        BATCH_PAD=triton.next_power_of_2(batch),
         HAS_WINDOW=sliding_window is not None,
-        SPLIT=split,
         # Triton's interpreter computes bf16 on raw bit patterns (it supports no bf16 math).
         DOT_DTYPE=tl.float32 if q.device.type == "cpu" else TL_DTYPES[q.dtype],
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
-    if split:
-        _reduce_splits_kernel[(batch, q_heads)](
-            ws_m,
-            ws_l,
-            ws_acc,
-            out,
-            num_splits,
-            *out.stride(),
-            HEAD_DIM=head_dim,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4,
-        )
+    _reduce_chunks_kernel[(batch, q_heads)](
+        chunk_starts, ws_m, ws_l, ws_acc, out, *out.stride(), HEAD_DIM=head_dim, num_warps=4
+    )
     return out
+
+
+def max_chunks(
+    batch: int,
+    kv_heads: int,
+    num_programs: int,
+    max_context_tokens: int,
+    block_n: int,
+    chunk_tiles: int | None = None,
+) -> int:
+    """The most chunks the kernel's plan can cut B requests into: each request's tiles t_b
+    make max(1, ceil(t_b / c)) <= 1 + t_b / c chunks, and c >= sum(t_b) * Hk / (P * I), so
+    all together at most B + P * I / Hk. A fixed c bounds them by the table's width."""
+    if chunk_tiles is not None:
+        return batch * max(1, _cdiv(_cdiv(max_context_tokens, block_n), chunk_tiles))
+    return batch + _cdiv(num_programs * ITEMS_PER_PROGRAM, kv_heads)
+
+
+def plan_chunks(
+    context_lens: list[int],
+    kv_heads: int,
+    num_programs: int,
+    block_n: int,
+    sliding_window: int | None = None,
+    chunk_tiles: int | None = None,
+) -> list[int]:
+    """The kernel's plan in plain Python: how many chunks each request's keys are cut into."""
+    first = [max(n - sliding_window, 0) // block_n if sliding_window else 0 for n in context_lens]
+    tiles = [_cdiv(n, block_n) - f for n, f in zip(context_lens, first, strict=True)]
+    if chunk_tiles is None:
+        chunk_tiles = max(1, _cdiv(sum(tiles) * kv_heads, num_programs * ITEMS_PER_PROGRAM))
+    return [max(1, _cdiv(t, chunk_tiles)) for t in tiles]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

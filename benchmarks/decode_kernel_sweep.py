@@ -1,0 +1,90 @@
+"""The decode attention kernel's work split, side by side: CUDA-graph decode steps of the
+Llama-3-8B shape (random bf16 weights) on uniform and served-like mixed lengths, for each
+(programs per SM, chunks per program) setting and, with --previous, for the kernel of an
+earlier checkout (its decode_attention.py, loaded by path), all in one process.
+
+    python3 benchmarks/decode_kernel_sweep.py --out "$OUT"
+    python3 benchmarks/decode_kernel_sweep.py --previous old/decode_attention.py --out "$OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import gpu_bench  # noqa: F401  (puts alignedserve on the path)
+import torch
+from gpu_bench import build_model, cuda_time, served_lengths
+
+from alignedserve.worker.cuda_graph import DecodeGraph
+
+# the module (the package's own name for it is the function, re-exported)
+dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+
+SETTINGS = [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)]  # (programs per SM, chunks per program)
+UNIFORM = [(64, 512), (64, 2048), (128, 1024), (256, 512), (256, 2048), (512, 512)]
+MIXED = [8, 32, 128, 256]
+
+
+def cells() -> list[tuple[str, list[int]]]:
+    out = [(f"B={b} L={n}", [n] * b) for b, n in UNIFORM]
+    return out + [(f"B={b} served mix", served_lengths(b)) for b in MIXED]
+
+
+def step_ms(model, config, kv, lengths: list[int]) -> float:
+    batch = len(lengths)
+    width = math.ceil(max(lengths) / 16)
+    bucket = 1 << (max(width, 16) - 1).bit_length()  # the worker's width bucket
+    graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
+    tables = torch.full((batch, width), kv.num_blocks - 1, dtype=torch.long, device="cuda")
+    start = 0
+    for b, n in enumerate(lengths):
+        per = math.ceil(n / 16)
+        tables[b, :per] = torch.arange(start, start + per, device="cuda")
+        start += per
+    ctx = torch.tensor(lengths, dtype=torch.long, device="cuda")
+    ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
+    seconds = cuda_time(lambda g=graph: g.replay(ids, tables, ctx).argmax(-1))
+    del graph  # its memory pool, before the next capture
+    return seconds * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--previous", help="an earlier decode_attention.py to time beside")
+    args = parser.parse_args()
+    model, config, kv = build_model()
+    variants = {f"{p}x SMs, {i} per program": (p, i) for p, i in SETTINGS}
+    current = dam.decode_attention
+    previous = None
+    if args.previous:
+        spec = importlib.util.spec_from_file_location("previous_decode_attention", args.previous)
+        previous = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(previous)
+        variants = {"previous": None, **variants}
+    rows = []
+    for name, lengths in cells():
+        row = {"cell": name, "max": max(lengths), "mean": sum(lengths) // len(lengths)}
+        for variant, setting in variants.items():
+            if setting is None:
+                dam.decode_attention = previous.decode_attention
+            else:
+                dam.decode_attention = current
+                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = setting
+            row[variant] = step_ms(model, config, kv, lengths)
+        dam.decode_attention = current
+        rows.append(row)
+        print(
+            f"{name:22s} max {row['max']:5d} mean {row['mean']:5d}: "
+            + "  ".join(f"{v}: {row[v]:6.2f} ms" for v in variants),
+            flush=True,
+        )
+    (Path(args.out) / "decode_kernel_sweep.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
