@@ -192,6 +192,19 @@ def test_a_long_request_is_cut_into_chunks_and_matches(window):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+def test_warm_up_compiles_each_padded_batch_size_once():
+    """Eager decode rows come in any number: each padded size is a variant of the kernel
+    (a compile on a GPU), all made by warm_up; its calls leave the cache as it was."""
+    assert dam.batch_pads(1) == dam.batch_pads(dam.MIN_BATCH_PAD) == [dam.MIN_BATCH_PAD]
+    assert dam.batch_pads(200) == [64, 128, 256] and dam.batch_pads(512) == [64, 128, 256, 512]
+    assert {dam._batch_pad(b) for b in range(1, 513)} == set(dam.batch_pads(512))
+    _, k, v, _, _ = make_case([5], 8, 2)
+    before = k.clone(), v.clone()
+    assert dam.warm_up(8, k, v, max_batch=3) == [dam.MIN_BATCH_PAD]
+    assert torch.equal(k.nan_to_num(), before[0].nan_to_num())
+    assert torch.equal(v.nan_to_num(), before[1].nan_to_num())
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     contexts=st.lists(st.integers(0, 20_000), min_size=1, max_size=64),

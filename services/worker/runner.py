@@ -251,6 +251,14 @@ class ModelRunner:
                 max_blocks = -(-max_model_len // block_tokens)
                 for key in graph_buckets(max_batch, max_blocks):
                     self._graph(key)
+            # decode rows of mixed steps run the attention kernel outside any graph, for any
+            # number of requests: its variants, compiled now
+            from alignedserve.worker.kernels.decode_attention import warm_up as warm_up_attention
+
+            config = self.model.config
+            warm_up_attention(
+                config.num_heads, *self.kv_cache.layer(0), max_batch, config.sliding_window
+            )
             torch.cuda.synchronize(self.device)
         self.capture_s = 0.0  # counts captures while serving (the stats line's)
         return len(self._graphs)

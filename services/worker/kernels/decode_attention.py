@@ -94,7 +94,13 @@ def decode_attention_ref(
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
 
 
-@triton.jit
+# The plan's vectors over the requests are padded to a power of two, at least this: every
+# Triton variant is a compile (about a second), and eager decode rows of mixed steps come in
+# any number, so all batches up to it share one, and warm_up compiles the rest before serving.
+MIN_BATCH_PAD = 64
+
+
+@triton.jit(do_not_specialize=["batch"])
 def _decode_attention_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_blocks, T, Hk, D]
@@ -418,7 +424,7 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_TOKENS=block_tokens,
         BLOCK_N=block_n,
-        BATCH_PAD=triton.next_power_of_2(batch),
+        BATCH_PAD=_batch_pad(batch),
         HAS_WINDOW=sliding_window is not None,
         # Triton's interpreter computes bf16 on raw bit patterns (it supports no bf16 math).
         DOT_DTYPE=tl.float32 if q.device.type == "cpu" else TL_DTYPES[q.dtype],
@@ -445,6 +451,38 @@ def max_chunks(
     if chunk_tiles is not None:
         return batch * max(1, _cdiv(_cdiv(max_context_tokens, block_n), chunk_tiles))
     return batch + _cdiv(num_programs * ITEMS_PER_PROGRAM, kv_heads)
+
+
+def _batch_pad(batch: int) -> int:
+    return max(MIN_BATCH_PAD, triton.next_power_of_2(batch))
+
+
+def warm_up(
+    q_heads: int,
+    k_blocks: torch.Tensor,  # [num_blocks, T, Hk, D]: one layer's view of a real cache
+    v_blocks: torch.Tensor,
+    max_batch: int,
+    sliding_window: int | None = None,
+) -> list[int]:
+    """Compile every variant a batch of up to `max_batch` requests can use (one per padded
+    batch size), so that no step waits for a compile; reads block 0, writes no KV. Returns
+    the padded sizes."""
+    pads = batch_pads(max_batch)
+    device, dtype = k_blocks.device, k_blocks.dtype
+    for pad in pads:
+        q = torch.zeros((pad, q_heads, k_blocks.shape[-1]), dtype=dtype, device=device)
+        table = torch.zeros((pad, 1), dtype=torch.long, device=device)
+        ones = torch.ones(pad, dtype=torch.long, device=device)
+        decode_attention(q, k_blocks, v_blocks, table, ones, 1.0, sliding_window)
+    return pads
+
+
+def batch_pads(max_batch: int) -> list[int]:
+    """The padded batch sizes (kernel variants) of batches of 1..max_batch requests."""
+    pads = [MIN_BATCH_PAD]
+    while pads[-1] < _batch_pad(max_batch):
+        pads.append(2 * pads[-1])
+    return pads
 
 
 def plan_chunks(
