@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
-from gpu_bench import build_model, cuda_time, served_lengths
+from gpu_bench import build_model, cuda_time, served_lengths, tables_for
 
 from alignedserve.worker.cuda_graph import DecodeGraph
 
@@ -39,13 +39,7 @@ def step_ms(model, config, kv, lengths: list[int]) -> float:
     width = math.ceil(max(lengths) / 16)
     bucket = 1 << (max(width, 16) - 1).bit_length()  # the worker's width bucket
     graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
-    tables = torch.full((batch, width), kv.num_blocks - 1, dtype=torch.long, device="cuda")
-    start = 0
-    for b, n in enumerate(lengths):
-        per = math.ceil(n / 16)
-        tables[b, :per] = torch.arange(start, start + per, device="cuda")
-        start += per
-    ctx = torch.tensor(lengths, dtype=torch.long, device="cuda")
+    tables, ctx = tables_for(lengths, width, kv)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
     seconds = cuda_time(lambda g=graph: g.replay(ids, tables, ctx).argmax(-1))
     del graph  # its memory pool, before the next capture

@@ -184,6 +184,18 @@ def served_lengths(batch: int, seed: int = 0) -> list[int]:
     return lengths
 
 
+def tables_for(lengths: list[int], width: int, kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables [B, width] giving each request its own consecutive blocks (the rest point
+    at the scratch block), and the context lengths [B], on the GPU."""
+    tables = torch.full((len(lengths), width), kv.num_blocks - 1, dtype=torch.long, device="cuda")
+    start = 0
+    for b, n in enumerate(lengths):
+        per = math.ceil(n / 16)
+        tables[b, :per] = torch.arange(start, start + per, device="cuda")
+        start += per
+    return tables, torch.tensor(lengths, dtype=torch.long, device="cuda")
+
+
 def mixed_cell(model, config, kv, batch: int) -> dict:
     """A served batch's lengths (one long request among short ones) against the same number
     of KV tokens spread evenly: the decode step through its graph and one layer's attention
@@ -202,13 +214,7 @@ def mixed_cell(model, config, kv, batch: int) -> dict:
     row = dict(batch=batch, lengths=mixed, width_bucket=bucket)
     cases = (("even", even), ("mixed", mixed), ("mixed longest first", sorted(mixed)[::-1]))
     for name, lengths in cases:
-        tables = torch.full((batch, width), kv.num_blocks - 1, dtype=torch.long, device="cuda")
-        start = 0
-        for b, n in enumerate(lengths):
-            per = math.ceil(n / 16)
-            tables[b, :per] = torch.arange(start, start + per, device="cuda")
-            start += per
-        ctx = torch.tensor(lengths, dtype=torch.long, device="cuda")
+        tables, ctx = tables_for(lengths, width, kv)
         step = cuda_time(lambda t=tables, c=ctx: graph.replay(ids, t, c).argmax(-1))
         wide = torch.full((batch, bucket), kv.num_blocks - 1, dtype=torch.long, device="cuda")
         wide[:, :width] = tables
