@@ -44,7 +44,7 @@ PROGRAMS_PER_SM = 4
 # chunk is a fraction of a program's share (the tail it can leave), while the partials of
 # requests cut in several stay few against the keys read. Chosen on an H200 with
 # benchmarks/decode_kernel_sweep.py (docs/benchmarks.md): 4 x 2 kept uniform batches within
-# 5 % of one program per (request, head) and cut served-like mixed ones by 8-40 %.
+# 6 % of one program per (request, head) and cut served-like mixed ones by 7-40 %.
 ITEMS_PER_PROGRAM = 2
 # Programs under the interpreter (CPU tensors): few, so tests exercise the loop and reduce.
 CPU_PROGRAMS = 3
@@ -140,7 +140,7 @@ def _decode_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,  # T
     BLOCK_N: tl.constexpr,  # keys per loop step (power of two, >= 16)
-    BATCH_PAD: tl.constexpr,  # B padded to a power of two
+    BATCH_PAD: tl.constexpr,  # B padded to a power of two, at least MIN_BATCH_PAD
     HAS_WINDOW: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # tl.dot operand type: q's dtype (fp32 for bf16 in the interpreter)
 ):
@@ -182,8 +182,7 @@ def _decode_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
     g_mask = offs_g < GROUP
     for item in range(pid, num_items, num_programs):
-        # head fastest: a request's heads run side by side, longest requests first if the
-        # caller sorts them so
+        # head fastest: a request's heads run side by side
         kv_head = item % kv_heads
         chunk_index = item // kv_heads  # over all requests' chunks
         b = tl.sum((ends_all <= chunk_index).to(tl.int32), 0)  # the request it falls in
@@ -193,7 +192,7 @@ def _decode_attention_kernel(
         ctx_len = tl.sum(tl.where(at_b, ctx_all, 0), 0)
         first_tile = tl.sum(tl.where(at_b, first_all, 0), 0)
         num_tiles = tl.sum(tl.where(at_b, tiles_all, 0), 0)
-        start = first_tile * 0  # first visible key position
+        start = 0  # first visible key position
         if HAS_WINDOW:
             start = tl.maximum(ctx_len - sliding_window, 0)
         lo = first_tile + chunk * chunk_tiles
@@ -353,12 +352,12 @@ def decode_attention(
 ) -> torch.Tensor:  # [B, Hq, D] in q's dtype
     """Triton paged decode attention; matches `decode_attention_ref`.
 
-    P persistent programs (`num_programs`; None: one per SM on a GPU, CPU_PROGRAMS under
-    the interpreter) share the work, cut on the device into chunks of each request's key
-    tiles for one kv head (see the kernel). A program loads the G query rows of its kv head
-    once per chunk and streams that head's keys and values once for all G of them, which is
-    what makes GQA decode cheap: every K/V byte is read once per step. A request of several
-    chunks (flash decoding) is merged by a second kernel on grid (B, Hq).
+    P persistent programs (`num_programs`; None: PROGRAMS_PER_SM per SM on a GPU,
+    CPU_PROGRAMS under the interpreter) share the work, cut on the device into chunks of
+    each request's key tiles for one kv head (see the kernel). A program loads the G query
+    rows of its kv head once per chunk and streams that head's keys and values once for all
+    G of them, which is what makes GQA decode cheap: every K/V byte is read once per step. A
+    request of several chunks (flash decoding) is merged by a second kernel on grid (B, Hq).
 
     chunk_tiles: None sizes chunks from the work on the device; an int fixes them (tests).
     chunk_starts: an int32 [B + 1] tensor to receive the plan (request b's chunks are
