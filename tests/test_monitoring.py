@@ -640,7 +640,14 @@ class Live:
 
         def request() -> None:
             c = openai.OpenAI(base_url=f"{self.server.url}/v1", api_key="unused", timeout=60)
-            answer.append(c.completions.create(model=self.server.model, prompt="x", max_tokens=4))
+            answer.append(
+                c.completions.create(  # EOS ignored: the random model may sample it early
+                    model=self.server.model,
+                    prompt="x",
+                    max_tokens=4,
+                    extra_body={"ignore_eos": True},
+                )
+            )
 
         thread = threading.Thread(target=request)
         thread.start()
