@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # GPU machines: install the CUDA build of torch first, then `pip install -e .[worker]`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test test-tools lint format bench-load protos clean
+.PHONY: setup serve test test-tools lint format bench-load device-wheels protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ protos: setup
 
 bench-load: setup
 	$(PY) benchmarks/load_rss.py
+
+# What the GPU machines lack for the router and the bench client (they have torch, triton,
+# grpcio, protobuf, ...; no package index): wheels for their python3 (3.12), carried to the
+# device as .wheels, where benchmarks/gpu_e2e.py installs them.
+device-wheels: setup
+	rm -rf .wheels
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --implementation cp -d .wheels fastapi uvicorn httpx
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-from openai.types import Completion, CompletionChoice, CompletionUsage
 from test_e2e import Stack
 
 from alignedserve.batcher.sim.workload import paper_mix
@@ -22,7 +21,7 @@ from alignedserve.bench.metrics import Slo, itls_s, stats, summarize, tpot_s
 from alignedserve.bench.records import Chunk, RequestRecord, RunRecords
 from alignedserve.bench.runner import run_load
 from alignedserve.bench.shapes import Concurrency, Offline, Poisson
-from alignedserve.bench.targets import _chunk_tokens
+from alignedserve.bench.targets import OpenAITarget, _chunk_tokens
 from alignedserve.bench.workload import (
     FIXED_GRID,
     BenchRequest,
@@ -104,15 +103,15 @@ def test_goodput_counts_successes_meeting_every_slo(slo, goodput):
 
 
 def chunk(text: str, finish: str | None = None, usage: int | None = None, choices: bool = True):
-    """A streamed chunk as the client builds it: unvalidated (a chunk's finish_reason is None
-    until the last, which Completion's type does not allow)."""
-    choice = CompletionChoice.model_construct(index=0, text=text, finish_reason=finish)
-    return Completion.model_construct(
-        choices=[choice] if choices else [],
-        usage=None
+    """A streamed /v1/completions chunk as parsed from its server-sent event."""
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return {
+        "object": "text_completion",
+        "choices": [choice] if choices else [],
+        "usage": None
         if usage is None
-        else CompletionUsage(prompt_tokens=4, completion_tokens=usage, total_tokens=4 + usage),
-    )
+        else {"prompt_tokens": 4, "completion_tokens": usage, "total_tokens": 4 + usage},
+    }
 
 
 def test_chunk_tokens_from_usage_else_one_per_chunk():
@@ -300,3 +299,23 @@ def test_offline_and_poisson_runs_against_the_stack(stack, tmp_path, capsys):
         for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
             s = summary[metric]
             assert 0 < s["p50"] <= s["p90"] <= s["p99"], metric
+
+
+def test_the_http_target_records_the_servers_error_and_counts_exact_tokens(stack):
+    """Each answer of the server ends in a record: an error answer's OpenAI message is kept
+    (the request failed, not the run), and a good stream's tokens are counted exactly."""
+    (good,) = fixed_requests(1)
+    too_long = BenchRequest("too-long", 0.0, good.prompt_token_ids, max_tokens=1 << 20)
+
+    async def send() -> list[RequestRecord]:
+        async with OpenAITarget(stack.url, stack.model, max_connections=2) as target:
+            records = [await target.run(good), await target.run(too_long)]
+        async with OpenAITarget(stack.url, "no-such-model", max_connections=1) as target:
+            return [*records, await target.run(good)]
+
+    ok, rejected, unknown = asyncio.run(send())
+    assert ok.error is None and ok.completion_tokens == 2 and len(ok.chunks) == 2
+    assert (ok.prompt_tokens, sum(c.num_tokens for c in ok.chunks)) == (4, 2)
+    assert rejected.error.startswith("HTTP 400: ") and "max_tokens" in rejected.error
+    assert unknown.error.startswith("HTTP 404: ") and "no-such-model" in unknown.error
+    assert not rejected.chunks and not unknown.chunks

@@ -66,7 +66,7 @@ def test_engine_flags_make_the_engine_config_and_need_the_engine_target():
 def test_sampling_is_what_the_router_makes_of_the_http_targets_request():
     (request,) = make_requests("fixed-12-7", 1, seed=3, rate_per_s=None, vocab_size=VOCAB)
     body = completion_body("tiny", request)
-    wire_json = {**{k: v for k, v in body.items() if k != "extra_body"}, **body["extra_body"]}
+    wire_json = json.loads(json.dumps(body))  # what the target sends
     limits = Limits(max_model_len=2048, vocab_size=VOCAB, default_max_tokens=16)
     routed = completion_input(CompletionRequest.model_validate(wire_json), None, limits, "r")
     assert routed.prompt_ids == request.prompt_token_ids

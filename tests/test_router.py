@@ -203,6 +203,26 @@ def test_streaming_never_splits_a_character(client):
     assert "\ufffd" not in whole.choices[0].text and "🙂" in whole.choices[0].text
 
 
+def test_continuous_usage_counts_every_token_once_held_back_ones_included(client):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage so far, so a
+    benchmark counts the tokens of a chunk that releases held-back bytes exactly."""
+    prompt = "héllo wörld ✓ 🙂"  # one byte per token: multi-byte characters are held back
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=40, stream=True)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(**kwargs, stream_options=options))
+    *with_text, last = chunks
+    counts = [c.usage.completion_tokens for c in with_text]
+    steps = [b - a for a, b in zip([0, *counts[:-1]], counts, strict=True)]
+    assert all(step >= 1 for step in steps) and max(steps) > 1  # some chunk carried several
+    assert counts[-1] == 40 and last.choices == [] and last.usage.completion_tokens == 40
+    assert {c.usage.prompt_tokens for c in chunks} == {last.usage.prompt_tokens}
+    # the extension only adds to include_usage, as in vLLM
+    alone = list(
+        client.completions.create(**kwargs, stream_options={"continuous_usage_stats": True})
+    )
+    assert all(c.usage is None for c in alone)
+
+
 def test_completion_logprobs(client, tokenizer):
     for logprobs in (0, 1):
         out = client.completions.create(

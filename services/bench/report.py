@@ -18,7 +18,7 @@ from alignedserve.bench.metrics import Stats, Summary, e2e_s, tpot_s, ttft_s
 from alignedserve.bench.records import RequestRecord, RunRecords
 from alignedserve.bench.shapes import LoadShape, describe
 
-VERSIONS_OF = ("alignedserve", "openai", "httpx", "numpy")
+VERSIONS_OF = ("alignedserve", "httpx", "numpy")
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
     ) -> Response:
         stats = RequestStats(model_name, arrival_s, len(gen.prompt_ids))
         deltas = generate_text(client, tokenizer, gen, stats)
-        return await respond(request, deltas, fmt, gen.stream, gen.include_usage, errors)
+        return await respond(request, deltas, fmt, gen, errors)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -33,6 +33,7 @@ class GenerationInput:
     stop: tuple[str, ...]  # stop strings, matched by the router on the text
     stream: bool
     include_usage: bool  # streaming: a last chunk with usage and no choices
+    continuous_usage: bool = False  # streaming: and every chunk with the usage so far
 
 
 # field -> (values that change nothing, so that ignoring the feature is exact; what we support)
@@ -179,11 +180,13 @@ def _generation_input(
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
     )
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return GenerationInput(
         request_id=request_id,
         prompt_ids=tuple(prompt_ids),
         params=params,
         stop=stop,
         stream=bool(req.stream),
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_usage=include_usage,
+        continuous_usage=include_usage and bool(req.stream_options.continuous_usage_stats),
     )

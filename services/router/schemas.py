@@ -61,6 +61,9 @@ Stop = Annotated[str | list[str] | None, BeforeValidator(_stop)]
 class StreamOptions(BaseModel):
     model_config = _CONFIG
     include_usage: bool | None = None
+    # vLLM's extension: with include_usage, every chunk carries the usage so far, which
+    # gives benchmark clients each chunk's exact token count
+    continuous_usage_stats: bool | None = None
 
 
 class GenerationRequest(BaseModel):

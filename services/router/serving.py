@@ -15,9 +15,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Send
 
-from alignedserve.router.formats import ResponseFormat
+from alignedserve.router.formats import ResponseFormat, usage_json
 from alignedserve.router.generation import Delta
 from alignedserve.router.http_errors import ErrorReplies
+from alignedserve.router.preprocess import GenerationInput
+from alignedserve.router.wire import Usage
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
@@ -27,17 +29,16 @@ async def respond(
     request: Request,
     deltas: AsyncGenerator[Delta, None],
     fmt: ResponseFormat,
-    stream: bool,
-    include_usage: bool,
+    gen: GenerationInput,
     errors: ErrorReplies,
 ) -> Response:
-    if not stream:
+    if not gen.stream:
         collected = await until_disconnect(request, _collect(deltas))
         return JSONResponse(fmt.response(collected))
     # Wait for the first delta before answering, so that admission errors (429 queue full,
     # 503 draining) get their own status instead of an error event inside a 200.
     first = await until_disconnect(request, anext(deltas))
-    return EventStreamResponse(_events(first, deltas, fmt, include_usage, errors))
+    return EventStreamResponse(_events(first, deltas, fmt, gen, errors))
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
@@ -71,17 +72,22 @@ async def _events(
     first: Delta,
     deltas: AsyncGenerator[Delta, None],
     fmt: ResponseFormat,
-    include_usage: bool,
+    gen: GenerationInput,
     errors: ErrorReplies,
 ) -> AsyncGenerator[str, None]:
+    num_prompt = len(gen.prompt_ids)
+    num_tokens = 0  # generated so far, the held-back deltas' included
     async with aclosing(deltas):
         for chunk in fmt.prelude():
             yield _event(chunk)
         delta = first
         try:
             while True:
+                num_tokens += len(delta.token_ids)
                 chunk = fmt.chunk(delta)
                 if chunk is not None:
+                    if gen.continuous_usage:
+                        chunk["usage"] = usage_json(Usage(num_prompt, num_tokens))
                     yield _event(chunk)
                 if delta.finish_reason is not None:
                     break
@@ -90,7 +96,7 @@ async def _events(
             # The 200 is out: the error travels as an event, as OpenAI's and vLLM's do.
             yield _event(errors.event(exc))
         else:
-            if include_usage:
+            if gen.include_usage:
                 assert delta.usage is not None, "the last delta carries usage"
                 yield _event(fmt.usage_chunk(delta.usage))
     yield DONE
