@@ -194,3 +194,52 @@ def test_the_prefill_devices_batches_run_across_steps_and_keep_an_aborted_reques
     assert [sched.store.get(r).output_token_ids for r in "bcd"] == [[7], [8], [9]]
     assert sched.prefilling == {}
     sched.check_invariants()
+
+
+def test_beside_a_prefill_device_the_decoding_gpu_prefills_only_through_a_long_backlog():
+    """The decode GPU mixes a chunk into its members' step only while more prompt tokens than
+    assist_backlog_tokens wait that no batch on the prefill device holds, and only while it
+    has room for more residents."""
+    config = replace(
+        make_config("aligned", 16, 1000, 5.0),
+        num_prefill_device_blocks=64,
+        prefill_tokens_per_step=100,
+        assist_tokens_per_step=10,
+        assist_backlog_tokens=150,
+    )
+    sched = make_scheduler(config)
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    sched.add_request("r", range(1, 51), params, now=0.0)
+    assert sched.schedule(0.0).prefill == (("r", 50),)
+    sched.prefill_done(["r"], {"r": 5}, now=0.0)
+    for step in range(3):  # r streams in and lands
+        plan = sched.schedule(0.01 * step)
+        sched.update(plan, dict.fromkeys(plan.decode, 6), now=0.01 * step)
+    assert plan.decode == ("r",)
+
+    def step(now: float, *arrivals: str):
+        for rid in arrivals:
+            sched.add_request(rid, range(1, 101), params, now=now)
+        plan = sched.schedule(now)
+        sched.update(plan, dict.fromkeys(plan.decode, 6), now=now)
+        sched.check_invariants()
+        return plan
+
+    plan = step(0.1, "a", "b")  # the prefill device takes a, then b; nothing waits unplanned
+    assert plan.prefill == (("a", 100),) and plan.decode == ("r",) and not plan.mixed_prefill
+    assert step(0.11).prefill == (("b", 100),)
+    plan = step(0.12, "c")  # 100 tokens unplanned: below the backlog bound
+    assert plan.decode == ("r",) and not plan.prefill and not plan.mixed_prefill
+    plan = step(0.13, "d")  # 200: the decode GPU takes the first unplanned one's chunk too
+    assert plan.decode == ("r",) and plan.mixed_prefill == (("c", 10),)
+    plan = step(0.14)  # 190 left unplanned
+    assert plan.mixed_prefill == (("c", 10),)
+    for now in (0.15, 0.16, 0.17, 0.18):
+        step(now)
+    assert sched.store.get("c").num_prefilled == 60
+    plan = step(0.19)  # 140 left: the prefill device's backlog is short again
+    assert not plan.mixed_prefill and sched.store.get("c").num_prefilled == 60
+    # no room on the decode GPU for more residents: no chunk, however long the backlog
+    sched.policy.kv_budget = sched.policy.gpu_tokens
+    plan = step(0.2, "e", "f")
+    assert plan.decode == ("r",) and not plan.mixed_prefill
