@@ -239,7 +239,12 @@ def test_beside_a_prefill_device_the_decoding_gpu_prefills_only_through_a_long_b
     assert sched.store.get("c").num_prefilled == 60
     plan = step(0.19)  # 140 left: the prefill device's backlog is short again
     assert not plan.mixed_prefill and sched.store.get("c").num_prefilled == 60
+    plan = step(0.195, "e", "f")  # 340 unplanned: the decode GPU helps again
+    assert plan.mixed_prefill == (("c", 10),)
+    sched.policy.config = replace(config, assist_backlog_tokens=0)  # never
+    assert not step(0.198).mixed_prefill
+    sched.policy.config = config
     # no room on the decode GPU for more residents: no chunk, however long the backlog
     sched.policy.kv_budget = sched.policy.gpu_tokens
-    plan = step(0.2, "e", "f")
+    plan = step(0.2, "g")
     assert plan.decode == ("r",) and not plan.mixed_prefill

@@ -181,8 +181,10 @@ class AlignedPolicy:
         if not sched.waiting or self._free_tokens(sched) <= 0:
             return plan
         beside = self.config.num_prefill_device_blocks > 0
-        backlog = beside and sched.has_unplanned_tokens(
-            self.config.assist_backlog_tokens, after=plan.prefill
+        backlog = (
+            beside
+            and self.config.assist_backlog_tokens > 0
+            and sched.has_unplanned_tokens(self.config.assist_backlog_tokens, after=plan.prefill)
         )
         if not backlog and (self.pooled or (beside and self.resident)):
             return plan

@@ -40,7 +40,8 @@ class SchedulerConfig:
     # aligned beside a prefill device: the decode GPU mixes prefill into its steps too while
     # more prompt tokens than this wait that no batch on the prefill device holds (about a
     # second of an H200's Llama-3-8B prefill): a backlog that would keep requests from
-    # decoding for that long costs more than the chunk's stretch of the residents' steps
+    # decoding for that long costs more than the chunk's stretch of the residents' steps.
+    # 0: never (the decode GPU then prefills beside a prefill device only when it is empty)
     assist_backlog_tokens: int = 32768
     # aligned: requests held past prefill (pooled + prefetching + running). Beyond it new
     # requests wait before prefill (visible as TTFT, as in fcfs) instead of in the pool
@@ -57,7 +58,7 @@ class SchedulerConfig:
             raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "num_prefill_device_blocks":
+            if f.name in ("num_prefill_device_blocks", "assist_backlog_tokens"):
                 if value < 0:
                     raise ConfigError(f"{f.name}={value} must be >= 0")
             elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
