@@ -77,21 +77,16 @@ from alignedserve.serve import (  # noqa: E402
 )
 
 # the docstring says what each runs
-VARIANTS = ("aligned", "aligned-sync", "aligned-serial", "aligned-noassist", "fcfs", "fcfs-dp2")
+VARIANTS = ("aligned", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
 # a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
 # -serial, the worker answers each step before it queues the next
-SUFFIX_SETTINGS = {
-    "-sync": {"max_steps_in_flight": 1},
-    "-serial": {"overlap_steps": False},
-    "-noassist": {"assist_backlog_tokens": 0},
-}
+SUFFIX_SETTINGS = {"-sync": {"max_steps_in_flight": 1}, "-serial": {"overlap_steps": False}}
 PARTS = ("offline", "online")  # each variant's two bench calls (online: the rates)
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
-    "aligned-noassist": "aligned, the decode GPU never prefilling beside its members",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
 }

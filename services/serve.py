@@ -71,13 +71,6 @@ class EngineSettings:
         default=BatcherConfig.max_steps_in_flight,
         metadata={"help": "steps the batcher sends before the first is answered (1: each waits)"},
     )
-    assist_backlog_tokens: int = field(
-        default=BatcherConfig.assist_backlog_tokens,
-        metadata={
-            "help": "aligned beside a prefill device: the decode GPU prefills too while more "
-            "prompt tokens than this wait unplanned (0: never)"
-        },
-    )
     overlap_steps: bool = field(
         default=True,
         metadata={"help": "the worker queues a step on the device before answering the last"},
@@ -120,7 +113,6 @@ BATCHER_FIELDS = (
     "min_batch",
     "max_batch_kv_fraction",
     "max_steps_in_flight",
-    "assist_backlog_tokens",
 )
 
 

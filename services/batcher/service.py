@@ -43,9 +43,6 @@ class BatcherConfig:
     weight_kv_tokens: int | None = None  # weight bytes / KV bytes per token
     # steps sent to the worker before the first is answered; 1: wait for each answer
     max_steps_in_flight: int = 2
-    # aligned beside a prefill device: the decode GPU prefills too while more prompt tokens
-    # than this wait unplanned (0: never)
-    assist_backlog_tokens: int = SchedulerConfig.assist_backlog_tokens
 
     def __post_init__(self) -> None:
         if self.pool_gib <= 0:
@@ -67,7 +64,6 @@ class BatcherConfig:
                 starvation_s=self.starvation_s,
                 min_batch_size=self.min_batch,
                 max_resident_kv_fraction=self.max_batch_kv_fraction,
-                assist_backlog_tokens=self.assist_backlog_tokens,
             ),
             worker_recovery_s=self.worker_recovery_s,
             worker_startup_s=self.worker_startup_s,

@@ -11,10 +11,9 @@ batching with prefill moved off the decode GPU.
 
 The CPU pool holds the rest (its index by length finds partners). Each step, top to bottom:
 1. prefill waiting requests on the prefetch GPU, whose KV lands in the pool: there, one
-   batch of chunks runs across decode steps, never holding one up; and on the decode GPU
-   too, in its step, while the GPU has room and either nothing waits in the pool and,
-   beside a prefill device, it decodes nothing, or the prefill device's backlog is long
-   (`assist_backlog_tokens`); admitting at most `max_inflight` past prefill;
+   batch of chunks runs across decode steps, never holding one up (and on the decode GPU
+   too while nothing waits in the pool, the GPU has room and, beside a prefill device,
+   decodes nothing), admitting at most `max_inflight` past prefill;
 2. requests that finished streaming in become resident;
 3. a pooled request waiting past `starvation_s` while the GPU is full makes room by sending
    the longest-resident requests back to the pool (they write back only new KV);
@@ -172,21 +171,13 @@ class AlignedPolicy:
         return max(0, self.config.max_inflight - inflight)
 
     def _with_assist(self, sched: Scheduler, plan: BatchPlan, free_blocks: int) -> BatchPlan:
-        """When prefill is the bottleneck and the decode GPU has room for more residents, the
-        decode GPU prefills a bounded chunk in its step too: with nothing in the pool (alone,
-        or beside a prefill device while it decodes nothing), or beside a prefill device whose
-        backlog exceeds `assist_backlog_tokens`. A chunk stretches every member's step, which
-        the prefill device is there to prevent; only a backlog that keeps requests from
-        decoding for longer than the stretch costs is worth it."""
-        if not sched.waiting or self._free_tokens(sched) <= 0:
+        """With nothing in the pool and room on the GPU, the prefetch GPU's prefill is the
+        bottleneck: the decode GPU prefills a bounded chunk in its step too. Not while it
+        decodes beside a prefill device: that chunk would stretch every member's step, which
+        is what the prefill device is there to prevent."""
+        if not sched.waiting or self.pooled or self._free_tokens(sched) <= 0:
             return plan
-        beside = self.config.num_prefill_device_blocks > 0
-        backlog = (
-            beside
-            and self.config.assist_backlog_tokens > 0
-            and sched.has_unplanned_tokens(self.config.assist_backlog_tokens, after=plan.prefill)
-        )
-        if not backlog and (self.pooled or (beside and self.resident)):
+        if self.config.num_prefill_device_blocks and self.resident:
             return plan
         room = self._admit_room() - len(plan.prefill)
         mixed = sched.plan_prefill(

@@ -34,15 +34,7 @@ class SchedulerConfig:
     admit_watermark: float = 0.05  # a new request starts prefill only if 5% of the pool stays free
     max_waiting: int = 10000  # bounded admission queue (waiting for prefill)
     prefill_tokens_per_step: int = 8192  # prefill chunk budget per step
-    # aligned: prefill the decode GPU mixes into its step (2048 stretched a Llama-3-8B step
-    # beside ~150 residents to 77-95 ms on an H200, and p99 TPOT with it)
-    assist_tokens_per_step: int = 1024
-    # aligned beside a prefill device: the decode GPU mixes prefill into its steps too while
-    # more prompt tokens than this wait that no batch on the prefill device holds (about a
-    # second of an H200's Llama-3-8B prefill): a backlog that would keep requests from
-    # decoding for that long costs more than the chunk's stretch of the residents' steps.
-    # 0: never (the decode GPU then prefills beside a prefill device only when it is empty)
-    assist_backlog_tokens: int = 32768
+    assist_tokens_per_step: int = 2048  # aligned: prefill the decode GPU mixes into its step
     # aligned: requests held past prefill (pooled + prefetching + running). Beyond it new
     # requests wait before prefill (visible as TTFT, as in fcfs) instead of in the pool
     # (where waiting would inflate every pooled request's time per output token).
@@ -58,7 +50,7 @@ class SchedulerConfig:
             raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("num_prefill_device_blocks", "assist_backlog_tokens"):
+            if f.name == "num_prefill_device_blocks":
                 if value < 0:
                     raise ConfigError(f"{f.name}={value} must be >= 0")
             elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:

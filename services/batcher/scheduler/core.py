@@ -159,21 +159,6 @@ class Scheduler:
         # the orphaned (ended meanwhile) are among the prefilling and no longer wait
         return len(self.waiting) - (len(self.prefilling) - len(self._orphaned_blocks))
 
-    def has_unplanned_tokens(
-        self, num_tokens: int, after: tuple[tuple[str, int], ...] = ()
-    ) -> bool:
-        """Do at least num_tokens prompt tokens wait for prefill in requests that no batch on
-        the prefill device holds, nor `after`? (Reads the queue only that far.)"""
-        planned = {request_id for request_id, _ in after}
-        for request_id in self.waiting:
-            if request_id in planned or request_id in self.prefilling:
-                continue
-            r = self.store.get(request_id)
-            num_tokens -= r.num_tokens - r.num_prefilled
-            if num_tokens <= 0:
-                return True
-        return False
-
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
         prefill this step and per decoded member. Returns the requests that finished. (The
