@@ -26,13 +26,15 @@ For one model shape (random weights, bf16; llama3-8b is GQA, opt-13b is MHA):
    model's vocabulary, so that every id the model samples streams as text of its own;
 2. the peer, benchmarks/hf_peer.py, generates for the bench's offline requests (a bounded
    subset: --peer-requests of them) on --device, before any server takes the GPU;
-3. for each variant, its server(s) and `alignedserve bench` on the router: offline, then each
-   --rate (Poisson), the same requests for every variant, EOS ignored. The aligned server also
+3. for each variant, its server(s) and `alignedserve bench` on the router: offline
+   (--offline-repeats times: one run's makespan hangs on its last prefilled requests), then
+   each --rate (Poisson), the same requests for every variant, EOS ignored. The aligned server also
    runs the peer's requests offline, unless they are the offline run's own (--peer-requests =
    --num-requests);
 4. the report, rewritten after each step so that a call cut short still returns what it did:
    OUT/gpu_e2e_<shape>.md and .json (every variant's cells, aligned ÷ baseline output tok/s and
-   baseline ÷ aligned p99 TPOT against the issue's targets, and the peer ratio), _tpot.png
+   baseline ÷ aligned p99 TPOT against the issue's targets, with repeated offline runs the
+   ratio of their medians, and the peer ratio), _tpot.png
    (TPOT CDFs), and .tar.gz (each bench's own JSON, Markdown and plots, and the peer's JSON).
 
 --deadline-s (from the start) sizes each bench's per-run timeout, so that the call ends inside
@@ -48,6 +50,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -81,7 +84,6 @@ VARIANTS = ("aligned", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
 # a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
 # -serial, the worker answers each step before it queues the next
 SUFFIX_SETTINGS = {"-sync": {"max_steps_in_flight": 1}, "-serial": {"overlap_steps": False}}
-PARTS = ("offline", "online")  # each variant's two bench calls (online: the rates)
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
@@ -344,13 +346,15 @@ def run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_aft
             timeout = clock.run_timeout(1, servers_after, args.timeout_s)
             cmd = bench_args(args, vocab, args.peer_requests, [math.inf], timeout)
             subprocess.run([*cmd, "--out", str(work / "aligned-peer")], env=env, check=False)
-        num_online = len(args.rate) + len(args.rate_fraction)
-        runs_left = (1 + num_online) * (1 + servers_after)
+        num_runs = args.offline_repeats + len(args.rate) + len(args.rate_fraction)
+        runs_left = num_runs * (1 + servers_after)
         timeout = clock.run_timeout(runs_left, servers_after, args.timeout_s)
-        print(f"{policy}: {1 + num_online} runs, up to {timeout:.0f} s each", flush=True)
+        print(f"{policy}: {num_runs} runs, up to {timeout:.0f} s each", flush=True)
         start = time.monotonic()
         cmd = bench_args(args, vocab, args.num_requests, [math.inf], timeout)
-        subprocess.run([*cmd, "--out", str(work / policy / "offline")], env=env, check=False)
+        for k in range(1, args.offline_repeats + 1):
+            out = work / policy / offline_part(k)
+            subprocess.run([*cmd, "--out", str(out)], env=env, check=False)
         rates = [*args.rate, *fraction_rates(work, args.baseline, args.rate_fraction)]
         if rates:
             timeout = clock.run_timeout(len(rates) * (1 + servers_after), servers_after, timeout)
@@ -389,16 +393,57 @@ def run_peer(args, model: Path, env, work: Path, clock: Clock, timings) -> None:
 # ---------------------------------------------------------------- the report (pure)
 
 
+def offline_part(k: int) -> str:
+    """The directory of a variant's k-th offline run (1, 2, ...)."""
+    return "offline" if k == 1 else f"offline-{k}"
+
+
+def bench_parts(work: Path, variant: str) -> list[tuple[str, str]]:
+    """(directory, load label suffix) of a variant's bench runs: the offline runs in order
+    (the k-th labelled "#k" from the second on), then the online one."""
+    repeats = sorted(
+        int(p.name.split("-")[1])
+        for p in (work / variant).glob("offline-*")
+        if p.name.split("-")[1].isdigit()
+    )
+    return [
+        ("offline", ""),
+        *((offline_part(k), f" #{k}") for k in repeats),
+        ("online", ""),
+    ]
+
+
 def load_runs(work: Path) -> dict[str, dict[str, dict]]:
-    """runs[load][variant] = that bench run's JSON (summary and per-request rows)."""
+    """runs[load][variant] = that bench run's JSON (summary and per-request rows); a
+    repeated offline run's load is "offline #k"."""
     runs: dict[str, dict[str, dict]] = {}
     for variant in VARIANTS:
-        for part in PARTS:
+        for part, suffix in bench_parts(work, variant):
             path = work / variant / part / "bench.json"
             if path.is_file():
                 for run in json.loads(path.read_text())["runs"]:
-                    runs.setdefault(run["load"], {})[variant] = run
+                    runs.setdefault(run["load"] + suffix, {})[variant] = run
     return runs
+
+
+def offline_spread(runs: dict[str, dict[str, dict]], baseline: str) -> dict[str, Any] | None:
+    """With more than one offline run of aligned and the baseline: each one's output tok/s
+    over its runs, the ratio of their medians, and the range of the ratio (the runs of two
+    variants are not paired: they ran on different servers, one after the other)."""
+    offline = [by_variant for load, by_variant in runs.items() if load.startswith("offline")]
+    tok_s = {
+        variant: [r[variant]["summary"]["output_tokens_per_s"] for r in offline if variant in r]
+        for variant in ("aligned", baseline)
+    }
+    if min(len(v) for v in tok_s.values()) < 2:
+        return None
+    a, b = tok_s["aligned"], tok_s[baseline]
+    return {
+        "output_tokens_per_s": tok_s,
+        "median_ratio": statistics.median(a) / statistics.median(b),
+        "min_ratio": min(a) / max(b),
+        "max_ratio": max(a) / min(b),
+    }
 
 
 def chunks_per_token(run: dict) -> float | None:
@@ -562,6 +607,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['load']} | {throughput} | {tpot} | {'; '.join(row['notes']) or '–'} |"
         )
+    spread = report.get("offline_spread")
+    if spread is not None:
+        lines += ["", offline_spread_line(spread, baseline, shape.min_throughput_ratio)]
     peer = report.get("peer")
     if peer is not None:
         p = peer["peer"]
@@ -603,13 +651,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def offline_spread_line(spread: dict[str, Any], baseline: str, target: float) -> str:
+    each = "; ".join(
+        f"{variant} " + ", ".join(f"{v:.0f}" for v in values) + " tok/s"
+        for variant, values in spread["output_tokens_per_s"].items()
+    )
+    met = "met" if spread["median_ratio"] >= target else "missed"
+    return (
+        f"Offline, every run: {each}. Ratio of the medians (aligned ÷ {baseline}): "
+        f"**{spread['median_ratio']:.2f}×** (≥ {target:g}×: {met}); any aligned run against "
+        f"any {baseline} run: {spread['min_ratio']:.2f}–{spread['max_ratio']:.2f}×."
+    )
+
+
 def make_report(
     args, work: Path, runs: dict[str, dict[str, dict]], timings: dict, blocks: int, device: str
 ) -> dict[str, Any]:
     shape = SHAPES[args.model_shape]
     capacity = offline_capacity(runs, args.baseline)
     tables = {}
-    for name in (*(f"{v}/{part}" for v in VARIANTS for part in PARTS), "aligned-peer"):
+    parts = [f"{v}/{part}" for v in VARIANTS for part, _ in bench_parts(work, v)]
+    for name in (*parts, "aligned-peer"):
         if (work / name / "bench.md").is_file():
             tables[name] = (work / name / "bench.md").read_text()
     return {
@@ -630,6 +692,7 @@ def make_report(
             "device_kv_gib": args.device_kv_gib,
             "device_blocks": blocks,
             "peer_requests": args.peer_requests,
+            "offline_repeats": args.offline_repeats,
         },
         "targets": {
             "throughput_ratio": shape.min_throughput_ratio,
@@ -641,6 +704,7 @@ def make_report(
             cell(load, by_variant, args.policies, args.baseline, shape, capacity)
             for load, by_variant in runs.items()
         ],
+        "offline_spread": offline_spread(runs, args.baseline),
         "peer": peer_cell(work, runs, args),
         "gpu_busy": gpu_busy(work, args.policies),
         "bench_tables": tables,
@@ -739,6 +803,13 @@ def main() -> None:
         help="a Poisson rate as this fraction of the baseline's offline req/s (repeat); the "
         "baseline then runs first",
     )  # fmt: skip
+    parser.add_argument(
+        "--offline-repeats",
+        type=int,
+        default=1,
+        help="offline runs per variant (one offline run's makespan is set by its last "
+        "prefilled requests: the ratio of one run varied 0.87-1.13x)",
+    )
     parser.add_argument("--timeout-s", type=float, default=240, help="cap per bench run")
     parser.add_argument("--deadline-s", type=float, default=560, help="the whole call's")
     parser.add_argument("--pool-gib", type=float, help="CPU KV pool: 64, --tiny 0.5")
@@ -758,6 +829,8 @@ def main() -> None:
         args.device_kv_gib = 0.25 if args.tiny else 88
     if len(args.policies) > 1 and args.baseline not in args.policies:
         parser.error(f"--baseline {args.baseline} is not among --policies: nothing to compare")
+    if args.offline_repeats < 1:
+        parser.error(f"--offline-repeats {args.offline_repeats}: at least 1")
     if "fcfs-dp2" in args.policies and not args.prefetch_device and args.device != "cpu":
         parser.error("fcfs-dp2 needs a second GPU: --prefetch-device")
     if args.rate_fraction:  # its offline run sets the rates of every variant

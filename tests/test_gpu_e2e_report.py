@@ -1,0 +1,61 @@
+"""benchmarks/gpu_e2e.py's report over repeated offline runs: each run is its own row, and
+the spread line compares the variants' medians (on hand-made bench results)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def gpu_e2e():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("gpu_e2e")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def write_run(work: Path, variant: str, part: str, load: str, tok_s: float) -> None:
+    summary = {"output_tokens_per_s": tok_s, "requests_per_s": tok_s / 100}
+    out = work / variant / part
+    out.mkdir(parents=True)
+    run = {"load": load, "summary": summary, "requests": []}
+    (out / "bench.json").write_text(json.dumps({"runs": [run]}))
+
+
+def test_repeated_offline_runs_are_rows_of_their_own_and_their_medians_are_compared(
+    gpu_e2e, tmp_path
+):
+    for variant, values in (("aligned", [5100, 4600, 4900]), ("fcfs-dp2", [4500, 5300, 5000])):
+        for k, tok_s in enumerate(values, start=1):
+            write_run(tmp_path, variant, gpu_e2e.offline_part(k), "offline", tok_s)
+        write_run(tmp_path, variant, "online", "25 req/s", values[0] - 100)
+    write_run(tmp_path, "aligned", "offline-x", "offline", 1.0)  # not a repeat: ignored
+    runs = gpu_e2e.load_runs(tmp_path)
+    assert list(runs) == ["offline", "offline #2", "offline #3", "25 req/s"]
+    assert runs["offline #3"]["fcfs-dp2"]["summary"]["output_tokens_per_s"] == 5000
+    spread = gpu_e2e.offline_spread(runs, "fcfs-dp2")
+    assert spread["output_tokens_per_s"] == {
+        "aligned": [5100, 4600, 4900],
+        "fcfs-dp2": [4500, 5300, 5000],
+    }
+    assert spread["median_ratio"] == pytest.approx(4900 / 5000)
+    assert (spread["min_ratio"], spread["max_ratio"]) == pytest.approx((4600 / 5300, 5100 / 4500))
+    line = gpu_e2e.offline_spread_line(spread, "fcfs-dp2", 1.2)
+    assert "**0.98×** (≥ 1.2×: missed)" in line and "0.87–1.13×" in line
+
+
+def test_one_offline_run_has_no_spread(gpu_e2e, tmp_path):
+    write_run(tmp_path, "aligned", "offline", "offline", 5100)
+    write_run(tmp_path, "fcfs-dp2", "offline", "offline", 4500)
+    write_run(tmp_path, "fcfs-dp2", gpu_e2e.offline_part(2), "offline", 4600)
+    runs = gpu_e2e.load_runs(tmp_path)
+    assert list(runs) == ["offline", "offline #2"]
+    assert gpu_e2e.offline_spread(runs, "fcfs-dp2") is None  # aligned ran once
