@@ -1,10 +1,16 @@
-"""Shared test factories: tiny Hugging Face checkpoints and prompt batches."""
+"""Shared test factories: tiny Hugging Face checkpoints, prompt batches, and the scripts of
+benchmarks/ as modules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 VOCAB = 320
 
@@ -85,3 +91,17 @@ def greedy(max_tokens: int, **kw):
     from alignedserve.common.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/<name>.py, loaded afresh as a module; its sibling scripts importable while
+    it loads, as when it runs."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it loads
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

@@ -5,7 +5,6 @@ so the worker that `alignedserve bench --target engine` starts runs on it too.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from factories import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +37,7 @@ SITECUSTOMIZE = """
 
 
 def load_device_env():
-    spec = importlib.util.spec_from_file_location("device_env", ROOT / "benchmarks/device_env.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("device_env")
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,17 @@ the spread line compares the variants' medians (on hand-made bench results)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from factories import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def gpu_e2e():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("gpu_e2e")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("gpu_e2e")
 
 
 def write_run(work: Path, variant: str, part: str, load: str, tok_s: float) -> None:

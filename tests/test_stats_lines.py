@@ -5,10 +5,8 @@ loopback, prefill on a second CPU replica)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import re
-from pathlib import Path
 
 import pytest
 from test_batcher_service import generate, greedy, stack
@@ -18,7 +16,7 @@ from alignedserve.common import stats_line
 from alignedserve.common.errors import ConfigError
 from alignedserve.serve import free_port
 
-from factories import random_prompts
+from factories import benchmark_module, random_prompts
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("", 10.0), ("0.25", 0.25), ("3", 3.0)])
@@ -91,11 +89,7 @@ def test_both_services_log_their_lines(model_dir, monkeypatch, caplog):
 
 
 def load_device_busy():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/device_busy.py"
-    spec = importlib.util.spec_from_file_location("device_busy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("device_busy")
 
 
 def test_device_busy_sums_the_windows_with_tokens():

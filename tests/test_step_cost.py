@@ -3,22 +3,14 @@ pure decode, and the line through them."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from factories import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def step_cost():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("step_cost")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("step_cost")
 
 
 def worker(at: str, residents: int, kv_percent: float, steps: int, ms: float, idle: int = 0):

@@ -33,7 +33,7 @@ class GenerationInput:
     stop: tuple[str, ...]  # stop strings, matched by the router on the text
     stream: bool
     include_usage: bool  # streaming: a last chunk with usage and no choices
-    continuous_usage: bool = False  # streaming: and every chunk with the usage so far
+    continuous_usage: bool  # streaming: and every chunk with the usage so far
 
 
 # field -> (values that change nothing, so that ignoring the feature is exact; what we support)

@@ -90,7 +90,9 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
     start = time.perf_counter()
     num_graphs = runner.warm_up(config.warm_up_batch, info.max_model_len)
     if prefiller is not None:
-        prefiller.runner.warm_up(0, info.max_model_len)  # its prefill kernels only
+        # no decode graphs; its prefill kernels, and the decode kernel's smallest variant,
+        # which a chunk of one token there runs
+        prefiller.runner.warm_up(0, info.max_model_len)
     if runner.device.type == "cuda":
         logger.info(
             "warmed up in %.1f s: prefill kernels compiled, %d decode graphs captured",
