@@ -18,6 +18,8 @@ new lengths: prompt tokens/s, and the decode step meanwhile.
     python3 benchmarks/worker_step.py --out "$OUT"                       # a GPU machine
     python3 benchmarks/worker_step.py --prefetch-device cuda:1 --out "$OUT"   # the pair
     .venv/bin/python benchmarks/worker_step.py --tiny --device cpu --batches 4 8 --steps 20
+    # what a served fcfs batch's spread of lengths costs the step, against the same KV even:
+    python3 benchmarks/worker_step.py --batches 40 112 --lengths served even --overlap on
 """
 
 from __future__ import annotations
@@ -67,19 +69,35 @@ async def end_session(call, step: int, request_ids: list[str]) -> None:
     await call.code()
 
 
-async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> dict:
-    """One batch size: load, warm up (graph capture), then time --steps decode steps."""
+def cell_lengths(batch: int, lengths: str, args) -> list[int]:
+    """Each request's KV length: all --kv-len ("uniform"), a served fcfs batch's spread
+    ("served": gpu_bench's 90 %-short mix, one long request at least, each cut to
+    args.max_start_len), or that spread's total KV shared evenly ("even"): served against
+    even says what the spread costs."""
+    if lengths == "uniform":
+        return [args.kv_len] * batch
+    from gpu_bench import served_lengths
+
+    served = [min(n, args.max_start_len) for n in served_lengths(batch)]
+    return served if lengths == "served" else [sum(served) // batch] * batch
+
+
+async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, lengths: str, args) -> dict:
+    """One batch: load, warm up (graph capture), then time --steps decode steps."""
     layout = pool.layout
-    pool_blocks = list(range(layout.blocks_for(args.kv_len + args.steps + 64)))
-    ids = [f"b{batch}-{i}" for i in range(batch)]
+    kv_lens = cell_lengths(batch, lengths, args)
+    ids = [f"b{batch}-{lengths}-{i}" for i in range(batch)]
     call = stub.Session()
     loads = [
-        worker_pb2.LoadEntry(request_id=r, pool_blocks=pool_blocks, num_kv_tokens=args.kv_len)
-        for r in ids
+        worker_pb2.LoadEntry(
+            request_id=r,
+            pool_blocks=range(layout.blocks_for(n + args.steps + 64)),
+            num_kv_tokens=n,
+        )
+        for r, n in zip(ids, kv_lens, strict=True)
     ]
     await call.write(worker_pb2.StepRequest(step=1, load=loads))
     await call.read()
-    num_kv = args.kv_len
     step = 1
     answered: list[worker_pb2.StepResponse] = []
     in_flight = 0
@@ -94,13 +112,12 @@ async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> di
                     request_id=r,
                     token_id=1 if first else 0,
                     last_sampled=not first,
-                    num_kv_tokens=num_kv,
+                    num_kv_tokens=n + step - 2,
                     params=GREEDY,
                 )
-                for r in ids
+                for r, n in zip(ids, kv_lens, strict=True)
             ]
             await call.write(worker_pb2.StepRequest(step=step, decode=decodes))
-            num_kv += 1
             in_flight += 1
         answered.append(await call.read())
         in_flight -= 1
@@ -114,10 +131,13 @@ async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, args) -> di
     device_ms = 1e3 * statistics.mean(r.compute_s for r in timed)
     return {
         "batch": batch,
-        "kv_len": args.kv_len,
+        "lengths": lengths,
+        "kv_len": round(statistics.mean(kv_lens)),
+        "max_kv_len": max(kv_lens),
         "overlap_steps": servicer.overlap_steps,
         "step_ms": step_ms,
         "device_ms": device_ms,
+        "host_launch_ms": 1e3 * statistics.mean(r.launch_s for r in timed),
         "device_busy": device_ms / step_ms,
         "tokens_per_s": batch / (step_ms / 1e3),
     }
@@ -241,8 +261,11 @@ async def main(args: argparse.Namespace) -> None:
         stub = worker_pb2_grpc.WorkerStub(channel)
         info = await stub.Describe(worker_pb2.DescribeRequest())
         layout = layout_from_proto(info.kv_layout)
+        # room for every step's token after the longest start
+        args.max_start_len = info.max_model_len - args.warmup - args.steps - 2
+        longest = max(max(cell_lengths(b, n, args)) for b in args.batches for n in args.lengths)
         num_pool_blocks = max(
-            layout.blocks_for(args.kv_len + args.steps + 64),
+            layout.blocks_for(longest + args.steps + 64),
             layout.blocks_for(args.prefill_tokens) + args.prefill_prompts + 2,
         )
         with CpuKVPool.create(layout, num_pool_blocks) as pool:
@@ -252,16 +275,19 @@ async def main(args: argparse.Namespace) -> None:
                 )
             )
             for batch in args.batches:
-                for overlap in (False, True):
-                    servicer.overlap_steps = overlap
-                    row = await run_cell(stub, servicer, pool, batch, args)
-                    rows.append(row)
-                    print(
-                        f"B={batch} L={args.kv_len} overlap={overlap}: {row['step_ms']:.2f} ms "
-                        f"per step, device {row['device_ms']:.2f} ms "
-                        f"({100 * row['device_busy']:.0f}% busy), {row['tokens_per_s']:.0f} tok/s",
-                        flush=True,
-                    )
+                for lengths in args.lengths:
+                    for overlap in args.overlap:
+                        servicer.overlap_steps = overlap == "on"
+                        row = await run_cell(stub, servicer, pool, batch, lengths, args)
+                        rows.append(row)
+                        print(
+                            f"B={batch} {lengths} L={row['kv_len']} (max {row['max_kv_len']}) "
+                            f"overlap={overlap}: {row['step_ms']:.2f} ms per step, device "
+                            f"{row['device_ms']:.2f} ms ({100 * row['device_busy']:.0f}% busy), "
+                            f"host {row['host_launch_ms']:.2f} ms to queue it, "
+                            f"{row['tokens_per_s']:.0f} tok/s",
+                            flush=True,
+                        )
             if args.prefetch_device:
                 # alone, beside decode, alone again, each with new prompt shapes: the first
                 # cell also pays the warm-up
@@ -281,17 +307,22 @@ async def main(args: argparse.Namespace) -> None:
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     shutil.rmtree(model, ignore_errors=True)
-    print("\n| batch | KV length | overlap | ms per step | device ms | device busy | tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| batch | lengths | KV length mean / max | overlap | ms per step | device ms | "
+        "host ms to queue | device busy | tok/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['batch']} | {r['kv_len']} | {'on' if r['overlap_steps'] else 'off'} | "
-            f"{r['step_ms']:.2f} | {r['device_ms']:.2f} | {100 * r['device_busy']:.0f}% | "
-            f"{r['tokens_per_s']:.0f} |"
+            f"| {r['batch']} | {r['lengths']} | {r['kv_len']} / {r['max_kv_len']} | "
+            f"{'on' if r['overlap_steps'] else 'off'} | {r['step_ms']:.2f} | "
+            f"{r['device_ms']:.2f} | {r['host_launch_ms']:.2f} | "
+            f"{100 * r['device_busy']:.0f}% | {r['tokens_per_s']:.0f} |"
         )
-    for off, on in zip(rows[::2], rows[1::2], strict=True):
-        gain = on["tokens_per_s"] / off["tokens_per_s"]
-        print(f"B={on['batch']}: overlap on ÷ off, tok/s: {gain:.2f}x")
+    if args.overlap == ["off", "on"]:
+        for off, on in zip(rows[::2], rows[1::2], strict=True):
+            gain = on["tokens_per_s"] / off["tokens_per_s"]
+            print(f"B={on['batch']} {on['lengths']}: overlap on ÷ off, tok/s: {gain:.2f}x")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = {"decode": rows, "prefill": prefill_rows}
@@ -304,6 +335,15 @@ if __name__ == "__main__":
     parser.add_argument("--tiny", action="store_true", help="the tiny model (CPU dry run)")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--kv-len", type=int, default=1024)
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        choices=("uniform", "served", "even"),
+        default=["uniform"],
+        help="each request's KV length: all --kv-len, a served fcfs batch's spread, or its "
+        "total shared evenly",
+    )
+    parser.add_argument("--overlap", nargs="+", choices=("off", "on"), default=["off", "on"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--in-flight", type=int, default=2, help="the batcher's steps ahead")

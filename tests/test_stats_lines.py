@@ -86,6 +86,17 @@ def test_both_services_log_their_lines(model_dir, monkeypatch, caplog):
     # (the batcher's idle probes and its last release step included)
     assert worker_steps >= steps
     assert all(re.search(r"idle (\d+)%", m) for m in worker_lines)
+    # the host's share of a step: a part of its time from plan to answer, and > 0 where the
+    # window ran forward passes
+    queued = []
+    for line in worker_lines:
+        m = re.search(
+            r"([\d.]+) ms from plan to answer \(([\d.]+) ms queueing it on the host", line
+        )
+        assert m is not None, line
+        assert float(m.group(2)) <= float(m.group(1)), line
+        queued.append(float(m.group(2)))
+    assert max(queued) > 0
 
 
 def load_device_busy():

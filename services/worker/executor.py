@@ -15,6 +15,7 @@ Not thread-safe: the service runs both halves on one thread, in order.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ class Launched:
     wrote_back: bool  # it copies KV into the pool
     # released by a later step: the token sampled here is not kept for them
     dropped: set[str] = field(default_factory=set)
+    # the host's seconds to queue it (plan parsing, residency, inputs, kernel launches): when
+    # this exceeds the device's time per step, the device waits for the host
+    launch_s: float = 0.0
 
     def wait(self) -> None:
         """Block until the step's device work is done (thread-safe: only waits)."""
@@ -75,8 +79,11 @@ class StepExecutor:
     # ---------------------------------------------------------------- the two halves
 
     def launch(self, request: worker_pb2.StepRequest, res: DeviceResidency) -> Launched:
+        start = time.perf_counter()
         with self.runner.on_device():
-            return self._launch(request, res)
+            launched = self._launch(request, res)
+        launched.launch_s = time.perf_counter() - start
+        return launched
 
     def finish(self, launched: Launched) -> worker_pb2.StepResponse:
         """Wait for the step's device work; its answer (a prefill batch that failed raises its
@@ -105,6 +112,7 @@ class StepExecutor:
                 load_s=launched.load_s(),
                 prefilled=prefilled,
                 prefill_s=prefill_s,
+                launch_s=launched.launch_s,
             )
 
     def end_session(self, res: DeviceResidency | None) -> None:

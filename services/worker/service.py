@@ -283,8 +283,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         logger.info(
             "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps %.1f ms "
             "apart (%d launched before the previous was answered): %.1f ms from plan to "
-            "answer, decode device %.1f ms, prefill device %.1f ms; idle %.0f%%; %.1f s "
-            "capturing graphs",
+            "answer (%.1f ms queueing it on the host), decode device %.1f ms, prefill device "
+            "%.1f ms; idle %.0f%%; %.1f s capturing graphs",
             w.tokens / elapsed,
             self.residency.num_resident,
             100 * self.residency.allocator.usage,
@@ -292,6 +292,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._window.ms_per(w.steps),
             w.launched_ahead,
             each(w.step_s),
+            each(w.launch_s),
             each(w.compute_s),
             each(w.prefill_s),
             100 * w.idle_s / elapsed,
@@ -376,6 +377,7 @@ class StepStats:
     launched_ahead: int = 0  # of them, launched before the previous one was answered
     tokens: int = 0
     step_s: float = 0.0  # from receiving the plan to answering it
+    launch_s: float = 0.0  # of which the host spent queueing its device work
     idle_s: float = 0.0  # nothing queued on the device: waiting for the next plan
     compute_s: float = 0.0
     prefill_s: float = 0.0
@@ -385,5 +387,6 @@ class StepStats:
         self.steps += 1
         self.tokens += len(response.tokens)
         self.step_s += step_s
+        self.launch_s += response.launch_s
         self.compute_s += response.compute_s
         self.prefill_s += response.prefill_s
