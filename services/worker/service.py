@@ -32,6 +32,7 @@ from alignedserve.common.model_config import DTYPES
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import REJECTED_STEP_KEY, grpc_status
 from alignedserve.common.wire import layout_from_proto
+from alignedserve.worker.profiling import StepProfile
 
 if TYPE_CHECKING:
     from alignedserve.worker.executor import Launched, StepExecutor
@@ -209,6 +210,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step")
         loop = asyncio.get_running_loop()
         reading: asyncio.Future | None = None
+        session: _Session | None = None
         try:
             if self.residency is None:
                 await context.abort(
@@ -253,6 +255,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # done, on the same thread, after them.
             ended = loop.run_in_executor(thread, self._executor.end_session, self.residency)
             ended.add_done_callback(self._end_session)
+            if session is not None:
+                thread.submit(session.profile.dump)  # after the session's last call there
             thread.shutdown(wait=False)
 
     def close(self) -> None:
@@ -335,12 +339,15 @@ class _Session:
     ) -> None:
         self.executor, self.residency, self.answered = executor, residency, answered
         self.context, self.thread, self.loop = context, thread, loop
+        self.profile = StepProfile()
+        self._launch = self.profile.wrap(executor.launch)
+        self._finish = self.profile.wrap(executor.finish)
 
     async def launch(
         self, request: worker_pb2.StepRequest, answer_first: _InFlight | None
     ) -> _InFlight:
         began = time.perf_counter()
-        job = self.loop.run_in_executor(self.thread, self.executor.launch, request, self.residency)
+        job = self.loop.run_in_executor(self.thread, self._launch, request, self.residency)
         try:
             # shielded: a cancelled stream must not forget a step still running
             return _InFlight(await asyncio.shield(job), began)
@@ -350,7 +357,7 @@ class _Session:
             await self._abort(request.step, e)
 
     async def answer(self, step: _InFlight) -> None:
-        job = self.loop.run_in_executor(self.thread, self.executor.finish, step.launched)
+        job = self.loop.run_in_executor(self.thread, self._finish, step.launched)
         try:
             response = await asyncio.shield(job)
         except Exception as e:

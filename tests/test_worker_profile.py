@@ -1,0 +1,51 @@
+"""The opt-in profile of the worker's step thread (worker/profiling.py), from a real run:
+worker + batcher on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import pstats
+import time
+
+from test_batcher_service import generate, greedy, stack
+
+from alignedserve.serve import free_port
+from alignedserve.worker import profiling
+
+from factories import random_prompts
+
+
+def run_stack(model_dir) -> None:
+    prompts = random_prompts((30, 12), seed=3)
+
+    async def main():
+        async with stack(model_dir, free_port(), "cpu") as (stub, _):
+            return await asyncio.gather(
+                *(generate(stub, f"p{i}", p, greedy(5)) for i, p in enumerate(prompts))
+            )
+
+    assert all(len(tokens) == 5 for tokens, _, _ in asyncio.run(main()))
+
+
+def test_the_step_thread_profile_holds_the_launches_and_finishes(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(profiling.ENV, str(tmp_path / "steps"))
+    run_stack(model_dir)
+    # written on the session's step thread once its last step is done
+    for _ in range(100):
+        written = sorted(tmp_path.glob("steps.*"))
+        if written:
+            break
+        time.sleep(0.05)
+    assert written, "no profile written"
+    called = {func[2]: stat[1] for func, stat in pstats.Stats(str(written[0])).stats.items()}
+    # every step went through both halves, and the model's forward pass ran inside them
+    assert called["launch"] >= 6 and called["finish"] == called["launch"], called
+    assert called.get("forward", 0) >= 6
+
+
+def test_no_profile_without_the_setting(model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv(profiling.ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    run_stack(model_dir)
+    assert profiling.StepProfile().wrap(len) is len
+    assert list(tmp_path.iterdir()) == []
