@@ -23,7 +23,7 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.attention import AttentionMetadata, padded_tables
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.sampler import sample
-from alignedserve.worker.transfer import tensor_on, to_device
+from alignedserve.worker.transfer import PinnedOutputs, tensor_on, to_device
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class LaunchedStep:
         logprobs: torch.Tensor | None,  # [M]
         timer: tuple | None,  # CUDA events around the device work; None: it is done
         host_s: float,
+        outputs: PinnedOutputs | None = None,  # where the results land on the host (GPU)
     ):
         self.request_ids = request_ids
         self.tokens = tokens  # stays on the device: a later step may take them as inputs
@@ -73,30 +74,38 @@ class LaunchedStep:
         self._timer = timer
         self._host_s = host_s
         self._host = None
+        self._result: list[SampledToken] | None = None
         if tokens is not None:
             if tokens.is_cuda:
-                host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+                m = tokens.numel()
+                at = m * tokens.element_size()  # logprobs after the tokens (8-byte aligned)
+                buf = outputs.take(at + m * logprobs.element_size())
+                host_tokens = buf[:at].view(tokens.dtype)
+                host_logprobs = buf[at : at + m * logprobs.element_size()].view(logprobs.dtype)
                 host_tokens.copy_(tokens, non_blocking=True)
                 host_logprobs.copy_(logprobs, non_blocking=True)
                 copied = torch.cuda.current_stream().record_event()
-                self._host = (host_tokens, host_logprobs, copied)
+                self._host = (host_tokens, host_logprobs, copied, lambda: outputs.give_back(buf))
             else:
-                self._host = (tokens, logprobs, None)
+                self._host = (tokens, logprobs, None, None)
 
     def result(self) -> list[SampledToken]:
         """The sampled tokens as host values; waits for their copy to the host."""
         if self._host is None:
             return []
-        tokens, logprobs, copied = self._host
-        if copied is not None:
-            copied.synchronize()
-        return [
-            SampledToken(request_id, t, lp)
-            for request_id, t, lp in zip(
-                self.request_ids, tokens.tolist(), logprobs.tolist(), strict=True
-            )
-        ]
+        if self._result is None:
+            tokens, logprobs, copied, give_back = self._host
+            if copied is not None:
+                copied.synchronize()
+            self._result = [
+                SampledToken(request_id, t, lp)
+                for request_id, t, lp in zip(
+                    self.request_ids, tokens.tolist(), logprobs.tolist(), strict=True
+                )
+            ]
+            if give_back is not None:  # read: the buffer may take a later step's results
+                give_back()
+        return self._result
 
     @property
     def compute_s(self) -> float:
@@ -120,6 +129,7 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], object] = {}  # (batch bucket, width bucket)
         self._graph_pool = None
         self.capture_s = 0.0  # spent capturing graphs (on first use of each bucket)
+        self._outputs = PinnedOutputs()  # the steps' sampled tokens land there (GPU)
 
     def on_device(self):
         """A context in which this thread's current CUDA device is the runner's: Triton
@@ -206,6 +216,7 @@ class ModelRunner:
             logprobs,
             timer,
             time.perf_counter() - start,
+            self._outputs,
         )
 
     def step(self, chunks: Sequence[SeqChunk]) -> list[SampledToken]:

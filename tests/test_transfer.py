@@ -1,0 +1,55 @@
+"""Host -> device copies through the pinned ring (worker/transfer.py): values arrive intact
+while the ring wraps many times behind a busy stream, and the step results' pinned buffers
+are reused only after they are read. CPU: the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignedserve.worker import transfer
+
+
+def test_on_the_cpu_it_is_a_plain_copy():
+    t = torch.arange(10)
+    assert torch.equal(transfer.to_device(t, "cpu"), t)
+    assert transfer.tensor_on([1.5, 2.5], torch.float32, "cpu").tolist() == [1.5, 2.5]
+
+
+@pytest.mark.gpu
+def test_the_ring_wraps_behind_a_busy_stream_and_every_copy_arrives_intact():
+    ring = transfer.PinnedRing(num_bytes=64 << 10)  # small: wraps every few dozen copies
+    gen = torch.Generator().manual_seed(0)
+    sent, arrived = [], []
+    for i in range(600):
+        if i % 50 == 0:  # copies queue up behind device work, so regions are still in use
+            torch.cuda._sleep(2_000_000)
+        n = int(torch.randint(1, 3000, (), generator=gen))
+        dtype = (torch.long, torch.float32, torch.bool)[i % 3]
+        t = torch.randint(0, 1000, (n,), generator=gen).to(dtype)
+        sent.append(t)
+        arrived.append(ring.to_device(t, torch.device("cuda")))
+    torch.cuda.synchronize()
+    assert all(torch.equal(s, a.cpu()) for s, a in zip(sent, arrived, strict=True))
+    big = torch.arange(64 << 10)  # larger than a quarter of the ring: a copy of its own
+    assert torch.equal(ring.to_device(big, torch.device("cuda")).cpu(), big)
+
+
+@pytest.mark.gpu
+def test_the_module_path_uses_one_ring_per_thread_and_device():
+    a = transfer.tensor_on([3, 4], torch.long, "cuda")
+    b = transfer.tensor_on([5], torch.long, "cuda:0")
+    assert a.tolist() == [3, 4] and b.tolist() == [5]
+    assert len(transfer._local.rings) == 1
+
+
+def test_result_buffers_are_reused_only_once_given_back():
+    outputs = transfer.PinnedOutputs(pin=False)
+    first = outputs.take(100)
+    second = outputs.take(100)  # the first is still out: a new one
+    assert second is not first and len(first) >= 100
+    outputs.give_back(first)
+    assert outputs.take(100) is first
+    outputs.give_back(second)
+    bigger = outputs.take(1 << 20)  # the one given back is too small for it
+    assert bigger is not second and len(bigger) >= 1 << 20
