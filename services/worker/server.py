@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -42,6 +43,23 @@ def decode_kernel_cost(device: str) -> str:
     cost is the sum of the lengths ("balanced"); the torch path that runs elsewhere gathers
     every member's blocks into one tensor as wide as the longest member's ("padded")."""
     return "balanced" if torch_device_is_cuda(device) else "padded"
+
+
+def limit_cpu_threads() -> None:
+    """A GPU worker's host work is serial Python that queues device work; torch's CPU thread
+    pool only wakes for a large host tensor (a wide block table) and then keeps a thread
+    spinning on every core. Two fcfs workers on one node did that every step, and each host
+    op of a step then took ~0.4 ms (the profile of ALIGNEDSERVE_WORKER_PROFILE): the steps
+    waited for the host. vLLM's workers run with one torch thread for the same reason.
+    OMP_NUM_THREADS, if set, is left to decide."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        logger.info(
+            "torch CPU threads: %d -> 1 (a GPU worker; OMP_NUM_THREADS sets another number)",
+            torch.get_num_threads(),
+        )
+        torch.set_num_threads(1)
 
 
 def load_servicer(config: WorkerConfig) -> WorkerServicer:
@@ -99,6 +117,8 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
             time.perf_counter() - start,
             num_graphs,
         )
+    if on_gpu:
+        limit_cpu_threads()
     return WorkerServicer(
         info,
         StepExecutor(info, runner, prefiller),
