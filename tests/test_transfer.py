@@ -40,7 +40,9 @@ def test_the_module_path_uses_one_ring_per_thread_and_device():
     a = transfer.tensor_on([3, 4], torch.long, "cuda")
     b = transfer.tensor_on([5], torch.long, "cuda:0")
     assert a.tolist() == [3, 4] and b.tolist() == [5]
-    assert len(transfer._local.rings) == 1
+    # "cuda" is the current device's ring, not one of its own
+    assert transfer._ring(torch.device("cuda", 0)) is transfer._local.rings[torch.device("cuda:0")]
+    assert torch.device("cuda") not in transfer._local.rings
 
 
 def test_result_buffers_are_reused_only_once_given_back():

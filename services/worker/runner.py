@@ -66,7 +66,7 @@ class LaunchedStep:
         logprobs: torch.Tensor | None,  # [M]
         timer: tuple | None,  # CUDA events around the device work; None: it is done
         host_s: float,
-        outputs: PinnedOutputs | None = None,  # where the results land on the host (GPU)
+        outputs: PinnedOutputs,  # where the results land on the host (GPU)
     ):
         self.request_ids = request_ids
         self.tokens = tokens  # stays on the device: a later step may take them as inputs
@@ -74,27 +74,28 @@ class LaunchedStep:
         self._timer = timer
         self._host_s = host_s
         self._host = None
+        self._outputs, self._buffer = outputs, None  # the pinned buffer it holds (GPU)
         self._result: list[SampledToken] | None = None
         if tokens is not None:
             if tokens.is_cuda:
                 m = tokens.numel()
                 at = m * tokens.element_size()  # logprobs after the tokens (8-byte aligned)
-                buf = outputs.take(at + m * logprobs.element_size())
+                buf = self._buffer = outputs.take(at + m * logprobs.element_size())
                 host_tokens = buf[:at].view(tokens.dtype)
                 host_logprobs = buf[at : at + m * logprobs.element_size()].view(logprobs.dtype)
                 host_tokens.copy_(tokens, non_blocking=True)
                 host_logprobs.copy_(logprobs, non_blocking=True)
                 copied = torch.cuda.current_stream().record_event()
-                self._host = (host_tokens, host_logprobs, copied, lambda: outputs.give_back(buf))
+                self._host = (host_tokens, host_logprobs, copied)
             else:
-                self._host = (tokens, logprobs, None, None)
+                self._host = (tokens, logprobs, None)
 
     def result(self) -> list[SampledToken]:
         """The sampled tokens as host values; waits for their copy to the host."""
         if self._host is None:
             return []
         if self._result is None:
-            tokens, logprobs, copied, give_back = self._host
+            tokens, logprobs, copied = self._host
             if copied is not None:
                 copied.synchronize()
             self._result = [
@@ -103,8 +104,8 @@ class LaunchedStep:
                     self.request_ids, tokens.tolist(), logprobs.tolist(), strict=True
                 )
             ]
-            if give_back is not None:  # read: the buffer may take a later step's results
-                give_back()
+            if self._buffer is not None:  # read: the buffer may take a later step's results
+                self._outputs.give_back(self._buffer)
         return self._result
 
     @property

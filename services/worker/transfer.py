@@ -5,12 +5,12 @@ the stream before it. The worker queues step N+1 while step N still runs (worker
 so one such copy would serialise the two steps. From pinned memory with non_blocking=True the
 copy is queued behind step N instead.
 
-The pinned memory is not allocated per copy. `Tensor.pin_memory()` draws on torch's caching
-host allocator, and in a served fcfs worker that cost 0.72 ms a call (five calls a step: the
-host took longer to queue a step than the GPU to run it; the aligned worker's calls, 0.03 ms).
-Each thread instead stages its copies in a ring of pinned memory of its own per device, as
-serving engines keep persistent pinned input buffers: a region is written again only once the
+The pinned memory is not allocated per copy: each thread stages its copies in a ring of
+pinned memory of its own per device, as serving engines keep persistent pinned input
+buffers, so a step's inputs cost no host allocation. A region is written again only once the
 copy that read it is done (a CUDA event; in practice long done, the ring holds many steps).
+(In a served fcfs worker, `pin_memory()` once took 0.72 ms a call; the ring alone did not
+shorten its steps, as the cause was a CPU-starved thread: worker/server.py, limit_cpu_threads.)
 """
 
 from __future__ import annotations
