@@ -71,6 +71,13 @@ class EngineSettings:
         default=BatcherConfig.max_steps_in_flight,
         metadata={"help": "steps the batcher sends before the first is answered (1: each waits)"},
     )
+    decode_prefill_share: float = field(
+        default=BatcherConfig.decode_prefill_share,
+        metadata={
+            "help": "aligned beside a prefill device: the most share of the decode GPU's time "
+            "its prefill turns take while a backlog waits (0: never)"
+        },
+    )
     overlap_steps: bool = field(
         default=True,
         metadata={"help": "the worker queues a step on the device before answering the last"},
@@ -113,6 +120,7 @@ BATCHER_FIELDS = (
     "min_batch",
     "max_batch_kv_fraction",
     "max_steps_in_flight",
+    "decode_prefill_share",
 )
 
 

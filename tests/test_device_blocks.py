@@ -153,7 +153,12 @@ class DeviceModel:
         ]
         tokens = [self._sample(request_id, position) for request_id, position in sampled]
         return worker_pb2.StepResponse(
-            step=msg.step, tokens=tokens, prefilled=[c.request_id for c in prefilled]
+            step=msg.step,
+            tokens=tokens,
+            prefilled=[c.request_id for c in prefilled],
+            # the decode device's time: 1 ms a step and 0.1 ms a token it computed (the
+            # batcher bounds its prefill turns' share by these)
+            compute_s=0.001 + 0.0001 * sum(n for _, n in computed) if computed else 0.0,
         )
 
     def _prefill_elsewhere(self, chunks) -> None:
@@ -332,6 +337,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
         staging_slack=None,
         prefill_delay=0,
         steps_in_flight=2,
+        prefill_share=0.5,
     )
     return example(
         policy=policy,
@@ -391,6 +397,7 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
     staging_slack=st.one_of(st.none(), st.integers(0, 24)),
     prefill_delay=st.integers(0, 3),
     steps_in_flight=st.sampled_from([1, 2]),
+    prefill_share=st.sampled_from([0.0, 0.5, 0.9]),
 )
 def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     policy,
@@ -409,11 +416,13 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     staging_slack,
     prefill_delay,
     steps_in_flight,
+    prefill_share,
 ):
     """staging_slack: None, no prefill device; else it stages that many blocks more than
     the largest request needs (the least it may have, by admission), and each batch of its
     chunks is done prefill_delay steps after the step that sent it. steps_in_flight: the
-    engine's max_steps_in_flight."""
+    engine's max_steps_in_flight. prefill_share: decode_prefill_share, the most share of the
+    decode device's time its prefill turns take beside a prefill device."""
     needs = [-(-(prompt + out) // block_tokens) for _, prompt, out in arrivals]
     device_blocks = max(needs) + device_slack  # from room for one request alone, upwards
     pool_blocks = max(max(needs), int(sum(needs) * pool_factor))  # small: pool preemption
@@ -425,6 +434,7 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
         assist_tokens_per_step=assist_tokens,
         max_batch_size=max_batch,
         starvation_s=starvation_s,
+        decode_prefill_share=prefill_share,
     )
     config = EngineConfig(
         "unused:1", pool_bytes=1, scheduler=scheduler, max_steps_in_flight=steps_in_flight

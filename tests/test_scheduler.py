@@ -153,12 +153,12 @@ def test_the_prefill_devices_batches_run_across_steps_and_keep_an_aborted_reques
     """With a prefill device, a planned chunk stays in flight until `prefill_done`: a second
     batch may queue behind it but no third, no request is planned twice, and an aborted
     request's pool blocks stay allocated (the device still writes into them) until its
-    batch is done."""
+    batch is done. (No decode-GPU turns here: the prefill device alone.)"""
     config = replace(
         make_config("aligned", 16, 1000, 5.0),
         num_prefill_device_blocks=64,
-        assist_tokens_per_step=1,
         prefill_tokens_per_step=100,
+        decode_prefill_share=0.0,
     )
     sched = make_scheduler(config)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -168,26 +168,26 @@ def test_the_prefill_devices_batches_run_across_steps_and_keep_an_aborted_reques
     sched.add_request("b", range(1, 51), params, now=0.0)
     sched.add_request("c", range(1, 51), params, now=0.0)
     sched.add_request("d", range(1, 51), params, now=0.0)
-    # b and c queue behind a; d waits, a is not planned twice; the idle decode device helps d
+    # b and c queue behind a; d waits (not admitted yet), a is not planned twice
     plan = sched.schedule(0.01)
-    assert plan.prefill == (("b", 50), ("c", 50)) and plan.mixed_prefill == (("d", 1),)
+    assert plan.prefill == (("b", 50), ("c", 50)) and plan.mixed_prefill == ()
     assert not sched.can_queue_prefill
     sched.update(plan, {}, now=0.01)
     a_blocks = set(sched.store.get("a").blocks)
     sched.abort("a", now=0.02)
     sched.store.pop("a")  # as the engine forgets it
     used = sched.allocator.num_used
-    assert len(a_blocks) == 7 and used == 7 + 3 * 4  # a's 101 tokens, 51 of b, c, d: held
+    assert len(a_blocks) == 7 and used == 7 + 2 * 4  # a's 101 tokens, 51 of b and c: held
     sched.check_invariants()
     plan = sched.schedule(0.025)
     assert plan.prefill == ()  # two batches queued already
     sched.update(plan, {}, now=0.025)
-    assert not a_blocks & set(sched.store.get("d").blocks)  # d's blocks are not a's
     sched.prefill_done(["a"], {}, now=0.03)
-    assert sched.prefilling == {"b": 50, "c": 50} and sched.allocator.num_used == 12
+    assert sched.prefilling == {"b": 50, "c": 50} and sched.allocator.num_used == 8
     sched.check_invariants()
-    plan = sched.schedule(0.04)  # room for a batch again: the rest of d's prompt goes there
-    assert plan.prefill == (("d", 48),)
+    plan = sched.schedule(0.04)  # room for a batch again: d goes there
+    assert plan.prefill == (("d", 50),)
+    assert sched.allocator.num_used == 8 + 4  # d's 51 tokens beside b's and c's
     sched.update(plan, {}, now=0.04)
     sched.prefill_done(["b", "c"], {"b": 7, "c": 8}, now=0.05)
     sched.prefill_done(["d"], {"d": 9}, now=0.05)

@@ -40,7 +40,9 @@ def test_the_step_thread_profile_holds_the_launches_and_finishes(model_dir, tmp_
     called = {func[2]: stat[1] for func, stat in pstats.Stats(str(written[0])).stats.items()}
     # every step went through both halves, and the model's forward pass ran inside them
     assert called["launch"] >= 6 and called["finish"] == called["launch"], called
-    assert called.get("forward", 0) >= 6
+    # each request's 5 tokens take 5 passes (its prefill, then 4 decodes); the two requests
+    # share passes when they arrive in one step, so 5 is the fewest
+    assert called.get("forward", 0) >= 5
 
 
 def test_no_profile_without_the_setting(model_dir, tmp_path, monkeypatch):

@@ -229,6 +229,7 @@ def worker_deployment(
                 "starvation-s": batching.starvation_seconds,
                 "max-waiting": batching.max_waiting,
                 "max-steps-in-flight": batching.max_steps_in_flight,
+                "decode-prefill-share": batching.decode_prefill_share,
                 "drain-s": spec.drain_seconds,
             }
         ),

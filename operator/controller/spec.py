@@ -78,6 +78,9 @@ class Batching:
     starvation_seconds: float = 5.0
     max_waiting: int = 1024
     max_steps_in_flight: int = 2  # steps sent to the worker before the first is answered
+    # aligned beside a prefill GPU: the most share of the decode GPU's time its prefill
+    # turns take while a backlog waits (0: never)
+    decode_prefill_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,10 @@ def _check(spec: AlignedServeSpec) -> None:
         ),
         (spec.batching.max_waiting >= 1, "batching.maxWaiting must be >= 1"),
         (spec.batching.max_steps_in_flight >= 1, "batching.maxStepsInFlight must be >= 1"),
+        (
+            0 <= spec.batching.decode_prefill_share <= 0.9,
+            "batching.decodePrefillShare must be in 0..0.9",
+        ),
         (1 <= spec.drain_seconds <= 3600, "drainSeconds must be in 1..3600"),
     ]
     auto = spec.autoscaling

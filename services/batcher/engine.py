@@ -279,10 +279,12 @@ class BatcherEngine:
             log.warning("worker lost (%s): recovering %d requests", e, self.num_live)
             await self._recover()
             return
+        sent = self._in_flight.popleft()
         with self._stats.timer("apply_s"):
-            self._after_step(self._in_flight.popleft(), response)
+            self._after_step(sent, response)
         self._step_since = time.monotonic() if self._in_flight else None
-        self._stats.answered(len(response.tokens))  # (the loop observes the queue next)
+        turn_s = response.compute_s if self.scheduler.is_turn(sent.plan) else None
+        self._stats.answered(len(response.tokens), turn_s)  # (the loop observes the queue next)
         self._stats.log_if_due(self.load)
 
     def _observe_prefill_queue(self) -> None:
@@ -378,6 +380,7 @@ class BatcherEngine:
         store, plan = self.scheduler.store, sent.plan
         # the step's write-backs reached the pool (of requests not aborted meanwhile)
         self._synced.update((r, n) for r, n in sent.writing.items() if r in store)
+        self.scheduler.observe_step(plan, response.compute_s)  # the decode device's time
         if plan.load:  # this worker loads at the step that lands them, before its forward
             metrics.PREFETCH_SECONDS.labels(self.info.model_name).observe(response.load_s)
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):

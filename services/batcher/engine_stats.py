@@ -5,7 +5,8 @@ The loop's time splits into planning (schedule and build each step), sending, wa
 the worker's answers and applying them (tokens to their streams). The prefill device is fed
 when a batch is queued on it whenever requests wait for prefill; the line gives the share of
 the time that requests waited with no batch queued there, and with fewer than the most it
-may hold (scheduler.core.PREFILL_BATCHES_IN_FLIGHT).
+may hold (scheduler.core.PREFILL_BATCHES_IN_FLIGHT), and the decode GPU's prefill turns
+(scheduler/turns.py) with their share of the time.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class LoopStats:
     apply_s: float = 0.0
     unfed_s: float = 0.0  # requests waited for prefill, no batch queued on the prefill device
     underfed_s: float = 0.0  # ... fewer batches queued than it may hold
+    turns: int = 0  # steps in which the decode GPU prefilled beside the prefill device
+    turn_s: float = 0.0  # the decode device's seconds in them
 
 
 class EngineStats:
@@ -66,10 +69,14 @@ class EngineStats:
         self._unfed = waits and num_prefill_batches == 0
         self._underfed = waits and num_prefill_batches < self.max_prefill_batches
 
-    def answered(self, num_tokens: int) -> None:
-        """A step's answer was applied: it carried num_tokens sampled tokens."""
+    def answered(self, num_tokens: int, turn_s: float | None = None) -> None:
+        """A step's answer was applied: it carried num_tokens sampled tokens; turn_s: it was
+        a decode-GPU prefill turn that took the device this long."""
         self.sums.steps += 1
         self.sums.tokens += num_tokens
+        if turn_s is not None:
+            self.sums.turns += 1
+            self.sums.turn_s += turn_s
 
     def log_if_due(self, load: Callable[[], dict[str, float]], force: bool = False) -> None:
         """The line, once the window is due (`load`: BatcherEngine.load, read only then)."""
@@ -84,7 +91,7 @@ class EngineStats:
             "for the worker %.1f ms, applying answers %.1f ms each; requests: %d waiting for "
             "prefill, %d pooled, %d on the device; KV pool %.1f%% used; prefill device: "
             "requests waited with no batch queued there %.0f%% of the time, with one slot "
-            "free %.0f%%",
+            "free %.0f%%; decode GPU prefill turns: %d, %.0f%% of the time",
             s.tokens / elapsed,
             s.steps,
             self.window.ms_per(s.steps),
@@ -98,6 +105,8 @@ class EngineStats:
             100 * counts["kv_pool_usage"],
             100 * s.unfed_s / elapsed,
             100 * (s.underfed_s - s.unfed_s) / elapsed,
+            s.turns,
+            100 * s.turn_s / elapsed,
         )
         self.sums = LoopStats()
         self.window.reopen()

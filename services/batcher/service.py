@@ -43,6 +43,9 @@ class BatcherConfig:
     weight_kv_tokens: int | None = None  # weight bytes / KV bytes per token
     # steps sent to the worker before the first is answered; 1: wait for each answer
     max_steps_in_flight: int = 2
+    # aligned beside a prefill device: the most share of the decode GPU's time that its
+    # prefill turns take while a backlog waits (0: never)
+    decode_prefill_share: float = SchedulerConfig.decode_prefill_share
 
     def __post_init__(self) -> None:
         if self.pool_gib <= 0:
@@ -64,6 +67,7 @@ class BatcherConfig:
                 starvation_s=self.starvation_s,
                 min_batch_size=self.min_batch,
                 max_resident_kv_fraction=self.max_batch_kv_fraction,
+                decode_prefill_share=self.decode_prefill_share,
             ),
             worker_recovery_s=self.worker_recovery_s,
             worker_startup_s=self.worker_startup_s,

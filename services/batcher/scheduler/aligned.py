@@ -11,9 +11,11 @@ batching with prefill moved off the decode GPU.
 
 The CPU pool holds the rest (its index by length finds partners). Each step, top to bottom:
 1. prefill waiting requests on the prefetch GPU, whose KV lands in the pool: there, one
-   batch of chunks runs across decode steps, never holding one up (and on the decode GPU
-   too while nothing waits in the pool, the GPU has room and, beside a prefill device,
-   decodes nothing), admitting at most `max_inflight` past prefill;
+   batch of chunks runs across decode steps, never holding one up; and on the decode GPU
+   too when prefill is what keeps its batch small: alone on one GPU, a chunk in its step
+   while nothing waits in the pool; beside a prefill device, in turns of a full batch
+   while a backlog waits, within a share of its time (scheduler/turns.py); admitting at
+   most `max_inflight` past prefill;
 2. requests that finished streaming in become resident;
 3. a pooled request waiting past `starvation_s` while the GPU is full makes room by sending
    the longest-resident requests back to the pool (they write back only new KV);
@@ -164,26 +166,51 @@ class AlignedPolicy:
             prefetch=tuple(prefetch),
             is_switch=bool(evict),
         )
-        return self._with_assist(sched, plan, free)
+        return self._with_decode_prefill(sched, plan, free)
 
     def _admit_room(self) -> int:
         inflight = len(self.pooled) + len(self.loading) + len(self.resident)
         return max(0, self.config.max_inflight - inflight)
 
-    def _with_assist(self, sched: Scheduler, plan: BatchPlan, free_blocks: int) -> BatchPlan:
-        """With nothing in the pool and room on the GPU, the prefetch GPU's prefill is the
-        bottleneck: the decode GPU prefills a bounded chunk in its step too. Not while it
-        decodes beside a prefill device: that chunk would stretch every member's step, which
-        is what the prefill device is there to prevent."""
-        if not sched.waiting or self.pooled or self._free_tokens(sched) <= 0:
+    def _with_decode_prefill(
+        self, sched: Scheduler, plan: BatchPlan, free_blocks: int
+    ) -> BatchPlan:
+        """The decode GPU prefills in its step too (`mixed_prefill`, written back to the pool)
+        when prefill is what keeps it from a fuller batch:
+        - alone on one GPU: a chunk of assist_tokens_per_step while nothing waits in the pool
+          and it has room;
+        - beside a prefill device: a turn (scheduler/turns.py), a full prefill batch, while
+          more prompt tokens than that wait with no batch on the prefill device, everything
+          pooled fits the decode GPU beside its residents, and the share allows: the debt of
+          the last turn is paid, or the decode GPU has nothing else to do."""
+        if not sched.waiting:
             return plan
-        if self.config.num_prefill_device_blocks and self.resident:
-            return plan
+        if self.config.num_prefill_device_blocks:
+            budget = self.config.prefill_tokens_per_step
+            idle = not (self.resident or self.loading or self.pooled)
+            if not (
+                sched.prefill_share.may_take(decodes=bool(plan.decode))
+                and sched.has_unplanned_tokens(1 if idle else budget, after=plan.prefill)
+                and self._pool_fits_device(sched)
+            ):
+                return plan
+        else:
+            if self.pooled or self._free_tokens(sched) <= 0:
+                return plan
+            budget = self.config.assist_tokens_per_step
         room = self._admit_room() - len(plan.prefill)
-        mixed = sched.plan_prefill(
-            self.config.assist_tokens_per_step, room, after=plan.prefill, device_blocks=free_blocks
-        )
+        mixed = sched.plan_prefill(budget, room, after=plan.prefill, device_blocks=free_blocks)
         return replace(plan, mixed_prefill=mixed)
+
+    def _pool_fits_device(self, sched: Scheduler) -> bool:
+        """Would every pooled request fit the decode GPU's KV budget beside the residents,
+        with room to spare? Then prefill, not the GPU's room, is what keeps its batch small."""
+        free = self._free_tokens(sched)
+        for request_id in self.pooled:
+            free -= self._need_tokens(sched.store.get(request_id))
+            if free <= 0:
+                return False
+        return free > 0
 
     def _fit_decode(
         self, sched: Scheduler, group: list[str], free: int, now: float

@@ -34,7 +34,10 @@ class SchedulerConfig:
     admit_watermark: float = 0.05  # a new request starts prefill only if 5% of the pool stays free
     max_waiting: int = 10000  # bounded admission queue (waiting for prefill)
     prefill_tokens_per_step: int = 8192  # prefill chunk budget per step
-    assist_tokens_per_step: int = 2048  # aligned: prefill the decode GPU mixes into its step
+    assist_tokens_per_step: int = 2048  # aligned alone on one GPU: prefill mixed into its step
+    # aligned beside a prefill device: the most share of the decode GPU's time that its
+    # prefill turns take while a backlog waits (see scheduler/turns.py); 0: never
+    decode_prefill_share: float = 0.5
     # aligned: requests held past prefill (pooled + prefetching + running). Beyond it new
     # requests wait before prefill (visible as TTFT, as in fcfs) instead of in the pool
     # (where waiting would inflate every pooled request's time per output token).
@@ -50,7 +53,7 @@ class SchedulerConfig:
             raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "num_prefill_device_blocks":
+            if f.name in ("num_prefill_device_blocks", "decode_prefill_share"):
                 if value < 0:
                     raise ConfigError(f"{f.name}={value} must be >= 0")
             elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -58,6 +61,11 @@ class SchedulerConfig:
         if not 0 < self.max_resident_kv_fraction <= 1:
             raise ConfigError(
                 f"max_resident_kv_fraction={self.max_resident_kv_fraction} must be in (0, 1]"
+            )
+        if self.decode_prefill_share >= 1:
+            raise ConfigError(
+                f"decode_prefill_share={self.decode_prefill_share} must be below 1 (the decode "
+                f"GPU must keep some of its time for decoding)"
             )
         if self.min_batch_size > self.max_batch_size:
             raise ConfigError(

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from alignedserve.batcher.request import Request, RequestState, RequestStore
 from alignedserve.batcher.scheduler.config import SchedulerConfig
+from alignedserve.batcher.scheduler.turns import PrefillShare
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import InvalidRequestError, QueueFullError
 from alignedserve.common.sampling_params import SamplingParams, finish_reason
@@ -91,6 +92,9 @@ class Scheduler:
         self.prefilling: dict[str, int] = {}
         self._prefill_batches: list[set[str]] = []  # their batches, oldest first
         self._orphaned_blocks: dict[str, list[int]] = {}
+        # beside a prefill device, the decode GPU's own prefill (`BatchPlan.mixed_prefill`)
+        # comes in turns, within a share of its time
+        self.prefill_share = PrefillShare(config.decode_prefill_share)
 
     # ---- admission -------------------------------------------------------------------
     def add_request(
@@ -141,7 +145,17 @@ class Scheduler:
         if self.config.num_prefill_device_blocks and plan.prefill:
             self.prefilling.update(plan.prefill)
             self._prefill_batches.append({request_id for request_id, _ in plan.prefill})
+        if self.is_turn(plan):
+            self.prefill_share.took()
         return plan
+
+    def observe_step(self, plan: BatchPlan, seconds: float) -> None:
+        """A step of `plan` was answered: the decode device spent `seconds` on it."""
+        self.prefill_share.observe(self.is_turn(plan), bool(plan.decode), seconds)
+
+    def is_turn(self, plan: BatchPlan) -> bool:
+        """Does the decode GPU prefill in this plan beside a prefill device (a turn)?"""
+        return bool(self.config.num_prefill_device_blocks and plan.mixed_prefill)
 
     @property
     def can_queue_prefill(self) -> bool:
@@ -158,6 +172,21 @@ class Scheduler:
         """Requests waiting for prefill that no batch on the prefill device holds."""
         # the orphaned (ended meanwhile) are among the prefilling and no longer wait
         return len(self.waiting) - (len(self.prefilling) - len(self._orphaned_blocks))
+
+    def has_unplanned_tokens(
+        self, num_tokens: int, after: tuple[tuple[str, int], ...] = ()
+    ) -> bool:
+        """Do at least num_tokens prompt tokens wait for prefill in requests that no batch
+        on the prefill device holds, nor `after`? (Reads the queue only that far.)"""
+        planned = {request_id for request_id, _ in after}
+        for request_id in self.waiting:
+            if request_id in planned or request_id in self.prefilling:
+                continue
+            r = self.store.get(request_id)
+            num_tokens -= r.num_tokens - r.num_prefilled
+            if num_tokens <= 0:
+                return True
+        return False
 
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
@@ -352,6 +381,7 @@ class Scheduler:
         # before any new plan is sent
         self.prefilling.clear()
         self._prefill_batches.clear()
+        self.prefill_share.steps_lost()
         for blocks in self._orphaned_blocks.values():
             self.allocator.free(blocks)
         self._orphaned_blocks.clear()
