@@ -6,8 +6,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   --prefetch-device, the pair's second GPU, loading KV beside it;
 - fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
   computing on --device, the second GPU idle;
-- aligned-noturns: aligned whose decode GPU never prefills beside the prefetch GPU
-  (--decode-prefill-share 0: no prefill turns, scheduler/turns.py);
+- aligned-turns: aligned whose decode GPU also takes prefill turns while a backlog waits
+  (--decode-prefill-share 0.5, scheduler/turns.py; aligned's default is 0, none);
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
   next (--max-steps-in-flight 1; every other variant runs one step ahead of the answers);
 - aligned-serial: aligned with a worker that answers each step before it queues the next on
@@ -82,18 +82,18 @@ from alignedserve.serve import (  # noqa: E402
 )
 
 # the docstring says what each runs
-VARIANTS = ("aligned", "aligned-noturns", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
+VARIANTS = ("aligned", "aligned-turns", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
 # a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
 # -serial, the worker answers each step before it queues the next
 SUFFIX_SETTINGS = {
-    "-noturns": {"decode_prefill_share": 0.0},
+    "-turns": {"decode_prefill_share": 0.5},
     "-sync": {"max_steps_in_flight": 1},
     "-serial": {"overlap_steps": False},
 }
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
-    "aligned-noturns": "aligned, its decode GPU never prefilling (--decode-prefill-share 0)",
+    "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
     "fcfs": "one fcfs engine on --device, the second GPU idle",

@@ -455,8 +455,8 @@ def test_the_batcher_service_scenario_fits_the_device(policy, staging):
     """test_batcher_service's full-device case (8 prompts of ~40 tokens, 12 blocks of 16,
     40 tokens each), here with the default scheduler settings: the aligned plans used to ask
     for every prompt's prefill blocks at once, beside the resident batch. With a prefill
-    device of 8 staging blocks, aligned prefills there (two prompts per step; the decode
-    device helps while it has nothing to decode) and fcfs, the baseline, never does."""
+    device of 8 staging blocks, aligned prefills there (two prompts per step) and fcfs, the
+    baseline, never does."""
     arrivals = [(0, p, 40) for p in (40, 35, 50, 45, 38, 42, 47, 33)]
     config = EngineConfig("unused:1", pool_bytes=1, scheduler=SchedulerConfig(policy=policy))
     deltas, device = run(config, model_info(12, 16, staging), 4096, arrivals, {})

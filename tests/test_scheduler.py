@@ -153,12 +153,11 @@ def test_the_prefill_devices_batches_run_across_steps_and_keep_an_aborted_reques
     """With a prefill device, a planned chunk stays in flight until `prefill_done`: a second
     batch may queue behind it but no third, no request is planned twice, and an aborted
     request's pool blocks stay allocated (the device still writes into them) until its
-    batch is done. (No decode-GPU turns here: the prefill device alone.)"""
+    batch is done. (No decode-GPU turns here, the default: the prefill device alone.)"""
     config = replace(
         make_config("aligned", 16, 1000, 5.0),
         num_prefill_device_blocks=64,
         prefill_tokens_per_step=100,
-        decode_prefill_share=0.0,
     )
     sched = make_scheduler(config)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

@@ -80,7 +80,7 @@ class Batching:
     max_steps_in_flight: int = 2  # steps sent to the worker before the first is answered
     # aligned beside a prefill GPU: the most share of the decode GPU's time its prefill
     # turns take while a backlog waits (0: never)
-    decode_prefill_share: float = 0.5
+    decode_prefill_share: float = 0.0
 
 
 @dataclass(frozen=True)
