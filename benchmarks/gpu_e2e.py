@@ -589,6 +589,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({c['device_kv_gib']:g} GiB) per engine. Timings: "
         + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),
         "",
+        *(
+            f"**{v} failed**: {why} (its logs are in the .tar.gz)\n"
+            for v, why in report.get("failures", {}).items()
+        ),
         "| load | variant | req/s | output tok/s | p50 TPOT ms | p99 TPOT ms | chunks per token |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -671,6 +675,14 @@ def offline_spread_line(spread: dict[str, Any], baseline: str, target: float) ->
     )
 
 
+FAILED = "failed.txt"  # in work/<variant>/: why the variant has no results
+
+
+def failures(work: Path) -> dict[str, str]:
+    """Each variant that failed, with the reason `main` wrote."""
+    return {v: (work / v / FAILED).read_text() for v in VARIANTS if (work / v / FAILED).is_file()}
+
+
 def make_report(
     args, work: Path, runs: dict[str, dict[str, dict]], timings: dict, blocks: int, device: str
 ) -> dict[str, Any]:
@@ -684,6 +696,7 @@ def make_report(
     return {
         "model_shape": args.model_shape,
         "tiny": args.tiny,
+        "failures": failures(work),
         "device": device,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "config": {
@@ -867,7 +880,16 @@ def main() -> None:
             write_outputs(args, work, timings, blocks, device)
         for i, policy in enumerate(args.policies):
             servers_after = len(args.policies) - i - 1
-            run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_after, timings)
+            try:
+                run_policy(
+                    policy, args, model, env, vocab, blocks, work, clock, servers_after, timings
+                )
+            except (RuntimeError, TimeoutError) as e:  # its server failed to start, or died
+                # the next variants still run; the report says why this one has no cells, and
+                # its logs (work/<variant>/logs) go into the .tar.gz with the rest
+                print(f"{policy}: failed: {e}", flush=True)
+                (work / policy).mkdir(parents=True, exist_ok=True)
+                (work / policy / FAILED).write_text(f"{type(e).__name__}: {e}")
             timings.pop("total_s", None)  # kept last
             timings["total_s"] = clock.elapsed()
             markdown = write_outputs(args, work, timings, blocks, device)

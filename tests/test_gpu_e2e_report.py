@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,3 +54,31 @@ def test_one_offline_run_has_no_spread(gpu_e2e, tmp_path):
     runs = gpu_e2e.load_runs(tmp_path)
     assert list(runs) == ["offline", "offline #2"]
     assert gpu_e2e.offline_spread(runs, "fcfs-dp2") is None  # aligned ran once
+
+
+def test_a_variant_that_failed_is_reported_with_its_reason(gpu_e2e, tmp_path):
+    """A variant whose server never became ready leaves its reason; the report names it."""
+    (tmp_path / "aligned").mkdir()
+    (tmp_path / "aligned" / gpu_e2e.FAILED).write_text("TimeoutError: never ready")
+    assert gpu_e2e.failures(tmp_path) == {"aligned": "TimeoutError: never ready"}
+    args = SimpleNamespace(
+        model_shape="llama3-8b",
+        tiny=True,
+        policies=["fcfs-dp2", "aligned"],
+        baseline="fcfs-dp2",
+        device="cpu",
+        prefetch_device="",
+        workload="paper-90",
+        num_requests=8,
+        rate=[],
+        rate_fraction=[],
+        pool_gib=1.0,
+        device_kv_gib=1.0,
+        peer_requests=0,
+        offline_repeats=1,
+    )
+    runs = gpu_e2e.load_runs(tmp_path)
+    report = gpu_e2e.make_report(args, tmp_path, runs, {}, 8, "cpu")
+    assert report["failures"] == {"aligned": "TimeoutError: never ready"}
+    markdown = gpu_e2e.render_markdown(report)
+    assert "**aligned failed**: TimeoutError: never ready" in markdown
