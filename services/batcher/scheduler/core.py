@@ -10,7 +10,7 @@ lives behind the `Policy` interface; everything else is here, once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -178,15 +178,19 @@ class Scheduler:
     ) -> bool:
         """Do at least num_tokens prompt tokens wait for prefill in requests that no batch
         on the prefill device holds, nor `after`? (Reads the queue only that far.)"""
-        planned = {request_id for request_id, _ in after}
-        for request_id in self.waiting:
-            if request_id in planned or request_id in self.prefilling:
-                continue
-            r = self.store.get(request_id)
+        for r in self._unplanned(after):
             num_tokens -= r.num_tokens - r.num_prefilled
             if num_tokens <= 0:
                 return True
         return False
+
+    def _unplanned(self, after: tuple[tuple[str, int], ...]) -> Iterator[Request]:
+        """Waiting requests, in queue order, but those a batch on the prefill device holds
+        and those planned in `after`."""
+        planned = {request_id for request_id, _ in after}
+        for request_id in self.waiting:
+            if request_id not in planned and request_id not in self.prefilling:
+                yield self.store.get(request_id)
 
     def update(self, plan: BatchPlan, tokens: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's result: `tokens` has one sampled token per request that finished its
@@ -283,14 +287,10 @@ class Scheduler:
         admitted before it (chunked prefills, preempted or recovered ones behind a
         recomputed one) go on: they hold blocks the one waiting may need."""
         chunks: list[tuple[str, int]] = []
-        planned = {request_id for request_id, _ in after}
         admitting = True
-        for request_id in self.waiting:
+        for r in self._unplanned(after):
             if token_budget <= 0 or len(chunks) >= max_requests:
                 break
-            if request_id in planned or request_id in self.prefilling:
-                continue
-            r = self.store.get(request_id)
             if not r.blocks:  # not admitted yet
                 if not admitting:
                     continue
@@ -304,7 +304,7 @@ class Scheduler:
                 device_blocks -= self.blocks_for(r.num_prefilled + n)
                 if device_blocks < 0:
                     break  # the device is full: the chunk waits for blocks to be freed
-            chunks.append((request_id, n))
+            chunks.append((r.request_id, n))
             token_budget -= n
         return tuple(chunks)
 
