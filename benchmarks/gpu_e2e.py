@@ -6,6 +6,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   --prefetch-device, the pair's second GPU, loading KV beside it;
 - fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
   computing on --device, the second GPU idle;
+- aligned-both: aligned whose prefill GPU also decodes, residents of its own, while no prompt
+  waits (--prefill-decode-blocks: as many KV blocks as the decode GPU's; scheduler/aligned.py);
 - aligned-turns: aligned whose decode GPU also takes prefill turns while a backlog waits
   (--decode-prefill-share 0.5, scheduler/turns.py; aligned's default is 0, none);
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
@@ -82,10 +84,19 @@ from alignedserve.serve import (  # noqa: E402
 )
 
 # the docstring says what each runs
-VARIANTS = ("aligned", "aligned-turns", "aligned-sync", "aligned-serial", "fcfs", "fcfs-dp2")
+VARIANTS = (
+    "aligned",
+    "aligned-both",
+    "aligned-turns",
+    "aligned-sync",
+    "aligned-serial",
+    "fcfs",
+    "fcfs-dp2",
+)
 # a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
 # -serial, the worker answers each step before it queues the next
 SUFFIX_SETTINGS = {
+    "-both": {"prefill_decode_blocks": "device"},  # as many blocks as the decode GPU
     "-turns": {"decode_prefill_share": 0.5},
     "-sync": {"max_steps_in_flight": 1},
     "-serial": {"overlap_steps": False},
@@ -93,6 +104,8 @@ SUFFIX_SETTINGS = {
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
+    "aligned-both": "aligned, the prefill GPU decoding too while no prompt waits "
+    "(--prefill-decode-blocks as many as the decode GPU's)",
     "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
@@ -262,6 +275,7 @@ def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
     """`alignedserve serve`: router, batcher and worker under one process (its log and its
     children's in logs/serve.log)."""
     more = [v for suffix, v in SUFFIX_SETTINGS.items() if policy.endswith(suffix)]
+    more = [{k: blocks if v == "device" else v for k, v in m.items()} for m in more]
     config = ServeConfig(
         model=str(model),
         device=args.device,

@@ -82,6 +82,13 @@ class EngineSettings:
         default=True,
         metadata={"help": "the worker queues a step on the device before answering the last"},
     )
+    prefill_decode_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "aligned with a prefetch device: KV blocks it decodes in, residents of its "
+            "own, while no prompt waits (0: it only prefills)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype and self.dtype not in DTYPES:
@@ -137,7 +144,14 @@ def check_batcher_settings(settings: EngineSettings) -> None:
     batcher_config(settings, worker="").engine_config()
 
 
-WORKER_FIELDS = ("device", "prefetch_device", "dtype", "num_device_blocks", "overlap_steps")
+WORKER_FIELDS = (
+    "device",
+    "prefetch_device",
+    "dtype",
+    "num_device_blocks",
+    "overlap_steps",
+    "prefill_decode_blocks",
+)
 
 
 def worker_args(settings: EngineSettings, model_dir: str, port: int) -> list[str]:

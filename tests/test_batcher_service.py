@@ -27,7 +27,13 @@ from factories import random_prompts
 
 @contextlib.asynccontextmanager
 async def stack(
-    model_dir, worker_port, device="cpu", prefetch_device=None, device_blocks=2048, **batcher_kw
+    model_dir,
+    worker_port,
+    device="cpu",
+    prefetch_device=None,
+    device_blocks=2048,
+    prefill_decode_blocks=0,
+    **batcher_kw,
 ):
     """A worker and a batcher on loopback; yields (batcher stub, worker task holder)."""
     config = WorkerConfig(
@@ -36,6 +42,7 @@ async def stack(
         device=device,
         prefetch_device=prefetch_device,
         num_device_blocks=device_blocks,
+        prefill_decode_blocks=prefill_decode_blocks,
     )
     worker = {"task": asyncio.create_task(serve_worker(config))}
     started = asyncio.get_running_loop().create_future()
@@ -128,6 +135,61 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device, monkeypatch)
     # aligned beside a prefill device prefills there (all but what the idle decode device
     # helps with); without one, or for fcfs, nothing runs there
     assert bool(offloaded) == (policy == "aligned" and "+" in device), offloaded
+
+
+@pytest.mark.parametrize(
+    ("device", "weight_kv_tokens"),
+    [
+        ("cpu+cpu", None),
+        ("cpu+cpu", 1),
+        pytest.param("cuda:0+cuda:1", 1, marks=pytest.mark.gpu2),
+    ],
+)
+def test_the_prefill_device_decodes_too_and_gives_the_runtimes_tokens(
+    model_dir, device, weight_kv_tokens, monkeypatch
+):
+    """With decode blocks on the prefill device, aligned sends it residents of its own once
+    no prompt waits: from the pool, while the decode device is full (12 blocks here), or
+    from the decode device itself (the weights made cheap to read: weight_kv_tokens=1, so
+    any KV gap between the two is worth closing). Prompts that arrive later send them back
+    to the pool. The tokens are the runtime's, whichever device decoded them."""
+    from alignedserve.worker.residency import DeviceResidency
+
+    there = []  # requests decoded on the prefill device
+    decode_chunk = DeviceResidency.decode_chunk
+
+    def counting_decode_chunk(self, request_id, *args):
+        if not self._owns_pool:  # the prefill device's residency shares the decode one's pool
+            there.append(request_id)
+        return decode_chunk(self, request_id, *args)
+
+    monkeypatch.setattr(DeviceResidency, "decode_chunk", counting_decode_chunk)
+    prompts = random_prompts((40, 35, 50, 45, 38, 42, 47, 33), seed=5)
+    n = 30
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
+
+    async def main():
+        decode, _, prefetch = device.partition("+")
+        async with stack(
+            model_dir,
+            free_port(),
+            decode,
+            prefetch,
+            device_blocks=12 if weight_kv_tokens is None else 64,
+            prefill_decode_blocks=24,
+            weight_kv_tokens=weight_kv_tokens,
+        ) as (stub, _):
+            first = [generate(stub, f"a{i}", p, greedy(n)) for i, p in enumerate(prompts[:6])]
+            tasks = [asyncio.ensure_future(job) for job in first]
+            while len(there) < 10:  # the later prompts come once it decodes
+                await asyncio.sleep(0.01)
+            later = [generate(stub, f"b{i}", p, greedy(n)) for i, p in enumerate(prompts[6:])]
+            return await asyncio.wait_for(asyncio.gather(*tasks, *later), 120)
+
+    for (tokens, finish, _), ref in zip(asyncio.run(main()), expected, strict=True):
+        assert tokens == ref.token_ids
+        assert finish == "length"
+    assert len(set(there)) >= 2, there
 
 
 @pytest.mark.parametrize(

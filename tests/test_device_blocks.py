@@ -58,9 +58,20 @@ class DeviceModel:
     of each request's KV its write-backs have put in the pool (a load must find it there)."""
 
     def __init__(
-        self, num_blocks: int, block_tokens: int, num_staging_blocks: int = 0, prefill_delay=0
+        self,
+        num_blocks: int,
+        block_tokens: int,
+        num_staging_blocks: int = 0,
+        prefill_delay=0,
+        num_there_blocks: int = 0,
     ):
         self.num_blocks = num_blocks
+        # the prefill device's decode blocks, and its residents (on_prefill_device entries)
+        self.num_there_blocks = num_there_blocks
+        self.there: dict[str, list[int]] = {}
+        self.num_decoded_there = 0
+        self.decoded_here: set[str] = set()  # requests decoded on the decode device
+        self.num_moved_there = 0  # loads there of requests the decode device had decoded
         self.num_staging_blocks = num_staging_blocks  # the prefill device's
         self.prefill_delay = prefill_delay  # steps its batch runs beyond the one that sent it
         self.in_flight: list = []  # its queued batches, oldest first: [chunks, steps left]
@@ -76,6 +87,7 @@ class DeviceModel:
     def lose(self) -> None:
         """The worker dies: a new one starts with an empty device and no prefill batch."""
         self.resident.clear()
+        self.there.clear()
         self.last_sampled.clear()
         self.in_flight = []
 
@@ -93,33 +105,42 @@ class DeviceModel:
     def num_used(self) -> int:
         return sum(blocks for blocks, _ in self.resident.values())
 
+    def _device(self, request_id: str) -> dict[str, list[int]]:
+        return self.there if request_id in self.there else self.resident
+
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_tokens)
 
     def _grow(self, request_id: str, num_tokens: int) -> None:  # ensure_room
-        entry = self.resident[request_id]
+        device = self._device(request_id)
+        entry = device[request_id]
         need = self._blocks_for(num_tokens) - entry[0]
         if need > 0:
-            free = self.num_blocks - self.num_used
+            capacity = self.num_there_blocks if device is self.there else self.num_blocks
+            free = capacity - sum(blocks for blocks, _ in device.values())
             if need > free:
                 raise OutOfBlocksError(f"asked for {need} KV blocks, {free} free")
             entry[0] += need
             self.peak = max(self.peak, self.num_used)
 
-    def _load(self, request_id: str, num_kv_tokens: int) -> None:
+    def _load(self, request_id: str, num_kv_tokens: int, there: bool = False) -> None:
         assert request_id not in self.resident, f"load {request_id}: already resident"
+        assert request_id not in self.there, f"load {request_id}: resident on the prefill device"
+        assert not there or self.num_there_blocks, f"load {request_id}: no decode blocks there"
         in_pool = self.in_pool.get(request_id, 0)
         assert num_kv_tokens <= in_pool, f"load {request_id}: {num_kv_tokens} > {in_pool} in pool"
-        self.resident[request_id] = [0, num_kv_tokens]
+        (self.there if there else self.resident)[request_id] = [0, num_kv_tokens]
+        self.num_moved_there += there and request_id in self.decoded_here
         self._grow(request_id, num_kv_tokens)
 
     def step(self, msg: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
         self._check_not_in_flight(msg)
         for request_id in msg.release:
             self.resident.pop(request_id, None)
+            self.there.pop(request_id, None)
             self.last_sampled.pop(request_id, None)
         for e in msg.load:
-            self._load(e.request_id, e.num_kv_tokens)
+            self._load(e.request_id, e.num_kv_tokens, e.on_prefill_device)
         computed, sampled, write_back = [], [], []
         self._prefill_elsewhere([c for c in msg.prefill if c.on_prefill_device])
         for c in msg.prefill:
@@ -137,16 +158,27 @@ class DeviceModel:
             if not c.keep_resident:
                 write_back.append(c.request_id)
         for d in msg.decode:
-            assert self.resident[d.request_id][1] == d.num_kv_tokens, d.request_id
+            device = self._device(d.request_id)
+            assert (device is self.there) == d.on_prefill_device, d.request_id
+            if d.on_prefill_device:  # it decodes only while it prefills nothing
+                assert not self.in_flight, f"{d.request_id}: decoded beside a prefill batch"
+                self.num_decoded_there += 1
+            else:
+                self.decoded_here.add(d.request_id)
+            assert device[d.request_id][1] == d.num_kv_tokens, d.request_id
             token = self.last_sampled[d.request_id] if d.last_sampled else d.token_id
             self._check_input(d.request_id, d.num_kv_tokens, [token])
             self._grow(d.request_id, d.num_kv_tokens + 1)
             computed.append((d.request_id, 1))
             sampled.append((d.request_id, d.num_kv_tokens + 1))
         for request_id, n in computed:  # the forward pass wrote their KV
-            self.resident[request_id][1] += n
+            self._device(request_id)[request_id][1] += n
+        for e in msg.evict:
+            assert (e.request_id in self.there) == e.on_prefill_device, e.request_id
         for request_id in [*write_back, *(e.request_id for e in msg.evict)]:
-            self.in_pool[request_id] = self.resident.pop(request_id)[1]
+            self.in_pool[request_id] = self._device(request_id).pop(request_id)[1]
+        # the prefill device holds residents only while no prefill batch runs there
+        assert not (self.in_flight and self.there), "a prefill batch beside residents there"
         prefilled = self._take_prefilled(msg.wait_prefill)
         sampled += [
             (c.request_id, c.num_cached_tokens + len(c.token_ids)) for c in prefilled if c.sample
@@ -207,7 +239,9 @@ class DeviceModel:
             assert d.request_id not in busy_ids, f"{d.request_id}: being prefilled"
 
 
-def model_info(device_blocks: int, block_tokens: int, staging_blocks: int = 0):
+def model_info(
+    device_blocks: int, block_tokens: int, staging_blocks: int = 0, there_blocks: int = 0
+):
     layout = KVLayout(1, 1, 4, block_tokens, "float32")
     return worker_pb2.ModelInfo(
         model_name="device-model",
@@ -217,6 +251,7 @@ def model_info(device_blocks: int, block_tokens: int, staging_blocks: int = 0):
         num_device_blocks=device_blocks,
         prefill_device="cpu" if staging_blocks else "",
         num_prefill_blocks=staging_blocks,
+        num_prefill_decode_blocks=there_blocks if staging_blocks else 0,
     )
 
 
@@ -255,7 +290,11 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_del
     layout = wire.layout_from_proto(info.kv_layout)
     engine.pool = SimpleNamespace(layout=layout)  # (for the metrics; no pool is mapped)
     device = DeviceModel(
-        info.num_device_blocks, layout.block_tokens, info.num_prefill_blocks, prefill_delay
+        info.num_device_blocks,
+        layout.block_tokens,
+        info.num_prefill_blocks,
+        prefill_delay,
+        info.num_prefill_decode_blocks,
     )
     queues, deltas = {}, {}
     sent: deque[worker_pb2.StepRequest] = deque()  # what the device has still to run
@@ -338,6 +377,8 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
         prefill_delay=0,
         steps_in_flight=2,
         prefill_share=0.5,
+        there_slack=None,
+        weight_tokens=None,
     )
     return example(
         policy=policy,
@@ -398,6 +439,8 @@ def found(policy, block_tokens, arrivals, starvation_s=5.0, **kw):
     prefill_delay=st.integers(0, 3),
     steps_in_flight=st.sampled_from([1, 2]),
     prefill_share=st.sampled_from([0.0, 0.5, 0.9]),
+    there_slack=st.one_of(st.none(), st.integers(-8, 24)),
+    weight_tokens=st.sampled_from([None, 8]),
 )
 def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     policy,
@@ -417,12 +460,18 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
     prefill_delay,
     steps_in_flight,
     prefill_share,
+    there_slack,
+    weight_tokens,
 ):
     """staging_slack: None, no prefill device; else it stages that many blocks more than
     the largest request needs (the least it may have, by admission), and each batch of its
     chunks is done prefill_delay steps after the step that sent it. steps_in_flight: the
     engine's max_steps_in_flight. prefill_share: decode_prefill_share, the most share of the
-    decode device's time its prefill turns take beside a prefill device."""
+    decode device's time its prefill turns take beside a prefill device. there_slack: None,
+    the prefill device only prefills; else it decodes too, in that many blocks more than the
+    largest request needs (fewer, when negative: some requests must never go there).
+    weight_tokens: the weights' read cost in KV tokens (None: the default, 122k; 8 makes
+    the decode device send residents to the prefill device)."""
     needs = [-(-(prompt + out) // block_tokens) for _, prompt, out in arrivals]
     device_blocks = max(needs) + device_slack  # from room for one request alone, upwards
     pool_blocks = max(max(needs), int(sum(needs) * pool_factor))  # small: pool preemption
@@ -437,14 +486,19 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
         decode_prefill_share=prefill_share,
     )
     config = EngineConfig(
-        "unused:1", pool_bytes=1, scheduler=scheduler, max_steps_in_flight=steps_in_flight
+        "unused:1",
+        pool_bytes=1,
+        scheduler=scheduler,
+        max_steps_in_flight=steps_in_flight,
+        weight_kv_tokens=weight_tokens,
     )
     staging = 0 if staging_slack is None else max(needs) + staging_slack
-    info = model_info(device_blocks, block_tokens, staging)
+    there = 0 if there_slack is None else max(1, max(needs) + there_slack)
+    info = model_info(device_blocks, block_tokens, staging, there)
     deltas, device = run(config, info, pool_blocks, arrivals, aborts, losses, prefill_delay)
 
     assert device.peak <= device_blocks
-    assert device.resident == {}  # every request's blocks were freed on the device
+    assert device.resident == {} == device.there  # every request's blocks were freed
     assert not device.in_flight  # the prefill device's last batch was answered
     check_tokens(deltas, arrivals)
 
@@ -477,6 +531,31 @@ def test_the_prefill_device_queues_the_next_batch_behind_a_slow_one():
     deltas, device = run(config, model_info(64, 16, 8), 4096, arrivals, {}, prefill_delay=3)
     check_tokens(deltas, arrivals)
     assert device.max_queued == PREFILL_BATCHES_IN_FLIGHT == 2
+
+
+@pytest.mark.parametrize(("device_blocks", "weight_tokens"), [(24, None), (64, 8)])
+def test_the_prefill_device_decodes_once_no_prompt_waits(device_blocks, weight_tokens):
+    """Ten prompts at once, then two more mid-run. Once every prompt is prefilled the
+    prefill device decodes residents of its own: from the pool, while the decode device is
+    full (24 blocks); or, when the decode device holds them all (64 blocks), sent by it,
+    when the KV it holds beyond the prefill device's costs more than a read of the weights
+    (weight_tokens: 8 KV tokens here, 122k by default). The later prompts
+    send them back to the pool before the next batch runs there (the device model fails a
+    plan that decodes there beside a batch, or keeps residents there while one runs), and
+    every request still gets exactly its tokens."""
+    prompts = (40, 35, 50, 45, 38, 42, 47, 33, 30, 41, 36, 44)
+    arrivals = [(0 if i < 10 else 40, p, 30) for i, p in enumerate(prompts)]
+    scheduler = SchedulerConfig(prefill_tokens_per_step=128, growth_tokens=8)
+    config = EngineConfig(
+        "unused:1", pool_bytes=1, scheduler=scheduler, weight_kv_tokens=weight_tokens
+    )
+    info = model_info(device_blocks, 16, staging_blocks=16, there_blocks=24)
+    deltas, device = run(config, info, 4096, arrivals, {}, prefill_delay=1)
+    check_tokens(deltas, arrivals)
+    assert device.num_decoded_there > 30, device.num_decoded_there
+    if weight_tokens is not None:  # the decode device had them all: it sent some there
+        assert device.num_moved_there > 0
+    assert device.num_prefilled_elsewhere >= len(prompts)  # (chunks of them)
 
 
 def test_a_request_larger_than_the_device_is_refused_at_admission():

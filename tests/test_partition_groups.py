@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignedserve.batcher.scheduler.aligned import partition_groups
+from alignedserve.batcher.scheduler.lane import partition_groups
 
 
 def _groups(m: int):

@@ -61,4 +61,7 @@ def scheduler_config_for(
         weight_kv_tokens=weight_kv_tokens,
         # fcfs is the baseline as vLLM runs it: every chunk in the decode device's step
         num_prefill_device_blocks=info.num_prefill_blocks if base.policy == "aligned" else 0,
+        num_prefill_decode_blocks=(
+            info.num_prefill_decode_blocks if base.policy == "aligned" else 0
+        ),
     )

@@ -23,9 +23,15 @@ def step_message(
     keep_resident = scheduler.config.policy == "fcfs"
     writing: dict[str, int] = {}
     msg = worker_pb2.StepRequest(step=number)
+    there = plan.on_prefill_device  # of load, decode and evict: on the prefill device
     for rid in plan.load:
         r = store.get(rid)
-        msg.load.add(request_id=rid, pool_blocks=r.blocks, num_kv_tokens=r.num_kv_tokens)
+        msg.load.add(
+            request_id=rid,
+            pool_blocks=r.blocks,
+            num_kv_tokens=r.num_kv_tokens,
+            on_prefill_device=rid in there,
+        )
     offload = scheduler.config.num_prefill_device_blocks > 0
     chunks = [(rid, n, offload) for rid, n in plan.prefill]
     chunks += [(rid, n, False) for rid, n in plan.mixed_prefill]
@@ -56,10 +62,11 @@ def step_message(
             last_sampled=token == PENDING,
             num_kv_tokens=r.num_kv_tokens,
             params=params_of(r),
+            on_prefill_device=rid in there,
         )
     for rid in plan.evict:
         r = store.get(rid)
-        msg.evict.add(request_id=rid, pool_blocks=r.blocks)
+        msg.evict.add(request_id=rid, pool_blocks=r.blocks, on_prefill_device=rid in there)
         writing[rid] = r.num_kv_tokens
     # nothing for the decode device: answer when the prefill device's batch is done
     msg.wait_prefill = not (msg.load or msg.decode or msg.evict or plan.mixed_prefill)

@@ -1,7 +1,9 @@
 """One step of the batcher's plan on the devices, in two halves: `launch` and `finish`.
 
 `launch` does the step's host work and queues its device work: releases, loads, the prefill
-device's chunks, the decode device's forward pass and sampling, write-backs. `finish` waits
+device's chunks, the decode device's forward pass and sampling, write-backs. A pair's prefill
+device that decodes too (entries marked on_prefill_device: its own residents, `res.second`)
+runs its forward pass in the same step, beside the decode device's. `finish` waits
 for the device and builds the answer. The service calls `launch(N+1)` before `finish(N)`
 when step N+1 has arrived, so the GPU runs N+1 straight after N while the host answers N.
 
@@ -37,18 +39,27 @@ class Launched:
     request: worker_pb2.StepRequest
     run: LaunchedStep | None  # the decode device's pass; None: nothing to compute
     load_s: Callable[[], float]
-    done: torch.cuda.Event | None  # after its pass and write-backs; None (CPU): done
+    done: tuple[torch.cuda.Event, ...]  # per GPU, after its pass and write-backs (CPU: none)
     wrote_back: bool  # it copies KV into the pool
     # released by a later step: the token sampled here is not kept for them
     dropped: set[str] = field(default_factory=set)
     # the host's seconds to queue it (plan parsing, residency, inputs, kernel launches): when
     # this exceeds the device's time per step, the device waits for the host
     launch_s: float = 0.0
+    second_run: LaunchedStep | None = None  # the prefill device's decode pass
+
+    @property
+    def runs(self) -> tuple[LaunchedStep, ...]:
+        return tuple(run for run in (self.run, self.second_run) if run is not None)
+
+    def run_on(self, lane: int) -> LaunchedStep | None:
+        """The pass on lane 0 (the decode device) or 1 (the prefill device)."""
+        return (self.run, self.second_run)[lane]
 
     def wait(self) -> None:
         """Block until the step's device work is done (thread-safe: only waits)."""
-        if self.done is not None:
-            self.done.synchronize()
+        for event in self.done:
+            event.synchronize()
 
 
 # Batches queued on the prefill device at once: the next runs straight after the one before,
@@ -58,11 +69,16 @@ MAX_PREFILL_BATCHES = 2
 
 class StepExecutor:
     def __init__(
-        self, info: worker_pb2.ModelInfo, runner: ModelRunner, prefiller: Prefiller | None
+        self,
+        info: worker_pb2.ModelInfo,
+        runner: ModelRunner,
+        prefiller: Prefiller | None,
+        second_runner: ModelRunner | None = None,  # the prefill device's decode passes
     ):
         self.info = info
         self.runner = runner
         self.prefiller = prefiller
+        self.second_runner = second_runner
         # One thread drives the prefill device: its batch of chunks runs across decode steps.
         self._prefill_thread = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
@@ -89,7 +105,7 @@ class StepExecutor:
         """Wait for the step's device work; its answer (a prefill batch that failed raises its
         error here, failing this step)."""
         with self.runner.on_device():
-            sampled = launched.run.result() if launched.run is not None else []
+            sampled = [t for run in launched.runs for t in run.result()]
             launched.wait()  # the write-backs too: the batcher counts them safe in the pool
             if launched.request.wait_prefill and self._prefilling:
                 concurrent.futures.wait([future for future, _ in self._prefilling])
@@ -108,7 +124,8 @@ class StepExecutor:
                     )
                     for t in (*sampled, *sampled_there)
                 ],
-                compute_s=launched.run.compute_s if launched.run is not None else 0.0,
+                # the step's device time: the longer of the two passes side by side
+                compute_s=max((run.compute_s for run in launched.runs), default=0.0),
                 load_s=launched.load_s(),
                 prefilled=prefilled,
                 prefill_s=prefill_s,
@@ -122,6 +139,8 @@ class StepExecutor:
             if self.runner.device.type == "cuda":
                 # also what a launch that failed halfway had queued
                 torch.cuda.synchronize(self.runner.device)
+                if self.second_runner is not None:
+                    torch.cuda.synchronize(self.second_runner.device)
             # they write into the pool's blocks: no next session (or pool) before they are done
             concurrent.futures.wait([future for future, _ in self._prefilling])
             self._prefilling = []
@@ -135,49 +154,102 @@ class StepExecutor:
     def _launch(self, request: worker_pb2.StepRequest, res: DeviceResidency) -> Launched:
         self._check_unique(request)
         before = self._unfinished
+        lanes = self._lanes(request, res)
         # First free what the batcher already counts as free (requests that finished before
         # this step): its plan may give their device blocks to this step's new requests.
         prefilling = self._prefilling_ids()
         for request_id in request.release:
-            res.release(request_id)
+            for _, lane_res in lanes:
+                lane_res.release(request_id)
             self._last_sampled.pop(request_id, None)
             if before is not None:
                 before.dropped.add(request_id)
             if request_id in prefilling:
                 self._dropped_prefill.add(request_id)
-        load_s = res.load_batch(
-            [(e.request_id, e.pool_blocks, e.num_kv_tokens) for e in request.load]
-        )
+        if before is not None and before.wrote_back and before.done and len(lanes) > 1:
+            # a request written back on one GPU may load on the other now: each GPU's work
+            # from here on (its loads first) waits for the other's write-backs
+            for runner, _ in lanes:
+                stream = torch.cuda.current_stream(runner.device)
+                for event in before.done:
+                    stream.wait_event(event)
+        load_s = []
+        for lane, (runner, lane_res) in enumerate(lanes):
+            with runner.on_device():
+                load_s.append(
+                    lane_res.load_batch(
+                        [
+                            (e.request_id, e.pool_blocks, e.num_kv_tokens)
+                            for e in request.load
+                            if e.on_prefill_device == bool(lane)
+                        ]
+                    )
+                )
         # the prefill device's chunks start first and run while this thread does the rest;
         # they read the pool, so they wait for write-backs the step before still has queued
         self._start_offloaded(request, res, before if before and before.wrote_back else None)
-        chunks, carried, write_back = self._chunks(request, res, before)
-        run = None
-        if chunks:
-            carry = TokenCarry(before.run.tokens, tuple(carried)) if carried else None
-            run = self.runner.launch(chunks, carry)
-            for chunk in chunks:
-                res.advance(chunk.request_id, len(chunk.token_ids))
-        for request_id, pool_blocks in write_back:
-            res.write_back(request_id, pool_blocks)  # queued behind the pass
-            res.release(request_id)
-        done = None
-        if self.runner.device.type == "cuda":
-            done = torch.cuda.current_stream().record_event()
-        launched = Launched(request, run, load_s, done, wrote_back=bool(write_back))
+        runs: list[LaunchedStep | None] = []
+        done: list[torch.cuda.Event] = []
+        wrote_back = False
+        for lane, (runner, lane_res) in enumerate(lanes):
+            with runner.on_device():
+                chunks, carried, write_back = self._chunks(request, lane_res, before, lane)
+                run = None
+                if chunks:
+                    ran = before.run_on(lane) if before is not None else None
+                    carry = TokenCarry(ran.tokens, tuple(carried)) if carried else None
+                    run = runner.launch(chunks, carry)
+                    for chunk in chunks:
+                        lane_res.advance(chunk.request_id, len(chunk.token_ids))
+                for request_id, pool_blocks in write_back:
+                    lane_res.write_back(request_id, pool_blocks)  # queued behind the pass
+                    lane_res.release(request_id)
+                wrote_back |= bool(write_back)
+                if runner.device.type == "cuda":
+                    done.append(torch.cuda.current_stream().record_event())
+                runs.append(run)
+        launched = Launched(
+            request,
+            runs[0],
+            lambda: max(seconds() for seconds in load_s),
+            tuple(done),
+            wrote_back=wrote_back,
+            second_run=runs[1] if len(runs) > 1 else None,
+        )
         self._unfinished = launched
         return launched
 
+    def _lanes(
+        self, request: worker_pb2.StepRequest, res: DeviceResidency
+    ) -> list[tuple[ModelRunner, DeviceResidency]]:
+        """The devices that decode: the decode device, and the prefill device when it has
+        decode blocks of its own (a plan that sends it entries without them is refused)."""
+        lanes = [(self.runner, res)]
+        if res.second is not None and self.second_runner is not None:
+            lanes.append((self.second_runner, res.second))
+        elif any(e.on_prefill_device for e in (*request.load, *request.decode, *request.evict)):
+            raise InvalidRequestError(
+                "an entry is on_prefill_device, but this worker's prefill device has no decode "
+                "blocks (ModelInfo.num_prefill_decode_blocks)",
+                param="on_prefill_device",
+            )
+        return lanes
+
     def _chunks(
-        self, request: worker_pb2.StepRequest, res: DeviceResidency, before: Launched | None
+        self,
+        request: worker_pb2.StepRequest,
+        res: DeviceResidency,
+        before: Launched | None,
+        lane: int,
     ) -> tuple[list[SeqChunk], list[tuple[int, int]], list[tuple[str, Sequence[int]]]]:
-        """The decode device's chunks: its prefill chunks, then the decodes; the decodes
-        whose input is still on the device, as (chunk index, row of `before`'s tokens); and
-        the write-backs after the pass (prefill chunks not kept resident, then the evicted)."""
+        """One device's chunks (lane 0, the decode device: its prefill chunks, then its
+        decodes; lane 1, the prefill device: its decodes); the decodes whose input is still
+        on the device, as (chunk index, row of `before`'s tokens there); and the write-backs
+        after the pass (prefill chunks not kept resident, then the evicted)."""
         chunks: list[SeqChunk] = []
         carried: list[tuple[int, int]] = []
         write_back: list[tuple[str, Sequence[int]]] = []
-        for c in request.prefill:
+        for c in request.prefill if lane == 0 else ():
             if c.on_prefill_device:
                 continue
             self._check_tokens(c.request_id, c.token_ids, c.num_cached_tokens)
@@ -189,8 +261,11 @@ class StepExecutor:
             )
             if not c.keep_resident:
                 write_back.append((c.request_id, c.pool_blocks))
-        on_device = before.run.row if before is not None and before.run is not None else {}
+        ran = before.run_on(lane) if before is not None else None
+        on_device = ran.row if ran is not None else {}
         for d in request.decode:
+            if d.on_prefill_device != bool(lane):
+                continue
             token = d.token_id
             if d.last_sampled:
                 row = on_device.get(d.request_id)
@@ -202,7 +277,11 @@ class StepExecutor:
             self._check_tokens(d.request_id, [token], d.num_kv_tokens)
             sampling = self._sampling(d.request_id, d.params)
             chunks.append(res.decode_chunk(d.request_id, token, d.num_kv_tokens, sampling))
-        write_back += [(e.request_id, e.pool_blocks) for e in request.evict]
+        write_back += [
+            (e.request_id, e.pool_blocks)
+            for e in request.evict
+            if e.on_prefill_device == bool(lane)
+        ]
         return chunks, carried, write_back
 
     def _start_offloaded(

@@ -36,9 +36,21 @@ class _Resident:
 
 class DeviceResidency:
     """Device KV blocks of the resident requests, over one attached CPU pool. Not thread-safe:
-    the service calls it from one step at a time."""
+    the service calls it from one step at a time.
 
-    def __init__(self, kv_cache: KVCache, pool: CpuKVPool, prefetch_device: str | None = None):
+    `second`: the residents of the pair's prefill device, when it decodes too
+    (`prefill_decode_kv`, its decode KV cache): the same kind of object over the same pool
+    mapping, loading over that device's own link."""
+
+    def __init__(
+        self,
+        kv_cache: KVCache,
+        pool: CpuKVPool,
+        prefetch_device: str | None = None,
+        prefill_decode_kv: KVCache | None = None,
+        *,
+        pool_blocks: torch.Tensor | None = None,  # another residency's mapping, to share
+    ):
         if pool.layout != kv_cache.layout:
             raise ConfigError(
                 f"pool {pool.name!r} has layout {pool.layout}, the device cache {kv_cache.layout}"
@@ -47,6 +59,7 @@ class DeviceResidency:
         self.pool = pool
         self.allocator = BlockAllocator(kv_cache.num_blocks)
         self._block_tokens = kv_cache.layout.block_tokens
+        self._owns_pool = pool_blocks is None  # maps (and pins) it, and unmaps it at close
         # Zero-copy over the shared segment; uint8 -> dtype is a reinterpretation, so bf16
         # works although numpy has no bf16.
         # [num_pool_blocks, layers, 2, block_tokens, kv_heads, head_dim]
@@ -54,20 +67,29 @@ class DeviceResidency:
             torch.from_numpy(pool.blocks())
             .view(kv_cache.dtype)
             .view(pool.num_blocks, *kv_cache.layout.block_shape)
+            if pool_blocks is None
+            else pool_blocks
         )
         self._requests: dict[str, _Resident] = {}
         # On a GPU: page-lock the pool so loads are DMA on a copy stream (Prefetcher) and
         # write-backs are DMA too; on the CPU the indexed copies below are already direct.
+        # (Pinned once, for every GPU: `pin` maps it portable.)
         self._prefetcher = None
         if kv_cache.blocks.is_cuda:
             from alignedserve.worker.prefetch import Prefetcher, pin
 
-            pin(self._pool_blocks)
+            if self._owns_pool:
+                pin(self._pool_blocks)
             self._prefetcher = Prefetcher(
                 self._pool_blocks, kv_cache.blocks, staging_device=prefetch_device
             )
             # waits for each load's copies and marks their end, holding up no pass
             self._landing_stream = torch.cuda.Stream(kv_cache.blocks.device)
+        self.second = (
+            DeviceResidency(prefill_decode_kv, pool, pool_blocks=self._pool_blocks)
+            if prefill_decode_kv is not None
+            else None
+        )
 
     # ---------------------------------------------------------------- queries
 
@@ -182,19 +204,27 @@ class DeviceResidency:
     def release_all(self) -> None:
         for request_id in list(self._requests):
             self.release(request_id)
+        if self.second is not None:
+            self.second.release_all()
 
     def close(self) -> None:
         """Release everything and unmap the pool (the segment itself is the batcher's)."""
         self.release_all()
+        if self.second is not None:
+            self.second.close()  # first: it shares the mapping
+            self.second = None
         if self._prefetcher is not None:
             from alignedserve.worker.prefetch import unpin
 
-            torch.cuda.synchronize()
-            unpin(self._pool_blocks)
+            torch.cuda.synchronize(self.kv_cache.blocks.device)
+            if self._owns_pool:
+                torch.cuda.synchronize()
+                unpin(self._pool_blocks)
             self._prefetcher = None
         # The mapping cannot be unmapped while a view of it is alive.
         self._pool_blocks = None
-        self.pool.close()
+        if self._owns_pool:
+            self.pool.close()
 
     # ---------------------------------------------------------------- one step's chunks
 

@@ -92,7 +92,7 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         decode_kernel_cost=decode_kernel_cost(config.device),
     )
-    prefiller = None
+    prefiller = second_runner = second_kv = None
     if config.prefetch_device and config.offload_prefill:
         from alignedserve.worker.prefiller import Prefiller
 
@@ -104,6 +104,16 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         prefiller = Prefiller(ModelRunner(replica, staging))
         info.prefill_device = str(staging.blocks.device)
         info.num_prefill_blocks = staging.num_blocks
+        if config.prefill_decode_blocks:  # it decodes too, on the same replica
+            on_gpu1 = torch_device_is_cuda(config.prefetch_device)
+            second_kv = KVCache(
+                layout,
+                config.prefill_decode_blocks,
+                device=config.prefetch_device,
+                scratch_block=on_gpu1,
+            )
+            second_runner = ModelRunner(replica, second_kv)
+            info.num_prefill_decode_blocks = config.prefill_decode_blocks
     runner = ModelRunner(model, kv_cache)
     start = time.perf_counter()
     num_graphs = runner.warm_up(config.warm_up_batch, info.max_model_len)
@@ -111,6 +121,8 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         # no decode graphs; its prefill kernels, and the decode kernel's smallest variant,
         # which a chunk of one token there runs
         prefiller.runner.warm_up(0, info.max_model_len)
+    if second_runner is not None:
+        num_graphs += second_runner.warm_up(config.warm_up_batch, info.max_model_len)
     if runner.device.type == "cuda":
         logger.info(
             "warmed up in %.1f s: prefill kernels compiled, %d decode graphs captured",
@@ -121,8 +133,13 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         limit_cpu_threads()
     return WorkerServicer(
         info,
-        StepExecutor(info, runner, prefiller),
-        functools.partial(DeviceResidency, kv_cache, prefetch_device=config.prefetch_device),
+        StepExecutor(info, runner, prefiller, second_runner),
+        functools.partial(
+            DeviceResidency,
+            kv_cache,
+            prefetch_device=config.prefetch_device,
+            prefill_decode_kv=second_kv,
+        ),
         session_handover_s=config.session_handover_s,
         overlap_steps=config.overlap_steps,
     )

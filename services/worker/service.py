@@ -82,6 +82,14 @@ class WorkerConfig:
             f"{PREFILL_STAGING_EXTRA_TOKENS} (a step's chunks)"
         },
     )
+    prefill_decode_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "with a prefetch device that prefills: KV blocks it decodes in, on its "
+            "replica of the weights, while no prompt waits (the aligned batcher sends it "
+            "residents of its own then); 0: it only prefills"
+        },
+    )
     overlap_steps: bool = field(
         default=True,
         metadata={
@@ -113,6 +121,13 @@ class WorkerConfig:
             ("block_tokens", self.block_tokens >= 1, "must be >= 1"),
             ("session_handover_s", self.session_handover_s >= 0, "must be >= 0"),
             ("prefill_kv_tokens", self.prefill_kv_tokens >= 0, "must be >= 0"),
+            ("prefill_decode_blocks", self.prefill_decode_blocks >= 0, "must be >= 0"),
+            (
+                "prefill_decode_blocks",
+                not self.prefill_decode_blocks
+                or bool(self.prefetch_device and self.offload_prefill),
+                "needs a prefetch_device that prefills (offload_prefill)",
+            ),
             ("warm_up_batch", self.warm_up_batch >= 0, "must be >= 0"),
         )
         for name, ok, rule in checks:

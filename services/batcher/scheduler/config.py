@@ -49,13 +49,20 @@ class SchedulerConfig:
     # pool, taking none of the decode device's blocks. 0: no prefill device; it runs on the
     # decode device, in the step.
     num_prefill_device_blocks: int = 0
+    # aligned: KV blocks the prefill device decodes in while no prompt waits (the worker's
+    # ModelInfo); 0: it only prefills
+    num_prefill_decode_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} not one of {POLICIES}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("num_prefill_device_blocks", "decode_prefill_share"):
+            if f.name in (
+                "num_prefill_device_blocks",
+                "num_prefill_decode_blocks",
+                "decode_prefill_share",
+            ):
                 if value < 0:
                     raise ConfigError(f"{f.name}={value} must be >= 0")
             elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:

@@ -38,6 +38,9 @@ class BatchPlan:
     evict: tuple[str, ...] = ()  # leave the decode GPU: write their new KV back to the pool
     prefetch: tuple[str, ...] = ()  # start moving this next batch's KV towards the decode GPU
     is_switch: bool = False  # the running batch was replaced
+    # of load, decode and evict, the requests whose KV is on the prefill device (it decodes
+    # while no prompt waits: scheduler/aligned.py); the rest are the decode device's
+    on_prefill_device: frozenset[str] = frozenset()
 
     @property
     def is_empty(self) -> bool:
@@ -107,8 +110,7 @@ class Scheduler:
                 f"KV pool has {self.allocator.num_free} free blocks: no room for a "
                 f"{len(prompt)}-token prompt now"
             )
-        # the most KV it can reach: a request stops at max_model_len tokens
-        need = self.blocks_for(min(len(prompt) + params.max_tokens, self.max_model_len))
+        need = self._max_blocks(len(prompt), params.max_tokens)
         limits = (
             (self.config.num_pool_blocks, "the whole pool"),
             (self.num_device_blocks, "the decode device holds"),  # decoded alone, even
@@ -315,6 +317,14 @@ class Scheduler:
             self.blocks_for(self.store.get(request_id).num_prefilled + n)
             for request_id, n in chunks
         )
+
+    def max_blocks_of(self, r: Request) -> int:
+        """The most KV blocks the request can come to hold."""
+        return self._max_blocks(len(r.prompt_token_ids), r.params.max_tokens)
+
+    def _max_blocks(self, prompt_tokens: int, max_tokens: int) -> int:
+        # a request stops at max_model_len tokens
+        return self.blocks_for(min(prompt_tokens + max_tokens, self.max_model_len))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_tokens)

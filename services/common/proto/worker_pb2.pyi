@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "num_device_blocks", "device", "weight_bytes", "decode_kernel_cost", "prefill_device", "num_prefill_blocks")
+    __slots__ = ("model_name", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "num_device_blocks", "device", "weight_bytes", "decode_kernel_cost", "prefill_device", "num_prefill_blocks", "num_prefill_decode_blocks")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class ModelInfo(_message.Message):
     DECODE_KERNEL_COST_FIELD_NUMBER: _ClassVar[int]
     PREFILL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFILL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_DECODE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     vocab_size: int
@@ -35,7 +36,8 @@ class ModelInfo(_message.Message):
     decode_kernel_cost: str
     prefill_device: str
     num_prefill_blocks: int
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ..., prefill_device: _Optional[str] = ..., num_prefill_blocks: _Optional[int] = ...) -> None: ...
+    num_prefill_decode_blocks: int
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ..., prefill_device: _Optional[str] = ..., num_prefill_blocks: _Optional[int] = ..., num_prefill_decode_blocks: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("pool_name", "num_pool_blocks", "kv_layout")
@@ -52,14 +54,16 @@ class AttachResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadEntry(_message.Message):
-    __slots__ = ("request_id", "pool_blocks", "num_kv_tokens")
+    __slots__ = ("request_id", "pool_blocks", "num_kv_tokens", "on_prefill_device")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ON_PREFILL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pool_blocks: _containers.RepeatedScalarFieldContainer[int]
     num_kv_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., num_kv_tokens: _Optional[int] = ...) -> None: ...
+    on_prefill_device: bool
+    def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., num_kv_tokens: _Optional[int] = ..., on_prefill_device: _Optional[bool] = ...) -> None: ...
 
 class PrefillChunk(_message.Message):
     __slots__ = ("request_id", "token_ids", "num_cached_tokens", "pool_blocks", "params", "sample", "keep_resident", "on_prefill_device")
@@ -82,26 +86,30 @@ class PrefillChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., keep_resident: _Optional[bool] = ..., on_prefill_device: _Optional[bool] = ...) -> None: ...
 
 class DecodeEntry(_message.Message):
-    __slots__ = ("request_id", "token_id", "num_kv_tokens", "params", "last_sampled")
+    __slots__ = ("request_id", "token_id", "num_kv_tokens", "params", "last_sampled", "on_prefill_device")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     LAST_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    ON_PREFILL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_id: int
     num_kv_tokens: int
     params: _common_pb2.SamplingParams
     last_sampled: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., last_sampled: _Optional[bool] = ...) -> None: ...
+    on_prefill_device: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., last_sampled: _Optional[bool] = ..., on_prefill_device: _Optional[bool] = ...) -> None: ...
 
 class EvictEntry(_message.Message):
-    __slots__ = ("request_id", "pool_blocks")
+    __slots__ = ("request_id", "pool_blocks", "on_prefill_device")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ON_PREFILL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pool_blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    on_prefill_device: bool
+    def __init__(self, request_id: _Optional[str] = ..., pool_blocks: _Optional[_Iterable[int]] = ..., on_prefill_device: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step", "release", "load", "prefill", "decode", "evict", "wait_prefill")

@@ -1,0 +1,305 @@
+"""One decoding device of the `aligned` policy: its resident requests, their length groups,
+and the device blocks they hold.
+
+A *lane* is a device that decodes: the decode GPU always, and the pair's prefill GPU while no
+prompt waits (scheduler/aligned.py decides when). Requests whose KV is on the device are
+*resident*; they are partitioned into contiguous length groups, and each step decodes one
+group, round-robin, so every resident advances once per round and moving between groups costs
+no copy. The partition minimises the round's cost under the decode kernel's cost model
+(`partition_groups`): with a padded kernel every member costs as much as the group's longest,
+so requests of very different lengths are split apart exactly when the padding they would
+waste exceeds one more read of the weights; with a balanced kernel one group is best.
+
+The lane counts its tokens and blocks exactly, as the worker allocates them
+(worker/residency.py); pure Python over ints and lists.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from alignedserve.batcher.length_index import bucket_of, bucket_of_array
+from alignedserve.batcher.request import Request, RequestState
+from alignedserve.batcher.scheduler.config import SchedulerConfig
+from alignedserve.batcher.scheduler.core import Scheduler
+
+S = RequestState
+# Groups are formed over coarser buckets than the pool's index (16 per power of two: each
+# <= 6.25 % of its length), which halves the partition's work at a small cost in fit.
+GROUP_SUB_BITS = 3
+
+
+def partition_groups(
+    buckets: np.ndarray,  # [m] distinct occupied buckets, ascending
+    counts: np.ndarray,  # [m] members in each
+    ends: np.ndarray,  # [m] longest length of each bucket
+    sums: np.ndarray,  # [m] total length of the members of each
+    weight_tokens: int,
+    padded: bool,
+    max_members: int,
+    max_span: int,
+    min_members: int = 1,
+) -> list[int]:
+    """Split occupied buckets into contiguous groups minimising sum over groups of
+    (weight_tokens + cost of its members): padded n * longest, balanced the sum of lengths.
+    A group holds at most max_members members and spans at most max_span buckets (a group
+    that must exceed max_members alone is allowed: one bucket cannot be split by length),
+    and at least min_members (or all members, when fewer are resident). When the span bound
+    leaves no partition with groups that large, the minimum is dropped rather than the span.
+    Returns the index (into `buckets`) where each group starts."""
+    m = len(buckets)
+    cum_n = np.concatenate(([0], np.cumsum(counts)))
+    cum_s = np.concatenate(([0], np.cumsum(sums)))
+    # The cost of every candidate group [i, j) at once; costs are integers far below 2**53,
+    # so the float sums below are exact. [m (first bucket i), m (last bucket j - 1)]
+    i = np.arange(m)[:, None]
+    j = np.arange(1, m + 1)[None, :]
+    n = cum_n[j] - cum_n[i]
+    member_cost = n * ends[j - 1] if padded else cum_s[j] - cum_s[i]
+    ok = (i < j) & ((n <= max_members) | (i == j - 1)) & (buckets[j - 1] - buckets[i] < max_span)
+    ok &= n >= min(min_members, int(cum_n[m]))
+    cost = np.where(ok, weight_tokens + member_cost, np.inf)
+    best = np.full(m + 1, np.inf)  # best[j]: cost of buckets[:j]
+    best[0] = 0.0
+    start = np.zeros(m + 1, dtype=np.int64)
+    for last in range(1, m + 1):
+        total = best[:last] + cost[:last, last - 1]
+        first = int(np.argmin(total))
+        best[last], start[last] = total[first], first
+    if not np.isfinite(best[m]):  # only a minimum the span bound cannot meet leaves this
+        return partition_groups(
+            buckets, counts, ends, sums, weight_tokens, padded, max_members, max_span
+        )
+    starts, j = [], m
+    while j > 0:
+        starts.append(int(start[j]))
+        j = starts[-1]
+    return starts[::-1]
+
+
+class Lane:
+    def __init__(self, config: SchedulerConfig, num_device_blocks: int, max_length: int, name: str):
+        self.config = config
+        self.name = name  # for messages: "decode device", "prefill device"
+        self.max_length = max_length  # lengths are bucketed up to this (the pool's index)
+        self.resident: dict[str, None] = {}  # on the device, in load order
+        self.undecoded: set[str] = set()  # resident, no token decoded since it landed
+        self.loading: list[str] = []  # streaming in (PREFETCHING)
+        self.loading_done = False
+        self.groups: list[list[str]] = []
+        # per group, its shortest and longest member: lengths grow in lockstep, so groups stay
+        # ordered by length and these two stay its ends until one of them leaves
+        self.group_ends: list[tuple[str, str]] = []
+        self.next_group = 0
+        self.steps_since_regroup = 0
+        self.churn = 0  # members joined or left since the last full regroup
+        self.num_device_blocks = num_device_blocks
+        kv_tokens = num_device_blocks * config.block_tokens
+        self.kv_budget = int(kv_tokens * config.max_resident_kv_fraction)
+        self.gpu_tokens = 0  # KV tokens of resident + loading requests, kept exact
+        self.held_blocks = 0  # device blocks the residents' KV fills, kept exact
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.resident or request_id in self.loading
+
+    # ---- room --------------------------------------------------------------------------
+    def need_tokens(self, r: Request) -> int:
+        return r.num_tokens + self.config.growth_tokens
+
+    def free_tokens(self) -> int:
+        members = len(self.resident) + len(self.loading)
+        return self.kv_budget - self.gpu_tokens - members * self.config.growth_tokens
+
+    # ---- membership --------------------------------------------------------------------
+    def start_loading(self, sched: Scheduler, request_id: str) -> None:
+        self.loading.append(request_id)
+        self.loading_done = False
+        self.gpu_tokens += sched.store.get(request_id).num_tokens
+
+    def land(self, sched: Scheduler, free_blocks: int) -> list[str]:
+        """The streaming-in requests become resident, if their blocks (and each one's first
+        decoded token) fit the device beside a block of growth per resident; else they wait."""
+        blocks = [sched.blocks_for(sched.store.get(r).num_tokens) for r in self.loading]
+        if sum(blocks) > free_blocks - len(self.resident):
+            return []
+        landed = self.loading
+        for request_id in landed:
+            request = sched.store.get(request_id)
+            sched.store.transition(request, S.RUNNING)
+            self.resident[request_id] = None
+            self.undecoded.add(request_id)
+            self.held_blocks += sched.blocks_for(request.num_kv_tokens)
+        self.loading, self.loading_done = [], False
+        return landed
+
+    def unload(self, sched: Scheduler) -> list[str]:
+        """Stop streaming in: the requests loading go back (nothing of them is on the device
+        yet: the worker copies a request's KV at the step that lands it)."""
+        gone, self.loading, self.loading_done = self.loading, [], False
+        for request_id in gone:
+            self.gpu_tokens -= sched.store.get(request_id).num_tokens
+        return gone
+
+    def leave(self, sched: Scheduler, request_id: str) -> None:
+        """A resident leaves the device (its blocks are freed at the end of this step)."""
+        del self.resident[request_id]
+        self.undecoded.discard(request_id)
+        request = sched.store.get(request_id)
+        self.gpu_tokens -= request.num_tokens
+        self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
+        self.churn += 1
+
+    def on_token(self, request: Request) -> None:
+        self.gpu_tokens += 1
+        self.undecoded.discard(request.request_id)
+        # the decode wrote the KV of token kv - 1: a new device block if it starts one
+        self.held_blocks += (request.num_kv_tokens - 1) % self.config.block_tokens == 0
+
+    def on_done(self, sched: Scheduler, request: Request) -> None:
+        """A resident or loading request ended (at the length it counted)."""
+        rid = request.request_id
+        self.gpu_tokens -= request.num_tokens
+        self.churn += 1
+        if rid in self.resident:
+            self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
+            del self.resident[rid]
+        self.undecoded.discard(rid)
+        if rid in self.loading:
+            self.loading.remove(rid)
+            if not self.loading:
+                self.loading_done = False
+
+    # ---- the step's group --------------------------------------------------------------
+    def next_decode(
+        self, sched: Scheduler, landed: list[str], free: int
+    ) -> tuple[list[str], int, list[str]]:
+        """The group this step decodes: the members the device has room for (a member whose
+        next token starts a block needs one more), the blocks left, and the members that
+        leave for the pool so that those left out find room next step (without that, a
+        device full of members that all need a block would stall). A member alone on the
+        device always fits (admission). Leavers just drop out of their groups and joiners
+        slot into one; lengths grow in lockstep, so the partition stays sound until
+        membership has changed by a quarter."""
+        self.steps_since_regroup += 1
+        self.churn += len(landed)
+        if (
+            not self.groups
+            or self.churn * 4 > len(self.resident)
+            or self.steps_since_regroup >= self.config.regroup_steps
+        ):
+            self.regroup(sched)
+        elif landed:
+            self._insert(sched, landed)
+        decode, short = [], []
+        for request_id in self._next_group():
+            kv = sched.store.get(request_id).num_kv_tokens
+            grow = sched.blocks_for(kv + 1) - sched.blocks_for(kv)
+            if grow <= free:
+                decode.append(request_id)
+                free -= grow
+            else:
+                short.append(request_id)
+        need = len(short) - free  # blocks still missing next step
+        make_room: list[str] = []
+        for request_id in reversed(short):  # the longest first: the fewest leave
+            if need <= 0:
+                break
+            make_room.append(request_id)
+            need -= 1 + sched.blocks_for(sched.store.get(request_id).num_kv_tokens)
+        for request_id in make_room:
+            self.leave(sched, request_id)
+        return decode, free, make_room
+
+    def regroup(self, sched: Scheduler) -> None:
+        if not self.resident:
+            self.groups, self.group_ends, self.next_group = [], [], 0
+            return
+        ids = list(self.resident)
+        lengths = np.fromiter(
+            (sched.store.get(r).num_tokens for r in ids), dtype=np.int64, count=len(ids)
+        )
+        buckets = bucket_of_array(np.minimum(lengths, self.max_length), GROUP_SUB_BITS)
+        order = np.argsort(buckets, kind="stable")
+        occupied, first, counts = np.unique(buckets[order], return_index=True, return_counts=True)
+        by_order = lengths[order]
+        starts = partition_groups(
+            occupied,
+            counts,
+            np.maximum.reduceat(by_order, first),
+            np.add.reduceat(by_order, first),
+            self.config.weight_kv_tokens,
+            self.config.kernel_cost == "padded",
+            self.config.max_batch_size,
+            self.config.max_band_buckets,
+            self.config.min_batch_size,
+        )
+        cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
+        ranked = [ids[k] for k in order.tolist()]
+        self.groups = [ranked[cuts[g] : cuts[g + 1]] for g in range(len(starts))]
+        self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by bucket
+        self.next_group %= len(self.groups)
+        self.steps_since_regroup = self.churn = 0
+
+    def group_range(self, sched: Scheduler, g: int) -> tuple[int, int]:
+        """Current (shortest, longest) length in group g."""
+        lo_id, hi_id = self.group_ends[g]
+        if lo_id not in self.resident or hi_id not in self.resident:
+            members = [r for r in self.groups[g] if r in self.resident]
+            if not members:
+                return (0, 0)
+            lo_id = min(members, key=lambda r: sched.store.get(r).num_tokens)
+            hi_id = max(members, key=lambda r: sched.store.get(r).num_tokens)
+            self.group_ends[g] = (lo_id, hi_id)
+        return sched.store.get(lo_id).num_tokens, sched.store.get(hi_id).num_tokens
+
+    def _insert(self, sched: Scheduler, request_ids) -> None:
+        """Place newly resident requests into the group whose length range holds them (the
+        next full regroup re-optimises); one that would stretch a group past
+        max_band_buckets triggers that regroup now instead."""
+        for request_id in request_ids:
+            length = sched.store.get(request_id).num_tokens
+            ranges = [self.group_range(sched, g) for g in range(len(self.groups))]
+            g = max(0, bisect.bisect_right([lo for lo, _ in ranges], length) - 1)
+            lo, hi = ranges[g]
+            lo_id, hi_id = self.group_ends[g]
+            if not self.groups[g] or length < lo:
+                lo, lo_id = length, request_id
+            if length > hi:
+                hi, hi_id = length, request_id
+            cap = self.max_length
+            span = bucket_of(min(hi, cap), GROUP_SUB_BITS) - bucket_of(min(lo, cap), GROUP_SUB_BITS)
+            if span >= self.config.max_band_buckets:
+                self.regroup(sched)  # places every resident request, these included
+                return
+            self.group_ends[g] = (lo_id, hi_id)
+            self.groups[g].append(request_id)
+
+    def _next_group(self) -> list[str]:
+        """Round-robin over groups, skipping members that left since the partition."""
+        for _ in range(len(self.groups)):
+            group = [r for r in self.groups[self.next_group] if r in self.resident]
+            self.groups[self.next_group] = group
+            self.next_group = (self.next_group + 1) % len(self.groups)
+            if group:
+                return group
+        return []
+
+    # ---- checks ------------------------------------------------------------------------
+    def check_invariants(self, sched: Scheduler) -> None:
+        assert set(self.resident) >= self.undecoded
+        on_gpu = [*self.resident, *self.loading]
+        assert self.gpu_tokens == sum(sched.store.get(r).num_tokens for r in on_gpu), self.name
+        held = sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in self.resident)
+        assert self.held_blocks == held <= self.num_device_blocks, (self.name, self.held_blocks)
+        grouped = [r for g in self.groups for r in g if r in self.resident]
+        assert set(grouped) == set(self.resident), "a resident request in no group"
+        assert len(grouped) == len(set(grouped)), "a request in two groups"
+        for group in self.groups:
+            members = [sched.store.get(r) for r in group if r in self.resident]
+            if len(members) > 1:
+                b = [bucket_of(min(m.num_tokens, self.max_length), GROUP_SUB_BITS) for m in members]
+                # lengths grow in lockstep (one token per round), so a group's bucket span
+                # can exceed the bound it was formed with by at most one bucket boundary
+                assert max(b) - min(b) <= self.config.max_band_buckets, (min(b), max(b))
