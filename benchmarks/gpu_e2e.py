@@ -8,6 +8,7 @@ The variants (--policies; --baseline names the one aligned is compared with):
   computing on --device, the second GPU idle;
 - aligned-both: aligned whose prefill GPU also decodes, residents of its own, while no prompt
   waits (--prefill-decode-blocks: as many KV blocks as the decode GPU's; scheduler/aligned.py);
+  aligned-both-turns: the same, its decode GPU also taking prefill turns (as aligned-turns);
 - aligned-turns: aligned whose decode GPU also takes prefill turns while a backlog waits
   (--decode-prefill-share 0.5, scheduler/turns.py; aligned's default is 0, none);
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
@@ -87,25 +88,28 @@ from alignedserve.serve import (  # noqa: E402
 VARIANTS = (
     "aligned",
     "aligned-both",
+    "aligned-both-turns",
     "aligned-turns",
     "aligned-sync",
     "aligned-serial",
     "fcfs",
     "fcfs-dp2",
 )
-# a variant's suffix and the serve flags it adds: -sync, the batcher waits for each answer;
-# -serial, the worker answers each step before it queues the next
-SUFFIX_SETTINGS = {
-    "-both": {"prefill_decode_blocks": "device"},  # as many blocks as the decode GPU
-    "-turns": {"decode_prefill_share": 0.5},
-    "-sync": {"max_steps_in_flight": 1},
-    "-serial": {"overlap_steps": False},
+# the parts of a variant's name after its policy, and the serve flags each adds: -sync, the
+# batcher waits for each answer; -serial, the worker answers each step before it queues the
+# next
+PART_SETTINGS = {
+    "both": {"prefill_decode_blocks": "device"},  # as many blocks as the decode GPU
+    "turns": {"decode_prefill_share": 0.5},
+    "sync": {"max_steps_in_flight": 1},
+    "serial": {"overlap_steps": False},
 }
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
     "aligned-both": "aligned, the prefill GPU decoding too while no prompt waits "
     "(--prefill-decode-blocks as many as the decode GPU's)",
+    "aligned-both-turns": "aligned-both whose decode GPU also takes prefill turns (share 0.5)",
     "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
@@ -274,8 +278,8 @@ def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_
 def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
     """`alignedserve serve`: router, batcher and worker under one process (its log and its
     children's in logs/serve.log)."""
-    more = [v for suffix, v in SUFFIX_SETTINGS.items() if policy.endswith(suffix)]
-    more = [{k: blocks if v == "device" else v for k, v in m.items()} for m in more]
+    more = {k: v for part in policy.split("-")[1:] for k, v in PART_SETTINGS[part].items()}
+    more = {k: blocks if v == "device" else v for k, v in more.items()}
     config = ServeConfig(
         model=str(model),
         device=args.device,
@@ -284,7 +288,7 @@ def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
         port=args.port,
         pool_gib=args.pool_gib,
         num_device_blocks=blocks,
-        **(more[0] if more else {}),
+        **more,
     )
     cmd = [sys.executable, "-m", "alignedserve", "serve", *flags.to_args(config)]
     tiers.append([popen_logged(cmd, env, logs / "serve.log")])

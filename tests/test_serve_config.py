@@ -83,7 +83,8 @@ def test_engine_settings_default_to_the_workers_and_batchers_own():
     assert names == set(BATCHER_FIELDS) | set(WORKER_FIELDS)
     worker = worker_service.WorkerConfig(model_dir="/m")
     for name in WORKER_FIELDS:
-        assert (getattr(EngineSettings(), name) or None) == getattr(worker, name), name
+        value = getattr(EngineSettings(), name)
+        assert (None if value == "" else value) == getattr(worker, name), name
     for name in BATCHER_FIELDS:
         assert getattr(EngineSettings(), name) == getattr(BatcherConfig(), name), name
 

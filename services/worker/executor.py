@@ -17,6 +17,7 @@ Not thread-safe: the service runs both halves on one thread, in order.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,11 @@ class StepExecutor:
         self.runner = runner
         self.prefiller = prefiller
         self.second_runner = second_runner
+        self._second_stream = (
+            torch.cuda.Stream(second_runner.device)
+            if second_runner is not None and second_runner.device.type == "cuda"
+            else None
+        )
         # One thread drives the prefill device: its batch of chunks runs across decode steps.
         self._prefill_thread = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
@@ -166,16 +172,16 @@ class StepExecutor:
                 before.dropped.add(request_id)
             if request_id in prefilling:
                 self._dropped_prefill.add(request_id)
-        if before is not None and before.wrote_back and before.done and len(lanes) > 1:
+        if before is not None and before.wrote_back and len(before.done) > 1:
             # a request written back on one GPU may load on the other now: each GPU's work
             # from here on (its loads first) waits for the other's write-backs
-            for runner, _ in lanes:
-                stream = torch.cuda.current_stream(runner.device)
-                for event in before.done:
-                    stream.wait_event(event)
+            for lane in range(len(lanes)):
+                with self._on_lane(lane):
+                    for event in before.done:
+                        torch.cuda.current_stream().wait_event(event)
         load_s = []
-        for lane, (runner, lane_res) in enumerate(lanes):
-            with runner.on_device():
+        for lane, (_, lane_res) in enumerate(lanes):
+            with self._on_lane(lane):
                 load_s.append(
                     lane_res.load_batch(
                         [
@@ -192,7 +198,7 @@ class StepExecutor:
         done: list[torch.cuda.Event] = []
         wrote_back = False
         for lane, (runner, lane_res) in enumerate(lanes):
-            with runner.on_device():
+            with self._on_lane(lane):
                 chunks, carried, write_back = self._chunks(request, lane_res, before, lane)
                 run = None
                 if chunks:
@@ -205,7 +211,8 @@ class StepExecutor:
                     lane_res.write_back(request_id, pool_blocks)  # queued behind the pass
                     lane_res.release(request_id)
                 wrote_back |= bool(write_back)
-                if runner.device.type == "cuda":
+                # (the prefill device's stream has work only when it decodes or writes back)
+                if runner.device.type == "cuda" and (lane == 0 or run or write_back):
                     done.append(torch.cuda.current_stream().record_event())
                 runs.append(run)
         launched = Launched(
@@ -218,6 +225,17 @@ class StepExecutor:
         )
         self._unfinished = launched
         return launched
+
+    def _on_lane(self, lane: int) -> contextlib.ExitStack:
+        """Lane 0: the decode device, its current stream. Lane 1: the prefill device, on a
+        stream of its own: there the prefill thread's batches run on the current stream,
+        and a decode pass or write-back queued behind one would wait for all of it."""
+        stack = contextlib.ExitStack()
+        runner = self.second_runner if lane else self.runner
+        stack.enter_context(runner.on_device())
+        if lane and self._second_stream is not None:
+            stack.enter_context(torch.cuda.stream(self._second_stream))
+        return stack
 
     def _lanes(
         self, request: worker_pb2.StepRequest, res: DeviceResidency
