@@ -456,3 +456,46 @@ def test_stop_while_waiting_for_the_first_worker_stops_at_once():
         await asyncio.wait_for(batcher, timeout=5.0)  # TimeoutError: it ignored the stop
 
     asyncio.run(main())
+
+
+def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monkeypatch):
+    """Attach answers once the worker has page-locked the pool, which takes tens of seconds
+    for a large one. A batcher whose Attach timed out used to create a new pool at each retry,
+    leaking the last in /dev/shm until none fitted (aligned never started with a 96 GiB pool
+    on 2xH200). Here the first Attach outlasts its deadline: the retry reuses the one pool,
+    and the batcher serves."""
+    from alignedserve.batcher import worker_link
+    from alignedserve.batcher.kv_pool import CpuKVPool
+    from alignedserve.worker.service import WorkerServicer
+
+    monkeypatch.setattr(worker_link, "ATTACH_BASE_S", 0.5)
+    monkeypatch.setattr(worker_link, "ATTACH_S_PER_GIB", 0.0)
+    attach = WorkerServicer.Attach
+    calls = []
+
+    async def slow_first_attach(self, request, context):
+        calls.append(request.pool_name)
+        if len(calls) == 1:
+            await asyncio.sleep(1.5)  # past the batcher's deadline
+        return await attach(self, request, context)
+
+    monkeypatch.setattr(WorkerServicer, "Attach", slow_first_attach)
+    created = []
+    create = CpuKVPool.create_bytes.__func__
+
+    def counting_create(cls, *args, **kwargs):
+        created.append(create(cls, *args, **kwargs))
+        return created[-1]
+
+    monkeypatch.setattr(CpuKVPool, "create_bytes", classmethod(counting_create))
+    prompt = random_prompts((12,), seed=3)[0]
+    expected = LocalRuntime.from_dir(model_dir).generate([prompt], [greedy(5)])[0]
+
+    async def main():
+        async with stack(model_dir, free_port()) as (stub, _):
+            return await asyncio.wait_for(generate(stub, "a", prompt, greedy(5)), 60)
+
+    tokens, finish, _ = asyncio.run(main())
+    assert tokens == expected.token_ids and finish == "length"
+    assert len(calls) >= 2 and len(set(calls)) == 1, calls  # retried, with the same pool
+    assert len(created) == 1, [pool.name for pool in created]

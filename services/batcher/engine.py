@@ -445,7 +445,7 @@ class BatcherEngine:
         while True:
             try:
                 info = await self.link.connect()
-                if first:
+                if self.pool is None:  # once: a retry (an Attach that timed out) reuses it
                     self._setup(info)
                 await self.link.attach(self.pool)
                 self.worker_ready = True

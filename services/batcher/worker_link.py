@@ -23,6 +23,16 @@ from alignedserve.common import wire
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import CHANNEL_OPTIONS, REJECTED_STEP_KEY
 
+# Attach answers once the worker has mapped and page-locked the pool: 120 GiB took 43.5 s on
+# 2xH200 (benchmarks/pool_pin.py), so the deadline grows with the pool, with a 3x margin.
+ATTACH_BASE_S = 30.0
+ATTACH_S_PER_GIB = 1.0
+
+
+def attach_timeout_s(pool_bytes: int) -> float:
+    return ATTACH_BASE_S + ATTACH_S_PER_GIB * pool_bytes / 2**30
+
+
 PLAN_ERRORS = frozenset(
     {
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -78,7 +88,7 @@ class WorkerLink:
                 num_pool_blocks=pool.num_blocks,
                 kv_layout=wire.layout_to_proto(pool.layout),
             ),
-            timeout=30,
+            timeout=attach_timeout_s(pool.num_blocks * pool.layout.block_bytes),
         )
         self._session = self.stub.Session()
 
