@@ -216,9 +216,8 @@ class DeviceResidency:
         if self._prefetcher is not None:
             from alignedserve.worker.prefetch import unpin
 
-            torch.cuda.synchronize(self.kv_cache.blocks.device)
+            torch.cuda.synchronize(self.kv_cache.blocks.device)  # (the second's: in its close)
             if self._owns_pool:
-                torch.cuda.synchronize()
                 unpin(self._pool_blocks)
             self._prefetcher = None
         # The mapping cannot be unmapped while a view of it is alive.

@@ -80,11 +80,11 @@ class AlignedPolicy:
     # ---- the step ----------------------------------------------------------------------
     def schedule(self, sched: Scheduler, now: float, prefill_budget: int) -> BatchPlan:
         # device blocks this step may take, per lane
-        free = {id(lane): lane.num_device_blocks - lane.held_blocks for lane in self.lanes}
-        landed: dict[int, list[str]] = {id(lane): [] for lane in self.lanes}
+        free = {lane: lane.num_device_blocks - lane.held_blocks for lane in self.lanes}
+        landed: dict[Lane, list[str]] = {lane: [] for lane in self.lanes}
         for lane in self.lanes:
             if lane.loading and (lane.loading_done or not lane.resident):
-                landed[id(lane)] = lane.land(sched, free[id(lane)])
+                landed[lane] = lane.land(sched, free[lane])
         starving = self._evict_for_starving(sched, now)
         second_decodes = self._prefill_lane_decodes(sched)
         on_prefill_device: set[str] = set()
@@ -101,14 +101,14 @@ class AlignedPolicy:
                 continue
             picked = self._start_loading(sched, lane, now, set(evict))
             prefetch += picked
-            if picked and not lane.resident and not landed[id(lane)]:
+            if picked and not lane.resident and not landed[lane]:
                 # nothing to overlap with: wait for it
-                landed[id(lane)] = lane.land(sched, free[id(lane)])
+                landed[lane] = lane.land(sched, free[lane])
         decode: list[str] = []
         for lane in self.lanes:
-            loads = landed[id(lane)]
-            free[id(lane)] -= sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in loads)
-            members, free[id(lane)], make_room = lane.next_decode(sched, loads, free[id(lane)])
+            loads = landed[lane]
+            free[lane] -= sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in loads)
+            members, free[lane], make_room = lane.next_decode(sched, loads, free[lane])
             for request_id in make_room:  # (they left the lane)
                 del self.lane_of[request_id]
                 self._to_pool(sched, sched.store.get(request_id), now)
@@ -123,20 +123,20 @@ class AlignedPolicy:
         prefill = ()
         if sched.can_queue_prefill:
             room = self._admit_room()
-            free_decode = free[id(self.decode_lane)]
+            free_decode = free[self.decode_lane]
             prefill = sched.plan_prefill(prefill_budget, room, device_blocks=staging or free_decode)
         if not staging:
-            free[id(self.decode_lane)] -= sched.prefill_device_blocks(prefill)
+            free[self.decode_lane] -= sched.prefill_device_blocks(prefill)
         plan = BatchPlan(
             prefill=prefill,
             decode=tuple(decode),
-            load=tuple(r for lane in self.lanes for r in landed[id(lane)]),
+            load=tuple(r for lane in self.lanes for r in landed[lane]),
             evict=tuple(evict),
             prefetch=tuple(prefetch),
             is_switch=bool(starving),
             on_prefill_device=frozenset(on_prefill_device),
         )
-        return self._with_decode_prefill(sched, plan, free[id(self.decode_lane)])
+        return self._with_decode_prefill(sched, plan, free[self.decode_lane])
 
     def _admit_room(self) -> int:
         inflight = len(self.pooled) + len(self.lane_of)
@@ -320,11 +320,8 @@ class AlignedPolicy:
         since = request.pooled_since_s
         self._to_pool(sched, request, now)
         request.pooled_since_s = since
-        self.pooled = dict.fromkeys(sorted(self.pooled, key=self._pooled_since(sched)))
-
-    @staticmethod
-    def _pooled_since(sched: Scheduler):
-        return lambda request_id: sched.store.get(request_id).pooled_since_s
+        since_of = {rid: sched.store.get(rid).pooled_since_s for rid in self.pooled}
+        self.pooled = dict.fromkeys(sorted(self.pooled, key=since_of.__getitem__))
 
     def _from_pool(self, sched: Scheduler, request_id: str, now: float) -> None:
         self.index.remove(request_id)
