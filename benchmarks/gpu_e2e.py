@@ -3,12 +3,14 @@ and transformers' continuous batching on the same checkpoint and requests.
 
 The variants (--policies; --baseline names the one aligned is compared with):
 - aligned: `alignedserve serve --policy aligned`, one engine decoding on --device with
-  --prefetch-device, the pair's second GPU, loading KV beside it;
+  --prefetch-device, the pair's second GPU, loading KV beside it and prefilling, and decoding
+  residents of its own while no prompt waits (--prefill-decode-blocks -1, the default: as
+  many KV blocks as the decode GPU's, if they fit; scheduler/aligned.py);
 - fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
   computing on --device, the second GPU idle;
-- aligned-both: aligned whose prefill GPU also decodes, residents of its own, while no prompt
-  waits (--prefill-decode-blocks: as many KV blocks as the decode GPU's; scheduler/aligned.py);
-  aligned-both-turns: the same, its decode GPU also taking prefill turns (as aligned-turns);
+- aligned-solo: aligned whose prefill GPU only prefills (--prefill-decode-blocks 0; the
+  default before session 13, called `aligned` in sessions 4-12, whose `aligned-both` is this
+  session's `aligned`);
 - aligned-turns: aligned whose decode GPU also takes prefill turns while a backlog waits
   (--decode-prefill-share 0.5, scheduler/turns.py; aligned's default is 0, none);
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
@@ -87,29 +89,28 @@ from alignedserve.serve import (  # noqa: E402
 # the docstring says what each runs
 VARIANTS = (
     "aligned",
-    "aligned-both",
-    "aligned-both-turns",
+    "aligned-solo",
     "aligned-turns",
     "aligned-sync",
     "aligned-serial",
     "fcfs",
     "fcfs-dp2",
 )
-# the parts of a variant's name after its policy, and the serve flags each adds: -sync, the
-# batcher waits for each answer; -serial, the worker answers each step before it queues the
-# next
+# the parts of a variant's name after its policy, and the serve flags each adds: -solo, the
+# prefetch GPU only prefills; -turns, the decode GPU prefills too; -sync, the batcher waits for
+# each answer; -serial, the worker answers each step before it queues the next
 PART_SETTINGS = {
-    "both": {"prefill_decode_blocks": "device"},  # as many blocks as the decode GPU
+    "solo": {"prefill_decode_blocks": 0},
     "turns": {"decode_prefill_share": 0.5},
     "sync": {"max_steps_in_flight": 1},
     "serial": {"overlap_steps": False},
 }
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
-    "aligned": "router + batcher + worker decoding on --device, --prefetch-device loading KV",
-    "aligned-both": "aligned, the prefill GPU decoding too while no prompt waits "
-    "(--prefill-decode-blocks as many as the decode GPU's)",
-    "aligned-both-turns": "aligned-both whose decode GPU also takes prefill turns (share 0.5)",
+    "aligned": "router + batcher + worker decoding on --device, --prefetch-device prefilling "
+    "and loading KV, and decoding too while no prompt waits",
+    "aligned-solo": "aligned whose prefetch GPU only prefills and loads KV "
+    "(--prefill-decode-blocks 0)",
     "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
@@ -279,7 +280,6 @@ def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
     """`alignedserve serve`: router, batcher and worker under one process (its log and its
     children's in logs/serve.log)."""
     more = {k: v for part in policy.split("-")[1:] for k, v in PART_SETTINGS[part].items()}
-    more = {k: blocks if v == "device" else v for k, v in more.items()}
     config = ServeConfig(
         model=str(model),
         device=args.device,

@@ -1,25 +1,27 @@
-"""Why the prefill device runs slower in serving than in a warm loop: a probe, one GPU.
+"""The prefill device's throughput in the real `Prefiller`, one GPU: what its copies cost.
 
-The served runs showed the prefill device at ~11k prompt tok/s, a warm loop repeating the
-same batches at ~36k. This drives the real `Prefiller` (weights, staging cache, copies to and
-from a pinned pool, fragmented pool blocks as the batcher's allocator leaves them) through
-sets of prompt batches of the 90 %-short mix, each set new shapes unless it says "repeat":
+This drives the real `Prefiller` (weights, the server's staging cache, copies to and from a
+pinned pool, fragmented pool blocks as the batcher's allocator leaves them) through sets of
+prompt batches of the 90 %-short mix, one run per batch as the executor sends them:
 
-  cold      the first set in the process
-  new       a fresh set of shapes, process warm
-  repeat    the same set again
-  +python   beside a thread that runs pure Python a quarter of the time (1 ms in 4, the
-            way the service's event loop holds the GIL), at Python's default GIL switch
-            interval (5 ms) and at 0.5 ms
+  cold              the first set in the process
+  serial copies     each run waits for its copies out before the next starts: the prefill
+                    device as it was before session 13 (copies out behind the pass)
+  overlapped        each run's copies out run on the copy stream beside the next pass (ours)
+  +python           overlapped, beside a thread that runs pure Python a quarter of the time
+                    (1 ms in 4, the way the service's event loop holds the GIL), at Python's
+                    default GIL switch interval (5 ms) and at 0.5 ms
 
-Per set: prompt tok/s, the median batch, the host's share (the seconds spent queueing the
-pass), and the caching allocator's new device allocations. One batch of a new set runs
-under torch.profiler; its top operators by host and by device time are printed.
+The same sets run serial and overlapped, in alternating order. Per set: prompt tok/s, the
+median run, the host's share (the seconds spent queueing passes), and the caching
+allocator's new device allocations. One batch of a new set runs under torch.profiler; its
+top operators by host and by device time are printed.
 
 The first call of this probe (docs/results/session6/prefill_probe_call1.txt) found a call
 of torch's attention per request slow on the host for every new batch shape, and a thread
 running pure Python without pause slowing the prefill 250-fold; prefill attention is now
-one varlen call per layer.
+one varlen call per layer. Its second call (prefill_probe_call2.txt) put the copies out at
+11 % of the device's time, in series with the passes.
 
     python3 benchmarks/prefill_probe.py --out "$OUT"
     .venv/bin/python benchmarks/prefill_probe.py --tiny --device cpu --batches 3 --pool-blocks 1200
@@ -49,6 +51,7 @@ from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import llama  # noqa: E402
 from alignedserve.worker.prefiller import Prefiller, PrefillJob  # noqa: E402
+from alignedserve.worker.service import PREFILL_STAGING_EXTRA_TOKENS  # noqa: E402
 from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -69,7 +72,9 @@ def build(device: str, tiny: bool) -> tuple[Prefiller, ModelConfig]:
     if device.startswith("cuda"):
         fuse_projections(model)  # as load_model does on a GPU
     layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
-    staging = KVCache(layout, layout.blocks_for(8192 + 1024), device=device)
+    # as the worker sizes it (server.py): one whole context and a step's prefill budget
+    staging_tokens = config.max_position_embeddings + PREFILL_STAGING_EXTRA_TOKENS
+    staging = KVCache(layout, layout.blocks_for(staging_tokens), device=device)
     return Prefiller(runner.ModelRunner(model, staging)), config
 
 
@@ -103,16 +108,19 @@ def jobs_for(prompts, layout, free_blocks: list[int], rng: random.Random) -> lis
 HOST_S: list[float] = []
 
 
-def _recording_step(self, chunks):
-    launched = self.launch(chunks)
+_launch = runner.ModelRunner.launch
+
+
+def _recording_launch(self, chunks, carry=None):
+    launched = _launch(self, chunks, carry)
     HOST_S.append(launched._host_s)
-    return launched.result()
+    return launched
 
 
-runner.ModelRunner.step = _recording_step
+runner.ModelRunner.launch = _recording_launch
 
 
-def run_set(prefiller, pool, batches, layout, seed: int) -> dict:
+def run_set(prefiller, pool, batches, layout, seed: int, serial: bool) -> dict:
     rng = random.Random(seed)
     free = list(range(pool.shape[0]))
     HOST_S.clear()
@@ -121,9 +129,12 @@ def run_set(prefiller, pool, batches, layout, seed: int) -> dict:
     batch_s, tokens = [], 0
     start = time.perf_counter()
     for prompts in batches:
-        _, seconds = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
-        batch_s.append(seconds)
+        run = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
+        if serial:
+            run.wait_copied()
+        batch_s.append(time.perf_counter() - start - sum(batch_s))
         tokens += sum(len(p) for p in prompts)
+    run.wait_copied()  # the last KV in the pool: the set is done
     wall = time.perf_counter() - start
     stats1 = torch.cuda.memory_stats() if on_gpu else {}
     return {
@@ -186,8 +197,8 @@ def main(args: argparse.Namespace) -> None:
     sets = prompt_sets(0, 6, args.batches, 8192, config)
     cells = []
 
-    def cell(name: str, batches) -> None:
-        row = run_set(prefiller, pool, batches, layout, seed=len(cells))
+    def cell(name: str, batches, serial: bool = False) -> None:
+        row = run_set(prefiller, pool, batches, layout, seed=len(cells), serial=serial)
         row.update(cell=name, switch_interval_s=sys.getswitchinterval())
         cells.append(row)
         print(
@@ -199,14 +210,15 @@ def main(args: argparse.Namespace) -> None:
         )
 
     cell("cold", sets[0])
-    cell("new", sets[1])
-    cell("repeat", sets[1])
-    cell("new again", sets[2])
+    cell("serial copies, set 1", sets[1], serial=True)
+    cell("overlapped, set 1", sets[1])
+    cell("overlapped, set 2", sets[2])
+    cell("serial copies, set 2", sets[2], serial=True)
     few = args.batches // 3
     for n, interval in ((3, 5e-3), (4, 5e-4)):
         sys.setswitchinterval(interval)
         with PythonLoad():
-            cell(f"new +python, switch {1e3 * interval:g} ms", sets[n][:few])
+            cell(f"overlapped +python, switch {1e3 * interval:g} ms", sets[n][:few])
     sys.setswitchinterval(5e-3)
     profile_batch(prefiller, pool, sets[5][0], layout, out)
     if out:

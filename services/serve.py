@@ -83,10 +83,11 @@ class EngineSettings:
         metadata={"help": "the worker queues a step on the device before answering the last"},
     )
     prefill_decode_blocks: int = field(
-        default=0,
+        default=WorkerConfig.prefill_decode_blocks,
         metadata={
             "help": "aligned with a prefetch device: KV blocks it decodes in, residents of its "
-            "own, while no prompt waits (0: it only prefills)"
+            f"own, while no prompt waits ({WorkerConfig.prefill_decode_blocks}: as many as "
+            "num_device_blocks, fewer if they do not fit; 0: it only prefills)"
         },
     )
 
@@ -157,6 +158,8 @@ WORKER_FIELDS = (
 def worker_args(settings: EngineSettings, model_dir: str, port: int) -> list[str]:
     """The command line of `alignedserve serve worker` for a supervised local worker."""
     values = {name: getattr(settings, name) for name in WORKER_FIELDS}
+    if settings.policy != "aligned":  # only the aligned batcher sends the prefill device residents
+        values["prefill_decode_blocks"] = 0
     config = WorkerConfig(
         model_dir=model_dir, port=port, **{k: None if v == "" else v for k, v in values.items()}
     )

@@ -154,6 +154,7 @@ SPEC_TO_CONFIG: dict[str, tuple[str, str] | None] = {
     "batching.decodePrefillShare": ("batcher", "decode_prefill_share"),
     "workers.kvPoolGiB": ("batcher", "pool_gib"),
     "workers.numDeviceBlocks": ("worker", "num_device_blocks"),
+    "workers.prefillDecodeBlocks": ("worker", "prefill_decode_blocks"),
     "workers.overlapSteps": ("worker", "overlap_steps"),
     "workers.warmUpBatch": ("worker", "warm_up_batch"),
     "workers.replicas": None,
@@ -176,6 +177,7 @@ NON_DEFAULT = {
     "batching.decodePrefillShare": 0.25,
     "workers.kvPoolGiB": 0.5,
     "workers.numDeviceBlocks": 99,
+    "workers.prefillDecodeBlocks": 77,
     "workers.overlapSteps": False,
     "workers.warmUpBatch": 0,
 }
@@ -223,20 +225,32 @@ def test_spec_defaults_are_the_services_defaults():
         assert _spec_default(path) == _service_default(*target), path
 
 
+# Fields only the aligned policy passes on; under fcfs their flag is this "off" value.
+ALIGNED_ONLY = {"workers.prefillDecodeBlocks": 0}
+
+
+def _configs_of(values: dict) -> dict[str, object]:
+    raw: dict = {"model": {"path": "/m"}, "batching": {}, "workers": {}}
+    for path, value in values.items():
+        section, key = path.split(".")
+        raw[section][key] = value
+    return service_configs(render(Owner("x", "d", "u"), parse(raw, "x"), IMAGE, 1, 1))
+
+
 def test_every_spec_field_reaches_its_flag():
     """Each field, set away from both defaults, comes back out of its container's command
     line as the service's own CLI parses it (so a field that stopped reaching its flag would
-    parse back to the service's default)."""
-    raw: dict = {"model": {"path": "/m"}, "batching": {}, "workers": {}}
-    for path, value in NON_DEFAULT.items():
-        section, key = path.split(".")
-        raw[section][key] = value
-    spec = parse(raw, "x")
-    configs = service_configs(render(Owner("x", "d", "u"), spec, IMAGE, 1, 1))
+    parse back to the service's default). NON_DEFAULT's policy is fcfs: the aligned-only
+    fields come out off, and come out as set once the policy is aligned."""
+    configs = _configs_of(NON_DEFAULT)
     for path, value in NON_DEFAULT.items():
         container, name = SPEC_TO_CONFIG[path]
         assert value not in (_spec_default(path), _service_default(container, name)), path
-        assert getattr(configs[container], name) == value, path
+        assert getattr(configs[container], name) == ALIGNED_ONLY.get(path, value), path
+    aligned = _configs_of({**NON_DEFAULT, "batching.policy": "aligned"})
+    for path in ALIGNED_ONLY:
+        container, name = SPEC_TO_CONFIG[path]
+        assert getattr(aligned[container], name) == NON_DEFAULT[path], path
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -85,8 +85,15 @@ def run_on_decode_device(model, layout, pool, plans, sampling):
     return tokens
 
 
-def run_on_prefill_device(model, layout, pool, plans, sampling, staging_blocks):
-    prefiller = Prefiller(ModelRunner(model, KVCache(layout, staging_blocks)))
+def run_on_prefill_device(
+    model, layout, pool, plans, sampling, staging_blocks, device="cpu", one_by_one=False
+):
+    """Chunk i of every prompt in one run (each prompt in a run of its own if one_by_one),
+    as the executor sends them: a chunk's run starts once the chunk before it is copied out."""
+    prefiller = Prefiller(ModelRunner(model, KVCache(layout, staging_blocks, device=device)))
+    view = pool_view(pool, layout)
+    if device != "cpu":
+        view = view.pin_memory()  # a pinned copy of the pool: read back into it at the end
     tokens = {}
     for i in range(max(len(chunks) for _, chunks in plans)):
         jobs = [
@@ -95,9 +102,15 @@ def run_on_prefill_device(model, layout, pool, plans, sampling, staging_blocks):
             if i < len(chunks)
             for ids, cached, sample in [chunks[i]]
         ]
-        sampled, seconds = prefiller.run(jobs, pool_view(pool, layout))
-        assert seconds > 0
-        tokens.update((t.request_id, t.token_id) for t in sampled)
+        runs = [
+            prefiller.run(group, view) for group in ([[j] for j in jobs] if one_by_one else [jobs])
+        ]
+        for run in runs:
+            run.wait_copied()
+            assert run.seconds > 0 and run.is_copied()
+            tokens.update((t.request_id, t.token_id) for t in run.sampled)
+    if device != "cpu":
+        pool_view(pool, layout).copy_(view)
     return tokens
 
 
@@ -131,6 +144,40 @@ def test_prefill_device_gives_the_decode_devices_tokens_and_pool_kv(
             )
             torch.testing.assert_close(ours, ref)
             assert ours.abs().sum() > 0  # the KV is there, not zeros on both sides
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("staging_blocks", [256, 9])
+def test_on_a_gpu_copies_out_overlap_the_next_pass_and_land_whole(
+    model_dir, layout, staging_blocks
+):
+    """Each prompt in a run of its own, each run's copies out still queued while the next
+    run's pass computes: in the ring's next blocks (256), or over the blocks they read (9,
+    where the pass must wait for them). The pool ends as the decode device's path leaves it."""
+    gpu_model = load_model(model_dir, device="cuda")
+    cpu_model = load_model(model_dir)
+    prompts = random_prompts((17, 9, 30, 23), seed=5)
+    cuts = (8, 0, 13, 0)
+    sampling = factories.greedy(1)
+    with (
+        CpuKVPool.create(layout, 64) as ref_pool,
+        CpuKVPool.create(layout, 64) as pool,
+    ):
+        ref_plans = chunked(prompts, cuts, ref_pool)
+        plans = chunked(prompts, cuts, pool)
+        expected = run_on_decode_device(cpu_model, layout, ref_pool, ref_plans, sampling)
+        tokens = run_on_prefill_device(
+            gpu_model, layout, pool, plans, sampling, staging_blocks, "cuda", one_by_one=True
+        )
+        assert tokens == expected and len(tokens) == len(prompts)
+        for prompt, (ref_blocks, _), (blocks, _) in zip(prompts, ref_plans, plans, strict=True):
+            n = len(prompt)
+            torch.testing.assert_close(
+                by_token(pool, layout, blocks)[:n],
+                by_token(ref_pool, layout, ref_blocks)[:n],
+                atol=1e-4,
+                rtol=1e-4,
+            )
 
 
 def test_a_chunk_larger_than_the_staging_cache_is_refused(model, layout):

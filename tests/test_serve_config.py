@@ -111,6 +111,13 @@ def test_worker_args_are_the_workers_own_flags(config_cls):
     plain = parse_worker(worker_args(config_cls(), "/models/m", 1))
     assert (plain.dtype, plain.prefetch_device, plain.device) == (None, None, "cpu")
     assert plain.overlap_steps
+    # by default the prefill device decodes too (sized by the worker), but only for aligned:
+    # fcfs never sends it residents, so it gets no decode KV there
+    both = dict(device="cuda:0", prefetch_device="cuda:1")
+    aligned = parse_worker(worker_args(config_cls(**both), "/m", 1))
+    assert aligned.prefill_decode_blocks == worker_service.AUTO_BLOCKS
+    fcfs = parse_worker(worker_args(config_cls(**both, policy="fcfs"), "/m", 1))
+    assert fcfs.prefill_decode_blocks == 0
 
 
 def parse_batcher(args: list[str]) -> BatcherConfig:
@@ -231,3 +238,40 @@ def test_a_stop_while_the_worker_loads_ends_serve_all_at_once(model_dir, monkeyp
     assert took_s < 5 and not was_started
     assert batcher_exit is not None  # no batcher process is left behind
     assert supervisor_runs == ["running", "stopped"]
+
+
+def test_the_prefill_devices_decode_blocks_default_to_the_decode_devices_within_its_memory(
+    monkeypatch,
+):
+    import torch
+
+    from alignedserve.worker.server import PREFILL_DEVICE_RESERVE_BYTES, prefill_decode_blocks
+
+    def config(**kw):
+        return worker_service.WorkerConfig(model_dir="/m", num_device_blocks=1000, **kw)
+
+    block = 2 << 20
+    assert prefill_decode_blocks(config(prefetch_device="cpu"), block) == 1000
+    assert prefill_decode_blocks(config(prefetch_device="cpu", prefill_decode_blocks=7), block) == 7
+    assert prefill_decode_blocks(config(prefetch_device="cpu", prefill_decode_blocks=0), block) == 0
+    asked = []
+
+    def free(blocks):  # free memory on the prefill GPU: `blocks` beyond the reserve
+        def mem_get_info(device):
+            asked.append(device)
+            return PREFILL_DEVICE_RESERVE_BYTES + blocks * block + block // 2, 141 << 30
+
+        monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+
+    free(5000)
+    assert prefill_decode_blocks(config(prefetch_device="cuda:1"), block) == 1000
+    free(600)
+    assert prefill_decode_blocks(config(prefetch_device="cuda:1"), block) == 600
+    free(-3)
+    assert prefill_decode_blocks(config(prefetch_device="cuda:1"), block) == 0
+    assert asked == [torch.device("cuda:1")] * 3
+    with pytest.raises(ConfigError, match="prefill_decode_blocks=-2"):
+        config(prefetch_device="cuda:1", prefill_decode_blocks=-2)
+    with pytest.raises(ConfigError, match="needs a prefetch_device"):
+        config(prefill_decode_blocks=8)
+    assert config().prefill_decode_blocks == worker_service.AUTO_BLOCKS  # no prefetch device: fine

@@ -260,6 +260,9 @@ def worker_deployment(
     }
     if gpus == 2:
         worker_flags["prefetch-device"] = "cuda:1"
+        # only the aligned batcher sends the prefetch GPU residents to decode
+        aligned = batching.policy == "aligned"
+        worker_flags["prefill-decode-blocks"] = spec.workers.prefill_decode_blocks if aligned else 0
     worker_args = ["--model", spec.model.path, *_flag_args(worker_flags)]
     if spec.model.dtype != "auto":
         worker_args += ["--dtype", spec.model.dtype]

@@ -62,6 +62,9 @@ class Workers:
     gpus_per_pod: int = 2
     kv_pool_gib: float = 16.0
     num_device_blocks: int = 2048
+    # with two GPUs and aligned: KV blocks the prefetch GPU decodes in while no prompt waits;
+    # -1: as many as num_device_blocks, fewer if its free memory holds fewer; 0: none
+    prefill_decode_blocks: int = -1
     # the worker queues a step on the GPU before answering the one before (back to back)
     overlap_steps: bool = True
     warm_up_batch: int = 512  # decode graphs captured before serving, up to this batch; 0: none
@@ -202,6 +205,7 @@ def _check(spec: AlignedServeSpec) -> None:
         (spec.workers.kv_pool_gib >= 0.0625, "workers.kvPoolGiB must be >= 0.0625"),
         (spec.workers.num_device_blocks >= 1, "workers.numDeviceBlocks must be >= 1"),
         (spec.workers.warm_up_batch >= 0, "workers.warmUpBatch must be >= 0"),
+        (spec.workers.prefill_decode_blocks >= -1, "workers.prefillDecodeBlocks must be >= -1"),
         (1 <= spec.batching.min_batch <= 512, "batching.minBatch must be in 1..512"),
         (
             0.05 <= spec.batching.max_batch_kv_fraction <= 1,

@@ -28,7 +28,7 @@ from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.proto import worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.wire import sampling_from_proto
-from alignedserve.worker.prefiller import Prefiller, PrefillJob
+from alignedserve.worker.prefiller import Prefiller, PrefillJob, PrefillRun
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk, TokenCarry
 
@@ -114,7 +114,7 @@ class StepExecutor:
             sampled = [t for run in launched.runs for t in run.result()]
             launched.wait()  # the write-backs too: the batcher counts them safe in the pool
             if launched.request.wait_prefill and self._prefilling:
-                concurrent.futures.wait([future for future, _ in self._prefilling])
+                self._wait_prefilling()
             prefilled, sampled_there, prefill_s = self._take_prefilled()
             if self._unfinished is launched:
                 self._unfinished = None
@@ -148,7 +148,7 @@ class StepExecutor:
                 if self.second_runner is not None:
                     torch.cuda.synchronize(self.second_runner.device)
             # they write into the pool's blocks: no next session (or pool) before they are done
-            concurrent.futures.wait([future for future, _ in self._prefilling])
+            self._wait_prefilling()
             self._prefilling = []
             self._dropped_prefill.clear()
             if res is not None:
@@ -348,7 +348,7 @@ class StepExecutor:
         if jobs:
             pool = res.pool_view()
 
-            def run() -> tuple[list[SampledToken], float]:
+            def run() -> PrefillRun:
                 if after is not None:
                     after.wait()
                 return self.prefiller.run(jobs, pool)
@@ -364,13 +364,23 @@ class StepExecutor:
         sampled: list[SampledToken] = []
         seconds = 0.0
         while self._prefilling and self._prefilling[0][0].done():
-            done, batch_ids = self._prefilling.pop(0)
-            batch_sampled, batch_s = done.result()
+            future, batch_ids = self._prefilling[0]
+            run = future.result()
+            if not run.is_copied():  # its KV is not whole in the pool yet
+                break
+            self._prefilling.pop(0)
             ids += sorted(batch_ids)
-            sampled += [t for t in batch_sampled if t.request_id not in self._dropped_prefill]
+            sampled += [t for t in run.sampled if t.request_id not in self._dropped_prefill]
             self._dropped_prefill -= batch_ids
-            seconds += batch_s
+            seconds += run.seconds
         return ids, sampled, seconds
+
+    def _wait_prefilling(self) -> None:
+        """Until every batch queued on the prefill device is done, its KV in the pool (one
+        that failed is done: `_take_prefilled` raises its error)."""
+        for future, _ in self._prefilling:
+            if future.exception() is None:
+                future.result().wait_copied()
 
     def _prefilling_ids(self) -> frozenset[str]:
         return frozenset().union(*(ids for _, ids in self._prefilling))

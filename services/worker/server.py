@@ -23,6 +23,7 @@ from alignedserve.common.rpc import aio_server, set_serving
 from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
 from alignedserve.common.wire import layout_to_proto
 from alignedserve.worker.service import (
+    AUTO_BLOCKS,
     PREFILL_STAGING_EXTRA_TOKENS,
     SERVICE_NAME,
     STOP_GRACE_S,
@@ -31,6 +32,10 @@ from alignedserve.worker.service import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Kept free on the prefill device when its decode KV is sized to fit (AUTO_BLOCKS): a prefill
+# pass's activations (Llama-3-8B, 8k tokens: ~0.5 GiB in the MLP) and its decode graphs' pool.
+PREFILL_DEVICE_RESERVE_BYTES = 4 << 30
 
 
 def torch_device_is_cuda(device: str) -> bool:
@@ -60,6 +65,21 @@ def limit_cpu_threads() -> None:
             torch.get_num_threads(),
         )
         torch.set_num_threads(1)
+
+
+def prefill_decode_blocks(config: WorkerConfig, block_bytes: int) -> int:
+    """The prefill device's decode KV blocks: as configured, or (AUTO_BLOCKS) as many as the
+    decode device's, fewer where its free memory (its replica and staging cache loaded), less
+    a reserve for its passes' activations and decode graphs, holds fewer."""
+    if config.prefill_decode_blocks != AUTO_BLOCKS:
+        return config.prefill_decode_blocks
+    if not torch_device_is_cuda(config.prefetch_device):
+        return config.num_device_blocks
+    import torch
+
+    free_bytes, _ = torch.cuda.mem_get_info(torch.device(config.prefetch_device))
+    fit = (free_bytes - PREFILL_DEVICE_RESERVE_BYTES) // block_bytes
+    return int(max(0, min(config.num_device_blocks, fit)))
 
 
 def load_servicer(config: WorkerConfig) -> WorkerServicer:
@@ -104,16 +124,20 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         prefiller = Prefiller(ModelRunner(replica, staging))
         info.prefill_device = str(staging.blocks.device)
         info.num_prefill_blocks = staging.num_blocks
-        if config.prefill_decode_blocks:  # it decodes too, on the same replica
+        num_decode_blocks = prefill_decode_blocks(config, layout.block_bytes)
+        if num_decode_blocks:  # it decodes too, on the same replica
             on_gpu1 = torch_device_is_cuda(config.prefetch_device)
             second_kv = KVCache(
-                layout,
-                config.prefill_decode_blocks,
-                device=config.prefetch_device,
-                scratch_block=on_gpu1,
+                layout, num_decode_blocks, device=config.prefetch_device, scratch_block=on_gpu1
             )
             second_runner = ModelRunner(replica, second_kv)
-            info.num_prefill_decode_blocks = config.prefill_decode_blocks
+            info.num_prefill_decode_blocks = num_decode_blocks
+        logger.info(
+            "prefill device %s: %d staging KV blocks, %d decode KV blocks",
+            config.prefetch_device,
+            staging.num_blocks,
+            num_decode_blocks,
+        )
     runner = ModelRunner(model, kv_cache)
     start = time.perf_counter()
     num_graphs = runner.warm_up(config.warm_up_batch, info.max_model_len)

@@ -45,6 +45,8 @@ STOP_GRACE_S = 5.0  # on shutdown, in-flight RPCs get this long before they are 
 # Default staging room on the prefill device beyond one whole context: the batcher's default
 # prefill budget per step, so a long request's last chunk and a step's other chunks fit at once.
 PREFILL_STAGING_EXTRA_TOKENS = 8192
+# prefill_decode_blocks: size the prefill device's decode KV like the decode device's
+AUTO_BLOCKS = -1
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,12 @@ class WorkerConfig:
         },
     )
     prefill_decode_blocks: int = field(
-        default=0,
+        default=AUTO_BLOCKS,
         metadata={
             "help": "with a prefetch device that prefills: KV blocks it decodes in, on its "
             "replica of the weights, while no prompt waits (the aligned batcher sends it "
-            "residents of its own then); 0: it only prefills"
+            f"residents of its own then); {AUTO_BLOCKS}: as many as num_device_blocks, fewer "
+            "if its free memory holds fewer; 0: it only prefills"
         },
     )
     overlap_steps: bool = field(
@@ -121,10 +124,10 @@ class WorkerConfig:
             ("block_tokens", self.block_tokens >= 1, "must be >= 1"),
             ("session_handover_s", self.session_handover_s >= 0, "must be >= 0"),
             ("prefill_kv_tokens", self.prefill_kv_tokens >= 0, "must be >= 0"),
-            ("prefill_decode_blocks", self.prefill_decode_blocks >= 0, "must be >= 0"),
+            ("prefill_decode_blocks", self.prefill_decode_blocks >= AUTO_BLOCKS, "must be >= -1"),
             (
                 "prefill_decode_blocks",
-                not self.prefill_decode_blocks
+                self.prefill_decode_blocks <= 0
                 or bool(self.prefetch_device and self.offload_prefill),
                 "needs a prefetch_device that prefills (offload_prefill)",
             ),
