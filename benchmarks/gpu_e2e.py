@@ -273,6 +273,7 @@ def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_
         "--base-url", f"http://127.0.0.1:{args.port}", "--vocab-size", str(vocab),
         "--workload", args.workload, "--num-requests", str(num_requests),
         *[x for r in rates for x in ("--rate", str(r))], "--timeout-s", f"{timeout_s:.0f}",
+        "--num-clients", str(args.num_clients),
     ]  # fmt: skip
 
 
@@ -604,8 +605,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{c['prefetch_device'] or '–'}); date {report['date']}; CPU pool {c['pool_gib']:g} GiB"
         + (" (fcfs-dp2: half per batcher)" if "fcfs-dp2" in c["policies"] else "")
         + f", {c['device_blocks']} device KV blocks "
-        f"({c['device_kv_gib']:g} GiB) per engine. Timings: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),
+        f"({c['device_kv_gib']:g} GiB) per engine; {c.get('num_clients', 1)} bench client "
+        "processes. Timings: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),
         "",
         *(
             f"**{v} failed**: {why} (its logs are in the .tar.gz)\n"
@@ -731,6 +732,7 @@ def make_report(
             "device_blocks": blocks,
             "peer_requests": args.peer_requests,
             "offline_repeats": args.offline_repeats,
+            "num_clients": args.num_clients,
         },
         "targets": {
             "throughput_ratio": shape.min_throughput_ratio,
@@ -858,6 +860,12 @@ def main() -> None:
         "--peer-json", default="", help="an earlier hf_peer.py result for these requests: reused"
     )
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--num-clients",
+        type=int,
+        default=4,
+        help="bench client processes (one streams ~11-14k tok/s at most: bench/clients.py)",
+    )
     args = parser.parse_args()
     # The defaults fit an H200 pair's host; a dry run's tiny model needs next to nothing, and
     # on a small machine the full sizes cannot even be allocated.

@@ -6,8 +6,14 @@ client is the router's (BatcherClient: every request on one multiplexed Stream c
 --client generate one Generate call per request. Each --steps-in-flight value (the batcher's
 max_steps_in_flight) runs in turn, side by side in one call.
 
+With --client http the whole front end is measured as deployed: the batcher and the router
+run as `alignedserve serve batcher` and `serve router` processes (the router on a tiny
+model's tokenizer and config), and this process is `alignedserve bench`'s own HTTP client
+(bench/targets.py) streaming /v1/completions. It prints each process's CPU use over the
+run (seconds of CPU per second): one near 1.0 is the ceiling's cause.
+
     .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256]
-        [--client router|generate] [--step-ms 0] [--steps-in-flight 1 2] [--profile]
+        [--client router|generate|http] [--step-ms 0] [--steps-in-flight 1 2] [--profile]
 """
 
 from __future__ import annotations
@@ -16,12 +22,21 @@ import argparse
 import asyncio
 import cProfile
 import multiprocessing
+import os
 import pstats
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 import grpc
 
 from alignedserve.batcher.service import BatcherConfig, serve_batcher
+from alignedserve.bench.targets import OpenAITarget, first_model
+from alignedserve.bench.workload import BenchRequest
 from alignedserve.common import rpc, wire
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -92,6 +107,12 @@ async def run(args: argparse.Namespace, steps_in_flight: int) -> float:
     worker = spawn.Process(target=serve_instant_worker, args=(args.step_ms / 1e3, steps, ports))
     worker.start()
     port = await asyncio.to_thread(ports.get, timeout=60)
+    if args.client == "http":
+        try:
+            return await run_http(args, steps_in_flight, port, steps, worker.pid)
+        finally:
+            worker.terminate()
+            worker.join()
     started, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
     config = BatcherConfig(
         worker=f"127.0.0.1:{port}",
@@ -142,11 +163,84 @@ async def run(args: argparse.Namespace, steps_in_flight: int) -> float:
     return tokens / seconds
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_pid: int) -> float:
+    """The batcher and router as processes of their own, this process the bench's client."""
+    from alignedserve.worker.tiny import init_tiny  # the router's tokenizer and config
+
+    model = init_tiny(Path(tempfile.mkdtemp(prefix="overhead-")), arch="llama")
+    batcher_port, http_port = _free_port(), _free_port()
+    serve = [sys.executable, "-m", "alignedserve", "serve"]
+    batcher = subprocess.Popen([
+        *serve, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--host", "127.0.0.1",
+        "--port", str(batcher_port), "--metrics-port", "0", "--pool-gib", "0.5",
+        "--max-waiting", "10000", "--max-steps-in-flight", str(steps_in_flight),
+    ])  # fmt: skip
+    router = subprocess.Popen([
+        *serve, "router", "--model-dir", str(model), "--host", "127.0.0.1",
+        "--port", str(http_port), "--batcher-addresses", f"127.0.0.1:{batcher_port}",
+    ])  # fmt: skip
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(f"{base_url}/ready"):
+            if time.monotonic() > deadline or router.poll() is not None or batcher.poll():
+                raise RuntimeError("the router or batcher did not become ready")
+            await asyncio.sleep(0.2)
+        requests = [
+            BenchRequest(f"r{i}", 0.0, (7,) * (100 + i % 900), args.max_tokens)
+            for i in range(args.requests)
+        ]
+        pids = {"router": router.pid, "batcher": batcher.pid, "worker": worker_pid}
+        async with OpenAITarget(base_url, await first_model(base_url), args.requests) as target:
+            cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            client_before = time.process_time()
+            start, steps_before = time.perf_counter(), steps.value
+            records = await asyncio.gather(*(target.run(r) for r in requests))
+            seconds, num_steps = time.perf_counter() - start, steps.value - steps_before
+            cpu = {name: (_cpu_s(pid) - cpu_before[name]) / seconds for name, pid in pids.items()}
+            cpu["client"] = (time.process_time() - client_before) / seconds
+        failed = [r.error for r in records if r.error]
+        assert not failed, failed[:3]
+        tokens = sum(r.completion_tokens for r in records)
+        assert tokens == args.requests * args.max_tokens, tokens
+        print(
+            f"http, {steps_in_flight} in flight, {args.requests} streams x {args.max_tokens} "
+            f"tokens, worker step {args.step_ms:g} ms: {num_steps} steps in {seconds:.1f} s, "
+            f"{1e3 * seconds / num_steps:.2f} ms per step, {tokens / seconds:.0f} tokens/s; "
+            "CPU s per s: " + ", ".join(f"{name} {value:.2f}" for name, value in cpu.items())
+        )
+        return tokens / seconds
+    finally:
+        for proc in (router, batcher):
+            proc.terminate()
+            proc.wait(30)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--client", choices=("router", "generate"), default="router")
+    parser.add_argument("--client", choices=("router", "generate", "http"), default="router")
     parser.add_argument("--step-ms", type=float, default=0.0, help="the worker's step time")
     parser.add_argument("--steps-in-flight", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--profile", action="store_true")

@@ -17,6 +17,7 @@ from test_e2e import Stack
 
 from alignedserve.batcher.sim.workload import paper_mix
 from alignedserve.bench.cli import BenchConfig, add_arguments, config_from_args, run_bench
+from alignedserve.bench.clients import run_load_in_processes, split_shape
 from alignedserve.bench.metrics import Slo, itls_s, stats, summarize, tpot_s
 from alignedserve.bench.records import Chunk, RequestRecord, RunRecords
 from alignedserve.bench.runner import run_load
@@ -192,6 +193,9 @@ def test_flags_map_onto_the_config_and_its_shapes():
         {"concurrencies": (0,)},
         {"timeout_s": 0.0},
         {"slo_tpot_s": -1.0},
+        {"num_clients": 0},
+        {"num_clients": 4, "max_concurrency": 3},
+        {"num_clients": 2, "concurrencies": (1,)},
     ],
 )
 def test_bad_config_is_a_clean_error(bad):
@@ -255,8 +259,16 @@ def test_timeout_cancels_requests_out_and_counts_those_never_sent():
     assert (s.num_ok, s.num_failed, s.num_not_sent, s.requests_per_s) == (0, 2, 4, 0.0)
 
 
+def test_a_shape_is_shared_among_clients():
+    assert split_shape(Offline(10), 3) == [Offline(4), Offline(3), Offline(3)]
+    assert split_shape(Concurrency(4), 4) == [Concurrency(1)] * 4
+    assert split_shape(Poisson(2.5), 2) == [Poisson(2.5)] * 2  # the arrival times travel
+    with pytest.raises(ConfigError, match="cannot be shared"):
+        split_shape(Concurrency(2), 3)
+
+
 def test_bench_modules_import_no_torch():
-    modules = [f"alignedserve.bench.{m}" for m in ("cli", "runner", "targets", "plots")]
+    modules = [f"alignedserve.bench.{m}" for m in ("cli", "runner", "targets", "plots", "clients")]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nassert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -299,6 +311,37 @@ def test_offline_and_poisson_runs_against_the_stack(stack, tmp_path, capsys):
         for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
             s = summary[metric]
             assert 0 < s["p50"] <= s["p90"] <= s["p99"], metric
+
+
+@pytest.mark.parametrize("shape", [Offline(6), Poisson(40.0), Concurrency(3)])
+def test_client_processes_share_a_run_and_merge_its_records(stack, shape):
+    """Three client processes: every request is sent once, by one of them, within its share
+    of the bound; the merged records are the run's, on one clock."""
+    rate = shape.rate_per_s if isinstance(shape, Poisson) else None
+    requests = make_requests("fixed-32-8", 12, seed=0, rate_per_s=rate, vocab_size=VOCAB)
+    done = []
+    before_s = time.perf_counter()
+    run = asyncio.run(
+        run_load_in_processes(stack.url, stack.model, requests, shape, 60, 3, done.append)
+    )
+    after_s = time.perf_counter()
+    assert sorted(r.request_id for r in run.records) == sorted(r.request_id for r in requests)
+    assert done == list(run.records) and run.num_not_sent == 0
+    for r in run.records:  # (the stream may carry several tokens in one chunk)
+        assert r.is_ok and r.completion_tokens == 8 == sum(c.num_tokens for c in r.chunks)
+    assert all(before_s < r.send_s < r.chunks[0].time_s <= r.end_s < after_s for r in run.records)
+    if isinstance(shape, Poisson):  # one start for all: each sent at its arrival, never early
+        start_s = min(r.send_s for r in run.records) - requests[0].arrival_s
+        by_id = {r.request_id: r for r in run.records}
+        for planned in requests:
+            assert by_id[planned.request_id].send_s - start_s >= planned.arrival_s - 0.05
+
+
+def test_client_processes_record_a_server_they_cannot_reach_as_failed_requests():
+    requests = fixed_requests(3)
+    run = asyncio.run(run_load_in_processes("http://127.0.0.1:9", "m", requests, Offline(2), 10, 2))
+    assert sorted(r.request_id for r in run.records) == sorted(r.request_id for r in requests)
+    assert all(r.error and "ConnectError" in r.error for r in run.records)
 
 
 def test_the_http_target_records_the_servers_error_and_counts_exact_tokens(stack):

@@ -48,6 +48,9 @@ class BenchConfig:
     # AlignedServe wants a large pool of requests in flight: keep it above the server's.
     max_concurrency: int = 1024
     timeout_s: float = 3600.0  # per run
+    # openai target: client processes the requests of each run are dealt among (one streams
+    # ~11-14k tokens/s at most: bench/clients.py)
+    num_clients: int = 1
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
     out: str = ""  # directory for bench.json, bench.md and the PNGs; empty: print only
@@ -59,7 +62,7 @@ class BenchConfig:
                 f"workload={self.workload!r}: expected one of {workload_names()} "
                 "or fixed-PROMPT-OUTPUT"
             )
-        for name in ("num_requests", "max_concurrency"):
+        for name in ("num_requests", "max_concurrency", "num_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.seed < 0:
@@ -76,6 +79,13 @@ class BenchConfig:
                 raise ConfigError(f"{name}={value} must be > 0")
         if self.engine is not None and self.base_url != DEFAULT_BASE_URL:
             raise ConfigError(f"base_url={self.base_url!r}: the engine target has no URL")
+        if self.engine is not None and self.num_clients != 1:
+            raise ConfigError(f"num_clients={self.num_clients}: the engine target runs in-process")
+        for n in (self.max_concurrency, *self.concurrencies):
+            if n < self.num_clients:
+                raise ConfigError(
+                    f"{n} requests in flight cannot be shared by num_clients={self.num_clients}"
+                )
 
     def shapes(self) -> list[LoadShape]:
         """The runs, in the order given: rates first, then concurrencies; offline if none."""
@@ -157,6 +167,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.timeout_s,
         help="stops a run: requests still out are cancelled and counted as failed",
     )
+    parser.add_argument(
+        "--num-clients",
+        type=int,
+        default=d.num_clients,
+        help="openai: client processes each run's requests are dealt among (one streams "
+        "~11-14k tokens/s at most; raise it when the server streams more)",
+    )
     parser.add_argument("--slo-ttft-s", type=float, default=d.slo_ttft_s, help="for goodput")
     parser.add_argument("--slo-tpot-s", type=float, default=d.slo_tpot_s, help="for goodput")
     parser.add_argument(
@@ -225,6 +242,7 @@ async def open_target(config: BenchConfig) -> AsyncIterator[tuple[Target, BenchC
 async def bench(config: BenchConfig) -> tuple[BenchConfig, str, list[BenchRun]]:
     """The config as run (the engine target fits vocab_size to its model), the model
     benchmarked and each run's results, in the order of config.shapes()."""
+    from alignedserve.bench.clients import run_load_in_processes
     from alignedserve.bench.runner import run_load
 
     runs = []
@@ -237,7 +255,20 @@ async def bench(config: BenchConfig) -> tuple[BenchConfig, str, list[BenchRun]]:
                 config.workload, config.num_requests, config.seed, rate, config.vocab_size, index
             )
             async with Progress(describe(shape), len(requests)) as progress:
-                run = await run_load(target, requests, shape, config.timeout_s, progress.advance)
+                if config.num_clients > 1:
+                    run = await run_load_in_processes(
+                        config.base_url,
+                        model,
+                        requests,
+                        shape,
+                        config.timeout_s,
+                        config.num_clients,
+                        progress.advance,
+                    )
+                else:
+                    run = await run_load(
+                        target, requests, shape, config.timeout_s, progress.advance
+                    )
             runs.append(BenchRun(shape, run, summarize(run, config.slo())))
     return config, model, runs
 
