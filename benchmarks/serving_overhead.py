@@ -8,12 +8,15 @@ max_steps_in_flight) runs in turn, side by side in one call.
 
 With --client http the whole front end is measured as deployed: the batcher and the router
 run as `alignedserve serve batcher` and `serve router` processes (the router on a tiny
-model's tokenizer and config), and this process is `alignedserve bench`'s own HTTP client
-(bench/targets.py) streaming /v1/completions. It prints each process's CPU use over the
-run (seconds of CPU per second): one near 1.0 is the ceiling's cause.
+model's tokenizer and config), and `alignedserve bench`'s own HTTP client streams
+/v1/completions: in this process, or dealt among --http-clients processes (bench/clients.py).
+It prints each process's CPU use over the run (seconds of CPU per second; one near 1.0 is
+the ceiling's cause) and the router's CPU microseconds per token. With --profile, the router
+runs under cProfile and its top functions are printed.
 
     .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256]
-        [--client router|generate|http] [--step-ms 0] [--steps-in-flight 1 2] [--profile]
+        [--client router|generate|http] [--http-clients 1] [--step-ms 0]
+        [--steps-in-flight 1 2] [--profile]
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from pathlib import Path
 import grpc
 
 from alignedserve.batcher.service import BatcherConfig, serve_batcher
+from alignedserve.bench.clients import run_load_in_processes
+from alignedserve.bench.shapes import Offline
 from alignedserve.bench.targets import OpenAITarget, first_model
 from alignedserve.bench.workload import BenchRequest
 from alignedserve.common import rpc, wire
@@ -195,8 +200,11 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
         "--port", str(batcher_port), "--metrics-port", "0", "--pool-gib", "0.5",
         "--max-waiting", "10000", "--max-steps-in-flight", str(steps_in_flight),
     ])  # fmt: skip
+    profile_out = Path(tempfile.mkdtemp(prefix="router-prof-")) / "router.prof"
+    profiled = ["-m", "cProfile", "-o", str(profile_out)] if args.profile else []
     router = subprocess.Popen([
-        *serve, "router", "--model-dir", str(model), "--host", "127.0.0.1",
+        sys.executable, *profiled, "-m", "alignedserve", "serve", "router",
+        "--model-dir", str(model), "--host", "127.0.0.1",
         "--port", str(http_port), "--batcher-addresses", f"127.0.0.1:{batcher_port}",
     ])  # fmt: skip
     base_url = f"http://127.0.0.1:{http_port}"
@@ -211,11 +219,18 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
             for i in range(args.requests)
         ]
         pids = {"router": router.pid, "batcher": batcher.pid, "worker": worker_pid}
-        async with OpenAITarget(base_url, await first_model(base_url), args.requests) as target:
+        model = await first_model(base_url)
+        async with OpenAITarget(base_url, model, args.requests) as target:
             cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
             client_before = time.process_time()
             start, steps_before = time.perf_counter(), steps.value
-            records = await asyncio.gather(*(target.run(r) for r in requests))
+            if args.http_clients > 1:  # (their own CPU is not counted: "client" is this one's)
+                run = await run_load_in_processes(
+                    base_url, model, requests, Offline(args.requests), 600, args.http_clients
+                )
+                records = run.records
+            else:
+                records = await asyncio.gather(*(target.run(r) for r in requests))
             seconds, num_steps = time.perf_counter() - start, steps.value - steps_before
             cpu = {name: (_cpu_s(pid) - cpu_before[name]) / seconds for name, pid in pids.items()}
             cpu["client"] = (time.process_time() - client_before) / seconds
@@ -224,16 +239,21 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
         tokens = sum(r.completion_tokens for r in records)
         assert tokens == args.requests * args.max_tokens, tokens
         print(
-            f"http, {steps_in_flight} in flight, {args.requests} streams x {args.max_tokens} "
+            f"http ({args.http_clients} client processes), {steps_in_flight} in flight, "
+            f"{args.requests} streams x {args.max_tokens} "
             f"tokens, worker step {args.step_ms:g} ms: {num_steps} steps in {seconds:.1f} s, "
             f"{1e3 * seconds / num_steps:.2f} ms per step, {tokens / seconds:.0f} tokens/s; "
-            "CPU s per s: " + ", ".join(f"{name} {value:.2f}" for name, value in cpu.items())
+            "CPU s per s: "
+            + ", ".join(f"{name} {value:.2f}" for name, value in cpu.items())
+            + f"; router {1e6 * cpu['router'] * seconds / tokens:.1f} us of CPU per token"
         )
         return tokens / seconds
     finally:
         for proc in (router, batcher):
             proc.terminate()
             proc.wait(30)
+        if args.profile and profile_out.exists():
+            pstats.Stats(str(profile_out)).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
@@ -241,6 +261,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--client", choices=("router", "generate", "http"), default="router")
+    parser.add_argument("--http-clients", type=int, default=1, help="http: bench client processes")
     parser.add_argument("--step-ms", type=float, default=0.0, help="the worker's step time")
     parser.add_argument("--steps-in-flight", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--profile", action="store_true")

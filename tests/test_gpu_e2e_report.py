@@ -76,9 +76,11 @@ def test_a_variant_that_failed_is_reported_with_its_reason(gpu_e2e, tmp_path):
         device_kv_gib=1.0,
         peer_requests=0,
         offline_repeats=1,
+        num_clients=3,
     )
     runs = gpu_e2e.load_runs(tmp_path)
     report = gpu_e2e.make_report(args, tmp_path, runs, {}, 8, "cpu")
     assert report["failures"] == {"aligned": "TimeoutError: never ready"}
     markdown = gpu_e2e.render_markdown(report)
     assert "**aligned failed**: TimeoutError: never ready" in markdown
+    assert "3 bench client processes" in markdown

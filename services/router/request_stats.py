@@ -9,30 +9,32 @@ from alignedserve.common import metrics
 
 
 class RequestStats:
-    """One request's timeline; records into the shared metrics as it goes."""
+    """One request's timeline; records into the shared metrics as it goes. Its series are
+    looked up once: a label lookup per token was a tenth of the router's time per token."""
 
     def __init__(self, model_name: str, arrival_s: float, num_prompt_tokens: int):
         self._model_name = model_name
         self._arrival_s = arrival_s  # time.monotonic() when the HTTP request arrived
         self._num_prompt_tokens = num_prompt_tokens
         self._last_token_s: float | None = None
+        self._itl = metrics.INTER_TOKEN_LATENCY_SECONDS.labels(model_name)
+        self._generated = metrics.GENERATION_TOKENS_TOTAL.labels(model_name)
 
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens == 0:
             return
         now = time.monotonic()
-        m = self._model_name
         if self._last_token_s is None:
+            m = self._model_name
             metrics.TIME_TO_FIRST_TOKEN_SECONDS.labels(m).observe(now - self._arrival_s)
             # Counted once the prompt is prefilled, as vLLM counts it.
             metrics.PROMPT_TOKENS_TOTAL.labels(m).inc(self._num_prompt_tokens)
         else:
             # A message carrying k tokens is k inter-token gaps of equal share.
             gap = (now - self._last_token_s) / num_tokens
-            itl = metrics.INTER_TOKEN_LATENCY_SECONDS.labels(m)
             for _ in range(num_tokens):
-                itl.observe(gap)
-        metrics.GENERATION_TOKENS_TOTAL.labels(m).inc(num_tokens)
+                self._itl.observe(gap)
+        self._generated.inc(num_tokens)
         self._last_token_s = now
 
     def on_finish(self, finish_reason: str) -> None:
