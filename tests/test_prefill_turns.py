@@ -27,7 +27,6 @@ def test_a_turn_that_stretched_residents_is_paid_back_by_decode_steps():
     assert share.debt_s == pytest.approx(0.1)
     share.observe(is_turn=False, decoded=True, seconds=0.3)
     assert share.debt_s == 0.0 and share.may_take(decodes=True)
-    assert (share.num_turns, share.turn_s) == (1, pytest.approx(0.3))
 
 
 def test_a_turn_while_nothing_decodes_costs_nothing_and_a_lost_turn_frees_the_slot():

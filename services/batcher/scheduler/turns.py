@@ -30,8 +30,6 @@ class PrefillShare:
         self.share = share
         self.debt_s = 0.0
         self.num_unanswered = 0  # turns sent, not yet answered
-        self.num_turns = 0
-        self.turn_s = 0.0  # the decode device's seconds in turns, all of them
 
     def may_take(self, decodes: bool) -> bool:
         """May the next step be a turn? `decodes`: it also decodes residents."""
@@ -41,13 +39,11 @@ class PrefillShare:
 
     def took(self) -> None:
         self.num_unanswered += 1
-        self.num_turns += 1
 
     def observe(self, is_turn: bool, decoded: bool, seconds: float) -> None:
         """A step was answered: it took the decode device `seconds`."""
         if is_turn:
             self.num_unanswered = max(0, self.num_unanswered - 1)
-            self.turn_s += seconds
             if decoded:
                 self.debt_s += seconds
         elif decoded:
