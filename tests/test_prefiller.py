@@ -114,6 +114,30 @@ def run_on_prefill_device(
     return tokens
 
 
+def check_against_decode_device(ref_model, model, layout, prompts, cuts, staging_blocks, **how):
+    """The prefill device's path (`model`; `how`: run_on_prefill_device's device, one_by_one
+    and the KV's tolerance) gives the decode device's (`ref_model`) tokens and pool KV."""
+    tolerance = how.pop("tolerance", {})
+    sampling = factories.greedy(1)
+    with (
+        CpuKVPool.create(layout, 64) as ref_pool,
+        CpuKVPool.create(layout, 64) as pool,
+    ):
+        ref_plans = chunked(prompts, cuts, ref_pool)
+        plans = chunked(prompts, cuts, pool)
+        expected = run_on_decode_device(ref_model, layout, ref_pool, ref_plans, sampling)
+        tokens = run_on_prefill_device(model, layout, pool, plans, sampling, staging_blocks, **how)
+        assert tokens == expected and len(tokens) == len(prompts)
+        for prompt, (ref_blocks, _), (blocks, _) in zip(prompts, ref_plans, plans, strict=True):
+            n = len(prompt)
+            ours, ref = (
+                by_token(pool, layout, blocks)[:n],
+                by_token(ref_pool, layout, ref_blocks)[:n],
+            )
+            torch.testing.assert_close(ours, ref, **tolerance)
+            assert ours.abs().sum() > 0  # the KV is there, not zeros on both sides
+
+
 @pytest.mark.parametrize(
     ("cuts", "staging_blocks"),
     [
@@ -126,24 +150,7 @@ def test_prefill_device_gives_the_decode_devices_tokens_and_pool_kv(
     model, layout, cuts, staging_blocks
 ):
     prompts = random_prompts((17, 9, 30), seed=3)
-    sampling = factories.greedy(1)
-    with (
-        CpuKVPool.create(layout, 64) as ref_pool,
-        CpuKVPool.create(layout, 64) as pool,
-    ):
-        ref_plans = chunked(prompts, cuts, ref_pool)
-        plans = chunked(prompts, cuts, pool)
-        expected = run_on_decode_device(model, layout, ref_pool, ref_plans, sampling)
-        tokens = run_on_prefill_device(model, layout, pool, plans, sampling, staging_blocks)
-        assert tokens == expected and len(tokens) == len(prompts)
-        for prompt, (ref_blocks, _), (blocks, _) in zip(prompts, ref_plans, plans, strict=True):
-            n = len(prompt)
-            ours, ref = (
-                by_token(pool, layout, blocks)[:n],
-                by_token(ref_pool, layout, ref_blocks)[:n],
-            )
-            torch.testing.assert_close(ours, ref)
-            assert ours.abs().sum() > 0  # the KV is there, not zeros on both sides
+    check_against_decode_device(model, model, layout, prompts, cuts, staging_blocks)
 
 
 @pytest.mark.gpu
@@ -154,30 +161,17 @@ def test_on_a_gpu_copies_out_overlap_the_next_pass_and_land_whole(
     """Each prompt in a run of its own, each run's copies out still queued while the next
     run's pass computes: in the ring's next blocks (256), or over the blocks they read (9,
     where the pass must wait for them). The pool ends as the decode device's path leaves it."""
-    gpu_model = load_model(model_dir, device="cuda")
-    cpu_model = load_model(model_dir)
-    prompts = random_prompts((17, 9, 30, 23), seed=5)
-    cuts = (8, 0, 13, 0)
-    sampling = factories.greedy(1)
-    with (
-        CpuKVPool.create(layout, 64) as ref_pool,
-        CpuKVPool.create(layout, 64) as pool,
-    ):
-        ref_plans = chunked(prompts, cuts, ref_pool)
-        plans = chunked(prompts, cuts, pool)
-        expected = run_on_decode_device(cpu_model, layout, ref_pool, ref_plans, sampling)
-        tokens = run_on_prefill_device(
-            gpu_model, layout, pool, plans, sampling, staging_blocks, "cuda", one_by_one=True
-        )
-        assert tokens == expected and len(tokens) == len(prompts)
-        for prompt, (ref_blocks, _), (blocks, _) in zip(prompts, ref_plans, plans, strict=True):
-            n = len(prompt)
-            torch.testing.assert_close(
-                by_token(pool, layout, blocks)[:n],
-                by_token(ref_pool, layout, ref_blocks)[:n],
-                atol=1e-4,
-                rtol=1e-4,
-            )
+    check_against_decode_device(
+        load_model(model_dir),
+        load_model(model_dir, device="cuda"),
+        layout,
+        random_prompts((17, 9, 30, 23), seed=5),
+        (8, 0, 13, 0),
+        staging_blocks,
+        device="cuda",
+        one_by_one=True,
+        tolerance={"atol": 1e-4, "rtol": 1e-4},
+    )
 
 
 def test_a_chunk_larger_than_the_staging_cache_is_refused(model, layout):
