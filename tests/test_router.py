@@ -32,8 +32,12 @@ from alignedserve.router import wire
 from alignedserve.router.app import create_app
 from alignedserve.router.client import BatcherClient, BatcherError
 from alignedserve.router.config import RouterConfig, add_router_arguments, config_from_args
+from alignedserve.router.generation import generate_text
+from alignedserve.router.preprocess import GenerationInput
+from alignedserve.router.request_stats import RequestStats
 from alignedserve.router.server import RouterServer
 from alignedserve.router.stop import StopMatcher
+from alignedserve.router.wire import GenerateChunk
 from alignedserve.serve import free_port
 
 from fake_batcher import NUM_BYTE_TOKENS, FakeBatcher, FakeBatcherFactory, logprob_of
@@ -789,3 +793,39 @@ def test_client_routes_to_the_least_loaded_batcher_and_around_a_full_one(fakes):
             await only_busy.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stop_string_inside_a_merged_chunk_ends_the_output_at_its_token(tokenizer):
+    """A chunk carrying several tokens (deltas merged for a router that fell behind): the
+    output and its usage end at the token that completed the stop string, as they would
+    have one token per chunk."""
+    ids = tokenizer.encode("The quick brown fox jumps", add_special_tokens=False)
+    texts = [tokenizer.decode(ids[:n]) for n in range(len(ids) + 1)]
+    num_to_stop = next(n for n, text in enumerate(texts) if "brown" in text)
+    assert 0 < num_to_stop < len(ids)  # the stop string ends inside the chunk
+
+    class OneChunk:
+        def __init__(self):
+            self.aborted = []
+
+        async def generate(self, request_id, prompt_ids, params):
+            yield GenerateChunk(tuple(ids), tuple(-1.0 for _ in ids), None, None)
+
+        async def abort(self, request_id):
+            self.aborted.append(request_id)
+            return True
+
+    params = SamplingParams(max_tokens=50)
+    request = GenerationInput("r", (1, 2), params, ("brown",), True, True, False)
+
+    client = OneChunk()
+
+    async def deltas() -> list:
+        stats = RequestStats(MODEL, time.monotonic(), 2)
+        return [d async for d in generate_text(client, tokenizer, request, stats)]
+
+    (delta,) = asyncio.run(deltas())
+    assert delta.text == texts[num_to_stop].split("brown")[0] and delta.finish_reason == "stop"
+    assert delta.token_ids == tuple(ids[:num_to_stop]) and len(delta.logprobs) == num_to_stop
+    assert delta.usage.completion_tokens == num_to_stop
+    assert client.aborted == ["r"]

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from alignedserve.common.proto import batcher_pb2
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.router.client import BatcherClient, BatcherError
+from alignedserve.router.client import BatcherClient, BatcherError, _coalesced
+from alignedserve.router.wire import chunk_from_proto
 
 from fake_batcher import FakeBatcherFactory
 
@@ -93,3 +95,55 @@ def test_a_broken_call_fails_its_requests_and_the_next_request_opens_another(fak
     assert error.grpc_code == grpc.StatusCode.INTERNAL and "stream broken" in str(error)
     assert tokens == [4, 5, 4]
     assert fake.num_stream_calls == 2
+
+
+def test_a_slow_reader_gets_the_tokens_queued_for_it_in_one_chunk(fakes):
+    """A reader that falls behind the batcher (a loaded router) takes what has queued for its
+    request as one chunk, every token once and in order."""
+    fake = fakes(token_delay_s=0.001)
+
+    async def scenario() -> list:
+        client = BatcherClient([fake.address], poll_interval_s=0.05)
+        await client.start()
+        try:
+            chunks = []
+            async for chunk in client.generate("slow", [5, 6, 7], SamplingParams(max_tokens=60)):
+                chunks.append(chunk)
+                await asyncio.sleep(0.02)  # ~20 tokens' time per chunk
+            return chunks
+        finally:
+            await client.close()
+
+    chunks = asyncio.run(scenario())
+    assert [t for c in chunks for t in c.token_ids] == ([5, 6, 7] * 20)
+    assert len(chunks) < 30 and max(len(c.token_ids) for c in chunks) > 3  # merged
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1].usage.completion_tokens == 60
+
+
+def test_deltas_queued_behind_a_chunk_merge_up_to_the_end_or_an_error():
+    def delta(tokens, finish="", usage=None):
+        msg = batcher_pb2.RequestDelta(
+            request_id="r", token_ids=tokens, logprobs=[-0.5] * len(tokens)
+        )
+        msg.finish_reason = finish
+        if usage:
+            msg.usage.prompt_tokens, msg.usage.completion_tokens = usage
+        return msg
+
+    def queued(*msgs) -> asyncio.Queue:
+        queue = asyncio.Queue()
+        for msg in msgs:
+            queue.put_nowait(msg)
+        return queue
+
+    first = chunk_from_proto(delta([1]))
+    q = queued(delta([2, 3]), delta([4], "length", (9, 4)), delta([99]))
+    chunk, error = _coalesced(first, q)
+    assert (chunk.token_ids, chunk.logprobs) == ((1, 2, 3, 4), (-0.5,) * 4)
+    assert (chunk.finish_reason, chunk.usage.completion_tokens, error) == ("length", 4, None)
+    assert q.qsize() == 1  # nothing is taken past the end
+    failed = BatcherError("batcher gone", grpc.StatusCode.UNAVAILABLE)
+    chunk, error = _coalesced(first, queued(delta([2]), failed))
+    assert (chunk.token_ids, chunk.finish_reason, error) == ((1, 2), None, failed)
+    assert _coalesced(first, queued()) == (first, None)

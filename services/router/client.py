@@ -28,7 +28,7 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router import wire
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.discovery import Discovery, GetAddrInfo
-from alignedserve.router.wire import GenerateChunk, LoadReport
+from alignedserve.router.wire import GenerateChunk, LoadReport, merge_chunks
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,24 @@ class _Mux:
             self._sends.put_nowait(None)
             for queue in self._requests.values():
                 queue.put_nowait(error)
+
+
+def _coalesced(chunk: GenerateChunk, queue: asyncio.Queue) -> tuple[GenerateChunk, object]:
+    """The chunk with the deltas already queued behind it: one chunk, when the router has
+    fallen behind the batcher (a step's tokens arrive for every request at once). So the
+    per-chunk work downstream (detokenizing, the SSE event, its socket write: ~50 us) is paid
+    once for them, and a loaded router keeps up instead of queueing, as vLLM's output
+    collector merges deltas its API server has not taken yet. Returns the chunk and an error
+    queued behind the deltas (None if none): it is raised after they are delivered."""
+    if queue.empty() or chunk.finish_reason is not None:
+        return chunk, None
+    parts = [chunk]
+    while not queue.empty() and parts[-1].finish_reason is None:
+        msg = queue.get_nowait()
+        if isinstance(msg, BatcherError):
+            return merge_chunks(parts), msg
+        parts.append(wire.chunk_from_proto(msg))
+    return merge_chunks(parts), None
 
 
 @dataclass(eq=False)  # by identity: one address may come back as a new batcher
@@ -263,12 +281,13 @@ class BatcherClient:
             while True:
                 if isinstance(msg, BatcherError):
                     raise msg
-                chunk = wire.chunk_from_proto(msg)
+                chunk, msg = _coalesced(wire.chunk_from_proto(msg), queue)
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = True
                     return
-                msg = await queue.get()
+                if msg is None:
+                    msg = await queue.get()
         finally:
             if timer is not None:
                 timer.cancel()

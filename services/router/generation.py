@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from alignedserve.common.tokenizer import Tokenizer
 from alignedserve.router.client import BatcherClient
@@ -33,19 +33,27 @@ class _TextStream:
         self._stops = StopMatcher(request.stop)
         self._stop_ids = request.params.stop_token_ids
 
-    def feed(self, chunk: GenerateChunk) -> tuple[str, bool]:
-        """(text, whether a stop string ended it); at the end, the text held back is added."""
+    def feed(self, chunk: GenerateChunk) -> tuple[str, int | None]:
+        """(text, and if a stop string ended it, how many of the chunk's tokens it took: a
+        chunk may carry several, and those after the one that completed the stop string
+        are dropped); at the end, the text held back is added."""
         token_ids, is_last = chunk.token_ids, chunk.finish_reason is not None
         if chunk.finish_reason == "stop" and token_ids and token_ids[-1] in self._stop_ids:
             # A stop token's text is left out, as a stop string's is (as vLLM does).
             token_ids = token_ids[:-1]
-        text = "".join(self._detokenizer.step(t) for t in token_ids)
+        texts = []
+        for n, token in enumerate(token_ids, 1):
+            text, stopped = self._stops.feed(self._detokenizer.step(token))
+            texts.append(text)
+            if stopped:
+                return "".join(texts), n
         if is_last:
-            text += self._detokenizer.flush()
-        text, stopped = self._stops.feed(text)
-        if is_last and not stopped:
-            text += self._stops.flush()
-        return text, stopped
+            text, stopped = self._stops.feed(self._detokenizer.flush())
+            texts.append(text)
+            if stopped:
+                return "".join(texts), len(chunk.token_ids)
+            texts.append(self._stops.flush())
+        return "".join(texts), None
 
 
 async def generate_text(
@@ -60,9 +68,16 @@ async def generate_text(
     try:
         async with aclosing(chunks):
             async for chunk in chunks:
+                text, num_to_stop = texts.feed(chunk)
+                stopped = num_to_stop is not None
+                if stopped and num_to_stop < len(chunk.token_ids):
+                    chunk = replace(  # the tokens after the stop string's end are not output
+                        chunk,
+                        token_ids=chunk.token_ids[:num_to_stop],
+                        logprobs=chunk.logprobs[:num_to_stop],
+                    )
                 stats.on_tokens(len(chunk.token_ids))
                 num_generated += len(chunk.token_ids)
-                text, stopped = texts.feed(chunk)
                 if stopped:
                     # Abort before answering, so the request's KV blocks are free by the time
                     # the client sends its next turn. The unary Abort, not one on the shared

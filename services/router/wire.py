@@ -40,6 +40,18 @@ class GenerateChunk:
     usage: Usage | None  # on the last message
 
 
+def merge_chunks(chunks: Sequence[GenerateChunk]) -> GenerateChunk:
+    """Consecutive chunks of one request as one: their tokens in order, the last one's end."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return GenerateChunk(
+        token_ids=tuple(t for c in chunks for t in c.token_ids),
+        logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        finish_reason=chunks[-1].finish_reason,
+        usage=chunks[-1].usage,
+    )
+
+
 def generate_request_to_proto(
     request_id: str, prompt_ids: Sequence[int], params: SamplingParams
 ) -> batcher_pb2.GenerateRequest:
