@@ -3,14 +3,13 @@ and transformers' continuous batching on the same checkpoint and requests.
 
 The variants (--policies; --baseline names the one aligned is compared with):
 - aligned: `alignedserve serve --policy aligned`, one engine decoding on --device with
-  --prefetch-device, the pair's second GPU, loading KV beside it and prefilling, and decoding
-  residents of its own while no prompt waits (--prefill-decode-blocks -1, the default: as
-  many KV blocks as the decode GPU's, if they fit; scheduler/aligned.py);
+  --prefetch-device, the pair's second GPU, loading KV beside it and prefilling;
 - fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
   computing on --device, the second GPU idle;
-- aligned-solo: aligned whose prefill GPU only prefills (--prefill-decode-blocks 0; the
-  default before session 13, called `aligned` in sessions 4-12, whose `aligned-both` is this
-  session's `aligned`);
+- aligned-both: aligned whose prefill GPU also decodes residents of its own while no prompt
+  waits (--prefill-decode-blocks -1: as many KV blocks as the decode GPU's, if they fit;
+  scheduler/aligned.py). In session 13's results it is called `aligned`, and `aligned` is
+  `aligned-solo` there;
 - aligned-turns: aligned whose decode GPU also takes prefill turns while a backlog waits
   (--decode-prefill-share 0.5, scheduler/turns.py; aligned's default is 0, none);
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
@@ -89,18 +88,18 @@ from alignedserve.serve import (  # noqa: E402
 # the docstring says what each runs
 VARIANTS = (
     "aligned",
-    "aligned-solo",
+    "aligned-both",
     "aligned-turns",
     "aligned-sync",
     "aligned-serial",
     "fcfs",
     "fcfs-dp2",
 )
-# the parts of a variant's name after its policy, and the serve flags each adds: -solo, the
-# prefetch GPU only prefills; -turns, the decode GPU prefills too; -sync, the batcher waits for
+# the parts of a variant's name after its policy, and the serve flags each adds: -both, the
+# prefetch GPU decodes too; -turns, the decode GPU prefills too; -sync, the batcher waits for
 # each answer; -serial, the worker answers each step before it queues the next
 PART_SETTINGS = {
-    "solo": {"prefill_decode_blocks": 0},
+    "both": {"prefill_decode_blocks": -1},
     "turns": {"decode_prefill_share": 0.5},
     "sync": {"max_steps_in_flight": 1},
     "serial": {"overlap_steps": False},
@@ -108,9 +107,9 @@ PART_SETTINGS = {
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
     "aligned": "router + batcher + worker decoding on --device, --prefetch-device prefilling "
-    "and loading KV, and decoding too while no prompt waits",
-    "aligned-solo": "aligned whose prefetch GPU only prefills and loads KV "
-    "(--prefill-decode-blocks 0)",
+    "and loading KV",
+    "aligned-both": "aligned whose prefetch GPU also decodes while no prompt waits "
+    "(--prefill-decode-blocks -1)",
     "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",

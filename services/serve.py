@@ -86,8 +86,8 @@ class EngineSettings:
         default=WorkerConfig.prefill_decode_blocks,
         metadata={
             "help": "aligned with a prefetch device: KV blocks it decodes in, residents of its "
-            f"own, while no prompt waits ({WorkerConfig.prefill_decode_blocks}: as many as "
-            "num_device_blocks, fewer if they do not fit; 0: it only prefills)"
+            "own, while no prompt waits (-1: as many as num_device_blocks, fewer if they do "
+            "not fit; 0: it only prefills)"
         },
     )
 

@@ -111,9 +111,9 @@ def test_worker_args_are_the_workers_own_flags(config_cls):
     plain = parse_worker(worker_args(config_cls(), "/models/m", 1))
     assert (plain.dtype, plain.prefetch_device, plain.device) == (None, None, "cpu")
     assert plain.overlap_steps
-    # by default the prefill device decodes too (sized by the worker), but only for aligned:
+    # the prefill device decoding too (sized by the worker) reaches the worker under aligned;
     # fcfs never sends it residents, so it gets no decode KV there
-    both = dict(device="cuda:0", prefetch_device="cuda:1")
+    both = dict(device="cuda:0", prefetch_device="cuda:1", prefill_decode_blocks=-1)
     aligned = parse_worker(worker_args(config_cls(**both), "/m", 1))
     assert aligned.prefill_decode_blocks == worker_service.AUTO_BLOCKS
     fcfs = parse_worker(worker_args(config_cls(**both, policy="fcfs"), "/m", 1))
@@ -240,7 +240,7 @@ def test_a_stop_while_the_worker_loads_ends_serve_all_at_once(model_dir, monkeyp
     assert supervisor_runs == ["running", "stopped"]
 
 
-def test_the_prefill_devices_decode_blocks_default_to_the_decode_devices_within_its_memory(
+def test_the_prefill_devices_decode_blocks_auto_sized_like_the_decode_devices_within_its_memory(
     monkeypatch,
 ):
     import torch
@@ -250,8 +250,12 @@ def test_the_prefill_devices_decode_blocks_default_to_the_decode_devices_within_
     def config(**kw):
         return worker_service.WorkerConfig(model_dir="/m", num_device_blocks=1000, **kw)
 
+    def auto(device):
+        return config(prefetch_device=device, prefill_decode_blocks=worker_service.AUTO_BLOCKS)
+
     block = 2 << 20
-    assert prefill_decode_blocks(config(prefetch_device="cpu"), block) == 1000
+    assert config().prefill_decode_blocks == 0  # off by default
+    assert prefill_decode_blocks(auto("cpu"), block) == 1000
     assert prefill_decode_blocks(config(prefetch_device="cpu", prefill_decode_blocks=7), block) == 7
     assert prefill_decode_blocks(config(prefetch_device="cpu", prefill_decode_blocks=0), block) == 0
     asked = []
@@ -264,14 +268,15 @@ def test_the_prefill_devices_decode_blocks_default_to_the_decode_devices_within_
         monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
 
     free(5000)
-    assert prefill_decode_blocks(config(prefetch_device="cuda:1"), block) == 1000
+    assert prefill_decode_blocks(auto("cuda:1"), block) == 1000
     free(600)
-    assert prefill_decode_blocks(config(prefetch_device="cuda:1"), block) == 600
+    assert prefill_decode_blocks(auto("cuda:1"), block) == 600
     free(-3)
-    assert prefill_decode_blocks(config(prefetch_device="cuda:1"), block) == 0
+    assert prefill_decode_blocks(auto("cuda:1"), block) == 0
     assert asked == [torch.device("cuda:1")] * 3
     with pytest.raises(ConfigError, match="prefill_decode_blocks=-2"):
         config(prefetch_device="cuda:1", prefill_decode_blocks=-2)
     with pytest.raises(ConfigError, match="needs a prefetch_device"):
         config(prefill_decode_blocks=8)
-    assert config().prefill_decode_blocks == worker_service.AUTO_BLOCKS  # no prefetch device: fine
+    # allowed without a prefetch device: the worker then makes none
+    assert config(prefill_decode_blocks=-1).prefill_decode_blocks == -1

@@ -84,8 +84,11 @@ class WorkerConfig:
             f"{PREFILL_STAGING_EXTRA_TOKENS} (a step's chunks)"
         },
     )
+    # Off by default: it gains 3-14 % tokens/s offline and under overload (2xH200), but the
+    # simulator predicts 2x the p99 TPOT at moderate load, where its lane opens and closes
+    # with every prompt (docs/benchmarks.md, thirteenth session).
     prefill_decode_blocks: int = field(
-        default=AUTO_BLOCKS,
+        default=0,
         metadata={
             "help": "with a prefetch device that prefills: KV blocks it decodes in, on its "
             "replica of the weights, while no prompt waits (the aligned batcher sends it "

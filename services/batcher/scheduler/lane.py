@@ -246,19 +246,34 @@ class Lane:
         """Current (shortest, longest) length in group g."""
         lo_id, hi_id = self.group_ends[g]
         if lo_id not in self.resident or hi_id not in self.resident:
-            members = [r for r in self.groups[g] if r in self.resident]
-            if not members:
+            if not self._reset_ends(sched, g):
                 return (0, 0)
-            lo_id = min(members, key=lambda r: sched.store.get(r).num_tokens)
-            hi_id = max(members, key=lambda r: sched.store.get(r).num_tokens)
-            self.group_ends[g] = (lo_id, hi_id)
+            lo_id, hi_id = self.group_ends[g]
         return sched.store.get(lo_id).num_tokens, sched.store.get(hi_id).num_tokens
+
+    def _reset_ends(self, sched: Scheduler, g: int) -> bool:
+        """Group g's shortest and longest resident members, found again; False if it has none."""
+        members = [r for r in self.groups[g] if r in self.resident]
+        if not members:
+            return False
+        self.group_ends[g] = (
+            min(members, key=lambda r: sched.store.get(r).num_tokens),
+            max(members, key=lambda r: sched.store.get(r).num_tokens),
+        )
+        return True
 
     def _insert(self, sched: Scheduler, request_ids) -> None:
         """Place newly resident requests into the group whose length range holds them (the
         next full regroup re-optimises); one that would stretch a group past
         max_band_buckets triggers that regroup now instead."""
         for request_id in request_ids:
+            # one that left and came back before its old group was next (which drops the
+            # leavers) is still listed there: it would be decoded twice a round, or twice in
+            # one step if both places are one group
+            for g, group in enumerate(self.groups):
+                if request_id in group:
+                    group.remove(request_id)
+                    self._reset_ends(sched, g)
             length = sched.store.get(request_id).num_tokens
             ranges = [self.group_range(sched, g) for g in range(len(self.groups))]
             g = max(0, bisect.bisect_right([lo for lo, _ in ranges], length) - 1)

@@ -24,6 +24,12 @@ from alignedserve.batcher.sim.cost_model import CostModel
 from alignedserve.batcher.sim.workload import SimRequest
 from alignedserve.common.sampling_params import SamplingParams
 
+# A step with no device work on the decode side (it only queues a prefill batch, or starts a
+# load): the round trip to the worker and back.
+IDLE_STEP_S = 1e-3
+# The benchmark checkpoints' context (worker/tiny.py FULL_SIZE): sizes the staging cache.
+MAX_CONTEXT_TOKENS = 16384
+
 
 @dataclass
 class EngineStats:
@@ -46,14 +52,26 @@ class EngineStats:
 def simulate_engine(
     requests: list[SimRequest], config: SchedulerConfig, cost: CostModel, check: bool = False
 ) -> EngineStats:
-    """One engine (one aligned GPU pair, or one fcfs GPU) over its share of the requests."""
+    """One engine (one aligned GPU pair, or one fcfs GPU) over its share of the requests,
+    driven as `BatcherEngine` drives the scheduler against the worker:
+    - a step's time is its slowest device's: the decode GPU's pass (its decode members and
+      any prefill mixed into its step: fcfs's chunks, aligned's turns, or aligned's prefill
+      with no prefill device), and the prefill device's own decode pass when it has residents
+      (role switching), each after loading the KV landing there (from the pool over both
+      PCIe links, as the worker loads at the step that lands it);
+    - a prefill batch planned for the prefill device (`num_prefill_device_blocks`) runs there
+      after the one before it, across steps; the engine learns it is done at the first step
+      answered after it finished (`prefill_done`);
+    - the decode GPU's time is what `observe_step` gets (it bounds prefill turns).
+    Write-backs overlap on the device-to-host direction and are not charged."""
     sched = make_scheduler(config)
-    aligned = config.policy == "aligned"
     kv_bytes = cost.model.kv_bytes_per_token
-    prefill_tok_per_s = 2048 / cost.prefill_s([2048])
+    has_device = config.num_prefill_device_blocks > 0
     stats = EngineStats()
     pending = sorted(requests, key=lambda r: r.arrival_s)
-    now, i, last_step_s, prefetch_ready_s = 0.0, 0, 0.02, None
+    now, i = 0.0, 0
+    device_free_s = 0.0  # when the prefill device finishes its queued batches
+    prefilling: list[tuple[float, list[str]]] = []  # (done at, requests) on the prefill device
     while i < len(pending) or len(sched.store):
         while i < len(pending) and pending[i].arrival_s <= now:
             r = pending[i]
@@ -63,59 +81,63 @@ def simulate_engine(
             except QueueFullError:
                 stats.num_rejected += 1
             i += 1
-        if prefetch_ready_s is not None and now >= prefetch_ready_s:
-            sched.policy.on_prefetch_done()
-            prefetch_ready_s = None
-        budget = max(512, int(last_step_s * prefill_tok_per_s)) if aligned else None
+        while prefilling and prefilling[0][0] <= now:
+            _, ids = prefilling.pop(0)
+            _finished(sched, sched.prefill_done(ids, dict.fromkeys(ids, 0), now), stats)
         t0 = time.perf_counter()
-        plan = sched.schedule(now, budget)
+        plan = sched.schedule(now)
         stats.schedule_s.append(time.perf_counter() - t0)
-        lengths = np.array([sched.store.get(r).num_tokens for r in plan.decode], dtype=np.int64)
-        mixed_tokens = sum(n for _, n in plan.mixed_prefill)
-        stall = 0.0
-        if plan.load and prefetch_ready_s is not None:
-            # KV that streamed in while the previous steps ran; wait for any rest of it
-            stall = max(0.0, prefetch_ready_s - now)
-            prefetch_ready_s = None
-        if plan.prefetch:
-            nbytes = sum(sched.store.get(r).num_kv_tokens for r in plan.prefetch) * kv_bytes
-            prefetch_ready_s = now + cost.h2d_s(nbytes, links=2)
-            if plan.load == plan.prefetch:  # landed at once: nothing resident to overlap
-                stall, prefetch_ready_s = prefetch_ready_s - now, None
-        # decode GPU: the decode step with any mixed-in prefill chunks; prefetch GPU (aligned):
-        # its prefill chunks, in parallel
-        decode_s = 0.0
-        if plan.decode or plan.mixed_prefill:
-            decode_s = cost.mixed_step_s(lengths, mixed_tokens) + stall
-        prefill_s = cost.prefill_s([n for _, n in plan.prefill]) if plan.prefill else 0.0
-        step = max(decode_s, prefill_s)
-        if step == 0.0:  # idle: jump to the next event
-            nxt = [t for t in (prefetch_ready_s,) if t is not None and t > now]
+        if has_device and plan.prefill:
+            device_free_s = max(now, device_free_s) + cost.prefill_s([n for _, n in plan.prefill])
+            prefilling.append((device_free_s, [request_id for request_id, _ in plan.prefill]))
+        in_step = plan.mixed_prefill if has_device else plan.all_prefill
+        there = plan.on_prefill_device
+        decode_s, load_s = 0.0, 0.0
+        for on_prefill_device in (False, True):
+            lengths = np.array(
+                [
+                    sched.store.get(r).num_tokens
+                    for r in plan.decode
+                    if (r in there) == on_prefill_device
+                ],
+                dtype=np.int64,
+            )
+            loads = [r for r in plan.load if (r in there) == on_prefill_device]
+            lane_load_s = cost.h2d_s(
+                sum(sched.store.get(r).num_kv_tokens for r in loads) * kv_bytes, links=2
+            )
+            prefill_tokens = 0 if on_prefill_device else sum(n for _, n in in_step)
+            lane_s = lane_load_s
+            if len(lengths) or prefill_tokens:
+                lane_s += cost.mixed_step_s(lengths, prefill_tokens)
+            if not on_prefill_device:
+                decode_gpu_s, load_s = lane_s, lane_load_s
+                if len(lengths):
+                    stats.batch_sizes.append(len(lengths))
+                    stats.batch_spreads.append(
+                        float((lengths.max() - lengths.min()) / lengths.max())
+                    )
+            decode_s = max(decode_s, lane_s)
+        if plan.is_empty:  # nothing to do until the next event
+            nxt = [t for t, _ in prefilling[:1]]
             if i < len(pending):
                 nxt.append(pending[i].arrival_s)
             if not nxt:
                 raise RuntimeError(f"simulation stalled at t={now:.3f}s with work left")
             now = max(min(nxt), now + 1e-6)
             continue
-        now += step
-        last_step_s = step
-        stats.stall_s += stall
+        decode_s = max(decode_s, IDLE_STEP_S)
+        now += decode_s
+        stats.stall_s += load_s
         stats.num_steps += 1
-        if len(lengths):
-            stats.batch_sizes.append(len(lengths))
-            stats.batch_spreads.append(float((lengths.max() - lengths.min()) / lengths.max()))
+        # as the engine: the step is applied when sent, its answer observed after it
         tokens = dict.fromkeys(plan.decode, 0)
-        tokens.update((rid, 0) for rid, _ in plan.all_prefill)
+        tokens.update((rid, 0) for rid, _ in in_step)
         sched.take_preempted()  # the cost model frees a preempted request's KV at once
-        for r in sched.update(plan, tokens, now):
-            stats.max_pool_wait_s = max(stats.max_pool_wait_s, r.max_pool_wait_s)
-            stats.output_tokens += len(r.output_token_ids)
-            stats.ttft_s.append(r.first_token_s - r.arrival_s)
-            if len(r.output_token_ids) > 1:
-                stats.tpot_s.append(
-                    (r.finished_s - r.first_token_s) / (len(r.output_token_ids) - 1)
-                )
-            sched.store.pop(r.request_id)
+        _finished(sched, sched.update(plan, tokens, now), stats)
+        sched.observe_step(plan, decode_gpu_s)
+        if plan.prefetch:  # loaded at the step that lands them, as the worker does
+            sched.policy.on_prefetch_done()
         stats.peak_pool_blocks = max(stats.peak_pool_blocks, sched.allocator.num_used)
         if check:
             sched.check_invariants()
@@ -123,6 +145,16 @@ def simulate_engine(
     stats.num_switches = sched.num_switches
     stats.num_preemptions = sched.num_preemptions
     return stats
+
+
+def _finished(sched, done: list, stats: EngineStats) -> None:
+    for r in done:
+        stats.max_pool_wait_s = max(stats.max_pool_wait_s, r.max_pool_wait_s)
+        stats.output_tokens += len(r.output_token_ids)
+        stats.ttft_s.append(r.first_token_s - r.arrival_s)
+        if len(r.output_token_ids) > 1:
+            stats.tpot_s.append((r.finished_s - r.first_token_s) / (len(r.output_token_ids) - 1))
+        sched.store.pop(r.request_id)
 
 
 @dataclass(frozen=True)
@@ -202,6 +234,10 @@ def configs_for(
         base,
         policy="aligned",
         num_pool_blocks=int(pool_bytes // (cost.model.kv_bytes_per_token * block)),
+        # as the worker's defaults give it: a staging cache of one whole context and a step's
+        # prefill on the prefill GPU (which decodes nothing: --set
+        # aligned.num_prefill_decode_blocks=N models role switching)
+        num_prefill_device_blocks=(MAX_CONTEXT_TOKENS + base.prefill_tokens_per_step) // block,
     )
     fcfs = replace(
         base,
