@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+from dataclasses import replace
 
 import grpc
 import pytest
 
+from alignedserve.batcher import engine
 from alignedserve.batcher.service import BatcherConfig, serve_batcher
 from alignedserve.common import wire
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
@@ -164,6 +166,13 @@ def test_the_prefill_device_decodes_too_and_gives_the_runtimes_tokens(
         return decode_chunk(self, request_id, *args)
 
     monkeypatch.setattr(DeviceResidency, "decode_chunk", counting_decode_chunk)
+    # the lane's mechanics: it opens as soon as no prompt waits (no quiet period first)
+    for_worker = engine.scheduler_config_for
+    monkeypatch.setattr(
+        engine,
+        "scheduler_config_for",
+        lambda *args: replace(for_worker(*args), prefill_lane_quiet_s=0.0),
+    )
     prompts = random_prompts((40, 35, 50, 45, 38, 42, 47, 33), seed=5)
     n = 30
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
@@ -181,8 +190,9 @@ def test_the_prefill_device_decodes_too_and_gives_the_runtimes_tokens(
         ) as (stub, _):
             first = [generate(stub, f"a{i}", p, greedy(n)) for i, p in enumerate(prompts[:6])]
             tasks = [asyncio.ensure_future(job) for job in first]
-            while len(there) < 10:  # the later prompts come once it decodes
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(60):
+                while len(there) < 10:  # the later prompts come once it decodes
+                    await asyncio.sleep(0.01)
             later = [generate(stub, f"b{i}", p, greedy(n)) for i, p in enumerate(prompts[6:])]
             return await asyncio.wait_for(asyncio.gather(*tasks, *later), 120)
 

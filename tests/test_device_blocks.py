@@ -484,6 +484,7 @@ def test_no_plan_asks_the_device_for_more_blocks_than_it_has(
         max_batch_size=max_batch,
         starvation_s=starvation_s,
         decode_prefill_share=prefill_share,
+        prefill_lane_quiet_s=0.0,  # the lane's mechanics: it opens at every chance
     )
     config = EngineConfig(
         "unused:1",
@@ -545,7 +546,9 @@ def test_the_prefill_device_decodes_once_no_prompt_waits(device_blocks, weight_t
     every request still gets exactly its tokens."""
     prompts = (40, 35, 50, 45, 38, 42, 47, 33, 30, 41, 36, 44)
     arrivals = [(0 if i < 10 else 40, p, 30) for i, p in enumerate(prompts)]
-    scheduler = SchedulerConfig(prefill_tokens_per_step=128, growth_tokens=8)
+    scheduler = SchedulerConfig(
+        prefill_tokens_per_step=128, growth_tokens=8, prefill_lane_quiet_s=0.0
+    )
     config = EngineConfig(
         "unused:1", pool_bytes=1, scheduler=scheduler, weight_kv_tokens=weight_tokens
     )

@@ -212,3 +212,55 @@ def test_a_request_that_leaves_and_comes_back_is_in_one_group():
     config = replace(make_config("aligned", 4, pool, starvation_s=0.2), max_band_buckets=2)
     stats = simulate_engine(requests, config, COST, check=True)
     assert stats.output_tokens == sum(o for _, _, o in workload)
+
+
+def lane_openings(quiet_s: float) -> list[tuple[float, bool]]:
+    """A prompt every 0.2 s until 1.8 s, each 100 tokens with 400 to generate; the decode
+    device holds two of them, the prefill device's lane as many. Drives the scheduler as the
+    engine does (10 ms steps, prefill batches done 50 ms after they are planned); returns,
+    per step, its time and whether the prefill device decoded in it."""
+    config = SchedulerConfig(
+        policy="aligned",
+        block_tokens=16,
+        num_pool_blocks=4096,
+        gpu_kv_tokens=1024,
+        num_prefill_device_blocks=64,
+        num_prefill_decode_blocks=64,
+        prefill_lane_quiet_s=quiet_s,
+        prefill_tokens_per_step=512,
+    )
+    sched = make_scheduler(config)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    arrivals = [round(0.2 * i, 2) for i in range(10)]
+    queued: list[tuple[float, list[str]]] = []
+    steps = []
+    now = 0.0
+    for _ in range(500):
+        now = round(now + 0.01, 2)
+        while arrivals and arrivals[0] <= now:
+            sched.add_request(f"r{len(sched.store)}", range(100), params, now)
+            arrivals.pop(0)
+        while queued and queued[0][0] <= now:
+            ids = queued.pop(0)[1]
+            sched.prefill_done(ids, dict.fromkeys(ids, 0), now)
+        plan = sched.schedule(now)
+        if plan.prefill:
+            queued.append((now + 0.05, [r for r, _ in plan.prefill]))
+        steps.append((now, any(r in plan.on_prefill_device for r in plan.decode)))
+        sched.update(plan, dict.fromkeys(plan.decode, 0), now)
+        if plan.prefetch:
+            sched.policy.on_prefetch_done()
+        sched.check_invariants()
+    return steps
+
+
+def test_the_prefill_lane_opens_only_once_no_prompt_has_waited_for_a_while():
+    """Under a trickle of prompts the prefill device's lane would open between two and
+    close at the next, sending its residents back through the pool each time. With a quiet
+    period it stays closed while they come, and opens that long after the last is in."""
+    eager = lane_openings(0.0)
+    assert any(there for t, there in eager if t < 1.8)  # it flaps with the trickle
+    quiet = lane_openings(0.5)
+    assert not any(there for t, there in quiet if t < 1.8)
+    first = min(t for t, there in quiet if there)
+    assert 1.85 + 0.5 <= first <= 1.85 + 0.5 + 0.1, first  # last prefilled at 1.85 s

@@ -84,9 +84,10 @@ class WorkerConfig:
             f"{PREFILL_STAGING_EXTRA_TOKENS} (a step's chunks)"
         },
     )
-    # Off by default: it gains 3-14 % tokens/s offline and under overload (2xH200), but the
-    # simulator predicts 2x the p99 TPOT at moderate load, where its lane opens and closes
-    # with every prompt (docs/benchmarks.md, thirteenth session).
+    # Off by default: it gains 3-14 % tokens/s offline and under overload (2xH200), but at
+    # moderate load its lane opened and closed with every prompt (2x the p99 TPOT,
+    # simulated); the batcher's quiet period (prefill_lane_quiet_s) fixes that in the
+    # simulator, not yet measured on GPUs (docs/benchmarks.md, thirteenth session).
     prefill_decode_blocks: int = field(
         default=0,
         metadata={

@@ -52,6 +52,9 @@ class SchedulerConfig:
     # aligned: KV blocks the prefill device decodes in while no prompt waits (the worker's
     # ModelInfo); 0: it only prefills
     num_prefill_decode_blocks: int = 0
+    # aligned: ... once no prompt has waited this long (a lane opened between two prompts of a
+    # steady trickle would send its residents back through the pool at the next)
+    prefill_lane_quiet_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -62,6 +65,7 @@ class SchedulerConfig:
                 "num_prefill_device_blocks",
                 "num_prefill_decode_blocks",
                 "decode_prefill_share",
+                "prefill_lane_quiet_s",
             ):
                 if value < 0:
                     raise ConfigError(f"{f.name}={value} must be >= 0")
