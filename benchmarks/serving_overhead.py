@@ -27,7 +27,6 @@ import cProfile
 import multiprocessing
 import os
 import pstats
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc, worker_pb2, worker_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router.client import BatcherClient
+from alignedserve.serve import free_port
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_tokens=16, dtype="float32")
 
@@ -168,12 +168,6 @@ async def run(args: argparse.Namespace, steps_in_flight: int) -> float:
     return tokens / seconds
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cpu_s(pid: int) -> float:
     """A process's user + system CPU seconds so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -193,7 +187,7 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
     from alignedserve.worker.tiny import init_tiny  # the router's tokenizer and config
 
     model = init_tiny(Path(tempfile.mkdtemp(prefix="overhead-")), arch="llama")
-    batcher_port, http_port = _free_port(), _free_port()
+    batcher_port, http_port = free_port(), free_port()
     serve = [sys.executable, "-m", "alignedserve", "serve"]
     batcher = subprocess.Popen([
         *serve, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--host", "127.0.0.1",

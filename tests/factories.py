@@ -105,3 +105,44 @@ def benchmark_module(name: str) -> ModuleType:
     finally:
         sys.path.remove(str(BENCHMARKS))
     return module
+
+
+def drive(sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None):
+    """The batcher engine's cycle around a Scheduler, on a simulated clock, one step answered
+    before the next is planned.
+    A turn takes the decode device turn_s, any other decode step decode_s; the prefill
+    device runs its batches one after another, turn_s each (the same size as a turn).
+    `arrivals(step, now)` may add requests. Returns the plans and (seconds in turns that
+    decoded, seconds decoding otherwise)."""
+    now, plans, in_turns, decoding = 0.0, [], 0.0, 0.0
+    drive.decoding_before_last_turn = 0.0
+    queued: list = []  # the prefill device's batches: (done at, chunks), in order
+    for step in range(num_steps):
+        if arrivals:
+            arrivals(step, now)
+        plan = sched.schedule(now)
+        plans.append(plan)
+        if plan.prefill:
+            start = max([now, *(at for at, _ in queued[-1:])])
+            queued.append((start + turn_s, plan.prefill))
+        tokens = dict.fromkeys(plan.decode, 7)
+        tokens.update((rid, 7) for rid, _ in plan.mixed_prefill)
+        sched.update(plan, tokens, now)
+        seconds = turn_s if sched.is_turn(plan) else decode_s if plan.decode else 0.001
+        if not plan.decode and not plan.mixed_prefill and queued:
+            seconds = max(seconds, queued[0][0] - now)  # the worker waits for the batch
+        now += seconds
+        while queued and queued[0][0] <= now:
+            _, batch = queued.pop(0)
+            sched.prefill_done([rid for rid, _ in batch], {rid: 7 for rid, _ in batch}, now)
+        if plan.prefetch:
+            sched.policy.on_prefetch_done()
+        sched.observe_step(plan, seconds)
+        if sched.is_turn(plan):
+            drive.decoding_before_last_turn = decoding
+        if sched.is_turn(plan) and plan.decode:
+            in_turns += seconds
+        elif plan.decode:
+            decoding += seconds
+        sched.check_invariants()
+    return plans, in_turns, decoding

@@ -10,6 +10,8 @@ from alignedserve.batcher.scheduler.turns import PrefillShare
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.sampling_params import SamplingParams
 
+from factories import drive
+
 TURN_TOKENS = 512
 
 
@@ -66,46 +68,6 @@ def add(sched, n: int, prompt: int, max_tokens: int, now: float = 0.0, start: in
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i in range(start, start + n):
         sched.add_request(f"r{i}", range(1, prompt + 1), params, now=now)
-
-
-def drive(sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None):
-    """The engine's cycle on a simulated clock, one step answered before the next is planned.
-    A turn takes the decode device turn_s, any other decode step decode_s; the prefill
-    device runs its batches one after another, turn_s each (the same size as a turn).
-    `arrivals(step, now)` may add requests. Returns the plans and (seconds in turns that
-    decoded, seconds decoding otherwise)."""
-    now, plans, in_turns, decoding = 0.0, [], 0.0, 0.0
-    drive.decoding_before_last_turn = 0.0
-    queued: list = []  # the prefill device's batches: (done at, chunks), in order
-    for step in range(num_steps):
-        if arrivals:
-            arrivals(step, now)
-        plan = sched.schedule(now)
-        plans.append(plan)
-        if plan.prefill:
-            start = max([now, *(at for at, _ in queued[-1:])])
-            queued.append((start + turn_s, plan.prefill))
-        tokens = dict.fromkeys(plan.decode, 7)
-        tokens.update((rid, 7) for rid, _ in plan.mixed_prefill)
-        sched.update(plan, tokens, now)
-        seconds = turn_s if sched.is_turn(plan) else decode_s if plan.decode else 0.001
-        if not plan.decode and not plan.mixed_prefill and queued:
-            seconds = max(seconds, queued[0][0] - now)  # the worker waits for the batch
-        now += seconds
-        while queued and queued[0][0] <= now:
-            _, batch = queued.pop(0)
-            sched.prefill_done([rid for rid, _ in batch], {rid: 7 for rid, _ in batch}, now)
-        if plan.prefetch:
-            sched.policy.on_prefetch_done()
-        sched.observe_step(plan, seconds)
-        if sched.is_turn(plan):
-            drive.decoding_before_last_turn = decoding
-        if sched.is_turn(plan) and plan.decode:
-            in_turns += seconds
-        elif plan.decode:
-            decoding += seconds
-        sched.check_invariants()
-    return plans, in_turns, decoding
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.75])

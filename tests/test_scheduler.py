@@ -17,6 +17,8 @@ from alignedserve.batcher.sim.simulator import simulate_engine
 from alignedserve.batcher.sim.workload import SimRequest
 from alignedserve.common.sampling_params import SamplingParams
 
+from factories import drive
+
 COST = CostModel(LLAMA3_8B)
 
 workloads = st.lists(
@@ -216,9 +218,9 @@ def test_a_request_that_leaves_and_comes_back_is_in_one_group():
 
 def lane_openings(quiet_s: float) -> list[tuple[float, bool]]:
     """A prompt every 0.2 s until 1.8 s, each 100 tokens with 400 to generate; the decode
-    device holds two of them, the prefill device's lane as many. Drives the scheduler as the
-    engine does (10 ms steps, prefill batches done 50 ms after they are planned); returns,
-    per step, its time and whether the prefill device decoded in it."""
+    device holds two of them, the prefill device's lane as many. Driven as the engine drives
+    the scheduler (10 ms decode steps, prefill batches of 50 ms); returns, per step, its
+    time and whether the prefill device decoded in it."""
     config = SchedulerConfig(
         policy="aligned",
         block_tokens=16,
@@ -231,27 +233,18 @@ def lane_openings(quiet_s: float) -> list[tuple[float, bool]]:
     )
     sched = make_scheduler(config)
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-    arrivals = [round(0.2 * i, 2) for i in range(10)]
-    queued: list[tuple[float, list[str]]] = []
-    steps = []
-    now = 0.0
-    for _ in range(500):
-        now = round(now + 0.01, 2)
-        while arrivals and arrivals[0] <= now:
+    times: list[float] = []
+
+    def arrivals(step: int, now: float) -> None:
+        times.append(now)
+        while len(sched.store) < 10 and 0.2 * len(sched.store) <= now + 1e-9:
             sched.add_request(f"r{len(sched.store)}", range(100), params, now)
-            arrivals.pop(0)
-        while queued and queued[0][0] <= now:
-            ids = queued.pop(0)[1]
-            sched.prefill_done(ids, dict.fromkeys(ids, 0), now)
-        plan = sched.schedule(now)
-        if plan.prefill:
-            queued.append((now + 0.05, [r for r, _ in plan.prefill]))
-        steps.append((now, any(r in plan.on_prefill_device for r in plan.decode)))
-        sched.update(plan, dict.fromkeys(plan.decode, 0), now)
-        if plan.prefetch:
-            sched.policy.on_prefetch_done()
-        sched.check_invariants()
-    return steps
+
+    plans, _, _ = drive(sched, 500, turn_s=0.05, decode_s=0.01, arrivals=arrivals)
+    return [
+        (t, any(r in plan.on_prefill_device for r in plan.decode))
+        for t, plan in zip(times, plans, strict=True)
+    ]
 
 
 def test_the_prefill_lane_opens_only_once_no_prompt_has_waited_for_a_while():

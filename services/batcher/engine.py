@@ -281,9 +281,9 @@ class BatcherEngine:
             return
         sent = self._in_flight.popleft()
         with self._stats.timer("apply_s"):
-            self._after_step(sent, response)
+            was_turn = self._after_step(sent, response)
         self._step_since = time.monotonic() if self._in_flight else None
-        turn_s = response.compute_s if self.scheduler.is_turn(sent.plan) else None
+        turn_s = response.compute_s if was_turn else None
         self._stats.answered(len(response.tokens), turn_s)  # (the loop observes the queue next)
         self._stats.log_if_due(self.load)
 
@@ -374,13 +374,14 @@ class BatcherEngine:
             self.info.model_name, self.scheduler, self.load(), self.pool.layout, plan
         )
 
-    def _after_step(self, sent: SentStep, response: worker_pb2.StepResponse) -> None:
+    def _after_step(self, sent: SentStep, response: worker_pb2.StepResponse) -> bool:
         """Apply a step's answer: resolve its PENDING tokens, land the prefill device's batch
-        if done, give each request its new tokens, finish the requests that ended."""
+        if done, give each request its new tokens, finish the requests that ended. Returns
+        whether the step was a prefill turn of the decode GPU."""
         store, plan = self.scheduler.store, sent.plan
         # the step's write-backs reached the pool (of requests not aborted meanwhile)
         self._synced.update((r, n) for r, n in sent.writing.items() if r in store)
-        self.scheduler.observe_step(plan, response.compute_s)  # the decode device's time
+        was_turn = self.scheduler.observe_step(plan, response.compute_s)  # decode device's time
         if plan.load:  # this worker loads at the step that lands them, before its forward
             metrics.PREFETCH_SECONDS.labels(self.info.model_name).observe(response.load_s)
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
@@ -409,6 +410,7 @@ class BatcherEngine:
         for r in touched:
             if r.state.is_done and r.num_answered == len(r.output_token_ids):
                 self._finish(r)
+        return was_turn
 
     def _fail(self, request_ids: Sequence[str], error: Exception) -> None:
         """End these live requests with `error` (their clients get it), freeing their KV."""

@@ -175,13 +175,13 @@ class StepExecutor:
         if before is not None and before.wrote_back and len(before.done) > 1:
             # a request written back on one GPU may load on the other now: each GPU's work
             # from here on (its loads first) waits for the other's write-backs
-            for lane in range(len(lanes)):
-                with self._on_lane(lane):
+            for runner, _ in lanes:
+                with self._on_lane(runner):
                     for event in before.done:
                         torch.cuda.current_stream().wait_event(event)
         load_s = []
-        for lane, (_, lane_res) in enumerate(lanes):
-            with self._on_lane(lane):
+        for lane, (runner, lane_res) in enumerate(lanes):
+            with self._on_lane(runner):
                 load_s.append(
                     lane_res.load_batch(
                         [
@@ -198,7 +198,7 @@ class StepExecutor:
         done: list[torch.cuda.Event] = []
         wrote_back = False
         for lane, (runner, lane_res) in enumerate(lanes):
-            with self._on_lane(lane):
+            with self._on_lane(runner):
                 chunks, carried, write_back = self._chunks(request, lane_res, before, lane)
                 run = None
                 if chunks:
@@ -226,14 +226,13 @@ class StepExecutor:
         self._unfinished = launched
         return launched
 
-    def _on_lane(self, lane: int) -> contextlib.ExitStack:
-        """Lane 0: the decode device, its current stream. Lane 1: the prefill device, on a
-        stream of its own: there the prefill thread's batches run on the current stream,
-        and a decode pass or write-back queued behind one would wait for all of it."""
+    def _on_lane(self, runner: ModelRunner) -> contextlib.ExitStack:
+        """The decode device: its current stream. The prefill device: a stream of its own:
+        there the prefill thread's batches run on the current stream, and a decode pass or
+        write-back queued behind one would wait for all of it."""
         stack = contextlib.ExitStack()
-        runner = self.second_runner if lane else self.runner
         stack.enter_context(runner.on_device())
-        if lane and self._second_stream is not None:
+        if runner is self.second_runner and self._second_stream is not None:
             stack.enter_context(torch.cuda.stream(self._second_stream))
         return stack
 

@@ -89,9 +89,10 @@ class Prefiller:
         copied = self._copying[-1][2] if self._copying else None
         return PrefillRun(sampled, time.perf_counter() - start, copied)
 
-    def _batches(self, jobs: Sequence[PrefillJob]) -> Iterator[list[PrefillJob]]:
-        """Consecutive jobs whose staging blocks fit the cache together."""
-        batch: list[PrefillJob] = []
+    def _batches(self, jobs: Sequence[PrefillJob]) -> Iterator[list[tuple[PrefillJob, int]]]:
+        """Consecutive jobs whose staging blocks fit the cache together, each with its
+        blocks."""
+        batch: list[tuple[PrefillJob, int]] = []
         used = 0
         for job in jobs:
             need = self.layout.blocks_for(job.num_cached_tokens + len(job.token_ids))
@@ -110,7 +111,7 @@ class Prefiller:
             if used + need > self.num_blocks:
                 yield batch
                 batch, used = [], 0
-            batch.append(job)
+            batch.append((job, need))
             used += need
         if batch:
             yield batch
@@ -130,17 +131,14 @@ class Prefiller:
         self._copying = still
         return first
 
-    def _launch(self, batch: list[PrefillJob], pool: torch.Tensor) -> LaunchedStep:
+    def _launch(self, batch: list[tuple[PrefillJob, int]], pool: torch.Tensor) -> LaunchedStep:
         """Queue one pass: copies in, the forward pass, copies out (on the copy stream)."""
-        needs = [
-            self.layout.blocks_for(job.num_cached_tokens + len(job.token_ids)) for job in batch
-        ]
-        first = self._take_blocks(sum(needs))
+        first = self._take_blocks(sum(need for _, need in batch))
         chunks: list[SeqChunk] = []
         into: list[tuple[int, int]] = []  # (staging block, pool block) of the cached KV
         out: list[tuple[int, int]] = []  # (pool block, staging block) of the new KV
         end = first
-        for job, need in zip(batch, needs, strict=True):
+        for job, need in batch:
             table = tuple(range(end, end + need))
             end += need
             num_cached_blocks = self.layout.blocks_for(job.num_cached_tokens)

@@ -151,9 +151,17 @@ class Scheduler:
             self.prefill_share.took()
         return plan
 
-    def observe_step(self, plan: BatchPlan, seconds: float) -> None:
-        """A step of `plan` was answered: the decode device spent `seconds` on it."""
-        self.prefill_share.observe(self.is_turn(plan), bool(plan.decode), seconds)
+    def observe_step(self, plan: BatchPlan, seconds: float) -> bool:
+        """A step of `plan` was answered: the decode device spent `seconds` on it. Returns
+        whether it was a turn."""
+        is_turn = self.is_turn(plan)
+        self.prefill_share.observe(is_turn, bool(plan.decode), seconds)
+        return is_turn
+
+    def decode_device_prefill(self, plan: BatchPlan) -> tuple[tuple[str, int], ...]:
+        """The plan's prefill chunks that run in the decode device's step: with a prefill
+        device only the mixed ones (the rest run there, applied by `prefill_done`)."""
+        return plan.mixed_prefill if self.config.num_prefill_device_blocks else plan.all_prefill
 
     def is_turn(self, plan: BatchPlan) -> bool:
         """Does the decode GPU prefill in this plan beside a prefill device (a turn)?"""
@@ -199,8 +207,7 @@ class Scheduler:
         prefill this step and per decoded member. Returns the requests that finished. (The
         prefill device's chunks are applied by `prefill_done`, when they are done.)"""
         done: list[Request] = []
-        chunks = plan.mixed_prefill if self.config.num_prefill_device_blocks else plan.all_prefill
-        for request_id, num in chunks:
+        for request_id, num in self.decode_device_prefill(plan):
             self._prefilled(request_id, num, tokens, now, done)
         for request_id in plan.decode:
             if request_id not in self.store:

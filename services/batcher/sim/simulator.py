@@ -90,7 +90,7 @@ def simulate_engine(
         if has_device and plan.prefill:
             device_free_s = max(now, device_free_s) + cost.prefill_s([n for _, n in plan.prefill])
             prefilling.append((device_free_s, [request_id for request_id, _ in plan.prefill]))
-        in_step = plan.mixed_prefill if has_device else plan.all_prefill
+        in_step = sched.decode_device_prefill(plan)
         there = plan.on_prefill_device
         decode_s, load_s = 0.0, 0.0
         for on_prefill_device in (False, True):
