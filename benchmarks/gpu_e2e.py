@@ -3,13 +3,15 @@ and transformers' continuous batching on the same checkpoint and requests.
 
 The variants (--policies; --baseline names the one aligned is compared with):
 - aligned: `alignedserve serve --policy aligned`, one engine decoding on --device with
-  --prefetch-device, the pair's second GPU, loading KV beside it and prefilling;
+  --prefetch-device, the pair's second GPU, loading KV beside it, prefilling, and decoding
+  residents of its own once no prompt has waited for a while;
 - fcfs: the same server with `--policy fcfs` (vLLM-style continuous batching): one engine
   computing on --device, the second GPU idle;
-- aligned-both: aligned whose prefill GPU also decodes residents of its own while no prompt
-  waits (--prefill-decode-blocks -1: as many KV blocks as the decode GPU's, if they fit;
-  scheduler/aligned.py). In session 13's results it is called `aligned`, and `aligned` is
-  `aligned-solo` there;
+- aligned-solo: aligned whose prefill GPU only prefills (--prefill-decode-blocks 0). aligned's
+  prefill GPU also decodes residents of its own once no prompt has waited for a while (role
+  switching, on by default since session 14; in session 14's first two calls that variant is
+  `aligned-both` and `aligned` is this one; in session 13's results `aligned-solo` is this
+  one and `aligned` is role switching);
 - aligned-turns: aligned whose decode GPU also takes prefill turns while a backlog waits
   (--decode-prefill-share 0.5, scheduler/turns.py; aligned's default is 0, none);
 - aligned-sync: aligned with a batcher that waits for each step's answer before it plans the
@@ -88,28 +90,27 @@ from alignedserve.serve import (  # noqa: E402
 # the docstring says what each runs
 VARIANTS = (
     "aligned",
-    "aligned-both",
+    "aligned-solo",
     "aligned-turns",
     "aligned-sync",
     "aligned-serial",
     "fcfs",
     "fcfs-dp2",
 )
-# the parts of a variant's name after its policy, and the serve flags each adds: -both, the
-# prefetch GPU decodes too; -turns, the decode GPU prefills too; -sync, the batcher waits for
+# the parts of a variant's name after its policy, and the serve flags each adds: -solo, the
+# prefetch GPU only prefills; -turns, the decode GPU prefills too; -sync, the batcher waits for
 # each answer; -serial, the worker answers each step before it queues the next
 PART_SETTINGS = {
-    "both": {"prefill_decode_blocks": -1},
+    "solo": {"prefill_decode_blocks": 0},
     "turns": {"decode_prefill_share": 0.5},
     "sync": {"max_steps_in_flight": 1},
     "serial": {"overlap_steps": False},
 }
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
-    "aligned": "router + batcher + worker decoding on --device, --prefetch-device prefilling "
-    "and loading KV",
-    "aligned-both": "aligned whose prefetch GPU also decodes while no prompt waits "
-    "(--prefill-decode-blocks -1)",
+    "aligned": "router + batcher + worker decoding on --device, --prefetch-device prefilling, "
+    "loading KV, and decoding residents of its own once no prompt has waited for a while",
+    "aligned-solo": "aligned whose prefetch GPU only prefills (--prefill-decode-blocks 0)",
     "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",

@@ -257,3 +257,33 @@ def test_the_prefill_lane_opens_only_once_no_prompt_has_waited_for_a_while():
     assert not any(there for t, there in quiet if t < 1.8)
     first = min(t for t, there in quiet if there)
     assert 1.85 + 0.5 <= first <= 1.85 + 0.5 + 0.1, first  # last prefilled at 1.85 s
+
+
+def test_the_lanes_balance_by_members_as_well_as_kv():
+    """64 short requests, all landed on the decode device before the prefill device's lane
+    opens. Their KV is small beside a read of the weights (64 x ~60 tokens against 122k),
+    but each member's share of the projections costs ~640 KV tokens (lane.member_tokens):
+    the decode device sends the prefill device about half of them, so the two steps that
+    run side by side take about the same time."""
+    config = SchedulerConfig(
+        policy="aligned",
+        block_tokens=16,
+        num_pool_blocks=8192,
+        gpu_kv_tokens=64 * 1024,
+        num_prefill_device_blocks=1024,
+        num_prefill_decode_blocks=4096,
+        prefill_lane_quiet_s=0.0,
+        prefill_tokens_per_step=8192,
+        kernel_cost="balanced",
+    )
+    sched = make_scheduler(config)
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    for i in range(64):
+        sched.add_request(f"r{i}", range(32), params, now=0.0)
+    drive(sched, 60, turn_s=0.05, decode_s=0.01)
+    main, second = sched.policy.decode_lane, sched.policy.prefill_lane
+    assert len(main.resident) + len(second.resident) == 64
+    assert abs(len(main.resident) - len(second.resident)) <= 8, (
+        len(main.resident),
+        len(second.resident),
+    )

@@ -254,7 +254,7 @@ def test_the_prefill_devices_decode_blocks_auto_sized_like_the_decode_devices_wi
         return config(prefetch_device=device, prefill_decode_blocks=worker_service.AUTO_BLOCKS)
 
     block = 2 << 20
-    assert config().prefill_decode_blocks == 0  # off by default
+    assert config().prefill_decode_blocks == worker_service.AUTO_BLOCKS  # on by default
     assert prefill_decode_blocks(auto("cpu"), block) == 1000
     assert prefill_decode_blocks(config(prefetch_device="cpu", prefill_decode_blocks=7), block) == 7
     assert prefill_decode_blocks(config(prefetch_device="cpu", prefill_decode_blocks=0), block) == 0

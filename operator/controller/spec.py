@@ -64,7 +64,7 @@ class Workers:
     num_device_blocks: int = 2048
     # with two GPUs and aligned: KV blocks the prefetch GPU decodes in while no prompt waits;
     # -1: as many as num_device_blocks, fewer if its free memory holds fewer; 0: none
-    prefill_decode_blocks: int = 0
+    prefill_decode_blocks: int = -1
     # the worker queues a step on the GPU before answering the one before (back to back)
     overlap_steps: bool = True
     warm_up_batch: int = 512  # decode graphs captured before serving, up to this batch; 0: none

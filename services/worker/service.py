@@ -84,12 +84,12 @@ class WorkerConfig:
             f"{PREFILL_STAGING_EXTRA_TOKENS} (a step's chunks)"
         },
     )
-    # Off by default: it gains 3-14 % tokens/s offline and under overload (2xH200), but at
-    # moderate load its lane opened and closed with every prompt (2x the p99 TPOT,
-    # simulated); the batcher's quiet period (prefill_lane_quiet_s) fixes that in the
-    # simulator, not yet measured on GPUs (docs/benchmarks.md, thirteenth session).
+    # On by default (AUTO_BLOCKS): +3-14 % tokens/s offline and under overload (2xH200); at
+    # 12 and 19 req/s its p99 TPOT matched the prefill-only prefill device's (7.9 vs 8.2 ms,
+    # 9.1 vs 9.3 ms) thanks to the batcher's quiet period (prefill_lane_quiet_s): without it
+    # the lane opened and closed with every prompt (docs/benchmarks.md, fourteenth session).
     prefill_decode_blocks: int = field(
-        default=0,
+        default=AUTO_BLOCKS,
         metadata={
             "help": "with a prefetch device that prefills: KV blocks it decodes in, on its "
             "replica of the weights, while no prompt waits (the aligned batcher sends it "

@@ -97,7 +97,7 @@ class AlignedPolicy:
             evict += left
             on_prefill_device.update(left)
         prefetch: list[str] = []
-        for lane in sorted(self.lanes, key=lambda lane: lane.gpu_tokens):
+        for lane in sorted(self.lanes, key=Lane.step_tokens):
             if lane.loading or (lane is self.prefill_lane and not second_decodes):
                 continue
             picked = self._start_loading(sched, lane, now, set(evict))
@@ -174,26 +174,30 @@ class AlignedPolicy:
 
     def _balance(self, sched: Scheduler, now: float) -> list[str]:
         """While the prefill device decodes and the pool has nothing for it: if the decode
-        device holds much more KV (by more than a quarter of a read of the weights, in
-        tokens), it sends the longest of its residents to the pool until about half the gap
-        has gone (as much as the prefill device has room for); the prefill device, now the
-        lane with less KV, takes them next. The two steps run side by side, so the gap is
-        what the decode device's step reads beyond the other's."""
+        device's step costs much more (by more than a quarter of a read of the weights, in
+        KV tokens: `Lane.step_tokens`, members' KV and projections), it sends the longest of
+        its residents to the pool until about half the gap has gone (as much as the prefill
+        device has room for); the prefill device, now the lane with less, takes them next.
+        The two steps run side by side, so the gap is what the decode device's step costs
+        beyond the other's. Members count, not only KV: 160 short residents against 80 took
+        1.4x the step time of 120 and 120 (2xH200, fixed-128-2048, fourteenth session)."""
         main, second = self.decode_lane, self.prefill_lane
         if main.loading or second.loading:
             return []
-        gap = main.gpu_tokens - second.gpu_tokens
+        gap = main.step_tokens() - second.step_tokens()
         if gap * 4 <= self.config.weight_kv_tokens or self.pooled:
             return []
         movable = [r for r in main.resident if r not in main.undecoded]
         movable.sort(key=lambda r: sched.store.get(r).num_tokens, reverse=True)
-        moved, leaving = 0, []
+        moved, room, leaving = 0, second.free_tokens(), []
         for request_id in movable:
-            need = main.need_tokens(sched.store.get(request_id))
-            if moved * 2 >= gap or need > second.free_tokens() - moved:
+            request = sched.store.get(request_id)
+            need = main.need_tokens(request)
+            if moved * 2 >= gap or need > room:
                 break
             leaving.append(request_id)
-            moved += need
+            moved += request.num_tokens + main.member_tokens
+            room -= need
         for request_id in leaving:
             self._leave(sched, request_id)
             self._to_pool(sched, sched.store.get(request_id), now)
