@@ -120,6 +120,8 @@ VARIANT_TEXT = {
 MIN_PEER_RATIO = 10.0  # issue 6: at least 10x the transformers peer's output tok/s
 TINY_VOCAB = 8192  # a dry run's vocabulary: as in the full ones, nearly every id is a word
 SERVER_OVERHEAD_S = 60.0  # reserved for each server still to start and stop
+# below this share of a variant's bench time making tokens, its workers waited on the front end
+MAX_FRONT_END_LAG = 0.8
 MIN_CHUNKS_PER_TOKEN = 0.9  # below it, the stream coalesced tokens: latency is suspect
 
 
@@ -671,11 +673,24 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{variant} {log}: decode device {100 * b['decode_busy']:.0f}%"
                 + (f", prefill device {100 * b['prefill_busy']:.0f}%" if b["prefill_busy"] else "")
                 + f" of {b['window_s']:.0f} s"
-                for variant, logs in busy.items()
-                for log, b in logs.items()
+                for variant, v in busy.items()
+                for log, b in v["logs"].items()
             )
             + ".",
         ]
+        lagged = [variant for variant, v in busy.items() if v["front_end_bound"]]
+        if lagged:
+            lines.append(
+                "**Front-end bound**: "
+                + "; ".join(
+                    f"{variant}'s workers made tokens for "
+                    f"{max(b['window_s'] for b in busy[variant]['logs'].values()):.0f} s of its "
+                    f"bench's {busy[variant]['bench_s']:.0f} s"
+                    for variant in lagged
+                )
+                + ": the router or the bench clients, not the GPUs, set the pace of those "
+                "runs, and their tokens/s compare front ends, not engines."
+            )
     for policy, table in report["bench_tables"].items():
         lines += ["", f"### {policy}", "", table.strip()]
     return "\n".join(lines) + "\n"
@@ -746,20 +761,33 @@ def make_report(
         ],
         "offline_spread": offline_spread(runs, args.baseline),
         "peer": peer_cell(work, runs, args),
-        "gpu_busy": gpu_busy(work, args.policies),
+        "gpu_busy": gpu_busy(work, args.policies, runs),
         "bench_tables": tables,
     }
 
 
-def gpu_busy(work: Path, variants: list[str]) -> dict[str, dict[str, Any]]:
+def gpu_busy(work: Path, variants: list[str], runs: dict[str, dict[str, dict]]) -> dict:
     """Per variant and worker log: each device's busy share while it made tokens (all of the
-    variant's runs together)."""
+    variant's runs together); and "bench_s", how long the variant's bench runs took. When its
+    workers made tokens for much less than that, the front end (router, bench clients), not
+    the GPUs, set the pace: "front_end_bound"."""
     busy: dict[str, dict[str, Any]] = {}
     for variant in variants:
         for path in sorted((work / variant / "logs").glob("*.log")):
             shares = device_busy(path.read_text(errors="replace").splitlines())
             if shares is not None:
                 busy.setdefault(variant, {})[path.stem] = shares
+        if variant not in busy:
+            continue
+        bench_s = sum(
+            r[variant]["summary"].get("duration_s") or 0 for r in runs.values() if variant in r
+        )
+        window_s = max(b["window_s"] for b in busy[variant].values())
+        busy[variant] = {
+            "logs": busy[variant],
+            "bench_s": bench_s,
+            "front_end_bound": bench_s > 0 and window_s < MAX_FRONT_END_LAG * bench_s,
+        }
     return busy
 
 

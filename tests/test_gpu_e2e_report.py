@@ -17,12 +17,38 @@ def gpu_e2e():
     return benchmark_module("gpu_e2e")
 
 
-def write_run(work: Path, variant: str, part: str, load: str, tok_s: float) -> None:
-    summary = {"output_tokens_per_s": tok_s, "requests_per_s": tok_s / 100}
+def write_run(
+    work: Path, variant: str, part: str, load: str, tok_s: float, duration_s: float = 0.0
+) -> None:
+    summary = {"output_tokens_per_s": tok_s, "requests_per_s": tok_s / 100, "tpot_s": None}
+    summary.update(ttft_s=None, num_failed=0, num_not_sent=0)
+    if duration_s:
+        summary["duration_s"] = duration_s
     out = work / variant / part
     out.mkdir(parents=True)
-    run = {"load": load, "summary": summary, "requests": []}
+    run = {"load": load, "shape": {}, "summary": summary, "requests": []}
     (out / "bench.json").write_text(json.dumps({"runs": [run]}))
+
+
+def report_args() -> SimpleNamespace:
+    """gpu_e2e's command line, as make_report reads it."""
+    return SimpleNamespace(
+        model_shape="llama3-8b",
+        tiny=True,
+        policies=["fcfs-dp2", "aligned"],
+        baseline="fcfs-dp2",
+        device="cpu",
+        prefetch_device="",
+        workload="paper-90",
+        num_requests=8,
+        rate=[],
+        rate_fraction=[],
+        pool_gib=1.0,
+        device_kv_gib=1.0,
+        peer_requests=0,
+        offline_repeats=1,
+        num_clients=3,
+    )
 
 
 def test_repeated_offline_runs_are_rows_of_their_own_and_their_medians_are_compared(
@@ -61,26 +87,49 @@ def test_a_variant_that_failed_is_reported_with_its_reason(gpu_e2e, tmp_path):
     (tmp_path / "aligned").mkdir()
     (tmp_path / "aligned" / gpu_e2e.FAILED).write_text("TimeoutError: never ready")
     assert gpu_e2e.failures(tmp_path) == {"aligned": "TimeoutError: never ready"}
-    args = SimpleNamespace(
-        model_shape="llama3-8b",
-        tiny=True,
-        policies=["fcfs-dp2", "aligned"],
-        baseline="fcfs-dp2",
-        device="cpu",
-        prefetch_device="",
-        workload="paper-90",
-        num_requests=8,
-        rate=[],
-        rate_fraction=[],
-        pool_gib=1.0,
-        device_kv_gib=1.0,
-        peer_requests=0,
-        offline_repeats=1,
-        num_clients=3,
-    )
+    args = report_args()
     runs = gpu_e2e.load_runs(tmp_path)
     report = gpu_e2e.make_report(args, tmp_path, runs, {}, 8, "cpu")
     assert report["failures"] == {"aligned": "TimeoutError: never ready"}
     markdown = gpu_e2e.render_markdown(report)
     assert "**aligned failed**: TimeoutError: never ready" in markdown
     assert "3 bench client processes" in markdown
+
+
+def write_worker_log(work: Path, variant: str, name: str, seconds_with_tokens: int) -> None:
+    """A worker's 1 s stats lines: this many windows with tokens, then two idle ones."""
+    line = (
+        "2026-11-21 00:00:00,000 INFO alignedserve.worker.service: {tok} tokens/s, 120 resident "
+        "requests, device KV 5.0% used; 100 steps 10.0 ms apart (100 launched before the "
+        "previous was answered): 14.0 ms from plan to answer (3.0 ms queueing it on the host), "
+        "decode device 9.0 ms, prefill device 0.0 ms; idle 0%; 0.0 s capturing graphs"
+    )
+    logs = work / variant / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    lines = [line.format(tok="12000.0")] * seconds_with_tokens + [line.format(tok="0.0")] * 2
+    (logs / f"{name}.log").write_text("\n".join(lines) + "\n")
+
+
+def test_a_variant_whose_workers_finished_long_before_its_bench_is_flagged_front_end_bound(
+    gpu_e2e, tmp_path
+):
+    """fcfs-dp2's workers made tokens for 25 s of a 40 s bench (its clients still reading
+    what the router had not yet sent, as on 2xH200 in the fourteenth session): the report
+    says so, since its tokens/s then measure the front end. aligned's 27 s of 28 s is not."""
+    write_run(tmp_path, "fcfs-dp2", "offline", "offline", 12152, duration_s=40.4)
+    write_run(tmp_path, "aligned", "offline", "offline", 18011, duration_s=27.3)
+    for name in ("worker-0", "worker-1"):
+        write_worker_log(tmp_path, "fcfs-dp2", name, 25)
+    write_worker_log(tmp_path, "aligned", "serve", 27)
+    runs = gpu_e2e.load_runs(tmp_path)
+    busy = gpu_e2e.gpu_busy(tmp_path, ["fcfs-dp2", "aligned"], runs)
+    assert busy["fcfs-dp2"]["front_end_bound"] and not busy["aligned"]["front_end_bound"]
+    assert busy["fcfs-dp2"]["bench_s"] == pytest.approx(40.4)
+    assert busy["aligned"]["logs"]["serve"]["window_s"] == pytest.approx(27.0)
+    report = gpu_e2e.make_report(report_args(), tmp_path, runs, {}, 8, "cpu")
+    assert report["gpu_busy"] == busy
+    markdown = gpu_e2e.render_markdown(report)
+    assert "**Front-end bound**: fcfs-dp2's workers made tokens for 25 s of its bench's 40 s" in (
+        markdown
+    )
+    assert "aligned's workers" not in markdown
