@@ -683,9 +683,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 "**Front-end bound**: "
                 + "; ".join(
-                    f"{variant}'s workers made tokens for "
-                    f"{max(b['window_s'] for b in busy[variant]['logs'].values()):.0f} s of its "
-                    f"bench's {busy[variant]['bench_s']:.0f} s"
+                    f"{variant}'s workers made tokens for {busy[variant]['window_s']:.0f} s of "
+                    f"its bench's {busy[variant]['bench_s']:.0f} s"
                     for variant in lagged
                 )
                 + ": the router or the bench clients, not the GPUs, set the pace of those "
@@ -773,18 +772,20 @@ def gpu_busy(work: Path, variants: list[str], runs: dict[str, dict[str, dict]]) 
     the GPUs, set the pace: "front_end_bound"."""
     busy: dict[str, dict[str, Any]] = {}
     for variant in variants:
+        logs = {}
         for path in sorted((work / variant / "logs").glob("*.log")):
             shares = device_busy(path.read_text(errors="replace").splitlines())
             if shares is not None:
-                busy.setdefault(variant, {})[path.stem] = shares
-        if variant not in busy:
+                logs[path.stem] = shares
+        if not logs:
             continue
         bench_s = sum(
             r[variant]["summary"].get("duration_s") or 0 for r in runs.values() if variant in r
         )
-        window_s = max(b["window_s"] for b in busy[variant].values())
+        window_s = max(b["window_s"] for b in logs.values())  # the longest-busy worker's
         busy[variant] = {
-            "logs": busy[variant],
+            "logs": logs,
+            "window_s": window_s,
             "bench_s": bench_s,
             "front_end_bound": bench_s > 0 and window_s < MAX_FRONT_END_LAG * bench_s,
         }
