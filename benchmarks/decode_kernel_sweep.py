@@ -1,10 +1,12 @@
 """The decode attention kernel's work split, side by side: CUDA-graph decode steps of the
 Llama-3-8B shape (random bf16 weights) on uniform and served-like mixed lengths, for each
-(programs per SM, chunks per program) setting and, with --previous, for the kernel of an
-earlier checkout (its decode_attention.py, loaded by path), all in one process.
+(programs per SM, chunks per program) setting and, with --previous (repeatable), for the
+kernel of an earlier checkout (its decode_attention.py, loaded by path, named by its file),
+all in one process.
 
     python3 benchmarks/decode_kernel_sweep.py --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --previous old/decode_attention.py --out "$OUT"
+    python3 benchmarks/decode_kernel_sweep.py --settings 4x2 --previous a.py --previous b.py
 """
 
 from __future__ import annotations
@@ -49,23 +51,33 @@ def step_ms(model, config, kv, lengths: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
-    parser.add_argument("--previous", help="an earlier decode_attention.py to time beside")
+    parser.add_argument(
+        "--previous", action="append", default=[], help="an earlier decode_attention.py"
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        default=[f"{p}x{i}" for p, i in SETTINGS],
+        help="PxI: programs per SM x chunks per program, of the current kernel",
+    )
     args = parser.parse_args()
     model, config, kv = build_model()
-    variants = {f"{p}x SMs, {i} per program": (p, i) for p, i in SETTINGS}
+    settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
+    variants = {f"{p}x SMs, {i} per program": (p, i) for p, i in settings}
     current = dam.decode_attention
-    previous = None
-    if args.previous:
-        spec = importlib.util.spec_from_file_location("previous_decode_attention", args.previous)
-        previous = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(previous)
-        variants = {"previous": None, **variants}
+    previous = {}
+    for path in args.previous:
+        name = Path(path).stem
+        spec = importlib.util.spec_from_file_location(f"previous_{name}", path)
+        previous[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(previous[name])
+    variants = {**dict.fromkeys(previous), **variants}
     rows = []
     for name, lengths in cells():
         row = {"cell": name, "max": max(lengths), "mean": sum(lengths) // len(lengths)}
         for variant, setting in variants.items():
             if setting is None:
-                dam.decode_attention = previous.decode_attention
+                dam.decode_attention = previous[variant].decode_attention
             else:
                 dam.decode_attention = current
                 dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = setting

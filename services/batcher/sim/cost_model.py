@@ -1,10 +1,17 @@
 """Roofline cost model of one decode step, one prefill pass and KV copies on a GPU pair.
 
 The simulator runs the real scheduling policies against these costs instead of a GPU, so the
-model only has to rank policies correctly, not predict milliseconds: a step costs the larger
-of its HBM traffic and its FLOPs at an achievable fraction of the measured ceilings
-(../shared/notes/gpu-facts.md), plus a fixed per-step floor. What separates `aligned` from
-`fcfs` is how a mixed-length batch is charged; `padded` picks the two ends of that range.
+model only has to rank policies correctly, not predict milliseconds. A step costs its HBM
+traffic at the measured read rate plus its FLOPs at the measured matmul rate
+(../shared/notes/gpu-facts.md), plus a fixed per-step floor: a decode step runs its
+compute-bound projections and its memory-bound attention one after the other, so their
+times add. On the H200 decode grid that sum gives 0.94-1.09x the measured CUDA-graph step,
+where the larger of the two at 80 % / 70 % of the ceilings gave 0.70-1.20x
+(benchmarks/sim_grid_fit.py; a profile in benchmarks/step_profile.py: the GEMMs at M = 512
+reach 97 % of the matmul rate and attention 88-96 % of the read rate, in turn). A prefill's
+FLOPs count at `prefill_efficiency` of the matmul rate, its rate in serving. What separates
+`aligned` from `fcfs` is how a mixed-length batch is charged; `padded` picks the two ends of
+that range.
 Pure Python + numpy; never torch.
 """
 
@@ -115,14 +122,15 @@ class GpuSpec:
     pcie_h2d_bytes_per_s: float = 55.5e9  # pinned, per GPU; the two links are independent
     nvlink_bytes_per_s: float = 396e9  # GPU1→GPU0 peer copy
     step_overhead_s: float = 30e-6  # launch/sync floor per step, with CUDA graphs
-    # Real kernels reach only part of the ceilings; copies are already measured rates.
-    mem_efficiency: float = 0.8
-    compute_efficiency: float = 0.7
+    # Prefill passes in serving reach this share of the matmul rate: host work, the varlen
+    # attention and the KV copies around a pass (about 34k prompt tok/s on Llama-3-8B on an
+    # H200 in the serving path, docs/benchmarks.md). Copies are already measured rates.
+    prefill_efficiency: float = 0.7
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """A step's two roofline terms, kept apart so the simulator can report which one bound."""
+    """A step's two terms, kept apart so the simulator can report which one dominated."""
 
     memory_s: float
     compute_s: float
@@ -130,7 +138,7 @@ class StepCost:
 
     @property
     def total_s(self) -> float:
-        return max(self.memory_s, self.compute_s) + self.overhead_s
+        return self.memory_s + self.compute_s + self.overhead_s
 
     @property
     def compute_bound(self) -> bool:
@@ -165,10 +173,11 @@ class CostModel:
     padded: bool = True
 
     def _mem_s(self, num_bytes: float) -> float:
-        return num_bytes / (self.gpu.hbm_read_bytes_per_s * self.gpu.mem_efficiency)
+        return num_bytes / self.gpu.hbm_read_bytes_per_s
 
-    def _compute_s(self, flops: float) -> float:
-        return flops / (self.gpu.matmul_flops_per_s * self.gpu.compute_efficiency)
+    def _compute_s(self, flops: float, prefill_flops: float = 0.0) -> float:
+        prefill_rate = self.gpu.matmul_flops_per_s * self.gpu.prefill_efficiency
+        return flops / self.gpu.matmul_flops_per_s + prefill_flops / prefill_rate
 
     def step_cost(
         self,
@@ -195,15 +204,16 @@ class CostModel:
         attended = batch * float(lengths.max()) if self.padded and batch else float(lengths.sum())
         kv_read_bytes = attended * m.kv_bytes_per_token
         flops = batch * m.linear_flops_per_token + attended * m.attention_flops_per_kv_token
+        prefill_flops = 0.0
         if prefill_tokens:
             kv_read_bytes += prefill_context_tokens * m.kv_bytes_per_token
             # Causal: token i attends to context + i + 1 keys; the mean is context + n/2.
             pairs = prefill_tokens * (prefill_context_tokens + prefill_tokens / 2)
-            flops += prefill_tokens * m.linear_flops_per_token
-            flops += pairs * m.attention_flops_per_kv_token
+            prefill_flops = prefill_tokens * m.linear_flops_per_token
+            prefill_flops += pairs * m.attention_flops_per_kv_token
         return StepCost(
             memory_s=self._mem_s(m.weight_bytes + kv_read_bytes),
-            compute_s=self._compute_s(flops),
+            compute_s=self._compute_s(flops, prefill_flops),
             overhead_s=self.gpu.step_overhead_s,
         )
 
@@ -231,7 +241,7 @@ class CostModel:
         flops = tokens * m.linear_flops_per_token + pairs * m.attention_flops_per_kv_token
         return StepCost(
             memory_s=self._mem_s(m.weight_bytes),
-            compute_s=self._compute_s(flops),
+            compute_s=self._compute_s(0.0, flops),
             overhead_s=self.gpu.step_overhead_s,
         )
 
