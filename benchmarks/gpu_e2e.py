@@ -18,6 +18,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   next (--max-steps-in-flight 1; every other variant runs one step ahead of the answers);
 - aligned-serial: aligned with a worker that answers each step before it queues the next on
   the GPU (--no-overlap-steps; every other variant's worker queues step N+1 behind step N);
+- aligned-wait1: aligned whose pooled requests wait at most 1 s for a batch (--starvation-s 1;
+  5 s by default): a bound on the pool's wait when the run's KV outgrows the decode GPU;
 - fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
   scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
   fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
@@ -94,17 +96,20 @@ VARIANTS = (
     "aligned-turns",
     "aligned-sync",
     "aligned-serial",
+    "aligned-wait1",
     "fcfs",
     "fcfs-dp2",
 )
 # the parts of a variant's name after its policy, and the serve flags each adds: -solo, the
 # prefetch GPU only prefills; -turns, the decode GPU prefills too; -sync, the batcher waits for
-# each answer; -serial, the worker answers each step before it queues the next
+# each answer; -serial, the worker answers each step before it queues the next; -wait1, no
+# pooled request waits more than 1 s for a batch (5 s by default)
 PART_SETTINGS = {
     "solo": {"prefill_decode_blocks": 0},
     "turns": {"decode_prefill_share": 0.5},
     "sync": {"max_steps_in_flight": 1},
     "serial": {"overlap_steps": False},
+    "wait1": {"starvation_s": 1.0},
 }
 BASELINES = ("fcfs", "fcfs-dp2")
 VARIANT_TEXT = {
@@ -114,6 +119,7 @@ VARIANT_TEXT = {
     "aligned-turns": "aligned, its decode GPU taking prefill turns (--decode-prefill-share 0.5)",
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
+    "aligned-wait1": "aligned, no pooled request waiting over 1 s for a batch (--starvation-s 1)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
 }

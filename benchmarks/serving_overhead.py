@@ -11,11 +11,13 @@ run as `alignedserve serve batcher` and `serve router` processes (the router on 
 model's tokenizer and config), and `alignedserve bench`'s own HTTP client streams
 /v1/completions: in this process, or dealt among --http-clients processes (bench/clients.py).
 It prints each process's CPU use over the run (seconds of CPU per second; one near 1.0 is
-the ceiling's cause) and the router's CPU microseconds per token. With --profile, the router
-runs under cProfile and its top functions are printed.
+the ceiling's cause) and the routers' CPU microseconds per token. With --num-routers N > 1,
+N router processes share the port as `alignedserve serve --num-routers N` runs them
+(SO_REUSEPORT, prometheus_client's multiprocess mode). With --profile, the routers run under
+cProfile and their top functions are printed.
 
     .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256]
-        [--client router|generate|http] [--http-clients 1] [--step-ms 0]
+        [--client router|generate|http] [--http-clients 1] [--num-routers 1] [--step-ms 0]
         [--steps-in-flight 1 2] [--profile]
 """
 
@@ -27,6 +29,7 @@ import cProfile
 import multiprocessing
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +49,10 @@ from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc, worker_pb2, worker_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router.client import BatcherClient
+from alignedserve.router.server import bind_reuse_port
 from alignedserve.serve import free_port
+from alignedserve.serve_metrics import MULTIPROC_DIR_ENV
+from alignedserve.serve_routers import health_pid
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_tokens=16, dtype="float32")
 
@@ -187,32 +193,47 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
     from alignedserve.worker.tiny import init_tiny  # the router's tokenizer and config
 
     model = init_tiny(Path(tempfile.mkdtemp(prefix="overhead-")), arch="llama")
-    batcher_port, http_port = free_port(), free_port()
+    batcher_port = free_port()
     serve = [sys.executable, "-m", "alignedserve", "serve"]
     batcher = subprocess.Popen([
         *serve, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--host", "127.0.0.1",
         "--port", str(batcher_port), "--metrics-port", "0", "--pool-gib", "0.5",
         "--max-waiting", "10000", "--max-steps-in-flight", str(steps_in_flight),
     ])  # fmt: skip
-    profile_out = Path(tempfile.mkdtemp(prefix="router-prof-")) / "router.prof"
-    profiled = ["-m", "cProfile", "-o", str(profile_out)] if args.profile else []
-    router = subprocess.Popen([
-        sys.executable, *profiled, "-m", "alignedserve", "serve", "router",
-        "--model-dir", str(model), "--host", "127.0.0.1",
-        "--port", str(http_port), "--batcher-addresses", f"127.0.0.1:{batcher_port}",
-    ])  # fmt: skip
+    shared = args.num_routers > 1  # as serve_routers.RouterProcesses runs them
+    holder = bind_reuse_port("127.0.0.1", 0, exclusive=True) if shared else None  # unheard
+    http_port = holder.getsockname()[1] if holder else free_port()
+    metrics_dir = tempfile.mkdtemp(prefix="overhead-metrics-")
+    env = {**os.environ, MULTIPROC_DIR_ENV: metrics_dir} if shared else None
+    profile_dir = Path(tempfile.mkdtemp(prefix="router-prof-"))
+    routers = []
+    for i in range(args.num_routers):
+        profile_out = profile_dir / f"router{i}.prof"
+        profiled = ["-m", "cProfile", "-o", str(profile_out)] if args.profile else []
+        routers.append(subprocess.Popen([
+            sys.executable, *profiled, "-m", "alignedserve", "serve", "router",
+            "--model-dir", str(model), "--host", "127.0.0.1", "--port", str(http_port),
+            "--batcher-addresses", f"127.0.0.1:{batcher_port}", *(["--reuse-port"] * shared),
+        ], env=env))  # fmt: skip
     base_url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 120
         while not _ready(f"{base_url}/ready"):
-            if time.monotonic() > deadline or router.poll() is not None or batcher.poll():
-                raise RuntimeError("the router or batcher did not become ready")
+            if time.monotonic() > deadline or batcher.poll() or any(r.poll() for r in routers):
+                raise RuntimeError("a router or the batcher did not become ready")
             await asyncio.sleep(0.2)
+        answered = set()
+        while shared and not {r.pid for r in routers} <= answered:  # every router is up
+            answered.add(health_pid(f"{base_url}/health"))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"routers {answered} of {[r.pid for r in routers]} answered")
+            await asyncio.sleep(0.05)
         requests = [
             BenchRequest(f"r{i}", 0.0, (7,) * (100 + i % 900), args.max_tokens)
             for i in range(args.requests)
         ]
-        pids = {"router": router.pid, "batcher": batcher.pid, "worker": worker_pid}
+        pids = {f"router{i}": r.pid for i, r in enumerate(routers)}
+        pids |= {"batcher": batcher.pid, "worker": worker_pid}
         model = await first_model(base_url)
         async with OpenAITarget(base_url, model, args.requests) as target:
             cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
@@ -228,26 +249,32 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
             seconds, num_steps = time.perf_counter() - start, steps.value - steps_before
             cpu = {name: (_cpu_s(pid) - cpu_before[name]) / seconds for name, pid in pids.items()}
             cpu["client"] = (time.process_time() - client_before) / seconds
+        router_cpu_s = seconds * sum(cpu[f"router{i}"] for i in range(args.num_routers))
         failed = [r.error for r in records if r.error]
         assert not failed, failed[:3]
         tokens = sum(r.completion_tokens for r in records)
         assert tokens == args.requests * args.max_tokens, tokens
         print(
-            f"http ({args.http_clients} client processes), {steps_in_flight} in flight, "
+            f"http ({args.http_clients} client processes, {args.num_routers} routers), "
+            f"{steps_in_flight} in flight, "
             f"{args.requests} streams x {args.max_tokens} "
             f"tokens, worker step {args.step_ms:g} ms: {num_steps} steps in {seconds:.1f} s, "
             f"{1e3 * seconds / num_steps:.2f} ms per step, {tokens / seconds:.0f} tokens/s; "
             "CPU s per s: "
             + ", ".join(f"{name} {value:.2f}" for name, value in cpu.items())
-            + f"; router {1e6 * cpu['router'] * seconds / tokens:.1f} us of CPU per token"
+            + f"; routers {1e6 * router_cpu_s / tokens:.1f} us of CPU per token"
         )
         return tokens / seconds
     finally:
-        for proc in (router, batcher):
+        for proc in (*routers, batcher):
             proc.terminate()
             proc.wait(30)
-        if args.profile and profile_out.exists():
-            pstats.Stats(str(profile_out)).sort_stats("tottime").print_stats(25)
+        if holder is not None:
+            holder.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        profiles = [str(p) for p in sorted(profile_dir.glob("*.prof"))]
+        if args.profile and profiles:
+            pstats.Stats(*profiles).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
@@ -256,6 +283,9 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--client", choices=("router", "generate", "http"), default="router")
     parser.add_argument("--http-clients", type=int, default=1, help="http: bench client processes")
+    parser.add_argument(
+        "--num-routers", type=int, default=1, help="http: router processes sharing the port"
+    )
     parser.add_argument("--step-ms", type=float, default=0.0, help="the worker's step time")
     parser.add_argument("--steps-in-flight", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--profile", action="store_true")

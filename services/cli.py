@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve the OpenAI-compatible API (default: router + batcher + worker here)",
-        description="With no role: the router in this process, the batcher and the worker in "
-        "supervised child processes, over loopback gRPC. A role runs that one service (as a "
-        "pod does).",
+        description="With no role: the router in this process (or --num-routers router "
+        "processes on one port), the batcher and the worker in supervised child processes, "
+        "over loopback gRPC. A role runs that one service (as a pod does).",
     )
     from alignedserve.serve import add_serve_arguments  # each of these imports no torch
 

@@ -4,8 +4,9 @@ the batcher then recovers its requests), all over loopback gRPC: the router's pe
 work and the batcher's step loop do not share an event loop or a GIL. The router's /metrics
 shows the batcher's series too (serve_metrics). No cluster and no downloads: without
 --model it first writes a tiny random-weight model. This process never imports torch.
+With --num-routers N > 1, N router child processes share the port instead (serve_routers).
 
-SIGTERM or SIGINT drains: the router stops taking requests (/ready turns 503) and lets the
+SIGTERM or SIGINT drains: the routers stop taking requests (/ready turns 503) and let the
 in-flight ones finish, then the batcher stops, then the worker.
 """
 
@@ -22,14 +23,20 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignedserve.batcher.scheduler.config import POLICIES
 from alignedserve.batcher.service import BatcherConfig
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.model_config import DTYPES
+from alignedserve.supervisor import Supervisor
 from alignedserve.worker.service import WorkerConfig
 from alignedserve.worker.service import worker_args as worker_command
+
+if TYPE_CHECKING:
+    from alignedserve.router.config import RouterConfig
+    from alignedserve.router.server import RouterServer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,10 @@ class EngineSettings:
             "its prefill turns take while a backlog waits (0: never)"
         },
     )
+    starvation_s: float = field(
+        default=BatcherConfig.starvation_s,
+        metadata={"help": "aligned: the longest a pooled request waits for a batch"},
+    )
     overlap_steps: bool = field(
         default=True,
         metadata={"help": "the worker queues a step on the device before answering the last"},
@@ -112,11 +123,20 @@ class ServeConfig(EngineSettings):
     drain_s: float = field(
         default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may finish"}
     )
+    num_routers: int = field(
+        default=1,
+        metadata={
+            "help": "HTTP router processes (1: the router runs in this process; more: child "
+            "processes sharing the port through SO_REUSEPORT, their /metrics summed)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port={self.port} outside 0..65535")
+        if self.num_routers < 1:
+            raise ConfigError(f"num_routers={self.num_routers} must be >= 1")
         if self.model and not Path(self.model).is_dir():
             raise ConfigError(f"model={self.model!r} is not a directory")
 
@@ -129,6 +149,7 @@ BATCHER_FIELDS = (
     "max_batch_kv_fraction",
     "max_steps_in_flight",
     "decode_prefill_share",
+    "starvation_s",
 )
 
 
@@ -180,44 +201,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Supervisor:
-    """Keeps one `alignedserve serve ROLE` child running until told to stop; on stop, SIGTERM
-    and up to `stop_timeout_s` for it to drain and exit before a SIGKILL."""
-
-    def __init__(self, role: str, args: list[str], stop_timeout_s: float = 10.0):
-        self.role = role
-        self.args = args
-        self.stop_timeout_s = stop_timeout_s
-        self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            cmd = [sys.executable, "-m", "alignedserve", "serve", self.role, *self.args]
-            self.process = await asyncio.create_subprocess_exec(*cmd)
-            exited = asyncio.create_task(self.process.wait())
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if stopping.done():
-                exited.cancel()
-                await self._terminate()
-                return
-            stopping.cancel()
-            self.restarts += 1
-            log.warning("%s exited (%s): restarting it", self.role, self.process.returncode)
-            await asyncio.sleep(0.5)
-
-    async def _terminate(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), self.stop_timeout_s)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-
-
 def batcher_args(config: BatcherConfig) -> list[str]:
     """The command line of `alignedserve serve batcher` that parses back to `config`."""
     return flags.to_args(config)
@@ -250,12 +233,11 @@ async def serve_all(
 ) -> None:
     """Run until `stop` is set, then drain. `started` receives the HTTP port ("http"), the
     batcher's gRPC port ("grpc") and the supervisors of the "worker" and the "batcher" (tests
-    kill their processes through them)."""
-    from alignedserve.router.app import create_app
-    from alignedserve.router.client import BatcherClient
+    kill their processes through them); with several routers, theirs too ("routers") and
+    their metrics directory ("router_metrics_dir")."""
     from alignedserve.router.config import RouterConfig
-    from alignedserve.router.server import RouterServer
     from alignedserve.serve_metrics import merged_into
+    from alignedserve.serve_routers import RouterProcesses
 
     stop = stop or asyncio.Event()
     with contextlib.ExitStack() as resources:
@@ -263,6 +245,21 @@ async def serve_all(
         model_dir = config.model or write_tiny_model(Path(tmp) / "tiny")
         worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
         batcher_address = f"127.0.0.1:{batcher_port}"
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        router_config = RouterConfig(
+            model_dir=model_dir,
+            batcher_addresses=(batcher_address,),
+            host=config.host,
+            port=config.port,
+            drain_timeout_s=config.drain_s,
+        )
+        routers = None
+        if config.num_routers > 1:  # the port is taken (or picked) before anything starts
+            routers = resources.enter_context(
+                RouterProcesses(router_config, config.num_routers, metrics_url)
+            )
+        else:
+            resources.enter_context(merged_into(metrics_url))
         supervisors = {
             "worker": Supervisor("worker", worker_args(config, model_dir, worker_port)),
             "batcher": Supervisor(
@@ -284,7 +281,6 @@ async def serve_all(
             role: asyncio.create_task(s.run(stops[role]), name=f"{role}-supervisor")
             for role, s in supervisors.items()
         }
-        resources.enter_context(merged_into(f"http://127.0.0.1:{metrics_port}/metrics"))
         router = http = None
         try:
             if not await batcher_serving(batcher_address, stop):
@@ -293,33 +289,44 @@ async def serve_all(
                 # SIGTERM.
                 supervisors["batcher"].stop_timeout_s = 1.0
                 return
-            router_config = RouterConfig(
-                model_dir=model_dir,
-                batcher_addresses=(batcher_address,),
-                host=config.host,
-                port=config.port,
-                drain_timeout_s=config.drain_s,
-            )
-            client = BatcherClient.from_config(router_config)
-            bound = asyncio.Event()
-            http = RouterServer(router_config, create_app(router_config, client), bound)
-            # uvicorn takes SIGTERM/SIGINT while it runs: the first drains the router; once it
-            # has stopped it re-raises the signal, which reaches run_serve's handler (`stop`).
-            router = asyncio.create_task(http.serve(), name="router")
-            await _first(asyncio.ensure_future(bound.wait()), router)
-            http_port = http.servers[0].sockets[0].getsockname()[1]
+            if routers is not None:
+                routers.run()
+                if not await routers.serving(stop):
+                    return
+                http_port = routers.port
+                more = {"routers": routers.supervisors, "router_metrics_dir": routers.metrics_dir}
+            else:
+                bound = asyncio.Event()
+                http = _router_here(router_config, bound)
+                # uvicorn takes SIGTERM/SIGINT while it runs: the first drains the router; once
+                # it has stopped it re-raises the signal, which reaches run_serve's handler.
+                router = asyncio.create_task(http.serve(), name="router")
+                await _first(asyncio.ensure_future(bound.wait()), router)
+                http_port, more = http.servers[0].sockets[0].getsockname()[1], {}
             log.info("serving %s at http://%s:%d/v1", model_dir, config.host, http_port)
             if started is not None:
-                started.set_result({"http": http_port, "grpc": batcher_port, **supervisors})
+                started.set_result({"http": http_port, "grpc": batcher_port, **supervisors, **more})
             await stop.wait()
-        finally:  # drain in order: router, batcher, worker
+        finally:  # drain in order: routers, batcher, worker
             if http is not None:
                 http.begin_drain()
             if router is not None:
                 await asyncio.gather(router, return_exceptions=True)
+            if routers is not None:
+                await routers.drain()
             for role in ("batcher", "worker"):
                 stops[role].set()
                 await asyncio.gather(children[role], return_exceptions=True)
+
+
+def _router_here(router_config: RouterConfig, bound: asyncio.Event) -> RouterServer:
+    """The router's server for this process; it sets `bound` once its port is bound."""
+    from alignedserve.router.app import create_app
+    from alignedserve.router.client import BatcherClient
+    from alignedserve.router.server import RouterServer
+
+    client = BatcherClient.from_config(router_config)
+    return RouterServer(router_config, create_app(router_config, client), bound)
 
 
 async def _first(started: asyncio.Future, task: asyncio.Task):

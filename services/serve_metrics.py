@@ -2,18 +2,24 @@
 process's AlignedServe series merged with those the batcher child serves on its own loopback
 metrics port, so a scrape of the router sees every series as it did when both shared a
 registry. Only `alignedserve:*` families come from the child (its process_* and python_*
-would clash with the router's own)."""
+would clash with the router's own).
+
+With several router processes (`serve --num-routers`), each runs in prometheus_client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR set in its environment): its series are the sum
+over every router's files in that directory, merged with the batcher's the same way."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -59,7 +65,9 @@ class MergedCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:  # what registering checks, without a fetch
         for collector in self.local:
-            yield from collector.describe()
+            describe = getattr(collector, "describe", None)  # a registry has none
+            if describe is not None:
+                yield from describe()
 
     def collect(self) -> Iterator[Metric]:
         remote = parse(self.read())
@@ -96,3 +104,24 @@ def merged_into(url: str, registry: CollectorRegistry = REGISTRY) -> Iterator[Me
         registry.unregister(merged)
         for metric in ours:
             registry.register(metric)
+
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def is_multiprocess() -> bool:
+    """This process's metrics live in PROMETHEUS_MULTIPROC_DIR's files (prometheus_client
+    picks the mode from the environment when it is imported)."""
+    return MULTIPROC_DIR_ENV in os.environ
+
+
+def router_registry(merge_url: str) -> CollectorRegistry:
+    """What a router's /metrics serves: this process's registry, or in multiprocess mode the
+    sum over all router processes' files; with `merge_url`, the alignedserve:* series
+    served there merged in (MergedCollector). Without either: REGISTRY itself."""
+    if not merge_url and not is_multiprocess():
+        return REGISTRY
+    local = MultiProcessCollector(None) if is_multiprocess() else REGISTRY
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MergedCollector([local], fetch(merge_url) if merge_url else lambda: ""))
+    return registry

@@ -261,6 +261,8 @@ def test_holding_is_bounded_in_number_and_time(fakes):
 
     async def scenario() -> None:
         client = BatcherClient([fake.address], poll_interval_s=0.02, max_held=2, hold_timeout_s=0.5)
+        changes: list[int] = []
+        client.on_num_held = changes.append  # what a multiprocess gauge is written from
         await client.start()
         try:
             started = time.monotonic()
@@ -281,6 +283,7 @@ def test_holding_is_bounded_in_number_and_time(fakes):
             gone.cancel()
             await asyncio.gather(gone, return_exceptions=True)
             assert client.num_held == 0
+            assert changes == [1, 2, 1, 0, 1, 0]
         finally:
             await client.close()
         no_hold = BatcherClient([fake.address], max_held=0)

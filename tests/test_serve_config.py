@@ -75,6 +75,15 @@ def test_a_bad_knob_is_a_clean_cli_error_before_anything_starts(capsys):
     assert err.startswith("alignedserve: error: ") and "min_batch_size=0" in err
 
 
+def test_num_routers_has_a_flag_defaults_to_one_and_must_be_at_least_one(capsys):
+    assert ServeConfig().num_routers == 1  # the router in the serve process, as before
+    assert serve_config("--num-routers", "3").num_routers == 3
+    with pytest.raises(ConfigError, match="num_routers=0 must be >= 1"):
+        ServeConfig(num_routers=0)
+    assert main(["serve", "--num-routers", "-2"]) == 1
+    assert "num_routers=-2 must be >= 1" in capsys.readouterr().err
+
+
 def test_engine_settings_default_to_the_workers_and_batchers_own():
     """Each EngineSettings field is a WorkerConfig or BatcherConfig field of the same name
     ("" standing for None), with its default: `serve` and the engine bench set up exactly

@@ -16,7 +16,12 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from alignedserve.common import metrics
-from alignedserve.serve_metrics import MergedCollector, alignedserve_metrics, merged_into
+from alignedserve.serve_metrics import (
+    MergedCollector,
+    alignedserve_metrics,
+    merged_into,
+    router_registry,
+)
 
 from k8s import system_binary
 
@@ -121,5 +126,26 @@ def test_merged_into_swaps_the_global_registry_and_puts_it_back():
         assert merged in inside and not set(alignedserve_metrics()) & inside
         metrics.NUM_REQUESTS_HELD.labels("merge-test").set(2)
         got = samples(generate_latest().decode())
+        metrics.NUM_REQUESTS_HELD.remove("merge-test")  # others sum every model's series
         assert got[("alignedserve:num_requests_held", (("model_name", "merge-test"),))] == 2
     assert set(REGISTRY._collector_to_names) == before
+
+
+def test_a_routers_merge_url_joins_its_registry_with_the_series_served_there():
+    """A router of its own (no multiprocess mode) given --merge-metrics-url: its whole
+    registry, process_* included, with the alignedserve:* series of the server at the URL."""
+    assert router_registry("") is REGISTRY
+    child = CollectorRegistry()
+    Gauge("alignedserve:worker_ready", "ready", ["model_name"], registry=child).labels("c").set(1)
+    Gauge("process_open_fds", "fds", registry=child).set(99)
+    server = metrics.start_metrics_server(0, "127.0.0.1", registry=child)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        metrics.NUM_REQUESTS_HELD.labels("merge-url-test").set(3)
+        got = samples(generate_latest(router_registry(url)).decode())
+    finally:
+        server.shutdown()
+        metrics.NUM_REQUESTS_HELD.remove("merge-url-test")  # others sum every model's series
+    assert got[("alignedserve:worker_ready", (("model_name", "c"),))] == 1
+    assert got[("alignedserve:num_requests_held", (("model_name", "merge-url-test"),))] == 3
+    assert got[("process_open_fds", ())] != 99  # ours, not the child's

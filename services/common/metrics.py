@@ -5,6 +5,10 @@ so dashboards, gateways and autoscalers that read the model-server protocol map 
 renaming one breaks them downstream, so names are chosen here and nowhere else. Every metric
 carries `model_name`. The batcher sets the gauges and the batch/prefetch metrics; the router
 records the request-level ones (latencies, tokens, outcomes).
+
+Several routers (`alignedserve serve --num-routers`) run in prometheus_client's multiprocess
+mode, whose /metrics sums their counters and histograms over the processes; a gauge a router
+sets says how to combine them with its `multiprocess_mode` (ignored in a single process).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ NUM_REQUESTS_HELD = Gauge(
     f"{PREFIX}num_requests_held",
     "Requests the router holds while no batcher is ready (scale from zero).",
     MODEL,
+    multiprocess_mode="livesum",  # those of the routers alive
 )
 
 # ---- histograms ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from alignedserve.router.preprocess import GenerationInput, Limits, chat_input, 
 from alignedserve.router.request_stats import RequestStats, init_series
 from alignedserve.router.schemas import ChatCompletionRequest, CompletionRequest
 from alignedserve.router.serving import respond
+from alignedserve.serve_metrics import is_multiprocess, router_registry
 
 
 def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
@@ -41,8 +43,13 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
     errors = ErrorReplies(model_name, config.retry_after_s)
     created = int(time.time())
     init_series(model_name)
-    # Read at each scrape; the operator scales a pool from zero by it.
-    NUM_REQUESTS_HELD.labels(model_name).set_function(lambda: client.num_held)
+    registry = router_registry(config.merge_metrics_url)
+    # The operator scales a pool from zero by it.
+    held = NUM_REQUESTS_HELD.labels(model_name)
+    if is_multiprocess():  # a scrape reads every router's file, not this process: write it
+        client.on_num_held = held.set
+    else:  # read at each scrape
+        held.set_function(lambda: client.num_held)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +115,9 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok"})  # the process answers: nothing more is claimed
+        # The process answers: nothing more is claimed. Its pid tells which of several
+        # routers on one port answered (`alignedserve serve --num-routers` waits for each).
+        return JSONResponse({"status": "ok", "pid": os.getpid()})
 
     @app.get("/ready")
     async def ready(request: Request) -> Response:
@@ -123,7 +132,7 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
     async def metrics() -> Response:
         # off the event loop: under `alignedserve serve` a scrape also reads the batcher's
         # /metrics over HTTP (serve_metrics), which must not pause every token stream
-        text = await asyncio.to_thread(prometheus_client.generate_latest)
+        text = await asyncio.to_thread(prometheus_client.generate_latest, registry)
         return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     return app

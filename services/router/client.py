@@ -15,7 +15,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -183,6 +183,8 @@ class BatcherClient:
         self._aborted: set[str] = set()  # of those, the ones whose Abort the batcher answered
         self._turn = 0  # rotates the choice among equally loaded batchers
         self._num_held = 0
+        # Called with num_held at each change (a gauge that no scrape can read from here).
+        self.on_num_held: Callable[[int], None] | None = None
         self._is_holding = max_held > 0  # False once the router drains
         self._readiness = asyncio.Event()  # set, then replaced, when a ready report arrives
         self._loops: list[asyncio.Task[None]] = []  # polling, resolving
@@ -341,7 +343,7 @@ class BatcherClient:
                 f"no batcher has a ready worker, and {self._num_held} requests already wait"
                 f" for one (max_held={self._max_held})"
             )
-        self._num_held += 1
+        self._set_num_held(self._num_held + 1)
         try:
             async with asyncio.timeout_at(hold_deadline_s):
                 while not self.is_ready():
@@ -353,7 +355,12 @@ class BatcherClient:
                 f"no batcher became ready within {self._hold_timeout_s:g} s"
             ) from None
         finally:
-            self._num_held -= 1
+            self._set_num_held(self._num_held - 1)
+
+    def _set_num_held(self, num_held: int) -> None:
+        self._num_held = num_held
+        if self.on_num_held is not None:
+            self.on_num_held(num_held)
 
     async def _start_call(self, request: batcher_pb2.GenerateRequest):
         """Sends the request to the least loaded batcher and waits for its first delta:

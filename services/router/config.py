@@ -29,6 +29,20 @@ class RouterConfig:
     )
     host: str = field(default="0.0.0.0", metadata=_help("HTTP listen address"))
     port: int = field(default=8000, metadata=_help("HTTP port"))
+    reuse_port: bool = field(
+        default=False,
+        metadata=_help(
+            "bind the port with SO_REUSEPORT, beside other routers on it (alignedserve serve"
+            " --num-routers): the kernel deals the connections among them"
+        ),
+    )
+    merge_metrics_url: str = field(
+        default="",
+        metadata=_help(
+            "/metrics also shows the alignedserve:* series served at this URL (the batcher's,"
+            " under alignedserve serve)"
+        ),
+    )
     default_max_tokens: int = field(
         default=4096,
         metadata=_help("max_tokens of a request that sets none (never past the context)"),

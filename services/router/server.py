@@ -1,12 +1,15 @@
 """Runs the router's HTTP server, and drains it on SIGTERM: /ready turns 503 and new requests
 are refused (held ones too: they have not started) while in-flight ones (streams included)
-finish, for up to drain_timeout_s; then the server stops."""
+finish, for up to drain_timeout_s; then the server stops. With reuse_port, several router
+processes listen on one port (`alignedserve serve --num-routers`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -48,6 +51,7 @@ class RouterServer(uvicorn.Server):
         self._client: BatcherClient = app.state.client
         self._drain_timeout_s = config.drain_timeout_s
         self._ready_event = ready_event
+        self._reuse_port = config.reuse_port
         self._drain_requested = False  # set from a signal handler or another thread
         self._drain_started_s: float | None = None
 
@@ -62,6 +66,17 @@ class RouterServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
         else:
             self.begin_drain()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None and self._reuse_port:
+            sockets = [bind_reuse_port(self.config.host, self.config.port)]
+            log.info(
+                "router %d on %s:%d, beside the others on the port (SO_REUSEPORT)",
+                os.getpid(),
+                self.config.host,
+                self.config.port,
+            )
+        await super().serve(sockets)
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
@@ -86,6 +101,29 @@ class RouterServer(uvicorn.Server):
                 )
                 self.should_exit = True
         return await super().on_tick(counter)
+
+
+def bind_reuse_port(host: str, port: int, exclusive: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT, not listening yet. Every socket
+    bound so, by the same user, shares the port: the kernel deals the connections among those
+    that listen (one bound but not listening gets none, and holds the port). `exclusive`: the
+    bind fails if any socket listens on the port, even with SO_REUSEPORT (another serve's
+    routers), and only then are others let in."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind
+        if exclusive:
+            sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if not exclusive:
+            sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve_router(
