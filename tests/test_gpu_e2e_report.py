@@ -48,6 +48,7 @@ def report_args() -> SimpleNamespace:
         peer_requests=0,
         offline_repeats=1,
         num_clients=3,
+        num_routers=2,
     )
 
 
@@ -93,7 +94,7 @@ def test_a_variant_that_failed_is_reported_with_its_reason(gpu_e2e, tmp_path):
     assert report["failures"] == {"aligned": "TimeoutError: never ready"}
     markdown = gpu_e2e.render_markdown(report)
     assert "**aligned failed**: TimeoutError: never ready" in markdown
-    assert "3 bench client processes" in markdown
+    assert "3 bench client processes; 2 router process(es)" in markdown
 
 
 def write_worker_log(work: Path, variant: str, name: str, seconds_with_tokens: int) -> None:
