@@ -11,7 +11,8 @@
    attention 32 times, and both at once on two streams, each captured as one CUDA graph.
    If "both" takes about the longer of the two, two half-batches whose attention and GEMMs
    alternate on two streams would bring those cells to max(memory, compute); if it takes
-   about the sum, the GEMMs hold every SM and nothing overlaps.
+   about the sum, the GEMMs hold every SM and nothing overlaps. Where torch has cuBLASLt's SM
+   carveout, the same with the GEMMs kept off 16, 33 or 66 SMs.
 Results go to stdout and OUT/step_profile.json.
 """
 
@@ -149,6 +150,22 @@ def overlap_probe(model, config, kv, layers: int = 32) -> dict:
         graph = graph_of(fn)
         out[name] = cuda_time(graph.replay) * 1e3
         print(f"  {name:28s} {out[name]:7.2f} ms", flush=True)
+    carveout = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    out["sm_carveout_api"] = carveout is not None
+    if carveout is not None:  # GEMMs left off some SMs (cuBLASLt's SM-count target)
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        for free in (16, 33, 66):
+            carveout(free)
+            for name, fn in (
+                (f"gemms, {free} SMs left free", gemms),
+                (f"both, {free} SMs left free, attention 2/SM", lambda f=free: both(2 * f)),
+                (f"both, {free} SMs left free, attention 4/SM", lambda f=free: both(4 * f)),
+            ):
+                out[name] = cuda_time(graph_of(fn).replay) * 1e3
+                print(f"  {name:44s} {out[name]:7.2f} ms", flush=True)
+        # (left set: the probe is the script's last section)
+    else:
+        print("  no SM carveout in this torch (torch._C._set_sm_carveout_experimental)")
     for per_sm in (4, 2, 1):
         g, a = out["gemms"], out[f"attention, {per_sm}/SM"]
         b = out[f"both, attention {per_sm}/SM"]
