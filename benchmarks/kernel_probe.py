@@ -1,0 +1,277 @@
+"""The decode step's two kernel families one at a time, against their own ceilings, with the
+alternatives that could replace them: are the grid's near-miss cells (64 x 512, 128 x 512,
+256 x 512, 256 x 1024) short because of the GEMMs or because of attention?
+
+    python3 benchmarks/kernel_probe.py --out "$OUT"             # nvidia-h200 (any one GPU)
+    python3 benchmarks/kernel_probe.py --skip attention --out "$OUT"
+
+1. GEMMs: the decode step's projections of the Llama-3-8B shape (fused qkv, o, fused
+   gate/up, down, lm_head) at M = 64 ... 512 tokens, each 32 times over 32 layers' distinct
+   weights (so no weight stays in L2), in one CUDA graph. Side by side: cuBLASLt (torch's
+   default), cuBLAS (`torch.backends.cuda.preferred_blas_library("cublas")`), and a plain
+   Triton tiled GEMM over a few tile shapes (the best one reported). Each against its own
+   roofline: max(weight bytes / HBM read rate, FLOPs / bf16 matmul rate).
+2. Attention: the decode attention kernel alone over 32 layers (one graph) at the same
+   cells, over keys per tile x warps x pipeline stages x programs per SM; the default is
+   the first row. Against the KV bytes read at the HBM read rate.
+Results go to stdout and OUT/kernel_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import itertools
+import json
+from pathlib import Path
+
+import gpu_bench  # noqa: F401  (puts alignedserve on the path)
+import torch
+import triton
+import triton.language as tl
+from gpu_bench import build_model, ceilings, cuda_time
+from step_profile import graph_of
+
+dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+
+TOKENS = [64, 128, 256, 512]
+ATTENTION_CELLS = [(64, 512), (128, 512), (256, 512), (256, 1024), (512, 512)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the Triton GEMM
+GEMM_CONFIGS = [
+    (64, 128, 64, 4, 4),
+    (64, 256, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+]
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] (nn.Linear's weight)
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """out = x @ w.T, one [BLOCK_M, BLOCK_N] tile per program; the programs of GROUP_N
+    column tiles take every row tile before moving on, so a weight tile is read once while
+    it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    group = pid // (GROUP_N * num_m)
+    first_n = group * GROUP_N
+    size_n = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
+    pid_m = (pid % (GROUP_N * num_m)) // size_n
+    pid_n = first_n + (pid % (GROUP_N * num_m)) % size_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    w_tile = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for step in range(0, K // BLOCK_K):  # K is a multiple of BLOCK_K here
+        a = tl.load(x_tile + step * BLOCK_K, mask=offs_m[:, None] < M, other=0.0)
+        b = tl.load(w_tile + step * BLOCK_K, mask=offs_n[:, None] < N, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_linear(x, w, out, config) -> None:
+    block_m, block_n, block_k, warps, stages = config
+    m, k = x.shape
+    n = w.shape[0]
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _linear_kernel[grid](
+        x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_N=8,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def cublas_layers(x, weights, out) -> None:
+    for w in weights:
+        torch.matmul(x, w.t(), out=out)
+
+
+def triton_layers(x, weights, out, config) -> None:
+    for w in weights:
+        triton_linear(x, w, out, config)
+
+
+def attention_layers(q, layers, tables, ctx, scale, programs, block_n) -> None:
+    for k_blocks, v_blocks in layers:
+        dam.decode_attention(
+            q, k_blocks, v_blocks, tables, ctx, scale, num_programs=programs, block_n=block_n
+        )
+
+
+def projections(model) -> dict[str, list[torch.Tensor]]:
+    layers = model.model.layers
+    return {
+        "qkv": [layer.self_attn.qkv_proj.weight for layer in layers],
+        "o": [layer.self_attn.o_proj.weight for layer in layers],
+        "gate_up": [layer.mlp.gate_up_proj.weight for layer in layers],
+        "down": [layer.mlp.down_proj.weight for layer in layers],
+        "lm_head": [model.lm_head.weight],
+    }
+
+
+def gemm_probe(model, ceil: dict) -> list[dict]:
+    rows = []
+    for tokens in TOKENS:
+        for name, weights in projections(model).items():
+            n, k = weights[0].shape
+            x = torch.randn(tokens, k, dtype=torch.bfloat16, device="cuda")
+            out = torch.empty(tokens, n, dtype=torch.bfloat16, device="cuda")
+            flops = 2 * tokens * n * k * len(weights)
+            roof_s = max(
+                n * k * 2 * len(weights) / ceil["hbm_read_bytes_per_s"],
+                flops / ceil["matmul_flops_per_s"],
+            )
+            want = torch.nn.functional.linear(x, weights[0]).float()
+            times = {}
+            for library in ("cublaslt", "cublas"):
+                torch.backends.cuda.preferred_blas_library(library)
+                graph = graph_of(functools.partial(cublas_layers, x, weights, out))
+                times[library] = cuda_time(graph.replay)
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            best = None
+            for config in GEMM_CONFIGS:
+                try:
+                    triton_linear(x, weights[0], out, config)
+                except triton.runtime.errors.OutOfResources:
+                    continue
+                err = (out.float() - want).abs().max().item() / want.abs().max().item()
+                if err > 2e-2:
+                    raise AssertionError(f"triton GEMM {config} off by {err:.3g} at {name}")
+                graph = graph_of(functools.partial(triton_layers, x, weights, out, config))
+                seconds = cuda_time(graph.replay)
+                if best is None or seconds < best[1]:
+                    best = (config, seconds)
+            times["triton"] = best[1]
+            row = dict(
+                tokens=tokens,
+                gemm=name,
+                n=n,
+                k=k,
+                roofline_ms=roof_s * 1e3,
+                ms={lib: s * 1e3 for lib, s in times.items()},
+                triton_config=best[0],
+            )
+            rows.append(row)
+            parts = "  ".join(
+                f"{lib} {s * 1e3:6.3f} ms ({roof_s / s:4.0%})" for lib, s in times.items()
+            )
+            print(
+                f"  M={tokens:4d} {name:8s} [{n:6d} x {k:5d}] x{len(weights):2d}: roofline "
+                f"{roof_s * 1e3:6.3f} ms | {parts} | triton {best[0]}",
+                flush=True,
+            )
+        per_step = {
+            lib: sum(r["ms"][lib] for r in rows if r["tokens"] == tokens)
+            for lib in ("cublaslt", "cublas", "triton")
+        }
+        fastest = sum(min(r["ms"].values()) for r in rows if r["tokens"] == tokens)
+        print(
+            f"  M={tokens:4d} all projections: "
+            + "  ".join(f"{lib} {ms:6.3f} ms" for lib, ms in per_step.items())
+            + f"  fastest of each {fastest:6.3f} ms",
+            flush=True,
+        )
+    return rows
+
+
+def attention_probe(model, config, kv, ceil: dict) -> list[dict]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    scale = config.head_dim**-0.5
+    default = (dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, dam.PROGRAMS_PER_SM)
+    variants = [default] + [
+        v for v in itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8)) if v != default
+    ]
+    rows = []
+    for batch, length in ATTENTION_CELLS:
+        per = length // 16
+        tables = torch.arange(batch * per, device="cuda").view(batch, per)
+        ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
+        q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16,
+                        device="cuda")  # fmt: skip
+        layers = [kv.layer(i) for i in range(config.num_layers)]
+        kv_bytes = batch * length * kv.layout.block_bytes // kv.layout.block_tokens
+        floor_s = kv_bytes / ceil["hbm_read_bytes_per_s"]
+        results = []
+        for block_n, warps, stages, per_sm in variants:
+            dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
+
+            attend = functools.partial(
+                attention_layers, q, layers, tables, ctx, scale, per_sm * sms, block_n
+            )
+
+            try:
+                seconds = cuda_time(graph_of(attend).replay)
+            except triton.runtime.errors.OutOfResources:  # too many stages for shared memory
+                continue
+            results.append(((block_n, warps, stages, per_sm), seconds))
+        dam.NUM_WARPS, dam.NUM_STAGES = default[1], default[2]
+        base = results[0][1]
+        ranked = sorted(results, key=lambda r: r[1])
+        print(
+            f"  B={batch:4d} L={length:5d}: KV floor {floor_s * 1e3:6.3f} ms | default "
+            f"{base * 1e3:6.3f} ms ({kv_bytes / base / 1e9:5.0f} GB/s)",
+            flush=True,
+        )
+        for variant, seconds in ranked[:5]:
+            print(
+                f"      block_n {variant[0]:3d} warps {variant[1]} stages {variant[2]} "
+                f"{variant[3]}/SM: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
+                f"GB/s, {seconds / base:5.3f}x default)"
+            )
+        rows.append(
+            dict(
+                batch=batch,
+                kv_len=length,
+                floor_ms=floor_s * 1e3,
+                ms={" ".join(map(str, v)): s * 1e3 for v, s in results},
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["gemm", "attention"])
+    args = parser.parse_args()
+    ceil = ceilings()
+    print(
+        f"ceilings: HBM read {ceil['hbm_read_bytes_per_s'] / 1e9:,.0f} GB/s, bf16 matmul "
+        f"{ceil['matmul_flops_per_s'] / 1e12:,.0f} TFLOP/s",
+        flush=True,
+    )
+    model, config, kv = build_model()
+    result = {"device": torch.cuda.get_device_name(0), "ceilings": ceil}
+    if "gemm" not in args.skip:
+        print("GEMMs, 32 layers in one graph:", flush=True)
+        result["gemm"] = gemm_probe(model, ceil)
+    if "attention" not in args.skip:
+        print("decode attention, 32 layers in one graph (fastest five of each cell):", flush=True)
+        result["attention"] = attention_probe(model, config, kv, ceil)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_probe.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
