@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import urllib.request
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from alignedserve.common import flags
+from alignedserve.common.errors import ConfigError
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.server import bind_reuse_port
 from alignedserve.serve_metrics import MULTIPROC_DIR_ENV
@@ -35,8 +37,16 @@ class RouterProcesses:
     routers, drain() stops them, each draining its in-flight requests."""
 
     def __init__(self, config: RouterConfig, num_routers: int, metrics_url: str):
-        self._holder = bind_reuse_port(config.host, config.port, exclusive=True)
+        try:
+            self._holder = bind_reuse_port(config.host, config.port, exclusive=True)
+        except OSError as e:
+            raise ConfigError(f"port {config.port} on {config.host!r}: {e.strerror}") from e
         self.port = self._holder.getsockname()[1]
+        try:
+            self._claim = claim_port(config.host, self.port)
+        except OSError:
+            self._holder.close()
+            raise
         self.config = dataclasses.replace(
             config, port=self.port, reuse_port=True, merge_metrics_url=metrics_url
         )
@@ -60,6 +70,7 @@ class RouterProcesses:
 
     def __exit__(self, *exc_info) -> None:
         self._holder.close()
+        self._claim.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _mark_dead(self, pid: int) -> None:
@@ -95,6 +106,23 @@ class RouterProcesses:
         """SIGTERM to every router at once; returns once all have drained and exited."""
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """A claim on the port among `serve` processes of this host (its network namespace),
+    whatever address they bind: an abstract unix socket named after it, which the kernel
+    lets one process bind and frees when it exits, however it exits. The port holder alone cannot refuse a second
+    serve while the first still loads: with SO_REUSEADDR, two sockets that do not listen
+    may both bind one port, and their routers would then share it."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0alignedserve-serve-port-{port}")
+    except OSError as e:
+        claim.close()
+        raise ConfigError(
+            f"port {port} on {host!r}: another alignedserve serve holds it ({e.strerror})"
+        ) from e
+    return claim
 
 
 def health_pid(url: str) -> int | None:

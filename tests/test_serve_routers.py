@@ -6,6 +6,7 @@ request so that the kernel deals them among the routers."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -21,12 +22,35 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from alignedserve.common.errors import ConfigError
+from alignedserve.router.config import RouterConfig
 from alignedserve.router.server import bind_reuse_port
 from alignedserve.serve import ServeConfig
+from alignedserve.serve_routers import RouterProcesses
 
 from serve_harness import Stack
 
 SUCCESS = "alignedserve:request_success_total"
+
+
+def test_a_second_serve_on_the_port_is_refused_even_while_the_first_still_loads(model_dir):
+    """The first serve holds its port bound but not listening until its routers start (the
+    model loads meanwhile): a second serve asking for that port is refused with a clear
+    error, not let in beside it; so is one asking for a port where something listens."""
+    config = RouterConfig(model_dir=model_dir, batcher_addresses=("127.0.0.1:1",), port=0)
+    url = "http://127.0.0.1:1/metrics"
+    with RouterProcesses(config, 2, url) as first:
+        again = dataclasses.replace(config, port=first.port)
+        with pytest.raises(ConfigError, match=f"port {first.port}.*another alignedserve serve"):
+            RouterProcesses(again, 2, url)
+        with pytest.raises(ConfigError, match=f"port {first.port}"):
+            RouterProcesses(dataclasses.replace(again, host="0.0.0.0"), 2, url)
+    with RouterProcesses(again, 2, url) as later:  # freed with the first
+        assert later.port == first.port
+    listening = socket.create_server(("127.0.0.1", 0))
+    with pytest.raises(ConfigError, match="in use"):
+        RouterProcesses(dataclasses.replace(config, port=listening.getsockname()[1]), 2, url)
+    listening.close()
 
 
 @pytest.fixture(scope="module")
