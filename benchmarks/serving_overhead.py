@@ -46,12 +46,12 @@ from alignedserve.bench.targets import OpenAITarget, first_model
 from alignedserve.bench.workload import BenchRequest
 from alignedserve.common import rpc, wire
 from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.merged_metrics import MULTIPROC_DIR_ENV
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc, worker_pb2, worker_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router.client import BatcherClient
 from alignedserve.router.server import bind_reuse_port
 from alignedserve.serve import free_port
-from alignedserve.serve_metrics import MULTIPROC_DIR_ENV
 from alignedserve.serve_routers import health_pid
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_tokens=16, dtype="float32")

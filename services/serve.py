@@ -2,7 +2,7 @@
 and the worker each in a supervised child process (restarted if it dies: for the worker,
 the batcher then recovers its requests), all over loopback gRPC: the router's per-token HTTP
 work and the batcher's step loop do not share an event loop or a GIL. The router's /metrics
-shows the batcher's series too (serve_metrics). No cluster and no downloads: without
+shows the batcher's series too (common/merged_metrics.py). No cluster and no downloads: without
 --model it first writes a tiny random-weight model. This process never imports torch.
 With --num-routers N > 1, N router child processes share the port instead (serve_routers).
 
@@ -235,8 +235,8 @@ async def serve_all(
     batcher's gRPC port ("grpc") and the supervisors of the "worker" and the "batcher" (tests
     kill their processes through them); with several routers, theirs too ("routers") and
     their metrics directory ("router_metrics_dir")."""
+    from alignedserve.common.merged_metrics import merged_into
     from alignedserve.router.config import RouterConfig
-    from alignedserve.serve_metrics import merged_into
     from alignedserve.serve_routers import RouterProcesses
 
     stop = stop or asyncio.Event()

@@ -5,7 +5,7 @@ router process tops out near 18-19k output tokens/s). This process holds the por
 listening, for as long as it serves: a port 0 is picked once, and a restarted router takes
 its place again. The routers run in prometheus_client's multiprocess mode over a directory
 this process owns, so a scrape of any of them shows the sum over all, merged with the
-batcher's series (serve_metrics)."""
+batcher's series (common/merged_metrics.py)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
+from alignedserve.common.merged_metrics import MULTIPROC_DIR_ENV
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.server import bind_reuse_port
-from alignedserve.serve_metrics import MULTIPROC_DIR_ENV
 from alignedserve.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,10 @@ class RouterProcesses:
 def claim_port(host: str, port: int) -> socket.socket:
     """A claim on the port among `serve` processes of this host (its network namespace),
     whatever address they bind: an abstract unix socket named after it, which the kernel
-    lets one process bind and frees when it exits, however it exits. The port holder alone cannot refuse a second
-    serve while the first still loads: with SO_REUSEADDR, two sockets that do not listen
-    may both bind one port, and their routers would then share it."""
+    lets one process bind and frees when it exits, however it exits. The port holder alone
+    cannot refuse a second serve while the first still loads: with SO_REUSEADDR, two
+    sockets that do not listen may both bind one port, and their routers would then share
+    it."""
     claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         claim.bind(f"\0alignedserve-serve-port-{port}")

@@ -43,7 +43,7 @@ class Stack:
 
     def local_series(self) -> set[tuple[str, str]]:
         """(name, model_name) of this process's own samples, without the batcher's."""
-        from alignedserve.serve_metrics import alignedserve_metrics
+        from alignedserve.common.merged_metrics import alignedserve_metrics
 
         return {
             (sample.name, sample.labels.get("model_name", ""))

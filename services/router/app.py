@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from alignedserve.common.errors import UnavailableError
+from alignedserve.common.merged_metrics import is_multiprocess, router_registry
 from alignedserve.common.metrics import NUM_REQUESTS_HELD
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.common.tokenizer import Tokenizer
@@ -29,7 +30,6 @@ from alignedserve.router.preprocess import GenerationInput, Limits, chat_input, 
 from alignedserve.router.request_stats import RequestStats, init_series
 from alignedserve.router.schemas import ChatCompletionRequest, CompletionRequest
 from alignedserve.router.serving import respond
-from alignedserve.serve_metrics import is_multiprocess, router_registry
 
 
 def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
@@ -131,7 +131,7 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         # off the event loop: under `alignedserve serve` a scrape also reads the batcher's
-        # /metrics over HTTP (serve_metrics), which must not pause every token stream
+        # /metrics over HTTP (common/merged_metrics.py), which must not pause every token stream
         text = await asyncio.to_thread(prometheus_client.generate_latest, registry)
         return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 

@@ -16,7 +16,7 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from alignedserve.common import metrics
-from alignedserve.serve_metrics import (
+from alignedserve.common.merged_metrics import (
     MergedCollector,
     alignedserve_metrics,
     merged_into,
