@@ -133,6 +133,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.role in ("router", "batcher", "worker"):  # a child of `serve`, or run alone
+        from alignedserve.supervisor import follow_parent
+
+        follow_parent()
     if args.role == "router":
         from alignedserve.router.config import config_from_args
         from alignedserve.router.server import run_router

@@ -237,7 +237,7 @@ async def serve_all(
     their metrics directory ("router_metrics_dir")."""
     from alignedserve.common.merged_metrics import merged_into
     from alignedserve.router.config import RouterConfig
-    from alignedserve.serve_routers import RouterProcesses
+    from alignedserve.serve_routers import RouterProcesses, take_port
 
     stop = stop or asyncio.Event()
     with contextlib.ExitStack() as resources:
@@ -260,6 +260,10 @@ async def serve_all(
             )
         else:
             resources.enter_context(merged_into(metrics_url))
+            if config.port:  # checked and claimed now; the router binds it once all is up
+                holder, claim = take_port(config.host, config.port)
+                holder.close()
+                resources.callback(claim.close)
         supervisors = {
             "worker": Supervisor("worker", worker_args(config, model_dir, worker_port)),
             "batcher": Supervisor(

@@ -37,16 +37,8 @@ class RouterProcesses:
     routers, drain() stops them, each draining its in-flight requests."""
 
     def __init__(self, config: RouterConfig, num_routers: int, metrics_url: str):
-        try:
-            self._holder = bind_reuse_port(config.host, config.port, exclusive=True)
-        except OSError as e:
-            raise ConfigError(f"port {config.port} on {config.host!r}: {e.strerror}") from e
+        self._holder, self._claim = take_port(config.host, config.port)
         self.port = self._holder.getsockname()[1]
-        try:
-            self._claim = claim_port(config.host, self.port)
-        except OSError:
-            self._holder.close()
-            raise
         self.config = dataclasses.replace(
             config, port=self.port, reuse_port=True, merge_metrics_url=metrics_url
         )
@@ -106,6 +98,20 @@ class RouterProcesses:
         """SIGTERM to every router at once; returns once all have drained and exited."""
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def take_port(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """(holder, claim): the port bound, not listening (refused where something listens; a
+    port 0 is picked), and claimed among serve processes. A ConfigError if it is taken."""
+    try:
+        holder = bind_reuse_port(host, port, exclusive=True)
+    except OSError as e:
+        raise ConfigError(f"port {port} on {host!r}: {e.strerror}") from e
+    try:
+        return holder, claim_port(host, holder.getsockname()[1])
+    except ConfigError:
+        holder.close()
+        raise
 
 
 def claim_port(host: str, port: int) -> socket.socket:

@@ -4,11 +4,32 @@ restarted whenever it exits, and on stop given SIGTERM and time to drain."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
+
+# Set in a supervised child's environment: the pid of the `serve` that supervises it.
+PARENT_ENV = "ALIGNEDSERVE_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def follow_parent() -> None:
+    """In a supervised child, first thing: SIGTERM (its drain) once the supervising `serve`
+    is gone, however it went (Linux). Without it, a `serve` killed by SIGKILL or the OOM
+    killer would leave its batcher and worker running, holding their ports and memory."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("cannot follow the supervising serve: errno %d", ctypes.get_errno())
+    elif os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
@@ -36,7 +57,8 @@ class Supervisor:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             cmd = [sys.executable, "-m", "alignedserve", "serve", self.role, *self.args]
-            self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env)
+            env = {**(os.environ if self.env is None else self.env), PARENT_ENV: str(os.getpid())}
+            self.process = await asyncio.create_subprocess_exec(*cmd, env=env)
             exited = asyncio.create_task(self.process.wait())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from alignedserve.common.errors import ConfigError
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.server import bind_reuse_port
-from alignedserve.serve import ServeConfig
-from alignedserve.serve_routers import RouterProcesses
+from alignedserve.serve import ServeConfig, free_port
+from alignedserve.serve_routers import RouterProcesses, claim_port
 
 from serve_harness import Stack
 
@@ -51,6 +51,21 @@ def test_a_second_serve_on_the_port_is_refused_even_while_the_first_still_loads(
     with pytest.raises(ConfigError, match="in use"):
         RouterProcesses(dataclasses.replace(config, port=listening.getsockname()[1]), 2, url)
     listening.close()
+
+
+@pytest.mark.parametrize("num_routers", ["1", "2"])
+def test_serve_on_a_claimed_port_fails_at_once_with_a_clear_error(model_dir, num_routers):
+    """One router binds its port only once the batcher and worker are up: a serve asking
+    for a port another serve holds must fail at start, not after loading its model."""
+    port = free_port()
+    claim = claim_port("127.0.0.1", port)  # as a first serve, still loading, holds it
+    cmd = [sys.executable, "-m", "alignedserve", "serve", "--model", model_dir,
+           "--host", "127.0.0.1", "--port", str(port), "--num-routers", num_routers]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    claim.close()
+    assert done.returncode == 1, done.stderr
+    assert f"port {port} on '127.0.0.1': another alignedserve serve holds it" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +234,38 @@ def test_sigterm_drains_an_inflight_stream_and_leaves_no_process(model_dir, tmp_
             serve.terminate()  # it drains and stops its children
             with contextlib.suppress(subprocess.TimeoutExpired):
                 serve.wait(30)
+        if serve.poll() is None:
+            serve.kill()
+        for process in children:
+            if alive(process):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+
+
+def test_children_drain_and_exit_when_serve_is_killed(model_dir, tmp_path):
+    """SIGKILL (or the OOM killer) gives serve no chance to stop its children: each one
+    follows it by itself (its parent-death signal is SIGTERM, its drain), so no batcher,
+    worker or router is left holding ports and memory."""
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "alignedserve", "serve", "--model", model_dir, "--port", "0"]
+    cmd += ["--pool-gib", "0.1", "--drain-s", "5", "--num-routers", "2"]
+    with log.open("w") as out:
+        serve = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while "alignedserve.serve: serving" not in log.read_text():
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        children = psutil.Process(serve.pid).children()
+        assert sorted(p.cmdline()[4] for p in children) == ["batcher", "router", "router", "worker"]
+        serve.kill()
+        serve.wait(10)
+        deadline = time.monotonic() + 60
+        while [p for p in children if alive(p)]:
+            assert time.monotonic() < deadline, [p.cmdline() for p in children if alive(p)]
+            time.sleep(0.1)
+    finally:
         if serve.poll() is None:
             serve.kill()
         for process in children:
