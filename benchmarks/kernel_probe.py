@@ -131,8 +131,9 @@ def projections(model) -> dict[str, list[torch.Tensor]]:
 
 def gemm_probe(model, ceil: dict) -> list[dict]:
     rows = []
+    gemms = projections(model)
     for tokens in TOKENS:
-        for name, weights in projections(model).items():
+        for name, weights in gemms.items():
             n, k = weights[0].shape
             x = torch.randn(tokens, k, dtype=torch.bfloat16, device="cuda")
             out = torch.empty(tokens, n, dtype=torch.bfloat16, device="cuda")
@@ -201,6 +202,7 @@ def attention_probe(model, config, kv, ceil: dict) -> list[dict]:
     variants = [default] + [
         v for v in itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8)) if v != default
     ]
+    layers = [kv.layer(i) for i in range(config.num_layers)]
     rows = []
     for batch, length in ATTENTION_CELLS:
         per = length // 16
@@ -208,17 +210,14 @@ def attention_probe(model, config, kv, ceil: dict) -> list[dict]:
         ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
         q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16,
                         device="cuda")  # fmt: skip
-        layers = [kv.layer(i) for i in range(config.num_layers)]
         kv_bytes = batch * length * kv.layout.block_bytes // kv.layout.block_tokens
         floor_s = kv_bytes / ceil["hbm_read_bytes_per_s"]
         results = []
         for block_n, warps, stages, per_sm in variants:
             dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
-
             attend = functools.partial(
                 attention_layers, q, layers, tables, ctx, scale, per_sm * sms, block_n
             )
-
             try:
                 seconds = cuda_time(graph_of(attend).replay)
             except triton.runtime.errors.OutOfResources:  # too many stages for shared memory

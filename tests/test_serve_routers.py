@@ -193,10 +193,22 @@ def alive(process: psutil.Process) -> bool:
         return False
 
 
-def test_sigterm_drains_an_inflight_stream_and_leaves_no_process(model_dir, tmp_path):
+@dataclasses.dataclass
+class Served:
+    process: subprocess.Popen
+    log: Path
+    url: str  # without /v1
+    children: list[psutil.Process]  # every process under serve once it served, theirs too
+
+
+@contextlib.contextmanager
+def serve_process(model_dir: str, tmp_path: Path, drain_s: int):
+    """`alignedserve serve --num-routers 2` as a process, once it serves. On the way out,
+    even from a failed test, nothing is left behind: serve is stopped (SIGTERM, then
+    SIGKILL) and any of its processes still alive are killed."""
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "alignedserve", "serve", "--model", model_dir, "--port", "0"]
-    cmd += ["--pool-gib", "0.1", "--drain-s", "20", "--num-routers", "2"]
+    cmd += ["--pool-gib", "0.1", "--drain-s", str(drain_s), "--num-routers", "2"]
     with log.open("w") as out:
         serve = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     children: list[psutil.Process] = []
@@ -207,29 +219,9 @@ def test_sigterm_drains_an_inflight_stream_and_leaves_no_process(model_dir, tmp_
             time.sleep(0.1)
         (line,) = [x for x in log.read_text().splitlines() if "alignedserve.serve: serving" in x]
         url = line.split(" at ")[1].split()[0].removesuffix("/v1")
-        children = psutil.Process(serve.pid).children(recursive=True)  # theirs too
-        roles = [p.cmdline()[4] for p in psutil.Process(serve.pid).children()]
-        assert sorted(roles) == ["batcher", "router", "router", "worker"]
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        stream = c.completions.create(
-            model=Path(model_dir).name,
-            prompt="hello",
-            max_tokens=200,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )
-        chunks = iter(stream)
-        next(chunks)
-        serve.send_signal(signal.SIGTERM)
-        *_, last = chunks  # the stream runs to its end through the drain
-        assert last.usage.completion_tokens == 200
-        assert serve.wait(60) == 0
-        assert "draining: 1 requests in flight" in log.read_text()  # the router it was on
-        while [p for p in children if alive(p)]:  # (the batcher's resource tracker may lag)
-            assert time.monotonic() < deadline, [p.cmdline() for p in children if alive(p)]
-            time.sleep(0.1)
-    finally:  # a failed test leaves nothing behind either
+        children = psutil.Process(serve.pid).children(recursive=True)
+        yield Served(serve, log, url, children)
+    finally:
         if serve.poll() is None:
             serve.terminate()  # it drains and stops its children
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -242,33 +234,43 @@ def test_sigterm_drains_an_inflight_stream_and_leaves_no_process(model_dir, tmp_
                     process.kill()
 
 
+def wait_gone(processes: list[psutil.Process], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while [p for p in processes if alive(p)]:
+        assert time.monotonic() < deadline, [p.cmdline() for p in processes if alive(p)]
+        time.sleep(0.1)
+
+
+def test_sigterm_drains_an_inflight_stream_and_leaves_no_process(model_dir, tmp_path):
+    with serve_process(model_dir, tmp_path, drain_s=20) as served:
+        roles = [p.cmdline()[4] for p in psutil.Process(served.process.pid).children()]
+        assert sorted(roles) == ["batcher", "router", "router", "worker"]
+        c = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = c.completions.create(
+            model=Path(model_dir).name,
+            prompt="hello",
+            max_tokens=200,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        next(chunks)
+        served.process.send_signal(signal.SIGTERM)
+        *_, last = chunks  # the stream runs to its end through the drain
+        assert last.usage.completion_tokens == 200
+        assert served.process.wait(60) == 0
+        assert "draining: 1 requests in flight" in served.log.read_text()  # the router it was on
+        wait_gone(served.children, 60)  # theirs too (the batcher's resource tracker may lag)
+
+
 def test_children_drain_and_exit_when_serve_is_killed(model_dir, tmp_path):
     """SIGKILL (or the OOM killer) gives serve no chance to stop its children: each one
     follows it by itself (its parent-death signal is SIGTERM, its drain), so no batcher,
     worker or router is left holding ports and memory."""
-    log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "alignedserve", "serve", "--model", model_dir, "--port", "0"]
-    cmd += ["--pool-gib", "0.1", "--drain-s", "5", "--num-routers", "2"]
-    with log.open("w") as out:
-        serve = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 120
-        while "alignedserve.serve: serving" not in log.read_text():
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        children = psutil.Process(serve.pid).children()
+    with serve_process(model_dir, tmp_path, drain_s=5) as served:
+        children = psutil.Process(served.process.pid).children()
         assert sorted(p.cmdline()[4] for p in children) == ["batcher", "router", "router", "worker"]
-        serve.kill()
-        serve.wait(10)
-        deadline = time.monotonic() + 60
-        while [p for p in children if alive(p)]:
-            assert time.monotonic() < deadline, [p.cmdline() for p in children if alive(p)]
-            time.sleep(0.1)
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-        for process in children:
-            if alive(process):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
+        served.process.kill()
+        served.process.wait(10)
+        wait_gone(children, 60)
