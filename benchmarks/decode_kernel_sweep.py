@@ -2,9 +2,12 @@
 Llama-3-8B shape (random bf16 weights) on uniform and served-like mixed lengths, for each
 (programs per SM, chunks per program) setting and, with --previous (repeatable), for the
 kernel of an earlier checkout (its decode_attention.py, loaded by path, named by its file),
-all in one process.
+all in one process. --repeats N captures and times each variant N times, the variants in
+turn, and keeps every time (the table shows the median and the range): two captures of one
+variant can differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
 
     python3 benchmarks/decode_kernel_sweep.py --out "$OUT"
+    python3 benchmarks/decode_kernel_sweep.py --settings 4x2 2x2 --repeats 3 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --previous old/decode_attention.py --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 --previous a.py --previous b.py
 """
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
+import statistics
 from pathlib import Path
 
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
@@ -27,7 +32,17 @@ from alignedserve.worker.cuda_graph import DecodeGraph
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
 
 SETTINGS = [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)]  # (programs per SM, chunks per program)
-UNIFORM = [(64, 512), (64, 2048), (128, 1024), (256, 512), (256, 2048), (512, 512)]
+UNIFORM = [
+    (64, 512),
+    (64, 2048),
+    (128, 512),
+    (128, 1024),
+    (256, 512),
+    (256, 1024),
+    (256, 2048),
+    (512, 512),
+    (512, 1024),
+]
 MIXED = [8, 32, 128, 256]
 
 
@@ -48,6 +63,10 @@ def step_ms(model, config, kv, lengths: list[int]) -> float:
     return seconds * 1e3
 
 
+def spread(times: list[float]) -> str:
+    return f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
@@ -60,6 +79,7 @@ def main() -> None:
         default=[f"{p}x{i}" for p, i in SETTINGS],
         help="PxI: programs per SM x chunks per program, of the current kernel",
     )
+    parser.add_argument("--repeats", type=int, default=1, help="captures per variant, in turn")
     args = parser.parse_args()
     model, config, kv = build_model()
     settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
@@ -75,18 +95,20 @@ def main() -> None:
     rows = []
     for name, lengths in cells():
         row = {"cell": name, "max": max(lengths), "mean": sum(lengths) // len(lengths)}
-        for variant, setting in variants.items():
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
             if setting is None:
                 dam.decode_attention = previous[variant].decode_attention
             else:
                 dam.decode_attention = current
                 dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = setting
-            row[variant] = step_ms(model, config, kv, lengths)
+            times[variant].append(step_ms(model, config, kv, lengths))
+        row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
         dam.decode_attention = current
         rows.append(row)
         print(
             f"{name:22s} max {row['max']:5d} mean {row['mean']:5d}: "
-            + "  ".join(f"{v}: {row[v]:6.2f} ms" for v in variants),
+            + "  ".join(f"{v}: {row[v]:6.2f} ms{spread(times[v])}" for v in variants),
             flush=True,
         )
     (Path(args.out) / "decode_kernel_sweep.json").write_text(json.dumps(rows, indent=1))
