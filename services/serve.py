@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignedserve.batcher.scheduler.config import POLICIES
 from alignedserve.batcher.service import BatcherConfig
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.model_config import DTYPES
+from alignedserve.common.policy import POLICIES, worker_prefill_decode_blocks
 from alignedserve.supervisor import Supervisor
 from alignedserve.worker.service import WorkerConfig
 from alignedserve.worker.service import worker_args as worker_command
@@ -179,8 +179,9 @@ WORKER_FIELDS = (
 def worker_args(settings: EngineSettings, model_dir: str, port: int) -> list[str]:
     """The command line of `alignedserve serve worker` for a supervised local worker."""
     values = {name: getattr(settings, name) for name in WORKER_FIELDS}
-    if settings.policy != "aligned":  # only the aligned batcher sends the prefill device residents
-        values["prefill_decode_blocks"] = 0
+    values["prefill_decode_blocks"] = worker_prefill_decode_blocks(
+        settings.policy, settings.prefill_decode_blocks
+    )
     config = WorkerConfig(
         model_dir=model_dir, port=port, **{k: None if v == "" else v for k, v in values.items()}
     )

@@ -41,6 +41,20 @@ def _walk(cls: type, schema: dict, path: str):
             yield (f"{path}.{key}" if path else key), default, sub.get("default", kind)
 
 
+def test_enums_equal_the_crds():
+    """Each field the operator checks against a list: the CRD's enum is that list (and the
+    policies are the batcher's own, common/policy.py)."""
+    from alignedserve.common.policy import POLICIES
+    from alignedserve.operator.spec import _ENUMS
+
+    assert _ENUMS["batching.policy"] == POLICIES
+    for where, allowed in _ENUMS.items():
+        node = crd_spec_schema()
+        for part in where.split("."):
+            node = node["properties"][part]
+        assert node["enum"] == list(allowed), where
+
+
 def _field_class(cls: type, name: str) -> type:
     import typing
 

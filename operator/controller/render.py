@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from alignedserve.common.policy import worker_prefill_decode_blocks
 from alignedserve.operator.spec import GROUP, KIND, VERSION, AlignedServeSpec
 
 BATCHER_PORT = 50051
@@ -260,9 +261,9 @@ def worker_deployment(
     }
     if gpus == 2:
         worker_flags["prefetch-device"] = "cuda:1"
-        # only the aligned batcher sends the prefetch GPU residents to decode
-        aligned = batching.policy == "aligned"
-        worker_flags["prefill-decode-blocks"] = spec.workers.prefill_decode_blocks if aligned else 0
+        worker_flags["prefill-decode-blocks"] = worker_prefill_decode_blocks(
+            batching.policy, spec.workers.prefill_decode_blocks
+        )
     worker_args = ["--model", spec.model.path, *_flag_args(worker_flags)]
     if spec.model.dtype != "auto":
         worker_args += ["--dtype", spec.model.dtype]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignedserve.common.errors import ConfigError
+from alignedserve.common.policy import POLICIES
 
 # The operator's defaults, here because the CLI (main.py) must not import kopf (handlers.py)
 DEFAULT_IMAGE = "ghcr.io/alignedserve/alignedserve:0.1.0"  # of pods whose spec names none
@@ -135,7 +136,7 @@ _ENUMS = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "image.pullPolicy": ("Always", "IfNotPresent", "Never"),
     "workers.gpusPerPod": (0, 1, 2),
-    "batching.policy": ("aligned", "fcfs"),
+    "batching.policy": POLICIES,
 }
 
 

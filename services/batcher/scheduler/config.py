@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from alignedserve.common.errors import ConfigError
-
-POLICIES = ("aligned", "fcfs")
+from alignedserve.common.policy import POLICIES
 
 
 @dataclass(frozen=True)

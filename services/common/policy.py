@@ -1,0 +1,14 @@
+"""The batching policies, and what each asks of a worker: one place for the rules that both
+`alignedserve serve` (a local worker's command line) and the operator (a worker pod's) apply.
+Pure Python: the operator imports it."""
+
+from __future__ import annotations
+
+POLICIES = ("aligned", "fcfs")
+
+
+def worker_prefill_decode_blocks(policy: str, blocks: int) -> int:
+    """The worker's `prefill_decode_blocks` (KV blocks on the prefill device for residents it
+    decodes) under `policy`: only the aligned batcher sends it residents; under fcfs that
+    memory would sit unused, so none is set aside."""
+    return blocks if policy == "aligned" else 0
