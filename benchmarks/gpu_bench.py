@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu_bench.py --out "$OUT"            # on a GPU machine (device tool)
     python3 benchmarks/gpu_bench.py --quick --out "$OUT"    # a smaller grid
+    python3 benchmarks/gpu_bench.py --skip kernel greedy prefetch --model-shape opt-13b
 
 1. environment: GPU, torch, triton;
 2. measured ceilings in this run: HBM read bandwidth (a 4 GiB bf16 sum) and bf16 matmul rate
@@ -9,8 +10,9 @@
 3. correctness: the Triton decode kernel against its torch twin at Llama-3-8B (GQA) and
    OPT-13B (MHA) layer shapes, bf16, fresh random inputs; greedy tokens of the GPU path equal
    the CPU path's on a tiny fp32 model;
-4. decode step, Llama-3-8B shape, random bf16 weights, batch x KV length grid: eager and
-   CUDA-graph step times against the roofline max(bytes / HBM bandwidth, FLOPs / matmul rate).
+4. decode step, Llama-3-8B shape (or --model-shape opt-13b), random bf16 weights, batch x
+   KV length grid: eager and CUDA-graph step times against the roofline max(bytes / HBM
+   bandwidth, FLOPs / matmul rate); cells whose KV does not fit are skipped.
 Results go to stdout and to OUT/gpu_bench.json.
 """
 
@@ -36,7 +38,7 @@ from alignedserve.worker.attention import AttentionMetadata  # noqa: E402
 from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
-from alignedserve.worker.models import LlamaForCausalLM  # noqa: E402
+from alignedserve.worker.models import FAMILIES  # noqa: E402
 from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
 
 
@@ -127,17 +129,23 @@ def check_greedy() -> dict:
     return {"greedy_equal": same, "greedy_equal_graphs": same_graphs}
 
 
-def build_model():
-    """The Llama-3-8B shape with random bf16 weights on the GPU, its projections fused as
-    load_model does there, and a KV cache of what memory is left (12 GiB kept free)."""
-    shape = dict(TINY_CONFIGS["llama"], **FULL_SIZE["llama3-8b"], torch_dtype="bfloat16")
-    config = ModelConfig.from_dict(shape)
+SHAPE_FAMILIES = {"llama3-8b": "llama", "opt-13b": "opt"}  # tiny.FULL_SIZE key -> family
+
+
+def build_model(shape: str = "llama3-8b"):
+    """A model of that shape (Llama-3-8B: GQA; OPT-13B: MHA) with random bf16 weights on the
+    GPU, its projections fused as load_model does there, and a KV cache of what memory is
+    left (12 GiB kept free)."""
+    family = SHAPE_FAMILIES[shape]
+    sizes = dict(TINY_CONFIGS[family], **FULL_SIZE[shape], torch_dtype="bfloat16")
+    config = ModelConfig.from_dict(sizes)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
+        model = FAMILIES[family](config)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
-    model.model.embed_tokens.weight.normal_(0, 0.02)
+    for table in embedding_tables(model):  # made uninitialised: every weight is the checkpoint's
+        table.weight.normal_(0, 0.02)
     model = model.to("cuda").eval()
     fuse_projections(model)  # as load_model does on a GPU
     layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
@@ -146,11 +154,18 @@ def build_model():
     return model, config, kv
 
 
-def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
-    model, config, kv = build_model()
+def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+
+
+def decode_grid(ceil: dict[str, float], quick: bool, shape: str = "llama3-8b") -> dict:
+    """The grid; for the Llama shape also mixed batches, a prefetch beside a step, and
+    prefill (studies of the shape the issue's targets name)."""
+    model, config, kv = build_model(shape)
     num_blocks = kv.num_blocks
     params = sum(p.numel() for p in model.parameters())
-    read_params = params - model.model.embed_tokens.weight.numel()  # a step reads B rows of it
+    # a step reads B rows of each embedding table, and every other weight whole
+    read_params = params - sum(t.weight.numel() for t in embedding_tables(model))
     cache_gib = num_blocks * kv.layout.block_bytes / 2**30
     print(f"  model {params / 1e9:.2f} B params, KV cache {cache_gib:.0f} GiB")
     batches = (64, 256) if quick else (64, 128, 256, 512)
@@ -163,7 +178,10 @@ def decode_grid(ceil: dict[str, float], quick: bool) -> dict:
                 print(f"  B={batch} L={length}: KV does not fit, skipped")
                 continue
             rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
+    if shape != "llama3-8b":
+        return {"shape": shape, "grid": rows}
     return {
+        "shape": shape,
         "grid": rows,
         "mixed": [mixed_cell(model, config, kv, batch) for batch in (8, 32, 128)],
         "with_prefetch": decode_with_prefetch(model, config, kv),
@@ -387,6 +405,7 @@ def main() -> None:
     parser.add_argument(
         "--skip", nargs="*", default=[], help="sections: kernel greedy decode prefetch"
     )
+    parser.add_argument("--model-shape", choices=SHAPE_FAMILIES, default="llama3-8b")
     args = parser.parse_args()
     import triton
 
@@ -413,8 +432,8 @@ def main() -> None:
         print("prefetch (GPU-Prefetch-For-GPU):")
         result["prefetch"] = prefetch_bench(ceil)
     if "decode" not in args.skip:
-        print("decode step, Llama-3-8B shape, random bf16 weights:")
-        result["decode"] = decode_grid(ceil, args.quick)
+        print(f"decode step, {args.model_shape} shape, random bf16 weights:")
+        result["decode"] = decode_grid(ceil, args.quick, args.model_shape)
     out = Path(args.out) / "gpu_bench.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

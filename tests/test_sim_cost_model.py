@@ -65,6 +65,19 @@ def test_a_decode_step_costs_what_the_h200_measured(batch, length):
     assert step_ms / H200_GRID_MS[(batch, length)] == pytest.approx(1.0, abs=0.1)
 
 
+# OPT-13B (MHA: 6.25 times Llama-3-8B's KV per token) on an H200, the cells whose KV fits
+# beside the weights: docs/results/session17/gpu_bench_opt13b_call4.json.
+H200_OPT_CEILINGS = GpuSpec(hbm_read_bytes_per_s=4.167e12, matmul_flops_per_s=762e12)
+H200_OPT_GRID_MS = {(64, 512): 15.60, (64, 1024): 21.86, (128, 512): 23.36}
+
+
+@pytest.mark.parametrize(("batch", "length"), H200_OPT_GRID_MS)
+def test_an_mha_decode_step_costs_what_the_h200_measured(batch, length):
+    """The same model, unchanged, on MHA's KV-heavy steps: within 10 % too."""
+    step_ms = CostModel(OPT_13B, H200_OPT_CEILINGS).decode_step_s([length] * batch) * 1e3
+    assert step_ms / H200_OPT_GRID_MS[(batch, length)] == pytest.approx(1.0, abs=0.1)
+
+
 def test_prefill_efficiency_and_overhead_slow_a_step():
     ideal, real = CostModel(LLAMA3_8B, IDEAL), CostModel(LLAMA3_8B)
     lengths = [1024] * 256

@@ -5,8 +5,9 @@ model only has to rank policies correctly, not predict milliseconds. A step cost
 traffic at the measured read rate plus its FLOPs at the measured matmul rate
 (../shared/notes/gpu-facts.md), plus a fixed per-step floor: a decode step runs its
 compute-bound projections and its memory-bound attention one after the other, so their
-times add. On the H200 decode grid that sum gives 0.94-1.09x the measured CUDA-graph step,
-where the larger of the two at 80 % / 70 % of the ceilings gave 0.70-1.20x
+times add. On the H200 decode grid that sum gives 0.94-1.09x the measured CUDA-graph step
+(Llama-3-8B, GQA; 0.95-1.00x on OPT-13B's MHA cells that fit in memory), where the larger of
+the two at 80 % / 70 % of the ceilings gave 0.70-1.20x
 (benchmarks/sim_grid_fit.py; a profile in benchmarks/step_profile.py: the GEMMs at M = 512
 reach 97 % of the matmul rate and attention 88-96 % of the read rate, in turn). A prefill's
 FLOPs count at `prefill_efficiency` of the matmul rate, its rate in serving. What separates
