@@ -332,8 +332,10 @@ def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
     request completes with exactly the tokens an uninterrupted run gives."""
     prompts = random_prompts((7, 30, 15, 22), seed=6)
     n = 300
-    params = [greedy(n), greedy(n), SamplingParams(max_tokens=n, temperature=0.9, seed=11)]
-    params.append(greedy(n))
+    # EOS ignored by all four, the sampled one too: each must still be mid-run at the kill (the
+    # sampled one hit EOS after 11 tokens, and on a busy machine it had sometimes finished).
+    sampled = SamplingParams(max_tokens=n, temperature=0.9, seed=11, ignore_eos=True)
+    params = [greedy(n), greedy(n), sampled, greedy(n)]
     expected = LocalRuntime.from_dir(model_dir).generate(prompts, params)
     port = free_port()
     progress: dict[str, list[int]] = {}
