@@ -18,7 +18,12 @@ cProfile and their top functions are printed.
 
     .venv/bin/python benchmarks/serving_overhead.py [--requests 400] [--max-tokens 256]
         [--client router|generate|http] [--http-clients 1] [--num-routers 1] [--step-ms 0]
-        [--steps-in-flight 1 2] [--profile]
+        [--steps-in-flight 1 2] [--profile] [--router-variants "FLAGS" ...]
+
+--router-variants (http) runs the router with each string of extra flags in turn, e.g.
+"--http-parser h11 --event-loop asyncio" against "" (the defaults: httptools and uvloop);
+--batcher-variants likewise the batcher process ("--event-loop asyncio"), each with every
+router variant.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import itertools
 import multiprocessing
 import os
 import pstats
@@ -105,13 +111,16 @@ def serve_instant_worker(step_s: float, steps, ports) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    rates = {depth: await run(args, depth) for depth in args.steps_in_flight}
-    if len(rates) > 1:
-        base = rates[args.steps_in_flight[0]]
-        print(", ".join(f"{d} in flight: {r / base:.2f}x" for d, r in rates.items()))
+    for router, batcher in itertools.product(args.router_variants, args.batcher_variants):
+        rates = {depth: await run(args, depth, router, batcher) for depth in args.steps_in_flight}
+        if len(rates) > 1:
+            base = rates[args.steps_in_flight[0]]
+            print(", ".join(f"{d} in flight: {r / base:.2f}x" for d, r in rates.items()))
 
 
-async def run(args: argparse.Namespace, steps_in_flight: int) -> float:
+async def run(
+    args: argparse.Namespace, steps_in_flight: int, router_flags: str = "", batcher_flags: str = ""
+) -> float:
     """One run; returns its tokens/s."""
     spawn = multiprocessing.get_context("spawn")
     steps, ports = spawn.Value("q", 0), spawn.Queue()
@@ -120,7 +129,8 @@ async def run(args: argparse.Namespace, steps_in_flight: int) -> float:
     port = await asyncio.to_thread(ports.get, timeout=60)
     if args.client == "http":
         try:
-            return await run_http(args, steps_in_flight, port, steps, worker.pid)
+            flags = (router_flags, batcher_flags)
+            return await run_http(args, steps_in_flight, port, steps, worker.pid, *flags)
         finally:
             worker.terminate()
             worker.join()
@@ -188,7 +198,15 @@ def _ready(url: str) -> bool:
         return False
 
 
-async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_pid: int) -> float:
+async def run_http(
+    args,
+    steps_in_flight: int,
+    worker_port: int,
+    steps,
+    worker_pid: int,
+    router_flags: str,
+    batcher_flags: str,
+) -> float:
     """The batcher and router as processes of their own, this process the bench's client."""
     from alignedserve.worker.tiny import init_tiny  # the router's tokenizer and config
 
@@ -199,6 +217,7 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
         *serve, "batcher", "--worker", f"127.0.0.1:{worker_port}", "--host", "127.0.0.1",
         "--port", str(batcher_port), "--metrics-port", "0", "--pool-gib", "0.5",
         "--max-waiting", "10000", "--max-steps-in-flight", str(steps_in_flight),
+        *batcher_flags.split(),
     ])  # fmt: skip
     shared = args.num_routers > 1  # as serve_routers.RouterProcesses runs them
     holder = bind_reuse_port("127.0.0.1", 0, exclusive=True) if shared else None  # unheard
@@ -214,6 +233,7 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
             sys.executable, *profiled, "-m", "alignedserve", "serve", "router",
             "--model-dir", str(model), "--host", "127.0.0.1", "--port", str(http_port),
             "--batcher-addresses", f"127.0.0.1:{batcher_port}", *(["--reuse-port"] * shared),
+            *router_flags.split(),
         ], env=env))  # fmt: skip
     base_url = f"http://127.0.0.1:{http_port}"
     try:
@@ -255,7 +275,9 @@ async def run_http(args, steps_in_flight: int, worker_port: int, steps, worker_p
         tokens = sum(r.completion_tokens for r in records)
         assert tokens == args.requests * args.max_tokens, tokens
         print(
-            f"http ({args.http_clients} client processes, {args.num_routers} routers), "
+            f"http ({args.http_clients} client processes, {args.num_routers} routers"
+            f"{', router ' + router_flags if router_flags else ''}"
+            f"{', batcher ' + batcher_flags if batcher_flags else ''}), "
             f"{steps_in_flight} in flight, "
             f"{args.requests} streams x {args.max_tokens} "
             f"tokens, worker step {args.step_ms:g} ms: {num_steps} steps in {seconds:.1f} s, "
@@ -289,4 +311,16 @@ if __name__ == "__main__":
     parser.add_argument("--step-ms", type=float, default=0.0, help="the worker's step time")
     parser.add_argument("--steps-in-flight", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--router-variants",
+        nargs="+",
+        default=[""],
+        help='http: router flags of each variant, run in turn, e.g. "--event-loop asyncio"',
+    )
+    parser.add_argument(
+        "--batcher-variants",
+        nargs="+",
+        default=[""],
+        help="http: batcher flags of each variant (every router variant with each)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignedserve.batcher.service import BatcherConfig
-from alignedserve.common import flags
+from alignedserve.common import event_loop, flags
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.model_config import DTYPES
 from alignedserve.common.policy import POLICIES, worker_prefill_decode_blocks
@@ -361,5 +361,5 @@ def run_serve(config: ServeConfig) -> int:
         await serve_all(config, stop=stop)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        event_loop.run(main())  # uvloop where installed, as the router's own processes
     return 0

@@ -90,17 +90,20 @@ def running_router(config: RouterConfig) -> Iterator[RouterServer]:
         assert not thread.is_alive(), "router did not stop"
 
 
-@pytest.fixture(scope="module")
-def router(model_dir, fake) -> Iterator[str]:
-    config = RouterConfig(
+def loopback_config(model_dir, fake, **options) -> RouterConfig:
+    """A router on a free loopback port before one fake batcher, polling its load often."""
+    return RouterConfig(
         model_dir=str(model_dir),
         batcher_addresses=(fake.address,),
         host="127.0.0.1",
         port=free_port(),
-        load_poll_interval_s=0.05,
-        ready_window_s=0.5,
-        hold_timeout_s=1.0,
+        **({"load_poll_interval_s": 0.05, "ready_window_s": 0.5} | options),
     )
+
+
+@pytest.fixture(scope="module")
+def router(model_dir, fake) -> Iterator[str]:
+    config = loopback_config(model_dir, fake, hold_timeout_s=1.0)
     with running_router(config):
         yield f"http://127.0.0.1:{config.port}"
 
@@ -634,6 +637,38 @@ def test_bad_inputs_through_the_official_client(client):
 def test_still_serving_after_bad_inputs(client):
     out = client.completions.create(model=MODEL, prompt="still here", max_tokens=4)
     assert out.choices[0].text == "stil"
+
+
+@pytest.mark.parametrize(
+    ("http_parser", "event_loop", "protocol", "loop_module"),
+    [
+        ("httptools", "uvloop", "HttpToolsProtocol", "uvloop"),
+        ("h11", "asyncio", "H11Protocol", "asyncio"),
+    ],
+)
+def test_both_http_stacks_serve_the_api(
+    model_dir, fake, tokenizer, http_parser, event_loop, protocol, loop_module
+):
+    """The default stack (httptools on uvloop, where installed) and the pure-Python one
+    (h11 on asyncio's loop) answer the same: a stream, a whole answer, a 400."""
+    config = loopback_config(model_dir, fake, http_parser=http_parser, event_loop=event_loop)
+    with running_router(config) as server:
+        assert server.config.http_protocol_class.__name__ == protocol
+        assert type(server.servers[0]).__module__.split(".")[0] == loop_module
+        api = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{config.port}/v1", api_key="x", max_retries=0
+        )
+        messages = [{"role": "user", "content": "stack"}]
+        whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
+        chunks = api.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        want = expected_text(tokenizer, chat_prompt_ids(tokenizer, messages), 12)
+        assert whole.choices[0].message.content == streamed == want
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.chat.completions.create(model=MODEL, messages=messages, max_tokens=-1)
+        assert bad.value.body["type"] == "invalid_request_error"
 
 
 def test_unknown_route_is_an_openai_404(router):

@@ -15,8 +15,9 @@ from alignedserve.batcher.engine import BatcherEngine
 from alignedserve.batcher.engine_config import EngineConfig
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.batcher.streams import Delta, Sink
-from alignedserve.common import flags, metrics, rpc, wire
+from alignedserve.common import event_loop, flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
+from alignedserve.common.event_loop import EVENT_LOOPS
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ class BatcherConfig:
     # aligned beside a prefill device: the most share of the decode GPU's time that its
     # prefill turns take while a backlog waits (0: never)
     decode_prefill_share: float = SchedulerConfig.decode_prefill_share
+    event_loop: str = "auto"  # auto (uvloop where installed) | uvloop | asyncio
 
     def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop={self.event_loop!r} not one of {EVENT_LOOPS}")
         if self.pool_gib <= 0:
             raise ConfigError(f"pool_gib={self.pool_gib} must be > 0")
         if self.kernel_cost not in (None, "padded", "balanced"):
@@ -311,5 +315,5 @@ def run_batcher(config: BatcherConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve_batcher(config, stop=stop)
 
-    asyncio.run(main())
+    event_loop.run(main(), config.event_loop)
     return 0

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
+from alignedserve.common.event_loop import EVENT_LOOPS
+
+HTTP_PARSERS = ("auto", "httptools", "h11")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -76,6 +79,20 @@ class RouterConfig:
     hold_timeout_s: float = field(
         default=60.0, metadata=_help("how long a request is held for a ready batcher, then 503")
     )
+    http_parser: str = field(
+        default="auto",
+        metadata={
+            "help": "uvicorn's HTTP/1.1 implementation (auto: httptools where installed)",
+            "choices": HTTP_PARSERS,
+        },
+    )
+    event_loop: str = field(
+        default="auto",
+        metadata={
+            "help": "the asyncio event loop (auto: uvloop where installed)",
+            "choices": EVENT_LOOPS,
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.batcher_addresses:
@@ -91,6 +108,9 @@ class RouterConfig:
             raise ConfigError(f"retry_after_s={self.retry_after_s} must be >= 0")
         if self.max_held < 0:
             raise ConfigError(f"max_held={self.max_held} must be >= 0")
+        for name, allowed in (("http_parser", HTTP_PARSERS), ("event_loop", EVENT_LOOPS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} not one of {allowed}")
         if not self.served_model_name:
             # The directory's own name, as vLLM names a model served from a local path.
             name = Path(self.model_dir).resolve().name

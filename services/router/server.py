@@ -17,6 +17,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from alignedserve.common import event_loop
 from alignedserve.router.app import create_app
 from alignedserve.router.client import BatcherClient
 from alignedserve.router.config import RouterConfig
@@ -43,6 +44,8 @@ class RouterServer(uvicorn.Server):
                 host=config.host,
                 port=config.port,
                 lifespan="on",
+                http=config.http_parser,
+                loop=config.event_loop,  # where uvicorn makes the loop (Server.run)
                 log_config=None,  # the process configures logging (alignedserve CLI)
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             )
@@ -137,5 +140,5 @@ async def serve_router(
 
 def run_router(config: RouterConfig) -> int:
     """Blocking entry point; the exit status once drained."""
-    asyncio.run(serve_router(config))
+    event_loop.run(serve_router(config), config.event_loop)
     return 0
