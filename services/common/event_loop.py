@@ -1,6 +1,6 @@
 """Which asyncio event loop a service runs on: uvloop (libuv, in C) where it is installed,
-else the standard library's. uvloop cuts the router's per-token CPU (docs/benchmarks.md,
-"the HTTP front end"); `asyncio` keeps the standard loop, for comparison or debugging."""
+as production uvicorn deployments run, else the standard library's; `asyncio` keeps the
+standard loop, for comparison or debugging (docs/benchmarks.md, "the HTTP front end")."""
 
 from __future__ import annotations
 
