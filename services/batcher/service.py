@@ -17,7 +17,6 @@ from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.batcher.streams import Delta, Sink
 from alignedserve.common import event_loop, flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
-from alignedserve.common.event_loop import EVENT_LOOPS
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,7 @@ class BatcherConfig:
     event_loop: str = "auto"  # auto (uvloop where installed) | uvloop | asyncio
 
     def __post_init__(self) -> None:
-        if self.event_loop not in EVENT_LOOPS:
-            raise ConfigError(f"event_loop={self.event_loop!r} not one of {EVENT_LOOPS}")
+        event_loop.check(self.event_loop)
         if self.pool_gib <= 0:
             raise ConfigError(f"pool_gib={self.pool_gib} must be > 0")
         if self.kernel_cost not in (None, "padded", "balanced"):

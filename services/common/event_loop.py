@@ -14,11 +14,16 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 T = TypeVar("T")
 
 
+def check(name: str) -> None:
+    """A config's `event_loop` field: one of EVENT_LOOPS, else a ConfigError."""
+    if name not in EVENT_LOOPS:
+        raise ConfigError(f"event_loop={name!r} not one of {EVENT_LOOPS}")
+
+
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The factory of the loop `name` asks for (None: asyncio's default). `auto` is uvloop
     when it can be imported, `uvloop` insists on it."""
-    if name not in EVENT_LOOPS:
-        raise ConfigError(f"event_loop={name!r} not one of {EVENT_LOOPS}")
+    check(name)
     if name == "asyncio":
         return None
     try:

@@ -6,9 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignedserve.common import flags
+from alignedserve.common import event_loop, flags
 from alignedserve.common.errors import ConfigError
-from alignedserve.common.event_loop import EVENT_LOOPS
 
 HTTP_PARSERS = ("auto", "httptools", "h11")
 
@@ -90,7 +89,7 @@ class RouterConfig:
         default="auto",
         metadata={
             "help": "the asyncio event loop (auto: uvloop where installed)",
-            "choices": EVENT_LOOPS,
+            "choices": event_loop.EVENT_LOOPS,
         },
     )
 
@@ -108,9 +107,9 @@ class RouterConfig:
             raise ConfigError(f"retry_after_s={self.retry_after_s} must be >= 0")
         if self.max_held < 0:
             raise ConfigError(f"max_held={self.max_held} must be >= 0")
-        for name, allowed in (("http_parser", HTTP_PARSERS), ("event_loop", EVENT_LOOPS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} not one of {allowed}")
+        if self.http_parser not in HTTP_PARSERS:
+            raise ConfigError(f"http_parser={self.http_parser!r} not one of {HTTP_PARSERS}")
+        event_loop.check(self.event_loop)
         if not self.served_model_name:
             # The directory's own name, as vLLM names a model served from a local path.
             name = Path(self.model_dir).resolve().name
