@@ -25,6 +25,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from alignedserve.common import flags
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.merged_metrics import MULTIPROC_DIR_ENV
+from alignedserve.common.process_metrics import remove_pid
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.server import bind_reuse_port
 from alignedserve.supervisor import Supervisor
@@ -66,8 +67,10 @@ class RouterProcesses:
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _mark_dead(self, pid: int) -> None:
-        # Its live gauges leave the sums; its counters and histograms stay in them.
+        # Its live gauges leave the sums; its counters and histograms stay in them; its
+        # process_* series leave /metrics.
         mark_process_dead(pid, self.metrics_dir)
+        remove_pid(self.metrics_dir, pid)
 
     def run(self) -> None:
         self._tasks = [

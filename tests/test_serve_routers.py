@@ -141,6 +141,17 @@ def scrape(url: str) -> dict[str, float]:
     return sums
 
 
+def process_series(url: str) -> dict[str, dict[int, float]]:
+    """/metrics' process_* samples: {name: {pid label: value}} (a new connection each time)."""
+    text = httpx.get(f"{url}/metrics", headers={"connection": "close"}).text
+    series: dict[str, dict[int, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("process_"):
+                series.setdefault(s.name, {})[int(s.labels["pid"])] = s.value
+    return series
+
+
 def test_both_routers_serve_and_any_scrape_shows_the_sum_and_the_batchers_series(stack):
     routers = [s.process.pid for s in stack.ports["routers"]]
     assert len(set(routers)) == 2 and os.getpid() not in routers
@@ -158,6 +169,12 @@ def test_both_routers_serve_and_any_scrape_shows_the_sum_and_the_batchers_series
         assert got["alignedserve:num_requests_held"] == 0  # one livesum sample, not per pid
         assert got["alignedserve:worker_ready"] == 1  # the batcher's series
         assert got["alignedserve:request_queue_time_seconds_count"] == 30  # the batcher's too
+        assert got["python_info"] == 1  # one sample: the routers share their interpreter
+        series = process_series(stack.url)  # each router's own, labelled with its pid
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes"):
+            assert set(series[name]) == set(routers), name
+            assert all(v > 0 for v in series[name].values()), name
+        assert set(series["process_open_fds"]) == set(series["process_start_time_seconds"])
 
 
 def test_a_killed_router_is_restarted_and_the_port_keeps_serving(stack):
@@ -182,6 +199,8 @@ def test_a_killed_router_is_restarted_and_the_port_keeps_serving(stack):
     assert scrape(stack.url)[SUCCESS] == before + made  # the dead one's count stays in the sum
     live_gauges = [p.name for p in Path(stack.ports["router_metrics_dir"]).glob("gauge_live*")]
     assert not [name for name in live_gauges if name.endswith(f"_{killed}.db")]
+    pids = set(process_series(stack.url)["process_cpu_seconds_total"])
+    assert pids == {supervisor.process.pid, other.process.pid}  # the killed one's are gone
 
 
 def alive(process: psutil.Process) -> bool:

@@ -6,7 +6,8 @@ would clash with the router's own).
 
 With several router processes (`serve --num-routers`), each runs in prometheus_client's
 multiprocess mode (PROMETHEUS_MULTIPROC_DIR set in its environment): its series are the sum
-over every router's files in that directory, merged with the batcher's the same way."""
+over every router's files in that directory, merged with the batcher's the same way, and the
+process_* series of every router process, labelled with its pid (common/process_metrics.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from alignedserve.common import metrics
+from alignedserve.common.process_metrics import RouterProcessCollector, add_pid
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,16 @@ def is_multiprocess() -> bool:
 
 def router_registry(merge_url: str) -> CollectorRegistry:
     """What a router's /metrics serves: this process's registry, or in multiprocess mode the
-    sum over all router processes' files; with `merge_url`, the alignedserve:* series
-    served there merged in (MergedCollector). Without either: REGISTRY itself."""
+    sum over all router processes' files and each one's process_* series (this process is
+    listed among them here); with `merge_url`, the alignedserve:* series served there merged
+    in (MergedCollector). Without either: REGISTRY itself."""
     if not merge_url and not is_multiprocess():
         return REGISTRY
     local = MultiProcessCollector(None) if is_multiprocess() else REGISTRY
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MergedCollector([local], fetch(merge_url) if merge_url else lambda: ""))
+    if is_multiprocess():
+        directory = os.environ[MULTIPROC_DIR_ENV]
+        add_pid(directory)
+        registry.register(RouterProcessCollector(directory))
     return registry
