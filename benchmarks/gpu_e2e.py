@@ -181,7 +181,7 @@ def environment() -> dict[str, str]:
     if wheels.is_dir():  # the router's and the bench's packages, carried along
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
-             str(wheels), "fastapi", "uvicorn", "httptools", "httpx"],
+             str(wheels), "fastapi", "uvicorn", "httptools", "uvloop", "httpx"],
             check=True,
         )  # fmt: skip
     return env
