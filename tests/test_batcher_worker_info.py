@@ -98,6 +98,12 @@ def test_a_worker_reports_its_cost_model_and_the_batcher_uses_it(tmp_path, devic
     assert info.decode_kernel_cost == config.kernel_cost == kernel_cost
     assert config.weight_kv_tokens == checkpoint_bytes // kv_bytes_per_token
     assert (config.gpu_kv_tokens, config.block_tokens) == (64 * 16, 16)
+    if device == "cpu":  # nothing measured: the scheduler keeps its default ridge
+        assert info.ridge_flops_per_byte == 0
+        assert config.ridge_flops_per_byte == SchedulerConfig.ridge_flops_per_byte
+    else:  # measured at start (H200 ~190; an H100 reads its HBM slower)
+        assert 100 < info.ridge_flops_per_byte < 400
+        assert config.ridge_flops_per_byte == info.ridge_flops_per_byte
 
     assert at_attach == dict.fromkeys(at_attach, 0.0)  # every series there, at zero
     assert sample("alignedserve:prefetch_seconds_count", model) >= 1  # aligned loads them all
@@ -112,11 +118,13 @@ def test_configured_cost_settings_win_over_the_workers():
         num_device_blocks=100,
         weight_bytes=256 * 5000,
         decode_kernel_cost="balanced",
+        ridge_flops_per_byte=250,
     )
     base = SchedulerConfig(kernel_cost="padded", weight_kv_tokens=122_000)
 
     reported = scheduler_config_for(EngineConfig("w:1", 1, base), info, 1000)
     assert (reported.kernel_cost, reported.weight_kv_tokens) == ("balanced", 5000)
+    assert reported.ridge_flops_per_byte == 250  # the worker's GPU, as it measured it
 
     mine = EngineConfig("w:1", 1, base, kernel_cost="padded", weight_kv_tokens=777)
     configured = scheduler_config_for(mine, info, 1000)
@@ -125,6 +133,7 @@ def test_configured_cost_settings_win_over_the_workers():
     silent = worker_pb2.ModelInfo(kv_layout=info.kv_layout, num_device_blocks=100)
     unreported = scheduler_config_for(EngineConfig("w:1", 1, base), silent, 1000)
     assert (unreported.kernel_cost, unreported.weight_kv_tokens) == ("padded", 122_000)
+    assert unreported.ridge_flops_per_byte == base.ridge_flops_per_byte == 190
 
     # fcfs: the pool's blocks stand for the device's
     fcfs = scheduler_config_for(EngineConfig("w:1", 1, SchedulerConfig(policy="fcfs")), info, 1000)

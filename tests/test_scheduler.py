@@ -259,6 +259,19 @@ def test_the_prefill_lane_opens_only_once_no_prompt_has_waited_for_a_while():
     assert 1.85 + 0.5 <= first <= 1.85 + 0.5 + 0.1, first  # last prefilled at 1.85 s
 
 
+def test_a_members_cost_follows_the_gpus_ridge():
+    """One more member costs its projections' FLOPs: weight bytes / ridge KV tokens of
+    reading. A GPU with half the ridge (matmul cheap against HBM reads) makes it twice as
+    much; the scheduler's step estimate carries it for each member."""
+    base = SchedulerConfig(policy="aligned", weight_kv_tokens=122_000, kernel_cost="balanced")
+    for ridge, want in ((190, 642), (95, 1284)):
+        sched = make_scheduler(replace(base, ridge_flops_per_byte=ridge))
+        lane = sched.policy.decode_lane
+        assert lane.member_tokens == want
+        lane.resident.update(dict.fromkeys(["a", "b", "c"]))
+        assert lane.step_tokens() == 3 * want  # no KV held: the members' share alone
+
+
 def test_the_lanes_balance_by_members_as_well_as_kv():
     """64 short requests, all landed on the decode device before the prefill device's lane
     opens. Their KV is small beside a read of the weights (64 x ~60 tokens against 122k),

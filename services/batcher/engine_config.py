@@ -36,9 +36,9 @@ def scheduler_config_for(
     config: EngineConfig, info: worker_pb2.ModelInfo, num_pool_blocks: int
 ) -> SchedulerConfig:
     """The scheduler's settings for this worker: `config.scheduler` with the block size, the
-    pool and device sizes and the decode cost model taken from the worker's ModelInfo (a cost
-    field the worker does not report keeps the configured value; EngineConfig's overrides
-    win over both)."""
+    pool and device sizes and the decode cost model (its ridge too) taken from the worker's
+    ModelInfo (a cost field the worker does not report keeps the configured value;
+    EngineConfig's overrides win over both)."""
     base = config.scheduler
     layout = wire.layout_from_proto(info.kv_layout)
     # fcfs keeps every running request's KV on the device: its blocks budget is the
@@ -59,6 +59,7 @@ def scheduler_config_for(
         gpu_kv_tokens=info.num_device_blocks * layout.block_tokens,
         kernel_cost=kernel_cost,
         weight_kv_tokens=weight_kv_tokens,
+        ridge_flops_per_byte=info.ridge_flops_per_byte or base.ridge_flops_per_byte,
         # fcfs is the baseline as vLLM runs it: every chunk in the decode device's step
         num_prefill_device_blocks=info.num_prefill_blocks if base.policy == "aligned" else 0,
         num_prefill_decode_blocks=(

@@ -85,6 +85,7 @@ def prefill_decode_blocks(config: WorkerConfig, block_bytes: int) -> int:
 def load_servicer(config: WorkerConfig) -> WorkerServicer:
     """Load the model and its device KV cache (blocking: seconds to minutes)."""
     # The torch side, imported here and not at the top: see the module docstring.
+    from alignedserve.worker.ceilings import measure as measure_ceilings
     from alignedserve.worker.executor import StepExecutor
     from alignedserve.worker.kv_cache import KVCache
     from alignedserve.worker.loader import load_model
@@ -94,6 +95,7 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
     model_dir = Path(config.model_dir)
     model_config = ModelConfig.from_dir(model_dir)
     model = load_model(model_dir, device=config.device, dtype=config.dtype)
+    ceilings = measure_ceilings(config.device)  # before the KV cache takes the memory
     layout = KVLayout.for_model(model_config, config.block_tokens, config.dtype)
     on_gpu = torch_device_is_cuda(config.device)
     kv_cache = KVCache(layout, config.num_device_blocks, device=config.device, scratch_block=on_gpu)
@@ -111,7 +113,16 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         # a tied embedding is one parameter: counted once, as a step reads it once
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         decode_kernel_cost=decode_kernel_cost(config.device),
+        ridge_flops_per_byte=ceilings.ridge_flops_per_byte if ceilings else 0,
     )
+    if ceilings:
+        logger.info(
+            "%s: bf16 matmul %.0f TFLOP/s, HBM read %.0f GB/s: ridge %d FLOPs per byte",
+            config.device,
+            ceilings.matmul_flops_per_s / 1e12,
+            ceilings.hbm_read_bytes_per_s / 1e9,
+            ceilings.ridge_flops_per_byte,
+        )
     prefiller = second_runner = second_kv = None
     if config.prefetch_device and config.offload_prefill:
         from alignedserve.worker.prefiller import Prefiller

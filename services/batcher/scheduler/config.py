@@ -27,6 +27,12 @@ class SchedulerConfig:
     # The weights' read cost in KV-token equivalents (weight bytes / KV bytes per token): a
     # padded step over n members of longest length L costs ~ weight_kv_tokens + n * L.
     weight_kv_tokens: int = 122_000  # Llama-3-8B bf16: 16.06 GB / 128 KiB
+    # The decode GPU's bf16 matmul FLOP/s over its HBM read bytes/s (the worker measures it;
+    # H200: 790 TFLOP/s / 4.23 TB/s ~ 190). A member's share of the projections is ~2 FLOPs
+    # per parameter, i.e. 1 FLOP per byte of bf16 weights: worth weight_kv_tokens / ridge KV
+    # tokens of reading. Fitted on the H200 grid (docs/benchmarks.md, issue 5): a Llama-3-8B
+    # member costs ~19 us beyond its KV, ~600 KV tokens; this gives 640.
+    ridge_flops_per_byte: int = 190
     starvation_s: float = 5.0  # no pooled request waits longer than this for a batch (+ one switch)
     growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
     pool_full: str = "wait"  # when the pool lacks room for a new prompt: wait | reject (429)

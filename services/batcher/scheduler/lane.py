@@ -26,11 +26,6 @@ from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.batcher.scheduler.core import Scheduler
 
 S = RequestState
-# A decode step's projections cost each member about 2 FLOPs per parameter, i.e. 1 FLOP per
-# byte of bf16 weights; at a GPU's FLOP-per-byte ridge (H200: 790 TFLOP/s / 4.23 TB/s ~ 190)
-# that is worth reading weight_bytes / 190 of KV. Fitted on the H200 grid (docs/benchmarks.md,
-# issue 5): a Llama-3-8B member costs ~19 us beyond its KV, ~600 KV tokens; this gives 640.
-FLOPS_PER_BYTE_RIDGE = 190
 # Groups are formed over coarser buckets than the pool's index (16 per power of two: each
 # <= 6.25 % of its length), which halves the partition's work at a small cost in fit.
 GROUP_SUB_BITS = 3
@@ -104,7 +99,7 @@ class Lane:
         kv_tokens = num_device_blocks * config.block_tokens
         self.kv_budget = int(kv_tokens * config.max_resident_kv_fraction)
         self.gpu_tokens = 0  # KV tokens of resident + loading requests, kept exact
-        self.member_tokens = config.weight_kv_tokens // FLOPS_PER_BYTE_RIDGE
+        self.member_tokens = config.weight_kv_tokens // config.ridge_flops_per_byte
         self.held_blocks = 0  # device blocks the residents' KV fills, kept exact
 
     def __contains__(self, request_id: str) -> bool:

@@ -227,6 +227,8 @@ def configs_for(
         block_tokens=block,
         max_waiting=1 << 22,
         weight_kv_tokens=cost.model.weight_bytes // cost.model.kv_bytes_per_token,
+        # as the worker measures it on its GPU
+        ridge_flops_per_byte=round(cost.gpu.matmul_flops_per_s / cost.gpu.hbm_read_bytes_per_s),
         kernel_cost="padded" if cost.padded else "balanced",
         max_batch_size=1024,  # one decode step's members, for both policies
     )
