@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.worker.attention import AttentionMetadata  # noqa: E402
+from alignedserve.worker.ceilings import measure as measure_ceilings  # noqa: E402
 from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
@@ -57,13 +58,12 @@ def cuda_time(fn, iters: int = 10, warmup: int = 3) -> float:
 
 
 def ceilings() -> dict[str, float]:
-    x = torch.empty(2 << 30, dtype=torch.bfloat16, device="cuda").normal_()  # 4 GiB
-    read_s = cuda_time(lambda: x.sum(dtype=torch.float32), iters=10)
-    x = None  # free it before the matmul operands
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_s = cuda_time(lambda: a @ b, iters=20)
-    return {"hbm_read_bytes_per_s": 4 * 2**30 / read_s, "matmul_flops_per_s": 2 * 8192**3 / mm_s}
+    """The GPU's ceilings as the worker measures them at start (worker/ceilings.py)."""
+    got = measure_ceilings("cuda")
+    return {
+        "hbm_read_bytes_per_s": got.hbm_read_bytes_per_s,
+        "matmul_flops_per_s": got.matmul_flops_per_s,
+    }
 
 
 def check_kernel() -> list[dict]:

@@ -146,3 +146,14 @@ def drive(sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None):
             decoding += seconds
         sched.check_invariants()
     return plans, in_turns, decoding
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus exposition text's samples: each value by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }

@@ -13,7 +13,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from alignedserve.common import metrics
 from alignedserve.common.merged_metrics import (
@@ -23,6 +22,7 @@ from alignedserve.common.merged_metrics import (
     router_registry,
 )
 
+from factories import metric_samples
 from k8s import system_binary
 
 
@@ -62,17 +62,9 @@ def merged_text() -> str:
     return generate_latest(local).decode()
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    }
-
-
 def test_the_childs_series_join_the_routers_and_nothing_is_doubled():
     text = merged_text()
-    got = samples(text)
+    got = metric_samples(text)
     m = (("model_name", "m"),)
     assert got[("alignedserve:num_requests_waiting", m)] == 7
     assert got[("alignedserve:batch_switches_total", m)] == 3
@@ -113,7 +105,7 @@ def test_a_child_that_does_not_answer_leaves_the_routers_series():
     for collector in ours:
         local.unregister(collector)
     local.register(MergedCollector(ours, lambda: ""))
-    got = samples(generate_latest(local).decode())
+    got = metric_samples(generate_latest(local).decode())
     assert got[("alignedserve:generation_tokens_total", (("model_name", "m"),))] == 5
     assert not any(name == "alignedserve:num_requests_waiting" for name, _ in got)
 
@@ -125,7 +117,7 @@ def test_merged_into_swaps_the_global_registry_and_puts_it_back():
         inside = set(REGISTRY._collector_to_names)
         assert merged in inside and not set(alignedserve_metrics()) & inside
         metrics.NUM_REQUESTS_HELD.labels("merge-test").set(2)
-        got = samples(generate_latest().decode())
+        got = metric_samples(generate_latest().decode())
         metrics.NUM_REQUESTS_HELD.remove("merge-test")  # others sum every model's series
         assert got[("alignedserve:num_requests_held", (("model_name", "merge-test"),))] == 2
     assert set(REGISTRY._collector_to_names) == before
@@ -142,7 +134,7 @@ def test_a_routers_merge_url_joins_its_registry_with_the_series_served_there():
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
         metrics.NUM_REQUESTS_HELD.labels("merge-url-test").set(3)
-        got = samples(generate_latest(router_registry(url)).decode())
+        got = metric_samples(generate_latest(router_registry(url)).decode())
     finally:
         server.shutdown()
         metrics.NUM_REQUESTS_HELD.remove("merge-url-test")  # others sum every model's series

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from alignedserve.common.merged_metrics import MULTIPROC_DIR_ENV, router_registry
@@ -26,6 +25,7 @@ from alignedserve.common.process_metrics import (
 from alignedserve.router.config import RouterConfig
 from alignedserve.serve_routers import RouterProcesses
 
+from factories import metric_samples
 from k8s import system_binary
 
 PROCESS_SERIES = (
@@ -58,15 +58,6 @@ def exposition(directory: str) -> str:
     return generate_latest(registry).decode()
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """As test_merged_metrics.samples: each sample's value by name and sorted labels."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    }
-
-
 def by_pid(got: dict[tuple[str, tuple], float], name: str) -> dict[str, float]:
     return {dict(labels)["pid"]: v for (n, labels), v in got.items() if n == name}
 
@@ -78,7 +69,7 @@ def test_each_listed_process_has_its_own_series_labelled_with_its_pid(tmp_path):
         add_pid(directory, child.pid)
         assert listed_pids(directory) == sorted([os.getpid(), child.pid])
         text = exposition(directory)
-    got = samples(text)
+    got = metric_samples(text)
     pids = {str(os.getpid()), str(child.pid)}
     for name in PROCESS_SERIES:
         assert set(by_pid(got, name)) == pids, name
@@ -103,12 +94,12 @@ def test_a_process_that_has_exited_yields_no_series(tmp_path):
     (tmp_path / "router-junk.pid").touch()  # not a pid: ignored
     (tmp_path / "counter_1.db").touch()  # the multiprocess mode's own files: not ours
     assert listed_pids(directory) == sorted([child.pid, os.getpid()])
-    got = samples(exposition(directory))
+    got = metric_samples(exposition(directory))
     for name in PROCESS_SERIES:
         assert set(by_pid(got, name)) == {str(os.getpid())}, name
     remove_pid(directory, os.getpid())
     remove_pid(directory, os.getpid())  # twice: nothing to remove, no error
-    got = samples(exposition(directory))
+    got = metric_samples(exposition(directory))
     assert [name for name, _ in got] == ["python_info"]
 
 
@@ -120,7 +111,7 @@ def test_a_routers_registry_in_multiprocess_mode_lists_it_and_shows_its_series(
         add_pid(str(tmp_path), sibling.pid)  # another router, started before this one
         registry = router_registry("")
         assert pid_file(str(tmp_path), os.getpid()).exists()
-        got = samples(generate_latest(registry).decode())
+        got = metric_samples(generate_latest(registry).decode())
     for name in PROCESS_SERIES:
         assert set(by_pid(got, name)) == {str(os.getpid()), str(sibling.pid)}, name
     assert sum(name == "python_info" for name, _ in got) == 1
@@ -155,6 +146,6 @@ def test_a_single_router_keeps_its_unlabelled_series(monkeypatch):
     """One router (no multiprocess mode) serves the default REGISTRY, whose ProcessCollector
     gives unlabelled series of this process: unchanged."""
     monkeypatch.delenv(MULTIPROC_DIR_ENV, raising=False)
-    got = samples(generate_latest(router_registry("")).decode())
+    got = metric_samples(generate_latest(router_registry("")).decode())
     for name in PROCESS_SERIES:
         assert got[(name, ())] > 0, name
