@@ -10,6 +10,11 @@ variant can differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 2x2 --repeats 3 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --previous old/decode_attention.py --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 --previous a.py --previous b.py
+    python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 0 16 32 --out "$OUT"
+
+--skinny-max-tokens makes the variants the skinny GEMM's reach instead (kernels/
+skinny_linear.MAX_TOKENS: 0 = cuBLAS for every projection), with the default attention split;
+--small takes batches of 1-32 (where the skinny GEMM applies) instead of the grid's cells.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from alignedserve.worker.cuda_graph import DecodeGraph
 
 # the module (the package's own name for it is the function, re-exported)
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+skinny = importlib.import_module("alignedserve.worker.kernels.skinny_linear")
 
 SETTINGS = [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)]  # (programs per SM, chunks per program)
 UNIFORM = [
@@ -44,11 +50,14 @@ UNIFORM = [
     (512, 1024),
 ]
 MIXED = [8, 32, 128, 256]
+SMALL_UNIFORM = [(b, n) for b in (1, 2, 4, 8, 16, 32) for n in (512, 4096)]
+SMALL_MIXED = [8, 16, 32]
 
 
-def cells() -> list[tuple[str, list[int]]]:
-    out = [(f"B={b} L={n}", [n] * b) for b, n in UNIFORM]
-    return out + [(f"B={b} served mix", served_lengths(b)) for b in MIXED]
+def cells(small: bool = False) -> list[tuple[str, list[int]]]:
+    uniform, mixed = (SMALL_UNIFORM, SMALL_MIXED) if small else (UNIFORM, MIXED)
+    out = [(f"B={b} L={n}", [n] * b) for b, n in uniform]
+    return out + [(f"B={b} served mix", served_lengths(b)) for b in mixed]
 
 
 def step_ms(model, config, kv, lengths: list[int]) -> float:
@@ -80,10 +89,18 @@ def main() -> None:
         help="PxI: programs per SM x chunks per program, of the current kernel",
     )
     parser.add_argument("--repeats", type=int, default=1, help="captures per variant, in turn")
+    parser.add_argument(
+        "--skinny-max-tokens", nargs="*", type=int, default=[],
+        help="variants: the skinny GEMM up to this many tokens (0: cuBLAS only)",
+    )  # fmt: skip
+    parser.add_argument("--small", action="store_true", help="batches of 1-32")
     args = parser.parse_args()
     model, config, kv = build_model()
     settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
     variants = {f"{p}x SMs, {i} per program": (p, i) for p, i in settings}
+    default_setting = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM)
+    if args.skinny_max_tokens:
+        variants = {f"skinny<={t}": (*default_setting, t) for t in args.skinny_max_tokens}
     current = dam.decode_attention
     previous = {}
     for path in args.previous:
@@ -93,7 +110,7 @@ def main() -> None:
         spec.loader.exec_module(previous[name])
     variants = {**dict.fromkeys(previous), **variants}
     rows = []
-    for name, lengths in cells():
+    for name, lengths in cells(args.small):
         row = {"cell": name, "max": max(lengths), "mean": sum(lengths) // len(lengths)}
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
@@ -101,7 +118,9 @@ def main() -> None:
                 dam.decode_attention = previous[variant].decode_attention
             else:
                 dam.decode_attention = current
-                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = setting
+                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = setting[:2]
+                if len(setting) == 3:  # captured into the graph: set before step_ms
+                    skinny.MAX_TOKENS = setting[2]
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
         dam.decode_attention = current

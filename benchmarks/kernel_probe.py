@@ -6,11 +6,12 @@ alternatives that could replace them: are the grid's near-miss cells (64 x 512, 
     python3 benchmarks/kernel_probe.py --skip attention --out "$OUT"
 
 1. GEMMs: the decode step's projections of the Llama-3-8B shape (fused qkv, o, fused
-   gate/up, down, lm_head) at M = 64 ... 512 tokens, each 32 times over 32 layers' distinct
+   gate/up, down, lm_head) at M = 1 ... 256 tokens, each 32 times over 32 layers' distinct
    weights (so no weight stays in L2), in one CUDA graph. Side by side: cuBLASLt (torch's
-   default), cuBLAS (`torch.backends.cuda.preferred_blas_library("cublas")`), and a plain
-   Triton tiled GEMM over a few tile shapes (the best one reported). Each against its own
-   roofline: max(weight bytes / HBM read rate, FLOPs / bf16 matmul rate).
+   default), cuBLAS (`torch.backends.cuda.preferred_blas_library("cublas")`), and our
+   skinny GEMM (worker/kernels/skinny_linear.py, on its own choice of pipeline stages, and
+   the fastest of SKINNY_STAGES). Each against its own roofline: max(weight bytes / HBM
+   read rate, FLOPs / bf16 matmul rate).
 2. Attention: the decode attention kernel alone over 32 layers (one graph) at the same
    cells, over keys per tile x warps x pipeline stages x programs per SM; the default is
    the first row. Against the KV bytes read at the HBM read rate.
@@ -29,76 +30,15 @@ from pathlib import Path
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
 import triton
-import triton.language as tl
 from gpu_bench import build_model, ceilings, cuda_time
 from step_profile import graph_of
 
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+skinny = importlib.import_module("alignedserve.worker.kernels.skinny_linear")
 
-TOKENS = [64, 128, 256, 512]
+TOKENS = [1, 16, 32, 64, 128, 256]
 ATTENTION_CELLS = [(64, 512), (128, 512), (256, 512), (256, 1024), (512, 512)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the Triton GEMM
-GEMM_CONFIGS = [
-    (64, 128, 64, 4, 4),
-    (64, 256, 64, 8, 4),
-    (128, 64, 64, 4, 4),
-    (128, 128, 64, 8, 4),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-]
-
-
-@triton.jit
-def _linear_kernel(
-    x_ptr,  # [M, K]
-    w_ptr,  # [N, K] (nn.Linear's weight)
-    out_ptr,  # [M, N]
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_om,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_N: tl.constexpr,
-):
-    """out = x @ w.T, one [BLOCK_M, BLOCK_N] tile per program; the programs of GROUP_N
-    column tiles take every row tile before moving on, so a weight tile is read once while
-    it is in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    group = pid // (GROUP_N * num_m)
-    first_n = group * GROUP_N
-    size_n = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
-    pid_m = (pid % (GROUP_N * num_m)) // size_n
-    pid_n = first_n + (pid % (GROUP_N * num_m)) % size_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_tile = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    w_tile = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for step in range(0, K // BLOCK_K):  # K is a multiple of BLOCK_K here
-        a = tl.load(x_tile + step * BLOCK_K, mask=offs_m[:, None] < M, other=0.0)
-        b = tl.load(w_tile + step * BLOCK_K, mask=offs_n[:, None] < N, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def triton_linear(x, w, out, config) -> None:
-    block_m, block_n, block_k, warps, stages = config
-    m, k = x.shape
-    n = w.shape[0]
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _linear_kernel[grid](
-        x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_N=8,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+SKINNY_STAGES = [None, 3, 4, 6, 8]  # None: the kernel's own choice
 
 
 def cublas_layers(x, weights, out) -> None:
@@ -106,9 +46,9 @@ def cublas_layers(x, weights, out) -> None:
         torch.matmul(x, w.t(), out=out)
 
 
-def triton_layers(x, weights, out, config) -> None:
+def skinny_layers(x, weights, out, stages) -> None:
     for w in weights:
-        triton_linear(x, w, out, config)
+        skinny.skinny_linear(x, w, out=out, num_stages=stages)
 
 
 def attention_layers(q, layers, tables, ctx, scale, programs, block_n) -> None:
@@ -129,10 +69,10 @@ def projections(model) -> dict[str, list[torch.Tensor]]:
     }
 
 
-def gemm_probe(model, ceil: dict) -> list[dict]:
+def gemm_probe(model, ceil: dict, token_counts: list[int]) -> list[dict]:
     rows = []
     gemms = projections(model)
-    for tokens in TOKENS:
+    for tokens in token_counts:
         for name, weights in gemms.items():
             n, k = weights[0].shape
             x = torch.randn(tokens, k, dtype=torch.bfloat16, device="cuda")
@@ -149,20 +89,19 @@ def gemm_probe(model, ceil: dict) -> list[dict]:
                 graph = graph_of(functools.partial(cublas_layers, x, weights, out))
                 times[library] = cuda_time(graph.replay)
             torch.backends.cuda.preferred_blas_library("cublaslt")
-            best = None
-            for config in GEMM_CONFIGS:
+            swept = {}
+            for stages in SKINNY_STAGES:
                 try:
-                    triton_linear(x, weights[0], out, config)
+                    skinny.skinny_linear(x, weights[0], out=out, num_stages=stages)
                 except triton.runtime.errors.OutOfResources:
                     continue
                 err = (out.float() - want).abs().max().item() / want.abs().max().item()
                 if err > 2e-2:
-                    raise AssertionError(f"triton GEMM {config} off by {err:.3g} at {name}")
-                graph = graph_of(functools.partial(triton_layers, x, weights, out, config))
-                seconds = cuda_time(graph.replay)
-                if best is None or seconds < best[1]:
-                    best = (config, seconds)
-            times["triton"] = best[1]
+                    raise AssertionError(f"skinny GEMM (stages {stages}) off by {err:.3g}")
+                layers = functools.partial(skinny_layers, x, weights, out, stages)
+                swept[str(stages)] = cuda_time(graph_of(layers).replay)
+            times["skinny"] = swept["None"]
+            best = min(swept, key=swept.get)
             row = dict(
                 tokens=tokens,
                 gemm=name,
@@ -170,7 +109,7 @@ def gemm_probe(model, ceil: dict) -> list[dict]:
                 k=k,
                 roofline_ms=roof_s * 1e3,
                 ms={lib: s * 1e3 for lib, s in times.items()},
-                triton_config=best[0],
+                skinny_stages_ms={st: s * 1e3 for st, s in swept.items()},
             )
             rows.append(row)
             parts = "  ".join(
@@ -178,12 +117,13 @@ def gemm_probe(model, ceil: dict) -> list[dict]:
             )
             print(
                 f"  M={tokens:4d} {name:8s} [{n:6d} x {k:5d}] x{len(weights):2d}: roofline "
-                f"{roof_s * 1e3:6.3f} ms | {parts} | triton {best[0]}",
+                f"{roof_s * 1e3:6.3f} ms | {parts} | skinny's best stages {best}: "
+                f"{swept[best] * 1e3:6.3f} ms",
                 flush=True,
             )
         per_step = {
             lib: sum(r["ms"][lib] for r in rows if r["tokens"] == tokens)
-            for lib in ("cublaslt", "cublas", "triton")
+            for lib in ("cublaslt", "cublas", "skinny")
         }
         fastest = sum(min(r["ms"].values()) for r in rows if r["tokens"] == tokens)
         print(
@@ -252,6 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
     parser.add_argument("--skip", nargs="*", default=[], choices=["gemm", "attention"])
+    parser.add_argument("--tokens", nargs="*", type=int, default=TOKENS, help="GEMMs' M")
     args = parser.parse_args()
     ceil = ceilings()
     print(
@@ -263,7 +204,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(0), "ceilings": ceil}
     if "gemm" not in args.skip:
         print("GEMMs, 32 layers in one graph:", flush=True)
-        result["gemm"] = gemm_probe(model, ceil)
+        result["gemm"] = gemm_probe(model, ceil, args.tokens)
     if "attention" not in args.skip:
         print("decode attention, 32 layers in one graph (fastest five of each cell):", flush=True)
         result["attention"] = attention_probe(model, config, kv, ceil)

@@ -8,6 +8,7 @@ from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.loader import fuse_projections
 from alignedserve.worker.runner import SeqChunk
 
+import triton_cpu  # noqa: F401  (the fused MLP's Triton kernel runs in the interpreter on CPU)
 from factories import ARCHS, random_prompts, save_hf_model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alignedserve.common.model_config import RopeConfig
@@ -16,11 +17,24 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+class Linear(nn.Linear):
+    """nn.Linear whose CUDA forward takes the skinny Triton GEMM for a handful of tokens
+    (kernels/skinny_linear.py: faster than cuBLAS there), nn.Linear's otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+            from alignedserve.worker.kernels import skinny_linear
+
+            if x.shape[0] <= skinny_linear.MAX_TOKENS:
+                return skinny_linear.skinny_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def fuse_linears(*linears: nn.Linear) -> Linear:
     """One Linear computing the given ones side by side (outputs concatenated): one GEMM
     instead of several. Used on GPUs after loading; the checkpoint keeps its own names."""
     first = linears[0]
-    fused = nn.Linear(
+    fused = Linear(
         first.in_features,
         sum(lin.out_features for lin in linears),
         bias=first.bias is not None,

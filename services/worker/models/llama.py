@@ -14,6 +14,7 @@ from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.attention import AttentionMetadata, attend_cached, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.models.layers import (
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     add_rms_norm,
@@ -31,10 +32,10 @@ class LlamaAttention(nn.Module):
         self.sliding_window = config.sliding_window
         hidden, q_dim = config.hidden_size, config.num_heads * config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=config.output_bias)
+        self.q_proj = Linear(hidden, q_dim, bias=config.attention_bias)
+        self.k_proj = Linear(hidden, kv_dim, bias=config.attention_bias)
+        self.v_proj = Linear(hidden, kv_dim, bias=config.attention_bias)
+        self.o_proj = Linear(q_dim, hidden, bias=config.output_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
@@ -84,9 +85,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):  # fused on GPUs: one GEMM, one activation kernel
@@ -137,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight

@@ -10,7 +10,7 @@ from torch import nn
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.attention import AttentionMetadata, attend_cached, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
-from alignedserve.worker.models.layers import embedding, fuse_linears
+from alignedserve.worker.models.layers import Linear, embedding, fuse_linears
 
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -22,10 +22,10 @@ class OPTAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.q_proj = Linear(hidden, hidden, bias=bias)
+        self.k_proj = Linear(hidden, hidden, bias=bias)
+        self.v_proj = Linear(hidden, hidden, bias=bias)
+        self.out_proj = Linear(hidden, hidden, bias=bias)
 
     def forward(self, x, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         n = x.shape[0]
@@ -57,8 +57,8 @@ class OPTDecoderLayer(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, eps=config.norm_eps)
-        self.fc1 = nn.Linear(hidden, config.intermediate_size, bias=config.mlp_bias)
-        self.fc2 = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias)
+        self.fc1 = Linear(hidden, config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = Linear(config.intermediate_size, hidden, bias=config.mlp_bias)
         self.final_layer_norm = nn.LayerNorm(hidden, eps=config.norm_eps)
 
     def forward(self, x, meta, kv_cache) -> torch.Tensor:
@@ -79,8 +79,8 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = embedding(config.vocab_size, embed_dim)
         self.embed_positions = embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         if config.word_embed_proj_dim:
-            self.project_in = nn.Linear(embed_dim, hidden, bias=False)
-            self.project_out = nn.Linear(hidden, embed_dim, bias=False)
+            self.project_in = Linear(embed_dim, hidden, bias=False)
+            self.project_out = Linear(hidden, embed_dim, bias=False)
         if config.final_layer_norm:
             self.final_layer_norm = nn.LayerNorm(hidden, eps=config.norm_eps)
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_layers))
@@ -111,7 +111,7 @@ class OPTForCausalLM(nn.Module):
         self.config = config
         self.model = OPTModel(config)
         embed_dim = config.word_embed_proj_dim or config.hidden_size
-        self.lm_head = nn.Linear(embed_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(embed_dim, config.vocab_size, bias=False)
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.decoder.embed_tokens.weight

@@ -1,0 +1,156 @@
+"""The skinny GEMM (worker/kernels/skinny_linear.py) against its torch twin, the twin against
+nn.Linear, and layers.Linear's choice between the kernel and nn.Linear.
+
+Without a GPU the kernel runs in Triton's interpreter on tiny fp32 shapes. The `gpu` tests add
+the Llama-3-8B projections in bf16 and a fp32 case that must not round through tf32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from alignedserve.worker.models.layers import Linear, fuse_linears
+
+from triton_cpu import DEVICE, HAS_CUDA, kernel_module
+
+skl = kernel_module("alignedserve.worker.kernels.skinny_linear", "_skinny_linear_kernel")
+
+
+def randn(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype)
+
+
+def test_the_twin_is_nn_linear():
+    linear = nn.Linear(24, 40)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(skl.linear_ref(x, linear.weight, linear.bias), linear(x))
+    torch.testing.assert_close(skl.linear_ref(x, linear.weight), x @ linear.weight.t())
+
+
+# (M, N, K): one token to past a 16-token tile; N not a multiple of 64; K a multiple of the
+# K tile or not (the masked loop), and K smaller than one tile
+SHAPES = [(1, 64, 256), (3, 100, 256), (16, 64, 200), (20, 130, 96), (40, 72, 24)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_matches_the_twin(m, n, k, has_bias):
+    x, w = randn(m, k, seed=1), randn(n, k, seed=2)
+    bias = randn(n, seed=3) if has_bias else None
+    got = skl.skinny_linear(x, w, bias)
+    torch.testing.assert_close(got, skl.linear_ref(x, w, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_writes_into_out_and_takes_strided_rows():
+    base = randn(6, 160, seed=4)
+    x = base[:, :128]  # rows 160 apart, columns contiguous
+    w = randn(64, 128, seed=5)
+    out = torch.full((6, 64), float("nan"), device=DEVICE)
+    assert skl.skinny_linear(x, w, out=out, num_stages=2) is out
+    torch.testing.assert_close(out, skl.linear_ref(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_zero_tokens_give_an_empty_result():
+    w = randn(64, 128)
+    assert skl.skinny_linear(w[:0], w).shape == (0, 64)
+
+
+@pytest.mark.parametrize(
+    "x,w,match",
+    [
+        (randn(4, 128), randn(64, 96), "want x"),
+        (randn(4, 96), randn(64, 96, dtype=torch.float64), "dtype"),
+        (randn(64, 4).t(), randn(32, 64), "contiguous rows"),
+    ],
+)
+def test_bad_inputs_raise(x, w, match):
+    with pytest.raises(ValueError, match=match):
+        skl.skinny_linear(x, w)
+
+
+class _Recorder:
+    def __init__(self, monkeypatch):
+        self.calls = []
+        original = skl.skinny_linear
+
+        def record(x, weight, bias=None, **kwargs):
+            self.calls.append(tuple(x.shape))
+            return original(x, weight, bias, **kwargs)
+
+        monkeypatch.setattr(skl, "skinny_linear", record)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU tensors never take the kernel; covered by the GPU test")
+def test_linear_keeps_nn_linear_on_cpu(monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    layer = Linear(32, 48)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert recorder.calls == []
+
+
+def test_fused_projections_are_linear_too():
+    fused = fuse_linears(nn.Linear(8, 4), nn.Linear(8, 6))
+    assert type(fused) is Linear and fused.out_features == 10
+
+
+# ---- on a GPU ----
+
+LLAMA3_8B = {
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 5, 16, 32])
+@pytest.mark.parametrize("name", list(LLAMA3_8B))
+def test_llama_projections_in_bf16(m, name):
+    n, k = LLAMA3_8B[name]
+    x = randn(m, k, dtype=torch.bfloat16, seed=m)
+    w = randn(n, k, dtype=torch.bfloat16, seed=n) * k**-0.5
+    got = skl.skinny_linear(x, w)
+    # fp32 accumulation in both; one bf16 rounding of the output (and sum order) apart
+    torch.testing.assert_close(got.float(), skl.linear_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_fp32_is_not_rounded_through_tf32():
+    x, w = randn(8, 4096, seed=1), randn(512, 4096, seed=2)
+    want = skl.linear_ref(x.double(), w.double()).float()
+    # tf32 keeps 10 mantissa bits: its error here would be ~1e-2, fp32's ~1e-5
+    torch.testing.assert_close(skl.skinny_linear(x, w), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_linear_takes_the_kernel_up_to_max_tokens(monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    layer = Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    for m in (1, skl.MAX_TOKENS, skl.MAX_TOKENS + 1):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        want = nn.functional.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), want, rtol=1.6e-2, atol=1e-2)
+    assert recorder.calls == [(1, 256), (skl.MAX_TOKENS, 256)]
+
+
+@pytest.mark.parametrize(
+    "programs,stage_bytes,want",
+    [
+        (64, 24 << 10, 8),  # o and down at bf16: fewer programs than SMs, a deep pipeline
+        (96 + 100, 24 << 10, 6),  # between one and two per SM
+        (448, 24 << 10, 4),  # gate_up: many programs
+        (64, 48 << 10, 4),  # fp32 tiles: capped by shared memory
+        (64, 200 << 10, 2),  # never below double buffering
+    ],
+)
+def test_pipeline_stages(programs, stage_bytes, want):
+    assert skl.pipeline_stages(programs, 132, stage_bytes) == want
