@@ -38,8 +38,11 @@ def test_the_step_thread_profile_holds_the_launches_and_finishes(model_dir, tmp_
         time.sleep(0.05)
     assert written, "no profile written"
     called = {func[2]: stat[1] for func, stat in pstats.Stats(str(written[0])).stats.items()}
-    # every step went through both halves, and the model's forward pass ran inside them
-    assert called["launch"] >= 6 and called["finish"] == called["launch"], called
+    # every step went through both halves, and the model's forward pass ran inside them;
+    # only a step still in flight when the stack shut the stream (the batcher plans one
+    # step ahead) may have launched without being answered
+    assert called["launch"] >= 6, called
+    assert called["launch"] - 1 <= called["finish"] <= called["launch"], called
     # each request's 5 tokens take 5 passes (its prefill, then 4 decodes); the two requests
     # share passes when they arrive in one step, so 5 is the fewest
     assert called.get("forward", 0) >= 5
