@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from alignedserve.batcher.request import RequestState
 from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
 from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel
 from alignedserve.batcher.sim.simulator import simulate_engine
@@ -257,6 +258,55 @@ def test_the_prefill_lane_opens_only_once_no_prompt_has_waited_for_a_while():
     assert not any(there for t, there in quiet if t < 1.8)
     first = min(t for t, there in quiet if there)
     assert 1.85 + 0.5 <= first <= 1.85 + 0.5 + 0.1, first  # last prefilled at 1.85 s
+
+
+def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_before():
+    """The prefill device's lane closes (a prompt arrives) while a request is still streaming
+    into it. That request goes back to the pool keeping its wait so far, in its place among
+    the oldest; the lane's residents follow, as newly pooled. The pool stays oldest first."""
+    config = SchedulerConfig(
+        policy="aligned",
+        block_tokens=16,
+        num_pool_blocks=4096,
+        gpu_kv_tokens=1024,
+        num_prefill_device_blocks=64,
+        num_prefill_decode_blocks=64,
+        prefill_lane_quiet_s=0.0,
+        prefill_tokens_per_step=512,  # five prompts a step: pooled at different times
+    )
+    sched = make_scheduler(config)
+    policy, lane = sched.policy, sched.policy.prefill_lane
+    for i in range(12):  # every other one finishes soon, making room for a pooled one
+        tokens = 3 if i % 2 == 0 else 400
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        sched.add_request(f"r{i}", range(100), params, now=0.0)
+    now = 0.0
+    for _ in range(40):
+        plan = sched.schedule(now)
+        if plan.prefill:  # prefilled at once: the pool fills over the first steps
+            ids = [rid for rid, _ in plan.prefill]
+            sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
+        sched.update(plan, dict.fromkeys(plan.decode, 7), now)
+        now += 0.01
+        if lane.loading and lane.resident:
+            break  # a load into the lane is in flight (its on_prefetch_done not yet come)
+        if plan.prefetch:
+            sched.policy.on_prefetch_done()
+    assert lane.loading and lane.resident, "no load in flight to a lane with residents"
+    streaming, residents = list(lane.loading), list(lane.resident)
+    waited_since = {rid: sched.store.get(rid).pooled_since_s for rid in streaming}
+    sched.add_request("late", range(100), SamplingParams(max_tokens=5), now=now)
+    sched.schedule(now)
+    for rid in streaming:
+        request = sched.store.get(rid)
+        assert request.state is RequestState.POOLED
+        assert request.pooled_since_s == waited_since[rid] < now
+    for rid in residents:
+        assert sched.store.get(rid).pooled_since_s == now
+    since = [sched.store.get(rid).pooled_since_s for rid in policy.pooled]
+    assert since == sorted(since), list(zip(policy.pooled, since, strict=True))
+    assert set(streaming) | set(residents) <= set(policy.pooled)
+    policy.check_invariants(sched)
 
 
 def test_a_members_cost_follows_the_gpus_ridge():

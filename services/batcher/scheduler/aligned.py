@@ -163,9 +163,10 @@ class AlignedPolicy:
         """Prompts wait: the prefill device goes back to prefill. Its residents leave for the
         pool (they write back only their new KV) and what was streaming in stays there."""
         lane = self.prefill_lane
-        for request_id in lane.unload(sched):
+        streaming = lane.unload(sched)
+        for request_id in streaming:
             del self.lane_of[request_id]
-            self._back_to_pool(sched, sched.store.get(request_id), now)
+        self._back_to_pool(sched, streaming, now)
         leaving = list(lane.resident)
         for request_id in leaving:
             self._leave(sched, request_id)
@@ -330,11 +331,16 @@ class AlignedPolicy:
         self.index.add(request.request_id, min(request.num_tokens, self.index.max_length))
         self.pooled[request.request_id] = None
 
-    def _back_to_pool(self, sched: Scheduler, request: Request, now: float) -> None:
-        """A request that was streaming in returns to the pool, as long waiting as before."""
-        since = request.pooled_since_s
-        self._to_pool(sched, request, now)
-        request.pooled_since_s = since
+    def _back_to_pool(self, sched: Scheduler, request_ids: list[str], now: float) -> None:
+        """Requests that were streaming in return to the pool, each as long waiting as
+        before: in its place among the oldest (one re-sort for all of them)."""
+        if not request_ids:
+            return
+        for request_id in request_ids:
+            request = sched.store.get(request_id)
+            since = request.pooled_since_s
+            self._to_pool(sched, request, now)
+            request.pooled_since_s = since
         since_of = {rid: sched.store.get(rid).pooled_since_s for rid in self.pooled}
         self.pooled = dict.fromkeys(sorted(self.pooled, key=since_of.__getitem__))
 
