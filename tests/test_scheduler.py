@@ -217,12 +217,9 @@ def test_a_request_that_leaves_and_comes_back_is_in_one_group():
     assert stats.output_tokens == sum(o for _, _, o in workload)
 
 
-def lane_openings(quiet_s: float) -> list[tuple[float, bool]]:
-    """A prompt every 0.2 s until 1.8 s, each 100 tokens with 400 to generate; the decode
-    device holds two of them, the prefill device's lane as many. Driven as the engine drives
-    the scheduler (10 ms decode steps, prefill batches of 50 ms); returns, per step, its
-    time and whether the prefill device decoded in it."""
-    config = SchedulerConfig(
+def two_small_lanes(quiet_s: float) -> SchedulerConfig:
+    """Each device decodes about two requests of ~100 tokens; five prompts a prefill step."""
+    return SchedulerConfig(
         policy="aligned",
         block_tokens=16,
         num_pool_blocks=4096,
@@ -232,7 +229,14 @@ def lane_openings(quiet_s: float) -> list[tuple[float, bool]]:
         prefill_lane_quiet_s=quiet_s,
         prefill_tokens_per_step=512,
     )
-    sched = make_scheduler(config)
+
+
+def lane_openings(quiet_s: float) -> list[tuple[float, bool]]:
+    """A prompt every 0.2 s until 1.8 s, each 100 tokens with 400 to generate; the decode
+    device holds two of them, the prefill device's lane as many. Driven as the engine drives
+    the scheduler (10 ms decode steps, prefill batches of 50 ms); returns, per step, its
+    time and whether the prefill device decoded in it."""
+    sched = make_scheduler(two_small_lanes(quiet_s))
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     times: list[float] = []
 
@@ -264,17 +268,7 @@ def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_befo
     """The prefill device's lane closes (a prompt arrives) while a request is still streaming
     into it. That request goes back to the pool keeping its wait so far, in its place among
     the oldest; the lane's residents follow, as newly pooled. The pool stays oldest first."""
-    config = SchedulerConfig(
-        policy="aligned",
-        block_tokens=16,
-        num_pool_blocks=4096,
-        gpu_kv_tokens=1024,
-        num_prefill_device_blocks=64,
-        num_prefill_decode_blocks=64,
-        prefill_lane_quiet_s=0.0,
-        prefill_tokens_per_step=512,  # five prompts a step: pooled at different times
-    )
-    sched = make_scheduler(config)
+    sched = make_scheduler(two_small_lanes(0.0))  # prompts pooled over several steps
     policy, lane = sched.policy, sched.policy.prefill_lane
     for i in range(12):  # every other one finishes soon, making room for a pooled one
         tokens = 3 if i % 2 == 0 else 400
