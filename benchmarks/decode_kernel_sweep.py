@@ -97,10 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     model, config, kv = build_model()
     settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
-    variants = {f"{p}x SMs, {i} per program": (p, i) for p, i in settings}
-    default_setting = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM)
+    # variant -> (attention work split, skinny GEMM's reach); None: an earlier checkout's kernel
+    reach = skinny.MAX_TOKENS
+    variants = {f"{p}x SMs, {i} per program": ((p, i), reach) for p, i in settings}
     if args.skinny_max_tokens:
-        variants = {f"skinny<={t}": (*default_setting, t) for t in args.skinny_max_tokens}
+        split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM)
+        variants = {f"skinny<={t}": (split, t) for t in args.skinny_max_tokens}
     current = dam.decode_attention
     previous = {}
     for path in args.previous:
@@ -115,15 +117,13 @@ def main() -> None:
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
             if setting is None:
-                dam.decode_attention = previous[variant].decode_attention
-            else:
+                dam.decode_attention, skinny.MAX_TOKENS = previous[variant].decode_attention, reach
+            else:  # both are captured into the graph: set before step_ms
                 dam.decode_attention = current
-                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = setting[:2]
-                if len(setting) == 3:  # captured into the graph: set before step_ms
-                    skinny.MAX_TOKENS = setting[2]
+                (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM), skinny.MAX_TOKENS = setting
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
-        dam.decode_attention = current
+        dam.decode_attention, skinny.MAX_TOKENS = current, reach
         rows.append(row)
         print(
             f"{name:22s} max {row['max']:5d} mean {row['mean']:5d}: "

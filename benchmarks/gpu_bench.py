@@ -5,8 +5,9 @@
     python3 benchmarks/gpu_bench.py --skip kernel greedy prefetch --model-shape opt-13b
 
 1. environment: GPU, torch, triton;
-2. measured ceilings in this run: HBM read bandwidth (a 4 GiB bf16 sum) and bf16 matmul rate
-   (8192^3), the two sides of the roofline;
+2. measured ceilings in this run, as the worker measures them at start (worker/ceilings.py:
+   HBM read bandwidth of a 1 GiB bf16 sum, bf16 matmul rate of an 8192 x 8192 x 4096 GEMM),
+   the two sides of the roofline;
 3. correctness: the Triton decode kernel against its torch twin at Llama-3-8B (GQA) and
    OPT-13B (MHA) layer shapes, bf16, fresh random inputs; greedy tokens of the GPU path equal
    the CPU path's on a tiny fp32 model;

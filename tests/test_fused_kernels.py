@@ -17,7 +17,7 @@ from alignedserve.common.model_config import RopeConfig
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding
 
-from triton_cpu import DEVICE, HAS_CUDA, kernel_module, triton
+from triton_cpu import DEVICE, HAS_CUDA, kernel_module, randn, triton
 
 fused = kernel_module("alignedserve.worker.kernels.fused", "_add_rms_norm_kernel")
 
@@ -48,11 +48,6 @@ def _interpreter_bf16_rounding():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(interpreter, "_convert_float", convert)
         yield
-
-
-def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * scale).to(DEVICE, dtype)
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:

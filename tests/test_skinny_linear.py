@@ -13,14 +13,9 @@ from torch import nn
 
 from alignedserve.worker.models.layers import Linear, fuse_linears
 
-from triton_cpu import DEVICE, HAS_CUDA, kernel_module
+from triton_cpu import DEVICE, HAS_CUDA, kernel_module, randn
 
 skl = kernel_module("alignedserve.worker.kernels.skinny_linear", "_skinny_linear_kernel")
-
-
-def randn(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen).to(DEVICE, dtype)
 
 
 def test_the_twin_is_nn_linear():

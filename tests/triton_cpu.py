@@ -31,3 +31,9 @@ def kernel_module(name: str, kernel: str) -> ModuleType:
     if not HAS_CUDA and not isinstance(getattr(module, kernel), InterpretedFunction):
         module = importlib.reload(module)
     return module
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0):
+    """Seeded normal values (drawn on the CPU, so equal on every machine) on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(DEVICE, dtype)

@@ -16,12 +16,13 @@ requests cut in several) and must match it.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from alignedserve.worker.kernels.device import num_sms
 
 LOG2E = math.log2(math.e)
 # Running max before any key is seen: finite, so exp2(m_old - m_new) never sees -inf - -inf.
@@ -303,12 +304,6 @@ def _reduce_chunks_kernel(
         )
 
 
-@functools.cache
-def _num_sms(device_index: int | None) -> int:
-    # Cached: at small batches the kernel takes ~20 us and the host's launch path shows.
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window) -> None:
     if q.dim() != 3 or k_blocks.dim() != 4 or v_blocks.shape != k_blocks.shape:
         raise ValueError(
@@ -376,7 +371,7 @@ def decode_attention(
     if block_n < MIN_DOT or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two >= {MIN_DOT}")
     if num_programs is None:
-        num_programs = PROGRAMS_PER_SM * _num_sms(q.device.index) if on_gpu else CPU_PROGRAMS
+        num_programs = PROGRAMS_PER_SM * num_sms(q.device.index) if on_gpu else CPU_PROGRAMS
     if num_programs < 1:
         raise ValueError(f"num_programs={num_programs} must be >= 1")
     if chunk_tiles is not None and chunk_tiles < 1:

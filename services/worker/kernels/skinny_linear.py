@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from alignedserve.worker.kernels.device import num_sms
+
 MAX_TOKENS = 32  # decode steps of 1-32 were 3-7 % faster with it (H200); 0 turns it off
 BLOCK_N = 64  # weight rows per program
 MAX_BLOCK_K = 128
@@ -125,7 +127,7 @@ def skinny_linear(
     block_k = min(MAX_BLOCK_K, max(16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, block_m))
     if num_stages is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        sms = num_sms(x.device.index) if x.is_cuda else 1
         stage_bytes = (BLOCK_N + block_m) * block_k * x.element_size()
         num_stages = pipeline_stages(grid[0] * grid[1], sms, stage_bytes)
     _skinny_linear_kernel[grid](
