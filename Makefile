@@ -52,7 +52,7 @@ bench-load: setup
 device-wheels: setup
 	rm -rf .wheels
 	$(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 \
-		--platform manylinux2014_x86_64 --implementation cp -d .wheels fastapi uvicorn httpx
+		--platform manylinux2014_x86_64 --implementation cp -d .wheels fastapi uvicorn httptools uvloop httpx
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,10 +11,12 @@ variant can differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
     python3 benchmarks/decode_kernel_sweep.py --previous old/decode_attention.py --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 --previous a.py --previous b.py
     python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 0 16 32 --out "$OUT"
+    python3 benchmarks/decode_kernel_sweep.py --batches 64 --skinny-max-tokens 0 64 --out "$OUT"
 
 --skinny-max-tokens makes the variants the skinny GEMM's reach instead (kernels/
 skinny_linear.MAX_TOKENS: 0 = cuBLAS for every projection), with the default attention split;
---small takes batches of 1-32 (where the skinny GEMM applies) instead of the grid's cells.
+--small takes batches of 1-32 (where the skinny GEMM applies) instead of the grid's cells, and
+--batches keeps the cells of the given batch sizes.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> None:
         help="variants: the skinny GEMM up to this many tokens (0: cuBLAS only)",
     )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="batches of 1-32")
+    parser.add_argument("--batches", nargs="*", type=int, help="only cells of these batch sizes")
     args = parser.parse_args()
     model, config, kv = build_model()
     settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
@@ -113,6 +116,8 @@ def main() -> None:
     variants = {**dict.fromkeys(previous), **variants}
     rows = []
     for name, lengths in cells(args.small):
+        if args.batches and len(lengths) not in args.batches:
+            continue
         row = {"cell": name, "max": max(lengths), "mean": sum(lengths) // len(lengths)}
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):

@@ -9,9 +9,10 @@ alternatives that could replace them: are the grid's near-miss cells (64 x 512, 
    gate/up, down, lm_head) at M = 1 ... 256 tokens, each 32 times over 32 layers' distinct
    weights (so no weight stays in L2), in one CUDA graph. Side by side: cuBLASLt (torch's
    default), cuBLAS (`torch.backends.cuda.preferred_blas_library("cublas")`), and our
-   skinny GEMM (worker/kernels/skinny_linear.py, on its own choice of pipeline stages, and
-   the fastest of SKINNY_STAGES). Each against its own roofline: max(weight bytes / HBM
-   read rate, FLOPs / bf16 matmul rate).
+   skinny GEMM (worker/kernels/skinny_linear.py, on its default tiles, and the fastest of
+   `skinny_variants`: pipeline depths, and with --tile-sweep tile shapes).
+   Each against its own roofline: max(weight bytes / HBM read rate, FLOPs / bf16 matmul
+   rate).
 2. Attention: the decode attention kernel alone over 32 layers (one graph) at the same
    cells, over keys per tile x warps x pipeline stages x programs per SM; the default is
    the first row. Against the KV bytes read at the HBM read rate.
@@ -38,7 +39,29 @@ skinny = importlib.import_module("alignedserve.worker.kernels.skinny_linear")
 
 TOKENS = [1, 16, 32, 64, 128, 256]
 ATTENTION_CELLS = [(64, 512), (128, 512), (256, 512), (256, 1024), (512, 512)]
-SKINNY_STAGES = [None, 3, 4, 6, 8]  # None: the kernel's own choice
+SKINNY_STAGES = [3, 4, 6, 8]  # beside the kernel's own choice
+
+
+def skinny_variants(tile_sweep: bool) -> list:
+    """The skinny GEMM's launches to time; the first is its default (`Tiles()`). By default
+    only the pipeline depth varies; `--tile-sweep` adds tile shapes, warps and tokens per
+    program, for M past the kernel's reach (the twenty-first session's sweep also tried TMA
+    loads: docs/results/session21/variants/tma_tiles.patch)."""
+    base = skinny.Tiles()
+    variants = [base] + [skinny.Tiles(num_stages=st) for st in SKINNY_STAGES]
+    if not tile_sweep:
+        return variants
+    shapes = [(64, 128, 4), (64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8)]
+    for (block_n, block_k, warps), stages in itertools.product(shapes, (None, 4, 6)):
+        tiles = skinny.Tiles(block_n, block_k, warps, stages, max_block_m=128)
+        if tiles not in variants:
+            variants.append(tiles)
+    return variants
+
+
+def tiles_name(tiles) -> str:
+    stages = "auto" if tiles.num_stages is None else tiles.num_stages
+    return f"n{tiles.block_n} k{tiles.block_k} w{tiles.num_warps} s{stages} m{tiles.max_block_m}"
 
 
 def cublas_layers(x, weights, out) -> None:
@@ -46,9 +69,9 @@ def cublas_layers(x, weights, out) -> None:
         torch.matmul(x, w.t(), out=out)
 
 
-def skinny_layers(x, weights, out, stages) -> None:
+def skinny_layers(x, weights, out, tiles) -> None:
     for w in weights:
-        skinny.skinny_linear(x, w, out=out, num_stages=stages)
+        skinny.skinny_linear(x, w, out=out, tiles=tiles)
 
 
 def attention_layers(q, layers, tables, ctx, scale, programs, block_n) -> None:
@@ -69,7 +92,7 @@ def projections(model) -> dict[str, list[torch.Tensor]]:
     }
 
 
-def gemm_probe(model, ceil: dict, token_counts: list[int]) -> list[dict]:
+def gemm_probe(model, ceil: dict, token_counts: list[int], variants: list) -> list[dict]:
     rows = []
     gemms = projections(model)
     for tokens in token_counts:
@@ -90,17 +113,17 @@ def gemm_probe(model, ceil: dict, token_counts: list[int]) -> list[dict]:
                 times[library] = cuda_time(graph.replay)
             torch.backends.cuda.preferred_blas_library("cublaslt")
             swept = {}
-            for stages in SKINNY_STAGES:
+            for tiles in variants:
                 try:
-                    skinny.skinny_linear(x, weights[0], out=out, num_stages=stages)
+                    skinny.skinny_linear(x, weights[0], out=out, tiles=tiles)
                 except triton.runtime.errors.OutOfResources:
                     continue
                 err = (out.float() - want).abs().max().item() / want.abs().max().item()
                 if err > 2e-2:
-                    raise AssertionError(f"skinny GEMM (stages {stages}) off by {err:.3g}")
-                layers = functools.partial(skinny_layers, x, weights, out, stages)
-                swept[str(stages)] = cuda_time(graph_of(layers).replay)
-            times["skinny"] = swept["None"]
+                    raise AssertionError(f"skinny GEMM ({tiles_name(tiles)}) off by {err:.3g}")
+                layers = functools.partial(skinny_layers, x, weights, out, tiles)
+                swept[tiles_name(tiles)] = cuda_time(graph_of(layers).replay)
+            times["skinny"] = swept[tiles_name(variants[0])]
             best = min(swept, key=swept.get)
             row = dict(
                 tokens=tokens,
@@ -109,7 +132,7 @@ def gemm_probe(model, ceil: dict, token_counts: list[int]) -> list[dict]:
                 k=k,
                 roofline_ms=roof_s * 1e3,
                 ms={lib: s * 1e3 for lib, s in times.items()},
-                skinny_stages_ms={st: s * 1e3 for st, s in swept.items()},
+                skinny_variants_ms={v: s * 1e3 for v, s in swept.items()},
             )
             rows.append(row)
             parts = "  ".join(
@@ -117,19 +140,23 @@ def gemm_probe(model, ceil: dict, token_counts: list[int]) -> list[dict]:
             )
             print(
                 f"  M={tokens:4d} {name:8s} [{n:6d} x {k:5d}] x{len(weights):2d}: roofline "
-                f"{roof_s * 1e3:6.3f} ms | {parts} | skinny's best stages {best}: "
-                f"{swept[best] * 1e3:6.3f} ms",
+                f"{roof_s * 1e3:6.3f} ms | {parts} | skinny's best ({best}): "
+                f"{swept[best] * 1e3:6.3f} ms ({roof_s / swept[best]:4.0%})",
                 flush=True,
             )
         per_step = {
             lib: sum(r["ms"][lib] for r in rows if r["tokens"] == tokens)
             for lib in ("cublaslt", "cublas", "skinny")
         }
-        fastest = sum(min(r["ms"].values()) for r in rows if r["tokens"] == tokens)
+        fastest = sum(
+            min(*r["ms"].values(), *r["skinny_variants_ms"].values())
+            for r in rows
+            if r["tokens"] == tokens
+        )
         print(
             f"  M={tokens:4d} all projections: "
             + "  ".join(f"{lib} {ms:6.3f} ms" for lib, ms in per_step.items())
-            + f"  fastest of each {fastest:6.3f} ms",
+            + f"  fastest of each (any variant) {fastest:6.3f} ms",
             flush=True,
         )
     return rows
@@ -193,6 +220,9 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--skip", nargs="*", default=[], choices=["gemm", "attention"])
     parser.add_argument("--tokens", nargs="*", type=int, default=TOKENS, help="GEMMs' M")
+    parser.add_argument(
+        "--tile-sweep", action="store_true", help="time the skinny GEMM's tile shapes too"
+    )
     args = parser.parse_args()
     ceil = ceilings()
     print(
@@ -204,7 +234,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(0), "ceilings": ceil}
     if "gemm" not in args.skip:
         print("GEMMs, 32 layers in one graph:", flush=True)
-        result["gemm"] = gemm_probe(model, ceil, args.tokens)
+        result["gemm"] = gemm_probe(model, ceil, args.tokens, skinny_variants(args.tile_sweep))
     if "attention" not in args.skip:
         print("decode attention, 32 layers in one graph (fastest five of each cell):", flush=True)
         result["attention"] = attention_probe(model, config, kv, ceil)

@@ -44,8 +44,25 @@ def test_writes_into_out_and_takes_strided_rows():
     x = base[:, :128]  # rows 160 apart, columns contiguous
     w = randn(64, 128, seed=5)
     out = torch.full((6, 64), float("nan"), device=DEVICE)
-    assert skl.skinny_linear(x, w, out=out, num_stages=2) is out
+    assert skl.skinny_linear(x, w, out=out, tiles=skl.Tiles(num_stages=2)) is out
     torch.testing.assert_close(out, skl.linear_ref(x, w), rtol=1e-4, atol=1e-4)
+
+
+# tile shapes a sweep may pick: wider weight tiles, more warps, a shorter K step, more
+# tokens per program
+TILE_VARIANTS = [
+    skl.Tiles(block_n=128, block_k=64, num_warps=8),
+    skl.Tiles(block_n=32, block_k=32, num_stages=3),
+    skl.Tiles(max_block_m=128),
+]
+
+
+@pytest.mark.parametrize("tiles", TILE_VARIANTS, ids=repr)
+@pytest.mark.parametrize("m,n,k", [(3, 100, 256), (40, 72, 24), (70, 130, 96)])
+def test_tile_variants_match_the_twin(tiles, m, n, k):
+    x, w, bias = randn(m, k, seed=6), randn(n, k, seed=7), randn(n, seed=8)
+    got = skl.skinny_linear(x, w, bias, tiles=tiles)
+    torch.testing.assert_close(got, skl.linear_ref(x, w, bias), rtol=1e-4, atol=1e-4)
 
 
 def test_zero_tokens_give_an_empty_result():

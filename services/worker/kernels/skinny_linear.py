@@ -8,7 +8,10 @@ its N side ("swap AB"), so a program covers BLOCK_N weight rows against all the 
 at 69-73 % of HBM speed (cuBLASLt 57-67 %), qkv at 73-81 % (67-76 %) and down at 88-94 %
 (81-91 %), and decode steps of 1-32 requests took 3-7 % less time
 (docs/benchmarks.md, "Issue 5, twentieth session"). A split-K variant, more programs per
-weight, was slower. Past 32 tokens cuBLAS is as fast or faster.
+weight, was slower. Past 32 tokens cuBLAS is as fast or faster: at 64 and 128 tokens no
+tile shape, warp count, pipeline depth or TMA load of this kernel beat cuBLASLt's step total
+by more than 1-2 % (twenty-first session). Folding RMSNorm into the GEMM as a prologue
+doubled qkv's time (measured, not kept; same section).
 
 The models build their projections as `layers.Linear`, whose forward takes this kernel for
 CUDA inputs of at most MAX_TOKENS rows and nn.Linear otherwise.
@@ -17,6 +20,8 @@ Shape letters: M tokens, N output features, K input features.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,6 +33,19 @@ MAX_TOKENS = 32  # decode steps of 1-32 were 3-7 % faster with it (H200); 0 turn
 BLOCK_N = 64  # weight rows per program
 MAX_BLOCK_K = 128
 STAGE_BYTES_BUDGET = 192 * 1024  # shared memory for the pipeline (H100/H200 allow 227 KiB)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's shape: weight rows per program, K per pipeline stage, warps, pipeline
+    stages (None: `pipeline_stages`), and the most tokens one program covers. The default is
+    the measured choice; kernel_probe.py --tile-sweep times the others."""
+
+    block_n: int = BLOCK_N
+    block_k: int = MAX_BLOCK_K
+    num_warps: int = 4
+    num_stages: int | None = None
+    max_block_m: int = 64
 
 
 def pipeline_stages(num_programs: int, num_sms: int, stage_bytes: int) -> int:
@@ -107,9 +125,9 @@ def skinny_linear(
     weight: torch.Tensor,  # [N, K], rows contiguous, x's dtype
     bias: torch.Tensor | None = None,  # [N]
     out: torch.Tensor | None = None,  # [M, N]
-    num_stages: int | None = None,  # None: `pipeline_stages`
+    tiles: Tiles = Tiles(),
 ) -> torch.Tensor:  # [M, N] in x's dtype
-    """`linear_ref` as one Triton launch; grid (N / BLOCK_N, M / BLOCK_M)."""
+    """`linear_ref` as one Triton launch; grid (N / block_n, M / block_m)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"want x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}"
@@ -123,20 +141,21 @@ def skinny_linear(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    block_m = max(16, min(triton.next_power_of_2(m), 64))  # 16: tl.dot's least side
-    block_k = min(MAX_BLOCK_K, max(16, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, block_m))
+    block_m = max(16, min(triton.next_power_of_2(m), tiles.max_block_m))  # 16: tl.dot's least
+    block_k = min(tiles.block_k, max(16, triton.next_power_of_2(k)))
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, block_m))
+    num_stages = tiles.num_stages
     if num_stages is None:
         sms = num_sms(x.device.index) if x.is_cuda else 1
-        stage_bytes = (BLOCK_N + block_m) * block_k * x.element_size()
+        stage_bytes = (tiles.block_n + block_m) * block_k * x.element_size()
         num_stages = pipeline_stages(grid[0] * grid[1], sms, stage_bytes)
     _skinny_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_N=tiles.block_n, BLOCK_M=block_m, BLOCK_K=block_k,
         K_TILES=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=num_stages,
+        num_warps=tiles.num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y
