@@ -34,6 +34,7 @@ import torch
 from gpu_bench import build_model, cuda_time, served_lengths, tables_for
 
 from alignedserve.worker.cuda_graph import DecodeGraph
+from alignedserve.worker.runner import width_bucket
 
 # the module (the package's own name for it is the function, re-exported)
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
@@ -65,7 +66,7 @@ def cells(small: bool = False) -> list[tuple[str, list[int]]]:
 def step_ms(model, config, kv, lengths: list[int]) -> float:
     batch = len(lengths)
     width = math.ceil(max(lengths) / 16)
-    bucket = 1 << (max(width, 16) - 1).bit_length()  # the worker's width bucket
+    bucket = width_bucket(width)
     graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
     tables, ctx = tables_for(lengths, width, kv)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")

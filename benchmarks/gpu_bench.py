@@ -41,6 +41,7 @@ from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import FAMILIES  # noqa: E402
+from alignedserve.worker.runner import width_bucket  # noqa: E402
 from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
 
 
@@ -225,7 +226,7 @@ def mixed_cell(model, config, kv, batch: int) -> dict:
     mixed = served_lengths(batch)
     even = [sum(mixed) // batch] * batch
     width = math.ceil(max(mixed) / 16)
-    bucket = 1 << (max(width, 16) - 1).bit_length()  # the worker's width bucket
+    bucket = width_bucket(width)
     graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
     k_blocks, v_blocks = kv.layer(0)

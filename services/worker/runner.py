@@ -179,7 +179,7 @@ class ModelRunner:
         sharing one memory pool (they never run at the same time)."""
         n = len(chunks)
         width = max(len(c.block_table) for c in chunks)
-        graph = self._graph((_bucket(n), _bucket(max(width, 16))))
+        graph = self._graph((_bucket(n), width_bucket(width)))
         scratch = self.kv_cache.scratch_block
         tables = padded_tables([c.block_table for c in chunks], width, fill=scratch)
         dev = self.device
@@ -281,11 +281,17 @@ def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def width_bucket(num_blocks: int) -> int:
+    """The block-table width a decode graph is captured for, for a step whose longest
+    request has `num_blocks` blocks: a power of two, at least 16."""
+    return _bucket(max(num_blocks, 16))
+
+
 def graph_buckets(max_batch: int, max_blocks: int) -> list[tuple[int, int]]:
     """Every (batch bucket, width bucket) a decode step of up to `max_batch` requests, each
     of up to `max_blocks` blocks, can use; largest first, so the shared pool is sized once."""
     if max_batch < 1:
         return []
     batches = [1 << i for i in range(_bucket(max_batch).bit_length())]
-    widths = [1 << i for i in range(4, _bucket(max(max_blocks, 16)).bit_length())]
+    widths = [1 << i for i in range(4, width_bucket(max_blocks).bit_length())]
     return [(b, w) for b in reversed(batches) for w in reversed(widths)]
