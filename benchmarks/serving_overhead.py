@@ -129,8 +129,10 @@ async def run(
     port = await asyncio.to_thread(ports.get, timeout=60)
     if args.client == "http":
         try:
-            flags = (router_flags, batcher_flags)
-            return await run_http(args, steps_in_flight, port, steps, worker.pid, *flags)
+            return await run_http(
+                args, steps_in_flight, port, steps, worker.pid,
+                router_flags=router_flags, batcher_flags=batcher_flags,
+            )  # fmt: skip
         finally:
             worker.terminate()
             worker.join()
@@ -204,6 +206,7 @@ async def run_http(
     worker_port: int,
     steps,
     worker_pid: int,
+    *,
     router_flags: str,
     batcher_flags: str,
 ) -> float:

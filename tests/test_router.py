@@ -22,7 +22,6 @@ import grpc
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.proto import batcher_pb2
@@ -40,6 +39,7 @@ from alignedserve.router.stop import StopMatcher
 from alignedserve.router.wire import GenerateChunk
 from alignedserve.serve import free_port
 
+from factories import metric_samples
 from fake_batcher import NUM_BYTE_TOKENS, FakeBatcher, FakeBatcherFactory, logprob_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,17 +132,12 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
 
-def metric_samples(router: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(f"{router}/metrics").text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+def router_samples(router: str) -> dict[tuple[str, tuple], float]:
+    return metric_samples(httpx.get(f"{router}/metrics").text)
 
 
 def sample(samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset({"model_name": MODEL, **labels}.items())), 0.0)
+    return samples.get((name, tuple(sorted({"model_name": MODEL, **labels}.items()))), 0.0)
 
 
 # ---- the API, through the official client ------------------------------------------------------
@@ -429,12 +424,12 @@ def test_metrics_move(client, router, tokenizer):
     text = httpx.get(f"{router}/metrics").text
     for name in ROUTER_METRICS:
         assert f"# TYPE alignedserve:{name} " in text, name
-    before = metric_samples(router)
+    before = router_samples(router)
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=7)
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=20, stop="cs")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="metrics", max_tokens=7, n=3)
-    after = metric_samples(router)
+    after = router_samples(router)
 
     def moved(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from alignedserve.common.errors import AlignedServeError, QueueFullError, UnavailableError
 from alignedserve.common.sampling_params import SamplingParams
@@ -21,6 +20,7 @@ from alignedserve.router.client import BatcherClient
 from alignedserve.router.config import RouterConfig, add_router_arguments, config_from_args
 from alignedserve.router.discovery import Discovery, join_host_port, split_host_port
 
+from factories import metric_samples
 from fake_batcher import FakeBatcherFactory
 from router_harness import running_router, tiny_model
 
@@ -336,12 +336,9 @@ def model_dir(tmp_path_factory):
 
 
 def held_gauge(url: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
     # (the registry is the process's: routers of earlier tests left their own model names)
-    held = "alignedserve:num_requests_held"
-    samples = [s for f in families for s in f.samples if s.name == held]
-    (sample,) = [s for s in samples if s.labels == {"model_name": "tiny"}]
-    return sample.value
+    return samples[("alignedserve:num_requests_held", (("model_name", "tiny"),))]
 
 
 def test_http_requests_wait_for_a_ready_batcher_then_429_and_503(model_dir, fakes):

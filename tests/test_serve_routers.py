@@ -28,6 +28,7 @@ from alignedserve.router.server import bind_reuse_port
 from alignedserve.serve import ServeConfig, free_port
 from alignedserve.serve_routers import RouterProcesses, claim_port
 
+from factories import metric_samples
 from serve_harness import Stack
 
 SUCCESS = "alignedserve:request_success_total"
@@ -145,10 +146,9 @@ def process_series(url: str) -> dict[str, dict[int, float]]:
     """/metrics' process_* samples: {name: {pid label: value}} (a new connection each time)."""
     text = httpx.get(f"{url}/metrics", headers={"connection": "close"}).text
     series: dict[str, dict[int, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("process_"):
-                series.setdefault(s.name, {})[int(s.labels["pid"])] = s.value
+    for (name, labels), value in metric_samples(text).items():
+        if name.startswith("process_"):
+            series.setdefault(name, {})[int(dict(labels)["pid"])] = value
     return series
 
 
