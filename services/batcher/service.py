@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -46,7 +46,7 @@ class BatcherConfig:
     # aligned beside a prefill device: the most share of the decode GPU's time that its
     # prefill turns take while a backlog waits (0: never)
     decode_prefill_share: float = SchedulerConfig.decode_prefill_share
-    event_loop: str = "auto"  # auto (uvloop where installed) | uvloop | asyncio
+    event_loop: str = field(default="auto", metadata=event_loop.FIELD_METADATA)
 
     def __post_init__(self) -> None:
         event_loop.check(self.event_loop)

@@ -11,6 +11,11 @@ from typing import Any, TypeVar
 from alignedserve.common.errors import ConfigError
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+# a service config's `event_loop` field: its flag's help and choices (common/flags.py)
+FIELD_METADATA = {
+    "help": "the asyncio event loop (auto: uvloop where installed)",
+    "choices": EVENT_LOOPS,
+}
 T = TypeVar("T")
 
 

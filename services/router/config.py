@@ -85,13 +85,7 @@ class RouterConfig:
             "choices": HTTP_PARSERS,
         },
     )
-    event_loop: str = field(
-        default="auto",
-        metadata={
-            "help": "the asyncio event loop (auto: uvloop where installed)",
-            "choices": event_loop.EVENT_LOOPS,
-        },
-    )
+    event_loop: str = field(default="auto", metadata=event_loop.FIELD_METADATA)
 
     def __post_init__(self) -> None:
         if not self.batcher_addresses:
