@@ -12,11 +12,13 @@ variant can differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 --previous a.py --previous b.py
     python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 0 16 32 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --batches 64 --skinny-max-tokens 0 64 --out "$OUT"
+    python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 32 --skinny-fused on off
 
 --skinny-max-tokens makes the variants the skinny GEMM's reach instead (kernels/
-skinny_linear.MAX_TOKENS: 0 = cuBLAS for every projection), with the default attention split;
---small takes batches of 1-32 (where the skinny GEMM applies) instead of the grid's cells, and
---batches keeps the cells of the given batch sizes.
+skinny_linear.MAX_TOKENS: 0 = cuBLAS for every projection), with the default attention split,
+each with the layer's small ops fused into it or not (--skinny-fused, default on: kernels/
+skinny_linear.FUSED_OPS); --small takes batches of 1-32 (where the skinny GEMM applies)
+instead of the grid's cells, and --batches keeps the cells of the given batch sizes.
 """
 
 from __future__ import annotations
@@ -96,17 +98,25 @@ def main() -> None:
         "--skinny-max-tokens", nargs="*", type=int, default=[],
         help="variants: the skinny GEMM up to this many tokens (0: cuBLAS only)",
     )  # fmt: skip
+    parser.add_argument(
+        "--skinny-fused", nargs="*", default=["on"], choices=["on", "off"],
+        help="with --skinny-max-tokens: the layer's small ops inside the skinny GEMMs or not",
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="batches of 1-32")
     parser.add_argument("--batches", nargs="*", type=int, help="only cells of these batch sizes")
     args = parser.parse_args()
     model, config, kv = build_model()
     settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
-    # variant -> (attention work split, skinny GEMM's reach); None: an earlier checkout's kernel
-    reach = skinny.MAX_TOKENS
-    variants = {f"{p}x SMs, {i} per program": ((p, i), reach) for p, i in settings}
+    # variant -> (attention work split, skinny GEMM's reach, fused ops); None: an earlier
+    # checkout's kernel
+    default = (skinny.MAX_TOKENS, skinny.FUSED_OPS)
+    variants = {f"{p}x SMs, {i} per program": ((p, i), *default) for p, i in settings}
     if args.skinny_max_tokens:
         split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM)
-        variants = {f"skinny<={t}": (split, t) for t in args.skinny_max_tokens}
+        variants = {
+            f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on")
+            for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)
+        }
     current = dam.decode_attention
     previous = {}
     for path in args.previous:
@@ -123,13 +133,16 @@ def main() -> None:
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
             if setting is None:
-                dam.decode_attention, skinny.MAX_TOKENS = previous[variant].decode_attention, reach
-            else:  # both are captured into the graph: set before step_ms
+                dam.decode_attention = previous[variant].decode_attention
+                skinny.MAX_TOKENS, skinny.FUSED_OPS = default
+            else:  # all are captured into the graph: set before step_ms
                 dam.decode_attention = current
-                (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM), skinny.MAX_TOKENS = setting
+                split, skinny.MAX_TOKENS, skinny.FUSED_OPS = setting
+                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = split
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
-        dam.decode_attention, skinny.MAX_TOKENS = current, reach
+        dam.decode_attention = current
+        skinny.MAX_TOKENS, skinny.FUSED_OPS = default
         rows.append(row)
         print(
             f"{name:22s} max {row['max']:5d} mean {row['mean']:5d}: "

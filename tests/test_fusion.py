@@ -1,11 +1,15 @@
-"""Fusing q/k/v and gate/up into single GEMMs (what the loader does on GPUs) changes no logit."""
+"""Fusing q/k/v and gate/up into single GEMMs and folding the RMSNorm gains into them (what
+the loader does on GPUs) changes no logit; nor does the Llama layer's fused small step."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.loader import fuse_projections
+from alignedserve.worker.models import llama
+from alignedserve.worker.models.layers import RMSNorm
 from alignedserve.worker.runner import SeqChunk
 
 from factories import ARCHS, random_prompts, save_hf_model
@@ -16,10 +20,24 @@ from triton_cpu import HAS_CUDA  # the fused MLP's Triton kernel runs in the int
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="CPU runtime: Triton's interpreter only")
 
 
+def runtime_with_gains(arch, path) -> LocalRuntime:
+    """A tiny model whose RMSNorm gains are not 1 (transformers initialises them to 1, which
+    would make folding them a no-op)."""
+    save_hf_model(arch, path)
+    runtime = LocalRuntime.from_dir(path, load_tokenizer=False, block_tokens=4, num_blocks=64)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in runtime.runner.model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+    return runtime
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_projections_give_the_same_logits(arch, tmp_path):
-    save_hf_model(arch, tmp_path)
-    runtime = LocalRuntime.from_dir(tmp_path, load_tokenizer=False, block_tokens=4, num_blocks=64)
+    runtime = runtime_with_gains(arch, tmp_path)
+    layers = [m for m in runtime.runner.model.modules() if isinstance(m, llama.LlamaDecoderLayer)]
+    gains = [layer.input_layernorm.weight.clone() for layer in layers]
     (prompt,) = random_prompts((13,), seed=1)
     table = tuple(runtime.allocator.allocate(4))
     chunk = [SeqChunk("a", tuple(prompt), 0, table, None)]
@@ -29,3 +47,45 @@ def test_fused_projections_give_the_same_logits(arch, tmp_path):
     assert any("qkv_proj" in n for n in names) and not any(".q_proj" in n for n in names)
     after = runtime.runner.forward(chunk, all_logits=True)
     assert (before - after).abs().max().item() <= 1e-5
+    if gains:  # the Llama family: the gains now live in the fused weights, the norms are 1
+        assert not torch.equal(gains[0], torch.ones_like(gains[0]))
+        for layer in layers:
+            assert layer.norms_folded
+            assert torch.equal(layer.input_layernorm.weight, torch.ones_like(gains[0]))
+            assert torch.equal(layer.post_attention_layernorm.weight, torch.ones_like(gains[0]))
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (0,), (1,)])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not a.startswith("opt")])
+def test_the_skinny_layer_gives_the_same_logits(arch, layers, tmp_path, monkeypatch):
+    """The Llama layer's fused small step (norms, SiLU * up and residual adds inside its four
+    GEMMs) against the layer of separate ops, in the interpreter: a prefill chunk and then a
+    decode step over the cache it wrote. qwen2 has a qkv bias, qwen3 q/k norms. With one
+    of the two layers fused, the residual stream crosses between the forms either way."""
+    runtime = runtime_with_gains(arch, tmp_path)
+    fuse_projections(runtime.runner.model)
+    (prompt,) = random_prompts((13,), seed=2)
+    tables = {name: tuple(runtime.allocator.allocate(4)) for name in ("plain", "skinny")}
+
+    def steps(name):
+        prefill = runtime.runner.forward([SeqChunk(name, tuple(prompt), 0, tables[name], None)])
+        token = int(prefill[0].argmax())
+        decode = runtime.runner.forward([SeqChunk(name, (token,), 13, tables[name], None)])
+        return prefill, decode
+
+    plain = steps("plain")
+    taken = []
+    original = llama.LlamaDecoderLayer.skinny_forward
+
+    def skinny_forward(layer, *args):
+        taken.append(layer.self_attn.layer_idx)
+        return original(layer, *args)
+
+    num_layers = len(runtime.runner.model.model.layers)
+    calls = iter(range(10**6))  # the layers ask in order, once per forward each
+    monkeypatch.setattr(llama, "takes_skinny", lambda x: next(calls) % num_layers in layers)
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "skinny_forward", skinny_forward)
+    skinny = steps("skinny")
+    assert taken == list(layers) * 2
+    for want, got in zip(plain, skinny, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

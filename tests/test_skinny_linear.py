@@ -65,6 +65,63 @@ def test_tile_variants_match_the_twin(tiles, m, n, k):
     torch.testing.assert_close(got, skl.linear_ref(x, w, bias), rtol=1e-4, atol=1e-4)
 
 
+# (M, N, K) for the fused forms: N per half with silu_mul; K past one tile and masked
+FUSED_SHAPES = [(1, 64, 256), (5, 100, 200), (20, 72, 96), (40, 130, 24)]
+
+
+@pytest.mark.parametrize("m,n,k", FUSED_SHAPES)
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_normed_linear_matches_the_twin(m, n, k, silu_mul, has_bias):
+    rows = 2 * n if silu_mul else n
+    x, w = randn(m, k, seed=11, scale=3.0), randn(rows, k, seed=12)
+    bias = randn(rows, seed=14) if has_bias else None
+    got = skl.normed_linear(x, 1e-5, w, bias, silu_mul=silu_mul)
+    want = skl.normed_linear_ref(x, 1e-5, w, bias, silu_mul=silu_mul)
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,k", FUSED_SHAPES)
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_linear_residual_matches_the_twin(m, n, k, has_bias):
+    x, w, residual = randn(m, k, seed=15), randn(n, k, seed=16), randn(m, n, seed=17)
+    bias = randn(n, seed=18) if has_bias else None
+    got = skl.linear_residual(x, w, residual, bias)
+    torch.testing.assert_close(
+        got, skl.linear_residual_ref(x, w, residual, bias), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_the_fused_twins_are_the_layers_arithmetic():
+    """On weights with the norm's gain folded in (layers.fold_norm_weight), the twins give
+    the layer's RMSNorm (with its gain), projection and silu(gate) * up."""
+    x, w, gate_up = torch.randn(3, 16), torch.randn(8, 16), torch.randn(2 * 8, 16)
+    norm = torch.rand(16) + 0.5
+    normed = norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(skl.normed_linear_ref(x, 1e-6, w * norm), normed @ w.t())
+    gate, up = (normed @ gate_up.t()).chunk(2, dim=-1)
+    want = nn.functional.silu(gate) * up
+    got = skl.normed_linear_ref(x, 1e-6, gate_up * norm, silu_mul=True)
+    torch.testing.assert_close(got, want)
+    res = torch.randn(3, 8)
+    torch.testing.assert_close(skl.linear_residual_ref(x, w, res), x @ w.t() + res)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: skl.normed_linear(randn(4, 32), 1e-5, randn(8, 16)), "want x"),
+        (lambda: skl.normed_linear(randn(4, 32), 1e-5, randn(9, 32), silu_mul=True), "gate | up"),
+        (lambda: skl.linear_residual(randn(4, 32), randn(8, 32), randn(4, 9)), "residual"),
+        (lambda: skl.linear_residual(randn(4, 32), randn(8, 32), randn(8, 4).t()), "residual"),
+    ],
+)
+def test_bad_fused_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 def test_zero_tokens_give_an_empty_result():
     w = randn(64, 128)
     assert skl.skinny_linear(w[:0], w).shape == (0, 64)
@@ -131,6 +188,36 @@ def test_llama_projections_in_bf16(m, name):
     got = skl.skinny_linear(x, w)
     # fp32 accumulation in both; one bf16 rounding of the output (and sum order) apart
     torch.testing.assert_close(got.float(), skl.linear_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 5, 16, 32])
+@pytest.mark.parametrize("name", ["qkv", "gate_up"])
+def test_llama_normed_projections_in_bf16(m, name):
+    n, k = LLAMA3_8B[name]
+    x = randn(m, k, dtype=torch.bfloat16, seed=m, scale=4.0)
+    w = randn(n, k, dtype=torch.bfloat16, seed=n) * k**-0.5
+    silu_mul = name == "gate_up"
+    got = skl.normed_linear(x, 1e-5, w, silu_mul=silu_mul)
+    want = skl.normed_linear_ref(x, 1e-5, w, silu_mul=silu_mul)
+    # the twin rounds the normed x to bf16; the kernel multiplies x itself and scales the
+    # fp32 accumulator: a bf16 ulp or two apart
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16, 32])
+@pytest.mark.parametrize("name", ["o", "down"])
+def test_llama_residual_projections_equal_the_separate_kernels(m, name):
+    n, k = LLAMA3_8B[name]
+    x = randn(m, k, dtype=torch.bfloat16, seed=m)
+    w = randn(n, k, dtype=torch.bfloat16, seed=n) * k**-0.5
+    residual = randn(m, n, dtype=torch.bfloat16, seed=n + 1)
+    got = skl.linear_residual(x, w, residual)
+    # the same dot, rounded where the separate GEMM stores, then torch's add: bit for bit
+    assert torch.equal(got, skl.skinny_linear(x, w) + residual)
 
 
 @pytest.mark.gpu

@@ -97,11 +97,16 @@ def load_model(
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """q/k/v and gate/up as single GEMMs. GPU only: on the CPU the parameters are views of the
-    memory-mapped checkpoint, and concatenating them would copy the weights into RAM."""
-    for module in list(model.modules()):
+    """q/k/v and gate/up as single GEMMs, and the RMSNorm weights before them folded into
+    theirs. GPU only: on the CPU the parameters are views of the memory-mapped checkpoint,
+    and concatenating them would copy the weights into RAM."""
+    modules = list(model.modules())
+    for module in modules:
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
+    for module in modules:
+        if hasattr(module, "fold_norm_weights"):
+            module.fold_norm_weights()
 
 
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:

@@ -17,16 +17,32 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
+def takes_skinny(x: torch.Tensor) -> bool:  # x: [M, in]
+    """Whether a projection of x takes the skinny Triton GEMM (kernels/skinny_linear.py,
+    faster than cuBLAS for a handful of tokens): CUDA rows of at most MAX_TOKENS."""
+    if not (x.is_cuda and x.dim() == 2 and x.stride(-1) == 1):
+        return False
+    from alignedserve.worker.kernels import skinny_linear
+
+    return x.shape[0] <= skinny_linear.MAX_TOKENS
+
+
+def skinny_fused_ops() -> bool:
+    """Whether the skinny GEMM also takes a layer's norms, activation and residual adds."""
+    from alignedserve.worker.kernels import skinny_linear
+
+    return skinny_linear.FUSED_OPS
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose CUDA forward takes the skinny Triton GEMM for a handful of tokens
-    (kernels/skinny_linear.py: faster than cuBLAS there), nn.Linear's otherwise."""
+    """nn.Linear whose CUDA forward takes the skinny Triton GEMM for a handful of tokens,
+    nn.Linear's otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
-        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+        if takes_skinny(x):
             from alignedserve.worker.kernels import skinny_linear
 
-            if x.shape[0] <= skinny_linear.MAX_TOKENS:
-                return skinny_linear.skinny_linear(x, self.weight, self.bias)
+            return skinny_linear.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -47,6 +63,18 @@ def fuse_linears(*linears: nn.Linear) -> Linear:
         if first.bias is not None:
             fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
     return fused
+
+
+def fold_norm_weight(norm: RMSNorm, linear: nn.Linear) -> None:
+    """Move RMSNorm's weight into the columns of the projection it feeds, and make the norm's
+    weight 1: (g * x̂) @ W.T == x̂ @ (W * g).T, so every path (separate kernels or the skinny
+    GEMM's prologue, kernels/skinny_linear.py) computes the same layer with no per-element
+    multiply by g. Rounded once, in fp32, to the weight's dtype. GPU only, after fusing
+    (the CPU's weights are views of the memory-mapped checkpoint)."""
+    with torch.no_grad():
+        gain = norm.weight.float()[None, :]  # [1, in]
+        linear.weight.copy_((linear.weight.float() * gain).to(linear.weight.dtype))
+        norm.weight.fill_(1.0)
 
 
 def add_rms_norm(

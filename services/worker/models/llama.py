@@ -19,7 +19,10 @@ from alignedserve.worker.models.layers import (
     RotaryEmbedding,
     add_rms_norm,
     embedding,
+    fold_norm_weight,
     fuse_linears,
+    skinny_fused_ops,
+    takes_skinny,
 )
 
 
@@ -47,13 +50,29 @@ class LlamaAttention(nn.Module):
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
         kv_cache: KVCache,
-    ) -> torch.Tensor:
-        n = x.shape[0]
+    ) -> torch.Tensor:  # [N, hidden]
         if hasattr(self, "qkv_proj"):  # fused on GPUs: one GEMM
-            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = self.split_qkv(self.qkv_proj(x))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, positions, rotary, meta, kv_cache))
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:  # views of [N, ...]
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [N, heads * head_dim]
+        k: torch.Tensor,  # [N, kv_heads * head_dim]
+        v: torch.Tensor,  # [N, kv_heads * head_dim]
+        positions: torch.Tensor,  # [N]
+        rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:  # [N, heads * head_dim]
+        """RoPE, the KV append and attention over the cache, from the projected q, k, v."""
+        n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -74,7 +93,7 @@ class LlamaAttention(nn.Module):
             out = paged_attention_ref(
                 q, k, v, kv_cache, self.layer_idx, meta, scale, self.sliding_window
             )  # [N, heads, head_dim]
-        return self.o_proj(out.reshape(n, -1))
+        return out.reshape(n, -1)
 
     def fuse_projections(self) -> None:
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
@@ -108,14 +127,44 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norms_folded = False  # fold_norm_weights: what the fused small step needs
 
     def forward(self, x, residual, positions, rotary, meta, kv_cache):
         """x: what the previous layer adds to the residual stream (the embeddings for the
-        first layer, whose residual is None). Returns this layer's addition and the stream."""
+        first layer, whose residual is None). Returns this layer's addition and the stream;
+        the fused small step returns the stream itself and None."""
+        if self.norms_folded and takes_skinny(x) and skinny_fused_ops():
+            return self.skinny_forward(x, residual, positions, rotary, meta, kv_cache)
         h, residual = add_rms_norm(self.input_layernorm, x, residual)
         h = self.self_attn(h, positions, rotary, meta, kv_cache)
         h, residual = add_rms_norm(self.post_attention_layernorm, h, residual)
         return self.mlp(h), residual
+
+    def skinny_forward(self, x, residual, positions, rotary, meta, kv_cache):
+        """The same layer in four GEMMs that carry its small ops (kernels/skinny_linear.py):
+        RMSNorm in the qkv and gate_up GEMMs, SiLU * up in gate_up's, the residual adds in
+        o's and down's. For a handful of tokens, where each kernel's launch, ramp and tail
+        cost about as much as its work."""
+        from alignedserve.worker.kernels.skinny_linear import linear_residual, normed_linear
+
+        attn, mlp = self.self_attn, self.mlp
+        stream = x if residual is None else x + residual  # [N, hidden]
+        qkv = normed_linear(
+            stream, self.input_layernorm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias
+        )  # [N, (heads + 2 kv_heads) * head_dim]
+        out = attn.attend(*attn.split_qkv(qkv), positions, rotary, meta, kv_cache)
+        stream = linear_residual(out, attn.o_proj.weight, stream, attn.o_proj.bias)
+        act = normed_linear(
+            stream, self.post_attention_layernorm.eps,
+            mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, silu_mul=True,
+        )  # fmt: skip  # [N, intermediate]
+        return linear_residual(act, mlp.down_proj.weight, stream, mlp.down_proj.bias), None
+
+    def fold_norm_weights(self) -> None:
+        """After fuse_projections: each norm's weight into the fused GEMM it feeds."""
+        fold_norm_weight(self.input_layernorm, self.self_attn.qkv_proj)
+        fold_norm_weight(self.post_attention_layernorm, self.mlp.gate_up_proj)
+        self.norms_folded = True
 
 
 class LlamaModel(nn.Module):
