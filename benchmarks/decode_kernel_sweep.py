@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def cells(small: bool = False) -> list[tuple[str, list[int]]]:
 
 def step_ms(model, config, kv, lengths: list[int]) -> float:
     batch = len(lengths)
-    width = math.ceil(max(lengths) / 16)
+    width = kv.layout.blocks_for(max(lengths))
     bucket = width_bucket(width)
     graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
     tables, ctx = tables_for(lengths, width, kv)

@@ -175,7 +175,7 @@ def decode_grid(ceil: dict[str, float], quick: bool, shape: str = "llama3-8b") -
     rows = []
     for batch in batches:
         for length in lengths:
-            per = math.ceil(length / 16)
+            per = kv.layout.blocks_for(length)
             if batch * per + 1 > num_blocks:
                 print(f"  B={batch} L={length}: KV does not fit, skipped")
                 continue
@@ -210,7 +210,7 @@ def tables_for(lengths: list[int], width: int, kv) -> tuple[torch.Tensor, torch.
     tables = torch.full((len(lengths), width), kv.num_blocks - 1, dtype=torch.long, device="cuda")
     start = 0
     for b, n in enumerate(lengths):
-        per = math.ceil(n / 16)
+        per = kv.layout.blocks_for(n)
         tables[b, :per] = torch.arange(start, start + per, device="cuda")
         start += per
     return tables, torch.tensor(lengths, dtype=torch.long, device="cuda")
@@ -225,7 +225,7 @@ def mixed_cell(model, config, kv, batch: int) -> dict:
 
     mixed = served_lengths(batch)
     even = [sum(mixed) // batch] * batch
-    width = math.ceil(max(mixed) / 16)
+    width = kv.layout.blocks_for(max(mixed))
     bucket = width_bucket(width)
     graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
@@ -261,12 +261,14 @@ def prefill_speed(model, config, kv, ceil, read_params) -> list[dict]:
     prompt tokens per second and the fraction of the matmul ceiling reached."""
     rows = []
     for batch, q_len, cached in ((1, 2048, 0), (4, 2048, 0), (1, 2048, 6144)):
-        per = math.ceil((cached + q_len) / 16)
+        per = kv.layout.blocks_for(cached + q_len)
         tables = torch.arange(batch * per, device="cuda").view(batch, per).tolist()
         ids = torch.randint(0, config.vocab_size, (batch * q_len,), device="cuda")
 
         def step(batch=batch, q_len=q_len, cached=cached, tables=tables, ids=ids):
-            meta = AttentionMetadata.build([q_len] * batch, [cached] * batch, tables, 16, "cuda")
+            meta = AttentionMetadata.build(
+                [q_len] * batch, [cached] * batch, tables, kv.layout.block_tokens, "cuda"
+            )
             with torch.inference_mode():
                 hidden = model(ids, meta.positions, meta, kv)
                 return model.logits(hidden[meta.last_token])

@@ -172,7 +172,7 @@ def attention_probe(model, config, kv, ceil: dict) -> list[dict]:
     layers = [kv.layer(i) for i in range(config.num_layers)]
     rows = []
     for batch, length in ATTENTION_CELLS:
-        per = length // 16
+        per = kv.layout.blocks_for(length)
         tables = torch.arange(batch * per, device="cuda").view(batch, per)
         ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
         q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16,

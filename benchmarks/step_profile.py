@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
@@ -49,7 +48,7 @@ def kernel_class(name: str) -> str:
 
 
 def profile_cell(model, config, kv, batch: int, length: int, replays: int = 5) -> dict:
-    per = math.ceil(length / 16)
+    per = kv.layout.blocks_for(length)
     tables = torch.arange(batch * per, device="cuda").view(batch, per)
     ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
@@ -115,7 +114,7 @@ def overlap_probe(model, config, kv, layers: int = 32) -> dict:
         layer.mlp.down_proj.weight,  # [4096, 14336]
     ]
     inputs = [torch.randn(half, w.shape[1], dtype=w.dtype, device="cuda") for w in weights]
-    per = length // 16
+    per = kv.layout.blocks_for(length)
     tables = torch.arange(half * per, device="cuda").view(half, per)
     ctx = torch.full((half,), length, dtype=torch.long, device="cuda")
     q = torch.randn(half, config.num_heads, config.head_dim, dtype=torch.bfloat16, device="cuda")
