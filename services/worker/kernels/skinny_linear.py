@@ -23,7 +23,7 @@ applied here: the loader folds it into the weight's columns (`layers.fold_norm_w
 Scaling each K tile of x by it inside the loop had doubled qkv's time (twenty-first
 session). Folded, each fused form beat the separate kernels it replaces on an H200 (qkv
 0.51-0.58 against 0.57-0.60 ms over 32 layers at M = 1-32, o 0.36-0.39 against 0.41-0.45),
-and decode steps of 1-32 requests took 1.2-3.2 % less time (twenty-second session).
+and decode steps of 1-32 requests took 0.9-3.2 % less time (twenty-second session).
 
 The models build their projections as `layers.Linear`, whose forward takes this kernel for
 CUDA inputs of at most MAX_TOKENS rows and nn.Linear otherwise; the Llama layer takes the
