@@ -63,6 +63,15 @@ class Launched:
             event.synchronize()
 
 
+@dataclass(frozen=True)
+class LanePass:
+    """What one lane (device) queued for a step."""
+
+    run: LaunchedStep | None  # its forward pass and sampling; None: nothing to compute
+    done: torch.cuda.Event | None  # after its pass and write-backs (None: no CUDA work)
+    wrote_back: bool
+
+
 # Batches queued on the prefill device at once: the next runs straight after the one before,
 # while the batcher learns that one is done (a step or two later) and plans another.
 MAX_PREFILL_BATCHES = 2
@@ -163,6 +172,38 @@ class StepExecutor:
         lanes = self._lanes(request, res)
         # First free what the batcher already counts as free (requests that finished before
         # this step): its plan may give their device blocks to this step's new requests.
+        self._release(request, lanes, before)
+        if before is not None and before.wrote_back and len(before.done) > 1:
+            # a request written back on one GPU may load on the other now: each GPU's work
+            # from here on (its loads first) waits for the other's write-backs
+            for runner, _ in lanes:
+                with self._on_lane(runner):
+                    for event in before.done:
+                        torch.cuda.current_stream().wait_event(event)
+        load_s = [self._load(request, lane, *pair) for lane, pair in enumerate(lanes)]
+        # the prefill device's chunks start first and run while this thread does the rest;
+        # they read the pool, so they wait for write-backs the step before still has queued
+        self._start_offloaded(request, res, before if before and before.wrote_back else None)
+        passes = [self._pass(request, lane, *pair, before) for lane, pair in enumerate(lanes)]
+        launched = Launched(
+            request,
+            passes[0].run,
+            lambda: max(seconds() for seconds in load_s),
+            tuple(p.done for p in passes if p.done is not None),
+            wrote_back=any(p.wrote_back for p in passes),
+            second_run=passes[1].run if len(passes) > 1 else None,
+        )
+        self._unfinished = launched
+        return launched
+
+    def _release(
+        self,
+        request: worker_pb2.StepRequest,
+        lanes: list[tuple[ModelRunner, DeviceResidency]],
+        before: Launched | None,
+    ) -> None:
+        """Free the released requests' device blocks; drop their sampled tokens of the step
+        before and their prefill results still to come."""
         prefilling = self._prefilling_ids()
         for request_id in request.release:
             for _, lane_res in lanes:
@@ -172,59 +213,50 @@ class StepExecutor:
                 before.dropped.add(request_id)
             if request_id in prefilling:
                 self._dropped_prefill.add(request_id)
-        if before is not None and before.wrote_back and len(before.done) > 1:
-            # a request written back on one GPU may load on the other now: each GPU's work
-            # from here on (its loads first) waits for the other's write-backs
-            for runner, _ in lanes:
-                with self._on_lane(runner):
-                    for event in before.done:
-                        torch.cuda.current_stream().wait_event(event)
-        load_s = []
-        for lane, (runner, lane_res) in enumerate(lanes):
-            with self._on_lane(runner):
-                load_s.append(
-                    lane_res.load_batch(
-                        [
-                            (e.request_id, e.pool_blocks, e.num_kv_tokens)
-                            for e in request.load
-                            if e.on_prefill_device == bool(lane)
-                        ]
-                    )
-                )
-        # the prefill device's chunks start first and run while this thread does the rest;
-        # they read the pool, so they wait for write-backs the step before still has queued
-        self._start_offloaded(request, res, before if before and before.wrote_back else None)
-        runs: list[LaunchedStep | None] = []
-        done: list[torch.cuda.Event] = []
-        wrote_back = False
-        for lane, (runner, lane_res) in enumerate(lanes):
-            with self._on_lane(runner):
-                chunks, carried, write_back = self._chunks(request, lane_res, before, lane)
-                run = None
-                if chunks:
-                    ran = before.run_on(lane) if before is not None else None
-                    carry = TokenCarry(ran.tokens, tuple(carried)) if carried else None
-                    run = runner.launch(chunks, carry)
-                    for chunk in chunks:
-                        lane_res.advance(chunk.request_id, len(chunk.token_ids))
-                for request_id, pool_blocks in write_back:
-                    lane_res.write_back(request_id, pool_blocks)  # queued behind the pass
-                    lane_res.release(request_id)
-                wrote_back |= bool(write_back)
-                # (the prefill device's stream has work only when it decodes or writes back)
-                if runner.device.type == "cuda" and (lane == 0 or run or write_back):
-                    done.append(torch.cuda.current_stream().record_event())
-                runs.append(run)
-        launched = Launched(
-            request,
-            runs[0],
-            lambda: max(seconds() for seconds in load_s),
-            tuple(done),
-            wrote_back=wrote_back,
-            second_run=runs[1] if len(runs) > 1 else None,
-        )
-        self._unfinished = launched
-        return launched
+
+    def _load(
+        self,
+        request: worker_pb2.StepRequest,
+        lane: int,
+        runner: ModelRunner,
+        res: DeviceResidency,
+    ) -> Callable[[], float]:
+        """Start copying the lane's new residents in from the pool; their copies' seconds."""
+        with self._on_lane(runner):
+            return res.load_batch(
+                [
+                    (e.request_id, e.pool_blocks, e.num_kv_tokens)
+                    for e in request.load
+                    if e.on_prefill_device == bool(lane)
+                ]
+            )
+
+    def _pass(
+        self,
+        request: worker_pb2.StepRequest,
+        lane: int,
+        runner: ModelRunner,
+        res: DeviceResidency,
+        before: Launched | None,
+    ) -> LanePass:
+        """Queue the lane's forward pass and sampling, then its write-backs behind them."""
+        with self._on_lane(runner):
+            chunks, carried, write_back = self._chunks(request, res, before, lane)
+            run = None
+            if chunks:
+                ran = before.run_on(lane) if before is not None else None
+                carry = TokenCarry(ran.tokens, tuple(carried)) if carried else None
+                run = runner.launch(chunks, carry)
+                for chunk in chunks:
+                    res.advance(chunk.request_id, len(chunk.token_ids))
+            for request_id, pool_blocks in write_back:
+                res.write_back(request_id, pool_blocks)  # queued behind the pass
+                res.release(request_id)
+            done = None
+            # (the prefill device's stream has work only when it decodes or writes back)
+            if runner.device.type == "cuda" and (lane == 0 or run or write_back):
+                done = torch.cuda.current_stream().record_event()
+            return LanePass(run, done, bool(write_back))
 
     def _on_lane(self, runner: ModelRunner) -> contextlib.ExitStack:
         """The decode device: its current stream. The prefill device: a stream of its own:
