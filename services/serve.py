@@ -254,17 +254,18 @@ async def serve_all(
             port=config.port,
             drain_timeout_s=config.drain_s,
         )
-        routers = None
-        if config.num_routers > 1:  # the port is taken (or picked) before anything starts
+        # the port is taken (or picked) and claimed before anything starts; the router(s)
+        # listen on it once all is up
+        routers = holder = None
+        if config.num_routers > 1:
             routers = resources.enter_context(
                 RouterProcesses(router_config, config.num_routers, metrics_url)
             )
         else:
             resources.enter_context(merged_into(metrics_url))
-            if config.port:  # checked and claimed now; the router binds it once all is up
-                holder, claim = take_port(config.host, config.port)
-                holder.close()
-                resources.callback(claim.close)
+            holder, claim = take_port(config.host, config.port)
+            resources.callback(holder.close)
+            resources.callback(claim.close)
         supervisors = {
             "worker": Supervisor("worker", worker_args(config, model_dir, worker_port)),
             "batcher": Supervisor(
@@ -305,7 +306,7 @@ async def serve_all(
                 http = _router_here(router_config, bound)
                 # uvicorn takes SIGTERM/SIGINT while it runs: the first drains the router; once
                 # it has stopped it re-raises the signal, which reaches run_serve's handler.
-                router = asyncio.create_task(http.serve(), name="router")
+                router = asyncio.create_task(http.serve(sockets=[holder]), name="router")
                 await _first(asyncio.ensure_future(bound.wait()), router)
                 http_port, more = http.servers[0].sockets[0].getsockname()[1], {}
             log.info("serving %s at http://%s:%d/v1", model_dir, config.host, http_port)
