@@ -19,6 +19,7 @@ from alignedserve.common import wire
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.serve import free_port
+from alignedserve.worker.executor import StepExecutor
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.server import serve_worker
 from alignedserve.worker.service import WorkerConfig
@@ -166,6 +167,16 @@ def test_the_prefill_device_decodes_too_and_gives_the_runtimes_tokens(
         return decode_chunk(self, request_id, *args)
 
     monkeypatch.setattr(DeviceResidency, "decode_chunk", counting_decode_chunk)
+    # each answer with the passes its step ran: (decode device's, prefill device's)
+    answered = []
+    finish = StepExecutor.finish
+
+    def recording_finish(self, launched):
+        response = finish(self, launched)
+        answered.append((response, launched.run is not None, launched.second_run is not None))
+        return response
+
+    monkeypatch.setattr(StepExecutor, "finish", recording_finish)
     # the lane's mechanics: it opens as soon as no prompt waits (no quiet period first)
     for_worker = engine.scheduler_config_for
     monkeypatch.setattr(
@@ -196,10 +207,15 @@ def test_the_prefill_device_decodes_too_and_gives_the_runtimes_tokens(
             later = [generate(stub, f"b{i}", p, greedy(n)) for i, p in enumerate(prompts[6:])]
             return await asyncio.wait_for(asyncio.gather(*tasks, *later), 120)
 
-    for (tokens, finish, _), ref in zip(asyncio.run(main()), expected, strict=True):
+    for (tokens, finish_reason, _), ref in zip(asyncio.run(main()), expected, strict=True):
         assert tokens == ref.token_ids
-        assert finish == "length"
+        assert finish_reason == "length"
     assert len(set(there)) >= 2, there
+    # each device's pass time is its own: the decode device's in compute_s (the prefill
+    # share reads it as such), the prefill device's in second_compute_s
+    assert any(second for _, _, second in answered)
+    for response, first, second in answered:
+        assert (response.compute_s > 0, response.second_compute_s > 0) == (first, second)
 
 
 @pytest.mark.parametrize(

@@ -139,8 +139,8 @@ class StepExecutor:
                     )
                     for t in (*sampled, *sampled_there)
                 ],
-                # the step's device time: the longer of the two passes side by side
-                compute_s=max((run.compute_s for run in launched.runs), default=0.0),
+                compute_s=launched.run.compute_s if launched.run else 0.0,
+                second_compute_s=launched.second_run.compute_s if launched.second_run else 0.0,
                 load_s=launched.load_s(),
                 prefilled=prefilled,
                 prefill_s=prefill_s,

@@ -320,7 +320,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             each(w.step_s),
             each(w.launch_s),
             each(w.compute_s),
-            each(w.prefill_s),
+            each(w.prefill_s + w.second_compute_s),  # its prefill batches and decode passes
             100 * w.idle_s / elapsed,
             capture_s - w.capture_s_before,
         )
@@ -408,7 +408,8 @@ class StepStats:
     step_s: float = 0.0  # from receiving the plan to answering it
     launch_s: float = 0.0  # of which the host spent queueing its device work
     idle_s: float = 0.0  # nothing queued on the device: waiting for the next plan
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # the decode device's passes
+    second_compute_s: float = 0.0  # the prefill device's decode passes
     prefill_s: float = 0.0
     capture_s_before: float = 0.0  # the runner's capture time at the window's start
 
@@ -418,4 +419,5 @@ class StepStats:
         self.step_s += step_s
         self.launch_s += response.launch_s
         self.compute_s += response.compute_s
+        self.second_compute_s += response.second_compute_s
         self.prefill_s += response.prefill_s
