@@ -69,23 +69,25 @@ async def end_session(call, step: int, request_ids: list[str]) -> None:
     await call.code()
 
 
-def cell_lengths(batch: int, lengths: str, args) -> list[int]:
-    """Each request's KV length: all --kv-len ("uniform"), a served fcfs batch's spread
+def cell_lengths(batch: int, lengths: str, kv_len: int, max_start_len: int) -> list[int]:
+    """Each request's KV length: all kv_len ("uniform"), a served fcfs batch's spread
     ("served": gpu_bench's 90 %-short mix, one long request at least, each cut to
-    args.max_start_len), or that spread's total KV shared evenly ("even"): served against
-    even says what the spread costs."""
+    max_start_len), or that spread's total KV shared evenly ("even"): served against even
+    says what the spread costs."""
     if lengths == "uniform":
-        return [args.kv_len] * batch
+        return [kv_len] * batch
     from gpu_bench import served_lengths
 
-    served = [min(n, args.max_start_len) for n in served_lengths(batch)]
+    served = [min(n, max_start_len) for n in served_lengths(batch)]
     return served if lengths == "served" else [sum(served) // batch] * batch
 
 
-async def run_cell(stub, servicer: WorkerServicer, pool, batch: int, lengths: str, args) -> dict:
-    """One batch: load, warm up (graph capture), then time --steps decode steps."""
+async def run_cell(
+    stub, servicer: WorkerServicer, pool, batch: int, lengths: str, kv_lens: list[int], args
+) -> dict:
+    """One batch (its requests' KV lengths): load, warm up (graph capture), then time
+    --steps decode steps."""
     layout = pool.layout
-    kv_lens = cell_lengths(batch, lengths, args)
     ids = [f"b{batch}-{lengths}-{i}" for i in range(batch)]
     call = stub.Session()
     loads = [
@@ -262,8 +264,13 @@ async def main(args: argparse.Namespace) -> None:
         info = await stub.Describe(worker_pb2.DescribeRequest())
         layout = layout_from_proto(info.kv_layout)
         # room for every step's token after the longest start
-        args.max_start_len = info.max_model_len - args.warmup - args.steps - 2
-        longest = max(max(cell_lengths(b, n, args)) for b in args.batches for n in args.lengths)
+        max_start_len = info.max_model_len - args.warmup - args.steps - 2
+        cells = {
+            (b, n): cell_lengths(b, n, args.kv_len, max_start_len)
+            for b in args.batches
+            for n in args.lengths
+        }
+        longest = max(max(kv_lens) for kv_lens in cells.values())
         num_pool_blocks = max(
             layout.blocks_for(longest + args.steps + 64),
             layout.blocks_for(args.prefill_tokens) + args.prefill_prompts + 2,
@@ -278,7 +285,8 @@ async def main(args: argparse.Namespace) -> None:
                 for lengths in args.lengths:
                     for overlap in args.overlap:
                         servicer.overlap_steps = overlap == "on"
-                        row = await run_cell(stub, servicer, pool, batch, lengths, args)
+                        kv_lens = cells[batch, lengths]
+                        row = await run_cell(stub, servicer, pool, batch, lengths, kv_lens, args)
                         rows.append(row)
                         print(
                             f"B={batch} {lengths} L={row['kv_len']} (max {row['max_kv_len']}) "
