@@ -111,8 +111,7 @@ def fuse_projections(model: nn.Module) -> None:
         # The unfused weights and the fold's fp32 copies are free now, but the caching
         # allocator keeps what it can release reserved, where sizing by the device's free
         # memory (the prefill device's decode blocks) does not see it: 1.1 GiB for
-        # Llama-3-8B on an H200 (docs/results/session22/cache_check.txt). ~9 GiB more stays
-        # free inside segments that also hold live weights.
+        # Llama-3-8B on an H200 (docs/results/session22/cache_check.txt).
         torch.cuda.empty_cache()
 
 
