@@ -100,18 +100,17 @@ def fuse_projections(model: nn.Module) -> None:
     """q/k/v and gate/up as single GEMMs, and the RMSNorm weights before them folded into
     theirs. GPU only: on the CPU the parameters are views of the memory-mapped checkpoint,
     and concatenating them would copy the weights into RAM."""
-    modules = list(model.modules())
-    for module in modules:
-        if hasattr(module, "fuse_projections"):
-            module.fuse_projections()
-    for module in modules:
-        if hasattr(module, "fold_norm_weights"):
-            module.fold_norm_weights()
+    # Only the modules that fuse are listed: a list of all would keep every unfused
+    # projection (q, k, v, gate, up) alive until the end, and their memory reserved.
+    for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:
+        module.fuse_projections()
+    for module in [m for m in model.modules() if hasattr(m, "fold_norm_weights")]:
+        module.fold_norm_weights()
     if torch.cuda.is_available():
         # The unfused weights and the fold's fp32 copies are free now, but the caching
-        # allocator keeps what it can release reserved, where sizing by the device's free
-        # memory (the prefill device's decode blocks) does not see it: 1.1 GiB for
-        # Llama-3-8B on an H200 (docs/results/session22/cache_check.txt).
+        # allocator would keep them reserved, where sizing by the device's free memory (the
+        # prefill device's decode blocks) does not see them (docs/benchmarks.md, twenty-
+        # second session: 10.1 GiB for Llama-3-8B on an H200).
         torch.cuda.empty_cache()
 
 
