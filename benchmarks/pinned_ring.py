@@ -1,5 +1,5 @@
 """A step's host-to-GPU inputs three ways, side by side: the host's time to queue them while
-the GPU is still busy with the step before (a queued matmul chain, ~20 ms), and whether the
+the GPU is still busy with the step before (a queued matmul chain, ~28 ms), and whether the
 host waited for it.
 
 - ring: `worker/transfer.to_device`, staged in the thread's pinned ring (what the worker does);
@@ -42,7 +42,7 @@ def step_inputs(batch: int) -> list[torch.Tensor]:
 
 
 def busy_gpu(device: torch.device) -> None:
-    """Queue ~20 ms of matmuls on the current stream (returns at once)."""
+    """Queue ~28 ms of matmuls on the current stream (returns at once)."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(20):
         a = a @ a
