@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,9 +198,23 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
+    """n distinct ports of 127.0.0.1 that were free, none of them in `avoid`. The sockets
+    that find them stay bound until all are found: one bound and closed at a time, the
+    kernel may hand out the same port again (a serve's batcher once got its own metrics
+    port, and restarted until the test gave up)."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(ports) < n:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+    return ports
 
 
 def batcher_args(config: BatcherConfig) -> list[str]:
@@ -244,7 +259,8 @@ async def serve_all(
     with contextlib.ExitStack() as resources:
         tmp = resources.enter_context(tempfile.TemporaryDirectory(prefix="alignedserve-"))
         model_dir = config.model or write_tiny_model(Path(tmp) / "tiny")
-        worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
+        # not the HTTP port either: a port the caller picked is free until its router binds
+        worker_port, batcher_port, metrics_port = free_ports(3, avoid={config.port})
         batcher_address = f"127.0.0.1:{batcher_port}"
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         router_config = RouterConfig(

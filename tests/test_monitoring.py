@@ -514,7 +514,11 @@ class Server:
         command += ["--max-waiting", "4", "--drain-s", "2"]  # a burst of 24 meets 429s
         self.log = log.open("w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self._ready, 90, "alignedserve serve never became ready")
+        try:
+            wait_until(self._ready, 90, "alignedserve serve never became ready")
+        except BaseException:  # the caller has no server to stop: do not leave it running
+            self.stop()
+            raise
         self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
 
     def _ready(self) -> bool:

@@ -27,6 +27,7 @@ from alignedserve.serve import (
     batcher_args,
     batcher_config,
     config_from_args,
+    free_ports,
     serve_all,
     worker_args,
 )
@@ -289,3 +290,29 @@ def test_the_prefill_devices_decode_blocks_auto_sized_like_the_decode_devices_wi
         config(prefill_decode_blocks=8)
     # allowed without a prefetch device: the worker then makes none
     assert config(prefill_decode_blocks=-1).prefill_decode_blocks == -1
+
+
+def test_free_ports_are_distinct_and_avoid_the_given_ones(monkeypatch):
+    """The kernel may hand a closed port out again at once; the ports are found with their
+    sockets all held, and a repeated or avoided one is skipped."""
+    handed_out = iter([7, 7, 8, 9, 7, 10])
+
+    class Socket:
+        def __enter__(self):
+            self.port = next(handed_out)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            assert address == ("127.0.0.1", 0)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    with monkeypatch.context() as m:
+        m.setattr(alignedserve.serve.socket, "socket", Socket)
+        assert free_ports(3, avoid={8}) == [7, 9, 10]
+    real = free_ports(20)
+    assert len(set(real)) == 20 and all(1024 <= p < 65536 for p in real)
