@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from alignedserve.common import metrics
-from alignedserve.serve import free_port
+from alignedserve.serve import free_ports
 
 from k8s import binary, system_binary
 
@@ -446,8 +446,8 @@ NOT_RECORDED_YET: set[str] = set()
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, targets: dict[str, str], rules: Path):
-        self.port = free_port()
+    def __init__(self, workdir: Path, port: int, targets: dict[str, str], rules: Path):
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         jobs = [
             {
@@ -615,13 +615,13 @@ class Live:
 
         model_dir = init_tiny(workdir / "tiny", arch="llama")
         self.started = time.time()
-        port = free_port()
-        dead = f"127.0.0.1:{free_port()}"  # a target that is down and was never a batcher
+        port, dead_port, prometheus_port = free_ports(3)
+        dead = f"127.0.0.1:{dead_port}"  # a target that is down and was never a batcher
         rules = write_rules(workdir / "rules.yaml", *EVALUATING)
         targets = {"alignedserve": f"127.0.0.1:{port}", "unrelated": dead}
         # Prometheus first: it starts scraping some seconds after it is ready, meanwhile
         # the server starts; the traffic waits for a first scrape, so rates see all of it.
-        self.prometheus = Prometheus(workdir, targets, rules)
+        self.prometheus = Prometheus(workdir, prometheus_port, targets, rules)
         self.server: Server | None = None
         try:
             self.server = Server(model_dir, port, workdir / "serve.log")
