@@ -18,7 +18,7 @@ from alignedserve.batcher.service import BatcherConfig, serve_batcher
 from alignedserve.common import wire
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.serve import free_port
+from alignedserve.serve import free_port, free_ports
 from alignedserve.worker.executor import StepExecutor
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.server import serve_worker
@@ -401,7 +401,7 @@ def test_health_is_serving_only_while_a_worker_answers(model_dir):
     SERVING while it answers (what Kubernetes' gRPC readiness probe of the pod reads)."""
     from alignedserve.common.proto import health_pb2, health_pb2_grpc
 
-    port = free_port()
+    port, bport = free_ports(2)  # the worker's (it starts later) and the batcher's
     workers: list[subprocess.Popen] = []
 
     async def status_becomes(stub, want, timeout_s=60.0):
@@ -414,7 +414,6 @@ def test_health_is_serving_only_while_a_worker_answers(model_dir):
 
     async def main():
         stop = asyncio.Event()
-        bport = free_port()
         config = BatcherConfig(worker=f"127.0.0.1:{port}", port=bport, pool_gib=0.05)
         # `started` would only fire once a worker is attached; the health service is up first
         batcher = asyncio.create_task(serve_batcher(config, stop=stop))
