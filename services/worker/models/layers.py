@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -17,21 +19,21 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
+@functools.cache
+def skinny_kernels() -> ModuleType:
+    """kernels/skinny_linear, imported once, on first use: it pulls in Triton, which the
+    CPU's paths never need. Its settings (MAX_TOKENS, FUSED_OPS) are read from it per call."""
+    from alignedserve.worker.kernels import skinny_linear
+
+    return skinny_linear
+
+
 def takes_skinny(x: torch.Tensor) -> bool:  # x: [M, in]
     """Whether a projection of x takes the skinny Triton GEMM (kernels/skinny_linear.py,
     faster than cuBLAS for a handful of tokens): CUDA rows of at most MAX_TOKENS."""
     if not (x.is_cuda and x.dim() == 2 and x.stride(-1) == 1):
         return False
-    from alignedserve.worker.kernels import skinny_linear
-
-    return x.shape[0] <= skinny_linear.MAX_TOKENS
-
-
-def skinny_fused_ops() -> bool:
-    """Whether the skinny GEMM also takes a layer's norms, activation and residual adds."""
-    from alignedserve.worker.kernels import skinny_linear
-
-    return skinny_linear.FUSED_OPS
+    return x.shape[0] <= skinny_kernels().MAX_TOKENS
 
 
 class Linear(nn.Linear):
@@ -40,9 +42,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
         if takes_skinny(x):
-            from alignedserve.worker.kernels import skinny_linear
-
-            return skinny_linear.skinny_linear(x, self.weight, self.bias)
+            return skinny_kernels().skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

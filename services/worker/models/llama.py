@@ -21,7 +21,7 @@ from alignedserve.worker.models.layers import (
     embedding,
     fold_norm_weight,
     fuse_linears,
-    skinny_fused_ops,
+    skinny_kernels,
     takes_skinny,
 )
 
@@ -133,7 +133,7 @@ class LlamaDecoderLayer(nn.Module):
         """x: what the previous layer adds to the residual stream (the embeddings for the
         first layer, whose residual is None). Returns this layer's addition and the stream;
         the fused small step returns the stream itself and None."""
-        if self.norms_folded and takes_skinny(x) and skinny_fused_ops():
+        if self.norms_folded and takes_skinny(x) and skinny_kernels().FUSED_OPS:
             return self.skinny_forward(x, residual, positions, rotary, meta, kv_cache)
         h, residual = add_rms_norm(self.input_layernorm, x, residual)
         h = self.self_attn(h, positions, rotary, meta, kv_cache)
@@ -145,20 +145,18 @@ class LlamaDecoderLayer(nn.Module):
         RMSNorm in the qkv and gate_up GEMMs, SiLU * up in gate_up's, the residual adds in
         o's and down's. For a handful of tokens, where each kernel's launch, ramp and tail
         cost about as much as its work."""
-        from alignedserve.worker.kernels.skinny_linear import linear_residual, normed_linear
-
-        attn, mlp = self.self_attn, self.mlp
+        skl, attn, mlp = skinny_kernels(), self.self_attn, self.mlp
         stream = x if residual is None else x + residual  # [N, hidden]
-        qkv = normed_linear(
+        qkv = skl.normed_linear(
             stream, self.input_layernorm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias
         )  # [N, (heads + 2 kv_heads) * head_dim]
         out = attn.attend(*attn.split_qkv(qkv), positions, rotary, meta, kv_cache)
-        stream = linear_residual(out, attn.o_proj.weight, stream, attn.o_proj.bias)
-        act = normed_linear(
+        stream = skl.linear_residual(out, attn.o_proj.weight, stream, attn.o_proj.bias)
+        act = skl.normed_linear(
             stream, self.post_attention_layernorm.eps,
             mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, silu_mul=True,
         )  # fmt: skip  # [N, intermediate]
-        return linear_residual(act, mlp.down_proj.weight, stream, mlp.down_proj.bias), None
+        return skl.linear_residual(act, mlp.down_proj.weight, stream, mlp.down_proj.bias), None
 
     def fold_norm_weights(self) -> None:
         """After fuse_projections: each norm's weight into the fused GEMM it feeds."""
