@@ -81,6 +81,22 @@ def save_hf_model(arch: str, path: Path, seed: int = 0):
     return model
 
 
+def record_skinny_layers(monkeypatch) -> list[int]:
+    """The layer index of every Llama layer that takes the fused small step
+    (`LlamaDecoderLayer.skinny_forward`), in call order, while the test runs."""
+    from alignedserve.worker.models import llama
+
+    taken: list[int] = []
+    original = llama.LlamaDecoderLayer.skinny_forward
+
+    def skinny_forward(layer, *args):
+        taken.append(layer.self_attn.layer_idx)
+        return original(layer, *args)
+
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "skinny_forward", skinny_forward)
+    return taken
+
+
 def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in lengths]

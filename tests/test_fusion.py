@@ -14,7 +14,7 @@ from alignedserve.worker.models import llama
 from alignedserve.worker.models.layers import RMSNorm
 from alignedserve.worker.runner import SeqChunk
 
-from factories import ARCHS, random_prompts, save_hf_model
+from factories import ARCHS, random_prompts, record_skinny_layers, save_hf_model
 from triton_cpu import HAS_CUDA  # the fused MLP's Triton kernel runs in the interpreter on CPU
 
 # The runtime here is on the CPU, whose tensors Triton runs only in its interpreter, which
@@ -76,17 +76,10 @@ def test_the_skinny_layer_gives_the_same_logits(arch, layers, tmp_path, monkeypa
         return prefill, decode
 
     plain = steps("plain")
-    taken = []
-    original = llama.LlamaDecoderLayer.skinny_forward
-
-    def skinny_forward(layer, *args):
-        taken.append(layer.self_attn.layer_idx)
-        return original(layer, *args)
-
     num_layers = len(runtime.runner.model.model.layers)
     calls = iter(range(10**6))  # the layers ask in order, once per forward each
     monkeypatch.setattr(llama, "takes_skinny", lambda x: next(calls) % num_layers in layers)
-    monkeypatch.setattr(llama.LlamaDecoderLayer, "skinny_forward", skinny_forward)
+    taken = record_skinny_layers(monkeypatch)
     skinny = steps("skinny")
     assert taken == list(layers) * 2
     for want, got in zip(plain, skinny, strict=True):

@@ -11,7 +11,7 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.runner import SeqChunk
 
-from factories import ARCHS, random_prompts, save_hf_model
+from factories import ARCHS, random_prompts, record_skinny_layers, save_hf_model
 
 PROMPT_LENGTHS = (3, 11, 17, 30)
 BLOCK_TOKENS = 4  # small blocks: every request spans several, non-contiguous ones
@@ -88,7 +88,6 @@ def test_bf16_decode_on_a_gpu_is_as_close_as_transformers_bf16(fused_ops, tmp_pa
     import transformers as tf
 
     from alignedserve.worker.kernels import skinny_linear
-    from alignedserve.worker.models import llama
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(
@@ -109,13 +108,7 @@ def test_bf16_decode_on_a_gpu_is_as_close_as_transformers_bf16(fused_ops, tmp_pa
         load_tokenizer=False,
     )  # fmt: skip
     monkeypatch.setattr(skinny_linear, "FUSED_OPS", fused_ops)
-    taken = []
-    original = llama.LlamaDecoderLayer.skinny_forward
-    monkeypatch.setattr(
-        llama.LlamaDecoderLayer,
-        "skinny_forward",
-        lambda layer, *args: taken.append(1) or original(layer, *args),
-    )
+    taken = record_skinny_layers(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 4096, (n,), generator=gen).tolist() for n in range(20, 100, 10)]
     nexts = torch.randint(2, 4096, (len(prompts),), generator=gen).tolist()
