@@ -76,6 +76,18 @@ def step_ms(model, config, kv, lengths: list[int]) -> float:
     return seconds * 1e3
 
 
+def previous_kernel(module):
+    """(decode_attention, plan_decode) of an earlier kernel file. One from before the
+    per-step plan (twenty-third session) plans in every call: the model's plan is skipped."""
+    if hasattr(module, "plan_decode"):
+        return module.decode_attention, module.plan_decode
+
+    def attend(*args, plan=None, **options):
+        return module.decode_attention(*args, **options)
+
+    return attend, lambda *args, **options: None
+
+
 def spread(times: list[float]) -> str:
     return f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else ""
 
@@ -90,7 +102,8 @@ def main() -> None:
         "--settings",
         nargs="*",
         default=[f"{p}x{i}" for p, i in SETTINGS],
-        help="PxI: programs per SM x chunks per program, of the current kernel",
+        help="PxI or PxIxM: programs per SM x chunks per program (x the shortest chunk in key "
+        "tiles, default kernels/decode_attention.MIN_CHUNK_TILES), of the current kernel",
     )
     parser.add_argument("--repeats", type=int, default=1, help="captures per variant, in turn")
     parser.add_argument(
@@ -105,18 +118,18 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, help="only cells of these batch sizes")
     args = parser.parse_args()
     model, config, kv = build_model()
-    settings = [tuple(int(n) for n in s.split("x")) for s in args.settings]
+    settings = [(*map(int, s.split("x")), dam.MIN_CHUNK_TILES)[:3] for s in args.settings]
     # variant -> (attention work split, skinny GEMM's reach, fused ops); None: an earlier
     # checkout's kernel
     default = (skinny.MAX_TOKENS, skinny.FUSED_OPS)
-    variants = {f"{p}x SMs, {i} per program": ((p, i), *default) for p, i in settings}
+    variants = {f"{p}x SMs, {i} per program, >= {m}": ((p, i, m), *default) for p, i, m in settings}
     if args.skinny_max_tokens:
-        split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM)
+        split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES)
         variants = {
             f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on")
             for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)
         }
-    current = dam.decode_attention
+    current = dam.decode_attention, dam.plan_decode
     previous = {}
     for path in args.previous:
         name = Path(path).stem
@@ -132,15 +145,15 @@ def main() -> None:
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
             if setting is None:
-                dam.decode_attention = previous[variant].decode_attention
+                dam.decode_attention, dam.plan_decode = previous_kernel(previous[variant])
                 skinny.MAX_TOKENS, skinny.FUSED_OPS = default
             else:  # all are captured into the graph: set before step_ms
-                dam.decode_attention = current
+                dam.decode_attention, dam.plan_decode = current
                 split, skinny.MAX_TOKENS, skinny.FUSED_OPS = setting
-                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM = split
+                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES = split
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
-        dam.decode_attention = current
+        dam.decode_attention, dam.plan_decode = current
         skinny.MAX_TOKENS, skinny.FUSED_OPS = default
         rows.append(row)
         print(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -31,14 +32,23 @@ from pathlib import Path
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
 import triton
-from gpu_bench import build_model, ceilings, cuda_time
+from gpu_bench import build_model, ceilings, cuda_time, served_lengths, tables_for
 from step_profile import graph_of
 
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
 skinny = importlib.import_module("alignedserve.worker.kernels.skinny_linear")
 
 TOKENS = [1, 16, 32, 64, 128, 256]
-ATTENTION_CELLS = [(64, 512), (128, 512), (256, 512), (256, 1024), (512, 512)]
+ATTENTION_CELLS = [
+    (64, 512),
+    (64, 1024),
+    (64, 2048),
+    (128, 512),
+    (256, 512),
+    (256, 1024),
+    (512, 512),
+]
+MIXED = [8, 32, 128, 256]  # served-like mixed lengths (gpu_bench.served_lengths)
 SKINNY_STAGES = [3, 4, 6, 8]  # beside the kernel's own choice
 
 
@@ -75,10 +85,33 @@ def skinny_layers(x, weights, out, tiles) -> None:
 
 
 def attention_layers(q, layers, tables, ctx, scale, programs, block_n) -> None:
+    """One step's attention: a plan, then every layer's call on it."""
+    plan = dam.plan_decode(q, layers[0][0], tables, ctx, num_programs=programs, block_n=block_n)
     for k_blocks, v_blocks in layers:
-        dam.decode_attention(
-            q, k_blocks, v_blocks, tables, ctx, scale, num_programs=programs, block_n=block_n
+        dam.decode_attention(q, k_blocks, v_blocks, tables, ctx, scale, plan=plan)
+
+
+def previous_layers(kernel, q, layers, tables, ctx, scale, sms) -> None:
+    """The same with an earlier kernel file on its own defaults (one from before the per-step
+    plan plans in each call)."""
+    programs, block_n = kernel.PROGRAMS_PER_SM * sms, kernel.GPU_BLOCK_N
+    plan = None
+    if hasattr(kernel, "plan_decode"):
+        plan = kernel.plan_decode(
+            q, layers[0][0], tables, ctx, num_programs=programs, block_n=block_n
         )
+    for k_blocks, v_blocks in layers:
+        options = dict(plan=plan) if plan else dict(num_programs=programs, block_n=block_n)
+        kernel.decode_attention(q, k_blocks, v_blocks, tables, ctx, scale, **options)
+
+
+def launch_resources(jit_function) -> set[tuple[int, int]]:
+    """(shared memory bytes, registers per thread) of each variant compiled so far."""
+    found = set()
+    for cache in jit_function.device_caches.values():
+        for compiled in cache[0].values():
+            found.add((compiled.metadata.shared, compiled.n_regs))
+    return found
 
 
 def projections(model) -> dict[str, list[torch.Tensor]]:
@@ -162,56 +195,81 @@ def gemm_probe(model, ceil: dict, token_counts: list[int], variants: list) -> li
     return rows
 
 
-def attention_probe(model, config, kv, ceil: dict) -> list[dict]:
+def attention_probe(
+    model, config, kv, ceil: dict, sweep: bool, min_chunk_tiles: list[int], previous: dict
+) -> list[dict]:
+    """Each cell's default launch, every launch config of the sweep (`sweep`: keys per tile,
+    warps, stages, programs per SM, shortest chunk), and each earlier kernel file's default
+    (`previous`: name -> module)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = config.head_dim**-0.5
-    default = (dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, dam.PROGRAMS_PER_SM)
-    variants = [default] + [
-        v for v in itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8)) if v != default
-    ]
+    default = (
+        dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, dam.PROGRAMS_PER_SM, dam.MIN_CHUNK_TILES
+    )  # fmt: skip
+    variants = [default]
+    if sweep:
+        variants += [
+            v
+            for v in itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8), min_chunk_tiles)
+            if v != default
+        ]
+    variants += list(previous)
     layers = [kv.layer(i) for i in range(config.num_layers)]
     rows = []
-    for batch, length in ATTENTION_CELLS:
-        per = kv.layout.blocks_for(length)
-        tables = torch.arange(batch * per, device="cuda").view(batch, per)
-        ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
+    cells = [(f"B={b:4d} L={n:5d}", [n] * b) for b, n in ATTENTION_CELLS]
+    cells += [(f"B={b:4d} served mix", served_lengths(b)) for b in MIXED]
+    for name, lengths in cells:
+        batch = len(lengths)
+        tables, ctx = tables_for(lengths, kv.layout.blocks_for(max(lengths)), kv)
         q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16,
                         device="cuda")  # fmt: skip
-        kv_bytes = batch * length * kv.layout.block_bytes // kv.layout.block_tokens
+        kv_bytes = sum(lengths) * kv.layout.block_bytes // kv.layout.block_tokens
         floor_s = kv_bytes / ceil["hbm_read_bytes_per_s"]
         results = []
-        for block_n, warps, stages, per_sm in variants:
-            dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
-            attend = functools.partial(
-                attention_layers, q, layers, tables, ctx, scale, per_sm * sms, block_n
-            )
+        for variant in variants:
+            if variant in previous:
+                attend = functools.partial(
+                    previous_layers, previous[variant], q, layers, tables, ctx, scale, sms
+                )
+            else:
+                block_n, warps, stages, per_sm, dam.MIN_CHUNK_TILES = variant
+                dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
+                attend = functools.partial(
+                    attention_layers, q, layers, tables, ctx, scale, per_sm * sms, block_n
+                )
             try:
                 seconds = cuda_time(graph_of(attend).replay)
             except triton.runtime.errors.OutOfResources:  # too many stages for shared memory
                 continue
-            results.append(((block_n, warps, stages, per_sm), seconds))
-        dam.NUM_WARPS, dam.NUM_STAGES = default[1], default[2]
+            results.append((variant, seconds))
+        dam.NUM_WARPS, dam.NUM_STAGES, dam.MIN_CHUNK_TILES = default[1], default[2], default[4]
         base = results[0][1]
         ranked = sorted(results, key=lambda r: r[1])
         print(
-            f"  B={batch:4d} L={length:5d}: KV floor {floor_s * 1e3:6.3f} ms | default "
+            f"  {name}: KV floor {floor_s * 1e3:6.3f} ms | default "
             f"{base * 1e3:6.3f} ms ({kv_bytes / base / 1e9:5.0f} GB/s)",
             flush=True,
         )
-        for variant, seconds in ranked[:5]:
+        for variant, seconds in ranked[:5] + [r for r in results if r[0] in previous]:
+            label = variant if variant in previous else (
+                f"block_n {variant[0]:3d} warps {variant[1]} stages {variant[2]} {variant[3]}/SM "
+                f"chunks >= {variant[4]} tiles"
+            )  # fmt: skip
             print(
-                f"      block_n {variant[0]:3d} warps {variant[1]} stages {variant[2]} "
-                f"{variant[3]}/SM: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
+                f"      {label}: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
                 f"GB/s, {seconds / base:5.3f}x default)"
             )
         rows.append(
             dict(
-                batch=batch,
-                kv_len=length,
+                cell=name,
                 floor_ms=floor_s * 1e3,
-                ms={" ".join(map(str, v)): s * 1e3 for v, s in results},
+                ms={v if v in previous else " ".join(map(str, v)): s * 1e3 for v, s in results},
             )
         )
+    print(
+        "  compiled attention kernels (shared memory bytes, registers per thread): "
+        f"{sorted(launch_resources(dam._decode_attention_kernel))}"
+    )
     return rows
 
 
@@ -222,6 +280,15 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=TOKENS, help="GEMMs' M")
     parser.add_argument(
         "--tile-sweep", action="store_true", help="time the skinny GEMM's tile shapes too"
+    )
+    parser.add_argument(
+        "--attention-default-only", action="store_true", help="no launch-config sweep"
+    )
+    parser.add_argument(
+        "--previous", action="append", default=[], help="an earlier decode_attention.py"
+    )
+    parser.add_argument(
+        "--min-chunk-tiles", nargs="*", type=int, default=[4], help="the sweep's shortest chunks"
     )
     args = parser.parse_args()
     ceil = ceilings()
@@ -237,7 +304,15 @@ def main() -> None:
         result["gemm"] = gemm_probe(model, ceil, args.tokens, skinny_variants(args.tile_sweep))
     if "attention" not in args.skip:
         print("decode attention, 32 layers in one graph (fastest five of each cell):", flush=True)
-        result["attention"] = attention_probe(model, config, kv, ceil)
+        previous = {}
+        for path in args.previous:
+            spec = importlib.util.spec_from_file_location(f"previous_{Path(path).stem}", path)
+            previous[Path(path).stem] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(previous[Path(path).stem])
+        result["attention"] = attention_probe(
+            model, config, kv, ceil, not args.attention_default_only, args.min_chunk_tiles,
+            previous,
+        )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel_probe.json").write_text(json.dumps(result, indent=1))

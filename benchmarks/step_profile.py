@@ -31,7 +31,7 @@ from alignedserve.worker.kernels import decode_attention
 
 CELLS = [(64, 512), (128, 512), (256, 512), (256, 1024), (512, 512), (512, 1024), (64, 4096)]
 CLASSES = [  # (class, substrings of a kernel's name), first match wins
-    ("attention", ("decode_attention",)),
+    ("attention", ("decode_attention", "decode_plan")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "splitk", "matmul")),
     ("norm", ("rms",)),
     ("rope+append", ("rope",)),

@@ -175,21 +175,56 @@ def test_empty_context_gives_zeros(split):
 @pytest.mark.parametrize("window", [None, 20])
 def test_a_long_request_is_cut_into_chunks_and_matches(window):
     """One long request among short ones (what made one program the whole kernel's tail):
-    the kernel's plan, read back, is the Python twin's, cuts the long one into several
-    chunks and leaves the short ones whole; the output matches the reference. With a window,
-    only its tiles count."""
+    the plan made on the device, read back, is the Python twin's, cuts the long one into
+    several chunks of consecutive tiles and leaves the short ones whole; the output matches
+    the reference. With a window, only its tiles count."""
     contexts = [300, 9, 17, 1, 33, 12]
     q, k, v, table, lens = make_case(contexts, 8, 2, sliding_window=window)
-    starts = torch.empty(len(contexts) + 1, dtype=torch.int32)
-    got = dam.decode_attention(
-        q, k, v, table, lens, 0.125, window, num_programs=4, chunk_starts=starts
-    )
+    plan = dam.plan_decode(q, k, table, lens, window, num_programs=4)
+    got = dam.decode_attention(q, k, v, table, lens, 0.125, window, plan=plan)
     chunks = dam.plan_chunks(contexts, 2, 4, dam.MIN_DOT, window)
-    assert starts.tolist() == [0, *itertools.accumulate(chunks)]
+    rows = plan.read()
+    assert [b for b, _, _ in rows] == [b for b, n in enumerate(chunks) for _ in range(n)]
+    for b, ctx in enumerate(contexts):  # the chunks of a request tile its visible keys
+        tiles = [(lo, hi) for r, lo, hi in rows if r == b]
+        first = max(ctx - window, 0) // dam.MIN_DOT if window else 0
+        assert tiles[0][0] == first and tiles[-1][1] == -(-ctx // dam.MIN_DOT)
+        assert all(hi == lo for (_, hi), (lo, _) in itertools.pairwise(tiles))
     if window is None:  # (with one, the long request has as few visible keys as the rest)
         assert chunks[0] > 1 and chunks[1:] == [1] * 5, chunks
     want = dam.decode_attention_ref(q, k, v, table, lens, 0.125, window)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_one_plan_serves_every_layer(split):
+    """A step plans once and its layers share the plan: each call merges the requests cut
+    in several from its own partials and leaves the arrival counters at zero for the next
+    (a counter left behind would make the next layer merge too early, or never)."""
+    contexts = [200, 3, 45, 16]
+    q, k, v, table, lens = make_case(contexts, 8, 2)
+    plan = dam.plan_decode(q, k, table, lens, **SPLITS[split])
+    cut = dam.plan_chunks(contexts, 2, plan.num_programs, dam.MIN_DOT,
+                          chunk_tiles=SPLITS[split].get("chunk_tiles"))  # fmt: skip
+    assert sum(cut) > len(contexts)  # some request is merged from several chunks
+    for layer in range(3):
+        q_l = torch.randn(q.shape, generator=torch.Generator().manual_seed(layer)).to(q)
+        k_l, v_l = k * (layer + 1), v - layer  # other keys and values, the same NaN slots
+        got = dam.decode_attention(q_l, k_l, v_l, table, lens, 0.125, plan=plan)
+        want = dam.decode_attention_ref(q_l, k_l, v_l, table, lens, 0.125)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert not plan.arrivals.any()
+
+
+def test_a_plan_made_for_other_shapes_is_refused():
+    q, k, v, table, lens = make_case([5, 9], 8, 2)
+    plan = dam.plan_decode(q, k, table, lens)
+    with pytest.raises(ValueError, match="plan made for"):
+        dam.decode_attention(q[:1], k, v, table[:1], lens[:1], 0.125, plan=plan)
+    with pytest.raises(ValueError, match="plan made for"):
+        dam.decode_attention(q, k, v, table, lens, 0.125, sliding_window=4, plan=plan)
+    with pytest.raises(ValueError, match="given with a plan"):
+        dam.decode_attention(q, k, v, table, lens, 0.125, plan=plan, chunk_tiles=1)
 
 
 def test_warm_up_compiles_each_padded_batch_size_once():

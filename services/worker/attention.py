@@ -12,7 +12,7 @@ tested against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,6 +50,22 @@ class AttentionMetadata:
     prefill_rows: torch.Tensor | None = None  # [N - n] the other tokens, in packed order
     decode_tables: torch.Tensor | None = None  # [n, max_blocks] the decode rows' tables
     decode_ctx_lens: torch.Tensor | None = None  # [n]
+    # The decode kernel's split of this pass's decode rows, by sliding window: made at the
+    # first layer's call, read by every layer's (kernels/decode_attention.py).
+    _decode_plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def decode_plan(self, q: torch.Tensor, k_blocks: torch.Tensor, sliding_window: int | None):
+        """The pass's `DecodePlan` for its decode rows (every request of a decode pass, the
+        requests of one new token in a mixed one), made once for all layers."""
+        from alignedserve.worker.kernels.decode_attention import plan_decode
+
+        if sliding_window not in self._decode_plans:
+            tables, lens = self.block_tables, self.ctx_lens
+            if self.decode_tables is not None:
+                tables, lens = self.decode_tables, self.decode_ctx_lens
+            plan = plan_decode(q, k_blocks, tables, lens, sliding_window)
+            self._decode_plans[sliding_window] = plan
+        return self._decode_plans[sliding_window]
 
     @classmethod
     def build(
@@ -162,15 +178,11 @@ def attend_cached(
     if q.is_cuda and meta.max_q_len == 1:
         from alignedserve.worker.kernels.decode_attention import decode_attention
 
+        plan = meta.decode_plan(q, k_blocks, sliding_window)
         return decode_attention(
-            q,
-            k_blocks,
-            v_blocks,
-            meta.block_tables,
-            meta.ctx_lens,
-            scale,
-            sliding_window,
-        )
+            q, k_blocks, v_blocks, meta.block_tables, meta.ctx_lens, scale, sliding_window,
+            plan=plan,
+        )  # fmt: skip
     if q.is_cuda and sliding_window is None and meta.key_block is not None:
         return attend_prefill(q, k_blocks, v_blocks, meta, scale)
     return _attend_ref(q, k_blocks, v_blocks, meta, scale, sliding_window)
@@ -195,22 +207,24 @@ def attend_prefill(
     if meta.decode_rows is None:
         return _attend_varlen(q, k_blocks, v_blocks, meta, scale)
     out = torch.empty_like(q)
-    out[meta.decode_rows] = _attend_decode(
-        q[meta.decode_rows], k_blocks, v_blocks, meta.decode_tables, meta.decode_ctx_lens, scale
-    )
+    out[meta.decode_rows] = _attend_decode(q[meta.decode_rows], k_blocks, v_blocks, meta, scale)
     out[meta.prefill_rows] = _attend_varlen(q[meta.prefill_rows], k_blocks, v_blocks, meta, scale)
     return out
 
 
-def _attend_decode(q, k_blocks, v_blocks, tables, ctx_lens, scale) -> torch.Tensor:
-    """One query per request over its blocks: the Triton kernel on a GPU, its twin else."""
+def _attend_decode(q, k_blocks, v_blocks, meta: AttentionMetadata, scale) -> torch.Tensor:
+    """A mixed step's decode rows, one query each over its blocks: the Triton kernel on a
+    GPU (on the pass's plan), its twin else."""
     from alignedserve.worker.kernels.decode_attention import (
         decode_attention,
         decode_attention_ref,
     )
 
-    attend = decode_attention if q.is_cuda else decode_attention_ref
-    return attend(q, k_blocks, v_blocks, tables, ctx_lens, scale)
+    tables, lens = meta.decode_tables, meta.decode_ctx_lens
+    if not q.is_cuda:
+        return decode_attention_ref(q, k_blocks, v_blocks, tables, lens, scale)
+    plan = meta.decode_plan(q, k_blocks, None)
+    return decode_attention(q, k_blocks, v_blocks, tables, lens, scale, plan=plan)
 
 
 def _attend_varlen(q, k_blocks, v_blocks, meta: AttentionMetadata, scale: float) -> torch.Tensor:

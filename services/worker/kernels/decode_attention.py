@@ -9,14 +9,17 @@ position ctx_len - 1. For one layer the cache is read through the strided views
 Shape letters: B requests, Hq query heads, Hk kv heads, G = Hq // Hk query heads per kv head
 (GQA; G = 1 is MHA), D head_dim, T block_tokens, P persistent programs, C chunks.
 
-`decode_attention_ref` is plain torch; `decode_attention` runs the Triton kernels (flash
-decoding: each request's keys cut into chunks by the amount of work, then a reduce of the
-requests cut in several) and must match it.
+`decode_attention_ref` is plain torch; `decode_attention` runs the Triton kernel (flash
+decoding: each request's keys cut into chunks by the amount of work, the chunks of a request
+cut in several merged by the program that finishes its last one) and must match it. The cut
+is a `DecodePlan`, made by a small kernel once per step (`plan_decode`) and shared by the
+step's layers.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,16 +40,21 @@ MIN_DOT = 16
 GPU_BLOCK_N = 128
 NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop (loads in flight per program)
-# Programs per SM on a GPU: more than fit at once, so the hardware hands the next one to
-# whichever SM frees first. With one per SM, uniform batches ran 1.2-1.45x slower (an SM
-# keeps fewer loads in flight).
-PROGRAMS_PER_SM = 4
+# The work split, chosen on an H200 with benchmarks/decode_kernel_sweep.py (docs/benchmarks.md,
+# twenty-third session: 8 x 1, chunks >= 4 tiles, gave 1-5 % shorter Llama-3-8B steps than
+# 4 x 2 without a floor in 12 of 13 cells, mixed lengths and uniform).
+# Programs per SM: more than fit at once, so the hardware hands the next one to whichever SM
+# frees first. With one per SM, uniform batches ran 1.2-1.45x slower (an SM keeps fewer
+# loads in flight).
+PROGRAMS_PER_SM = 8
 # Chunks per program: the work is cut so each program gets about this many, so the longest
 # chunk is a fraction of a program's share (the tail it can leave), while the partials of
-# requests cut in several stay few against the keys read. Chosen on an H200 with
-# benchmarks/decode_kernel_sweep.py (docs/benchmarks.md): 4 x 2 kept uniform batches within
-# 6 % of one program per (request, head) and cut served-like mixed ones by 7-40 %.
-ITEMS_PER_PROGRAM = 2
+# requests cut in several stay few against the keys read.
+ITEMS_PER_PROGRAM = 1
+# The shortest chunk the plan cuts, in key tiles: a chunk costs its program the row's loads,
+# a pipeline fill, and for a request of several a partial written and merged, whatever its
+# length (cut to one tile each, a batch of 8 mixed lengths took 11 % longer).
+MIN_CHUNK_TILES = 4
 # Programs under the interpreter (CPU tensors): few, so tests exercise the loop and reduce.
 CPU_PROGRAMS = 3
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -99,26 +107,103 @@ def decode_attention_ref(
 # Triton variant is a compile (about a second), and eager decode rows of mixed steps come in
 # any number, so all batches up to it share one, and warm_up compiles the rest before serving.
 MIN_BATCH_PAD = 64
+# Chunk rows each program of the plan kernel writes.
+PLAN_ROWS = 8
+# A chunk row of the plan: the request, its first and end key tile, the request's context
+# length, its first chunk and how many it has. Padded to 8 int32 (32 bytes) per row.
+CHUNK_FIELDS = tl.constexpr(8)
 
 
 @triton.jit(do_not_specialize=["batch"])
+def _decode_plan_kernel(
+    context_lens_ptr,  # [B]
+    chunks_ptr,  # [C, CHUNK_FIELDS] int32 out: one row per chunk (see CHUNK_FIELDS)
+    num_items_ptr,  # [1] int32 out: chunks * kv_heads
+    arrivals_ptr,  # [B * Hk] int32 out: zeroed
+    stride_cb,
+    batch,
+    kv_heads,
+    num_programs,  # the attention kernel's P
+    items_per_program,  # work is cut into chunks so that each of its programs gets about this many
+    min_chunk_tiles,  # ... but none shorter than this
+    fixed_chunk_tiles,  # > 0: chunks of this many key tiles (tests); 0: from the work
+    sliding_window,
+    BLOCK_N: tl.constexpr,
+    BATCH_PAD: tl.constexpr,
+    ROWS: tl.constexpr,  # chunk rows per program
+    HAS_WINDOW: tl.constexpr,
+):
+    """The step's split of the keys, made once and read by every layer's attention kernel
+    (the lengths are the same in all layers). The chunk length is the total key tiles over
+    P * items_per_program, so no item is longer than a fraction of a program's share, and a
+    long request among short ones is spread over many programs, not left to one (with one
+    program per (request, head), a request of 8k keys among ones of 1k made the whole
+    kernel wait for it). Every program computes the split over all requests ([BATCH_PAD]
+    vectors) and writes ROWS of the chunk rows."""
+    pid = tl.program_id(0)
+    offs_b = tl.arange(0, BATCH_PAD)
+    b_mask = offs_b < batch
+    ctx_all = tl.load(context_lens_ptr + offs_b * stride_cb, mask=b_mask, other=0).to(tl.int32)
+    first_all = tl.zeros([BATCH_PAD], tl.int32)
+    if HAS_WINDOW:
+        first_all = tl.maximum(ctx_all - sliding_window, 0) // BLOCK_N
+    tiles_all = tl.where(b_mask, tl.cdiv(ctx_all, BLOCK_N) - first_all, 0)
+    chunk_tiles = fixed_chunk_tiles
+    if fixed_chunk_tiles == 0:
+        chunk_tiles = tl.maximum(
+            tl.cdiv(tl.sum(tiles_all, 0) * kv_heads, num_programs * items_per_program),
+            min_chunk_tiles,
+        )
+    # every request has at least one chunk: an empty context still writes its zeros
+    chunks_all = tl.where(b_mask, tl.maximum(tl.cdiv(tiles_all, chunk_tiles), 1), 0)
+    ends_all = tl.cumsum(chunks_all, 0)  # [BATCH_PAD] chunks up to and including request b
+    total = tl.sum(chunks_all, 0)
+    if pid == 0:
+        tl.store(num_items_ptr, total * kv_heads)
+
+    # this program's share of the arrival counters (the attention kernel counts on zeros)
+    share = tl.cdiv(batch * kv_heads, tl.num_programs(0))
+    offs_z = tl.arange(0, BATCH_PAD)
+    for z in range(pid * share, tl.minimum((pid + 1) * share, batch * kv_heads), BATCH_PAD):
+        end = tl.minimum((pid + 1) * share, batch * kv_heads)
+        tl.store(arrivals_ptr + z + offs_z, 0, mask=z + offs_z < end)
+
+    rows = pid * ROWS + tl.arange(0, ROWS)  # [R] chunk indices over all requests
+    row_mask = rows < total
+    b = tl.sum((ends_all[None, :] <= rows[:, None]).to(tl.int32), 1)  # [R] their requests
+    at_b = offs_b[None, :] == b[:, None]  # [R, BATCH_PAD]
+    num_chunks = tl.sum(tl.where(at_b, chunks_all[None, :], 0), 1)  # [R]
+    first_chunk = tl.sum(tl.where(at_b, ends_all[None, :], 0), 1) - num_chunks
+    first_tile = tl.sum(tl.where(at_b, first_all[None, :], 0), 1)
+    num_tiles = tl.sum(tl.where(at_b, tiles_all[None, :], 0), 1)
+    lo = first_tile + (rows - first_chunk) * chunk_tiles
+    hi = tl.minimum(lo + chunk_tiles, first_tile + num_tiles)  # may be <= lo: no keys
+    ctx_len = tl.sum(tl.where(at_b, ctx_all[None, :], 0), 1)
+    row = chunks_ptr + rows * CHUNK_FIELDS
+    tl.store(row, b, mask=row_mask)
+    tl.store(row + 1, lo, mask=row_mask)
+    tl.store(row + 2, hi, mask=row_mask)
+    tl.store(row + 3, ctx_len, mask=row_mask)
+    tl.store(row + 4, first_chunk, mask=row_mask)
+    tl.store(row + 5, num_chunks, mask=row_mask)
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_blocks, T, Hk, D]
     v_ptr,  # [num_blocks, T, Hk, D]
     block_tables_ptr,  # [B, max_blocks]
-    context_lens_ptr,  # [B]
-    out_ptr,  # [B, Hq, D]: a row of one chunk is written here directly
-    chunk_starts_ptr,  # [B + 1] int32: written by program 0, for the reduce
-    ws_m_ptr,  # [C, Hq] fp32 running max (log2 units) of each chunk of a row of several
+    out_ptr,  # [B, Hq, D]
+    chunks_ptr,  # [C, CHUNK_FIELDS] int32: the plan's chunk rows
+    num_items_ptr,  # [1] int32
+    arrivals_ptr,  # [B * Hk] int32: chunks of (request, kv head) done; zero before and after
+    ws_m_ptr,  # [C, Hq] fp32 running max (log2 units) of each chunk of a request of several
     ws_l_ptr,  # [C, Hq] fp32 sum of exp2(score - m)
     ws_acc_ptr,  # [C, Hq, D] fp32 unnormalized sum of p * v
     qk_scale,  # softmax scale * log2(e): scores go straight to exp2
     sliding_window,  # keys with ctx_len - 1 - pos >= window are invisible (HAS_WINDOW)
-    batch,
     kv_heads,
-    items_per_program,  # work is cut into chunks so that each program gets about this many
-    fixed_chunk_tiles,  # > 0: chunks of this many key tiles (tests); 0: from the work
     stride_qb,
     stride_qh,
     stride_qd,
@@ -132,7 +217,6 @@ def _decode_attention_kernel(
     stride_vd,
     stride_tb,
     stride_tn,
-    stride_cb,
     stride_ob,
     stride_oh,
     stride_od,
@@ -141,43 +225,18 @@ def _decode_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,  # T
     BLOCK_N: tl.constexpr,  # keys per loop step (power of two, >= 16)
-    BATCH_PAD: tl.constexpr,  # B padded to a power of two, at least MIN_BATCH_PAD
     HAS_WINDOW: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # tl.dot operand type: q's dtype (fp32 for bf16 in the interpreter)
 ):
     """A persistent program: it takes work items pid, pid + P, ... (P programs), each one
-    chunk of one request's key tiles for one kv head, against that head's G query rows.
-
-    Every program first plans the same split from the context lengths: the chunk length is
-    the total key tiles over P * items_per_program, so no item is longer than a fraction of
-    a program's share and a long request among short ones is spread over many programs,
-    not left to one (with one program per (request, head), a request of 8k keys among ones
-    of 1k made the whole kernel wait for it). A request of one chunk writes its output
-    directly; the chunks of a longer one write partial softmaxes for the reduce."""
+    chunk of the plan against one kv head's G query rows. A request of one chunk writes its
+    output directly. The chunks of a longer one write partial softmaxes, and the program
+    that finishes the last of them merges them (an arrival counter per (request, kv head)),
+    so no second kernel runs."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-
-    # ---- the plan, the same in every program: [BATCH_PAD] vectors over the requests
-    offs_b = tl.arange(0, BATCH_PAD)
-    b_mask = offs_b < batch
-    ctx_all = tl.load(context_lens_ptr + offs_b * stride_cb, mask=b_mask, other=0).to(tl.int32)
-    first_all = tl.zeros([BATCH_PAD], tl.int32)
-    if HAS_WINDOW:
-        first_all = tl.maximum(ctx_all - sliding_window, 0) // BLOCK_N
-    tiles_all = tl.where(b_mask, tl.cdiv(ctx_all, BLOCK_N) - first_all, 0)
-    chunk_tiles = fixed_chunk_tiles
-    if fixed_chunk_tiles == 0:
-        chunk_tiles = tl.maximum(
-            tl.cdiv(tl.sum(tiles_all, 0) * kv_heads, num_programs * items_per_program), 1
-        )
-    # every request has at least one chunk: an empty context still writes its zeros
-    chunks_all = tl.where(b_mask, tl.maximum(tl.cdiv(tiles_all, chunk_tiles), 1), 0)
-    ends_all = tl.cumsum(chunks_all, 0)  # [BATCH_PAD] chunks up to and including request b
-    if pid == 0:
-        tl.store(chunk_starts_ptr + 1 + offs_b, ends_all, mask=b_mask)
-        tl.store(chunk_starts_ptr, 0)
-    num_items = tl.sum(chunks_all, 0) * kv_heads
-
+    num_items = tl.load(num_items_ptr)
+    q_heads = kv_heads * GROUP
     offs_g = tl.arange(0, GROUP_PAD)  # [G_PAD]
     offs_n = tl.arange(0, BLOCK_N)  # [N]
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
@@ -186,18 +245,16 @@ def _decode_attention_kernel(
         # head fastest: a request's heads run side by side
         kv_head = item % kv_heads
         chunk_index = item // kv_heads  # over all requests' chunks
-        b = tl.sum((ends_all <= chunk_index).to(tl.int32), 0)  # the request it falls in
-        at_b = offs_b == b
-        num_chunks = tl.sum(tl.where(at_b, chunks_all, 0), 0)
-        chunk = chunk_index - (tl.sum(tl.where(at_b, ends_all, 0), 0) - num_chunks)
-        ctx_len = tl.sum(tl.where(at_b, ctx_all, 0), 0)
-        first_tile = tl.sum(tl.where(at_b, first_all, 0), 0)
-        num_tiles = tl.sum(tl.where(at_b, tiles_all, 0), 0)
+        row = chunks_ptr + chunk_index * CHUNK_FIELDS
+        b = tl.load(row)
+        lo = tl.load(row + 1)
+        hi = tl.load(row + 2)
+        ctx_len = tl.load(row + 3)
+        first_chunk = tl.load(row + 4)
+        num_chunks = tl.load(row + 5)
         start = 0  # first visible key position
         if HAS_WINDOW:
             start = tl.maximum(ctx_len - sliding_window, 0)
-        lo = first_tile + chunk * chunk_tiles
-        hi = tl.minimum(lo + chunk_tiles, first_tile + num_tiles)  # may be <= lo: no keys
 
         heads = kv_head * GROUP + offs_g  # [G_PAD] query heads of this kv head
         # Padding rows (g >= G) load zeros: finite scores, so they never turn NaN; never stored.
@@ -249,59 +306,43 @@ def _decode_attention_kernel(
             )  # [G_PAD, D]
             m_i = m_new
 
-        alone = num_chunks == 1
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (ctx_len 0) -> zeros
-        tl.store(
-            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-            out.to(out_ptr.dtype.element_ty),
-            mask=g_mask[:, None] & alone,
+        out_rows = (
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
         )
-        # [G_PAD] flat indices into the contiguous [C, Hq] workspace (Hq = Hk * G)
-        ws = chunk_index * (kv_heads * GROUP) + heads
-        partial = g_mask & (num_chunks > 1)
-        tl.store(ws_m_ptr + ws, m_i, mask=partial)
-        tl.store(ws_l_ptr + ws, l_i, mask=partial)
-        tl.store(ws_acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=partial[:, None])
-
-
-@triton.jit
-def _reduce_chunks_kernel(
-    chunk_starts_ptr,  # [B + 1] int32: request b's chunks are [starts[b], starts[b + 1])
-    ws_m_ptr,  # [C, Hq] fp32
-    ws_l_ptr,  # [C, Hq] fp32
-    ws_acc_ptr,  # [C, Hq, D] fp32
-    out_ptr,  # [B, Hq, D]
-    stride_ob,
-    stride_oh,
-    stride_od,
-    HEAD_DIM: tl.constexpr,
-):
-    """One program = (request b, query head h): merge b's partial softmaxes, if it has
-    several chunks (one of a single chunk was written by the attention kernel)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    q_heads = tl.num_programs(1)
-    first = tl.load(chunk_starts_ptr + b)
-    last = tl.load(chunk_starts_ptr + b + 1)
-    if last - first > 1:
-        offs_d = tl.arange(0, HEAD_DIM)  # [D]
-        m = tl.full([1], NEG_INIT, tl.float32)
-        total = tl.zeros([1], tl.float32)
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        for c in range(first, last):  # online merge; an empty chunk has l = 0, acc = 0
-            m_c = tl.load(ws_m_ptr + c * q_heads + h + tl.zeros([1], tl.int32))
-            l_c = tl.load(ws_l_ptr + c * q_heads + h + tl.zeros([1], tl.int32))
-            acc_c = tl.load(ws_acc_ptr + (c * q_heads + h) * HEAD_DIM + offs_d)
-            m_new = tl.maximum(m, m_c)
-            old, new = tl.exp2(m - m_new), tl.exp2(m_c - m_new)
-            total = total * old + l_c * new
-            acc = acc * old + acc_c * new
-            m = m_new
-        out = acc / tl.where(total > 0, total, 1.0)  # [D]
-        tl.store(
-            out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
-            out.to(out_ptr.dtype.element_ty),
-        )
+        if num_chunks == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (ctx_len 0) -> zeros
+            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            ws = chunk_index * q_heads + heads  # [G_PAD] flat indices into [C, Hq]
+            tl.store(ws_m_ptr + ws, m_i, mask=g_mask)
+            tl.store(ws_l_ptr + ws, l_i, mask=g_mask)
+            tl.store(ws_acc_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                     mask=g_mask[:, None])  # fmt: skip
+            # Every thread's partial is stored before one thread counts the chunk as done
+            # (acq_rel: released to the whole GPU; the last arrival acquires the others').
+            tl.debug_barrier()
+            counter = arrivals_ptr + b * kv_heads + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_chunks - 1:
+                m = tl.full([GROUP_PAD], NEG_INIT, tl.float32)
+                total = tl.zeros([GROUP_PAD], tl.float32)
+                merged = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+                for c in range(first_chunk, first_chunk + num_chunks):
+                    # .cg: from L2, where the other programs' partials are, never a stale L1
+                    part = c * q_heads + heads  # [G_PAD]
+                    m_c = tl.load(ws_m_ptr + part, mask=g_mask, other=NEG_INIT,
+                                  cache_modifier=".cg")  # fmt: skip
+                    l_c = tl.load(ws_l_ptr + part, mask=g_mask, other=0.0, cache_modifier=".cg")
+                    acc_c = tl.load(ws_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                                    mask=g_mask[:, None], other=0.0,
+                                    cache_modifier=".cg")  # fmt: skip
+                    m_new = tl.maximum(m, m_c)
+                    old, new = tl.exp2(m - m_new), tl.exp2(m_c - m_new)
+                    total = total * old + l_c * new
+                    merged = merged * old[:, None] + acc_c * new[:, None]
+                    m = m_new
+                out = merged / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+                tl.store(counter, 0)  # ready for the next layer's call on this plan
 
 
 def _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window) -> None:
@@ -331,40 +372,52 @@ def _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_win
         raise ValueError(f"sliding_window={sliding_window} must be > 0")
 
 
-def decode_attention(
-    q: torch.Tensor,  # [B, Hq, D] (strided is fine)
-    k_blocks: torch.Tensor,  # [num_blocks, T, Hk, D] (strided per-layer view is fine)
-    v_blocks: torch.Tensor,  # [num_blocks, T, Hk, D]
-    block_tables: torch.Tensor,  # [B, max_blocks] int32 or int64
-    context_lens: torch.Tensor,  # [B] int: keys 0..ctx_len-1 are valid (0 -> output zeros)
-    scale: float,
+@dataclass(frozen=True)
+class DecodePlan:
+    """One decode step's split of the keys into work items, made on the device once
+    (`plan_decode`) and read by every layer's attention call: it depends only on the
+    requests' context lengths, which all layers share. It also holds the workspace of the
+    requests cut in several chunks, and their arrival counters, which each call leaves at
+    zero for the next. So a plan serves one layer's call at a time, on one stream."""
+
+    chunks: torch.Tensor  # [C, CHUNK_FIELDS] int32 chunk rows
+    num_items: torch.Tensor  # [1] int32: chunks * kv_heads
+    arrivals: torch.Tensor  # [B * Hk] int32
+    ws_m: torch.Tensor  # [C, Hq] fp32
+    ws_l: torch.Tensor  # [C, Hq] fp32
+    ws_acc: torch.Tensor  # [C, Hq, D] fp32
+    batch: int
+    kv_heads: int
+    num_programs: int  # the attention kernel's P
+    block_n: int
+    sliding_window: int | None
+
+    def read(self) -> list[tuple[int, int, int]]:
+        """(request, first tile, end tile) of every chunk, in order (tests, probes)."""
+        total = int(self.num_items.item()) // self.kv_heads
+        return [tuple(row) for row in self.chunks[:total, :3].tolist()]
+
+
+def plan_decode(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_blocks: torch.Tensor,  # [num_blocks, T, Hk, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    context_lens: torch.Tensor,  # [B] int
     sliding_window: int | None = None,
     *,
     num_programs: int | None = None,
     chunk_tiles: int | None = None,
     block_n: int | None = None,
-    chunk_starts: torch.Tensor | None = None,
-) -> torch.Tensor:  # [B, Hq, D] in q's dtype
-    """Triton paged decode attention; matches `decode_attention_ref`.
-
-    P persistent programs (`num_programs`; None: PROGRAMS_PER_SM per SM on a GPU,
-    CPU_PROGRAMS under the interpreter) share the work, cut on the device into chunks of
-    each request's key tiles for one kv head (see the kernel). A program loads the G query
-    rows of its kv head once per chunk and streams that head's keys and values once for all
-    G of them, which is what makes GQA decode cheap: every K/V byte is read once per step. A
-    request of several chunks (flash decoding) is merged by a second kernel on grid (B, Hq).
-
+) -> DecodePlan:
+    """The split of a step's keys among P persistent programs (`num_programs`; None:
+    PROGRAMS_PER_SM per SM on a GPU, CPU_PROGRAMS under the interpreter): each request's key
+    tiles cut into chunks, each chunk one work item per kv head (see `_decode_plan_kernel`).
     chunk_tiles: None sizes chunks from the work on the device; an int fixes them (tests).
-    chunk_starts: an int32 [B + 1] tensor to receive the plan (request b's chunks are
-    [starts[b], starts[b + 1])); None: a scratch one.
     block_n: keys per loop step (a power of two >= 16); None picks a default. Only the
-    block table and context lengths are read on the device and the launch depends on
-    shapes alone, so this is CUDA-graph safe.
-    """
-    _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window)
+    context lengths are read on the device and the launch depends on shapes alone, so this
+    is CUDA-graph safe."""
     batch, q_heads, head_dim = q.shape
     block_tokens, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
-    group = q_heads // kv_heads
     on_gpu = q.device.type == "cuda"
     if block_n is None:
         block_n = max(block_tokens, GPU_BLOCK_N if on_gpu else MIN_DOT)
@@ -376,57 +429,115 @@ def decode_attention(
         raise ValueError(f"num_programs={num_programs} must be >= 1")
     if chunk_tiles is not None and chunk_tiles < 1:
         raise ValueError(f"chunk_tiles={chunk_tiles} must be >= 1")
-
-    out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    if batch == 0:
-        return out
     num_chunks = max_chunks(
         batch, kv_heads, num_programs, block_tables.shape[1] * block_tokens, block_n, chunk_tiles
     )
-    ws_m = torch.empty((num_chunks, q_heads), dtype=torch.float32, device=q.device)
-    ws_l = torch.empty_like(ws_m)
-    ws_acc = torch.empty((num_chunks, q_heads, head_dim), dtype=torch.float32, device=q.device)
-    if chunk_starts is None:
-        chunk_starts = torch.empty(batch + 1, dtype=torch.int32, device=q.device)
-    elif chunk_starts.shape != (batch + 1,) or chunk_starts.dtype != torch.int32:
-        raise ValueError(f"chunk_starts must be int32 [{batch + 1}]; got {chunk_starts.shape}")
-    _decode_attention_kernel[(num_programs,)](
+    device = q.device
+    plan = DecodePlan(
+        chunks=torch.empty((num_chunks, CHUNK_FIELDS.value), dtype=torch.int32, device=device),
+        num_items=torch.empty(1, dtype=torch.int32, device=device),
+        arrivals=torch.empty(max(batch, 1) * kv_heads, dtype=torch.int32, device=device),
+        ws_m=torch.empty((num_chunks, q_heads), dtype=torch.float32, device=device),
+        ws_l=torch.empty((num_chunks, q_heads), dtype=torch.float32, device=device),
+        ws_acc=torch.empty((num_chunks, q_heads, head_dim), dtype=torch.float32, device=device),
+        batch=batch,
+        kv_heads=kv_heads,
+        num_programs=num_programs,
+        block_n=block_n,
+        sliding_window=sliding_window,
+    )
+    if not batch:
+        plan.num_items.zero_()
+    else:
+        _decode_plan_kernel[(_cdiv(num_chunks, PLAN_ROWS),)](
+            context_lens,
+            plan.chunks,
+            plan.num_items,
+            plan.arrivals,
+            context_lens.stride(0),
+            batch,
+            kv_heads,
+            num_programs,
+            ITEMS_PER_PROGRAM,
+            MIN_CHUNK_TILES,
+            chunk_tiles or 0,
+            sliding_window or 0,
+            BLOCK_N=block_n,
+            BATCH_PAD=_batch_pad(batch),
+            ROWS=PLAN_ROWS,
+            HAS_WINDOW=sliding_window is not None,
+            num_warps=4,
+        )
+    return plan
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D] (strided is fine)
+    k_blocks: torch.Tensor,  # [num_blocks, T, Hk, D] (strided per-layer view is fine)
+    v_blocks: torch.Tensor,  # [num_blocks, T, Hk, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32 or int64
+    context_lens: torch.Tensor,  # [B] int: keys 0..ctx_len-1 are valid (0 -> output zeros)
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    plan: DecodePlan | None = None,
+    **plan_options,
+) -> torch.Tensor:  # [B, Hq, D] in q's dtype
+    """Triton paged decode attention; matches `decode_attention_ref`.
+
+    `plan`: the step's split (`plan_decode` on these lengths), shared by its layers; None
+    makes one for this call (`plan_options` go to it). A program loads the G query rows of
+    its kv head once per chunk and streams that head's keys and values once for all G of
+    them, which is what makes GQA decode cheap: every K/V byte is read once per step. The
+    chunks of a request cut in several (flash decoding) are merged by the program that
+    finishes the last of them."""
+    _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window)
+    batch, q_heads, head_dim = q.shape
+    block_tokens, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
+    if plan is None:
+        plan = plan_decode(q, k_blocks, block_tables, context_lens, sliding_window, **plan_options)
+    elif plan_options:
+        raise ValueError(f"plan options {sorted(plan_options)} given with a plan")
+    expected = (batch, kv_heads, sliding_window, q_heads, head_dim)
+    made_for = (plan.batch, plan.kv_heads, plan.sliding_window, *plan.ws_acc.shape[1:])
+    if made_for != expected:
+        raise ValueError(
+            f"plan made for (batch, kv heads, window, q heads, head dim) {made_for}, "
+            f"used for {expected}"
+        )
+    out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    _decode_attention_kernel[(plan.num_programs,)](
         q,
         k_blocks,
         v_blocks,
         block_tables,
-        context_lens,
         out,
-        chunk_starts,
-        ws_m,
-        ws_l,
-        ws_acc,
+        plan.chunks,
+        plan.num_items,
+        plan.arrivals,
+        plan.ws_m,
+        plan.ws_l,
+        plan.ws_acc,
         scale * LOG2E,
         sliding_window or 0,
-        batch,
         kv_heads,
-        ITEMS_PER_PROGRAM,
-        chunk_tiles or 0,
         *q.stride(),
         *k_blocks.stride(),
         *v_blocks.stride(),
         *block_tables.stride(),
-        context_lens.stride(0),
         *out.stride(),
-        GROUP=group,
-        GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(group)),
+        GROUP=q_heads // kv_heads,
+        GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(q_heads // kv_heads)),
         HEAD_DIM=head_dim,
         BLOCK_TOKENS=block_tokens,
-        BLOCK_N=block_n,
-        BATCH_PAD=_batch_pad(batch),
+        BLOCK_N=plan.block_n,
         HAS_WINDOW=sliding_window is not None,
         # Triton's interpreter computes bf16 on raw bit patterns (it supports no bf16 math).
         DOT_DTYPE=tl.float32 if q.device.type == "cpu" else TL_DTYPES[q.dtype],
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
-    )
-    _reduce_chunks_kernel[(batch, q_heads)](
-        chunk_starts, ws_m, ws_l, ws_acc, out, *out.stride(), HEAD_DIM=head_dim, num_warps=4
     )
     return out
 
@@ -491,7 +602,8 @@ def plan_chunks(
     first = [max(n - sliding_window, 0) // block_n if sliding_window else 0 for n in context_lens]
     tiles = [_cdiv(n, block_n) - f for n, f in zip(context_lens, first, strict=True)]
     if chunk_tiles is None:
-        chunk_tiles = max(1, _cdiv(sum(tiles) * kv_heads, num_programs * ITEMS_PER_PROGRAM))
+        work = _cdiv(sum(tiles) * kv_heads, num_programs * ITEMS_PER_PROGRAM)
+        chunk_tiles = max(MIN_CHUNK_TILES, work)
     return [max(1, _cdiv(t, chunk_tiles)) for t in tiles]
 
 
