@@ -57,9 +57,9 @@ class AttentionMetadata:
     def decode_plan(self, q: torch.Tensor, k_blocks: torch.Tensor, sliding_window: int | None):
         """The pass's `DecodePlan` for its decode rows (every request of a decode pass, the
         requests of one new token in a mixed one), made once for all layers."""
-        from alignedserve.worker.kernels.decode_attention import plan_decode
-
         if sliding_window not in self._decode_plans:
+            from alignedserve.worker.kernels.decode_attention import plan_decode
+
             tables, lens = self.block_tables, self.ctx_lens
             if self.decode_tables is not None:
                 tables, lens = self.decode_tables, self.decode_ctx_lens
