@@ -216,6 +216,34 @@ def test_one_plan_serves_every_layer(split):
         assert not plan.arrivals.any()
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["decode-pass", "mixed-pass"])
+def test_a_pass_plans_once_for_its_decode_rows(mixed):
+    """`AttentionMetadata.decode_plan`: made at the first layer's call, the same plan for
+    every later one (per window); in a mixed pass it covers only the decode rows, whose
+    tables and lengths the kernel then reads."""
+    contexts = [40, 7, 200]
+    q_all, k, v, table, lens = make_case(contexts, 8, 2)
+    tables = [[int(b) for b in row[: -(-c // 16)]] for row, c in zip(table, contexts, strict=True)]
+    q_lens = [1, 1, 1] if not mixed else [1, 5, 1]  # request 1 brings a prompt chunk
+    meta = AttentionMetadata.build(
+        q_lens=q_lens,
+        num_cached=[c - n for c, n in zip(contexts, q_lens, strict=True)],
+        block_tables=tables,
+        block_tokens=16,
+        device=DEVICE,
+    )
+    rows = [0, 2] if mixed else [0, 1, 2]
+    q = q_all[rows]
+    plan = meta.decode_plan(q, k, None)
+    assert meta.decode_plan(q, k, None) is plan and plan.batch == len(rows)
+    assert meta.decode_plan(q, k, 8) is not plan  # another window, another plan
+    tables_t = meta.decode_tables if mixed else meta.block_tables
+    lens_t = meta.decode_ctx_lens if mixed else meta.ctx_lens
+    got = dam.decode_attention(q, k, v, tables_t, lens_t, 0.125, plan=plan)
+    want = dam.decode_attention_ref(q, k, v, table[rows], lens[rows], 0.125)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_a_plan_made_for_other_shapes_is_refused():
     q, k, v, table, lens = make_case([5, 9], 8, 2)
     plan = dam.plan_decode(q, k, table, lens)
