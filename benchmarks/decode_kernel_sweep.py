@@ -32,7 +32,14 @@ from pathlib import Path
 
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
-from gpu_bench import build_model, cuda_time, served_lengths, tables_for
+from gpu_bench import (
+    build_model,
+    cuda_time,
+    previous_kernel,
+    previous_kernels,
+    served_lengths,
+    tables_for,
+)
 
 from alignedserve.worker.cuda_graph import DecodeGraph
 from alignedserve.worker.runner import width_bucket
@@ -74,18 +81,6 @@ def step_ms(model, config, kv, lengths: list[int]) -> float:
     seconds = cuda_time(lambda g=graph: g.replay(ids, tables, ctx).argmax(-1))
     del graph  # its memory pool, before the next capture
     return seconds * 1e3
-
-
-def previous_kernel(module):
-    """(decode_attention, plan_decode) of an earlier kernel file. One from before the
-    per-step plan (twenty-third session) plans in every call: the model's plan is skipped."""
-    if hasattr(module, "plan_decode"):
-        return module.decode_attention, module.plan_decode
-
-    def attend(*args, plan=None, **options):
-        return module.decode_attention(*args, **options)
-
-    return attend, lambda *args, **options: None
 
 
 def spread(times: list[float]) -> str:
@@ -130,12 +125,7 @@ def main() -> None:
             for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)
         }
     current = dam.decode_attention, dam.plan_decode
-    previous = {}
-    for path in args.previous:
-        name = Path(path).stem
-        spec = importlib.util.spec_from_file_location(f"previous_{name}", path)
-        previous[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(previous[name])
+    previous = previous_kernels(args.previous)
     variants = {**dict.fromkeys(previous), **variants}
     rows = []
     for name, lengths in cells(args.small):

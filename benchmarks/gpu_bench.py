@@ -20,12 +20,15 @@ Results go to stdout and to OUT/gpu_bench.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from device_env import import_alignedserve
 
@@ -189,6 +192,31 @@ def decode_grid(ceil: dict[str, float], quick: bool, shape: str = "llama3-8b") -
         "with_prefetch": decode_with_prefetch(model, config, kv),
         "prefill": prefill_speed(model, config, kv, ceil, read_params),
     }
+
+
+def previous_kernels(paths: list[str]) -> dict[str, ModuleType]:
+    """Earlier decode_attention.py files (the scripts' --previous), loaded by path, each
+    named by its file."""
+    modules = {}
+    for path in paths:
+        name = Path(path).stem
+        spec = importlib.util.spec_from_file_location(f"previous_{name}", path)
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    return modules
+
+
+def previous_kernel(module: ModuleType) -> tuple[Callable, Callable]:
+    """(decode_attention, plan_decode) of a kernel file, called as the current ones are. A
+    file from before the per-step plan (twenty-third session) plans in every call: its
+    "plan" is the options it is called with."""
+    if hasattr(module, "plan_decode"):
+        return module.decode_attention, module.plan_decode
+
+    def attend(*args, plan: dict):
+        return module.decode_attention(*args, **plan)
+
+    return attend, lambda *args, **options: options
 
 
 def served_lengths(batch: int, seed: int = 0) -> list[int]:

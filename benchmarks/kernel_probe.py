@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -32,7 +31,15 @@ from pathlib import Path
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
 import triton
-from gpu_bench import build_model, ceilings, cuda_time, served_lengths, tables_for
+from gpu_bench import (
+    build_model,
+    ceilings,
+    cuda_time,
+    previous_kernel,
+    previous_kernels,
+    served_lengths,
+    tables_for,
+)
 from step_profile import graph_of
 
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
@@ -84,25 +91,13 @@ def skinny_layers(x, weights, out, tiles) -> None:
         skinny.skinny_linear(x, w, out=out, tiles=tiles)
 
 
-def attention_layers(q, layers, tables, ctx, scale, programs, block_n) -> None:
-    """One step's attention: a plan, then every layer's call on it."""
-    plan = dam.plan_decode(q, layers[0][0], tables, ctx, num_programs=programs, block_n=block_n)
+def attention_layers(q, layers, tables, ctx, scale, programs, block_n, kernel=None) -> None:
+    """One step's attention: a plan, then every layer's call on it; `kernel`: the
+    (decode_attention, plan_decode) of an earlier file (gpu_bench.previous_kernel)."""
+    attend, plan_decode = kernel or (dam.decode_attention, dam.plan_decode)
+    plan = plan_decode(q, layers[0][0], tables, ctx, num_programs=programs, block_n=block_n)
     for k_blocks, v_blocks in layers:
-        dam.decode_attention(q, k_blocks, v_blocks, tables, ctx, scale, plan=plan)
-
-
-def previous_layers(kernel, q, layers, tables, ctx, scale, sms) -> None:
-    """The same with an earlier kernel file on its own defaults (one from before the per-step
-    plan plans in each call)."""
-    programs, block_n = kernel.PROGRAMS_PER_SM * sms, kernel.GPU_BLOCK_N
-    plan = None
-    if hasattr(kernel, "plan_decode"):
-        plan = kernel.plan_decode(
-            q, layers[0][0], tables, ctx, num_programs=programs, block_n=block_n
-        )
-    for k_blocks, v_blocks in layers:
-        options = dict(plan=plan) if plan else dict(num_programs=programs, block_n=block_n)
-        kernel.decode_attention(q, k_blocks, v_blocks, tables, ctx, scale, **options)
+        attend(q, k_blocks, v_blocks, tables, ctx, scale, plan=plan)
 
 
 def launch_resources(jit_function) -> set[tuple[int, int]]:
@@ -227,10 +222,12 @@ def attention_probe(
         floor_s = kv_bytes / ceil["hbm_read_bytes_per_s"]
         results = []
         for variant in variants:
-            if variant in previous:
+            if variant in previous:  # on its own defaults
+                module = previous[variant]
                 attend = functools.partial(
-                    previous_layers, previous[variant], q, layers, tables, ctx, scale, sms
-                )
+                    attention_layers, q, layers, tables, ctx, scale,
+                    module.PROGRAMS_PER_SM * sms, module.GPU_BLOCK_N, previous_kernel(module),
+                )  # fmt: skip
             else:
                 block_n, warps, stages, per_sm, dam.MIN_CHUNK_TILES = variant
                 dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
@@ -304,11 +301,7 @@ def main() -> None:
         result["gemm"] = gemm_probe(model, ceil, args.tokens, skinny_variants(args.tile_sweep))
     if "attention" not in args.skip:
         print("decode attention, 32 layers in one graph (fastest five of each cell):", flush=True)
-        previous = {}
-        for path in args.previous:
-            spec = importlib.util.spec_from_file_location(f"previous_{Path(path).stem}", path)
-            previous[Path(path).stem] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(previous[Path(path).stem])
+        previous = previous_kernels(args.previous)
         result["attention"] = attention_probe(
             model, config, kv, ceil, not args.attention_default_only, args.min_chunk_tiles,
             previous,
