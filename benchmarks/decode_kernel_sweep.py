@@ -38,6 +38,9 @@ from gpu_bench import (
     previous_kernel,
     previous_kernels,
     served_lengths,
+    set_split,
+    split_label,
+    split_setting,
     tables_for,
 )
 
@@ -51,6 +54,7 @@ skinny = importlib.import_module("alignedserve.worker.kernels.skinny_linear")
 SETTINGS = [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)]  # (programs per SM, chunks per program)
 UNIFORM = [
     (64, 512),
+    (64, 1024),
     (64, 2048),
     (128, 512),
     (128, 1024),
@@ -61,6 +65,7 @@ UNIFORM = [
     (512, 1024),
 ]
 MIXED = [8, 32, 128, 256]
+MIXED_LONG_LAST = [32, 128]
 SMALL_UNIFORM = [(b, n) for b in (1, 2, 4, 8, 16, 32) for n in (512, 4096)]
 SMALL_MIXED = [8, 16, 32]
 
@@ -68,7 +73,10 @@ SMALL_MIXED = [8, 16, 32]
 def cells(small: bool = False) -> list[tuple[str, list[int]]]:
     uniform, mixed = (SMALL_UNIFORM, SMALL_MIXED) if small else (UNIFORM, MIXED)
     out = [(f"B={b} L={n}", [n] * b) for b, n in uniform]
-    return out + [(f"B={b} served mix", served_lengths(b)) for b in mixed]
+    out += [(f"B={b} served mix", served_lengths(b)) for b in mixed]
+    # the same lengths with the long ones last: a batch's order is its requests' arrival
+    long_last = [] if small else MIXED_LONG_LAST
+    return out + [(f"B={b} mix, long last", served_lengths(b)[::-1]) for b in long_last]
 
 
 def step_ms(model, config, kv, lengths: list[int]) -> float:
@@ -97,8 +105,9 @@ def main() -> None:
         "--settings",
         nargs="*",
         default=[f"{p}x{i}" for p, i in SETTINGS],
-        help="PxI or PxIxM: programs per SM x chunks per program (x the shortest chunk in key "
-        "tiles, default kernels/decode_attention.MIN_CHUNK_TILES), of the current kernel",
+        help="PxI, PxIxM or PxIxMxO: programs per SM x chunks per program (may be a fraction) "
+        "x the shortest chunk in key tiles x longest item first (1) or not (0); M and O default "
+        "to kernels/decode_attention's MIN_CHUNK_TILES and LONGEST_FIRST; of the current kernel",
     )
     parser.add_argument("--repeats", type=int, default=1, help="captures per variant, in turn")
     parser.add_argument(
@@ -113,13 +122,13 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, help="only cells of these batch sizes")
     args = parser.parse_args()
     model, config, kv = build_model()
-    settings = [(*map(int, s.split("x")), dam.MIN_CHUNK_TILES)[:3] for s in args.settings]
+    settings = [split_setting(s, dam) for s in args.settings]
     # variant -> (attention work split, skinny GEMM's reach, fused ops); None: an earlier
     # checkout's kernel
     default = (skinny.MAX_TOKENS, skinny.FUSED_OPS)
-    variants = {f"{p}x SMs, {i} per program, >= {m}": ((p, i, m), *default) for p, i, m in settings}
+    variants = {split_label(split): (split, *default) for split in settings}
     if args.skinny_max_tokens:
-        split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES)
+        split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES, dam.LONGEST_FIRST)
         variants = {
             f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on")
             for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)
@@ -140,7 +149,7 @@ def main() -> None:
             else:  # all are captured into the graph: set before step_ms
                 dam.decode_attention, dam.plan_decode = current
                 split, skinny.MAX_TOKENS, skinny.FUSED_OPS = setting
-                dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES = split
+                set_split(dam, split)
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
         dam.decode_attention, dam.plan_decode = current

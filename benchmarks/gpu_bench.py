@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -202,6 +203,8 @@ def previous_kernels(paths: list[str]) -> dict[str, ModuleType]:
         name = Path(path).stem
         spec = importlib.util.spec_from_file_location(f"previous_{name}", path)
         modules[name] = importlib.util.module_from_spec(spec)
+        # registered first: a dataclass looks its module up in sys.modules
+        sys.modules[spec.name] = modules[name]
         spec.loader.exec_module(modules[name])
     return modules
 
@@ -217,6 +220,28 @@ def previous_kernel(module: ModuleType) -> tuple[Callable, Callable]:
         return module.decode_attention(*args, **plan)
 
     return attend, lambda *args, **options: options
+
+
+def split_setting(text: str, kernel: ModuleType) -> tuple[int, float, int, bool]:
+    """The scripts' 'PxI[xM[xO]]' -> the attention work split (programs per SM, chunks per
+    program, shortest chunk in key tiles, longest item first); M and O default to the
+    kernel module's."""
+    fields = text.split("x")
+    defaults = [None, None, kernel.MIN_CHUNK_TILES, int(kernel.LONGEST_FIRST)]
+    per_sm, items, shortest, longest_first = fields + defaults[len(fields) :]
+    return int(per_sm), float(items), int(shortest), bool(int(longest_first))
+
+
+def set_split(kernel: ModuleType, split: tuple[int, float, int, bool]) -> None:
+    """Make `split` (as `split_setting` gives it) the kernel module's default."""
+    (kernel.PROGRAMS_PER_SM, kernel.ITEMS_PER_PROGRAM, kernel.MIN_CHUNK_TILES,
+     kernel.LONGEST_FIRST) = split  # fmt: skip
+
+
+def split_label(split: tuple[int, float, int, bool]) -> str:
+    per_sm, items, shortest, longest_first = split
+    order = ", longest first" if longest_first else ""
+    return f"{per_sm}x SMs, {items:g} per program, >= {shortest}{order}"
 
 
 def served_lengths(batch: int, seed: int = 0) -> list[int]:

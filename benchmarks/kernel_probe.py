@@ -38,6 +38,9 @@ from gpu_bench import (
     previous_kernel,
     previous_kernels,
     served_lengths,
+    set_split,
+    split_label,
+    split_setting,
     tables_for,
 )
 from step_profile import graph_of
@@ -56,6 +59,7 @@ ATTENTION_CELLS = [
     (512, 512),
 ]
 MIXED = [8, 32, 128, 256]  # served-like mixed lengths (gpu_bench.served_lengths)
+MIXED_LONG_LAST = [32, 128]  # the same, the long requests last
 SKINNY_STAGES = [3, 4, 6, 8]  # beside the kernel's own choice
 
 
@@ -191,28 +195,34 @@ def gemm_probe(model, ceil: dict, token_counts: list[int], variants: list) -> li
 
 
 def attention_probe(
-    model, config, kv, ceil: dict, sweep: bool, min_chunk_tiles: list[int], previous: dict
-) -> list[dict]:
+    model, config, kv, ceil: dict, sweep: bool, min_chunk_tiles: list[int], previous: dict,
+    splits: list[tuple],
+) -> list[dict]:  # fmt: skip
     """Each cell's default launch, every launch config of the sweep (`sweep`: keys per tile,
-    warps, stages, programs per SM, shortest chunk), and each earlier kernel file's default
-    (`previous`: name -> module)."""
+    warps, stages, programs per SM, shortest chunk), each work split of `splits` (as
+    gpu_bench.split_setting gives them) on the default tiles, and each earlier kernel file's
+    default (`previous`: name -> module)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = config.head_dim**-0.5
-    default = (
-        dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, dam.PROGRAMS_PER_SM, dam.MIN_CHUNK_TILES
-    )  # fmt: skip
+    split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES, dam.LONGEST_FIRST)
+    # (keys per tile, warps, stages, programs per SM, shortest chunk, chunks per program,
+    # longest first)
+    default = (dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, split[0], split[2], split[1],
+               split[3])  # fmt: skip
     variants = [default]
     if sweep:
         variants += [
-            v
+            (*v, *split[2:])
             for v in itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8), min_chunk_tiles)
-            if v != default
+            if (*v, *split[2:]) != default
         ]
+    variants += [(*default[:3], p, m, i, o) for p, i, m, o in splits]
     variants += list(previous)
     layers = [kv.layer(i) for i in range(config.num_layers)]
     rows = []
     cells = [(f"B={b:4d} L={n:5d}", [n] * b) for b, n in ATTENTION_CELLS]
     cells += [(f"B={b:4d} served mix", served_lengths(b)) for b in MIXED]
+    cells += [(f"B={b:4d} mix, long last", served_lengths(b)[::-1]) for b in MIXED_LONG_LAST]
     for name, lengths in cells:
         batch = len(lengths)
         tables, ctx = tables_for(lengths, kv.layout.blocks_for(max(lengths)), kv)
@@ -229,8 +239,9 @@ def attention_probe(
                     module.PROGRAMS_PER_SM * sms, module.GPU_BLOCK_N, previous_kernel(module),
                 )  # fmt: skip
             else:
-                block_n, warps, stages, per_sm, dam.MIN_CHUNK_TILES = variant
+                block_n, warps, stages, per_sm, shortest, items, longest_first = variant
                 dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
+                set_split(dam, (per_sm, items, shortest, longest_first))
                 attend = functools.partial(
                     attention_layers, q, layers, tables, ctx, scale, per_sm * sms, block_n
                 )
@@ -239,7 +250,8 @@ def attention_probe(
             except triton.runtime.errors.OutOfResources:  # too many stages for shared memory
                 continue
             results.append((variant, seconds))
-        dam.NUM_WARPS, dam.NUM_STAGES, dam.MIN_CHUNK_TILES = default[1], default[2], default[4]
+        dam.NUM_WARPS, dam.NUM_STAGES = default[1], default[2]
+        set_split(dam, split)
         base = results[0][1]
         ranked = sorted(results, key=lambda r: r[1])
         print(
@@ -249,8 +261,8 @@ def attention_probe(
         )
         for variant, seconds in ranked[:5] + [r for r in results if r[0] in previous]:
             label = variant if variant in previous else (
-                f"block_n {variant[0]:3d} warps {variant[1]} stages {variant[2]} {variant[3]}/SM "
-                f"chunks >= {variant[4]} tiles"
+                f"block_n {variant[0]:3d} warps {variant[1]} stages {variant[2]} "
+                + split_label((variant[3], variant[5], variant[4], variant[6]))
             )  # fmt: skip
             print(
                 f"      {label}: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
@@ -287,6 +299,10 @@ def main() -> None:
     parser.add_argument(
         "--min-chunk-tiles", nargs="*", type=int, default=[4], help="the sweep's shortest chunks"
     )
+    parser.add_argument(
+        "--splits", nargs="*", default=[],
+        help="work splits PxI[xM[xO]] on the default tiles (see decode_kernel_sweep.py)",
+    )  # fmt: skip
     args = parser.parse_args()
     ceil = ceilings()
     print(
@@ -304,7 +320,7 @@ def main() -> None:
         previous = previous_kernels(args.previous)
         result["attention"] = attention_probe(
             model, config, kv, ceil, not args.attention_default_only, args.min_chunk_tiles,
-            previous,
+            previous, [split_setting(s, dam) for s in args.splits],
         )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

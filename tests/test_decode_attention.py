@@ -180,11 +180,12 @@ def test_a_long_request_is_cut_into_chunks_and_matches(window):
     the reference. With a window, only its tiles count."""
     contexts = [300, 9, 17, 1, 33, 12]
     q, k, v, table, lens = make_case(contexts, 8, 2, sliding_window=window)
-    plan = dam.plan_decode(q, k, table, lens, window, num_programs=4)
+    plan = dam.plan_decode(q, k, table, lens, window, num_programs=16)
     got = dam.decode_attention(q, k, v, table, lens, 0.125, window, plan=plan)
-    chunks = dam.plan_chunks(contexts, 2, 4, dam.MIN_DOT, window)
+    chunks = dam.plan_chunks(contexts, 2, 16, dam.MIN_DOT, window)
     rows = plan.read()
-    assert [b for b, _, _ in rows] == [b for b, n in enumerate(chunks) for _ in range(n)]
+    assert rows == dam.plan_rows(contexts, 2, 16, dam.MIN_DOT, window)
+    assert sorted(b for b, _, _ in rows) == [b for b, n in enumerate(chunks) for _ in range(n)]
     for b, ctx in enumerate(contexts):  # the chunks of a request tile its visible keys
         tiles = [(lo, hi) for r, lo, hi in rows if r == b]
         first = max(ctx - window, 0) // dam.MIN_DOT if window else 0
@@ -193,6 +194,26 @@ def test_a_long_request_is_cut_into_chunks_and_matches(window):
     if window is None:  # (with one, the long request has as few visible keys as the rest)
         assert chunks[0] > 1 and chunks[1:] == [1] * 5, chunks
     want = dam.decode_attention_ref(q, k, v, table, lens, 0.125, window)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("longest_first", [True, False])
+def test_rows_go_longest_item_first(monkeypatch, longest_first):
+    """Programs start in row order: with LONGEST_FIRST the chunks of the long requests come
+    first and the whole short ones follow, longest first, ties in request order; without
+    it, rows keep the requests' order. Either way the output matches the reference."""
+    monkeypatch.setattr(dam, "LONGEST_FIRST", longest_first)
+    contexts = [20, 5, 300, 40, 37, 16, 200]  # tiles of 16 keys: 2, 1, 19, 3, 3, 1, 13
+    q, k, v, table, lens = make_case(contexts, 8, 2)
+    plan = dam.plan_decode(q, k, table, lens, num_programs=32, block_n=dam.MIN_DOT)
+    rows = plan.read()
+    assert rows == dam.plan_rows(contexts, 2, 32, dam.MIN_DOT)
+    # chunks of >= 6 tiles, shared out evenly: 300 keys (19 tiles) in 3, 200 (13) in 2
+    assert len(rows) == 10 and [hi - lo for b, lo, hi in rows if b == 2] == [7, 6, 6]
+    requests = list(dict.fromkeys(b for b, _, _ in rows))
+    assert requests == ([2, 6, 3, 4, 0, 1, 5] if longest_first else list(range(7)))
+    got = dam.decode_attention(q, k, v, table, lens, 0.125, plan=plan)
+    want = dam.decode_attention_ref(q, k, v, table, lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -283,6 +304,31 @@ def test_plan_never_needs_more_chunks_than_the_workspace_holds(
     chunks = dam.plan_chunks(contexts, kv_heads, num_programs, 128, window)
     bound = dam.max_chunks(len(contexts), kv_heads, num_programs, 20_000, 128)
     assert all(c >= 1 for c in chunks) and sum(chunks) <= bound
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    contexts=st.lists(st.integers(0, 20_000), min_size=1, max_size=64),
+    kv_heads=st.sampled_from([1, 8, 40]),
+    num_programs=st.integers(1, 300),
+)
+def test_chunks_are_even_and_go_longest_first(contexts, kv_heads, num_programs):
+    """Each request's visible tiles are cut once, in order, into its tiles over the chunk
+    length, rounded, chunks (a request up to 1.5 chunks long stays whole) of equal length
+    within a tile; the rows go longest chunk first."""
+    rows = dam.plan_rows(contexts, kv_heads, num_programs, 128)
+    _, _, chunk = dam._split(contexts, kv_heads, num_programs, 128, None, None)
+    for b, ctx in enumerate(contexts):
+        mine = [(lo, hi) for r, lo, hi in rows if r == b]
+        tiles = -(-ctx // 128)
+        assert mine[0][0] == 0 and mine[-1][1] == tiles
+        assert all(hi == lo for (_, hi), (lo, _) in itertools.pairwise(mine))
+        assert len(mine) == max(1, round(tiles / chunk + 1e-9))  # halves round up
+        lengths = [hi - lo for lo, hi in mine]
+        assert max(lengths) - min(lengths) <= 1
+    requests = dict.fromkeys(r for r, _, _ in rows)
+    longest = [max(hi - lo for r, lo, hi in rows if r == b) for b in requests]
+    assert longest == sorted(longest, reverse=True)
 
 
 @pytest.mark.parametrize(

@@ -41,22 +41,31 @@ GPU_BLOCK_N = 128
 NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop (loads in flight per program)
 # The work split, chosen on an H200 with benchmarks/decode_kernel_sweep.py (docs/benchmarks.md,
-# twenty-third session: 8 x 1, chunks >= 4 tiles, gave 1-5 % shorter Llama-3-8B steps than
-# 4 x 2 without a floor in 12 of 13 cells, mixed lengths and uniform).
+# twenty-fourth session: half as many chunks as programs, longest first, gave 2-6 % shorter
+# Llama-3-8B steps than one per program in request order at B = 64 x 1024-2048 and on mixed
+# lengths of B = 32-256, and the same elsewhere within about 1 %).
 # Programs per SM: more than fit at once, so the hardware hands the next one to whichever SM
 # frees first. With one per SM, uniform batches ran 1.2-1.45x slower (an SM keeps fewer
 # loads in flight).
 PROGRAMS_PER_SM = 8
-# Chunks per program: the work is cut so each program gets about this many, so the longest
-# chunk is a fraction of a program's share (the tail it can leave), while the partials of
-# requests cut in several stay few against the keys read.
-ITEMS_PER_PROGRAM = 1
-# The shortest chunk the plan cuts, in key tiles: a chunk costs its program the row's loads,
-# a pipeline fill, and for a request of several a partial written and merged, whatever its
-# length (cut to one tile each, a batch of 8 mixed lengths took 11 % longer).
+# Chunks per program: the work is cut into about P x this many items (a fraction: fewer,
+# longer chunks than programs). Each chunk costs its program a pipeline fill and, for a
+# request cut in several, a partial written and merged; a long chunk can leave a tail.
+# At 1, B = 64 x 1024 keys was cut into chunks of 4 tiles, and its attention took 13-15 %
+# longer than with requests left whole.
+ITEMS_PER_PROGRAM = 0.5
+# Rows longest item first: the programs start in order, so short items fill in behind the
+# long ones, and no long one starts last. In request order, the longer chunks of 0.5 per
+# program left a tail on mixed lengths (B = 256: steps 13 % longer than at 1 per program).
+LONGEST_FIRST = True
+# The shortest chunk length the plan aims at, in key tiles: a chunk costs its program the
+# row's loads, a pipeline fill, and for a request of several a partial written and merged,
+# whatever its length (cut to one tile each, a batch of 8 mixed lengths took 11 % longer).
 MIN_CHUNK_TILES = 4
-# Programs under the interpreter (CPU tensors): few, so tests exercise the loop and reduce.
-CPU_PROGRAMS = 3
+# Programs under the interpreter (CPU tensors): few, but enough that the default split cuts
+# a long request among short ones (the merge); tests pass num_programs=1 for the loop over
+# items.
+CPU_PROGRAMS = 16
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 FLOAT_DTYPES = tuple(TL_DTYPES)
 
@@ -114,6 +123,30 @@ PLAN_ROWS = 8
 CHUNK_FIELDS = tl.constexpr(8)
 
 
+@triton.jit
+def _request_tiles(
+    ctx_ptrs,  # [BATCH_PAD] pointers to context lengths
+    mask,  # [BATCH_PAD] which are requests
+    sliding_window,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """(context length, first visible key tile, visible tiles) of each request."""
+    ctx = tl.load(ctx_ptrs, mask=mask, other=0).to(tl.int32)
+    first = tl.zeros_like(ctx)
+    if HAS_WINDOW:
+        first = tl.maximum(ctx - sliding_window, 0) // BLOCK_N
+    return ctx, first, tl.where(mask, tl.cdiv(ctx, BLOCK_N) - first, 0)
+
+
+@triton.jit
+def _num_chunks(tiles, chunk):
+    """Each request's chunks: its tiles over `chunk`, rounded (the tiles are then shared
+    out evenly). A request of up to 1.5 chunks stays whole, not cut into one chunk and a
+    scrap; a cut one's chunks are 0.5-1.25 times `chunk` long."""
+    return tl.maximum((tiles + chunk // 2) // chunk, 1)
+
+
 @triton.jit(do_not_specialize=["batch"])
 def _decode_plan_kernel(
     context_lens_ptr,  # [B]
@@ -123,40 +156,50 @@ def _decode_plan_kernel(
     stride_cb,
     batch,
     kv_heads,
-    num_programs,  # the attention kernel's P
-    items_per_program,  # work is cut into chunks so that each of its programs gets about this many
-    min_chunk_tiles,  # ... but none shorter than this
-    fixed_chunk_tiles,  # > 0: chunks of this many key tiles (tests); 0: from the work
+    target_items,  # the work is cut into about this many items (chunks x kv heads) ...
+    min_chunk_tiles,  # ... but no chunk shorter than this
+    fixed_chunk_tiles,  # > 0: the chunk length, in key tiles (tests); 0: from the work
     sliding_window,
     BLOCK_N: tl.constexpr,
     BATCH_PAD: tl.constexpr,
     ROWS: tl.constexpr,  # chunk rows per program
     HAS_WINDOW: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,  # rows ordered by their requests' longest item
 ):
     """The step's split of the keys, made once and read by every layer's attention kernel
-    (the lengths are the same in all layers). The chunk length is the total key tiles over
-    P * items_per_program, so no item is longer than a fraction of a program's share, and a
-    long request among short ones is spread over many programs, not left to one (with one
+    (the lengths are the same in all layers). The chunk length is the total key tiles
+    over `target_items`, and each request is cut into about that long chunks, evenly
+    (`_num_chunks`), so no item is longer than a fraction of a program's share, and a long
+    request among short ones is spread over many programs, not left to one (with one
     program per (request, head), a request of 8k keys among ones of 1k made the whole
-    kernel wait for it). Every program computes the split over all requests ([BATCH_PAD]
-    vectors) and writes ROWS of the chunk rows."""
+    kernel wait for it). Rows go longest chunk first (LONGEST_FIRST): programs start in
+    order, so the short items fill in behind the long ones instead of a long one starting
+    last. Every program computes the split over all requests ([BATCH_PAD] vectors) and
+    writes ROWS of the chunk rows."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BATCH_PAD)
     b_mask = offs_b < batch
-    ctx_all = tl.load(context_lens_ptr + offs_b * stride_cb, mask=b_mask, other=0).to(tl.int32)
-    first_all = tl.zeros([BATCH_PAD], tl.int32)
-    if HAS_WINDOW:
-        first_all = tl.maximum(ctx_all - sliding_window, 0) // BLOCK_N
-    tiles_all = tl.where(b_mask, tl.cdiv(ctx_all, BLOCK_N) - first_all, 0)
+    ctx_all, first_all, tiles_all = _request_tiles(
+        context_lens_ptr + offs_b * stride_cb, b_mask, sliding_window, BLOCK_N, HAS_WINDOW
+    )
     chunk_tiles = fixed_chunk_tiles
     if fixed_chunk_tiles == 0:
         chunk_tiles = tl.maximum(
-            tl.cdiv(tl.sum(tiles_all, 0) * kv_heads, num_programs * items_per_program),
-            min_chunk_tiles,
+            tl.cdiv(tl.sum(tiles_all, 0) * kv_heads, target_items), min_chunk_tiles
+        )
+    order = offs_b  # [BATCH_PAD] the request at each position of the rows
+    if LONGEST_FIRST:
+        # one sort key: the request's chunk length, then the earlier request; padding (0)
+        # sorts last
+        longest = tl.cdiv(tiles_all, _num_chunks(tiles_all, chunk_tiles))
+        key = tl.where(b_mask, (longest + 1) * BATCH_PAD + (BATCH_PAD - 1 - offs_b), 0)
+        order = BATCH_PAD - 1 - tl.sort(key, descending=True) % BATCH_PAD
+        ctx_all, first_all, tiles_all = _request_tiles(
+            context_lens_ptr + order * stride_cb, b_mask, sliding_window, BLOCK_N, HAS_WINDOW
         )
     # every request has at least one chunk: an empty context still writes its zeros
-    chunks_all = tl.where(b_mask, tl.maximum(tl.cdiv(tiles_all, chunk_tiles), 1), 0)
-    ends_all = tl.cumsum(chunks_all, 0)  # [BATCH_PAD] chunks up to and including request b
+    chunks_all = tl.where(b_mask, _num_chunks(tiles_all, chunk_tiles), 0)
+    ends_all = tl.cumsum(chunks_all, 0)  # [BATCH_PAD] chunks up to and including position p
     total = tl.sum(chunks_all, 0)
     if pid == 0:
         tl.store(num_items_ptr, total * kv_heads)
@@ -170,15 +213,20 @@ def _decode_plan_kernel(
 
     rows = pid * ROWS + tl.arange(0, ROWS)  # [R] chunk indices over all requests
     row_mask = rows < total
-    b = tl.sum((ends_all[None, :] <= rows[:, None]).to(tl.int32), 1)  # [R] their requests
-    at_b = offs_b[None, :] == b[:, None]  # [R, BATCH_PAD]
-    num_chunks = tl.sum(tl.where(at_b, chunks_all[None, :], 0), 1)  # [R]
-    first_chunk = tl.sum(tl.where(at_b, ends_all[None, :], 0), 1) - num_chunks
-    first_tile = tl.sum(tl.where(at_b, first_all[None, :], 0), 1)
-    num_tiles = tl.sum(tl.where(at_b, tiles_all[None, :], 0), 1)
-    lo = first_tile + (rows - first_chunk) * chunk_tiles
-    hi = tl.minimum(lo + chunk_tiles, first_tile + num_tiles)  # may be <= lo: no keys
-    ctx_len = tl.sum(tl.where(at_b, ctx_all[None, :], 0), 1)
+    p = tl.sum((ends_all[None, :] <= rows[:, None]).to(tl.int32), 1)  # [R] their positions
+    at_p = offs_b[None, :] == p[:, None]  # [R, BATCH_PAD]
+    b = tl.sum(tl.where(at_p, order[None, :], 0), 1)  # [R] their requests
+    num_chunks = tl.sum(tl.where(at_p, chunks_all[None, :], 0), 1)  # [R]
+    first_chunk = tl.sum(tl.where(at_p, ends_all[None, :], 0), 1) - num_chunks
+    first_tile = tl.sum(tl.where(at_p, first_all[None, :], 0), 1)
+    num_tiles = tl.sum(tl.where(at_p, tiles_all[None, :], 0), 1)
+    # chunk i of k over t tiles: t // k tiles, one more for the first t % k
+    i = rows - first_chunk
+    cuts = tl.maximum(num_chunks, 1)  # (0 in rows past the last: never stored)
+    share, extra = num_tiles // cuts, num_tiles % cuts
+    lo = first_tile + i * share + tl.minimum(i, extra)
+    hi = lo + share + (i < extra).to(tl.int32)  # lo == hi: no keys (an empty context)
+    ctx_len = tl.sum(tl.where(at_p, ctx_all[None, :], 0), 1)
     row = chunks_ptr + rows * CHUNK_FIELDS
     tl.store(row, b, mask=row_mask)
     tl.store(row + 1, lo, mask=row_mask)
@@ -412,7 +460,8 @@ def plan_decode(
     """The split of a step's keys among P persistent programs (`num_programs`; None:
     PROGRAMS_PER_SM per SM on a GPU, CPU_PROGRAMS under the interpreter): each request's key
     tiles cut into chunks, each chunk one work item per kv head (see `_decode_plan_kernel`).
-    chunk_tiles: None sizes chunks from the work on the device; an int fixes them (tests).
+    chunk_tiles: None sizes chunks from the work on the device; an int fixes their length
+    (tests; see `_num_chunks`).
     block_n: keys per loop step (a power of two >= 16); None picks a default. Only the
     context lengths are read on the device and the launch depends on shapes alone, so this
     is CUDA-graph safe."""
@@ -457,8 +506,7 @@ def plan_decode(
             context_lens.stride(0),
             batch,
             kv_heads,
-            num_programs,
-            ITEMS_PER_PROGRAM,
+            _target_items(num_programs),
             MIN_CHUNK_TILES,
             chunk_tiles or 0,
             sliding_window or 0,
@@ -466,6 +514,7 @@ def plan_decode(
             BATCH_PAD=_batch_pad(batch),
             ROWS=PLAN_ROWS,
             HAS_WINDOW=sliding_window is not None,
+            LONGEST_FIRST=LONGEST_FIRST,
             num_warps=4,
         )
     return plan
@@ -486,11 +535,11 @@ def decode_attention(
     """Triton paged decode attention; matches `decode_attention_ref`.
 
     `plan`: the step's split (`plan_decode` on these lengths), shared by its layers; None
-    makes one for this call (`plan_options` go to it). A program loads the G query rows of
-    its kv head once per chunk and streams that head's keys and values once for all G of
-    them, which is what makes GQA decode cheap: every K/V byte is read once per step. The
-    chunks of a request cut in several (flash decoding) are merged by the program that
-    finishes the last of them."""
+    makes one for this call (`plan_options` go to it). A program loads the
+    G query rows of its kv head once per chunk and streams that head's keys and values once
+    for all G of them, which is what makes GQA decode cheap: every K/V byte is read once per
+    step. The chunks of a request cut in several (flash decoding) are merged by the program
+    that finishes the last of them."""
     _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window)
     batch, q_heads, head_dim = q.shape
     block_tokens, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
@@ -551,11 +600,17 @@ def max_chunks(
     chunk_tiles: int | None = None,
 ) -> int:
     """The most chunks the kernel's plan can cut B requests into: each request's tiles t_b
-    make max(1, ceil(t_b / c)) <= 1 + t_b / c chunks, and c >= sum(t_b) * Hk / (P * I), so
-    all together at most B + P * I / Hk. A fixed c bounds them by the table's width."""
+    make max(1, ceil(t_b / c)) <= 1 + t_b / c chunks, and c >= sum(t_b) * Hk / N (N the
+    target items), so all together at most B + N / Hk. A fixed c bounds them by the
+    table's width."""
     if chunk_tiles is not None:
         return batch * max(1, _cdiv(_cdiv(max_context_tokens, block_n), chunk_tiles))
-    return batch + _cdiv(num_programs * ITEMS_PER_PROGRAM, kv_heads)
+    return batch + _cdiv(_target_items(num_programs), kv_heads)
+
+
+def _target_items(num_programs: int) -> int:
+    """How many work items (chunks x kv heads) the plan cuts a step's keys into, about."""
+    return max(1, round(num_programs * ITEMS_PER_PROGRAM))
 
 
 def _batch_pad(batch: int) -> int:
@@ -599,12 +654,50 @@ def plan_chunks(
     chunk_tiles: int | None = None,
 ) -> list[int]:
     """The kernel's plan in plain Python: how many chunks each request's keys are cut into."""
+    _, tiles, chunk_tiles = _split(
+        context_lens, kv_heads, num_programs, block_n, sliding_window, chunk_tiles
+    )
+    return [_twin_num_chunks(t, chunk_tiles) for t in tiles]
+
+
+def plan_rows(
+    context_lens: list[int],
+    kv_heads: int,
+    num_programs: int,
+    block_n: int,
+    sliding_window: int | None = None,
+    chunk_tiles: int | None = None,
+) -> list[tuple[int, int, int]]:
+    """The kernel's plan in plain Python: (request, first tile, end tile) of every chunk,
+    in the plan's order (`DecodePlan.read`)."""
+    first, tiles, chunk_tiles = _split(
+        context_lens, kv_heads, num_programs, block_n, sliding_window, chunk_tiles
+    )
+    num_chunks = [_twin_num_chunks(t, chunk_tiles) for t in tiles]
+    order = list(range(len(context_lens)))
+    if LONGEST_FIRST:  # longest chunk first, then the earlier request (a stable sort)
+        order.sort(key=lambda b: -_cdiv(tiles[b], num_chunks[b]))
+    rows = []
+    for b in order:
+        share, extra = divmod(tiles[b], num_chunks[b])
+        for i in range(num_chunks[b]):
+            lo = first[b] + i * share + min(i, extra)
+            rows.append((b, lo, lo + share + (i < extra)))
+    return rows
+
+
+def _twin_num_chunks(tiles: int, chunk: int) -> int:
+    return max(1, (tiles + chunk // 2) // chunk)  # as `_num_chunks`
+
+
+def _split(context_lens, kv_heads, num_programs, block_n, sliding_window, chunk_tiles):
+    """Each request's first visible tile and visible tiles, and the chunk length in tiles."""
     first = [max(n - sliding_window, 0) // block_n if sliding_window else 0 for n in context_lens]
     tiles = [_cdiv(n, block_n) - f for n, f in zip(context_lens, first, strict=True)]
     if chunk_tiles is None:
-        work = _cdiv(sum(tiles) * kv_heads, num_programs * ITEMS_PER_PROGRAM)
+        work = _cdiv(sum(tiles) * kv_heads, _target_items(num_programs))
         chunk_tiles = max(MIN_CHUNK_TILES, work)
-    return [max(1, _cdiv(t, chunk_tiles)) for t in tiles]
+    return first, tiles, chunk_tiles
 
 
 def _cdiv(a: int, b: int) -> int:
