@@ -274,6 +274,8 @@ def test_a_plan_made_for_other_shapes_is_refused():
         dam.decode_attention(q, k, v, table, lens, 0.125, sliding_window=4, plan=plan)
     with pytest.raises(ValueError, match="given with a plan"):
         dam.decode_attention(q, k, v, table, lens, 0.125, plan=plan, chunk_tiles=1)
+    with pytest.raises(TypeError, match="chunks"):  # a misspelt option fails at the call
+        dam.decode_attention(q, k, v, table, lens, 0.125, chunks=1)
 
 
 def test_warm_up_compiles_each_padded_batch_size_once():

@@ -530,12 +530,14 @@ def decode_attention(
     sliding_window: int | None = None,
     *,
     plan: DecodePlan | None = None,
-    **plan_options,
+    num_programs: int | None = None,
+    chunk_tiles: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:  # [B, Hq, D] in q's dtype
     """Triton paged decode attention; matches `decode_attention_ref`.
 
     `plan`: the step's split (`plan_decode` on these lengths), shared by its layers; None
-    makes one for this call (`plan_options` go to it). A program loads the
+    makes one for this call, with the options given (`plan_decode`'s). A program loads the
     G query rows of its kv head once per chunk and streams that head's keys and values once
     for all G of them, which is what makes GQA decode cheap: every K/V byte is read once per
     step. The chunks of a request cut in several (flash decoding) are merged by the program
@@ -543,10 +545,11 @@ def decode_attention(
     _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window)
     batch, q_heads, head_dim = q.shape
     block_tokens, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
+    options = dict(num_programs=num_programs, chunk_tiles=chunk_tiles, block_n=block_n)
     if plan is None:
-        plan = plan_decode(q, k_blocks, block_tables, context_lens, sliding_window, **plan_options)
-    elif plan_options:
-        raise ValueError(f"plan options {sorted(plan_options)} given with a plan")
+        plan = plan_decode(q, k_blocks, block_tables, context_lens, sliding_window, **options)
+    elif given := sorted(name for name, value in options.items() if value is not None):
+        raise ValueError(f"plan options {given} given with a plan")
     expected = (batch, kv_heads, sliding_window, q_heads, head_dim)
     made_for = (plan.batch, plan.kv_heads, plan.sliding_window, *plan.ws_acc.shape[1:])
     if made_for != expected:
