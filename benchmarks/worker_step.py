@@ -243,12 +243,28 @@ async def run_prefill_cell(stub, pool, info, args, decode_batch: int, seed: int)
     }
 
 
+def device_blocks_needed(args: argparse.Namespace, block_tokens: int) -> int:
+    """The decode GPU's blocks for the largest cell (its lengths before the model's cap,
+    each with room for every step) and for a prefill batch beside it."""
+    largest = max(
+        sum(
+            -(-(n + args.steps + 64) // block_tokens)
+            for n in cell_lengths(b, kind, args.kv_len, 1 << 30)
+        )
+        for b in args.batches
+        for kind in args.lengths
+    )
+    return largest + -(-args.prefill_tokens // block_tokens) + args.prefill_prompts + 2
+
+
 async def main(args: argparse.Namespace) -> None:
     model = write_model(args)
+    block_tokens = WorkerConfig.block_tokens
     config = WorkerConfig(
         model_dir=str(model),
         device=args.device,
-        num_device_blocks=args.device_blocks,
+        num_device_blocks=args.device_blocks or device_blocks_needed(args, block_tokens),
+        block_tokens=block_tokens,
         prefetch_device=args.prefetch_device or None,
     )
     started: list[WorkerServicer] = []
@@ -355,7 +371,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--in-flight", type=int, default=2, help="the batcher's steps ahead")
-    parser.add_argument("--device-blocks", type=int, default=16384)
+    parser.add_argument(
+        "--device-blocks", type=int, default=0,
+        help="KV blocks on the decode GPU; 0: what the largest batch and a prefill batch need",
+    )  # fmt: skip
     parser.add_argument("--prefetch-device", default="", help="the pair's GPU: prefill there")
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="a prefill batch's")
     parser.add_argument("--prefill-prompts", type=int, default=120)
