@@ -18,6 +18,7 @@ step's layers.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -648,19 +649,10 @@ def batch_pads(max_batch: int) -> list[int]:
     return pads
 
 
-def plan_chunks(
-    context_lens: list[int],
-    kv_heads: int,
-    num_programs: int,
-    block_n: int,
-    sliding_window: int | None = None,
-    chunk_tiles: int | None = None,
-) -> list[int]:
-    """The kernel's plan in plain Python: how many chunks each request's keys are cut into."""
-    _, tiles, chunk_tiles = _split(
-        context_lens, kv_heads, num_programs, block_n, sliding_window, chunk_tiles
-    )
-    return [_twin_num_chunks(t, chunk_tiles) for t in tiles]
+def plan_chunks(context_lens: list[int], *args, **options) -> list[int]:
+    """How many chunks each request's keys are cut into (`plan_rows`' arguments)."""
+    cut = collections.Counter(b for b, _, _ in plan_rows(context_lens, *args, **options))
+    return [cut[b] for b in range(len(context_lens))]
 
 
 def plan_rows(
