@@ -35,6 +35,7 @@ import torch
 from gpu_bench import (
     build_model,
     cuda_time,
+    current_split,
     previous_kernel,
     previous_kernels,
     served_lengths,
@@ -128,7 +129,7 @@ def main() -> None:
     default = (skinny.MAX_TOKENS, skinny.FUSED_OPS)
     variants = {split_label(split): (split, *default) for split in settings}
     if args.skinny_max_tokens:
-        split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES, dam.LONGEST_FIRST)
+        split = current_split(dam)
         variants = {
             f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on")
             for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)

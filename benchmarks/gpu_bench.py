@@ -232,6 +232,12 @@ def split_setting(text: str, kernel: ModuleType) -> tuple[int, float, int, bool]
     return int(per_sm), float(items), int(shortest), bool(int(longest_first))
 
 
+def current_split(kernel: ModuleType) -> tuple[int, float, int, bool]:
+    """The kernel module's attention work split, as `split_setting` gives one."""
+    return (kernel.PROGRAMS_PER_SM, kernel.ITEMS_PER_PROGRAM, kernel.MIN_CHUNK_TILES,
+            kernel.LONGEST_FIRST)  # fmt: skip
+
+
 def set_split(kernel: ModuleType, split: tuple[int, float, int, bool]) -> None:
     """Make `split` (as `split_setting` gives it) the kernel module's default."""
     (kernel.PROGRAMS_PER_SM, kernel.ITEMS_PER_PROGRAM, kernel.MIN_CHUNK_TILES,

@@ -35,6 +35,7 @@ from gpu_bench import (
     build_model,
     ceilings,
     cuda_time,
+    current_split,
     previous_kernel,
     previous_kernels,
     served_lengths,
@@ -204,19 +205,18 @@ def attention_probe(
     default (`previous`: name -> module)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = config.head_dim**-0.5
-    split = (dam.PROGRAMS_PER_SM, dam.ITEMS_PER_PROGRAM, dam.MIN_CHUNK_TILES, dam.LONGEST_FIRST)
-    # (keys per tile, warps, stages, programs per SM, shortest chunk, chunks per program,
-    # longest first)
-    default = (dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, split[0], split[2], split[1],
-               split[3])  # fmt: skip
+    split = current_split(dam)
+    # (keys per tile, warps, stages, work split as gpu_bench.split_setting gives it)
+    default = (dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, split)
     variants = [default]
     if sweep:
+        grid = itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8), min_chunk_tiles)
         variants += [
-            (*v, *split[2:])
-            for v in itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8), min_chunk_tiles)
-            if (*v, *split[2:]) != default
+            v
+            for *tiles, per_sm, shortest in grid
+            if (v := (*tiles, (per_sm, split[1], shortest, split[3]))) != default
         ]
-    variants += [(*default[:3], p, m, i, o) for p, i, m, o in splits]
+    variants += [(*default[:3], s) for s in splits]
     variants += list(previous)
     layers = [kv.layer(i) for i in range(config.num_layers)]
     rows = []
@@ -239,12 +239,12 @@ def attention_probe(
                     module.PROGRAMS_PER_SM * sms, module.GPU_BLOCK_N, previous_kernel(module),
                 )  # fmt: skip
             else:
-                block_n, warps, stages, per_sm, shortest, items, longest_first = variant
-                dam.NUM_WARPS, dam.NUM_STAGES = warps, stages
-                set_split(dam, (per_sm, items, shortest, longest_first))
+                block_n, dam.NUM_WARPS, dam.NUM_STAGES, variant_split = variant
+                set_split(dam, variant_split)
                 attend = functools.partial(
-                    attention_layers, q, layers, tables, ctx, scale, per_sm * sms, block_n
-                )
+                    attention_layers, q, layers, tables, ctx, scale, variant_split[0] * sms,
+                    block_n,
+                )  # fmt: skip
             try:
                 seconds = cuda_time(graph_of(attend).replay)
             except triton.runtime.errors.OutOfResources:  # too many stages for shared memory
@@ -259,21 +259,20 @@ def attention_probe(
             f"{base * 1e3:6.3f} ms ({kv_bytes / base / 1e9:5.0f} GB/s)",
             flush=True,
         )
+
+        def label(variant) -> str:
+            if variant in previous:
+                return variant
+            block_n, warps, stages, split = variant
+            return f"block_n {block_n:3d} warps {warps} stages {stages} {split_label(split)}"
+
         for variant, seconds in ranked[:5] + [r for r in results if r[0] in previous]:
-            label = variant if variant in previous else (
-                f"block_n {variant[0]:3d} warps {variant[1]} stages {variant[2]} "
-                + split_label((variant[3], variant[5], variant[4], variant[6]))
-            )  # fmt: skip
             print(
-                f"      {label}: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
+                f"      {label(variant)}: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
                 f"GB/s, {seconds / base:5.3f}x default)"
             )
         rows.append(
-            dict(
-                cell=name,
-                floor_ms=floor_s * 1e3,
-                ms={v if v in previous else " ".join(map(str, v)): s * 1e3 for v, s in results},
-            )
+            dict(cell=name, floor_ms=floor_s * 1e3, ms={label(v): s * 1e3 for v, s in results})
         )
     print(
         "  compiled attention kernels (shared memory bytes, registers per thread): "

@@ -158,7 +158,7 @@ def _decode_plan_kernel(
     batch,
     kv_heads,
     target_items,  # the work is cut into about this many items (chunks x kv heads) ...
-    min_chunk_tiles,  # ... but no chunk shorter than this
+    min_chunk_tiles,  # ... but the chunk length no shorter than this
     fixed_chunk_tiles,  # > 0: the chunk length, in key tiles (tests); 0: from the work
     sliding_window,
     BLOCK_N: tl.constexpr,
