@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from alignedserve.batcher.request import RequestState
 from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
+from alignedserve.batcher.scheduler.lane import Lane
 from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel
 from alignedserve.batcher.sim.simulator import simulate_engine
 from alignedserve.batcher.sim.workload import SimRequest
@@ -203,11 +205,12 @@ def test_the_prefill_devices_batches_run_across_steps_and_keep_an_aborted_reques
 
 
 def test_a_request_that_leaves_and_comes_back_is_in_one_group():
-    """A resident sent to the pool and loaded again before its old group came round (which
-    is when leavers drop out) was listed in two groups: decoded twice a round, or twice in
-    one step. A seeded workload where one comes back that fast (found by driving the
-    scheduler as the engine does: a load lands at the step after the one that started it);
-    check=True asserts each resident is in one group after every step."""
+    """A resident sent to the pool and loaded again before its old group came round (when
+    leavers dropped out of groups only then) was listed in two groups: decoded twice a
+    round, or twice in one step; leavers now leave their group at once. A seeded workload
+    where one comes back that fast (found by driving the scheduler as the engine does: a
+    load lands at the step after the one that started it); check=True asserts each
+    resident is in one group after every step."""
     rng = random.Random(11)
     workload = [(rng.uniform(0, 0.5), rng.randint(1, 600), rng.randint(1, 60)) for _ in range(40)]
     requests = [SimRequest(f"r{i}", a, p, o) for i, (a, p, o) in enumerate(workload)]
@@ -215,6 +218,40 @@ def test_a_request_that_leaves_and_comes_back_is_in_one_group():
     config = replace(make_config("aligned", 4, pool, starvation_s=0.2), max_band_buckets=2)
     stats = simulate_engine(requests, config, COST, check=True)
     assert stats.output_tokens == sum(o for _, _, o in workload)
+
+
+def test_a_lane_drops_leavers_at_once_even_those_that_landed_this_step():
+    """Leavers leave their group when they leave the device, so no step lists them. A
+    request that landed this step and left before the step's group was chosen (the
+    prefill device's lane closing as prompts arrive) is in no group yet: it must neither
+    fail nor be placed in one, whether the step regroups or slots the newcomers in."""
+    config = two_small_lanes(0.5)
+    lane = Lane(config, num_device_blocks=1024, max_length=1 << 16, name="prefill device")
+    requests = {
+        f"r{i}": SimpleNamespace(request_id=f"r{i}", num_tokens=n, num_kv_tokens=n - 1)
+        for i, n in enumerate([100 + i for i in range(14)] + [105, 106, 107])
+    }
+    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
+    sched = SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+
+    def land(ids: list[str], leaving: str) -> list[str]:
+        for request_id in ids:
+            lane.start_loading(sched, request_id)
+        landed = lane.land(sched, free_blocks=1024 - lane.held_blocks)
+        assert landed == ids
+        lane.leave(sched, leaving)  # before next_decode places it
+        decode, _, _ = lane.next_decode(sched, landed, free=512)
+        lane.check_invariants(sched)
+        assert leaving not in decode and leaving not in lane.group_of
+        return decode
+
+    land([f"r{i}" for i in range(14)], leaving="r13")  # the first step regroups
+    assert lane.steps_since_regroup == 0 and len(lane.resident) == 13
+    land(["r14", "r15"], leaving="r15")  # these slot into the groups
+    assert lane.steps_since_regroup == 1 and "r14" in lane.group_of
+    lane.leave(sched, "r0")  # a grouped resident: out of its group now
+    assert "r0" not in [r for group in lane.groups for r in group]
+    lane.check_invariants(sched)
 
 
 def two_small_lanes(quiet_s: float) -> SchedulerConfig:

@@ -289,7 +289,7 @@ class AlignedPolicy:
             seen.add(request_id)
             yield request_id
         for group in lane.groups:
-            lengths = [sched.store.get(r).num_tokens for r in group if r in lane.resident]
+            lengths = [sched.store.get(r).num_tokens for r in group]
             if lengths:
                 band = self.index.band_for_lengths(min(lengths), max(lengths))
                 for request_id in self.index.iter_members(band):

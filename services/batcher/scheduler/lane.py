@@ -88,7 +88,8 @@ class Lane:
         self.undecoded: set[str] = set()  # resident, no token decoded since it landed
         self.loading: list[str] = []  # streaming in (PREFETCHING)
         self.loading_done = False
-        self.groups: list[list[str]] = []
+        self.groups: list[list[str]] = []  # the residents, each in one group
+        self.group_of: dict[str, int] = {}  # resident -> its group
         # per group, its shortest and longest member: lengths grow in lockstep, so groups stay
         # ordered by length and these two stay its ends until one of them leaves
         self.group_ends: list[tuple[str, str]] = []
@@ -151,6 +152,7 @@ class Lane:
     def leave(self, sched: Scheduler, request_id: str) -> None:
         """A resident leaves the device (its blocks are freed at the end of this step)."""
         del self.resident[request_id]
+        self._drop(sched, request_id)
         self.undecoded.discard(request_id)
         request = sched.store.get(request_id)
         self.gpu_tokens -= request.num_tokens
@@ -171,6 +173,7 @@ class Lane:
         if rid in self.resident:
             self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
             del self.resident[rid]
+            self._drop(sched, rid)
         self.undecoded.discard(rid)
         if rid in self.loading:
             self.loading.remove(rid)
@@ -185,11 +188,12 @@ class Lane:
         next token starts a block needs one more), the blocks left, and the members that
         leave for the pool so that those left out find room next step (without that, a
         device full of members that all need a block would stall). A member alone on the
-        device always fits (admission). Leavers just drop out of their groups and joiners
-        slot into one; lengths grow in lockstep, so the partition stays sound until
+        device always fits (admission). Leavers drop out of their groups and joiners slot
+        into one; lengths grow in lockstep, so the partition stays sound until
         membership has changed by a quarter."""
         self.steps_since_regroup += 1
         self.churn += len(landed)
+        landed = [r for r in landed if r in self.resident]  # (some may have left already)
         if (
             not self.groups
             or self.churn * 4 > len(self.resident)
@@ -220,7 +224,7 @@ class Lane:
 
     def regroup(self, sched: Scheduler) -> None:
         if not self.resident:
-            self.groups, self.group_ends, self.next_group = [], [], 0
+            self.groups, self.group_of, self.group_ends, self.next_group = [], {}, [], 0
             return
         ids = list(self.resident)
         lengths = np.fromiter(
@@ -244,42 +248,37 @@ class Lane:
         cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
         ranked = [ids[k] for k in order.tolist()]
         self.groups = [ranked[cuts[g] : cuts[g + 1]] for g in range(len(starts))]
+        self.group_of = {r: g for g, group in enumerate(self.groups) for r in group}
         self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by bucket
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
 
     def group_range(self, sched: Scheduler, g: int) -> tuple[int, int]:
-        """Current (shortest, longest) length in group g."""
+        """Current (shortest, longest) length in group g; (0, 0) when it has none left."""
+        if not self.groups[g]:
+            return (0, 0)
         lo_id, hi_id = self.group_ends[g]
-        if lo_id not in self.resident or hi_id not in self.resident:
-            if not self._reset_ends(sched, g):
-                return (0, 0)
-            lo_id, hi_id = self.group_ends[g]
         return sched.store.get(lo_id).num_tokens, sched.store.get(hi_id).num_tokens
 
-    def _reset_ends(self, sched: Scheduler, g: int) -> bool:
-        """Group g's shortest and longest resident members, found again; False if it has none."""
-        members = [r for r in self.groups[g] if r in self.resident]
-        if not members:
-            return False
-        self.group_ends[g] = (
-            min(members, key=lambda r: sched.store.get(r).num_tokens),
-            max(members, key=lambda r: sched.store.get(r).num_tokens),
-        )
-        return True
+    def _drop(self, sched: Scheduler, request_id: str) -> None:
+        """A resident leaves its group (and, if it was one of its ends, they are found again).
+        One that landed this step and leaves before the step's group is chosen has none."""
+        g = self.group_of.pop(request_id, None)
+        if g is None:
+            return
+        members = self.groups[g]
+        members.remove(request_id)
+        if members and request_id in self.group_ends[g]:
+            self.group_ends[g] = (
+                min(members, key=lambda r: sched.store.get(r).num_tokens),
+                max(members, key=lambda r: sched.store.get(r).num_tokens),
+            )
 
     def _insert(self, sched: Scheduler, request_ids) -> None:
         """Place newly resident requests into the group whose length range holds them (the
         next full regroup re-optimises); one that would stretch a group past
         max_band_buckets triggers that regroup now instead."""
         for request_id in request_ids:
-            # one that left and came back before its old group was next (which drops the
-            # leavers) is still listed there: it would be decoded twice a round, or twice in
-            # one step if both places are one group
-            for g, group in enumerate(self.groups):
-                if request_id in group:
-                    group.remove(request_id)
-                    self._reset_ends(sched, g)
             length = sched.store.get(request_id).num_tokens
             ranges = [self.group_range(sched, g) for g in range(len(self.groups))]
             g = max(0, bisect.bisect_right([lo for lo, _ in ranges], length) - 1)
@@ -296,15 +295,15 @@ class Lane:
                 return
             self.group_ends[g] = (lo_id, hi_id)
             self.groups[g].append(request_id)
+            self.group_of[request_id] = g
 
     def _next_group(self) -> list[str]:
-        """Round-robin over groups, skipping members that left since the partition."""
+        """Round-robin over groups, skipping those every member has left."""
         for _ in range(len(self.groups)):
-            group = [r for r in self.groups[self.next_group] if r in self.resident]
-            self.groups[self.next_group] = group
+            group = self.groups[self.next_group]
             self.next_group = (self.next_group + 1) % len(self.groups)
             if group:
-                return group
+                return list(group)
         return []
 
     # ---- checks ------------------------------------------------------------------------
@@ -314,11 +313,15 @@ class Lane:
         assert self.gpu_tokens == sum(sched.store.get(r).num_tokens for r in on_gpu), self.name
         held = sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in self.resident)
         assert self.held_blocks == held <= self.num_device_blocks, (self.name, self.held_blocks)
-        grouped = [r for g in self.groups for r in g if r in self.resident]
-        assert set(grouped) == set(self.resident), "a resident request in no group"
+        grouped = [r for g in self.groups for r in g]
+        assert set(grouped) == set(self.resident), (
+            "a resident request in no group, or a leaver in one"
+        )
         assert len(grouped) == len(set(grouped)), "a request in two groups"
-        for group in self.groups:
-            members = [sched.store.get(r) for r in group if r in self.resident]
+        assert self.group_of == {r: g for g, group in enumerate(self.groups) for r in group}
+        for g, group in enumerate(self.groups):
+            assert not group or set(self.group_ends[g]) <= set(group), "a group's end left it"
+            members = [sched.store.get(r) for r in group]
             if len(members) > 1:
                 b = [bucket_of(min(m.num_tokens, self.max_length), GROUP_SUB_BITS) for m in members]
                 # lengths grow in lockstep (one token per round), so a group's bucket span
