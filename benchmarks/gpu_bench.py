@@ -279,7 +279,8 @@ def mixed_cell(model, config, kv, batch: int) -> dict:
     """A served batch's lengths (one long request among short ones) against the same number
     of KV tokens spread evenly: the decode step through its graph and one layer's attention
     kernel, rows in arrival order and longest first. What a length spread costs the kernel
-    (a long request's programs run after the others finish) shows as mixed > even."""
+    shows as mixed > even; the two orders should time the same, as the kernel's plan puts
+    the longest chunks first itself (twenty-fourth session)."""
     from alignedserve.worker.kernels.decode_attention import decode_attention
 
     mixed = served_lengths(batch)
