@@ -134,8 +134,8 @@ async def run_cell(
     return {
         "batch": batch,
         "lengths": lengths,
-        "kv_len": round(statistics.mean(kv_lens)),
-        "max_kv_len": max(kv_lens),
+        "kv_len": round(statistics.mean(kv_lens)) if kv_lens else 0,
+        "max_kv_len": max(kv_lens, default=0),
         "overlap_steps": servicer.overlap_steps,
         "step_ms": step_ms,
         "device_ms": device_ms,
@@ -286,7 +286,7 @@ async def main(args: argparse.Namespace) -> None:
             for b in args.batches
             for n in args.lengths
         }
-        longest = max(max(kv_lens) for kv_lens in cells.values())
+        longest = max(max(kv_lens, default=0) for kv_lens in cells.values())
         num_pool_blocks = max(
             layout.blocks_for(longest + args.steps + 64),
             layout.blocks_for(args.prefill_tokens) + args.prefill_prompts + 2,
@@ -357,7 +357,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (CPU dry run)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[8, 32, 128],
+        help="decode batch sizes; 0: steps with no device work (the round trip alone)",
+    )  # fmt: skip
     parser.add_argument("--kv-len", type=int, default=1024)
     parser.add_argument(
         "--lengths",

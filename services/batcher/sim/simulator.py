@@ -25,8 +25,10 @@ from alignedserve.batcher.sim.workload import SimRequest
 from alignedserve.common.sampling_params import SamplingParams
 
 # A step with no device work on the decode side (it only queues a prefill batch, or starts a
-# load): the round trip to the worker and back.
-IDLE_STEP_S = 1e-3
+# load): the round trip to the worker and back. Measured through the worker's Session stream:
+# 0.43-0.53 ms on a 2-core CPU machine (benchmarks/worker_step.py --tiny --device cpu
+# --batches 0 --in-flight 1; docs/benchmarks.md, the serving loop's own ceiling).
+IDLE_STEP_S = 0.5e-3
 # The benchmark checkpoints' context (worker/tiny.py FULL_SIZE): sizes the staging cache.
 MAX_CONTEXT_TOKENS = 16384
 
