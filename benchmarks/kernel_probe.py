@@ -219,6 +219,13 @@ def attention_probe(
     variants += [(*default[:3], s) for s in splits]
     variants += list(previous)
     layers = [kv.layer(i) for i in range(config.num_layers)]
+
+    def label(variant) -> str:
+        if variant in previous:
+            return variant
+        block_n, warps, stages, work_split = variant
+        return f"block_n {block_n:3d} warps {warps} stages {stages} {split_label(work_split)}"
+
     rows = []
     cells = [(f"B={b:4d} L={n:5d}", [n] * b) for b, n in ATTENTION_CELLS]
     cells += [(f"B={b:4d} served mix", served_lengths(b)) for b in MIXED]
@@ -259,13 +266,6 @@ def attention_probe(
             f"{base * 1e3:6.3f} ms ({kv_bytes / base / 1e9:5.0f} GB/s)",
             flush=True,
         )
-
-        def label(variant) -> str:
-            if variant in previous:
-                return variant
-            block_n, warps, stages, split = variant
-            return f"block_n {block_n:3d} warps {warps} stages {stages} {split_label(split)}"
-
         for variant, seconds in ranked[:5] + [r for r in results if r[0] in previous]:
             print(
                 f"      {label(variant)}: {seconds * 1e3:6.3f} ms ({kv_bytes / seconds / 1e9:5.0f} "
