@@ -36,9 +36,9 @@ from gpu_bench import (
     build_model,
     cuda_time,
     current_split,
+    length_cells,
     previous_kernel,
     previous_kernels,
-    served_lengths,
     set_split,
     split_label,
     split_setting,
@@ -72,12 +72,9 @@ SMALL_MIXED = [8, 16, 32]
 
 
 def cells(small: bool = False) -> list[tuple[str, list[int]]]:
-    uniform, mixed = (SMALL_UNIFORM, SMALL_MIXED) if small else (UNIFORM, MIXED)
-    out = [(f"B={b} L={n}", [n] * b) for b, n in uniform]
-    out += [(f"B={b} served mix", served_lengths(b)) for b in mixed]
-    # the same lengths with the long ones last: a batch's order is its requests' arrival
-    long_last = [] if small else MIXED_LONG_LAST
-    return out + [(f"B={b} mix, long last", served_lengths(b)[::-1]) for b in long_last]
+    if small:
+        return length_cells(SMALL_UNIFORM, SMALL_MIXED)
+    return length_cells(UNIFORM, MIXED, MIXED_LONG_LAST)
 
 
 def step_ms(model, config, kv, lengths: list[int]) -> float:

@@ -263,6 +263,17 @@ def served_lengths(batch: int, seed: int = 0) -> list[int]:
     return lengths
 
 
+def length_cells(
+    uniform: list[tuple[int, int]], mixed: list[int], long_last: list[int] = ()
+) -> list[tuple[str, list[int]]]:
+    """The scripts' cells, (name, each request's KV length): B x L uniform, a served mix of
+    B (`served_lengths`), and that mix with its long requests last (a batch's order is its
+    requests' arrival)."""
+    cells = [(f"B={b} L={n}", [n] * b) for b, n in uniform]
+    cells += [(f"B={b} served mix", served_lengths(b)) for b in mixed]
+    return cells + [(f"B={b} mix, long last", served_lengths(b)[::-1]) for b in long_last]
+
+
 def tables_for(lengths: list[int], width: int, kv) -> tuple[torch.Tensor, torch.Tensor]:
     """Block tables [B, width] giving each request its own consecutive blocks (the rest point
     at the scratch block), and the context lengths [B], on the GPU."""

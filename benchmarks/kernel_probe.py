@@ -36,9 +36,9 @@ from gpu_bench import (
     ceilings,
     cuda_time,
     current_split,
+    length_cells,
     previous_kernel,
     previous_kernels,
-    served_lengths,
     set_split,
     split_label,
     split_setting,
@@ -227,10 +227,7 @@ def attention_probe(
         return f"block_n {block_n:3d} warps {warps} stages {stages} {split_label(work_split)}"
 
     rows = []
-    cells = [(f"B={b:4d} L={n:5d}", [n] * b) for b, n in ATTENTION_CELLS]
-    cells += [(f"B={b:4d} served mix", served_lengths(b)) for b in MIXED]
-    cells += [(f"B={b:4d} mix, long last", served_lengths(b)[::-1]) for b in MIXED_LONG_LAST]
-    for name, lengths in cells:
+    for name, lengths in length_cells(ATTENTION_CELLS, MIXED, MIXED_LONG_LAST):
         batch = len(lengths)
         tables, ctx = tables_for(lengths, kv.layout.blocks_for(max(lengths)), kv)
         q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16,
