@@ -93,7 +93,7 @@ async def run_cell(
     loads = [
         worker_pb2.LoadEntry(
             request_id=r,
-            pool_blocks=range(layout.blocks_for(n + args.steps + 64)),
+            pool_blocks=range(request_blocks(layout.blocks_for, n, args)),
             num_kv_tokens=n,
         )
         for r, n in zip(ids, kv_lens, strict=True)
@@ -243,27 +243,37 @@ async def run_prefill_cell(stub, pool, info, args, decode_batch: int, seed: int)
     }
 
 
-def device_blocks_needed(args: argparse.Namespace, block_tokens: int) -> int:
-    """The decode GPU's blocks for the largest cell (its lengths before the model's cap,
-    each with room for every step) and for a prefill batch beside it."""
+def request_blocks(blocks_for, kv_len: int, args: argparse.Namespace) -> int:
+    """A request's blocks with room for every step's token (`blocks_for`: a KVLayout's)."""
+    return blocks_for(kv_len + args.steps + 64)
+
+
+def prefill_blocks(blocks_for, args: argparse.Namespace) -> int:
+    """A prefill batch's blocks: its prompts each round up to whole blocks, one token more."""
+    return blocks_for(args.prefill_tokens) + args.prefill_prompts + 2
+
+
+def device_blocks_needed(args: argparse.Namespace, blocks_for) -> int:
+    """The decode GPU's blocks for the largest cell (its lengths before the model's cap)
+    and for a prefill batch beside it (`blocks_for`: tokens -> blocks)."""
     largest = max(
         sum(
-            -(-(n + args.steps + 64) // block_tokens)
-            for n in cell_lengths(b, kind, args.kv_len, 1 << 30)
+            request_blocks(blocks_for, n, args) for n in cell_lengths(b, kind, args.kv_len, 1 << 30)
         )
         for b in args.batches
         for kind in args.lengths
     )
-    return largest + -(-args.prefill_tokens // block_tokens) + args.prefill_prompts + 2
+    return largest + prefill_blocks(blocks_for, args)
 
 
 async def main(args: argparse.Namespace) -> None:
     model = write_model(args)
-    block_tokens = WorkerConfig.block_tokens
+    block_tokens = WorkerConfig.block_tokens  # the layout comes from the worker once started
     config = WorkerConfig(
         model_dir=str(model),
         device=args.device,
-        num_device_blocks=args.device_blocks or device_blocks_needed(args, block_tokens),
+        num_device_blocks=args.device_blocks
+        or device_blocks_needed(args, lambda n: -(-n // block_tokens)),
         block_tokens=block_tokens,
         prefetch_device=args.prefetch_device or None,
     )
@@ -288,8 +298,8 @@ async def main(args: argparse.Namespace) -> None:
         }
         longest = max(max(kv_lens, default=0) for kv_lens in cells.values())
         num_pool_blocks = max(
-            layout.blocks_for(longest + args.steps + 64),
-            layout.blocks_for(args.prefill_tokens) + args.prefill_prompts + 2,
+            request_blocks(layout.blocks_for, longest, args),
+            prefill_blocks(layout.blocks_for, args),
         )
         with CpuKVPool.create(layout, num_pool_blocks) as pool:
             await stub.Attach(
