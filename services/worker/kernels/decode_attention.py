@@ -546,11 +546,13 @@ def decode_attention(
     _check_inputs(q, k_blocks, v_blocks, block_tables, context_lens, sliding_window)
     batch, q_heads, head_dim = q.shape
     block_tokens, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
-    options = dict(num_programs=num_programs, chunk_tiles=chunk_tiles, block_n=block_n)
     if plan is None:
-        plan = plan_decode(q, k_blocks, block_tables, context_lens, sliding_window, **options)
-    elif given := sorted(name for name, value in options.items() if value is not None):
-        raise ValueError(f"plan options {given} given with a plan")
+        plan = plan_decode(
+            q, k_blocks, block_tables, context_lens, sliding_window,
+            num_programs=num_programs, chunk_tiles=chunk_tiles, block_n=block_n,
+        )  # fmt: skip
+    elif (num_programs, chunk_tiles, block_n) != (None, None, None):
+        raise ValueError("plan options (num_programs, chunk_tiles, block_n) given with a plan")
     expected = (batch, kv_heads, sliding_window, q_heads, head_dim)
     made_for = (plan.batch, plan.kv_heads, plan.sliding_window, *plan.ws_acc.shape[1:])
     if made_for != expected:
