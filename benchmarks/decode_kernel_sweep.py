@@ -1,14 +1,16 @@
 """The decode attention kernel's work split, side by side: CUDA-graph decode steps of the
 Llama-3-8B shape (random bf16 weights) on uniform and served-like mixed lengths, for each
 (programs per SM, chunks per program) setting and, with --previous (repeatable), for the
-kernel of an earlier checkout (its decode_attention.py, loaded by path, named by its file),
-all in one process. --repeats N captures and times each variant N times, the variants in
-turn, and keeps every time (the table shows the median and the range): two captures of one
-variant can differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
+kernel of an earlier checkout (its decode_attention.py, or a folder of its
+decode_attention.py and decode_plan.py, loaded by path, named by its last part), all in one
+process. --repeats N captures and times each variant N times, the variants in turn, and
+keeps every time (the table shows the median and the range): two captures of one variant can
+differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
 
     python3 benchmarks/decode_kernel_sweep.py --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 2x2 --repeats 3 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --previous old/decode_attention.py --out "$OUT"
+    python3 benchmarks/decode_kernel_sweep.py --previous previous/s25 --out "$OUT"  # a folder
     python3 benchmarks/decode_kernel_sweep.py --settings 4x2 --previous a.py --previous b.py
     python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 0 16 32 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --batches 64 --skinny-max-tokens 0 64 --out "$OUT"
@@ -48,8 +50,10 @@ from gpu_bench import (
 from alignedserve.worker.cuda_graph import DecodeGraph
 from alignedserve.worker.runner import width_bucket
 
-# the module (the package's own name for it is the function, re-exported)
+# the modules (the package's own name for decode_attention is the function, re-exported);
+# the model's attention layer takes both functions from them at each call
 dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+dpm = importlib.import_module("alignedserve.worker.kernels.decode_plan")
 skinny = importlib.import_module("alignedserve.worker.kernels.skinny_linear")
 
 SETTINGS = [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)]  # (programs per SM, chunks per program)
@@ -97,7 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
     parser.add_argument(
-        "--previous", action="append", default=[], help="an earlier decode_attention.py"
+        "--previous",
+        action="append",
+        default=[],
+        help="an earlier decode_attention.py, or a folder of it and its decode_plan.py",
     )
     parser.add_argument(
         "--settings",
@@ -105,7 +112,7 @@ def main() -> None:
         default=[f"{p}x{i}" for p, i in SETTINGS],
         help="PxI, PxIxM or PxIxMxO: programs per SM x chunks per program (may be a fraction) "
         "x the shortest chunk in key tiles x longest item first (1) or not (0); M and O default "
-        "to kernels/decode_attention's MIN_CHUNK_TILES and LONGEST_FIRST; of the current kernel",
+        "to kernels/decode_plan's MIN_CHUNK_TILES and LONGEST_FIRST; of the current kernel",
     )
     parser.add_argument("--repeats", type=int, default=1, help="captures per variant, in turn")
     parser.add_argument(
@@ -131,7 +138,7 @@ def main() -> None:
             f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on")
             for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)
         }
-    current = dam.decode_attention, dam.plan_decode
+    current = dam.decode_attention, dpm.plan_decode
     previous = previous_kernels(args.previous)
     variants = {**dict.fromkeys(previous), **variants}
     rows = []
@@ -142,15 +149,15 @@ def main() -> None:
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
             if setting is None:
-                dam.decode_attention, dam.plan_decode = previous_kernel(previous[variant])
+                dam.decode_attention, dpm.plan_decode = previous_kernel(previous[variant])
                 skinny.MAX_TOKENS, skinny.FUSED_OPS = default
             else:  # all are captured into the graph: set before step_ms
-                dam.decode_attention, dam.plan_decode = current
+                dam.decode_attention, dpm.plan_decode = current
                 split, skinny.MAX_TOKENS, skinny.FUSED_OPS = setting
                 set_split(dam, split)
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
-        dam.decode_attention, dam.plan_decode = current
+        dam.decode_attention, dpm.plan_decode = current
         skinny.MAX_TOKENS, skinny.FUSED_OPS = default
         rows.append(row)
         print(

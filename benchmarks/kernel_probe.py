@@ -37,6 +37,7 @@ from gpu_bench import (
     cuda_time,
     current_split,
     length_cells,
+    plan_module,
     previous_kernel,
     previous_kernels,
     set_split,
@@ -207,7 +208,7 @@ def attention_probe(
     scale = config.head_dim**-0.5
     split = current_split(dam)
     # (keys per tile, warps, stages, work split as gpu_bench.split_setting gives it)
-    default = (dam.GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, split)
+    default = (plan_module(dam).GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, split)
     variants = [default]
     if sweep:
         grid = itertools.product((64, 128), (4, 8), (2, 3, 4), (4, 8), min_chunk_tiles)
@@ -238,9 +239,10 @@ def attention_probe(
         for variant in variants:
             if variant in previous:  # on its own defaults
                 module = previous[variant]
+                plan = plan_module(module)
                 attend = functools.partial(
                     attention_layers, q, layers, tables, ctx, scale,
-                    module.PROGRAMS_PER_SM * sms, module.GPU_BLOCK_N, previous_kernel(module),
+                    plan.PROGRAMS_PER_SM * sms, plan.GPU_BLOCK_N, previous_kernel(module),
                 )  # fmt: skip
             else:
                 block_n, dam.NUM_WARPS, dam.NUM_STAGES, variant_split = variant
@@ -290,7 +292,10 @@ def main() -> None:
         "--attention-default-only", action="store_true", help="no launch-config sweep"
     )
     parser.add_argument(
-        "--previous", action="append", default=[], help="an earlier decode_attention.py"
+        "--previous",
+        action="append",
+        default=[],
+        help="an earlier decode_attention.py, or a folder of it and its decode_plan.py",
     )
     parser.add_argument(
         "--min-chunk-tiles", nargs="*", type=int, default=[4], help="the sweep's shortest chunks"

@@ -51,14 +51,14 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None  # [n, max_blocks] the decode rows' tables
     decode_ctx_lens: torch.Tensor | None = None  # [n]
     # The decode kernel's split of this pass's decode rows, by sliding window: made at the
-    # first layer's call, read by every layer's (kernels/decode_attention.py).
+    # first layer's call, read by every layer's (kernels/decode_plan.py).
     _decode_plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def decode_plan(self, q: torch.Tensor, k_blocks: torch.Tensor, sliding_window: int | None):
         """The pass's `DecodePlan` for its decode rows (every request of a decode pass, the
         requests of one new token in a mixed one), made once for all layers."""
         if sliding_window not in self._decode_plans:
-            from alignedserve.worker.kernels.decode_attention import plan_decode
+            from alignedserve.worker.kernels.decode_plan import plan_decode
 
             tables, lens = self.block_tables, self.ctx_lens
             if self.decode_tables is not None:
