@@ -15,7 +15,7 @@ from alignedserve.common.kv_layout import KVLayout
 from alignedserve.worker.attention import AttentionMetadata, paged_attention_ref
 from alignedserve.worker.kv_cache import KVCache
 
-from triton_cpu import DEVICE, HAS_CUDA, kernel_module
+from triton_cpu import DEVICE, HAS_CUDA, kernel_module, scalar_loop_bounds
 
 # the plan first: a re-imported attention module then takes the re-imported plan's functions
 dpm = kernel_module("alignedserve.worker.kernels.decode_plan", "_decode_plan_kernel")
@@ -26,22 +26,7 @@ NAN = float("nan")
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_scalar_index():
-    """triton 3.6's interpreter turns a loop bound into int(shape-(1,) array), which numpy >= 2.4
-    refuses (triton-lang/triton#9171); the kernel's `range(lo, hi)` hits it. Patch that one
-    conversion for this module; compiled kernels are untouched."""
-    if HAS_CUDA:
-        yield
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patch)
+    with scalar_loop_bounds():
         yield
 
 

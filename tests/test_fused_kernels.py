@@ -17,7 +17,7 @@ from alignedserve.common.model_config import RopeConfig
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.models.layers import RMSNorm, RotaryEmbedding
 
-from triton_cpu import DEVICE, HAS_CUDA, kernel_module, randn, triton
+from triton_cpu import DEVICE, HAS_CUDA, bf16_rounded_to_nearest, kernel_module, randn
 
 fused = kernel_module("alignedserve.worker.kernels.fused", "_add_rms_norm_kernel")
 
@@ -28,25 +28,7 @@ NAN = float("nan")
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_bf16_rounding():
-    """triton 3.6's interpreter casts fp32 -> bf16 by truncating the mantissa; GPUs round to
-    nearest even, as torch does. The kernels round to bf16 where eager torch does, so with
-    truncation every bf16 result is off by up to an ulp per rounding. Patch that one
-    conversion (to torch's) for this module; compiled kernels are untouched."""
-    if HAS_CUDA:
-        yield
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-
-    def convert(data, src, dst, rounding_mode):
-        if src == triton.language.float32 and dst == triton.language.bfloat16:
-            rounded = torch.from_numpy(data.astype("float32")).to(torch.bfloat16)
-            return rounded.view(torch.int16).numpy().view("uint16")
-        return original(data, src, dst, rounding_mode)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_convert_float", convert)
+    with bf16_rounded_to_nearest():
         yield
 
 

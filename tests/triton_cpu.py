@@ -4,8 +4,10 @@ before a @triton.jit function is defined."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -31,6 +33,51 @@ def kernel_module(name: str, kernel: str) -> ModuleType:
     if not HAS_CUDA and not isinstance(getattr(module, kernel), InterpretedFunction):
         module = importlib.reload(module)
     return module
+
+
+@contextlib.contextmanager
+def bf16_rounded_to_nearest() -> Iterator[None]:
+    """triton 3.6's interpreter casts fp32 -> bf16 by truncating the mantissa; GPUs round to
+    nearest even, as torch does. Kernels that round to bf16 where eager torch does would then
+    be off by up to an ulp per rounding. Patch that one conversion (to torch's) while in the
+    block; compiled kernels are untouched (on a GPU this does nothing)."""
+    if HAS_CUDA:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if src == triton.language.float32 and dst == triton.language.bfloat16:
+            rounded = torch.from_numpy(data.astype("float32")).to(torch.bfloat16)
+            return rounded.view(torch.int16).numpy().view("uint16")
+        return original(data, src, dst, rounding_mode)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter, "_convert_float", convert)
+        yield
+
+
+@contextlib.contextmanager
+def scalar_loop_bounds() -> Iterator[None]:
+    """triton 3.6's interpreter turns a loop bound into int(shape-(1,) array), which numpy >=
+    2.4 refuses (triton-lang/triton#9171); a kernel's `range(lo, hi)` over loaded values hits
+    it. Patch that one conversion while in the block (on a GPU this does nothing)."""
+    if HAS_CUDA:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter, "_patch_lang_tensor", patch)
+        yield
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0):
