@@ -165,7 +165,8 @@ def test_a_long_request_is_cut_into_chunks_and_matches(window):
     the reference. With a window, only its tiles count."""
     contexts = [300, 9, 17, 1, 33, 12]
     q, k, v, table, lens = make_case(contexts, 8, 2, sliding_window=window)
-    plan = dpm.plan_decode(q, k, table, lens, window, num_programs=16)
+    # 16-key tiles on every device (a GPU's default is longer)
+    plan = dpm.plan_decode(q, k, table, lens, window, num_programs=16, block_n=dpm.MIN_DOT)
     got = dam.decode_attention(q, k, v, table, lens, 0.125, window, plan=plan)
     chunks = dpm.plan_chunks(contexts, 2, 16, dpm.MIN_DOT, window)
     rows = plan.read()
@@ -209,8 +210,8 @@ def test_one_plan_serves_every_layer(split):
     (a counter left behind would make the next layer merge too early, or never)."""
     contexts = [200, 3, 45, 16]
     q, k, v, table, lens = make_case(contexts, 8, 2)
-    plan = dpm.plan_decode(q, k, table, lens, **SPLITS[split])
-    cut = dpm.plan_chunks(contexts, 2, plan.num_programs, dpm.MIN_DOT,
+    plan = dpm.plan_decode(q, k, table, lens, block_n=dpm.MIN_DOT, **SPLITS[split])
+    cut = dpm.plan_chunks(contexts, 2, plan.num_programs, plan.block_n,
                           chunk_tiles=SPLITS[split].get("chunk_tiles"))  # fmt: skip
     assert sum(cut) > len(contexts)  # some request is merged from several chunks
     for layer in range(3):
