@@ -45,8 +45,9 @@ from dataclasses import replace
 from alignedserve.batcher.length_index import LengthIndex
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler.config import SchedulerConfig
-from alignedserve.batcher.scheduler.core import BatchPlan, Scheduler
+from alignedserve.batcher.scheduler.core import Scheduler
 from alignedserve.batcher.scheduler.lane import GROUP_SUB_BITS, Lane, partition_groups
+from alignedserve.batcher.scheduler.plan import BatchPlan
 
 S = RequestState
 __all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "partition_groups"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol
 
 from alignedserve.batcher.request import Request, RequestState, RequestStore
 from alignedserve.batcher.scheduler.config import SchedulerConfig
+from alignedserve.batcher.scheduler.plan import BatchPlan
 from alignedserve.batcher.scheduler.turns import PrefillShare
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import InvalidRequestError, QueueFullError
@@ -25,37 +26,6 @@ from alignedserve.common.sampling_params import SamplingParams, finish_reason
 # runs straight after the one before, while this side learns that one is done and plans
 # another. With one, the device idled a step or two after every batch.
 PREFILL_BATCHES_IN_FLIGHT = 2
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """What the executor does in one step."""
-
-    prefill: tuple[tuple[str, int], ...] = ()  # (request, prompt tokens) on the prefetch GPU
-    mixed_prefill: tuple[tuple[str, int], ...] = ()  # chunks the decode GPU runs in its step
-    decode: tuple[str, ...] = ()  # members decoded this step; their KV is on the decode GPU
-    load: tuple[str, ...] = ()  # KV to bring from the CPU pool to the decode GPU first
-    evict: tuple[str, ...] = ()  # leave the decode GPU: write their new KV back to the pool
-    prefetch: tuple[str, ...] = ()  # start moving this next batch's KV towards the decode GPU
-    is_switch: bool = False  # the running batch was replaced
-    # of load, decode and evict, the requests whose KV is on the prefill device (it decodes
-    # while no prompt waits: scheduler/aligned.py); the rest are the decode device's
-    on_prefill_device: frozenset[str] = frozenset()
-
-    @property
-    def is_empty(self) -> bool:
-        return not (
-            self.prefill
-            or self.mixed_prefill
-            or self.decode
-            or self.load
-            or self.evict
-            or self.prefetch
-        )
-
-    @property
-    def all_prefill(self) -> tuple[tuple[str, int], ...]:
-        return self.prefill + self.mixed_prefill
 
 
 class Policy(Protocol):

@@ -9,7 +9,8 @@ short, the newest running request is preempted and recomputed later (vLLM's defa
 from __future__ import annotations
 
 from alignedserve.batcher.request import Request, RequestState
-from alignedserve.batcher.scheduler.core import BatchPlan, Scheduler
+from alignedserve.batcher.scheduler.core import Scheduler
+from alignedserve.batcher.scheduler.plan import BatchPlan
 
 
 class FcfsPolicy:
