@@ -37,14 +37,16 @@ import torch
 from gpu_bench import (
     build_model,
     cuda_time,
-    current_split,
     length_cells,
+    tables_for,
+)
+from kernel_variants import (
+    current_split,
     previous_kernel,
     previous_kernels,
     set_split,
     split_label,
     split_setting,
-    tables_for,
 )
 
 from alignedserve.worker.cuda_graph import DecodeGraph

@@ -35,15 +35,17 @@ from gpu_bench import (
     build_model,
     ceilings,
     cuda_time,
-    current_split,
     length_cells,
+    tables_for,
+)
+from kernel_variants import (
+    current_split,
     plan_module,
     previous_kernel,
     previous_kernels,
     set_split,
     split_label,
     split_setting,
-    tables_for,
 )
 from step_profile import graph_of
 
@@ -99,7 +101,7 @@ def skinny_layers(x, weights, out, tiles) -> None:
 
 def attention_layers(q, layers, tables, ctx, scale, programs, block_n, kernel=None) -> None:
     """One step's attention: a plan, then every layer's call on it; `kernel`: the
-    (decode_attention, plan_decode) of an earlier file (gpu_bench.previous_kernel)."""
+    (decode_attention, plan_decode) of an earlier file (kernel_variants.previous_kernel)."""
     attend, plan_decode = kernel or (dam.decode_attention, dam.plan_decode)
     plan = plan_decode(q, layers[0][0], tables, ctx, num_programs=programs, block_n=block_n)
     for k_blocks, v_blocks in layers:
@@ -202,12 +204,12 @@ def attention_probe(
 ) -> list[dict]:  # fmt: skip
     """Each cell's default launch, every launch config of the sweep (`sweep`: keys per tile,
     warps, stages, programs per SM, shortest chunk), each work split of `splits` (as
-    gpu_bench.split_setting gives them) on the default tiles, and each earlier kernel file's
+    kernel_variants.split_setting gives them) on the default tiles, and each earlier kernel file's
     default (`previous`: name -> module)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = config.head_dim**-0.5
     split = current_split(dam)
-    # (keys per tile, warps, stages, work split as gpu_bench.split_setting gives it)
+    # (keys per tile, warps, stages, work split as kernel_variants.split_setting gives it)
     default = (plan_module(dam).GPU_BLOCK_N, dam.NUM_WARPS, dam.NUM_STAGES, split)
     variants = [default]
     if sweep:
