@@ -5,7 +5,8 @@
 1. For each cell (batch x KV length) of the issue-5 grid that misses 75 % of the roofline:
    the graph step's median wall time, and from torch.profiler over a few replays the device
    time per step of each kernel class (GEMM, attention, norm, RoPE + KV append, activation,
-   other). Wall minus the kernels' sum is the time the GPU sat between kernels.
+   other). Wall minus the kernels' sum is the time the GPU sat between kernels; the pairs of
+   kernels with the most idle time between them are listed.
 2. Overlap probe, one step's 32 layers at B x L = 512 x 512 cut into two halves: the
    half-batch GEMMs of a layer (qkv, o, gate/up, down at M = 256) 32 times, the half-batch
    attention 32 times, and both at once on two streams, each captured as one CUDA graph.
@@ -19,6 +20,7 @@ Results go to stdout and OUT/step_profile.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -72,6 +74,7 @@ def profile_cell(model, config, kv, batch: int, length: int, replays: int = 5) -
         kernels[event.key[:90]] = (device_us / 1e3 / replays, event.count // replays)
     graph = None  # its memory pool, before the next capture
     busy_ms = sum(by_class.values())
+    idle = idle_between_kernels(prof, replays)
     row = dict(
         batch=batch,
         kv_len=length,
@@ -80,6 +83,7 @@ def profile_cell(model, config, kv, batch: int, length: int, replays: int = 5) -
         gap_ms=wall_s * 1e3 - busy_ms,
         by_class_ms=by_class,
         top_kernels=sorted(kernels.items(), key=lambda kv_: -kv_[1][0])[:12],
+        idle_between=idle,
     )
     parts = "  ".join(f"{k} {v:.2f}" for k, v in sorted(by_class.items(), key=lambda x: -x[1]))
     print(
@@ -89,7 +93,28 @@ def profile_cell(model, config, kv, batch: int, length: int, replays: int = 5) -
     )
     for name, (ms, count) in row["top_kernels"]:
         print(f"      {ms:7.3f} ms  x{count:4d}  {name}")
+    print("    idle device time between consecutive kernels, per step (largest first):")
+    for (before, after), (ms, count) in idle[:8]:
+        print(f"      {ms:7.3f} ms  x{count:4d}  {before} -> {after}")
     return row
+
+
+def idle_between_kernels(prof, replays: int) -> list:
+    """Where the "gaps" are: for each pair of kernels that run one after the other, the
+    device time between the first's end and the second's start (none if they overlap), per
+    step, summed by the pair's names (first 40 characters), largest first."""
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    idle: dict[tuple[str, str], list[float]] = {}
+    for before, after in itertools.pairwise(kernels):
+        gap_us = max(0.0, after.time_range.start - before.time_range.end)
+        pair = idle.setdefault((before.name[:40], after.name[:40]), [0.0, 0])
+        pair[0] += gap_us / 1e3 / replays
+        pair[1] += 1
+    ranked = sorted(idle.items(), key=lambda kv_: -kv_[1][0])
+    return [(pair, (ms, count // replays)) for pair, (ms, count) in ranked]
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
