@@ -10,13 +10,16 @@ longest item first), set as the defaults of the kernel's plan module.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-import gpu_bench  # noqa: F401  (puts alignedserve on the path)
+from device_env import import_alignedserve
+
+import_alignedserve()
 
 PLAN_MODULE = "alignedserve.worker.kernels.decode_plan"
 
@@ -33,8 +36,8 @@ def previous_kernels(paths: list[str]) -> dict[str, ModuleType]:
             modules[name] = _load(f"previous_{name}", path)
             continue
         plan = _load(f"previous_{name}_plan", path / "decode_plan.py")
+        current = importlib.import_module(PLAN_MODULE)
         package = sys.modules[PLAN_MODULE.rpartition(".")[0]]
-        current = sys.modules[PLAN_MODULE]
         sys.modules[PLAN_MODULE] = package.decode_plan = plan
         try:
             modules[name] = _load(f"previous_{name}", path / "decode_attention.py")
