@@ -84,7 +84,6 @@ def decode_attention_ref(
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
 
 
-# The plan's vectors over the requests are padded to a power of two, at least this: every
 @triton.jit
 def _decode_attention_kernel(
     q_ptr,  # [B, Hq, D]
