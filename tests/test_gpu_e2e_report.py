@@ -1,5 +1,5 @@
-"""benchmarks/gpu_e2e.py's report over repeated offline runs: each run is its own row, and
-the spread line compares the variants' medians (on hand-made bench results)."""
+"""benchmarks/e2e_report.py (e2e_report.py's report) over repeated offline runs: each run is its
+own row, and the spread line compares the variants' medians (on hand-made bench results)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from factories import benchmark_module
 
 
 @pytest.fixture(scope="module")
-def gpu_e2e():
-    return benchmark_module("gpu_e2e")
+def e2e_report():
+    return benchmark_module("e2e_report")
 
 
 def write_run(
@@ -53,46 +53,46 @@ def report_args() -> SimpleNamespace:
 
 
 def test_repeated_offline_runs_are_rows_of_their_own_and_their_medians_are_compared(
-    gpu_e2e, tmp_path
+    e2e_report, tmp_path
 ):
     for variant, values in (("aligned", [5100, 4600, 4900]), ("fcfs-dp2", [4500, 5300, 5000])):
         for k, tok_s in enumerate(values, start=1):
-            write_run(tmp_path, variant, gpu_e2e.offline_part(k), "offline", tok_s)
+            write_run(tmp_path, variant, e2e_report.offline_part(k), "offline", tok_s)
         write_run(tmp_path, variant, "online", "25 req/s", values[0] - 100)
     write_run(tmp_path, "aligned", "offline-x", "offline", 1.0)  # not a repeat: ignored
-    runs = gpu_e2e.load_runs(tmp_path)
+    runs = e2e_report.load_runs(tmp_path)
     assert list(runs) == ["offline", "offline #2", "offline #3", "25 req/s"]
     assert runs["offline #3"]["fcfs-dp2"]["summary"]["output_tokens_per_s"] == 5000
-    spread = gpu_e2e.offline_spread(runs, "fcfs-dp2")
+    spread = e2e_report.offline_spread(runs, "fcfs-dp2")
     assert spread["output_tokens_per_s"] == {
         "aligned": [5100, 4600, 4900],
         "fcfs-dp2": [4500, 5300, 5000],
     }
     assert spread["median_ratio"] == pytest.approx(4900 / 5000)
     assert (spread["min_ratio"], spread["max_ratio"]) == pytest.approx((4600 / 5300, 5100 / 4500))
-    line = gpu_e2e.offline_spread_line(spread, "fcfs-dp2", 1.2)
+    line = e2e_report.offline_spread_line(spread, "fcfs-dp2", 1.2)
     assert "**0.98×** (≥ 1.2×: missed)" in line and "0.87–1.13×" in line
 
 
-def test_one_offline_run_has_no_spread(gpu_e2e, tmp_path):
+def test_one_offline_run_has_no_spread(e2e_report, tmp_path):
     write_run(tmp_path, "aligned", "offline", "offline", 5100)
     write_run(tmp_path, "fcfs-dp2", "offline", "offline", 4500)
-    write_run(tmp_path, "fcfs-dp2", gpu_e2e.offline_part(2), "offline", 4600)
-    runs = gpu_e2e.load_runs(tmp_path)
+    write_run(tmp_path, "fcfs-dp2", e2e_report.offline_part(2), "offline", 4600)
+    runs = e2e_report.load_runs(tmp_path)
     assert list(runs) == ["offline", "offline #2"]
-    assert gpu_e2e.offline_spread(runs, "fcfs-dp2") is None  # aligned ran once
+    assert e2e_report.offline_spread(runs, "fcfs-dp2") is None  # aligned ran once
 
 
-def test_a_variant_that_failed_is_reported_with_its_reason(gpu_e2e, tmp_path):
+def test_a_variant_that_failed_is_reported_with_its_reason(e2e_report, tmp_path):
     """A variant whose server never became ready leaves its reason; the report names it."""
     (tmp_path / "aligned").mkdir()
-    (tmp_path / "aligned" / gpu_e2e.FAILED).write_text("TimeoutError: never ready")
-    assert gpu_e2e.failures(tmp_path) == {"aligned": "TimeoutError: never ready"}
+    (tmp_path / "aligned" / e2e_report.FAILED).write_text("TimeoutError: never ready")
+    assert e2e_report.failures(tmp_path) == {"aligned": "TimeoutError: never ready"}
     args = report_args()
-    runs = gpu_e2e.load_runs(tmp_path)
-    report = gpu_e2e.make_report(args, tmp_path, runs, {}, 8, "cpu")
+    runs = e2e_report.load_runs(tmp_path)
+    report = e2e_report.make_report(args, tmp_path, runs, {}, 8, "cpu")
     assert report["failures"] == {"aligned": "TimeoutError: never ready"}
-    markdown = gpu_e2e.render_markdown(report)
+    markdown = e2e_report.render_markdown(report)
     assert "**aligned failed**: TimeoutError: never ready" in markdown
     assert "3 bench client processes; 2 router process(es)" in markdown
 
@@ -112,7 +112,7 @@ def write_worker_log(work: Path, variant: str, name: str, seconds_with_tokens: i
 
 
 def test_a_variant_whose_workers_finished_long_before_its_bench_is_flagged_front_end_bound(
-    gpu_e2e, tmp_path
+    e2e_report, tmp_path
 ):
     """fcfs-dp2's workers made tokens for 25 s of a 40 s bench (its clients still reading
     what the router had not yet sent, as on 2xH200 in the fourteenth session): the report
@@ -122,14 +122,14 @@ def test_a_variant_whose_workers_finished_long_before_its_bench_is_flagged_front
     for name in ("worker-0", "worker-1"):
         write_worker_log(tmp_path, "fcfs-dp2", name, 25)
     write_worker_log(tmp_path, "aligned", "serve", 27)
-    runs = gpu_e2e.load_runs(tmp_path)
-    busy = gpu_e2e.gpu_busy(tmp_path, ["fcfs-dp2", "aligned"], runs)
+    runs = e2e_report.load_runs(tmp_path)
+    busy = e2e_report.gpu_busy(tmp_path, ["fcfs-dp2", "aligned"], runs)
     assert busy["fcfs-dp2"]["front_end_bound"] and not busy["aligned"]["front_end_bound"]
     assert busy["fcfs-dp2"]["bench_s"] == pytest.approx(40.4)
     assert busy["aligned"]["logs"]["serve"]["window_s"] == pytest.approx(27.0)
-    report = gpu_e2e.make_report(report_args(), tmp_path, runs, {}, 8, "cpu")
+    report = e2e_report.make_report(report_args(), tmp_path, runs, {}, 8, "cpu")
     assert report["gpu_busy"] == busy
-    markdown = gpu_e2e.render_markdown(report)
+    markdown = e2e_report.render_markdown(report)
     assert "**Front-end bound**: fcfs-dp2's workers made tokens for 25 s of its bench's 40 s" in (
         markdown
     )
