@@ -41,6 +41,7 @@ from gpu_bench import (
     tables_for,
 )
 from kernel_variants import (
+    add_previous_argument,
     current_split,
     previous_kernel,
     previous_kernels,
@@ -102,12 +103,7 @@ def spread(times: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
-    parser.add_argument(
-        "--previous",
-        action="append",
-        default=[],
-        help="an earlier decode_attention.py, or a folder of it and its decode_plan.py",
-    )
+    add_previous_argument(parser)
     parser.add_argument(
         "--settings",
         nargs="*",

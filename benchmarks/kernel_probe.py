@@ -39,6 +39,7 @@ from gpu_bench import (
     tables_for,
 )
 from kernel_variants import (
+    add_previous_argument,
     current_split,
     plan_module,
     previous_kernel,
@@ -294,12 +295,7 @@ def main() -> None:
     parser.add_argument(
         "--attention-default-only", action="store_true", help="no launch-config sweep"
     )
-    parser.add_argument(
-        "--previous",
-        action="append",
-        default=[],
-        help="an earlier decode_attention.py, or a folder of it and its decode_plan.py",
-    )
+    add_previous_argument(parser)
     parser.add_argument(
         "--min-chunk-tiles", nargs="*", type=int, default=[4], help="the sweep's shortest chunks"
     )

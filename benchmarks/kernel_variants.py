@@ -10,6 +10,7 @@ longest item first), set as the defaults of the kernel's plan module.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import sys
@@ -22,6 +23,16 @@ from device_env import import_alignedserve
 import_alignedserve()
 
 PLAN_MODULE = "alignedserve.worker.kernels.decode_plan"
+
+
+def add_previous_argument(parser: argparse.ArgumentParser) -> None:
+    """The scripts' --previous (repeatable), which `previous_kernels` loads."""
+    parser.add_argument(
+        "--previous",
+        action="append",
+        default=[],
+        help="an earlier decode_attention.py, or a folder of it and its decode_plan.py",
+    )
 
 
 def previous_kernels(paths: list[str]) -> dict[str, ModuleType]:
