@@ -40,6 +40,8 @@ import_alignedserve()
 import grpc  # noqa: E402
 
 from alignedserve.batcher.kv_pool import CpuKVPool  # noqa: E402
+from alignedserve.common.kv_layout import KVLayout  # noqa: E402
+from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 from alignedserve.common.rpc import CHANNEL_OPTIONS  # noqa: E402
 from alignedserve.common.sampling_params import SamplingParams  # noqa: E402
@@ -268,13 +270,13 @@ def device_blocks_needed(args: argparse.Namespace, blocks_for) -> int:
 
 async def main(args: argparse.Namespace) -> None:
     model = write_model(args)
-    block_tokens = WorkerConfig.block_tokens  # the layout comes from the worker once started
+    # the worker's own layout (server.py) decides the blocks it needs
+    planned = KVLayout.for_model(ModelConfig.from_dir(model), WorkerConfig.block_tokens)
     config = WorkerConfig(
         model_dir=str(model),
         device=args.device,
-        num_device_blocks=args.device_blocks
-        or device_blocks_needed(args, lambda n: -(-n // block_tokens)),
-        block_tokens=block_tokens,
+        num_device_blocks=args.device_blocks or device_blocks_needed(args, planned.blocks_for),
+        block_tokens=planned.block_tokens,
         prefetch_device=args.prefetch_device or None,
     )
     started: list[WorkerServicer] = []
