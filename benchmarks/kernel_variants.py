@@ -97,18 +97,21 @@ def split_setting(text: str, kernel: ModuleType) -> tuple[int, float, int, bool]
     return int(per_sm), float(items), int(shortest), bool(int(longest_first))
 
 
+# the plan module's defaults that make a split, in `split_setting`'s order
+SPLIT_FIELDS = ("PROGRAMS_PER_SM", "ITEMS_PER_PROGRAM", "MIN_CHUNK_TILES", "LONGEST_FIRST")
+
+
 def current_split(kernel: ModuleType) -> tuple[int, float, int, bool]:
     """The kernel's attention work split, as `split_setting` gives one."""
     plan = plan_module(kernel)
-    return (plan.PROGRAMS_PER_SM, plan.ITEMS_PER_PROGRAM, plan.MIN_CHUNK_TILES,
-            plan.LONGEST_FIRST)  # fmt: skip
+    return tuple(getattr(plan, field) for field in SPLIT_FIELDS)
 
 
 def set_split(kernel: ModuleType, split: tuple[int, float, int, bool]) -> None:
     """Make `split` (as `split_setting` gives it) the kernel's default."""
     plan = plan_module(kernel)
-    (plan.PROGRAMS_PER_SM, plan.ITEMS_PER_PROGRAM, plan.MIN_CHUNK_TILES,
-     plan.LONGEST_FIRST) = split  # fmt: skip
+    for field, value in zip(SPLIT_FIELDS, split, strict=True):
+        setattr(plan, field, value)
 
 
 def split_label(split: tuple[int, float, int, bool]) -> str:

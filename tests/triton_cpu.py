@@ -36,48 +36,50 @@ def kernel_module(name: str, kernel: str) -> ModuleType:
 
 
 @contextlib.contextmanager
-def bf16_rounded_to_nearest() -> Iterator[None]:
+def _interpreter_patched(name: str, replace) -> Iterator[None]:
+    """Triton's interpreter with its attribute `name` replaced by `replace(original)` while
+    in the block (on a GPU, where kernels are compiled, this does nothing)."""
+    if HAS_CUDA:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter, name, replace(getattr(interpreter, name)))
+        yield
+
+
+def bf16_rounded_to_nearest() -> contextlib.AbstractContextManager[None]:
     """triton 3.6's interpreter casts fp32 -> bf16 by truncating the mantissa; GPUs round to
     nearest even, as torch does. Kernels that round to bf16 where eager torch does would then
     be off by up to an ulp per rounding. Patch that one conversion (to torch's) while in the
-    block; compiled kernels are untouched (on a GPU this does nothing)."""
-    if HAS_CUDA:
-        yield
-        return
-    from triton.runtime import interpreter
+    block; compiled kernels are untouched."""
 
-    original = interpreter._convert_float
+    def replace(original):
+        def convert(data, src, dst, rounding_mode):
+            if src == triton.language.float32 and dst == triton.language.bfloat16:
+                rounded = torch.from_numpy(data.astype("float32")).to(torch.bfloat16)
+                return rounded.view(torch.int16).numpy().view("uint16")
+            return original(data, src, dst, rounding_mode)
 
-    def convert(data, src, dst, rounding_mode):
-        if src == triton.language.float32 and dst == triton.language.bfloat16:
-            rounded = torch.from_numpy(data.astype("float32")).to(torch.bfloat16)
-            return rounded.view(torch.int16).numpy().view("uint16")
-        return original(data, src, dst, rounding_mode)
+        return convert
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_convert_float", convert)
-        yield
+    return _interpreter_patched("_convert_float", replace)
 
 
-@contextlib.contextmanager
-def scalar_loop_bounds() -> Iterator[None]:
+def scalar_loop_bounds() -> contextlib.AbstractContextManager[None]:
     """triton 3.6's interpreter turns a loop bound into int(shape-(1,) array), which numpy >=
     2.4 refuses (triton-lang/triton#9171); a kernel's `range(lo, hi)` over loaded values hits
-    it. Patch that one conversion while in the block (on a GPU this does nothing)."""
-    if HAS_CUDA:
-        yield
-        return
-    from triton.runtime import interpreter
+    it. Patch that one conversion while in the block."""
 
-    original = interpreter._patch_lang_tensor
+    def replace(original):
+        def patch(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+        return patch
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patch)
-        yield
+    return _interpreter_patched("_patch_lang_tensor", replace)
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0):
