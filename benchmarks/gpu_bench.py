@@ -478,6 +478,7 @@ def main() -> None:
         print(f"decode step, {args.model_shape} shape, random bf16 weights:")
         result["decode"] = decode_grid(ceil, args.quick, args.model_shape)
     out = Path(args.out) / "gpu_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

@@ -212,3 +212,14 @@ def test_bad_free_list_is_rejected_atomically(bad_tail):
     assert free_set_by_draining(alloc) == before
     alloc.free(held)  # the caller still owns its blocks and can give them back
     assert alloc.num_free == 4
+
+
+def test_runs_go_out_ascending_and_come_back_whole():
+    """kv_cache.copy_blocks copies a run of consecutive ids on both sides as one transfer."""
+    alloc = BlockAllocator(16)
+    a, b = alloc.allocate(3), alloc.allocate(2)
+    assert (a, b) == ([0, 1, 2], [3, 4])
+    alloc.free(b)
+    assert alloc.allocate(2) == [3, 4]
+    alloc.free(a)
+    assert alloc.allocate(5) == [0, 1, 2, 5, 6]  # the freed run first, then fresh ones

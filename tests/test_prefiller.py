@@ -14,7 +14,7 @@ from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import ModelConfig
-from alignedserve.worker.kv_cache import KVCache, copy_blocks
+from alignedserve.worker.kv_cache import KVCache, block_runs, copy_blocks
 from alignedserve.worker.loader import load_model
 from alignedserve.worker.prefiller import Prefiller, PrefillJob
 from alignedserve.worker.residency import DeviceResidency
@@ -195,3 +195,6 @@ def test_copy_blocks_coalesces_runs_and_copies_each_pair():
     for d, s in pairs:
         expected[d] = src[s]
     assert torch.equal(dst, expected)
+    # one transfer per run of consecutive ids on both sides
+    assert block_runs(pairs) == [(0, 4, 3), (7, 0, 1), (9, 1, 2), (3, 9, 1)]
+    assert block_runs([]) == [] and block_runs([(5, 5), (4, 4)]) == [(5, 5, 1), (4, 4, 1)]

@@ -699,6 +699,22 @@ def test_bad_plans_are_invalid_requests(residency):
     residency.release("never-loaded")  # finished wherever its KV is: nothing to free
 
 
+def test_a_steps_loads_copy_together_and_a_failing_one_keeps_those_before(residency):
+    """load_batch: every load's blocks land; one that fails raises after the loads before
+    it are in (their blocks copied), and leaves nothing of its own."""
+    pool = pool_tensor(residency.pool)
+    kv = residency.kv_cache.blocks
+    seconds = residency.load_batch([("a", [3, 4], 5), ("b", [6], 4), ("c", [], 0)])
+    assert seconds() >= 0
+    assert torch.equal(kv[list(residency.block_table("a"))], pool[[3, 4]])
+    assert torch.equal(kv[list(residency.block_table("b"))], pool[[6]])
+    assert residency.block_table("c") == () and residency.allocator.num_used == 3
+    with pytest.raises(OutOfBlocksError):
+        residency.load_batch([("d", [0, 1], 8), ("e", [2, 5], 8)])  # 6 device blocks
+    assert torch.equal(kv[list(residency.block_table("d"))], pool[[0, 1]])
+    assert not residency.is_resident("e") and residency.allocator.num_used == 5
+
+
 # ---------------------------------------------------------------- config, CLI, process
 
 

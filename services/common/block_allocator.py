@@ -13,7 +13,10 @@ class BlockAllocator:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks={num_blocks} must be > 0")
         self.num_blocks = num_blocks
-        # LIFO free list: recently freed blocks are reused first (warm in caches).
+        # A stack, top last: recently freed blocks are reused first (warm in caches), and a
+        # run of consecutive ids goes out and comes back as one, in ascending order, so a
+        # request's blocks copy between pool and device as few large transfers
+        # (kv_cache.copy_blocks).
         self._free = list(range(num_blocks - 1, -1, -1))
         self._in_use = bytearray(num_blocks)  # 1 where allocated: O(1) double-free detection
 
@@ -39,6 +42,7 @@ class BlockAllocator:
         if n <= 0:
             return []
         blocks = self._free[-n:]
+        blocks.reverse()  # popped from the top, in order
         del self._free[-n:]
         for b in blocks:
             self._in_use[b] = 1
@@ -54,4 +58,4 @@ class BlockAllocator:
             raise ValueError(f"a block is freed twice in one call: {sorted(blocks)}")
         for b in blocks:
             self._in_use[b] = 0
-        self._free.extend(blocks)
+        self._free.extend(reversed(blocks))  # the first freed on top

@@ -50,14 +50,20 @@ class KVCache:
         self.blocks[slot_block, layer, 1, slot_offset] = v.to(self.blocks.dtype)
 
 
+def block_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(d0, s0, n) for each run of pairs (d0 + i, s0 + i), i < n, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for d, s in pairs:
+        if runs and (d, s) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((d, s, 1))
+    return runs
+
+
 def copy_blocks(dst: torch.Tensor, src: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
     """dst[d] = src[s] for each (d, s): one copy per run of consecutive ids on both sides, so
-    pinned host <-> GPU copies are few large DMA transfers (asynchronous on a GPU)."""
-    i = 0
-    while i < len(pairs):
-        d0, s0 = pairs[i]
-        n = 1
-        while i + n < len(pairs) and pairs[i + n] == (d0 + n, s0 + n):
-            n += 1
+    pinned host <-> GPU copies are few large DMA transfers (asynchronous on a GPU), each a
+    host call. (The block allocator hands out and takes back runs in ascending order.)"""
+    for d0, s0, n in block_runs(pairs):
         dst[d0 : d0 + n].copy_(src[s0 : s0 + n], non_blocking=True)
-        i += n

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
+from alignedserve.worker.kv_cache import copy_blocks
+from alignedserve.worker.transfer import tensor_on
+
 CUDA_HOST_REGISTER_PORTABLE_MAPPED = 3  # every GPU may read it, through its own link
 
 
@@ -59,9 +62,10 @@ def unpin(host: torch.Tensor) -> None:
 
 class Prefetcher:
     """Moves blocks pool -> decode GPU. The decode GPU pulls its share with DMA copies (copy
-    engines: its SMs stay with the decode kernels); the prefetch GPU gathers the rest with one
+    engines: its SMs stay with the decode kernels); the prefetch GPU gathers the rest with a
     kernel reading host memory over its own link (its SMs are idle anyway) and pushes them
-    over NVLink as one copy. With no prefetch GPU every block is a DMA copy over one link."""
+    over NVLink. With no prefetch GPU every block is a DMA copy over one link. Every copy
+    moves a run of consecutive blocks (kv_cache.copy_blocks): one host call each."""
 
     def __init__(
         self,
@@ -96,39 +100,29 @@ class Prefetcher:
             self.staging_stream.wait_stream(current)
             self.push_stream.wait_stream(current)
         if split < n:  # first, so the prefetch GPU starts while the host issues the rest
-            dev = self.cache.device
-            src = torch.tensor(pool_blocks[split:], dtype=torch.long).pin_memory()
-            dst = torch.tensor(device_blocks[split:], dtype=torch.long).pin_memory()
-            first, count = int(device_blocks[split]), n - split
-            in_place = list(device_blocks[split:]) == list(range(first, first + count))
-            with torch.cuda.stream(self.staging_stream):
-                src_r = src.to(self.staging_device, non_blocking=True)
-            if in_place:
-                # Chunks, so the NVLink push of one overlaps the gather of the next, each straight
-                # into its contiguous place. torch runs a peer copy on the source GPU's current
-                # stream, so the push gets a stream of its own there (ordered by an event).
-                size = -(-count // self.chunks)
-                for part in range(0, count, size):
-                    end = min(part + size, count)
-                    with torch.cuda.stream(self.staging_stream):
-                        staged = self.remote.index_select(0, src_r[part:end])
-                        staged.record_stream(self.send_stream)
-                        gathered = self.staging_stream.record_event()
-                    self.send_stream.wait_event(gathered)
-                    with torch.cuda.stream(self.send_stream), torch.cuda.stream(self.push_stream):
-                        self.cache[first + part : first + end].copy_(staged, non_blocking=True)
-            else:  # land, then scatter on the decode GPU
-                with torch.cuda.stream(self.staging_stream), torch.cuda.stream(self.push_stream):
-                    staged = self.remote.index_select(0, src_r)
-                    landed = staged.to(dev, non_blocking=True)
-                    self.cache.index_copy_(0, dst.to(dev, non_blocking=True), landed)
+            count = n - split
+            with torch.cuda.stream(self.staging_stream):  # (the ring: no pinning per call)
+                src_r = tensor_on(pool_blocks[split:], torch.long, self.staging_device)
+            # Chunks, so the NVLink push of one overlaps the gather of the next; each chunk's
+            # runs of consecutive device blocks are pushed straight into place (no scatter
+            # kernel takes the decode GPU's SMs). torch runs a peer copy on the source GPU's
+            # current stream, so the push gets a stream of its own there (ordered by an event).
+            size = -(-count // self.chunks)
+            for part in range(0, count, size):
+                end = min(part + size, count)
+                with torch.cuda.stream(self.staging_stream):
+                    staged = self.remote.index_select(0, src_r[part:end])
+                    staged.record_stream(self.send_stream)
+                    gathered = self.staging_stream.record_event()
+                self.send_stream.wait_event(gathered)
+                into = device_blocks[split + part : split + end]
+                with torch.cuda.stream(self.send_stream), torch.cuda.stream(self.push_stream):
+                    copy_blocks(self.cache, staged, list(zip(into, range(end - part), strict=True)))
             for stream in (self.staging_stream, self.send_stream, self.push_stream):
                 events.append(stream.record_event())
-        with torch.cuda.stream(self.direct_stream):
-            for src_block, dst_block in zip(
-                pool_blocks[:split], device_blocks[:split], strict=True
-            ):
-                self.cache[dst_block].copy_(self.pool[src_block], non_blocking=True)
+        with torch.cuda.stream(self.direct_stream):  # a copy per run of consecutive blocks
+            pairs = list(zip(device_blocks[:split], pool_blocks[:split], strict=True))
+            copy_blocks(self.cache, self.pool, pairs)
             events.append(self.direct_stream.record_event())
         return events
 

@@ -115,51 +115,74 @@ class DeviceResidency:
     def load(self, request_id: str, pool_blocks: Sequence[int], num_kv_tokens: int) -> None:
         """Bring the first num_kv_tokens tokens of KV from the request's pool blocks onto the
         device; it is resident after, fully synced. num_kv_tokens=0 only registers it."""
-        if request_id in self._requests:
-            raise InvalidRequestError(f"load {request_id!r}: it is already resident")
-        num_blocks = self.kv_cache.layout.blocks_for(num_kv_tokens)
-        self._check_pool_blocks("load", request_id, pool_blocks, num_blocks)
-        device_blocks = self.allocator.allocate(num_blocks)
-        landing = None
-        if num_blocks and self._prefetcher is not None:
-            # Copy engines on side streams, beside the passes queued meanwhile; only a use of
-            # this request's blocks waits for them (`_landed`).
-            events = self._prefetcher.start(list(pool_blocks[:num_blocks]), device_blocks)
-            for event in events:
-                self._landing_stream.wait_event(event)
-            landing = torch.cuda.Event(enable_timing=True)
-            landing.record(self._landing_stream)
-        elif num_blocks:
-            pairs = list(zip(device_blocks, pool_blocks[:num_blocks], strict=True))
-            copy_blocks(self.kv_cache.blocks, self.pool_view(), pairs)
-        self._requests[request_id] = _Resident(device_blocks, num_kv_tokens, num_kv_tokens, landing)
+        self._load_all([(request_id, pool_blocks, num_kv_tokens)])
 
     def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> Callable[[], float]:
-        """`load` each (request_id, pool_blocks, num_kv_tokens). Returns a function that
-        waits for the copies and gives the seconds they took (on a GPU they run on side
-        streams, beside the passes, timed there)."""
+        """`load` each (request_id, pool_blocks, num_kv_tokens), their copies started
+        together. Returns a function that waits for the copies and gives the seconds they
+        took (on a GPU they run on side streams, beside the passes, timed there)."""
         if not loads:
             return lambda: 0.0
-        if self._prefetcher is None:  # plain copies: done when load returns
+        if self._prefetcher is None:  # plain copies: done when they return
             start = time.perf_counter()
-            for request_id, pool_blocks, num_kv_tokens in loads:
-                self.load(request_id, pool_blocks, num_kv_tokens)
+            self._load_all(loads)
             elapsed = time.perf_counter() - start
             return lambda: elapsed
         # The copies start once the work queued on the current stream before them is done
-        # (Prefetcher.start): `begin` marks that point, the last landing event their end.
+        # (Prefetcher.start): `begin` marks that point, the landing event their end.
         begin = torch.cuda.Event(enable_timing=True)
         begin.record()
-        for request_id, pool_blocks, num_kv_tokens in loads:
-            self.load(request_id, pool_blocks, num_kv_tokens)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(self._landing_stream)  # it waited for every copy, in order
+        end = self._load_all(loads)
+        if end is None:  # nothing to copy
+            return lambda: 0.0
 
         def seconds() -> float:
             end.synchronize()
             return begin.elapsed_time(end) / 1000
 
         return seconds
+
+    def _load_all(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> torch.cuda.Event | None:
+        """Register each load with its device blocks, then copy all their blocks in at once:
+        one `Prefetcher.start` a step, so its host work (stream orders, block lists, the
+        gather) is paid once, and runs of blocks coalesce across requests. On a GPU returns
+        the event every use of these blocks waits for (`_landed`). A load that fails (already
+        resident, bad pool blocks, device full) raises after the ones before it are in."""
+        pool_side: list[int] = []
+        device_side: list[int] = []
+        loaded: list[_Resident] = []
+        try:
+            for request_id, pool_blocks, num_kv_tokens in loads:
+                if request_id in self._requests:
+                    raise InvalidRequestError(f"load {request_id!r}: it is already resident")
+                num_blocks = self.kv_cache.layout.blocks_for(num_kv_tokens)
+                self._check_pool_blocks("load", request_id, pool_blocks, num_blocks)
+                device_blocks = self.allocator.allocate(num_blocks)
+                pool_side += pool_blocks[:num_blocks]
+                device_side += device_blocks
+                r = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
+                self._requests[request_id] = r
+                loaded.append(r)
+        finally:
+            landing = self._copy_in(pool_side, device_side)
+            for r in loaded:
+                r.landing = landing
+        return landing
+
+    def _copy_in(self, pool_blocks: list[int], device_blocks: list[int]) -> torch.cuda.Event | None:
+        if not pool_blocks:
+            return None
+        if self._prefetcher is None:
+            pairs = list(zip(device_blocks, pool_blocks, strict=True))
+            copy_blocks(self.kv_cache.blocks, self.pool_view(), pairs)
+            return None
+        # Copy engines on side streams, beside the passes queued meanwhile; only a use of
+        # these blocks waits for them (`_landed`).
+        for event in self._prefetcher.start(pool_blocks, device_blocks):
+            self._landing_stream.wait_event(event)
+        landing = torch.cuda.Event(enable_timing=True)
+        landing.record(self._landing_stream)
+        return landing
 
     def ensure_room(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         """Grow the request's device blocks to hold num_tokens tokens; its block table.

@@ -1,0 +1,201 @@
+"""The host's cost of loading a batch's KV (Prefetcher.start), this tree beside an earlier
+one, on the same scripted block lists.
+
+A worker queues step N+1 while step N runs; every load it lands in a step costs host time
+before that step's pass can be queued. `Prefetcher.start` issues a host call per transfer,
+so its cost depends on how many transfers a request's blocks need: one per run of
+consecutive ids on both sides. Which runs exist depends on the block allocator. So each
+variant brings both files: its `prefetch.py` and its `common/block_allocator.py`
+(--previous DIR holds an earlier checkout's two files, e.g. from `git show
+db2efed:services/worker/prefetch.py`).
+
+The script, the same for every variant (seeded):
+- the pool: requests prefilled one after another, each taking its prompt's blocks in one
+  call, then growing a block at a time, interleaved with the others (a decode step's
+  write-backs);
+- the decode GPU: a previous batch's requests take their blocks, then leave in random
+  order;
+- then NUM_LOADS requests are loaded at once, as a step lands them.
+
+Each is timed two ways: a `start` per request (the worker up to the twenty-sixth session)
+and one `start` for the step's loads together (`residency.load_batch` since). Printed per
+variant, block shape and way: transfers of the decode GPU's share, host ms for all `start`
+calls, and the load's GB/s (device time from before the first copy to the last).
+
+    PYTHONPATH=$S python3 benchmarks/prefetch_host.py --previous benchmarks/previous/s26 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import itertools
+import json
+import pstats
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+from device_env import import_alignedserve
+
+import_alignedserve()
+
+import torch  # noqa: E402
+
+from alignedserve.worker.kv_cache import block_runs  # noqa: E402
+
+SHAPES = {  # one block of 16 tokens: [layers, K/V, tokens, kv heads, head dim]
+    "llama3-8b": (32, 2, 16, 8, 128),  # 2 MiB in bf16
+    "opt-13b": (40, 2, 16, 40, 128),  # 12.5 MiB
+}
+NUM_LOADS = 20
+STRIDE = 1 << 15  # elements between the marks checked in each block
+
+
+def load_variant(name: str, folder: Path | None) -> tuple[ModuleType, type]:
+    """(prefetch module, BlockAllocator class): this tree's, or a folder's earlier files."""
+    if folder is None:
+        from alignedserve.common.block_allocator import BlockAllocator
+        from alignedserve.worker import prefetch
+
+        return prefetch, BlockAllocator
+    modules = []
+    for file in ("prefetch.py", "block_allocator.py"):
+        spec = importlib.util.spec_from_file_location(f"{name}_{file[:-3]}", folder / file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules[0], modules[1].BlockAllocator
+
+
+def block_lists(allocator: type, num_pool: int, num_device: int, prompts: list[int], seed: int):
+    """The scripted (pool blocks, device blocks) of each loaded request."""
+    rng = random.Random(seed)
+    pool = allocator(num_pool)
+    owned = [pool.allocate(n) for n in prompts]  # prefill, one request after another
+    for _ in range(8):  # growth: a block each per round, interleaved
+        for blocks in owned:
+            blocks.extend(pool.allocate(1))
+    device = allocator(num_device)
+    previous = [device.allocate(rng.randint(4, 40)) for _ in range(NUM_LOADS)]
+    rng.shuffle(previous)
+    for blocks in previous:  # the previous batch leaves in random order
+        device.free(blocks)
+    return [(src, device.allocate(len(src))) for src in owned]
+
+
+def time_loads(prefetcher, loads, repeats: int, profile: bool) -> tuple[float, float]:
+    """(host seconds for the `start` calls, device seconds), medians over repeats."""
+    host, device = [], []
+    profiler = cProfile.Profile()
+    for repeat in range(repeats + 1):  # the first warms up (the ring, the streams)
+        torch.cuda.synchronize()
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        if profile and repeat:
+            profiler.enable()
+        start = time.perf_counter()
+        events = [prefetcher.start(src, dst) for src, dst in loads]
+        host.append(time.perf_counter() - start)
+        profiler.disable()
+        for e in events:
+            prefetcher.wait_on(e)
+        end.record()
+        end.synchronize()
+        device.append(begin.elapsed_time(end) / 1000)
+    if profile:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    return statistics.median(host[1:]), statistics.median(device[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--previous", type=Path, help="a folder of earlier prefetch.py, block_allocator.py"
+    )
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile the current tree's")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    variants = {"current": load_variant("current", None)}
+    if args.previous:
+        variants["previous"] = load_variant("previous", args.previous)
+    links = [None] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
+    rng = random.Random(0)
+    prompts = [rng.randint(8, 60) for _ in range(NUM_LOADS)]  # 128-960 tokens
+    num_pool = sum(prompts) + 8 * NUM_LOADS + 64
+    num_device = num_pool
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, {torch.cuda.device_count()} GPU(s)")
+    for shape in args.shapes:
+        pool = torch.empty((num_pool, *SHAPES[shape]), dtype=torch.bfloat16)
+        # each block marked with its id (through int16: bf16 is exact only to 256)
+        marks = pool.view(torch.int16).view(num_pool, -1)[:, ::STRIDE]
+        marks.copy_(torch.arange(num_pool)[:, None] + torch.arange(marks.shape[1]) % 7)
+        cache = torch.empty((num_device, *SHAPES[shape]), dtype=torch.bfloat16, device="cuda:0")
+        nbytes = pool[0].numel() * pool.element_size()
+        any_prefetch = next(iter(variants.values()))[0]
+        any_prefetch.pin(pool)  # one registration serves every variant
+        for name, (prefetch, allocator) in variants.items():
+            per_request = block_lists(allocator, num_pool, num_device, prompts, seed=1)
+            num_blocks = sum(len(src) for src, _ in per_request)
+            # the same loads as one start, as residency.load_batch issues them
+            per_step = [
+                (
+                    [b for src, _ in per_request for b in src],
+                    [b for _, dst in per_request for b in dst],
+                )
+            ]
+            for staging, (mode, loads) in itertools.product(
+                links, (("per request", per_request), ("per step", per_step))
+            ):
+                prefetcher = prefetch.Prefetcher(pool, cache, staging_device=staging)
+                split = [round(len(src) * prefetcher.direct_share) for src, _ in loads]
+                direct = sum(
+                    len(block_runs(list(zip(dst[:k], src[:k], strict=True))))
+                    for (src, dst), k in zip(loads, split, strict=True)
+                    if k
+                )
+                profile = args.profile and name == "current"
+                if profile:
+                    print(f"--- profile: {shape}, {name}, {mode}, staging {staging}")
+                host_s, device_s = time_loads(prefetcher, loads, args.repeats, profile)
+                landed = cache.view(torch.int16).view(num_device, -1)[:, ::STRIDE]
+                for src, dst in loads:  # every block landed where asked
+                    assert torch.equal(landed[dst].cpu(), marks[src]), (name, staging)
+                cache.zero_()
+                row = dict(
+                    shape=shape,
+                    variant=name,
+                    mode=mode,
+                    starts=len(loads),
+                    links=1 if staging is None else 2,
+                    blocks=num_blocks,
+                    direct_blocks=sum(split),
+                    direct_transfers=direct,
+                    host_ms=1e3 * host_s,
+                    device_ms=1e3 * device_s,
+                    gb_per_s=num_blocks * nbytes / device_s / 1e9,
+                )
+                rows.append(row)
+                print(
+                    f"{shape:10s} {name:9s} {mode:11s} {row['links']} link(s): {num_blocks} "
+                    f"blocks ({row['direct_blocks']} direct in {direct} transfers), host "
+                    f"{row['host_ms']:7.2f} ms for {len(loads):2d} starts, device "
+                    f"{row['device_ms']:7.2f} ms, {row['gb_per_s']:6.1f} GB/s",
+                    flush=True,
+                )
+        any_prefetch.unpin(pool)
+        del pool, cache
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prefetch_host.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
