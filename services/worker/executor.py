@@ -29,7 +29,6 @@ from alignedserve.common.proto import worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.wire import sampling_from_proto
 from alignedserve.worker.prefiller import Prefiller, PrefillJob, PrefillRun
-from alignedserve.worker.profiling import StepProfile
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk, TokenCarry
 
@@ -107,7 +106,6 @@ class StepExecutor:
         # each live request's latest sampled token, this session, once its step is finished
         self._last_sampled: dict[str, int] = {}
         self._unfinished: Launched | None = None  # launched, not yet finished
-        self._prefill_profile = StepProfile("prefill")  # opt-in (worker/profiling.py)
 
     # ---------------------------------------------------------------- the two halves
 
@@ -160,9 +158,6 @@ class StepExecutor:
                     torch.cuda.synchronize(self.second_runner.device)
             # they write into the pool's blocks: no next session (or pool) before they are done
             self._wait_prefilling()
-            if self.prefiller is not None:  # no batch runs there now
-                self._prefill_profile.dump()
-                self._prefill_profile = StepProfile("prefill")
             self._prefilling = []
             self._dropped_prefill.clear()
             if res is not None:
@@ -382,12 +377,12 @@ class StepExecutor:
                 )
             )
         if jobs:
-            pool, profile = res.pool_view(), self._prefill_profile
+            pool = res.pool_view()
 
             def run() -> PrefillRun:
                 if after is not None:
                     after.wait()
-                return profile.wrap(self.prefiller.run)(jobs, pool)
+                return self.prefiller.run(jobs, pool)
 
             ids = frozenset(job.request_id for job in jobs)
             self._prefilling.append((self._prefill_thread.submit(run), ids))

@@ -1,11 +1,9 @@
-"""An opt-in profile of the worker's threads, to find where a step's host time goes.
+"""An opt-in profile of the worker's step thread, to find where a step's host time goes.
 
 With ALIGNEDSERVE_WORKER_PROFILE=<path> in the environment, every step's launch and finish
 (the host work the stats line counts as "queueing it on the host", and the answer) run under
-cProfile, and so does every batch the prefill device's thread runs (it shares the GIL with
-the step thread). Each session's stats are written when it ends, per thread, to
-<path>.<thread>.<pid>.<n> (thread: step or prefill); read them with `python -m pstats`.
-Off (the default), it adds nothing.
+cProfile, and each session's stats are written to <path>.<pid>.<session> when it ends; read
+them with `python -m pstats`. Off (the default), it adds nothing to a step.
 """
 
 from __future__ import annotations
@@ -24,11 +22,10 @@ _sessions = itertools.count(1)
 
 
 class StepProfile:
-    """One session's profile of one thread; `wrap` a function that the thread runs."""
+    """One session's profile; `wrap` a function that the step thread runs."""
 
-    def __init__(self, thread: str = "step") -> None:
+    def __init__(self) -> None:
         self.path = os.environ.get(ENV) or None
-        self.thread = thread
         self._profile = cProfile.Profile() if self.path else None
 
     def wrap(self, fn: Callable) -> Callable:
@@ -40,6 +37,6 @@ class StepProfile:
         """Write the session's stats (call once its step thread has no call running)."""
         if self._profile is None:
             return
-        path = f"{self.path}.{self.thread}.{os.getpid()}.{next(_sessions)}"
+        path = f"{self.path}.{os.getpid()}.{next(_sessions)}"
         self._profile.dump_stats(path)
         logger.info("step thread profile written to %s", path)
