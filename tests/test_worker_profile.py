@@ -1,25 +1,28 @@
-"""The opt-in profile of the worker's step thread (worker/profiling.py), from a real run:
-worker + batcher on loopback."""
+"""Where the worker's host time goes: the opt-in profile of its step thread
+(worker/profiling.py), and the log line of a slow step's phases (worker/executor.py), from a
+real run: worker + batcher on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import pstats
+import re
 import time
 
 from test_batcher_service import generate, greedy, stack
 
 from alignedserve.serve import free_port
-from alignedserve.worker import profiling
+from alignedserve.worker import executor, profiling
 
 from factories import random_prompts
 
 
-def run_stack(model_dir) -> None:
+def run_stack(model_dir, prefill_device=None) -> None:
     prompts = random_prompts((30, 12), seed=3)
 
     async def main():
-        async with stack(model_dir, free_port(), "cpu") as (stub, _):
+        async with stack(model_dir, free_port(), "cpu", prefill_device) as (stub, _):
             return await asyncio.gather(
                 *(generate(stub, f"p{i}", p, greedy(5)) for i, p in enumerate(prompts))
             )
@@ -37,7 +40,9 @@ def test_the_step_thread_profile_holds_the_launches_and_finishes(model_dir, tmp_
             break
         time.sleep(0.05)
     assert written, "no profile written"
-    called = {func[2]: stat[1] for func, stat in pstats.Stats(str(written[0])).stats.items()}
+    stats = pstats.Stats(str(written[0])).stats.items()
+    called = {func[2]: stat[1] for func, stat in stats if func[0].endswith("executor.py")}
+    called["forward"] = sum(stat[1] for func, stat in stats if func[2] == "forward")
     # every step went through both halves, and the model's forward pass ran inside them;
     # only a step still in flight when the stack shut the stream (the batcher plans one
     # step ahead) may have launched without being answered
@@ -45,7 +50,7 @@ def test_the_step_thread_profile_holds_the_launches_and_finishes(model_dir, tmp_
     assert called["launch"] - 1 <= called["finish"] <= called["launch"], called
     # each request's 5 tokens take 5 passes (its prefill, then 4 decodes); the two requests
     # share passes when they arrive in one step, so 5 is the fewest
-    assert called.get("forward", 0) >= 5
+    assert called["forward"] >= 5
 
 
 def test_no_profile_without_the_setting(model_dir, tmp_path, monkeypatch):
@@ -54,3 +59,15 @@ def test_no_profile_without_the_setting(model_dir, tmp_path, monkeypatch):
     run_stack(model_dir)
     assert profiling.StepProfile().wrap(len) is len
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slow_steps_host_time_is_logged_by_phase(model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(executor, "SLOW_LAUNCH_S", 0.0)  # every step is slow
+    with caplog.at_level(logging.INFO, logger=executor.__name__):
+        run_stack(model_dir, prefill_device="cpu")
+    lines = [r.getMessage() for r in caplog.records if "to queue" in r.getMessage()]
+    # at most one a second (the run takes a few), each with every phase of the step
+    assert 1 <= len(lines) <= 10, lines
+    phases = ("releases", "loads", "prefill device's batch", "lane 0's pass")
+    assert all(all(f"{p} " in line for p in phases) for line in lines), lines
+    assert re.search(r"step \d+ took [\d.]+ ms to queue: releases [\d.]+, loads", lines[0])
