@@ -35,7 +35,9 @@ def check(staging: str | None, kind: str) -> None:
     pin(pool)
     try:
         cache = torch.zeros((NUM_DEVICE, *BLOCK_SHAPE), dtype=torch.bfloat16, device="cuda:0")
-        prefetcher = Prefetcher(pool, cache, staging_device=staging, chunks=3)
+        # chunks of 3 blocks: a load of 40 reuses each gather buffer several times
+        block_bytes = pool[0].numel() * pool.element_size()
+        prefetcher = Prefetcher(pool, cache, staging_device=staging, chunk_bytes=3 * block_bytes)
         for n in (1, 7, 40):
             src, dst = lists(kind, n, gen)
             # a write-back queued on the current stream behind device work: the copies see it

@@ -22,6 +22,9 @@ from alignedserve.worker.kv_cache import copy_blocks
 from alignedserve.worker.transfer import tensor_on
 
 CUDA_HOST_REGISTER_PORTABLE_MAPPED = 3  # every GPU may read it, through its own link
+# Bytes of blocks the prefetch GPU gathers before pushing them on (each of its two buffers):
+# a chunk's gather takes ~5 ms over one link, its push ~1 ms over NVLink.
+GATHER_CHUNK_BYTES = 256 << 20
 
 
 def pin(host: torch.Tensor) -> None:
@@ -73,9 +76,9 @@ class Prefetcher:
         cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
         staging_device: torch.device | str | None = None,  # the prefetch GPU
         direct_share: float = 0.52,  # its DMA copies run a little faster than the gather
-        chunks: int = 4,
+        chunk_bytes: int = GATHER_CHUNK_BYTES,
     ):
-        self.pool, self.cache, self.chunks = pool, cache, chunks
+        self.pool, self.cache = pool, cache
         self.direct_share = direct_share if staging_device is not None else 1.0
         self.direct_stream = torch.cuda.Stream(cache.device)
         self.staging_device = staging_device
@@ -86,6 +89,20 @@ class Prefetcher:
             # torch orders a peer copy against the current stream of both GPUs: on the decode
             # GPU that must be a side stream too, or the push would queue behind decode work
             self.push_stream = torch.cuda.Stream(cache.device)
+            # Two gather buffers, used in turn, chunk after chunk: the gather of one overlaps
+            # the NVLink push of the other. Allocated once: a fresh gather output per chunk
+            # could make the caching allocator free cached memory, and cudaFree waits for
+            # all work queued on the prefetch GPU (its prefill batches), holding up the host.
+            block_bytes = pool[0].numel() * pool.element_size()
+            self.chunk_blocks = max(1, chunk_bytes // block_bytes)
+            self.buffers = [
+                torch.empty(
+                    (self.chunk_blocks, *pool.shape[1:]), dtype=pool.dtype, device=staging_device
+                )
+                for _ in range(2)
+            ]
+            self.pushed: list[torch.cuda.Event | None] = [None, None]  # each buffer's last push
+            self.turn = 0
 
     def start(self, pool_blocks: Sequence[int], device_blocks: Sequence[int]) -> list:
         """Queue the copies pool_blocks[i] -> device_blocks[i]; returns events to wait on
@@ -103,21 +120,24 @@ class Prefetcher:
             count = n - split
             with torch.cuda.stream(self.staging_stream):  # (the ring: no pinning per call)
                 src_r = tensor_on(pool_blocks[split:], torch.long, self.staging_device)
-            # Chunks, so the NVLink push of one overlaps the gather of the next; each chunk's
-            # runs of consecutive device blocks are pushed straight into place (no scatter
-            # kernel takes the decode GPU's SMs). torch runs a peer copy on the source GPU's
-            # current stream, so the push gets a stream of its own there (ordered by an event).
-            size = -(-count // self.chunks)
-            for part in range(0, count, size):
-                end = min(part + size, count)
+            # Chunks through the two buffers; each chunk's runs of consecutive device blocks
+            # are pushed straight into place (no scatter kernel takes the decode GPU's SMs).
+            # torch runs a peer copy on the source GPU's current stream, so the push gets a
+            # stream of its own there (ordered by events, as is a buffer's reuse).
+            for part in range(0, count, self.chunk_blocks):
+                end = min(part + self.chunk_blocks, count)
+                turn, self.turn = self.turn, 1 - self.turn
+                staged = self.buffers[turn][: end - part]
                 with torch.cuda.stream(self.staging_stream):
-                    staged = self.remote.index_select(0, src_r[part:end])
-                    staged.record_stream(self.send_stream)
+                    if self.pushed[turn] is not None:  # its last chunk has left
+                        self.staging_stream.wait_event(self.pushed[turn])
+                    torch.index_select(self.remote, 0, src_r[part:end], out=staged)
                     gathered = self.staging_stream.record_event()
                 self.send_stream.wait_event(gathered)
                 into = device_blocks[split + part : split + end]
                 with torch.cuda.stream(self.send_stream), torch.cuda.stream(self.push_stream):
                     copy_blocks(self.cache, staged, list(zip(into, range(end - part), strict=True)))
+                self.pushed[turn] = self.send_stream.record_event()
             for stream in (self.staging_stream, self.send_stream, self.push_stream):
                 events.append(stream.record_event())
         with torch.cuda.stream(self.direct_stream):  # a copy per run of consecutive blocks

@@ -34,7 +34,8 @@ from alignedserve.worker.service import (
 logger = logging.getLogger(__name__)
 
 # Kept free on the prefill device when its decode KV is sized to fit (AUTO_BLOCKS): a prefill
-# pass's activations (Llama-3-8B, 8k tokens: ~0.5 GiB in the MLP) and its decode graphs' pool.
+# pass's activations (Llama-3-8B, 8k tokens: ~0.5 GiB in the MLP), its decode graphs' pool,
+# and the KV gather's two buffers (worker/prefetch.py: GATHER_CHUNK_BYTES each).
 PREFILL_DEVICE_RESERVE_BYTES = 4 << 30
 
 
