@@ -121,11 +121,26 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile the current tree's")
+    parser.add_argument(
+        "--chunk-mib",
+        type=int,
+        nargs="*",
+        default=[],
+        help="time the current tree with these gather chunk sizes (default: its own)",
+    )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    variants = {"current": load_variant("current", None)}
+    # name -> (prefetch module, allocator class, Prefetcher keyword arguments)
+    variants = {"current": (*load_variant("current", None), {})}
+    for mib in args.chunk_mib:
+        variants[f"current, {mib} MiB chunks"] = (
+            *variants["current"][:2],
+            {"chunk_bytes": mib << 20},
+        )
+    if args.chunk_mib:
+        del variants["current"]
     if args.previous:
-        variants["previous"] = load_variant("previous", args.previous)
+        variants["previous"] = (*load_variant("previous", args.previous), {})
     links = [None] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
     rng = random.Random(0)
     prompts = [rng.randint(8, 60) for _ in range(NUM_LOADS)]  # 128-960 tokens
@@ -142,7 +157,7 @@ def main() -> None:
         nbytes = pool[0].numel() * pool.element_size()
         any_prefetch = next(iter(variants.values()))[0]
         any_prefetch.pin(pool)  # one registration serves every variant
-        for name, (prefetch, allocator) in variants.items():
+        for name, (prefetch, allocator, kwargs) in variants.items():
             per_request = block_lists(allocator, num_pool, num_device, prompts, seed=1)
             num_blocks = sum(len(src) for src, _ in per_request)
             # the same loads as one start, as residency.load_batch issues them
@@ -155,14 +170,14 @@ def main() -> None:
             for staging, (mode, loads) in itertools.product(
                 links, (("per request", per_request), ("per step", per_step))
             ):
-                prefetcher = prefetch.Prefetcher(pool, cache, staging_device=staging)
+                prefetcher = prefetch.Prefetcher(pool, cache, staging_device=staging, **kwargs)
                 split = [round(len(src) * prefetcher.direct_share) for src, _ in loads]
                 direct = sum(
                     len(block_runs(list(zip(dst[:k], src[:k], strict=True))))
                     for (src, dst), k in zip(loads, split, strict=True)
                     if k
                 )
-                profile = args.profile and name == "current"
+                profile = args.profile and name.startswith("current")
                 if profile:
                     print(f"--- profile: {shape}, {name}, {mode}, staging {staging}")
                 host_s, device_s = time_loads(prefetcher, loads, args.repeats, profile)

@@ -44,6 +44,11 @@ def check(staging: str | None, kind: str) -> None:
             written = pool[src[0]].to("cuda:0") + 1
             torch.cuda._sleep(1_000_000)
             pool[src[0]].copy_(written, non_blocking=True)
+            if staging is not None:
+                # pushes held back: a gather buffer written again before its push has left
+                # would land the wrong blocks
+                with torch.cuda.stream(prefetcher.send_stream):
+                    torch.cuda._sleep(2_000_000)
             events = prefetcher.start(src, dst)
             Prefetcher.wait_on(events)
             torch.cuda.synchronize()
