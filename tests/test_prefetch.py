@@ -1,6 +1,7 @@
 """Prefetcher (worker/prefetch.py): every block lands where asked, over one link or two, for
-block lists in runs (as the allocator hands them out) and scattered, and a write queued on
-the current stream before a prefetch is what the prefetch reads. GPU only: the CPU path
+block lists in runs (as the allocator hands them out) and scattered; a write queued on the
+current stream before a prefetch is what the prefetch reads; over two links, the prefetch
+GPU's gather buffers are reused only once their pushes have left. GPU only: the CPU path
 copies with kv_cache.copy_blocks, tested with the residency."""
 
 from __future__ import annotations
