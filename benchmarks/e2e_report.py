@@ -27,6 +27,7 @@ VARIANTS = (
     "aligned-sync",
     "aligned-serial",
     "aligned-wait1",
+    "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
 )
@@ -59,6 +60,8 @@ VARIANT_TEXT = {
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
     "aligned-wait1": "aligned, no pooled request waiting over 1 s for a batch (--starvation-s 1)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
+    "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
+    "into its steps), behind one router (least loaded first)",
     "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
 }
 
@@ -247,6 +250,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     shape = SHAPES[report["model_shape"]]
     c = report["config"]
     baseline = c["baseline"]
+    dp2 = [v for v in c["policies"] if v.endswith("-dp2")]  # two engines: each half the pool
     lines = [
         f"## {report['model_shape']} ({shape.attention}), {c['workload']}, "
         f"{c['num_requests']} requests per run, aligned vs {baseline}",
@@ -257,7 +261,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Device: {report.get('device', '?')} (--device {c['device']}, --prefetch-device "
         f"{c['prefetch_device'] or '–'}); date {report['date']}; CPU pool {c['pool_gib']:g} GiB"
-        + (" (fcfs-dp2: half per batcher)" if "fcfs-dp2" in c["policies"] else "")
+        + (f" ({', '.join(dp2)}: half per batcher)" if dp2 else "")
         + f", {c['device_blocks']} device KV blocks "
         f"({c['device_kv_gib']:g} GiB) per engine; {c.get('num_clients', 1)} bench client "
         f"processes; {c.get('num_routers', 1)} router process(es). Timings: "

@@ -1,6 +1,7 @@
 """The servers of benchmarks/gpu_e2e.py's variants: `alignedserve serve` for one engine
-(aligned and its variants, fcfs), or two fcfs engines behind one router (fcfs-dp2), each
-process logging to a file; started, waited for until ready, and stopped, router first.
+(aligned and its variants, fcfs), or two engines of one GPU each behind one router
+(fcfs-dp2, aligned-dp2), each process logging to a file; started, waited for until ready,
+and stopped, router first.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def popen_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.P
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
-    """Two fcfs workers and batchers, one pair per device, behind one router. Each list joins
+def start_dp2(policy, args, model, env, blocks, tiers, logs: Path) -> None:
+    """Two workers and batchers of `policy`, one pair per device (an aligned one alone on its
+    GPU: prefill mixed into its steps, loads over its own link), behind one router. Each list joins
     `tiers` before its processes start, so that any started are stopped if a later one fails.
     Each process logs to a file of its own in `logs` (worker-0.log, ...)."""
     role = [sys.executable, "-m", "alignedserve", "serve"]
@@ -133,7 +135,7 @@ def start_fcfs_dp2(args, model, env, blocks, tiers, logs: Path) -> None:
         worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
         # Half the pool each: the CPU pools' host memory totals the single-server variants'.
         settings = EngineSettings(
-            device=device, policy="fcfs", num_device_blocks=blocks, pool_gib=args.pool_gib / 2
+            device=device, policy=policy, num_device_blocks=blocks, pool_gib=args.pool_gib / 2
         )
         worker_cmd = [*role, "worker", *worker_args(settings, str(model), worker_port)]
         workers.append(popen_logged(worker_cmd, env, logs / f"worker-{i}.log"))
@@ -172,8 +174,8 @@ def serving(policy, args, model, env, blocks, logs: Path) -> Iterator[None]:
     """The variant's server(s), ready at args.port; stopped on the way out, router first."""
     tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
-        if policy == "fcfs-dp2":
-            start_fcfs_dp2(args, model, env, blocks, tiers, logs)
+        if policy.endswith("-dp2"):
+            start_dp2(policy.split("-")[0], args, model, env, blocks, tiers, logs)
         else:
             start_serve(policy, args, model, env, blocks, tiers, logs)
         yield

@@ -20,6 +20,9 @@ The variants (--policies; --baseline names the one aligned is compared with):
   the GPU (--no-overlap-steps; every other variant's worker queues step N+1 behind step N);
 - aligned-wait1: aligned whose pooled requests wait at most 1 s for a batch (--starvation-s 1;
   5 s by default): a bound on the pool's wait when the run's KV outgrows the decode GPU;
+- aligned-dp2: aligned data-parallel on the same two GPUs, as fcfs-dp2 below, each engine
+  alone on its GPU (prefill mixed into its steps, loads over its own link): what the pair's
+  split into a prefill GPU and a decode GPU costs or gains;
 - fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
   scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
   fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
@@ -301,8 +304,9 @@ def main() -> None:
         parser.error(f"--baseline {args.baseline} is not among --policies: nothing to compare")
     if args.offline_repeats < 1:
         parser.error(f"--offline-repeats {args.offline_repeats}: at least 1")
-    if "fcfs-dp2" in args.policies and not args.prefetch_device and args.device != "cpu":
-        parser.error("fcfs-dp2 needs a second GPU: --prefetch-device")
+    for variant in args.policies:
+        if variant.endswith("-dp2") and not args.prefetch_device and args.device != "cpu":
+            parser.error(f"{variant} needs a second GPU: --prefetch-device")
     if args.rate_fraction:  # its offline run sets the rates of every variant
         if args.baseline not in args.policies:
             parser.error(f"--rate-fraction needs the baseline {args.baseline} among --policies")

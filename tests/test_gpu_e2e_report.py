@@ -4,6 +4,7 @@ own row, and the spread line compares the variants' medians (on hand-made bench 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,3 +135,12 @@ def test_a_variant_whose_workers_finished_long_before_its_bench_is_flagged_front
         markdown
     )
     assert "aligned's workers" not in markdown
+
+
+def test_every_variant_is_described_in_the_report_and_the_runner(e2e_report):
+    """A variant added to the list is also said in words: in the report's text and in
+    gpu_e2e.py's docstring (its --help), as an item of its list of variants."""
+    assert set(e2e_report.VARIANT_TEXT) == set(e2e_report.VARIANTS)
+    doc = benchmark_module("gpu_e2e").__doc__
+    listed = set(re.findall(r"^- ([a-z0-9-]+)[:( ]", doc, flags=re.MULTILINE))
+    assert set(e2e_report.VARIANTS) <= listed, set(e2e_report.VARIANTS) - listed
