@@ -23,6 +23,7 @@ variant, block shape and way: transfers of the decode GPU's share, host ms for a
 calls, and the load's GB/s (device time from before the first copy to the last).
 
     PYTHONPATH=$S python3 benchmarks/prefetch_host.py --previous benchmarks/previous/s26 --out $OUT
+    PYTHONPATH=$S python3 benchmarks/prefetch_host.py --chunk-mib 128 256 512 --out $OUT  # tuning
 """
 
 from __future__ import annotations
