@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel
+from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel, GpuSpec
 from alignedserve.batcher.sim.simulator import configs_for, simulate
 from alignedserve.batcher.sim.workload import paper_mix
 from alignedserve.cli import main
@@ -48,3 +48,19 @@ def test_pairs_split_the_work_and_lose_nothing(policy):
     total = sum(r.output_tokens for r in requests)
     assert one.output_tokens == four.output_tokens == total
     assert four.makespan_s <= one.makespan_s * 1.05
+
+
+def test_write_backs_lengthen_the_step_of_the_gpu_that_writes_them():
+    """With role switching, residents move between the lanes through the pool: each writes
+    back the KV it decoded since its load, behind its GPU's pass. A slow device-to-host link
+    then stretches the run; without role switching nothing is written back mid-run here."""
+    requests = paper_mix(80, 0.9, seed=3, max_output_tokens=256)
+
+    def makespan(d2h_bytes_per_s: float, switching: bool) -> float:
+        cost = CostModel(LLAMA3_8B, GpuSpec(pcie_d2h_bytes_per_s=d2h_bytes_per_s))
+        blocks = {"num_prefill_decode_blocks": 20000} if switching else {}
+        config = configs_for(cost, 100 * 2**30, aligned=blocks)["aligned"]
+        return simulate(requests, config, cost).makespan_s
+
+    assert makespan(1e8, switching=True) > 1.15 * makespan(55.4e9, switching=True)
+    assert makespan(1e8, switching=False) == pytest.approx(makespan(55.4e9, switching=False))

@@ -194,3 +194,10 @@ def test_rejects_negative():
         model.decode_step_s([5, -1])
     with pytest.raises(ValueError):
         model.mixed_step_s([5], -1)
+
+
+def test_write_back_copy():
+    model = CostModel(OPT_13B)
+    assert model.d2h_s(1e9) == pytest.approx(1e9 / 55.4e9)
+    with pytest.raises(ValueError):
+        model.d2h_s(-1)

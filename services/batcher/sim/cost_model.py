@@ -121,6 +121,7 @@ class GpuSpec:
     hbm_read_bytes_per_s: float = 4.23e12  # a 2 GiB sum
     matmul_flops_per_s: float = 790e12  # bf16 8192³ measured 798 TFLOP/s; rounded down
     pcie_h2d_bytes_per_s: float = 55.5e9  # pinned, per GPU; the two links are independent
+    pcie_d2h_bytes_per_s: float = 55.4e9  # GPU→pinned host, per GPU
     nvlink_bytes_per_s: float = 396e9  # GPU1→GPU0 peer copy
     step_overhead_s: float = 30e-6  # launch/sync floor per step, with CUDA graphs
     # Prefill passes in serving reach this share of the matmul rate: host work, the varlen
@@ -259,6 +260,12 @@ class CostModel:
         if num_bytes < 0:
             raise ValueError("num_bytes must be >= 0")
         return num_bytes / (self.gpu.pcie_h2d_bytes_per_s * links)
+
+    def d2h_s(self, num_bytes: float) -> float:
+        """GPU→host copy over that GPU's own link (a write-back into the pool)."""
+        if num_bytes < 0:
+            raise ValueError("num_bytes must be >= 0")
+        return num_bytes / self.gpu.pcie_d2h_bytes_per_s
 
     def nvlink_s(self, num_bytes: float) -> float:
         """Prefetch GPU → decode GPU peer copy."""

@@ -8,8 +8,9 @@ Each GPU pair gets an equal share of the requests (round-robin) and its own cloc
   decode GPU waits for the copy (charged as a stall).
 - `fcfs`: the baseline gets the same two GPUs as two independent data-parallel engines,
   each doing continuous batching with chunked prefill mixed into its decode steps.
-Write-back of evicted members (only the KV decoded since they were loaded) is overlapped on
-the device-to-host direction and not charged.
+An evicted member writes back the KV it decoded since it was loaded, over its GPU's own
+link, after that GPU's pass: the worker queues the copies behind the pass on the same
+stream and answers the step once they are done, so they lengthen that GPU's step.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def simulate_engine(
     - a prefill batch planned for the prefill device (`num_prefill_device_blocks`) runs there
       after the one before it, across steps; the engine learns it is done at the first step
       answered after it finished (`prefill_done`);
-    - the decode GPU's time is what `observe_step` gets (it bounds prefill turns).
-    Write-backs overlap on the device-to-host direction and are not charged."""
+    - each device's evicted members then write back the KV decoded since their load;
+    - the decode GPU's time is what `observe_step` gets (it bounds prefill turns)."""
     sched = make_scheduler(config)
     kv_bytes = cost.model.kv_bytes_per_token
     has_device = config.num_prefill_device_blocks > 0
@@ -74,6 +75,7 @@ def simulate_engine(
     now, i = 0.0, 0
     device_free_s = 0.0  # when the prefill device finishes its queued batches
     prefilling: list[tuple[float, list[str]]] = []  # (done at, requests) on the prefill device
+    synced: dict[str, int] = {}  # a resident's KV tokens also in the pool (as of its load)
     while i < len(pending) or len(sched.store):
         while i < len(pending) and pending[i].arrival_s <= now:
             r = pending[i]
@@ -105,6 +107,7 @@ def simulate_engine(
                 dtype=np.int64,
             )
             loads = [r for r in plan.load if (r in there) == on_prefill_device]
+            synced.update((r, sched.store.get(r).num_kv_tokens) for r in loads)
             lane_load_s = cost.h2d_s(
                 sum(sched.store.get(r).num_kv_tokens for r in loads) * kv_bytes, links=2
             )
@@ -112,6 +115,12 @@ def simulate_engine(
             lane_s = lane_load_s
             if len(lengths) or prefill_tokens:
                 lane_s += cost.mixed_step_s(lengths, prefill_tokens)
+            written = sum(
+                _write_back_tokens(sched, synced, r, r in plan.decode)
+                for r in plan.evict
+                if (r in there) == on_prefill_device
+            )
+            lane_s += cost.d2h_s(written * kv_bytes)
             if not on_prefill_device:
                 decode_gpu_s, load_s = lane_s, lane_load_s
                 if len(lengths):
@@ -147,6 +156,15 @@ def simulate_engine(
     stats.num_switches = sched.num_switches
     stats.num_preemptions = sched.num_preemptions
     return stats
+
+
+def _write_back_tokens(sched, synced: dict[str, int], request_id: str, decoded: bool) -> int:
+    """KV tokens an evicted resident writes back (those decoded since its load, this step's
+    included); it is no longer resident after."""
+    loaded = synced.pop(request_id, None)
+    if loaded is None:  # never loaded in this run's view (e.g. prefilled in place): all of it
+        loaded = 0
+    return max(0, sched.store.get(request_id).num_kv_tokens + int(decoded) - loaded)
 
 
 def _finished(sched, done: list, stats: EngineStats) -> None:
