@@ -64,3 +64,28 @@ def test_write_backs_lengthen_the_step_of_the_gpu_that_writes_them():
 
     assert makespan(1e8, switching=True) > 1.15 * makespan(55.4e9, switching=True)
     assert makespan(1e8, switching=False) == pytest.approx(makespan(55.4e9, switching=False))
+
+
+@pytest.mark.parametrize("prefill_device", [True, False])
+def test_loads_take_the_links_the_worker_loads_over(prefill_device, monkeypatch):
+    """Onto the decode GPU with a prefetch GPU beside it: both PCIe links. Onto the prefill
+    GPU's own residents (role switching), or a GPU alone: that GPU's one link."""
+    requests = paper_mix(80, 0.9, seed=3, max_output_tokens=256)
+    cost = CostModel(LLAMA3_8B)
+    settings = (
+        {"num_prefill_decode_blocks": 20000}
+        if prefill_device
+        else {"num_prefill_device_blocks": 0, "gpu_kv_tokens": 8192}  # small: loads happen
+    )
+    config = configs_for(cost, 100 * 2**30, aligned=settings)["aligned"]
+    taken = []  # the links of every load
+    h2d_s = CostModel.h2d_s
+
+    def recorded(self, num_bytes, links=1):
+        if num_bytes:
+            taken.append(links)
+        return h2d_s(self, num_bytes, links)
+
+    monkeypatch.setattr(CostModel, "h2d_s", recorded)
+    simulate(requests, config, cost)
+    assert set(taken) == ({1, 2} if prefill_device else {1}), sorted(set(taken))

@@ -4,8 +4,9 @@ Each GPU pair gets an equal share of the requests (round-robin) and its own cloc
 - `aligned`: one Scheduler per pair. The decode GPU runs the plan's decode step (with any
   mixed-in prefill chunks); the prefetch GPU prefills in parallel, given as many prompt
   tokens per step as it can compute in the previous step's time; the next batch streams in
-  over both PCIe links while the resident groups decode; when nothing is resident the
-  decode GPU waits for the copy (charged as a stall).
+  over both PCIe links while the resident groups decode (the prefill GPU's own residents,
+  and a GPU without a prefetch GPU, over one); when nothing is resident the decode GPU waits
+  for the copy (charged as a stall).
 - `fcfs`: the baseline gets the same two GPUs as two independent data-parallel engines,
   each doing continuous batching with chunked prefill mixed into its decode steps.
 An evicted member writes back the KV it decoded since it was loaded, over its GPU's own
@@ -60,8 +61,9 @@ def simulate_engine(
     - a step's time is its slowest device's: the decode GPU's pass (its decode members and
       any prefill mixed into its step: fcfs's chunks, aligned's turns, or aligned's prefill
       with no prefill device), and the prefill device's own decode pass when it has residents
-      (role switching), each after loading the KV landing there (from the pool over both
-      PCIe links, as the worker loads at the step that lands it);
+      (role switching), each after loading the KV landing there (from the pool, as the
+      worker loads at the step that lands it: over both PCIe links onto a decode GPU with
+      a prefetch GPU beside it, else over that GPU's own);
     - a prefill batch planned for the prefill device (`num_prefill_device_blocks`) runs there
       after the one before it, across steps; the engine learns it is done at the first step
       answered after it finished (`prefill_done`);
@@ -108,8 +110,11 @@ def simulate_engine(
             )
             loads = [r for r in plan.load if (r in there) == on_prefill_device]
             synced.update((r, sched.store.get(r).num_kv_tokens) for r in loads)
+            # the decode GPU loads over both links when it has a prefetch GPU beside it; the
+            # prefill device's own residents, and a GPU alone, over one
             lane_load_s = cost.h2d_s(
-                sum(sched.store.get(r).num_kv_tokens for r in loads) * kv_bytes, links=2
+                sum(sched.store.get(r).num_kv_tokens for r in loads) * kv_bytes,
+                links=2 if has_device and not on_prefill_device else 1,
             )
             prefill_tokens = 0 if on_prefill_device else sum(n for _, n in in_step)
             lane_s = lane_load_s
