@@ -89,7 +89,7 @@ def simulate_engine(
             i += 1
         while prefilling and prefilling[0][0] <= now:
             _, ids = prefilling.pop(0)
-            _finished(sched, sched.prefill_done(ids, dict.fromkeys(ids, 0), now), stats)
+            _finished(sched, sched.prefill_done(ids, dict.fromkeys(ids, 0), now), stats, synced)
         t0 = time.perf_counter()
         plan = sched.schedule(now)
         stats.schedule_s.append(time.perf_counter() - t0)
@@ -150,7 +150,7 @@ def simulate_engine(
         tokens = dict.fromkeys(plan.decode, 0)
         tokens.update((rid, 0) for rid, _ in in_step)
         sched.take_preempted()  # the cost model frees a preempted request's KV at once
-        _finished(sched, sched.update(plan, tokens, now), stats)
+        _finished(sched, sched.update(plan, tokens, now), stats, synced)
         sched.observe_step(plan, decode_gpu_s)
         if plan.prefetch:  # loaded at the step that lands them, as the worker does
             sched.policy.on_prefetch_done()
@@ -172,8 +172,9 @@ def _write_back_tokens(sched, synced: dict[str, int], request_id: str, decoded: 
     return max(0, sched.store.get(request_id).num_kv_tokens + int(decoded) - loaded)
 
 
-def _finished(sched, done: list, stats: EngineStats) -> None:
+def _finished(sched, done: list, stats: EngineStats, synced: dict[str, int]) -> None:
     for r in done:
+        synced.pop(r.request_id, None)
         stats.max_pool_wait_s = max(stats.max_pool_wait_s, r.max_pool_wait_s)
         stats.output_tokens += len(r.output_token_ids)
         stats.ttft_s.append(r.first_token_s - r.arrival_s)
