@@ -13,7 +13,7 @@ import time
 from test_batcher_service import generate, greedy, stack
 
 from alignedserve.serve import free_port
-from alignedserve.worker import executor, profiling
+from alignedserve.worker import profiling
 
 from factories import random_prompts
 
@@ -62,12 +62,16 @@ def test_no_profile_without_the_setting(model_dir, tmp_path, monkeypatch):
 
 
 def test_a_slow_steps_host_time_is_logged_by_phase(model_dir, monkeypatch, caplog):
-    monkeypatch.setattr(executor, "SLOW_LAUNCH_S", 0.0)  # every step is slow
-    with caplog.at_level(logging.INFO, logger=executor.__name__):
+    monkeypatch.setattr(profiling, "SLOW_STEP_S", 0.0)  # every step is slow
+    with caplog.at_level(logging.INFO, logger=profiling.__name__):
         run_stack(model_dir, prefill_device="cpu")
     lines = [r.getMessage() for r in caplog.records if "to queue" in r.getMessage()]
     # at most one a second (the run takes a few), each with every phase of the step
     assert 1 <= len(lines) <= 10, lines
     phases = ("releases", "loads", "prefill device's batch", "lane 0's pass")
     assert all(all(f"{p} " in line for p in phases) for line in lines), lines
-    assert re.search(r"step \d+ took [\d.]+ ms to queue: releases [\d.]+, loads", lines[0])
+    assert re.search(
+        r"step \d+ \(\d+ loads, \d+ prefill chunks, \d+ decodes\) took [\d.]+ ms to queue: "
+        r"releases [\d.]+, loads [\d.]+",
+        lines[0],
+    )

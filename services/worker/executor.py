@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +29,9 @@ from alignedserve.common.proto import worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.wire import sampling_from_proto
 from alignedserve.worker.prefiller import Prefiller, PrefillJob, PrefillRun
+from alignedserve.worker.profiling import Phases
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk, TokenCarry
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,8 +73,6 @@ class LanePass:
     wrote_back: bool
 
 
-# A step whose host work takes longer than this is logged with where the time went.
-SLOW_LAUNCH_S = 0.02
 # Batches queued on the prefill device at once: the next runs straight after the one before,
 # while the batcher learns that one is done (a step or two later) and plans another.
 MAX_PREFILL_BATCHES = 2
@@ -112,31 +107,20 @@ class StepExecutor:
         # each live request's latest sampled token, this session, once its step is finished
         self._last_sampled: dict[str, int] = {}
         self._unfinished: Launched | None = None  # launched, not yet finished
-        self._slow_logged_s = -1.0  # when a slow step's host time was last logged
+        self._slow_logged_s = -1.0  # when a slow step's phases were last logged
 
     # ---------------------------------------------------------------- the two halves
 
     def launch(self, request: worker_pb2.StepRequest, res: DeviceResidency) -> Launched:
-        start = time.perf_counter()
-        marks = [("", start)]
+        phases = Phases()
         with self.runner.on_device():
-            launched = self._launch(request, res, marks)
-        launched.launch_s = time.perf_counter() - start
-        if launched.launch_s > SLOW_LAUNCH_S and start - self._slow_logged_s > 1.0:
-            # where the host time of a slow step went (at most one line a second)
-            self._slow_logged_s = start
-            logger.info(
-                "step %d took %.1f ms to queue: %s; %d loads, %d prefill chunks, %d decodes",
-                request.step,
-                1e3 * launched.launch_s,
-                ", ".join(
-                    f"{name} {1e3 * (t - t0):.1f}"
-                    for (_, t0), (name, t) in itertools.pairwise(marks)
-                ),
-                len(request.load),
-                len(request.prefill),
-                len(request.decode),
-            )
+            launched = self._launch(request, res, phases)
+        launched.launch_s = time.perf_counter() - phases.start
+        what = (
+            f"step {request.step} ({len(request.load)} loads, {len(request.prefill)} prefill "
+            f"chunks, {len(request.decode)} decodes)"
+        )
+        self._slow_logged_s = phases.log_if_slow(what, launched.launch_s, self._slow_logged_s)
         return launched
 
     def finish(self, launched: Launched) -> worker_pb2.StepResponse:
@@ -190,9 +174,8 @@ class StepExecutor:
     # ---------------------------------------------------------------- launch
 
     def _launch(
-        self, request: worker_pb2.StepRequest, res: DeviceResidency, marks: list
+        self, request: worker_pb2.StepRequest, res: DeviceResidency, phases: Phases
     ) -> Launched:
-        """(marks: (phase, time.perf_counter() at its end) appended for each phase)"""
         self._check_unique(request)
         before = self._unfinished
         lanes = self._lanes(request, res)
@@ -206,17 +189,17 @@ class StepExecutor:
                 with self._on_lane(runner):
                     for event in before.done:
                         torch.cuda.current_stream().wait_event(event)
-        marks.append(("releases", time.perf_counter()))
+        phases.mark("releases")
         load_s = [self._load(request, lane, *pair) for lane, pair in enumerate(lanes)]
-        marks.append(("loads", time.perf_counter()))
+        phases.mark("loads")
         # the prefill device's chunks start first and run while this thread does the rest;
         # they read the pool, so they wait for write-backs the step before still has queued
         self._start_offloaded(request, res, before if before and before.wrote_back else None)
-        marks.append(("prefill device's batch", time.perf_counter()))
+        phases.mark("prefill device's batch")
         passes = []
         for lane, pair in enumerate(lanes):
             passes.append(self._pass(request, lane, *pair, before))
-            marks.append((f"lane {lane}'s pass", time.perf_counter()))
+            phases.mark(f"lane {lane}'s pass")
         launched = Launched(
             request,
             passes[0].run,
