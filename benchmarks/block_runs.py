@@ -76,15 +76,15 @@ async def main() -> None:
     record(policy)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(init_tiny(Path(tmp), arch="llama"))
-        for name, prefill_replica, device_blocks in RUNS:
-            policy[0] = name = f"{name}, {device_blocks} device blocks"
+        for policy_name, prefill_replica, device_blocks in RUNS:
+            policy[0] = name = f"{policy_name}, {device_blocks} device blocks"
             async with stack(
                 model_dir,
                 free_port(),
                 "cpu",
                 prefill_replica,
                 device_blocks=device_blocks,
-                policy=name.split(",")[0],
+                policy=policy_name,
             ) as (stub, _):
                 await asyncio.gather(
                     *(

@@ -8,11 +8,13 @@ services/ is `alignedserve`, operator/controller/ is `alignedserve.operator`).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,16 @@ def import_alignedserve() -> None:
         import alignedserve  # noqa: F401
     except ImportError:
         sys.path.insert(0, project_path())
+
+
+def load_file(name: str, path: Path) -> ModuleType:
+    """The Python file at `path` as a module named `name` (an earlier checkout's copy of one
+    of ours, timed beside the current one)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered first: a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def child_pythonpath(environ: Mapping[str, str] = os.environ) -> str:

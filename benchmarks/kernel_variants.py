@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from device_env import import_alignedserve
+from device_env import import_alignedserve, load_file
 
 import_alignedserve()
 
@@ -44,25 +43,17 @@ def previous_kernels(paths: list[str]) -> dict[str, ModuleType]:
     for path in map(Path, paths):
         name = path.stem
         if not path.is_dir():
-            modules[name] = _load(f"previous_{name}", path)
+            modules[name] = load_file(f"previous_{name}", path)
             continue
-        plan = _load(f"previous_{name}_plan", path / "decode_plan.py")
+        plan = load_file(f"previous_{name}_plan", path / "decode_plan.py")
         current = importlib.import_module(PLAN_MODULE)
         package = sys.modules[PLAN_MODULE.rpartition(".")[0]]
         sys.modules[PLAN_MODULE] = package.decode_plan = plan
         try:
-            modules[name] = _load(f"previous_{name}", path / "decode_attention.py")
+            modules[name] = load_file(f"previous_{name}", path / "decode_attention.py")
         finally:
             sys.modules[PLAN_MODULE] = package.decode_plan = current
     return modules
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # registered first: a dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def previous_kernel(kernel: ModuleType) -> tuple[Callable, Callable]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import itertools
 import json
 import pstats
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from device_env import import_alignedserve
+from device_env import import_alignedserve, load_file
 
 import_alignedserve()
 
@@ -64,13 +63,8 @@ def load_variant(name: str, folder: Path | None) -> tuple[ModuleType, type]:
         from alignedserve.worker import prefetch
 
         return prefetch, BlockAllocator
-    modules = []
-    for file in ("prefetch.py", "block_allocator.py"):
-        spec = importlib.util.spec_from_file_location(f"{name}_{file[:-3]}", folder / file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules.append(module)
-    return modules[0], modules[1].BlockAllocator
+    allocator = load_file(f"{name}_block_allocator", folder / "block_allocator.py")
+    return load_file(f"{name}_prefetch", folder / "prefetch.py"), allocator.BlockAllocator
 
 
 def block_lists(allocator: type, num_pool: int, num_device: int, prompts: list[int], seed: int):

@@ -116,11 +116,14 @@ class StepExecutor:
         with self.runner.on_device():
             launched = self._launch(request, res, phases)
         launched.launch_s = time.perf_counter() - phases.start
-        what = (
-            f"step {request.step} ({len(request.load)} loads, {len(request.prefill)} prefill "
-            f"chunks, {len(request.decode)} decodes)"
+        self._slow_logged_s = phases.log_if_slow(
+            launched.launch_s,
+            self._slow_logged_s,
+            lambda: (
+                f"step {request.step} ({len(request.load)} loads, {len(request.prefill)} "
+                f"prefill chunks, {len(request.decode)} decodes)"
+            ),
         )
-        self._slow_logged_s = phases.log_if_slow(what, launched.launch_s, self._slow_logged_s)
         return launched
 
     def finish(self, launched: Launched) -> worker_pb2.StepResponse:

@@ -54,10 +54,12 @@ def block_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """(d0, s0, n) for each run of pairs (d0 + i, s0 + i), i < n, in order."""
     runs: list[tuple[int, int, int]] = []
     for d, s in pairs:
-        if runs and (d, s) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((d, s, 1))
+        if runs:
+            d0, s0, n = runs[-1]
+            if (d, s) == (d0 + n, s0 + n):
+                runs[-1] = (d0, s0, n + 1)
+                continue
+        runs.append((d, s, 1))
     return runs
 
 

@@ -37,15 +37,17 @@ class Phases:
     def mark(self, name: str) -> None:
         self._marks.append((name, time.perf_counter()))
 
-    def log_if_slow(self, what: str, elapsed_s: float, last_logged_s: float) -> float:
-        """Log the phases if `elapsed_s` passed SLOW_STEP_S and none was logged in the last
-        second; returns when one was last logged."""
+    def log_if_slow(
+        self, elapsed_s: float, last_logged_s: float, describe: Callable[[], str]
+    ) -> float:
+        """Log the phases, after `describe()`, if `elapsed_s` passed SLOW_STEP_S and none
+        was logged in the last second; returns when one was last logged."""
         if elapsed_s <= SLOW_STEP_S or self.start - last_logged_s <= 1.0:
             return last_logged_s
         phases = ", ".join(
             f"{name} {1e3 * (t - t0):.1f}" for (_, t0), (name, t) in itertools.pairwise(self._marks)
         )
-        logger.info("%s took %.1f ms to queue: %s", what, 1e3 * elapsed_s, phases)
+        logger.info("%s took %.1f ms to queue: %s", describe(), 1e3 * elapsed_s, phases)
         return self.start
 
 

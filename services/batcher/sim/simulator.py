@@ -166,9 +166,7 @@ def simulate_engine(
 def _write_back_tokens(sched, synced: dict[str, int], request_id: str, decoded: bool) -> int:
     """KV tokens an evicted resident writes back (those decoded since its load, this step's
     included); it is no longer resident after."""
-    loaded = synced.pop(request_id, None)
-    if loaded is None:  # never loaded in this run's view (e.g. prefilled in place): all of it
-        loaded = 0
+    loaded = synced.pop(request_id, 0)  # 0: prefilled in place (fcfs), none of it synced
     return max(0, sched.store.get(request_id).num_kv_tokens + int(decoded) - loaded)
 
 
