@@ -13,7 +13,9 @@
    the CPU path's on a tiny fp32 model;
 4. decode step, Llama-3-8B shape (or --model-shape opt-13b), random bf16 weights, batch x
    KV length grid: eager and CUDA-graph step times against the roofline max(bytes / HBM
-   bandwidth, FLOPs / matmul rate); cells whose KV does not fit are skipped.
+   bandwidth, FLOPs / matmul rate); cells whose KV does not fit are skipped;
+5. prefetch: 8 GiB of KV into the decode GPU over one link and over two, in the block
+   allocator's order and scattered (prefetch_bench).
 Results go to stdout and to OUT/gpu_bench.json.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -411,7 +414,12 @@ def decode_cell(model, config, kv, ceil, read_params, batch, length, per) -> dic
 
 def prefetch_bench(ceil: dict[str, float]) -> dict:
     """KV of a batch into the decode GPU: one PCIe link vs both (the prefetch GPU's link +
-    NVLink), and a decode step with a prefetch running beside it vs alone."""
+    NVLink), for two block orders: the one the block allocator makes (runs of consecutive
+    ids: prefetch_host.py's script of prefills, growth and a previous batch leaving, at 8
+    GiB) and a random permutation (every block its own transfer, the worst case)."""
+    from prefetch_host import block_lists
+
+    from alignedserve.common.block_allocator import BlockAllocator
     from alignedserve.worker.prefetch import Prefetcher, pin, unpin
 
     gpus = torch.cuda.device_count()
@@ -421,22 +429,36 @@ def prefetch_bench(ceil: dict[str, float]) -> dict:
     host.view(-1)[:: 1 << 20].fill_(1.0)  # touch the pages
     pin(host)
     cache = torch.empty((n, *block_shape), dtype=torch.bfloat16, device="cuda:0")
-    nbytes = host.numel() * host.element_size()
-    order = torch.randperm(n).tolist()  # scattered blocks, as a real batch's are
+    block_bytes = host[0].numel() * host.element_size()
+    rng = random.Random(0)
+    prompts = [rng.randint(150, 230) for _ in range(20)]  # ~3,800 blocks, 8 grown each
+    loads = block_lists(BlockAllocator, n, n, prompts, seed=1)
+    orders = {
+        "allocator's runs": (
+            [b for src, _ in loads for b in src],
+            [b for _, dst in loads for b in dst],
+        ),
+        "scattered": (torch.randperm(n).tolist(), list(range(n))),
+    }
     out = {}
     variants = [("one link", None)] + ([("two links", "cuda:1")] if gpus > 1 else [])
-    for name, staging in variants:
-        pre = Prefetcher(host, cache, staging_device=staging)
+    for order, (src, dst) in orders.items():
+        nbytes = len(src) * block_bytes
+        for name, staging in variants:
+            pre = Prefetcher(host, cache, staging_device=staging)
 
-        def run(pre=pre):
-            events = pre.start(order, list(range(n)))
-            Prefetcher.wait_on(events)
+            def run(pre=pre, src=src, dst=dst):
+                Prefetcher.wait_on(pre.start(src, dst))
 
-        seconds = cuda_time(run, iters=3, warmup=1)
-        out[name] = nbytes / seconds
-        print(f"  prefetch 8 GiB, {name}: {nbytes / seconds / 1e9:.1f} GB/s")
-    if "two links" in out:
-        print(f"  two links / one link: {out['two links'] / out['one link']:.2f}x")
+            seconds = cuda_time(run, iters=3, warmup=1)
+            out[f"{order}, {name}"] = nbytes / seconds
+            print(
+                f"  prefetch {nbytes / 2**30:.1f} GiB, {order}, {name}: "
+                f"{nbytes / seconds / 1e9:.1f} GB/s"
+            )
+        if gpus > 1:
+            ratio = out[f"{order}, two links"] / out[f"{order}, one link"]
+            print(f"  {order}: two links / one link: {ratio:.2f}x")
     unpin(host)
     return {"bytes_per_s": out, "gpus": gpus}
 
