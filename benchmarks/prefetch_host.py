@@ -24,6 +24,7 @@ calls, and the load's GB/s (device time from before the first copy to the last).
 
     PYTHONPATH=$S python3 benchmarks/prefetch_host.py --previous benchmarks/previous/s26 --out $OUT
     PYTHONPATH=$S python3 benchmarks/prefetch_host.py --chunk-mib 128 256 512 --out $OUT  # tuning
+    PYTHONPATH=$S python3 benchmarks/prefetch_host.py --direct-share 0.5 0.55 --out $OUT  # split
 """
 
 from __future__ import annotations
@@ -83,9 +84,15 @@ def block_lists(allocator: type, num_pool: int, num_device: int, prompts: list[i
     return [(src, device.allocate(len(src))) for src in owned]
 
 
-def time_loads(prefetcher, loads, repeats: int, profile: bool) -> tuple[float, float]:
-    """(host seconds for the `start` calls, device seconds), medians over repeats."""
-    host, device = [], []
+def time_loads(prefetcher, loads, repeats: int, profile: bool) -> tuple[float, float, dict]:
+    """(host seconds for the `start` calls, device seconds, {side: device seconds until
+    its last copy}), medians over repeats. The sides: the decode GPU's own copies
+    ("direct") and, with a prefetch GPU, its pushes ("staged", timed on the decode GPU's
+    push stream, which every push is ordered on)."""
+    streams = {"direct": prefetcher.direct_stream}
+    if getattr(prefetcher, "push_stream", None) is not None:
+        streams["staged"] = prefetcher.push_stream
+    host, device, sides = [], [], {side: [] for side in streams}
     profiler = cProfile.Profile()
     for repeat in range(repeats + 1):  # the first warms up (the ring, the streams)
         torch.cuda.synchronize()
@@ -98,14 +105,21 @@ def time_loads(prefetcher, loads, repeats: int, profile: bool) -> tuple[float, f
         events = [prefetcher.start(src, dst) for src, dst in loads]
         host.append(time.perf_counter() - start)
         profiler.disable()
+        ends = {
+            side: stream.record_event(torch.cuda.Event(enable_timing=True))
+            for side, stream in streams.items()
+        }
         for e in events:
             prefetcher.wait_on(e)
         end.record()
         end.synchronize()
         device.append(begin.elapsed_time(end) / 1000)
+        for side, event in ends.items():
+            sides[side].append(begin.elapsed_time(event) / 1000)
     if profile:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
-    return statistics.median(host[1:]), statistics.median(device[1:])
+    median = statistics.median
+    return median(host[1:]), median(device[1:]), {k: median(v[1:]) for k, v in sides.items()}
 
 
 def main() -> None:
@@ -123,22 +137,43 @@ def main() -> None:
         default=[],
         help="time the current tree with these gather chunk sizes (default: its own)",
     )
+    parser.add_argument(
+        "--direct-share",
+        type=float,
+        nargs="*",
+        default=[],
+        help="... and these shares of the blocks the decode GPU copies itself (two links)",
+    )
+    parser.add_argument(
+        "--prompt-blocks",
+        type=int,
+        nargs=2,
+        default=(8, 60),
+        metavar=("LO", "HI"),
+        help="each request's prompt blocks, drawn from [LO, HI] (default: 128-960 tokens)",
+    )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     # name -> (prefetch module, allocator class, Prefetcher keyword arguments)
-    variants = {"current": (*load_variant("current", None), {})}
-    for mib in args.chunk_mib:
-        variants[f"current, {mib} MiB chunks"] = (
-            *variants["current"][:2],
-            {"chunk_bytes": mib << 20},
-        )
-    if args.chunk_mib:
+    current = load_variant("current", None)
+    variants = {"current": (*current, {})}
+    if args.chunk_mib or args.direct_share:
         del variants["current"]
+        for mib, share in itertools.product(args.chunk_mib or [None], args.direct_share or [None]):
+            kwargs = {}
+            if mib is not None:
+                kwargs["chunk_bytes"] = mib << 20
+            if share is not None:
+                kwargs["direct_share"] = share
+            label = ", ".join(
+                f"{v} {k}" for k, v in (("MiB chunks", mib), ("direct", share)) if v is not None
+            )
+            variants[f"current, {label}"] = (*current, kwargs)
     if args.previous:
         variants["previous"] = (*load_variant("previous", args.previous), {})
     links = [None] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
     rng = random.Random(0)
-    prompts = [rng.randint(8, 60) for _ in range(NUM_LOADS)]  # 128-960 tokens
+    prompts = [rng.randint(*args.prompt_blocks) for _ in range(NUM_LOADS)]
     num_pool = sum(prompts) + 8 * NUM_LOADS + 64
     num_device = num_pool
     rows = []
@@ -175,7 +210,7 @@ def main() -> None:
                 profile = args.profile and name.startswith("current")
                 if profile:
                     print(f"--- profile: {shape}, {name}, {mode}, staging {staging}")
-                host_s, device_s = time_loads(prefetcher, loads, args.repeats, profile)
+                host_s, device_s, sides = time_loads(prefetcher, loads, args.repeats, profile)
                 landed = cache.view(torch.int16).view(num_device, -1)[:, ::STRIDE]
                 for src, dst in loads:  # every block landed where asked
                     assert torch.equal(landed[dst].cpu(), marks[src]), (name, staging)
@@ -192,13 +227,16 @@ def main() -> None:
                     host_ms=1e3 * host_s,
                     device_ms=1e3 * device_s,
                     gb_per_s=num_blocks * nbytes / device_s / 1e9,
+                    **{f"{side}_ms": 1e3 * t for side, t in sides.items()},
                 )
                 rows.append(row)
                 print(
                     f"{shape:10s} {name:9s} {mode:11s} {row['links']} link(s): {num_blocks} "
                     f"blocks ({row['direct_blocks']} direct in {direct} transfers), host "
                     f"{row['host_ms']:7.2f} ms for {len(loads):2d} starts, device "
-                    f"{row['device_ms']:7.2f} ms, {row['gb_per_s']:6.1f} GB/s",
+                    f"{row['device_ms']:7.2f} ms, {row['gb_per_s']:6.1f} GB/s ("
+                    + ", ".join(f"{side} {1e3 * t:.2f}" for side, t in sides.items())
+                    + " ms)",
                     flush=True,
                 )
         any_prefetch.unpin(pool)
