@@ -75,7 +75,10 @@ class Prefetcher:
         pool: torch.Tensor,  # pinned with pin(): [num_pool_blocks, *block_shape]
         cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
         staging_device: torch.device | str | None = None,  # the prefetch GPU
-        direct_share: float = 0.52,  # its DMA copies run a little faster than the gather
+        # Its DMA copies run a little faster than the gather and push: on the H200 pair
+        # 25.2 against 21.9 Llama blocks/ms, so both sides end together at 0.535
+        # (benchmarks/prefetch_host.py --direct-share; docs/benchmarks.md).
+        direct_share: float = 0.535,
         chunk_bytes: int = GATHER_CHUNK_BYTES,
     ):
         self.pool, self.cache = pool, cache
