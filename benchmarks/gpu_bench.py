@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_bench.py --out "$OUT"            # on a GPU machine (device tool)
     python3 benchmarks/gpu_bench.py --quick --out "$OUT"    # a smaller grid
     python3 benchmarks/gpu_bench.py --skip kernel greedy prefetch --model-shape opt-13b
+    python3 benchmarks/gpu_bench.py --skip kernel greedy prefetch --no-grid  # its studies
 
 1. environment: GPU, torch, triton;
 2. measured ceilings in this run, as the worker measures them at start (worker/ceilings.py:
@@ -179,9 +180,11 @@ def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Embedding]:
     return [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
 
 
-def decode_grid(ceil: dict[str, float], quick: bool, shape: str = "llama3-8b") -> dict:
-    """The grid; for the Llama shape also mixed batches, a prefetch beside a step, and
-    prefill (studies of the shape the issue's targets name)."""
+def decode_grid(
+    ceil: dict[str, float], quick: bool, shape: str = "llama3-8b", grid: bool = True
+) -> dict:
+    """The grid (unless not `grid`); for the Llama shape also mixed batches, a prefetch
+    beside a step, and prefill (studies of the shape the issue's targets name)."""
     model, config, kv = build_model(shape)
     num_blocks = kv.num_blocks
     params = sum(p.numel() for p in model.parameters())
@@ -192,7 +195,7 @@ def decode_grid(ceil: dict[str, float], quick: bool, shape: str = "llama3-8b") -
     batches = (64, 256) if quick else (64, 128, 256, 512)
     lengths = (512, 2048) if quick else (512, 1024, 2048, 4096, 8192)
     rows = []
-    for batch in batches:
+    for batch in batches if grid else ():
         for length in lengths:
             per = kv.layout.blocks_for(length)
             if batch * per + 1 > num_blocks:
@@ -200,6 +203,8 @@ def decode_grid(ceil: dict[str, float], quick: bool, shape: str = "llama3-8b") -
                 continue
             rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
     for key, label in (("graph_fraction", "one step alone"), ("stream_fraction", "in a stream")):
+        if not rows:
+            break
         met = sum(row[key] >= 0.75 for row in rows)
         print(f"  cells at >= 75 % of the roofline, {label}: {met} of {len(rows)}")
     if shape != "llama3-8b":
@@ -468,6 +473,9 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--no-grid", action="store_true", help="the decode section's studies without its grid"
+    )
+    parser.add_argument(
         "--skip", nargs="*", default=[], help="sections: kernel greedy decode prefetch"
     )
     parser.add_argument("--model-shape", choices=SHAPE_FAMILIES, default="llama3-8b")
@@ -498,7 +506,7 @@ def main() -> None:
         result["prefetch"] = prefetch_bench(ceil)
     if "decode" not in args.skip:
         print(f"decode step, {args.model_shape} shape, random bf16 weights:")
-        result["decode"] = decode_grid(ceil, args.quick, args.model_shape)
+        result["decode"] = decode_grid(ceil, args.quick, args.model_shape, not args.no_grid)
     out = Path(args.out) / "gpu_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
