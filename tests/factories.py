@@ -153,6 +153,8 @@ def drive(sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None):
             sched.prefill_done([rid for rid, _ in batch], {rid: 7 for rid, _ in batch}, now)
         if plan.prefetch:
             sched.policy.on_prefetch_done()
+        if plan.load:  # copied within the step, as on the CPU
+            sched.policy.on_copied(plan.load)
         sched.observe_step(plan, seconds)
         if sched.is_turn(plan):
             drive.decoding_before_last_turn = decoding

@@ -254,6 +254,40 @@ def test_a_lane_drops_leavers_at_once_even_those_that_landed_this_step():
     lane.check_invariants(sched)
 
 
+def test_a_lane_leaves_requests_out_of_its_steps_while_their_copies_run():
+    """A landed request's KV is copied in beside the steps: the lane decodes the others
+    until the worker answers that its copies are done, and it alone waits for them."""
+    config = two_small_lanes(0.5)
+    lane = Lane(config, num_device_blocks=1024, max_length=1 << 16, name="decode device")
+    requests = {
+        f"r{i}": SimpleNamespace(request_id=f"r{i}", num_tokens=100 + i, num_kv_tokens=99 + i)
+        for i in range(6)
+    }
+    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
+    sched = SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+
+    def land(ids: list[str]) -> list[str]:
+        for request_id in ids:
+            lane.start_loading(sched, request_id)
+        return lane.land(sched, free_blocks=1024 - lane.held_blocks)
+
+    first = land(["r0", "r1", "r2", "r3"])
+    decode, _, _ = lane.next_decode(sched, first, free=512, may_wait=False)
+    assert decode == []  # another device has members ready: its answer must not wait
+    decode, _, _ = lane.next_decode(sched, [], free=512)
+    assert sorted(decode) == first  # nothing else to decode: they wait for their copies
+    lane.copying.difference_update(first)  # (AlignedPolicy.on_copied)
+    second = land(["r4", "r5"])
+    decode, _, _ = lane.next_decode(sched, second, free=512)
+    assert sorted(decode) == first  # r4 and r5 copy beside this step
+    lane.copying.discard("r4")
+    decode, _, _ = lane.next_decode(sched, [], free=512)
+    assert sorted(decode) == [*first, "r4"]
+    lane.leave(sched, "r5")  # it leaves still copying
+    assert not lane.copying
+    lane.check_invariants(sched)
+
+
 def two_small_lanes(quiet_s: float) -> SchedulerConfig:
     """Each device decodes about two requests of ~100 tokens; five prompts a prefill step."""
     return SchedulerConfig(

@@ -676,6 +676,47 @@ def test_write_back_copies_only_blocks_past_the_synced_length(residency):
     assert residency.allocator.num_used == 0
 
 
+def test_loads_report_their_seconds_once_and_on_the_cpu_are_never_copying(residency):
+    residency.load_batch([("x", [5, 2], 6), ("y", [0], 3)])
+    assert residency.copying() == []  # CPU copies are done when load returns
+    assert residency.landed_seconds() > 0
+    assert residency.landed_seconds() == 0.0  # reported once
+    residency.load_batch([])
+    assert residency.landed_seconds() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_loads_copy_beside_the_stream_and_report_when_landed():
+    """A GPU load's copies run on side streams: the residency lists the request as copying
+    until they end (never waiting for them), then reports the batch's seconds once; a
+    released request is copying no more. Its blocks hold the pool's KV once used."""
+    layout = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, block_tokens=16, dtype="bfloat16")
+    pool = CpuKVPool.create(layout, 512)
+    owner = pool_tensor(pool)
+    owner.copy_(torch.randn(owner.shape).to(owner.dtype))
+    attached = CpuKVPool.attach(pool.name, layout, 512)
+    res = DeviceResidency(KVCache(layout, 600, device="cuda"), attached)
+    try:
+        res.load_batch([("x", list(range(256)), 256 * 16), ("y", list(range(256, 512)), 4096)])
+        still = set(res.copying())
+        assert still <= {"x", "y"}
+        res.release("y")
+        assert "y" not in res.copying()
+        torch.cuda.synchronize()
+        assert res.copying() == []
+        assert res.landed_seconds() > 0 and res.landed_seconds() == 0.0
+        table = list(res.block_table("x"))
+        res.decode_chunk("x", 1, 256 * 16, GREEDY)  # a use: the stream waits for the copies
+        torch.cuda.synchronize()
+        assert torch.equal(res.kv_cache.blocks[table].cpu(), owner[:256])
+    finally:
+        res.close()
+        del owner
+        pool.close()
+        pool.unlink()
+
+
 def test_device_full_raises_and_changes_nothing(residency):
     residency.load("x", [0, 1, 2, 3], num_kv_tokens=16)
     with pytest.raises(OutOfBlocksError):
@@ -704,8 +745,8 @@ def test_a_steps_loads_copy_together_and_a_failing_one_keeps_those_before(reside
     it are in (their blocks copied), and leaves nothing of its own."""
     pool = pool_tensor(residency.pool)
     kv = residency.kv_cache.blocks
-    seconds = residency.load_batch([("a", [3, 4], 5), ("b", [6], 4), ("c", [], 0)])
-    assert seconds() >= 0
+    residency.load_batch([("a", [3, 4], 5), ("b", [6], 4), ("c", [], 0)])
+    assert residency.landed_seconds() > 0 and residency.copying() == []
     assert torch.equal(kv[list(residency.block_table("a"))], pool[[3, 4]])
     assert torch.equal(kv[list(residency.block_table("b"))], pool[[6]])
     assert residency.block_table("c") == () and residency.allocator.num_used == 3

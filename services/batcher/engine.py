@@ -83,6 +83,7 @@ class BatcherEngine:
         self.draining = False
         self._streams = Streams()  # live requests' sinks
         self._synced: dict[str, int] = {}  # tokens of KV that reached the pool, per request
+        self._copying: set[str] = set()  # loaded by answered steps, copies not known done
         self._in_flight: deque[SentStep] = deque()  # sent, oldest first
         # each live request's sampling parameters as a message, built once (not every step)
         self._params_msg: dict[str, common_pb2.SamplingParams] = {}
@@ -307,6 +308,7 @@ class BatcherEngine:
             self._synced.pop(rid, None)  # reopened: its KV blocks are gone
         self._release = []  # the new session starts with nothing resident
         self._released.clear()
+        self._copying.clear()
         self.scheduler.take_preempted()
 
     def _unanswered(self) -> set[str]:
@@ -382,8 +384,15 @@ class BatcherEngine:
         # the step's write-backs reached the pool (of requests not aborted meanwhile)
         self._synced.update((r, n) for r, n in sent.writing.items() if r in store)
         was_turn = self.scheduler.observe_step(plan, response.compute_s)  # decode device's time
-        if plan.load:  # this worker loads at the step that lands them, before its forward
+        if response.load_s:  # a load batch landed since the last answer
             metrics.PREFETCH_SECONDS.labels(self.info.model_name).observe(response.load_s)
+        # this step's loads, and earlier ones still copying, that the answer says have landed
+        self._copying.update(plan.load)
+        copying = set(response.copying)
+        copied = [rid for rid in self._copying if rid not in copying]
+        self._copying.difference_update(copied)
+        if copied and hasattr(self.scheduler.policy, "on_copied"):
+            self.scheduler.policy.on_copied(copied)
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
             # this worker loads synchronously, at the step that lands them
             self.scheduler.policy.on_prefetch_done()

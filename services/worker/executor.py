@@ -19,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,6 @@ class Launched:
 
     request: worker_pb2.StepRequest
     run: LaunchedStep | None  # the decode device's pass; None: nothing to compute
-    load_s: Callable[[], float]
     done: tuple[torch.cuda.Event, ...]  # per GPU, after its pass and write-backs (CPU: none)
     wrote_back: bool  # it copies KV into the pool
     # released by a later step: the token sampled here is not kept for them
@@ -49,6 +48,7 @@ class Launched:
     # this exceeds the device's time per step, the device waits for the host
     launch_s: float = 0.0
     second_run: LaunchedStep | None = None  # the prefill device's decode pass
+    residency: DeviceResidency | None = None  # its devices' residents (loads still copying)
 
     @property
     def runs(self) -> tuple[LaunchedStep, ...]:
@@ -141,6 +141,8 @@ class StepExecutor:
                 (t.request_id, t.token_id) for t in sampled if t.request_id not in launched.dropped
             )
             self._last_sampled.update((t.request_id, t.token_id) for t in sampled_there)
+            res = launched.residency
+            residencies = [r for r in (res, res and res.second) if r is not None]
             return worker_pb2.StepResponse(
                 step=launched.request.step,
                 tokens=[
@@ -151,7 +153,8 @@ class StepExecutor:
                 ],
                 compute_s=launched.run.compute_s if launched.run else 0.0,
                 second_compute_s=launched.second_run.compute_s if launched.second_run else 0.0,
-                load_s=launched.load_s(),
+                load_s=max((r.landed_seconds() for r in residencies), default=0.0),
+                copying=[rid for r in residencies for rid in r.copying()],
                 prefilled=prefilled,
                 prefill_s=prefill_s,
                 launch_s=launched.launch_s,
@@ -193,7 +196,8 @@ class StepExecutor:
                     for event in before.done:
                         torch.cuda.current_stream().wait_event(event)
         phases.mark("releases")
-        load_s = [self._load(request, lane, *pair) for lane, pair in enumerate(lanes)]
+        for lane, pair in enumerate(lanes):
+            self._load(request, lane, *pair)
         phases.mark("loads")
         # the prefill device's chunks start first and run while this thread does the rest;
         # they read the pool, so they wait for write-backs the step before still has queued
@@ -206,10 +210,10 @@ class StepExecutor:
         launched = Launched(
             request,
             passes[0].run,
-            lambda: max(seconds() for seconds in load_s),
             tuple(p.done for p in passes if p.done is not None),
             wrote_back=any(p.wrote_back for p in passes),
             second_run=passes[1].run if len(passes) > 1 else None,
+            residency=res,
         )
         self._unfinished = launched
         return launched
@@ -238,10 +242,10 @@ class StepExecutor:
         lane: int,
         runner: ModelRunner,
         res: DeviceResidency,
-    ) -> Callable[[], float]:
-        """Start copying the lane's new residents in from the pool; their copies' seconds."""
+    ) -> None:
+        """Start copying the lane's new residents in from the pool."""
         with self._on_lane(runner):
-            return res.load_batch(
+            res.load_batch(
                 [
                     (e.request_id, e.pool_blocks, e.num_kv_tokens)
                     for e in request.load

@@ -11,7 +11,7 @@ indexed copy of whole blocks, never a re-layout (the block format is the same on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,11 @@ class DeviceResidency:
             else pool_blocks
         )
         self._requests: dict[str, _Resident] = {}
+        # Loads whose copies may still run (GPU): each request's end of copies, and each load
+        # batch's (begin, end), or its seconds where the copies are done when `load` returns.
+        # Queried, never waited for: a step that uses none of them answers without them.
+        self._copying: dict[str, torch.cuda.Event] = {}
+        self._batches: list[tuple[torch.cuda.Event, torch.cuda.Event] | float] = []
         # On a GPU: page-lock the pool so loads are DMA on a copy stream (Prefetcher) and
         # write-backs are DMA too; on the CPU the indexed copies below are already direct.
         # (Pinned once, for every GPU: `pin` maps it portable.)
@@ -117,30 +122,44 @@ class DeviceResidency:
         device; it is resident after, fully synced. num_kv_tokens=0 only registers it."""
         self._load_all([(request_id, pool_blocks, num_kv_tokens)])
 
-    def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> Callable[[], float]:
+    def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> None:
         """`load` each (request_id, pool_blocks, num_kv_tokens), their copies started
-        together. Returns a function that waits for the copies and gives the seconds they
-        took (on a GPU they run on side streams, beside the passes, timed there)."""
+        together. On a GPU they run on side streams, beside the passes: `copying` tells who
+        still waits for them, `landed_seconds` the time they took once done."""
         if not loads:
-            return lambda: 0.0
+            return
         if self._prefetcher is None:  # plain copies: done when they return
             start = time.perf_counter()
             self._load_all(loads)
-            elapsed = time.perf_counter() - start
-            return lambda: elapsed
+            self._batches.append(time.perf_counter() - start)
+            return
         # The copies start once the work queued on the current stream before them is done
         # (Prefetcher.start): `begin` marks that point, the landing event their end.
         begin = torch.cuda.Event(enable_timing=True)
         begin.record()
         end = self._load_all(loads)
-        if end is None:  # nothing to copy
-            return lambda: 0.0
+        if end is not None:
+            self._batches.append((begin, end))
 
-        def seconds() -> float:
-            end.synchronize()
-            return begin.elapsed_time(end) / 1000
+    def landed_seconds(self) -> float:
+        """The longest time one load batch took, of those whose copies ended since the last
+        call (0: none). Does not wait."""
+        done, pending = [], []
+        for batch in self._batches:
+            if isinstance(batch, float):
+                done.append(batch)
+            elif batch[1].query():
+                done.append(batch[0].elapsed_time(batch[1]) / 1000)
+            else:
+                pending.append(batch)
+        self._batches = pending
+        return max(done, default=0.0)
 
-        return seconds
+    def copying(self) -> list[str]:
+        """Residents whose load's copies still run (on a GPU). Does not wait."""
+        for request_id in [r for r, event in self._copying.items() if event.query()]:
+            del self._copying[request_id]
+        return list(self._copying)
 
     def _load_all(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> torch.cuda.Event | None:
         """Register each load with its device blocks, then copy all their blocks in at once:
@@ -150,7 +169,7 @@ class DeviceResidency:
         resident, bad pool blocks, device full) raises after the ones before it are in."""
         pool_side: list[int] = []
         device_side: list[int] = []
-        loaded: list[_Resident] = []
+        loaded: dict[str, _Resident] = {}
         try:
             for request_id, pool_blocks, num_kv_tokens in loads:
                 if request_id in self._requests:
@@ -162,11 +181,13 @@ class DeviceResidency:
                 device_side += device_blocks
                 r = _Resident(device_blocks, num_kv_tokens, num_kv_tokens)
                 self._requests[request_id] = r
-                loaded.append(r)
+                loaded[request_id] = r
         finally:
             landing = self._copy_in(pool_side, device_side)
-            for r in loaded:
+            for request_id, r in loaded.items():
                 r.landing = landing
+                if landing is not None:
+                    self._copying[request_id] = landing
         return landing
 
     def _copy_in(self, pool_blocks: list[int], device_blocks: list[int]) -> torch.cuda.Event | None:
@@ -220,6 +241,7 @@ class DeviceResidency:
         """Free the request's device blocks, no write-back. Not resident: nothing to do, so
         the batcher may release a finished or aborted request wherever its KV lives."""
         r = self._requests.pop(request_id, None)
+        self._copying.pop(request_id, None)
         if r is not None:
             self._landed(r)  # whoever gets the blocks next writes them after the copies
             self.allocator.free(r.device_blocks)
@@ -227,6 +249,7 @@ class DeviceResidency:
     def release_all(self) -> None:
         for request_id in list(self._requests):
             self.release(request_id)
+        self._batches.clear()
         if self.second is not None:
             self.second.release_all()
 

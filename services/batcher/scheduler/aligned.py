@@ -110,7 +110,10 @@ class AlignedPolicy:
         for lane in self.lanes:
             loads = landed[lane]
             free[lane] -= sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in loads)
-            members, free[lane], make_room = lane.next_decode(sched, loads, free[lane])
+            # a pass waiting for copies holds up the step's answer: only if no device has
+            # a member ready
+            may_wait = not any(set(o.resident) - o.copying for o in self.lanes if o is not lane)
+            members, free[lane], make_room = lane.next_decode(sched, loads, free[lane], may_wait)
             for request_id in make_room:  # (they left the lane)
                 del self.lane_of[request_id]
                 self._to_pool(sched, sched.store.get(request_id), now)
@@ -356,6 +359,11 @@ class AlignedPolicy:
     def on_prefetch_done(self) -> None:
         for lane in self.lanes:
             lane.loading_done = bool(lane.loading)
+
+    def on_copied(self, request_ids) -> None:
+        """These residents' loads have landed (an answer no longer lists them as copying)."""
+        for lane in self.lanes:
+            lane.copying.difference_update(request_ids)
 
     def on_token(self, request: Request) -> None:
         lane = self.lane_of.get(request.request_id)

@@ -86,6 +86,10 @@ class Lane:
         self.max_length = max_length  # lengths are bucketed up to this (the pool's index)
         self.resident: dict[str, None] = {}  # on the device, in load order
         self.undecoded: set[str] = set()  # resident, no token decoded since it landed
+        # resident, its KV maybe still copying in (the worker copies at the step that lands
+        # it, beside the steps; `on_copied` once an answer says it landed): left out of the
+        # steps while others decode, so that no step waits for a load
+        self.copying: set[str] = set()
         self.loading: list[str] = []  # streaming in (PREFETCHING)
         self.loading_done = False
         self.groups: list[list[str]] = []  # the residents, each in one group
@@ -137,6 +141,7 @@ class Lane:
             sched.store.transition(request, S.RUNNING)
             self.resident[request_id] = None
             self.undecoded.add(request_id)
+            self.copying.add(request_id)
             self.held_blocks += sched.blocks_for(request.num_kv_tokens)
         self.loading, self.loading_done = [], False
         return landed
@@ -154,6 +159,7 @@ class Lane:
         del self.resident[request_id]
         self._drop(sched, request_id)
         self.undecoded.discard(request_id)
+        self.copying.discard(request_id)
         request = sched.store.get(request_id)
         self.gpu_tokens -= request.num_tokens
         self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
@@ -175,6 +181,7 @@ class Lane:
             del self.resident[rid]
             self._drop(sched, rid)
         self.undecoded.discard(rid)
+        self.copying.discard(rid)
         if rid in self.loading:
             self.loading.remove(rid)
             if not self.loading:
@@ -182,7 +189,7 @@ class Lane:
 
     # ---- the step's group --------------------------------------------------------------
     def next_decode(
-        self, sched: Scheduler, landed: list[str], free: int
+        self, sched: Scheduler, landed: list[str], free: int, may_wait: bool = True
     ) -> tuple[list[str], int, list[str]]:
         """The group this step decodes: the members the device has room for (a member whose
         next token starts a block needs one more), the blocks left, and the members that
@@ -190,7 +197,9 @@ class Lane:
         device full of members that all need a block would stall). A member alone on the
         device always fits (admission). Leavers drop out of their groups and joiners slot
         into one; lengths grow in lockstep, so the partition stays sound until
-        membership has changed by a quarter."""
+        membership has changed by a quarter. Members whose KV is still copying in sit the
+        step out; if the whole group is, it waits for their copies only if `may_wait` (the
+        step's answer waits for every device's pass: no other device has one ready)."""
         self.steps_since_regroup += 1
         self.churn += len(landed)
         landed = [r for r in landed if r in self.resident]  # (some may have left already)
@@ -202,8 +211,12 @@ class Lane:
             self.regroup(sched)
         elif landed:
             self._insert(sched, landed)
+        group = self._next_group()
+        ready = [r for r in group if r not in self.copying]
+        if ready or not may_wait:
+            group = ready
         decode, short = [], []
-        for request_id in self._next_group():
+        for request_id in group:
             kv = sched.store.get(request_id).num_kv_tokens
             grow = sched.blocks_for(kv + 1) - sched.blocks_for(kv)
             if grow <= free:
@@ -309,6 +322,7 @@ class Lane:
     # ---- checks ------------------------------------------------------------------------
     def check_invariants(self, sched: Scheduler) -> None:
         assert set(self.resident) >= self.undecoded
+        assert set(self.resident) >= self.copying
         on_gpu = [*self.resident, *self.loading]
         assert self.gpu_tokens == sum(sched.store.get(r).num_tokens for r in on_gpu), self.name
         held = sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in self.resident)

@@ -61,9 +61,14 @@ def simulate_engine(
     - a step's time is its slowest device's: the decode GPU's pass (its decode members and
       any prefill mixed into its step: fcfs's chunks, aligned's turns, or aligned's prefill
       with no prefill device), and the prefill device's own decode pass when it has residents
-      (role switching), each after loading the KV landing there (from the pool, as the
-      worker loads at the step that lands it: over both PCIe links onto a decode GPU with
-      a prefetch GPU beside it, else over that GPU's own);
+      (role switching);
+    - KV landing on a device is copied from the pool from the step that lands it, beside
+      the steps (one load after another per device, as the worker's copy streams run them),
+      over both PCIe links onto a decode GPU with a prefetch GPU beside it, else over that
+      GPU's own. A pass that decodes a request whose copy still runs waits for it
+      (`stall_s`, on the decode GPU); the scheduler learns a copy is done at the first step
+      answered after it ended (`on_copied`), and leaves such requests out of its steps
+      until then;
     - a prefill batch planned for the prefill device (`num_prefill_device_blocks`) runs there
       after the one before it, across steps; the engine learns it is done at the first step
       answered after it finished (`prefill_done`);
@@ -78,6 +83,8 @@ def simulate_engine(
     device_free_s = 0.0  # when the prefill device finishes its queued batches
     prefilling: list[tuple[float, list[str]]] = []  # (done at, requests) on the prefill device
     synced: dict[str, int] = {}  # a resident's KV tokens also in the pool (as of its load)
+    link_free_s = [0.0, 0.0]  # per device (decode, prefill): when its loads' copies end
+    copied_at: dict[str, float] = {}  # landed requests whose copy end is not yet answered
     while i < len(pending) or len(sched.store):
         while i < len(pending) and pending[i].arrival_s <= now:
             r = pending[i]
@@ -112,10 +119,15 @@ def simulate_engine(
             synced.update((r, sched.store.get(r).num_kv_tokens) for r in loads)
             # the decode GPU loads over both links when it has a prefetch GPU beside it; the
             # prefill device's own residents, and a GPU alone, over one
-            lane_load_s = cost.h2d_s(
-                sum(sched.store.get(r).num_kv_tokens for r in loads) * kv_bytes,
-                links=2 if has_device and not on_prefill_device else 1,
-            )
+            links = 2 if has_device and not on_prefill_device else 1
+            lane = int(on_prefill_device)
+            for r in loads:
+                copy_s = cost.h2d_s(sched.store.get(r).num_kv_tokens * kv_bytes, links=links)
+                link_free_s[lane] = max(now, link_free_s[lane]) + copy_s
+                copied_at[r] = link_free_s[lane]
+            members = [r for r in plan.decode if (r in there) == on_prefill_device]
+            # the pass starts once the copies of the members it decodes have landed
+            lane_load_s = max([now, *(copied_at.get(r, now) for r in members)]) - now
             prefill_tokens = 0 if on_prefill_device else sum(n for _, n in in_step)
             lane_s = lane_load_s
             if len(lengths) or prefill_tokens:
@@ -154,6 +166,11 @@ def simulate_engine(
         sched.observe_step(plan, decode_gpu_s)
         if plan.prefetch:  # loaded at the step that lands them, as the worker does
             sched.policy.on_prefetch_done()
+        copied = [r for r, at in copied_at.items() if at <= now]
+        if copied:
+            sched.policy.on_copied(copied)
+            for r in copied:
+                del copied_at[r]
         stats.peak_pool_blocks = max(stats.peak_pool_blocks, sched.allocator.num_used)
         if check:
             sched.check_invariants()

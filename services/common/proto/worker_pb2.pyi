@@ -142,12 +142,13 @@ class SampledToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "tokens", "compute_s", "second_compute_s", "load_s", "prefilled", "prefill_s", "launch_s")
+    __slots__ = ("step", "tokens", "compute_s", "second_compute_s", "load_s", "copying", "prefilled", "prefill_s", "launch_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     SECOND_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    COPYING_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     LAUNCH_S_FIELD_NUMBER: _ClassVar[int]
@@ -156,7 +157,8 @@ class StepResponse(_message.Message):
     compute_s: float
     second_compute_s: float
     load_s: float
+    copying: _containers.RepeatedScalarFieldContainer[str]
     prefilled: _containers.RepeatedScalarFieldContainer[str]
     prefill_s: float
     launch_s: float
-    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., second_compute_s: _Optional[float] = ..., load_s: _Optional[float] = ..., prefilled: _Optional[_Iterable[str]] = ..., prefill_s: _Optional[float] = ..., launch_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., second_compute_s: _Optional[float] = ..., load_s: _Optional[float] = ..., copying: _Optional[_Iterable[str]] = ..., prefilled: _Optional[_Iterable[str]] = ..., prefill_s: _Optional[float] = ..., launch_s: _Optional[float] = ...) -> None: ...
