@@ -57,6 +57,7 @@ the device tool's 10-minute limit; a cell cut short is reported with its unfinis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -172,10 +173,14 @@ def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_
     ]  # fmt: skip
 
 
-def run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_after, timings):
+def run_policy(
+    policy, args, model, env, vocab, blocks, work, clock, servers_after, timings, report
+):
     """Serve this variant and run its benches: offline, then the online rates (--rate, and
     each --rate-fraction of the baseline's offline request rate, measured before). Results
-    land in work/<variant>/{offline,online}/."""
+    land in work/<variant>/{offline,online}/; `report()` writes the outputs once the benches
+    are done, before the server stops (an OPT-13B server takes a while to), so a call cut
+    short there still has them."""
     peer_run = policy == "aligned" and 0 < args.peer_requests != args.num_requests
     start = time.monotonic()
     with serving(policy, args, model, env, blocks, work / policy / "logs"):
@@ -200,6 +205,7 @@ def run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_aft
             cmd = bench_args(args, vocab, args.num_requests, rates, timeout)
             subprocess.run([*cmd, "--out", str(work / policy / "online")], env=env, check=False)
         timings[f"{policy}_bench_s"] = time.monotonic() - start
+        report()
 
 
 def fraction_rates(work: Path, baseline: str, fractions: list[float]) -> list[float]:
@@ -326,18 +332,18 @@ def main() -> None:
         print(f"model written to {model} in {timings['model_write_s']:.0f} s", flush=True)
         vocab = ModelConfig.from_dir(model).vocab_size
         blocks = device_blocks(model, args.device_kv_gib)
+        report = functools.partial(write_outputs, args, work, timings, blocks, device)
         if args.peer_json:  # our engine then runs the requests the peer ran
             shutil.copy(args.peer_json, work / "peer.json")
             args.peer_requests = json.loads(Path(args.peer_json).read_text())["num_requests"]
         elif args.peer_requests:
             run_peer(args, model, env, work, clock, timings)
-            write_outputs(args, work, timings, blocks, device)
+            report()
         for i, policy in enumerate(args.policies):
             servers_after = len(args.policies) - i - 1
             try:
-                run_policy(
-                    policy, args, model, env, vocab, blocks, work, clock, servers_after, timings
-                )
+                run_policy(policy, args, model, env, vocab, blocks, work, clock, servers_after,
+                           timings, report)  # fmt: skip
             except (RuntimeError, TimeoutError) as e:  # its server failed to start, or died
                 # the next variants still run; the report says why this one has no cells, and
                 # its logs (work/<variant>/logs) go into the .tar.gz with the rest
