@@ -415,3 +415,33 @@ def test_the_lanes_balance_by_members_as_well_as_kv():
         len(main.resident),
         len(second.resident),
     )
+
+
+def test_a_lane_decodes_a_ready_group_before_one_still_copying():
+    """Round-robin skips a group whose members are all still copying in while another
+    group has one ready; with none ready the first copying group comes back (decoded only
+    if the step may wait for it)."""
+    # padded attention and little weight to share: short and long decode apart
+    config = replace(two_small_lanes(0.5), kernel_cost="padded", weight_kv_tokens=1000)
+    lane = Lane(config, num_device_blocks=4096, max_length=1 << 16, name="decode device")
+    lengths = {"s0": 100, "s1": 110, "l0": 6000, "l1": 6100}  # two length groups
+    requests = {
+        rid: SimpleNamespace(request_id=rid, num_tokens=n, num_kv_tokens=n - 1)
+        for rid, n in lengths.items()
+    }
+    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
+    sched = SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+    for request_id in lengths:
+        lane.start_loading(sched, request_id)
+    landed = lane.land(sched, free_blocks=4096)
+    lane.regroup(sched)
+    assert sorted(map(sorted, lane.groups)) == [["l0", "l1"], ["s0", "s1"]]
+    lane.copying = set(lane.groups[lane.next_group])  # the group whose turn it is
+    ready = sorted(set(landed) - lane.copying)
+    for _ in range(3):  # every step, whatever the turn
+        decode, _, _ = lane.next_decode(sched, [], free=1024, may_wait=False)
+        assert sorted(decode) == ready
+    lane.copying = set(lengths)  # none ready: the group whose turn it is, if it may wait
+    assert lane.next_decode(sched, [], free=1024, may_wait=False)[0] == []
+    assert len(lane.next_decode(sched, [], free=1024)[0]) == 2
+    lane.check_invariants(sched)

@@ -311,13 +311,22 @@ class Lane:
             self.group_of[request_id] = g
 
     def _next_group(self) -> list[str]:
-        """Round-robin over groups, skipping those every member has left."""
+        """Round-robin over groups, skipping those every member has left, and those whose
+        members are all still copying in while a group has one ready (with none ready: the
+        first of them, which the step decodes only if it may wait for the copies)."""
+        first_copying = None
         for _ in range(len(self.groups)):
-            group = self.groups[self.next_group]
-            self.next_group = (self.next_group + 1) % len(self.groups)
-            if group:
+            g = self.next_group
+            self.next_group = (g + 1) % len(self.groups)
+            group = self.groups[g]
+            if any(r not in self.copying for r in group):
                 return list(group)
-        return []
+            if group and first_copying is None:
+                first_copying = g
+        if first_copying is None:
+            return []
+        self.next_group = (first_copying + 1) % len(self.groups)
+        return list(self.groups[first_copying])
 
     # ---- checks ------------------------------------------------------------------------
     def check_invariants(self, sched: Scheduler) -> None:
