@@ -442,6 +442,51 @@ def test_a_lane_decodes_a_ready_group_before_one_still_copying():
         decode, _, _ = lane.next_decode(sched, [], free=1024, may_wait=False)
         assert sorted(decode) == ready
     lane.copying = set(lengths)  # none ready: the group whose turn it is, if it may wait
+    turn = lane.next_group
     assert lane.next_decode(sched, [], free=1024, may_wait=False)[0] == []
-    assert len(lane.next_decode(sched, [], free=1024)[0]) == 2
+    assert lane.next_group == turn  # it keeps its turn for when its copies are in
+    assert sorted(lane.next_decode(sched, [], free=1024)[0]) == sorted(lane.groups[turn])
     lane.check_invariants(sched)
+
+
+def test_loads_still_copying_wait_only_when_no_device_has_a_member_ready():
+    """Loads copy for several steps (as ~1 GB requests over one link do). A step decodes a
+    member still copying only if every member it decodes is (no device had one ready: the
+    step's answer waits for both devices' passes), and every request still finishes."""
+    sched = make_scheduler(two_small_lanes(0.0))
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    for i in range(12):
+        sched.add_request(f"r{i}", range(100), params, 0.0)
+    copy_steps = 4
+    copying: dict[str, int] = {}  # request -> steps its copies still take
+    now, queued, mixed_steps, waited_steps = 0.0, [], 0, 0
+    for _ in range(2000):
+        if not len(sched.store):
+            break
+        plan = sched.schedule(now)
+        if plan.prefill:
+            queued.append((max([now, *(at for at, _ in queued[-1:])]) + 0.05, plan.prefill))
+        copying.update(dict.fromkeys(plan.load, copy_steps))
+        decoding_copying = set(plan.decode) & set(copying)
+        if decoding_copying:
+            assert decoding_copying == set(plan.decode), "a ready member waited for copies"
+            waited_steps += 1
+        elif copying:
+            mixed_steps += 1  # loads copying beside a step of ready members
+        finished = sched.update(plan, dict.fromkeys(plan.decode, 7), now)
+        now += 0.01
+        while queued and queued[0][0] <= now:
+            _, batch = queued.pop(0)
+            ids = [rid for rid, _ in batch]
+            finished += sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
+        for request in finished:
+            sched.store.pop(request.request_id)
+        if plan.prefetch:
+            sched.policy.on_prefetch_done()
+        copying = {r: n - 1 for r, n in copying.items()}
+        done = [r for r, n in copying.items() if n <= 0]
+        sched.policy.on_copied(done)
+        copying = {r: n for r, n in copying.items() if n > 0 and r in sched.store}
+        sched.check_invariants()
+    assert not len(sched.store), "requests left unfinished"
+    assert mixed_steps > 0  # the case the rule is for happened

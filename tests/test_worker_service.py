@@ -698,9 +698,9 @@ def test_gpu_loads_copy_beside_the_stream_and_report_when_landed():
     attached = CpuKVPool.attach(pool.name, layout, 512)
     res = DeviceResidency(KVCache(layout, 600, device="cuda"), attached)
     try:
+        torch.cuda._sleep(1 << 30)  # the stream busy (~0.5 s): the copies queue behind it
         res.load_batch([("x", list(range(256)), 256 * 16), ("y", list(range(256, 512)), 4096)])
-        still = set(res.copying())
-        assert still <= {"x", "y"}
+        assert set(res.copying()) == {"x", "y"} and res.landed_seconds() == 0.0
         res.release("y")
         assert "y" not in res.copying()
         torch.cuda.synchronize()

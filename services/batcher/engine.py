@@ -394,7 +394,8 @@ class BatcherEngine:
         if copied and hasattr(self.scheduler.policy, "on_copied"):
             self.scheduler.policy.on_copied(copied)
         if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
-            # this worker loads synchronously, at the step that lands them
+            # what started streaming in may land at the next step: the worker starts its
+            # copies there, and they run beside the steps (`on_copied` once they are in)
             self.scheduler.policy.on_prefetch_done()
         tokens = {t.request_id: t.token_id for t in response.tokens}
         logprobs = {t.request_id: t.logprob for t in response.tokens}

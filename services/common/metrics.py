@@ -111,7 +111,8 @@ BATCH_LENGTH_SPREAD = Histogram(
 )
 PREFETCH_SECONDS = Histogram(
     f"{PREFIX}prefetch_seconds",
-    "Time to bring a batch's KV from the CPU pool onto the decode device.",
+    "Time to bring a step's loaded KV from the CPU pool onto a device (per step answer: "
+    "the longest load that landed since the one before).",
     MODEL,
     buckets=PREFETCH_BUCKETS,
 )

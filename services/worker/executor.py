@@ -227,9 +227,13 @@ class StepExecutor:
         """Free the released requests' device blocks; drop their sampled tokens of the step
         before and their prefill results still to come."""
         prefilling = self._prefilling_ids()
+        # on each lane's stream: a block freed while its load still copies in is taken by
+        # work queued there (a member growing), which must come after the copies
+        for runner, lane_res in lanes:
+            with self._on_lane(runner):
+                for request_id in request.release:
+                    lane_res.release(request_id)
         for request_id in request.release:
-            for _, lane_res in lanes:
-                lane_res.release(request_id)
             self._last_sampled.pop(request_id, None)
             if before is not None:
                 before.dropped.add(request_id)

@@ -72,7 +72,8 @@ class DeviceResidency:
         )
         self._requests: dict[str, _Resident] = {}
         # Loads whose copies may still run (GPU): each request's end of copies, and each load
-        # batch's (begin, end), or its seconds where the copies are done when `load` returns.
+        # batch's (begin, end), or its seconds where the copies are done when `load_batch`
+        # returns (CPU).
         # Queried, never waited for: a step that uses none of them answers without them.
         self._copying: dict[str, torch.cuda.Event] = {}
         self._batches: list[tuple[torch.cuda.Event, torch.cuda.Event] | float] = []
@@ -120,7 +121,7 @@ class DeviceResidency:
     def load(self, request_id: str, pool_blocks: Sequence[int], num_kv_tokens: int) -> None:
         """Bring the first num_kv_tokens tokens of KV from the request's pool blocks onto the
         device; it is resident after, fully synced. num_kv_tokens=0 only registers it."""
-        self._load_all([(request_id, pool_blocks, num_kv_tokens)])
+        self.load_batch([(request_id, pool_blocks, num_kv_tokens)])
 
     def load_batch(self, loads: Sequence[tuple[str, Sequence[int], int]]) -> None:
         """`load` each (request_id, pool_blocks, num_kv_tokens), their copies started

@@ -211,12 +211,10 @@ class Lane:
             self.regroup(sched)
         elif landed:
             self._insert(sched, landed)
-        group = self._next_group()
+        group = self._next_group(may_wait)
         ready = [r for r in group if r not in self.copying]
-        if ready or not may_wait:
-            group = ready
         decode, short = [], []
-        for request_id in group:
+        for request_id in ready or group:  # (all copying: only if it may wait)
             kv = sched.store.get(request_id).num_kv_tokens
             grow = sched.blocks_for(kv + 1) - sched.blocks_for(kv)
             if grow <= free:
@@ -310,10 +308,11 @@ class Lane:
             self.groups[g].append(request_id)
             self.group_of[request_id] = g
 
-    def _next_group(self) -> list[str]:
+    def _next_group(self, may_wait: bool) -> list[str]:
         """Round-robin over groups, skipping those every member has left, and those whose
-        members are all still copying in while a group has one ready (with none ready: the
-        first of them, which the step decodes only if it may wait for the copies)."""
+        members are all still copying in while a group has one ready. With none ready: the
+        first of them if the step may wait for its copies, else none (and that group keeps
+        its turn)."""
         first_copying = None
         for _ in range(len(self.groups)):
             g = self.next_group
@@ -324,6 +323,9 @@ class Lane:
             if group and first_copying is None:
                 first_copying = g
         if first_copying is None:
+            return []
+        if not may_wait:
+            self.next_group = first_copying
             return []
         self.next_group = (first_copying + 1) % len(self.groups)
         return list(self.groups[first_copying])

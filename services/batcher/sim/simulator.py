@@ -63,7 +63,8 @@ def simulate_engine(
       with no prefill device), and the prefill device's own decode pass when it has residents
       (role switching);
     - KV landing on a device is copied from the pool from the step that lands it, beside
-      the steps (one load after another per device, as the worker's copy streams run them),
+      the steps (each step's loads of a device in one copy call, as the worker issues them,
+      landing together; one call after another per device),
       over both PCIe links onto a decode GPU with a prefetch GPU beside it, else over that
       GPU's own. A pass that decodes a request whose copy still runs waits for it
       (`stall_s`, on the decode GPU); the scheduler learns a copy is done at the first step
@@ -121,10 +122,11 @@ def simulate_engine(
             # prefill device's own residents, and a GPU alone, over one
             links = 2 if has_device and not on_prefill_device else 1
             lane = int(on_prefill_device)
-            for r in loads:
-                copy_s = cost.h2d_s(sched.store.get(r).num_kv_tokens * kv_bytes, links=links)
+            if loads:  # one copy call a step: its loads land together, when it ends
+                tokens = sum(sched.store.get(r).num_kv_tokens for r in loads)
+                copy_s = cost.h2d_s(tokens * kv_bytes, links=links)
                 link_free_s[lane] = max(now, link_free_s[lane]) + copy_s
-                copied_at[r] = link_free_s[lane]
+                copied_at.update(dict.fromkeys(loads, link_free_s[lane]))
             members = [r for r in plan.decode if (r in there) == on_prefill_device]
             # the pass starts once the copies of the members it decodes have landed
             lane_load_s = max([now, *(copied_at.get(r, now) for r in members)]) - now
@@ -164,7 +166,7 @@ def simulate_engine(
         sched.take_preempted()  # the cost model frees a preempted request's KV at once
         _finished(sched, sched.update(plan, tokens, now), stats, synced)
         sched.observe_step(plan, decode_gpu_s)
-        if plan.prefetch:  # loaded at the step that lands them, as the worker does
+        if plan.prefetch:  # landed at the next step, whose copies then run beside the steps
             sched.policy.on_prefetch_done()
         copied = [r for r, at in copied_at.items() if at <= now]
         if copied:
