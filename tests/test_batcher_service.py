@@ -257,6 +257,86 @@ def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, p
         assert finish == "length"
 
 
+@pytest.mark.parametrize(("device", "prefill_decode_blocks"), [("cpu", 0), ("cpu+cpu", 24)])
+def test_loads_listed_as_copying_for_several_answers_still_give_the_runtimes_tokens(
+    model_dir, device, prefill_decode_blocks, monkeypatch
+):
+    """On a GPU a load's copies can outlast several steps: the worker lists the request as
+    copying in its answers meanwhile, and the batcher decodes it only once an answer no
+    longer does (or if nothing else is ready). Here the CPU worker lists every load in its
+    next six answers: requests loaded by steps still in flight, onto either device, must
+    all still be decoded, to the runtime's tokens, and each is reported landed to the
+    policy once an answer no longer lists it. (Which members a step leaves out is the
+    policy's rule, tested in test_scheduler.py.)"""
+    from alignedserve.worker.residency import DeviceResidency
+
+    listed: dict[str, int] = {}  # request -> answers still to list it in (both devices)
+    load_batch = DeviceResidency.load_batch
+
+    def slow_load_batch(self, loads):
+        load_batch(self, loads)
+        listed.update((request_id, 6) for request_id, _, _ in loads)
+
+    def slow_copying(self):
+        if not self._owns_pool:  # asked once per answer of each device: count the first's
+            return []
+        for request_id in list(listed):
+            listed[request_id] -= 1
+            there = self.second is not None and self.second.is_resident(request_id)
+            if listed[request_id] <= 0 or not (self.is_resident(request_id) or there):
+                del listed[request_id]
+        return list(listed)
+
+    monkeypatch.setattr(DeviceResidency, "load_batch", slow_load_batch)
+    monkeypatch.setattr(DeviceResidency, "copying", slow_copying)
+    from alignedserve.batcher.scheduler.aligned import AlignedPolicy
+
+    copied: list[str] = []  # what the engine told the policy has landed
+    on_copied = AlignedPolicy.on_copied
+
+    def recording_on_copied(self, request_ids):
+        copied.extend(request_ids)
+        return on_copied(self, request_ids)
+
+    monkeypatch.setattr(AlignedPolicy, "on_copied", recording_on_copied)
+    answers: list[set[str]] = []  # each answer's listed requests
+    finish = StepExecutor.finish
+
+    def recording_finish(self, launched):
+        response = finish(self, launched)
+        answers.append(set(response.copying))
+        return response
+
+    monkeypatch.setattr(StepExecutor, "finish", recording_finish)
+    prompts = random_prompts((40, 35, 50, 45, 38, 42, 47, 33), seed=7)
+    n = 24
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
+
+    async def main():
+        decode, _, prefetch = device.partition("+")
+        async with stack(
+            model_dir,
+            free_port(),
+            decode,
+            prefetch or None,
+            device_blocks=12,  # about two requests: loads keep coming from the pool
+            prefill_decode_blocks=prefill_decode_blocks,
+        ) as (stub, _):
+            return await asyncio.wait_for(
+                asyncio.gather(
+                    *(generate(stub, f"c{i}", p, greedy(n)) for i, p in enumerate(prompts))
+                ),
+                120,
+            )
+
+    for (tokens, finish_reason, _), ref in zip(asyncio.run(main()), expected, strict=True):
+        assert tokens == ref.token_ids
+        assert finish_reason == "length"
+    ever_listed = set().union(*answers)
+    assert ever_listed  # loads were listed across answers
+    assert ever_listed <= set(copied)  # each was reported landed once no answer listed it
+
+
 @pytest.mark.parametrize("policy", ["aligned", "fcfs"])
 def test_a_step_the_worker_rejects_fails_its_requests_and_the_batcher_serves_on(
     model_dir, policy, monkeypatch, caplog
