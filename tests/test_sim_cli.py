@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel, GpuSpec
+from alignedserve.batcher.sim.cost_model import LLAMA3_8B, OPT_13B, CostModel, GpuSpec
 from alignedserve.batcher.sim.simulator import configs_for, simulate
-from alignedserve.batcher.sim.workload import paper_mix
+from alignedserve.batcher.sim.workload import WORKLOADS, paper_mix
 from alignedserve.cli import main
 
 
@@ -89,3 +89,17 @@ def test_loads_take_the_links_the_worker_loads_over(prefill_device, monkeypatch)
     monkeypatch.setattr(CostModel, "h2d_s", recorded)
     simulate(requests, config, cost)
     assert set(taken) == ({1, 2} if prefill_device else {1}), sorted(set(taken))
+
+
+def test_the_decode_gpu_waiting_for_the_prefill_devices_pass_is_counted():
+    """A step's answer waits for both devices' passes: with role switching the decode GPU
+    waits whenever the prefill device's pass is the longer, and the summary says how much
+    of the step time that was. Without a prefill lane it never waits for it."""
+    requests = WORKLOADS["paper-90"](40, 0, None)
+    cost = CostModel(OPT_13B, padded=False)
+    waits = []
+    for blocks in (0, 7208):
+        config = configs_for(cost, 160 * 2**30, aligned={"num_prefill_decode_blocks": blocks})
+        waits.append(simulate(requests, config["aligned"], cost, check=True).lane_wait_fraction)
+    assert waits[0] == 0.0
+    assert 0.0 < waits[1] < 0.5

@@ -101,6 +101,11 @@ def run_sim(args: argparse.Namespace) -> int:
                 for policy, s in row.items():
                     print(f"{shape:<10}{cost_name:<9}{policy:<9}" + _cells(s))
                 a, f = row["aligned"], row["fcfs"]
+                if a.lane_wait_fraction:
+                    print(
+                        f"{'':<19}aligned: the decode GPU waited for the prefill device's pass "
+                        f"{100 * a.lane_wait_fraction:.1f} % of the step time"
+                    )
                 speedup = a.throughput_tok_s / f.throughput_tok_s
                 print(
                     f"{'':<19}ratio    aligned/fcfs throughput {speedup:.2f}x"

@@ -50,6 +50,10 @@ class EngineStats:
     schedule_s: list[float] = field(default_factory=list)  # wall time of each decision
     peak_pool_blocks: int = 0
     stall_s: float = 0.0  # decode GPU waiting for KV copies
+    step_s: float = 0.0  # the steps' summed time
+    # the decode GPU's share of it spent waiting for the prefill device's pass of the same
+    # step (role switching: a step's answer waits for both devices)
+    lane_wait_s: float = 0.0
     max_pool_wait_s: float = 0.0  # longest wait of any request in the pool for a batch
 
 
@@ -159,6 +163,8 @@ def simulate_engine(
         decode_s = max(decode_s, IDLE_STEP_S)
         now += decode_s
         stats.stall_s += load_s
+        stats.step_s += decode_s
+        stats.lane_wait_s += max(0.0, decode_s - max(decode_gpu_s, IDLE_STEP_S))
         stats.num_steps += 1
         # as the engine: the step is applied when sent, its answer observed after it
         tokens = dict.fromkeys(plan.decode, 0)
@@ -217,6 +223,7 @@ class SimSummary:
     peak_pool_fraction: float
     num_preemptions: int
     num_rejected: int
+    lane_wait_fraction: float = 0.0  # of step time, the decode GPU waiting for the other
 
 
 def simulate(
@@ -254,6 +261,8 @@ def simulate(
         peak_pool_fraction=max(r.peak_pool_blocks for r in runs) / config.num_pool_blocks,
         num_preemptions=sum(r.num_preemptions for r in runs),
         num_rejected=sum(r.num_rejected for r in runs),
+        lane_wait_fraction=sum(r.lane_wait_s for r in runs)
+        / max(sum(r.step_s for r in runs), 1e-12),
     )
 
 
