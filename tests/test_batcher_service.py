@@ -85,6 +85,29 @@ def greedy(n):
     return factories.greedy(n, ignore_eos=True)
 
 
+def assert_serves_the_runtimes_tokens(model_dir, device, prompts, n, prefix, **stack_kw):
+    """Every prompt at once through a worker on `device` ("decode" or "decode+prefetch") and
+    a batcher (`stack_kw`), greedy for n tokens: each gets the runtime's tokens, all n."""
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
+
+    async def main():
+        decode, _, prefetch = device.partition("+")
+        async with stack(model_dir, free_port(), decode, prefetch or None, **stack_kw) as (
+            stub,
+            _,
+        ):
+            return await asyncio.wait_for(
+                asyncio.gather(
+                    *(generate(stub, f"{prefix}{i}", p, greedy(n)) for i, p in enumerate(prompts))
+                ),
+                120,
+            )
+
+    for (tokens, finish, _), ref in zip(asyncio.run(main()), expected, strict=True):
+        assert tokens == ref.token_ids
+        assert finish == "length"
+
+
 @pytest.mark.parametrize(
     ("policy", "device"),
     [
@@ -237,24 +260,9 @@ def test_a_full_device_preempts_and_still_gives_the_runtimes_tokens(model_dir, p
     requests, aligned keeps most in the pool. The worker must free a preempted request's
     blocks before the plan hands them on (it ran out of blocks and looped on recovery)."""
     prompts = random_prompts((40, 35, 50, 45, 38, 42, 47, 33), seed=9)
-    n = 40
-    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
-
-    async def main():
-        decode, _, prefetch = device.partition("+")
-        async with stack(
-            model_dir, free_port(), decode, prefetch or None, device_blocks=12, policy=policy
-        ) as (stub, _):
-            return await asyncio.wait_for(
-                asyncio.gather(
-                    *(generate(stub, f"p{i}", p, greedy(n)) for i, p in enumerate(prompts))
-                ),
-                120,
-            )
-
-    for (tokens, finish, _), ref in zip(asyncio.run(main()), expected, strict=True):
-        assert tokens == ref.token_ids
-        assert finish == "length"
+    assert_serves_the_runtimes_tokens(
+        model_dir, device, prompts, 40, "p", device_blocks=12, policy=policy
+    )
 
 
 @pytest.mark.parametrize(("device", "prefill_decode_blocks"), [("cpu", 0), ("cpu+cpu", 24)])
@@ -309,29 +317,15 @@ def test_loads_listed_as_copying_for_several_answers_still_give_the_runtimes_tok
 
     monkeypatch.setattr(StepExecutor, "finish", recording_finish)
     prompts = random_prompts((40, 35, 50, 45, 38, 42, 47, 33), seed=7)
-    n = 24
-    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [greedy(n)] * len(prompts))
-
-    async def main():
-        decode, _, prefetch = device.partition("+")
-        async with stack(
-            model_dir,
-            free_port(),
-            decode,
-            prefetch or None,
-            device_blocks=12,  # about two requests: loads keep coming from the pool
-            prefill_decode_blocks=prefill_decode_blocks,
-        ) as (stub, _):
-            return await asyncio.wait_for(
-                asyncio.gather(
-                    *(generate(stub, f"c{i}", p, greedy(n)) for i, p in enumerate(prompts))
-                ),
-                120,
-            )
-
-    for (tokens, finish_reason, _), ref in zip(asyncio.run(main()), expected, strict=True):
-        assert tokens == ref.token_ids
-        assert finish_reason == "length"
+    assert_serves_the_runtimes_tokens(
+        model_dir,
+        device,
+        prompts,
+        24,
+        "c",
+        device_blocks=12,  # about two requests: loads keep coming from the pool
+        prefill_decode_blocks=prefill_decode_blocks,
+    )
     ever_listed = set().union(*answers)
     assert ever_listed  # loads were listed across answers
     assert ever_listed <= set(copied)  # each was reported landed once no answer listed it

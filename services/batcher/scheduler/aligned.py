@@ -112,7 +112,9 @@ class AlignedPolicy:
             free[lane] -= sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in loads)
             # a pass waiting for copies holds up the step's answer: only if no device has
             # a member ready
-            may_wait = not any(set(o.resident) - o.copying for o in self.lanes if o is not lane)
+            may_wait = not any(
+                r not in o.copying for o in self.lanes if o is not lane for r in o.resident
+            )
             members, free[lane], make_room = lane.next_decode(sched, loads, free[lane], may_wait)
             for request_id in make_room:  # (they left the lane)
                 del self.lane_of[request_id]
