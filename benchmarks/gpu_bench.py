@@ -183,8 +183,8 @@ def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Embedding]:
 def decode_grid(
     ceil: dict[str, float], quick: bool, shape: str = "llama3-8b", grid: bool = True
 ) -> dict:
-    """The grid (unless not `grid`); for the Llama shape also mixed batches, a prefetch
-    beside a step, and prefill (studies of the shape the issue's targets name)."""
+    """The grid (unless not `grid`), and prefill; for the Llama shape also mixed batches
+    and a prefetch beside a step (studies of the shape the issue's targets name)."""
     model, config, kv = build_model(shape)
     num_blocks = kv.num_blocks
     params = sum(p.numel() for p in model.parameters())
@@ -207,15 +207,12 @@ def decode_grid(
             break
         met = sum(row[key] >= 0.75 for row in rows)
         print(f"  cells at >= 75 % of the roofline, {label}: {met} of {len(rows)}")
-    if shape != "llama3-8b":
-        return {"shape": shape, "grid": rows}
-    return {
-        "shape": shape,
-        "grid": rows,
-        "mixed": [mixed_cell(model, config, kv, batch) for batch in (8, 32, 128)],
-        "with_prefetch": decode_with_prefetch(model, config, kv),
-        "prefill": prefill_speed(model, config, kv, ceil, read_params),
-    }
+    result = {"shape": shape, "grid": rows}
+    if shape == "llama3-8b":
+        result["mixed"] = [mixed_cell(model, config, kv, batch) for batch in (8, 32, 128)]
+        result["with_prefetch"] = decode_with_prefetch(model, config, kv)
+    result["prefill"] = prefill_speed(model, config, kv, ceil, read_params)
+    return result
 
 
 def served_lengths(batch: int, seed: int = 0) -> list[int]:

@@ -25,6 +25,13 @@ calls, and the load's GB/s (device time from before the first copy to the last).
     PYTHONPATH=$S python3 benchmarks/prefetch_host.py --previous benchmarks/previous/s26 --out $OUT
     PYTHONPATH=$S python3 benchmarks/prefetch_host.py --chunk-mib 128 256 512 --out $OUT  # tuning
     PYTHONPATH=$S python3 benchmarks/prefetch_host.py --direct-share 0.5 0.55 --out $OUT  # split
+    PYTHONPATH=$S python3 benchmarks/prefetch_host.py --previous benchmarks/previous/s28 \
+        --beside-prefill --out $OUT                                        # the prefill's loss
+
+--beside-prefill (two GPUs) also times what a step's loads cost the prefetch GPU's prefill,
+which runs there while it gathers: a stream of prefill-sized GEMMs (8,192 tokens through an
+OPT-13B MLP matrix) on its current stream, alone and with the step's loads queued beside
+them. Printed: how much longer the GEMMs took, and the loads' GB/s beside them.
 """
 
 from __future__ import annotations
@@ -122,6 +129,55 @@ def time_loads(prefetcher, loads, repeats: int, profile: bool) -> tuple[float, f
     return median(host[1:]), median(device[1:]), {k: median(v[1:]) for k, v in sides.items()}
 
 
+def time_beside_prefill(prefetcher, loads, staging: str, repeats: int) -> dict:
+    """Medians over repeats: the GEMMs' ms alone and beside the loads, and the loads' ms
+    beside the GEMMs. Enough GEMMs are queued to outlast the loads."""
+    a = torch.randn(8192, 5120, dtype=torch.bfloat16, device=staging)
+    b = torch.randn(5120, 20480, dtype=torch.bfloat16, device=staging)
+
+    def queue_gemms(n: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        with torch.cuda.device(staging):
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(n):
+                torch.mm(a, b)
+            end.record()
+        return begin, end
+
+    def span(events) -> float:
+        events[1].synchronize()
+        return events[0].elapsed_time(events[1])
+
+    span(queue_gemms(3))  # warm up
+    one_ms = span(queue_gemms(10)) / 10
+    _, load_s, _ = time_loads(prefetcher, loads, 1, False)
+    n = max(4, round(1.5 * load_s * 1e3 / one_ms))
+    alone, beside, loads_ms = [], [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize(staging)
+        alone.append(span(queue_gemms(n)))
+        torch.cuda.synchronize(staging)
+        gemms = queue_gemms(n)
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for src, dst in loads:
+            prefetcher.wait_on(prefetcher.start(src, dst))
+        end.record()
+        beside.append(span(gemms))
+        end.synchronize()
+        loads_ms.append(begin.elapsed_time(end))
+    median = statistics.median
+    return dict(
+        gemms=n,
+        gemm_tflops=2 * 8192 * 5120 * 20480 / one_ms / 1e9,
+        gemms_alone_ms=median(alone),
+        gemms_beside_ms=median(beside),
+        loads_beside_ms=median(loads_ms),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -151,6 +207,11 @@ def main() -> None:
         default=(8, 60),
         metavar=("LO", "HI"),
         help="each request's prompt blocks, drawn from [LO, HI] (default: 128-960 tokens)",
+    )
+    parser.add_argument(
+        "--beside-prefill",
+        action="store_true",
+        help="also time the loads beside GEMMs on the prefetch GPU (its prefill's loss)",
     )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
@@ -185,8 +246,10 @@ def main() -> None:
         marks.copy_(torch.arange(num_pool)[:, None] + torch.arange(marks.shape[1]) % 7)
         cache = torch.empty((num_device, *SHAPES[shape]), dtype=torch.bfloat16, device="cuda:0")
         nbytes = pool[0].numel() * pool.element_size()
-        any_prefetch = next(iter(variants.values()))[0]
-        any_prefetch.pin(pool)  # one registration serves every variant
+        # one registration serves every variant (an earlier one's, which may read the pool
+        # with kernels, also maps it)
+        any_prefetch = (variants.get("previous") or next(iter(variants.values())))[0]
+        any_prefetch.pin(pool)
         for name, (prefetch, allocator, kwargs) in variants.items():
             per_request = block_lists(allocator, num_pool, num_device, prompts, seed=1)
             num_blocks = sum(len(src) for src, _ in per_request)
@@ -229,6 +292,9 @@ def main() -> None:
                     gb_per_s=num_blocks * nbytes / device_s / 1e9,
                     **{f"{side}_ms": 1e3 * t for side, t in sides.items()},
                 )
+                if args.beside_prefill and staging is not None and mode == "per step":
+                    row.update(time_beside_prefill(prefetcher, loads, staging, args.repeats))
+                    cache.zero_()
                 rows.append(row)
                 print(
                     f"{shape:10s} {name:9s} {mode:11s} {row['links']} link(s): {num_blocks} "
@@ -239,6 +305,16 @@ def main() -> None:
                     + " ms)",
                     flush=True,
                 )
+                if "gemms" in row:
+                    print(
+                        f"{'':10s} beside {row['gemms']} GEMMs on {staging} "
+                        f"({row['gemm_tflops']:.0f} TFLOP/s alone): they took "
+                        f"{row['gemms_beside_ms']:.2f} ms against {row['gemms_alone_ms']:.2f} "
+                        f"alone (+{row['gemms_beside_ms'] - row['gemms_alone_ms']:.2f} ms); "
+                        f"the loads {num_blocks * nbytes / row['loads_beside_ms'] / 1e6:.1f} "
+                        "GB/s beside them",
+                        flush=True,
+                    )
         any_prefetch.unpin(pool)
         del pool, cache
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ prompt batches of the 90 %-short mix, one run per batch as the executor sends th
   serial copies     each run waits for its copies out before the next starts: the prefill
                     device as it was before session 13 (copies out behind the pass)
   overlapped        each run's copies out run on the copy stream beside the next pass (ours)
+  no copies out     set 1 again with the copies left out: what they cost the passes
   +python           overlapped, beside a thread that runs pure Python a quarter of the time
                     (1 ms in 4, the way the service's event loop holds the GIL), at Python's
                     default GIL switch interval (5 ms) and at 0.5 ms
@@ -24,6 +25,7 @@ one varlen call per layer. Its second call (prefill_probe_call2.txt) put the cop
 11 % of the device's time, in series with the passes.
 
     python3 benchmarks/prefill_probe.py --out "$OUT"
+    python3 benchmarks/prefill_probe.py --model-shape opt-13b --pool-blocks 1024 --out "$OUT"
     .venv/bin/python benchmarks/prefill_probe.py --tiny --device cpu --batches 3 --pool-blocks 1200
 """
 
@@ -46,10 +48,11 @@ import torch  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.common.sampling_params import SamplingParams  # noqa: E402
+from alignedserve.worker import prefiller as prefiller_module  # noqa: E402
 from alignedserve.worker import runner  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
-from alignedserve.worker.models import llama  # noqa: E402
+from alignedserve.worker.models import FAMILIES  # noqa: E402
 from alignedserve.worker.prefiller import Prefiller, PrefillJob  # noqa: E402
 from alignedserve.worker.service import PREFILL_STAGING_EXTRA_TOKENS  # noqa: E402
 from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
@@ -57,17 +60,23 @@ from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
-def build(device: str, tiny: bool) -> tuple[Prefiller, ModelConfig]:
-    full = {} if tiny else FULL_SIZE["llama3-8b"]
-    shape = dict(TINY_CONFIGS["llama"], **full, torch_dtype="bfloat16")
-    config = ModelConfig.from_dict(shape)
+SHAPE_FAMILIES = {"llama3-8b": "llama", "opt-13b": "opt"}  # tiny.FULL_SIZE key -> family
+
+
+def build(device: str, tiny: bool, shape: str) -> tuple[Prefiller, ModelConfig]:
+    family = SHAPE_FAMILIES[shape]
+    full = {} if tiny else FULL_SIZE[shape]
+    sizes = dict(TINY_CONFIGS[family], **full, torch_dtype="bfloat16")
+    config = ModelConfig.from_dict(sizes)
     torch.set_default_dtype(torch.bfloat16)
     torch.manual_seed(0)
     with torch.device(device):
-        model = llama.LlamaForCausalLM(config)
+        model = FAMILIES[family](config)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
-    model.model.embed_tokens.weight.normal_(0, 0.02)
+    for table in model.modules():  # made uninitialised: every weight is the checkpoint's
+        if isinstance(table, torch.nn.Embedding):
+            table.weight.normal_(0, 0.02)
     model.eval()
     if device.startswith("cuda"):
         fuse_projections(model)  # as load_model does on a GPU
@@ -189,7 +198,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    prefiller, config = build(args.device, args.tiny)
+    prefiller, config = build(args.device, args.tiny, args.model_shape)
     layout = prefiller.layout
     pool = torch.empty((args.pool_blocks, *layout.block_shape), dtype=torch.bfloat16)
     if prefiller.device.type == "cuda":
@@ -214,6 +223,13 @@ def main(args: argparse.Namespace) -> None:
     cell("overlapped, set 1", sets[1])
     cell("overlapped, set 2", sets[2])
     cell("serial copies, set 2", sets[2], serial=True)
+    # what the copies cost: set 1 again without them (fresh prompts copy nothing in)
+    copy_blocks = prefiller_module.copy_blocks
+    prefiller_module.copy_blocks = lambda dst, src, pairs: None
+    try:
+        cell("no copies out, set 1", sets[1])
+    finally:
+        prefiller_module.copy_blocks = copy_blocks
     few = args.batches // 3
     for n, interval in ((3, 5e-3), (4, 5e-4)):
         sys.setswitchinterval(interval)
@@ -231,5 +247,6 @@ if __name__ == "__main__":
     parser.add_argument("--tiny", action="store_true", help="the tiny model (CPU dry run)")
     parser.add_argument("--batches", type=int, default=10, help="batches per set")
     parser.add_argument("--pool-blocks", type=int, default=4096)
+    parser.add_argument("--model-shape", choices=SHAPE_FAMILIES, default="llama3-8b")
     parser.add_argument("--out", default="")
     main(parser.parse_args())

@@ -8,8 +8,9 @@ with DMA copies, while the prefetch GPU gathers the rest and pushes them over NV
 kernels. Blocks keep the one block format everywhere, so every copy moves whole contiguous
 blocks.
 
-Measured (docs/benchmarks.md): a gather kernel on the decode GPU itself starves decode of
-SMs, so the decode GPU's share always uses copy engines.
+Every copy runs on copy engines, never as a kernel: a gather kernel reading host memory
+holds SMs for its whole transfer. On the decode GPU that starved decode (docs/benchmarks.md);
+on the prefetch GPU it slowed the prefill passes running there.
 """
 
 from __future__ import annotations
@@ -19,44 +20,20 @@ from collections.abc import Sequence
 import torch
 
 from alignedserve.worker.kv_cache import copy_blocks
-from alignedserve.worker.transfer import tensor_on
 
-CUDA_HOST_REGISTER_PORTABLE_MAPPED = 3  # every GPU may read it, through its own link
+CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every GPU: each copies over its own link
 # Bytes of blocks the prefetch GPU gathers before pushing them on (each of its two buffers):
 # a chunk's gather takes ~5 ms over one link, its push ~1 ms over NVLink.
 GATHER_CHUNK_BYTES = 256 << 20
 
 
 def pin(host: torch.Tensor) -> None:
-    """Page-lock a CPU tensor's memory in place (e.g. the shared-memory pool) and map it into
-    every GPU's address space: copies from it are DMA, and kernels may read it directly."""
+    """Page-lock a CPU tensor's memory in place (e.g. the shared-memory pool) for every GPU:
+    copies from it and into it are DMA."""
     nbytes = host.numel() * host.element_size()
-    err = torch.cuda.cudart().cudaHostRegister(
-        host.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE_MAPPED
-    )
+    err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister failed ({err}): raise the memlock limit?")
-
-
-class _HostView:
-    """__cuda_array_interface__ over pinned, mapped host memory (unified addressing: the
-    device address is the host address), so torch sees it as a CUDA tensor, without a copy."""
-
-    def __init__(self, host: torch.Tensor):
-        typestr = {torch.bfloat16: "<u2", torch.float16: "<f2", torch.float32: "<f4"}
-        self.__cuda_array_interface__ = {
-            "data": (host.data_ptr(), False),
-            "shape": tuple(host.shape),
-            "typestr": typestr[host.dtype],
-            "version": 3,
-        }
-
-
-def device_view(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A CUDA tensor on `device` reading `host` (pinned with `pin`) over that GPU's link."""
-    with torch.cuda.device(device):
-        view = torch.as_tensor(_HostView(host), device=device)
-    return view.view(host.dtype) if host.dtype == torch.bfloat16 else view
 
 
 def unpin(host: torch.Tensor) -> None:
@@ -64,21 +41,22 @@ def unpin(host: torch.Tensor) -> None:
 
 
 class Prefetcher:
-    """Moves blocks pool -> decode GPU. The decode GPU pulls its share with DMA copies (copy
-    engines: its SMs stay with the decode kernels); the prefetch GPU gathers the rest with a
-    kernel reading host memory over its own link (its SMs are idle anyway) and pushes them
-    over NVLink. With no prefetch GPU every block is a DMA copy over one link. Every copy
-    moves a run of consecutive blocks (kv_cache.copy_blocks): one host call each."""
+    """Moves blocks pool -> decode GPU. The decode GPU pulls its share with DMA copies; the
+    prefetch GPU gathers the rest into a buffer with DMA copies over its own link and pushes
+    them over NVLink. Copy engines only: the decode GPU's SMs stay with the decode kernels,
+    the prefetch GPU's with its prefill. With no prefetch GPU every block is a DMA copy over
+    one link. Every copy moves a run of consecutive blocks (kv_cache.copy_blocks): one host
+    call each."""
 
     def __init__(
         self,
         pool: torch.Tensor,  # pinned with pin(): [num_pool_blocks, *block_shape]
         cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
         staging_device: torch.device | str | None = None,  # the prefetch GPU
-        # Its DMA copies run a little faster than the gather and push: on the H200 pair
-        # 25.2 against 21.9 Llama blocks/ms, so both sides end together at 0.535
-        # (benchmarks/prefetch_host.py --direct-share; docs/benchmarks.md).
-        direct_share: float = 0.535,
+        # The gather and push, DMA copies too, run a little faster than the decode GPU's own
+        # copies: on the H200 pair both sides end together at 0.45 (Llama-3-8B blocks) to
+        # 0.5 (OPT-13B's) (benchmarks/prefetch_host.py --direct-share; docs/benchmarks.md).
+        direct_share: float = 0.47,
         chunk_bytes: int = GATHER_CHUNK_BYTES,
     ):
         self.pool, self.cache = pool, cache
@@ -86,7 +64,6 @@ class Prefetcher:
         self.direct_stream = torch.cuda.Stream(cache.device)
         self.staging_device = staging_device
         if staging_device is not None:
-            self.remote = device_view(pool, staging_device)
             self.staging_stream = torch.cuda.Stream(staging_device)
             self.send_stream = torch.cuda.Stream(staging_device)
             # torch orders a peer copy against the current stream of both GPUs: on the decode
@@ -121,10 +98,8 @@ class Prefetcher:
             self.push_stream.wait_stream(current)
         if split < n:  # first, so the prefetch GPU starts while the host issues the rest
             count = n - split
-            with torch.cuda.stream(self.staging_stream):  # (the ring: no pinning per call)
-                src_r = tensor_on(pool_blocks[split:], torch.long, self.staging_device)
-            # Chunks through the two buffers; each chunk's runs of consecutive device blocks
-            # are pushed straight into place (no scatter kernel takes the decode GPU's SMs).
+            # Chunks through the two buffers, each gathered a run of pool blocks at a time;
+            # its runs of consecutive device blocks are pushed straight into place.
             # torch runs a peer copy on the source GPU's current stream, so the push gets a
             # stream of its own there (ordered by events, as is a buffer's reuse).
             for part in range(0, count, self.chunk_blocks):
@@ -134,7 +109,8 @@ class Prefetcher:
                 with torch.cuda.stream(self.staging_stream):
                     if self.pushed[turn] is not None:  # its last chunk has left
                         self.staging_stream.wait_event(self.pushed[turn])
-                    torch.index_select(self.remote, 0, src_r[part:end], out=staged)
+                    gather = enumerate(pool_blocks[split + part : split + end])
+                    copy_blocks(staged, self.pool, list(gather))
                     gathered = self.staging_stream.record_event()
                 self.send_stream.wait_event(gathered)
                 into = device_blocks[split + part : split + end]
