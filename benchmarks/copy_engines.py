@@ -9,9 +9,11 @@ On one GPU, per case (median of repeats): the ms from queueing a small pinned co
 on the current stream, then a GEMM that reads it, to the GEMM's end; alone, and just after a
 bulk copy of `--gib` GiB was queued on a side stream: device to pinned host (the prefill's
 copies out) and pinned host to device (a load); and with the bulk copy to the host queued
-after the upload, before the GEMM. Also the bulk copy's own ms.
+after the upload, before the GEMM; and the upload through the worker's `to_device` (a
+kernel reads the pinned ring), alone and after a bulk copy to the device. Also the bulk
+copy's own ms.
 
-    python3 benchmarks/copy_engines.py --out "$OUT"
+    PYTHONPATH=$S python3 benchmarks/copy_engines.py --out "$OUT"
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
+from device_env import import_alignedserve
+
+import_alignedserve()
+import torch  # noqa: E402
+
+from alignedserve.worker.transfer import to_device  # noqa: E402
 
 
 def elapsed_ms(begin: torch.cuda.Event, end: torch.cuda.Event) -> float:
@@ -41,17 +48,19 @@ def main() -> None:
     device = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     small_host = torch.ones(32768, dtype=torch.bfloat16, pin_memory=True)
     small = torch.empty(32768, dtype=torch.bfloat16, device=dev)
+    small_src = torch.ones(32768, dtype=torch.bfloat16)  # pageable: to_device stages it
     a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=dev)
     side = torch.cuda.Stream(dev)
 
-    def small_then_gemm(between=None) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    def small_then_gemm(between=None, ours=False) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         begin = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         begin.record()
-        small.copy_(small_host, non_blocking=True)
+        # ours: the worker's path for a step's inputs
+        up = to_device(small_src, dev) if ours else small.copy_(small_host, non_blocking=True)
         if between:
             between()
-        torch.mm(a + small[:4096].view(1, -1), a)  # reads the upload
+        torch.mm(a + up[:4096].view(1, -1), a)  # reads the upload
         end.record()
         return begin, end
 
@@ -69,20 +78,28 @@ def main() -> None:
         return begin, end
 
     rows = []
-    cases = ("alone", "after a bulk d2h", "after a bulk h2d", "before a bulk d2h")
+    cases = (
+        "alone",
+        "after a bulk d2h",
+        "after a bulk h2d",
+        "before a bulk d2h",
+        "to_device alone",
+        "to_device after a bulk h2d",
+    )
     for case in cases:
+        ours = case.startswith("to_device")
         pass_ms, bulk_ms = [], []
         for _ in range(args.repeats + 1):  # the first warms up
             torch.cuda.synchronize()
             copies = []
             direction = case.split()[-1]
-            if case.startswith("after"):
+            if "after" in case:
                 copies.append(bulk(direction))
-                events = small_then_gemm()
-            elif case.startswith("before"):  # the bulk copy queued after the upload
+                events = small_then_gemm(ours=ours)
+            elif "before" in case:  # the bulk copy queued after the upload
                 events = small_then_gemm(lambda d=direction, c=copies: c.append(bulk(d)))
             else:
-                events = small_then_gemm()
+                events = small_then_gemm(ours=ours)
             pass_ms.append(elapsed_ms(*events))
             bulk_ms += [elapsed_ms(*copy) for copy in copies]
         row = dict(case=case, pass_ms=statistics.median(pass_ms[1:]))
@@ -95,7 +112,7 @@ def main() -> None:
             if bulk_ms
             else ""
         )
-        print(f"{case:18s}: small upload + GEMM {row['pass_ms']:7.2f} ms{extra}", flush=True)
+        print(f"{case:26s}: small upload + GEMM {row['pass_ms']:7.2f} ms{extra}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "copy_engines.json").write_text(json.dumps(rows, indent=1))
 

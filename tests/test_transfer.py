@@ -1,6 +1,7 @@
 """Host -> device copies through the pinned ring (worker/transfer.py): values arrive intact
-while the ring wraps many times behind a busy stream, and the step results' pinned buffers
-are reused only after they are read. CPU: the plain path."""
+while the ring wraps many times behind a busy stream, an upload does not queue behind a
+bulk copy on another stream, and the step results' pinned buffers are reused only after
+they are read. CPU: the plain path."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_on_the_cpu_it_is_a_plain_copy():
 
 @pytest.mark.gpu
 def test_the_ring_wraps_behind_a_busy_stream_and_every_copy_arrives_intact():
-    ring = transfer.PinnedRing(num_bytes=64 << 10)  # small: wraps every few dozen copies
+    ring = transfer.PinnedRing(torch.device("cuda"), num_bytes=64 << 10)  # wraps often
     gen = torch.Generator().manual_seed(0)
     sent, arrived = [], []
     for i in range(600):
@@ -33,6 +34,28 @@ def test_the_ring_wraps_behind_a_busy_stream_and_every_copy_arrives_intact():
     assert all(torch.equal(s, a.cpu()) for s, a in zip(sent, arrived, strict=True))
     big = torch.arange(64 << 10)  # larger than a quarter of the ring: a copy of its own
     assert torch.equal(ring.to_device(big, torch.device("cuda")).cpu(), big)
+
+
+@pytest.mark.gpu
+def test_an_upload_does_not_wait_for_a_bulk_copy_queued_before_it_on_another_stream():
+    """A step's inputs arrive while a load's copies (a copy engine's queue) still run."""
+    host = torch.ones(2 << 30, dtype=torch.uint8, pin_memory=True)  # ~40 ms over PCIe
+    into = torch.empty_like(host, device="cuda")
+    side = torch.cuda.Stream()
+    # the thread's ring exists and the caching allocator holds memory for the step, as in a
+    # worker after its first steps (pinning and cudaMalloc wait for the whole device)
+    assert (transfer.tensor_on([0, 1, 2], torch.long, "cuda") * 2).sum().item() == 6
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        into.copy_(host, non_blocking=True)
+        loaded = side.record_event()
+    ids = transfer.tensor_on([7, 8, 9], torch.long, "cuda")
+    used = (ids * 2).sum()  # a kernel that needs the upload
+    arrived = torch.cuda.current_stream().record_event()
+    arrived.synchronize()
+    assert used.item() == 48
+    assert not loaded.query(), "the upload waited for the bulk copy"
+    loaded.synchronize()
 
 
 @pytest.mark.gpu
