@@ -22,6 +22,7 @@ stream) waited for all of it (benchmarks/copy_engines.py: 77.5 ms behind 4 GiB, 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Sequence
 
@@ -52,13 +53,25 @@ class PinnedRing:
         self.buffer = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
         with torch.cuda.device(device):  # the same bytes, as `device` reads them
             self.on_device = torch.as_tensor(_HostBytes(self.buffer), device=device)
+        if self.on_device.data_ptr() != self.buffer.data_ptr():
+            # (a torch before 2.9 may copy the bytes to the GPU instead: every later upload
+            # would read that stale copy)
+            raise RuntimeError(f"this torch ({torch.__version__}) copied the pinned ring")
         self.head = 0
         self.in_use: collections.deque = collections.deque()  # (start, end, event), oldest first
+
+    def __del__(self) -> None:
+        # kernels may still read the ring, and freed pinned memory is handed out again at
+        # once (at interpreter exit CUDA may be gone already: nothing is left to read it)
+        if getattr(self, "in_use", None):
+            with contextlib.suppress(RuntimeError):
+                self.in_use[-1][2].synchronize()
 
     def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         nbytes = t.numel() * t.element_size()
         size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-        if size > len(self.buffer) // 4:  # rare and large: a pinned copy of its own
+        if size > len(self.buffer) // 4:
+            # rare and large: a pinned copy of its own, a DMA copy (it may queue behind loads)
             return t.pin_memory().to(device, non_blocking=True)
         start = 0 if self.head + size > len(self.buffer) else self.head
         end = start + size
