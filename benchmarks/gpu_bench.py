@@ -46,7 +46,7 @@ from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import FAMILIES  # noqa: E402
 from alignedserve.worker.runner import width_bucket  # noqa: E402
-from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
+from alignedserve.worker.tiny import FULL_SIZE, SHAPE_FAMILIES, TINY_CONFIGS  # noqa: E402
 
 
 def cuda_time(fn, iters: int = 10, warmup: int = 3) -> float:
@@ -149,9 +149,6 @@ def check_greedy() -> dict:
     print(f"  greedy tokens GPU == CPU (tiny fp32 llama, 3 prompts x 32): {same}")
     print(f"  ... with CUDA-graph decode (buckets {sorted(graphs.runner._graphs)}): {same_graphs}")
     return {"greedy_equal": same, "greedy_equal_graphs": same_graphs}
-
-
-SHAPE_FAMILIES = {"llama3-8b": "llama", "opt-13b": "opt"}  # tiny.FULL_SIZE key -> family
 
 
 def build_model(shape: str = "llama3-8b"):

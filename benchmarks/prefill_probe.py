@@ -55,12 +55,9 @@ from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import FAMILIES  # noqa: E402
 from alignedserve.worker.prefiller import Prefiller, PrefillJob  # noqa: E402
 from alignedserve.worker.service import PREFILL_STAGING_EXTRA_TOKENS  # noqa: E402
-from alignedserve.worker.tiny import FULL_SIZE, TINY_CONFIGS  # noqa: E402
+from alignedserve.worker.tiny import FULL_SIZE, SHAPE_FAMILIES, TINY_CONFIGS  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-
-
-SHAPE_FAMILIES = {"llama3-8b": "llama", "opt-13b": "opt"}  # tiny.FULL_SIZE key -> family
 
 
 def build(device: str, tiny: bool, shape: str) -> tuple[Prefiller, ModelConfig]:

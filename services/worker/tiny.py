@@ -114,6 +114,9 @@ FULL_SIZE: dict[str, dict[str, Any]] = {
     ),
 }
 
+# each full-size shape's family in TINY_CONFIGS (and models.FAMILIES)
+SHAPE_FAMILIES = {"llama3-8b": "llama", "opt-13b": "opt"}
+
 
 def init_tiny(
     model_dir: str | Path,
