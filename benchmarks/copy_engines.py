@@ -5,13 +5,17 @@ pass runs; the next pass first uploads its inputs (token ids, positions, block t
 small host-to-device copies on the compute stream. If the GPU runs both streams' copies
 through one copy engine in the order they were queued, the pass waits for the bulk copy.
 
-On one GPU, per case (median of repeats): the ms from queueing a small pinned copy (64 KiB)
-on the current stream, then a GEMM that reads it, to the GEMM's end; alone, and just after a
-bulk copy of `--gib` GiB was queued on a side stream: device to pinned host (the prefill's
-copies out) and pinned host to device (a load); and with the bulk copy to the host queued
-after the upload, before the GEMM; and the upload through the worker's `to_device` (a
-kernel reads the pinned ring), alone and after a bulk copy to the device. Also the bulk
-copy's own ms.
+On one GPU, per case (median of repeats), the ms from queueing a small copy (64 KiB) on the
+current stream to the end of the work that needs it:
+- an upload (a DMA copy from pinned memory) and a GEMM that reads it;
+- the same through the worker's `to_device` (a kernel reads the pinned ring);
+- a download (as a step's sampled tokens go to the host).
+Each alone, and with a bulk copy of `--gib` GiB queued on a side stream before it:
+- to the host, as one copy or as 475 (a prefill batch's copies out are one per run of
+  blocks);
+- to the device (a load).
+One case queues the bulk copy to the host between the upload and its GEMM. The bulk copy's
+own ms are printed too.
 
     PYTHONPATH=$S python3 benchmarks/copy_engines.py --out "$OUT"
 """
@@ -52,57 +56,75 @@ def main() -> None:
     a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=dev)
     side = torch.cuda.Stream(dev)
 
-    def small_then_gemm(between=None, ours=False) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    small_out = torch.empty(32768, dtype=torch.bfloat16, pin_memory=True)
+
+    def small_copy(kind: str, between=None) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        """From queueing a small copy on the current stream to the end of the work that
+        needs it: an upload (a DMA copy, or `to_device`, the worker's path for a step's
+        inputs) and a GEMM that reads it; or a download (a step's sampled tokens)."""
         begin = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         begin.record()
-        # ours: the worker's path for a step's inputs
-        up = to_device(small_src, dev) if ours else small.copy_(small_host, non_blocking=True)
-        if between:
-            between()
-        torch.mm(a + up[:4096].view(1, -1), a)  # reads the upload
+        if kind == "download":
+            small_out.copy_(small, non_blocking=True)
+            if between:
+                between()
+        else:
+            up = to_device(small_src, dev) if kind == "to_device" else small
+            if kind == "upload":
+                small.copy_(small_host, non_blocking=True)
+            if between:
+                between()
+            torch.mm(a + up[:4096].view(1, -1), a)  # reads the upload
         end.record()
         return begin, end
 
-    def bulk(direction: str) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    def bulk(direction: str, pieces: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             begin = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             begin.record()
-            if direction == "d2h":
-                host.copy_(device, non_blocking=True)
-            else:
-                device.copy_(host, non_blocking=True)
+            step = nbytes // pieces
+            for i in range(pieces):  # many copies, as the prefill's copies out are
+                lo, hi = i * step, nbytes if i == pieces - 1 else (i + 1) * step
+                if direction == "d2h":
+                    host[lo:hi].copy_(device[lo:hi], non_blocking=True)
+                else:
+                    device[lo:hi].copy_(host[lo:hi], non_blocking=True)
             end.record()
         return begin, end
 
-    rows = []
+    # (small copy, the bulk copy's direction, its pieces, queued before or after the small)
     cases = (
-        "alone",
-        "after a bulk d2h",
-        "after a bulk h2d",
-        "before a bulk d2h",
-        "to_device alone",
-        "to_device after a bulk h2d",
+        ("upload", None, 1, None),
+        ("upload", "d2h", 1, "before"),
+        ("upload", "h2d", 1, "before"),
+        ("upload", "d2h", 1, "after"),
+        ("upload", "d2h", 475, "before"),
+        ("to_device", None, 1, None),
+        ("to_device", "h2d", 1, "before"),
+        ("download", None, 1, None),
+        ("download", "d2h", 1, "before"),
+        ("download", "d2h", 475, "before"),
     )
-    for case in cases:
-        ours = case.startswith("to_device")
+    rows = []
+    for kind, direction, pieces, when in cases:
+        name = kind if direction is None else f"{kind}, {pieces} {direction} {when}"
         pass_ms, bulk_ms = [], []
         for _ in range(args.repeats + 1):  # the first warms up
             torch.cuda.synchronize()
             copies = []
-            direction = case.split()[-1]
-            if "after" in case:
-                copies.append(bulk(direction))
-                events = small_then_gemm(ours=ours)
-            elif "before" in case:  # the bulk copy queued after the upload
-                events = small_then_gemm(lambda d=direction, c=copies: c.append(bulk(d)))
+            if when == "before":
+                copies.append(bulk(direction, pieces))
+                events = small_copy(kind)
+            elif when == "after":  # the bulk copy queued after the small one
+                events = small_copy(kind, lambda d=direction, c=copies: c.append(bulk(d, 1)))
             else:
-                events = small_then_gemm(ours=ours)
+                events = small_copy(kind)
             pass_ms.append(elapsed_ms(*events))
             bulk_ms += [elapsed_ms(*copy) for copy in copies]
-        row = dict(case=case, pass_ms=statistics.median(pass_ms[1:]))
+        row = dict(case=name, pass_ms=statistics.median(pass_ms[1:]))
         if bulk_ms:
             row["bulk_ms"] = statistics.median(bulk_ms[1:])
             row["bulk_gb_per_s"] = nbytes / row["bulk_ms"] / 1e6
@@ -112,7 +134,7 @@ def main() -> None:
             if bulk_ms
             else ""
         )
-        print(f"{case:26s}: small upload + GEMM {row['pass_ms']:7.2f} ms{extra}", flush=True)
+        print(f"{name:32s}: {row['pass_ms']:7.2f} ms{extra}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "copy_engines.json").write_text(json.dumps(rows, indent=1))
 
