@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 RING_BYTES = 16 << 20
-_ALIGN = 256  # bytes: every region starts aligned for any dtype (and DMA-friendly)
+_ALIGN = 256  # bytes: every region starts aligned for any dtype
 _local = threading.local()
 
 
