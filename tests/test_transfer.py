@@ -1,7 +1,7 @@
-"""Host -> device copies through the pinned ring (worker/transfer.py): values arrive intact
+"""Copies between host and device (worker/transfer.py): values arrive intact
 while the ring wraps many times behind a busy stream, an upload does not queue behind a
-bulk copy on another stream, and the step results' pinned buffers are reused only after
-they are read. CPU: the plain path."""
+bulk copy on another stream, nor a download behind a bulk copy to the host, and the step
+results' pinned buffers are reused only after they are read. CPU: the plain path."""
 
 from __future__ import annotations
 
@@ -69,12 +69,46 @@ def test_the_module_path_uses_one_ring_per_thread_and_device():
 
 
 def test_result_buffers_are_reused_only_once_given_back():
-    outputs = transfer.PinnedOutputs(pin=False)
+    outputs = transfer.PinnedOutputs()
     first = outputs.take(100)
     second = outputs.take(100)  # the first is still out: a new one
-    assert second is not first and len(first) >= 100
+    assert second[0] is not first[0] and len(first[0]) >= 100
+    assert first[1] is None  # on the CPU: no device mapping
     outputs.give_back(first)
     assert outputs.take(100) is first
     outputs.give_back(second)
     bigger = outputs.take(1 << 20)  # the one given back is too small for it
-    assert bigger is not second and len(bigger) >= 1 << 20
+    assert bigger[0] is not second[0] and len(bigger[0]) >= 1 << 20
+
+
+def test_to_host_on_the_cpu_copies_the_bytes():
+    host = torch.zeros(12, dtype=torch.uint8)
+    transfer.to_host(torch.tensor([1.5, -2.0, 3.25]), host, None)
+    assert host.view(torch.float32).tolist() == [1.5, -2.0, 3.25]
+
+
+@pytest.mark.gpu
+def test_a_download_does_not_wait_for_a_bulk_copy_to_the_host_queued_before_it():
+    """A step's sampled tokens reach the host while a batch's copies out to the pool (a copy
+    engine's queue, to the host) still run, and arrive intact."""
+    dev = torch.device("cuda")
+    outputs = transfer.PinnedOutputs(dev)
+    host, on_device = outputs.take(4096)
+    src = torch.arange(-5, 300, device=dev)  # int64
+    transfer.to_host(src, host[:16], on_device[:16])  # warm: the kernel's first launch
+    torch.cuda.synchronize()
+    bulk = torch.ones(2 << 30, dtype=torch.uint8, device=dev)  # ~40 ms over PCIe
+    into = torch.empty_like(bulk, device="cpu").pin_memory()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        into.copy_(bulk, non_blocking=True)
+        copied_out = side.record_event()
+    nbytes = src.numel() * 8
+    transfer.to_host(src * 3, host[:nbytes], on_device[:nbytes])
+    arrived = torch.cuda.current_stream().record_event()
+    arrived.synchronize()
+    assert not copied_out.query(), "the download waited for the bulk copy"
+    copied_out.synchronize()
+    # (after the query: `.cpu()` is a copy to the host, which waits for the bulk copy)
+    assert torch.equal(host[:nbytes].view(torch.int64), (src * 3).cpu())

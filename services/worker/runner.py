@@ -23,7 +23,7 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.attention import AttentionMetadata, padded_tables
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.sampler import sample
-from alignedserve.worker.transfer import PinnedOutputs, tensor_on, to_device
+from alignedserve.worker.transfer import PinnedOutputs, tensor_on, to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,12 @@ class LaunchedStep:
             if tokens.is_cuda:
                 m = tokens.numel()
                 at = m * tokens.element_size()  # logprobs after the tokens (8-byte aligned)
-                buf = self._buffer = outputs.take(at + m * logprobs.element_size())
-                host_tokens = buf[:at].view(tokens.dtype)
-                host_logprobs = buf[at : at + m * logprobs.element_size()].view(logprobs.dtype)
-                host_tokens.copy_(tokens, non_blocking=True)
-                host_logprobs.copy_(logprobs, non_blocking=True)
+                end = at + m * logprobs.element_size()
+                host, on_device = self._buffer = outputs.take(end)
+                to_host(tokens, host[:at], on_device[:at])
+                to_host(logprobs, host[at:end], on_device[at:end])
+                host_tokens = host[:at].view(tokens.dtype)
+                host_logprobs = host[at:end].view(logprobs.dtype)
                 copied = torch.cuda.current_stream().record_event()
                 self._host = (host_tokens, host_logprobs, copied)
             else:
@@ -130,7 +131,8 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], object] = {}  # (batch bucket, width bucket)
         self._graph_pool = None
         self.capture_s = 0.0  # spent capturing graphs (on first use of each bucket)
-        self._outputs = PinnedOutputs()  # the steps' sampled tokens land there (GPU)
+        # the steps' sampled tokens land there (GPU)
+        self._outputs = PinnedOutputs(self.device if self.device.type == "cuda" else None)
 
     def on_device(self):
         """A context in which this thread's current CUDA device is the runner's: Triton

@@ -17,6 +17,9 @@ it is (pinned memory is mapped into every GPU's address space under unified addr
 A GPU runs copies of one direction in the order they were queued, whatever their streams:
 an upload of a few KiB queued after a load of a batch's KV (hundreds of MiB, on another
 stream) waited for all of it (benchmarks/copy_engines.py: 77.5 ms behind 4 GiB, 0.26 alone).
+A step's results come back the same way, a kernel storing them into pinned memory
+(`to_host`): a copy to the host would queue behind the copies out to the pool (a prefill
+batch's KV, a decode batch's write-back) queued before it.
 """
 
 from __future__ import annotations
@@ -46,17 +49,28 @@ class _HostBytes:
         }
 
 
+def mapped(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned host bytes (uint8) as a tensor on `device`: the same memory, which the device's
+    kernels read and write over PCIe."""
+    with torch.cuda.device(device):
+        on_device = torch.as_tensor(_HostBytes(host), device=device)
+    if on_device.data_ptr() != host.data_ptr():
+        # (a torch before 2.9 may copy the bytes to the GPU instead: every later upload
+        # would read that stale copy, and results would never reach the host)
+        raise RuntimeError(f"this torch ({torch.__version__}) copied pinned memory")
+    return on_device
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
 class PinnedRing:
     """Pinned host memory handed out in order, each region reused once its copy is done."""
 
     def __init__(self, device: torch.device, num_bytes: int = RING_BYTES):
         self.buffer = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-        with torch.cuda.device(device):  # the same bytes, as `device` reads them
-            self.on_device = torch.as_tensor(_HostBytes(self.buffer), device=device)
-        if self.on_device.data_ptr() != self.buffer.data_ptr():
-            # (a torch before 2.9 may copy the bytes to the GPU instead: every later upload
-            # would read that stale copy)
-            raise RuntimeError(f"this torch ({torch.__version__}) copied the pinned ring")
+        self.on_device = mapped(self.buffer, device)  # the same bytes, as `device` reads them
         self.head = 0
         self.in_use: collections.deque = collections.deque()  # (start, end, event), oldest first
 
@@ -119,22 +133,37 @@ def tensor_on(
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
+def to_host(src: torch.Tensor, host: torch.Tensor, on_device: torch.Tensor | None) -> None:
+    """Queue `src`'s bytes into `host` (uint8, as many bytes), whose device mapping is
+    `on_device` (None: `src` is on the CPU, a plain copy). On a GPU an elementwise kernel
+    stores them (x | 0): a copy to the host would wait for every copy to the host queued
+    before it, on any stream."""
+    if on_device is None:
+        host.copy_(_bytes(src))
+    else:
+        torch.bitwise_or(_bytes(src), 0, out=on_device)
+
+
 class PinnedOutputs:
     """Pinned host buffers for a step's results (its sampled tokens), reused once read: taken
-    by a step, given back after its host values are read."""
+    by a step, given back after its host values are read. Each comes with its mapping on the
+    device, where `to_host` writes (None on the CPU)."""
 
-    def __init__(self, pin: bool = True) -> None:
-        self._pin = pin  # False: plain host memory (tests on the CPU)
-        self._free: list[torch.Tensor] = []
+    def __init__(self, device: torch.device | None = None) -> None:
+        self._device = device  # None: plain host memory (tests on the CPU)
+        self._free: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._lock = threading.Lock()
 
-    def take(self, num_bytes: int) -> torch.Tensor:
+    def take(self, num_bytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(host bytes, their device mapping), at least `num_bytes` long."""
         with self._lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= num_bytes:
+            for i, (host, _) in enumerate(self._free):
+                if len(host) >= num_bytes:
                     return self._free.pop(i)
-        return torch.empty(max(num_bytes, 4096), dtype=torch.uint8, pin_memory=self._pin)
+        on_gpu = self._device is not None
+        host = torch.empty(max(num_bytes, 4096), dtype=torch.uint8, pin_memory=on_gpu)
+        return host, mapped(host, self._device) if on_gpu else None
 
-    def give_back(self, buf: torch.Tensor) -> None:
+    def give_back(self, buffer: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         with self._lock:
-            self._free.append(buf)
+            self._free.append(buffer)
