@@ -17,8 +17,9 @@ prompt batches of the 90 %-short mix, one run per batch as the executor sends th
 
 The same sets run serial and overlapped, in alternating order. Per set: prompt tok/s, the
 median run, the host's share (the seconds spent queueing passes), and the caching
-allocator's new device allocations. One batch of a new set runs under torch.profiler; its
-top operators by host and by device time are printed.
+allocator's new device allocations, and the device's share (the passes' CUDA-event time over
+the set's wall time: the rest the device idled for the host or for copies). One batch of a
+new set runs under torch.profiler; its top operators by host and by device time are printed.
 
 The first call of this probe (docs/results/session6/prefill_probe_call1.txt) found a call
 of torch's attention per request slow on the host for every new batch shape, and a thread
@@ -121,7 +122,7 @@ _launch = runner.ModelRunner.launch
 
 def _recording_launch(self, chunks, carry=None):
     launched = _launch(self, chunks, carry)
-    HOST_S.append(launched._host_s)
+    HOST_S.append(launched.host_s)
     return launched
 
 
@@ -134,10 +135,11 @@ def run_set(prefiller, pool, batches, layout, seed: int, serial: bool) -> dict:
     HOST_S.clear()
     on_gpu = prefiller.device.type == "cuda"
     stats0 = torch.cuda.memory_stats() if on_gpu else {}
-    batch_s, tokens = [], 0
+    batch_s, tokens, device_s = [], 0, 0.0
     start = time.perf_counter()
     for prompts in batches:
         run = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
+        device_s += run.device_s
         if serial:
             run.wait_copied()
         batch_s.append(time.perf_counter() - start - sum(batch_s))
@@ -151,6 +153,7 @@ def run_set(prefiller, pool, batches, layout, seed: int, serial: bool) -> dict:
         "median_batch_s": statistics.median(batch_s),
         "first_batch_s": batch_s[0],
         "host_share": sum(HOST_S) / wall,
+        "device_share": device_s / wall,
         "device_allocs": stats1.get("num_device_alloc", 0) - stats0.get("num_device_alloc", 0),
         "alloc_retries": stats1.get("num_alloc_retries", 0) - stats0.get("num_alloc_retries", 0),
     }
@@ -212,7 +215,8 @@ def main(args: argparse.Namespace) -> None:
         print(
             f"{name:<28} {row['tokens']:>7} tokens: {row['tok_per_s']:>7.0f} tok/s, "
             f"median batch {row['median_batch_s']:.3f} s, first {row['first_batch_s']:.3f} s, "
-            f"host {100 * row['host_share']:.0f}%, {row['device_allocs']} new device "
+            f"host {100 * row['host_share']:.0f}%, device {100 * row['device_share']:.0f}%, "
+            f"{row['device_allocs']} new device "
             f"allocations, {row['alloc_retries']} retries",
             flush=True,
         )

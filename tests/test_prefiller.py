@@ -198,3 +198,20 @@ def test_copy_blocks_coalesces_runs_and_copies_each_pair():
     # one transfer per run of consecutive ids on both sides
     assert block_runs(pairs) == [(0, 4, 3), (7, 0, 1), (9, 1, 2), (3, 9, 1)]
     assert block_runs([]) == [] and block_runs([(5, 5), (4, 4)]) == [(5, 5, 1), (4, 4, 1)]
+
+
+def test_runs_log_their_prompt_tokens_and_the_devices_share(model, layout, monkeypatch, caplog):
+    from alignedserve.worker import prefiller as prefiller_module
+
+    monkeypatch.setattr(prefiller_module, "STATS_INTERVAL_S", 0.0)  # a line after every run
+    prefiller = Prefiller(ModelRunner(model, KVCache(layout, 64)))
+    with CpuKVPool.create(layout, 16) as pool, caplog.at_level("INFO", prefiller_module.__name__):
+        jobs = [
+            PrefillJob(f"r{i}", tuple(p), 0, tuple(pool.allocate(-(-len(p) // BLOCK_TOKENS))), None)
+            for i, p in enumerate(random_prompts((11, 6), seed=1))
+        ]
+        run = prefiller.run(jobs, pool_view(pool, layout))
+    assert run.device_s > 0  # on the CPU: the host's seconds for the passes
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill:")]
+    assert line.startswith("prefill: 17 prompt tokens in ")
+    assert "the device computed" in line and "the host queued passes" in line

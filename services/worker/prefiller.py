@@ -24,6 +24,7 @@ outgrow the cache (ModelInfo.num_prefill_blocks).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.kv_cache import copy_blocks
 from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk
+
+logger = logging.getLogger(__name__)
+STATS_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class PrefillRun:
     sampled: list[SampledToken]
     seconds: float  # from the run's start until its passes were done (not its copies out)
     copied: torch.cuda.Event | None  # its copies out to the pool; None: done with the run
+    device_s: float = 0.0  # the passes' time on the device (CUDA events; CPU: the host's)
 
     def is_copied(self) -> bool:
         return self.copied is None or self.copied.query()
@@ -75,6 +80,7 @@ class Prefiller:
         self._next_block = 0  # the ring's cursor: where the next pass's blocks start
         # copies out still in flight: (first block, end block, done) in the staging cache
         self._copying: list[tuple[int, int, torch.cuda.Event]] = []
+        self._stats = _RunStats()
 
     def run(self, jobs: Sequence[PrefillJob], pool: torch.Tensor) -> PrefillRun:
         """Run the chunks against the pool's blocks ([num_pool_blocks, *block_shape], pinned
@@ -85,9 +91,17 @@ class Prefiller:
             # every pass queued before the first result is awaited: no gap between them
             launched = [self._launch(batch, pool) for batch in self._batches(jobs)]
             sampled = [t for step in launched for t in step.result()]
+        seconds = time.perf_counter() - start
+        device_s = sum(step.compute_s for step in launched)
+        self._stats.add(
+            sum(len(job.token_ids) for job in jobs),
+            seconds,
+            device_s,
+            sum(step.host_s for step in launched),
+        )
         # (on a GPU, the run's last pass queued the newest copy out: it ends them all)
         copied = self._copying[-1][2] if self._copying else None
-        return PrefillRun(sampled, time.perf_counter() - start, copied)
+        return PrefillRun(sampled, seconds, copied, device_s)
 
     def _batches(self, jobs: Sequence[PrefillJob]) -> Iterator[list[tuple[PrefillJob, int]]]:
         """Consecutive jobs whose staging blocks fit the cache together, each with its
@@ -160,3 +174,41 @@ class Prefiller:
             done = self._copy_stream.record_event()
         self._copying.append((first, end, done))
         return launched
+
+
+class _RunStats:
+    """A log line every STATS_INTERVAL_S about the runs since the last: prompt tokens per
+    second of the runs' wall time, and how much of it the device computed and the host spent
+    queueing passes. Wall time the device did not compute is the device idling for the host
+    (its thread held up, by the GIL for one), or for copies the passes wait on."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens = 0
+        self.wall_s = self.device_s = self.host_s = 0.0
+        self.since = time.perf_counter()
+
+    def add(self, tokens: int, wall_s: float, device_s: float, host_s: float) -> None:
+        self.tokens += tokens
+        self.wall_s += wall_s
+        self.device_s += device_s
+        self.host_s += host_s
+        now = time.perf_counter()
+        if now - self.since < STATS_INTERVAL_S:
+            return
+        logger.info(
+            "prefill: %d prompt tokens in %.2f s of runs (%.0f tokens/s; %.0f per second of "
+            "the device's passes): the device computed %.0f%% of it, the host queued passes "
+            "%.0f%%; %.0f%% of the last %.1f s in runs",
+            self.tokens,
+            self.wall_s,
+            self.tokens / max(self.wall_s, 1e-9),
+            self.tokens / max(self.device_s, 1e-9),
+            100 * self.device_s / max(self.wall_s, 1e-9),
+            100 * self.host_s / max(self.wall_s, 1e-9),
+            100 * self.wall_s / (now - self.since),
+            now - self.since,
+        )
+        self._reset()

@@ -110,6 +110,11 @@ class LaunchedStep:
         return self._result
 
     @property
+    def host_s(self) -> float:
+        """The host's seconds to queue the pass and its sampling."""
+        return self._host_s
+
+    @property
     def compute_s(self) -> float:
         """The device's seconds for the pass and its sampling (once it is done); on the CPU,
         the launch's, which computed everything."""
