@@ -132,13 +132,13 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device, monkeypatch)
     from alignedserve.worker.prefiller import Prefiller
 
     offloaded = []  # request ids the prefill device prefilled
-    run = Prefiller.run
+    launch = Prefiller.launch
 
-    def counting_run(self, jobs, pool):
+    def counting_launch(self, jobs, pool):
         offloaded.extend(job.request_id for job in jobs)
-        return run(self, jobs, pool)
+        return launch(self, jobs, pool)
 
-    monkeypatch.setattr(Prefiller, "run", counting_run)
+    monkeypatch.setattr(Prefiller, "launch", counting_launch)
 
     async def main():
         decode, _, prefetch = device.partition("+")
