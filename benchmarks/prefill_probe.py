@@ -7,17 +7,15 @@ prompt batches of the 90 %-short mix, one run per batch as the executor sends th
   cold              the first set in the process
   serial copies     each run waits for its copies out before the next starts: the prefill
                     device as it was before session 13 (copies out behind the pass)
-  one at a time     each run's copies out run on the copy stream beside the next pass; each
-                    run is launched once the one before has given its tokens (session 29)
-  launched ahead    each run is launched while the one before computes (ours, session 30)
-  no copies out     set 1 again, launched ahead, with the copies left out: what they cost
-  DMA results       one at a time, with each pass's sampled tokens copied to the host by a
-                    copy engine (before session 30), behind the batch before's copies out
-  +python           launched ahead, beside a thread that runs pure Python a quarter of the time
+  overlapped        each run's copies out run on the copy stream beside the next pass (ours)
+  no copies out     set 1 again with the copies left out: what they cost the passes
+  DMA results       overlapped, with each pass's sampled tokens copied to the host by a copy
+                    engine (as before session 30), behind the batch before's copies out
+  +python           overlapped, beside a thread that runs pure Python a quarter of the time
                     (1 ms in 4, the way the service's event loop holds the GIL), at Python's
                     default GIL switch interval (5 ms) and at 0.5 ms
 
-The same sets run in each way, in alternating order. Per set: prompt tok/s, the
+The same sets run serial and overlapped, in alternating order. Per set: prompt tok/s, the
 median run, the host's share (the seconds spent queueing passes), and the caching
 allocator's new device allocations, and the device's share (the passes' CUDA-event time over
 the set's wall time: the rest the device idled for the host or for copies). One batch of a
@@ -37,7 +35,6 @@ one varlen call per layer. Its second call (prefill_probe_call2.txt) put the cop
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import random
 import statistics
@@ -56,7 +53,6 @@ from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.common.sampling_params import SamplingParams  # noqa: E402
 from alignedserve.worker import prefiller as prefiller_module  # noqa: E402
 from alignedserve.worker import runner  # noqa: E402
-from alignedserve.worker.executor import MAX_PREFILL_BATCHES  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import FAMILIES  # noqa: E402
@@ -133,39 +129,22 @@ def _recording_launch(self, chunks, carry=None):
 runner.ModelRunner.launch = _recording_launch
 
 
-def run_set(prefiller, pool, batches, layout, seed: int, serial: bool, ahead: bool) -> dict:
-    """The batches run one after another, each run's tokens read once it is done. If
-    `ahead`, as the executor queues them: each launched while the one before may still
-    compute (at most MAX_PREFILL_BATCHES queued); if not, once the one before is read. If
-    `serial`, each also waits for its copies out before the next is launched."""
+def run_set(prefiller, pool, batches, layout, seed: int, serial: bool) -> dict:
     rng = random.Random(seed)
     free = list(range(pool.shape[0]))
     HOST_S.clear()
     on_gpu = prefiller.device.type == "cuda"
     stats0 = torch.cuda.memory_stats() if on_gpu else {}
     batch_s, tokens, device_s = [], 0, 0.0
-    queued: collections.deque = collections.deque()
     start = time.perf_counter()
-
-    def finish_oldest():
-        nonlocal device_s
-        run = finished[0] = queued.popleft().finish()
-        device_s += run.seconds
-        batch_s.append(time.perf_counter() - start - sum(batch_s))
-        return run
-
-    finished = [None]  # the latest run finished
-
     for prompts in batches:
-        queued.append(prefiller.launch(jobs_for(prompts, layout, free, rng), pool))
-        tokens += sum(len(p) for p in prompts)
+        run = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
+        device_s += run.device_s
         if serial:
-            finish_oldest().wait_copied()
-        elif len(queued) == (MAX_PREFILL_BATCHES if ahead else 1):
-            finish_oldest()
-    while queued:
-        finish_oldest()
-    finished[0].wait_copied()  # the last KV in the pool: the set is done
+            run.wait_copied()
+        batch_s.append(time.perf_counter() - start - sum(batch_s))
+        tokens += sum(len(p) for p in prompts)
+    run.wait_copied()  # the last KV in the pool: the set is done
     wall = time.perf_counter() - start
     stats1 = torch.cuda.memory_stats() if on_gpu else {}
     return {
@@ -229,8 +208,8 @@ def main(args: argparse.Namespace) -> None:
     sets = prompt_sets(0, 6, args.batches, 8192, config)
     cells = []
 
-    def cell(name: str, batches, serial: bool = False, ahead: bool = True) -> None:
-        row = run_set(prefiller, pool, batches, layout, len(cells), serial, ahead)
+    def cell(name: str, batches, serial: bool = False) -> None:
+        row = run_set(prefiller, pool, batches, layout, seed=len(cells), serial=serial)
         row.update(cell=name, switch_interval_s=sys.getswitchinterval())
         cells.append(row)
         print(
@@ -244,10 +223,8 @@ def main(args: argparse.Namespace) -> None:
 
     cell("cold", sets[0])
     cell("serial copies, set 1", sets[1], serial=True)
-    cell("one at a time, set 1", sets[1], ahead=False)
-    cell("launched ahead, set 1", sets[1])
-    cell("launched ahead, set 2", sets[2])
-    cell("one at a time, set 2", sets[2], ahead=False)
+    cell("overlapped, set 1", sets[1])
+    cell("overlapped, set 2", sets[2])
     cell("serial copies, set 2", sets[2], serial=True)
     # what the copies cost: set 1 again without them (fresh prompts copy nothing in)
     copy_blocks = prefiller_module.copy_blocks
@@ -262,15 +239,15 @@ def main(args: argparse.Namespace) -> None:
         src.contiguous().view(-1).view(torch.uint8), non_blocking=True
     )
     try:
-        cell("DMA results, set 1", sets[1], ahead=False)
-        cell("DMA results, set 2", sets[2], ahead=False)
+        cell("DMA results, set 1", sets[1])
+        cell("DMA results, set 2", sets[2])
     finally:
         runner.to_host = kernel_to_host
     few = args.batches // 3
     for n, interval in ((3, 5e-3), (4, 5e-4)):
         sys.setswitchinterval(interval)
         with PythonLoad():
-            cell(f"ahead +python, switch {1e3 * interval:g} ms", sets[n][:few])
+            cell(f"overlapped +python, switch {1e3 * interval:g} ms", sets[n][:few])
     sys.setswitchinterval(5e-3)
     profile_batch(prefiller, pool, sets[5][0], layout, out)
     if out:

@@ -132,13 +132,13 @@ def test_greedy_tokens_equal_the_runtime(model_dir, policy, device, monkeypatch)
     from alignedserve.worker.prefiller import Prefiller
 
     offloaded = []  # request ids the prefill device prefilled
-    launch = Prefiller.launch
+    run = Prefiller.run
 
-    def counting_launch(self, jobs, pool):
+    def counting_run(self, jobs, pool):
         offloaded.extend(job.request_id for job in jobs)
-        return launch(self, jobs, pool)
+        return run(self, jobs, pool)
 
-    monkeypatch.setattr(Prefiller, "launch", counting_launch)
+    monkeypatch.setattr(Prefiller, "run", counting_run)
 
     async def main():
         decode, _, prefetch = device.partition("+")

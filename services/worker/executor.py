@@ -28,7 +28,7 @@ from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.proto import worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.wire import sampling_from_proto
-from alignedserve.worker.prefiller import LaunchedRun, Prefiller, PrefillJob
+from alignedserve.worker.prefiller import Prefiller, PrefillJob, PrefillRun
 from alignedserve.worker.profiling import Phases
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk, TokenCarry
@@ -95,7 +95,7 @@ class StepExecutor:
             if second_runner is not None and second_runner.device.type == "cuda"
             else None
         )
-        # One thread launches the prefill device's batches (each runs across decode steps).
+        # One thread drives the prefill device: its batch of chunks runs across decode steps.
         self._prefill_thread = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefill")
             if prefiller is not None
@@ -405,10 +405,10 @@ class StepExecutor:
         if jobs:
             pool = res.pool_view()
 
-            def run() -> LaunchedRun:
+            def run() -> PrefillRun:
                 if after is not None:
                     after.wait()
-                return self.prefiller.launch(jobs, pool)
+                return self.prefiller.run(jobs, pool)
 
             ids = frozenset(job.request_id for job in jobs)
             self._prefilling.append((self._prefill_thread.submit(run), ids))
@@ -422,11 +422,10 @@ class StepExecutor:
         seconds = 0.0
         while self._prefilling and self._prefilling[0][0].done():
             future, batch_ids = self._prefilling[0]
-            launched = future.result()
-            if not launched.is_copied():  # its KV is not whole in the pool yet
+            run = future.result()
+            if not run.is_copied():  # its KV is not whole in the pool yet
                 break
             self._prefilling.pop(0)
-            run = launched.finish()
             ids += sorted(batch_ids)
             sampled += [t for t in run.sampled if t.request_id not in self._dropped_prefill]
             self._dropped_prefill -= batch_ids

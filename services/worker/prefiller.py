@@ -17,12 +17,6 @@ copy stream of their own while the next pass computes in the blocks after them (
 only for copies out still reading its own blocks). Copying a batch's KV out takes ~11 % of
 its pass (Llama-3-8B, 8k tokens: 1 GiB over PCIe), which the device otherwise idles through.
 
-Runs are launched ahead (`launch`): the prefill thread queues a run's passes while the
-device still computes the run before, and the executor reads its tokens once it is done
-(`LaunchedRun.finish`). Waiting for each run's tokens before queueing the next left the
-device idle while the host built the next pass: 8-14 % of the runs' time for OPT-13B in a
-served run (session 30), where the prefill thread shares the GIL with the step thread.
-
 Chunks that do not fit the staging cache together run as several forward passes, each
 within it. One chunk alone always fits: the batcher admits no request whose context could
 outgrow the cache (ModelInfo.num_prefill_blocks).
@@ -62,8 +56,9 @@ class PrefillRun:
     """A batch of chunks, computed; its KV may still be on its way to the pool."""
 
     sampled: list[SampledToken]
-    seconds: float  # the device's for its passes (CUDA events; CPU: the host's)
+    seconds: float  # from the run's start until its passes were done (not its copies out)
     copied: torch.cuda.Event | None  # its copies out to the pool; None: done with the run
+    device_s: float = 0.0  # the passes' time on the device (CUDA events; CPU: the host's)
 
     def is_copied(self) -> bool:
         return self.copied is None or self.copied.query()
@@ -71,30 +66,6 @@ class PrefillRun:
     def wait_copied(self) -> None:
         if self.copied is not None:
             self.copied.synchronize()
-
-
-@dataclass(frozen=True)
-class LaunchedRun:
-    """A batch of chunks, queued on the prefill device: its passes, then its copies out."""
-
-    passes: list[LaunchedStep]
-    num_tokens: int
-    copied: torch.cuda.Event | None  # its copies out to the pool (after its passes)
-    stats: _RunStats
-
-    def is_copied(self) -> bool:
-        return self.copied is None or self.copied.query()
-
-    def wait_copied(self) -> None:
-        if self.copied is not None:
-            self.copied.synchronize()
-
-    def finish(self) -> PrefillRun:
-        """Its sampled tokens, once computed (waits for its passes, not its copies out)."""
-        sampled = [t for step in self.passes for t in step.result()]
-        seconds = sum(step.compute_s for step in self.passes)
-        self.stats.add(self.num_tokens, seconds, sum(step.host_s for step in self.passes))
-        return PrefillRun(sampled, seconds, self.copied)
 
 
 class Prefiller:
@@ -111,20 +82,26 @@ class Prefiller:
         self._copying: list[tuple[int, int, torch.cuda.Event]] = []
         self._stats = _RunStats()
 
-    def launch(self, jobs: Sequence[PrefillJob], pool: torch.Tensor) -> LaunchedRun:
-        """Queue the chunks' passes against the pool's blocks ([num_pool_blocks,
-        *block_shape], pinned on a GPU machine) and return: called from a thread of its own,
-        while the device may still compute the run before, so that it goes from one run's
-        passes to the next without waiting for the host (on the CPU: all done on return)."""
+    def run(self, jobs: Sequence[PrefillJob], pool: torch.Tensor) -> PrefillRun:
+        """Run the chunks against the pool's blocks ([num_pool_blocks, *block_shape], pinned
+        on a GPU machine): their sampled tokens, once computed. Called from a thread of its
+        own while the decode device runs its step."""
+        start = time.perf_counter()
         with self.runner.on_device():
-            passes = [self._launch(batch, pool) for batch in self._batches(jobs)]
+            # every pass queued before the first result is awaited: no gap between them
+            launched = [self._launch(batch, pool) for batch in self._batches(jobs)]
+            sampled = [t for step in launched for t in step.result()]
+        seconds = time.perf_counter() - start
+        device_s = sum(step.compute_s for step in launched)
+        self._stats.add(
+            sum(len(job.token_ids) for job in jobs),
+            seconds,
+            device_s,
+            sum(step.host_s for step in launched),
+        )
         # (on a GPU, the run's last pass queued the newest copy out: it ends them all)
         copied = self._copying[-1][2] if self._copying else None
-        return LaunchedRun(passes, sum(len(job.token_ids) for job in jobs), copied, self._stats)
-
-    def run(self, jobs: Sequence[PrefillJob], pool: torch.Tensor) -> PrefillRun:
-        """Launch the chunks and wait for their sampled tokens."""
-        return self.launch(jobs, pool).finish()
+        return PrefillRun(sampled, seconds, copied, device_s)
 
     def _batches(self, jobs: Sequence[PrefillJob]) -> Iterator[list[tuple[PrefillJob, int]]]:
         """Consecutive jobs whose staging blocks fit the cache together, each with its
@@ -200,34 +177,38 @@ class Prefiller:
 
 
 class _RunStats:
-    """A log line every STATS_INTERVAL_S about the runs finished since the last: prompt
-    tokens per second of the device's passes, and the share of the interval the device
-    computed them and the host spent queueing them. Under load, the time the device did not
-    compute is time it waited for the host (its thread held up, by the GIL for one) or for
-    copies the passes wait on."""
+    """A log line every STATS_INTERVAL_S about the runs since the last: prompt tokens per
+    second of the runs' wall time, and how much of it the device computed and the host spent
+    queueing passes. Wall time the device did not compute is the device idling for the host
+    (its thread held up, by the GIL for one), or for copies the passes wait on."""
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
         self.tokens = 0
-        self.device_s = self.host_s = 0.0
+        self.wall_s = self.device_s = self.host_s = 0.0
         self.since = time.perf_counter()
 
-    def add(self, tokens: int, device_s: float, host_s: float) -> None:
+    def add(self, tokens: int, wall_s: float, device_s: float, host_s: float) -> None:
         self.tokens += tokens
+        self.wall_s += wall_s
         self.device_s += device_s
         self.host_s += host_s
-        interval_s = time.perf_counter() - self.since
-        if interval_s < STATS_INTERVAL_S:
+        now = time.perf_counter()
+        if now - self.since < STATS_INTERVAL_S:
             return
         logger.info(
-            "prefill: %d prompt tokens in the last %.1f s, %.0f tokens/s of the device's "
-            "passes; the device computed %.0f%% of the time, the host queued passes %.0f%%",
+            "prefill: %d prompt tokens in %.2f s of runs (%.0f tokens/s; %.0f per second of "
+            "the device's passes): the device computed %.0f%% of it, the host queued passes "
+            "%.0f%%; %.0f%% of the last %.1f s in runs",
             self.tokens,
-            interval_s,
+            self.wall_s,
+            self.tokens / max(self.wall_s, 1e-9),
             self.tokens / max(self.device_s, 1e-9),
-            100 * self.device_s / max(interval_s, 1e-9),
-            100 * self.host_s / max(interval_s, 1e-9),
+            100 * self.device_s / max(self.wall_s, 1e-9),
+            100 * self.host_s / max(self.wall_s, 1e-9),
+            100 * self.wall_s / (now - self.since),
+            now - self.since,
         )
         self._reset()
