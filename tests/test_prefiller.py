@@ -215,3 +215,4 @@ def test_runs_log_their_prompt_tokens_and_the_devices_share(model, layout, monke
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill:")]
     assert line.startswith("prefill: 17 prompt tokens in ")
     assert "the device computed" in line and "the host queued passes" in line
+    assert line.endswith("; 0 new device allocations, 0 allocation retries")  # CPU: none

@@ -80,7 +80,7 @@ class Prefiller:
         self._next_block = 0  # the ring's cursor: where the next pass's blocks start
         # copies out still in flight: (first block, end block, done) in the staging cache
         self._copying: list[tuple[int, int, torch.cuda.Event]] = []
-        self._stats = _RunStats()
+        self._stats = _RunStats(self.device)
 
     def run(self, jobs: Sequence[PrefillJob], pool: torch.Tensor) -> PrefillRun:
         """Run the chunks against the pool's blocks ([num_pool_blocks, *block_shape], pinned
@@ -180,15 +180,25 @@ class _RunStats:
     """A log line every STATS_INTERVAL_S about the runs since the last: prompt tokens per
     second of the runs' wall time, and how much of it the device computed and the host spent
     queueing passes. Wall time the device did not compute is the device idling for the host
-    (its thread held up, by the GIL for one), or for copies the passes wait on."""
+    (its thread held up, by the GIL for one, or by the caching allocator: its new device
+    allocations and retries are counted, as either can wait for the whole device), or for
+    copies the passes wait on."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
         self._reset()
+
+    def _allocs(self) -> tuple[int, int]:
+        if self.device is None:
+            return 0, 0
+        stats = torch.cuda.memory_stats(self.device)
+        return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
     def _reset(self) -> None:
         self.tokens = 0
         self.wall_s = self.device_s = self.host_s = 0.0
         self.since = time.perf_counter()
+        self.allocs_then = self._allocs()
 
     def add(self, tokens: int, wall_s: float, device_s: float, host_s: float) -> None:
         self.tokens += tokens
@@ -198,10 +208,12 @@ class _RunStats:
         now = time.perf_counter()
         if now - self.since < STATS_INTERVAL_S:
             return
+        allocs = [n - then for n, then in zip(self._allocs(), self.allocs_then, strict=True)]
         logger.info(
             "prefill: %d prompt tokens in %.2f s of runs (%.0f tokens/s; %.0f per second of "
             "the device's passes): the device computed %.0f%% of it, the host queued passes "
-            "%.0f%%; %.0f%% of the last %.1f s in runs",
+            "%.0f%%; %.0f%% of the last %.1f s in runs; %d new device allocations, %d "
+            "allocation retries",
             self.tokens,
             self.wall_s,
             self.tokens / max(self.wall_s, 1e-9),
@@ -210,5 +222,6 @@ class _RunStats:
             100 * self.host_s / max(self.wall_s, 1e-9),
             100 * self.wall_s / (now - self.since),
             now - self.since,
+            *allocs,
         )
         self._reset()
