@@ -64,7 +64,8 @@ def main() -> None:
 
     small_out = torch.empty(32768, dtype=torch.bfloat16, pin_memory=True)
     out_host, out_on_device = PinnedOutputs(dev).take(small.numel() * small.element_size())
-    out_host, out_on_device = out_host[: 2 * small.numel()], out_on_device[: 2 * small.numel()]
+    small_bytes = small.numel() * small.element_size()
+    out_host, out_on_device = out_host[:small_bytes], out_on_device[:small_bytes]
 
     def small_copy(kind: str, between=None) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         """From queueing a small copy on the current stream to the end of the work that

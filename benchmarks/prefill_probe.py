@@ -17,8 +17,8 @@ prompt batches of the 90 %-short mix, one run per batch as the executor sends th
 
 The same sets run serial and overlapped, in alternating order. Per set: prompt tok/s, the
 median run, the host's share (the seconds spent queueing passes), and the caching
-allocator's new device allocations, and the device's share (the passes' CUDA-event time over
-the set's wall time: the rest the device idled for the host or for copies). One batch of a
+allocator's new device allocations, and the device's share (the passes' spans on the device,
+CUDA events, over the set's wall time: the rest the device waited between passes). One batch of a
 new set runs under torch.profiler; its top operators by host and by device time are printed.
 
 The first call of this probe (docs/results/session6/prefill_probe_call1.txt) found a call
@@ -139,7 +139,7 @@ def run_set(prefiller, pool, batches, layout, seed: int, serial: bool) -> dict:
     start = time.perf_counter()
     for prompts in batches:
         run = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
-        device_s += run.device_s
+        device_s += run.pass_span_s
         if serial:
             run.wait_copied()
         batch_s.append(time.perf_counter() - start - sum(batch_s))

@@ -201,18 +201,22 @@ def test_copy_blocks_coalesces_runs_and_copies_each_pair():
 
 
 def test_runs_log_their_prompt_tokens_and_the_devices_share(model, layout, monkeypatch, caplog):
+    from alignedserve.common import stats_line
     from alignedserve.worker import prefiller as prefiller_module
 
-    monkeypatch.setattr(prefiller_module, "STATS_INTERVAL_S", 0.0)  # a line after every run
+    monkeypatch.setenv(stats_line.ENV, "3600")  # no line before the interval has passed
     prefiller = Prefiller(ModelRunner(model, KVCache(layout, 64)))
     with CpuKVPool.create(layout, 16) as pool, caplog.at_level("INFO", prefiller_module.__name__):
         jobs = [
             PrefillJob(f"r{i}", tuple(p), 0, tuple(pool.allocate(-(-len(p) // BLOCK_TOKENS))), None)
             for i, p in enumerate(random_prompts((11, 6), seed=1))
         ]
-        run = prefiller.run(jobs, pool_view(pool, layout))
-    assert run.device_s > 0  # on the CPU: the host's seconds for the passes
+        prefiller.run(jobs[:1], pool_view(pool, layout))
+        assert not [r for r in caplog.records if r.getMessage().startswith("prefill:")]
+        prefiller._stats.window.interval_s = 1e-9  # due at the next run
+        run = prefiller.run(jobs[1:], pool_view(pool, layout))
+    assert run.pass_span_s > 0  # on the CPU: the host's seconds for the passes
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill:")]
-    assert line.startswith("prefill: 17 prompt tokens in ")
-    assert "the device computed" in line and "the host queued passes" in line
+    assert line.startswith("prefill: 17 prompt tokens in 2 runs, ")
+    assert "the passes spanned" in line and "the host queued them" in line
     assert line.endswith("; 0 new device allocations, 0 allocation retries")  # CPU: none

@@ -490,3 +490,44 @@ def test_loads_still_copying_wait_only_when_no_device_has_a_member_ready():
         sched.check_invariants()
     assert not len(sched.store), "requests left unfinished"
     assert mixed_steps > 0  # the case the rule is for happened
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_the_prefill_devices_batches_take_whole_prompts_unless_told_otherwise(whole):
+    """On the prefill device a prompt is not cut where the token budget (100) ends: its
+    next chunk would first copy the KV of the one before back in from the pool. It leads
+    the next batch instead, whole, past the budget if it must."""
+    config = replace(
+        make_config("aligned", 16, 1000, 5.0),
+        num_prefill_device_blocks=20,
+        prefill_tokens_per_step=100,
+        prefill_whole_prompts=whole,
+    )
+    sched = make_scheduler(config)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for request_id, n in (("a", 60), ("b", 150), ("c", 30)):
+        sched.add_request(request_id, range(1, n + 1), params, now=0.0)
+    first = sched.schedule(0.0).prefill
+    second = sched.schedule(0.01).prefill  # queued behind the first
+    if whole:  # c is not planned ahead of b
+        assert (first, second) == ((("a", 60),), (("b", 150),))
+    else:  # b cut at the budget; its next chunk waits for the first to be done
+        assert (first, second) == ((("a", 60), ("b", 40)), (("c", 30),))
+    sched.check_invariants()
+
+
+def test_a_cut_prompts_next_chunk_pays_its_copy_in_on_the_prefill_device():
+    """In the simulator, a prompt cut into chunks on the prefill device takes longer to its
+    first token than the same prompt whole: its later chunks copy its KV so far in first."""
+    ttft = {}
+    for whole in (True, False):
+        config = replace(
+            make_config("aligned", 16, 10_000, 5.0),
+            num_prefill_device_blocks=1024,
+            prefill_tokens_per_step=1000,
+            prefill_whole_prompts=whole,
+        )
+        stats = simulate_engine([SimRequest("r", 0.0, 4000, 2)], config, COST, check=True)
+        ttft[whole] = stats.ttft_s[0]
+    copy_in_s = COST.h2d_s((1000 + 2000 + 3000) * COST.model.kv_bytes_per_token)
+    assert ttft[False] - ttft[True] >= copy_in_s, (ttft, copy_in_s)

@@ -103,3 +103,14 @@ def test_the_decode_gpu_waiting_for_the_prefill_devices_pass_is_counted():
         waits.append(simulate(requests, config["aligned"], cost, check=True).lane_wait_fraction)
     assert waits[0] == 0.0
     assert 0.0 < waits[1] < 0.5
+
+
+def test_a_bool_override_takes_true_or_false(capsys):
+    from alignedserve.batcher.sim.cli import parse_overrides
+
+    assert parse_overrides(["aligned.prefill_whole_prompts=false"]) == {
+        "aligned": {"prefill_whole_prompts": False},
+        "fcfs": {},
+    }
+    assert main(["sim", "--num-requests", "10", "--set", "aligned.prefill_whole_prompts=0"]) == 1
+    assert "prefill_whole_prompts is true or false" in capsys.readouterr().err

@@ -201,3 +201,14 @@ def test_write_back_copy():
     assert model.d2h_s(1e9) == pytest.approx(1e9 / 55.4e9)
     with pytest.raises(ValueError):
         model.d2h_s(-1)
+
+
+def test_a_prompt_in_two_chunks_computes_what_it_computes_whole():
+    """The second chunk attends to the first's tokens too: the chunks' FLOPs add up to the
+    whole prompt's (causal pairs: a²/2 + b·a + b²/2 = (a + b)²/2); it also reads their KV."""
+    model = CostModel(OPT_13B, IDEAL)
+    whole = model.prefill_cost([3000])
+    first, second = model.prefill_cost([1000]), model.prefill_cost([2000], [1000])
+    assert first.compute_s + second.compute_s == pytest.approx(whole.compute_s)
+    assert second.compute_s > model.prefill_cost([2000]).compute_s
+    assert second.memory_s > model.prefill_cost([2000]).memory_s

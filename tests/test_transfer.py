@@ -85,6 +85,8 @@ def test_to_host_on_the_cpu_copies_the_bytes():
     host = torch.zeros(12, dtype=torch.uint8)
     transfer.to_host(torch.tensor([1.5, -2.0, 3.25]), host, None)
     assert host.view(torch.float32).tolist() == [1.5, -2.0, 3.25]
+    with pytest.raises(ValueError, match="4 bytes into a buffer of 12"):
+        transfer.to_host(torch.tensor([1.5]), host, None)  # would broadcast, not copy
 
 
 @pytest.mark.gpu
@@ -95,10 +97,10 @@ def test_a_download_does_not_wait_for_a_bulk_copy_to_the_host_queued_before_it()
     outputs = transfer.PinnedOutputs(dev)
     host, on_device = outputs.take(4096)
     src = torch.arange(-5, 300, device=dev)  # int64
-    transfer.to_host(src, host[:16], on_device[:16])  # warm: the kernel's first launch
+    transfer.to_host(src[:2], host[:16], on_device[:16])  # warm: the kernel's first launch
     torch.cuda.synchronize()
-    bulk = torch.ones(2 << 30, dtype=torch.uint8, device=dev)  # ~40 ms over PCIe
-    into = torch.empty_like(bulk, device="cpu").pin_memory()
+    bulk = torch.ones(1 << 30, dtype=torch.uint8, device=dev)  # ~20 ms over PCIe
+    into = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

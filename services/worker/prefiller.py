@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
+from alignedserve.common import stats_line
 from alignedserve.common.errors import InvalidRequestError
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.kv_cache import copy_blocks
 from alignedserve.worker.runner import LaunchedStep, ModelRunner, SampledToken, SeqChunk
 
 logger = logging.getLogger(__name__)
-STATS_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class PrefillRun:
     sampled: list[SampledToken]
     seconds: float  # from the run's start until its passes were done (not its copies out)
     copied: torch.cuda.Event | None  # its copies out to the pool; None: done with the run
-    device_s: float = 0.0  # the passes' time on the device (CUDA events; CPU: the host's)
+    # each pass's span on the device, first kernel to last (CUDA events; CPU: the host's):
+    # gaps inside a pass, the device waiting for the host's launches, count in it
+    pass_span_s: float
 
     def is_copied(self) -> bool:
         return self.copied is None or self.copied.query()
@@ -92,16 +94,16 @@ class Prefiller:
             launched = [self._launch(batch, pool) for batch in self._batches(jobs)]
             sampled = [t for step in launched for t in step.result()]
         seconds = time.perf_counter() - start
-        device_s = sum(step.compute_s for step in launched)
+        pass_span_s = sum(step.compute_s for step in launched)
         self._stats.add(
             sum(len(job.token_ids) for job in jobs),
             seconds,
-            device_s,
+            pass_span_s,
             sum(step.host_s for step in launched),
         )
         # (on a GPU, the run's last pass queued the newest copy out: it ends them all)
         copied = self._copying[-1][2] if self._copying else None
-        return PrefillRun(sampled, seconds, copied, device_s)
+        return PrefillRun(sampled, seconds, copied, pass_span_s)
 
     def _batches(self, jobs: Sequence[PrefillJob]) -> Iterator[list[tuple[PrefillJob, int]]]:
         """Consecutive jobs whose staging blocks fit the cache together, each with its
@@ -177,12 +179,13 @@ class Prefiller:
 
 
 class _RunStats:
-    """A log line every STATS_INTERVAL_S about the runs since the last: prompt tokens per
-    second of the runs' wall time, and how much of it the device computed and the host spent
-    queueing passes. Wall time the device did not compute is the device idling for the host
-    (its thread held up, by the GIL for one, or by the caching allocator: its new device
-    allocations and retries are counted, as either can wait for the whole device), or for
-    copies the passes wait on."""
+    """The prefill device's periodic line (`common/stats_line`'s interval): the runs since
+    the last line, their prompt tokens per second of wall time and of the passes' spans on
+    the device, the share of their wall time the passes spanned and the host spent queueing
+    them, and the caching allocator's new device allocations and retries (either can wait
+    for the whole device). Wall time outside the passes' spans is the device waiting between
+    passes: for the host to queue the next (its thread held up, by the GIL for one, or by the
+    allocator), or for copies in the pass waits on."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device if device.type == "cuda" else None
@@ -195,33 +198,34 @@ class _RunStats:
         return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
     def _reset(self) -> None:
-        self.tokens = 0
-        self.wall_s = self.device_s = self.host_s = 0.0
-        self.since = time.perf_counter()
+        self.num_runs = self.tokens = 0
+        self.wall_s = self.span_s = self.host_s = 0.0
+        self.window = stats_line.Window()
         self.allocs_then = self._allocs()
 
-    def add(self, tokens: int, wall_s: float, device_s: float, host_s: float) -> None:
+    def add(self, tokens: int, wall_s: float, span_s: float, host_s: float) -> None:
+        self.num_runs += 1
         self.tokens += tokens
         self.wall_s += wall_s
-        self.device_s += device_s
+        self.span_s += span_s
         self.host_s += host_s
-        now = time.perf_counter()
-        if now - self.since < STATS_INTERVAL_S:
+        if not self.window.is_due(self.num_runs):
             return
         allocs = [n - then for n, then in zip(self._allocs(), self.allocs_then, strict=True)]
         logger.info(
-            "prefill: %d prompt tokens in %.2f s of runs (%.0f tokens/s; %.0f per second of "
-            "the device's passes): the device computed %.0f%% of it, the host queued passes "
-            "%.0f%%; %.0f%% of the last %.1f s in runs; %d new device allocations, %d "
-            "allocation retries",
+            "prefill: %d prompt tokens in %d runs, %.2f s (%.0f tokens/s; %.0f per second of "
+            "the passes' spans on the device): the passes spanned %.0f%% of it, the host "
+            "queued them %.0f%%; %.0f%% of the last %.1f s in runs; %d new device "
+            "allocations, %d allocation retries",
             self.tokens,
+            self.num_runs,
             self.wall_s,
             self.tokens / max(self.wall_s, 1e-9),
-            self.tokens / max(self.device_s, 1e-9),
-            100 * self.device_s / max(self.wall_s, 1e-9),
+            self.tokens / max(self.span_s, 1e-9),
+            100 * self.span_s / max(self.wall_s, 1e-9),
             100 * self.host_s / max(self.wall_s, 1e-9),
-            100 * self.wall_s / (now - self.since),
-            now - self.since,
+            100 * self.wall_s / max(self.window.elapsed_s, 1e-9),
+            self.window.elapsed_s,
             *allocs,
         )
         self._reset()

@@ -55,9 +55,9 @@ class TokenCarry:
 
 
 class LaunchedStep:
-    """A forward pass and its sampling, queued on the device, with the copy of its tokens to
-    the host queued right behind: `result` waits for that copy only, not for the steps
-    queued after this one."""
+    """A forward pass and its sampling, queued on the device, with the store of its tokens
+    into pinned host memory queued right behind: `result` waits for that only, not for the
+    steps queued after this one."""
 
     def __init__(
         self,
@@ -86,13 +86,13 @@ class LaunchedStep:
                 to_host(logprobs, host[at:end], on_device[at:end])
                 host_tokens = host[:at].view(tokens.dtype)
                 host_logprobs = host[at:end].view(logprobs.dtype)
-                copied = torch.cuda.current_stream().record_event()
+                copied = torch.cuda.current_stream(tokens.device).record_event()
                 self._host = (host_tokens, host_logprobs, copied)
             else:
                 self._host = (tokens, logprobs, None)
 
     def result(self) -> list[SampledToken]:
-        """The sampled tokens as host values; waits for their copy to the host."""
+        """The sampled tokens as host values; waits for them to reach the host."""
         if self._host is None:
             return []
         if self._result is None:
@@ -108,6 +108,13 @@ class LaunchedStep:
             if self._buffer is not None:  # read: the buffer may take a later step's results
                 self._outputs.give_back(self._buffer)
         return self._result
+
+    def __del__(self) -> None:
+        # dropped unread (a later launch of its run failed): the kernel storing its results
+        # may still write into the pinned buffer, which torch hands out again once freed
+        if self._buffer is not None and self._result is None:
+            with contextlib.suppress(RuntimeError):
+                self._host[2].synchronize()
 
     @property
     def host_s(self) -> float:

@@ -41,6 +41,7 @@ class _HostBytes:
     address is their device address, so torch sees a CUDA tensor, without a copy."""
 
     def __init__(self, host: torch.Tensor):
+        self.host = host  # torch keeps this object alive with the tensor it makes from it
         self.__cuda_array_interface__ = {
             "data": (host.data_ptr(), False),
             "shape": (host.numel(),),
@@ -137,7 +138,11 @@ def to_host(src: torch.Tensor, host: torch.Tensor, on_device: torch.Tensor | Non
     """Queue `src`'s bytes into `host` (uint8, as many bytes), whose device mapping is
     `on_device` (None: `src` is on the CPU, a plain copy). On a GPU an elementwise kernel
     stores them (x | 0): a copy to the host would wait for every copy to the host queued
-    before it, on any stream."""
+    before it, on any stream. The caller keeps `host` until the kernel is done: torch's
+    pinned allocator does not see a kernel write it, as it sees a copy."""
+    nbytes = src.numel() * src.element_size()
+    if host.numel() != nbytes or (on_device is not None and on_device.numel() != nbytes):
+        raise ValueError(f"to_host: {nbytes} bytes into a buffer of {host.numel()}")
     if on_device is None:
         host.copy_(_bytes(src))
     else:

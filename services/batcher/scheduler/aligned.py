@@ -131,7 +131,12 @@ class AlignedPolicy:
         if sched.can_queue_prefill:
             room = self._admit_room()
             free_decode = free[self.decode_lane]
-            prefill = sched.plan_prefill(prefill_budget, room, device_blocks=staging or free_decode)
+            prefill = sched.plan_prefill(
+                prefill_budget,
+                room,
+                device_blocks=staging or free_decode,
+                whole_prompts=self.config.prefill_whole_prompts and bool(staging),
+            )
         if not staging:
             free[self.decode_lane] -= sched.prefill_device_blocks(prefill)
         plan = BatchPlan(

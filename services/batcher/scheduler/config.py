@@ -60,6 +60,9 @@ class SchedulerConfig:
     # aligned: ... once no prompt has waited this long (a lane opened between two prompts of a
     # steady trickle would send its residents back through the pool at the next)
     prefill_lane_quiet_s: float = 0.5
+    # aligned beside a prefill device: its batches take whole prompts (one alone may pass
+    # prefill_tokens_per_step): a prompt cut there copies its KV back in before its next chunk
+    prefill_whole_prompts: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -253,12 +253,19 @@ class Scheduler:
         max_requests: int,
         after: tuple[tuple[str, int], ...] = (),
         device_blocks: int | None = None,
+        whole_prompts: bool = False,
     ) -> tuple[tuple[str, int], ...]:
         """Prefill chunks for waiting requests, first come first served, within the token
         budget; a request is never skipped for a smaller one behind it. `after`: chunks
         already planned this step on the other GPU; those requests are left to it (a
         request's chunks run in order, on one GPU at a time). `device_blocks`: the device
         blocks the chunks may take while they run (see prefill_device_blocks).
+        `whole_prompts`: a prompt is not cut where the budget ends but leads the next batch
+        (one alone may pass the budget), for the prefill device: there a cut prompt's next
+        chunk first copies the KV of the one before back in from the pool, over the link its
+        loads use. (Passing the budget with the batch's last prompt instead made batches up
+        to twice as long, and the prefill device's staging ring would then wrap onto the
+        batch before while its KV is still being copied out.)
 
         A request is admitted at its first chunk: it reserves the pool blocks of its whole
         prompt and first token then, so its later chunks and its first token never wait for
@@ -278,7 +285,11 @@ class Scheduler:
                 ):
                     admitting = False  # admission waits until blocks are freed
                     continue
-            n = min(r.num_tokens - r.num_prefilled, token_budget)
+            n = r.num_tokens - r.num_prefilled
+            if not whole_prompts:
+                n = min(n, token_budget)
+            elif n > token_budget and chunks:
+                break  # it leads the next batch, whole
             if device_blocks is not None:
                 device_blocks -= self.blocks_for(r.num_prefilled + n)
                 if device_blocks < 0:

@@ -59,7 +59,12 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, object]]:
         policy, _, name = key.partition(".")
         if policy not in out or name not in fields or not value:
             raise ConfigError(f"--set {item!r}: expected aligned|fcfs.FIELD=VALUE")
-        out[policy][name] = float(value) if fields[name] == "float" else int(value)
+        if fields[name] == "bool":
+            if value not in ("true", "false"):
+                raise ConfigError(f"--set {item!r}: {name} is true or false")
+            out[policy][name] = value == "true"
+        else:
+            out[policy][name] = float(value) if fields[name] == "float" else int(value)
     return out
 
 

@@ -232,23 +232,35 @@ class CostModel:
         """A continuous-batching step (fcfs with chunked prefill): decode + a prompt chunk."""
         return self.step_cost(kv_lengths, prefill_tokens, prefill_context_tokens).total_s
 
-    def prefill_cost(self, prompt_lens: Sequence[int] | np.ndarray) -> StepCost:
-        """A prefill-only pass over whole prompts, batched (the prefetch GPU's job)."""
+    def prefill_cost(
+        self,
+        prompt_lens: Sequence[int] | np.ndarray,
+        cached_lens: Sequence[int] | np.ndarray | None = None,
+    ) -> StepCost:
+        """A prefill-only pass over prompt chunks, batched (the prefill device's job); each
+        chunk attends to its `cached_lens` tokens before it (default: none, whole prompts)
+        as well as to itself."""
         lens = _lengths(prompt_lens)
         tokens = float(lens.sum())
         if tokens == 0:
             return _ZERO
+        cached = np.zeros_like(lens) if cached_lens is None else _lengths(cached_lens)
         m = self.model
-        pairs = float((lens * lens).sum()) / 2  # causal: each prompt attends to itself
+        # causal: a chunk's token i attends to its cached tokens and i + 1 of its own
+        pairs = float((lens * cached).sum()) + float((lens * lens).sum()) / 2
         flops = tokens * m.linear_flops_per_token + pairs * m.attention_flops_per_kv_token
         return StepCost(
-            memory_s=self._mem_s(m.weight_bytes),
+            memory_s=self._mem_s(m.weight_bytes + float(cached.sum()) * m.kv_bytes_per_token),
             compute_s=self._compute_s(0.0, flops),
             overhead_s=self.gpu.step_overhead_s,
         )
 
-    def prefill_s(self, prompt_lens: Sequence[int] | np.ndarray) -> float:
-        return self.prefill_cost(prompt_lens).total_s
+    def prefill_s(
+        self,
+        prompt_lens: Sequence[int] | np.ndarray,
+        cached_lens: Sequence[int] | np.ndarray | None = None,
+    ) -> float:
+        return self.prefill_cost(prompt_lens, cached_lens).total_s
 
     def h2d_s(self, num_bytes: float, links: int = 1) -> float:
         """Host→GPU copy over `links` independent PCIe links (1: one GPU, 2: both GPUs).

@@ -106,7 +106,12 @@ def simulate_engine(
         plan = sched.schedule(now)
         stats.schedule_s.append(time.perf_counter() - t0)
         if has_device and plan.prefill:
-            device_free_s = max(now, device_free_s) + cost.prefill_s([n for _, n in plan.prefill])
+            # a chunk after the first copies its prompt's KV so far in from the pool (the
+            # prefill device keeps nothing between chunks), before the pass that reads it
+            cached = [sched.store.get(request_id).num_prefilled for request_id, _ in plan.prefill]
+            run_s = cost.prefill_s([n for _, n in plan.prefill], cached)
+            run_s += cost.h2d_s(sum(cached) * cost.model.kv_bytes_per_token)
+            device_free_s = max(now, device_free_s) + run_s
             prefilling.append((device_free_s, [request_id for request_id, _ in plan.prefill]))
         in_step = sched.decode_device_prefill(plan)
         there = plan.on_prefill_device
