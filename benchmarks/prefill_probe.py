@@ -2,7 +2,8 @@
 
 This drives the real `Prefiller` (weights, the server's staging cache, copies to and from a
 pinned pool, fragmented pool blocks as the batcher's allocator leaves them) through sets of
-prompt batches of the 90 %-short mix, one run per batch as the executor sends them:
+prompt batches of the 90 %-short mix (whole prompts, as the batcher plans them), one run per
+batch as the executor sends them:
 
   cold              the first set in the process
   serial copies     each run waits for its copies out before the next starts: the prefill
@@ -11,6 +12,9 @@ prompt batches of the 90 %-short mix, one run per batch as the executor sends th
   no copies out     set 1 again with the copies left out: what they cost the passes
   DMA results       overlapped, with each pass's sampled tokens copied to the host by a copy
                     engine (as before session 30), behind the batch before's copies out
+  cut prompts       overlapped, each batch filled to the budget and its last prompt cut there,
+                    as the batcher planned them before session 30: the rest copies the
+                    prompt's KV back in from the pool before its next chunk
   +python           overlapped, beside a thread that runs pure Python a quarter of the time
                     (1 ms in 4, the way the service's event loop holds the GIL), at Python's
                     default GIL switch interval (5 ms) and at 0.5 ms
@@ -35,6 +39,7 @@ one varlen call per layer. Its second call (prefill_probe_call2.txt) put the cop
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import random
 import statistics
@@ -87,30 +92,62 @@ def build(device: str, tiny: bool, shape: str) -> tuple[Prefiller, ModelConfig]:
     return Prefiller(runner.ModelRunner(model, staging)), config
 
 
-def prompt_sets(seed: int, num_sets: int, batches: int, budget: int, config: ModelConfig):
+def prompt_sets(seed: int, num_sets: int, tokens: int, config: ModelConfig) -> list[list]:
+    """Each set: prompts of the 90 %-short mix, `tokens` of them in all at least."""
     rng = random.Random(seed)
     sets = []
     for _ in range(num_sets):
-        out: list[list[list[int]]] = [[]]
-        used = 0
-        while len(out) <= batches:
+        prompts, used = [], 0
+        while used < tokens:
             n = rng.randint(100, 1000) if rng.random() < 0.9 else rng.randint(1000, 8000)
             n = min(n, config.max_position_embeddings - 1)
-            if used + n > budget and out[-1]:
-                out.append([])
-                used = 0
-            out[-1].append([rng.randrange(config.vocab_size) for _ in range(n)])
+            prompts.append([rng.randrange(config.vocab_size) for _ in range(n)])
             used += n
-        sets.append(out[:batches])
+        sets.append(prompts)
     return sets
 
 
-def jobs_for(prompts, layout, free_blocks: list[int], rng: random.Random) -> list[PrefillJob]:
-    """Pool blocks drawn at random from the free list: fragmented, as in serving."""
+def batched(prompts: list, budget: int, num_batches: int, cut: bool) -> list[list[tuple]]:
+    """The prompts in batches of at most `budget` tokens, first come first served, as the
+    batcher plans the prefill device's: each chunk (prompt id, prompt, cached tokens, new
+    tokens). Whole prompts (the batcher's rule): a prompt that would pass the budget leads
+    the next batch, alone past it if it must. `cut` (its rule before session 30): each batch
+    is filled to the budget, its last prompt cut there; the rest goes on in the batch after
+    next (the batcher plans the next batch while a cut prompt's first chunk still runs) and
+    first copies the prompt's KV so far in from the pool."""
+    waiting = collections.deque((key, prompt, 0) for key, prompt in enumerate(prompts))
+    later: dict[int, tuple] = {}  # batch index -> a cut prompt's rest, which leads it
+    out = []
+    for b in range(num_batches):
+        if b in later:
+            waiting.appendleft(later.pop(b))
+        batch, used = [], 0
+        while waiting and used < budget:
+            key, prompt, done = waiting[0]
+            n = len(prompt) - done
+            if used + n > budget and cut:
+                n = budget - used
+                later[b + 2] = (key, prompt, done + n)
+            elif used + n > budget and batch:
+                break
+            waiting.popleft()
+            batch.append((key, prompt, done, n))
+            used += n
+        out.append(batch)
+    return out
+
+
+def jobs_for(batch, layout, blocks_of: dict, free_blocks: list[int], rng: random.Random):
+    """Each prompt's pool blocks drawn at random from the free list (fragmented, as in
+    serving) at its first chunk; every chunk of it uses them."""
     jobs = []
-    for i, prompt in enumerate(prompts):
-        blocks = rng.sample(free_blocks, layout.blocks_for(len(prompt) + 1))
-        jobs.append(PrefillJob(f"r{i}", tuple(prompt), 0, tuple(blocks), GREEDY))
+    for key, prompt, done, n in batch:
+        if key not in blocks_of:
+            blocks_of[key] = tuple(rng.sample(free_blocks, layout.blocks_for(len(prompt) + 1)))
+        sampling = GREEDY if done + n == len(prompt) else None
+        jobs.append(
+            PrefillJob(f"p{key}", tuple(prompt[done : done + n]), done, blocks_of[key], sampling)
+        )
     return jobs
 
 
@@ -136,14 +173,15 @@ def run_set(prefiller, pool, batches, layout, seed: int, serial: bool) -> dict:
     on_gpu = prefiller.device.type == "cuda"
     stats0 = torch.cuda.memory_stats() if on_gpu else {}
     batch_s, tokens, device_s = [], 0, 0.0
+    blocks_of: dict = {}
     start = time.perf_counter()
-    for prompts in batches:
-        run = prefiller.run(jobs_for(prompts, layout, free, rng), pool)
+    for batch in batches:
+        run = prefiller.run(jobs_for(batch, layout, blocks_of, free, rng), pool)
         device_s += run.pass_span_s
         if serial:
             run.wait_copied()
         batch_s.append(time.perf_counter() - start - sum(batch_s))
-        tokens += sum(len(p) for p in prompts)
+        tokens += sum(n for *_, n in batch)
     run.wait_copied()  # the last KV in the pool: the set is done
     wall = time.perf_counter() - start
     stats1 = torch.cuda.memory_stats() if on_gpu else {}
@@ -182,12 +220,12 @@ class PythonLoad:
         self.thread.join()
 
 
-def profile_batch(prefiller, pool, prompts, layout, out: Path | None) -> None:
+def profile_batch(prefiller, pool, batch, layout, out: Path | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     rng = random.Random(99)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        prefiller.run(jobs_for(prompts, layout, list(range(pool.shape[0])), rng), pool)
+        prefiller.run(jobs_for(batch, layout, {}, list(range(pool.shape[0])), rng), pool)
     averages = prof.key_averages()
     for key in ("self_cpu_time_total", "self_device_time_total"):
         table = averages.table(sort_by=key, row_limit=14, max_name_column_width=60)
@@ -205,7 +243,10 @@ def main(args: argparse.Namespace) -> None:
     pool = torch.empty((args.pool_blocks, *layout.block_shape), dtype=torch.bfloat16)
     if prefiller.device.type == "cuda":
         pool = pool.pin_memory()
-    sets = prompt_sets(0, 6, args.batches, 8192, config)
+    budget = 8192
+    prompts = prompt_sets(0, 6, int(1.5 * budget * args.batches), config)
+    sets = [batched(p, budget, args.batches, cut=False) for p in prompts]
+    cut_sets = [batched(p, budget, args.batches, cut=True) for p in prompts]
     cells = []
 
     def cell(name: str, batches, serial: bool = False) -> None:
@@ -226,6 +267,9 @@ def main(args: argparse.Namespace) -> None:
     cell("overlapped, set 1", sets[1])
     cell("overlapped, set 2", sets[2])
     cell("serial copies, set 2", sets[2], serial=True)
+    # the batcher's rule before session 30: a cut prompt copies its KV in before its next chunk
+    cell("cut prompts, set 1", cut_sets[1])
+    cell("cut prompts, set 2", cut_sets[2])
     # what the copies cost: set 1 again without them (fresh prompts copy nothing in)
     copy_blocks = prefiller_module.copy_blocks
     prefiller_module.copy_blocks = lambda dst, src, pairs: None
