@@ -112,7 +112,7 @@ class LaunchedStep:
     def __del__(self) -> None:
         # dropped unread (a later launch of its run failed): the kernel storing its results
         # may still write into the pinned buffer, which torch hands out again once freed
-        if self._buffer is not None and self._result is None:
+        if self._buffer is not None and self._result is None and self._host is not None:
             with contextlib.suppress(RuntimeError):
                 self._host[2].synchronize()
 

@@ -263,9 +263,9 @@ class Scheduler:
         `whole_prompts`: a prompt is not cut where the budget ends but leads the next batch
         (one alone may pass the budget), for the prefill device: there a cut prompt's next
         chunk first copies the KV of the one before back in from the pool, over the link its
-        loads use. (Passing the budget with the batch's last prompt instead made batches up
-        to twice as long, and the prefill device's staging ring would then wrap onto the
-        batch before while its KV is still being copied out.)
+        loads use. (Letting the batch's last prompt pass the budget instead would make
+        batches up to twice as long, and the prefill device's staging ring would then wrap
+        onto the batch before while its KV is still being copied out.)
 
         A request is admitted at its first chunk: it reserves the pool blocks of its whole
         prompt and first token then, so its later chunks and its first token never wait for
