@@ -27,6 +27,7 @@ VARIANTS = (
     "aligned-sync",
     "aligned-serial",
     "aligned-wait1",
+    "aligned-cut",
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
@@ -59,6 +60,8 @@ VARIANT_TEXT = {
     "aligned-sync": "aligned, each step planned once the last is answered",
     "aligned-serial": "aligned, each step queued on the GPU once the last is answered",
     "aligned-wait1": "aligned, no pooled request waiting over 1 s for a batch (--starvation-s 1)",
+    "aligned-cut": "aligned, its prefill GPU's batches cutting their last prompt at the budget "
+    "(--no-prefill-whole-prompts)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",

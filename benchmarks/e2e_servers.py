@@ -32,13 +32,15 @@ from alignedserve.serve import (  # noqa: E402
 # the parts of a variant's name after its policy, and the serve flags each adds: -solo, the
 # prefetch GPU only prefills; -turns, the decode GPU prefills too; -sync, the batcher waits for
 # each answer; -serial, the worker answers each step before it queues the next; -wait1, no
-# pooled request waits more than 1 s for a batch (5 s by default)
+# pooled request waits more than 1 s for a batch (5 s by default); -cut, the prefill device's
+# batches cut their last prompt at the budget (before session 30)
 PART_SETTINGS = {
     "solo": {"prefill_decode_blocks": 0},
     "turns": {"decode_prefill_share": 0.5},
     "sync": {"max_steps_in_flight": 1},
     "serial": {"overlap_steps": False},
     "wait1": {"starvation_s": 1.0},
+    "cut": {"prefill_whole_prompts": False},
 }
 
 

@@ -20,6 +20,9 @@ The variants (--policies; --baseline names the one aligned is compared with):
   the GPU (--no-overlap-steps; every other variant's worker queues step N+1 behind step N);
 - aligned-wait1: aligned whose pooled requests wait at most 1 s for a batch (--starvation-s 1;
   5 s by default): a bound on the pool's wait when the run's KV outgrows the decode GPU;
+- aligned-cut: aligned whose prefill GPU's batches cut their last prompt where the prefill
+  budget ends (--no-prefill-whole-prompts; the batcher's rule before session 30), so the
+  prompt's next chunk copies its KV back in from the pool first;
 - aligned-dp2: aligned data-parallel on the same two GPUs, as fcfs-dp2 below, each engine
   alone on its GPU (prefill mixed into its steps, loads over its own link): what the pair's
   split into a prefill GPU and a decode GPU costs or gains;

@@ -86,6 +86,13 @@ class EngineSettings:
             "its prefill turns take while a backlog waits (0: never)"
         },
     )
+    prefill_whole_prompts: bool = field(
+        default=BatcherConfig.prefill_whole_prompts,
+        metadata={
+            "help": "aligned beside a prefill device: its batches take whole prompts (a "
+            "prompt that would pass the prefill budget leads the next batch)"
+        },
+    )
     starvation_s: float = field(
         default=BatcherConfig.starvation_s,
         metadata={"help": "aligned: the longest a pooled request waits for a batch"},
@@ -150,6 +157,7 @@ BATCHER_FIELDS = (
     "max_batch_kv_fraction",
     "max_steps_in_flight",
     "decode_prefill_share",
+    "prefill_whole_prompts",
     "starvation_s",
 )
 

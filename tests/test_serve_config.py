@@ -51,6 +51,10 @@ def test_batcher_knobs_have_the_batchers_defaults_and_flags():
     assert (config.min_batch, config.max_batch_kv_fraction) == (3, 0.5)
     scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
     assert (scheduler.min_batch_size, scheduler.max_resident_kv_fraction) == (3, 0.5)
+    assert scheduler.prefill_whole_prompts  # the default
+    config = serve_config("--no-prefill-whole-prompts")
+    scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
+    assert not scheduler.prefill_whole_prompts
 
 
 @pytest.mark.parametrize("config_cls", [ServeConfig, EngineTargetConfig])

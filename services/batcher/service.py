@@ -46,6 +46,9 @@ class BatcherConfig:
     # aligned beside a prefill device: the most share of the decode GPU's time that its
     # prefill turns take while a backlog waits (0: never)
     decode_prefill_share: float = SchedulerConfig.decode_prefill_share
+    # aligned beside a prefill device: its batches take whole prompts (a prompt that would
+    # pass the prefill budget leads the next batch); off: cut at the budget
+    prefill_whole_prompts: bool = SchedulerConfig.prefill_whole_prompts
     event_loop: str = field(default="auto", metadata=event_loop.FIELD_METADATA)
 
     def __post_init__(self) -> None:
@@ -70,6 +73,7 @@ class BatcherConfig:
                 min_batch_size=self.min_batch,
                 max_resident_kv_fraction=self.max_batch_kv_fraction,
                 decode_prefill_share=self.decode_prefill_share,
+                prefill_whole_prompts=self.prefill_whole_prompts,
             ),
             worker_recovery_s=self.worker_recovery_s,
             worker_startup_s=self.worker_startup_s,
