@@ -33,17 +33,12 @@ import statistics
 import time
 from pathlib import Path
 
-from device_env import import_alignedserve
+from device_env import event_ms, import_alignedserve
 
 import_alignedserve()
 import torch  # noqa: E402
 
 from alignedserve.worker.transfer import PinnedOutputs, to_device, to_host  # noqa: E402
-
-
-def elapsed_ms(begin: torch.cuda.Event, end: torch.cuda.Event) -> float:
-    end.synchronize()
-    return begin.elapsed_time(end)
 
 
 def main() -> None:
@@ -63,8 +58,8 @@ def main() -> None:
     side = torch.cuda.Stream(dev)
 
     small_out = torch.empty(32768, dtype=torch.bfloat16, pin_memory=True)
-    out_host, out_on_device = PinnedOutputs(dev).take(small.numel() * small.element_size())
     small_bytes = small.numel() * small.element_size()
+    out_host, out_on_device = PinnedOutputs(dev).take(small_bytes)
     out_host, out_on_device = out_host[:small_bytes], out_on_device[:small_bytes]
 
     def small_copy(kind: str, between=None) -> tuple[torch.cuda.Event, torch.cuda.Event]:
@@ -130,21 +125,17 @@ def main() -> None:
         for _ in range(args.repeats + 1):  # the first warms up
             torch.cuda.synchronize()
             copies = []
-            queued = 0.0
             if when == "before":
                 copies.append(bulk(direction, pieces))
-                queued = time.perf_counter()
-                events = small_copy(kind)
-            elif when == "after":  # the bulk copy queued after the small one
-                queued = time.perf_counter()
-                events = small_copy(kind, lambda d=direction, c=copies: c.append(bulk(d, 1)))
-            else:
-                queued = time.perf_counter()
-                events = small_copy(kind)
+            between = None
+            if when == "after":  # the bulk copy queued after the small one
+                between = lambda d=direction, c=copies: c.append(bulk(d, 1))  # noqa: E731
+            queued = time.perf_counter()
+            events = small_copy(kind, between)
             events[1].synchronize()
             wait_ms.append(1e3 * (time.perf_counter() - queued))
-            pass_ms.append(elapsed_ms(*events))
-            bulk_ms += [elapsed_ms(*copy) for copy in copies]
+            pass_ms.append(event_ms(*events))
+            bulk_ms += [event_ms(*copy) for copy in copies]
         row = dict(
             case=name,
             pass_ms=statistics.median(pass_ms[1:]),

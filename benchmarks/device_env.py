@@ -1,4 +1,5 @@
-"""Shared by the GPU scripts: the project importable on a machine where it is not installed.
+"""Shared by the GPU scripts: the project importable on a machine where it is not installed,
+and the time between two CUDA events.
 
 The GPU images have no network, so the project cannot be pip-installed there; a directory of
 symlinks laid out as the installed package stands in for it (pyproject's package-dir:
@@ -17,6 +18,12 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def event_ms(begin, end) -> float:
+    """The ms between two CUDA events, once the end has come (waits for it)."""
+    end.synchronize()
+    return begin.elapsed_time(end)
 
 
 @functools.cache

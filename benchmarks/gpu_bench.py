@@ -151,21 +151,27 @@ def check_greedy() -> dict:
     return {"greedy_equal": same, "greedy_equal_graphs": same_graphs}
 
 
-def build_model(shape: str = "llama3-8b"):
-    """A model of that shape (Llama-3-8B: GQA; OPT-13B: MHA) with random bf16 weights on the
-    GPU, its projections fused as load_model does there, and a KV cache of what memory is
-    left (12 GiB kept free)."""
+def random_model(shape: str, device: str = "cuda", tiny: bool = False):
+    """A model of that shape (Llama-3-8B: GQA; OPT-13B: MHA; `tiny`: its family's tiny
+    config) with random bf16 weights on `device`, and its config."""
     family = SHAPE_FAMILIES[shape]
-    sizes = dict(TINY_CONFIGS[family], **FULL_SIZE[shape], torch_dtype="bfloat16")
-    config = ModelConfig.from_dict(sizes)
+    full = {} if tiny else FULL_SIZE[shape]
+    config = ModelConfig.from_dict(dict(TINY_CONFIGS[family], **full, torch_dtype="bfloat16"))
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = FAMILIES[family](config)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
     for table in embedding_tables(model):  # made uninitialised: every weight is the checkpoint's
         table.weight.normal_(0, 0.02)
-    model = model.to("cuda").eval()
+    return model.eval(), config
+
+
+def build_model(shape: str = "llama3-8b"):
+    """A model of that shape with random bf16 weights on the GPU (`random_model`), its
+    projections fused as load_model does there, and a KV cache of what memory is left
+    (12 GiB kept free)."""
+    model, config = random_model(shape)
     fuse_projections(model)  # as load_model does on a GPU
     layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
     free, _ = torch.cuda.mem_get_info()
@@ -199,11 +205,13 @@ def decode_grid(
                 print(f"  B={batch} L={length}: KV does not fit, skipped")
                 continue
             rows.append(decode_cell(model, config, kv, ceil, read_params, batch, length, per))
-    for key, label in (("graph_fraction", "one step alone"), ("stream_fraction", "in a stream")):
-        if not rows:
-            break
-        met = sum(row[key] >= 0.75 for row in rows)
-        print(f"  cells at >= 75 % of the roofline, {label}: {met} of {len(rows)}")
+    if rows:
+        for key, label in (
+            ("graph_fraction", "one step alone"),
+            ("stream_fraction", "in a stream"),
+        ):
+            met = sum(row[key] >= 0.75 for row in rows)
+            print(f"  cells at >= 75 % of the roofline, {label}: {met} of {len(rows)}")
     result = {"shape": shape, "grid": rows}
     if shape == "llama3-8b":
         result["mixed"] = [mixed_cell(model, config, kv, batch) for batch in (8, 32, 128)]

@@ -355,7 +355,7 @@ def main() -> None:
                 (work / policy / FAILED).write_text(f"{type(e).__name__}: {e}")
             timings.pop("total_s", None)  # kept last
             timings["total_s"] = clock.elapsed()
-            markdown = write_outputs(args, work, timings, blocks, device)
+            markdown = report()
     print("\n" + markdown, flush=True)
 
 

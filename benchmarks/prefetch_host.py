@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from device_env import import_alignedserve, load_file
+from device_env import event_ms, import_alignedserve, load_file
 
 import_alignedserve()
 
@@ -129,9 +129,9 @@ def time_loads(prefetcher, loads, repeats: int, profile: bool) -> tuple[float, f
     return median(host[1:]), median(device[1:]), {k: median(v[1:]) for k, v in sides.items()}
 
 
-def time_beside_prefill(prefetcher, loads, staging: str, repeats: int) -> dict:
+def time_beside_prefill(prefetcher, loads, staging: str, repeats: int, load_s: float) -> dict:
     """Medians over repeats: the GEMMs' ms alone and beside the loads, and the loads' ms
-    beside the GEMMs. Enough GEMMs are queued to outlast the loads."""
+    beside the GEMMs. Enough GEMMs are queued to outlast the loads (`load_s` alone)."""
     a = torch.randn(8192, 5120, dtype=torch.bfloat16, device=staging)
     b = torch.randn(5120, 20480, dtype=torch.bfloat16, device=staging)
 
@@ -145,18 +145,13 @@ def time_beside_prefill(prefetcher, loads, staging: str, repeats: int) -> dict:
             end.record()
         return begin, end
 
-    def span(events) -> float:
-        events[1].synchronize()
-        return events[0].elapsed_time(events[1])
-
-    span(queue_gemms(3))  # warm up
-    one_ms = span(queue_gemms(10)) / 10
-    _, load_s, _ = time_loads(prefetcher, loads, 1, False)
+    event_ms(*queue_gemms(3))  # warm up
+    one_ms = event_ms(*queue_gemms(10)) / 10
     n = max(4, round(1.5 * load_s * 1e3 / one_ms))
     alone, beside, loads_ms = [], [], []
     for _ in range(repeats):
         torch.cuda.synchronize(staging)
-        alone.append(span(queue_gemms(n)))
+        alone.append(event_ms(*queue_gemms(n)))
         torch.cuda.synchronize(staging)
         gemms = queue_gemms(n)
         begin = torch.cuda.Event(enable_timing=True)
@@ -165,7 +160,7 @@ def time_beside_prefill(prefetcher, loads, staging: str, repeats: int) -> dict:
         for src, dst in loads:
             prefetcher.wait_on(prefetcher.start(src, dst))
         end.record()
-        beside.append(span(gemms))
+        beside.append(event_ms(*gemms))
         end.synchronize()
         loads_ms.append(begin.elapsed_time(end))
     median = statistics.median
@@ -293,7 +288,9 @@ def main() -> None:
                     **{f"{side}_ms": 1e3 * t for side, t in sides.items()},
                 )
                 if args.beside_prefill and staging is not None and mode == "per step":
-                    row.update(time_beside_prefill(prefetcher, loads, staging, args.repeats))
+                    row.update(
+                        time_beside_prefill(prefetcher, loads, staging, args.repeats, device_s)
+                    )
                     cache.zero_()
                 rows.append(row)
                 print(

@@ -47,42 +47,31 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 from device_env import import_alignedserve
 
 import_alignedserve()
 import torch  # noqa: E402
+from gpu_bench import random_model  # noqa: E402
 
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.common.sampling_params import SamplingParams  # noqa: E402
 from alignedserve.worker import prefiller as prefiller_module  # noqa: E402
-from alignedserve.worker import runner  # noqa: E402
+from alignedserve.worker import runner, transfer  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
-from alignedserve.worker.models import FAMILIES  # noqa: E402
 from alignedserve.worker.prefiller import Prefiller, PrefillJob  # noqa: E402
 from alignedserve.worker.service import PREFILL_STAGING_EXTRA_TOKENS  # noqa: E402
-from alignedserve.worker.tiny import FULL_SIZE, SHAPE_FAMILIES, TINY_CONFIGS  # noqa: E402
+from alignedserve.worker.tiny import SHAPE_FAMILIES  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
 def build(device: str, tiny: bool, shape: str) -> tuple[Prefiller, ModelConfig]:
-    family = SHAPE_FAMILIES[shape]
-    full = {} if tiny else FULL_SIZE[shape]
-    sizes = dict(TINY_CONFIGS[family], **full, torch_dtype="bfloat16")
-    config = ModelConfig.from_dict(sizes)
-    torch.set_default_dtype(torch.bfloat16)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = FAMILIES[family](config)
-    torch.set_default_dtype(torch.float32)
-    model.requires_grad_(False)
-    for table in model.modules():  # made uninitialised: every weight is the checkpoint's
-        if isinstance(table, torch.nn.Embedding):
-            table.weight.normal_(0, 0.02)
-    model.eval()
+    model, config = random_model(shape, device, tiny)
     if device.startswith("cuda"):
         fuse_projections(model)  # as load_model does on a GPU
     layout = KVLayout.for_model(config, block_tokens=16, dtype="bfloat16")
@@ -271,22 +260,16 @@ def main(args: argparse.Namespace) -> None:
     cell("cut prompts, set 1", cut_sets[1])
     cell("cut prompts, set 2", cut_sets[2])
     # what the copies cost: set 1 again without them (fresh prompts copy nothing in)
-    copy_blocks = prefiller_module.copy_blocks
-    prefiller_module.copy_blocks = lambda dst, src, pairs: None
-    try:
+    with mock.patch.object(prefiller_module, "copy_blocks", lambda dst, src, pairs: None):
         cell("no copies out, set 1", sets[1])
-    finally:
-        prefiller_module.copy_blocks = copy_blocks
+
     # the results as they came back before session 30: a DMA copy behind the copies out
-    kernel_to_host = runner.to_host
-    runner.to_host = lambda src, host, on_device: host.copy_(
-        src.contiguous().view(-1).view(torch.uint8), non_blocking=True
-    )
-    try:
+    def dma_to_host(src, host, on_device):
+        host.copy_(transfer._bytes(src), non_blocking=True)
+
+    with mock.patch.object(runner, "to_host", dma_to_host):
         cell("DMA results, set 1", sets[1])
         cell("DMA results, set 2", sets[2])
-    finally:
-        runner.to_host = kernel_to_host
     few = args.batches // 3
     for n, interval in ((3, 5e-3), (4, 5e-4)):
         sys.setswitchinterval(interval)

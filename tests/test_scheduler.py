@@ -220,6 +220,17 @@ def test_a_request_that_leaves_and_comes_back_is_in_one_group():
     assert stats.output_tokens == sum(o for _, _, o in workload)
 
 
+def lane_sched(config: SchedulerConfig, lengths: dict[str, int]) -> SimpleNamespace:
+    """What a Lane reads of its scheduler: requests of these lengths (tokens; KV one short),
+    and the blocks a length takes."""
+    requests = {
+        rid: SimpleNamespace(request_id=rid, num_tokens=n, num_kv_tokens=n - 1)
+        for rid, n in lengths.items()
+    }
+    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
+    return SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+
+
 def test_a_lane_drops_leavers_at_once_even_those_that_landed_this_step():
     """Leavers leave their group when they leave the device, so no step lists them. A
     request that landed this step and left before the step's group was chosen (the
@@ -227,12 +238,8 @@ def test_a_lane_drops_leavers_at_once_even_those_that_landed_this_step():
     fail nor be placed in one, whether the step regroups or slots the newcomers in."""
     config = two_small_lanes(0.5)
     lane = Lane(config, num_device_blocks=1024, max_length=1 << 16, name="prefill device")
-    requests = {
-        f"r{i}": SimpleNamespace(request_id=f"r{i}", num_tokens=n, num_kv_tokens=n - 1)
-        for i, n in enumerate([100 + i for i in range(14)] + [105, 106, 107])
-    }
-    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
-    sched = SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+    lengths = [100 + i for i in range(14)] + [105, 106, 107]
+    sched = lane_sched(config, {f"r{i}": n for i, n in enumerate(lengths)})
 
     def land(ids: list[str], leaving: str) -> list[str]:
         for request_id in ids:
@@ -259,12 +266,7 @@ def test_a_lane_leaves_requests_out_of_its_steps_while_their_copies_run():
     until the worker answers that its copies are done, and it alone waits for them."""
     config = two_small_lanes(0.5)
     lane = Lane(config, num_device_blocks=1024, max_length=1 << 16, name="decode device")
-    requests = {
-        f"r{i}": SimpleNamespace(request_id=f"r{i}", num_tokens=100 + i, num_kv_tokens=99 + i)
-        for i in range(6)
-    }
-    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
-    sched = SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+    sched = lane_sched(config, {f"r{i}": 100 + i for i in range(6)})
 
     def land(ids: list[str]) -> list[str]:
         for request_id in ids:
@@ -425,12 +427,7 @@ def test_a_lane_decodes_a_ready_group_before_one_still_copying():
     config = replace(two_small_lanes(0.5), kernel_cost="padded", weight_kv_tokens=1000)
     lane = Lane(config, num_device_blocks=4096, max_length=1 << 16, name="decode device")
     lengths = {"s0": 100, "s1": 110, "l0": 6000, "l1": 6100}  # two length groups
-    requests = {
-        rid: SimpleNamespace(request_id=rid, num_tokens=n, num_kv_tokens=n - 1)
-        for rid, n in lengths.items()
-    }
-    store = SimpleNamespace(get=requests.__getitem__, transition=lambda request, state: None)
-    sched = SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
+    sched = lane_sched(config, lengths)
     for request_id in lengths:
         lane.start_loading(sched, request_id)
     landed = lane.land(sched, free_blocks=4096)
@@ -459,7 +456,7 @@ def test_loads_still_copying_wait_only_when_no_device_has_a_member_ready():
         sched.add_request(f"r{i}", range(100), params, 0.0)
     copy_steps = 4
     copying: dict[str, int] = {}  # request -> steps its copies still take
-    now, queued, mixed_steps, waited_steps = 0.0, [], 0, 0
+    now, queued, mixed_steps = 0.0, [], 0
     for _ in range(2000):
         if not len(sched.store):
             break
@@ -470,7 +467,6 @@ def test_loads_still_copying_wait_only_when_no_device_has_a_member_ready():
         decoding_copying = set(plan.decode) & set(copying)
         if decoding_copying:
             assert decoding_copying == set(plan.decode), "a ready member waited for copies"
-            waited_steps += 1
         elif copying:
             mixed_steps += 1  # loads copying beside a step of ready members
         finished = sched.update(plan, dict.fromkeys(plan.decode, 7), now)

@@ -391,9 +391,9 @@ class BatcherEngine:
         copying = set(response.copying)
         copied = [rid for rid in self._copying if rid not in copying]
         self._copying.difference_update(copied)
-        if copied and hasattr(self.scheduler.policy, "on_copied"):
+        if copied:
             self.scheduler.policy.on_copied(copied)
-        if plan.prefetch and hasattr(self.scheduler.policy, "on_prefetch_done"):
+        if plan.prefetch:
             # what started streaming in may land at the next step: the worker starts its
             # copies there, and they run beside the steps (`on_copied` once they are in)
             self.scheduler.policy.on_prefetch_done()

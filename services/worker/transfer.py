@@ -66,6 +66,13 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
+def _kernel_copy(src: torch.Tensor, out: torch.Tensor) -> None:
+    """out = src (bytes, one of them pinned memory mapped on the device) by an elementwise
+    kernel (x | 0): a plain copy would go to a copy engine, in queue order behind the bulk
+    copies of its direction."""
+    torch.bitwise_or(src, 0, out=out)
+
+
 class PinnedRing:
     """Pinned host memory handed out in order, each region reused once its copy is done."""
 
@@ -97,8 +104,7 @@ class PinnedRing:
             self.in_use.popleft()
         self.buffer[start : start + nbytes].view(t.dtype).view(t.shape).copy_(t)
         out = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        # an elementwise kernel (x | 0): a plain copy would go to a copy engine
-        torch.bitwise_or(self.on_device[start : start + nbytes], 0, out=out)
+        _kernel_copy(self.on_device[start : start + nbytes], out)
         out = out.view(t.dtype).view(t.shape)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(device))
@@ -136,9 +142,8 @@ def tensor_on(
 
 def to_host(src: torch.Tensor, host: torch.Tensor, on_device: torch.Tensor | None) -> None:
     """Queue `src`'s bytes into `host` (uint8, as many bytes), whose device mapping is
-    `on_device` (None: `src` is on the CPU, a plain copy). On a GPU an elementwise kernel
-    stores them (x | 0): a copy to the host would wait for every copy to the host queued
-    before it, on any stream. The caller keeps `host` until the kernel is done: torch's
+    `on_device` (None: `src` is on the CPU, a plain copy). On a GPU a kernel stores them
+    (`_kernel_copy`). The caller keeps `host` until the kernel is done: torch's
     pinned allocator does not see a kernel write it, as it sees a copy."""
     nbytes = src.numel() * src.element_size()
     if host.numel() != nbytes or (on_device is not None and on_device.numel() != nbytes):
@@ -146,7 +151,7 @@ def to_host(src: torch.Tensor, host: torch.Tensor, on_device: torch.Tensor | Non
     if on_device is None:
         host.copy_(_bytes(src))
     else:
-        torch.bitwise_or(_bytes(src), 0, out=on_device)
+        _kernel_copy(_bytes(src), on_device)
 
 
 class PinnedOutputs:

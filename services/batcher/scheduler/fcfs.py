@@ -45,6 +45,12 @@ class FcfsPolicy:
         sched.release_for_recompute(victim)
         return victim
 
+    def on_prefetch_done(self) -> None:
+        pass  # every request's KV stays on the GPU: nothing streams in
+
+    def on_copied(self, request_ids) -> None:
+        pass
+
     def check_invariants(self, sched: Scheduler) -> None:
         running = {r.request_id for r in sched.store.in_state(RequestState.RUNNING)}
         assert running == set(self.running), "running set out of sync"
