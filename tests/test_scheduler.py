@@ -419,6 +419,65 @@ def test_the_lanes_balance_by_members_as_well_as_kv():
     )
 
 
+def test_the_prefill_lane_sends_residents_back_when_its_own_outlast_the_decode_lanes():
+    """The decode device sends its longest residents to the prefill device, until the two
+    steps cost about the same (64 short members weigh as much as 14 long ones: each
+    member's projections cost ~640 KV tokens). When the long ones are also the last to
+    finish, the decode device ran nearly dry while the prefill device's step set the pace
+    (3 against 13 here before; served OPT-13B in the thirty-first session). Balance now runs
+    both ways: the lane whose step costs more sends residents to the other. A move must
+    shrink the gap by the threshold, so a lone request is never sent to and fro."""
+    config = SchedulerConfig(
+        policy="aligned",
+        block_tokens=16,
+        num_pool_blocks=16384,
+        gpu_kv_tokens=128 * 1024,
+        num_prefill_device_blocks=1024,
+        num_prefill_decode_blocks=4096,
+        prefill_lane_quiet_s=0.0,
+        prefill_tokens_per_step=8192,
+        kernel_cost="balanced",
+        weight_kv_tokens=122_000,
+    )
+    sched = make_scheduler(config)
+    for i in range(16):  # long prompts with many tokens to go, one of them more than the rest
+        params = SamplingParams(max_tokens=700 if i == 0 else 400)
+        sched.add_request(f"long{i}", range(3000), params, now=0.0)
+    for i in range(64):  # short ones, soon done
+        sched.add_request(f"short{i}", range(40), SamplingParams(max_tokens=20), now=0.0)
+    main, second = sched.policy.decode_lane, sched.policy.prefill_lane
+    at_300: list[list[str]] = []
+
+    def look(step: int, now: float) -> None:
+        if step == 300:
+            at_300.extend([list(main.resident), list(second.resident)])
+
+    plans, _, _ = drive(sched, 1000, turn_s=0.05, decode_s=0.01, arrivals=look)
+    assert all(r.state == RequestState.FINISHED for r in sched.store)
+    on_main, on_second = at_300
+    assert sorted(on_main + on_second) == sorted(f"long{i}" for i in range(16))
+    assert abs(len(on_main) - len(on_second)) <= 3, at_300
+    decoded_on: dict[str, list[bool]] = {}  # per request, on the prefill device at each step
+    for plan in plans:
+        for rid in plan.decode:
+            decoded_on.setdefault(rid, []).append(rid in plan.on_prefill_device)
+    went_back = [r for r, where in decoded_on.items() if True in where and not where[-1]]
+    assert went_back and all(r.startswith("long") for r in went_back)
+    moves = [r for plan in plans for r in plan.evict]  # there and back at most
+    assert max(map(moves.count, set(moves))) <= 2, moves
+
+
+def test_a_lone_resident_is_not_sent_to_and_fro():
+    """One request whose step costs more than the threshold alone: moving it to the other
+    lane leaves the gap as wide the other way, so it stays where it landed."""
+    config = replace(two_small_lanes(0.0), kernel_cost="balanced", weight_kv_tokens=200)
+    sched = make_scheduler(config)
+    sched.add_request("r", range(300), SamplingParams(max_tokens=100), now=0.0)
+    plans, _, _ = drive(sched, 300, turn_s=0.05, decode_s=0.01)
+    assert sched.store.get("r").state == RequestState.FINISHED
+    assert [plan.evict for plan in plans if plan.evict] == []
+
+
 def test_a_lane_decodes_a_ready_group_before_one_still_copying():
     """Round-robin skips a group whose members are all still copying in while another
     group has one ready; with none ready the first copying group comes back (decoded only

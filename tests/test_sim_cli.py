@@ -58,7 +58,7 @@ def test_write_backs_lengthen_the_step_of_the_gpu_that_writes_them():
 
     def makespan(d2h_bytes_per_s: float, switching: bool) -> float:
         cost = CostModel(LLAMA3_8B, GpuSpec(pcie_d2h_bytes_per_s=d2h_bytes_per_s))
-        blocks = {"num_prefill_decode_blocks": 20000} if switching else {}
+        blocks = {"num_prefill_decode_blocks": 20000 if switching else 0}
         config = configs_for(cost, 100 * 2**30, aligned=blocks)["aligned"]
         return simulate(requests, config, cost).makespan_s
 

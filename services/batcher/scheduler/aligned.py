@@ -92,7 +92,10 @@ class AlignedPolicy:
         on_prefill_device: set[str] = set()
         evict = list(starving)
         if self.prefill_lane is not None and second_decodes:
-            evict += self._balance(sched, now)
+            source, moved = self._balance(sched, now)
+            evict += moved
+            if source is self.prefill_lane:
+                on_prefill_device.update(moved)
         elif self.prefill_lane is not None:
             left = self._close_prefill_lane(sched, now)
             evict += left
@@ -184,36 +187,41 @@ class AlignedPolicy:
             self._to_pool(sched, sched.store.get(request_id), now)
         return leaving
 
-    def _balance(self, sched: Scheduler, now: float) -> list[str]:
-        """While the prefill device decodes and the pool has nothing for it: if the decode
-        device's step costs much more (by more than a quarter of a read of the weights, in
-        KV tokens: `Lane.step_tokens`, members' KV and projections), it sends the longest of
-        its residents to the pool until about half the gap has gone (as much as the prefill
-        device has room for); the prefill device, now the lane with less, takes them next.
-        The two steps run side by side, so the gap is what the decode device's step costs
-        beyond the other's. Members count, not only KV: 160 short residents against 80 took
-        1.4x the step time of 120 and 120 (2xH200, fixed-128-2048, fourteenth session)."""
-        main, second = self.decode_lane, self.prefill_lane
-        if main.loading or second.loading:
-            return []
-        gap = main.step_tokens() - second.step_tokens()
-        if gap * 4 <= self.config.weight_kv_tokens or self.pooled:
-            return []
-        movable = [r for r in main.resident if r not in main.undecoded]
+    def _balance(self, sched: Scheduler, now: float) -> tuple[Lane | None, list[str]]:
+        """While the prefill device decodes and the pool has nothing to load: if one lane's
+        step costs much more than the other's (by more than a quarter of a read of the
+        weights, in KV tokens: `Lane.step_tokens`, members' KV and projections), it sends the
+        longest of its residents to the pool until about half the gap has gone (as much as
+        the other lane has room for); the other lane, now the one with less, takes them next.
+        The two steps run side by side, so the gap is what the dearer lane's step costs
+        beyond the other's. Both ways: the decode device fills the prefill device once the
+        prompts are done, and takes residents back as the prefill device's outlast its own
+        (the longest went there). Members count, not only KV: 160 short residents against 80
+        took 1.4x the step time of 120 and 120 (2xH200, fixed-128-2048, fourteenth
+        session). Returns the lane they leave and the requests."""
+        if any(lane.loading for lane in self.lanes) or self.pooled:
+            return None, []
+        dear, cheap = sorted(self.lanes, key=Lane.step_tokens, reverse=True)
+        gap, threshold = dear.step_tokens() - cheap.step_tokens(), self.config.weight_kv_tokens / 4
+        if gap <= threshold:
+            return None, []
+        movable = [r for r in dear.resident if r not in dear.undecoded]
         movable.sort(key=lambda r: sched.store.get(r).num_tokens, reverse=True)
-        moved, room, leaving = 0, second.free_tokens(), []
+        moved, room, leaving = 0, cheap.free_tokens(), []
         for request_id in movable:
-            request = sched.store.get(request_id)
-            need = main.need_tokens(request)
-            if moved * 2 >= gap or need > room:
+            if moved * 2 >= gap:
                 break
+            request = sched.store.get(request_id)
+            need, cost = cheap.need_tokens(request), request.num_tokens + dear.member_tokens
+            if need > room or 2 * (gap - moved - cost) < threshold:
+                continue  # no room there, or the gap would not shrink by the threshold
             leaving.append(request_id)
-            moved += request.num_tokens + main.member_tokens
+            moved += cost
             room -= need
         for request_id in leaving:
             self._leave(sched, request_id)
             self._to_pool(sched, sched.store.get(request_id), now)
-        return leaving
+        return dear, leaving
 
     # ---- the decode GPU's own prefill ----------------------------------------------------
     def _with_decode_prefill(

@@ -294,9 +294,11 @@ def configs_for(
         policy="aligned",
         num_pool_blocks=int(pool_bytes // (cost.model.kv_bytes_per_token * block)),
         # as the worker's defaults give it: a staging cache of one whole context and a step's
-        # prefill on the prefill GPU (which decodes nothing: --set
-        # aligned.num_prefill_decode_blocks=N models role switching)
+        # prefill on the prefill GPU, which decodes residents of its own in as many blocks as
+        # the decode GPU's once prompts stop (--set aligned.num_prefill_decode_blocks=0: it
+        # only prefills)
         num_prefill_device_blocks=(MAX_CONTEXT_TOKENS + base.prefill_tokens_per_step) // block,
+        num_prefill_decode_blocks=gpu_tokens // block,
     )
     fcfs = replace(
         base,
