@@ -28,6 +28,7 @@ VARIANTS = (
     "aligned-serial",
     "aligned-wait1",
     "aligned-cut",
+    "aligned-fitgroups",
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
@@ -62,6 +63,8 @@ VARIANT_TEXT = {
     "aligned-wait1": "aligned, no pooled request waiting over 1 s for a batch (--starvation-s 1)",
     "aligned-cut": "aligned, its prefill GPU's batches cutting their last prompt at the budget "
     "(--no-prefill-whole-prompts)",
+    "aligned-fitgroups": "aligned, pooled requests fitting a resident group loading first, "
+    "then the oldest (--load-order fit-groups)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",

@@ -30,7 +30,7 @@ from alignedserve.batcher.service import BatcherConfig
 from alignedserve.common import event_loop, flags
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.model_config import DTYPES
-from alignedserve.common.policy import POLICIES, worker_prefill_decode_blocks
+from alignedserve.common.policy import LOAD_ORDERS, POLICIES, worker_prefill_decode_blocks
 from alignedserve.supervisor import Supervisor
 from alignedserve.worker.service import WorkerConfig
 from alignedserve.worker.service import worker_args as worker_command
@@ -91,6 +91,14 @@ class EngineSettings:
         metadata={
             "help": "aligned beside a prefill device: its batches take whole prompts (a "
             "prompt that would pass the prefill budget leads the next batch)"
+        },
+    )
+    load_order: str = field(
+        default=BatcherConfig.load_order,
+        metadata={
+            "help": "aligned: which pooled requests load first after the starving: those "
+            "with the fewest tokens left to generate, or those fitting a resident group",
+            "choices": LOAD_ORDERS,
         },
     )
     starvation_s: float = field(
@@ -158,6 +166,7 @@ BATCHER_FIELDS = (
     "max_steps_in_flight",
     "decode_prefill_share",
     "prefill_whole_prompts",
+    "load_order",
     "starvation_s",
 )
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from alignedserve.batcher.request import RequestState
 from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
+from alignedserve.batcher.scheduler.aligned import tokens_left
 from alignedserve.batcher.scheduler.lane import Lane
 from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel
 from alignedserve.batcher.sim.simulator import simulate_engine
@@ -341,7 +342,9 @@ def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_befo
     """The prefill device's lane closes (a prompt arrives) while a request is still streaming
     into it. That request goes back to the pool keeping its wait so far, in its place among
     the oldest; the lane's residents follow, as newly pooled. The pool stays oldest first."""
-    sched = make_scheduler(two_small_lanes(0.0))  # prompts pooled over several steps
+    # prompts pooled over several steps; oldest first, so that short and long ones mix in
+    # the lane (fewest left first would load every short one before any long one)
+    sched = make_scheduler(replace(two_small_lanes(0.0), load_order="fit-groups"))
     policy, lane = sched.policy, sched.policy.prefill_lane
     for i in range(12):  # every other one finishes soon, making room for a pooled one
         tokens = 3 if i % 2 == 0 else 400
@@ -476,6 +479,36 @@ def test_a_lone_resident_is_not_sent_to_and_fro():
     plans, _, _ = drive(sched, 300, turn_s=0.05, decode_s=0.01)
     assert sched.store.get("r").state == RequestState.FINISHED
     assert [plan.evict for plan in plans if plan.evict] == []
+
+
+@pytest.mark.parametrize("load_order", ["fewest-left", "fit-groups"])
+def test_pooled_requests_load_fewest_tokens_left_first(load_order):
+    """The decode device holds two requests; twelve wait in the pool. By default each load
+    takes the pooled requests with the fewest tokens left to generate (a wait in the pool
+    weighs most on a short request's time per output token); "fit-groups" takes those that
+    fit a resident group first, then the oldest, and breaks that order."""
+    config = replace(two_small_lanes(0.0), num_prefill_decode_blocks=0, load_order=load_order)
+    sched = make_scheduler(config)
+    for i in range(12):  # the later, the fewer tokens to go, and lengths in two bands
+        params = SamplingParams(max_tokens=130 - 10 * i, ignore_eos=True)
+        sched.add_request(f"r{i}", range(100 if i % 2 else 40), params, now=0.0)
+    seen: list[dict[str, int]] = []  # before each step: the pooled and their tokens left
+
+    def record(step: int, now: float) -> None:
+        seen.append({r: tokens_left(sched.store.get(r)) for r in sched.policy.pooled})
+
+    plans, _, _ = drive(sched, 600, turn_s=0.05, decode_s=0.01, arrivals=record)
+    assert all(r.state == RequestState.FINISHED for r in sched.store)
+    out_of_order = []
+    loads = 0
+    for pooled, plan in zip(seen, plans, strict=True):
+        picked = [pooled[r] for r in plan.prefetch]
+        left = [n for r, n in pooled.items() if r not in plan.prefetch]
+        loads += len(picked)
+        if picked and left and max(picked) > min(left):
+            out_of_order.append((plan.prefetch, pooled))
+    assert loads >= 12
+    assert (out_of_order == []) == (load_order == "fewest-left"), out_of_order
 
 
 def test_a_lane_decodes_a_ready_group_before_one_still_copying():

@@ -114,3 +114,15 @@ def test_a_bool_override_takes_true_or_false(capsys):
     }
     assert main(["sim", "--num-requests", "10", "--set", "aligned.prefill_whole_prompts=0"]) == 1
     assert "prefill_whole_prompts is true or false" in capsys.readouterr().err
+
+
+def test_text_and_number_overrides_are_checked(capsys):
+    from alignedserve.batcher.sim.cli import parse_overrides
+
+    assert parse_overrides(["aligned.load_order=fit-groups"])["aligned"] == {
+        "load_order": "fit-groups"
+    }
+    assert main(["sim", "--num-requests", "10", "--set", "aligned.load_order=bogus"]) == 1
+    assert "load_order='bogus' not one of" in capsys.readouterr().err
+    assert main(["sim", "--num-requests", "10", "--set", "aligned.starvation_s=soon"]) == 1
+    assert "starvation_s is float" in capsys.readouterr().err

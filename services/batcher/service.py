@@ -17,6 +17,7 @@ from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.batcher.streams import Delta, Sink
 from alignedserve.common import event_loop, flags, metrics, rpc, wire
 from alignedserve.common.errors import AlignedServeError, ConfigError
+from alignedserve.common.policy import LOAD_ORDERS
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ class BatcherConfig:
     # aligned beside a prefill device: its batches take whole prompts (a prompt that would
     # pass the prefill budget leads the next batch); off: cut at the budget
     prefill_whole_prompts: bool = SchedulerConfig.prefill_whole_prompts
+    # aligned: which pooled requests load first after the starving: fewest-left (tokens left
+    # to generate) or fit-groups (lengths inside a resident group, then the oldest)
+    load_order: str = field(
+        default=SchedulerConfig.load_order,
+        metadata={"help": "aligned: which pooled requests load first", "choices": LOAD_ORDERS},
+    )
     event_loop: str = field(default="auto", metadata=event_loop.FIELD_METADATA)
 
     def __post_init__(self) -> None:
@@ -74,6 +81,7 @@ class BatcherConfig:
                 max_resident_kv_fraction=self.max_batch_kv_fraction,
                 decode_prefill_share=self.decode_prefill_share,
                 prefill_whole_prompts=self.prefill_whole_prompts,
+                load_order=self.load_order,
             ),
             worker_recovery_s=self.worker_recovery_s,
             worker_startup_s=self.worker_startup_s,

@@ -5,6 +5,8 @@ Pure Python: the operator imports it."""
 from __future__ import annotations
 
 POLICIES = ("aligned", "fcfs")
+# aligned: which pooled requests load first after the starving (scheduler/aligned.py)
+LOAD_ORDERS = ("fewest-left", "fit-groups")
 
 
 def worker_prefill_decode_blocks(policy: str, blocks: int) -> int:

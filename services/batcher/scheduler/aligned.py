@@ -18,11 +18,14 @@ The CPU pool holds the rest (its index by length finds partners). Each step, top
 2. requests that finished streaming in become resident on their lane;
 3. a pooled request waiting past `starvation_s` while the decode GPU is full makes room by
    sending its longest-resident requests back to the pool (they write back only new KV);
-   while the prefill GPU decodes, the decode GPU sends it requests (the longest first) until
-   their KV is about even;
+   while the prefill GPU decodes, the lane whose step costs more sends the other its longest
+   requests until the two steps cost about the same;
 4. pooled requests that fit a lane's KV budget start streaming in, the lane with the
-   least KV first: the starving first, then those whose lengths fall inside one of the lane's
-   groups (they cost one member, not a new group), then the longest waiting;
+   least KV first: the starving first, then those with the fewest tokens left to generate
+   (`load_order`): a wait in the pool weighs most on a short request's time per output
+   token, and its room on the device frees soonest. `load_order="fit-groups"` takes those
+   whose lengths fall inside one of the lane's groups first instead (they cost one member,
+   not a new group, on a padded kernel), then the longest waiting;
 5. each lane decodes its next group.
 
 The KV budget above (`max_resident_kv_fraction`, `growth_tokens`) is a soft target in
@@ -51,6 +54,11 @@ from alignedserve.batcher.scheduler.plan import BatchPlan
 
 S = RequestState
 __all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "partition_groups"]
+
+
+def tokens_left(request: Request) -> int:
+    """Tokens it may still generate (EOS may end it sooner)."""
+    return request.params.max_tokens - len(request.output_token_ids)
 
 
 class AlignedPolicy:
@@ -299,7 +307,9 @@ class AlignedPolicy:
         return picked
 
     def _candidates(self, sched: Scheduler, lane: Lane, now: float):
-        """Pooled requests in load order: starving, then fitting a group, then oldest."""
+        """Pooled requests in load order: starving ones, oldest first; then, by
+        `load_order`, those with the fewest tokens left to generate (by max_tokens), or
+        those whose length fits one of the lane's groups; then the oldest."""
         seen: set[str] = set()
         bound = now - self.config.starvation_s
         for request_id in self.pooled:
@@ -307,6 +317,10 @@ class AlignedPolicy:
                 break
             seen.add(request_id)
             yield request_id
+        rest = [r for r in self.pooled if r not in seen]
+        if self.config.load_order == "fewest-left":
+            yield from sorted(rest, key=lambda r: tokens_left(sched.store.get(r)))
+            return
         for group in lane.groups:
             lengths = [sched.store.get(r).num_tokens for r in group]
             if lengths:
@@ -315,7 +329,7 @@ class AlignedPolicy:
                     if request_id not in seen:
                         seen.add(request_id)
                         yield request_id
-        for request_id in self.pooled:
+        for request_id in rest:
             if request_id not in seen:
                 yield request_id
 

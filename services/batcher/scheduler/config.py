@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from alignedserve.common.errors import ConfigError
-from alignedserve.common.policy import POLICIES
+from alignedserve.common.policy import LOAD_ORDERS, POLICIES
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,11 @@ class SchedulerConfig:
     # aligned beside a prefill device: its batches take whole prompts (one alone may pass
     # prefill_tokens_per_step): a prompt cut there copies its KV back in before its next chunk
     prefill_whole_prompts: bool = True
+    # aligned: which pooled requests load first after the starving: "fewest-left" (tokens
+    # left to generate, by max_tokens) or "fit-groups" (lengths inside a lane's group first,
+    # then the longest waiting). Simulated on OPT-13B paper-90 offline: p99 TPOT 77.9 ->
+    # 42.5 ms at -0.2 % tokens/s (thirty-first session)
+    load_order: str = "fewest-left"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -92,6 +97,8 @@ class SchedulerConfig:
             raise ConfigError(
                 f"min_batch_size={self.min_batch_size} exceeds max_batch_size={self.max_batch_size}"
             )
+        if self.load_order not in LOAD_ORDERS:
+            raise ConfigError(f"load_order={self.load_order!r} not one of {LOAD_ORDERS}")
         if self.pool_full not in ("wait", "reject"):
             raise ConfigError(f"pool_full={self.pool_full!r} not 'wait' or 'reject'")
         if self.kernel_cost not in ("padded", "balanced"):

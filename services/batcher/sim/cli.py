@@ -63,8 +63,13 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, object]]:
             if value not in ("true", "false"):
                 raise ConfigError(f"--set {item!r}: {name} is true or false")
             out[policy][name] = value == "true"
+        elif fields[name] == "str":
+            out[policy][name] = value  # SchedulerConfig checks it
         else:
-            out[policy][name] = float(value) if fields[name] == "float" else int(value)
+            try:
+                out[policy][name] = float(value) if fields[name] == "float" else int(value)
+            except ValueError:
+                raise ConfigError(f"--set {item!r}: {name} is {fields[name]}") from None
     return out
 
 
