@@ -123,16 +123,21 @@ def benchmark_module(name: str) -> ModuleType:
     return module
 
 
-def drive(sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None):
+def drive(
+    sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None, copy_steps: int = 0
+):
     """The batcher engine's cycle around a Scheduler, on a simulated clock, one step answered
     before the next is planned.
     A turn takes the decode device turn_s, any other decode step decode_s; the prefill
     device runs its batches one after another, turn_s each (the same size as a turn).
+    A load's copies end within its step, or with copy_steps > 0 after that many steps (as
+    ~1 GB requests over one link do): the answer of its last lists it no longer.
     `arrivals(step, now)` may add requests. Returns the plans and (seconds in turns that
     decoded, seconds decoding otherwise)."""
     now, plans, in_turns, decoding = 0.0, [], 0.0, 0.0
     drive.decoding_before_last_turn = 0.0
     queued: list = []  # the prefill device's batches: (done at, chunks), in order
+    copying: dict[str, int] = {}  # loads still copying: steps their copies still take
     for step in range(num_steps):
         if arrivals:
             arrivals(step, now)
@@ -153,8 +158,12 @@ def drive(sched, num_steps: int, turn_s: float, decode_s: float, arrivals=None):
             sched.prefill_done([rid for rid, _ in batch], {rid: 7 for rid, _ in batch}, now)
         if plan.prefetch:
             sched.policy.on_prefetch_done()
-        if plan.load:  # copied within the step, as on the CPU
-            sched.policy.on_copied(plan.load)
+        copying.update(dict.fromkeys(plan.load, max(copy_steps, 1)))
+        copying = {r: n - 1 for r, n in copying.items()}
+        copied = [r for r, n in copying.items() if n <= 0]
+        if copied:
+            sched.policy.on_copied(copied)
+        copying = {r: n for r, n in copying.items() if n > 0}
         sched.observe_step(plan, seconds)
         if sched.is_turn(plan):
             drive.decoding_before_last_turn = decoding

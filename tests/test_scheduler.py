@@ -547,36 +547,17 @@ def test_loads_still_copying_wait_only_when_no_device_has_a_member_ready():
     for i in range(12):
         sched.add_request(f"r{i}", range(100), params, 0.0)
     copy_steps = 4
-    copying: dict[str, int] = {}  # request -> steps its copies still take
-    now, queued, mixed_steps = 0.0, [], 0
-    for _ in range(2000):
-        if not len(sched.store):
-            break
-        plan = sched.schedule(now)
-        if plan.prefill:
-            queued.append((max([now, *(at for at, _ in queued[-1:])]) + 0.05, plan.prefill))
-        copying.update(dict.fromkeys(plan.load, copy_steps))
-        decoding_copying = set(plan.decode) & set(copying)
+    plans, _, _ = drive(sched, 2000, turn_s=0.05, decode_s=0.01, copy_steps=copy_steps)
+    assert all(r.state == RequestState.FINISHED for r in sched.store), "requests unfinished"
+    mixed_steps = 0
+    for i, plan in enumerate(plans):
+        # still copying at step i: loaded in one of the copy_steps steps up to it
+        copying = {r for p in plans[max(0, i - copy_steps + 1) : i + 1] for r in p.load}
+        decoding_copying = set(plan.decode) & copying
         if decoding_copying:
             assert decoding_copying == set(plan.decode), "a ready member waited for copies"
         elif copying:
             mixed_steps += 1  # loads copying beside a step of ready members
-        finished = sched.update(plan, dict.fromkeys(plan.decode, 7), now)
-        now += 0.01
-        while queued and queued[0][0] <= now:
-            _, batch = queued.pop(0)
-            ids = [rid for rid, _ in batch]
-            finished += sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
-        for request in finished:
-            sched.store.pop(request.request_id)
-        if plan.prefetch:
-            sched.policy.on_prefetch_done()
-        copying = {r: n - 1 for r, n in copying.items()}
-        done = [r for r, n in copying.items() if n <= 0]
-        sched.policy.on_copied(done)
-        copying = {r: n for r, n in copying.items() if n > 0 and r in sched.store}
-        sched.check_invariants()
-    assert not len(sched.store), "requests left unfinished"
     assert mixed_steps > 0  # the case the rule is for happened
 
 
