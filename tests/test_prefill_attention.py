@@ -81,6 +81,38 @@ def test_prefill_matches_padded_reference(case, heads):
     assert (got - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_only_fresh_prompts_alone_attend_over_the_new_keys(case):
+    meta = make_case(*case, q_heads=2, kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu")[3]
+    assert meta.keys_are_new == (case is CASES["fresh prompts"])
+
+
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+def test_fresh_prompts_attend_over_the_new_keys_without_reading_the_blocks(heads):
+    """The pass's own k, v (as a fused projection's strided views) give what the keys
+    gathered from the blocks give; the blocks are all NaN here, so a read would show."""
+    q_lens, cached = CASES["fresh prompts"]
+    q, k_blocks, v_blocks, meta, scale = make_case(
+        q_lens, cached, *heads, head_dim=16, dtype=torch.float32, device="cpu"
+    )
+    ref = reference(q, k_blocks, v_blocks, meta, scale)
+    packed = torch.stack([k_blocks[meta.key_block, meta.key_offset]] * 3, dim=1)  # [K, 3, ...]
+    packed[:, 2] = v_blocks[meta.key_block, meta.key_offset]
+    new_kv = (packed[:, 0], packed[:, 2])  # strided views, as qkv.chunk gives them
+    k_blocks.fill_(float("nan"))
+    v_blocks.fill_(float("nan"))
+    got = attend_prefill(q, k_blocks, v_blocks, meta, scale, new_kv)
+    assert not got.isnan().any()
+    assert (got - ref).abs().max().item() <= 1e-5
+    # later chunks read their cached keys from the blocks, whatever new_kv says
+    q_lens, cached = CASES["later chunks"]
+    q, k_blocks, v_blocks, meta, scale = make_case(
+        q_lens, cached, *heads, head_dim=16, dtype=torch.float32, device="cpu"
+    )
+    k_blocks.fill_(float("nan"))
+    assert attend_prefill(q, k_blocks, v_blocks, meta, scale, new_kv).isnan().all()
+
+
 def test_keys_are_packed_request_by_request():
     """The gather indices walk each request's own table, position by position."""
     meta = AttentionMetadata.build([2, 3], [18, 0], [[7, 4], [9]], 16, "cpu")
@@ -135,5 +167,25 @@ def test_gpu_flash_prefill(shape, dtype):
     q, k_blocks, v_blocks, meta, scale = make_case(q_lens, cached, *shape, dtype, "cuda")
     got = attend_prefill(q, k_blocks, v_blocks, meta, scale)
     ref = reference(q, k_blocks, v_blocks, meta, scale)
+    assert not got.isnan().any()
+    assert (got.float() - ref).abs().max().item() <= 2e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
+def test_gpu_flash_prefill_over_the_new_keys(shape, dtype):
+    """Fresh prompts: torch's flash kernel over the pass's own k, v, strided views of a
+    fused projection as the models hand them over, against the padded reference."""
+    q_lens = [700, 129, 1000, 3]
+    q, k_blocks, v_blocks, meta, scale = make_case(q_lens, [0] * 4, *shape, dtype, "cuda")
+    assert meta.keys_are_new
+    ref = reference(q, k_blocks, v_blocks, meta, scale)
+    fused = torch.empty((q.shape[0], 3, *k_blocks.shape[2:]), dtype=dtype, device="cuda")
+    fused[:, 0] = k_blocks[meta.key_block, meta.key_offset]
+    fused[:, 2] = v_blocks[meta.key_block, meta.key_offset]
+    k_blocks.fill_(float("nan"))
+    got = attend_prefill(q, k_blocks, v_blocks, meta, scale, (fused[:, 0], fused[:, 2]))
     assert not got.isnan().any()
     assert (got.float() - ref).abs().max().item() <= 2e-2

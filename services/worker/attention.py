@@ -44,6 +44,10 @@ class AttentionMetadata:
     cu_q_lens: torch.Tensor | None = None  # [P + 1] int32
     cu_ctx_lens: torch.Tensor | None = None  # [P + 1] int32
     max_ctx_len: int = 0
+    # Prefill of fresh prompts alone (nothing cached, no decode rows): the packed keys are
+    # exactly the pass's new ones, in order, so attention may take those as they come
+    # instead of gathering them back from the blocks they were just written to.
+    keys_are_new: bool = False
     # A mixed step (prefill chunks beside decode rows): the decode rows go to the paged
     # decode kernel, which reads their blocks where they are, the rest to the varlen call.
     decode_rows: torch.Tensor | None = None  # [n] packed index of each decode row's token
@@ -92,6 +96,7 @@ class AttentionMetadata:
             is_decode = q_lens_t == 1
             chunked = (~is_decode).nonzero().squeeze(1)  # requests with a prompt chunk
             keys = _packed_keys(table[chunked], q_lens_t[chunked], ctx_t[chunked], block_tokens)
+            keys["keys_are_new"] = not (is_decode.any() or cached_t.any())
             if is_decode.any():
                 decoding = is_decode.nonzero().squeeze(1)
                 token_is_decode = is_decode[q_batch]
@@ -171,6 +176,7 @@ def attend_cached(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # the pass's k, v (after RoPE)
 ) -> torch.Tensor:  # [N, q_heads, head_dim]
     """Each new query against its request's cached keys: a pure decode step on a GPU runs
     the Triton paged kernel (kernels/decode_attention.py), anything else the torch path."""
@@ -184,7 +190,7 @@ def attend_cached(
             plan=plan,
         )  # fmt: skip
     if q.is_cuda and sliding_window is None and meta.key_block is not None:
-        return attend_prefill(q, k_blocks, v_blocks, meta, scale)
+        return attend_prefill(q, k_blocks, v_blocks, meta, scale, new_kv)
     return _attend_ref(q, k_blocks, v_blocks, meta, scale, sliding_window)
 
 
@@ -194,6 +200,7 @@ def attend_prefill(
     v_blocks: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # the pass's k, v [N, Hk, D]
 ) -> torch.Tensor:  # [N, q_heads, head_dim]
     """(Chunked) prefill of the whole batch in one varlen attention call: every request's
     keys are gathered from its blocks into one packed tensor, then each query attends
@@ -201,14 +208,22 @@ def attend_prefill(
     queries come after its cached keys). One call per layer, whatever the batch's shapes:
     a call per request cost the host ~70 % of a served prefill (docs/benchmarks.md).
 
+    Fresh prompts alone (`meta.keys_are_new`) attend over `new_kv` as given when the cache
+    holds q's dtype (the blocks then hold exactly those values): the gather was 4.5 % of the
+    OPT-13B prefill device's time (docs/benchmarks.md, thirty-first session).
+
     In a mixed step the decode rows are not gathered: the paged decode kernel reads their
     blocks in place (gathering a long context to read it once more cost a mixed step more
     than its decode rows' whole attention)."""
+    if meta.keys_are_new and new_kv is not None and k_blocks.dtype == q.dtype:
+        return _attend_varlen(q, *new_kv, meta, scale)  # (no decode rows among them)
+    keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
+    values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
     if meta.decode_rows is None:
-        return _attend_varlen(q, k_blocks, v_blocks, meta, scale)
+        return _attend_varlen(q, keys, values, meta, scale)
     out = torch.empty_like(q)
     out[meta.decode_rows] = _attend_decode(q[meta.decode_rows], k_blocks, v_blocks, meta, scale)
-    out[meta.prefill_rows] = _attend_varlen(q[meta.prefill_rows], k_blocks, v_blocks, meta, scale)
+    out[meta.prefill_rows] = _attend_varlen(q[meta.prefill_rows], keys, values, meta, scale)
     return out
 
 
@@ -227,10 +242,9 @@ def _attend_decode(q, k_blocks, v_blocks, meta: AttentionMetadata, scale) -> tor
     return decode_attention(q, k_blocks, v_blocks, tables, lens, scale, plan=plan)
 
 
-def _attend_varlen(q, k_blocks, v_blocks, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The requests of meta.cu_q_lens, packed in q, in one varlen call."""
-    keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
-    values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
+def _attend_varlen(q, keys, values, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The requests of meta.cu_q_lens, packed in q, in one varlen call over their keys and
+    values packed as meta.cu_ctx_lens says ([K, kv_heads, D], the last dimension dense)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return torch.ops.aten._flash_attention_forward(
             q.contiguous(),

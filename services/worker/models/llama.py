@@ -84,10 +84,12 @@ class LlamaAttention(nn.Module):
 
             k_blocks, v_blocks = kv_cache.layer(self.layer_idx)
             cos_sin = rotary.cos_sin_cache(q.device)
-            q, _ = rope_kv_write(
+            q, k = rope_kv_write(
                 q, k, v, positions, cos_sin, k_blocks, v_blocks, meta.slot_block, meta.slot_offset
             )
-            out = attend_cached(q, kv_cache, self.layer_idx, meta, scale, self.sliding_window)
+            out = attend_cached(
+                q, kv_cache, self.layer_idx, meta, scale, self.sliding_window, new_kv=(k, v)
+            )
         else:
             q, k = rotary(positions, q, k)
             out = paged_attention_ref(

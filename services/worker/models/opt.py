@@ -39,7 +39,7 @@ class OPTAttention(nn.Module):
         scale = self.head_dim**-0.5
         if q.is_cuda:
             kv_cache.write(self.layer_idx, meta.slot_block, meta.slot_offset, k, v)
-            out = attend_cached(q, kv_cache, self.layer_idx, meta, scale)
+            out = attend_cached(q, kv_cache, self.layer_idx, meta, scale, new_kv=(k, v))
         else:
             out = paged_attention_ref(q, k, v, kv_cache, self.layer_idx, meta, scale)
         return self.out_proj(out.reshape(n, -1))
