@@ -28,7 +28,7 @@ VARIANTS = (
     "aligned-serial",
     "aligned-wait1",
     "aligned-cut",
-    "aligned-fitgroups",
+    "aligned-fewestleft",
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
@@ -63,8 +63,8 @@ VARIANT_TEXT = {
     "aligned-wait1": "aligned, no pooled request waiting over 1 s for a batch (--starvation-s 1)",
     "aligned-cut": "aligned, its prefill GPU's batches cutting their last prompt at the budget "
     "(--no-prefill-whole-prompts)",
-    "aligned-fitgroups": "aligned, pooled requests fitting a resident group loading first, "
-    "then the oldest (--load-order fit-groups)",
+    "aligned-fewestleft": "aligned, pooled requests with the fewest tokens left to generate "
+    "loading first (--load-order fewest-left)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",

@@ -97,7 +97,8 @@ class EngineSettings:
         default=BatcherConfig.load_order,
         metadata={
             "help": "aligned: which pooled requests load first after the starving: those "
-            "with the fewest tokens left to generate, or those fitting a resident group",
+            "fitting a resident group, then the oldest; or those with the fewest tokens "
+            "left to generate by max_tokens",
             "choices": LOAD_ORDERS,
         },
     )

@@ -342,9 +342,7 @@ def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_befo
     """The prefill device's lane closes (a prompt arrives) while a request is still streaming
     into it. That request goes back to the pool keeping its wait so far, in its place among
     the oldest; the lane's residents follow, as newly pooled. The pool stays oldest first."""
-    # prompts pooled over several steps; oldest first, so that short and long ones mix in
-    # the lane (fewest left first would load every short one before any long one)
-    sched = make_scheduler(replace(two_small_lanes(0.0), load_order="fit-groups"))
+    sched = make_scheduler(two_small_lanes(0.0))  # prompts pooled over several steps
     policy, lane = sched.policy, sched.policy.prefill_lane
     for i in range(12):  # every other one finishes soon, making room for a pooled one
         tokens = 3 if i % 2 == 0 else 400
@@ -468,6 +466,13 @@ def test_the_prefill_lane_sends_residents_back_when_its_own_outlast_the_decode_l
     assert went_back and all(r.startswith("long") for r in went_back)
     moves = [r for plan in plans for r in plan.evict]  # there and back at most
     assert max(map(moves.count, set(moves))) <= 2, moves
+    on_second: set[str] = set()  # the prefill device's residents, step by step
+    for plan in plans:  # its write-backs go out from it: every eviction of one says so
+        on_second.update(r for r in plan.load if r in plan.on_prefill_device)
+        for rid in plan.evict:
+            assert (rid in on_second) == (rid in plan.on_prefill_device), rid
+            on_second.discard(rid)
+        on_second.update(r for r in plan.decode if r in plan.on_prefill_device)
 
 
 def test_a_lone_resident_is_not_sent_to_and_fro():
@@ -481,16 +486,20 @@ def test_a_lone_resident_is_not_sent_to_and_fro():
     assert [plan.evict for plan in plans if plan.evict] == []
 
 
+MAX_TOKENS = [20 + 10 * ((7 * i) % 12) for i in range(12)]  # no order by arrival
+
+
 @pytest.mark.parametrize("load_order", ["fewest-left", "fit-groups"])
-def test_pooled_requests_load_fewest_tokens_left_first(load_order):
-    """The decode device holds two requests; twelve wait in the pool. By default each load
-    takes the pooled requests with the fewest tokens left to generate (a wait in the pool
-    weighs most on a short request's time per output token); "fit-groups" takes those that
-    fit a resident group first, then the oldest, and breaks that order."""
+def test_pooled_requests_load_in_the_configured_order(load_order):
+    """The decode device holds two requests; twelve wait in the pool, their output lengths
+    unrelated to their arrival. "fewest-left" loads them by tokens left to generate, fewest
+    first (a wait in the pool weighs most on a short request's time per output token);
+    "fit-groups" (the default) takes those that fit a resident group first, then the
+    oldest."""
     config = replace(two_small_lanes(0.0), num_prefill_decode_blocks=0, load_order=load_order)
     sched = make_scheduler(config)
-    for i in range(12):  # the later, the fewer tokens to go, and lengths in two bands
-        params = SamplingParams(max_tokens=130 - 10 * i, ignore_eos=True)
+    for i, max_tokens in enumerate(MAX_TOKENS):  # lengths in two bands
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         sched.add_request(f"r{i}", range(100 if i % 2 else 40), params, now=0.0)
     seen: list[dict[str, int]] = []  # before each step: the pooled and their tokens left
 
@@ -499,16 +508,17 @@ def test_pooled_requests_load_fewest_tokens_left_first(load_order):
 
     plans, _, _ = drive(sched, 600, turn_s=0.05, decode_s=0.01, arrivals=record)
     assert all(r.state == RequestState.FINISHED for r in sched.store)
-    out_of_order = []
-    loads = 0
+    loaded = [r for plan in plans for r in plan.prefetch]
+    assert sorted(loaded) == sorted(f"r{i}" for i in range(12))  # each once: no starving
     for pooled, plan in zip(seen, plans, strict=True):
-        picked = [pooled[r] for r in plan.prefetch]
-        left = [n for r, n in pooled.items() if r not in plan.prefetch]
-        loads += len(picked)
-        if picked and left and max(picked) > min(left):
-            out_of_order.append((plan.prefetch, pooled))
-    assert loads >= 12
-    assert (out_of_order == []) == (load_order == "fewest-left"), out_of_order
+        if not plan.prefetch:
+            continue
+        if load_order == "fewest-left":  # the fewest left of all that were pooled, in order
+            order = sorted(pooled, key=lambda r: (pooled[r], list(pooled).index(r)))
+            assert list(plan.prefetch) == order[: len(plan.prefetch)], (plan.prefetch, pooled)
+    if load_order == "fit-groups":  # the oldest unless one fits a group: not by tokens left
+        by_left = sorted(range(12), key=lambda i: MAX_TOKENS[i])
+        assert [int(r[1:]) for r in loaded] != by_left
 
 
 def test_a_lane_decodes_a_ready_group_before_one_still_copying():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from alignedserve.batcher.sim.cli import parse_overrides
 from alignedserve.batcher.sim.cost_model import LLAMA3_8B, OPT_13B, CostModel, GpuSpec
 from alignedserve.batcher.sim.simulator import configs_for, simulate
 from alignedserve.batcher.sim.workload import WORKLOADS, paper_mix
@@ -106,8 +107,6 @@ def test_the_decode_gpu_waiting_for_the_prefill_devices_pass_is_counted():
 
 
 def test_a_bool_override_takes_true_or_false(capsys):
-    from alignedserve.batcher.sim.cli import parse_overrides
-
     assert parse_overrides(["aligned.prefill_whole_prompts=false"]) == {
         "aligned": {"prefill_whole_prompts": False},
         "fcfs": {},
@@ -117,12 +116,12 @@ def test_a_bool_override_takes_true_or_false(capsys):
 
 
 def test_text_and_number_overrides_are_checked(capsys):
-    from alignedserve.batcher.sim.cli import parse_overrides
-
-    assert parse_overrides(["aligned.load_order=fit-groups"])["aligned"] == {
-        "load_order": "fit-groups"
+    assert parse_overrides(["aligned.load_order=fewest-left"])["aligned"] == {
+        "load_order": "fewest-left"
     }
     assert main(["sim", "--num-requests", "10", "--set", "aligned.load_order=bogus"]) == 1
     assert "load_order='bogus' not one of" in capsys.readouterr().err
     assert main(["sim", "--num-requests", "10", "--set", "aligned.starvation_s=soon"]) == 1
     assert "starvation_s is float" in capsys.readouterr().err
+    assert main(["sim", "--num-requests", "10", "--set", "aligned.policy=fcfs"]) == 1
+    assert "policy is not one to set" in capsys.readouterr().err

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 POLICIES = ("aligned", "fcfs")
 # aligned: which pooled requests load first after the starving (scheduler/aligned.py)
-LOAD_ORDERS = ("fewest-left", "fit-groups")
+LOAD_ORDERS = ("fit-groups", "fewest-left")
+# The prefill device's free memory kept back from its decode KV blocks (its passes'
+# activations, decode graphs): worker/server.py sizes them so, and the simulator models it
+PREFILL_DEVICE_RESERVE_BYTES = 4 << 30
 
 
 def worker_prefill_decode_blocks(policy: str, blocks: int) -> int:

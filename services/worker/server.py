@@ -18,6 +18,7 @@ from pathlib import Path
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import ModelConfig
+from alignedserve.common.policy import PREFILL_DEVICE_RESERVE_BYTES
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import aio_server, set_serving
 from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 # Kept free on the prefill device when its decode KV is sized to fit (AUTO_BLOCKS): a prefill
 # pass's activations (Llama-3-8B, 8k tokens: ~0.5 GiB in the MLP), its decode graphs' pool,
 # and the KV gather's two buffers (worker/prefetch.py: GATHER_CHUNK_BYTES each).
-PREFILL_DEVICE_RESERVE_BYTES = 4 << 30
 
 
 def torch_device_is_cuda(device: str) -> bool:

@@ -21,11 +21,11 @@ The CPU pool holds the rest (its index by length finds partners). Each step, top
    while the prefill GPU decodes, the lane whose step costs more sends the other its longest
    requests until the two steps cost about the same;
 4. pooled requests that fit a lane's KV budget start streaming in, the lane with the
-   least KV first: the starving first, then those with the fewest tokens left to generate
-   (`load_order`): a wait in the pool weighs most on a short request's time per output
-   token, and its room on the device frees soonest. `load_order="fit-groups"` takes those
-   whose lengths fall inside one of the lane's groups first instead (they cost one member,
-   not a new group, on a padded kernel), then the longest waiting;
+   least KV first: the starving first, then those whose lengths fall inside one of the
+   lane's groups (they cost one member, not a new group), then the longest waiting; or,
+   with `load_order="fewest-left"`, those with the fewest tokens left to generate by
+   max_tokens (a wait in the pool weighs most on a short request's time per output token,
+   and its room on the device frees soonest);
 5. each lane decodes its next group.
 
 The KV budget above (`max_resident_kv_fraction`, `growth_tokens`) is a soft target in
@@ -53,11 +53,12 @@ from alignedserve.batcher.scheduler.lane import GROUP_SUB_BITS, Lane, partition_
 from alignedserve.batcher.scheduler.plan import BatchPlan
 
 S = RequestState
-__all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "partition_groups"]
+__all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "partition_groups", "tokens_left"]
 
 
 def tokens_left(request: Request) -> int:
-    """Tokens it may still generate (EOS may end it sooner)."""
+    """Tokens it may still generate by its max_tokens (EOS may end it sooner; the router
+    fills in max_tokens when the client sets none, and then this says little)."""
     return request.params.max_tokens - len(request.output_token_ids)
 
 
@@ -190,17 +191,17 @@ class AlignedPolicy:
             del self.lane_of[request_id]
         self._back_to_pool(sched, streaming, now)
         leaving = list(lane.resident)
-        for request_id in leaving:
-            self._leave(sched, request_id)
-            self._to_pool(sched, sched.store.get(request_id), now)
+        self._send_to_pool(sched, leaving, now)
         return leaving
 
     def _balance(self, sched: Scheduler, now: float) -> tuple[Lane | None, list[str]]:
         """While the prefill device decodes and the pool has nothing to load: if one lane's
         step costs much more than the other's (by more than a quarter of a read of the
-        weights, in KV tokens: `Lane.step_tokens`, members' KV and projections), it sends the
-        longest of its residents to the pool until about half the gap has gone (as much as
-        the other lane has room for); the other lane, now the one with less, takes them next.
+        weights, in KV tokens: `Lane.step_tokens`, members' KV and projections), it sends its
+        residents to the pool, the longest first, until about half the gap has gone. It
+        skips those the other lane has no room for and those that would leave the gap about
+        as wide the other way, and moves nothing unless the gap shrinks by the threshold.
+        The other lane, now the one with less, takes them next.
         The two steps run side by side, so the gap is what the dearer lane's step costs
         beyond the other's. Both ways: the decode device fills the prefill device once the
         prompts are done, and takes residents back as the prefill device's outlast its own
@@ -226,9 +227,9 @@ class AlignedPolicy:
             leaving.append(request_id)
             moved += cost
             room -= need
-        for request_id in leaving:
-            self._leave(sched, request_id)
-            self._to_pool(sched, sched.store.get(request_id), now)
+        if gap - abs(gap - 2 * moved) < threshold:
+            return None, []  # (only requests that fit made it, and too few)
+        self._send_to_pool(sched, leaving, now)
         return dear, leaving
 
     # ---- the decode GPU's own prefill ----------------------------------------------------
@@ -295,7 +296,7 @@ class AlignedPolicy:
             blocks = sched.blocks_for(sched.store.get(request_id).num_tokens)
             if need > free or blocks > free_blocks:
                 if picked or lane.resident:
-                    break  # keep FCFS among candidates: no skipping to smaller ones
+                    break  # keep the load order: no skipping to smaller ones
                 need = free  # an empty device takes even an oversized request
             free -= need
             free_blocks -= blocks
@@ -308,8 +309,9 @@ class AlignedPolicy:
 
     def _candidates(self, sched: Scheduler, lane: Lane, now: float):
         """Pooled requests in load order: starving ones, oldest first; then, by
-        `load_order`, those with the fewest tokens left to generate (by max_tokens), or
-        those whose length fits one of the lane's groups; then the oldest."""
+        `load_order`, those whose length fits one of the lane's groups, then the oldest
+        ("fit-groups"), or those with the fewest tokens left to generate by max_tokens,
+        ties oldest first ("fewest-left": a sort of the pool per call)."""
         seen: set[str] = set()
         bound = now - self.config.starvation_s
         for request_id in self.pooled:
@@ -317,8 +319,8 @@ class AlignedPolicy:
                 break
             seen.add(request_id)
             yield request_id
-        rest = [r for r in self.pooled if r not in seen]
         if self.config.load_order == "fewest-left":
+            rest = (r for r in self.pooled if r not in seen)
             yield from sorted(rest, key=lambda r: tokens_left(sched.store.get(r)))
             return
         for group in lane.groups:
@@ -329,12 +331,18 @@ class AlignedPolicy:
                     if request_id not in seen:
                         seen.add(request_id)
                         yield request_id
-        for request_id in rest:
+        for request_id in self.pooled:
             if request_id not in seen:
                 yield request_id
 
     def _leave(self, sched: Scheduler, request_id: str) -> None:
         self.lane_of.pop(request_id).leave(sched, request_id)
+
+    def _send_to_pool(self, sched: Scheduler, request_ids: list[str], now: float) -> None:
+        """Residents leave their lanes for the pool (they write back only their new KV)."""
+        for request_id in request_ids:
+            self._leave(sched, request_id)
+            self._to_pool(sched, sched.store.get(request_id), now)
 
     def _evict_for_starving(self, sched: Scheduler, now: float) -> list[str]:
         lane = self.decode_lane
@@ -352,9 +360,7 @@ class AlignedPolicy:
                 continue  # not yet: sent back before its turn, it could starve in turn
             evict.append(request_id)
             short -= lane.need_tokens(sched.store.get(request_id))
-        for request_id in evict:
-            self._leave(sched, request_id)
-            self._to_pool(sched, sched.store.get(request_id), now)
+        self._send_to_pool(sched, evict, now)
         return evict
 
     # ---- pool membership ---------------------------------------------------------------

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TEXT_OVERRIDES = ("load_order", "pool_full", "kernel_cost")
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict[str, object]]:
     fields = {f.name: f.type for f in dataclasses.fields(SchedulerConfig)}
     out: dict[str, dict[str, object]] = {"aligned": {}, "fcfs": {}}
@@ -64,6 +67,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, object]]:
                 raise ConfigError(f"--set {item!r}: {name} is true or false")
             out[policy][name] = value == "true"
         elif fields[name] == "str":
+            if name not in TEXT_OVERRIDES:  # the policy, say: each row is its own
+                raise ConfigError(f"--set {item!r}: {name} is not one to set")
             out[policy][name] = value  # SchedulerConfig checks it
         else:
             try:

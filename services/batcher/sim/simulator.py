@@ -24,6 +24,7 @@ import numpy as np
 from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
 from alignedserve.batcher.sim.cost_model import CostModel
 from alignedserve.batcher.sim.workload import SimRequest
+from alignedserve.common.policy import PREFILL_DEVICE_RESERVE_BYTES
 from alignedserve.common.sampling_params import SamplingParams
 
 # A step with no device work on the decode side (it only queues a prefill batch, or starts a
@@ -289,16 +290,20 @@ def configs_for(
         kernel_cost="padded" if cost.padded else "balanced",
         max_batch_size=1024,  # one decode step's members, for both policies
     )
+    staging_blocks = (MAX_CONTEXT_TOKENS + base.prefill_tokens_per_step) // block
+    left = cost.gpu.hbm_bytes - cost.model.weight_bytes - PREFILL_DEVICE_RESERVE_BYTES
+    prefill_gpu_tokens = int(left // cost.model.kv_bytes_per_token) - staging_blocks * block
     aligned = replace(
         base,
         policy="aligned",
         num_pool_blocks=int(pool_bytes // (cost.model.kv_bytes_per_token * block)),
         # as the worker's defaults give it: a staging cache of one whole context and a step's
-        # prefill on the prefill GPU, which decodes residents of its own in as many blocks as
-        # the decode GPU's once prompts stop (--set aligned.num_prefill_decode_blocks=0: it
-        # only prefills)
-        num_prefill_device_blocks=(MAX_CONTEXT_TOKENS + base.prefill_tokens_per_step) // block,
-        num_prefill_decode_blocks=gpu_tokens // block,
+        # prefill on the prefill GPU, which decodes residents of its own once prompts stop,
+        # in as many blocks as the decode GPU's where its memory left (weights, staging cache,
+        # a reserve) holds them (worker/server.py; --set aligned.num_prefill_decode_blocks=0:
+        # it only prefills)
+        num_prefill_device_blocks=staging_blocks,
+        num_prefill_decode_blocks=min(gpu_tokens, prefill_gpu_tokens) // block,
     )
     fcfs = replace(
         base,
