@@ -12,6 +12,9 @@ batch as the executor sends them:
   no copies out     set 1 again with the copies left out: what they cost the passes
   DMA results       overlapped, with each pass's sampled tokens copied to the host by a copy
                     engine (as before session 30), behind the batch before's copies out
+  gathered keys     overlapped, each layer's attention gathering the prompts' keys back out of
+                    the blocks they were just written to (as before session 31), instead of
+                    taking the pass's own k, v
   cut prompts       overlapped, each batch filled to the budget and its last prompt cut there,
                     as the batcher planned them before session 30: the rest copies the
                     prompt's KV back in from the pool before its next chunk
@@ -58,8 +61,8 @@ from gpu_bench import random_model  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.common.sampling_params import SamplingParams  # noqa: E402
+from alignedserve.worker import attention, runner, transfer  # noqa: E402
 from alignedserve.worker import prefiller as prefiller_module  # noqa: E402
-from alignedserve.worker import runner, transfer  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.prefiller import Prefiller, PrefillJob  # noqa: E402
@@ -256,6 +259,11 @@ def main(args: argparse.Namespace) -> None:
     cell("overlapped, set 1", sets[1])
     cell("overlapped, set 2", sets[2])
     cell("serial copies, set 2", sets[2], serial=True)
+    # the keys as attention took them before session 31: gathered back out of the blocks
+    attend_prefill = attention.attend_prefill
+    with mock.patch.object(attention, "attend_prefill", lambda *a: attend_prefill(*a[:5])):
+        cell("gathered keys, set 1", sets[1])
+        cell("gathered keys, set 2", sets[2])
     # the batcher's rule before session 30: a cut prompt copies its KV in before its next chunk
     cell("cut prompts, set 1", cut_sets[1])
     cell("cut prompts, set 2", cut_sets[2])
