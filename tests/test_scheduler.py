@@ -390,24 +390,29 @@ def test_a_members_cost_follows_the_gpus_ridge():
         assert lane.step_tokens() == 3 * want  # no KV held: the members' share alone
 
 
-def test_the_lanes_balance_by_members_as_well_as_kv():
-    """64 short requests, all landed on the decode device before the prefill device's lane
-    opens. Their KV is small beside a read of the weights (64 x ~60 tokens against 122k),
-    but each member's share of the projections costs ~640 KV tokens (lane.member_tokens):
-    the decode device sends the prefill device about half of them, so the two steps that
-    run side by side take about the same time."""
-    config = SchedulerConfig(
+def two_balanced_lanes(num_pool_blocks: int, gpu_kv_tokens: int) -> SchedulerConfig:
+    """Both devices decode (the prefill device's lane opens once no prompt waits) on a
+    balanced kernel, with Llama-3-8B's weight in KV tokens (122k: ~640 per member)."""
+    return SchedulerConfig(
         policy="aligned",
         block_tokens=16,
-        num_pool_blocks=8192,
-        gpu_kv_tokens=64 * 1024,
+        num_pool_blocks=num_pool_blocks,
+        gpu_kv_tokens=gpu_kv_tokens,
         num_prefill_device_blocks=1024,
         num_prefill_decode_blocks=4096,
         prefill_lane_quiet_s=0.0,
         prefill_tokens_per_step=8192,
         kernel_cost="balanced",
     )
-    sched = make_scheduler(config)
+
+
+def test_the_lanes_balance_by_members_as_well_as_kv():
+    """64 short requests, all landed on the decode device before the prefill device's lane
+    opens. Their KV is small beside a read of the weights (64 x ~60 tokens against 122k),
+    but each member's share of the projections costs ~640 KV tokens (lane.member_tokens):
+    the decode device sends the prefill device about half of them, so the two steps that
+    run side by side take about the same time."""
+    sched = make_scheduler(two_balanced_lanes(num_pool_blocks=8192, gpu_kv_tokens=64 * 1024))
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
     for i in range(64):
         sched.add_request(f"r{i}", range(32), params, now=0.0)
@@ -428,19 +433,7 @@ def test_the_prefill_lane_sends_residents_back_when_its_own_outlast_the_decode_l
     (3 against 13 here before; served OPT-13B in the thirty-first session). Balance now runs
     both ways: the lane whose step costs more sends residents to the other. A move must
     shrink the gap by the threshold, so a lone request is never sent to and fro."""
-    config = SchedulerConfig(
-        policy="aligned",
-        block_tokens=16,
-        num_pool_blocks=16384,
-        gpu_kv_tokens=128 * 1024,
-        num_prefill_device_blocks=1024,
-        num_prefill_decode_blocks=4096,
-        prefill_lane_quiet_s=0.0,
-        prefill_tokens_per_step=8192,
-        kernel_cost="balanced",
-        weight_kv_tokens=122_000,
-    )
-    sched = make_scheduler(config)
+    sched = make_scheduler(two_balanced_lanes(num_pool_blocks=16384, gpu_kv_tokens=128 * 1024))
     for i in range(16):  # long prompts with many tokens to go, one of them more than the rest
         params = SamplingParams(max_tokens=700 if i == 0 else 400)
         sched.add_request(f"long{i}", range(3000), params, now=0.0)
@@ -459,20 +452,21 @@ def test_the_prefill_lane_sends_residents_back_when_its_own_outlast_the_decode_l
     assert sorted(on_main + on_second) == sorted(f"long{i}" for i in range(16))
     assert abs(len(on_main) - len(on_second)) <= 3, at_300
     decoded_on: dict[str, list[bool]] = {}  # per request, on the prefill device at each step
+    on_second: set[str] = set()  # the prefill device's residents, step by step
     for plan in plans:
+        on_second.update(r for r in plan.load if r in plan.on_prefill_device)
+        for rid in plan.evict:  # its write-backs go out from it: each eviction says so
+            assert (rid in on_second) == (rid in plan.on_prefill_device), rid
+            on_second.discard(rid)
         for rid in plan.decode:
-            decoded_on.setdefault(rid, []).append(rid in plan.on_prefill_device)
+            there = rid in plan.on_prefill_device
+            decoded_on.setdefault(rid, []).append(there)
+            if there:
+                on_second.add(rid)
     went_back = [r for r, where in decoded_on.items() if True in where and not where[-1]]
     assert went_back and all(r.startswith("long") for r in went_back)
     moves = [r for plan in plans for r in plan.evict]  # there and back at most
     assert max(map(moves.count, set(moves))) <= 2, moves
-    on_second: set[str] = set()  # the prefill device's residents, step by step
-    for plan in plans:  # its write-backs go out from it: every eviction of one says so
-        on_second.update(r for r in plan.load if r in plan.on_prefill_device)
-        for rid in plan.evict:
-            assert (rid in on_second) == (rid in plan.on_prefill_device), rid
-            on_second.discard(rid)
-        on_second.update(r for r in plan.decode if r in plan.on_prefill_device)
 
 
 def test_a_lone_resident_is_not_sent_to_and_fro():
@@ -514,7 +508,7 @@ def test_pooled_requests_load_in_the_configured_order(load_order):
         if not plan.prefetch:
             continue
         if load_order == "fewest-left":  # the fewest left of all that were pooled, in order
-            order = sorted(pooled, key=lambda r: (pooled[r], list(pooled).index(r)))
+            order = sorted(pooled, key=pooled.get)  # (stable: ties in pool order)
             assert list(plan.prefetch) == order[: len(plan.prefetch)], (plan.prefetch, pooled)
     if load_order == "fit-groups":  # the oldest unless one fits a group: not by tokens left
         by_left = sorted(range(12), key=lambda i: MAX_TOKENS[i])

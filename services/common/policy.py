@@ -7,8 +7,10 @@ from __future__ import annotations
 POLICIES = ("aligned", "fcfs")
 # aligned: which pooled requests load first after the starving (scheduler/aligned.py)
 LOAD_ORDERS = ("fit-groups", "fewest-left")
-# The prefill device's free memory kept back from its decode KV blocks (its passes'
-# activations, decode graphs): worker/server.py sizes them so, and the simulator models it
+# Kept free on the prefill device when its decode KV is sized to fit (worker/server.py,
+# AUTO_BLOCKS; the simulator models it): a prefill pass's activations (Llama-3-8B, 8k
+# tokens: ~0.5 GiB in the MLP), its decode graphs' pool, and the KV gather's two buffers
+# (worker/prefetch.py: GATHER_CHUNK_BYTES each)
 PREFILL_DEVICE_RESERVE_BYTES = 4 << 30
 
 

@@ -96,8 +96,9 @@ class AttentionMetadata:
             is_decode = q_lens_t == 1
             chunked = (~is_decode).nonzero().squeeze(1)  # requests with a prompt chunk
             keys = _packed_keys(table[chunked], q_lens_t[chunked], ctx_t[chunked], block_tokens)
-            keys["keys_are_new"] = not (is_decode.any() or cached_t.any())
-            if is_decode.any():
+            has_decode_rows = bool(is_decode.any())
+            keys["keys_are_new"] = not (has_decode_rows or cached_t.any())
+            if has_decode_rows:
                 decoding = is_decode.nonzero().squeeze(1)
                 token_is_decode = is_decode[q_batch]
                 keys.update(

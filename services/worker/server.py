@@ -34,10 +34,6 @@ from alignedserve.worker.service import (
 
 logger = logging.getLogger(__name__)
 
-# Kept free on the prefill device when its decode KV is sized to fit (AUTO_BLOCKS): a prefill
-# pass's activations (Llama-3-8B, 8k tokens: ~0.5 GiB in the MLP), its decode graphs' pool,
-# and the KV gather's two buffers (worker/prefetch.py: GATHER_CHUNK_BYTES each).
-
 
 def torch_device_is_cuda(device: str) -> bool:
     return device.split(":")[0] == "cuda"
