@@ -28,7 +28,7 @@ VARIANTS = (
     "aligned-serial",
     "aligned-wait1",
     "aligned-cut",
-    "aligned-fewestleft",
+    "aligned-fitgroups",
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
@@ -63,8 +63,8 @@ VARIANT_TEXT = {
     "aligned-wait1": "aligned, no pooled request waiting over 1 s for a batch (--starvation-s 1)",
     "aligned-cut": "aligned, its prefill GPU's batches cutting their last prompt at the budget "
     "(--no-prefill-whole-prompts)",
-    "aligned-fewestleft": "aligned, pooled requests with the fewest tokens left to generate "
-    "loading first (--load-order fewest-left)",
+    "aligned-fitgroups": "aligned, pooled requests that fit a resident group loading first, "
+    "then the oldest (--load-order fit-groups)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",
@@ -118,10 +118,15 @@ def load_runs(work: Path) -> dict[str, dict[str, dict]]:
 def offline_spread(runs: dict[str, dict[str, dict]], baseline: str) -> dict[str, Any] | None:
     """With more than one offline run of aligned and the baseline: each one's output tok/s
     over its runs, the ratio of their medians, and the range of the ratio (the runs of two
-    variants are not paired: they ran on different servers, one after the other)."""
+    variants are not paired: they ran on different servers, one after the other). A run cut
+    short (requests unfinished at its time cap) is left out: its rate is the cap's."""
     offline = [by_variant for load, by_variant in runs.items() if load.startswith("offline")]
     tok_s = {
-        variant: [r[variant]["summary"]["output_tokens_per_s"] for r in offline if variant in r]
+        variant: [
+            r[variant]["summary"]["output_tokens_per_s"]
+            for r in offline
+            if variant in r and not num_unfinished(r[variant])
+        ]
         for variant in ("aligned", baseline)
     }
     if min(len(v) for v in tok_s.values()) < 2:
@@ -145,6 +150,10 @@ def chunks_per_token(run: dict) -> float | None:
 def _p99_tpot_s(run: dict) -> float | None:
     tpot = run["summary"]["tpot_s"]
     return tpot["p99"] if tpot else None
+
+
+def num_unfinished(run: dict) -> int:
+    return run["summary"]["num_failed"] + run["summary"]["num_not_sent"]
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -176,7 +185,7 @@ def cell(
             "p99_tpot_s": _p99_tpot_s(run),
             "p99_ttft_s": s["ttft_s"]["p99"] if s["ttft_s"] else None,
             "chunks_per_token": chunks_per_token(run),
-            "num_failed": s["num_failed"] + s["num_not_sent"],
+            "num_failed": num_unfinished(run),
         }
         if row[variant]["num_failed"]:
             row["notes"].append(
@@ -196,6 +205,8 @@ def cell(
     row["tpot_ratio"] = _ratio(_p99_tpot_s(b), _p99_tpot_s(a))
     row["throughput_met"] = (row["throughput_ratio"] or 0) >= shape.min_throughput_ratio
     row["tpot_met"] = (row["tpot_ratio"] or 0) >= shape.min_tpot_ratio
+    if num_unfinished(a) or num_unfinished(b):  # a rate measured up to a time cap: no verdict
+        row["throughput_met"] = row["tpot_met"] = None
     if isinstance(rate, int | float) and capacity_per_s and rate < capacity_per_s:
         row["notes"].append(
             f"{rate:g} req/s is below both aligned's and {baseline}'s offline rates "
@@ -245,6 +256,8 @@ def _ms(value: float | None) -> str:
 def _x(value: float | None, target: float, met: bool | None) -> str:
     if value is None:
         return f"– (≥ {target:g}×: missed)"
+    if met is None:
+        return f"{value:.2f}× (≥ {target:g}×: not judged, a run was cut short)"
     return f"**{value:.2f}×** (≥ {target:g}×: {'met' if met else 'missed'})"
 
 

@@ -33,8 +33,8 @@ from alignedserve.serve import (  # noqa: E402
 # prefetch GPU only prefills; -turns, the decode GPU prefills too; -sync, the batcher waits for
 # each answer; -serial, the worker answers each step before it queues the next; -wait1, no
 # pooled request waits more than 1 s for a batch (5 s by default); -cut, the prefill device's
-# batches cut their last prompt at the budget (before session 30); -fewestleft, pooled
-# requests with the fewest tokens left to generate load first
+# batches cut their last prompt at the budget (before session 30); -fitgroups, pooled
+# requests fitting a resident group load first, then the oldest (the default before session 32)
 PART_SETTINGS = {
     "solo": {"prefill_decode_blocks": 0},
     "turns": {"decode_prefill_share": 0.5},
@@ -42,7 +42,7 @@ PART_SETTINGS = {
     "serial": {"overlap_steps": False},
     "wait1": {"starvation_s": 1.0},
     "cut": {"prefill_whole_prompts": False},
-    "fewestleft": {"load_order": "fewest-left"},
+    "fitgroups": {"load_order": "fit-groups"},
 }
 
 

@@ -23,9 +23,9 @@ The variants (--policies; --baseline names the one aligned is compared with):
 - aligned-cut: aligned whose prefill GPU's batches cut their last prompt where the prefill
   budget ends (--no-prefill-whole-prompts; the batcher's rule before session 30), so the
   prompt's next chunk copies its KV back in from the pool first;
-- aligned-fewestleft: aligned whose pooled requests with the fewest tokens left to generate
-  (by max_tokens) load first (--load-order fewest-left), instead of those that fit a
-  resident group, then the oldest;
+- aligned-fitgroups: aligned whose pooled requests that fit a resident group load first,
+  then the oldest (--load-order fit-groups; the default before session 32), instead of
+  those with the fewest tokens left to generate by the max_tokens their clients set;
 - aligned-dp2: aligned data-parallel on the same two GPUs, as fcfs-dp2 below, each engine
   alone on its GPU (prefill mixed into its steps, loads over its own link): what the pair's
   split into a prefill GPU and a decode GPU costs or gains;

@@ -97,8 +97,9 @@ class EngineSettings:
         default=BatcherConfig.load_order,
         metadata={
             "help": "aligned: which pooled requests load first after the starving: those "
-            "fitting a resident group, then the oldest; or those with the fewest tokens "
-            "left to generate by max_tokens",
+            "with the fewest tokens left to generate by the max_tokens their clients set, "
+            "then the rest as fit-groups orders them; or those fitting a resident group, "
+            "then the oldest",
             "choices": LOAD_ORDERS,
         },
     )

@@ -19,10 +19,16 @@ def e2e_report():
 
 
 def write_run(
-    work: Path, variant: str, part: str, load: str, tok_s: float, duration_s: float = 0.0
+    work: Path,
+    variant: str,
+    part: str,
+    load: str,
+    tok_s: float,
+    duration_s: float = 0.0,
+    num_failed: int = 0,
 ) -> None:
     summary = {"output_tokens_per_s": tok_s, "requests_per_s": tok_s / 100, "tpot_s": None}
-    summary.update(ttft_s=None, num_failed=0, num_not_sent=0)
+    summary.update(ttft_s=None, num_failed=num_failed, num_not_sent=0)
     if duration_s:
         summary["duration_s"] = duration_s
     out = work / variant / part
@@ -96,6 +102,30 @@ def test_a_variant_that_failed_is_reported_with_its_reason(e2e_report, tmp_path)
     markdown = e2e_report.render_markdown(report)
     assert "**aligned failed**: TimeoutError: never ready" in markdown
     assert "3 bench client processes; 2 router process(es)" in markdown
+
+
+def test_a_run_cut_short_is_not_judged_nor_counted_in_the_spread(e2e_report, tmp_path):
+    """A bench run stopped at its time cap with requests unfinished (as gpu_e2e's deadline
+    did to fcfs-dp2 on 2xH200 in the thirty-second session: 77 of 160 unfinished, so 927
+    tok/s) measured the cap, not the server: its ratio gets no verdict, and the offline
+    spread leaves it out."""
+    for k, (a, b) in enumerate([(2100, 2400), (2200, 2500), (2140, 930)], start=1):
+        write_run(tmp_path, "aligned", e2e_report.offline_part(k), "offline", a)
+        failed = 77 if k == 3 else 0
+        write_run(tmp_path, "fcfs-dp2", e2e_report.offline_part(k), "offline", b, num_failed=failed)
+    runs = e2e_report.load_runs(tmp_path)
+    spread = e2e_report.offline_spread(runs, "fcfs-dp2")
+    assert spread["output_tokens_per_s"]["fcfs-dp2"] == [2400, 2500]
+    assert spread["median_ratio"] == pytest.approx(2140 / 2450)
+    report = e2e_report.make_report(report_args(), tmp_path, runs, {}, 8, "cpu")
+    cut = report["cells"][2]
+    assert cut["throughput_ratio"] == pytest.approx(2140 / 930)
+    assert cut["throughput_met"] is None and cut["tpot_met"] is None
+    assert report["cells"][0]["throughput_met"] is False
+    markdown = e2e_report.render_markdown(report)
+    assert "2.30× (≥ 1.2×: not judged, a run was cut short)" in markdown
+    assert "fcfs-dp2: 77 requests unfinished (run timeout)" in markdown
+    assert "met)" not in markdown.split("### ")[0]
 
 
 def write_worker_log(work: Path, variant: str, name: str, seconds_with_tokens: int) -> None:

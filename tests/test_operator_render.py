@@ -83,6 +83,9 @@ def test_worker_pod_shape():
     assert args[args.index("--max-batch-kv-fraction") + 1] == "0.4"
     assert args[args.index("--starvation-s") + 1] == "2.5"
     assert args[args.index("--max-steps-in-flight") + 1] == "2"
+    assert args[args.index("--decode-prefill-share") + 1] == "0.25"
+    assert args[args.index("--load-order") + 1] == "fit-groups"
+    assert "--no-prefill-whole-prompts" in args
     assert "--overlap-steps" in worker["args"]
     assert worker["args"][worker["args"].index("--warm-up-batch") + 1] == "256"
     # drain: the worker outlives its batcher's drain, within the grace period
@@ -152,6 +155,8 @@ SPEC_TO_CONFIG: dict[str, tuple[str, str] | None] = {
     "batching.maxWaiting": ("batcher", "max_waiting"),
     "batching.maxStepsInFlight": ("batcher", "max_steps_in_flight"),
     "batching.decodePrefillShare": ("batcher", "decode_prefill_share"),
+    "batching.loadOrder": ("batcher", "load_order"),
+    "batching.prefillWholePrompts": ("batcher", "prefill_whole_prompts"),
     "workers.kvPoolGiB": ("batcher", "pool_gib"),
     "workers.numDeviceBlocks": ("worker", "num_device_blocks"),
     "workers.prefillDecodeBlocks": ("worker", "prefill_decode_blocks"),
@@ -175,6 +180,8 @@ NON_DEFAULT = {
     "batching.maxWaiting": 77,
     "batching.maxStepsInFlight": 1,
     "batching.decodePrefillShare": 0.25,
+    "batching.loadOrder": "fit-groups",
+    "batching.prefillWholePrompts": False,
     "workers.kvPoolGiB": 0.5,
     "workers.numDeviceBlocks": 99,
     "workers.prefillDecodeBlocks": 77,

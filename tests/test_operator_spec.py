@@ -44,10 +44,11 @@ def _walk(cls: type, schema: dict, path: str):
 def test_enums_equal_the_crds():
     """Each field the operator checks against a list: the CRD's enum is that list (and the
     policies are the batcher's own, common/policy.py)."""
-    from alignedserve.common.policy import POLICIES
+    from alignedserve.common.policy import LOAD_ORDERS, POLICIES
     from alignedserve.operator.spec import _ENUMS
 
     assert _ENUMS["batching.policy"] == POLICIES
+    assert _ENUMS["batching.loadOrder"] == LOAD_ORDERS
     for where, allowed in _ENUMS.items():
         node = crd_spec_schema()
         for part in where.split("."):
@@ -131,6 +132,14 @@ def test_bad_examples_are_refused_with_the_field_named(path):
         (
             {"model": {"path": "/m"}, "workers": {"overlapSteps": "false"}},
             "workers.overlapSteps='false' must be of type bool",
+        ),
+        (
+            {"model": {"path": "/m"}, "batching": {"loadOrder": "shortest-first"}},
+            "batching.loadOrder='shortest-first' not one of",
+        ),
+        (
+            {"model": {"path": "/m"}, "batching": {"prefillWholePrompts": "false"}},
+            "batching.prefillWholePrompts='false' must be of type bool",
         ),
         ({"model": "/m"}, "model: expected an object"),
         # the services' own bounds: the router refuses a zero drain, the batcher a group

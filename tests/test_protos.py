@@ -32,6 +32,7 @@ def test_generated_code_is_current():
         SamplingParams(max_tokens=7, temperature=0.7, top_p=0.93, top_k=40, seed=0),
         SamplingParams(seed=2**63 - 1, stop_token_ids=(1, 2, 3), ignore_eos=True, logprobs=True),
         SamplingParams(temperature=0.0),
+        SamplingParams(max_tokens=4096, is_default_max_tokens=True),
     ],
 )
 def test_sampling_params_round_trip(params):

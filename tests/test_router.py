@@ -176,6 +176,17 @@ def test_chat_completion(client, tokenizer, fake):
     assert params == SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
 
 
+def test_a_max_tokens_the_router_fills_in_is_marked_so(client, fake):
+    """Without max_tokens the router sends the context's room (at most default_max_tokens),
+    marked as filled in: the batcher's load order ranks only the max_tokens clients set."""
+    prompt = [5] * 2040  # the tiny model's context: 2,048 tokens
+    out = client.completions.create(model=MODEL, prompt=prompt)
+    assert out.usage.completion_tokens == 8
+    assert fake.requests[-1][2] == SamplingParams(max_tokens=8, is_default_max_tokens=True)
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=8)
+    assert fake.requests[-1][2] == SamplingParams(max_tokens=8)
+
+
 def test_streamed_chat_equals_whole_and_ends_with_usage(client):
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Stream me"}], max_tokens=20)
     whole = client.chat.completions.create(**kwargs)

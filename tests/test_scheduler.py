@@ -344,8 +344,8 @@ def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_befo
     the oldest; the lane's residents follow, as newly pooled. The pool stays oldest first."""
     sched = make_scheduler(two_small_lanes(0.0))  # prompts pooled over several steps
     policy, lane = sched.policy, sched.policy.prefill_lane
-    for i in range(12):  # every other one finishes soon, making room for a pooled one
-        tokens = 3 if i % 2 == 0 else 400
+    for i in range(12):  # every other one finishes soon, one at a time, making room
+        tokens = 3 + i if i % 2 == 0 else 400
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         sched.add_request(f"r{i}", range(100), params, now=0.0)
     now = 0.0
@@ -486,9 +486,9 @@ MAX_TOKENS = [20 + 10 * ((7 * i) % 12) for i in range(12)]  # no order by arriva
 @pytest.mark.parametrize("load_order", ["fewest-left", "fit-groups"])
 def test_pooled_requests_load_in_the_configured_order(load_order):
     """The decode device holds two requests; twelve wait in the pool, their output lengths
-    unrelated to their arrival. "fewest-left" loads them by tokens left to generate, fewest
-    first (a wait in the pool weighs most on a short request's time per output token);
-    "fit-groups" (the default) takes those that fit a resident group first, then the
+    unrelated to their arrival. "fewest-left" (the default) loads them by tokens left to
+    generate, fewest first (a wait in the pool weighs most on a short request's time per
+    output token); "fit-groups" takes those that fit a resident group first, then the
     oldest."""
     config = replace(two_small_lanes(0.0), num_prefill_decode_blocks=0, load_order=load_order)
     sched = make_scheduler(config)
@@ -513,6 +513,41 @@ def test_pooled_requests_load_in_the_configured_order(load_order):
     if load_order == "fit-groups":  # the oldest unless one fits a group: not by tokens left
         by_left = sorted(range(12), key=lambda i: MAX_TOKENS[i])
         assert [int(r[1:]) for r in loaded] != by_left
+
+
+def test_fewest_left_ranks_only_the_max_tokens_clients_set():
+    """Half the pooled requests set no max_tokens: the router filled it in, a cap rather
+    than the client's word on the output's length, so however small, it does not rank
+    them. They load after every request whose client set one, in the fit-groups order."""
+    config = replace(two_small_lanes(0.0), num_prefill_decode_blocks=0, starvation_s=1e9)
+    assert config.load_order == "fewest-left"
+    sched = make_scheduler(config)
+    filled_in_max = {f"r{i}": 40 - 2 * i for i in range(0, 12, 2)}  # all below the rest's
+    for i, max_tokens in enumerate(MAX_TOKENS):
+        request_id = f"r{i}"
+        params = SamplingParams(
+            max_tokens=filled_in_max.get(request_id, max_tokens + 30),
+            ignore_eos=True,
+            is_default_max_tokens=request_id in filled_in_max,
+        )
+        sched.add_request(request_id, range(100 if i % 4 < 2 else 40), params, now=0.0)
+    seen: list[dict[str, int]] = []  # before each step: the pooled whose client set max_tokens
+
+    def record(step: int, now: float) -> None:
+        requests = map(sched.store.get, sched.policy.pooled)
+        seen.append(
+            {r.request_id: tokens_left(r) for r in requests if not r.params.is_default_max_tokens}
+        )
+
+    plans, _, _ = drive(sched, 600, turn_s=0.05, decode_s=0.01, arrivals=record)
+    assert all(r.state == RequestState.FINISHED for r in sched.store)
+    for bounded, plan in zip(seen, plans, strict=True):
+        first = sorted(bounded, key=bounded.get)[: len(plan.prefetch)]
+        assert list(plan.prefetch[: len(first)]) == first, (plan.prefetch, bounded)
+    loaded = [r for plan in plans for r in plan.prefetch]
+    assert sorted(loaded) == sorted(f"r{i}" for i in range(12))  # each once
+    filled_in = [r for r in loaded if r in filled_in_max]  # not by their (falling) max_tokens
+    assert filled_in != sorted(filled_in, key=filled_in_max.get), filled_in
 
 
 def test_a_lane_decodes_a_ready_group_before_one_still_copying():

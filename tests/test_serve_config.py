@@ -52,11 +52,11 @@ def test_batcher_knobs_have_the_batchers_defaults_and_flags():
     scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
     assert (scheduler.min_batch_size, scheduler.max_resident_kv_fraction) == (3, 0.5)
     assert scheduler.prefill_whole_prompts  # the default
-    assert scheduler.load_order == "fit-groups"
-    config = serve_config("--no-prefill-whole-prompts", "--load-order", "fewest-left")
+    assert scheduler.load_order == "fewest-left"
+    config = serve_config("--no-prefill-whole-prompts", "--load-order", "fit-groups")
     scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
     assert not scheduler.prefill_whole_prompts
-    assert scheduler.load_order == "fewest-left"
+    assert scheduler.load_order == "fit-groups"
 
 
 @pytest.mark.parametrize("config_cls", [ServeConfig, EngineTargetConfig])

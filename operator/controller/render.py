@@ -231,6 +231,8 @@ def worker_deployment(
                 "max-waiting": batching.max_waiting,
                 "max-steps-in-flight": batching.max_steps_in_flight,
                 "decode-prefill-share": batching.decode_prefill_share,
+                "load-order": batching.load_order,
+                "prefill-whole-prompts": batching.prefill_whole_prompts,
                 "drain-s": spec.drain_seconds,
             }
         ),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignedserve.common.errors import ConfigError
-from alignedserve.common.policy import POLICIES
+from alignedserve.common.policy import LOAD_ORDERS, POLICIES
 
 # The operator's defaults, here because the CLI (main.py) must not import kopf (handlers.py)
 DEFAULT_IMAGE = "ghcr.io/alignedserve/alignedserve:0.1.0"  # of pods whose spec names none
@@ -85,6 +85,13 @@ class Batching:
     # aligned beside a prefill GPU: the most share of the decode GPU's time its prefill
     # turns take while a backlog waits (0: never)
     decode_prefill_share: float = 0.0
+    # aligned: which pooled requests load first after the starving: fewest-left (fewest
+    # tokens left to generate, by the max_tokens clients set) or fit-groups (lengths inside a
+    # resident group, then the oldest)
+    load_order: str = "fewest-left"
+    # aligned beside a prefill GPU: each prefill batch takes whole prompts (a prompt that
+    # would pass the budget leads the next batch); false: cut at the budget
+    prefill_whole_prompts: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,7 @@ _ENUMS = {
     "image.pullPolicy": ("Always", "IfNotPresent", "Never"),
     "workers.gpusPerPod": (0, 1, 2),
     "batching.policy": POLICIES,
+    "batching.loadOrder": LOAD_ORDERS,
 }
 
 

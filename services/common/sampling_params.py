@@ -17,6 +17,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks: every system emits exactly max_tokens
     logprobs: bool = False
+    # The router filled max_tokens in because the client set none: then it is a cap, not the
+    # client's word on how long the output runs, and the scheduler does not rank by it.
+    is_default_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         checks = (

@@ -16,6 +16,7 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        is_default_max_tokens=p.is_default_max_tokens,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -33,6 +34,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
+        is_default_max_tokens=msg.is_default_max_tokens,
     )
 
 

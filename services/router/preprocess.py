@@ -155,7 +155,8 @@ def _generation_input(
             f"tokens: at most {context - 1} leave room for one generated token",
             param=prompt_param,
         )
-    if num_max is None:
+    is_default_max_tokens = num_max is None
+    if is_default_max_tokens:
         num_max = min(context - n, limits.default_max_tokens)
     elif num_max < 1:
         raise InvalidRequestError(f"{max_param}={num_max} must be >= 1", param=max_param)
@@ -178,6 +179,7 @@ def _generation_input(
         seed=req.seed,
         stop_token_ids=tuple(stop_ids),
         ignore_eos=bool(req.ignore_eos),
+        is_default_max_tokens=is_default_max_tokens,
         logprobs=logprobs,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -21,11 +21,11 @@ The CPU pool holds the rest (its index by length finds partners). Each step, top
    while the prefill GPU decodes, the lane whose step costs more sends the other its longest
    requests until the two steps cost about the same;
 4. pooled requests that fit a lane's KV budget start streaming in, the lane with the
-   least KV first: the starving first, then those whose lengths fall inside one of the
-   lane's groups (they cost one member, not a new group), then the longest waiting; or,
-   with `load_order="fewest-left"`, those with the fewest tokens left to generate by
-   max_tokens (a wait in the pool weighs most on a short request's time per output token,
-   and its room on the device frees soonest);
+   least KV first: the starving first; then (`load_order="fewest-left"`, the default)
+   those with the fewest tokens left to generate by the max_tokens their clients set (a
+   wait in the pool weighs most on a short request's time per output token, and its room
+   on the device frees soonest); then those whose lengths fall inside one of the lane's
+   groups (they cost one member, not a new group), then the longest waiting;
 5. each lane decodes its next group.
 
 The KV budget above (`max_resident_kv_fraction`, `growth_tokens`) is a soft target in
@@ -57,8 +57,8 @@ __all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "partition_groups", "tokens_left"]
 
 
 def tokens_left(request: Request) -> int:
-    """Tokens it may still generate by its max_tokens (EOS may end it sooner; the router
-    fills in max_tokens when the client sets none, and then this says little)."""
+    """Tokens it may still generate by its max_tokens (EOS may end it sooner). Says little
+    when the router filled max_tokens in (`is_default_max_tokens`)."""
     return request.params.max_tokens - len(request.output_token_ids)
 
 
@@ -308,10 +308,10 @@ class AlignedPolicy:
         return picked
 
     def _candidates(self, sched: Scheduler, lane: Lane, now: float):
-        """Pooled requests in load order: starving ones, oldest first; then, by
-        `load_order`, those whose length fits one of the lane's groups, then the oldest
-        ("fit-groups"), or those with the fewest tokens left to generate by max_tokens,
-        ties oldest first ("fewest-left": a sort of the pool per call)."""
+        """Pooled requests in load order: starving ones, oldest first; with `load_order`
+        "fewest-left", then those whose client set max_tokens, fewest tokens left to
+        generate first, ties oldest first (a sort of the pool per call); then those whose
+        length fits one of the lane's groups, then the oldest ("fit-groups" order)."""
         seen: set[str] = set()
         bound = now - self.config.starvation_s
         for request_id in self.pooled:
@@ -320,9 +320,11 @@ class AlignedPolicy:
             seen.add(request_id)
             yield request_id
         if self.config.load_order == "fewest-left":
-            rest = (r for r in self.pooled if r not in seen)
-            yield from sorted(rest, key=lambda r: tokens_left(sched.store.get(r)))
-            return
+            requests = (sched.store.get(r) for r in self.pooled if r not in seen)
+            bounded = [r for r in requests if not r.params.is_default_max_tokens]
+            for request in sorted(bounded, key=tokens_left):
+                seen.add(request.request_id)
+                yield request.request_id
         for group in lane.groups:
             lengths = [sched.store.get(r).num_tokens for r in group]
             if lengths:

@@ -63,12 +63,11 @@ class SchedulerConfig:
     # aligned beside a prefill device: its batches take whole prompts (one alone may pass
     # prefill_tokens_per_step): a prompt cut there copies its KV back in before its next chunk
     prefill_whole_prompts: bool = True
-    # aligned: which pooled requests load first after the starving: "fit-groups" (lengths
-    # inside a lane's group, then the oldest) or "fewest-left" (tokens left to generate, by
-    # max_tokens). fewest-left halved the simulated OPT-13B paper-90 p99 TPOT in 4 of 6
-    # seeds at the same tokens/s, but it trusts max_tokens: the router fills that in when a
-    # client sets none, and then it ranks by KV length instead (thirty-first session)
-    load_order: str = "fit-groups"
+    # aligned: which pooled requests load first after the starving: "fewest-left" (those
+    # whose client set max_tokens, by tokens left to generate, then the rest as fit-groups
+    # does) or "fit-groups" (lengths inside a lane's group, then the oldest). fewest-left
+    # lowered p99 TPOT served on OPT-13B paper-90 (thirty-second session)
+    load_order: str = "fewest-left"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
