@@ -152,6 +152,9 @@ def _p99_tpot_s(run: dict) -> float | None:
     return tpot["p99"] if tpot else None
 
 
+UNJUDGED = "not judged, requests unfinished or failed"  # a cell's verdict when so
+
+
 def num_unfinished(run: dict) -> int:
     return run["summary"]["num_failed"] + run["summary"]["num_not_sent"]
 
@@ -205,8 +208,8 @@ def cell(
     row["tpot_ratio"] = _ratio(_p99_tpot_s(b), _p99_tpot_s(a))
     row["throughput_met"] = (row["throughput_ratio"] or 0) >= shape.min_throughput_ratio
     row["tpot_met"] = (row["tpot_ratio"] or 0) >= shape.min_tpot_ratio
-    if num_unfinished(a) or num_unfinished(b):  # a rate measured up to a time cap: no verdict
-        row["throughput_met"] = row["tpot_met"] = None
+    if num_unfinished(a) or num_unfinished(b):  # e.g. a rate measured up to a time cap
+        row["throughput_met"] = row["tpot_met"] = UNJUDGED
     if isinstance(rate, int | float) and capacity_per_s and rate < capacity_per_s:
         row["notes"].append(
             f"{rate:g} req/s is below both aligned's and {baseline}'s offline rates "
@@ -218,7 +221,7 @@ def cell(
 def offline_capacity(runs: dict[str, dict[str, dict]], baseline: str) -> float | None:
     offline = runs.get("offline", {})
     compared = ("aligned", baseline)
-    if not set(compared) <= offline.keys():
+    if not set(compared) <= offline.keys() or any(num_unfinished(offline[p]) for p in compared):
         return None
     return min(offline[p]["summary"]["requests_per_s"] for p in compared)
 
@@ -253,11 +256,11 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value * 1e3:.1f}"
 
 
-def _x(value: float | None, target: float, met: bool | None) -> str:
+def _x(value: float | None, target: float, met: bool | str | None) -> str:
+    if met == UNJUDGED:
+        return f"{'–' if value is None else f'{value:.2f}×'} (≥ {target:g}×: {UNJUDGED})"
     if value is None:
         return f"– (≥ {target:g}×: missed)"
-    if met is None:
-        return f"{value:.2f}× (≥ {target:g}×: not judged, a run was cut short)"
     return f"**{value:.2f}×** (≥ {target:g}×: {'met' if met else 'missed'})"
 
 

@@ -25,7 +25,7 @@ The variants (--policies; --baseline names the one aligned is compared with):
   prompt's next chunk copies its KV back in from the pool first;
 - aligned-fitgroups: aligned whose pooled requests that fit a resident group load first,
   then the oldest (--load-order fit-groups; the default before session 32), instead of
-  those with the fewest tokens left to generate by the max_tokens their clients set;
+  sorting that order by the max_tokens their clients set (shortest-first);
 - aligned-dp2: aligned data-parallel on the same two GPUs, as fcfs-dp2 below, each engine
   alone on its GPU (prefill mixed into its steps, loads over its own link): what the pair's
   split into a prefill GPU and a decode GPU costs or gains;

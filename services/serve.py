@@ -97,9 +97,8 @@ class EngineSettings:
         default=BatcherConfig.load_order,
         metadata={
             "help": "aligned: which pooled requests load first after the starving: those "
-            "with the fewest tokens left to generate by the max_tokens their clients set, "
-            "then the rest as fit-groups orders them; or those fitting a resident group, "
-            "then the oldest",
+            "fitting a resident group, then the oldest (fit-groups); shortest-first sorts "
+            "that order by the max_tokens their clients set, those that set none last",
             "choices": LOAD_ORDERS,
         },
     )

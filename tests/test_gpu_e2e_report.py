@@ -26,9 +26,10 @@ def write_run(
     tok_s: float,
     duration_s: float = 0.0,
     num_failed: int = 0,
+    num_not_sent: int = 0,
 ) -> None:
     summary = {"output_tokens_per_s": tok_s, "requests_per_s": tok_s / 100, "tpot_s": None}
-    summary.update(ttft_s=None, num_failed=num_failed, num_not_sent=0)
+    summary.update(ttft_s=None, num_failed=num_failed, num_not_sent=num_not_sent)
     if duration_s:
         summary["duration_s"] = duration_s
     out = work / variant / part
@@ -111,8 +112,9 @@ def test_a_run_cut_short_is_not_judged_nor_counted_in_the_spread(e2e_report, tmp
     spread leaves it out."""
     for k, (a, b) in enumerate([(2100, 2400), (2200, 2500), (2140, 930)], start=1):
         write_run(tmp_path, "aligned", e2e_report.offline_part(k), "offline", a)
-        failed = 77 if k == 3 else 0
-        write_run(tmp_path, "fcfs-dp2", e2e_report.offline_part(k), "offline", b, num_failed=failed)
+        unsent = 77 if k == 3 else 0  # never sent, as unfinished as failed ones
+        part = e2e_report.offline_part(k)
+        write_run(tmp_path, "fcfs-dp2", part, "offline", b, num_not_sent=unsent)
     runs = e2e_report.load_runs(tmp_path)
     spread = e2e_report.offline_spread(runs, "fcfs-dp2")
     assert spread["output_tokens_per_s"]["fcfs-dp2"] == [2400, 2500]
@@ -120,10 +122,11 @@ def test_a_run_cut_short_is_not_judged_nor_counted_in_the_spread(e2e_report, tmp
     report = e2e_report.make_report(report_args(), tmp_path, runs, {}, 8, "cpu")
     cut = report["cells"][2]
     assert cut["throughput_ratio"] == pytest.approx(2140 / 930)
-    assert cut["throughput_met"] is None and cut["tpot_met"] is None
+    assert cut["throughput_met"] == cut["tpot_met"] == e2e_report.UNJUDGED
     assert report["cells"][0]["throughput_met"] is False
     markdown = e2e_report.render_markdown(report)
-    assert "2.30× (≥ 1.2×: not judged, a run was cut short)" in markdown
+    assert "2.30× (≥ 1.2×: not judged, requests unfinished or failed)" in markdown
+    assert "– (≥ 2×: not judged, requests unfinished or failed)" in markdown
     assert "fcfs-dp2: 77 requests unfinished (run timeout)" in markdown
     assert "met)" not in markdown.split("### ")[0]
 

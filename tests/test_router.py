@@ -185,6 +185,9 @@ def test_a_max_tokens_the_router_fills_in_is_marked_so(client, fake):
     assert fake.requests[-1][2] == SamplingParams(max_tokens=8, is_default_max_tokens=True)
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=8)
     assert fake.requests[-1][2] == SamplingParams(max_tokens=8)
+    messages = [{"role": "user", "content": "Hi"}]  # chat, by the newer name of the field
+    client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3)
+    assert fake.requests[-1][2] == SamplingParams(max_tokens=3)
 
 
 def test_streamed_chat_equals_whole_and_ends_with_usage(client):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from alignedserve.batcher.request import RequestState
 from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
-from alignedserve.batcher.scheduler.aligned import tokens_left
+from alignedserve.batcher.scheduler.aligned import declared_output_tokens
 from alignedserve.batcher.scheduler.lane import Lane
 from alignedserve.batcher.sim.cost_model import LLAMA3_8B, CostModel
 from alignedserve.batcher.sim.simulator import simulate_engine
@@ -483,71 +483,118 @@ def test_a_lone_resident_is_not_sent_to_and_fro():
 MAX_TOKENS = [20 + 10 * ((7 * i) % 12) for i in range(12)]  # no order by arrival
 
 
-@pytest.mark.parametrize("load_order", ["fewest-left", "fit-groups"])
-def test_pooled_requests_load_in_the_configured_order(load_order):
-    """The decode device holds two requests; twelve wait in the pool, their output lengths
-    unrelated to their arrival. "fewest-left" (the default) loads them by tokens left to
-    generate, fewest first (a wait in the pool weighs most on a short request's time per
-    output token); "fit-groups" takes those that fit a resident group first, then the
-    oldest."""
+def pool_loads(load_order: str, params_of) -> tuple[list[tuple[str, ...]], list[dict]]:
+    """The decode device holds two requests; twelve wait in the pool, in two length bands.
+    Returns each step's loads, and before each step the pooled requests' declared lengths."""
     config = replace(two_small_lanes(0.0), num_prefill_decode_blocks=0, load_order=load_order)
     sched = make_scheduler(config)
-    for i, max_tokens in enumerate(MAX_TOKENS):  # lengths in two bands
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        sched.add_request(f"r{i}", range(100 if i % 2 else 40), params, now=0.0)
-    seen: list[dict[str, int]] = []  # before each step: the pooled and their tokens left
+    for i in range(12):
+        sched.add_request(f"r{i}", range(100 if i % 2 else 40), params_of(i), now=0.0)
+    seen: list[dict[str, float]] = []
 
     def record(step: int, now: float) -> None:
-        seen.append({r: tokens_left(sched.store.get(r)) for r in sched.policy.pooled})
+        pooled = map(sched.store.get, sched.policy.pooled)
+        seen.append({r.request_id: declared_output_tokens(r) for r in pooled})
 
     plans, _, _ = drive(sched, 600, turn_s=0.05, decode_s=0.01, arrivals=record)
     assert all(r.state == RequestState.FINISHED for r in sched.store)
-    loaded = [r for plan in plans for r in plan.prefetch]
-    assert sorted(loaded) == sorted(f"r{i}" for i in range(12))  # each once: no starving
-    for pooled, plan in zip(seen, plans, strict=True):
-        if not plan.prefetch:
-            continue
-        if load_order == "fewest-left":  # the fewest left of all that were pooled, in order
-            order = sorted(pooled, key=pooled.get)  # (stable: ties in pool order)
-            assert list(plan.prefetch) == order[: len(plan.prefetch)], (plan.prefetch, pooled)
-    if load_order == "fit-groups":  # the oldest unless one fits a group: not by tokens left
-        by_left = sorted(range(12), key=lambda i: MAX_TOKENS[i])
-        assert [int(r[1:]) for r in loaded] != by_left
+    loads = [plan.prefetch for plan in plans]
+    assert {r for load in loads for r in load} == {f"r{i}" for i in range(12)}
+    return loads, seen
 
 
-def test_fewest_left_ranks_only_the_max_tokens_clients_set():
-    """Half the pooled requests set no max_tokens: the router filled it in, a cap rather
-    than the client's word on the output's length, so however small, it does not rank
-    them. They load after every request whose client set one, in the fit-groups order."""
-    config = replace(two_small_lanes(0.0), num_prefill_decode_blocks=0, starvation_s=1e9)
-    assert config.load_order == "fewest-left"
+def test_shortest_first_loads_by_the_max_tokens_clients_set():
+    """Output lengths unrelated to arrival: "shortest-first" (the default) loads the pooled
+    by max_tokens, shortest first (a wait in the pool weighs most on a short request's time
+    per output token); "fit-groups" takes those that fit a resident group, then the oldest."""
+    assert SchedulerConfig().load_order == "shortest-first"
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=MAX_TOKENS[i], ignore_eos=True)
+
+    loads, seen = pool_loads("shortest-first", params)
+    for load, pooled in zip(loads, seen, strict=True):
+        assert list(load) == sorted(pooled, key=pooled.get)[: len(load)], (load, pooled)
+    fit_groups, _ = pool_loads("fit-groups", params)
+    assert fit_groups != loads
+
+
+@pytest.mark.parametrize("clients", ["all set the same max_tokens", "none set max_tokens"])
+def test_without_distinct_caps_shortest_first_loads_as_fit_groups(clients):
+    """Equal caps tie, and a max_tokens the router filled in (here falling with arrival) is
+    a cap, not the client's word on the output's length: it ranks nothing. Either way the
+    pool loads exactly as fit-groups loads it, step by step."""
+
+    def params(i: int) -> SamplingParams:
+        if clients == "none set max_tokens":
+            return SamplingParams(max_tokens=150 - 10 * i, is_default_max_tokens=True)
+        return SamplingParams(max_tokens=64)
+
+    loads, _ = pool_loads("shortest-first", params)
+    assert loads == pool_loads("fit-groups", params)[0]
+
+
+def test_requests_that_set_max_tokens_load_before_those_that_did_not():
+    """Half the pooled set no max_tokens (filled in by the router, smaller than the rest's):
+    in every step's loads, those that set one come first, shortest first."""
+    filled_in = {f"r{i}" for i in range(0, 12, 2)}
+
+    def params(i: int) -> SamplingParams:
+        if f"r{i}" in filled_in:
+            return SamplingParams(max_tokens=40 - 2 * i, is_default_max_tokens=True)
+        return SamplingParams(max_tokens=MAX_TOKENS[i] + 30)
+
+    loads, seen = pool_loads("shortest-first", params)
+    for load, pooled in zip(loads, seen, strict=True):
+        declared = {r: n for r, n in pooled.items() if r not in filled_in}
+        first = sorted(declared, key=declared.get)[: len(load)]
+        assert list(load[: len(first)]) == first, (load, pooled)
+
+
+@pytest.mark.parametrize("load_order", ["fit-groups", "shortest-first"])
+def test_a_pooled_request_that_fits_a_resident_group_loads_before_an_older_one(load_order):
+    """Two residents of ~100 tokens fill the decode device. Then a 300-token prompt and one
+    of the residents' length wait in the pool, the longer pooled first. fit-groups puts the one that
+    fits the residents' group (one more member, not a new group) ahead of the older; so
+    does shortest-first where the clients' max_tokens tie, and by max_tokens where not."""
+    config = replace(
+        two_small_lanes(0.0), num_prefill_decode_blocks=0, starvation_s=1e9, load_order=load_order
+    )
     sched = make_scheduler(config)
-    filled_in_max = {f"r{i}": 40 - 2 * i for i in range(0, 12, 2)}  # all below the rest's
-    for i, max_tokens in enumerate(MAX_TOKENS):
-        request_id = f"r{i}"
-        params = SamplingParams(
-            max_tokens=filled_in_max.get(request_id, max_tokens + 30),
-            ignore_eos=True,
-            is_default_max_tokens=request_id in filled_in_max,
-        )
-        sched.add_request(request_id, range(100 if i % 4 < 2 else 40), params, now=0.0)
-    seen: list[dict[str, int]] = []  # before each step: the pooled whose client set max_tokens
+    policy, lane = sched.policy, sched.policy.decode_lane
+    now = 0.0
 
-    def record(step: int, now: float) -> None:
-        requests = map(sched.store.get, sched.policy.pooled)
-        seen.append(
-            {r.request_id: tokens_left(r) for r in requests if not r.params.is_default_max_tokens}
-        )
+    def run_until(done) -> None:
+        nonlocal now
+        for _ in range(50):
+            plan = sched.schedule(now)
+            if plan.prefill:
+                ids = [rid for rid, _ in plan.prefill]
+                sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
+            sched.update(plan, dict.fromkeys(plan.decode, 7), now)
+            if plan.prefetch:
+                policy.on_prefetch_done()
+            now += 0.01
+            if done():
+                return
+        raise AssertionError("never reached")
 
-    plans, _, _ = drive(sched, 600, turn_s=0.05, decode_s=0.01, arrivals=record)
-    assert all(r.state == RequestState.FINISHED for r in sched.store)
-    for bounded, plan in zip(seen, plans, strict=True):
-        first = sorted(bounded, key=bounded.get)[: len(plan.prefetch)]
-        assert list(plan.prefetch[: len(first)]) == first, (plan.prefetch, bounded)
-    loaded = [r for plan in plans for r in plan.prefetch]
-    assert sorted(loaded) == sorted(f"r{i}" for i in range(12))  # each once
-    filled_in = [r for r in loaded if r in filled_in_max]  # not by their (falling) max_tokens
-    assert filled_in != sorted(filled_in, key=filled_in_max.get), filled_in
+    for rid in ("a", "b"):
+        sched.add_request(rid, range(100), SamplingParams(max_tokens=400), now=now)
+    run_until(lambda: len(lane.resident) == 2)
+    sched.add_request("older", range(300), SamplingParams(max_tokens=8), now=now)
+    run_until(lambda: "older" in policy.pooled)
+    # prefilled in one step, as the residents decode one token: the same length as theirs
+    sched.add_request(
+        "fits", range(sched.store.get("a").num_tokens), SamplingParams(max_tokens=8), now=now
+    )
+    run_until(lambda: "fits" in policy.pooled)
+    assert list(policy.pooled) == ["older", "fits"] and len(lane.resident) == 2
+    assert sched.store.get("fits").num_tokens == sched.store.get("a").num_tokens
+    assert list(policy._candidates(sched, lane, now)) == ["fits", "older"]
+    sched.store.get("older").params = SamplingParams(max_tokens=4)  # now the shorter
+    expected = ["older", "fits"] if load_order == "shortest-first" else ["fits", "older"]
+    assert list(policy._candidates(sched, lane, now)) == expected
 
 
 def test_a_lane_decodes_a_ready_group_before_one_still_copying():

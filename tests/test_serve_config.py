@@ -52,7 +52,7 @@ def test_batcher_knobs_have_the_batchers_defaults_and_flags():
     scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
     assert (scheduler.min_batch_size, scheduler.max_resident_kv_fraction) == (3, 0.5)
     assert scheduler.prefill_whole_prompts  # the default
-    assert scheduler.load_order == "fewest-left"
+    assert scheduler.load_order == "shortest-first"
     config = serve_config("--no-prefill-whole-prompts", "--load-order", "fit-groups")
     scheduler = batcher_config(config, "127.0.0.1:1").engine_config().scheduler
     assert not scheduler.prefill_whole_prompts

@@ -116,8 +116,8 @@ def test_a_bool_override_takes_true_or_false(capsys):
 
 
 def test_text_and_number_overrides_are_checked(capsys):
-    assert parse_overrides(["aligned.load_order=fewest-left"])["aligned"] == {
-        "load_order": "fewest-left"
+    assert parse_overrides(["aligned.load_order=shortest-first"])["aligned"] == {
+        "load_order": "shortest-first"
     }
     assert main(["sim", "--num-requests", "10", "--set", "aligned.load_order=bogus"]) == 1
     assert "load_order='bogus' not one of" in capsys.readouterr().err

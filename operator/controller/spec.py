@@ -85,10 +85,10 @@ class Batching:
     # aligned beside a prefill GPU: the most share of the decode GPU's time its prefill
     # turns take while a backlog waits (0: never)
     decode_prefill_share: float = 0.0
-    # aligned: which pooled requests load first after the starving: fewest-left (fewest
-    # tokens left to generate, by the max_tokens clients set) or fit-groups (lengths inside a
-    # resident group, then the oldest)
-    load_order: str = "fewest-left"
+    # aligned: which pooled requests load first after the starving: shortest-first (by the
+    # max_tokens clients set, then as fit-groups) or fit-groups (lengths inside a resident
+    # group, then the oldest)
+    load_order: str = "shortest-first"
     # aligned beside a prefill GPU: each prefill batch takes whole prompts (a prompt that
     # would pass the budget leads the next batch); false: cut at the budget
     prefill_whole_prompts: bool = True

@@ -50,8 +50,8 @@ class BatcherConfig:
     # aligned beside a prefill device: its batches take whole prompts (a prompt that would
     # pass the prefill budget leads the next batch); off: cut at the budget
     prefill_whole_prompts: bool = SchedulerConfig.prefill_whole_prompts
-    # aligned: which pooled requests load first after the starving: fewest-left (tokens left
-    # to generate, by the max_tokens clients set) or fit-groups (lengths inside a resident
+    # aligned: which pooled requests load first after the starving: shortest-first (by the
+    # max_tokens clients set, then as fit-groups) or fit-groups (lengths inside a resident
     # group, then the oldest)
     load_order: str = field(
         default=SchedulerConfig.load_order,

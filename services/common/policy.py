@@ -6,7 +6,7 @@ from __future__ import annotations
 
 POLICIES = ("aligned", "fcfs")
 # aligned: which pooled requests load first after the starving (scheduler/aligned.py)
-LOAD_ORDERS = ("fit-groups", "fewest-left")
+LOAD_ORDERS = ("fit-groups", "shortest-first")
 # Kept free on the prefill device when its decode KV is sized to fit (worker/server.py,
 # AUTO_BLOCKS; the simulator models it): a prefill pass's activations (Llama-3-8B, 8k
 # tokens: ~0.5 GiB in the MLP), its decode graphs' pool, and the KV gather's two buffers

@@ -21,11 +21,11 @@ The CPU pool holds the rest (its index by length finds partners). Each step, top
    while the prefill GPU decodes, the lane whose step costs more sends the other its longest
    requests until the two steps cost about the same;
 4. pooled requests that fit a lane's KV budget start streaming in, the lane with the
-   least KV first: the starving first; then (`load_order="fewest-left"`, the default)
-   those with the fewest tokens left to generate by the max_tokens their clients set (a
-   wait in the pool weighs most on a short request's time per output token, and its room
-   on the device frees soonest); then those whose lengths fall inside one of the lane's
-   groups (they cost one member, not a new group), then the longest waiting;
+   least KV first: the starving first; then those whose lengths fall inside one of the
+   lane's groups (they cost one member, not a new group), then the longest waiting; with
+   `load_order="shortest-first"` (the default) that order sorted by the max_tokens their
+   clients set, stably (a wait in the pool weighs most on a short request's time per
+   output token, and its room on the device frees soonest; equal caps keep the order);
 5. each lane decodes its next group.
 
 The KV budget above (`max_resident_kv_fraction`, `growth_tokens`) is a soft target in
@@ -43,6 +43,7 @@ the pool when nothing else frees one), and prefill gets the blocks left.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from alignedserve.batcher.length_index import LengthIndex
@@ -53,13 +54,13 @@ from alignedserve.batcher.scheduler.lane import GROUP_SUB_BITS, Lane, partition_
 from alignedserve.batcher.scheduler.plan import BatchPlan
 
 S = RequestState
-__all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "partition_groups", "tokens_left"]
+__all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "declared_output_tokens", "partition_groups"]
 
 
-def tokens_left(request: Request) -> int:
-    """Tokens it may still generate by its max_tokens (EOS may end it sooner). Says little
-    when the router filled max_tokens in (`is_default_max_tokens`)."""
-    return request.params.max_tokens - len(request.output_token_ids)
+def declared_output_tokens(request: Request) -> float:
+    """How long its client said the output may run (max_tokens); a max_tokens the router
+    filled in (`is_default_max_tokens`) is a cap, not the client's word: it ranks last."""
+    return math.inf if request.params.is_default_max_tokens else request.params.max_tokens
 
 
 class AlignedPolicy:
@@ -308,10 +309,10 @@ class AlignedPolicy:
         return picked
 
     def _candidates(self, sched: Scheduler, lane: Lane, now: float):
-        """Pooled requests in load order: starving ones, oldest first; with `load_order`
-        "fewest-left", then those whose client set max_tokens, fewest tokens left to
-        generate first, ties oldest first (a sort of the pool per call); then those whose
-        length fits one of the lane's groups, then the oldest ("fit-groups" order)."""
+        """Pooled requests in load order: starving ones, oldest first; then those whose
+        length fits one of the lane's groups, then the oldest ("fit-groups"). With
+        "shortest-first", the latter sorted stably by `declared_output_tokens` (a sort of the
+        pool per call)."""
         seen: set[str] = set()
         bound = now - self.config.starvation_s
         for request_id in self.pooled:
@@ -319,12 +320,13 @@ class AlignedPolicy:
                 break
             seen.add(request_id)
             yield request_id
-        if self.config.load_order == "fewest-left":
-            requests = (sched.store.get(r) for r in self.pooled if r not in seen)
-            bounded = [r for r in requests if not r.params.is_default_max_tokens]
-            for request in sorted(bounded, key=tokens_left):
-                seen.add(request.request_id)
-                yield request.request_id
+        rest = self._fit_groups_order(sched, lane, seen)
+        if self.config.load_order == "shortest-first":
+            rest = sorted(rest, key=lambda r: declared_output_tokens(sched.store.get(r)))
+        yield from rest
+
+    def _fit_groups_order(self, sched: Scheduler, lane: Lane, seen: set[str]):
+        """The pooled not yet seen: those inside one of the lane's groups, then the oldest."""
         for group in lane.groups:
             lengths = [sched.store.get(r).num_tokens for r in group]
             if lengths:
