@@ -152,7 +152,7 @@ def _p99_tpot_s(run: dict) -> float | None:
     return tpot["p99"] if tpot else None
 
 
-UNJUDGED = "not judged, requests unfinished or failed"  # a cell's verdict when so
+UNJUDGED = "not judged, requests unfinished or failed"  # a cell's `unjudged` when so
 
 
 def num_unfinished(run: dict) -> int:
@@ -209,7 +209,8 @@ def cell(
     row["throughput_met"] = (row["throughput_ratio"] or 0) >= shape.min_throughput_ratio
     row["tpot_met"] = (row["tpot_ratio"] or 0) >= shape.min_tpot_ratio
     if num_unfinished(a) or num_unfinished(b):  # e.g. a rate measured up to a time cap
-        row["throughput_met"] = row["tpot_met"] = UNJUDGED
+        row["throughput_met"] = row["tpot_met"] = None
+        row["unjudged"] = UNJUDGED
     if isinstance(rate, int | float) and capacity_per_s and rate < capacity_per_s:
         row["notes"].append(
             f"{rate:g} req/s is below both aligned's and {baseline}'s offline rates "
@@ -256,9 +257,9 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value * 1e3:.1f}"
 
 
-def _x(value: float | None, target: float, met: bool | str | None) -> str:
-    if met == UNJUDGED:
-        return f"{'–' if value is None else f'{value:.2f}×'} (≥ {target:g}×: {UNJUDGED})"
+def _x(value: float | None, target: float, met: bool | None, unjudged: str = "") -> str:
+    if unjudged:
+        return f"{'–' if value is None else f'{value:.2f}×'} (≥ {target:g}×: {unjudged})"
     if value is None:
         return f"– (≥ {target:g}×: missed)"
     return f"**{value:.2f}×** (≥ {target:g}×: {'met' if met else 'missed'})"
@@ -312,9 +313,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for row in report["cells"]:
         throughput = _x(
-            row.get("throughput_ratio"), shape.min_throughput_ratio, row.get("throughput_met")
+            row.get("throughput_ratio"),
+            shape.min_throughput_ratio,
+            row.get("throughput_met"),
+            row.get("unjudged", ""),
         )
-        tpot = _x(row.get("tpot_ratio"), shape.min_tpot_ratio, row.get("tpot_met"))
+        tpot = _x(
+            row.get("tpot_ratio"),
+            shape.min_tpot_ratio,
+            row.get("tpot_met"),
+            row.get("unjudged", ""),
+        )
         lines.append(
             f"| {row['load']} | {throughput} | {tpot} | {'; '.join(row['notes']) or '–'} |"
         )

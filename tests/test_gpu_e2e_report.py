@@ -122,10 +122,14 @@ def test_a_run_cut_short_is_not_judged_nor_counted_in_the_spread(e2e_report, tmp
     report = e2e_report.make_report(report_args(), tmp_path, runs, {}, 8, "cpu")
     cut = report["cells"][2]
     assert cut["throughput_ratio"] == pytest.approx(2140 / 930)
-    assert cut["throughput_met"] == cut["tpot_met"] == e2e_report.UNJUDGED
+    assert cut["throughput_met"] is cut["tpot_met"] is None
+    assert cut["unjudged"] == e2e_report.UNJUDGED
     assert report["cells"][0]["throughput_met"] is False
     markdown = e2e_report.render_markdown(report)
     assert "2.30× (≥ 1.2×: not judged, requests unfinished or failed)" in markdown
+    assert e2e_report.offline_capacity(runs, "fcfs-dp2") == pytest.approx(21.0)
+    runs["offline"] = runs["offline #3"]  # a cut-short run sets no capacity
+    assert e2e_report.offline_capacity(runs, "fcfs-dp2") is None
     assert "– (≥ 2×: not judged, requests unfinished or failed)" in markdown
     assert "fcfs-dp2: 77 requests unfinished (run timeout)" in markdown
     assert "met)" not in markdown.split("### ")[0]

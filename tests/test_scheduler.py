@@ -522,7 +522,7 @@ def test_shortest_first_loads_by_the_max_tokens_clients_set():
 @pytest.mark.parametrize("clients", ["all set the same max_tokens", "none set max_tokens"])
 def test_without_distinct_caps_shortest_first_loads_as_fit_groups(clients):
     """Equal caps tie, and a max_tokens the router filled in (here falling with arrival) is
-    a cap, not the client's word on the output's length: it ranks nothing. Either way the
+    a cap, not the client's word on the output's length: it ranks last, tied. Either way the
     pool loads exactly as fit-groups loads it, step by step."""
 
     def params(i: int) -> SamplingParams:
@@ -591,10 +591,16 @@ def test_a_pooled_request_that_fits_a_resident_group_loads_before_an_older_one(l
     run_until(lambda: "fits" in policy.pooled)
     assert list(policy.pooled) == ["older", "fits"] and len(lane.resident) == 2
     assert sched.store.get("fits").num_tokens == sched.store.get("a").num_tokens
+    older = sched.store.get("older")
+    older.output_token_ids.extend([7] * 5)  # fewer tokens left, the same max_tokens: a tie
     assert list(policy._candidates(sched, lane, now)) == ["fits", "older"]
-    sched.store.get("older").params = SamplingParams(max_tokens=4)  # now the shorter
+    older.params = SamplingParams(max_tokens=4)  # now the shorter
     expected = ["older", "fits"] if load_order == "shortest-first" else ["fits", "older"]
     assert list(policy._candidates(sched, lane, now)) == expected
+    # starving, it loads first, whatever it declared (none here: it would rank last)
+    older.params = SamplingParams(max_tokens=4096, is_default_max_tokens=True)
+    older.pooled_since_s = now - 2 * config.starvation_s
+    assert list(policy._candidates(sched, lane, now)) == ["older", "fits"]
 
 
 def test_a_lane_decodes_a_ready_group_before_one_still_copying():
