@@ -206,11 +206,12 @@ def cell(
         a["summary"]["output_tokens_per_s"], b["summary"]["output_tokens_per_s"]
     )
     row["tpot_ratio"] = _ratio(_p99_tpot_s(b), _p99_tpot_s(a))
-    row["throughput_met"] = (row["throughput_ratio"] or 0) >= shape.min_throughput_ratio
-    row["tpot_met"] = (row["tpot_ratio"] or 0) >= shape.min_tpot_ratio
     if num_unfinished(a) or num_unfinished(b):  # e.g. a rate measured up to a time cap
         row["throughput_met"] = row["tpot_met"] = None
         row["unjudged"] = UNJUDGED
+    else:
+        row["throughput_met"] = (row["throughput_ratio"] or 0) >= shape.min_throughput_ratio
+        row["tpot_met"] = (row["tpot_ratio"] or 0) >= shape.min_tpot_ratio
     if isinstance(rate, int | float) and capacity_per_s and rate < capacity_per_s:
         row["notes"].append(
             f"{rate:g} req/s is below both aligned's and {baseline}'s offline rates "
@@ -312,18 +313,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for row in report["cells"]:
+        unjudged = row.get("unjudged", "")
         throughput = _x(
             row.get("throughput_ratio"),
             shape.min_throughput_ratio,
             row.get("throughput_met"),
-            row.get("unjudged", ""),
+            unjudged,
         )
-        tpot = _x(
-            row.get("tpot_ratio"),
-            shape.min_tpot_ratio,
-            row.get("tpot_met"),
-            row.get("unjudged", ""),
-        )
+        tpot = _x(row.get("tpot_ratio"), shape.min_tpot_ratio, row.get("tpot_met"), unjudged)
         lines.append(
             f"| {row['load']} | {throughput} | {tpot} | {'; '.join(row['notes']) or '–'} |"
         )

@@ -338,6 +338,17 @@ def test_the_prefill_lane_opens_only_once_no_prompt_has_waited_for_a_while():
     assert 1.85 + 0.5 <= first <= 1.85 + 0.5 + 0.1, first  # last prefilled at 1.85 s
 
 
+def step_prefilling_at_once(sched, now: float):
+    """One planned step answered at `now`: its prefill batch done at once, every decoded
+    request given token 7. Returns the plan (the caller says when loads are done)."""
+    plan = sched.schedule(now)
+    if plan.prefill:
+        ids = [rid for rid, _ in plan.prefill]
+        sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
+    sched.update(plan, dict.fromkeys(plan.decode, 7), now)
+    return plan
+
+
 def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_before():
     """The prefill device's lane closes (a prompt arrives) while a request is still streaming
     into it. That request goes back to the pool keeping its wait so far, in its place among
@@ -350,11 +361,7 @@ def test_a_closing_lane_sends_what_was_streaming_in_back_as_long_waiting_as_befo
         sched.add_request(f"r{i}", range(100), params, now=0.0)
     now = 0.0
     for _ in range(40):
-        plan = sched.schedule(now)
-        if plan.prefill:  # prefilled at once: the pool fills over the first steps
-            ids = [rid for rid, _ in plan.prefill]
-            sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
-        sched.update(plan, dict.fromkeys(plan.decode, 7), now)
+        plan = step_prefilling_at_once(sched, now)  # the pool fills over the first steps
         now += 0.01
         if lane.loading and lane.resident:
             break  # a load into the lane is in flight (its on_prefetch_done not yet come)
@@ -567,11 +574,7 @@ def test_a_pooled_request_that_fits_a_resident_group_loads_before_an_older_one(l
     def run_until(done) -> None:
         nonlocal now
         for _ in range(50):
-            plan = sched.schedule(now)
-            if plan.prefill:
-                ids = [rid for rid, _ in plan.prefill]
-                sched.prefill_done(ids, dict.fromkeys(ids, 7), now)
-            sched.update(plan, dict.fromkeys(plan.decode, 7), now)
+            plan = step_prefilling_at_once(sched, now)
             if plan.prefetch:
                 policy.on_prefetch_done()
             now += 0.01
