@@ -32,7 +32,13 @@ VARIANTS = (
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
+    "fcfs-dp2-byrequests",
 )
+
+
+def is_dp2(variant: str) -> bool:
+    """Two engines, one per GPU, behind one router."""
+    return "dp2" in variant.split("-")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,10 @@ VARIANT_TEXT = {
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",
-    "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first)",
+    "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first, by "
+    "context tokens)",
+    "fcfs-dp2-byrequests": "fcfs-dp2 whose router counts load in live requests "
+    "(--balance-by requests; the rule before session 33)",
 }
 
 
@@ -274,7 +283,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     shape = SHAPES[report["model_shape"]]
     c = report["config"]
     baseline = c["baseline"]
-    dp2 = [v for v in c["policies"] if v.endswith("-dp2")]  # two engines: each half the pool
+    dp2 = [v for v in c["policies"] if is_dp2(v)]  # two engines: each half the pool
     lines = [
         f"## {report['model_shape']} ({shape.attention}), {c['workload']}, "
         f"{c['num_requests']} requests per run, aligned vs {baseline}",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from device_env import import_alignedserve
+from e2e_report import is_dp2
 
 import_alignedserve()
 from alignedserve.common import flags  # noqa: E402
@@ -125,9 +126,10 @@ def popen_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.P
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def start_dp2(policy, args, model, env, blocks, tiers, logs: Path) -> None:
+def start_dp2(policy, args, model, env, blocks, tiers, logs: Path, balance_by: str) -> None:
     """Two workers and batchers of `policy`, one pair per device (an aligned one alone on its
-    GPU: prefill mixed into its steps, loads over its own link), behind one router. Each list joins
+    GPU: prefill mixed into its steps, loads over its own link), behind one router balancing
+    by `balance_by` (RouterConfig.balance_by). Each list joins
     `tiers` before its processes start, so that any started are stopped if a later one fails.
     Each process logs to a file of its own in `logs` (worker-0.log, ...)."""
     role = [sys.executable, "-m", "alignedserve", "serve"]
@@ -165,6 +167,7 @@ def start_dp2(policy, args, model, env, blocks, tiers, logs: Path) -> None:
         host="127.0.0.1",
         port=args.port,
         reuse_port=args.num_routers > 1,  # they share the port, as serve's do
+        balance_by=balance_by,
     )
     router_cmd = [*role, "router", *flags.to_args(router)]
     tiers.append(
@@ -178,8 +181,9 @@ def serving(policy, args, model, env, blocks, logs: Path) -> Iterator[None]:
     """The variant's server(s), ready at args.port; stopped on the way out, router first."""
     tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
-        if policy.endswith("-dp2"):
-            start_dp2(policy.split("-")[0], args, model, env, blocks, tiers, logs)
+        if is_dp2(policy):
+            balance_by = "requests" if policy.endswith("-byrequests") else "tokens"
+            start_dp2(policy.split("-")[0], args, model, env, blocks, tiers, logs, balance_by)
         else:
             start_serve(policy, args, model, env, blocks, tiers, logs)
         yield

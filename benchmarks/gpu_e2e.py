@@ -32,7 +32,10 @@ The variants (--policies; --baseline names the one aligned is compared with):
 - fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
   scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
   fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
-  least loaded batcher. On CPU with no --prefetch-device, both workers run on --device.
+  least loaded batcher, by context tokens. On CPU with no --prefetch-device, both workers run
+  on --device;
+- fcfs-dp2-byrequests: fcfs-dp2 whose router counts load in live requests (--balance-by
+  requests; the rule before session 33), which splits a burst by number, not by work.
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
@@ -80,6 +83,7 @@ from e2e_report import (
     SHAPES,
     VARIANTS,
     Shape,
+    is_dp2,
     offline_part,
     write_outputs,
 )
@@ -317,7 +321,7 @@ def main() -> None:
     if args.offline_repeats < 1:
         parser.error(f"--offline-repeats {args.offline_repeats}: at least 1")
     for variant in args.policies:
-        if variant.endswith("-dp2") and not args.prefetch_device and args.device != "cpu":
+        if is_dp2(variant) and not args.prefetch_device and args.device != "cpu":
             parser.error(f"{variant} needs a second GPU: --prefetch-device")
     if args.rate_fraction:  # its offline run sets the rates of every variant
         if args.baseline not in args.policies:

@@ -48,6 +48,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
         self.num_stream_calls = 0
         self.break_streams_with: grpc.StatusCode | None = None  # Stream calls end so at once
         self._abort_flags: dict[str, bool] = {}
+        self._context_tokens: dict[str, int] = {}  # prompt + generated, of each live request
         self.address = ""
 
     # ---- the servicer ----------------------------------------------------------------------
@@ -60,6 +61,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
             await context.abort(self.reject_with, "fake: queue full, retry later")
         script = [t for t in prompt if t < NUM_BYTE_TOKENS] or [0]
         self._abort_flags[request.request_id] = False
+        self._context_tokens[request.request_id] = len(prompt)
         ended = False  # by the fake: finished, aborted or failed
         try:
             for n, token in enumerate(itertools.cycle(script), start=1):
@@ -71,6 +73,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
                 if self.fail_after is not None and n > self.fail_after:
                     ended = True
                     await context.abort(grpc.StatusCode.INTERNAL, "fake: worker lost")
+                self._context_tokens[request.request_id] = len(prompt) + n
                 logprobs = [logprob_of(n - 1)] if params.logprobs else []
                 finish = finish_reason(params, token, n, len(prompt) + n, (), self.max_model_len)
                 if finish is None:
@@ -81,6 +84,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
                     return
         finally:
             del self._abort_flags[request.request_id]
+            del self._context_tokens[request.request_id]
             # Else the client cancelled: grpc cancels the servicer (CancelledError) or, when it
             # is suspended at a yield, closes it (GeneratorExit).
             if not ended:
@@ -153,6 +157,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
             max_model_len=self.max_model_len,
             model_name="fake",
             max_waiting=16,
+            num_context_tokens=sum(self._context_tokens.values()),
         )
 
     @staticmethod

@@ -103,7 +103,10 @@ def test_abort_by_message_and_by_ending_the_call_free_everything(model_dir):
     finals, busy, load = asyncio.run(main())
     assert finals == {"a0": "abort", "a1": "abort", "a2": "abort"}
     assert busy.num_running + busy.num_waiting + busy.num_pooled == 3
+    # the three live requests' prompts (12 tokens each) and the tokens they have generated
+    assert 3 * 12 < busy.num_context_tokens <= 3 * (12 + 2000)
     assert load.kv_pool_usage == 0.0 and load.num_running == load.num_pooled == 0
+    assert load.num_context_tokens == 0
 
 
 def test_a_draining_batcher_refuses_new_requests_and_finishes_live_ones(model_dir):

@@ -88,8 +88,15 @@ def test_batcher_loads_in_order_with_none_for_those_not_answering(fakes, silent)
     loads, took_s = asyncio.run(scenario())
     fake_load = dict(num_waiting=0, num_pooled=0, kv_pool_usage=0.0, max_model_len=2048)
     fake_load |= dict(model_name="fake", max_waiting=16)
+    busy_load = loads[0]
+    assert busy_load.num_context_tokens >= 2 * 3  # two prompts of 2, >= 1 token generated each
     assert loads == [
-        LoadReport(num_running=2, worker_ready=True, **fake_load),
+        LoadReport(
+            num_running=2,
+            worker_ready=True,
+            num_context_tokens=busy_load.num_context_tokens,
+            **fake_load,
+        ),
         None,
         LoadReport(num_running=0, worker_ready=False, **fake_load),
         None,  # the silent one: cut at the timeout, while the others were asked meanwhile

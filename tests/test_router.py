@@ -816,7 +816,9 @@ def test_client_routes_to_the_least_loaded_batcher_and_around_a_full_one(fakes):
             held = [only_busy.generate(f"long{i}", [1, 2], long) for i in range(2)]
             assert all([(await anext(h)).token_ids for h in held])
             await asyncio.sleep(0.1)  # a load poll sees them
-            assert [b.score for b in client.batchers] == [2, 0]
+            assert [b.score("requests") for b in client.batchers] == [2, 0]
+            busy_tokens, idle_tokens = (b.score("tokens") for b in client.batchers)
+            assert busy_tokens >= 2 * 3 and idle_tokens == 0  # two prompts of 2, >= 1 token each
             chunks = [c async for c in client.generate("short", [5], params)]
             assert chunks[-1].finish_reason == "length"
             assert idle.requests[-1][0] == "short"
@@ -835,6 +837,84 @@ def test_client_routes_to_the_least_loaded_batcher_and_around_a_full_one(fakes):
         finally:
             await client.close()
             await only_busy.close()
+
+    asyncio.run(scenario())
+
+
+def _burst(client: BatcherClient, prompt_lengths: list[int]) -> list[asyncio.Task]:
+    """Requests sent at once, before any load poll can count them; each task waits for its
+    first token (which the slow fakes below never send within a test)."""
+    params = SamplingParams(max_tokens=4)
+    return [
+        asyncio.create_task(anext(client.generate(f"b{i}", [NUM_BYTE_TOKENS] * n, params)))
+        for i, n in enumerate(prompt_lengths)
+    ]
+
+
+async def _received(fakes: tuple[FakeBatcher, ...], num_requests: int) -> None:
+    """Waits (without blocking the loop that sends them) until the fakes hold the requests."""
+    for _ in range(200):
+        if sum(len(f.requests) for f in fakes) == num_requests:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the fakes received {[len(f.requests) for f in fakes]}")
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_burst_of_long_and_short_prompts_is_split_by_its_tokens(fakes):
+    """An offline run's requests arrive together, faster than any load report: by the number
+    of requests alone, long and short prompts taking turns would all land the long ones on
+    one batcher (the prompts below: 3,200 tokens against 40), which then prefills for four
+    times as long. By tokens, each batcher gets about half of them."""
+    first, second = fakes(token_delay_s=30), fakes(token_delay_s=30)
+    lengths = [800, 10] * 4
+
+    async def scenario() -> None:
+        client = BatcherClient([first.address, second.address], poll_interval_s=30)
+        await client.start()
+        tasks = _burst(client, lengths)
+        try:
+            await _received((first, second), 8)
+            sent = [sum(n for _, n in b.sent) for b in client.batchers]
+            assert sent == [sum(len(p) for _, p, _ in f.requests) for f in (first, second)]
+        finally:
+            await _cancel(tasks)
+            await client.close()
+
+    asyncio.run(scenario())
+    tokens = [sum(len(p) for _, p, _ in fake.requests) for fake in (first, second)]
+    assert sum(tokens) == sum(lengths) and abs(tokens[0] - tokens[1]) <= max(lengths)
+
+
+def test_a_load_report_replaces_the_count_of_requests_sent_before_it_was_asked_for(fakes):
+    """After a poll, the requests sent before it count once, through the batcher's report;
+    those sent after it was asked for still count on top of it."""
+    first, second = fakes(token_delay_s=30), fakes(token_delay_s=30)
+
+    async def scenario() -> None:
+        client = BatcherClient([first.address, second.address], poll_interval_s=30)
+        await client.start()
+        tasks = _burst(client, [300, 200, 100])
+        try:
+            await _received((first, second), 3)
+            await client._poll_all()  # the reports now count all three
+            reported = [b.load.num_context_tokens for b in client.batchers]
+            assert reported == [300, 300]  # 300 on one, 200 + 100 on the other
+            assert [b.score("tokens") for b in client.batchers] == reported
+            assert all(b.sent == [] for b in client.batchers)
+            later = _burst(client, [50])
+            tasks += later
+            await _received((first, second), 4)
+            scores = [b.score("tokens") for b in client.batchers]
+            assert sorted(scores) == [300, 350]
+        finally:
+            await _cancel(tasks)
+            await client.close()
 
     asyncio.run(scenario())
 

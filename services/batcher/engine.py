@@ -184,8 +184,10 @@ class BatcherEngine:
         return True
 
     def load(self) -> dict[str, float]:
-        counts = self.scheduler.store.count_by_state() if self.scheduler else {}
+        store = self.scheduler.store if self.scheduler else ()
+        counts = store.count_by_state() if self.scheduler else {}
         return dict(
+            num_context_tokens=sum(r.num_tokens for r in store if not r.state.is_done),
             num_waiting=counts.get(RequestState.WAITING_PREFILL, 0),
             num_running=counts.get(RequestState.RUNNING, 0)
             + counts.get(RequestState.PREFETCHING, 0),

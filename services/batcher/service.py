@@ -178,6 +178,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             max_model_len=info.max_model_len if info else 0,
             model_name=info.model_name if info else "",
             max_waiting=self.engine.config.scheduler.max_waiting,
+            num_context_tokens=load["num_context_tokens"],
         )
 
 

@@ -18,6 +18,7 @@ class LoadReport:
     max_model_len: int
     model_name: str
     max_waiting: int
+    num_context_tokens: int = 0  # prompt + generated tokens of its live requests
 
 
 def load_from_proto(msg: batcher_pb2.LoadReport) -> LoadReport:
@@ -30,6 +31,7 @@ def load_from_proto(msg: batcher_pb2.LoadReport) -> LoadReport:
         max_model_len=msg.max_model_len,
         model_name=msg.model_name,
         max_waiting=msg.max_waiting,
+        num_context_tokens=msg.num_context_tokens,
     )
 
 

@@ -1,9 +1,12 @@
 """The router's gRPC client for its batchers: sends each request to the least loaded one,
 streams its tokens back, aborts, and polls every batcher's load in the background (routing
-and /ready both read it). The batchers are found again every resolve interval (DNS names
-such as a headless Service's: see discovery.py); a batcher that leaves gets no new request,
-and its channel closes once its streams have finished. While no batcher is ready (scaled to
-zero, or every worker loading), a request is held until one is, within bounds.
+and /ready both read it). Load is counted in context tokens by default (prompts still to
+prefill and the KV of live requests, plus the prompts sent since the batcher's last report),
+so a burst of requests is split by its work, not by its number. The batchers are found again
+every resolve interval (DNS names such as a headless Service's: see discovery.py); a batcher
+that leaves gets no new request, and its channel closes once its streams have finished.
+While no batcher is ready (scaled to zero, or every worker loading), a request is held until
+one is, within bounds.
 
 All the requests sent to one batcher share one Stream call (a _Mux): the batcher sends one
 message per engine step with every request's tokens, fanned out here to the requests."""
@@ -16,7 +19,7 @@ import math
 import socket
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -26,7 +29,7 @@ from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.rpc import CHANNEL_OPTIONS, HTTP_STATUS
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router import wire
-from alignedserve.router.config import RouterConfig
+from alignedserve.router.config import BALANCE_BY, RouterConfig
 from alignedserve.router.discovery import Discovery, GetAddrInfo
 from alignedserve.router.wire import GenerateChunk, LoadReport, merge_chunks
 
@@ -144,16 +147,21 @@ class BatcherState:
     stub: batcher_pb2_grpc.BatcherStub
     load: LoadReport | None = None
     last_ready_s: float = -math.inf  # monotonic time of the last report with worker_ready
-    num_sent: int = 0  # requests sent since `load` was reported, which it cannot count yet
+    # (monotonic time sent, prompt tokens) of the requests sent since the last GetLoad call
+    # that has answered was made: its report may not count them yet
+    sent: list[tuple[float, int]] = field(default_factory=list)
     is_answering: bool = True  # for logging changes only
     num_streams: int = 0  # requests open on its channel
     mux: _Mux | None = None  # the Stream call its requests share
     is_removed: bool = False  # discovery no longer finds it: its channel closes when idle
 
-    @property
-    def score(self) -> int:
-        queued = self.load.num_waiting + self.load.num_running if self.load else 0
-        return queued + self.num_sent
+    def score(self, balance_by: str) -> int:
+        """The load routing compares: its live requests, or their context tokens."""
+        load = self.load
+        if balance_by == "requests":
+            live = load.num_waiting + load.num_running + load.num_pooled if load else 0
+            return live + len(self.sent)
+        return (load.num_context_tokens if load else 0) + sum(n for _, n in self.sent)
 
 
 class BatcherClient:
@@ -168,8 +176,12 @@ class BatcherClient:
         resolve_interval_s: float = 5.0,
         max_held: int = 1024,
         hold_timeout_s: float = 60.0,
+        balance_by: str = "tokens",
         getaddrinfo: GetAddrInfo = socket.getaddrinfo,
     ):
+        if balance_by not in BALANCE_BY:
+            raise ValueError(f"balance_by={balance_by!r} not one of {BALANCE_BY}")
+        self._balance_by = balance_by
         self._discovery = Discovery(addresses, getaddrinfo)
         self._poll_interval_s = poll_interval_s
         self._request_timeout_s = request_timeout_s
@@ -199,6 +211,7 @@ class BatcherClient:
             resolve_interval_s=config.resolve_interval_s,
             max_held=config.max_held,
             hold_timeout_s=config.hold_timeout_s,
+            balance_by=config.balance_by,
         )
         return cls(config.batcher_addresses, **(options | overrides))
 
@@ -369,8 +382,9 @@ class BatcherClient:
         ends the request at its deadline (None without one)."""
         errors: list[BatcherError] = []
         request_id = request.request_id
+        num_prompt_tokens = len(request.prompt_token_ids)
         for batcher in self._by_load():
-            batcher.num_sent += 1
+            batcher.sent.append((time.monotonic(), num_prompt_tokens))
             batcher.num_streams += 1
             if batcher.mux is None or batcher.mux.is_done:
                 batcher.mux = _Mux(batcher.address, batcher.stub)
@@ -409,7 +423,7 @@ class BatcherClient:
         raise errors[-1]
 
     def _by_load(self) -> list[BatcherState]:
-        """Batchers with a ready worker first, then by queued requests; ties rotate."""
+        """Batchers with a ready worker first, then by load (balance_by); ties rotate."""
         now = time.monotonic()
         self._turn += 1
         batchers = self.batchers
@@ -418,7 +432,7 @@ class BatcherClient:
             range(n),
             key=lambda i: (
                 not self._is_ready(batchers[i], now),
-                batchers[i].score,
+                batchers[i].score(self._balance_by),
                 (i - self._turn) % n,
             ),
         )
@@ -454,6 +468,7 @@ class BatcherClient:
         await asyncio.gather(*(self._poll(b) for b in self.batchers))
 
     async def _poll(self, batcher: BatcherState) -> None:
+        asked_s = time.monotonic()
         try:
             load = await get_load(batcher.stub, CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
@@ -471,7 +486,10 @@ class BatcherClient:
             log.info("batcher %s answers GetLoad again", batcher.address)
         batcher.is_answering = True
         batcher.load = load
-        batcher.num_sent = 0
+        # Those sent before the call have reached the batcher before it answered (all but a
+        # request still in the stream's send queue then, a window of a few ms); those sent
+        # since may be missing from the report, so they still count on top of it.
+        batcher.sent = [(t, n) for t, n in batcher.sent if t >= asked_s]
         if load.worker_ready:
             batcher.last_ready_s = time.monotonic()
             self._wake_held()

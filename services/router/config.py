@@ -10,6 +10,7 @@ from alignedserve.common import event_loop, flags
 from alignedserve.common.errors import ConfigError
 
 HTTP_PARSERS = ("auto", "httptools", "h11")
+BALANCE_BY = ("tokens", "requests")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -51,6 +52,15 @@ class RouterConfig:
     )
     request_timeout_s: float = field(
         default=600.0, metadata=_help("deadline of one generation at the batcher")
+    )
+    balance_by: str = field(
+        default="tokens",
+        metadata={
+            "help": "what the least loaded batcher has least of: context tokens (prompts to"
+            " prefill and live requests' KV, so a burst of long and short prompts is split by"
+            " work) or live requests",
+            "choices": BALANCE_BY,
+        },
     )
     load_poll_interval_s: float = field(
         default=0.5, metadata=_help("how often each batcher's load is polled")
@@ -103,6 +113,8 @@ class RouterConfig:
             raise ConfigError(f"max_held={self.max_held} must be >= 0")
         if self.http_parser not in HTTP_PARSERS:
             raise ConfigError(f"http_parser={self.http_parser!r} not one of {HTTP_PARSERS}")
+        if self.balance_by not in BALANCE_BY:
+            raise ConfigError(f"balance_by={self.balance_by!r} not one of {BALANCE_BY}")
         event_loop.check(self.event_loop)
         if not self.served_model_name:
             # The directory's own name, as vLLM names a model served from a local path.

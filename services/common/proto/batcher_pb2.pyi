@@ -86,7 +86,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_pooled", "kv_pool_usage", "worker_ready", "max_model_len", "model_name", "max_waiting")
+    __slots__ = ("num_waiting", "num_running", "num_pooled", "kv_pool_usage", "worker_ready", "max_model_len", "model_name", "max_waiting", "num_context_tokens")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_POOLED_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class LoadReport(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_pooled: int
@@ -103,4 +104,5 @@ class LoadReport(_message.Message):
     max_model_len: int
     model_name: str
     max_waiting: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_pooled: _Optional[int] = ..., kv_pool_usage: _Optional[float] = ..., worker_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., model_name: _Optional[str] = ..., max_waiting: _Optional[int] = ...) -> None: ...
+    num_context_tokens: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_pooled: _Optional[int] = ..., kv_pool_usage: _Optional[float] = ..., worker_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., model_name: _Optional[str] = ..., max_waiting: _Optional[int] = ..., num_context_tokens: _Optional[int] = ...) -> None: ...
