@@ -18,7 +18,8 @@ requests between pool and GPU — load/evict/prefetch — or a plain decode step
 requests at start and end, mean decode batch size, switches, the slowest cycles, and the
 cyclic GC's pauses (all, and those that fell inside a timed schedule()).
 
-    .venv/bin/python benchmarks/schedule_time.py [--pooled N ...] [--cycles C] [--profile]
+    .venv/bin/python benchmarks/schedule_time.py [--pooled N ...] [--cycles C] [--profile] \
+        [--starvation-s S] [--load-order fit-groups|shortest-first]
 
 --profile: afterwards, run the cycles again on a fresh scheduler under cProfile (schedule()
 calls only) and print the top functions by own time and by cumulative time.
@@ -39,6 +40,7 @@ import numpy as np
 from alignedserve.batcher.request import RequestState
 from alignedserve.batcher.scheduler import SchedulerConfig, make_scheduler
 from alignedserve.batcher.sim.workload import paper_mix
+from alignedserve.common.policy import LOAD_ORDERS
 from alignedserve.common.sampling_params import SamplingParams
 
 BLOCK_TOKENS = 16
@@ -46,7 +48,7 @@ STEP_S = 0.02
 UNBOUNDED = 1 << 60
 
 
-def build(n: int, starvation_s: float | None = None):
+def build(n: int, overrides: dict):
     """An aligned scheduler with n requests admitted (all waiting for prefill)."""
     requests = paper_mix(n, 0.9, seed=0)
     blocks = sum(-(-(r.prompt_tokens + r.output_tokens) // BLOCK_TOKENS) for r in requests)
@@ -58,7 +60,7 @@ def build(n: int, starvation_s: float | None = None):
         max_inflight=200_000,
         max_waiting=200_000,
         prefill_tokens_per_step=UNBOUNDED,
-        **({} if starvation_s is None else {"starvation_s": starvation_s}),
+        **overrides,
     )
     sched = make_scheduler(config)
     for r in requests:
@@ -126,11 +128,9 @@ class GcPauses:
         gc.callbacks.remove(self)
 
 
-def run(
-    n: int, cycles: int, starvation_s: float | None, profile: cProfile.Profile | None = None
-) -> dict:
+def run(n: int, cycles: int, overrides: dict, profile: cProfile.Profile | None = None) -> dict:
     t0 = time.perf_counter()
-    sched = build(n, starvation_s)
+    sched = build(n, overrides)
     t_build = time.perf_counter() - t0
     now, fill_steps = fill(sched)
     t_fill = time.perf_counter() - t0 - t_build
@@ -181,6 +181,7 @@ def run(
         batch=np.array(batch),
         sizes=sizes,
         starvation_s=sched.config.starvation_s,
+        load_order=sched.config.load_order,
         now_end=now,
         switches=sched.num_switches - switches0,
         gc=[b - a for a, b in zip(gc0, gc_collections(), strict=True)],
@@ -194,7 +195,7 @@ def report(res: dict, cycles: int) -> None:
     p99 = np.percentile(s, 99) / 1e6
     print(
         f"\n== N = {res['n']:,} requests ({cycles} cycles to t = {res['now_end']:.0f} s, "
-        f"starvation_s = {res['starvation_s']:g})"
+        f"starvation_s = {res['starvation_s']:g}, load_order = {res['load_order']})"
     )
     print(
         f"setup: build {res['t_build']:.1f} s, fill {res['t_fill']:.1f} s "
@@ -231,9 +232,9 @@ def report(res: dict, cycles: int) -> None:
     print(f"target schedule() p99 < 1 ms: {verdict} ({p99:.3f} ms)")
 
 
-def profile_run(n: int, cycles: int, starvation_s: float | None, top: int) -> None:
+def profile_run(n: int, cycles: int, overrides: dict, top: int) -> None:
     prof = cProfile.Profile()
-    run(n, cycles, starvation_s, profile=prof)
+    run(n, cycles, overrides, profile=prof)
     for key in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(prof, stream=out).strip_dirs().sort_stats(key).print_stats(top)
@@ -255,14 +256,25 @@ def main() -> None:
         help="override SchedulerConfig.starvation_s (default: the config's). With the "
         "default 5 s, every pooled request starves from cycle 250 on (all entered at t=0)",
     )
+    ap.add_argument(
+        "--load-order",
+        choices=LOAD_ORDERS,
+        default=None,
+        help="override SchedulerConfig.load_order (default: the config's)",
+    )
     ap.add_argument("--top", type=int, default=25, help="profile lines to print")
     args = ap.parse_args()
+    overrides = {
+        name: value
+        for name, value in (("starvation_s", args.starvation_s), ("load_order", args.load_order))
+        if value is not None
+    }
     print(f"python {platform.python_version()} on {platform.machine()}, numpy {np.__version__}")
     for n in args.pooled:
-        report(run(n, args.cycles, args.starvation_s), args.cycles)
+        report(run(n, args.cycles, overrides), args.cycles)
     if args.profile:
         for n in args.pooled:
-            profile_run(n, args.cycles, args.starvation_s, args.top)
+            profile_run(n, args.cycles, overrides, args.top)
 
 
 if __name__ == "__main__":

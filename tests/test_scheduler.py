@@ -561,48 +561,56 @@ def test_requests_that_set_max_tokens_load_before_those_that_did_not():
 @pytest.mark.parametrize("load_order", ["fit-groups", "shortest-first"])
 def test_a_pooled_request_that_fits_a_resident_group_loads_before_an_older_one(load_order):
     """Two residents of ~100 tokens fill the decode device. Then a 300-token prompt and one
-    of the residents' length wait in the pool, the longer pooled first. fit-groups puts the one that
-    fits the residents' group (one more member, not a new group) ahead of the older; so
-    does shortest-first where the clients' max_tokens tie, and by max_tokens where not."""
+    of the residents' length wait in the pool, the longer pooled first. fit-groups puts the
+    one that fits the residents' group (one more member, not a new group) ahead of the older;
+    so does shortest-first where the clients' max_tokens tie, and by max_tokens where not.
+    A starving request loads first, whatever it declared."""
     config = replace(
         two_small_lanes(0.0), num_prefill_decode_blocks=0, starvation_s=1e9, load_order=load_order
     )
-    sched = make_scheduler(config)
-    policy, lane = sched.policy, sched.policy.decode_lane
-    now = 0.0
 
-    def run_until(done) -> None:
-        nonlocal now
-        for _ in range(50):
-            plan = step_prefilling_at_once(sched, now)
-            if plan.prefetch:
-                policy.on_prefetch_done()
-            now += 0.01
-            if done():
-                return
-        raise AssertionError("never reached")
+    def pooled_pair(older_params: SamplingParams):
+        """The scheduler with "older" (older_params) and "fits" (max_tokens 8) pooled."""
+        sched = make_scheduler(config)
+        policy, lane = sched.policy, sched.policy.decode_lane
+        now = 0.0
 
-    for rid in ("a", "b"):
-        sched.add_request(rid, range(100), SamplingParams(max_tokens=400), now=now)
-    run_until(lambda: len(lane.resident) == 2)
-    sched.add_request("older", range(300), SamplingParams(max_tokens=8), now=now)
-    run_until(lambda: "older" in policy.pooled)
-    # prefilled in one step, as the residents decode one token: the same length as theirs
-    sched.add_request(
-        "fits", range(sched.store.get("a").num_tokens), SamplingParams(max_tokens=8), now=now
-    )
-    run_until(lambda: "fits" in policy.pooled)
-    assert list(policy.pooled) == ["older", "fits"] and len(lane.resident) == 2
-    assert sched.store.get("fits").num_tokens == sched.store.get("a").num_tokens
+        def run_until(done) -> None:
+            nonlocal now
+            for _ in range(50):
+                plan = step_prefilling_at_once(sched, now)
+                if plan.prefetch:
+                    policy.on_prefetch_done()
+                now += 0.01
+                if done():
+                    return
+            raise AssertionError("never reached")
+
+        for rid in ("a", "b"):
+            sched.add_request(rid, range(100), SamplingParams(max_tokens=400), now=now)
+        run_until(lambda: len(lane.resident) == 2)
+        sched.add_request("older", range(300), older_params, now=now)
+        run_until(lambda: "older" in policy.pooled)
+        # prefilled in one step, as the residents decode one token: the same length as theirs
+        sched.add_request(
+            "fits", range(sched.store.get("a").num_tokens), SamplingParams(max_tokens=8), now=now
+        )
+        run_until(lambda: "fits" in policy.pooled)
+        assert list(policy.pooled) == ["older", "fits"] and len(lane.resident) == 2
+        assert sched.store.get("fits").num_tokens == sched.store.get("a").num_tokens
+        return sched, policy, lane, now
+
+    sched, policy, lane, now = pooled_pair(SamplingParams(max_tokens=8))
     older = sched.store.get("older")
     older.output_token_ids.extend([7] * 5)  # fewer tokens left, the same max_tokens: a tie
     assert list(policy._candidates(sched, lane, now)) == ["fits", "older"]
-    older.params = SamplingParams(max_tokens=4)  # now the shorter
+    sched, policy, lane, now = pooled_pair(SamplingParams(max_tokens=4))  # older: the shorter
     expected = ["older", "fits"] if load_order == "shortest-first" else ["fits", "older"]
     assert list(policy._candidates(sched, lane, now)) == expected
     # starving, it loads first, whatever it declared (none here: it would rank last)
-    older.params = SamplingParams(max_tokens=4096, is_default_max_tokens=True)
-    older.pooled_since_s = now - 2 * config.starvation_s
+    sched, policy, lane, now = pooled_pair(SamplingParams(max_tokens=8, is_default_max_tokens=True))
+    assert list(policy._candidates(sched, lane, now)) == ["fits", "older"]
+    sched.store.get("older").pooled_since_s = now - 2 * config.starvation_s
     assert list(policy._candidates(sched, lane, now)) == ["older", "fits"]
 
 

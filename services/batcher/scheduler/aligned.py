@@ -46,12 +46,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from alignedserve.batcher.length_index import LengthIndex
+from alignedserve.batcher.length_index import MAX_LENGTH
 from alignedserve.batcher.request import Request, RequestState
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.batcher.scheduler.core import Scheduler
 from alignedserve.batcher.scheduler.lane import GROUP_SUB_BITS, Lane, partition_groups
 from alignedserve.batcher.scheduler.plan import BatchPlan
+from alignedserve.batcher.scheduler.pool import Pool
 
 S = RequestState
 __all__ = ["GROUP_SUB_BITS", "AlignedPolicy", "declared_output_tokens", "partition_groups"]
@@ -66,13 +67,13 @@ def declared_output_tokens(request: Request) -> float:
 class AlignedPolicy:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.index = LengthIndex()
-        self.pooled: dict[str, None] = {}  # pool entry order: first = longest waiting
+        by_declared = config.load_order == "shortest-first"
+        self.pooled = Pool(declared_output_tokens if by_declared else None)
         device_blocks = config.gpu_kv_tokens // config.block_tokens
-        self.decode_lane = Lane(config, device_blocks, self.index.max_length, "decode device")
+        self.decode_lane = Lane(config, device_blocks, MAX_LENGTH, "decode device")
         # the prefill device's residents, while it decodes (only with a prefill device)
         self.prefill_lane = (
-            Lane(config, config.num_prefill_decode_blocks, self.index.max_length, "prefill device")
+            Lane(config, config.num_prefill_decode_blocks, MAX_LENGTH, "prefill device")
             if config.num_prefill_decode_blocks and config.num_prefill_device_blocks
             else None
         )
@@ -309,10 +310,10 @@ class AlignedPolicy:
         return picked
 
     def _candidates(self, sched: Scheduler, lane: Lane, now: float):
-        """Pooled requests in load order: starving ones, oldest first; then those whose
-        length fits one of the lane's groups, then the oldest ("fit-groups"). With
-        "shortest-first", the latter sorted stably by `declared_output_tokens` (a sort of the
-        pool per call)."""
+        """Pooled requests in load order: starving ones, oldest first; then the pool's load
+        order (scheduler/pool.py): by `declared_output_tokens` with "shortest-first" (one
+        class with "fit-groups"), in each class those whose lengths fall inside one of the
+        lane's groups, then the oldest."""
         seen: set[str] = set()
         bound = now - self.config.starvation_s
         for request_id in self.pooled:
@@ -320,24 +321,8 @@ class AlignedPolicy:
                 break
             seen.add(request_id)
             yield request_id
-        rest = self._fit_groups_order(sched, lane, seen)
-        if self.config.load_order == "shortest-first":
-            rest = sorted(rest, key=lambda r: declared_output_tokens(sched.store.get(r)))
-        yield from rest
-
-    def _fit_groups_order(self, sched: Scheduler, lane: Lane, seen: set[str]):
-        """The pooled not yet seen: those inside one of the lane's groups, then the oldest."""
-        for group in lane.groups:
-            lengths = [sched.store.get(r).num_tokens for r in group]
-            if lengths:
-                band = self.index.band_for_lengths(min(lengths), max(lengths))
-                for request_id in self.index.iter_members(band):
-                    if request_id not in seen:
-                        seen.add(request_id)
-                        yield request_id
-        for request_id in self.pooled:
-            if request_id not in seen:
-                yield request_id
+        groups = (lane.group_range(sched, g) for g, group in enumerate(lane.groups) if group)
+        yield from self.pooled.load_order(groups, seen)
 
     def _leave(self, sched: Scheduler, request_id: str) -> None:
         self.lane_of.pop(request_id).leave(sched, request_id)
@@ -371,8 +356,7 @@ class AlignedPolicy:
     def _to_pool(self, sched: Scheduler, request: Request, now: float) -> None:
         sched.store.transition(request, S.POOLED)
         request.pooled_since_s = now
-        self.index.add(request.request_id, min(request.num_tokens, self.index.max_length))
-        self.pooled[request.request_id] = None
+        self.pooled.add(request)
 
     def _back_to_pool(self, sched: Scheduler, request_ids: list[str], now: float) -> None:
         """Requests that were streaming in return to the pool, each as long waiting as
@@ -385,11 +369,10 @@ class AlignedPolicy:
             self._to_pool(sched, request, now)
             request.pooled_since_s = since
         since_of = {rid: sched.store.get(rid).pooled_since_s for rid in self.pooled}
-        self.pooled = dict.fromkeys(sorted(self.pooled, key=since_of.__getitem__))
+        self.pooled.sort(since_of.__getitem__)
 
     def _from_pool(self, sched: Scheduler, request_id: str, now: float) -> None:
-        self.index.remove(request_id)
-        del self.pooled[request_id]
+        self.pooled.remove(request_id)
         request = sched.store.get(request_id)
         request.max_pool_wait_s = max(request.max_pool_wait_s, now - request.pooled_since_s)
         sched.store.transition(request, S.PREFETCHING)
@@ -415,8 +398,7 @@ class AlignedPolicy:
     def on_done(self, sched: Scheduler, request: Request) -> None:
         rid = request.request_id
         if rid in self.pooled:
-            self.index.remove(rid)
-            del self.pooled[rid]
+            self.pooled.remove(rid)
         lane = self.lane_of.pop(rid, None)
         if lane is not None:
             lane.on_done(sched, request)
@@ -428,9 +410,8 @@ class AlignedPolicy:
     def preempt_one(self, sched: Scheduler, now: float) -> Request | None:
         """CPU pool full: recompute the most recently pooled request, else the newest resident."""
         if self.pooled:
-            request_id = next(reversed(self.pooled))
-            self.index.remove(request_id)
-            del self.pooled[request_id]
+            request_id = self.pooled.newest()
+            self.pooled.remove(request_id)
         else:
             resident = [r for r in self.lane_of if r in self.lane_of[r].resident]
             if not resident:
@@ -445,7 +426,8 @@ class AlignedPolicy:
         by_state: dict[RequestState, set[str]] = {s: set() for s in S}
         for r in sched.store:
             by_state[r.state].add(r.request_id)
-        assert by_state[S.POOLED] == set(self.pooled) == set(self.index._where)
+        assert by_state[S.POOLED] == set(self.pooled)
+        self.pooled.check_invariants()
         resident = [r for lane in self.lanes for r in lane.resident]
         loading = [r for lane in self.lanes for r in lane.loading]
         assert by_state[S.RUNNING] == set(resident) and len(resident) == len(set(resident))
