@@ -77,7 +77,7 @@ VARIANT_TEXT = {
     "fcfs-dp2": "two fcfs engines, one per GPU, behind one router (least loaded first, by "
     "context tokens)",
     "fcfs-dp2-byrequests": "fcfs-dp2 whose router counts load in live requests "
-    "(--balance-by requests; the rule before session 33)",
+    "(--balance-by requests; for fcfs, which pools nothing, the count used before session 33)",
 }
 
 

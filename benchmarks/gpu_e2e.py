@@ -35,7 +35,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   least loaded batcher, by context tokens. On CPU with no --prefetch-device, both workers run
   on --device;
 - fcfs-dp2-byrequests: fcfs-dp2 whose router counts load in live requests (--balance-by
-  requests; the rule before session 33), which splits a burst by number, not by work.
+  requests; for fcfs, which pools nothing, the count used before session 33), which splits a
+  burst by number, not by work.
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels

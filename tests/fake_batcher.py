@@ -45,6 +45,8 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
         self.cancelled: list[str] = []  # Generate calls the client cancelled
         self.aborts_received: list[str] = []  # every abort, by Abort or on a Stream call
         self.num_load_calls = 0
+        self.load_delay_s = 0.0  # GetLoad answers this late
+        self.reports_tokens = True  # False: a batcher older than num_context_tokens
         self.num_stream_calls = 0
         self.break_streams_with: grpc.StatusCode | None = None  # Stream calls end so at once
         self._abort_flags: dict[str, bool] = {}
@@ -150,6 +152,7 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
 
     async def GetLoad(self, request, context):
         self.num_load_calls += 1
+        await asyncio.sleep(self.load_delay_s)
         return batcher_pb2.LoadReport(
             num_waiting=0,
             num_running=len(self._abort_flags),
@@ -157,7 +160,9 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
             max_model_len=self.max_model_len,
             model_name="fake",
             max_waiting=16,
-            num_context_tokens=sum(self._context_tokens.values()),
+            num_context_tokens=(
+                sum(self._context_tokens.values()) if self.reports_tokens else None
+            ),
         )
 
     @staticmethod

@@ -98,7 +98,7 @@ def test_batcher_loads_in_order_with_none_for_those_not_answering(fakes, silent)
             **fake_load,
         ),
         None,
-        LoadReport(num_running=0, worker_ready=False, **fake_load),
+        LoadReport(num_running=0, worker_ready=False, num_context_tokens=0, **fake_load),
         None,  # the silent one: cut at the timeout, while the others were asked meanwhile
     ]
     assert 0.5 <= took_s < 2.0

@@ -18,8 +18,8 @@ from alignedserve.common.sampling_params import SamplingParams
 def make_request(request_id: str, length: int, declared: float) -> Request:
     """`declared` max_tokens; inf: none (the router filled one in)."""
     is_default = declared == float("inf")
-    params = SamplingParams(max_tokens=1 if is_default else int(declared))
-    params = SamplingParams(max_tokens=params.max_tokens, is_default_max_tokens=is_default)
+    max_tokens = 1 if is_default else int(declared)
+    params = SamplingParams(max_tokens=max_tokens, is_default_max_tokens=is_default)
     return Request(request_id, range(length), params, arrival_s=0.0)
 
 
@@ -67,3 +67,15 @@ def test_the_load_order_is_the_fit_groups_order_sorted_stably_by_key(seed):
     assert list(by_key.load_order(groups, set(seen))) == expected
     assert list(by_key) == pool_order
     by_key.check_invariants()
+
+
+def test_the_newest_is_the_last_in_pool_order():
+    """preempt_one recomputes the most recently pooled request: the pool's last."""
+    pool = Pool(key=declared_output_tokens)
+    for rid, declared in (("a", 64), ("b", 8), ("c", 512)):
+        pool.add(make_request(rid, 100, declared))
+    assert pool.newest() == "c"
+    pool.sort({"a": 3.0, "b": 1.0, "c": 2.0}.__getitem__)  # "a" came back, waiting since 3
+    assert list(pool) == ["b", "c", "a"] and pool.newest() == "a"
+    pool.remove("a")
+    assert pool.newest() == "c" and len(pool) == 2 and "a" not in pool

@@ -133,6 +133,17 @@ def test_count_by_state_and_in_state():
     assert [r.request_id for r in store] == [f"r{i}" for i in range(5)]
 
 
+def test_the_store_counts_its_live_requests_tokens():
+    store = RequestStore()
+    store.add(make_request("a", prompt=20))
+    store.add(make_request("b", prompt=5))
+    assert store.num_live_tokens == 25
+    store.append_token(store.get("a"), 7)
+    assert store.num_live_tokens == 26 and store.get("a").output_token_ids == [7]
+    store.transition(store.get("a"), S.ABORTED)
+    assert store.num_live_tokens == 5  # its 21 tokens left with it
+
+
 def test_kv_token_counts():
     request = make_request(prompt=20)
     assert request.num_tokens == 20 and request.num_kv_tokens == 0
@@ -248,6 +259,10 @@ def corrupt_output_past_max_tokens(store):
 
 def corrupt_waiting_prefilled_without_blocks(store):
     store.get("waiting").blocks.pop()
+
+
+def corrupt_live_tokens_not_counted(store):
+    store.num_live_tokens += 1  # a token counted that no live request holds
 
 
 def corrupt_done_without_finish_time(store):

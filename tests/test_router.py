@@ -786,6 +786,9 @@ def test_wire_conversions():
         batcher_pb2.LoadReport(num_waiting=1, num_running=2, worker_ready=True, max_waiting=8)
     )
     assert load == wire.LoadReport(1, 2, 0, 0.0, True, 0, "", 8)
+    assert load.num_context_tokens is None  # a batcher older than the field sent none
+    idle = wire.load_from_proto(batcher_pb2.LoadReport(num_context_tokens=0))
+    assert idle.num_context_tokens == 0  # sent, and zero
 
 
 def test_stop_matcher():
@@ -841,13 +844,17 @@ def test_client_routes_to_the_least_loaded_batcher_and_around_a_full_one(fakes):
     asyncio.run(scenario())
 
 
+_BURST_IDS = itertools.count()
+
+
 def _burst(client: BatcherClient, prompt_lengths: list[int]) -> list[asyncio.Task]:
     """Requests sent at once, before any load poll can count them; each task waits for its
     first token (which the slow fakes below never send within a test)."""
     params = SamplingParams(max_tokens=4)
+    ids = (f"b{next(_BURST_IDS)}" for _ in prompt_lengths)
     return [
-        asyncio.create_task(anext(client.generate(f"b{i}", [NUM_BYTE_TOKENS] * n, params)))
-        for i, n in enumerate(prompt_lengths)
+        asyncio.create_task(anext(client.generate(rid, [NUM_BYTE_TOKENS] * n, params)))
+        for rid, n in zip(ids, prompt_lengths, strict=True)
     ]
 
 
@@ -906,7 +913,7 @@ def test_a_load_report_replaces_the_count_of_requests_sent_before_it_was_asked_f
             reported = [b.load.num_context_tokens for b in client.batchers]
             assert reported == [300, 300]  # 300 on one, 200 + 100 on the other
             assert [b.score("tokens") for b in client.batchers] == reported
-            assert all(b.sent == [] for b in client.batchers)
+            assert not any(b.sent for b in client.batchers)
             later = _burst(client, [50])
             tasks += later
             await _received((first, second), 4)
@@ -917,6 +924,77 @@ def test_a_load_report_replaces_the_count_of_requests_sent_before_it_was_asked_f
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_sent_while_a_poll_is_out_still_counts_after_its_answer(fakes):
+    """The report may have been made before the request arrived: the router keeps counting
+    it on top of the report until a poll asked for after it answers."""
+    first, second = fakes(token_delay_s=30), fakes(token_delay_s=30)
+
+    async def scenario() -> None:
+        client = BatcherClient([first.address, second.address], poll_interval_s=30)
+        await client.start()
+        first.load_delay_s = second.load_delay_s = 0.3
+        poll = asyncio.create_task(client._poll_all())
+        await asyncio.sleep(0.05)  # the GetLoad calls are out
+        tasks = _burst(client, [100])
+        try:
+            await _received((first, second), 1)
+            await poll
+            (target,) = [b for b in client.batchers if b.sent]
+            assert [n for _, n in target.sent] == [100]
+            assert target.score("tokens") == target.load.num_context_tokens + 100
+            await client._poll_all()  # asked for after the send: it counts it alone now
+            assert not target.sent and target.score("tokens") == 100
+        finally:
+            await _cancel(tasks)
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_request_adds_nothing_to_the_refusing_batchers_load(fakes):
+    full, free = fakes(token_delay_s=30), fakes(token_delay_s=30)
+    full.reject_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    async def scenario() -> None:
+        client = BatcherClient([full.address, free.address], poll_interval_s=30)
+        await client.start()
+        tasks = _burst(client, [100, 100])  # the rotation tries the full one first once
+        try:
+            await _received((free,), 2)
+            assert len(full.requests) >= 1  # it was asked, and refused
+            full_state, free_state = client.batchers
+            assert not full_state.sent and [n for _, n in free_state.sent] == [100, 100]
+        finally:
+            await _cancel(tasks)
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_beside_a_batcher_that_reports_no_tokens_the_router_counts_requests(fakes):
+    """A batcher older than num_context_tokens (a rolling upgrade) would read as empty after
+    every poll and take nearly every request: while one is there, routing counts requests."""
+    new, old = fakes(token_delay_s=30), fakes(token_delay_s=30)
+    old.reports_tokens = False
+
+    async def scenario() -> None:
+        client = BatcherClient([new.address, old.address], poll_interval_s=30)
+        await client.start()
+        assert [b.reports_tokens for b in client.batchers] == [True, False]
+        tasks = []
+        try:
+            for i in range(8):  # one at a time, each counted by a poll before the next
+                tasks += _burst(client, [10])
+                await _received((new, old), i + 1)
+                await client._poll_all()
+        finally:
+            await _cancel(tasks)
+            await client.close()
+
+    asyncio.run(scenario())
+    assert len(new.requests) == len(old.requests) == 4
 
 
 def test_a_stop_string_inside_a_merged_chunk_ends_the_output_at_its_token(tokenizer):

@@ -184,10 +184,9 @@ class BatcherEngine:
         return True
 
     def load(self) -> dict[str, float]:
-        store = self.scheduler.store if self.scheduler else ()
-        counts = store.count_by_state() if self.scheduler else {}
+        counts = self.scheduler.store.count_by_state() if self.scheduler else {}
         return dict(
-            num_context_tokens=sum(r.num_tokens for r in store if not r.state.is_done),
+            num_context_tokens=self.scheduler.store.num_live_tokens if self.scheduler else 0,
             num_waiting=counts.get(RequestState.WAITING_PREFILL, 0),
             num_running=counts.get(RequestState.RUNNING, 0)
             + counts.get(RequestState.PREFETCHING, 0),

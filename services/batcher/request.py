@@ -91,6 +91,8 @@ class RequestStore:
         self._requests: dict[str, Request] = {}
         # kept on every state change (add, transition, pop): metrics read it every step
         self._counts: Counter[RequestState] = Counter()
+        # prompt + generated tokens of the live requests, kept the same way (routers poll it)
+        self.num_live_tokens = 0
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -106,6 +108,8 @@ class RequestStore:
             raise KeyError(f"request_id {request.request_id!r} already exists")
         self._requests[request.request_id] = request
         self._counts[request.state] += 1
+        if not request.state.is_done:
+            self.num_live_tokens += request.num_tokens
 
     def get(self, request_id: str) -> Request:
         return self._requests[request_id]
@@ -126,7 +130,22 @@ class RequestStore:
             )
         self._counts[request.state] -= 1
         self._counts[new] += 1
+        if new.is_done and not request.state.is_done:  # (done states lead nowhere)
+            self.num_live_tokens -= request.num_tokens
         request.state = new
+
+    def append_token(self, request: Request, token: int) -> None:
+        """A sampled token (tokens change through here and cut_output, which keep the total)."""
+        request.output_token_ids.append(token)
+        if not request.state.is_done:
+            self.num_live_tokens += 1
+
+    def cut_output(self, request: Request, num_kept: int) -> None:
+        """Drops the request's output tokens past the first num_kept."""
+        num_cut = max(0, len(request.output_token_ids) - num_kept)
+        del request.output_token_ids[num_kept:]
+        if not request.state.is_done:
+            self.num_live_tokens -= num_cut
 
     def count_by_state(self) -> Counter[RequestState]:
         return +self._counts  # a copy, without the zero entries
@@ -157,3 +176,5 @@ class RequestStore:
                     f"{r.request_id}: {len(r.blocks)} blocks for {r.num_kv_tokens} KV tokens"
                 )
             assert len(r.output_token_ids) <= r.params.max_tokens
+        live = (r for r in self._requests.values() if not r.state.is_done)
+        assert self.num_live_tokens == sum(r.num_tokens for r in live), "live tokens out of sync"

@@ -18,7 +18,8 @@ class LoadReport:
     max_model_len: int
     model_name: str
     max_waiting: int
-    num_context_tokens: int = 0  # prompt + generated tokens of its live requests
+    # prompt + generated tokens of its live requests; None from a batcher older than the field
+    num_context_tokens: int | None = None
 
 
 def load_from_proto(msg: batcher_pb2.LoadReport) -> LoadReport:
@@ -31,7 +32,7 @@ def load_from_proto(msg: batcher_pb2.LoadReport) -> LoadReport:
         max_model_len=msg.max_model_len,
         model_name=msg.model_name,
         max_waiting=msg.max_waiting,
-        num_context_tokens=msg.num_context_tokens,
+        num_context_tokens=(msg.num_context_tokens if msg.HasField("num_context_tokens") else None),
     )
 
 

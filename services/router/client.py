@@ -14,10 +14,12 @@ message per engine step with every request's tokens, fanned out here to the requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -149,19 +151,34 @@ class BatcherState:
     last_ready_s: float = -math.inf  # monotonic time of the last report with worker_ready
     # (monotonic time sent, prompt tokens) of the requests sent since the last GetLoad call
     # that has answered was made: its report may not count them yet
-    sent: list[tuple[float, int]] = field(default_factory=list)
+    sent: deque[tuple[float, int]] = field(default_factory=deque)
     is_answering: bool = True  # for logging changes only
     num_streams: int = 0  # requests open on its channel
     mux: _Mux | None = None  # the Stream call its requests share
     is_removed: bool = False  # discovery no longer finds it: its channel closes when idle
 
+    @property
+    def reports_tokens(self) -> bool:
+        """False for a batcher older than LoadReport.num_context_tokens."""
+        return self.load is None or self.load.num_context_tokens is not None
+
     def score(self, balance_by: str) -> int:
-        """The load routing compares: its live requests, or their context tokens."""
+        """The load routing compares: its live requests (waiting, running and pooled), or
+        their context tokens; either with those sent since the last report."""
         load = self.load
         if balance_by == "requests":
             live = load.num_waiting + load.num_running + load.num_pooled if load else 0
             return live + len(self.sent)
-        return (load.num_context_tokens if load else 0) + sum(n for _, n in self.sent)
+        return (load.num_context_tokens or 0 if load else 0) + sum(n for _, n in self.sent)
+
+    def note_sent(self, now: float, num_prompt_tokens: int, ttl_s: float) -> tuple[float, int]:
+        """Counts a request sent now; forgets those older than ttl_s, which any report
+        answered since counts (none may come from a batcher that stopped answering)."""
+        while self.sent and self.sent[0][0] < now - ttl_s:
+            self.sent.popleft()
+        entry = (now, num_prompt_tokens)
+        self.sent.append(entry)
+        return entry
 
 
 class BatcherClient:
@@ -383,8 +400,10 @@ class BatcherClient:
         errors: list[BatcherError] = []
         request_id = request.request_id
         num_prompt_tokens = len(request.prompt_token_ids)
+        # a report asked for after a send counts it within a poll interval and a call's time
+        ttl_s = 2 * self._poll_interval_s + CONTROL_TIMEOUT_S
         for batcher in self._by_load():
-            batcher.sent.append((time.monotonic(), num_prompt_tokens))
+            entry = batcher.note_sent(time.monotonic(), num_prompt_tokens, ttl_s)
             batcher.num_streams += 1
             if batcher.mux is None or batcher.mux.is_done:
                 batcher.mux = _Mux(batcher.address, batcher.stub)
@@ -413,6 +432,8 @@ class BatcherClient:
                 timer.cancel()
             mux.release(request_id, abort=first.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED)
             self._stream_ended(batcher)
+            with contextlib.suppress(ValueError):  # (a report may have dropped it already)
+                batcher.sent.remove(entry)  # refused: it adds nothing to this batcher's load
             errors.append(first)
             if first.grpc_code == grpc.StatusCode.UNAVAILABLE:  # gone or draining: not ready
                 batcher.last_ready_s = -math.inf
@@ -423,16 +444,21 @@ class BatcherClient:
         raise errors[-1]
 
     def _by_load(self) -> list[BatcherState]:
-        """Batchers with a ready worker first, then by load (balance_by); ties rotate."""
+        """Batchers with a ready worker first, then by load (balance_by); ties rotate. By
+        requests while any batcher reports no tokens (older than the field: a rolling
+        upgrade), since its load would read as empty."""
         now = time.monotonic()
         self._turn += 1
         batchers = self.batchers
         n = len(batchers)
+        balance_by = self._balance_by
+        if balance_by == "tokens" and not all(b.reports_tokens for b in batchers):
+            balance_by = "requests"
         order = sorted(
             range(n),
             key=lambda i: (
                 not self._is_ready(batchers[i], now),
-                batchers[i].score(self._balance_by),
+                batchers[i].score(balance_by),
                 (i - self._turn) % n,
             ),
         )
@@ -489,7 +515,8 @@ class BatcherClient:
         # Those sent before the call have reached the batcher before it answered (all but a
         # request still in the stream's send queue then, a window of a few ms); those sent
         # since may be missing from the report, so they still count on top of it.
-        batcher.sent = [(t, n) for t, n in batcher.sent if t >= asked_s]
+        while batcher.sent and batcher.sent[0][0] < asked_s:
+            batcher.sent.popleft()
         if load.worker_ready:
             batcher.last_ready_s = time.monotonic()
             self._wake_held()

@@ -212,7 +212,7 @@ class Scheduler:
             self._finish(r, RequestState.FINISHED, "stop", now)
         elif r.finish_reason == "length":
             r.finish_reason = "stop"
-        del r.output_token_ids[index + 1 :]
+        self.store.cut_output(r, index + 1)
         return finished_now
 
     def prefill_done(
@@ -412,7 +412,7 @@ class Scheduler:
             r = self.store.get(request_id) if request_id in self.store else None
             if r is None or r.num_answered == len(r.output_token_ids):
                 continue
-            del r.output_token_ids[r.num_answered :]
+            self.store.cut_output(r, r.num_answered)
             if r.state is RequestState.FINISHED:
                 reopened.append(self._reopen(r))
         for r in lost:  # admitted again: room for the whole prefill and its token (see
@@ -469,7 +469,7 @@ class Scheduler:
     # ---- internals ---------------------------------------------------------------------
     def _append(self, r: Request, token: int, now: float) -> bool:
         """Append a sampled token; True if the request finished."""
-        r.output_token_ids.append(token)
+        self.store.append_token(r, token)
         r.last_token_s = now
         self.policy.on_token(r)
         reason = finish_reason(

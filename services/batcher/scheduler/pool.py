@@ -6,7 +6,7 @@ class for "fit-groups"), each class indexed by KV length (length_index.py). The 
 is read lazily from those: the classes by key, smallest first; in each, the requests whose
 lengths fall inside one of a lane's groups (they cost one member, not a new group), then the
 longest waiting. A load decision takes the first few, so it costs what it reads, not a sort
-of the pool (which took ~11 ms per decision at 10,000 pooled).
+of the pool (which took 15 ms per decision at p99 with 10,000 pooled, 197 ms with 100,000).
 """
 
 from __future__ import annotations
