@@ -33,6 +33,14 @@ def logprob_of(index: int) -> float:
     return -0.25 * (index % 4) - 0.125
 
 
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Waits until condition() holds, letting the running loop work meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
     def __init__(self, token_delay_s: float = 0.005, max_model_len: int = 2048):
         self.token_delay_s = token_delay_s

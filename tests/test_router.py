@@ -40,7 +40,7 @@ from alignedserve.router.wire import GenerateChunk
 from alignedserve.serve import free_port
 
 from factories import metric_samples
-from fake_batcher import NUM_BYTE_TOKENS, FakeBatcher, FakeBatcherFactory, logprob_of
+from fake_batcher import NUM_BYTE_TOKENS, FakeBatcher, FakeBatcherFactory, eventually, logprob_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
@@ -858,15 +858,6 @@ def _burst(client: BatcherClient, prompt_lengths: list[int]) -> list[asyncio.Tas
     ]
 
 
-async def _received(fakes: tuple[FakeBatcher, ...], num_requests: int) -> None:
-    """Waits (without blocking the loop that sends them) until the fakes hold the requests."""
-    for _ in range(200):
-        if sum(len(f.requests) for f in fakes) == num_requests:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the fakes received {[len(f.requests) for f in fakes]}")
-
-
 async def _cancel(tasks: list[asyncio.Task]) -> None:
     for task in tasks:
         task.cancel()
@@ -886,7 +877,7 @@ def test_a_burst_of_long_and_short_prompts_is_split_by_its_tokens(fakes):
         await client.start()
         tasks = _burst(client, lengths)
         try:
-            await _received((first, second), 8)
+            await eventually(lambda: len(first.requests) + len(second.requests) == 8)
             sent = [sum(n for _, n in b.sent) for b in client.batchers]
             assert sent == [sum(len(p) for _, p, _ in f.requests) for f in (first, second)]
         finally:
@@ -908,7 +899,7 @@ def test_a_load_report_replaces_the_count_of_requests_sent_before_it_was_asked_f
         await client.start()
         tasks = _burst(client, [300, 200, 100])
         try:
-            await _received((first, second), 3)
+            await eventually(lambda: len(first.requests) + len(second.requests) == 3)
             await client._poll_all()  # the reports now count all three
             reported = [b.load.num_context_tokens for b in client.batchers]
             assert reported == [300, 300]  # 300 on one, 200 + 100 on the other
@@ -916,7 +907,7 @@ def test_a_load_report_replaces_the_count_of_requests_sent_before_it_was_asked_f
             assert not any(b.sent for b in client.batchers)
             later = _burst(client, [50])
             tasks += later
-            await _received((first, second), 4)
+            await eventually(lambda: len(first.requests) + len(second.requests) == 4)
             scores = [b.score("tokens") for b in client.batchers]
             assert sorted(scores) == [300, 350]
         finally:
@@ -939,7 +930,7 @@ def test_a_request_sent_while_a_poll_is_out_still_counts_after_its_answer(fakes)
         await asyncio.sleep(0.05)  # the GetLoad calls are out
         tasks = _burst(client, [100])
         try:
-            await _received((first, second), 1)
+            await eventually(lambda: len(first.requests) + len(second.requests) == 1)
             await poll
             (target,) = [b for b in client.batchers if b.sent]
             assert [n for _, n in target.sent] == [100]
@@ -962,7 +953,7 @@ def test_a_refused_request_adds_nothing_to_the_refusing_batchers_load(fakes):
         await client.start()
         tasks = _burst(client, [100, 100])  # the rotation tries the full one first once
         try:
-            await _received((free,), 2)
+            await eventually(lambda: len(free.requests) == 2)
             assert len(full.requests) >= 1  # it was asked, and refused
             full_state, free_state = client.batchers
             assert not full_state.sent and [n for _, n in free_state.sent] == [100, 100]
@@ -987,7 +978,7 @@ def test_beside_a_batcher_that_reports_no_tokens_the_router_counts_requests(fake
         try:
             for i in range(8):  # one at a time, each counted by a poll before the next
                 tasks += _burst(client, [10])
-                await _received((new, old), i + 1)
+                await eventually(lambda n=i + 1: len(new.requests) + len(old.requests) == n)
                 await client._poll_all()
         finally:
             await _cancel(tasks)

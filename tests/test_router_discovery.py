@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,7 +21,7 @@ from alignedserve.router.config import RouterConfig, add_router_arguments, confi
 from alignedserve.router.discovery import Discovery, join_host_port, split_host_port
 
 from factories import metric_samples
-from fake_batcher import FakeBatcherFactory
+from fake_batcher import FakeBatcherFactory, eventually
 from router_harness import running_router, tiny_model
 
 NAME = "tiny-worker.ns.svc.cluster.local"
@@ -56,13 +56,6 @@ def fakes() -> Iterator[FakeBatcherFactory]:
     factory = FakeBatcherFactory()
     yield factory
     factory.close()
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def collect(client: BatcherClient, request_id: str, max_tokens: int = 2) -> list:

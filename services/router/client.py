@@ -31,7 +31,7 @@ from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.rpc import CHANNEL_OPTIONS, HTTP_STATUS
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router import wire
-from alignedserve.router.config import BALANCE_BY, RouterConfig
+from alignedserve.router.config import RouterConfig
 from alignedserve.router.discovery import Discovery, GetAddrInfo
 from alignedserve.router.wire import GenerateChunk, LoadReport, merge_chunks
 
@@ -171,14 +171,9 @@ class BatcherState:
             return live + len(self.sent)
         return (load.num_context_tokens or 0 if load else 0) + sum(n for _, n in self.sent)
 
-    def note_sent(self, now: float, num_prompt_tokens: int, ttl_s: float) -> tuple[float, int]:
-        """Counts a request sent now; forgets those older than ttl_s, which any report
-        answered since counts (none may come from a batcher that stopped answering)."""
-        while self.sent and self.sent[0][0] < now - ttl_s:
+    def forget_sent_before(self, when_s: float) -> None:
+        while self.sent and self.sent[0][0] < when_s:
             self.sent.popleft()
-        entry = (now, num_prompt_tokens)
-        self.sent.append(entry)
-        return entry
 
 
 class BatcherClient:
@@ -196,11 +191,12 @@ class BatcherClient:
         balance_by: str = "tokens",
         getaddrinfo: GetAddrInfo = socket.getaddrinfo,
     ):
-        if balance_by not in BALANCE_BY:
-            raise ValueError(f"balance_by={balance_by!r} not one of {BALANCE_BY}")
-        self._balance_by = balance_by
+        self._balance_by = balance_by  # RouterConfig checks it
         self._discovery = Discovery(addresses, getaddrinfo)
         self._poll_interval_s = poll_interval_s
+        # a report asked for after a send counts it within a poll interval and a call's
+        # time; older entries go (no report may come from a batcher that stopped answering)
+        self._sent_ttl_s = 2 * poll_interval_s + CONTROL_TIMEOUT_S
         self._request_timeout_s = request_timeout_s
         self._ready_window_s = ready_window_s
         self._resolve_interval_s = resolve_interval_s
@@ -400,10 +396,11 @@ class BatcherClient:
         errors: list[BatcherError] = []
         request_id = request.request_id
         num_prompt_tokens = len(request.prompt_token_ids)
-        # a report asked for after a send counts it within a poll interval and a call's time
-        ttl_s = 2 * self._poll_interval_s + CONTROL_TIMEOUT_S
         for batcher in self._by_load():
-            entry = batcher.note_sent(time.monotonic(), num_prompt_tokens, ttl_s)
+            now = time.monotonic()
+            batcher.forget_sent_before(now - self._sent_ttl_s)
+            entry = (now, num_prompt_tokens)
+            batcher.sent.append(entry)
             batcher.num_streams += 1
             if batcher.mux is None or batcher.mux.is_done:
                 batcher.mux = _Mux(batcher.address, batcher.stub)
@@ -515,8 +512,7 @@ class BatcherClient:
         # Those sent before the call have reached the batcher before it answered (all but a
         # request still in the stream's send queue then, a window of a few ms); those sent
         # since may be missing from the report, so they still count on top of it.
-        while batcher.sent and batcher.sent[0][0] < asked_s:
-            batcher.sent.popleft()
+        batcher.forget_sent_before(asked_s)
         if load.worker_ready:
             batcher.last_ready_s = time.monotonic()
             self._wake_held()

@@ -31,10 +31,9 @@ class Pool:
     def __init__(self, key: Callable[[Request], float] | None = None, max_length=MAX_LENGTH):
         self.max_length = max_length
         self._key = key  # None: one class
-        self._order: dict[str, None] = {}  # first = longest waiting
+        self._order: dict[str, float] = {}  # request_id -> its key; first = longest waiting
         self._classes: dict[float, _Class] = {}
         self._keys: list[float] = []  # of the classes, ascending
-        self._key_of: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._order)
@@ -59,22 +58,20 @@ class Pool:
             bisect.insort(self._keys, key)
         cls.index.add(request_id, min(request.num_tokens, self.max_length))
         cls.order[request_id] = None
-        self._order[request_id] = None
-        self._key_of[request_id] = key
+        self._order[request_id] = key
 
     def remove(self, request_id: str) -> None:
-        key = self._key_of.pop(request_id)
+        key = self._order.pop(request_id)
         cls = self._classes[key]
         cls.index.remove(request_id)
         del cls.order[request_id]
-        del self._order[request_id]
         if not cls.order:
             del self._classes[key]
             del self._keys[bisect.bisect_left(self._keys, key)]
 
     def sort(self, waiting_since: Callable[[str], float]) -> None:
         """Puts the pool order (and each class's) by `waiting_since`, earliest first."""
-        self._order = dict.fromkeys(sorted(self._order, key=waiting_since))
+        self._order = {r: self._order[r] for r in sorted(self._order, key=waiting_since)}
         for cls in self._classes.values():
             cls.order = dict.fromkeys(sorted(cls.order, key=waiting_since))
 
@@ -95,9 +92,8 @@ class Pool:
                     yield request_id
 
     def check_invariants(self) -> None:
-        assert set(self._order) == set(self._key_of)
         assert self._keys == sorted(self._classes)
         for key, cls in self._classes.items():
             assert cls.order and set(cls.order) == set(cls.index._where)
-            assert all(self._key_of[r] == key for r in cls.order)
+            assert all(self._order[r] == key for r in cls.order)
         assert sum(len(cls.order) for cls in self._classes.values()) == len(self._order)
