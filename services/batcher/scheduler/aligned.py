@@ -292,10 +292,11 @@ class AlignedPolicy:
                 break
             if request_id in evicted:
                 continue  # it leaves a device this step: not straight back
-            if sched.max_blocks_of(sched.store.get(request_id)) > lane.num_device_blocks:
+            request = sched.store.get(request_id)
+            if sched.max_blocks_of(request) > lane.num_device_blocks:
                 continue  # it could outgrow this device (admission only bounds the first)
-            need = lane.need_tokens(sched.store.get(request_id))
-            blocks = sched.blocks_for(sched.store.get(request_id).num_tokens)
+            need = lane.need_tokens(request)
+            blocks = sched.blocks_for(request.num_tokens)
             if need > free or blocks > free_blocks:
                 if picked or lane.resident:
                     break  # keep the load order: no skipping to smaller ones

@@ -212,11 +212,13 @@ class Lane:
         elif landed:
             self._insert(sched, landed)
         group = self._next_group(may_wait)
-        ready = [r for r in group if r not in self.copying]
+        copying = self.copying
+        ready = [r for r in group if r not in copying] if copying else group
         decode, short = [], []
+        get, block_tokens = sched.store.get, self.config.block_tokens
         for request_id in ready or group:  # (all copying: only if it may wait)
-            kv = sched.store.get(request_id).num_kv_tokens
-            grow = sched.blocks_for(kv + 1) - sched.blocks_for(kv)
+            # its next token starts a block when its written KV fills whole blocks
+            grow = get(request_id).num_kv_tokens % block_tokens == 0
             if grow <= free:
                 decode.append(request_id)
                 free -= grow
@@ -318,7 +320,7 @@ class Lane:
             g = self.next_group
             self.next_group = (g + 1) % len(self.groups)
             group = self.groups[g]
-            if any(r not in self.copying for r in group):
+            if (group and not self.copying) or any(r not in self.copying for r in group):
                 return list(group)
             if group and first_copying is None:
                 first_copying = g
