@@ -419,11 +419,15 @@ def decode_cell(model, config, kv, ceil, read_params, batch, length, per) -> dic
     return row
 
 
-def prefetch_bench(ceil: dict[str, float]) -> dict:
+def prefetch_bench(ceil: dict[str, float], shares: list[float], repeats: int) -> dict:
     """KV of a batch into the decode GPU: one PCIe link vs both (the prefetch GPU's link +
     NVLink), for two block orders: the one the block allocator makes (runs of consecutive
     ids: prefetch_host.py's script of prefills, growth and a previous batch leaving, at 8
-    GiB) and a random permutation (every block its own transfer, the worst case)."""
+    GiB) and a random permutation (every block its own transfer, the worst case). Over two
+    links: the decode GPU's share of the blocks balanced by the loads' measured rates (the
+    worker's default: SplitBalance, after loads that let it settle) and held at the first
+    share, and, for the allocator's order, held at each of `shares`. Each figure is the median
+    of its loads; the whole section runs `repeats` times."""
     from prefetch_host import block_lists
 
     from alignedserve.common.block_allocator import BlockAllocator
@@ -447,27 +451,45 @@ def prefetch_bench(ceil: dict[str, float]) -> dict:
         ),
         "scattered": (torch.randperm(n).tolist(), list(range(n))),
     }
-    out = {}
-    variants = [("one link", None)] + ([("two links", "cuda:1")] if gpus > 1 else [])
-    for order, (src, dst) in orders.items():
-        nbytes = len(src) * block_bytes
-        for name, staging in variants:
-            pre = Prefetcher(host, cache, staging_device=staging)
+    # (name, Prefetcher keywords, loads before timing)
+    variants = [("one link", {}, 1)]
+    if gpus > 1:
+        two = {"staging_device": "cuda:1"}
+        variants += [("two links", two, 8), ("two links, held", {**two, "balance": False}, 1)]
+    out: dict[str, list[float]] = {}
+    settled: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for order, (src, dst) in orders.items():
+            nbytes = len(src) * block_bytes
+            todo = list(variants)
+            if gpus > 1 and order == "allocator's runs":
+                todo += [
+                    (f"two links, held at {x}", {**two, "balance": False, "direct_share": x}, 1)
+                    for x in shares
+                ]
+            for name, kwargs, warmup in todo:
+                pre = Prefetcher(host, cache, **kwargs)
 
-            def run(pre=pre, src=src, dst=dst):
-                Prefetcher.wait_on(pre.start(src, dst))
+                def run(pre=pre, src=src, dst=dst):
+                    Prefetcher.wait_on(pre.start(src, dst))
 
-            seconds = cuda_time(run, iters=3, warmup=1)
-            out[f"{order}, {name}"] = nbytes / seconds
-            print(
-                f"  prefetch {nbytes / 2**30:.1f} GiB, {order}, {name}: "
-                f"{nbytes / seconds / 1e9:.1f} GB/s"
-            )
-        if gpus > 1:
-            ratio = out[f"{order}, two links"] / out[f"{order}, one link"]
-            print(f"  {order}: two links / one link: {ratio:.2f}x")
+                seconds = cuda_time(run, iters=5, warmup=warmup)
+                out.setdefault(f"{order}, {name}", []).append(nbytes / seconds)
+                share = f", share {pre.direct_share:.3f}" if pre.staging_device else ""
+                if pre.is_balancing:
+                    settled.setdefault(order, []).append(pre.direct_share)
+                print(
+                    f"  prefetch {nbytes / 2**30:.1f} GiB, {order}, {name}: "
+                    f"{nbytes / seconds / 1e9:.1f} GB/s{share}"
+                )
+            if gpus > 1:
+                ratio = out[f"{order}, two links"][-1] / out[f"{order}, one link"][-1]
+                print(f"  {order}: two links / one link: {ratio:.2f}x")
     unpin(host)
-    return {"bytes_per_s": out, "gpus": gpus}
+    median = {k: statistics.median(v) for k, v in out.items()}
+    for key, rates in out.items():
+        print(f"  median of {len(rates)}: {key}: {median[key] / 1e9:.1f} GB/s")
+    return {"bytes_per_s": median, "runs": out, "settled_share": settled, "gpus": gpus}
 
 
 def main() -> None:
@@ -481,6 +503,14 @@ def main() -> None:
         "--skip", nargs="*", default=[], help="sections: kernel greedy decode prefetch"
     )
     parser.add_argument("--model-shape", choices=SHAPE_FAMILIES, default="llama3-8b")
+    parser.add_argument(
+        "--direct-shares",
+        type=float,
+        nargs="*",
+        default=[],
+        help="prefetch section: also hold the decode GPU's share at each of these",
+    )
+    parser.add_argument("--prefetch-repeats", type=int, default=1, help="prefetch section runs")
     args = parser.parse_args()
     import triton
 
@@ -505,7 +535,7 @@ def main() -> None:
         result["greedy"] = check_greedy()
     if "prefetch" not in args.skip:
         print("prefetch (GPU-Prefetch-For-GPU):")
-        result["prefetch"] = prefetch_bench(ceil)
+        result["prefetch"] = prefetch_bench(ceil, args.direct_shares, args.prefetch_repeats)
     if "decode" not in args.skip:
         print(f"decode step, {args.model_shape} shape, random bf16 weights:")
         result["decode"] = decode_grid(ceil, args.quick, args.model_shape, not args.no_grid)

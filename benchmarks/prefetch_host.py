@@ -219,8 +219,8 @@ def main() -> None:
             kwargs = {}
             if mib is not None:
                 kwargs["chunk_bytes"] = mib << 20
-            if share is not None:
-                kwargs["direct_share"] = share
+            if share is not None:  # held there: the loads' rates do not move it
+                kwargs.update(direct_share=share, balance=False)
             label = ", ".join(
                 f"{v} {k}" for k, v in (("MiB chunks", mib), ("direct", share)) if v is not None
             )

@@ -68,3 +68,75 @@ def test_one_link(kind):
 @pytest.mark.parametrize("kind", ["allocator", "scattered"])
 def test_two_links(kind):
     check("cuda:1", kind)
+
+
+@pytest.mark.gpu2
+def test_two_links_balance_follows_a_slow_side():
+    """Each load's two sides are timed on the right streams: a staged side held back (its
+    pushes wait for work on the decode GPU's push stream) moves the share to the direct side,
+    up to its bound, and every block still lands."""
+    from alignedserve.worker.prefetch import Prefetcher, pin, unpin
+
+    gen = torch.Generator().manual_seed(1)
+    pool = torch.randn((NUM_POOL, *BLOCK_SHAPE), generator=gen).to(torch.bfloat16)
+    pin(pool)
+    try:
+        cache = torch.zeros((NUM_DEVICE, *BLOCK_SHAPE), dtype=torch.bfloat16, device="cuda:0")
+        prefetcher = Prefetcher(pool, cache, staging_device="cuda:1")
+        shares = [prefetcher.direct_share]
+        for _ in range(6):
+            src, dst = lists("allocator", 40, gen)
+            with torch.cuda.stream(prefetcher.push_stream):
+                torch.cuda._sleep(20_000_000)  # ~10 ms: far longer than 40 small blocks
+            Prefetcher.wait_on(prefetcher.start(src, dst))
+            torch.cuda.synchronize()
+            assert torch.equal(cache[dst].cpu(), pool[src])
+            shares.append(prefetcher.direct_share)
+        assert shares[0] == 0.47 and shares[-1] == prefetcher.balance.bounds[1], shares
+    finally:
+        unpin(pool)
+
+
+def test_balance_settles_where_both_sides_end_together():
+    """Sides with different rates and fixed start-up costs: from any first share, the share
+    goes to where both end together (within 1 %), and stays there."""
+    from alignedserve.worker.prefetch import SplitBalance
+
+    n = 4000  # blocks per load
+    for direct_rate, staged_rate, direct_start_s, staged_start_s, first in [
+        (25.2, 21.9, 0.0, 0.0, 0.47),  # the twenty-eighth session's rates (blocks per ms)
+        (25.2, 21.9, 1.0, 5.0, 0.47),  # the staged side's first gather, before any push
+        (25.0, 8.0, 0.5, 0.5, 0.2),  # the prefetch GPU's link busy with the prefill's copies
+        (10.0, 30.0, 0.0, 0.0, 0.8),
+    ]:
+        balance = SplitBalance(first)
+
+        def times(share, dr=direct_rate, sr=staged_rate, ds=direct_start_s, ss=staged_start_s):
+            split = round(n * share)
+            return split, ds + split / dr, n - split, ss + (n - split) / sr
+
+        for _ in range(30):
+            split, direct_ms, staged, staged_ms = times(balance.share)
+            balance.observe(split, direct_ms / 1e3, staged, staged_ms / 1e3)
+        split, direct_ms, staged, staged_ms = times(balance.share)
+        assert abs(direct_ms - staged_ms) <= 0.01 * max(direct_ms, staged_ms), (
+            direct_rate,
+            staged_rate,
+            balance.share,
+            direct_ms,
+            staged_ms,
+        )
+
+
+def test_balance_bounds_and_idle_sides():
+    from alignedserve.worker.prefetch import SplitBalance
+
+    balance = SplitBalance(0.5)
+    balance.observe(100, 1.0, 100, 1000.0)  # the staged side crawls: the bound, not 0.999
+    assert balance.share == 0.9
+    balance.observe(0, 0.0, 200, 0.01)  # a load with no direct side teaches nothing
+    assert balance.share == 0.9
+    balance.observe(100, 1000.0, 100, 0.001)
+    assert 0.1 <= balance.share < 0.9
+    with pytest.raises(ValueError, match=r"direct_share 0\.95"):
+        SplitBalance(0.95)

@@ -40,6 +40,38 @@ def unpin(host: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
 
+class SplitBalance:
+    """The decode GPU's share of a load's blocks, kept where both sides end together. Each
+    side's rate (blocks per second, from its own loads' start and end) moves with every load
+    measured, and the share goes to direct_rate / (direct_rate + staged_rate). The rates
+    differ by block size and by what else uses each link: on the prefetch GPU the prefill's
+    own copies in share its link, so no one constant fits (the H200 pair's idle optimum ran
+    from 0.45, Llama-3-8B's 2 MiB blocks, to 0.5, OPT-13B's 12.5 MiB; docs/benchmarks.md)."""
+
+    def __init__(self, share: float, keep: float = 0.5, bounds: tuple[float, float] = (0.1, 0.9)):
+        if not bounds[0] <= share <= bounds[1]:
+            raise ValueError(f"direct_share {share} outside {bounds}")
+        self.share, self.keep, self.bounds = share, keep, bounds
+        # decayed sums of each side's blocks and seconds: big loads weigh more than small ones
+        self.direct = [0.0, 0.0]
+        self.staged = [0.0, 0.0]
+
+    def observe(self, direct_blocks: int, direct_s: float, staged_blocks: int, staged_s: float):
+        """One load's two sides, each timed from the load's start to the side's last copy."""
+        if direct_blocks <= 0 or staged_blocks <= 0 or direct_s <= 0 or staged_s <= 0:
+            return  # one side idle: nothing learned about the balance
+        for sums, blocks, seconds in (
+            (self.direct, direct_blocks, direct_s),
+            (self.staged, staged_blocks, staged_s),
+        ):
+            sums[0] = sums[0] * self.keep + blocks
+            sums[1] = sums[1] * self.keep + seconds
+        direct_rate = self.direct[0] / self.direct[1]
+        staged_rate = self.staged[0] / self.staged[1]
+        lo, hi = self.bounds
+        self.share = min(hi, max(lo, direct_rate / (direct_rate + staged_rate)))
+
+
 class Prefetcher:
     """Moves blocks pool -> decode GPU. The decode GPU pulls its share with DMA copies; the
     prefetch GPU gathers the rest into a buffer with DMA copies over its own link and pushes
@@ -53,16 +85,21 @@ class Prefetcher:
         pool: torch.Tensor,  # pinned with pin(): [num_pool_blocks, *block_shape]
         cache: torch.Tensor,  # [num_device_blocks, *block_shape] on the decode GPU
         staging_device: torch.device | str | None = None,  # the prefetch GPU
-        # The gather and push, DMA copies too, run a little faster than the decode GPU's own
-        # copies: on the H200 pair both sides end together at 0.45 (Llama-3-8B blocks) to
-        # 0.5 (OPT-13B's) (benchmarks/prefetch_host.py --direct-share; docs/benchmarks.md).
+        # the decode GPU's share of a load's blocks: where it starts (the H200 pair's idle
+        # optimum, benchmarks/prefetch_host.py --direct-share), and whether the loads'
+        # measured rates move it (SplitBalance) or it stays
         direct_share: float = 0.47,
         chunk_bytes: int = GATHER_CHUNK_BYTES,
+        balance: bool = True,
     ):
         self.pool, self.cache = pool, cache
-        self.direct_share = direct_share if staging_device is not None else 1.0
-        self.direct_stream = torch.cuda.Stream(cache.device)
+        self.balance = SplitBalance(direct_share)
+        self.is_balancing = balance and staging_device is not None
         self.staging_device = staging_device
+        # each load's (direct blocks, staged blocks, and both sides' start and end events)
+        # until its copies are done and its times are read
+        self._timed: list[tuple[int, int, list[torch.cuda.Event]]] = []
+        self.direct_stream = torch.cuda.Stream(cache.device)
         if staging_device is not None:
             self.staging_stream = torch.cuda.Stream(staging_device)
             self.send_stream = torch.cuda.Stream(staging_device)
@@ -87,6 +124,8 @@ class Prefetcher:
     def start(self, pool_blocks: Sequence[int], device_blocks: Sequence[int]) -> list:
         """Queue the copies pool_blocks[i] -> device_blocks[i]; returns events to wait on
         (`wait_on` / `done`). The host never waits for the GPUs."""
+        if self.is_balancing:
+            self._read_times()
         n = len(pool_blocks)
         split = round(n * self.direct_share)
         events = []
@@ -96,6 +135,13 @@ class Prefetcher:
         if self.staging_device is not None:
             self.staging_stream.wait_stream(current)
             self.push_stream.wait_stream(current)
+        timing = None  # [direct side's start, its end, staged side's start, its end]
+        if self.is_balancing and 0 < split < n:
+            # both sides timed from the same point: the work queued before the load is done
+            timing = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            timing[0].record(self.direct_stream)
+            timing[2].record(self.staging_stream)
+            self._timed.append((split, n - split, timing))
         if split < n:  # first, so the prefetch GPU starts while the host issues the rest
             count = n - split
             # Chunks through the two buffers, each gathered a run of pool blocks at a time;
@@ -119,11 +165,28 @@ class Prefetcher:
                 self.pushed[turn] = self.send_stream.record_event()
             for stream in (self.staging_stream, self.send_stream, self.push_stream):
                 events.append(stream.record_event())
+            if timing:
+                timing[3].record(self.send_stream)  # the last push has landed
         with torch.cuda.stream(self.direct_stream):  # a copy per run of consecutive blocks
             pairs = list(zip(device_blocks[:split], pool_blocks[:split], strict=True))
             copy_blocks(self.cache, self.pool, pairs)
             events.append(self.direct_stream.record_event())
+            if timing:
+                timing[1].record(self.direct_stream)
         return events
+
+    @property
+    def direct_share(self) -> float:
+        """The decode GPU's share of the next load's blocks (all of them over one link)."""
+        return self.balance.share if self.staging_device is not None else 1.0
+
+    def _read_times(self) -> None:
+        """Feed the balance the loads whose copies are done (never waits for the others)."""
+        while self._timed and self._timed[0][2][1].query() and self._timed[0][2][3].query():
+            direct_blocks, staged_blocks, (d0, d1, s0, s1) = self._timed.pop(0)
+            self.balance.observe(
+                direct_blocks, d0.elapsed_time(d1) / 1e3, staged_blocks, s0.elapsed_time(s1) / 1e3
+            )
 
     @staticmethod
     def wait_on(events: list, stream: torch.cuda.Stream | None = None) -> None:

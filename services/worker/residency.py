@@ -142,6 +142,15 @@ class DeviceResidency:
         if end is not None:
             self._batches.append((begin, end))
 
+    @property
+    def direct_share(self) -> float | None:
+        """The share of a load's blocks the decode GPU copies over its own link, where a
+        prefetch GPU takes the rest (it follows the loads' rates: prefetch.SplitBalance);
+        None with one link."""
+        if self._prefetcher is None or self._prefetcher.staging_device is None:
+            return None
+        return self._prefetcher.direct_share
+
     def landed_seconds(self) -> float:
         """The longest time one load batch took, of those whose copies ended since the last
         call (0: none). Does not wait."""

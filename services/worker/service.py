@@ -305,12 +305,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not self._window.is_due(w.steps, force) or self.residency is None:
             return
         elapsed = self._window.elapsed_s
+        share = self.residency.direct_share
         each = functools.partial(stats_line.ms_each, num_steps=w.steps)
         logger.info(
             "%.1f tokens/s, %d resident requests, device KV %.1f%% used; %d steps %.1f ms "
             "apart (%d launched before the previous was answered): %.1f ms from plan to "
             "answer (%.1f ms queueing it on the host), decode device %.1f ms, prefill device "
-            "%.1f ms; idle %.0f%%; %.1f s capturing graphs",
+            "%.1f ms; idle %.0f%%; %.1f s capturing graphs%s",
             w.tokens / elapsed,
             self.residency.num_resident,
             100 * self.residency.allocator.usage,
@@ -323,6 +324,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             each(w.prefill_s + w.second_compute_s),  # its prefill batches and decode passes
             100 * w.idle_s / elapsed,
             capture_s - w.capture_s_before,
+            "" if share is None else f"; loads {share:.0%} over the decode device's own link",
         )
         self._stats = StepStats(capture_s_before=capture_s)
         self._window.reopen()
