@@ -4,18 +4,16 @@ Only pooled requests are indexed: their lengths do not change until they run aga
 docs/batcher.md). Lengths fall into log-linear buckets: width 1 below 2**s, then 2**s
 sub-buckets per power of two, so a bucket spans at most 1/2**s of its length and a band of
 W adjacent buckets bounds the batch's *relative* length spread, which is what a padded decode
-step wastes. add/remove are O(1); band queries visit the band's buckets (at most ~400), so
-their cost does not grow with the number of pooled requests; only non-empty buckets are
-stored.
+step wastes. add/remove are O(1); a query over a range of lengths visits its buckets (at most
+~400), so its cost does not grow with the number of pooled requests; only non-empty buckets
+are stored.
 """
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,31 +45,9 @@ def bucket_start(bucket: int, sub_bits: int = 5) -> int:
     return ((bucket & ((1 << sub_bits) - 1)) + (1 << sub_bits)) << shift
 
 
-@dataclass(frozen=True)
-class Band:
-    """Buckets lo..hi inclusive, lengths min_length..max_length inclusive."""
-
-    lo: int
-    hi: int
-    min_length: int
-    max_length: int
-    count: int
-
-
-@functools.cache
-def _bucket_bounds(max_length: int, sub_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last length of every bucket (shared by every index of these sizes)."""
-    num_buckets = bucket_of(max_length, sub_bits) + 1
-    starts = [bucket_start(b, sub_bits) for b in range(num_buckets + 1)]
-    start = np.array(starts, dtype=np.int64)  # [num_buckets + 1]
-    return start, start[1:] - 1
-
-
 class LengthIndex:
     def __init__(self, max_length: int = MAX_LENGTH, sub_bits: int = 5):
         self.max_length, self.sub_bits = max_length, sub_bits
-        self.num_buckets = bucket_of(max_length, sub_bits) + 1
-        self._start, self._end = _bucket_bounds(max_length, sub_bits)
         # Per non-empty bucket, request_id -> entry order; dicts keep insertion order, so
         # iterating a bucket yields its members oldest-entry first. Sparse, so that an index
         # of a few requests is small (the pool keeps one per load-order class). Only ints
@@ -79,7 +55,6 @@ class LengthIndex:
         # trigger long collections.
         self._buckets: dict[int, dict[str, int]] = {}
         self._where: dict[str, int] = {}  # request_id -> bucket
-        self._length: dict[str, int] = {}
         self._order = itertools.count()
 
     def __len__(self) -> int:
@@ -96,41 +71,18 @@ class LengthIndex:
         b = bucket_of(length, self.sub_bits)
         self._buckets.setdefault(b, {})[request_id] = next(self._order)
         self._where[request_id] = b
-        self._length[request_id] = length
 
-    def remove(self, request_id: str) -> int:
-        """Drop a request; returns its length."""
+    def remove(self, request_id: str) -> None:
         b = self._where.pop(request_id)
         bucket = self._buckets[b]
         del bucket[request_id]
         if not bucket:
             del self._buckets[b]
-        return self._length.pop(request_id)
-
-    def length_of(self, request_id: str) -> int:
-        return self._length[request_id]
-
-    def band(self, lo: int, hi: int) -> Band:
-        lo, hi = max(lo, 0), min(hi, self.num_buckets - 1)
-        count = sum(len(self._buckets.get(b, ())) for b in range(lo, hi + 1))
-        return Band(lo, hi, int(self._start[lo]), int(self._end[hi]), count)
-
-    def band_for_lengths(self, min_length: int, max_length: int) -> Band:
-        return self.band(self._bucket(min_length), self._bucket(max_length))
-
-    def members(self, band: Band, limit: int | None = None) -> list[str]:
-        """Up to `limit` request ids in the band, oldest entry first."""
-        return list(itertools.islice(self.iter_members(band), limit))
-
-    def iter_members(self, band: Band) -> Iterator[str]:
-        """The band's request ids, oldest entry first, lazily: O(W) to start, O(log W) each."""
-        return self._iter_buckets(band.lo, band.hi)
 
     def iter_lengths(self, min_length: int, max_length: int) -> Iterator[str]:
-        """iter_members of band_for_lengths(min_length, max_length), without its count."""
-        return self._iter_buckets(self._bucket(min_length), self._bucket(max_length))
-
-    def _iter_buckets(self, lo: int, hi: int) -> Iterator[str]:
+        """The request ids in the buckets of min_length..max_length (clamped to 1..max_length),
+        oldest entry first, lazily: O(W) to start for W buckets, O(log W) each."""
+        lo, hi = self._bucket(min_length), self._bucket(max_length)
         found = (self._buckets.get(b) for b in range(lo, hi + 1))
         buckets = (self._bucket_items(bucket) for bucket in found if bucket)
         return (rid for _, rid in heapq.merge(*buckets))
