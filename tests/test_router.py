@@ -957,6 +957,7 @@ def test_a_refused_request_adds_nothing_to_the_refusing_batchers_load(fakes):
             assert len(full.requests) >= 1  # it was asked, and refused
             full_state, free_state = client.batchers
             assert not full_state.sent and [n for _, n in free_state.sent] == [100, 100]
+            assert (full_state.sent_tokens, free_state.sent_tokens) == (0, 200)
         finally:
             await _cancel(tasks)
             await client.close()

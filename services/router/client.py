@@ -152,6 +152,7 @@ class BatcherState:
     # (monotonic time sent, prompt tokens) of the requests sent since the last GetLoad call
     # that has answered was made: its report may not count them yet
     sent: deque[tuple[float, int]] = field(default_factory=deque)
+    sent_tokens: int = 0  # their prompt tokens, summed (routing reads it per request)
     is_answering: bool = True  # for logging changes only
     num_streams: int = 0  # requests open on its channel
     mux: _Mux | None = None  # the Stream call its requests share
@@ -169,11 +170,23 @@ class BatcherState:
         if balance_by == "requests":
             live = load.num_waiting + load.num_running + load.num_pooled if load else 0
             return live + len(self.sent)
-        return (load.num_context_tokens or 0 if load else 0) + sum(n for _, n in self.sent)
+        return (load.num_context_tokens or 0 if load else 0) + self.sent_tokens
+
+    def add_sent(self, now_s: float, num_tokens: int) -> tuple[float, int]:
+        entry = (now_s, num_tokens)
+        self.sent.append(entry)
+        self.sent_tokens += num_tokens
+        return entry
+
+    def forget_sent(self, entry: tuple[float, int]) -> None:
+        """A request it refused adds nothing to its load (unless a report dropped it)."""
+        with contextlib.suppress(ValueError):
+            self.sent.remove(entry)
+            self.sent_tokens -= entry[1]
 
     def forget_sent_before(self, when_s: float) -> None:
         while self.sent and self.sent[0][0] < when_s:
-            self.sent.popleft()
+            self.sent_tokens -= self.sent.popleft()[1]
 
 
 class BatcherClient:
@@ -399,8 +412,7 @@ class BatcherClient:
         for batcher in self._by_load():
             now = time.monotonic()
             batcher.forget_sent_before(now - self._sent_ttl_s)
-            entry = (now, num_prompt_tokens)
-            batcher.sent.append(entry)
+            entry = batcher.add_sent(now, num_prompt_tokens)
             batcher.num_streams += 1
             if batcher.mux is None or batcher.mux.is_done:
                 batcher.mux = _Mux(batcher.address, batcher.stub)
@@ -429,8 +441,7 @@ class BatcherClient:
                 timer.cancel()
             mux.release(request_id, abort=first.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED)
             self._stream_ended(batcher)
-            with contextlib.suppress(ValueError):  # (a report may have dropped it already)
-                batcher.sent.remove(entry)  # refused: it adds nothing to this batcher's load
+            batcher.forget_sent(entry)
             errors.append(first)
             if first.grpc_code == grpc.StatusCode.UNAVAILABLE:  # gone or draining: not ready
                 batcher.last_ready_s = -math.inf
