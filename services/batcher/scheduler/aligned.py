@@ -316,9 +316,8 @@ class AlignedPolicy:
         class with "fit-groups"), in each class those whose lengths fall inside one of the
         lane's groups, then the oldest."""
         seen: set[str] = set()
-        bound = now - self.config.starvation_s
         for request_id in self.pooled:
-            if sched.store.get(request_id).pooled_since_s > bound:
+            if not self._is_starving(sched.store.get(request_id), now):
                 break
             seen.add(request_id)
             yield request_id
@@ -334,12 +333,16 @@ class AlignedPolicy:
             self._leave(sched, request_id)
             self._to_pool(sched, sched.store.get(request_id), now)
 
+    def _is_starving(self, request: Request, now: float) -> bool:
+        """Pooled past `starvation_s` (the pool is in pool order: the oldest first)."""
+        return now - request.pooled_since_s > self.config.starvation_s
+
     def _evict_for_starving(self, sched: Scheduler, now: float) -> list[str]:
         lane = self.decode_lane
         if not self.pooled or lane.loading:
             return []
         oldest = sched.store.get(next(iter(self.pooled)))
-        if now - oldest.pooled_since_s <= self.config.starvation_s:
+        if not self._is_starving(oldest, now):
             return []
         short = lane.need_tokens(oldest) - lane.free_tokens()
         evict: list[str] = []
