@@ -626,7 +626,7 @@ def test_a_lane_decodes_a_ready_group_before_one_still_copying():
     for request_id in lengths:
         lane.start_loading(sched, request_id)
     landed = lane.land(sched, free_blocks=4096)
-    lane.regroup(sched)
+    lane.regroup()
     assert sorted(map(sorted, lane.groups)) == [["l0", "l1"], ["s0", "s1"]]
     lane.copying = set(lane.groups[lane.next_group])  # the group whose turn it is
     ready = sorted(set(landed) - lane.copying)

@@ -321,7 +321,7 @@ class AlignedPolicy:
                 break
             seen.add(request_id)
             yield request_id
-        groups = (lane.group_range(sched, g) for g, group in enumerate(lane.groups) if group)
+        groups = (lane.group_range(g) for g, group in enumerate(lane.groups) if group)
         yield from self.pooled.load_order(groups, seen)
 
     def _leave(self, sched: Scheduler, request_id: str) -> None:

@@ -17,6 +17,8 @@ The lane counts its tokens and blocks exactly, as the worker allocates them
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 
 import numpy as np
 
@@ -50,24 +52,29 @@ def partition_groups(
     leaves no partition with groups that large, the minimum is dropped rather than the span.
     Returns the index (into `buckets`) where each group starts."""
     m = len(buckets)
-    cum_n = np.concatenate(([0], np.cumsum(counts)))
-    cum_s = np.concatenate(([0], np.cumsum(sums)))
-    # The cost of every candidate group [i, j) at once; costs are integers far below 2**53,
-    # so the float sums below are exact. [m (first bucket i), m (last bucket j - 1)]
-    i = np.arange(m)[:, None]
-    j = np.arange(1, m + 1)[None, :]
-    n = cum_n[j] - cum_n[i]
-    member_cost = n * ends[j - 1] if padded else cum_s[j] - cum_s[i]
-    ok = (i < j) & ((n <= max_members) | (i == j - 1)) & (buckets[j - 1] - buckets[i] < max_span)
+    cum_n = np.concatenate(([0], np.cumsum(counts)))  # [m + 1]
+    # The cost of every candidate group of buckets i..l at once, a row per last bucket l (the
+    # DP reads one row a step, i <= l only); costs are integers far below 2**53, so the float
+    # sums below are exact. [m (last bucket l), m (first bucket i)]
+    n = cum_n[1:, None] - cum_n[None, :-1]
+    if padded:
+        member_cost = n * ends[:, None]
+    else:
+        cum_s = np.concatenate(([0], np.cumsum(sums)))  # [m + 1]
+        member_cost = cum_s[1:, None] - cum_s[None, :-1]
+    # (a group of one bucket has n == counts[l], and every larger one has more)
+    ok = (n <= np.maximum(counts, max_members)[:, None]) & (buckets[:, None] - buckets < max_span)
     ok &= n >= min(min_members, int(cum_n[m]))
     cost = np.where(ok, weight_tokens + member_cost, np.inf)
-    best = np.full(m + 1, np.inf)  # best[j]: cost of buckets[:j]
+    best = np.empty(m + 1)  # best[j]: cost of buckets[:j]
     best[0] = 0.0
-    start = np.zeros(m + 1, dtype=np.int64)
+    start = [0]  # start[j]: where the last group of that best split starts
+    # (a few numpy calls per bucket: they, not the rows' lengths, are what this costs)
     for last in range(1, m + 1):
-        total = best[:last] + cost[:last, last - 1]
-        first = int(np.argmin(total))
-        best[last], start[last] = total[first], first
+        total = best[:last] + cost[last - 1, :last]  # [last]
+        first = total.argmin()
+        best[last] = total[first]
+        start.append(first)
     if not np.isfinite(best[m]):  # only a minimum the span bound cannot meet leaves this
         return partition_groups(
             buckets, counts, ends, sums, weight_tokens, padded, max_members, max_span
@@ -79,12 +86,25 @@ def partition_groups(
     return starts[::-1]
 
 
+@functools.cache
+def _group_buckets(max_length: int) -> np.ndarray:
+    """The group bucket of every length up to max_length, so that a regroup looks its
+    residents' up in one call rather than bucket_of_array's dozen; in the smallest type that
+    holds them (bytes below 2**32 tokens): small to look up in, sorted by radix.
+    [max_length + 1]"""
+    buckets = bucket_of_array(np.arange(max_length + 1), GROUP_SUB_BITS)
+    return buckets.astype(np.min_scalar_type(buckets[-1]))
+
+
 class Lane:
     def __init__(self, config: SchedulerConfig, num_device_blocks: int, max_length: int, name: str):
         self.config = config
         self.name = name  # for messages: "decode device", "prefill device"
         self.max_length = max_length  # lengths are bucketed up to this (the pool's index)
-        self.resident: dict[str, None] = {}  # on the device, in load order
+        # on the device, in load order, with each one's length (num_tokens), kept exact: a
+        # regroup reads every resident's, and reading them from the requests touches a few
+        # scattered objects each (most of a regroup's time among 100k pooled)
+        self.resident: dict[str, int] = {}
         self.undecoded: set[str] = set()  # resident, no token decoded since it landed
         # resident, its KV maybe still copying in (the worker copies at the step that lands
         # it, beside the steps; `on_copied` once an answer says it landed): left out of the
@@ -139,7 +159,7 @@ class Lane:
         for request_id in landed:
             request = sched.store.get(request_id)
             sched.store.transition(request, S.RUNNING)
-            self.resident[request_id] = None
+            self.resident[request_id] = request.num_tokens
             self.undecoded.add(request_id)
             self.copying.add(request_id)
             self.held_blocks += sched.blocks_for(request.num_kv_tokens)
@@ -157,7 +177,7 @@ class Lane:
     def leave(self, sched: Scheduler, request_id: str) -> None:
         """A resident leaves the device (its blocks are freed at the end of this step)."""
         del self.resident[request_id]
-        self._drop(sched, request_id)
+        self._drop(request_id)
         self.undecoded.discard(request_id)
         self.copying.discard(request_id)
         request = sched.store.get(request_id)
@@ -166,10 +186,13 @@ class Lane:
         self.churn += 1
 
     def on_token(self, request: Request) -> None:
+        request_id = request.request_id
         self.gpu_tokens += 1
-        self.undecoded.discard(request.request_id)
-        # the decode wrote the KV of token kv - 1: a new device block if it starts one
-        self.held_blocks += (request.num_kv_tokens - 1) % self.config.block_tokens == 0
+        self.resident[request_id] = length = self.resident[request_id] + 1
+        self.undecoded.discard(request_id)
+        # the decode wrote the KV of token kv - 1, where kv = length - 1 (a token was just
+        # sampled): a new device block if it starts one
+        self.held_blocks += (length - 2) % self.config.block_tokens == 0
 
     def on_done(self, sched: Scheduler, request: Request) -> None:
         """A resident or loading request ended (at the length it counted)."""
@@ -179,7 +202,7 @@ class Lane:
         if rid in self.resident:
             self.held_blocks -= sched.blocks_for(request.num_kv_tokens)
             del self.resident[rid]
-            self._drop(sched, rid)
+            self._drop(rid)
         self.undecoded.discard(rid)
         self.copying.discard(rid)
         if rid in self.loading:
@@ -208,9 +231,9 @@ class Lane:
             or self.churn * 4 > len(self.resident)
             or self.steps_since_regroup >= self.config.regroup_steps
         ):
-            self.regroup(sched)
+            self.regroup()
         elif landed:
-            self._insert(sched, landed)
+            self._insert(landed)
         group = self._next_group(may_wait)
         copying = self.copying
         ready = [r for r in group if r not in copying] if copying else group
@@ -235,18 +258,22 @@ class Lane:
             self.leave(sched, request_id)
         return decode, free, make_room
 
-    def regroup(self, sched: Scheduler) -> None:
+    def regroup(self) -> None:
         if not self.resident:
             self.groups, self.group_of, self.group_ends, self.next_group = [], {}, [], 0
             return
-        ids = list(self.resident)
-        lengths = np.fromiter(
-            (sched.store.get(r).num_tokens for r in ids), dtype=np.int64, count=len(ids)
-        )
-        buckets = bucket_of_array(np.minimum(lengths, self.max_length), GROUP_SUB_BITS)
-        order = np.argsort(buckets, kind="stable")
-        occupied, first, counts = np.unique(buckets[order], return_index=True, return_counts=True)
-        by_order = lengths[order]
+        # Few array calls, over n residents or m buckets: among 100k pooled requests this runs
+        # with cold caches, where each call costs several times what it does warm.
+        n = len(self.resident)
+        ids = np.fromiter(self.resident, object, n)  # [n]
+        lengths = np.fromiter(self.resident.values(), np.int64, n)  # [n]
+        buckets = _group_buckets(self.max_length)[np.minimum(lengths, self.max_length)]  # [n]
+        order = np.argsort(buckets, kind="stable")  # [n] by bucket, in load order within one
+        per_bucket = np.bincount(buckets)  # [highest bucket + 1] members in each
+        occupied = np.flatnonzero(per_bucket)  # [m]
+        counts = per_bucket[occupied]  # [m]
+        first = np.cumsum(counts) - counts  # [m] where each bucket's members start in `order`
+        by_order = lengths[order]  # [n]
         starts = partition_groups(
             occupied,
             counts,
@@ -258,22 +285,22 @@ class Lane:
             self.config.max_band_buckets,
             self.config.min_batch_size,
         )
-        cuts = [int(first[i]) for i in starts] + [len(ids)]  # member positions in `order`
-        ranked = [ids[k] for k in order.tolist()]
-        self.groups = [ranked[cuts[g] : cuts[g + 1]] for g in range(len(starts))]
+        ranked = ids[order].tolist()
+        cuts = [*first[starts].tolist(), n]  # member positions in `ranked`
+        self.groups = [ranked[a:b] for a, b in itertools.pairwise(cuts)]
         self.group_of = {r: g for g, group in enumerate(self.groups) for r in group}
         self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by bucket
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
 
-    def group_range(self, sched: Scheduler, g: int) -> tuple[int, int]:
+    def group_range(self, g: int) -> tuple[int, int]:
         """Current (shortest, longest) length in group g; (0, 0) when it has none left."""
         if not self.groups[g]:
             return (0, 0)
         lo_id, hi_id = self.group_ends[g]
-        return sched.store.get(lo_id).num_tokens, sched.store.get(hi_id).num_tokens
+        return self.resident[lo_id], self.resident[hi_id]
 
-    def _drop(self, sched: Scheduler, request_id: str) -> None:
+    def _drop(self, request_id: str) -> None:
         """A resident leaves its group (and, if it was one of its ends, they are found again).
         One that landed this step and leaves before the step's group is chosen has none."""
         g = self.group_of.pop(request_id, None)
@@ -282,18 +309,16 @@ class Lane:
         members = self.groups[g]
         members.remove(request_id)
         if members and request_id in self.group_ends[g]:
-            self.group_ends[g] = (
-                min(members, key=lambda r: sched.store.get(r).num_tokens),
-                max(members, key=lambda r: sched.store.get(r).num_tokens),
-            )
+            length = self.resident.__getitem__
+            self.group_ends[g] = (min(members, key=length), max(members, key=length))
 
-    def _insert(self, sched: Scheduler, request_ids) -> None:
+    def _insert(self, request_ids) -> None:
         """Place newly resident requests into the group whose length range holds them (the
         next full regroup re-optimises); one that would stretch a group past
         max_band_buckets triggers that regroup now instead."""
         for request_id in request_ids:
-            length = sched.store.get(request_id).num_tokens
-            ranges = [self.group_range(sched, g) for g in range(len(self.groups))]
+            length = self.resident[request_id]
+            ranges = [self.group_range(g) for g in range(len(self.groups))]
             g = max(0, bisect.bisect_right([lo for lo, _ in ranges], length) - 1)
             lo, hi = ranges[g]
             lo_id, hi_id = self.group_ends[g]
@@ -304,7 +329,7 @@ class Lane:
             cap = self.max_length
             span = bucket_of(min(hi, cap), GROUP_SUB_BITS) - bucket_of(min(lo, cap), GROUP_SUB_BITS)
             if span >= self.config.max_band_buckets:
-                self.regroup(sched)  # places every resident request, these included
+                self.regroup()  # places every resident request, these included
                 return
             self.group_ends[g] = (lo_id, hi_id)
             self.groups[g].append(request_id)
@@ -320,7 +345,7 @@ class Lane:
             g = self.next_group
             self.next_group = (g + 1) % len(self.groups)
             group = self.groups[g]
-            if (group and not self.copying) or any(r not in self.copying for r in group):
+            if group and not self.copying.issuperset(group):  # (one is ready)
                 return list(group)
             if group and first_copying is None:
                 first_copying = g
@@ -336,6 +361,8 @@ class Lane:
     def check_invariants(self, sched: Scheduler) -> None:
         assert set(self.resident) >= self.undecoded
         assert set(self.resident) >= self.copying
+        for request_id, length in self.resident.items():
+            assert length == sched.store.get(request_id).num_tokens, (request_id, length)
         on_gpu = [*self.resident, *self.loading]
         assert self.gpu_tokens == sum(sched.store.get(r).num_tokens for r in on_gpu), self.name
         held = sum(sched.blocks_for(sched.store.get(r).num_kv_tokens) for r in self.resident)
