@@ -1,10 +1,14 @@
 """Prefetcher (worker/prefetch.py): every block lands where asked, over one link or two, for
 block lists in runs (as the allocator hands them out) and scattered; a write queued on the
 current stream before a prefetch is what the prefetch reads; over two links, the prefetch
-GPU's gather buffers are reused only once their pushes have left. GPU only: the CPU path
-copies with kv_cache.copy_blocks, tested with the residency."""
+GPU's gather buffers are reused only once their pushes have left, and the split between the
+links follows each load's measured sides (SplitBalance: its rule on the CPU, its timing on two
+GPUs). The copies are GPU only: the CPU path copies with kv_cache.copy_blocks, tested with the
+residency."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -28,14 +32,25 @@ def lists(kind: str, n: int, gen: torch.Generator) -> tuple[list[int], list[int]
     return src, dst
 
 
-def check(staging: str | None, kind: str) -> None:
-    from alignedserve.worker.prefetch import Prefetcher, pin, unpin
+@contextlib.contextmanager
+def pinned_pool(seed: int):
+    """A pinned pool of random blocks and an empty decode-GPU cache."""
+    from alignedserve.worker.prefetch import pin, unpin
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     pool = torch.randn((NUM_POOL, *BLOCK_SHAPE), generator=gen).to(torch.bfloat16)
     pin(pool)
     try:
         cache = torch.zeros((NUM_DEVICE, *BLOCK_SHAPE), dtype=torch.bfloat16, device="cuda:0")
+        yield pool, cache, gen
+    finally:
+        unpin(pool)
+
+
+def check(staging: str | None, kind: str) -> None:
+    from alignedserve.worker.prefetch import Prefetcher
+
+    with pinned_pool(0) as (pool, cache, gen):
         # chunks of 3 blocks: a load of 40 reuses each gather buffer several times
         block_bytes = pool[0].numel() * pool.element_size()
         prefetcher = Prefetcher(pool, cache, staging_device=staging, chunk_bytes=3 * block_bytes)
@@ -54,8 +69,6 @@ def check(staging: str | None, kind: str) -> None:
             Prefetcher.wait_on(events)
             torch.cuda.synchronize()
             assert torch.equal(cache[dst].cpu(), pool[src]), (kind, n)
-    finally:
-        unpin(pool)
 
 
 @pytest.mark.gpu
@@ -75,13 +88,9 @@ def test_two_links_balance_follows_a_slow_side():
     """Each load's two sides are timed on the right streams: a staged side held back (its
     pushes wait for work on the decode GPU's push stream) moves the share to the direct side,
     up to its bound, and every block still lands."""
-    from alignedserve.worker.prefetch import Prefetcher, pin, unpin
+    from alignedserve.worker.prefetch import Prefetcher
 
-    gen = torch.Generator().manual_seed(1)
-    pool = torch.randn((NUM_POOL, *BLOCK_SHAPE), generator=gen).to(torch.bfloat16)
-    pin(pool)
-    try:
-        cache = torch.zeros((NUM_DEVICE, *BLOCK_SHAPE), dtype=torch.bfloat16, device="cuda:0")
+    with pinned_pool(1) as (pool, cache, gen):
         prefetcher = Prefetcher(pool, cache, staging_device="cuda:1")
         shares = [prefetcher.direct_share]
         for _ in range(6):
@@ -93,8 +102,6 @@ def test_two_links_balance_follows_a_slow_side():
             assert torch.equal(cache[dst].cpu(), pool[src])
             shares.append(prefetcher.direct_share)
         assert shares[0] == 0.47 and shares[-1] == prefetcher.balance.bounds[1], shares
-    finally:
-        unpin(pool)
 
 
 def test_balance_settles_where_both_sides_end_together():
