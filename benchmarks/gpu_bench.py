@@ -451,7 +451,8 @@ def prefetch_bench(ceil: dict[str, float], shares: list[float], repeats: int) ->
         ),
         "scattered": (torch.randperm(n).tolist(), list(range(n))),
     }
-    # (name, Prefetcher keywords, loads before timing)
+    # (name, Prefetcher keywords, loads before timing, each waited for: a balanced split
+    # learns from the loads done when the next starts)
     variants = [("one link", {}, 1)]
     if gpus > 1:
         two = {"staging_device": "cuda:1"}
@@ -473,7 +474,10 @@ def prefetch_bench(ceil: dict[str, float], shares: list[float], repeats: int) ->
                 def run(pre=pre, src=src, dst=dst):
                     Prefetcher.wait_on(pre.start(src, dst))
 
-                seconds = cuda_time(run, iters=5, warmup=warmup)
+                for _ in range(warmup):
+                    run()
+                    torch.cuda.synchronize()
+                seconds = cuda_time(run, iters=5, warmup=0)
                 out.setdefault(f"{order}, {name}", []).append(nbytes / seconds)
                 share = f", share {pre.direct_share:.3f}" if pre.staging_device else ""
                 if pre.is_balancing:

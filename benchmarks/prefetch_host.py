@@ -212,15 +212,16 @@ def main() -> None:
     args = parser.parse_args()
     # name -> (prefetch module, allocator class, Prefetcher keyword arguments)
     current = load_variant("current", None)
-    variants = {"current": (*current, {})}
+    # the split held where it starts (the loads here time the host, at a known split)
+    variants = {"current": (*current, {"balance": False})}
     if args.chunk_mib or args.direct_share:
         del variants["current"]
         for mib, share in itertools.product(args.chunk_mib or [None], args.direct_share or [None]):
-            kwargs = {}
+            kwargs = {"balance": False}
             if mib is not None:
                 kwargs["chunk_bytes"] = mib << 20
-            if share is not None:  # held there: the loads' rates do not move it
-                kwargs.update(direct_share=share, balance=False)
+            if share is not None:
+                kwargs["direct_share"] = share
             label = ", ".join(
                 f"{v} {k}" for k, v in (("MiB chunks", mib), ("direct", share)) if v is not None
             )

@@ -135,15 +135,32 @@ def test_balance_settles_where_both_sides_end_together():
         )
 
 
+def test_balance_follows_rates_that_change():
+    """The prefetch GPU's link gets busy (the prefill's copies): within a few loads the share
+    moves to the new balance, not to an average over everything seen."""
+    from alignedserve.worker.prefetch import SplitBalance
+
+    balance, n = SplitBalance(0.47), 4000
+    for staged_rate, loads in ((21.9, 30), (8.0, 8)):  # blocks per ms
+        for _ in range(loads):
+            split = round(n * balance.share)
+            direct_ms, staged_ms = 0.5 + split / 25.2, 0.5 + (n - split) / staged_rate
+            balance.observe(split, direct_ms / 1e3, n - split, staged_ms / 1e3)
+    assert balance.share == pytest.approx(25.2 / (25.2 + 8.0), abs=0.01), balance.share
+
+
 def test_balance_bounds_and_idle_sides():
     from alignedserve.worker.prefetch import SplitBalance
 
     balance = SplitBalance(0.5)
     balance.observe(100, 1.0, 100, 1000.0)  # the staged side crawls: the bound, not 0.999
     assert balance.share == 0.9
-    balance.observe(0, 0.0, 200, 0.01)  # a load with no direct side teaches nothing
-    assert balance.share == 0.9
+    for idle in [(0, 0.0, 200, 0.01), (200, 0.01, 0, 0.0), (100, 0.0, 100, 0.01)]:
+        fresh = SplitBalance(0.5)  # a side with nothing timed teaches nothing
+        fresh.observe(*idle)
+        assert fresh.share == 0.5, idle
     balance.observe(100, 1000.0, 100, 0.001)
     assert 0.1 <= balance.share < 0.9
-    with pytest.raises(ValueError, match=r"direct_share 0\.95"):
-        SplitBalance(0.95)
+    assert SplitBalance(1.0).share == 1.0  # a held share may be anything (all one side)
+    with pytest.raises(ValueError, match=r"direct_share 1\.5"):
+        SplitBalance(1.5)

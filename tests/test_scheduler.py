@@ -703,3 +703,12 @@ def test_a_cut_prompts_next_chunk_pays_its_copy_in_on_the_prefill_device():
         ttft[whole] = stats.ttft_s[0]
     copy_in_s = COST.h2d_s((1000 + 2000 + 3000) * COST.model.kv_bytes_per_token)
     assert ttft[False] - ttft[True] >= copy_in_s, (ttft, copy_in_s)
+
+
+def test_a_request_starves_only_past_the_bound():
+    """Waiting exactly `starvation_s` is not starving, for the load order and the eviction
+    alike (they share the predicate)."""
+    sched = make_scheduler(make_config("aligned", 16, 64, starvation_s=5.0))
+    waited = SimpleNamespace(pooled_since_s=10.0)
+    assert not sched.policy._is_starving(waited, 15.0)
+    assert sched.policy._is_starving(waited, 15.001)

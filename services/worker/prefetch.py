@@ -41,23 +41,24 @@ def unpin(host: torch.Tensor) -> None:
 
 
 class SplitBalance:
-    """The decode GPU's share of a load's blocks, kept where both sides end together. Each
-    side's rate (blocks per second, from its own loads' start and end) moves with every load
-    measured, and the share goes to direct_rate / (direct_rate + staged_rate). The rates
-    differ by block size and by what else uses each link: on the prefetch GPU the prefill's
-    own copies in share its link, so no one constant fits (the H200 pair's idle optimum ran
-    from 0.45, Llama-3-8B's 2 MiB blocks, to 0.5, OPT-13B's 12.5 MiB; docs/benchmarks.md)."""
+    """The decode GPU's share of a load's blocks, where both sides take as long. Each side's
+    rate (blocks per second, each timed from when its first copy can start to its last copy)
+    moves with every load measured, and the share goes to direct_rate / (direct_rate +
+    staged_rate), within `bounds`. The rates differ by block size and by what else uses each
+    link: on the prefetch GPU the prefill's own copies in share its link, so no one constant
+    fits (the H200 pair's idle optimum ran from 0.45, Llama-3-8B's 2 MiB blocks, to 0.5,
+    OPT-13B's 12.5 MiB; docs/benchmarks.md)."""
 
     def __init__(self, share: float, keep: float = 0.5, bounds: tuple[float, float] = (0.1, 0.9)):
-        if not bounds[0] <= share <= bounds[1]:
-            raise ValueError(f"direct_share {share} outside {bounds}")
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"direct_share {share} outside 0..1")
         self.share, self.keep, self.bounds = share, keep, bounds
         # decayed sums of each side's blocks and seconds: big loads weigh more than small ones
         self.direct = [0.0, 0.0]
         self.staged = [0.0, 0.0]
 
     def observe(self, direct_blocks: int, direct_s: float, staged_blocks: int, staged_s: float):
-        """One load's two sides, each timed from the load's start to the side's last copy."""
+        """One load's two sides: their blocks, and each one's seconds."""
         if direct_blocks <= 0 or staged_blocks <= 0 or direct_s <= 0 or staged_s <= 0:
             return  # one side idle: nothing learned about the balance
         for sums, blocks, seconds in (
@@ -135,13 +136,14 @@ class Prefetcher:
         if self.staging_device is not None:
             self.staging_stream.wait_stream(current)
             self.push_stream.wait_stream(current)
-        timing = None  # [direct side's start, its end, staged side's start, its end]
+        # Each side timed from when its first copy can start (the work queued before the load
+        # done, and the host at its copies: the direct ones are queued after the staged, and
+        # that wait is the host's, not the link's) to its last copy:
+        # [direct side's start, its end, staged side's start, its end]
+        timing = None
         if self.is_balancing and 0 < split < n:
-            # both sides timed from the same point: the work queued before the load is done
             timing = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            timing[0].record(self.direct_stream)
             timing[2].record(self.staging_stream)
-            self._timed.append((split, n - split, timing))
         if split < n:  # first, so the prefetch GPU starts while the host issues the rest
             count = n - split
             # Chunks through the two buffers, each gathered a run of pool blocks at a time;
@@ -169,10 +171,13 @@ class Prefetcher:
                 timing[3].record(self.send_stream)  # the last push has landed
         with torch.cuda.stream(self.direct_stream):  # a copy per run of consecutive blocks
             pairs = list(zip(device_blocks[:split], pool_blocks[:split], strict=True))
+            if timing:
+                timing[0].record(self.direct_stream)
             copy_blocks(self.cache, self.pool, pairs)
             events.append(self.direct_stream.record_event())
             if timing:
                 timing[1].record(self.direct_stream)
+                self._timed.append((split, n - split, timing))  # (all four recorded)
         return events
 
     @property

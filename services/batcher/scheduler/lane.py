@@ -188,7 +188,7 @@ class Lane:
     def on_token(self, request: Request) -> None:
         request_id = request.request_id
         self.gpu_tokens += 1
-        self.resident[request_id] = length = self.resident[request_id] + 1
+        self.resident[request_id] = length = request.num_tokens  # (its new token included)
         self.undecoded.discard(request_id)
         # the decode wrote the KV of token kv - 1, where kv = length - 1 (a token was just
         # sampled): a new device block if it starts one
