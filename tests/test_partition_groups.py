@@ -117,8 +117,8 @@ def test_dp_matches_the_plain_one_partition_for_partition():
 
 
 def test_a_lanes_regroup_matches_the_plain_one():
-    """Lane.regroup against its definition: residents sorted by group bucket (stably: load
-    order within one), the plain DP over the buckets, the groups cut from that order."""
+    """Lane.regroup against its definition: residents sorted by length (stably: load order
+    among equals), the plain DP over their group buckets, the groups cut from that order."""
     rng = np.random.default_rng(1)
     max_length = 1 << 16
     for case in range(300):
@@ -141,7 +141,7 @@ def test_a_lanes_regroup_matches_the_plain_one():
         bucket = {
             r: bucket_of(min(n, max_length), GROUP_SUB_BITS) for r, n in lane.resident.items()
         }
-        ranked = sorted(lane.resident, key=bucket.__getitem__)
+        ranked = sorted(lane.resident, key=lane.resident.__getitem__)  # so by bucket too
         by_bucket = [list(g) for _, g in itertools.groupby(ranked, key=bucket.__getitem__)]
         starts = _plain_dp(
             [bucket[g[0]] for g in by_bucket],

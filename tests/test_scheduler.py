@@ -712,3 +712,34 @@ def test_a_request_starves_only_past_the_bound():
     waited = SimpleNamespace(pooled_since_s=10.0)
     assert not sched.policy._is_starving(waited, 15.0)
     assert sched.policy._is_starving(waited, 15.001)
+
+
+def test_a_groups_range_is_its_shortest_and_longest_member():
+    """The load order fits pooled requests to each group's (shortest, longest) length: a
+    regroup orders members by length, joiners stretch the range, and an end that leaves
+    gives way to the next shortest or longest, wherever it sits in the group."""
+    config = two_small_lanes(0.5)
+    lane = Lane(config, num_device_blocks=1024, max_length=1 << 16, name="decode device")
+    base = {"a": 101, "b": 97, "c": 103, "d": 99, "e": 100, "f": 98, "g": 102, "h": 100}
+    sched = lane_sched(config, {**base, "short": 96, "long": 104})
+
+    def land(ids: list[str]) -> list[str]:
+        for request_id in ids:
+            lane.start_loading(sched, request_id)
+        return lane.land(sched, free_blocks=1024 - lane.held_blocks)
+
+    def range_of(request_id: str) -> tuple[int, int]:
+        return lane.group_range(lane.group_of[request_id])
+
+    lane.next_decode(sched, land(list(base)), free=512)  # loaded out of length order
+    assert len(lane.groups) == 1 and range_of("a") == (97, 103)
+    lane.next_decode(sched, land(["short", "long"]), free=512)  # joiners, slotted in
+    assert lane.steps_since_regroup == 1 and range_of("a") == (96, 104)
+    lane.leave(sched, "long")  # the joiners sit after the others in the group
+    assert range_of("a") == (96, 103)
+    lane.leave(sched, "short")
+    assert range_of("a") == (97, 103)
+    lane.leave(sched, "b")
+    lane.leave(sched, "c")
+    assert range_of("a") == (98, 102)
+    lane.check_invariants(sched)

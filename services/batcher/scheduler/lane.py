@@ -90,8 +90,7 @@ def partition_groups(
 def _group_buckets(max_length: int) -> np.ndarray:
     """The group bucket of every length up to max_length, so that a regroup looks its
     residents' up in one call rather than bucket_of_array's dozen; in the smallest type that
-    holds them (bytes below 2**32 tokens): small to look up in, sorted by radix.
-    [max_length + 1]"""
+    holds them (bytes below 2**32 tokens): small to look up in. [max_length + 1]"""
     buckets = bucket_of_array(np.arange(max_length + 1), GROUP_SUB_BITS)
     return buckets.astype(np.min_scalar_type(buckets[-1]))
 
@@ -268,7 +267,7 @@ class Lane:
         ids = np.fromiter(self.resident, object, n)  # [n]
         lengths = np.fromiter(self.resident.values(), np.int64, n)  # [n]
         buckets = _group_buckets(self.max_length)[np.minimum(lengths, self.max_length)]  # [n]
-        order = np.argsort(buckets, kind="stable")  # [n] by bucket, in load order within one
+        order = np.argsort(lengths, kind="stable")  # [n] by length (so by bucket), then load order
         per_bucket = np.bincount(buckets)  # [highest bucket + 1] members in each
         occupied = np.flatnonzero(per_bucket)  # [m]
         counts = per_bucket[occupied]  # [m]
@@ -289,7 +288,7 @@ class Lane:
         cuts = [*first[starts].tolist(), n]  # member positions in `ranked`
         self.groups = [ranked[a:b] for a, b in itertools.pairwise(cuts)]
         self.group_of = {r: g for g, group in enumerate(self.groups) for r in group}
-        self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by bucket
+        self.group_ends = [(g[0], g[-1]) for g in self.groups]  # members sorted by length
         self.next_group %= len(self.groups)
         self.steps_since_regroup = self.churn = 0
 
