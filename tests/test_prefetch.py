@@ -104,6 +104,28 @@ def test_two_links_balance_follows_a_slow_side():
         assert shares[0] == 0.47 and shares[-1] == prefetcher.balance.bounds[1], shares
 
 
+@pytest.mark.gpu2
+def test_two_links_balance_reads_only_loads_that_are_done():
+    """Loads queued back to back, never waited for: each start feeds the balance the loads
+    done by then, oldest first, and keeps the rest; none piles up, every block lands."""
+    from alignedserve.worker.prefetch import Prefetcher
+
+    with pinned_pool(2) as (pool, cache, gen):
+        prefetcher = Prefetcher(pool, cache, staging_device="cuda:1")
+        loads = [lists("allocator", 40, gen) for _ in range(6)]
+        for src, dst in loads:
+            with torch.cuda.stream(prefetcher.push_stream):
+                torch.cuda._sleep(2_000_000)  # the loads stay in flight while the host queues
+            prefetcher.start(src, dst)
+        assert 1 <= len(prefetcher._timed) <= 6  # the latest, at least, is still running
+        torch.cuda.synchronize()
+        src, dst = loads[-1]
+        Prefetcher.wait_on(prefetcher.start(src, dst))  # reads all six, keeps its own
+        assert len(prefetcher._timed) == 1 and prefetcher.direct_share > 0.47
+        torch.cuda.synchronize()
+        assert torch.equal(cache[dst].cpu(), pool[src])
+
+
 def test_balance_settles_where_both_sides_end_together():
     """Sides with different rates and fixed start-up costs: from any first share, the share
     goes to where both end together (within 1 %), and stays there."""
