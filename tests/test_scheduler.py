@@ -232,6 +232,13 @@ def lane_sched(config: SchedulerConfig, lengths: dict[str, int]) -> SimpleNamesp
     return SimpleNamespace(store=store, blocks_for=lambda n: -(-n // config.block_tokens))
 
 
+def land_on(lane: Lane, sched: SimpleNamespace, ids) -> list[str]:
+    """Stream these requests onto the lane and land them, with the device's free blocks."""
+    for request_id in ids:
+        lane.start_loading(sched, request_id)
+    return lane.land(sched, free_blocks=lane.num_device_blocks - lane.held_blocks)
+
+
 def test_a_lane_drops_leavers_at_once_even_those_that_landed_this_step():
     """Leavers leave their group when they leave the device, so no step lists them. A
     request that landed this step and left before the step's group was chosen (the
@@ -243,9 +250,7 @@ def test_a_lane_drops_leavers_at_once_even_those_that_landed_this_step():
     sched = lane_sched(config, {f"r{i}": n for i, n in enumerate(lengths)})
 
     def land(ids: list[str], leaving: str) -> list[str]:
-        for request_id in ids:
-            lane.start_loading(sched, request_id)
-        landed = lane.land(sched, free_blocks=1024 - lane.held_blocks)
+        landed = land_on(lane, sched, ids)
         assert landed == ids
         lane.leave(sched, leaving)  # before next_decode places it
         decode, _, _ = lane.next_decode(sched, landed, free=512)
@@ -269,18 +274,13 @@ def test_a_lane_leaves_requests_out_of_its_steps_while_their_copies_run():
     lane = Lane(config, num_device_blocks=1024, max_length=1 << 16, name="decode device")
     sched = lane_sched(config, {f"r{i}": 100 + i for i in range(6)})
 
-    def land(ids: list[str]) -> list[str]:
-        for request_id in ids:
-            lane.start_loading(sched, request_id)
-        return lane.land(sched, free_blocks=1024 - lane.held_blocks)
-
-    first = land(["r0", "r1", "r2", "r3"])
+    first = land_on(lane, sched, ["r0", "r1", "r2", "r3"])
     decode, _, _ = lane.next_decode(sched, first, free=512, may_wait=False)
     assert decode == []  # another device has members ready: its answer must not wait
     decode, _, _ = lane.next_decode(sched, [], free=512)
     assert sorted(decode) == first  # nothing else to decode: they wait for their copies
     lane.copying.difference_update(first)  # (AlignedPolicy.on_copied)
-    second = land(["r4", "r5"])
+    second = land_on(lane, sched, ["r4", "r5"])
     decode, _, _ = lane.next_decode(sched, second, free=512)
     assert sorted(decode) == first  # r4 and r5 copy beside this step
     lane.copying.discard("r4")
@@ -623,9 +623,7 @@ def test_a_lane_decodes_a_ready_group_before_one_still_copying():
     lane = Lane(config, num_device_blocks=4096, max_length=1 << 16, name="decode device")
     lengths = {"s0": 100, "s1": 110, "l0": 6000, "l1": 6100}  # two length groups
     sched = lane_sched(config, lengths)
-    for request_id in lengths:
-        lane.start_loading(sched, request_id)
-    landed = lane.land(sched, free_blocks=4096)
+    landed = land_on(lane, sched, lengths)
     lane.regroup()
     assert sorted(map(sorted, lane.groups)) == [["l0", "l1"], ["s0", "s1"]]
     lane.copying = set(lane.groups[lane.next_group])  # the group whose turn it is
@@ -723,17 +721,14 @@ def test_a_groups_range_is_its_shortest_and_longest_member():
     base = {"a": 101, "b": 97, "c": 103, "d": 99, "e": 100, "f": 98, "g": 102, "h": 100}
     sched = lane_sched(config, {**base, "short": 96, "long": 104})
 
-    def land(ids: list[str]) -> list[str]:
-        for request_id in ids:
-            lane.start_loading(sched, request_id)
-        return lane.land(sched, free_blocks=1024 - lane.held_blocks)
-
     def range_of(request_id: str) -> tuple[int, int]:
         return lane.group_range(lane.group_of[request_id])
 
-    lane.next_decode(sched, land(list(base)), free=512)  # loaded out of length order
+    lane.next_decode(sched, land_on(lane, sched, base), free=512)  # loaded out of length order
     assert len(lane.groups) == 1 and range_of("a") == (97, 103)
-    lane.next_decode(sched, land(["short", "long"]), free=512)  # joiners, slotted in
+    lane.next_decode(
+        sched, land_on(lane, sched, ["short", "long"]), free=512
+    )  # joiners, slotted in
     assert lane.steps_since_regroup == 1 and range_of("a") == (96, 104)
     lane.leave(sched, "long")  # the joiners sit after the others in the group
     assert range_of("a") == (96, 103)

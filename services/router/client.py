@@ -170,7 +170,7 @@ class BatcherState:
         if balance_by == "requests":
             live = load.num_waiting + load.num_running + load.num_pooled if load else 0
             return live + len(self.sent)
-        return (load.num_context_tokens or 0 if load else 0) + self.sent_tokens
+        return ((load.num_context_tokens or 0) if load else 0) + self.sent_tokens
 
     def add_sent(self, now_s: float, num_tokens: int) -> tuple[float, int]:
         entry = (now_s, num_tokens)

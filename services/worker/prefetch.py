@@ -15,6 +15,7 @@ on the prefetch GPU it slowed the prefill passes running there.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -99,7 +100,7 @@ class Prefetcher:
         self.staging_device = staging_device
         # each load's (direct blocks, staged blocks, and both sides' start and end events)
         # until its copies are done and its times are read
-        self._timed: list[tuple[int, int, list[torch.cuda.Event]]] = []
+        self._timed: deque[tuple[int, int, list[torch.cuda.Event]]] = deque()
         self.direct_stream = torch.cuda.Stream(cache.device)
         if staging_device is not None:
             self.staging_stream = torch.cuda.Stream(staging_device)
@@ -187,8 +188,11 @@ class Prefetcher:
 
     def _read_times(self) -> None:
         """Feed the balance the loads whose copies are done (never waits for the others)."""
-        while self._timed and self._timed[0][2][1].query() and self._timed[0][2][3].query():
-            direct_blocks, staged_blocks, (d0, d1, s0, s1) = self._timed.pop(0)
+        while self._timed:
+            direct_blocks, staged_blocks, (d0, d1, s0, s1) = self._timed[0]
+            if not (d1.query() and s1.query()):
+                return
+            self._timed.popleft()
             self.balance.observe(
                 direct_blocks, d0.elapsed_time(d1) / 1e3, staged_blocks, s0.elapsed_time(s1) / 1e3
             )

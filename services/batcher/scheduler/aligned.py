@@ -334,7 +334,7 @@ class AlignedPolicy:
             self._to_pool(sched, sched.store.get(request_id), now)
 
     def _is_starving(self, request: Request, now: float) -> bool:
-        """Pooled past `starvation_s` (the pool is in pool order: the oldest first)."""
+        """Pooled for longer than `starvation_s`."""
         return now - request.pooled_since_s > self.config.starvation_s
 
     def _evict_for_starving(self, sched: Scheduler, now: float) -> list[str]:
