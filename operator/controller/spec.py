@@ -81,7 +81,7 @@ class Batching:
     max_batch_kv_fraction: float = 0.9
     starvation_seconds: float = 5.0
     # aligned: nor longer than this per output token after its first that its client allows
-    max_pool_wait_per_token_seconds: float = 0.005
+    max_pool_wait_per_token_seconds: float = 0.02
     max_waiting: int = 1024
     max_steps_in_flight: int = 2  # steps sent to the worker before the first is answered
     # aligned beside a prefill GPU: the most share of the decode GPU's time its prefill
