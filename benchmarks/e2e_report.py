@@ -29,7 +29,6 @@ VARIANTS = (
     "aligned-wait1",
     "aligned-cut",
     "aligned-fitgroups",
-    "aligned-flatwait",
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
@@ -72,8 +71,6 @@ VARIANT_TEXT = {
     "(--no-prefill-whole-prompts)",
     "aligned-fitgroups": "aligned, pooled requests that fit a resident group loading first, "
     "then the oldest (--load-order fit-groups)",
-    "aligned-flatwait": "aligned, pooled requests' waits bounded by --starvation-s alone "
-    "(--max-pool-wait-per-token-s 0)",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",

@@ -35,8 +35,7 @@ from alignedserve.serve import (  # noqa: E402
 # each answer; -serial, the worker answers each step before it queues the next; -wait1, no
 # pooled request waits more than 1 s for a batch (5 s by default); -cut, the prefill device's
 # batches cut their last prompt at the budget (before session 30); -fitgroups, pooled
-# requests fitting a resident group load first, then the oldest (the default before session 32);
-# -flatwait, starvation_s alone bounds a pooled request's wait (before session 35)
+# requests fitting a resident group load first, then the oldest (the default before session 32)
 PART_SETTINGS = {
     "solo": {"prefill_decode_blocks": 0},
     "turns": {"decode_prefill_share": 0.5},
@@ -45,7 +44,6 @@ PART_SETTINGS = {
     "wait1": {"starvation_s": 1.0},
     "cut": {"prefill_whole_prompts": False},
     "fitgroups": {"load_order": "fit-groups"},
-    "flatwait": {"max_pool_wait_per_token_s": 0.0},
 }
 
 

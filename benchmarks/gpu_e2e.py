@@ -26,9 +26,6 @@ The variants (--policies; --baseline names the one aligned is compared with):
 - aligned-fitgroups: aligned whose pooled requests that fit a resident group load first,
   then the oldest (--load-order fit-groups; the default before session 32), instead of
   sorting that order by the max_tokens their clients set (shortest-first);
-- aligned-flatwait: aligned whose pooled requests' waits are bounded by --starvation-s alone
-  (--max-pool-wait-per-token-s 0; the rule before session 35), not also by 0.02 s for each
-  output token after the first that their clients allow;
 - aligned-dp2: aligned data-parallel on the same two GPUs, as fcfs-dp2 below, each engine
   alone on its GPU (prefill mixed into its steps, loads over its own link): what the pair's
   split into a prefill GPU and a decode GPU costs or gains;

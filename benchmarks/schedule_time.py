@@ -19,7 +19,7 @@ requests at start and end, mean decode batch size, switches, the slowest cycles,
 cyclic GC's pauses (all, and those that fell inside a timed schedule()).
 
     .venv/bin/python benchmarks/schedule_time.py [--pooled N ...] [--cycles C] [--profile] \
-        [--starvation-s S] [--max-pool-wait-per-token-s S] [--load-order ...]
+        [--starvation-s S] [--load-order fit-groups|shortest-first]
 
 --profile: afterwards, run the cycles again on a fresh scheduler under cProfile (schedule()
 calls only) and print the top functions by own time and by cumulative time.
@@ -181,7 +181,6 @@ def run(n: int, cycles: int, overrides: dict, profile: cProfile.Profile | None =
         batch=np.array(batch),
         sizes=sizes,
         starvation_s=sched.config.starvation_s,
-        per_token_s=sched.config.max_pool_wait_per_token_s,
         load_order=sched.config.load_order,
         now_end=now,
         switches=sched.num_switches - switches0,
@@ -196,8 +195,7 @@ def report(res: dict, cycles: int) -> None:
     p99 = np.percentile(s, 99) / 1e6
     print(
         f"\n== N = {res['n']:,} requests ({cycles} cycles to t = {res['now_end']:.0f} s, "
-        f"starvation_s = {res['starvation_s']:g}, max_pool_wait_per_token_s = "
-        f"{res['per_token_s']:g}, load_order = {res['load_order']})"
+        f"starvation_s = {res['starvation_s']:g}, load_order = {res['load_order']})"
     )
     print(
         f"setup: build {res['t_build']:.1f} s, fill {res['t_fill']:.1f} s "
@@ -259,13 +257,6 @@ def main() -> None:
         "default 5 s, every pooled request starves from cycle 250 on (all entered at t=0)",
     )
     ap.add_argument(
-        "--max-pool-wait-per-token-s",
-        type=float,
-        default=None,
-        help="override SchedulerConfig.max_pool_wait_per_token_s (default: the config's; "
-        "0: off, so that --starvation-s 1e9 leaves no bound at all)",
-    )
-    ap.add_argument(
         "--load-order",
         choices=LOAD_ORDERS,
         default=None,
@@ -275,11 +266,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = {
         name: value
-        for name, value in (
-            ("starvation_s", args.starvation_s),
-            ("max_pool_wait_per_token_s", args.max_pool_wait_per_token_s),
-            ("load_order", args.load_order),
-        )
+        for name, value in (("starvation_s", args.starvation_s), ("load_order", args.load_order))
         if value is not None
     }
     print(f"python {platform.python_version()} on {platform.machine()}, numpy {np.__version__}")

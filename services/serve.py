@@ -106,14 +106,6 @@ class EngineSettings:
         default=BatcherConfig.starvation_s,
         metadata={"help": "aligned: the longest a pooled request waits for a batch"},
     )
-    max_pool_wait_per_token_s: float = field(
-        default=BatcherConfig.max_pool_wait_per_token_s,
-        metadata={
-            "help": "aligned: nor longer than this per output token after the first that its "
-            "client allows (max_tokens - 1), so a wait adds at most this to its time per "
-            "output token (0: off)"
-        },
-    )
     overlap_steps: bool = field(
         default=True,
         metadata={"help": "the worker queues a step on the device before answering the last"},
@@ -177,7 +169,6 @@ BATCHER_FIELDS = (
     "prefill_whole_prompts",
     "load_order",
     "starvation_s",
-    "max_pool_wait_per_token_s",
 )
 
 

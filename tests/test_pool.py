@@ -1,6 +1,5 @@
 """The aligned policy's pool (scheduler/pool.py): its lazy load order against the plain
-definition it replaces, a stable sort of the fit-groups order by key; the starving, by
-deadline, against a plain filter and sort."""
+definition it replaces, a stable sort of the fit-groups order by key."""
 
 from __future__ import annotations
 
@@ -16,12 +15,12 @@ from alignedserve.batcher.scheduler.pool import Pool
 from alignedserve.common.sampling_params import SamplingParams
 
 
-def make_request(request_id: str, length: int, declared: float, since: float = 0.0) -> Request:
-    """`declared` max_tokens; inf: none (the router filled one in). Pooled since `since`."""
+def make_request(request_id: str, length: int, declared: float) -> Request:
+    """`declared` max_tokens; inf: none (the router filled one in)."""
     is_default = declared == float("inf")
     max_tokens = 1 if is_default else int(declared)
     params = SamplingParams(max_tokens=max_tokens, is_default_max_tokens=is_default)
-    return Request(request_id, range(length), params, arrival_s=0.0, pooled_since_s=since)
+    return Request(request_id, range(length), params, arrival_s=0.0)
 
 
 def fit_groups_order(entries, pool_order, groups, seen):
@@ -80,57 +79,3 @@ def test_the_newest_is_the_last_in_pool_order():
     assert list(pool) == ["b", "c", "a"] and pool.newest() == "a"
     pool.remove("a")
     assert pool.newest() == "c" and len(pool) == 2 and "a" not in pool
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_the_starving_are_those_past_their_deadlines_earliest_first(seed):
-    """Requests enter (each waiting since now, its bound by what it declared), leave, and
-    come back with their old waits (`sort`), while the clock runs; at each read the starving
-    are those whose wait passed their bound, by deadline (entry order among ties)."""
-    rng = random.Random(seed)
-    per_token = rng.choice([0.0, 0.01, 1.0])
-
-    def bound(request: Request) -> float:  # as the policy's, with starvation_s = 2
-        declared = declared_output_tokens(request)
-        return min(2.0, per_token * max(1.0, declared - 1)) if per_token else 2.0
-
-    pool = Pool(bound, key=declared_output_tokens if rng.random() < 0.7 else None)
-    pooled: dict[str, tuple[float, int]] = {}  # request_id -> (deadline, entry number)
-    requests, entries, now = {}, itertools.count(), 0.0
-    for i in range(rng.randint(1, 150)):
-        now += rng.choice([0.0, 0.01, 0.1, 0.5])
-        roll = rng.random()
-        if pooled and roll < 0.2:  # one loads
-            rid = rng.choice(sorted(pooled))
-            pool.remove(rid)
-            del pooled[rid]
-        elif roll < 0.3 and len(requests) > len(pooled):  # one comes back, with its old wait
-            rid = rng.choice(sorted(set(requests) - set(pooled)))
-            pool.add(requests[rid])
-            pooled[rid] = (requests[rid].pooled_since_s + bound(requests[rid]), next(entries))
-            since_of = {r: requests[r].pooled_since_s for r in pooled}
-            pool.sort(since_of.__getitem__)
-        else:
-            rid = f"r{i}"
-            request = make_request(rid, 50, rng.choice([2, 20, 200, float("inf")]), since=now)
-            requests[rid] = request
-            pool.add(request)
-            pooled[rid] = (now + bound(request), next(entries))
-        if rng.random() < 0.5:
-            expected = sorted((r for r, (d, _) in pooled.items() if d < now), key=pooled.get)
-            assert list(pool.starving(now)) == expected
-            pool.check_invariants()
-
-
-def test_a_long_bound_keeps_the_deadline_heap_small():
-    """Entries of requests that left stay in the heap until they surface; with a bound that
-    never passes they would pile up, so the heap is rebuilt from the pooled once mostly
-    stale."""
-    pool = Pool()  # no bound: nothing ever starves
-    for i in range(5000):
-        pool.add(make_request(f"r{i}", 10, 8))
-        assert len(pool._pending) <= 2 * len(pool) + 64
-        if i % 10:
-            pool.remove(f"r{i}")
-    assert len(pool) == 500 and list(pool.starving(1e18)) == []
-    pool.check_invariants()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignedserve.batcher.request import Request, RequestState
+from alignedserve.batcher.request import RequestState
 from alignedserve.batcher.scheduler import QueueFullError, SchedulerConfig, make_scheduler
 from alignedserve.batcher.scheduler.aligned import declared_output_tokens
 from alignedserve.batcher.scheduler.lane import Lane
@@ -36,13 +36,7 @@ workloads = st.lists(
 )
 
 
-def make_config(
-    policy: str,
-    block_tokens: int,
-    pool_blocks: int,
-    starvation_s: float,
-    max_pool_wait_per_token_s: float = 0.0,  # off: starvation_s alone bounds a wait
-):
+def make_config(policy: str, block_tokens: int, pool_blocks: int, starvation_s: float):
     return SchedulerConfig(
         policy=policy,
         block_tokens=block_tokens,
@@ -50,7 +44,6 @@ def make_config(
         gpu_kv_tokens=20_000,  # small: long requests make small batches
         max_batch_size=16,
         starvation_s=starvation_s,
-        max_pool_wait_per_token_s=max_pool_wait_per_token_s,
         prefill_tokens_per_step=1024,
     )
 
@@ -103,33 +96,6 @@ def test_starvation_bound_is_what_bounds_the_wait():
         waits[bound] = simulate_engine(requests, config, COST, check=True).max_pool_wait_s
     assert waits[0.05] < waits[1000.0] / 2, waits
     assert waits[0.05] <= 0.05 + 0.5, waits
-
-
-def test_a_short_output_waits_at_most_its_share_of_the_per_token_bound():
-    """As above, with a loose starvation_s: the late request's wait is bounded by
-    max_pool_wait_per_token_s for each of its output tokens after the first (20 tokens:
-    0.19 s at 0.01), so the wait adds at most that to its time per output token; a long
-    output's bound (400 tokens: 3.99 s) outlasts the residents, and it waits for them as
-    before."""
-    hogs = [SimRequest(f"h{i}", 0.0, 1500 + 10 * i, 400) for i in range(8)]
-    tpot, waits = {}, {}
-    for output_tokens in (20, 400):
-        requests = [*hogs, SimRequest("late", 0.3, 1400, output_tokens)]
-        for per_token in (0.0, 0.01):
-            config = replace(
-                make_config("aligned", 16, 100_000, 1000.0, max_pool_wait_per_token_s=per_token),
-                gpu_kv_tokens=16_000,
-                max_batch_size=64,
-                num_prefill_device_blocks=512,
-            )
-            stats = simulate_engine(requests, config, COST, check=True)
-            # the late request's time per output token is the run's longest where it waits
-            tpot[output_tokens, per_token] = max(stats.tpot_s)
-            waits[output_tokens, per_token] = stats.max_pool_wait_s
-    step_s = tpot[400, 0.0]  # ~ a step: the residents wait ~1.4 s over 400 tokens, at most
-    assert waits[20, 0.0] > 1.0 and tpot[20, 0.0] > step_s + 1.0 / 19, (tpot, waits)
-    assert tpot[20, 0.01] <= step_s + 0.01 + 0.1 / 19, tpot  # + the copy that makes room
-    assert tpot[400, 0.01] == tpot[400, 0.0] and waits[400, 0.01] == waits[400, 0.0]
 
 
 @pytest.mark.parametrize("policy", ["aligned", "fcfs"])
@@ -336,7 +302,6 @@ def two_small_lanes(quiet_s: float) -> SchedulerConfig:
         num_prefill_decode_blocks=64,
         prefill_lane_quiet_s=quiet_s,
         prefill_tokens_per_step=512,
-        max_pool_wait_per_token_s=0.0,  # starvation_s alone bounds a wait
     )
 
 
@@ -645,10 +610,7 @@ def test_a_pooled_request_that_fits_a_resident_group_loads_before_an_older_one(l
     # starving, it loads first, whatever it declared (none here: it would rank last)
     sched, policy, lane, now = pooled_pair(SamplingParams(max_tokens=8, is_default_max_tokens=True))
     assert list(policy._candidates(sched, lane, now)) == ["fits", "older"]
-    older = sched.store.get("older")
-    policy.pooled.remove("older")  # back in the pool with an older wait: past the bound
-    older.pooled_since_s = now - 2 * config.starvation_s
-    policy.pooled.add(older)
+    sched.store.get("older").pooled_since_s = now - 2 * config.starvation_s
     assert list(policy._candidates(sched, lane, now)) == ["older", "fits"]
 
 
@@ -741,28 +703,13 @@ def test_a_cut_prompts_next_chunk_pays_its_copy_in_on_the_prefill_device():
     assert ttft[False] - ttft[True] >= copy_in_s, (ttft, copy_in_s)
 
 
-def test_a_request_starves_only_past_its_bound():
-    """Waiting exactly its bound is not starving, for the load order and the eviction alike
-    (both read the pool's `starving`). The bound is `starvation_s`, and with
-    `max_pool_wait_per_token_s` at most that per output token after the first that the
-    client allows; a max_tokens the router filled in bounds nothing."""
-    for per_token, declared, bound in (
-        (0.0, 20, 5.0),
-        (0.02, 20, 0.38),
-        (0.02, 1000, 5.0),  # 19.98 s by the tokens: starvation_s is less
-        (0.02, 1, 0.02),  # one token: as if two (a wait still counts)
-        (0.02, None, 5.0),
-    ):
-        config = make_config("aligned", 16, 64, 5.0, max_pool_wait_per_token_s=per_token)
-        policy = make_scheduler(config).policy
-        params = SamplingParams(max_tokens=declared or 7, is_default_max_tokens=declared is None)
-        request = Request("r", range(10), params, arrival_s=0.0, pooled_since_s=10.0)
-        assert policy._wait_bound(request) == pytest.approx(bound)
-        policy.pooled.add(request)
-        assert list(policy.pooled.starving(10.0 + policy._wait_bound(request))) == []
-        assert list(policy.pooled.starving(10.001 + bound)) == ["r"]
-        policy.pooled.remove("r")
-        assert list(policy.pooled.starving(1e9)) == []
+def test_a_request_starves_only_past_the_bound():
+    """Waiting exactly `starvation_s` is not starving, for the load order and the eviction
+    alike (they share the predicate)."""
+    sched = make_scheduler(make_config("aligned", 16, 64, starvation_s=5.0))
+    waited = SimpleNamespace(pooled_since_s=10.0)
+    assert not sched.policy._is_starving(waited, 15.0)
+    assert sched.policy._is_starving(waited, 15.001)
 
 
 def test_a_groups_range_is_its_shortest_and_longest_member():

@@ -228,7 +228,6 @@ def worker_deployment(
                 "min-batch": batching.min_batch,
                 "max-batch-kv-fraction": batching.max_batch_kv_fraction,
                 "starvation-s": batching.starvation_seconds,
-                "max-pool-wait-per-token-s": batching.max_pool_wait_per_token_seconds,
                 "max-waiting": batching.max_waiting,
                 "max-steps-in-flight": batching.max_steps_in_flight,
                 "decode-prefill-share": batching.decode_prefill_share,

@@ -80,8 +80,6 @@ class Batching:
     min_batch: int = 1
     max_batch_kv_fraction: float = 0.9
     starvation_seconds: float = 5.0
-    # aligned: nor longer than this per output token after its first that its client allows
-    max_pool_wait_per_token_seconds: float = 0.02
     max_waiting: int = 1024
     max_steps_in_flight: int = 2  # steps sent to the worker before the first is answered
     # aligned beside a prefill GPU: the most share of the decode GPU's time its prefill
@@ -225,10 +223,6 @@ def _check(spec: AlignedServeSpec) -> None:
         (
             0.1 <= spec.batching.starvation_seconds <= 3600,
             "batching.starvationSeconds must be in 0.1..3600",
-        ),
-        (
-            0 <= spec.batching.max_pool_wait_per_token_seconds <= 10,
-            "batching.maxPoolWaitPerTokenSeconds must be in 0..10",
         ),
         (spec.batching.max_waiting >= 1, "batching.maxWaiting must be >= 1"),
         (spec.batching.max_steps_in_flight >= 1, "batching.maxStepsInFlight must be >= 1"),

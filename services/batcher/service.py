@@ -33,9 +33,6 @@ class BatcherConfig:
     policy: str = "aligned"  # aligned | fcfs
     max_waiting: int = 1024  # admission queue bound: beyond it, RESOURCE_EXHAUSTED (429)
     starvation_s: float = 5.0
-    # aligned: nor longer than this per output token after its first that its client allows
-    # (max_tokens - 1); 0: off
-    max_pool_wait_per_token_s: float = SchedulerConfig.max_pool_wait_per_token_s
     worker_recovery_s: float = 60.0  # how long requests wait for a lost worker to return
     worker_startup_s: float = 600.0  # how long the first worker connection may take (model load)
     min_batch: int = 1  # aligned: fewest members of a decode group, when that many are resident
@@ -81,7 +78,6 @@ class BatcherConfig:
                 policy=self.policy,
                 max_waiting=self.max_waiting,
                 starvation_s=self.starvation_s,
-                max_pool_wait_per_token_s=self.max_pool_wait_per_token_s,
                 min_batch_size=self.min_batch,
                 max_resident_kv_fraction=self.max_batch_kv_fraction,
                 decode_prefill_share=self.decode_prefill_share,

@@ -68,7 +68,7 @@ class AlignedPolicy:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         by_declared = config.load_order == "shortest-first"
-        self.pooled = Pool(self._wait_bound, declared_output_tokens if by_declared else None)
+        self.pooled = Pool(declared_output_tokens if by_declared else None)
         device_blocks = config.gpu_kv_tokens // config.block_tokens
         self.decode_lane = Lane(config, device_blocks, MAX_LENGTH, "decode device")
         # the prefill device's residents, while it decodes (only with a prefill device)
@@ -191,7 +191,7 @@ class AlignedPolicy:
         streaming = lane.unload(sched)
         for request_id in streaming:
             del self.lane_of[request_id]
-        self._back_to_pool(sched, streaming)
+        self._back_to_pool(sched, streaming, now)
         leaving = list(lane.resident)
         self._send_to_pool(sched, leaving, now)
         return leaving
@@ -316,7 +316,9 @@ class AlignedPolicy:
         class with "fit-groups"), in each class those whose lengths fall inside one of the
         lane's groups, then the oldest."""
         seen: set[str] = set()
-        for request_id in self.pooled.starving(now):
+        for request_id in self.pooled:
+            if not self._is_starving(sched.store.get(request_id), now):
+                break
             seen.add(request_id)
             yield request_id
         groups = (lane.group_range(g) for g, group in enumerate(lane.groups) if group)
@@ -331,24 +333,17 @@ class AlignedPolicy:
             self._leave(sched, request_id)
             self._to_pool(sched, sched.store.get(request_id), now)
 
-    def _wait_bound(self, request: Request) -> float:
-        """How long it may wait in the pool for a device: `starvation_s`, and at most
-        `max_pool_wait_per_token_s` for each output token after its first that its client
-        allows (a wait then adds at most that to its time per output token)."""
-        per_token = self.config.max_pool_wait_per_token_s
-        if not per_token:
-            return self.config.starvation_s
-        per_wait = per_token * max(1.0, declared_output_tokens(request) - 1)
-        return min(self.config.starvation_s, per_wait)
+    def _is_starving(self, request: Request, now: float) -> bool:
+        """Pooled for longer than `starvation_s`."""
+        return now - request.pooled_since_s > self.config.starvation_s
 
     def _evict_for_starving(self, sched: Scheduler, now: float) -> list[str]:
         lane = self.decode_lane
         if not self.pooled or lane.loading:
             return []
-        oldest_id = next(self.pooled.starving(now), None)
-        if oldest_id is None:
+        oldest = sched.store.get(next(iter(self.pooled)))
+        if not self._is_starving(oldest, now):
             return []
-        oldest = sched.store.get(oldest_id)
         short = lane.need_tokens(oldest) - lane.free_tokens()
         evict: list[str] = []
         for request_id in lane.resident:  # longest-resident first: they had their turn
@@ -362,20 +357,21 @@ class AlignedPolicy:
         return evict
 
     # ---- pool membership ---------------------------------------------------------------
-    def _to_pool(self, sched: Scheduler, request: Request, since: float) -> None:
-        """Into the pool, waiting since `since` (now, unless it had been waiting before)."""
+    def _to_pool(self, sched: Scheduler, request: Request, now: float) -> None:
         sched.store.transition(request, S.POOLED)
-        request.pooled_since_s = since
+        request.pooled_since_s = now
         self.pooled.add(request)
 
-    def _back_to_pool(self, sched: Scheduler, request_ids: list[str]) -> None:
+    def _back_to_pool(self, sched: Scheduler, request_ids: list[str], now: float) -> None:
         """Requests that were streaming in return to the pool, each as long waiting as
         before: in its place among the oldest (one re-sort for all of them)."""
         if not request_ids:
             return
         for request_id in request_ids:
             request = sched.store.get(request_id)
-            self._to_pool(sched, request, request.pooled_since_s)
+            since = request.pooled_since_s
+            self._to_pool(sched, request, now)
+            request.pooled_since_s = since
         since_of = {rid: sched.store.get(rid).pooled_since_s for rid in self.pooled}
         self.pooled.sort(since_of.__getitem__)
 

@@ -34,10 +34,6 @@ class SchedulerConfig:
     # member costs ~19 us beyond its KV, ~600 KV tokens; this gives 640.
     ridge_flops_per_byte: int = 190
     starvation_s: float = 5.0  # no pooled request waits longer than this for a batch (+ one switch)
-    # aligned: nor longer than this per output token after its first that its client allows
-    # (max_tokens - 1), so a wait adds at most this to its time per output token; 0: off.
-    # The requests a wait hurts most, those with short outputs, then load first and make room
-    max_pool_wait_per_token_s: float = 0.02
     growth_tokens: int = 256  # KV budget headroom per member for the tokens it will still decode
     pool_full: str = "wait"  # when the pool lacks room for a new prompt: wait | reject (429)
     admit_watermark: float = 0.05  # a new request starts prefill only if 5% of the pool stays free
@@ -83,7 +79,6 @@ class SchedulerConfig:
                 "num_prefill_decode_blocks",
                 "decode_prefill_share",
                 "prefill_lane_quiet_s",
-                "max_pool_wait_per_token_s",
             ):
                 if value < 0:
                     raise ConfigError(f"{f.name}={value} must be >= 0")

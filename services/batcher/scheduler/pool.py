@@ -1,7 +1,6 @@
 """The `aligned` policy's CPU pool: the requests whose KV waits there for a device.
 
-It keeps them in pool order (the longest waiting first), by deadline (when each has waited
-as long as its bound allows: the starving, past theirs, load first and may make room), and
+It keeps them in pool order (the longest waiting first: the starvation bound reads it) and
 in classes by the load order's key (`declared_output_tokens` for "shortest-first", one
 class for "fit-groups"), each class indexed by KV length (length_index.py). The load order
 is read lazily from those: the classes by key, smallest first; in each, the requests whose
@@ -13,9 +12,6 @@ of the pool (which took 15 ms per decision at p99 with 10,000 pooled, 197 ms wit
 from __future__ import annotations
 
 import bisect
-import heapq
-import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,22 +28,12 @@ class _Class:
 
 
 class Pool:
-    def __init__(
-        self,
-        wait_bound: Callable[[Request], float] = lambda request: math.inf,
-        key: Callable[[Request], float] | None = None,
-        max_length=MAX_LENGTH,
-    ):
+    def __init__(self, key: Callable[[Request], float] | None = None, max_length=MAX_LENGTH):
         self.max_length = max_length
-        self._wait_bound = wait_bound  # how long a request may wait, from pooled_since_s
         self._key = key  # None: one class
         self._order: dict[str, float] = {}  # request_id -> its key; first = longest waiting
         self._classes: dict[float, _Class] = {}
         self._keys: list[float] = []  # of the classes, ascending
-        self._deadline: dict[str, tuple[float, int]] = {}  # request_id -> (deadline, seq)
-        self._pending: list[tuple[float, int, str]] = []  # heap; stale entries skipped
-        self._starving: dict[str, None] = {}  # past their deadlines, the earliest first
-        self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._order)
@@ -73,17 +59,9 @@ class Pool:
         cls.index.add(request_id, min(request.num_tokens, self.max_length))
         cls.order[request_id] = None
         self._order[request_id] = key
-        entry = (request.pooled_since_s + self._wait_bound(request), next(self._seq))
-        self._deadline[request_id] = entry
-        heapq.heappush(self._pending, (*entry, request_id))
-        if len(self._pending) > 2 * len(self._order) + 64:  # mostly stale: a long bound
-            self._pending = [(*e, r) for r, e in self._deadline.items() if r not in self._starving]
-            heapq.heapify(self._pending)
 
     def remove(self, request_id: str) -> None:
         key = self._order.pop(request_id)
-        del self._deadline[request_id]  # (its heap entry goes when it surfaces)
-        self._starving.pop(request_id, None)
         cls = self._classes[key]
         cls.index.remove(request_id)
         del cls.order[request_id]
@@ -96,21 +74,6 @@ class Pool:
         self._order = {r: self._order[r] for r in sorted(self._order, key=waiting_since)}
         for cls in self._classes.values():
             cls.order = dict.fromkeys(sorted(cls.order, key=waiting_since))
-
-    def starving(self, now: float) -> Iterator[str]:
-        """The requests waiting past their deadlines, the earliest deadline first. Lazy, as
-        `load_order`."""
-        out_of_order = False
-        while self._pending and self._pending[0][0] < now:
-            deadline, seq, request_id = heapq.heappop(self._pending)
-            if self._deadline.get(request_id) != (deadline, seq):
-                continue  # it left the pool (or came back: a newer entry stands for it)
-            if self._starving:
-                out_of_order |= self._deadline[next(reversed(self._starving))] > (deadline, seq)
-            self._starving[request_id] = None
-        if out_of_order:  # one came back with its old wait (`sort`): already past its deadline
-            self._starving = dict.fromkeys(sorted(self._starving, key=self._deadline.__getitem__))
-        return iter(self._starving)
 
     def load_order(self, group_lengths: Iterable[tuple[int, int]], seen: set[str]) -> Iterator[str]:
         """The pooled requests not in `seen`, in load order (see the module's docstring);
@@ -134,7 +97,3 @@ class Pool:
             assert cls.order and set(cls.order) == set(cls.index._where)
             assert all(self._order[r] == key for r in cls.order)
         assert sum(len(cls.order) for cls in self._classes.values()) == len(self._order)
-        assert self._deadline.keys() == self._order.keys()
-        assert all(r in self._order for r in self._starving)
-        pending = {r for _, _, r in self._pending if r not in self._starving}
-        assert pending | set(self._starving) >= set(self._order)
