@@ -27,10 +27,20 @@ from alignedserve.batcher.length_index import (
     LengthIndex,
     bucket_of,
     bucket_of_array,
-    bucket_start,
 )
 
 # ---- buckets ---------------------------------------------------------------------------------
+
+
+def bucket_start(bucket: int, sub_bits: int = 5) -> int:
+    """Smallest length in a bucket, from the bucket geometry the index documents (width 1
+    below 2**sub_bits, then 2**sub_bits buckets per power of two): the oracle that
+    bucket_of is checked against."""
+    if bucket < (1 << sub_bits):
+        return bucket
+    shift = (bucket >> sub_bits) - 1
+    return ((bucket & ((1 << sub_bits) - 1)) + (1 << sub_bits)) << shift
+
 
 ALL_LENGTHS = np.arange(1, 70_001)
 

@@ -37,14 +37,6 @@ def bucket_of_array(lengths: np.ndarray, sub_bits: int = 5) -> np.ndarray:
     return np.where(lengths < (1 << sub_bits), lengths, big)
 
 
-def bucket_start(bucket: int, sub_bits: int = 5) -> int:
-    """Smallest length in a bucket (inverse of bucket_of on bucket boundaries)."""
-    if bucket < (1 << sub_bits):
-        return bucket
-    shift = (bucket >> sub_bits) - 1
-    return ((bucket & ((1 << sub_bits) - 1)) + (1 << sub_bits)) << shift
-
-
 class LengthIndex:
     def __init__(self, max_length: int = MAX_LENGTH, sub_bits: int = 5):
         self.max_length, self.sub_bits = max_length, sub_bits
