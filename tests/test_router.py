@@ -29,7 +29,8 @@ from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.common.tokenizer import Tokenizer
 from alignedserve.router import wire
 from alignedserve.router.app import create_app
-from alignedserve.router.client import BatcherClient, BatcherError
+from alignedserve.router.batcher_stream import BatcherError
+from alignedserve.router.client import BatcherClient
 from alignedserve.router.config import RouterConfig, add_router_arguments, config_from_args
 from alignedserve.router.generation import generate_text
 from alignedserve.router.preprocess import GenerationInput

@@ -12,7 +12,8 @@ import pytest
 
 from alignedserve.common.proto import batcher_pb2
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.router.client import BatcherClient, BatcherError, _coalesced
+from alignedserve.router.batcher_stream import BatcherError, coalesced
+from alignedserve.router.client import BatcherClient
 from alignedserve.router.wire import chunk_from_proto
 
 from fake_batcher import FakeBatcherFactory
@@ -139,11 +140,11 @@ def test_deltas_queued_behind_a_chunk_merge_up_to_the_end_or_an_error():
 
     first = chunk_from_proto(delta([1]))
     q = queued(delta([2, 3]), delta([4], "length", (9, 4)), delta([99]))
-    chunk, error = _coalesced(first, q)
+    chunk, error = coalesced(first, q)
     assert (chunk.token_ids, chunk.logprobs) == ((1, 2, 3, 4), (-0.5,) * 4)
     assert (chunk.finish_reason, chunk.usage.completion_tokens, error) == ("length", 4, None)
     assert q.qsize() == 1  # nothing is taken past the end
     failed = BatcherError("batcher gone", grpc.StatusCode.UNAVAILABLE)
-    chunk, error = _coalesced(first, queued(delta([2]), failed))
+    chunk, error = coalesced(first, queued(delta([2]), failed))
     assert (chunk.token_ids, chunk.finish_reason, error) == ((1, 2), None, failed)
-    assert _coalesced(first, queued()) == (first, None)
+    assert coalesced(first, queued()) == (first, None)

@@ -8,8 +8,7 @@ that leaves gets no new request, and its channel closes once its streams have fi
 While no batcher is ready (scaled to zero, or every worker loading), a request is held until
 one is, within bounds.
 
-All the requests sent to one batcher share one Stream call (a _Mux): the batcher sends one
-message per engine step with every request's tokens, fanned out here to the requests."""
+All the requests sent to one batcher share one Stream call (batcher_stream.py's StreamMux)."""
 
 from __future__ import annotations
 
@@ -25,15 +24,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from alignedserve.common.errors import AlignedServeError, QueueFullError, UnavailableError
+from alignedserve.common.errors import QueueFullError, UnavailableError
 from alignedserve.common.load_report import get_load
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
-from alignedserve.common.rpc import CHANNEL_OPTIONS, HTTP_STATUS
+from alignedserve.common.rpc import CHANNEL_OPTIONS
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.router import wire
+from alignedserve.router.batcher_stream import BatcherError, StreamMux, coalesced, rpc_error
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.discovery import Discovery, GetAddrInfo
-from alignedserve.router.wire import GenerateChunk, LoadReport, merge_chunks
+from alignedserve.router.wire import GenerateChunk, LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -41,103 +41,6 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 2.0
 # "Not now" answers given before any token: another batcher may take the request.
 TRY_ANOTHER = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-
-
-class BatcherError(AlignedServeError):
-    """A batcher call failed; the HTTP status follows the one gRPC -> HTTP table."""
-
-    def __init__(self, message: str, grpc_code: grpc.StatusCode):
-        super().__init__(message)
-        self.grpc_code = grpc_code
-        self.http_status = HTTP_STATUS.get(grpc_code, 500)
-
-
-def _error(address: str, e: grpc.aio.AioRpcError) -> BatcherError:
-    return BatcherError(f"batcher {address}: {e.details() or e.code().name}", e.code())
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _delta_error(address: str, delta: batcher_pb2.RequestDelta) -> BatcherError:
-    code = _CODES.get(delta.error_code, grpc.StatusCode.UNKNOWN)
-    return BatcherError(f"batcher {address}: {delta.error_message or code.name}", code)
-
-
-class _Mux:
-    """One Stream call to a batcher, shared by the requests the router sends it: requests
-    and aborts go out in order; each delta that comes back goes to its request's queue (an
-    error delta as a BatcherError). When the call ends, every request still on it gets the
-    error (UNAVAILABLE if the batcher ended it cleanly)."""
-
-    def __init__(self, address: str, stub: batcher_pb2_grpc.BatcherStub):
-        self.address = address
-        self.is_done = False
-        self._sends: asyncio.Queue[batcher_pb2.StreamRequest | None] = asyncio.Queue()
-        self._requests: dict[str, asyncio.Queue] = {}
-        self._call = stub.Stream(self._outgoing())
-        self._reader = asyncio.create_task(self._read())
-
-    def open(self, request: batcher_pb2.GenerateRequest) -> asyncio.Queue:
-        """Send the request; its deltas (then a BatcherError, if it fails) arrive in the queue."""
-        queue: asyncio.Queue = asyncio.Queue()
-        self._requests[request.request_id] = queue
-        self._sends.put_nowait(batcher_pb2.StreamRequest(generate=request))
-        return queue
-
-    def release(self, request_id: str, abort: bool) -> None:
-        """The request is done with here; `abort`: it has not finished at the batcher."""
-        if self._requests.pop(request_id, None) is not None and abort and not self.is_done:
-            abort_msg = batcher_pb2.AbortRequest(request_id=request_id)
-            self._sends.put_nowait(batcher_pb2.StreamRequest(abort=abort_msg))
-
-    async def close(self) -> None:
-        self._call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def _outgoing(self):
-        while (msg := await self._sends.get()) is not None:
-            yield msg
-
-    async def _read(self) -> None:
-        error = BatcherError(
-            f"batcher {self.address} ended its stream", grpc.StatusCode.UNAVAILABLE
-        )
-        try:
-            async for msg in self._call:
-                requests = self._requests
-                for delta in msg.deltas:
-                    queue = requests.get(delta.request_id)
-                    if queue is not None:
-                        queue.put_nowait(
-                            _delta_error(self.address, delta) if delta.error_code else delta
-                        )
-        except grpc.aio.AioRpcError as e:
-            error = _error(self.address, e)
-        finally:
-            self.is_done = True
-            self._sends.put_nowait(None)
-            for queue in self._requests.values():
-                queue.put_nowait(error)
-
-
-def _coalesced(chunk: GenerateChunk, queue: asyncio.Queue) -> tuple[GenerateChunk, object]:
-    """The chunk with the deltas already queued behind it: one chunk, when the router has
-    fallen behind the batcher (a step's tokens arrive for every request at once). So the
-    per-chunk work downstream (detokenizing, the SSE event, its socket write: ~50 us) is paid
-    once for them, and a loaded router keeps up instead of queueing, as vLLM's output
-    collector merges deltas its API server has not taken yet. Returns the chunk and an error
-    queued behind the deltas (None if none): it is raised after they are delivered."""
-    if queue.empty() or chunk.finish_reason is not None:
-        return chunk, None
-    parts = [chunk]
-    while not queue.empty() and parts[-1].finish_reason is None:
-        msg = queue.get_nowait()
-        if isinstance(msg, BatcherError):
-            return merge_chunks(parts), msg
-        parts.append(wire.chunk_from_proto(msg))
-    return merge_chunks(parts), None
 
 
 @dataclass(eq=False)  # by identity: one address may come back as a new batcher
@@ -155,7 +58,7 @@ class BatcherState:
     sent_tokens: int = 0  # their prompt tokens, summed (routing reads it per request)
     is_answering: bool = True  # for logging changes only
     num_streams: int = 0  # requests open on its channel
-    mux: _Mux | None = None  # the Stream call its requests share
+    mux: StreamMux | None = None  # the Stream call its requests share
     is_removed: bool = False  # discovery no longer finds it: its channel closes when idle
 
     @property
@@ -322,7 +225,7 @@ class BatcherClient:
             while True:
                 if isinstance(msg, BatcherError):
                     raise msg
-                chunk, msg = _coalesced(wire.chunk_from_proto(msg), queue)
+                chunk, msg = coalesced(wire.chunk_from_proto(msg), queue)
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = True
@@ -353,7 +256,7 @@ class BatcherClient:
                 batcher_pb2.AbortRequest(request_id=request_id), timeout=CONTROL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as e:
-            log.warning("abort %s: %s", request_id, _error(batcher.address, e))
+            log.warning("abort %s: %s", request_id, rpc_error(batcher.address, e))
             return False
         if request_id in self._routes:  # its stream may have closed while the call was out
             self._aborted.add(request_id)
@@ -404,7 +307,7 @@ class BatcherClient:
     async def _start_call(self, request: batcher_pb2.GenerateRequest):
         """Sends the request to the least loaded batcher and waits for its first delta:
         admission errors arrive before it, while another batcher can still be tried.
-        Returns the batcher, its _Mux, the request's queue, that delta, and the timer that
+        Returns the batcher, its StreamMux, the request's queue, that delta, and the timer that
         ends the request at its deadline (None without one)."""
         errors: list[BatcherError] = []
         request_id = request.request_id
@@ -415,7 +318,7 @@ class BatcherClient:
             entry = batcher.add_sent(now, num_prompt_tokens)
             batcher.num_streams += 1
             if batcher.mux is None or batcher.mux.is_done:
-                batcher.mux = _Mux(batcher.address, batcher.stub)
+                batcher.mux = StreamMux(batcher.address, batcher.stub)
             mux = batcher.mux
             queue = mux.open(request)
             timer = None
@@ -510,7 +413,7 @@ class BatcherClient:
                 log.warning(
                     "batcher %s does not answer GetLoad: %s",
                     batcher.address,
-                    _error(batcher.address, e),
+                    rpc_error(batcher.address, e),
                 )
             batcher.is_answering = False
             return
