@@ -1,16 +1,26 @@
-"""How long creating and pinning a CPU KV pool takes, as the batcher and the worker do it.
+"""How long creating and pinning a CPU KV pool takes, as the batcher and the worker do it,
+and whether pinning it in parallel would start a server sooner.
 
 The batcher creates the shared-memory pool and reserves its memory (`CpuKVPool.create_bytes`);
-the worker page-locks it (`worker/prefetch.py: pin`, cudaHostRegister) so that loads are DMA.
-Both are part of a server's start. For each size, in the OPT-13B block format:
+the worker page-locks it (`worker/prefetch.py: pin`, one cudaHostRegister) so that loads are
+DMA. Both are part of a server's start (pinning 160 GiB took ~90 s of aligned's ~150 s start
+on 2xH200, thirty-fifth session). For each size, in the OPT-13B block format, each mode on a
+fresh pool:
+- single: one cudaHostRegister of the whole pool (the worker's way);
+- touch: the worker's page tables filled first by reading a byte of every page with
+  --threads torch threads, then one cudaHostRegister;
+- chunks: --threads equal chunks registered at once, one per thread; then a copy to the GPU
+  that spans two chunks is checked against its bytes and timed against one inside a chunk
+  (a registration per chunk is only usable if such copies are DMA and correct).
 
-    python3 benchmarks/pool_pin.py --gib 16 64 120    # a GPU machine with host memory for it
+    python3 benchmarks/pool_pin.py --gib 16 64 --modes single touch chunks --threads 8
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from device_env import import_alignedserve
 
@@ -19,28 +29,89 @@ import torch  # noqa: E402
 
 from alignedserve.batcher.kv_pool import CpuKVPool  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
-from alignedserve.worker.prefetch import pin  # noqa: E402
+from alignedserve.worker.prefetch import CUDA_HOST_REGISTER_PORTABLE, pin  # noqa: E402
 
 OPT_13B = KVLayout(40, 40, 128, 16, "bfloat16")  # layers, kv heads, head dim, block tokens
+PAGE = 4096
+COPY_BYTES = 1 << 30
+
+
+def register(view: torch.Tensor) -> None:
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(view.data_ptr(), view.numel(), CUDA_HOST_REGISTER_PORTABLE)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({err})")
+
+
+def copy_rate(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """GB/s of one host-to-device copy, the best of three."""
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return src.numel() / best / 1e9
+
+
+def run(gib: int, mode: str, threads: int) -> str:
+    start = time.perf_counter()
+    pool = CpuKVPool.create_bytes(OPT_13B, gib << 30)
+    created = time.perf_counter() - start
+    flat = torch.from_numpy(pool.blocks()).view(torch.uint8).view(-1)  # [bytes]
+    parts, out = [flat], f"{gib} GiB {mode}: create (reserve) {created:.1f} s"
+    start = time.perf_counter()
+    if mode == "single":
+        pin(flat)
+    elif mode == "touch":
+        torch.set_num_threads(threads)
+        pages = flat[: flat.numel() // PAGE * PAGE].view(-1, PAGE)  # [pages, PAGE]
+        touched = int(pages[:, 0].sum(dtype=torch.int64))  # (zeros: the pool is fresh)
+        out += f", touch {time.perf_counter() - start:.1f} s ({threads} threads, {touched})"
+        mid = time.perf_counter()
+        pin(flat)
+        out += f", pin {time.perf_counter() - mid:.1f} s"
+    else:
+        # chunk edges on page boundaries of the address space (two registrations may not
+        # share a page)
+        head = -flat.data_ptr() % PAGE
+        size = -(-flat.numel() // threads // PAGE) * PAGE
+        edges = [0, *range(head + size, flat.numel(), size), flat.numel()]
+        parts = [flat[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(register, parts))
+    out += f", pinned in {time.perf_counter() - start:.1f} s in all"
+    if mode == "chunks" and len(parts) > 1:
+        edge = parts[0].numel()
+        src = flat[edge - COPY_BYTES // 2 : edge + COPY_BYTES // 2]  # spans chunks 0 and 1
+        src.copy_(torch.randint(0, 256, (COPY_BYTES,), dtype=torch.uint8))
+        dst = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+        across = copy_rate(src, dst)
+        same = bool(torch.equal(dst.cpu(), src))
+        inside = copy_rate(flat[:COPY_BYTES], dst)
+        out += f"; 1 GiB copy across two chunks {across:.1f} GB/s (bytes equal: {same})"
+        out += f", inside one {inside:.1f} GB/s"
+    for part in parts:
+        torch.cuda.cudart().cudaHostUnregister(part.data_ptr())
+    del flat, parts
+    pool.close()
+    pool.unlink()
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=int, nargs="+", default=[16, 64, 120])
+    parser.add_argument(
+        "--modes", nargs="+", choices=["single", "touch", "chunks"], default=["single"]
+    )
+    parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
+    torch.cuda.init()
     for gib in args.gib:
-        start = time.time()
-        pool = CpuKVPool.create_bytes(OPT_13B, gib << 30)
-        created = time.time() - start
-        view = torch.from_numpy(pool.blocks())
-        start = time.time()
-        pin(view)
-        pinned = time.time() - start
-        print(f"{gib} GiB: create (reserve) {created:.1f} s, pin {pinned:.1f} s", flush=True)
-        torch.cuda.cudart().cudaHostUnregister(view.data_ptr())
-        del view
-        pool.close()
-        pool.unlink()
+        for mode in args.modes:
+            print(run(gib, mode, args.threads), flush=True)
 
 
 if __name__ == "__main__":
