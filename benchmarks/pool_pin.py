@@ -19,6 +19,7 @@ fresh pool:
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -78,7 +79,7 @@ def run(gib: int, mode: str, threads: int) -> str:
         head = -flat.data_ptr() % PAGE
         size = -(-flat.numel() // threads // PAGE) * PAGE
         edges = [0, *range(head + size, flat.numel(), size), flat.numel()]
-        parts = [flat[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        parts = [flat[a:b] for a, b in itertools.pairwise(edges) if b > a]
         with ThreadPoolExecutor(threads) as ex:
             list(ex.map(register, parts))
     out += f", pinned in {time.perf_counter() - start:.1f} s in all"
