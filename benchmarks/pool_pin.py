@@ -4,11 +4,13 @@ and whether pinning it in parallel would start a server sooner.
 The batcher creates the shared-memory pool and reserves its memory (`CpuKVPool.create_bytes`);
 the worker page-locks it (`worker/prefetch.py: pin`, one cudaHostRegister) so that loads are
 DMA. Both are part of a server's start (pinning 160 GiB took ~90 s of aligned's ~150 s start
-on 2xH200, thirty-fifth session). For each size, in the OPT-13B block format, each mode on a
-fresh pool:
-- single: one cudaHostRegister of the whole pool (the worker's way);
-- touch: the worker's page tables filled first by reading a byte of every page with
-  --threads torch threads, then one cudaHostRegister;
+on 2xH200 before the thirty-fifth session). For each size, in the OPT-13B block format,
+each mode on a fresh pool:
+- single: one cudaHostRegister of the whole pool (the worker's way before the thirty-fifth
+  session);
+- touch: the process's page tables filled first by reading a byte of every page with
+  --threads torch threads (`touch_pages`), then one cudaHostRegister;
+- pin: the worker's `pin` as it is (touch with a thread per core, then register);
 - chunks: --threads equal chunks registered at once, one per thread; then a copy to the GPU
   that spans two chunks is tried (on an H200 it fails, cudaErrorInvalidValue: a registration
   per chunk would need every copy cut at the chunk edges; thirty-fifth session).
@@ -30,7 +32,11 @@ import torch  # noqa: E402
 
 from alignedserve.batcher.kv_pool import CpuKVPool  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
-from alignedserve.worker.prefetch import CUDA_HOST_REGISTER_PORTABLE, pin  # noqa: E402
+from alignedserve.worker.prefetch import (  # noqa: E402
+    CUDA_HOST_REGISTER_PORTABLE,
+    pin,
+    touch_pages,
+)
 
 OPT_13B = KVLayout(40, 40, 128, 16, "bfloat16")  # layers, kv heads, head dim, block tokens
 PAGE = 4096
@@ -63,15 +69,15 @@ def pin_and_check(pool: CpuKVPool, mode: str, threads: int) -> str:
     parts, out = [flat], ""
     start = time.perf_counter()
     if mode == "single":
-        pin(flat)
+        register(flat)
     elif mode == "touch":
-        torch.set_num_threads(threads)
-        pages = flat[: flat.numel() // PAGE * PAGE].view(-1, PAGE)  # [pages, PAGE]
-        touched = int(pages[:, 0].sum(dtype=torch.int64))  # (zeros: the pool is fresh)
+        touched = touch_pages(flat, threads)  # (zeros: the pool is fresh)
         out += f", touch {time.perf_counter() - start:.1f} s ({threads} threads, {touched})"
         mid = time.perf_counter()
+        register(flat)
+        out += f", register {time.perf_counter() - mid:.1f} s"
+    elif mode == "pin":
         pin(flat)
-        out += f", pin {time.perf_counter() - mid:.1f} s"
     else:
         # chunk edges on page boundaries of the address space (two registrations may not
         # share a page)
@@ -117,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=int, nargs="+", default=[16, 64, 120])
     parser.add_argument(
-        "--modes", nargs="+", choices=["single", "touch", "chunks"], default=["single"]
+        "--modes", nargs="+", choices=["single", "touch", "pin", "chunks"], default=["pin"]
     )
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()

@@ -186,3 +186,17 @@ def test_balance_bounds_and_idle_sides():
     assert SplitBalance(1.0).share == 1.0  # a held share may be anything (all one side)
     with pytest.raises(ValueError, match=r"direct_share 1\.5"):
         SplitBalance(1.5)
+
+
+def test_touch_pages_reads_a_byte_of_every_page_and_keeps_the_thread_count():
+    """`pin` first reads every page of the pool in parallel (so cudaHostRegister only locks
+    them): the first byte of each whole page is read, whatever the tensor's dtype, and the
+    process keeps its torch thread count."""
+    from alignedserve.worker.prefetch import PAGE_BYTES, touch_pages
+
+    host = (torch.arange(10 * PAGE_BYTES + 100) * 7 % 251).to(torch.uint8)  # [bytes]
+    firsts = sum(int(host[i * PAGE_BYTES]) for i in range(10))  # the last partial page: none
+    before = torch.get_num_threads()
+    assert touch_pages(host, 3) == firsts > 0
+    assert touch_pages(host[: 10 * PAGE_BYTES].view(torch.bfloat16).view(5, -1), 2) == firsts
+    assert torch.get_num_threads() == before
