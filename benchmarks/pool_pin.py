@@ -32,22 +32,10 @@ import torch  # noqa: E402
 
 from alignedserve.batcher.kv_pool import CpuKVPool  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
-from alignedserve.worker.prefetch import (  # noqa: E402
-    CUDA_HOST_REGISTER_PORTABLE,
-    pin,
-    touch_pages,
-)
+from alignedserve.worker.prefetch import PAGE_BYTES, pin, register, touch_pages  # noqa: E402
 
 OPT_13B = KVLayout(40, 40, 128, 16, "bfloat16")  # layers, kv heads, head dim, block tokens
-PAGE = 4096
 COPY_BYTES = 1 << 30
-
-
-def register(view: torch.Tensor) -> None:
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(view.data_ptr(), view.numel(), CUDA_HOST_REGISTER_PORTABLE)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister failed ({err})")
 
 
 def copy_rate(src: torch.Tensor, dst: torch.Tensor) -> float:
@@ -81,8 +69,8 @@ def pin_and_check(pool: CpuKVPool, mode: str, threads: int) -> str:
     else:
         # chunk edges on page boundaries of the address space (two registrations may not
         # share a page)
-        head = -flat.data_ptr() % PAGE
-        size = -(-flat.numel() // threads // PAGE) * PAGE
+        head = -flat.data_ptr() % PAGE_BYTES
+        size = -(-flat.numel() // threads // PAGE_BYTES) * PAGE_BYTES
         edges = [0, *range(head + size, flat.numel(), size), flat.numel()]
         parts = [flat[a:b] for a, b in itertools.pairwise(edges) if b > a]
         with ThreadPoolExecutor(threads) as ex:

@@ -27,9 +27,7 @@ CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every GPU: each copies over its ow
 # Bytes of blocks the prefetch GPU gathers before pushing them on (each of its two buffers):
 # a chunk's gather takes ~5 ms over one link, its push ~1 ms over NVLink.
 GATHER_CHUNK_BYTES = 256 << 20
-
-
-PAGE_BYTES = 4096
+PAGE_BYTES = 4096  # the host's memory pages, as `touch_pages` reads them
 
 
 def touch_pages(host: torch.Tensor, num_threads: int) -> int:
@@ -54,6 +52,12 @@ def pin(host: torch.Tensor) -> None:
     (`benchmarks/pool_pin.py`, thirty-fifth session)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     touch_pages(host, cores or 1)
+    register(host)
+
+
+def register(host: torch.Tensor) -> None:
+    """Page-lock a CPU tensor's memory in place for every GPU with one cudaHostRegister (its
+    pages faulted in one at a time where no one has read them: `pin` reads them first)."""
     nbytes = host.numel() * host.element_size()
     err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE)
     if int(err) != 0:
