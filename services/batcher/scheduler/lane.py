@@ -237,10 +237,11 @@ class Lane:
         copying = self.copying
         ready = [r for r in group if r not in copying] if copying else group
         decode, short = [], []
-        get, block_tokens = sched.store.get, self.config.block_tokens
+        length, block_tokens = self.resident, self.config.block_tokens
         for request_id in ready or group:  # (all copying: only if it may wait)
-            # its next token starts a block when its written KV fills whole blocks
-            grow = get(request_id).num_kv_tokens % block_tokens == 0
+            # its next token starts a block when its written KV (all but its last token)
+            # fills whole blocks
+            grow = (length[request_id] - 1) % block_tokens == 0
             if grow <= free:
                 decode.append(request_id)
                 free -= grow
@@ -252,7 +253,7 @@ class Lane:
             if need <= 0:
                 break
             make_room.append(request_id)
-            need -= 1 + sched.blocks_for(sched.store.get(request_id).num_kv_tokens)
+            need -= 1 + sched.blocks_for(length[request_id] - 1)
         for request_id in make_room:
             self.leave(sched, request_id)
         return decode, free, make_room
