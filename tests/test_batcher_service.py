@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from alignedserve.batcher import engine
 from alignedserve.batcher.service import BatcherConfig, serve_batcher
 from alignedserve.common import wire
+from alignedserve.common.errors import ConfigError
 from alignedserve.common.proto import batcher_pb2, batcher_pb2_grpc
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.serve import free_port, free_ports
@@ -26,6 +29,7 @@ from alignedserve.worker.service import WorkerConfig
 
 import factories
 from factories import random_prompts
+from fake_batcher import eventually
 
 
 @contextlib.asynccontextmanager
@@ -559,6 +563,45 @@ def test_stop_while_waiting_for_the_first_worker_stops_at_once():
     asyncio.run(main())
 
 
+def test_the_pool_is_reserved_while_the_worker_loads_and_removed_at_stop(monkeypatch):
+    """The pool's memory is allocated before any worker answers (it tells the KV layout, and
+    a large pool takes tens of seconds to allocate); a batcher stopped before then leaves no
+    segment behind."""
+    from alignedserve.batcher import kv_pool
+
+    name = f"{kv_pool.NAME_PREFIX}t{os.getpid():x}"[:28]
+    monkeypatch.setattr(kv_pool, "_new_name", lambda: name)
+    path = Path("/dev/shm") / name
+
+    async def main():
+        stop = asyncio.Event()
+        config = BatcherConfig(worker=f"127.0.0.1:{free_port()}", port=0, pool_gib=0.05)
+        batcher = asyncio.create_task(serve_batcher(config, stop=stop))
+        await eventually(lambda: path.exists() and path.stat().st_blocks * 512 >= 0.05 * 2**30)
+        assert path.stat().st_size == int(0.05 * 2**30)  # not yet cut into blocks
+        assert not batcher.done()
+        stop.set()
+        await asyncio.wait_for(batcher, timeout=5.0)
+
+    asyncio.run(main())
+    assert not path.exists()
+
+
+def test_a_dev_shm_too_small_fails_at_start_without_a_worker(monkeypatch):
+    """The pool cannot be reserved: the batcher fails with why at once, not after waiting
+    worker_startup_s for a worker (none listens here)."""
+    from alignedserve.batcher import kv_pool
+
+    monkeypatch.setattr(kv_pool, "_shm_free_bytes", lambda: 1 << 20)
+
+    async def main():
+        config = BatcherConfig(worker=f"127.0.0.1:{free_port()}", port=0, pool_gib=0.05)
+        await asyncio.wait_for(serve_batcher(config, stop=asyncio.Event()), timeout=10.0)
+
+    with pytest.raises(ConfigError, match="too small"):
+        asyncio.run(main())
+
+
 def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monkeypatch):
     """Attach answers once the worker has page-locked the pool, which takes tens of seconds
     for a large one. A batcher whose Attach timed out used to create a new pool at each retry,
@@ -566,7 +609,7 @@ def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monke
     on 2xH200). Here the first Attach outlasts its deadline: the retry reuses the one pool,
     and the batcher serves."""
     from alignedserve.batcher import worker_link
-    from alignedserve.batcher.kv_pool import CpuKVPool
+    from alignedserve.batcher.kv_pool import PoolSegment
     from alignedserve.worker.service import WorkerServicer
 
     monkeypatch.setattr(worker_link, "ATTACH_BASE_S", 0.5)
@@ -582,13 +625,13 @@ def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monke
 
     monkeypatch.setattr(WorkerServicer, "Attach", slow_first_attach)
     created = []
-    create = CpuKVPool.create_bytes.__func__
+    carve = PoolSegment.carve
 
-    def counting_create(cls, *args, **kwargs):
-        created.append(create(cls, *args, **kwargs))
+    def counting_carve(self, layout):
+        created.append(carve(self, layout))
         return created[-1]
 
-    monkeypatch.setattr(CpuKVPool, "create_bytes", classmethod(counting_create))
+    monkeypatch.setattr(PoolSegment, "carve", counting_carve)
     prompt = random_prompts((12,), seed=3)[0]
     expected = LocalRuntime.from_dir(model_dir).generate([prompt], [greedy(5)])[0]
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from alignedserve.batcher import kv_pool as kv_pool_module
-from alignedserve.batcher.kv_pool import NAME_PREFIX, CpuKVPool
+from alignedserve.batcher.kv_pool import NAME_PREFIX, CpuKVPool, PoolSegment
 from alignedserve.common.errors import ConfigError, OutOfBlocksError
 from alignedserve.common.kv_layout import KVLayout
 
@@ -321,6 +321,32 @@ def test_create_bytes_below_one_block_is_a_config_error():
         CpuKVPool.create_bytes(LAYOUT, BLOCK_BYTES - 1, name=name)
     with pytest.raises(FileNotFoundError):  # nothing was created
         CpuKVPool.attach(name, LAYOUT, 1)
+
+
+def test_a_reserved_segment_is_cut_to_the_whole_blocks_a_worker_attaches_to():
+    """Reserved before the layout is known, then carved: the segment shrinks to its whole
+    blocks (the size a worker's attach checks) and they read and write as any pool's."""
+    name = unique_name()
+    segment = PoolSegment.reserve(3 * BLOCK_BYTES + BLOCK_BYTES // 2, name=name)
+    assert os.stat(f"/dev/shm/{name}").st_size == 3 * BLOCK_BYTES + BLOCK_BYTES // 2
+    with segment.carve(LAYOUT) as owner:
+        assert (owner.num_blocks, owner.nbytes) == (3, 3 * BLOCK_BYTES)
+        assert os.stat(f"/dev/shm/{name}").st_size == 3 * BLOCK_BYTES
+        with CpuKVPool.attach(name, LAYOUT, 3) as worker:
+            owner.block(2)[:] = 7
+            assert (worker.block(2) == 7).all()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_a_reserved_segment_that_holds_no_block_is_removed():
+    name = unique_name()
+    segment = PoolSegment.reserve(BLOCK_BYTES - 1, name=name)
+    with pytest.raises(ConfigError, match=rf"pool_bytes={BLOCK_BYTES - 1} holds no KV block"):
+        segment.carve(LAYOUT)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    name = unique_name()
+    PoolSegment.reserve(BLOCK_BYTES, name=name).discard()  # never carved
+    assert not os.path.exists(f"/dev/shm/{name}")
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -37,7 +38,7 @@ import grpc
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.engine_stats import EngineStats
-from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.batcher.kv_pool import CpuKVPool, PoolSegment
 from alignedserve.batcher.request import PENDING, Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, make_scheduler
 from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
@@ -77,6 +78,7 @@ class BatcherEngine:
         self.config = config
         self.link = WorkerLink(config.worker_address)
         self.pool: CpuKVPool | None = None
+        self._segment: asyncio.Future[PoolSegment] | None = None  # the pool, before its layout
         self.scheduler = None
         self.info: worker_pb2.ModelInfo | None = None
         self._worker_ready = False
@@ -97,8 +99,15 @@ class BatcherEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect to the worker (retrying until worker_recovery_s), make the pool, attach."""
-        await self._connect(first=True)
+        """Reserve the pool's memory while connecting to the worker (retrying until
+        worker_startup_s); once it describes its model, cut the pool into its blocks, attach."""
+        reserve = functools.partial(PoolSegment.reserve, self.config.pool_bytes)
+        self._segment = asyncio.ensure_future(asyncio.to_thread(reserve))
+        try:
+            await self._connect(first=True)
+        except BaseException:
+            await self._discard_segment()
+            raise
         self._task = asyncio.create_task(self._loop(), name="batcher-engine")
 
     async def stop(self) -> None:
@@ -108,9 +117,19 @@ class BatcherEngine:
         if self.scheduler is not None:
             self._stats.log_if_due(self.load, force=True)  # the last, partial window
         await self.link.close()
+        await self._discard_segment()
         if self.pool is not None:
             self.pool.close()
             self.pool.unlink()
+
+    async def _discard_segment(self) -> None:
+        """Remove the reserved segment if no pool was cut from it (its reservation may still
+        be running: a thread cannot be stopped, so it is waited for)."""
+        if self._segment is None or self.pool is not None:
+            return
+        segment, self._segment = self._segment, None
+        with contextlib.suppress(Exception):
+            (await segment).discard()
 
     @property
     def worker_ready(self) -> bool:
@@ -457,9 +476,11 @@ class BatcherEngine:
         delay = 0.05
         while True:
             try:
+                if self._segment.done() and self._segment.exception() is not None:
+                    await self._segment  # /dev/shm too small: fail now, not once the worker is up
                 info = await self.link.connect()
                 if self.pool is None:  # once: a retry (an Attach that timed out) reuses it
-                    self._setup(info)
+                    self._setup(info, await self._segment)
                 await self.link.attach(self.pool)
                 self.worker_ready = True
                 log.info("worker %s attached (%s)", self.config.worker_address, info.model_name)
@@ -473,10 +494,9 @@ class BatcherEngine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _setup(self, info: worker_pb2.ModelInfo) -> None:
+    def _setup(self, info: worker_pb2.ModelInfo, segment: PoolSegment) -> None:
         self.info = info
-        layout = wire.layout_from_proto(info.kv_layout)
-        self.pool = CpuKVPool.create_bytes(layout, self.config.pool_bytes)
+        self.pool = segment.carve(wire.layout_from_proto(info.kv_layout))
         config = scheduler_config_for(self.config, info, self.pool.num_blocks)
         log.info(
             "scheduler: %s policy, %d device blocks, decode cost %s with weights = %d KV tokens",

@@ -15,7 +15,9 @@ on the prefetch GPU it slowed the prefill passes running there.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -23,6 +25,7 @@ import torch
 
 from alignedserve.worker.kv_cache import copy_blocks
 
+logger = logging.getLogger(__name__)
 CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every GPU: each copies over its own link
 # Bytes of blocks the prefetch GPU gathers before pushing them on (each of its two buffers):
 # a chunk's gather takes ~5 ms over one link, its push ~1 ms over NVLink.
@@ -51,8 +54,18 @@ def pin(host: torch.Tensor) -> None:
     On an H200 (16 cores) that pinned a 48 GiB pool in 4.2 s against 15.3 s
     (`benchmarks/pool_pin.py`, thirty-fifth session)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    start = time.perf_counter()
     touch_pages(host, cores or 1)
+    read_s = time.perf_counter() - start
     register(host)
+    logger.info(
+        "pinned %.1f GiB in %.1f s: pages read in %.1f s (%d threads), locked in %.1f s",
+        host.numel() * host.element_size() / 2**30,
+        time.perf_counter() - start,
+        read_s,
+        cores or 1,
+        time.perf_counter() - start - read_s,
+    )
 
 
 def register(host: torch.Tensor) -> None:
