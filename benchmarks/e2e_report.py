@@ -29,6 +29,7 @@ VARIANTS = (
     "aligned-wait1",
     "aligned-cut",
     "aligned-fitgroups",
+    "aligned-pool80",
     "aligned-dp2",
     "fcfs",
     "fcfs-dp2",
@@ -71,6 +72,8 @@ VARIANT_TEXT = {
     "(--no-prefill-whole-prompts)",
     "aligned-fitgroups": "aligned, pooled requests that fit a resident group loading first, "
     "then the oldest (--load-order fit-groups)",
+    "aligned-pool80": "aligned with an 80 GiB CPU pool (about the decode GPU's KV; "
+    "--pool-gib 80), whatever --pool-gib the run sets",
     "fcfs": "one fcfs engine on --device, the second GPU idle",
     "aligned-dp2": "two aligned engines, one per GPU, each alone on its GPU (prefill mixed "
     "into its steps), behind one router (least loaded first)",

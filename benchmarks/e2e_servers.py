@@ -44,6 +44,7 @@ PART_SETTINGS = {
     "wait1": {"starvation_s": 1.0},
     "cut": {"prefill_whole_prompts": False},
     "fitgroups": {"load_order": "fit-groups"},
+    "pool80": {"pool_gib": 80.0},
 }
 
 
@@ -104,15 +105,17 @@ def start_serve(policy, args, model, env, blocks, tiers, logs: Path) -> None:
     children's in logs/serve.log)."""
     more = {k: v for part in policy.split("-")[1:] for k, v in PART_SETTINGS[part].items()}
     config = ServeConfig(
-        model=str(model),
-        device=args.device,
-        prefetch_device=args.prefetch_device,
-        policy=policy.split("-")[0],
-        port=args.port,
-        pool_gib=args.pool_gib,
-        num_device_blocks=blocks,
-        num_routers=args.num_routers,
-        **more,
+        **{
+            "model": str(model),
+            "device": args.device,
+            "prefetch_device": args.prefetch_device,
+            "policy": policy.split("-")[0],
+            "port": args.port,
+            "pool_gib": args.pool_gib,
+            "num_device_blocks": blocks,
+            "num_routers": args.num_routers,
+            **more,  # a variant's settings win, the pool's size included
+        }
     )
     cmd = [sys.executable, "-m", "alignedserve", "serve", *flags.to_args(config)]
     tiers.append([popen_logged(cmd, env, logs / "serve.log")])

@@ -26,6 +26,10 @@ The variants (--policies; --baseline names the one aligned is compared with):
 - aligned-fitgroups: aligned whose pooled requests that fit a resident group load first,
   then the oldest (--load-order fit-groups; the default before session 32), instead of
   sorting that order by the max_tokens their clients set (shortest-first);
+- aligned-pool80: aligned with an 80 GiB CPU pool, about the decode GPU's 88 GiB of KV,
+  whatever --pool-gib gives the others: fewer requests wait in the pool between their turns
+  on the decode GPU, so under overload they wait for their prefill instead (the pool's size
+  trades tokens/s for the tail of TPOT; the simulator predicts it, session 36);
 - aligned-dp2: aligned data-parallel on the same two GPUs, as fcfs-dp2 below, each engine
   alone on its GPU (prefill mixed into its steps, loads over its own link): what the pair's
   split into a prefill GPU and a decode GPU costs or gains;
