@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from alignedserve.batcher import engine_metrics
 from alignedserve.batcher.engine_config import EngineConfig, scheduler_config_for
 from alignedserve.batcher.engine_stats import EngineStats
-from alignedserve.batcher.kv_pool import CpuKVPool, PoolSegment
+from alignedserve.batcher.kv_pool import CpuKVPool
+from alignedserve.batcher.pool_attachment import PoolAttachment
 from alignedserve.batcher.request import PENDING, Request, RequestState
 from alignedserve.batcher.scheduler import BatchPlan, make_scheduler
 from alignedserve.batcher.scheduler.core import PREFILL_BATCHES_IN_FLIGHT
@@ -77,8 +75,8 @@ class BatcherEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.link = WorkerLink(config.worker_address)
-        self.pool: CpuKVPool | None = None
-        self._segment: asyncio.Future[PoolSegment] | None = None  # the pool, before its layout
+        self.pool: CpuKVPool | None = None  # once the worker described its model
+        self._attachment: PoolAttachment | None = None
         self.scheduler = None
         self.info: worker_pb2.ModelInfo | None = None
         self._worker_ready = False
@@ -101,12 +99,11 @@ class BatcherEngine:
     async def start(self) -> None:
         """Reserve the pool's memory while connecting to the worker (retrying until
         worker_startup_s); once it describes its model, cut the pool into its blocks, attach."""
-        reserve = functools.partial(PoolSegment.reserve, self.config.pool_bytes)
-        self._segment = asyncio.ensure_future(asyncio.to_thread(reserve))
+        self._attachment = PoolAttachment(self.link, self.config.pool_bytes)
         try:
             await self._connect(first=True)
         except BaseException:
-            await self._discard_segment()
+            await self._attachment.close()
             raise
         self._task = asyncio.create_task(self._loop(), name="batcher-engine")
 
@@ -117,19 +114,8 @@ class BatcherEngine:
         if self.scheduler is not None:
             self._stats.log_if_due(self.load, force=True)  # the last, partial window
         await self.link.close()
-        await self._discard_segment()
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.unlink()
-
-    async def _discard_segment(self) -> None:
-        """Remove the reserved segment if no pool was cut from it (its reservation may still
-        be running: a thread cannot be stopped, so it is waited for)."""
-        if self._segment is None or self.pool is not None:
-            return
-        segment, self._segment = self._segment, None
-        with contextlib.suppress(Exception):
-            (await segment).discard()
+        if self._attachment is not None:
+            await self._attachment.close()
 
     @property
     def worker_ready(self) -> bool:
@@ -472,31 +458,14 @@ class BatcherEngine:
     # ---- the worker ----------------------------------------------------------------------
     async def _connect(self, first: bool = False) -> None:
         wait_s = self.config.worker_startup_s if first else self.config.worker_recovery_s
-        deadline = time.monotonic() + wait_s
-        delay = 0.05
-        while True:
-            try:
-                if self._segment.done() and self._segment.exception() is not None:
-                    await self._segment  # /dev/shm too small: fail now, not once the worker is up
-                info = await self.link.connect()
-                if self.pool is None:  # once: a retry (an Attach that timed out) reuses it
-                    self._setup(info, await self._segment)
-                await self.link.attach(self.pool)
-                self.worker_ready = True
-                log.info("worker %s attached (%s)", self.config.worker_address, info.model_name)
-                return
-            except grpc.aio.AioRpcError as e:
-                if time.monotonic() > deadline:
-                    raise UnavailableError(
-                        f"no worker at {self.config.worker_address} within "
-                        f"{wait_s:g} s: {e.code().name}"
-                    ) from e
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        info = await self._attachment.attach(wait_s)
+        if self.scheduler is None:
+            self._setup(info, self._attachment.pool)
+        self.worker_ready = True
+        log.info("worker %s attached (%s)", self.config.worker_address, info.model_name)
 
-    def _setup(self, info: worker_pb2.ModelInfo, segment: PoolSegment) -> None:
-        self.info = info
-        self.pool = segment.carve(wire.layout_from_proto(info.kv_layout))
+    def _setup(self, info: worker_pb2.ModelInfo, pool: CpuKVPool) -> None:
+        self.info, self.pool = info, pool
         config = scheduler_config_for(self.config, info, self.pool.num_blocks)
         log.info(
             "scheduler: %s policy, %d device blocks, decode cost %s with weights = %d KV tokens",
