@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 from alignedserve.batcher.request import Request, RequestState, RequestStore
 from alignedserve.batcher.scheduler.config import SchedulerConfig
 from alignedserve.batcher.scheduler.plan import BatchPlan
+from alignedserve.batcher.scheduler.recovery import requeue_lost
 from alignedserve.batcher.scheduler.turns import PrefillShare
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import InvalidRequestError, QueueFullError
@@ -370,14 +370,9 @@ class Scheduler:
         evicting: Sequence[str] = (),
         unanswered: Collection[str] = (),
     ) -> list[str]:
-        """The worker died: whatever it held on its device is gone. Each request it held
-        (and each it was `evicting` in a step that was lost: pooled since, but its new KV
-        may never have reached the pool) goes back to waiting for a prefill that continues
-        from `synced[id]`, the tokens whose KV reached the pool; its pool blocks are kept. The
-        prefill recomputes the rest and samples the next token: with counter-based sampling,
-        the very token it would have produced. The `unanswered` requests lose their PENDING
-        tokens (the steps that were to sample them are lost); one that had finished by length
-        on one is reopened (see _reopen). Returns the ids of the reopened."""
+        """The worker died: what it held goes back to waiting for a prefill from the KV that
+        reached the pool (`recovery.requeue_lost`, which says how). Returns the ids of the
+        requests reopened."""
         # the prefill device's chunk in flight is lost with it (its requests are planned again);
         # the blocks of those that ended meanwhile are free once the old session is gone,
         # before any new plan is sent
@@ -387,66 +382,7 @@ class Scheduler:
         for blocks in self._orphaned_blocks.values():
             self.allocator.free(blocks)
         self._orphaned_blocks.clear()
-        for r in self.store.in_state(RequestState.WAITING_PREFILL):
-            # a chunked prefill kept on the device (fcfs) lost the chunks not in the pool
-            r.num_prefilled = min(r.num_prefilled, synced.get(r.request_id, 0))
-        on_device = (RequestState.RUNNING, RequestState.PREFETCHING)
-        lost = sorted(
-            (
-                r
-                for r in self.store
-                if r.state in on_device
-                # pooled by a lost step: evicted, or prefilled there (its KV is not in the pool)
-                or (
-                    r.state is RequestState.POOLED
-                    and (r.request_id in evicting or r.request_id in unanswered)
-                )
-            ),
-            key=lambda r: r.arrival_s,
-        )
-        for r in lost:
-            self.policy.forget(self, r)  # (at the length it counted, PENDING tokens included)
-            self.store.transition(r, RequestState.WAITING_PREFILL)
-        reopened: list[Request] = []
-        for request_id in unanswered:
-            r = self.store.get(request_id) if request_id in self.store else None
-            if r is None or r.num_answered == len(r.output_token_ids):
-                continue
-            self.store.cut_output(r, r.num_answered)
-            if r.state is RequestState.FINISHED:
-                reopened.append(self._reopen(r))
-        for r in lost:  # admitted again: room for the whole prefill and its token (see
-            # plan_prefill); one the pool cannot top up is recomputed from scratch instead
-            keep = self.blocks_for(r.num_tokens + 1)  # (it had room for its lost tokens too)
-            self.allocator.free(r.blocks[keep:])
-            del r.blocks[keep:]
-            if self.try_reserve(r, r.num_tokens + 1):
-                r.num_prefilled = min(synced.get(r.request_id, 0), r.num_kv_tokens)
-            else:
-                self.allocator.free(r.blocks)
-                r.blocks = []
-                r.num_prefilled = 0
-        # reopened ones wait unadmitted (no blocks): admitted at their first chunk, as new
-        again = sorted([*lost, *reopened], key=lambda r: r.arrival_s)
-        self.waiting.extendleft(r.request_id for r in reversed(again))
-        return [r.request_id for r in reopened]
-
-    def _reopen(self, r: Request) -> Request:
-        """A request that finished by length on a token a lost step was to sample: that
-        token must still be computed. A new record of it waits for a prefill of its prompt
-        and its tokens so far (its KV blocks were freed when it finished)."""
-        self.store.pop(r.request_id)
-        again = replace(
-            r,
-            state=RequestState.WAITING_PREFILL,
-            num_prefilled=0,
-            blocks=[],
-            finished_s=None,
-            pooled_since_s=None,
-            finish_reason=None,
-        )
-        self.store.add(again)
-        return again
+        return requeue_lost(self, synced, evicting, unanswered)
 
     def check_invariants(self) -> None:
         self.store.check_invariants(self.config.block_tokens, self.config.num_pool_blocks)
