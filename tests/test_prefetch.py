@@ -101,7 +101,7 @@ def test_two_links_balance_follows_a_slow_side():
             torch.cuda.synchronize()
             assert torch.equal(cache[dst].cpu(), pool[src])
             shares.append(prefetcher.direct_share)
-        assert shares[0] == 0.47 and shares[-1] == prefetcher.balance.bounds[1], shares
+        assert shares[0] == 0.47 and shares[-1] == prefetcher.split.bounds[1], shares
 
 
 @pytest.mark.gpu2

@@ -135,7 +135,7 @@ class Prefetcher:
         balance: bool = True,
     ):
         self.pool, self.cache = pool, cache
-        self.balance = SplitBalance(direct_share)
+        self.split = SplitBalance(direct_share)  # the share, and how it moves
         self.is_balancing = balance and staging_device is not None
         self.staging_device = staging_device
         # each load's (direct blocks, staged blocks, and both sides' start and end events)
@@ -224,7 +224,7 @@ class Prefetcher:
     @property
     def direct_share(self) -> float:
         """The decode GPU's share of the next load's blocks (all of them over one link)."""
-        return self.balance.share if self.staging_device is not None else 1.0
+        return self.split.share if self.staging_device is not None else 1.0
 
     def _read_times(self) -> None:
         """Feed the balance the loads whose copies are done (never waits for the others)."""
@@ -233,7 +233,7 @@ class Prefetcher:
             if not (d1.query() and s1.query()):
                 return
             self._timed.popleft()
-            self.balance.observe(
+            self.split.observe(
                 direct_blocks, d0.elapsed_time(d1) / 1e3, staged_blocks, s0.elapsed_time(s1) / 1e3
             )
 
