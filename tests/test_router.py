@@ -729,6 +729,57 @@ def test_sigterm_drains_in_flight_streams(model_dir, fake, tmp_path):
             proc.wait()
 
 
+def test_a_second_sigterm_during_the_drain_stops_at_once_and_cleanly(
+    model_dir, fake, tmp_path, monkeypatch
+):
+    """The first SIGTERM drains; a second one stops the process within about a second, with
+    its stream still going, and logs no error on the way (the app's shutdown still runs)."""
+    monkeypatch.setattr(fake, "token_delay_s", 0.05)  # 300 tokens: 15 s, past the drain's 10
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "alignedserve.router", "--model-dir", str(model_dir)]
+    argv += ["--batcher-addresses", fake.address, "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--load-poll-interval-s", "0.05", "--drain-timeout-s", "10"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "router process did not become ready"
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.05)
+        body = {"model": MODEL, "prompt": "drain", "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 3
+            while httpx.get(f"{url}/ready").status_code != 503:
+                assert time.monotonic() < deadline, "/ready stayed 200 after SIGTERM"
+                time.sleep(0.02)
+            stopped_from = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0
+            assert time.monotonic() - stopped_from < 3.0
+            rest = [line for line in lines if line]
+        # the stream was ended, not cut: its client is told, and the batcher freed it
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+        assert len(rest) < 300  # cut short: ~40 of its 300 tokens came in the 2 s
+        assert fake.requests[-1][0] in fake.aborted  # by an Abort the batcher answered
+        log = proc.stdout.read().decode()
+        assert "stopping now" in log and "1 requests in flight aborted" in log
+        assert "Traceback" not in log and " ERROR " not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---- parts -----------------------------------------------------------------------------------
 
 

@@ -262,6 +262,12 @@ class BatcherClient:
             self._aborted.add(request_id)
         return reply.found
 
+    async def abort_all(self) -> int:
+        """Aborts every request streaming now (a router told to stop at once): each ends
+        with finish_reason "abort" and its batcher frees it. Returns how many were aborted."""
+        found = await asyncio.gather(*(self.abort(rid) for rid in list(self._routes)))
+        return sum(found)
+
     def stop_holding(self) -> None:
         """The router drains: the held requests are answered 503 now, for their clients to
         retry on another router, and no more are held."""
