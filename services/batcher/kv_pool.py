@@ -178,8 +178,8 @@ class CpuKVPool:
     block bytes; the segment outlives a crashed worker.
 
     Use `create` / `create_bytes` / `PoolSegment.carve` (owner) or `attach` (worker), not the
-    constructor. See the
-    module docstring for the segment's lifetime and the rule about views before `close()`.
+    constructor. See the module docstring for the segment's lifetime and the rule about views
+    before `close()`.
     """
 
     name: str
