@@ -8,9 +8,9 @@ on 2xH200 before the thirty-fifth session). For each size, in the OPT-13B block 
 each mode on a fresh pool:
 - single: one cudaHostRegister of the whole pool (the worker's way before the thirty-fifth
   session);
-- touch: the process's page tables filled first by reading a byte of every page with
-  --threads torch threads (`touch_pages`), then one cudaHostRegister;
-- pin: the worker's `pin` as it is (touch with a thread per core, then register);
+- touch: the worker's `pin` with --threads torch threads: the process's page tables filled
+  first by reading a byte of every page (`touch_pages`), then one cudaHostRegister;
+- pin: the worker's `pin` as it runs there (a thread per core);
 - chunks: --threads equal chunks registered at once, one per thread; then a copy to the GPU
   that spans two chunks is tried (on an H200 it fails, cudaErrorInvalidValue: a registration
   per chunk would need every copy cut at the chunk edges; thirty-fifth session).
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from alignedserve.batcher.kv_pool import CpuKVPool  # noqa: E402
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
-from alignedserve.worker.prefetch import PAGE_BYTES, pin, register, touch_pages  # noqa: E402
+from alignedserve.worker.prefetch import PAGE_BYTES, pin, register  # noqa: E402
 
 OPT_13B = KVLayout(40, 40, 128, 16, "bfloat16")  # layers, kv heads, head dim, block tokens
 COPY_BYTES = 1 << 30
@@ -58,14 +58,9 @@ def pin_and_check(pool: CpuKVPool, mode: str, threads: int) -> str:
     start = time.perf_counter()
     if mode == "single":
         register(flat)
-    elif mode == "touch":
-        touched = touch_pages(flat, threads)  # (zeros: the pool is fresh)
-        out += f", touch {time.perf_counter() - start:.1f} s ({threads} threads, {touched})"
-        mid = time.perf_counter()
-        register(flat)
-        out += f", register {time.perf_counter() - mid:.1f} s"
-    elif mode == "pin":
-        pin(flat)
+    elif mode in ("touch", "pin"):  # the worker's pin: with --threads, or a thread per core
+        read_s, lock_s = pin(flat, threads if mode == "touch" else None)
+        out += f", touch {read_s:.1f} s, register {lock_s:.1f} s"
     else:
         # chunk edges on page boundaries of the address space (two registrations may not
         # share a page)

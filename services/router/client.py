@@ -264,7 +264,8 @@ class BatcherClient:
 
     async def abort_all(self) -> int:
         """Aborts every request streaming now (a router told to stop at once): each ends
-        with finish_reason "abort" and its batcher frees it. Returns how many were aborted."""
+        with finish_reason "abort" and its batcher frees it. The calls run at once, each
+        within CONTROL_TIMEOUT_S. Returns how many were aborted."""
         found = await asyncio.gather(*(self.abort(rid) for rid in list(self._routes)))
         return sum(found)
 

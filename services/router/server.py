@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 # After the drain, how long uvicorn waits for connections before cancelling what is left.
 SHUTDOWN_GRACE_S = 1.0
-# A second signal: how long the aborts of what is in flight may take before the stop.
-ABORT_ALL_S = 2.0
 
 
 class RouterServer(uvicorn.Server):
@@ -61,7 +59,6 @@ class RouterServer(uvicorn.Server):
         self._drain_started_s: float | None = None
         self._stop_requested = False  # a second signal: abort what is in flight, then stop
         self._aborting: asyncio.Future | None = None
-        self._abort_started_s = 0.0
 
     def begin_drain(self) -> None:
         """Thread-safe; the server loop notices within a tick (0.1 s)."""
@@ -103,15 +100,11 @@ class RouterServer(uvicorn.Server):
             self._client.stop_holding()
             self._drain_started_s = time.monotonic()
         if self._stop_requested and not self.should_exit:
-            if self._aborting is None:
+            if self._aborting is None:  # each Abort call is bounded: CONTROL_TIMEOUT_S
                 self._aborting = asyncio.ensure_future(self._client.abort_all())
-                self._abort_started_s = time.monotonic()
-            # an abort a batcher does not answer holds the stop up no longer than this
-            waited_s = time.monotonic() - self._abort_started_s
-            if self._aborting.done() or waited_s > ABORT_ALL_S:
-                if self._aborting.done() and not self._aborting.cancelled():
-                    aborted = self._aborting.exception() or self._aborting.result()
-                    log.info("stopping: %s requests in flight aborted", aborted)
+            elif self._aborting.done():
+                aborted = self._aborting.exception() or self._aborting.result()
+                log.info("stopping: %s requests in flight aborted", aborted)
                 self.should_exit = True
         if self._drain_started_s is not None and not self.should_exit:
             waited_s = time.monotonic() - self._drain_started_s

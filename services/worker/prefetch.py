@@ -47,25 +47,30 @@ def touch_pages(host: torch.Tensor, num_threads: int) -> int:
         torch.set_num_threads(before)
 
 
-def pin(host: torch.Tensor) -> None:
+def pin(host: torch.Tensor, num_threads: int | None = None) -> tuple[float, float]:
     """Page-lock a CPU tensor's memory in place (e.g. the shared-memory pool) for every GPU:
-    copies from it and into it are DMA. Its pages are first read in parallel
-    (`touch_pages`, a thread per core it may run on): cudaHostRegister then only locks them.
-    On an H200 (16 cores) that pinned a 48 GiB pool in 4.2 s against 15.3 s
-    (`benchmarks/pool_pin.py`, thirty-fifth session)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    copies from it and into it are DMA. Its pages are first read in parallel (`touch_pages`
+    with `num_threads`, by default a thread per core it may run on): cudaHostRegister then
+    only locks them. On an H200 (16 cores) that pinned a 48 GiB pool in 4.2 s against 15.3 s
+    (`benchmarks/pool_pin.py`, thirty-fifth session). Returns the seconds spent reading and
+    locking."""
+    if num_threads is None:
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        num_threads = len(cores) if cores else os.cpu_count() or 1
     start = time.perf_counter()
-    touch_pages(host, cores or 1)
-    read_s = time.perf_counter() - start
+    touch_pages(host, num_threads)
+    read = time.perf_counter()
     register(host)
+    read_s, lock_s = read - start, time.perf_counter() - read
     logger.info(
         "pinned %.1f GiB in %.1f s: pages read in %.1f s (%d threads), locked in %.1f s",
         host.numel() * host.element_size() / 2**30,
-        time.perf_counter() - start,
+        read_s + lock_s,
         read_s,
-        cores or 1,
-        time.perf_counter() - start - read_s,
+        num_threads,
+        lock_s,
     )
+    return read_s, lock_s
 
 
 def register(host: torch.Tensor) -> None:
