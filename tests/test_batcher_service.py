@@ -40,9 +40,12 @@ async def stack(
     prefetch_device=None,
     device_blocks=2048,
     prefill_decode_blocks=0,
+    worker_first=False,
     **batcher_kw,
 ):
-    """A worker and a batcher on loopback; yields (batcher stub, worker task holder)."""
+    """A worker and a batcher on loopback; yields (batcher stub, worker task holder). The
+    batcher starts at once (it attaches while the worker loads), or once the worker has
+    loaded its model (`worker_first`)."""
     config = WorkerConfig(
         model_dir,
         port=worker_port,
@@ -51,7 +54,10 @@ async def stack(
         num_device_blocks=device_blocks,
         prefill_decode_blocks=prefill_decode_blocks,
     )
-    worker = {"task": asyncio.create_task(serve_worker(config))}
+    loaded = asyncio.Event()
+    worker = {"task": asyncio.create_task(serve_worker(config, loaded))}
+    if worker_first:
+        await asyncio.wait_for(loaded.wait(), 60)
     started = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     config = BatcherConfig(
@@ -189,7 +195,7 @@ def test_the_prefill_device_decodes_too_and_gives_the_runtimes_tokens(
     decode_chunk = DeviceResidency.decode_chunk
 
     def counting_decode_chunk(self, request_id, *args):
-        if not self._owns_pool:  # the prefill device's residency shares the decode one's pool
+        if self.on_prefill_device:
             there.append(request_id)
         return decode_chunk(self, request_id, *args)
 
@@ -290,7 +296,7 @@ def test_loads_listed_as_copying_for_several_answers_still_give_the_runtimes_tok
         listed.update((request_id, 6) for request_id, _, _ in loads)
 
     def slow_copying(self):
-        if not self._owns_pool:  # asked once per answer of each device: count the first's
+        if self.on_prefill_device:  # asked once per answer of each device: count the first's
             return []
         for request_id in list(listed):
             listed[request_id] -= 1
@@ -345,14 +351,14 @@ def test_a_step_the_worker_rejects_fails_its_requests_and_the_batcher_serves_on(
     the batcher goes on serving the next one with the runtime's tokens."""
     from alignedserve.worker import server as worker_server
 
-    load = worker_server.load_servicer
+    load = worker_server.load
 
     def claims_more_blocks(config):
-        servicer = load(config)
-        servicer.info.num_device_blocks = 64
-        return servicer
+        model = load(config)
+        model.info.num_device_blocks = 64
+        return model
 
-    monkeypatch.setattr(worker_server, "load_servicer", claims_more_blocks)
+    monkeypatch.setattr(worker_server, "load", claims_more_blocks)
     big, small = random_prompts((120, 20), seed=12)
     expected = LocalRuntime.from_dir(model_dir).generate([small], [greedy(10)])[0]
 
@@ -606,8 +612,9 @@ def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monke
     """Attach answers once the worker has page-locked the pool, which takes tens of seconds
     for a large one. A batcher whose Attach timed out used to create a new pool at each retry,
     leaking the last in /dev/shm until none fitted (aligned never started with a 96 GiB pool
-    on 2xH200). Here the first Attach outlasts its deadline: the retry reuses the one pool,
-    and the batcher serves."""
+    on 2xH200). Here the worker has loaded its model (so Attach's deadline is the pool's
+    own), and the first Attach outlasts it: the retry reuses the one pool, and the batcher
+    serves."""
     from alignedserve.batcher import worker_link
     from alignedserve.batcher.kv_pool import PoolSegment
     from alignedserve.worker.service import WorkerServicer
@@ -636,7 +643,7 @@ def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monke
     expected = LocalRuntime.from_dir(model_dir).generate([prompt], [greedy(5)])[0]
 
     async def main():
-        async with stack(model_dir, free_port()) as (stub, _):
+        async with stack(model_dir, free_port(), worker_first=True) as (stub, _):
             return await asyncio.wait_for(generate(stub, "a", prompt, greedy(5)), 60)
 
     tokens, finish, _ = asyncio.run(main())

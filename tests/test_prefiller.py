@@ -16,6 +16,7 @@ from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.kv_cache import KVCache, block_runs, copy_blocks
 from alignedserve.worker.loader import load_model
+from alignedserve.worker.pool_mapping import PoolMapping
 from alignedserve.worker.prefiller import Prefiller, PrefillJob
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.runner import ModelRunner
@@ -62,7 +63,8 @@ def by_token(pool, layout, blocks):
 def run_on_decode_device(model, layout, pool, plans, sampling):
     """The worker's path without a prefill device: residency + runner, write back, release."""
     # the worker's own mapping of the batcher's pool, as Attach makes it
-    residency = DeviceResidency(KVCache(layout, 256), CpuKVPool.attach(pool.name, layout, 64))
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 64), pin=False)
+    residency = DeviceResidency(KVCache(layout, 256), mapping)
     runner = ModelRunner(model, residency.kv_cache)
     tokens = {}
     for i in range(max(len(chunks) for _, chunks in plans)):  # chunk i of every prompt at once
@@ -82,6 +84,7 @@ def run_on_decode_device(model, layout, pool, plans, sampling):
             residency.write_back(rid, blocks)
             residency.release(rid)
     residency.close()
+    mapping.close()
     return tokens
 
 

@@ -31,6 +31,7 @@ from alignedserve.common.wire import layout_from_proto, layout_to_proto, samplin
 from alignedserve.serve import free_port
 from alignedserve.worker.generate import LocalRuntime
 from alignedserve.worker.kv_cache import TORCH_DTYPES, KVCache
+from alignedserve.worker.pool_mapping import PoolMapping
 from alignedserve.worker.residency import DeviceResidency
 from alignedserve.worker.server import serve_worker
 from alignedserve.worker.service import (
@@ -288,7 +289,7 @@ class SlowDevice:
     plan arrives before the worker answers would race the host's load."""
 
     def __init__(self, servicer: WorkerServicer, wait_s: float = 2.0) -> None:
-        self.executor, self.wait_s = servicer._executor, wait_s
+        self.executor, self.wait_s = servicer.executor, wait_s
         self._launch = self.executor.launch
         self._previous: threading.Event | None = None
         self.executor.launch = self.launch  # before the Session starts: it binds the method
@@ -677,10 +678,11 @@ def residency(request) -> DeviceResidency:
     owner_view = pool_tensor(pool)
     owner_view.copy_(torch.randn(owner_view.shape).to(owner_view.dtype))
     del owner_view
-    attached = CpuKVPool.attach(pool.name, layout, 8)
-    res = DeviceResidency(KVCache(layout, 6), attached)
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 8), pin=False)
+    res = DeviceResidency(KVCache(layout, 6), mapping)
     yield res
     res.close()
+    mapping.close()
     pool.close()
     pool.unlink()
 
@@ -728,8 +730,8 @@ def test_gpu_loads_copy_beside_the_stream_and_report_when_landed():
     pool = CpuKVPool.create(layout, 512)
     owner = pool_tensor(pool)
     owner.copy_(torch.randn(owner.shape).to(owner.dtype))
-    attached = CpuKVPool.attach(pool.name, layout, 512)
-    res = DeviceResidency(KVCache(layout, 600, device="cuda"), attached)
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 512), pin=True)
+    res = DeviceResidency(KVCache(layout, 600, device="cuda"), mapping)
     try:
         torch.cuda._sleep(1 << 30)  # the stream busy (~0.5 s): the copies queue behind it
         res.load_batch([("x", list(range(256)), 256 * 16), ("y", list(range(256, 512)), 4096)])
@@ -745,6 +747,7 @@ def test_gpu_loads_copy_beside_the_stream_and_report_when_landed():
         assert torch.equal(res.kv_cache.blocks[table].cpu(), owner[:256])
     finally:
         res.close()
+        mapping.close()
         del owner
         pool.close()
         pool.unlink()
@@ -845,14 +848,14 @@ def test_run_worker_stops_gracefully_on_sigterm(model_dir):
     )
 
     async def wait_serving() -> None:
+        """It listens while it loads the model (NOT_SERVING), then serves."""
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            reply = await health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                wait_for_ready=True,
-                timeout=60,
-            )
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            async for reply in health.Watch(request, wait_for_ready=True, timeout=60):
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            raise AssertionError("the worker never served")
 
     try:
         asyncio.run(wait_serving())

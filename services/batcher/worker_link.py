@@ -25,6 +25,7 @@ from alignedserve.common.rpc import CHANNEL_OPTIONS, REJECTED_STEP_KEY
 
 # Attach answers once the worker has mapped and page-locked the pool: 120 GiB took 43.5 s on
 # 2xH200 (benchmarks/pool_pin.py), so the deadline grows with the pool, with a 3x margin.
+# (A worker still loading its model answers once it is loaded, too: `attach`'s wait_s.)
 ATTACH_BASE_S = 30.0
 ATTACH_S_PER_GIB = 1.0
 
@@ -79,16 +80,22 @@ class WorkerLink:
         await self.close()
         self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        return await self.describe()
+
+    async def describe(self) -> worker_pb2.ModelInfo:
         return await self.stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
 
-    async def attach(self, pool: CpuKVPool) -> None:
+    async def attach(self, pool: CpuKVPool, wait_s: float = 0.0) -> None:
+        """Attach the pool and open the step session. `wait_s`: how long a worker still
+        loading its model may take beyond the pool's own deadline."""
+        pool_s = attach_timeout_s(pool.num_blocks * pool.layout.block_bytes)
         await self.stub.Attach(
             worker_pb2.AttachRequest(
                 pool_name=pool.name,
                 num_pool_blocks=pool.num_blocks,
                 kv_layout=wire.layout_to_proto(pool.layout),
             ),
-            timeout=attach_timeout_s(pool.num_blocks * pool.layout.block_bytes),
+            timeout=max(pool_s, wait_s),
         )
         self._session = self.stub.Session()
 

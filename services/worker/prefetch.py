@@ -20,7 +20,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from alignedserve.worker.kv_cache import copy_blocks
@@ -34,17 +36,16 @@ PAGE_BYTES = 4096  # the host's memory pages, as `touch_pages` reads them
 
 
 def touch_pages(host: torch.Tensor, num_threads: int) -> int:
-    """Read a byte of every page of a contiguous CPU tensor with `num_threads` torch threads
-    (the process's own count is restored), so the process's page tables hold them all.
-    Returns the bytes' sum (0 for a fresh pool)."""
-    flat = host.view(-1).view(torch.uint8)  # [bytes]
-    pages = flat[: flat.numel() // PAGE_BYTES * PAGE_BYTES].view(-1, PAGE_BYTES)  # [pages, PAGE]
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        return int(pages[:, 0].sum(dtype=torch.int64))
-    finally:
-        torch.set_num_threads(before)
+    """Read a byte of every page of a contiguous CPU tensor on `num_threads` threads of its
+    own, so the process's page tables hold them all. Returns the bytes' sum (0 for a fresh
+    pool). numpy's sums release the GIL, so the threads fault pages in at once; unlike torch's
+    thread count, nothing process-wide is changed (the worker may be loading its model
+    meanwhile, and sets that count itself)."""
+    flat = host.view(-1).view(torch.uint8).numpy()  # [bytes], over the same memory
+    firsts = flat[: flat.size // PAGE_BYTES * PAGE_BYTES : PAGE_BYTES]  # [pages]
+    parts = np.array_split(firsts, max(1, min(num_threads, firsts.size)))
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="touch") as threads:
+        return sum(threads.map(lambda part: int(part.sum(dtype=np.int64)), parts))
 
 
 def pin(host: torch.Tensor, num_threads: int | None = None) -> tuple[float, float]:
@@ -52,7 +53,9 @@ def pin(host: torch.Tensor, num_threads: int | None = None) -> tuple[float, floa
     copies from it and into it are DMA. Its pages are first read in parallel (`touch_pages`
     with `num_threads`, by default a thread per core it may run on): cudaHostRegister then
     only locks them. On an H200 (16 cores) that pinned a 48 GiB pool in 4.2 s against 15.3 s
-    (`benchmarks/pool_pin.py`, thirty-fifth session). Returns the seconds spent reading and
+    (`benchmarks/pool_pin.py`, thirty-fifth session). The worker pins while it loads its
+    model, graph captures included: they capture thread-locally (`worker/cuda_graph.py`), so
+    this thread's CUDA calls cannot fail them. Returns the seconds spent reading and
     locking."""
     if num_threads is None:
         cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.block_allocator import BlockAllocator
 from alignedserve.common.errors import ConfigError, InvalidRequestError
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.kv_cache import KVCache, copy_blocks
+from alignedserve.worker.pool_mapping import PoolMapping
 from alignedserve.worker.runner import SeqChunk
 
 
@@ -45,31 +45,25 @@ class DeviceResidency:
     def __init__(
         self,
         kv_cache: KVCache,
-        pool: CpuKVPool,
+        mapping: PoolMapping,  # the attached pool, pinned on a GPU; its owner closes it
         prefetch_device: str | None = None,
         prefill_decode_kv: KVCache | None = None,
         *,
-        pool_blocks: torch.Tensor | None = None,  # another residency's mapping, to share
+        on_prefill_device: bool = False,  # this is the prefill device's (`second`)
     ):
+        pool = mapping.pool
         if pool.layout != kv_cache.layout:
             raise ConfigError(
                 f"pool {pool.name!r} has layout {pool.layout}, the device cache {kv_cache.layout}"
             )
+        if kv_cache.blocks.is_cuda and not mapping.is_pinned:
+            raise ConfigError(f"pool {pool.name!r} is not page-locked: GPU copies need it")
         self.kv_cache = kv_cache
         self.pool = pool
         self.allocator = BlockAllocator(kv_cache.num_blocks)
         self._block_tokens = kv_cache.layout.block_tokens
-        self._owns_pool = pool_blocks is None  # maps (and pins) it, and unmaps it at close
-        # Zero-copy over the shared segment; uint8 -> dtype is a reinterpretation, so bf16
-        # works although numpy has no bf16.
-        # [num_pool_blocks, layers, 2, block_tokens, kv_heads, head_dim]
-        self._pool_blocks: torch.Tensor | None = (
-            torch.from_numpy(pool.blocks())
-            .view(kv_cache.dtype)
-            .view(pool.num_blocks, *kv_cache.layout.block_shape)
-            if pool_blocks is None
-            else pool_blocks
-        )
+        # [num_pool_blocks, layers, 2, block_tokens, kv_heads, head_dim], over the segment
+        self._pool_blocks: torch.Tensor | None = mapping.blocks
         self._requests: dict[str, _Resident] = {}
         # Loads whose copies may still run (GPU): each request's end of copies, and each load
         # batch's (begin, end), or its seconds where the copies are done when `load_batch`
@@ -77,22 +71,20 @@ class DeviceResidency:
         # Queried, never waited for: a step that uses none of them answers without them.
         self._copying: dict[str, torch.cuda.Event] = {}
         self._batches: list[tuple[torch.cuda.Event, torch.cuda.Event] | float] = []
-        # On a GPU: page-lock the pool so loads are DMA on a copy stream (Prefetcher) and
-        # write-backs are DMA too; on the CPU the indexed copies below are already direct.
-        # (Pinned once, for every GPU: `pin` maps it portable.)
+        # On a GPU: loads are DMA on a copy stream (Prefetcher) and write-backs are DMA too;
+        # on the CPU the indexed copies below are already direct.
         self._prefetcher = None
         if kv_cache.blocks.is_cuda:
-            from alignedserve.worker.prefetch import Prefetcher, pin
+            from alignedserve.worker.prefetch import Prefetcher
 
-            if self._owns_pool:
-                pin(self._pool_blocks)
             self._prefetcher = Prefetcher(
                 self._pool_blocks, kv_cache.blocks, staging_device=prefetch_device
             )
             # waits for each load's copies and marks their end, holding up no pass
             self._landing_stream = torch.cuda.Stream(kv_cache.blocks.device)
+        self.on_prefill_device = on_prefill_device
         self.second = (
-            DeviceResidency(prefill_decode_kv, pool, pool_blocks=self._pool_blocks)
+            DeviceResidency(prefill_decode_kv, mapping, on_prefill_device=True)
             if prefill_decode_kv is not None
             else None
         )
@@ -264,22 +256,16 @@ class DeviceResidency:
             self.second.release_all()
 
     def close(self) -> None:
-        """Release everything and unmap the pool (the segment itself is the batcher's)."""
+        """Release everything, once the device's copies are done; the pool's mapping is its
+        owner's to close after."""
         self.release_all()
         if self.second is not None:
-            self.second.close()  # first: it shares the mapping
+            self.second.close()
             self.second = None
         if self._prefetcher is not None:
-            from alignedserve.worker.prefetch import unpin
-
-            torch.cuda.synchronize(self.kv_cache.blocks.device)  # (the second's: in its close)
-            if self._owns_pool:
-                unpin(self._pool_blocks)
+            torch.cuda.synchronize(self.kv_cache.blocks.device)
             self._prefetcher = None
-        # The mapping cannot be unmapped while a view of it is alive.
         self._pool_blocks = None
-        if self._owns_pool:
-            self.pool.close()
 
     # ---------------------------------------------------------------- one step's chunks
 

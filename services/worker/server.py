@@ -1,7 +1,8 @@
-"""Serving one worker process: load the model (and, beside a prefetch device, the prefill
-replica), then serve the Worker gRPC service (`service.py`) until told to stop.
+"""Serving one worker process: serve the Worker gRPC service (`service.py`) at once, load
+the model meanwhile (and, beside a prefetch device, the prefill replica), then run steps
+until told to stop. The batcher's pool is attached and page-locked while the model loads.
 
-Like the service, this module imports no torch at import time; `load_servicer` does.
+Like the service, this module imports no torch at import time; `load` does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import ModelConfig
@@ -28,9 +31,13 @@ from alignedserve.worker.service import (
     PREFILL_STAGING_EXTRA_TOKENS,
     SERVICE_NAME,
     STOP_GRACE_S,
+    LoadedModel,
     WorkerConfig,
     WorkerServicer,
 )
+
+if TYPE_CHECKING:
+    from alignedserve.worker.pool_mapping import PoolMapping
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +86,23 @@ def prefill_decode_blocks(config: WorkerConfig, block_bytes: int) -> int:
     return int(max(0, min(config.num_device_blocks, fit)))
 
 
-def load_servicer(config: WorkerConfig) -> WorkerServicer:
-    """Load the model and its device KV cache (blocking: seconds to minutes)."""
+def loading_info(config: WorkerConfig) -> worker_pb2.ModelInfo:
+    """What Describe says while the model loads: its name and KV layout (from its config)."""
+    model_dir = Path(config.model_dir)
+    layout = KVLayout.for_model(ModelConfig.from_dir(model_dir), config.block_tokens, config.dtype)
+    return worker_pb2.ModelInfo(
+        model_name=model_dir.resolve().name, kv_layout=layout_to_proto(layout), loading=True
+    )
+
+
+def map_pool(pool: CpuKVPool, pin: bool) -> PoolMapping:
+    from alignedserve.worker.pool_mapping import PoolMapping
+
+    return PoolMapping(pool, pin)
+
+
+def load(config: WorkerConfig) -> LoadedModel:
+    """Load the model and its device KV cache, and warm up (blocking: seconds to minutes)."""
     # The torch side, imported here and not at the top: see the module docstring.
     from alignedserve.worker.ceilings import measure as measure_ceilings
     from alignedserve.worker.executor import StepExecutor
@@ -163,7 +185,7 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
         )
     if on_gpu:
         limit_cpu_threads()
-    return WorkerServicer(
+    return LoadedModel(
         info,
         StepExecutor(info, runner, prefiller, second_runner),
         functools.partial(
@@ -172,8 +194,6 @@ def load_servicer(config: WorkerConfig) -> WorkerServicer:
             prefetch_device=config.prefetch_device,
             prefill_decode_kv=second_kv,
         ),
-        session_handover_s=config.session_handover_s,
-        overlap_steps=config.overlap_steps,
     )
 
 
@@ -182,9 +202,15 @@ async def serve_worker(
     ready: asyncio.Event | None = None,
     on_ready: Callable[[WorkerServicer], None] | None = None,
 ) -> None:
-    """Load the model, serve until cancelled, then stop gracefully. Once serving, `on_ready`
-    gets the servicer (its `port` is the bound port) and `ready` is set."""
-    servicer = await asyncio.to_thread(load_servicer, config)
+    """Serve at once and load the model meanwhile; serve until cancelled, then stop
+    gracefully. Once the model is loaded, `on_ready` gets the servicer (its `port` is the
+    bound port) and `ready` is set."""
+    servicer = WorkerServicer(
+        await asyncio.to_thread(loading_info, config),
+        functools.partial(map_pool, pin=torch_device_is_cuda(config.device)),
+        session_handover_s=config.session_handover_s,
+        overlap_steps=config.overlap_steps,
+    )
     server, health = aio_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
@@ -192,8 +218,20 @@ async def serve_worker(
         servicer.port = server.add_insecure_port(f"{host}:{config.port}")
     except RuntimeError as e:  # grpc reports a port it cannot bind this way
         raise ConfigError(f"WorkerConfig: cannot listen on {host}:{config.port} ({e})") from e
+    await set_serving(health, [SERVICE_NAME], serving=False)  # until the model is loaded
     await server.start()
     try:
+        logger.info(
+            "worker listening on %s:%d, loading %s",
+            config.host,
+            servicer.port,
+            servicer.info.model_name,
+        )
+        try:
+            servicer.loaded(await asyncio.to_thread(load, config))
+        except BaseException as e:
+            servicer.load_failed(e)
+            raise
         await set_serving(health, [SERVICE_NAME], serving=True)
         logger.info(
             "worker serving %s on %s:%d (%s)",

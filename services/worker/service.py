@@ -27,7 +27,8 @@ import grpc
 
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.common import flags, stats_line
-from alignedserve.common.errors import AlignedServeError, ConfigError
+from alignedserve.common.errors import AlignedServeError, ConfigError, ModelLoadError
+from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.model_config import DTYPES
 from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import REJECTED_STEP_KEY, grpc_status
@@ -36,6 +37,7 @@ from alignedserve.worker.profiling import StepProfile
 
 if TYPE_CHECKING:
     from alignedserve.worker.executor import Launched, StepExecutor
+    from alignedserve.worker.pool_mapping import PoolMapping
     from alignedserve.worker.residency import DeviceResidency
 
 logger = logging.getLogger(__name__)
@@ -164,42 +166,72 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 # ---------------------------------------------------------------- the service
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """What loading the model makes (`server.load`): the whole ModelInfo, the step executor,
+    and how a residency is made over an attached pool."""
+
+    info: worker_pb2.ModelInfo
+    executor: StepExecutor
+    new_residency: Callable[[PoolMapping], DeviceResidency]
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Describe / Attach / Session over one loaded model. One Session at a time. Its steps
-    run in order on one thread of their own (`StepExecutor`), so the event loop keeps
+    """Describe / Attach / Session over one model. It serves from the start, while the model
+    loads: Describe then gives what Attach needs (`loading`), and Attach maps and page-locks
+    the pool meanwhile, answering once both are done (`loaded`). One Session at a time. Its
+    steps run in order on one thread of their own (`StepExecutor`), so the event loop keeps
     serving: each step is launched (queued on the device), then answered once its device
     work is done. A step that arrives before the previous one's device work is done is
     launched first, so the device runs the two back to back (`overlap_steps`)."""
 
     def __init__(
         self,
-        info: worker_pb2.ModelInfo,
-        executor: StepExecutor,
-        new_residency: Callable[[CpuKVPool], DeviceResidency],
+        loading_info: worker_pb2.ModelInfo,  # model_name and kv_layout, with loading set
+        map_pool: Callable[[CpuKVPool], PoolMapping],  # blocking: it page-locks on a GPU
         session_handover_s: float = 5.0,
         overlap_steps: bool = True,
     ):
-        self.info = info
-        self.layout = layout_from_proto(info.kv_layout)
+        self.layout = layout_from_proto(loading_info.kv_layout)
         self.port: int | None = None  # set by serve_worker once bound
-        self.residency: DeviceResidency | None = None  # set by Attach
+        self.mapping: PoolMapping | None = None  # set by Attach
+        self.residency: DeviceResidency | None = None  # set by Attach, once loaded
         self.num_launched_ahead = 0  # steps launched before the previous one was answered
-        self._executor = executor
-        self._new_residency = new_residency
+        self._loading_info = loading_info
+        self._model: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
+        self._map_pool = map_pool
         self._handover_s = session_handover_s
         self.overlap_steps = overlap_steps  # read per step: a benchmark may flip it
         self._session_lock = asyncio.Lock()
+        self._attach_lock = asyncio.Lock()  # one Attach at a time; a Session waits for it
         self._stats = StepStats()  # since the last stats line
         self._window = stats_line.Window()
+
+    @property
+    def info(self) -> worker_pb2.ModelInfo:
+        return self._model.result().info if self.is_loaded else self._loading_info
+
+    @property
+    def executor(self) -> StepExecutor:
+        return self._model.result().executor  # raises while the model loads
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model.done() and self._model.exception() is None
+
+    def loaded(self, model: LoadedModel) -> None:
+        self._model.set_result(model)
+
+    def load_failed(self, error: BaseException) -> None:
+        """An Attach waiting for the model is answered UNAVAILABLE with `error`."""
+        if not self._model.done():
+            self._model.set_exception(ModelLoadError(f"the model failed to load: {error!r}"))
+            self._model.exception()  # retrieved: no Attach may be waiting
 
     async def Describe(self, request, context) -> worker_pb2.ModelInfo:
         return self.info
 
     async def Attach(self, request, context) -> worker_pb2.AttachResponse:
-        if self._session_lock.locked():
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "a Session is running: end it before Attach"
-            )
         try:
             layout = layout_from_proto(request.kv_layout)
         except ConfigError as e:
@@ -209,18 +241,47 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Attach: the pool's kv_layout {layout} differs from the model's {self.layout}",
             )
+        # Shielded: a batcher that gives up (its deadline) does not stop a pin half-way; its
+        # retry finds the pool attached (the same pool is kept) or waits for this one.
+        attaching = asyncio.ensure_future(
+            self._attach(request.pool_name, request.num_pool_blocks, layout)
+        )
         try:
-            pool = CpuKVPool.attach(request.pool_name, layout, request.num_pool_blocks)
+            await asyncio.shield(attaching)
+        except asyncio.CancelledError:
+            attaching.add_done_callback(_log_failure)  # nobody else hears how it ends
+            raise
+        except SessionRunningError:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "a Session is running: end it before Attach"
+            )
         except FileNotFoundError:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"Attach: no shared-memory pool {request.pool_name!r}"
             )
+        except ModelLoadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Attach: {e}")
         except ConfigError as e:  # size mismatch, num_pool_blocks < 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Attach: {e}")
-        self.close()  # a batcher restart: the previous pool is gone from its side
-        self.residency = self._new_residency(pool)
-        logger.info("attached pool %r (%d blocks)", pool.name, pool.num_blocks)
         return worker_pb2.AttachResponse()
+
+    async def _attach(self, pool_name: str, num_blocks: int, layout: KVLayout) -> None:
+        async with self._attach_lock:
+            if self._session_lock.locked():
+                raise SessionRunningError
+            if self.mapping is None or not self.mapping.holds(pool_name, num_blocks):
+                pool = CpuKVPool.attach(pool_name, layout, num_blocks)
+                self.close()  # a batcher restart: the previous pool is gone from its side
+                try:
+                    self.mapping = await asyncio.to_thread(self._map_pool, pool)
+                except BaseException:
+                    pool.close()
+                    raise
+            model = await self._model  # the pin above ran while the model loaded
+            if self.residency is not None:  # the same pool again: its requests start anew
+                self.residency.close()
+            self.residency = model.new_residency(self.mapping)
+        logger.info("attached pool %r (%d blocks)", pool_name, num_blocks)
 
     async def Session(self, request_iterator, context) -> None:
         try:
@@ -233,15 +294,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         reading: asyncio.Future | None = None
         session: _Session | None = None
+        residency: DeviceResidency | None = None
         try:
-            if self.residency is None:
+            async with self._attach_lock:  # an Attach under way ends first
+                residency = self.residency
+            if residency is None:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION, "no pool attached: call Attach first"
                 )
+            executor = self.executor  # loaded: Attach waited for it
             logger.info("session started")
-            session = _Session(
-                self._executor, self.residency, self._answered, context, thread, loop
-            )
+            session = _Session(executor, residency, self._answered, context, thread, loop)
             launched: _InFlight | None = None  # queued on the device, not yet answered
             reading = asyncio.ensure_future(context.read())
             while True:
@@ -272,20 +335,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             if reading is not None:
                 reading.cancel()
-            self._log_stats(force=True)  # the session's last, partial window
-            # A thread cannot be interrupted: the device is freed once its queued steps are
-            # done, on the same thread, after them.
-            ended = loop.run_in_executor(thread, self._executor.end_session, self.residency)
-            ended.add_done_callback(self._end_session)
-            if session is not None:
-                thread.submit(session.profile.dump)  # after the session's last call there
+            if residency is None:  # refused before it began
+                self._session_lock.release()
+            else:
+                self._log_stats(force=True)  # the session's last, partial window
+                # A thread cannot be interrupted: the device is freed once its queued steps
+                # are done, on the same thread, after them.
+                ended = loop.run_in_executor(thread, executor.end_session, residency)
+                ended.add_done_callback(self._end_session)
+                if session is not None:
+                    thread.submit(session.profile.dump)  # after the session's last call there
             thread.shutdown(wait=False)
 
     def close(self) -> None:
-        """Release the device and unmap the pool (at re-Attach and at shutdown)."""
+        """Release the device, then unlock and unmap the pool (at re-Attach and at
+        shutdown)."""
         if self.residency is not None:
             self.residency.close()
             self.residency = None
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
 
     def _end_session(self, ended: asyncio.Future) -> None:
         if ended.exception() is not None:
@@ -301,8 +371,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _log_stats(self, force: bool = False) -> None:
         """The periodic stats line: throughput, and where a step's time goes. Idle: the share
         of the window with no step queued on the device, waiting for the batcher's plan."""
-        w, capture_s = self._stats, self._executor.runner.capture_s
-        if not self._window.is_due(w.steps, force) or self.residency is None:
+        if self.residency is None:  # (answered steps imply one)
+            return
+        w, capture_s = self._stats, self.executor.runner.capture_s
+        if not self._window.is_due(w.steps, force):
             return
         elapsed = self._window.elapsed_s
         share = self.residency.direct_share
@@ -331,6 +403,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 FIRST = asyncio.FIRST_COMPLETED
+
+
+class SessionRunningError(Exception):
+    """Attach was asked for while a Session runs."""
+
+
+def _log_failure(attaching: asyncio.Future) -> None:
+    """An Attach whose caller gave up still ends: log how, if it failed."""
+    if not attaching.cancelled() and attaching.exception() is not None:
+        logger.warning("an Attach failed: %r", attaching.exception())
 
 
 @dataclass

@@ -55,15 +55,19 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Describe(self, request, context):
-        """The model this worker serves and the KV layout its pool must have.
+        """The model this worker serves and the KV layout its pool must have. A worker answers
+        while it still loads its model (ModelInfo.loading), so that its pool can be attached
+        and page-locked meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Attach(self, request, context):
-        """Map the batcher's CPU KV pool (shared memory, by name). Called again after a batcher
-        restart; a worker serves one pool at a time.
+        """Map the batcher's CPU KV pool (shared memory, by name) and page-lock it on a GPU;
+        answered once that is done and the model is loaded. Called again after a batcher
+        restart; a worker serves one pool at a time, and the same pool attached again is kept
+        as it is (a retried Attach is not pinned twice).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
