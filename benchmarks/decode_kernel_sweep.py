@@ -51,7 +51,6 @@ from kernel_variants import (
 )
 
 from alignedserve.worker.cuda_graph import DecodeGraph
-from alignedserve.worker.runner import width_bucket
 
 # the modules (the package's own name for decode_attention is the function, re-exported);
 # the model's attention layer takes both functions from them at each call
@@ -87,8 +86,7 @@ def cells(small: bool = False) -> list[tuple[str, list[int]]]:
 def step_ms(model, config, kv, lengths: list[int]) -> float:
     batch = len(lengths)
     width = kv.layout.blocks_for(max(lengths))
-    bucket = width_bucket(width)
-    graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, batch, width, scratch_block=kv.num_blocks - 1)
     tables, ctx = tables_for(lengths, width, kv)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
     seconds = cuda_time(lambda g=graph: g.replay(ids, tables, ctx).argmax(-1))

@@ -45,7 +45,6 @@ from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import FAMILIES  # noqa: E402
-from alignedserve.worker.runner import width_bucket  # noqa: E402
 from alignedserve.worker.tiny import FULL_SIZE, SHAPE_FAMILIES, TINY_CONFIGS  # noqa: E402
 
 
@@ -147,7 +146,10 @@ def check_greedy() -> dict:
     same = [c.token_ids == g.token_ids for c, g in zip(cpu, gpu, strict=True)]
     same_graphs = [c.token_ids == g.token_ids for c, g in zip(cpu, graphed, strict=True)]
     print(f"  greedy tokens GPU == CPU (tiny fp32 llama, 3 prompts x 32): {same}")
-    print(f"  ... with CUDA-graph decode (buckets {sorted(graphs.runner._graphs)}): {same_graphs}")
+    print(
+        f"  ... with CUDA-graph decode (graph batch sizes {sorted(graphs.runner._graphs)}): "
+        f"{same_graphs}"
+    )
     return {"greedy_equal": same, "greedy_equal_graphs": same_graphs}
 
 
@@ -266,28 +268,27 @@ def mixed_cell(model, config, kv, batch: int) -> dict:
 
     mixed = served_lengths(batch)
     even = [sum(mixed) // batch] * batch
+    # (the worker's graphs take tables as wide as the longest context; nothing reads the
+    # entries past a request's blocks, so the width costs a step nothing)
     width = kv.layout.blocks_for(max(mixed))
-    bucket = width_bucket(width)
-    graph = DecodeGraph(model, kv, batch, bucket, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, batch, width, scratch_block=kv.num_blocks - 1)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
     k_blocks, v_blocks = kv.layer(0)
     q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16, device="cuda")
-    row = dict(batch=batch, lengths=mixed, width_bucket=bucket)
+    row = dict(batch=batch, lengths=mixed, width=width)
     cases = (("even", even), ("mixed", mixed), ("mixed longest first", sorted(mixed)[::-1]))
     for name, lengths in cases:
         tables, ctx = tables_for(lengths, width, kv)
         step = cuda_time(lambda t=tables, c=ctx: graph.replay(ids, t, c).argmax(-1))
-        wide = torch.full((batch, bucket), kv.num_blocks - 1, dtype=torch.long, device="cuda")
-        wide[:, :width] = tables
 
-        def attend(t=wide, c=ctx):
+        def attend(t=tables, c=ctx):
             return decode_attention(q, k_blocks, v_blocks, t, c, config.head_dim**-0.5)
 
         layer = cuda_time(attend, iters=50)
         row[name] = dict(graph_ms=step * 1e3, attention_layer_us=layer * 1e6)
     print(
         f"  B={batch:4d} mixed lengths (max {max(mixed)}, mean {sum(mixed) // batch}, width"
-        f" bucket {bucket}): "
+        f" {width}): "
         + "; ".join(
             f"{name}: graph {row[name]['graph_ms']:.2f} ms, attention "
             f"{row[name]['attention_layer_us']:.0f} us/layer"

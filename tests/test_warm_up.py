@@ -4,23 +4,50 @@ covered then captures nothing new (GPU)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from alignedserve.common.decode_graphs import graph_batch, graph_batches
 from alignedserve.common.errors import ConfigError
-from alignedserve.worker.runner import graph_buckets
+from alignedserve.worker.cuda_graph import GraphInputs
 from alignedserve.worker.service import WorkerConfig
 
 from triton_cpu import HAS_CUDA
 
 
-def test_graph_buckets_cover_every_step_up_to_the_bounds_largest_first():
-    buckets = graph_buckets(max_batch=5, max_blocks=40)
-    assert buckets[0] == (8, 64)  # 5 -> 8 requests, 40 -> 64 blocks
-    assert sorted(buckets) == [(b, w) for b in (1, 2, 4, 8) for w in (16, 32, 64)]
+def test_a_step_replays_the_smallest_graph_that_holds_it_padding_under_a_quarter():
+    sizes = graph_batches(512)
+    assert sizes == sorted({graph_batch(n) for n in range(1, 513)}, reverse=True)
+    assert len(sizes) == 28 and sizes[0] == 512 and sizes[-1] == 1
+    for n in range(1, 1025):
+        size = graph_batch(n)
+        assert size >= n and graph_batch(size) == size
+        assert size == n or size - n < max(n / 4, 4), n  # powers of two up to 8
+        assert graph_batch(n + 1) >= size
+    assert [graph_batch(n) for n in (5, 9, 58, 65, 73, 129)] == [8, 10, 64, 80, 80, 160]
+    assert graph_batches(0) == [] and graph_batches(3) == [4, 2, 1]
+    with pytest.raises(ValueError):
+        graph_batch(0)
 
 
-def test_graph_buckets_start_at_the_narrowest_table_the_runner_uses():
-    assert graph_buckets(max_batch=1, max_blocks=3) == [(1, 16)]
-    assert graph_buckets(max_batch=0, max_blocks=128) == []
+def test_graph_inputs_keep_every_row_past_a_step_padding_whatever_ran_before():
+    """The graphs share their inputs: after any sequence of steps, rows past the step are a
+    one-token context in the scratch block, and each row's entries past its table are the
+    scratch block too."""
+    scratch = 99
+    inputs = GraphInputs(max_batch=8, max_blocks=6, scratch_block=scratch, device="cpu")
+
+    def step(n: int, width: int) -> None:
+        tables = torch.arange(n * width).view(n, width)
+        inputs.write(torch.arange(n) + 1, tables, torch.full((n,), 5))
+        assert torch.equal(inputs.block_tables[:n, :width], tables)
+        assert bool((inputs.block_tables[:n, width:] == scratch).all())
+        assert bool((inputs.block_tables[n:] == scratch).all())
+        assert bool((inputs.ctx_lens[n:] == 1).all()) and bool((inputs.ctx_lens[:n] == 5).all())
+
+    for n, width in [(8, 6), (3, 2), (5, 4), (1, 1), (8, 3), (2, 6), (7, 5)]:
+        step(n, width)
+    with pytest.raises(ValueError, match="exceeds"):
+        inputs.write(torch.zeros(9, dtype=torch.long), torch.zeros(9, 2), torch.ones(9))
 
 
 def test_warm_up_batch_is_validated():
@@ -61,7 +88,7 @@ def test_gpu_a_warmed_up_decode_step_captures_nothing(tmp_path):
     layout = KVLayout.for_model(config, 16)
     runner = ModelRunner(load_model(path, device="cuda"), KVCache(layout, 256, "cuda", True))
     num = runner.warm_up(max_batch=8, max_model_len=config.max_position_embeddings)
-    assert num == len(graph_buckets(8, -(-config.max_position_embeddings // 16)))
+    assert num == len(graph_batches(8))
     greedy = SamplingParams(max_tokens=4, temperature=0.0)
     runner.step([SeqChunk(f"r{i}", (1, 2, 3), 0, (i,), greedy) for i in range(5)])
     captured_s = runner.capture_s

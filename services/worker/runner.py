@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alignedserve.common.decode_graphs import graph_batch, graph_batches
 from alignedserve.common.sampling_params import SamplingParams
 from alignedserve.worker.attention import AttentionMetadata, padded_tables
 from alignedserve.worker.kv_cache import KVCache
@@ -140,8 +141,14 @@ class ModelRunner:
         self.block_tokens = kv_cache.layout.block_tokens
         # Decode steps replay CUDA graphs when the cache has a scratch block for their padding.
         self.use_graphs = self.device.type == "cuda" and kv_cache.scratch_block is not None
-        self._graphs: dict[tuple[int, int], object] = {}  # (batch bucket, width bucket)
+        self._graphs: dict[int, object] = {}  # batch size -> DecodeGraph
         self._graph_pool = None
+        self._graph_inputs = None  # GraphInputs the graphs share, sized by the first captured
+        # The graphs' tables are as wide as the longest context (the device's blocks at most).
+        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.graph_width = kv_cache.num_blocks
+        if max_len:
+            self.graph_width = min(kv_cache.num_blocks, -(-max_len // self.block_tokens))
         self.capture_s = 0.0  # spent capturing graphs (on first use of each bucket)
         # the steps' sampled tokens land there (GPU)
         self._outputs = PinnedOutputs(self.device if self.device.type == "cuda" else None)
@@ -188,12 +195,12 @@ class ModelRunner:
     def _decode_with_graph(
         self, chunks: Sequence[SeqChunk], carry: TokenCarry | None
     ) -> torch.Tensor:
-        """A pure decode step through a captured graph: batch and block-table width are
-        rounded up to powers of two, each (batch, width) bucket captured on first use, all
-        sharing one memory pool (they never run at the same time)."""
+        """A pure decode step through a captured graph: the batch is rounded up to a graph
+        size (`common/decode_graphs.py`), each size captured on first use, all sharing one
+        memory pool and one set of inputs (they never run at the same time)."""
         n = len(chunks)
         width = max(len(c.block_table) for c in chunks)
-        graph = self._graph((_bucket(n), width_bucket(width)))
+        graph = self._graph(graph_batch(n))
         scratch = self.kv_cache.scratch_block
         tables = padded_tables([c.block_table for c in chunks], width, fill=scratch)
         dev = self.device
@@ -238,21 +245,31 @@ class ModelRunner:
         """Run the chunks and sample one token for each chunk that asks for one."""
         return self.launch(chunks).result()
 
-    def _graph(self, key: tuple[int, int]):
-        """The decode graph of a (batch bucket, width bucket), captured on first use, all
-        sharing one memory pool (they never run at the same time)."""
-        from alignedserve.worker.cuda_graph import DecodeGraph
+    def _graph(self, batch_size: int):
+        """The decode graph of a batch size, captured on first use."""
+        from alignedserve.worker.cuda_graph import DecodeGraph, GraphInputs
 
-        graph = self._graphs.get(key)
+        graph = self._graphs.get(batch_size)
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
+            inputs = self._graph_inputs
+            if inputs is None or inputs.max_batch < batch_size:  # (graphs keep their own)
+                inputs = self._graph_inputs = GraphInputs(
+                    batch_size, self.graph_width, self.kv_cache.scratch_block, self.device
+                )
             start = time.perf_counter()
             graph = DecodeGraph(
-                self.model, self.kv_cache, *key, self.kv_cache.scratch_block, pool=self._graph_pool
+                self.model,
+                self.kv_cache,
+                batch_size,
+                self.graph_width,
+                self.kv_cache.scratch_block,
+                pool=self._graph_pool,
+                inputs=inputs,
             )
             self.capture_s += time.perf_counter() - start
-            self._graphs[key] = graph
+            self._graphs[batch_size] = graph
         return graph
 
     def warm_up(self, max_batch: int, max_model_len: int) -> int:
@@ -274,9 +291,8 @@ class ModelRunner:
                 self.step([SeqChunk("warm-up", (0,) * n, 0, table, greedy)])
                 self.step([SeqChunk("warm-up", (0,) * 13, n, table, greedy)])
             if self.use_graphs:
-                max_blocks = -(-max_model_len // block_tokens)
-                for key in graph_buckets(max_batch, max_blocks):
-                    self._graph(key)
+                for batch_size in graph_batches(max_batch):
+                    self._graph(batch_size)
             # decode rows of mixed steps run the attention kernel outside any graph, for any
             # number of requests: its variants, compiled now
             from alignedserve.worker.kernels.decode_attention import warm_up as warm_up_attention
@@ -288,24 +304,3 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         self.capture_s = 0.0  # counts captures while serving (the stats line's)
         return len(self._graphs)
-
-
-def _bucket(n: int) -> int:
-    """The next power of two >= n."""
-    return 1 << (n - 1).bit_length()
-
-
-def width_bucket(num_blocks: int) -> int:
-    """The block-table width a decode graph is captured for, for a step whose longest
-    request has `num_blocks` blocks: a power of two, at least 16."""
-    return _bucket(max(num_blocks, 16))
-
-
-def graph_buckets(max_batch: int, max_blocks: int) -> list[tuple[int, int]]:
-    """Every (batch bucket, width bucket) a decode step of up to `max_batch` requests, each
-    of up to `max_blocks` blocks, can use; largest first, so the shared pool is sized once."""
-    if max_batch < 1:
-        return []
-    batches = [1 << i for i in range(_bucket(max_batch).bit_length())]
-    widths = [1 << i for i in range(4, width_bucket(max_blocks).bit_length())]
-    return [(b, w) for b in reversed(batches) for w in reversed(widths)]
