@@ -46,6 +46,9 @@ def test_graph_inputs_keep_every_row_past_a_step_padding_whatever_ran_before():
 
     for n, width in [(8, 6), (3, 2), (5, 4), (1, 1), (8, 3), (2, 6), (7, 5)]:
         step(n, width)
+    inputs.reset()  # before a capture: its passes must touch the scratch block alone
+    assert bool((inputs.block_tables == scratch).all()) and bool((inputs.ctx_lens == 1).all())
+    step(4, 3)
     with pytest.raises(ValueError, match="exceeds"):
         inputs.write(torch.zeros(9, dtype=torch.long), torch.zeros(9, 2), torch.ones(9))
 
@@ -95,3 +98,48 @@ def test_gpu_a_warmed_up_decode_step_captures_nothing(tmp_path):
     runner.step([SeqChunk(f"r{i}", (4,), 3, (i,), greedy) for i in range(5)])
     assert runner.capture_s == captured_s
     assert len(runner._graphs) == num
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_graphs_captured_while_serving_give_the_eager_steps_tokens(tmp_path):
+    """Without a warm-up, graphs are captured on first use, over the inputs the graphs share,
+    which then hold the last step's rows: a new capture must leave every request's KV as
+    it was. Greedy tokens through graphs of 4, 10 and 4 rows again equal eager steps'."""
+    from alignedserve.common.kv_layout import KVLayout
+    from alignedserve.common.model_config import ModelConfig
+    from alignedserve.common.sampling_params import SamplingParams
+    from alignedserve.worker.kv_cache import KVCache
+    from alignedserve.worker.loader import load_model
+    from alignedserve.worker.runner import ModelRunner, SeqChunk
+    from alignedserve.worker.tiny import init_tiny
+
+    path = init_tiny(tmp_path, arch="llama")
+    layout = KVLayout.for_model(ModelConfig.from_dir(path), 16)
+    model = load_model(path, device="cuda")
+    greedy = SamplingParams(max_tokens=64, temperature=0.0)
+
+    def run(use_graphs: bool) -> list[list[int]]:
+        runner = ModelRunner(model, KVCache(layout, 256, "cuda", True))
+        runner.use_graphs = use_graphs
+        prompts = [[(7 * i + j) % 300 + 1 for j in range(5 + 3 * i)] for i in range(9)]
+        out = [[] for _ in prompts]
+        tables = [tuple(range(4 * i, 4 * i + 4)) for i in range(len(prompts))]
+        for i, p in enumerate(prompts):  # prefill each, one at a time
+            out[i].append(
+                runner.step([SeqChunk(f"r{i}", tuple(p), 0, tables[i], greedy)])[0].token_id
+            )
+        for members in (range(3), range(3), range(9), range(9), range(4), range(9)):
+            chunks = [
+                SeqChunk(
+                    f"r{i}", (out[i][-1],), len(prompts[i]) + len(out[i]) - 1, tables[i], greedy
+                )
+                for i in members
+            ]
+            for i, t in zip(members, runner.step(chunks), strict=True):
+                out[i].append(t.token_id)
+        if use_graphs:
+            assert sorted(runner._graphs) == [4, 10]
+        return out
+
+    assert run(use_graphs=True) == run(use_graphs=False)

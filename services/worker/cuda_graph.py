@@ -57,6 +57,13 @@ class GraphInputs:
             self.ctx_lens[n : self._filled].fill_(1)
         self._filled, self._wide = n, width
 
+    def reset(self) -> None:
+        """Every row padding again: a graph captured while serving runs its capture's passes
+        over these inputs, which must then touch the scratch block alone."""
+        self.block_tables[: self._filled].fill_(self.scratch_block)
+        self.ctx_lens[: self._filled].fill_(1)
+        self._filled = self._wide = 0
+
 
 class DecodeGraph:
     def __init__(
@@ -81,6 +88,7 @@ class DecodeGraph:
                 f"{batch_size} x {max_blocks}"
             )
         self.inputs = inputs
+        inputs.reset()
         b = batch_size
         # The rows this graph reads; positions and KV slots are derived inside the graph.
         self.input_ids = inputs.input_ids[:b]  # [B]
