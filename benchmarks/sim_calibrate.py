@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from alignedserve.batcher.sim.cost_model import SHAPES, CostModel, GpuSpec, StepCost
+from alignedserve.common import decode_graphs
 
 BLOCK_TOKENS = 16  # the worker's KV block (kv_layout.KVLayout's default)
 MIN_STEPS = 20  # fewer steps in a ~1 s window: start-up, a run's tail, or mostly waiting
@@ -182,9 +183,15 @@ class GraphBatchCost(CostModel):
     ) -> StepCost:
         lengths = np.asarray(kv_lengths, dtype=np.float64).reshape(-1)
         if lengths.size and not prefill_tokens:
-            empty = (1 << (lengths.size - 1).bit_length()) - lengths.size
+            empty = GRAPH_ROWS[GRAPHS](lengths.size) - lengths.size
             lengths = np.concatenate([lengths, np.zeros(empty)])
         return super().step_cost(lengths, prefill_tokens, prefill_context_tokens)
+
+
+# The rows of the graph a decode step of n requests replayed: powers of two when the archives
+# of sessions 33-36 were served, the worker's graph sizes since (common/decode_graphs.py).
+GRAPH_ROWS = {"pow2": lambda n: 1 << (n - 1).bit_length(), "sized": decode_graphs.graph_batch}
+GRAPHS = "pow2"  # main's --graphs
 
 
 def cost_model(model: str, gpu: GpuSpec | None = None, graph_batch: bool = False) -> CostModel:
@@ -399,7 +406,7 @@ def by_graph_batch(windows: Sequence[Window], model: str) -> list[str]:
     near = [w for w in own if abs(w.mean_kv_tokens - kv) <= 0.15 * kv]
     buckets = {}
     for w in near:
-        buckets.setdefault(1 << (max(1, round(w.num_residents)) - 1).bit_length(), []).append(w)
+        buckets.setdefault(GRAPH_ROWS[GRAPHS](max(1, round(w.num_residents))), []).append(w)
     lines = []
     for bucket, ws in sorted(buckets.items()):
         served, plain, graph = (
@@ -490,7 +497,16 @@ def load(paths: Sequence[Path]) -> list[Window]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("archives", nargs="+", type=Path)
+    parser.add_argument(
+        "--graphs",
+        choices=sorted(GRAPH_ROWS),
+        default="pow2",
+        help="the decode graphs the archives' workers padded to: pow2 (sessions 33-37's call "
+        "1), sized (since: common/decode_graphs.py)",
+    )
     args = parser.parse_args()
+    global GRAPHS
+    GRAPHS = args.graphs
     print("\n".join(report(load(args.archives))))
 
 

@@ -81,7 +81,9 @@ def test_an_mha_decode_step_costs_what_the_h200_measured(batch, length):
 def test_prefill_efficiency_and_overhead_slow_a_step():
     ideal, real = CostModel(LLAMA3_8B, IDEAL), CostModel(LLAMA3_8B)
     lengths = [1024] * 256
-    assert real.decode_step_s(lengths) == pytest.approx(ideal.decode_step_s(lengths) + 30e-6)
+    overhead_s = GpuSpec().step_overhead_s  # the host's gap between served steps
+    assert overhead_s == pytest.approx(0.28e-3)
+    assert real.decode_step_s(lengths) == pytest.approx(ideal.decode_step_s(lengths) + overhead_s)
     # Prefill counts its FLOPs at its in-serving share of the matmul rate, in a pass and in
     # a continuous-batching step alike; its weights are read at the full rate.
     for cost_of in (lambda m: m.prefill_cost([2048]), lambda m: m.step_cost([], 2048)):
@@ -212,3 +214,22 @@ def test_a_prompt_in_two_chunks_computes_what_it_computes_whole():
     assert first.compute_s + second.compute_s == pytest.approx(whole.compute_s)
     assert second.compute_s > model.prefill_cost([2000]).compute_s
     assert second.memory_s > model.prefill_cost([2000]).memory_s
+
+
+def test_a_pure_decode_step_pays_its_cuda_graphs_empty_rows_and_a_mixed_step_none():
+    """The worker replays the graph of the smallest batch size holding a decode step (65
+    requests: 80 rows); each empty row costs its projections' FLOPs, no KV. A step with a
+    prefill chunk runs without a graph."""
+    cost = CostModel(LLAMA3_8B, IDEAL, padded=False)
+    lengths = [512] * 65
+    step = cost.step_cost(lengths)
+    exact = cost.step_cost([512] * 64)  # a graph of 64: no empty row
+    per_row_s = LLAMA3_8B.linear_flops_per_token / IDEAL.matmul_flops_per_s
+    attention_s = 512 * LLAMA3_8B.attention_flops_per_kv_token / IDEAL.matmul_flops_per_s
+    assert step.compute_s == pytest.approx(exact.compute_s + 16 * per_row_s + attention_s)
+    assert step.memory_s == pytest.approx(
+        exact.memory_s + 512 * LLAMA3_8B.kv_bytes_per_token / IDEAL.hbm_read_bytes_per_s
+    )
+    mixed = cost.step_cost(lengths, prefill_tokens=1)
+    mixed_rows = mixed.compute_s - cost.step_cost([], prefill_tokens=1).compute_s
+    assert mixed_rows == pytest.approx(65 * per_row_s + 65 * attention_s)

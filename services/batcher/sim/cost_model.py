@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alignedserve.common.decode_graphs import graph_batch
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -123,7 +125,10 @@ class GpuSpec:
     pcie_h2d_bytes_per_s: float = 55.5e9  # pinned, per GPU; the two links are independent
     pcie_d2h_bytes_per_s: float = 55.4e9  # GPU→pinned host, per GPU
     nvlink_bytes_per_s: float = 396e9  # GPU1→GPU0 peer copy
-    step_overhead_s: float = 30e-6  # launch/sync floor per step, with CUDA graphs
+    # The host's time between two steps: the served aligned runs' median gap between one
+    # step's device work and the next, 0.25 ms (Llama-3-8B) and 0.30 ms (OPT-13B), thirty-
+    # seventh session (benchmarks/sim_calibrate.py; it was a 30 us floor before).
+    step_overhead_s: float = 0.28e-3
     # Prefill passes in serving reach this share of the matmul rate: host work, the varlen
     # attention and the KV copies around a pass (about 34k prompt tok/s on Llama-3-8B on an
     # H200 in the serving path, docs/benchmarks.md). Copies are already measured rates.
@@ -205,7 +210,11 @@ class CostModel:
         # What each member's attention effectively covers: padded → the longest member's.
         attended = batch * float(lengths.max()) if self.padded and batch else float(lengths.sum())
         kv_read_bytes = attended * m.kv_bytes_per_token
-        flops = batch * m.linear_flops_per_token + attended * m.attention_flops_per_kv_token
+        # A pure decode step runs as the worker runs it: a CUDA graph of the smallest batch
+        # size that holds it, whose empty rows cost their projections' FLOPs and no KV.
+        # Mixed steps run without a graph.
+        rows = graph_batch(batch) if batch and not prefill_tokens else batch
+        flops = rows * m.linear_flops_per_token + attended * m.attention_flops_per_kv_token
         prefill_flops = 0.0
         if prefill_tokens:
             kv_read_bytes += prefill_context_tokens * m.kv_bytes_per_token

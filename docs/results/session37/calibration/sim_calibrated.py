@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sim_calibrate  # noqa: E402  (a sibling script, not a package)
 
 RESULTS = ROOT / "docs" / "results"
-ARCHIVES = sorted(RESULTS.glob("session3*/*gpu_e2e_*.tar.gz"))
+ARCHIVES = sorted(RESULTS.glob("session3[3-6]/*gpu_e2e_*.tar.gz"))  # power-of-two graphs
 CALLS = sorted(RESULTS.glob("session3[2-6]/*gpu_e2e_*.json"))
 
 
