@@ -105,7 +105,8 @@ def test_gpu_a_warmed_up_decode_step_captures_nothing(tmp_path):
 def test_gpu_graphs_captured_while_serving_give_the_eager_steps_tokens(tmp_path):
     """Without a warm-up, graphs are captured on first use, over the inputs the graphs share,
     which then hold the last step's rows: a new capture must leave every request's KV as
-    it was. Greedy tokens through graphs of 4, 10 and 4 rows again equal eager steps'."""
+    it was; a step with a table wider than the graphs' runs eagerly. Greedy tokens through
+    graphs of 4, 10 and 4 rows again, and eager steps, equal eager steps' alone."""
     from alignedserve.common.kv_layout import KVLayout
     from alignedserve.common.model_config import ModelConfig
     from alignedserve.common.sampling_params import SamplingParams
@@ -122,23 +123,26 @@ def test_gpu_graphs_captured_while_serving_give_the_eager_steps_tokens(tmp_path)
     def run(use_graphs: bool) -> list[list[int]]:
         runner = ModelRunner(model, KVCache(layout, 256, "cuda", True))
         runner.use_graphs = use_graphs
-        prompts = [[(7 * i + j) % 300 + 1 for j in range(5 + 3 * i)] for i in range(9)]
+        runner.graph_width = 3  # a step with a 4-block table (past 48 tokens) runs eagerly
+        prompts = [[(7 * i + j) % 300 + 1 for j in range(5 + 5 * i)] for i in range(9)]
         out = [[] for _ in prompts]
-        tables = [tuple(range(4 * i, 4 * i + 4)) for i in range(len(prompts))]
+
+        def table(i: int, num_tokens: int) -> tuple[int, ...]:  # its own 4 blocks, as needed
+            return tuple(range(4 * i, 4 * i + layout.blocks_for(num_tokens)))
+
         for i, p in enumerate(prompts):  # prefill each, one at a time
-            out[i].append(
-                runner.step([SeqChunk(f"r{i}", tuple(p), 0, tables[i], greedy)])[0].token_id
-            )
-        for members in (range(3), range(3), range(9), range(9), range(4), range(9)):
-            chunks = [
-                SeqChunk(
-                    f"r{i}", (out[i][-1],), len(prompts[i]) + len(out[i]) - 1, tables[i], greedy
+            chunk = SeqChunk(f"r{i}", tuple(p), 0, table(i, len(p)), greedy)
+            out[i].append(runner.step([chunk])[0].token_id)
+        for members in (range(3), range(3), range(9), range(9), range(4), range(9), range(9)):
+            chunks = []
+            for i in members:
+                cached = len(prompts[i]) + len(out[i]) - 1
+                chunks.append(
+                    SeqChunk(f"r{i}", (out[i][-1],), cached, table(i, cached + 1), greedy)
                 )
-                for i in members
-            ]
             for i, t in zip(members, runner.step(chunks), strict=True):
                 out[i].append(t.token_id)
-        if use_graphs:
+        if use_graphs:  # the steps of 9 with r8's 49th token and on ran eagerly
             assert sorted(runner._graphs) == [4, 10]
         return out
 

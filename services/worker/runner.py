@@ -167,8 +167,15 @@ class ModelRunner:
         all_logits: bool = False,
         carry: TokenCarry | None = None,
     ) -> torch.Tensor:
-        """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab])."""
-        if self.use_graphs and not all_logits and all(len(c.token_ids) == 1 for c in chunks):
+        """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab]).
+        A pure decode step replays a CUDA graph, unless a table is wider than the graphs'
+        (`graph_width`, the longest context): that one runs eagerly."""
+        if (
+            self.use_graphs
+            and not all_logits
+            and all(len(c.token_ids) == 1 for c in chunks)
+            and max((len(c.block_table) for c in chunks), default=0) <= self.graph_width
+        ):
             return self._decode_with_graph(chunks, carry)
         meta = AttentionMetadata.build(
             q_lens=[len(c.token_ids) for c in chunks],
