@@ -166,39 +166,29 @@ def read_archive(path: Path) -> list[Window]:
 # ---------------------------------------------------------------- the model and the fit
 
 
-@dataclass(frozen=True)
-class GraphBatchCost(CostModel):
-    """A pure decode step priced at the CUDA graph's batch: the worker replayed a graph
-    captured for the next power of two of its members (until the thirty-seventh session,
-    when these archives' runs were served), whose empty rows cost their projections' FLOPs
-    and no KV. Mixed steps run without a graph. Balanced cost only: padded cost would charge
-    the empty rows the longest member's KV."""
-
-    def __post_init__(self) -> None:
-        if self.padded:
-            raise ValueError("GraphBatchCost prices balanced kernels only")
-
-    def step_cost(
-        self, kv_lengths, prefill_tokens: int = 0, prefill_context_tokens: int = 0
-    ) -> StepCost:
-        lengths = np.asarray(kv_lengths, dtype=np.float64).reshape(-1)
-        if lengths.size and not prefill_tokens:
-            empty = GRAPH_ROWS[GRAPHS](lengths.size) - lengths.size
-            lengths = np.concatenate([lengths, np.zeros(empty)])
-        return super().step_cost(lengths, prefill_tokens, prefill_context_tokens)
-
-
 # The rows of the graph a decode step of n requests replayed: powers of two when the archives
 # of sessions 33-36 were served, the worker's graph sizes since (common/decode_graphs.py).
 GRAPH_ROWS = {"pow2": lambda n: 1 << (n - 1).bit_length(), "sized": decode_graphs.graph_batch}
 GRAPHS = "pow2"  # main's --graphs
+# The uncalibrated cost model: the simulator's before the thirty-seventh session, which
+# these calibrations started from (a 30 us step floor; steps priced at their own rows).
+UNCALIBRATED = GpuSpec(step_overhead_s=30e-6)
+
+
+def graph_rows(num_requests: int) -> int:
+    return GRAPH_ROWS[GRAPHS](num_requests)
 
 
 def cost_model(model: str, gpu: GpuSpec | None = None, graph_batch: bool = False) -> CostModel:
     """The simulator's cost model of the served kernel (balanced: the aligned worker's
-    attention follows the sum of lengths), optionally priced at the graph's batch."""
-    kind = GraphBatchCost if graph_batch else CostModel
-    return kind(SHAPES[model], gpu=gpu or GpuSpec(), padded=False)
+    attention follows the sum of lengths), optionally priced at the graph's rows: the empty
+    rows cost their projections' FLOPs and no KV; mixed steps run without a graph."""
+    return CostModel(
+        SHAPES[model],
+        gpu=gpu or UNCALIBRATED,
+        padded=False,
+        graph_rows=graph_rows if graph_batch else None,
+    )
 
 
 # uncalibrated, at the ceilings gpu-facts.md measured; by model, then graph_batch
@@ -232,7 +222,7 @@ class Calibration:
     graph's padded batch, and the host's time between steps."""
 
     hbm_efficiency: float = 1.0
-    fixed_s: float = GpuSpec().step_overhead_s
+    fixed_s: float = UNCALIBRATED.step_overhead_s
     per_layer_s: float = 0.0
     graph_batch: bool = False
     gap_s: float = 0.0
@@ -255,7 +245,7 @@ class Calibration:
     def gpu(self, model: str, base: GpuSpec | None = None) -> GpuSpec:
         """A GpuSpec that prices a step as this calibration does: the fixed terms and the
         gap go into `step_overhead_s` (a per-layer term is one more fixed time per model)."""
-        base = base or GpuSpec()
+        base = base or UNCALIBRATED
         return dataclasses.replace(
             base,
             hbm_read_bytes_per_s=base.hbm_read_bytes_per_s * self.hbm_efficiency,

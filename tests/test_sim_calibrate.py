@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from alignedserve.batcher.sim.cost_model import SHAPES, CostModel, GpuSpec
+from alignedserve.batcher.sim.cost_model import SHAPES, GpuSpec
 
 from factories import benchmark_module
 
@@ -202,16 +202,15 @@ def test_the_calibration_becomes_a_gpu_spec_the_simulator_takes():
 
 
 def test_a_graph_batch_step_pays_the_empty_rows_flops_and_no_kv():
-    plain = CostModel(SHAPES["llama3-8b"], padded=False)
-    graph = cal.GraphBatchCost(SHAPES["llama3-8b"], padded=False)
+    plain = cal.cost_model("llama3-8b")
+    graph = cal.cost_model("llama3-8b", graph_batch=True)  # powers of two, as served then
     three, four = plain.step_cost([500, 500, 500]), plain.step_cost([500, 500, 500, 0])
     assert graph.step_cost([500, 500, 500]) == four
     assert graph.step_cost([500] * 4) == plain.step_cost([500] * 4)
     assert four.memory_s == three.memory_s and four.compute_s > three.compute_s
     # a mixed step runs without a graph
     assert graph.step_cost([500] * 3, prefill_tokens=64) == plain.step_cost([500] * 3, 64)
-    with pytest.raises(ValueError):
-        cal.GraphBatchCost(SHAPES["llama3-8b"], padded=True)
+    assert plain.gpu.step_overhead_s == 30e-6  # the uncalibrated model: the simulator's then
 
 
 def test_the_report_names_both_fits_and_the_simulators_parameters():

@@ -18,7 +18,7 @@ Pure Python + numpy; never torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,6 +178,9 @@ class CostModel:
     model: ModelShape
     gpu: GpuSpec = field(default_factory=GpuSpec)
     padded: bool = True
+    # The rows of the CUDA graph a pure decode step of n requests replays: the worker's sizes
+    # (None: priced at its n rows, as before the thirty-seventh session).
+    graph_rows: Callable[[int], int] | None = graph_batch
 
     def _mem_s(self, num_bytes: float) -> float:
         return num_bytes / self.gpu.hbm_read_bytes_per_s
@@ -213,7 +216,9 @@ class CostModel:
         # A pure decode step runs as the worker runs it: a CUDA graph of the smallest batch
         # size that holds it, whose empty rows cost their projections' FLOPs and no KV.
         # Mixed steps run without a graph.
-        rows = graph_batch(batch) if batch and not prefill_tokens else batch
+        rows = batch
+        if self.graph_rows is not None and batch and not prefill_tokens:
+            rows = self.graph_rows(batch)
         flops = rows * m.linear_flops_per_token + attended * m.attention_flops_per_kv_token
         prefill_flops = 0.0
         if prefill_tokens:
