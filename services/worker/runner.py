@@ -145,10 +145,8 @@ class ModelRunner:
         self._graph_pool = None
         self._graph_inputs = None  # GraphInputs the graphs share, sized by the first captured
         # The graphs' tables are as wide as the longest context (the device's blocks at most).
-        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.graph_width = kv_cache.num_blocks
-        if max_len:
-            self.graph_width = min(kv_cache.num_blocks, -(-max_len // self.block_tokens))
+        max_len = model.config.max_position_embeddings
+        self.graph_width = min(kv_cache.num_blocks, -(-max_len // self.block_tokens))
         self.capture_s = 0.0  # spent capturing graphs (on first use of each bucket)
         # the steps' sampled tokens land there (GPU)
         self._outputs = PinnedOutputs(self.device if self.device.type == "cuda" else None)
@@ -170,13 +168,10 @@ class ModelRunner:
         """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab]).
         A pure decode step replays a CUDA graph, unless a table is wider than the graphs'
         (`graph_width`, the longest context): that one runs eagerly."""
-        if (
-            self.use_graphs
-            and not all_logits
-            and all(len(c.token_ids) == 1 for c in chunks)
-            and max((len(c.block_table) for c in chunks), default=0) <= self.graph_width
-        ):
-            return self._decode_with_graph(chunks, carry)
+        if self.use_graphs and not all_logits and all(len(c.token_ids) == 1 for c in chunks):
+            width = max((len(c.block_table) for c in chunks), default=0)
+            if width <= self.graph_width:
+                return self._decode_with_graph(chunks, width, carry)
         meta = AttentionMetadata.build(
             q_lens=[len(c.token_ids) for c in chunks],
             num_cached=[c.num_cached_tokens for c in chunks],
@@ -200,13 +195,12 @@ class ModelRunner:
         input_ids[at] = carry.tokens[rows]
 
     def _decode_with_graph(
-        self, chunks: Sequence[SeqChunk], carry: TokenCarry | None
+        self, chunks: Sequence[SeqChunk], width: int, carry: TokenCarry | None
     ) -> torch.Tensor:
         """A pure decode step through a captured graph: the batch is rounded up to a graph
         size (`common/decode_graphs.py`), each size captured on first use, all sharing one
         memory pool and one set of inputs (they never run at the same time)."""
         n = len(chunks)
-        width = max(len(c.block_table) for c in chunks)
         graph = self._graph(graph_batch(n))
         scratch = self.kv_cache.scratch_block
         tables = padded_tables([c.block_table for c in chunks], width, fill=scratch)

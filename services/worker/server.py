@@ -86,10 +86,15 @@ def prefill_decode_blocks(config: WorkerConfig, block_bytes: int) -> int:
     return int(max(0, min(config.num_device_blocks, fit)))
 
 
+def kv_layout(config: WorkerConfig, model_config: ModelConfig) -> KVLayout:
+    """The block format of the model's KV: the pool's, Describe's from the start."""
+    return KVLayout.for_model(model_config, config.block_tokens, config.dtype)
+
+
 def loading_info(config: WorkerConfig) -> worker_pb2.ModelInfo:
     """What Describe says while the model loads: its name and KV layout (from its config)."""
     model_dir = Path(config.model_dir)
-    layout = KVLayout.for_model(ModelConfig.from_dir(model_dir), config.block_tokens, config.dtype)
+    layout = kv_layout(config, ModelConfig.from_dir(model_dir))
     return worker_pb2.ModelInfo(
         model_name=model_dir.resolve().name, kv_layout=layout_to_proto(layout), loading=True
     )
@@ -115,7 +120,7 @@ def load(config: WorkerConfig) -> LoadedModel:
     model_config = ModelConfig.from_dir(model_dir)
     model = load_model(model_dir, device=config.device, dtype=config.dtype)
     ceilings = measure_ceilings(config.device)  # before the KV cache takes the memory
-    layout = KVLayout.for_model(model_config, config.block_tokens, config.dtype)
+    layout = kv_layout(config, model_config)
     on_gpu = torch_device_is_cuda(config.device)
     kv_cache = KVCache(layout, config.num_device_blocks, device=config.device, scratch_block=on_gpu)
     eos = set(model_config.eos_token_ids)
