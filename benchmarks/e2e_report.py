@@ -34,6 +34,7 @@ VARIANTS = (
     "fcfs",
     "fcfs-dp2",
     "fcfs-dp2-byrequests",
+    "vllm",
 )
 
 
@@ -81,7 +82,11 @@ VARIANT_TEXT = {
     "context tokens)",
     "fcfs-dp2-byrequests": "fcfs-dp2 whose router counts load in live requests "
     "(--balance-by requests; for fcfs, which pools nothing, the count used before session 33)",
+    "vllm": "vLLM's OpenAI server on --device with its defaults for this GPU (V1 engine, "
+    "torch.compile, CUDA graphs, chunked prefill, prefix caching), bf16, 0.9 of the GPU's memory",
 }
+
+PEER_SERVERS = ("vllm",)  # other projects' servers: compared with, never judged by our targets
 
 
 MIN_PEER_RATIO = 10.0  # issue 6: at least 10x the transformers peer's output tok/s
@@ -319,6 +324,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"| {_num(v['output_tokens_per_s'], '.0f')} | {_ms(v['p50_tpot_s'])} "
                     f"| {_ms(v['p99_tpot_s'])} | {_num(v['chunks_per_token'], '.3f')} |"
                 )
+    if baseline in PEER_SERVERS:
+        lines += ["", *peer_server_ratios(report["cells"], c["policies"], baseline)]
+        return finish_markdown(report, lines)
     lines += [
         "",
         f"| load | aligned ÷ {baseline} output tok/s | {baseline} ÷ aligned p99 TPOT | notes |",
@@ -339,6 +347,32 @@ def render_markdown(report: dict[str, Any]) -> str:
     spread = report.get("offline_spread")
     if spread is not None:
         lines += ["", offline_spread_line(spread, baseline, shape.min_throughput_ratio)]
+    return finish_markdown(report, lines)
+
+
+def peer_server_ratios(cells: list[dict], variants: list[str], baseline: str) -> list[str]:
+    """Each of our variants against another project's server, load by load: issue 6's targets
+    are against fcfs, so these ratios are reported, not judged."""
+    lines = [
+        f"| load | variant | ÷ {baseline} output tok/s | {baseline} ÷ variant p99 TPOT |",
+        "|---|---|---|---|",
+    ]
+    for row in cells:
+        base = row.get(baseline)
+        for variant in variants:
+            ours = row.get(variant)
+            if variant == baseline or ours is None or base is None:
+                continue
+            tok = _ratio(ours["output_tokens_per_s"], base["output_tokens_per_s"])
+            tpot = _ratio(base["p99_tpot_s"], ours["p99_tpot_s"])
+            lines.append(
+                f"| {row['load']} | {variant} | {_num(tok, '.2f')}× | {_num(tpot, '.2f')}× |"
+            )
+    return lines
+
+
+def finish_markdown(report: dict[str, Any], lines: list[str]) -> str:
+    """The sections after the ratios: the transformers peer, GPU busy, each bench's table."""
     peer = report.get("peer")
     if peer is not None:
         p = peer["peer"]

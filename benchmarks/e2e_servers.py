@@ -179,12 +179,33 @@ def start_dp2(policy, args, model, env, blocks, tiers, logs: Path, balance_by: s
     wait_ready(f"http://127.0.0.1:{args.port}", [p for t in tiers for p in t], timeout_s=120)
 
 
+def start_vllm(args, model: Path, env: dict[str, str], tiers, logs: Path) -> None:
+    """vLLM's OpenAI server on args.device, from the packages under args.vllm_site (put first
+    on its path: vLLM pins its own FastAPI), with its defaults for the GPU; ready once it
+    lists its model."""
+    if not args.vllm_site:
+        raise RuntimeError("the vllm variant needs --vllm-site (vLLM and its packages)")
+    child = dict(env)
+    child["PYTHONPATH"] = ":".join(p for p in (args.vllm_site, env.get("PYTHONPATH")) if p)
+    child["CUDA_VISIBLE_DEVICES"] = args.device.removeprefix("cuda:") or "0"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--host", "127.0.0.1", "--port", str(args.port), "--dtype", "bfloat16",
+        "--gpu-memory-utilization", "0.9",
+    ]  # fmt: skip
+    tiers.append([popen_logged(cmd, child, logs / "vllm.log")])
+    url = f"http://127.0.0.1:{args.port}"
+    wait_until(lambda: http_get(f"{url}/v1/models") is not None, tiers[0], 540, url)
+
+
 @contextlib.contextmanager
 def serving(policy, args, model, env, blocks, logs: Path) -> Iterator[None]:
     """The variant's server(s), ready at args.port; stopped on the way out, router first."""
     tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
-        if is_dp2(policy):
+        if policy == "vllm":
+            start_vllm(args, model, env, tiers, logs)
+        elif is_dp2(policy):
             balance_by = "requests" if policy.endswith("-byrequests") else "tokens"
             start_dp2(policy.split("-")[0], args, model, env, blocks, tiers, logs, balance_by)
         else:

@@ -41,6 +41,11 @@ The variants (--policies; --baseline names the one aligned is compared with):
 - fcfs-dp2-byrequests: fcfs-dp2 whose router counts load in live requests (--balance-by
   requests; for fcfs, which pools nothing, the count used before session 33), which splits a
   burst by number, not by work.
+- vllm: vLLM's OpenAI server on --device (its packages under --vllm-site: vLLM is not
+  installed on the GPU machines, benchmarks/vllm_bundle.sh makes the folder), with its
+  defaults for the GPU, measured by the same bench through the same HTTP API. As --baseline,
+  each variant's ratios to it are reported, not judged by issue 6's targets (which are
+  against fcfs).
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
@@ -98,7 +103,7 @@ import_alignedserve()
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 
-BASELINES = ("fcfs", "fcfs-dp2")
+BASELINES = ("fcfs", "fcfs-dp2", "vllm")
 TINY_VOCAB = 8192  # a dry run's vocabulary: as in the full ones, nearly every id is a word
 SERVER_OVERHEAD_S = 60.0  # reserved for each server still to start and stop
 
@@ -300,6 +305,9 @@ def main() -> None:
     parser.add_argument("--peer-timeout-s", type=float, default=120, help="its generation")
     parser.add_argument(
         "--peer-json", default="", help="an earlier hf_peer.py result for these requests: reused"
+    )
+    parser.add_argument(
+        "--vllm-site", default="", help="a folder holding vLLM and its packages (the vllm variant)"
     )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

@@ -181,3 +181,24 @@ def test_every_variant_is_described_in_the_report_and_the_runner(e2e_report):
     doc = benchmark_module("gpu_e2e").__doc__
     listed = set(re.findall(r"^- ([a-z0-9-]+)[:( ]", doc, flags=re.MULTILINE))
     assert set(e2e_report.VARIANTS) <= listed, set(e2e_report.VARIANTS) - listed
+
+
+def test_against_another_projects_server_every_variant_gets_ratios_and_no_verdict(
+    e2e_report, tmp_path
+):
+    """With vLLM as the baseline, each of our variants is compared with it load by load;
+    issue 6's targets are against fcfs, so no cell says met or missed."""
+    for variant, tok_s in (("aligned", 1800), ("fcfs", 2400), ("vllm", 2000)):
+        write_run(tmp_path, variant, "offline", "offline", tok_s)
+    (tmp_path / "vllm" / "offline" / "bench.md").write_text("| vllm's bench table |")
+    args = report_args()
+    args.policies, args.baseline = ["vllm", "fcfs", "aligned"], "vllm"
+    runs = e2e_report.load_runs(tmp_path)
+    markdown = e2e_report.render_markdown(
+        e2e_report.make_report(args, tmp_path, runs, {}, 8, "cpu")
+    )
+    assert "| offline | fcfs | 1.20× | –× |" in markdown
+    assert "| offline | aligned | 0.90× | –× |" in markdown
+    assert "| offline | vllm | " not in markdown.split("÷ vllm output tok/s")[1]
+    assert "met)" not in markdown and "missed)" not in markdown
+    assert "### vllm/offline\n\n| vllm's bench table |" in markdown  # the tables follow
