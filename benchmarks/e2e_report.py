@@ -35,6 +35,7 @@ VARIANTS = (
     "fcfs-dp2",
     "fcfs-dp2-byrequests",
     "vllm",
+    "vllm-samekv",
 )
 
 
@@ -84,9 +85,13 @@ VARIANT_TEXT = {
     "(--balance-by requests; for fcfs, which pools nothing, the count used before session 33)",
     "vllm": "vLLM's OpenAI server on --device with its defaults for this GPU (V1 engine, "
     "torch.compile, CUDA graphs, chunked prefill, prefix caching), bf16, 0.9 of the GPU's memory",
+    "vllm-samekv": "vllm with our engines' KV bytes (--kv-cache-memory-bytes of --device-kv-gib)",
 }
 
-PEER_SERVERS = ("vllm",)  # other projects' servers: compared with, never judged by our targets
+PEER_SERVERS = (
+    "vllm",
+    "vllm-samekv",
+)  # other projects' servers: compared with, never judged by our targets
 
 
 MIN_PEER_RATIO = 10.0  # issue 6: at least 10x the transformers peer's output tok/s

@@ -179,10 +179,11 @@ def start_dp2(policy, args, model, env, blocks, tiers, logs: Path, balance_by: s
     wait_ready(f"http://127.0.0.1:{args.port}", [p for t in tiers for p in t], timeout_s=120)
 
 
-def start_vllm(args, model: Path, env: dict[str, str], tiers, logs: Path) -> None:
+def start_vllm(policy, args, model: Path, env: dict[str, str], tiers, logs: Path) -> None:
     """vLLM's OpenAI server on args.device, from the packages under args.vllm_site (put first
-    on its path: vLLM pins its own FastAPI), with its defaults for the GPU; ready once it
-    lists its model."""
+    on its path: vLLM pins its own FastAPI), with its defaults for the GPU (0.9 of its memory)
+    or, as vllm-samekv, our engines' KV bytes (--device-kv-gib); ready once it lists its
+    model."""
     if not args.vllm_site:
         raise RuntimeError("the vllm variant needs --vllm-site (vLLM and its packages)")
     child = dict(env)
@@ -191,8 +192,11 @@ def start_vllm(args, model: Path, env: dict[str, str], tiers, logs: Path) -> Non
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(args.port), "--dtype", "bfloat16",
-        "--gpu-memory-utilization", "0.9",
     ]  # fmt: skip
+    if policy == "vllm-samekv":
+        cmd += ["--kv-cache-memory-bytes", str(int(args.device_kv_gib * 2**30))]
+    else:
+        cmd += ["--gpu-memory-utilization", "0.9"]
     tiers.append([popen_logged(cmd, child, logs / "vllm.log")])
     url = f"http://127.0.0.1:{args.port}"
     wait_until(lambda: http_get(f"{url}/v1/models") is not None, tiers[0], 540, url)
@@ -203,8 +207,8 @@ def serving(policy, args, model, env, blocks, logs: Path) -> Iterator[None]:
     """The variant's server(s), ready at args.port; stopped on the way out, router first."""
     tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
-        if policy == "vllm":
-            start_vllm(args, model, env, tiers, logs)
+        if policy.startswith("vllm"):
+            start_vllm(policy, args, model, env, tiers, logs)
         elif is_dp2(policy):
             balance_by = "requests" if policy.endswith("-byrequests") else "tokens"
             start_dp2(policy.split("-")[0], args, model, env, blocks, tiers, logs, balance_by)

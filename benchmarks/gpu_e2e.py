@@ -46,6 +46,8 @@ The variants (--policies; --baseline names the one aligned is compared with):
   defaults for the GPU, measured by the same bench through the same HTTP API. As --baseline,
   each variant's ratios to it are reported, not judged by issue 6's targets (which are
   against fcfs).
+- vllm-samekv: vllm with the KV bytes our engines get (--device-kv-gib, 88 GiB by default;
+  vllm's 0.9 of an H200 gives it ~100 GiB): the engines compared at equal KV memory.
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
@@ -103,7 +105,7 @@ import_alignedserve()
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 
-BASELINES = ("fcfs", "fcfs-dp2", "vllm")
+BASELINES = ("fcfs", "fcfs-dp2", "vllm", "vllm-samekv")
 TINY_VOCAB = 8192  # a dry run's vocabulary: as in the full ones, nearly every id is a word
 SERVER_OVERHEAD_S = 60.0  # reserved for each server still to start and stop
 

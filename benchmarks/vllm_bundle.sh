@@ -9,12 +9,15 @@
 #
 # 1. vLLM 0.24.0, the release pinned to the GPU machines' torch 2.11.0, and what it needs that
 #    the machines' image lacks (the image's list: the device tool's KINDS.md), resolved by pip
-#    for CPython 3.12 on x86-64 without torch, its CUDA libraries and the optional kernel
-#    packages (flashinfer, tilelang, cutlass-dsl, ...), which a bf16 OPT or Llama model on a
-#    Hopper GPU does not use.
-# 2. Left out of vLLM's wheel: FlashAttention 2 (Hopper runs FlashAttention 3), the MoE, MLA
-#    and FlashMLA kernels, the Rust front end and third-party headers (DeepGEMM's JIT): 637 MB
-#    unpacked becomes 291 MB.
+#    for CPython 3.12 on x86-64, without torch and its CUDA libraries and without the optional
+#    kernel packages (flashinfer's cubins, tilelang, cutlass-dsl, ...), which a bf16 OPT or
+#    Llama model on a Hopper GPU does not use. flashinfer-python itself comes along: vLLM's
+#    model runner imports it at start (its kernels would be compiled on first use; FlashAttention
+#    3 serves these models' attention).
+# 2. Left out of vLLM's wheel: FlashAttention 2 (Hopper runs FlashAttention 3), the MoE and
+#    FlashMLA kernels, the Rust front end, and DeepGEMM's and the SM100 attention's sources:
+#    637 MB unpacked becomes about 290 MB. (vllm/third_party's pynvml stays: vLLM finds the GPU
+#    with it.)
 # 3. One folder, as pip --target lays it out, packed with xz and cut into 38 MiB parts, so that
 #    each part travels beside the working tree in one call (.vllm is in .git/info/exclude).
 set -euo pipefail
@@ -31,11 +34,13 @@ fsspec grpcio h11 hf-xet httpcore httpx huggingface-hub jinja2 markdown-it-py ma
 mpmath multidict networkx ninja numpy opencv-python-headless packaging pillow
 prometheus-client propcache protobuf psutil py-cpuinfo pygments pyyaml regex requests rich
 safetensors sentencepiece setuptools shellingham six sympy tiktoken tokenizers torch
-torchaudio torchvision tqdm transformers triton typer typing-extensions urllib3 uvloop yarl"
+torchaudio torchvision tqdm transformers triton typer typing-extensions urllib3 uvloop yarl
+nvidia-ml-py tabulate flashinfer-cubin cuda-tile tilelang"
 # optional kernel packages of vLLM's requirements, unused here
-OPTIONAL='^(torch|torchaudio|torchvision|flashinfer|tilelang|nvidia-cutlass-dsl|quack-kernels|tokenspeed-mla|humming-kernels|apache-tvm-ffi|fastsafetensors|nvidia-cudnn-frontend|numba|transformers|tokenizers|safetensors|numpy|opencv)'
+OPTIONAL='^(torch|torchaudio|torchvision|flashinfer-cubin|tilelang|nvidia-cutlass-dsl|quack-kernels|tokenspeed-mla|humming-kernels|apache-tvm-ffi|fastsafetensors|nvidia-cudnn-frontend|numba|transformers|tokenizers|safetensors|numpy|opencv)'
 DROP=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so
-      vllm/_flashmla_C.abi3.so vllm/_flashmla_extension_C.abi3.so vllm/vllm-rs vllm/third_party)
+      vllm/_flashmla_C.abi3.so vllm/_flashmla_extension_C.abi3.so vllm/vllm-rs
+      vllm/third_party/deep_gemm vllm/third_party/fmha_sm100)
 
 if [[ "${1:-}" == unpack ]]; then
     dest=${2:?unpack DIR}
