@@ -46,8 +46,10 @@ The variants (--policies; --baseline names the one aligned is compared with):
   defaults for the GPU, measured by the same bench through the same HTTP API. As --baseline,
   each variant's ratios to it are reported, not judged by issue 6's targets (which are
   against fcfs).
-- vllm-samekv: vllm with the KV bytes our engines get (--device-kv-gib, 88 GiB by default;
-  vllm's 0.9 of an H200 gives it ~100 GiB): the engines compared at equal KV memory.
+- vllm-samekv: vllm with the KV bytes an fcfs engine of ours can fill: the lesser of
+  --device-kv-gib and --pool-gib (fcfs's CPU pool mirrors every running request's blocks, so
+  a smaller pool caps its device's KV; vllm's 0.9 of an H200 gives it ~100 GiB): the engines
+  compared at equal KV memory.
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
