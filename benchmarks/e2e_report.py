@@ -89,10 +89,8 @@ VARIANT_TEXT = {
     "(--kv-cache-memory-bytes: the lesser of --device-kv-gib and --pool-gib)",
 }
 
-PEER_SERVERS = (
-    "vllm",
-    "vllm-samekv",
-)  # other projects' servers: compared with, never judged by our targets
+# other projects' servers: compared with, never judged by issue 6's targets
+PEER_SERVERS = ("vllm", "vllm-samekv")
 
 
 MIN_PEER_RATIO = 10.0  # issue 6: at least 10x the transformers peer's output tok/s

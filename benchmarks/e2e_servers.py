@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from device_env import import_alignedserve
-from e2e_report import is_dp2
+from e2e_report import PEER_SERVERS, is_dp2
 
 import_alignedserve()
 from alignedserve.common import flags  # noqa: E402
@@ -210,7 +210,7 @@ def serving(policy, args, model, env, blocks, logs: Path) -> Iterator[None]:
     """The variant's server(s), ready at args.port; stopped on the way out, router first."""
     tiers: list[list[subprocess.Popen]] = []  # in starting order, so stopped in reverse
     try:
-        if policy.startswith("vllm"):
+        if policy in PEER_SERVERS:
             start_vllm(policy, args, model, env, tiers, logs)
         elif is_dp2(policy):
             balance_by = "requests" if policy.endswith("-byrequests") else "tokens"

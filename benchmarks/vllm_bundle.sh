@@ -19,7 +19,7 @@
 #    637 MB unpacked becomes about 290 MB. (vllm/third_party's pynvml stays: vLLM finds the GPU
 #    with it.)
 # 3. One folder, as pip --target lays it out, packed with xz and cut into 38 MiB parts, so that
-#    each part travels beside the working tree in one call (.vllm is in .git/info/exclude).
+#    each part travels beside the working tree in one call (.vllm is git-ignored).
 set -euo pipefail
 
 VERSION=0.24.0

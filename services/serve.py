@@ -57,7 +57,13 @@ class EngineSettings:
         default="",
         metadata={"help": f"weights and KV dtype, one of {list(DTYPES)}; empty: the checkpoint's"},
     )
-    pool_gib: float = field(default=1.0, metadata={"help": "the CPU KV pool, GiB"})
+    pool_gib: float = field(
+        default=1.0,
+        metadata={
+            "help": "the CPU KV pool, GiB (fcfs: it mirrors the running requests' blocks, so a "
+            "pool smaller than the device's KV caps it)"
+        },
+    )
     policy: str = field(
         default="aligned", metadata={"help": "the batcher's policy", "choices": POLICIES}
     )
