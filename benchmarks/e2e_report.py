@@ -85,8 +85,7 @@ VARIANT_TEXT = {
     "(--balance-by requests; for fcfs, which pools nothing, the count used before session 33)",
     "vllm": "vLLM's OpenAI server on --device with its defaults for this GPU (V1 engine, "
     "torch.compile, CUDA graphs, chunked prefill, prefix caching), bf16, 0.9 of the GPU's memory",
-    "vllm-samekv": "vllm with the KV bytes an fcfs engine of ours can fill "
-    "(--kv-cache-memory-bytes: the lesser of --device-kv-gib and --pool-gib)",
+    "vllm-samekv": "vllm with our engines' device KV (--kv-cache-memory-bytes of --device-kv-gib)",
 }
 
 # other projects' servers: compared with, never judged by issue 6's targets
@@ -316,7 +315,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"**{v} failed**: {why} (its logs are in the .tar.gz)\n"
             for v, why in report.get("failures", {}).items()
         ),
-        *pool_caps(c),
         "| load | variant | req/s | output tok/s | p50 TPOT ms | p99 TPOT ms | chunks per token |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -353,22 +351,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     if spread is not None:
         lines += ["", offline_spread_line(spread, baseline, shape.min_throughput_ratio)]
     return finish_markdown(report, lines)
-
-
-def pool_caps(c: dict[str, Any]) -> list[str]:
-    """A note for each fcfs variant whose CPU pool is smaller than its device's KV: the pool
-    mirrors every running request's blocks, so it caps what the device holds."""
-    notes = []
-    for variant in c["policies"]:
-        if variant.split("-")[0] != "fcfs":
-            continue
-        pool_gib = c["pool_gib"] / 2 if is_dp2(variant) else c["pool_gib"]
-        if pool_gib < c["device_kv_gib"]:
-            notes.append(
-                f"**{variant}'s KV is capped by its CPU pool**: its engines hold {pool_gib:g} "
-                f"GiB of running requests' KV, not the device's {c['device_kv_gib']:g} GiB.\n"
-            )
-    return notes
 
 
 def peer_server_ratios(cells: list[dict], variants: list[str], baseline: str) -> list[str]:

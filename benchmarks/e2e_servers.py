@@ -142,7 +142,8 @@ def start_dp2(policy, args, model, env, blocks, tiers, logs: Path, balance_by: s
     addresses, metrics_urls = [], []
     for i, device in enumerate((args.device, args.prefetch_device or args.device)):
         worker_port, batcher_port, metrics_port = free_port(), free_port(), free_port()
-        # Half the pool each: the CPU pools' host memory totals the single-server variants'.
+        # Half the pool each: the CPU pools' host memory totals the single-server variants'
+        # (aligned-dp2's; an fcfs batcher reserves none).
         settings = EngineSettings(
             device=device, policy=policy, num_device_blocks=blocks, pool_gib=args.pool_gib / 2
         )
@@ -182,9 +183,7 @@ def start_dp2(policy, args, model, env, blocks, tiers, logs: Path, balance_by: s
 def start_vllm(policy, args, model: Path, env: dict[str, str], tiers, logs: Path) -> None:
     """vLLM's OpenAI server on args.device, from the packages under args.vllm_site (put first
     on its path: vLLM pins its own FastAPI), with its defaults for the GPU (0.9 of its memory)
-    or, as vllm-samekv, the KV bytes an fcfs engine of ours can fill: its device's
-    (--device-kv-gib), or its CPU pool's where that is smaller (--pool-gib: the pool mirrors
-    every running request's blocks, batcher/engine_config.py); ready once it lists its
+    or, as vllm-samekv, our engines' device KV (--device-kv-gib); ready once it lists its
     model."""
     if not args.vllm_site:
         raise RuntimeError("the vllm variant needs --vllm-site (vLLM and its packages)")
@@ -196,8 +195,7 @@ def start_vllm(policy, args, model: Path, env: dict[str, str], tiers, logs: Path
         "--host", "127.0.0.1", "--port", str(args.port), "--dtype", "bfloat16",
     ]  # fmt: skip
     if policy == "vllm-samekv":
-        kv_gib = min(args.device_kv_gib, args.pool_gib)
-        cmd += ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
+        cmd += ["--kv-cache-memory-bytes", str(int(args.device_kv_gib * 2**30))]
     else:
         cmd += ["--gpu-memory-utilization", "0.9"]
     tiers.append([popen_logged(cmd, child, logs / "vllm.log")])

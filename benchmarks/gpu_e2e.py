@@ -35,7 +35,9 @@ The variants (--policies; --baseline names the one aligned is compared with):
   split into a prefill GPU and a decode GPU costs or gains;
 - fcfs-dp2 (the default baseline): fcfs data-parallel on the same two GPUs, as a deployment
   scales it: two workers, one per GPU (--device and --prefetch-device), each with its own
-  fcfs batcher (half of --pool-gib each), behind one router that sends each request to the
+  fcfs batcher (which reserves no CPU pool: its KV stays on its GPU, all of --device-kv-gib;
+  before the thirty-eighth session half of --pool-gib each, which capped it at 80 GiB of 88
+  with --pool-gib 160), behind one router that sends each request to the
   least loaded batcher, by context tokens. On CPU with no --prefetch-device, both workers run
   on --device;
 - fcfs-dp2-byrequests: fcfs-dp2 whose router counts load in live requests (--balance-by
@@ -46,10 +48,10 @@ The variants (--policies; --baseline names the one aligned is compared with):
   defaults for the GPU, measured by the same bench through the same HTTP API. As --baseline,
   each variant's ratios to it are reported, not judged by issue 6's targets (which are
   against fcfs).
-- vllm-samekv: vllm with the KV bytes an fcfs engine of ours can fill: the lesser of
-  --device-kv-gib and --pool-gib (fcfs's CPU pool mirrors every running request's blocks, so
-  a smaller pool caps its device's KV; vllm's 0.9 of an H200 gives it ~100 GiB): the engines
-  compared at equal KV memory.
+- vllm-samekv: vllm with our engines' device KV (--device-kv-gib, 88 GiB by default; vllm's
+  0.9 of an H200 gives it ~100 GiB): the engines compared at equal KV memory. (Before the
+  thirty-eighth session's last commits fcfs's CPU pool capped its device's KV: --pool-gib 48
+  left it 48 GiB; fcfs now reserves no pool.)
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels

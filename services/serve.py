@@ -60,8 +60,8 @@ class EngineSettings:
     pool_gib: float = field(
         default=1.0,
         metadata={
-            "help": "the CPU KV pool, GiB (fcfs: it mirrors the running requests' blocks, so a "
-            "pool smaller than the device's KV caps it)"
+            "help": "the CPU KV pool, GiB (aligned; fcfs keeps its KV on the device and "
+            "reserves none)"
         },
     )
     policy: str = field(

@@ -650,3 +650,50 @@ def test_an_attach_that_times_out_is_retried_with_the_same_pool(model_dir, monke
     assert tokens == expected.token_ids and finish == "length"
     assert len(calls) >= 2 and len(set(calls)) == 1, calls  # retried, with the same pool
     assert len(created) == 1, [pool.name for pool in created]
+
+
+def test_fcfs_mirrors_its_devices_blocks_in_a_sparse_pool_the_worker_does_not_lock(
+    model_dir, monkeypatch, caplog
+):
+    """fcfs keeps every running request's KV on the device, so its pool only numbers the
+    device's blocks: a sparse segment of exactly them, whatever --pool-gib says (here a
+    pool of fewer blocks than the device, which used to cap fcfs at the pool's), attached
+    mirror-only, so the worker neither page-locks nor touches it; and it serves the runtime's
+    tokens."""
+    from alignedserve.common.kv_layout import KVLayout
+    from alignedserve.common.model_config import ModelConfig
+    from alignedserve.worker import server as worker_server
+
+    layout = KVLayout.for_model(ModelConfig.from_dir(model_dir))
+    device_blocks = 2 * int(0.05 * 2**30 // layout.block_bytes)  # twice stack's 0.05 GiB pool
+    copied = []
+    map_pool = worker_server.map_pool
+
+    def recorded_map_pool(pool, is_copied, gpu):
+        copied.append(is_copied)
+        return map_pool(pool, is_copied, gpu)
+
+    monkeypatch.setattr(worker_server, "map_pool", recorded_map_pool)
+    prompt = random_prompts((30,), seed=21)[0]
+    expected = LocalRuntime.from_dir(model_dir).generate([prompt], [greedy(6)])[0]
+
+    async def main():
+        async with stack(model_dir, free_port(), device_blocks=device_blocks, policy="fcfs") as (
+            stub,
+            _,
+        ):
+            served = await asyncio.wait_for(generate(stub, "r", prompt, greedy(6)), 60)
+            attached = next(
+                r.getMessage() for r in caplog.records if r.getMessage().startswith("attached")
+            )
+            name = attached.split("'")[1]
+            segment = os.stat(f"/dev/shm/{name}")
+            return served, attached, segment
+
+    with caplog.at_level("INFO", logger="alignedserve.worker.service"):
+        (tokens, finish, _), attached, segment = asyncio.run(main())
+    assert (tokens, finish) == (expected.token_ids, "length")
+    assert f"({device_blocks} blocks, mirror only: not page-locked)" in attached
+    assert copied == [False]
+    assert segment.st_size == device_blocks * layout.block_bytes
+    assert segment.st_blocks * 512 < segment.st_size / 100  # sparse: its pages never written

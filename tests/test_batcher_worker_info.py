@@ -157,22 +157,3 @@ def test_batcher_flags_set_the_cost_model_or_leave_it_to_the_worker():
 def test_the_decode_kernel_cost_follows_the_device():
     assert decode_kernel_cost("cuda") == decode_kernel_cost("cuda:1") == "balanced"
     assert decode_kernel_cost("cpu") == "padded"
-
-
-def test_an_fcfs_pool_smaller_than_the_device_is_said_to_cap_it(caplog):
-    """fcfs's pool mirrors its running requests' blocks: a smaller pool caps the device's KV,
-    which the batcher says at start rather than leaving the device half used unseen."""
-    layout = KVLayout(2, 2, 16, 16, "bfloat16")
-    info = worker_pb2.ModelInfo(kv_layout=wire.layout_to_proto(layout), num_device_blocks=100)
-    engine = EngineConfig("w:1", 1, SchedulerConfig(policy="fcfs"))
-    with caplog.at_level("WARNING", logger="alignedserve.batcher.engine_config"):
-        capped = scheduler_config_for(engine, info, 60)
-    assert capped.num_pool_blocks == 60
-    assert "pool's 60 blocks cap the device's 100" in caplog.text
-    assert "60%" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="alignedserve.batcher.engine_config"):
-        assert scheduler_config_for(engine, info, 1000).num_pool_blocks == 100
-        aligned = EngineConfig("w:1", 1, SchedulerConfig(policy="aligned"))
-        assert scheduler_config_for(aligned, info, 60).num_pool_blocks == 60  # its own pool
-    assert caplog.text == ""

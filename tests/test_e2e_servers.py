@@ -43,8 +43,7 @@ def e2e_servers():
     ("variant", "kv_flag"),
     [
         ("vllm", ["--gpu-memory-utilization", "0.9"]),
-        # an fcfs engine of ours fills the lesser of its pool (48) and its device's KV (88)
-        ("vllm-samekv", ["--kv-cache-memory-bytes", str(48 * 2**30)]),
+        ("vllm-samekv", ["--kv-cache-memory-bytes", str(88 * 2**30)]),  # our device KV
     ],
 )
 def test_a_vllm_variant_starts_from_its_site_with_the_kv_it_is_given(

@@ -202,19 +202,3 @@ def test_against_another_projects_server_every_variant_gets_ratios_and_no_verdic
     assert "| offline | vllm | " not in markdown.split("÷ vllm output tok/s")[1]
     assert "met)" not in markdown and "missed)" not in markdown
     assert "### vllm/offline\n\n| vllm's bench table |" in markdown  # the tables follow
-
-
-def test_an_fcfs_engine_whose_pool_is_smaller_than_its_device_kv_is_said_to_be_capped(
-    e2e_report, tmp_path
-):
-    """fcfs's pool mirrors its running requests' blocks, so a pool smaller than the device's
-    KV caps the engine (the thirty-eighth session's single-GPU runs: 48 GiB of 88)."""
-    write_run(tmp_path, "fcfs", "offline", "offline", 1200)
-    args = report_args()
-    args.policies, args.baseline, args.pool_gib, args.device_kv_gib = ["fcfs"], "fcfs", 48, 88
-    report = e2e_report.make_report(args, tmp_path, e2e_report.load_runs(tmp_path), {}, 8, "cpu")
-    markdown = e2e_report.render_markdown(report)
-    assert "**fcfs's KV is capped by its CPU pool**: its engines hold 48 GiB" in markdown
-    args.policies, args.pool_gib = ["fcfs-dp2"], 176  # 88 each: not capped
-    report = e2e_report.make_report(args, tmp_path, e2e_report.load_runs(tmp_path), {}, 8, "cpu")
-    assert "capped" not in e2e_report.render_markdown(report)

@@ -45,11 +45,11 @@ class Gate:
             self.loading = False
             return model
 
-        def recorded_map_pool(pool, pin):
+        def recorded_map_pool(pool, copied, gpu):
             self.mapped.append(pool.name)
             if self.loading:
                 self.mapped_while_loading.append(pool.name)
-            return map_pool(pool, pin)
+            return map_pool(pool, copied, gpu)
 
         monkeypatch.setattr(worker_server, "load", gated_load)
         monkeypatch.setattr(worker_server, "map_pool", recorded_map_pool)

@@ -99,7 +99,8 @@ class BatcherEngine:
     async def start(self) -> None:
         """Reserve the pool's memory while connecting to the worker (retrying until
         worker_startup_s); once it describes its model, cut the pool into its blocks, attach."""
-        self._attachment = PoolAttachment(self.link, self.config.pool_bytes)
+        mirror = self.config.scheduler.policy == "fcfs"  # its KV stays on the device
+        self._attachment = PoolAttachment(self.link, self.config.pool_bytes, mirror)
         try:
             await self._connect(first=True)
         except BaseException:

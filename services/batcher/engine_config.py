@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.common import wire
 from alignedserve.common.errors import ConfigError
 from alignedserve.common.proto import worker_pb2
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,18 +41,9 @@ def scheduler_config_for(
     EngineConfig's overrides win over both)."""
     base = config.scheduler
     layout = wire.layout_from_proto(info.kv_layout)
-    # fcfs keeps every running request's KV on the device, and the pool mirrors its blocks:
-    # its budget is the lesser of the two, and a pool smaller than the device leaves the
-    # device's KV partly unused (the thirty-eighth session's single-GPU runs: 48 GiB of 88)
+    # fcfs keeps every running request's KV on the device: its budget is the device's (its
+    # pool, a mirror of the device's blocks, holds as many: batcher/pool_attachment.py)
     if base.policy == "fcfs":
-        if num_pool_blocks < info.num_device_blocks:
-            log.warning(
-                "fcfs: the CPU pool's %d blocks cap the device's %d: running requests hold "
-                "at most %.0f%% of the device's KV (a pool as large as the device's KV lifts it)",
-                num_pool_blocks,
-                info.num_device_blocks,
-                100 * num_pool_blocks / info.num_device_blocks,
-            )
         num_pool_blocks = min(num_pool_blocks, info.num_device_blocks)
     kernel_cost = config.kernel_cost or info.decode_kernel_cost or base.kernel_cost
     if config.weight_kv_tokens is not None:

@@ -129,9 +129,10 @@ class PoolSegment:
     @classmethod
     def reserve(cls, nbytes: int, name: str | None = None, *, reserve: bool = True) -> PoolSegment:
         """Create the segment (an existing `name` raises FileExistsError). With `reserve`
-        (default) its memory is allocated now, so a too-small /dev/shm fails here."""
+        (default) its memory is allocated now, so a too-small /dev/shm fails here; without,
+        it is sparse: its pages take memory only once written."""
         free = _shm_free_bytes()
-        if free is not None and nbytes > free:
+        if reserve and free is not None and nbytes > free:
             raise _too_small_error(nbytes, "not enough free space")
         try:
             shm = shared_memory.SharedMemory(name=name or _new_name(), create=True, size=nbytes)

@@ -85,15 +85,17 @@ class WorkerLink:
     async def describe(self) -> worker_pb2.ModelInfo:
         return await self.stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
 
-    async def attach(self, pool: CpuKVPool, wait_s: float = 0.0) -> None:
+    async def attach(self, pool: CpuKVPool, wait_s: float = 0.0, mirror_only: bool = False) -> None:
         """Attach the pool and open the step session. `wait_s`: how long a worker still
-        loading its model may take beyond the pool's own deadline."""
+        loading its model may take beyond the pool's own deadline. `mirror_only`: no KV is
+        ever copied through it (AttachRequest.mirror_only)."""
         pool_s = attach_timeout_s(pool.num_blocks * pool.layout.block_bytes)
         await self.stub.Attach(
             worker_pb2.AttachRequest(
                 pool_name=pool.name,
                 num_pool_blocks=pool.num_blocks,
                 kv_layout=wire.layout_to_proto(pool.layout),
+                mirror_only=mirror_only,
             ),
             timeout=max(pool_s, wait_s),
         )

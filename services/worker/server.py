@@ -100,10 +100,12 @@ def loading_info(config: WorkerConfig) -> worker_pb2.ModelInfo:
     )
 
 
-def map_pool(pool: CpuKVPool, pin: bool) -> PoolMapping:
+def map_pool(pool: CpuKVPool, copied: bool, gpu: bool) -> PoolMapping:
+    """The pool mapped, and page-locked on a GPU when its blocks are `copied` to and from the
+    device (not a mirror-only pool: AttachRequest.mirror_only)."""
     from alignedserve.worker.pool_mapping import PoolMapping
 
-    return PoolMapping(pool, pin)
+    return PoolMapping(pool, pin=gpu and copied)
 
 
 def load(config: WorkerConfig) -> LoadedModel:
@@ -212,7 +214,7 @@ async def serve_worker(
     bound port) and `ready` is set."""
     servicer = WorkerServicer(
         await asyncio.to_thread(loading_info, config),
-        functools.partial(map_pool, pin=torch_device_is_cuda(config.device)),
+        functools.partial(map_pool, gpu=torch_device_is_cuda(config.device)),
         session_handover_s=config.session_handover_s,
         overlap_steps=config.overlap_steps,
     )

@@ -188,7 +188,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(
         self,
         loading_info: worker_pb2.ModelInfo,  # model_name and kv_layout, with loading set
-        map_pool: Callable[[CpuKVPool], PoolMapping],  # blocking: it page-locks on a GPU
+        # (pool, copied): blocking, it page-locks a pool whose blocks are copied on a GPU
+        map_pool: Callable[[CpuKVPool, bool], PoolMapping],
         session_handover_s: float = 5.0,
         overlap_steps: bool = True,
     ):
@@ -244,7 +245,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # Shielded: a batcher that gives up (its deadline) does not stop a pin half-way; its
         # retry finds the pool attached (the same pool is kept) or waits for this one.
         attaching = asyncio.ensure_future(
-            self._attach(request.pool_name, request.num_pool_blocks, layout)
+            self._attach(request.pool_name, request.num_pool_blocks, layout, request.mirror_only)
         )
         try:
             await asyncio.shield(attaching)
@@ -265,7 +266,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Attach: {e}")
         return worker_pb2.AttachResponse()
 
-    async def _attach(self, pool_name: str, num_blocks: int, layout: KVLayout) -> None:
+    async def _attach(
+        self, pool_name: str, num_blocks: int, layout: KVLayout, mirror_only: bool
+    ) -> None:
         async with self._attach_lock:
             if self._session_lock.locked():
                 raise SessionRunningError
@@ -273,7 +276,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 pool = CpuKVPool.attach(pool_name, layout, num_blocks)
                 self.close()  # a batcher restart: the previous pool is gone from its side
                 try:
-                    self.mapping = await asyncio.to_thread(self._map_pool, pool)
+                    copied = not mirror_only
+                    self.mapping = await asyncio.to_thread(self._map_pool, pool, copied)
                 except BaseException:
                     pool.close()
                     raise
@@ -281,7 +285,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if self.residency is not None:  # the same pool again: its requests start anew
                 self.residency.close()
             self.residency = model.new_residency(self.mapping)
-        logger.info("attached pool %r (%d blocks)", pool_name, num_blocks)
+        mirror = ", mirror only: not page-locked" if mirror_only else ""
+        logger.info("attached pool %r (%d blocks%s)", pool_name, num_blocks, mirror)
 
     async def Session(self, request_iterator, context) -> None:
         try:

@@ -44,14 +44,16 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ..., prefill_device: _Optional[str] = ..., num_prefill_blocks: _Optional[int] = ..., num_prefill_decode_blocks: _Optional[int] = ..., ridge_flops_per_byte: _Optional[int] = ..., loading: _Optional[bool] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("pool_name", "num_pool_blocks", "kv_layout")
+    __slots__ = ("pool_name", "num_pool_blocks", "kv_layout", "mirror_only")
     POOL_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_ONLY_FIELD_NUMBER: _ClassVar[int]
     pool_name: str
     num_pool_blocks: int
     kv_layout: _common_pb2.KVLayout
-    def __init__(self, pool_name: _Optional[str] = ..., num_pool_blocks: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+    mirror_only: bool
+    def __init__(self, pool_name: _Optional[str] = ..., num_pool_blocks: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., mirror_only: _Optional[bool] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ()
