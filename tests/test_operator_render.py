@@ -96,6 +96,24 @@ def test_worker_pod_shape():
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
 
 
+def test_only_an_aligned_pool_is_charged_to_the_pod():
+    """aligned's CPU pool lives in /dev/shm and counts against the batcher's memory; fcfs's
+    is a sparse mirror of the device's blocks that takes none (batcher/pool_attachment.py)."""
+    obj = yaml.safe_load((ROOT / "helm/examples/full.yaml").read_text())
+    owner = Owner("s", "default", "uid-s")
+
+    def pool_charges(policy: str) -> tuple[str, str]:
+        obj["spec"].setdefault("batching", {})["policy"] = policy
+        spec = parse(obj["spec"], "s")
+        pod = by_kind(render(owner, spec, IMAGE, 1, 1))[("Deployment", "worker")]
+        pod = pod["spec"]["template"]["spec"]
+        (shm,) = [v for v in pod["volumes"] if v["name"] == "kv-pool"]
+        return shm["emptyDir"]["sizeLimit"], pod["containers"][0]["resources"]["limits"]["memory"]
+
+    assert pool_charges("aligned") == (f"{128 * 1024 + 1024}Mi", f"{128 * 1024 + 2048}Mi")
+    assert pool_charges("fcfs") == ("1024Mi", "2048Mi")
+
+
 def test_cpu_dev_has_no_gpus_and_mounts_the_model():
     pod = by_kind(children("cpu-dev"))[("Deployment", "worker")]["spec"]["template"]["spec"]
     worker = pod["containers"][1]

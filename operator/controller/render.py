@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alignedserve.common.policy import worker_prefill_decode_blocks
+from alignedserve.common.policy import reserves_pool, worker_prefill_decode_blocks
 from alignedserve.operator.spec import GROUP, KIND, VERSION, AlignedServeSpec
 
 BATCHER_PORT = 50051
@@ -197,9 +197,17 @@ def router_service(owner: Owner, spec: AlignedServeSpec) -> dict:
     }
 
 
+def kv_pool_mib(spec: AlignedServeSpec) -> int:
+    """The memory the batcher's CPU KV pool takes in /dev/shm: none under fcfs, whose pool
+    is a sparse mirror of the device's blocks (common/policy.reserves_pool)."""
+    if not reserves_pool(spec.batching.policy):
+        return 0
+    return math.ceil(spec.workers.kv_pool_gib * 1024)
+
+
 def kv_pool_size_limit(spec: AlignedServeSpec) -> str:
     # the pool, plus room for the pinned-memory and gRPC scratch the processes keep in /dev/shm
-    return f"{math.ceil(spec.workers.kv_pool_gib * 1024) + 1024}Mi"
+    return f"{kv_pool_mib(spec) + 1024}Mi"
 
 
 def worker_deployment(
@@ -239,7 +247,7 @@ def worker_deployment(
     )
     grpc_port = {"port": BATCHER_PORT}
     # The pool lives in /dev/shm, charged to the pod's memory: request it, with a margin.
-    pool_memory = f"{math.ceil(spec.workers.kv_pool_gib * 1024) + 2048}Mi"
+    pool_memory = f"{kv_pool_mib(spec) + 2048}Mi"
     batcher |= {
         "ports": [
             {"name": "grpc", "containerPort": BATCHER_PORT, "protocol": "TCP"},

@@ -49,6 +49,7 @@ from alignedserve.common.errors import (
     InvalidRequestError,
     UnavailableError,
 )
+from alignedserve.common.policy import reserves_pool
 from alignedserve.common.proto import common_pb2, worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
 
@@ -99,7 +100,7 @@ class BatcherEngine:
     async def start(self) -> None:
         """Reserve the pool's memory while connecting to the worker (retrying until
         worker_startup_s); once it describes its model, cut the pool into its blocks, attach."""
-        mirror = self.config.scheduler.policy == "fcfs"  # its KV stays on the device
+        mirror = not reserves_pool(self.config.scheduler.policy)  # fcfs: KV on the device
         self._attachment = PoolAttachment(self.link, self.config.pool_bytes, mirror)
         try:
             await self._connect(first=True)

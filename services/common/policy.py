@@ -19,3 +19,11 @@ def worker_prefill_decode_blocks(policy: str, blocks: int) -> int:
     decodes) under `policy`: only the aligned batcher sends it residents; under fcfs that
     memory would sit unused, so none is set aside."""
     return blocks if policy == "aligned" else 0
+
+
+def reserves_pool(policy: str) -> bool:
+    """Whether the batcher reserves its CPU KV pool (--pool-gib): aligned keeps its requests'
+    KV there between their turns on the device; fcfs keeps every running request's KV on the
+    device, and its pool only numbers the device's blocks (a sparse segment that takes no
+    memory: batcher/pool_attachment.py)."""
+    return policy == "aligned"
