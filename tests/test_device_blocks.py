@@ -288,7 +288,7 @@ def _run(clock, config, info, pool_blocks, arrivals, aborts, losses, prefill_del
         scheduler_config, max_model_len=MAX_MODEL_LEN, eos_token_ids=(EOS,)
     )
     layout = wire.layout_from_proto(info.kv_layout)
-    engine.pool = SimpleNamespace(layout=layout)  # (for the metrics; no pool is mapped)
+    engine.layout = layout  # (for the metrics; no pool is mapped)
     device = DeviceModel(
         info.num_device_blocks,
         layout.block_tokens,

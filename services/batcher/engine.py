@@ -49,6 +49,7 @@ from alignedserve.common.errors import (
     InvalidRequestError,
     UnavailableError,
 )
+from alignedserve.common.kv_layout import KVLayout
 from alignedserve.common.policy import reserves_pool
 from alignedserve.common.proto import common_pb2, worker_pb2
 from alignedserve.common.sampling_params import SamplingParams
@@ -76,7 +77,9 @@ class BatcherEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.link = WorkerLink(config.worker_address)
-        self.pool: CpuKVPool | None = None  # once the worker described its model
+        # the KV layout of the worker's model (its pool's blocks), once it described it; the
+        # pool itself belongs to the attachment
+        self.layout: KVLayout | None = None
         self._attachment: PoolAttachment | None = None
         self.scheduler = None
         self.info: worker_pb2.ModelInfo | None = None
@@ -381,7 +384,7 @@ class BatcherEngine:
 
     def _report(self, plan: BatchPlan) -> None:
         engine_metrics.report_plan(
-            self.info.model_name, self.scheduler, self.load(), self.pool.layout, plan
+            self.info.model_name, self.scheduler, self.load(), self.layout, plan
         )
 
     def _after_step(self, sent: SentStep, response: worker_pb2.StepResponse) -> bool:
@@ -467,8 +470,8 @@ class BatcherEngine:
         log.info("worker %s attached (%s)", self.config.worker_address, info.model_name)
 
     def _setup(self, info: worker_pb2.ModelInfo, pool: CpuKVPool) -> None:
-        self.info, self.pool = info, pool
-        config = scheduler_config_for(self.config, info, self.pool.num_blocks)
+        self.info, self.layout = info, pool.layout
+        config = scheduler_config_for(self.config, info, pool.num_blocks)
         log.info(
             "scheduler: %s policy, %d device blocks, decode cost %s with weights = %d KV tokens",
             config.policy,
