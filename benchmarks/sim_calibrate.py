@@ -169,39 +169,35 @@ def read_archive(path: Path) -> list[Window]:
 # The rows of the graph a decode step of n requests replayed: powers of two when the archives
 # of sessions 33-36 were served, the worker's graph sizes since (common/decode_graphs.py).
 GRAPH_ROWS = {"pow2": lambda n: 1 << (n - 1).bit_length(), "sized": decode_graphs.graph_batch}
-GRAPHS = "pow2"  # main's --graphs
 # The uncalibrated cost model: the simulator's before the thirty-seventh session, which
 # these calibrations started from (a 30 us step floor; steps priced at their own rows).
 UNCALIBRATED = GpuSpec(step_overhead_s=30e-6)
 
 
-def graph_rows(num_requests: int) -> int:
-    return GRAPH_ROWS[GRAPHS](num_requests)
-
-
-def cost_model(model: str, gpu: GpuSpec | None = None, graph_batch: bool = False) -> CostModel:
+def cost_model(model: str, gpu: GpuSpec | None = None, graphs: str | None = None) -> CostModel:
     """The simulator's cost model of the served kernel (balanced: the aligned worker's
-    attention follows the sum of lengths), optionally priced at the graph's rows: the empty
-    rows cost their projections' FLOPs and no KV; mixed steps run without a graph."""
+    attention follows the sum of lengths), optionally priced at the rows of the `graphs`
+    (a key of GRAPH_ROWS): the empty rows cost their projections' FLOPs and no KV; mixed
+    steps run without a graph."""
     return CostModel(
         SHAPES[model],
         gpu=gpu or UNCALIBRATED,
         padded=False,
-        graph_rows=graph_rows if graph_batch else None,
+        graph_rows=GRAPH_ROWS[graphs] if graphs else None,
     )
 
 
-# uncalibrated, at the ceilings gpu-facts.md measured; by model, then graph_batch
-COSTS = {(m, g): cost_model(m, graph_batch=g) for m in SHAPES for g in (False, True)}
+# uncalibrated, at the ceilings gpu-facts.md measured; by model, then graphs (None: own rows)
+COSTS = {(m, g): cost_model(m, graphs=g) for m in SHAPES for g in (None, *GRAPH_ROWS)}
 
 
 def step_at(
-    model: str, num_residents: float, kv_tokens: float, graph_batch: bool = False
+    model: str, num_residents: float, kv_tokens: float, graphs: str | None = None
 ) -> StepCost:
     """The uncalibrated cost model's decode step: the residents share the KV evenly (with
     balanced cost only the sum of lengths counts)."""
     n = max(1, round(num_residents))
-    return COSTS[model, graph_batch].step_cost(np.full(n, kv_tokens / n))
+    return COSTS[model, graphs].step_cost(np.full(n, kv_tokens / n))
 
 
 def is_steady(w: Window) -> bool:
@@ -225,11 +221,12 @@ class Calibration:
     fixed_s: float = UNCALIBRATED.step_overhead_s
     per_layer_s: float = 0.0
     graph_batch: bool = False
+    graphs: str = "pow2"  # the graphs a graph_batch calibration prices (a key of GRAPH_ROWS)
     gap_s: float = 0.0
 
     def step(self, model: str, num_residents: float, kv_tokens: float) -> StepCost:
         """The uncalibrated cost model's step, over the batch this calibration prices."""
-        return step_at(model, num_residents, kv_tokens, self.graph_batch)
+        return step_at(model, num_residents, kv_tokens, self.graphs if self.graph_batch else None)
 
     def decode_s(self, model: str, num_residents: float, kv_tokens: float) -> float:
         """The decode device's pass."""
@@ -254,21 +251,24 @@ class Calibration:
 
     def cost(self, model: str) -> CostModel:
         """The simulator's cost model with this calibration."""
-        return cost_model(model, self.gpu(model), self.graph_batch)
+        return cost_model(model, self.gpu(model), self.graphs if self.graph_batch else None)
 
 
 TERMS = ("hbm", "fixed", "per_layer")
 
 
 def fit(
-    windows: Sequence[Window], free: Sequence[str] = ("hbm", "fixed"), graph_batch: bool = False
+    windows: Sequence[Window],
+    free: Sequence[str] = ("hbm", "fixed"),
+    graph_batch: bool = False,
+    graphs: str = "pow2",
 ) -> Calibration:
     """Least squares on (modelled - served) / served, each model's windows weighing the same;
     terms not in `free` keep their uncalibrated value. Linear in 1 / hbm_efficiency, fixed_s
     and per_layer_s, so one solve."""
     if not free or not set(free) <= set(TERMS):
         raise ValueError(f"free terms must be among {TERMS}, got {free}")
-    start = Calibration(graph_batch=graph_batch)
+    start = Calibration(graph_batch=graph_batch, graphs=graphs)
     counts = {m: sum(w.model == m for w in windows) for m in SHAPES}
     rows, targets, weights = [], [], []
     for w in windows:
@@ -315,11 +315,12 @@ def gaps_s(windows: Sequence[Window]) -> dict[str, float]:
     return {**per_model, "both": float(np.mean(list(per_model.values())))}
 
 
-def calibrate(windows: Sequence[Window]) -> Calibration:
+def calibrate(windows: Sequence[Window], graphs: str = "pow2") -> Calibration:
     """The calibration the simulator gets: HBM efficiency and a fixed device time fitted
     over both models, and the host's median gap between steps (the two models' mean)."""
     steady = [w for w in windows if is_steady(w)]
-    return dataclasses.replace(fit(steady, ("hbm", "fixed")), gap_s=gaps_s(steady)["both"])
+    calibrated = fit(steady, ("hbm", "fixed"), graphs=graphs)
+    return dataclasses.replace(calibrated, gap_s=gaps_s(steady)["both"])
 
 
 # ---------------------------------------------------------------- the report
@@ -354,14 +355,17 @@ CANDIDATES = (
 )
 
 
-def fits(windows: Sequence[Window]) -> dict[str, Calibration]:
-    """Each candidate fitted: over both models, or over one (can one calibration fit both?)."""
+def fits(windows: Sequence[Window], graphs: str = "pow2") -> dict[str, Calibration]:
+    """Each candidate fitted: over both models, or over one (can one calibration fit both?);
+    `graphs`: the graphs the windows' workers replayed."""
     out = {}
     for name, free, graph_batch, only in CANDIDATES:
         own = [w for w in windows if only in (None, w.model)]
         if own:
             out[name] = (
-                fit(own, free, graph_batch) if free else Calibration(graph_batch=graph_batch)
+                fit(own, free, graph_batch, graphs)
+                if free
+                else Calibration(graph_batch=graph_batch, graphs=graphs)
             )
     return out
 
@@ -385,7 +389,7 @@ def by_residents(windows: Sequence[Window], cals: dict[str, Calibration], model:
     return lines
 
 
-def by_graph_batch(windows: Sequence[Window], model: str) -> list[str]:
+def by_graph_batch(windows: Sequence[Window], model: str, graphs: str = "pow2") -> list[str]:
     """Windows of about the same KV (within 15 % of the model's median) by the graph batch
     their residents round up to: a step that grows at a bucket's edge, beyond the model's
     FLOPs for the real members, is paying for the empty rows."""
@@ -396,7 +400,7 @@ def by_graph_batch(windows: Sequence[Window], model: str) -> list[str]:
     near = [w for w in own if abs(w.mean_kv_tokens - kv) <= 0.15 * kv]
     buckets = {}
     for w in near:
-        buckets.setdefault(GRAPH_ROWS[GRAPHS](max(1, round(w.num_residents))), []).append(w)
+        buckets.setdefault(GRAPH_ROWS[graphs](max(1, round(w.num_residents))), []).append(w)
     lines = []
     for bucket, ws in sorted(buckets.items()):
         served, plain, graph = (
@@ -404,7 +408,7 @@ def by_graph_batch(windows: Sequence[Window], model: str) -> list[str]:
             for f in (
                 lambda w: w.decode_s,
                 lambda w: Calibration().decode_s(model, w.num_residents, w.mean_kv_tokens),
-                lambda w: Calibration(graph_batch=True).decode_s(
+                lambda w: Calibration(graph_batch=True, graphs=graphs).decode_s(
                     model, w.num_residents, w.mean_kv_tokens
                 ),
             )
@@ -417,7 +421,9 @@ def by_graph_batch(windows: Sequence[Window], model: str) -> list[str]:
     return lines
 
 
-def report(windows: Sequence[Window]) -> list[str]:
+def report(windows: Sequence[Window], graphs: str = "pow2") -> list[str]:
+    """The whole report over an archive's windows; `graphs`: the graphs its workers
+    replayed (main's --graphs)."""
     steady = [w for w in windows if is_steady(w)]
     models = [m for m in SHAPES if any(w.model == m for w in steady)]
     lines = [
@@ -436,7 +442,7 @@ def report(windows: Sequence[Window]) -> list[str]:
             f"| {source} | {model} | {len(own)} | {spread(ratios(own, Calibration(), model))}"
             f" | {1e3 * np.median([w.gap_s for w in own]):.2f} |"
         )
-    candidates = fits(steady)
+    candidates = fits(steady, graphs)
     lines += [
         "",
         "Candidate calibrations: served / modelled, median (p10-p90):",
@@ -466,9 +472,9 @@ def report(windows: Sequence[Window]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for model in models:
-        lines += by_graph_batch(steady, model)
+        lines += by_graph_batch(steady, model, graphs)
     gaps = gaps_s(steady)
-    final = calibrate(windows)
+    final = calibrate(windows, graphs)
     lines += [
         "",
         "Host time between steps (period - decode device time), median ms: "
@@ -495,9 +501,7 @@ def main() -> None:
         "1), sized (since: common/decode_graphs.py)",
     )
     args = parser.parse_args()
-    global GRAPHS
-    GRAPHS = args.graphs
-    print("\n".join(report(load(args.archives))))
+    print("\n".join(report(load(args.archives), args.graphs)))
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def test_the_calibration_becomes_a_gpu_spec_the_simulator_takes():
 
 def test_a_graph_batch_step_pays_the_empty_rows_flops_and_no_kv():
     plain = cal.cost_model("llama3-8b")
-    graph = cal.cost_model("llama3-8b", graph_batch=True)  # powers of two, as served then
+    graph = cal.cost_model("llama3-8b", graphs="pow2")  # powers of two, as served then
     three, four = plain.step_cost([500, 500, 500]), plain.step_cost([500, 500, 500, 0])
     assert graph.step_cost([500, 500, 500]) == four
     assert graph.step_cost([500] * 4) == plain.step_cost([500] * 4)
