@@ -421,6 +421,11 @@ def by_graph_batch(windows: Sequence[Window], model: str, graphs: str = "pow2") 
     return lines
 
 
+def table(title: str, columns: Sequence[str]) -> list[str]:
+    """A section's opening: its title and a Markdown table's header."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def report(windows: Sequence[Window], graphs: str = "pow2") -> list[str]:
     """The whole report over an archive's windows; `graphs`: the graphs its workers
     replayed (main's --graphs)."""
@@ -429,11 +434,10 @@ def report(windows: Sequence[Window], graphs: str = "pow2") -> list[str]:
     lines = [
         f"{len(windows)} windows, {len(steady)} steady ({MIN_STEPS}+ steps, idle <= "
         f"{MAX_IDLE:.0%}, residents >= 1, modelled step at the two ends within {MAX_CHANGE:.0%})",
-        "",
-        "Served / modelled decode device time per source, the model as is:",
-        "",
-        "| source | model | windows | median (p10-p90) | gap median ms |",
-        "|---|---|---|---|---|",
+        *table(
+            "Served / modelled decode device time per source, the model as is:",
+            ["source", "model", "windows", "median (p10-p90)", "gap median ms"],
+        ),
     ]
     for source in dict.fromkeys(w.source for w in steady):
         own = [w for w in steady if w.source == source]
@@ -443,34 +447,34 @@ def report(windows: Sequence[Window], graphs: str = "pow2") -> list[str]:
             f" | {1e3 * np.median([w.gap_s for w in own]):.2f} |"
         )
     candidates = fits(steady, graphs)
-    lines += [
-        "",
+    lines += table(
         "Candidate calibrations: served / modelled, median (p10-p90):",
-        "",
-        "| fit | parameters | " + " | ".join(models) + " |",
-        "|---|---|" + "---|" * len(models),
-    ]
+        ["fit", "parameters", *models],
+    )
     for name, cal in candidates.items():
         cells = " | ".join(spread(ratios(steady, cal, m)) for m in models)
         lines.append(f"| {name} | {describe(cal)} | {cells} |")
     shown = {k: candidates[k] for k in ("as is", "hbm + fixed", "graph batch")}
-    lines += [
-        "",
+    lines += table(
         "Median served / modelled by residents:",
-        "",
-        "| model | residents | windows | median KV tokens | " + " | ".join(shown) + " |",
-        "|---|---|---|---|" + "---|" * len(shown),
-    ]
+        ["model", "residents", "windows", "median KV tokens", *shown],
+    )
     for model in models:
         lines += by_residents(steady, shown, model)
-    lines += [
-        "",
+    lines += table(
         "At about the same KV, by the graph's batch: served ms, modelled as is and at the graph's"
         " batch (served - modelled):",
-        "",
-        "| model | graph batch | windows | residents | KV tokens | served | as is | graph batch |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        [
+            "model",
+            "graph batch",
+            "windows",
+            "residents",
+            "KV tokens",
+            "served",
+            "as is",
+            "graph batch",
+        ],
+    )
     for model in models:
         lines += by_graph_batch(steady, model, graphs)
     gaps = gaps_s(steady)

@@ -102,7 +102,8 @@ class BatcherEngine:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         """Reserve the pool's memory while connecting to the worker (retrying until
-        worker_startup_s); once it describes its model, cut the pool into its blocks, attach."""
+        worker_startup_s); once it describes its model, cut the pool into its blocks, attach
+        (fcfs reserves nothing: its pool mirrors the device's blocks, pool_attachment.py)."""
         mirror = not reserves_pool(self.config.scheduler.policy)  # fcfs: KV on the device
         self._attachment = PoolAttachment(self.link, self.config.pool_bytes, mirror)
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from alignedserve.batcher.scheduler import SchedulerConfig
 from alignedserve.common import wire
 from alignedserve.common.errors import ConfigError
+from alignedserve.common.policy import reserves_pool
 from alignedserve.common.proto import worker_pb2
 
 
@@ -43,7 +44,7 @@ def scheduler_config_for(
     layout = wire.layout_from_proto(info.kv_layout)
     # fcfs keeps every running request's KV on the device: its budget is the device's (its
     # pool, a mirror of the device's blocks, holds as many: batcher/pool_attachment.py)
-    if base.policy == "fcfs":
+    if not reserves_pool(base.policy):
         num_pool_blocks = min(num_pool_blocks, info.num_device_blocks)
     kernel_cost = config.kernel_cost or info.decode_kernel_cost or base.kernel_cost
     if config.weight_kv_tokens is not None:
