@@ -50,7 +50,7 @@ from kernel_variants import (
     split_setting,
 )
 
-from alignedserve.worker.cuda_graph import DecodeGraph
+from alignedserve.worker.cuda_graph import DecodeGraph, GraphInputs
 
 # the modules (the package's own name for decode_attention is the function, re-exported);
 # the model's attention layer takes both functions from them at each call
@@ -86,7 +86,7 @@ def cells(small: bool = False) -> list[tuple[str, list[int]]]:
 def step_ms(model, config, kv, lengths: list[int]) -> float:
     batch = len(lengths)
     width = kv.layout.blocks_for(max(lengths))
-    graph = DecodeGraph(model, kv, batch, width, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, GraphInputs(batch, width, kv.num_blocks - 1, "cuda"))
     tables, ctx = tables_for(lengths, width, kv)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
     seconds = cuda_time(lambda g=graph: g.replay(ids, tables, ctx).argmax(-1))

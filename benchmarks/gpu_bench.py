@@ -41,7 +41,7 @@ from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 from alignedserve.worker.attention import AttentionMetadata  # noqa: E402
 from alignedserve.worker.ceilings import measure as measure_ceilings  # noqa: E402
-from alignedserve.worker.cuda_graph import DecodeGraph  # noqa: E402
+from alignedserve.worker.cuda_graph import DecodeGraph, GraphInputs  # noqa: E402
 from alignedserve.worker.kv_cache import KVCache  # noqa: E402
 from alignedserve.worker.loader import fuse_projections  # noqa: E402
 from alignedserve.worker.models import FAMILIES  # noqa: E402
@@ -271,7 +271,7 @@ def mixed_cell(model, config, kv, batch: int) -> dict:
     # (the worker's graphs take tables as wide as the longest context; nothing reads the
     # entries past a request's blocks, so the width costs a step nothing)
     width = kv.layout.blocks_for(max(mixed))
-    graph = DecodeGraph(model, kv, batch, width, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, GraphInputs(batch, width, kv.num_blocks - 1, "cuda"))
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
     k_blocks, v_blocks = kv.layer(0)
     q = torch.randn(batch, config.num_heads, config.head_dim, dtype=torch.bfloat16, device="cuda")
@@ -339,7 +339,7 @@ def decode_with_prefetch(model, config, kv) -> dict:
     tables = torch.arange(batch * per, device="cuda").view(batch, per)
     ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
-    graph = DecodeGraph(model, kv, batch, per, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, GraphInputs(batch, per, kv.num_blocks - 1, "cuda"))
     alone = cuda_time(lambda: graph.replay(ids, tables, ctx).argmax(-1))
     n = 4096  # 8 GiB: long enough to cover several steps, small enough for its temporaries
     host = torch.empty((n, *kv.layout.block_shape), dtype=torch.bfloat16)
@@ -384,7 +384,7 @@ def decode_cell(model, config, kv, ceil, read_params, batch, length, per) -> dic
         with torch.inference_mode():
             return model.logits(model(ids, meta.positions, meta, kv)).argmax(-1)
 
-    graph = DecodeGraph(model, kv, batch, per, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, GraphInputs(batch, per, kv.num_blocks - 1, "cuda"))
     step_eager = cuda_time(eager, iters=5, warmup=2)
 
     def step():

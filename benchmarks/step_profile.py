@@ -28,7 +28,7 @@ import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
 from gpu_bench import build_model, cuda_time
 
-from alignedserve.worker.cuda_graph import DecodeGraph
+from alignedserve.worker.cuda_graph import DecodeGraph, GraphInputs
 from alignedserve.worker.kernels import decode_attention
 
 CELLS = [(64, 512), (128, 512), (256, 512), (256, 1024), (512, 512), (512, 1024), (64, 4096)]
@@ -54,7 +54,7 @@ def profile_cell(model, config, kv, batch: int, length: int, replays: int = 5) -
     tables = torch.arange(batch * per, device="cuda").view(batch, per)
     ctx = torch.full((batch,), length, dtype=torch.long, device="cuda")
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
-    graph = DecodeGraph(model, kv, batch, per, scratch_block=kv.num_blocks - 1)
+    graph = DecodeGraph(model, kv, GraphInputs(batch, per, kv.num_blocks - 1, "cuda"))
     wall_s = cuda_time(lambda: graph.replay(ids, tables, ctx))
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:

@@ -70,26 +70,19 @@ class DecodeGraph:
         self,
         model: nn.Module,
         kv_cache: KVCache,
-        batch_size: int,
-        max_blocks: int,
-        scratch_block: int,
-        pool=None,  # a torch.cuda.graph_pool_handle() shared by graphs that never run at once
-        inputs: GraphInputs | None = None,  # shared with those graphs; else its own
+        inputs: GraphInputs,  # shared with the runner's other graphs, which never run at once
+        batch_size: int | None = None,  # the rows it reads: inputs.max_batch by default
+        pool=None,  # a torch.cuda.graph_pool_handle() shared by those graphs
     ):
         self.model, self.kv_cache = model, kv_cache
-        self.batch_size = batch_size
+        self.batch_size = inputs.max_batch if batch_size is None else batch_size
         self.block_tokens = kv_cache.layout.block_tokens
         dev = kv_cache.blocks.device
-        if inputs is None:
-            inputs = GraphInputs(batch_size, max_blocks, scratch_block, dev)
-        if inputs.max_batch < batch_size or inputs.max_blocks != max_blocks:
-            raise ValueError(
-                f"graph inputs of {inputs.max_batch} x {inputs.max_blocks} for a graph of "
-                f"{batch_size} x {max_blocks}"
-            )
+        if inputs.max_batch < self.batch_size:
+            raise ValueError(f"graph inputs of {inputs.max_batch} rows for {self.batch_size}")
         self.inputs = inputs
         inputs.reset()
-        b = batch_size
+        b = self.batch_size
         # The rows this graph reads; positions and KV slots are derived inside the graph.
         self.input_ids = inputs.input_ids[:b]  # [B]
         self.block_tables = inputs.block_tables[:b]  # [B, max_blocks]

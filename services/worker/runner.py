@@ -260,15 +260,7 @@ class ModelRunner:
                     batch_size, self.graph_width, self.kv_cache.scratch_block, self.device
                 )
             start = time.perf_counter()
-            graph = DecodeGraph(
-                self.model,
-                self.kv_cache,
-                batch_size,
-                self.graph_width,
-                self.kv_cache.scratch_block,
-                pool=self._graph_pool,
-                inputs=inputs,
-            )
+            graph = DecodeGraph(self.model, self.kv_cache, inputs, batch_size, self._graph_pool)
             self.capture_s += time.perf_counter() - start
             self._graphs[batch_size] = graph
         return graph
