@@ -711,6 +711,29 @@ def test_write_back_copies_only_blocks_past_the_synced_length(residency):
     assert residency.allocator.num_used == 0
 
 
+def test_a_mirror_only_pool_is_never_locked_and_its_residency_moves_no_kv():
+    """fcfs's pool (AttachRequest.mirror_only) only numbers the device's blocks: a residency
+    over it holds requests on the device but refuses every copy through the pool, rather
+    than read or write a sparse, unlocked segment; such a pool is never page-locked."""
+    pool = CpuKVPool.create(LAYOUT, 8)
+    with pytest.raises(ValueError, match="never page-locked"):
+        PoolMapping(pool, pin=True, mirror_only=True)
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, LAYOUT, 8), pin=False, mirror_only=True)
+    res = DeviceResidency(KVCache(LAYOUT, 6), mapping)
+    try:
+        res.prefill_chunk("x", [5] * 6, 0, [1, 2], None)  # kept on the device: no copy
+        res.advance("x", 6)
+        assert len(res.block_table("x")) == 2 and res.num_kv_tokens("x") == 6
+        for copy in (lambda: res.load("y", [3], 4), lambda: res.write_back("x", [1, 2])):
+            with pytest.raises(RuntimeError, match="mirror-only"):
+                copy()
+    finally:
+        res.close()
+        mapping.close()
+        pool.close()
+        pool.unlink()
+
+
 def test_loads_report_their_seconds_once_and_on_the_cpu_are_never_copying(residency):
     residency.load_batch([("x", [5, 2], 6), ("y", [0], 3)])
     assert residency.copying() == []  # CPU copies are done when load returns

@@ -288,3 +288,40 @@ def test_a_worker_that_never_loads_fails_the_attach_at_the_deadline(model_dir):
             await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_an_attach_the_worker_refuses_as_invalid_fails_at_once_not_at_the_deadline(model_dir):
+    """INVALID_ARGUMENT (a pool the worker cannot use) is no state a retry can wait out: the
+    batcher's start fails with the worker's reason at once. (An fcfs mirror that a GPU
+    worker refused was retried until the batcher's wait ran out, and serve never started.)"""
+    import time
+
+    from alignedserve.common.errors import ConfigError
+    from alignedserve.common.kv_layout import KVLayout
+
+    class Refusing(RestartingWorker):
+        async def Attach(self, request, context):
+            self.attached.append(request.pool_name)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Attach: not page-locked")
+
+    layout = wire.layout_to_proto(KVLayout(2, 2, 4, 4, "float32"))
+    fake = Refusing(worker_pb2.ModelInfo(model_name="m", kv_layout=layout, num_device_blocks=7))
+
+    async def main():
+        server, _ = aio_server()
+        worker_pb2_grpc.add_WorkerServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        attachment = PoolAttachment(WorkerLink(f"127.0.0.1:{port}"), 1 << 20)
+        start = time.monotonic()
+        try:
+            with pytest.raises(ConfigError, match="not page-locked"):
+                await attachment.attach(30)
+            return time.monotonic() - start
+        finally:
+            await attachment.close()
+            await attachment.link.close()
+            await server.stop(0)
+
+    assert asyncio.run(main()) < 10
+    assert len(fake.attached) == 1

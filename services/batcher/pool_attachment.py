@@ -26,7 +26,7 @@ import grpc
 from alignedserve.batcher.kv_pool import CpuKVPool, PoolSegment
 from alignedserve.batcher.worker_link import WorkerLink
 from alignedserve.common import wire
-from alignedserve.common.errors import UnavailableError
+from alignedserve.common.errors import ConfigError, UnavailableError
 from alignedserve.common.proto import worker_pb2
 
 
@@ -47,7 +47,8 @@ class PoolAttachment:
         """Describe and Attach, retrying for `wait_s` (then UnavailableError), and return the
         loaded worker's ModelInfo; the first time, the reserved segment becomes the pool of
         the worker's layout (a mirror is made once the worker has loaded). A pool that could
-        not be reserved (/dev/shm too small) raises its ConfigError at once, worker or not."""
+        not be reserved (/dev/shm too small) raises its ConfigError at once, worker or not,
+        and so does an Attach the worker refuses as invalid (a layout it does not have)."""
         deadline = time.monotonic() + wait_s
         delay = 0.05
         while True:
@@ -73,6 +74,8 @@ class PoolAttachment:
                         return info
                     why, error = "loading again (restarted)", None  # after its Attach: anew
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # no retry mends it
+                    raise ConfigError(f"worker at {self.link.address}: {e.details()}") from e
                 why, error = e.code().name, e
             if time.monotonic() > deadline:
                 raise UnavailableError(

@@ -17,10 +17,15 @@ from alignedserve.worker.kv_cache import TORCH_DTYPES
 
 
 class PoolMapping:
-    def __init__(self, pool: CpuKVPool, pin: bool):
+    def __init__(self, pool: CpuKVPool, pin: bool, mirror_only: bool = False):
         """Views the pool's blocks over the segment (no copy) and, with `pin`, page-locks
-        them for every GPU (blocking: see the module docstring)."""
+        them for every GPU (blocking: see the module docstring). `mirror_only`: no KV is ever
+        copied through this pool (fcfs's: AttachRequest.mirror_only), so it is never pinned
+        and its residencies copy nothing."""
+        if pin and mirror_only:
+            raise ValueError(f"pool {pool.name!r}: a mirror-only pool is never page-locked")
         self.pool = pool
+        self.mirror_only = mirror_only
         layout = pool.layout
         # uint8 -> dtype is a reinterpretation, so bf16 works although numpy has no bf16.
         # [num_pool_blocks, layers, 2, block_tokens, kv_heads, head_dim]

@@ -56,8 +56,9 @@ class DeviceResidency:
             raise ConfigError(
                 f"pool {pool.name!r} has layout {pool.layout}, the device cache {kv_cache.layout}"
             )
-        if kv_cache.blocks.is_cuda and not mapping.is_pinned:
+        if kv_cache.blocks.is_cuda and not (mapping.is_pinned or mapping.mirror_only):
             raise ConfigError(f"pool {pool.name!r} is not page-locked: GPU copies need it")
+        self.mirror_only = mapping.mirror_only  # no KV is copied through the pool (fcfs)
         self.kv_cache = kv_cache
         self.pool = pool
         self.allocator = BlockAllocator(kv_cache.num_blocks)
@@ -74,7 +75,7 @@ class DeviceResidency:
         # On a GPU: loads are DMA on a copy stream (Prefetcher) and write-backs are DMA too;
         # on the CPU the indexed copies below are already direct.
         self._prefetcher = None
-        if kv_cache.blocks.is_cuda:
+        if kv_cache.blocks.is_cuda and not self.mirror_only:
             from alignedserve.worker.prefetch import Prefetcher
 
             self._prefetcher = Prefetcher(
@@ -343,4 +344,8 @@ class DeviceResidency:
         """The pool's blocks as a tensor: [num_pool_blocks, *block_shape] (pinned on a GPU)."""
         if self._pool_blocks is None:
             raise RuntimeError(f"the pool {self.pool.name!r} was closed")
+        if self.mirror_only:  # a copy here would read or write an unlocked, sparse segment
+            raise RuntimeError(
+                f"the pool {self.pool.name!r} is mirror-only: no KV moves through it"
+            )
         return self._pool_blocks
