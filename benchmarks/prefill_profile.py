@@ -1,0 +1,188 @@
+"""Where a prefill pass's time goes, kernel class by kernel class, against its GEMMs alone.
+
+    python3 benchmarks/prefill_profile.py --out "$OUT"   # one GPU; both shapes, ~1.5 min
+
+Prefill is where our engines trail vLLM at equal KV (phase_compare.py, session 39: OPT-13B
+prompts at 0.93x its prompt tokens/s, decode at 0.99x). For each model shape (random bf16
+weights, projections fused as served):
+1. one prefill pass of 4 fresh prompts x 2048 tokens (the batcher's 8,192-token budget) and
+   one chunk of 2048 after 6144 cached, timed (median) and under torch.profiler: device time
+   per kernel class (GEMM, attention, norm, activation, RoPE + KV append, other), and the
+   top kernels;
+2. the same GEMMs alone: each projection of a layer at M = 8192 through F.linear, times the
+   layers; the pass's GEMM time over this says what the pass costs the GEMMs, its wall over
+   this what everything else costs;
+3. for a ReLU MLP (OPT), fc1 then ReLU against cuBLASLt's fused epilogue
+   (torch._addmm_activation), at M = 8192: what fusing the activation would save.
+Results go to stdout and OUT/prefill_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from pathlib import Path
+
+import gpu_bench  # noqa: F401  (puts alignedserve on the path)
+import torch
+import torch.nn.functional as F
+from gpu_bench import build_model, ceilings, cuda_time
+from step_profile import kernel_class
+
+from alignedserve.worker.attention import AttentionMetadata
+
+PASSES = ((4, 2048, 0), (1, 2048, 6144))  # (prompts, new tokens each, cached tokens each)
+
+
+def prefill_pass(model, config, kv, batch: int, q_len: int, cached: int):
+    per = kv.layout.blocks_for(cached + q_len)
+    tables = torch.arange(batch * per, device="cuda").view(batch, per).tolist()
+    ids = torch.randint(0, config.vocab_size, (batch * q_len,), device="cuda")
+
+    def run():
+        meta = AttentionMetadata.build(
+            [q_len] * batch, [cached] * batch, tables, kv.layout.block_tokens, "cuda"
+        )
+        with torch.inference_mode():
+            hidden = model(ids, meta.positions, meta, kv)
+            return model.logits(hidden[meta.last_token])
+
+    return run
+
+
+def profile(run, repeats: int = 3) -> tuple[dict[str, float], list]:
+    """Device ms per pass by kernel class, and the top kernels (ms per pass, calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    by_class: dict[str, float] = {}
+    kernels = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or 0
+        if device_us <= 0 or event.key.startswith(("aten::", "cuda")):
+            continue  # operators, not kernels: their kernels are counted themselves
+        label = prefill_class(event.key)
+        by_class[label] = by_class.get(label, 0.0) + device_us / 1e3 / repeats
+        kernels[event.key[:90]] = (device_us / 1e3 / repeats, event.count // repeats)
+    return by_class, sorted(kernels.items(), key=lambda kv_: -kv_[1][0])[:12]
+
+
+def prefill_class(name: str) -> str:
+    lowered = name.lower()
+    if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+        return "attention"
+    if "layer_norm" in lowered or "layernorm" in lowered:
+        return "norm"
+    if "relu" in lowered or "gelu" in lowered or "clamp_min" in lowered:
+        return "activation"
+    return kernel_class(name)
+
+
+def linears_of_layer(model) -> list[torch.nn.Linear]:
+    layer = next(m for m in model.modules() if m.__class__.__name__.endswith("DecoderLayer"))
+    return [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def gemms_alone(model, config, tokens: int, ceil: dict) -> dict:
+    """Each projection of one layer at M = tokens through F.linear, times the layers."""
+    rows, total_ms, flops = [], 0.0, 0
+    for lin in linears_of_layer(model):
+        x = torch.randn(tokens, lin.in_features, device="cuda", dtype=lin.weight.dtype)
+        ms = cuda_time(lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias), iters=20) * 1e3
+        f = 2 * tokens * lin.in_features * lin.out_features
+        rows.append(dict(shape=[lin.out_features, lin.in_features], ms=ms, tflops=f / ms / 1e9))
+        total_ms += ms
+        flops += f
+    layers = config.num_layers
+    return dict(
+        per_layer=rows,
+        total_ms=total_ms * layers,
+        tflops=flops / total_ms / 1e9,
+        fraction_of_peak=flops / (total_ms / 1e3) / ceil["matmul_flops_per_s"],
+    )
+
+
+def fused_relu(model, tokens: int) -> dict | None:
+    """fc1 + ReLU: two kernels against cuBLASLt's ReLU epilogue, at M = tokens."""
+    layer = next((m for m in model.modules() if hasattr(m, "fc1")), None)
+    if layer is None or getattr(layer.act, "__name__", "") != "relu":
+        return None
+    fc1 = layer.fc1
+    x = torch.randn(tokens, fc1.in_features, device="cuda", dtype=fc1.weight.dtype)
+    apart = cuda_time(lambda: F.relu(F.linear(x, fc1.weight, fc1.bias)), iters=20)
+    fused = cuda_time(
+        lambda: torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=False), iters=20
+    )
+    same = torch.equal(
+        F.relu(F.linear(x, fc1.weight, fc1.bias)),
+        torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=False),
+    )
+    return dict(apart_ms=apart * 1e3, fused_ms=fused * 1e3, bitwise_equal=same)
+
+
+def study(shape: str, ceil: dict) -> dict:
+    model, config, kv = build_model(shape)
+    result = {"shape": shape, "passes": []}
+    print(f"{shape}:", flush=True)
+    for batch, q_len, cached in PASSES:
+        run = prefill_pass(model, config, kv, batch, q_len, cached)
+        wall_ms = cuda_time(run, iters=5, warmup=2) * 1e3
+        by_class, top = profile(run)
+        tokens = batch * q_len
+        row = dict(batch=batch, q_len=q_len, cached=cached, wall_ms=wall_ms)
+        row.update(tokens_per_s=tokens / wall_ms * 1e3, by_class_ms=by_class, top=top)
+        result["passes"].append(row)
+        parts = "  ".join(f"{k} {v:.1f}" for k, v in sorted(by_class.items(), key=lambda x: -x[1]))
+        print(
+            f"  {batch} x {q_len} after {cached}: {wall_ms:.1f} ms ({row['tokens_per_s']:.0f} "
+            f"tok/s), kernels {sum(by_class.values()):.1f} ms | {parts}",
+            flush=True,
+        )
+        for name, (ms, count) in top:
+            print(f"      {ms:7.2f} ms  x{count:4d}  {name}")
+    alone = gemms_alone(model, config, PASSES[0][0] * PASSES[0][1], ceil)
+    result["gemms_alone"] = alone
+    in_pass = result["passes"][0]["by_class_ms"].get("gemm", 0.0)
+    print(
+        f"  GEMMs alone at M = 8192: {alone['total_ms']:.1f} ms ({alone['tflops']:.0f} TFLOP/s, "
+        f"{100 * alone['fraction_of_peak']:.0f}% of the matmul ceiling); in the pass "
+        f"{in_pass:.1f} ms; the pass's wall {result['passes'][0]['wall_ms']:.1f} ms"
+    )
+    for row in alone["per_layer"]:
+        print(f"      {row['shape']}: {row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s")
+    relu = fused_relu(model, 8192)
+    if relu is not None:
+        result["fc1_relu"] = relu
+        print(
+            f"  fc1 + ReLU apart {relu['apart_ms']:.3f} ms, fused epilogue "
+            f"{relu['fused_ms']:.3f} ms (same bits: {relu['bitwise_equal']})"
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", nargs="+", default=["llama3-8b", "opt-13b"])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    ceil = ceilings()
+    print(
+        f"{torch.cuda.get_device_name()}: matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} "
+        f"TFLOP/s, HBM read {ceil['hbm_read_bytes_per_s'] / 1e9:.0f} GB/s",
+        flush=True,
+    )
+    results = {"device": torch.cuda.get_device_name(), "ceilings": ceil}
+    results["shapes"] = []
+    for shape in args.shapes:
+        results["shapes"].append(study(shape, ceil))
+        gc.collect()  # the model and its KV cache, before the next shape's take the memory
+        torch.cuda.empty_cache()
+    (Path(args.out) / "prefill_profile.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
