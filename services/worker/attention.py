@@ -218,8 +218,13 @@ def attend_prefill(
     than its decode rows' whole attention)."""
     if meta.keys_are_new and new_kv is not None and k_blocks.dtype == q.dtype:
         return _attend_varlen(q, *new_kv, meta, scale)  # (no decode rows among them)
-    keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
-    values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
+    if q.is_cuda:  # one kernel, a key's row per program (kernels/kv_rows.py)
+        from alignedserve.worker.kernels.kv_rows import gather_rows
+
+        keys, values = gather_rows(k_blocks, v_blocks, meta.key_block, meta.key_offset, q.dtype)
+    else:
+        keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
+        values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
     if meta.decode_rows is None:
         return _attend_varlen(q, keys, values, meta, scale)
     out = torch.empty_like(q)

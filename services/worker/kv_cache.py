@@ -46,6 +46,11 @@ class KVCache:
         k: torch.Tensor,  # [N, kv_heads, head_dim]
         v: torch.Tensor,  # [N, kv_heads, head_dim]
     ) -> None:
+        if self.blocks.is_cuda:  # one kernel, a token's row per program (kernels/kv_rows.py)
+            from alignedserve.worker.kernels.kv_rows import write_rows
+
+            write_rows(k, v, *self.layer(layer), slot_block, slot_offset)
+            return
         self.blocks[slot_block, layer, 0, slot_offset] = k.to(self.blocks.dtype)
         self.blocks[slot_block, layer, 1, slot_offset] = v.to(self.blocks.dtype)
 
