@@ -6,9 +6,10 @@ Prefill is where our engines trail vLLM at equal KV (phase_compare.py, session 3
 prompts at 0.93x its prompt tokens/s, decode at 0.99x). For each model shape (random bf16
 weights, projections fused as served):
 1. one prefill pass of 4 fresh prompts x 2048 tokens (the batcher's 8,192-token budget) and
-   one chunk of 2048 after 6144 cached, timed (median) and under torch.profiler: device time
-   per kernel class (GEMM, attention, norm, activation, RoPE + KV append, other), and the
-   top kernels;
+   one chunk of 2048 after 6144 cached, timed (median; also with the K/V rows moved by
+   advanced indexing, as before kernels/kv_rows.py) and under torch.profiler: device time
+   per kernel class (GEMM, attention, norm, activation, RoPE + KV append, K/V rows, other),
+   and the top kernels;
 2. the same GEMMs alone: each projection of a layer at M = 8192 through F.linear, times the
    layers; the pass's GEMM time over this says what the pass costs the GEMMs, its wall over
    this what everything else costs;
@@ -20,6 +21,7 @@ Results go to stdout and OUT/prefill_profile.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -31,6 +33,7 @@ from gpu_bench import build_model, ceilings, cuda_time
 from step_profile import kernel_class
 
 from alignedserve.worker.attention import AttentionMetadata
+from alignedserve.worker.kernels import kv_rows
 
 PASSES = ((4, 2048, 0), (1, 2048, 6144))  # (prompts, new tokens each, cached tokens each)
 
@@ -49,6 +52,18 @@ def prefill_pass(model, config, kv, batch: int, q_len: int, cached: int):
             return model.logits(hidden[meta.last_token])
 
     return run
+
+
+@contextlib.contextmanager
+def indexing():
+    """kernels/kv_rows.py's torch twins in its place: the advanced indexing served before the
+    thirty-ninth session, timed beside it in the same run."""
+    kernels = kv_rows.write_rows, kv_rows.gather_rows
+    kv_rows.write_rows, kv_rows.gather_rows = kv_rows.write_rows_ref, kv_rows.gather_rows_ref
+    try:
+        yield
+    finally:
+        kv_rows.write_rows, kv_rows.gather_rows = kernels
 
 
 def profile(run, repeats: int = 3) -> tuple[dict[str, float], list]:
@@ -73,6 +88,8 @@ def prefill_class(name: str) -> str:
     lowered = name.lower()
     if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
         return "attention"
+    if "kv_rows" in lowered:
+        return "kv rows"
     if "layer_norm" in lowered or "layernorm" in lowered:
         return "norm"
     if "relu" in lowered or "gelu" in lowered or "clamp_min" in lowered:
@@ -129,15 +146,19 @@ def study(shape: str, ceil: dict) -> dict:
     for batch, q_len, cached in PASSES:
         run = prefill_pass(model, config, kv, batch, q_len, cached)
         wall_ms = cuda_time(run, iters=5, warmup=2) * 1e3
+        with indexing():
+            indexing_ms = cuda_time(run, iters=5, warmup=2) * 1e3
         by_class, top = profile(run)
         tokens = batch * q_len
         row = dict(batch=batch, q_len=q_len, cached=cached, wall_ms=wall_ms)
+        row["indexing_wall_ms"] = indexing_ms
         row.update(tokens_per_s=tokens / wall_ms * 1e3, by_class_ms=by_class, top=top)
         result["passes"].append(row)
         parts = "  ".join(f"{k} {v:.1f}" for k, v in sorted(by_class.items(), key=lambda x: -x[1]))
         print(
             f"  {batch} x {q_len} after {cached}: {wall_ms:.1f} ms ({row['tokens_per_s']:.0f} "
-            f"tok/s), kernels {sum(by_class.values()):.1f} ms | {parts}",
+            f"tok/s; with indexing for the K/V rows {indexing_ms:.1f} ms), kernels "
+            f"{sum(by_class.values()):.1f} ms | {parts}",
             flush=True,
         )
         for name, (ms, count) in top:
