@@ -116,14 +116,15 @@ def test_gpu_opt13b_rows_through_a_cuda_graph():
         kv_rows.write_rows(k, v, *kv.layer(1), block, offset)
         return kv_rows.gather_rows(*kv.layer(1), block, offset, torch.bfloat16)
 
-    step()  # compile outside the capture
+    step()  # compile outside the capture: it writes the first slots
+    kv_rows.write_rows_ref(k, v, *want.layer(1), block, offset)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         keys, values = step()
     new_block, new_offset = slots(2048, 200, 16, seed=4)
     block.copy_(new_block)
     offset.copy_(new_offset)
-    graph.replay()
+    graph.replay()  # the new slots, some of them the first's
     kv_rows.write_rows_ref(k, v, *want.layer(1), block, offset)
     assert torch.equal(kv.blocks[:, 1], want.blocks[:, 1])
     assert torch.equal(keys, k) and torch.equal(values, v)
