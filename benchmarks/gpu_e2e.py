@@ -272,14 +272,30 @@ def device_name(device: str) -> str:
         return device
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the servers and the bench need, here and in phase_compare.py."""
     parser.add_argument("--out", default=".")
     parser.add_argument("--model-shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model (a dry run)")
     parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--device-kv-gib", type=float, help="decode GPU's KV: 88, --tiny 0.25")
+    parser.add_argument(
+        "--vllm-site", default="", help="a folder holding vLLM and its packages (the vllm variant)"
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--num-clients",
+        type=int,
+        default=4,
+        help="bench client processes (one streams ~11-14k tok/s at most: bench/clients.py)",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_arguments(parser)
     parser.add_argument("--prefetch-device", default="cuda:1")
     parser.add_argument(
         "--policies", nargs="+", choices=VARIANTS, default=["aligned", "fcfs-dp2"],
@@ -306,21 +322,10 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=240, help="cap per bench run")
     parser.add_argument("--deadline-s", type=float, default=560, help="the whole call's")
     parser.add_argument("--pool-gib", type=float, help="CPU KV pool: 64, --tiny 0.5")
-    parser.add_argument("--device-kv-gib", type=float, help="decode GPU's KV: 88, --tiny 0.25")
     parser.add_argument("--peer-requests", type=int, default=48, help="0: no peer")
     parser.add_argument("--peer-timeout-s", type=float, default=120, help="its generation")
     parser.add_argument(
         "--peer-json", default="", help="an earlier hf_peer.py result for these requests: reused"
-    )
-    parser.add_argument(
-        "--vllm-site", default="", help="a folder holding vLLM and its packages (the vllm variant)"
-    )
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--num-clients",
-        type=int,
-        default=4,
-        help="bench client processes (one streams ~11-14k tok/s at most: bench/clients.py)",
     )
     parser.add_argument(
         "--num-routers",

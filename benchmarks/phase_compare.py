@@ -34,7 +34,14 @@ from pathlib import Path
 from device_env import import_alignedserve
 from e2e_report import SHAPES, VARIANTS
 from e2e_servers import serving
-from gpu_e2e import device_blocks, device_name, environment, model_root, write_model
+from gpu_e2e import (
+    add_server_arguments,
+    device_blocks,
+    device_name,
+    environment,
+    model_root,
+    write_model,
+)
 
 import_alignedserve()
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
@@ -97,20 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--model-shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model (a dry run)")
-    parser.add_argument("--device", default="cuda:0")
+    add_server_arguments(parser)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["vllm-samekv", "fcfs"])
     parser.add_argument(
         "--workload", type=parse_workload, action="append", required=True,
         help="NAME:REQUESTS (repeat), each run offline on every variant",
     )  # fmt: skip
-    parser.add_argument("--device-kv-gib", type=float, help="KV on --device: 88, --tiny 0.25")
     parser.add_argument("--timeout-s", type=float, default=120, help="cap per bench run")
-    parser.add_argument("--vllm-site", default="", help="a folder holding vLLM and its packages")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--num-clients", type=int, default=4)
     args = parser.parse_args()
     # what e2e_servers reads: one GPU, no pool beyond what aligned needs, one router
     args.prefetch_device, args.num_routers = "", 1
