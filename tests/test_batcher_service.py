@@ -480,6 +480,59 @@ def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
         assert finish == ref.finish_reason
 
 
+def test_a_worker_back_with_another_kv_layout_fails_the_live_requests_then_serves_again(
+    model_dir, tmp_path
+):
+    """The worker restarts with a model of another KV layout: it refuses the batcher's pool
+    (INVALID_ARGUMENT, which no retry mends). The requests in flight fail UNAVAILABLE at
+    once, rather than hang or wait out the recovery window, and the batcher keeps running:
+    once the right worker is back, a new request gets the runtime's tokens."""
+    from alignedserve.worker.tiny import init_tiny
+
+    other = str(init_tiny(tmp_path / "opt", arch="opt"))  # another model: another KV layout
+    (prompt,) = random_prompts((12,), seed=8)
+    expected = LocalRuntime.from_dir(model_dir).generate([prompt], [greedy(6)])[0]
+    port = free_port()
+    progress: dict[str, list[int]] = {}
+    workers = [start_worker_process(model_dir, port)]
+
+    async def main():
+        started = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        config = BatcherConfig(
+            worker=f"127.0.0.1:{port}", port=0, pool_gib=0.05, worker_recovery_s=2
+        )
+        batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
+        bport = await asyncio.wait_for(started, 60)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{bport}") as channel:
+            stub = batcher_pb2_grpc.BatcherStub(channel)
+            run = asyncio.create_task(generate(stub, "long", prompt, greedy(10_000), progress))
+            while len(progress.get("long", ())) < 3:
+                await asyncio.sleep(0.005)
+            workers[0].kill()
+            workers[0].wait()
+            workers.append(start_worker_process(other, port))
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await asyncio.wait_for(run, 60)
+            workers[1].kill()
+            workers[1].wait()
+            workers.append(start_worker_process(model_dir, port))
+            again = await asyncio.wait_for(generate(stub, "again", prompt, greedy(6)), 90)
+        stop.set()
+        await batcher
+        return lost.value, again
+
+    try:
+        lost, (tokens, finish, _) = asyncio.run(main())
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    assert lost.code() == grpc.StatusCode.UNAVAILABLE
+    assert "layout" in lost.details()
+    assert (tokens, finish) == (expected.token_ids, "length")
+
+
 def test_health_is_serving_only_while_a_worker_answers(model_dir):
     """Readiness means "can serve": NOT_SERVING before the worker is up and after it dies,
     SERVING while it answers (what Kubernetes' gRPC readiness probe of the pod reads)."""

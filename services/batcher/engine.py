@@ -46,6 +46,7 @@ from alignedserve.batcher.worker_link import StepRejected, WorkerLink, WorkerLos
 from alignedserve.common import metrics, wire
 from alignedserve.common.errors import (
     AlignedServeError,
+    ConfigError,
     InvalidRequestError,
     UnavailableError,
 )
@@ -500,3 +501,8 @@ class BatcherEngine:
             except UnavailableError as e:
                 log.error("%s: failing %d requests", e, self.num_live)
                 self._fail(list(self._streams), e)
+            except ConfigError as e:  # the restarted worker refused the pool: no retry mends
+                # it soon, but it may be replaced; the clients' requests were not invalid
+                log.error("%s: failing %d requests", e, self.num_live)
+                self._fail(list(self._streams), UnavailableError(f"worker lost: {e}"))
+                await asyncio.sleep(self.config.worker_recovery_s)
