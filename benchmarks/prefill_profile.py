@@ -5,11 +5,12 @@
 Prefill is where our engines trail vLLM at equal KV (phase_compare.py, session 39: OPT-13B
 prompts at 0.93x its prompt tokens/s, decode at 0.99x). For each model shape (random bf16
 weights, projections fused as served):
-1. one prefill pass of 4 fresh prompts x 2048 tokens (the batcher's 8,192-token budget) and
-   one chunk of 2048 after 6144 cached, timed (median; also with the K/V rows moved by
-   advanced indexing, as before kernels/kv_rows.py) and under torch.profiler: device time
-   per kernel class (GEMM, attention, norm, activation, RoPE + KV append, K/V rows, other),
-   and the top kernels;
+1. one prefill pass of 4 fresh prompts x 2048 tokens (the batcher's 8,192-token budget), one
+   chunk of 2048 after 6144 cached, and a step as fcfs serves a burst (192 decode rows at
+   1,024 tokens, 4 prompts of 2,000 filling the budget), timed (median; also with the K/V
+   rows moved by advanced indexing, as before kernels/kv_rows.py) and under torch.profiler:
+   device time per kernel class (GEMM, attention, norm, activation, RoPE + KV append, K/V
+   rows, other), and the top kernels;
 2. the same GEMMs alone: each projection of a layer at M = 8192 through F.linear, times the
    layers; the pass's GEMM time over this says what the pass costs the GEMMs, its wall over
    this what everything else costs;
@@ -35,18 +36,27 @@ from step_profile import kernel_class
 from alignedserve.worker.attention import AttentionMetadata
 from alignedserve.worker.kernels import kv_rows
 
-PASSES = ((4, 2048, 0), (1, 2048, 6144))  # (prompts, new tokens each, cached tokens each)
+# each pass: its requests' (new tokens, cached tokens)
+PASSES = {
+    "4 x 2048 fresh": [(2048, 0)] * 4,  # the batcher's 8,192-token prefill budget
+    "2048 after 6144": [(2048, 6144)],  # a long prompt's last chunk
+    # a step as fcfs serves a burst: 192 running requests decode, prompts fill the rest
+    "4 x 2000 fresh + 192 decode rows at 1024": [(2000, 0)] * 4 + [(1, 1023)] * 192,
+}
 
 
-def prefill_pass(model, config, kv, batch: int, q_len: int, cached: int):
-    per = kv.layout.blocks_for(cached + q_len)
-    tables = torch.arange(batch * per, device="cuda").view(batch, per).tolist()
-    ids = torch.randint(0, config.vocab_size, (batch * q_len,), device="cuda")
+def prefill_pass(model, config, kv, requests: list[tuple[int, int]]):
+    """One forward pass over the requests' new tokens, each request on its own blocks."""
+    tables, start = [], 0
+    for q_len, cached in requests:
+        per = kv.layout.blocks_for(cached + q_len)
+        tables.append(list(range(start, start + per)))
+        start += per
+    q_lens, cached = [q for q, _ in requests], [c for _, c in requests]
+    ids = torch.randint(0, config.vocab_size, (sum(q_lens),), device="cuda")
 
     def run():
-        meta = AttentionMetadata.build(
-            [q_len] * batch, [cached] * batch, tables, kv.layout.block_tokens, "cuda"
-        )
+        meta = AttentionMetadata.build(q_lens, cached, tables, kv.layout.block_tokens, "cuda")
         with torch.inference_mode():
             hidden = model(ids, meta.positions, meta, kv)
             return model.logits(hidden[meta.last_token])
@@ -143,27 +153,26 @@ def study(shape: str, ceil: dict) -> dict:
     model, config, kv = build_model(shape)
     result = {"shape": shape, "passes": []}
     print(f"{shape}:", flush=True)
-    for batch, q_len, cached in PASSES:
-        run = prefill_pass(model, config, kv, batch, q_len, cached)
+    for name, requests in PASSES.items():
+        run = prefill_pass(model, config, kv, requests)
         wall_ms = cuda_time(run, iters=5, warmup=2) * 1e3
         with indexing():
             indexing_ms = cuda_time(run, iters=5, warmup=2) * 1e3
         by_class, top = profile(run)
-        tokens = batch * q_len
-        row = dict(batch=batch, q_len=q_len, cached=cached, wall_ms=wall_ms)
-        row["indexing_wall_ms"] = indexing_ms
+        tokens = sum(q for q, _ in requests)
+        row = dict(name=name, tokens=tokens, wall_ms=wall_ms, indexing_wall_ms=indexing_ms)
         row.update(tokens_per_s=tokens / wall_ms * 1e3, by_class_ms=by_class, top=top)
         result["passes"].append(row)
         parts = "  ".join(f"{k} {v:.1f}" for k, v in sorted(by_class.items(), key=lambda x: -x[1]))
         print(
-            f"  {batch} x {q_len} after {cached}: {wall_ms:.1f} ms ({row['tokens_per_s']:.0f} "
-            f"tok/s; with indexing for the K/V rows {indexing_ms:.1f} ms), kernels "
-            f"{sum(by_class.values()):.1f} ms | {parts}",
+            f"  {name}: {wall_ms:.1f} ms ({row['tokens_per_s']:.0f} tok/s; with indexing for "
+            f"the K/V rows {indexing_ms:.1f} ms), kernels {sum(by_class.values()):.1f} ms "
+            f"| {parts}",
             flush=True,
         )
         for name, (ms, count) in top:
             print(f"      {ms:7.2f} ms  x{count:4d}  {name}")
-    alone = gemms_alone(model, config, PASSES[0][0] * PASSES[0][1], ceil)
+    alone = gemms_alone(model, config, result["passes"][0]["tokens"], ceil)
     result["gemms_alone"] = alone
     in_pass = result["passes"][0]["by_class_ms"].get("gemm", 0.0)
     print(
