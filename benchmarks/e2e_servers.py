@@ -190,6 +190,11 @@ def start_vllm(policy, args, model: Path, env: dict[str, str], tiers, logs: Path
     child = dict(env)
     child["PYTHONPATH"] = ":".join(p for p in (args.vllm_site, env.get("PYTHONPATH")) if p)
     child["CUDA_VISIBLE_DEVICES"] = args.device.removeprefix("cuda:") or "0"
+    # vLLM's start samples once with top-k/top-p (_dummy_sampler_run), which compiles
+    # FlashInfer's sampling kernels from source (their prebuilt cubins are not bundled): ~2 of
+    # its ~4 minutes. The bench's requests are greedy, and vLLM decides all-greedy batches by
+    # argmax before any top-k/top-p sampler, so serving is the same with its PyTorch sampler.
+    child["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(args.port), "--dtype", "bfloat16",

@@ -45,7 +45,9 @@ The variants (--policies; --baseline names the one aligned is compared with):
   burst by number, not by work.
 - vllm: vLLM's OpenAI server on --device (its packages under --vllm-site: vLLM is not
   installed on the GPU machines, benchmarks/vllm_bundle.sh makes the folder), with its
-  defaults for the GPU, measured by the same bench through the same HTTP API. As --baseline,
+  defaults for the GPU, measured by the same bench through the same HTTP API. (Its
+  FlashInfer top-k/top-p sampler is off: compiling it took ~2 minutes of each start, and the
+  bench's greedy requests never reach it; e2e_servers.start_vllm.) As --baseline,
   each variant's ratios to it are reported, not judged by issue 6's targets (which are
   against fcfs).
 - vllm-samekv: vllm with our engines' device KV (--device-kv-gib, 88 GiB by default; vllm's

@@ -19,7 +19,9 @@ from factories import benchmark_module
 STAND_IN = """
 import http.server, json, os, sys
 json.dump({"argv": sys.argv[1:], "pythonpath": os.environ["PYTHONPATH"],
-           "devices": os.environ["CUDA_VISIBLE_DEVICES"]}, open(os.environ["STARTED_AS"], "w"))
+           "devices": os.environ["CUDA_VISIBLE_DEVICES"],
+           "flashinfer_sampler": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER")},
+          open(os.environ["STARTED_AS"], "w"))
 
 class Models(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -66,6 +68,7 @@ def test_a_vllm_variant_starts_from_its_site_with_the_kv_it_is_given(
         assert e2e_servers.http_get(f"http://127.0.0.1:{args.port}/v1/models") is not None
     assert started["pythonpath"] == f"{site}:/ours"  # vLLM's own FastAPI first
     assert started["devices"] == "1"
+    assert started["flashinfer_sampler"] == "0"  # no JIT compile at start (greedy bench)
     argv = started["argv"]
     assert argv[argv.index("--model") + 1] == str(model)
     assert argv[-2:] == kv_flag
