@@ -427,6 +427,25 @@ def start_worker_process(model_dir: str, port: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
 
 
+@contextlib.asynccontextmanager
+async def batcher_of(worker_port: int, recovery_s: float):
+    """A batcher (a small pool) of the worker at that port, recovering for `recovery_s`;
+    yields its stub, and stops it on the way out."""
+    started = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    config = BatcherConfig(
+        worker=f"127.0.0.1:{worker_port}", port=0, pool_gib=0.05, worker_recovery_s=recovery_s
+    )
+    batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
+    bport = await asyncio.wait_for(started, 60)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{bport}") as channel:
+            yield batcher_pb2_grpc.BatcherStub(channel)
+    finally:
+        stop.set()
+        await batcher
+
+
 def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
     """SIGKILL the worker process mid-generation, start a new one on the same address: every
     request completes with exactly the tokens an uninterrupted run gives."""
@@ -442,15 +461,7 @@ def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
     workers = [start_worker_process(model_dir, port)]
 
     async def main():
-        started = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        config = BatcherConfig(
-            worker=f"127.0.0.1:{port}", port=0, pool_gib=0.05, worker_recovery_s=60
-        )
-        batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
-        bport = await asyncio.wait_for(started, 60)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{bport}") as channel:
-            stub = batcher_pb2_grpc.BatcherStub(channel)
+        async with batcher_of(port, recovery_s=60) as stub:
             runs = [
                 asyncio.create_task(generate(stub, f"k{i}", p, params[i], progress))
                 for i, p in enumerate(prompts)
@@ -462,8 +473,6 @@ def test_worker_process_killed_mid_run_loses_no_token(model_dir, caplog):
             workers[0].wait()
             workers.append(start_worker_process(model_dir, port))
             results = await asyncio.wait_for(asyncio.gather(*runs), 90)
-        stop.set()
-        await batcher
         return at_kill, results
 
     try:
@@ -497,15 +506,7 @@ def test_a_worker_back_with_another_kv_layout_fails_the_live_requests_then_serve
     workers = [start_worker_process(model_dir, port)]
 
     async def main():
-        started = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        config = BatcherConfig(
-            worker=f"127.0.0.1:{port}", port=0, pool_gib=0.05, worker_recovery_s=2
-        )
-        batcher = asyncio.create_task(serve_batcher(config, started=started, stop=stop))
-        bport = await asyncio.wait_for(started, 60)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{bport}") as channel:
-            stub = batcher_pb2_grpc.BatcherStub(channel)
+        async with batcher_of(port, recovery_s=2) as stub:
             run = asyncio.create_task(generate(stub, "long", prompt, greedy(10_000), progress))
             while len(progress.get("long", ())) < 3:
                 await asyncio.sleep(0.005)
@@ -518,8 +519,6 @@ def test_a_worker_back_with_another_kv_layout_fails_the_live_requests_then_serve
             workers[1].wait()
             workers.append(start_worker_process(model_dir, port))
             again = await asyncio.wait_for(generate(stub, "again", prompt, greedy(6)), 90)
-        stop.set()
-        await batcher
         return lost.value, again
 
     try:
