@@ -15,7 +15,9 @@ weights, projections fused as served):
    layers; the pass's GEMM time over this says what the pass costs the GEMMs, its wall over
    this what everything else costs;
 3. for a ReLU MLP (OPT), fc1 then ReLU against cuBLASLt's fused epilogue
-   (torch._addmm_activation), at M = 8192: what fusing the activation would save.
+   (torch._addmm_activation), at M = 8192: what fusing the activation would save;
+4. each pass's attention alone, torch's FlashAttention 2 (served) against the Triton
+   candidate (kernels/prefill_attention.py) on the same inputs, and how far apart they are.
 Results go to stdout and OUT/prefill_profile.json.
 """
 
@@ -34,7 +36,7 @@ from gpu_bench import build_model, ceilings, cuda_time
 from step_profile import kernel_class
 
 from alignedserve.worker.attention import AttentionMetadata
-from alignedserve.worker.kernels import kv_rows
+from alignedserve.worker.kernels import kv_rows, prefill_attention
 
 # each pass: its requests' (new tokens, cached tokens)
 PASSES = {
@@ -149,6 +151,44 @@ def fused_relu(model, tokens: int) -> dict | None:
     return dict(apart_ms=apart * 1e3, fused_ms=fused * 1e3, bitwise_equal=same)
 
 
+def attention_side_by_side(config, requests: list[tuple[int, int]]) -> dict:
+    """One layer's prefill attention over the requests' prompt chunks (their decode rows left
+    out): torch's FlashAttention 2 (served) against kernels/prefill_attention.py (a
+    candidate), on the same bf16 inputs, times the layers; and how far apart they are."""
+    chunks = [(q, c) for q, c in requests if q > 1]
+    q_lens, ctx = [q for q, _ in chunks], [q + c for q, c in chunks]
+    hq, hk, d = config.num_heads, config.num_kv_heads, config.head_dim
+    q = torch.randn(sum(q_lens), hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(ctx), hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(ctx), hk, d, device="cuda", dtype=torch.bfloat16)
+    zero = torch.zeros(1, dtype=torch.int32)
+    cu_q = torch.cat([zero, torch.tensor(q_lens).cumsum(0).int()]).cuda()
+    cu_k = torch.cat([zero, torch.tensor(ctx).cumsum(0).int()]).cuda()
+    scale = d**-0.5
+
+    def flash():
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max(q_lens), max(ctx), 0.0, True, False, scale=scale
+        )[0]
+
+    def triton_kernel():
+        return prefill_attention.prefill_attention(q, k, v, cu_q, cu_k, max(q_lens), scale)
+
+    layers = config.num_layers
+    row = dict(
+        flash_ms=cuda_time(flash, iters=20) * 1e3 * layers,
+        triton_ms=cuda_time(triton_kernel, iters=20) * 1e3 * layers,
+        max_abs_diff=(flash().float() - triton_kernel().float()).abs().max().item(),
+    )
+    print(
+        f"    attention, {layers} layers: torch FA2 {row['flash_ms']:.1f} ms, Triton "
+        f"{row['triton_ms']:.1f} ms ({row['flash_ms'] / row['triton_ms']:.2f}x); max |diff| "
+        f"{row['max_abs_diff']:.3g}",
+        flush=True,
+    )
+    return row
+
+
 def study(shape: str, ceil: dict) -> dict:
     model, config, kv = build_model(shape)
     result = {"shape": shape, "passes": []}
@@ -172,6 +212,7 @@ def study(shape: str, ceil: dict) -> dict:
         )
         for name, (ms, count) in top:
             print(f"      {ms:7.2f} ms  x{count:4d}  {name}")
+        row["attention"] = attention_side_by_side(config, requests)
     alone = gemms_alone(model, config, result["passes"][0]["tokens"], ceil)
     result["gemms_alone"] = alone
     in_pass = result["passes"][0]["by_class_ms"].get("gemm", 0.0)
