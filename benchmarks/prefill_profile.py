@@ -17,7 +17,8 @@ weights, projections fused as served):
 3. for a ReLU MLP (OPT), fc1 then ReLU against cuBLASLt's fused epilogue
    (torch._addmm_activation), at M = 8192: what fusing the activation would save;
 4. each pass's attention alone, torch's FlashAttention 2 (served) against the Triton
-   candidate (kernels/prefill_attention.py) on the same inputs, and how far apart they are.
+   candidate (kernels/prefill_attention.py) in each tiling of its SWEEP, on the same inputs,
+   and how far apart they are.
 Results go to stdout and OUT/prefill_profile.json.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 from pathlib import Path
@@ -171,21 +173,25 @@ def attention_side_by_side(config, requests: list[tuple[int, int]]) -> dict:
             q, k, v, cu_q, cu_k, max(q_lens), max(ctx), 0.0, True, False, scale=scale
         )[0]
 
-    def triton_kernel():
-        return prefill_attention.prefill_attention(q, k, v, cu_q, cu_k, max(q_lens), scale)
-
     layers = config.num_layers
-    row = dict(
-        flash_ms=cuda_time(flash, iters=20) * 1e3 * layers,
-        triton_ms=cuda_time(triton_kernel, iters=20) * 1e3 * layers,
-        max_abs_diff=(flash().float() - triton_kernel().float()).abs().max().item(),
-    )
-    print(
-        f"    attention, {layers} layers: torch FA2 {row['flash_ms']:.1f} ms, Triton "
-        f"{row['triton_ms']:.1f} ms ({row['flash_ms'] / row['triton_ms']:.2f}x); max |diff| "
-        f"{row['max_abs_diff']:.3g}",
-        flush=True,
-    )
+    want = flash().float()
+    row = dict(flash_ms=cuda_time(flash, iters=20) * 1e3 * layers, triton=[])
+    print(f"    attention, {layers} layers: torch FA2 {row['flash_ms']:.1f} ms", flush=True)
+    for tiling in prefill_attention.SWEEP:
+
+        def triton_kernel(tiling=tiling):
+            return prefill_attention.prefill_attention(
+                q, k, v, cu_q, cu_k, max(q_lens), scale, tiling
+            )
+
+        ms = cuda_time(triton_kernel, iters=20) * 1e3 * layers
+        diff = (triton_kernel().float() - want).abs().max().item()
+        row["triton"].append(dict(tiling=dataclasses.asdict(tiling), ms=ms, max_abs_diff=diff))
+        print(
+            f"      Triton {tiling}: {ms:.1f} ms ({row['flash_ms'] / ms:.2f}x FA2's speed); "
+            f"max |diff| {diff:.3g}",
+            flush=True,
+        )
     return row
 
 

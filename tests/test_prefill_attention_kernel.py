@@ -66,6 +66,14 @@ def test_kernel_matches_its_twin(q_lens, cached, q_heads, kv_heads, dtype):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("tiling", attn.SWEEP, ids=str)
+def test_every_tiling_the_benchmark_sweeps_matches_the_twin(tiling):
+    q, k, v, cu_q, cu_k, max_q = case([5, 130, 70], [0, 70, 200], 4, 2, 16, torch.float32)
+    want = attn.prefill_attention_ref(q, k, v, cu_q, cu_k, 0.25)
+    got = attn.prefill_attention(q, k, v, cu_q, cu_k, max_q, 0.25, tiling)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_strided_queries_and_the_twins_bottom_right_mask():
     q, k, v, cu_q, cu_k, max_q = case([7, 20], [9, 0], 2, 2, 16, torch.float32, strided=True)
     assert not q.is_contiguous()

@@ -20,16 +20,27 @@ without a mask; only the tiles along the diagonal are masked.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-BLOCK_M = 128  # queries per program
-BLOCK_N = 64  # keys per tile
-NUM_WARPS = 8
-NUM_STAGES = 3
+
+@dataclass(frozen=True)
+class Tiling:
+    block_m: int = 128  # queries per program
+    block_n: int = 64  # keys per tile
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+DEFAULT_TILING = Tiling()  # a first guess, to be set by prefill_profile.py's sweep
+SWEEP = [  # what prefill_profile.py times on a GPU
+    Tiling(128, 64, 8, 3), Tiling(128, 128, 8, 3), Tiling(128, 64, 4, 3),
+    Tiling(64, 64, 4, 3), Tiling(128, 64, 8, 2), Tiling(128, 32, 4, 4),
+]  # fmt: skip
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -148,6 +159,7 @@ def prefill_attention(
     cu_ctx_lens: torch.Tensor,  # [B + 1]: each request's keys at least its queries
     max_q_len: int,  # the longest request's queries (host int: the grid)
     scale: float,
+    tiling: Tiling = DEFAULT_TILING,
 ) -> torch.Tensor:  # [N, Hq, D], contiguous
     """Matches `prefill_attention_ref`; reads only device tensors besides max_q_len."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
@@ -165,14 +177,14 @@ def prefill_attention(
     batch = cu_q_lens.shape[0] - 1
     if q.shape[0] == 0 or batch == 0:
         return out
-    num_m_blocks = triton.cdiv(max_q_len, BLOCK_M)
+    num_m_blocks = triton.cdiv(max_q_len, tiling.block_m)
     _prefill_attention_kernel[(num_m_blocks, batch, q_heads)](
         q, k, v, out, cu_q_lens, cu_ctx_lens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         scale * math.log2(math.e), num_m_blocks,
-        GROUP=q_heads // kv_heads, D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        GROUP=q_heads // kv_heads, D=head_dim, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
         DOT_DTYPE=tl.float32 if q.device.type == "cpu" else TL_DTYPES[q.dtype],
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )  # fmt: skip
     return out
