@@ -191,11 +191,14 @@ def device_blocks(model: Path, kv_gib: float) -> int:
     return int(kv_gib * 2**30 // layout.block_bytes)
 
 
-def bench_args(args, vocab: int, num_requests: int, rates: list[float], timeout_s: float):
+def bench_args(
+    args, vocab: int, workload: str, num_requests: int, rates: list[float], timeout_s: float
+):
+    """`alignedserve bench` against the server at args.port (here and in phase_compare.py)."""
     return [
         sys.executable, "-m", "alignedserve", "bench",
         "--base-url", f"http://127.0.0.1:{args.port}", "--vocab-size", str(vocab),
-        "--workload", args.workload, "--num-requests", str(num_requests),
+        "--workload", workload, "--num-requests", str(num_requests),
         *[x for r in rates for x in ("--rate", str(r))], "--timeout-s", f"{timeout_s:.0f}",
         "--num-clients", str(args.num_clients),
     ]  # fmt: skip
@@ -216,21 +219,21 @@ def run_policy(
         print(f"{policy}: serving after {time.monotonic() - start:.0f} s", flush=True)
         if peer_run:  # short, and first: the timeouts below then share what is left
             timeout = clock.run_timeout(1, servers_after, args.timeout_s)
-            cmd = bench_args(args, vocab, args.peer_requests, [math.inf], timeout)
+            cmd = bench_args(args, vocab, args.workload, args.peer_requests, [math.inf], timeout)
             subprocess.run([*cmd, "--out", str(work / "aligned-peer")], env=env, check=False)
         num_runs = args.offline_repeats + len(args.rate) + len(args.rate_fraction)
         runs_left = num_runs * (1 + servers_after)
         timeout = clock.run_timeout(runs_left, servers_after, args.timeout_s)
         print(f"{policy}: {num_runs} runs, up to {timeout:.0f} s each", flush=True)
         start = time.monotonic()
-        cmd = bench_args(args, vocab, args.num_requests, [math.inf], timeout)
+        cmd = bench_args(args, vocab, args.workload, args.num_requests, [math.inf], timeout)
         for k in range(1, args.offline_repeats + 1):
             out = work / policy / offline_part(k)
             subprocess.run([*cmd, "--out", str(out)], env=env, check=False)
         rates = [*args.rate, *fraction_rates(work, args.baseline, args.rate_fraction)]
         if rates:
             timeout = clock.run_timeout(len(rates) * (1 + servers_after), servers_after, timeout)
-            cmd = bench_args(args, vocab, args.num_requests, rates, timeout)
+            cmd = bench_args(args, vocab, args.workload, args.num_requests, rates, timeout)
             subprocess.run([*cmd, "--out", str(work / policy / "online")], env=env, check=False)
         timings[f"{policy}_bench_s"] = time.monotonic() - start
         report()

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -36,6 +36,7 @@ from e2e_report import SHAPES, VARIANTS
 from e2e_servers import serving
 from gpu_e2e import (
     add_server_arguments,
+    bench_args,
     device_blocks,
     device_name,
     environment,
@@ -64,14 +65,8 @@ def parse_workload(text: str) -> tuple[str, int]:
 
 
 def bench(args, name: str, count: int, vocab: int, out: Path, env) -> dict | None:
-    cmd = [
-        sys.executable, "-m", "alignedserve", "bench",
-        "--base-url", f"http://127.0.0.1:{args.port}", "--vocab-size", str(vocab),
-        "--workload", name, "--num-requests", str(count), "--rate", "inf",
-        "--timeout-s", str(args.timeout_s), "--num-clients", str(args.num_clients),
-        "--out", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, env=env, check=False)
+    cmd = bench_args(args, vocab, name, count, [math.inf], args.timeout_s)
+    subprocess.run([*cmd, "--out", str(out)], env=env, check=False)
     path = out / "bench.json"
     return json.loads(path.read_text())["runs"][0]["summary"] if path.is_file() else None
 

@@ -216,20 +216,22 @@ def study(shape: str, ceil: dict) -> dict:
             f"| {parts}",
             flush=True,
         )
-        for name, (ms, count) in top:
-            print(f"      {ms:7.2f} ms  x{count:4d}  {name}")
+        for kernel, (ms, count) in top:
+            print(f"      {ms:7.2f} ms  x{count:4d}  {kernel}")
         row["attention"] = attention_side_by_side(config, requests)
-    alone = gemms_alone(model, config, result["passes"][0]["tokens"], ceil)
+    first = result["passes"][0]
+    alone = gemms_alone(model, config, first["tokens"], ceil)
     result["gemms_alone"] = alone
-    in_pass = result["passes"][0]["by_class_ms"].get("gemm", 0.0)
+    in_pass = first["by_class_ms"].get("gemm", 0.0)
     print(
-        f"  GEMMs alone at M = 8192: {alone['total_ms']:.1f} ms ({alone['tflops']:.0f} TFLOP/s, "
+        f"  GEMMs alone at M = {first['tokens']}: {alone['total_ms']:.1f} ms "
+        f"({alone['tflops']:.0f} TFLOP/s, "
         f"{100 * alone['fraction_of_peak']:.0f}% of the matmul ceiling); in the pass "
-        f"{in_pass:.1f} ms; the pass's wall {result['passes'][0]['wall_ms']:.1f} ms"
+        f"{in_pass:.1f} ms; the pass's wall {first['wall_ms']:.1f} ms"
     )
     for row in alone["per_layer"]:
         print(f"      {row['shape']}: {row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s")
-    relu = fused_relu(model, 8192)
+    relu = fused_relu(model, first["tokens"])
     if relu is not None:
         result["fc1_relu"] = relu
         print(

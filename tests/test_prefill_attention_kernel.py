@@ -1,7 +1,7 @@
 """kernels/prefill_attention.py (varlen causal prefill attention in Triton) against its torch
-twin, and the twin against the served path's (attention.varlen_attention_ref through
-attend_prefill's packing is tested in test_prefill_attention.py; here the twin is checked on
-its own mask).
+twin, the served path's CPU varlen call (attention.varlen_attention_ref, whose packing and
+mask test_prefill_attention.py checks against the padded reference); here the twin's mask is
+also checked on its own.
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors (small shapes that still
 cross query blocks and key tiles, unmasked and masked); the `gpu` test compares it with torch's

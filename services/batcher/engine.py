@@ -498,11 +498,13 @@ class BatcherEngine:
             try:
                 await self._connect()
                 return
-            except UnavailableError as e:
+            except (UnavailableError, ConfigError) as e:
                 log.error("%s: failing %d requests", e, self.num_live)
-                self._fail(list(self._streams), e)
-            except ConfigError as e:  # the restarted worker refused the pool: no retry mends
-                # it soon, but it may be replaced; the clients' requests were not invalid
-                log.error("%s: failing %d requests", e, self.num_live)
-                self._fail(list(self._streams), UnavailableError(f"worker lost: {e}"))
-                await asyncio.sleep(self.config.worker_recovery_s)
+                # ConfigError: the restarted worker refused the pool at once. The clients'
+                # requests were not invalid, and it may be replaced: wait a window, try again.
+                refused = isinstance(e, ConfigError)
+                self._fail(
+                    list(self._streams), UnavailableError(f"worker lost: {e}") if refused else e
+                )
+                if refused:
+                    await asyncio.sleep(self.config.worker_recovery_s)

@@ -265,19 +265,21 @@ def _attend_varlen(q, keys, values, meta: AttentionMetadata, scale: float) -> to
             False,  # debug mask
             scale=scale,
         )[0]
-    return varlen_attention_ref(q, keys, values, meta, scale)
+    return varlen_attention_ref(q, keys, values, meta.cu_q_lens, meta.cu_ctx_lens, scale)
 
 
 def varlen_attention_ref(
-    q: torch.Tensor,  # [N, q_heads, D]
-    keys: torch.Tensor,  # [K, kv_heads, D] packed as meta.cu_ctx_lens says
+    q: torch.Tensor,  # [N, q_heads, D] packed as cu_q_lens says
+    keys: torch.Tensor,  # [K, kv_heads, D] packed as cu_ctx_lens says
     values: torch.Tensor,
-    meta: AttentionMetadata,
+    cu_q_lens: torch.Tensor,  # [B + 1]
+    cu_ctx_lens: torch.Tensor,  # [B + 1]
     scale: float,
 ) -> torch.Tensor:  # [N, q_heads, D]
-    """The varlen call in plain torch, a request at a time: float32 and the CPU."""
-    out = torch.empty_like(q)
-    q_starts, k_starts = meta.cu_q_lens.tolist(), meta.cu_ctx_lens.tolist()
+    """The varlen call in plain torch, a request at a time, with the bottom-right causal
+    mask: float32 and the CPU, and the twin of kernels/prefill_attention.py."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense even if q is strided
+    q_starts, k_starts = cu_q_lens.tolist(), cu_ctx_lens.tolist()
     for b in range(len(q_starts) - 1):
         q_b = q[q_starts[b] : q_starts[b + 1]].transpose(0, 1)  # [Hq, q_len, D]
         k_b = keys[k_starts[b] : k_starts[b + 1]].transpose(0, 1)  # [Hk, ctx, D]

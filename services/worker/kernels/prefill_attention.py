@@ -23,9 +23,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# the twin: the served path's torch varlen call (CPU, float32)
+from alignedserve.worker.attention import varlen_attention_ref as prefill_attention_ref  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -42,30 +44,6 @@ SWEEP = [  # what prefill_profile.py times on a GPU
     Tiling(64, 64, 4, 3), Tiling(128, 64, 8, 2), Tiling(128, 32, 4, 4),
 ]  # fmt: skip
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def prefill_attention_ref(
-    q: torch.Tensor,  # [N, Hq, D]
-    k: torch.Tensor,  # [K, Hk, D]
-    v: torch.Tensor,  # [K, Hk, D]
-    cu_q_lens: torch.Tensor,  # [B + 1] int
-    cu_ctx_lens: torch.Tensor,  # [B + 1] int
-    scale: float,
-) -> torch.Tensor:  # [N, Hq, D]
-    """Request by request through torch's SDPA with the bottom-right causal mask."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    q_starts, k_starts = cu_q_lens.tolist(), cu_ctx_lens.tolist()
-    for b in range(len(q_starts) - 1):
-        q_b = q[q_starts[b] : q_starts[b + 1]].transpose(0, 1)  # [Hq, q_len, D]
-        k_b = k[k_starts[b] : k_starts[b + 1]].transpose(0, 1)  # [Hk, ctx, D]
-        v_b = v[k_starts[b] : k_starts[b + 1]].transpose(0, 1)
-        q_len, ctx = q_b.shape[1], k_b.shape[1]
-        i = torch.arange(q_len, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= i + (ctx - q_len)  # [q_len, ctx]
-        out[q_starts[b] : q_starts[b + 1]] = F.scaled_dot_product_attention(
-            q_b, k_b, v_b, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        ).transpose(0, 1)
-    return out
 
 
 @triton.jit
