@@ -7,8 +7,9 @@ prompts at 0.93x its prompt tokens/s, decode at 0.99x). For each model shape (ra
 weights, projections fused as served):
 1. one prefill pass of 4 fresh prompts x 2048 tokens (the batcher's 8,192-token budget), one
    chunk of 2048 after 6144 cached, and a step as fcfs serves a burst (192 decode rows at
-   1,024 tokens, 4 prompts of 2,000 filling the budget), timed (median; also with the K/V
-   rows moved by advanced indexing, as before kernels/kv_rows.py) and under torch.profiler:
+   512 tokens, 4 prompts of 2,000 filling the budget), timed (median; also with the K/V
+   rows moved by advanced indexing, as before kernels/kv_rows.py, and with torch's FA2 for
+   the attention, as before kernels/prefill_attention.py) and under torch.profiler:
    device time per kernel class (GEMM, attention, norm, activation, RoPE + KV append, K/V
    rows, other), and the top kernels;
 2. the same GEMMs alone: each projection of a layer at M = 8192 through F.linear, times the
@@ -16,9 +17,9 @@ weights, projections fused as served):
    this what everything else costs;
 3. for a ReLU MLP (OPT), fc1 then ReLU against cuBLASLt's fused epilogue
    (torch._addmm_activation), at M = 8192: what fusing the activation would save;
-4. each pass's attention alone, torch's FlashAttention 2 (served) against the Triton
-   candidate (kernels/prefill_attention.py) in each tiling of its SWEEP, on the same inputs,
-   and how far apart they are.
+4. each pass's attention alone, torch's FlashAttention 2 (served until the fortieth session)
+   against the Triton kernel that replaced it (kernels/prefill_attention.py) in each tiling of
+   its SWEEP, on the same inputs, and how far apart they are.
 Results go to stdout and OUT/prefill_profile.json.
 """
 
@@ -44,8 +45,9 @@ from alignedserve.worker.kernels import kv_rows, prefill_attention
 PASSES = {
     "4 x 2048 fresh": [(2048, 0)] * 4,  # the batcher's 8,192-token prefill budget
     "2048 after 6144": [(2048, 6144)],  # a long prompt's last chunk
-    # a step as fcfs serves a burst: 192 running requests decode, prompts fill the rest
-    "4 x 2000 fresh + 192 decode rows at 1024": [(2000, 0)] * 4 + [(1, 1023)] * 192,
+    # a step as fcfs serves a burst: 192 running requests decode, prompts fill the rest (their
+    # contexts at 512: at 1,024 they would need more blocks than OPT-13B's cache holds)
+    "4 x 2000 fresh + 192 decode rows at 512": [(2000, 0)] * 4 + [(1, 511)] * 192,
 }
 
 
@@ -56,6 +58,8 @@ def prefill_pass(model, config, kv, requests: list[tuple[int, int]]):
         per = kv.layout.blocks_for(cached + q_len)
         tables.append(list(range(start, start + per)))
         start += per
+    if start > kv.num_blocks:
+        raise ValueError(f"the pass needs {start} blocks; the cache holds {kv.num_blocks}")
     q_lens, cached = [q for q, _ in requests], [c for _, c in requests]
     ids = torch.randint(0, config.vocab_size, (sum(q_lens),), device="cuda")
 
@@ -78,6 +82,26 @@ def indexing():
         yield
     finally:
         kv_rows.write_rows, kv_rows.gather_rows = kernels
+
+
+def fa2(q, k, v, cu_q, cu_k, max_q, scale, tiling=None):
+    """torch's FlashAttention 2 as the prefill pass called it before the fortieth session (q
+    made contiguous), in prefill_attention.prefill_attention's signature."""
+    max_k = int((cu_k[1:] - cu_k[:-1]).max())  # a host sync the served call did not make
+    return torch.ops.aten._flash_attention_forward(
+        q.contiguous(), k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+    )[0]
+
+
+@contextlib.contextmanager
+def flash_attention():
+    """The pass's attention by torch's FA2 instead of the Triton kernel, timed beside it."""
+    kernel = prefill_attention.prefill_attention
+    prefill_attention.prefill_attention = fa2
+    try:
+        yield
+    finally:
+        prefill_attention.prefill_attention = kernel
 
 
 def profile(run, repeats: int = 3) -> tuple[dict[str, float], list]:
@@ -155,8 +179,9 @@ def fused_relu(model, tokens: int) -> dict | None:
 
 def attention_side_by_side(config, requests: list[tuple[int, int]]) -> dict:
     """One layer's prefill attention over the requests' prompt chunks (their decode rows left
-    out): torch's FlashAttention 2 (served) against kernels/prefill_attention.py (a
-    candidate), on the same bf16 inputs, times the layers; and how far apart they are."""
+    out): torch's FlashAttention 2 (served before) against kernels/prefill_attention.py
+    (served now) in each tiling, on the same bf16 inputs, times the layers; and how far apart
+    they are."""
     chunks = [(q, c) for q, c in requests if q > 1]
     q_lens, ctx = [q for q, _ in chunks], [q + c for q, c in chunks]
     hq, hk, d = config.num_heads, config.num_kv_heads, config.head_dim
@@ -204,15 +229,19 @@ def study(shape: str, ceil: dict) -> dict:
         wall_ms = cuda_time(run, iters=5, warmup=2) * 1e3
         with indexing():
             indexing_ms = cuda_time(run, iters=5, warmup=2) * 1e3
+        with flash_attention():
+            fa2_ms = cuda_time(run, iters=5, warmup=2) * 1e3
         by_class, top = profile(run)
         tokens = sum(q for q, _ in requests)
         row = dict(name=name, tokens=tokens, wall_ms=wall_ms, indexing_wall_ms=indexing_ms)
+        row["fa2_wall_ms"] = fa2_ms
         row.update(tokens_per_s=tokens / wall_ms * 1e3, by_class_ms=by_class, top=top)
         result["passes"].append(row)
         parts = "  ".join(f"{k} {v:.1f}" for k, v in sorted(by_class.items(), key=lambda x: -x[1]))
         print(
             f"  {name}: {wall_ms:.1f} ms ({row['tokens_per_s']:.0f} tok/s; with indexing for "
-            f"the K/V rows {indexing_ms:.1f} ms), kernels {sum(by_class.values()):.1f} ms "
+            f"the K/V rows {indexing_ms:.1f} ms, with FA2 {fa2_ms:.1f} ms), "
+            f"kernels {sum(by_class.values()):.1f} ms "
             f"| {parts}",
             flush=True,
         )

@@ -100,15 +100,21 @@ def test_bad_shapes_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 8), (40, 40)], ids=["llama3-8b", "opt-13b"])
-def test_gpu_kernel_matches_torch_flash(q_heads, kv_heads):
-    """bf16 at the served shapes (head_dim 128): prompts of 2,048, 777 and 1 fresh, and a
-    2,048-token chunk after 6,144 cached, against torch's flash kernel on the same inputs."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_kernel_matches_torch(q_heads, kv_heads, dtype):
+    """At the served shapes (head_dim 128): prompts of 2,048, 777 and 1 fresh, and a 2,048-token
+    chunk after 6,144 cached. bf16 (served) against torch's flash kernel on the same inputs;
+    float32 (the model tests' dtype, multiplied without TF32) against the twin's SDPA."""
     q_lens, cached = [2048, 777, 1, 2048], [0, 0, 0, 6144]
-    q, k, v, cu_q, cu_k, max_q = case(q_lens, cached, q_heads, kv_heads, 128, torch.bfloat16)
+    q, k, v, cu_q, cu_k, max_q = case(q_lens, cached, q_heads, kv_heads, 128, dtype)
     scale = 128**-0.5
+    got = attn.prefill_attention(q, k, v, cu_q, cu_k, max_q, scale)
+    if dtype == torch.float32:
+        want = attn.prefill_attention_ref(q, k, v, cu_q, cu_k, scale)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        return
     want = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max_q, int((cu_k[1:] - cu_k[:-1]).max()), 0.0, True, False,
         scale=scale,
     )[0]  # fmt: skip
-    got = attn.prefill_attention(q, k, v, cu_q, cu_k, max_q, scale)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -43,7 +43,6 @@ class AttentionMetadata:
     key_offset: torch.Tensor | None = None  # [K]
     cu_q_lens: torch.Tensor | None = None  # [P + 1] int32
     cu_ctx_lens: torch.Tensor | None = None  # [P + 1] int32
-    max_ctx_len: int = 0
     # Prefill of fresh prompts alone (nothing cached, no decode rows): the packed keys are
     # exactly the pass's new ones, in order, so attention may take those as they come
     # instead of gathering them back from the blocks they were just written to.
@@ -140,7 +139,6 @@ def _packed_keys(
         key_offset=k_pos % block_tokens,
         cu_q_lens=torch.cat([zero, torch.cumsum(q_lens, 0).int()]),
         cu_ctx_lens=torch.cat([zero, torch.cumsum(ctx_lens, 0).int()]),
-        max_ctx_len=int(ctx_lens.max()),
     )
 
 
@@ -250,21 +248,15 @@ def _attend_decode(q, k_blocks, v_blocks, meta: AttentionMetadata, scale) -> tor
 
 def _attend_varlen(q, keys, values, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The requests of meta.cu_q_lens, packed in q, in one varlen call over their keys and
-    values packed as meta.cu_ctx_lens says ([K, kv_heads, D], the last dimension dense)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return torch.ops.aten._flash_attention_forward(
-            q.contiguous(),
-            keys,
-            values,
-            meta.cu_q_lens,
-            meta.cu_ctx_lens,
-            meta.max_q_len,
-            meta.max_ctx_len,
-            0.0,  # dropout
-            True,  # causal: flash aligns it to the bottom right when keys outnumber queries
-            False,  # debug mask
-            scale=scale,
-        )[0]
+    values packed as meta.cu_ctx_lens says ([K, kv_heads, D], the last dimension dense): the
+    Triton kernel on a GPU (kernels/prefill_attention.py; q may be a strided split of the
+    fused projection), its torch twin else."""
+    if q.is_cuda:
+        from alignedserve.worker.kernels.prefill_attention import prefill_attention
+
+        return prefill_attention(
+            q, keys, values, meta.cu_q_lens, meta.cu_ctx_lens, meta.max_q_len, scale
+        )
     return varlen_attention_ref(q, keys, values, meta.cu_q_lens, meta.cu_ctx_lens, scale)
 
 

@@ -1,16 +1,17 @@
 """Varlen causal prefill attention in Triton (FlashAttention's online softmax), beside its torch
-twin. A candidate for the prefill pass's attention, which now runs torch's FlashAttention 2.
+twin: the prefill pass's attention on a GPU (attention._attend_varlen).
 
-Prefill attention took 19-45 ms of an 8,192-token pass on an H200 (10-37 %: more for chunks
-after cached tokens; benchmarks/prefill_profile.py, thirty-ninth session), where vLLM runs
-FlashAttention 3, which the GPU image lacks. Triton's `tl.dot` compiles to Hopper's wgmma, so
-this kernel is timed against torch's FA2 on the same inputs (prefill_profile.py) before it
-serves: not yet measured, not yet in the served path.
+It replaced torch's FlashAttention 2, which took 19-47 ms of an 8,192-token pass on an H200
+(10-37 %: more for chunks after cached tokens), where vLLM runs FlashAttention 3, which the GPU
+image lacks. Triton's `tl.dot` compiles to Hopper's wgmma; on the same bf16 inputs this kernel
+ran at 1.29-1.56x FA2's speed in every pass benchmarks/prefill_profile.py times (fortieth
+session, docs/benchmarks.md), with DEFAULT_TILING the fastest of SWEEP in each.
 
 Layout as the varlen call's: q [N, Hq, D] packed request by request (cu_q_lens), keys and values
 [K, Hk, D] likewise (cu_ctx_lens); query i of a request with q_len queries and ctx keys sees
 keys 0 .. i + ctx - q_len (the mask aligned to the bottom right: a chunk's queries come after
-its cached keys). GQA: query head h reads kv head h // (Hq / Hk).
+its cached keys). GQA: query head h reads kv head h // (Hq / Hk). float32 inputs are
+multiplied exactly (no TF32): the GPU tests compare float32 passes with transformers.
 
 One program per (query block, request, query head), the heaviest query blocks (the last,
 which see the most keys) first. Key tiles wholly before a block's first query are read
@@ -38,7 +39,11 @@ class Tiling:
     num_stages: int = 3
 
 
-DEFAULT_TILING = Tiling()  # a first guess, to be set by prefill_profile.py's sweep
+# the fastest of SWEEP in every pass prefill_profile.py timed, OPT-13B and Llama-3-8B alike
+DEFAULT_TILING = Tiling(block_m=64, block_n=64, num_warps=4, num_stages=3)
+# float32 tiles are twice the bytes: these keep q and two stages of K and V within shared
+# memory at head_dim 128 (float32 serves the GPU tests against transformers, not speed)
+FP32_TILING = Tiling(block_m=32, block_n=32, num_warps=4, num_stages=2)
 SWEEP = [  # what prefill_profile.py times on a GPU
     Tiling(128, 64, 8, 3), Tiling(128, 128, 8, 3), Tiling(128, 64, 4, 3),
     Tiling(64, 64, 4, 3), Tiling(128, 64, 8, 2), Tiling(128, 32, 4, 4),
@@ -53,6 +58,7 @@ def _tile(
     offs_m, offs_n, offset, k_len, scale_log2,
     MASKED: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key tile into the online softmax of a block of queries."""
     if MASKED:
@@ -62,7 +68,7 @@ def _tile(
     else:
         k = tl.load(k_ptrs + offs_n[None, :] * stride_kn)
         v = tl.load(v_ptrs + offs_n[:, None] * stride_vn)  # [N, D]
-    s = tl.dot(q, k.to(DOT_DTYPE)) * scale_log2  # [M, N], in log2 units
+    s = tl.dot(q, k.to(DOT_DTYPE), input_precision=PRECISION) * scale_log2  # [M, N], in log2 units
     if MASKED:
         visible = (offs_n[None, :] <= offs_m[:, None] + offset) & seen
         s = tl.where(visible, s, float("-inf"))
@@ -70,7 +76,8 @@ def _tile(
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -86,6 +93,7 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # tl.dot's operands: q's dtype (fp32 for bf16 in the interpreter)
+    PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" for fp32 operands, no TF32
 ):  # fmt: skip
     m_block = num_m_blocks - 1 - tl.program_id(0)  # the heaviest blocks first
     b = tl.program_id(1)
@@ -116,13 +124,15 @@ def _prefill_attention_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _tile(
             acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-            offs_m, offs_n, offset, k_len, scale_log2, MASKED=False, DOT_DTYPE=DOT_DTYPE,
+            offs_m, offs_n, offset, k_len, scale_log2,
+            MASKED=False, DOT_DTYPE=DOT_DTYPE, PRECISION=PRECISION,
         )  # fmt: skip
     for start_n in range(full_end, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _tile(
             acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-            offs_m, offs_n, offset, k_len, scale_log2, MASKED=True, DOT_DTYPE=DOT_DTYPE,
+            offs_m, offs_n, offset, k_len, scale_log2,
+            MASKED=True, DOT_DTYPE=DOT_DTYPE, PRECISION=PRECISION,
         )  # fmt: skip
     out = acc / l_i[:, None]
     o_rows = o_ptr + (q_start + offs_m.to(tl.int64))[:, None] * stride_on + h * stride_oh
@@ -137,7 +147,7 @@ def prefill_attention(
     cu_ctx_lens: torch.Tensor,  # [B + 1]: each request's keys at least its queries
     max_q_len: int,  # the longest request's queries (host int: the grid)
     scale: float,
-    tiling: Tiling = DEFAULT_TILING,
+    tiling: Tiling | None = None,  # DEFAULT_TILING, or FP32_TILING for float32
 ) -> torch.Tensor:  # [N, Hq, D], contiguous
     """Matches `prefill_attention_ref`; reads only device tensors besides max_q_len."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
@@ -155,14 +165,17 @@ def prefill_attention(
     batch = cu_q_lens.shape[0] - 1
     if q.shape[0] == 0 or batch == 0:
         return out
+    if tiling is None:
+        tiling = FP32_TILING if q.dtype == torch.float32 else DEFAULT_TILING
     num_m_blocks = triton.cdiv(max_q_len, tiling.block_m)
+    dot_dtype = tl.float32 if q.device.type == "cpu" else TL_DTYPES[q.dtype]
     _prefill_attention_kernel[(num_m_blocks, batch, q_heads)](
         q, k, v, out, cu_q_lens, cu_ctx_lens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         scale * math.log2(math.e), num_m_blocks,
         GROUP=q_heads // kv_heads, D=head_dim, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-        DOT_DTYPE=tl.float32 if q.device.type == "cpu" else TL_DTYPES[q.dtype],
+        DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )  # fmt: skip
     return out
