@@ -47,7 +47,8 @@ PASSES = {
     "2048 after 6144": [(2048, 6144)],  # a long prompt's last chunk
     # a step as fcfs serves a burst: 192 running requests decode, prompts fill the rest (their
     # contexts at 512: at 1,024 they would need more blocks than OPT-13B's cache holds)
-    "4 x 2000 fresh + 192 decode rows at 512": [(2000, 0)] * 4 + [(1, 511)] * 192,
+    # (decode rows first, as the runner packs a mixed step: attention.decode_first)
+    "4 x 2000 fresh + 192 decode rows at 512": [(1, 511)] * 192 + [(2000, 0)] * 4,
 }
 
 
@@ -84,13 +85,14 @@ def indexing():
         kv_rows.write_rows, kv_rows.gather_rows = kernels
 
 
-def fa2(q, k, v, cu_q, cu_k, max_q, scale, tiling=None):
+def fa2(q, k, v, cu_q, cu_k, max_q, scale, tiling=None, out=None):
     """torch's FlashAttention 2 as the prefill pass called it before the fortieth session (q
     made contiguous), in prefill_attention.prefill_attention's signature."""
     max_k = int((cu_k[1:] - cu_k[:-1]).max())  # a host sync the served call did not make
-    return torch.ops.aten._flash_attention_forward(
+    got = torch.ops.aten._flash_attention_forward(
         q.contiguous(), k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
     )[0]
+    return got if out is None else out.copy_(got)
 
 
 @contextlib.contextmanager

@@ -228,10 +228,10 @@ def test_a_pass_plans_once_for_its_decode_rows(mixed):
     """`AttentionMetadata.decode_plan`: made at the first layer's call, the same plan for
     every later one (per window); in a mixed pass it covers only the decode rows, whose
     tables and lengths the kernel then reads."""
-    contexts = [40, 7, 200]
+    contexts = [40, 200, 7]
     q_all, k, v, table, lens = make_case(contexts, 8, 2)
     tables = [[int(b) for b in row[: -(-c // 16)]] for row, c in zip(table, contexts, strict=True)]
-    q_lens = [1, 1, 1] if not mixed else [1, 5, 1]  # request 1 brings a prompt chunk
+    q_lens = [1, 1, 1] if not mixed else [1, 1, 5]  # request 2 brings a prompt chunk
     meta = AttentionMetadata.build(
         q_lens=q_lens,
         num_cached=[c - n for c, n in zip(contexts, q_lens, strict=True)],
@@ -239,7 +239,7 @@ def test_a_pass_plans_once_for_its_decode_rows(mixed):
         block_tokens=16,
         device=DEVICE,
     )
-    rows = [0, 2] if mixed else [0, 1, 2]
+    rows = [0, 1] if mixed else [0, 1, 2]
     q = q_all[rows]
     plan = meta.decode_plan(q, k, None)
     assert meta.decode_plan(q, k, None) is plan and plan.batch == len(rows)

@@ -77,6 +77,37 @@ def test_prefill_then_decode_equals_longer_prefill(models):
     assert (full - step).abs().max().item() <= 1e-5
 
 
+def test_a_mixed_step_in_any_order_matches_transformers(models):
+    """Decode rows between and after prompt chunks: the runner packs the decode rows first
+    (attention.decode_first) and gives the logits back in the chunks' order, each chunk's
+    last token's and every token's, as transformers computes them for the whole prompts."""
+    hf, ours = models
+    prompts = random_prompts((9, 14, 6, 11), seed=5)
+    tables = [tuple(ours.allocator.allocate(ours.layout.blocks_for(len(p)))) for p in prompts]
+    cached = [len(prompts[1]) - 1, len(prompts[3]) - 1]  # 1 and 3 decode their last token
+    ours.runner.forward(
+        [SeqChunk(str(i), tuple(prompts[i][:n]), 0, tables[i], None)
+         for i, n in zip((1, 3), cached, strict=True)]
+    )  # fmt: skip
+    step = [
+        SeqChunk("0", tuple(prompts[0]), 0, tables[0], None),
+        SeqChunk("1", (prompts[1][-1],), cached[0], tables[1], None),
+        SeqChunk("2", tuple(prompts[2]), 0, tables[2], None),
+        SeqChunk("3", (prompts[3][-1],), cached[1], tables[3], None),
+    ]
+    with torch.no_grad():
+        refs = [hf(torch.tensor([p])).logits[0] for p in prompts]  # [len, vocab] each
+    wanted_all = torch.cat([refs[0], refs[1][-1:], refs[2], refs[3][-1:]])
+    try:
+        got_all = ours.runner.forward(step, all_logits=True)  # the same pass twice: the
+        got_last = ours.runner.forward(step)  # blocks are rewritten with the same K/V
+    finally:
+        ours.allocator.free([b for t in tables for b in t])
+    assert (got_all - wanted_all).abs().max().item() <= 1e-4
+    wanted_last = torch.stack([ref[-1] for ref in refs])
+    assert (got_last - wanted_last).abs().max().item() <= 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fused_ops", [True, False])

@@ -11,7 +11,12 @@ import random
 import pytest
 import torch
 
-from alignedserve.worker.attention import AttentionMetadata, _attend_ref, attend_prefill
+from alignedserve.worker.attention import (
+    AttentionMetadata,
+    _attend_ref,
+    attend_prefill,
+    decode_first,
+)
 
 from triton_cpu import HAS_CUDA
 
@@ -62,8 +67,8 @@ def reference(q, k_blocks, v_blocks, meta, scale):
 CASES = {
     "fresh prompts": ([5, 40, 17], [0, 0, 0]),
     "later chunks": ([12, 33], [7, 64]),
-    "with a decode row": ([5, 1, 12], [0, 9, 7]),
-    "decode rows first, between and last": ([1, 5, 1, 12, 1], [30, 0, 9, 7, 100]),
+    "with a decode row": ([1, 5, 12], [9, 0, 7]),  # a mixed step packs its decode rows first
+    "three decode rows": ([1, 1, 1, 5, 12], [30, 9, 100, 0, 7]),
 }
 HEADS = {"gqa": (8, 2), "mha": (4, 4)}
 
@@ -128,23 +133,29 @@ def test_keys_are_packed_request_by_request():
 
 def test_a_mixed_step_packs_only_the_chunks_keys():
     """Decode rows (one new token) are left to the paged decode kernel: their keys are not
-    gathered; their tokens, tables and lengths are picked out instead."""
-    meta = AttentionMetadata.build([2, 1, 3], [18, 40, 0], [[7, 4], [5, 6, 8], [9]], 16, "cpu")
+    gathered; they lead the pass, and their tables and lengths are its first ones."""
+    meta = AttentionMetadata.build([1, 2, 3], [40, 18, 0], [[5, 6, 8], [7, 4], [9]], 16, "cpu")
     pairs = list(zip(meta.key_block.tolist(), meta.key_offset.tolist(), strict=True))
     assert pairs == [(7, i) for i in range(16)] + [(4, i) for i in range(4)] + [
         (9, i) for i in range(3)
     ]
     assert meta.cu_q_lens.tolist() == [0, 2, 5]
     assert meta.cu_ctx_lens.tolist() == [0, 20, 23]
-    assert meta.decode_rows.tolist() == [2]
-    assert meta.prefill_rows.tolist() == [0, 1, 3, 4, 5]
+    assert meta.num_decode_rows == 1
     assert meta.decode_tables.tolist() == [[5, 6, 8]]
     assert meta.decode_ctx_lens.tolist() == [41]
 
 
+def test_a_mixed_step_with_a_decode_row_after_a_chunk_is_refused():
+    with pytest.raises(ValueError, match=r"decode rows .* first"):
+        AttentionMetadata.build([2, 1, 3], [18, 40, 0], [[7, 4], [5, 6, 8], [9]], 16, "cpu")
+    assert decode_first([2, 1, 3, 1]) == [1, 3, 0, 2]  # the order that packs them right
+    assert decode_first([4, 3]) == [0, 1] and decode_first([1, 1]) == [0, 1]
+
+
 def test_a_prefill_only_step_splits_nothing():
     meta = AttentionMetadata.build([2, 3], [18, 0], [[7, 4], [9]], 16, "cpu")
-    assert meta.decode_rows is None and meta.prefill_rows is None
+    assert meta.num_decode_rows == 0 and meta.decode_tables is None
 
 
 def test_a_pure_decode_step_packs_no_keys():
@@ -161,8 +172,8 @@ GPU_SHAPES = {"llama3-8b": (32, 8, 128), "opt-13b": (40, 40, 128)}
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
 def test_gpu_flash_prefill(shape, dtype):
-    # decode rows among the chunks: the Triton decode kernel takes those
-    q_lens, cached = [700, 1, 129, 1, 1000], [0, 300, 513, 4000, 0]
+    # decode rows before the chunks: the Triton decode kernel takes those
+    q_lens, cached = [1, 1, 700, 129, 1000], [300, 4000, 0, 513, 0]
     q, k_blocks, v_blocks, meta, scale = make_case(q_lens, cached, *shape, dtype, "cuda")
     got = attend_prefill(q, k_blocks, v_blocks, meta, scale)
     ref = reference(q, k_blocks, v_blocks, meta, scale)

@@ -21,7 +21,7 @@ from torch import nn
 
 from alignedserve.common.decode_graphs import graph_batch, graph_batches
 from alignedserve.common.sampling_params import SamplingParams
-from alignedserve.worker.attention import AttentionMetadata, padded_tables
+from alignedserve.worker.attention import AttentionMetadata, decode_first, padded_tables
 from alignedserve.worker.kv_cache import KVCache
 from alignedserve.worker.sampler import sample
 from alignedserve.worker.transfer import PinnedOutputs, tensor_on, to_device, to_host
@@ -165,28 +165,35 @@ class ModelRunner:
         all_logits: bool = False,
         carry: TokenCarry | None = None,
     ) -> torch.Tensor:
-        """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab]).
-        A pure decode step replays a CUDA graph, unless a table is wider than the graphs'
-        (`graph_width`, the longest context): that one runs eagerly."""
+        """Logits [len(chunks), vocab] at each chunk's last new token (all tokens: [N, vocab]),
+        in the chunks' order. A pure decode step replays a CUDA graph, unless a table is wider
+        than the graphs' (`graph_width`, the longest context): that one runs eagerly. Other
+        passes pack the chunks decode rows first (`attention.decode_first`)."""
         if self.use_graphs and not all_logits and all(len(c.token_ids) == 1 for c in chunks):
             width = max((len(c.block_table) for c in chunks), default=0)
             if width <= self.graph_width:
                 return self._decode_with_graph(chunks, width, carry)
+        order = decode_first([len(c.token_ids) for c in chunks])  # how the pass packs them
+        packed = [chunks[i] for i in order]
         meta = AttentionMetadata.build(
-            q_lens=[len(c.token_ids) for c in chunks],
-            num_cached=[c.num_cached_tokens for c in chunks],
-            block_tables=[c.block_table for c in chunks],
+            q_lens=[len(c.token_ids) for c in packed],
+            num_cached=[c.num_cached_tokens for c in packed],
+            block_tables=[c.block_table for c in packed],
             block_tokens=self.block_tokens,
             device=self.device,
         )
-        input_ids = tensor_on([t for c in chunks for t in c.token_ids], torch.long, self.device)
+        input_ids = tensor_on([t for c in packed for t in c.token_ids], torch.long, self.device)
+        first, at = [0] * len(chunks), 0  # each chunk's first token in the packed pass
+        for i in order:
+            first[i], at = at, at + len(chunks[i].token_ids)
         if carry is not None:
-            starts = [0]
-            for c in chunks:
-                starts.append(starts[-1] + len(c.token_ids))
-            self._take_carried(input_ids, carry, starts)
+            self._take_carried(input_ids, carry, first)
         hidden = self.model(input_ids, meta.positions, meta, self.kv_cache)  # [N, hidden]
-        return self.model.logits(hidden if all_logits else hidden[meta.last_token])
+        # in the chunks' order: each one's last token, or all its tokens
+        rows = [first[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks)]
+        if all_logits:
+            rows = [first[i] + t for i, c in enumerate(chunks) for t in range(len(c.token_ids))]
+        return self.model.logits(hidden[tensor_on(rows, torch.long, self.device)])
 
     def _take_carried(self, input_ids: torch.Tensor, carry: TokenCarry, starts: list[int]):
         """input_ids[starts[i]] = carry.tokens[row] for each (i, row): on the device."""

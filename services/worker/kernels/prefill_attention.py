@@ -148,7 +148,8 @@ def prefill_attention(
     max_q_len: int,  # the longest request's queries (host int: the grid)
     scale: float,
     tiling: Tiling | None = None,  # DEFAULT_TILING, or FP32_TILING for float32
-) -> torch.Tensor:  # [N, Hq, D], contiguous
+    out: torch.Tensor | None = None,  # [N, Hq, D] in q's dtype, the last dimension dense
+) -> torch.Tensor:  # [N, Hq, D]: `out`, or a new contiguous tensor
     """Matches `prefill_attention_ref`; reads only device tensors besides max_q_len."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"want q [N, Hq, D], k and v [K, Hk, D]; got {q.shape}, {k.shape}")
@@ -161,7 +162,10 @@ def prefill_attention(
         raise ValueError("q, k, v need a dense last dimension")
     if cu_q_lens.shape != cu_ctx_lens.shape or cu_q_lens.dim() != 1:
         raise ValueError(f"cu_q_lens {cu_q_lens.shape} and cu_ctx_lens {cu_ctx_lens.shape}")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype}: want q's {tuple(q.shape)} {q.dtype}")
     batch = cu_q_lens.shape[0] - 1
     if q.shape[0] == 0 or batch == 0:
         return out
