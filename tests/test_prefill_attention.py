@@ -1,6 +1,7 @@
 """Prefill attention (one varlen call over keys gathered from the blocks) against the padded
 torch reference. On CPU the varlen call is its torch twin, so these tests check the key
-packing and the bottom-right causal mask; the `gpu` tests run torch's flash kernel on
+packing and the bottom-right causal mask; the `gpu` tests run the served kernels (the Triton
+varlen prefill kernel, and the paged decode kernel for a mixed step's decode rows) on
 realistic shapes in bf16 / fp16.
 """
 
@@ -171,8 +172,8 @@ GPU_SHAPES = {"llama3-8b": (32, 8, 128), "opt-13b": (40, 40, 128)}
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
-def test_gpu_flash_prefill(shape, dtype):
-    # decode rows before the chunks: the Triton decode kernel takes those
+def test_gpu_prefill_with_decode_rows(shape, dtype):
+    # decode rows before the chunks (as a mixed step packs them): the decode kernel takes those
     q_lens, cached = [1, 1, 700, 129, 1000], [300, 4000, 0, 513, 0]
     q, k_blocks, v_blocks, meta, scale = make_case(q_lens, cached, *shape, dtype, "cuda")
     got = attend_prefill(q, k_blocks, v_blocks, meta, scale)
@@ -185,8 +186,8 @@ def test_gpu_flash_prefill(shape, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
-def test_gpu_flash_prefill_over_the_new_keys(shape, dtype):
-    """Fresh prompts: torch's flash kernel over the pass's own k, v, strided views of a
+def test_gpu_prefill_over_the_new_keys(shape, dtype):
+    """Fresh prompts: the Triton prefill kernel over the pass's own k, v, strided views of a
     fused projection as the models hand them over, against the padded reference."""
     q_lens = [700, 129, 1000, 3]
     q, k_blocks, v_blocks, meta, scale = make_case(q_lens, [0] * 4, *shape, dtype, "cuda")
