@@ -4,7 +4,7 @@ twin: the prefill pass's attention on a GPU (attention._attend_varlen).
 It replaced torch's FlashAttention 2, which took 19-47 ms of an 8,192-token pass on an H200
 (10-37 %: more for chunks after cached tokens), where vLLM runs FlashAttention 3, which the GPU
 image lacks. Triton's `tl.dot` compiles to Hopper's wgmma; on the same bf16 inputs this kernel
-ran at 1.29-1.56x FA2's speed in every pass benchmarks/prefill_profile.py times (fortieth
+ran at 1.22-1.59x FA2's speed in every pass benchmarks/prefill_profile.py times (fortieth
 session, docs/benchmarks.md), with DEFAULT_TILING the fastest of SWEEP in each.
 
 Layout as the varlen call's: q [N, Hq, D] packed request by request (cu_q_lens), keys and values
