@@ -147,3 +147,40 @@ def test_gpu_graphs_captured_while_serving_give_the_eager_steps_tokens(tmp_path)
         return out
 
     assert run(use_graphs=True) == run(use_graphs=False)
+
+
+def compiled_variants(*kernels) -> int:
+    """How many variants of these Triton kernels this process has compiled, on any device."""
+    return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_gpu_a_warmed_up_prefill_compiles_nothing_whatever_its_chunks_length(tmp_path, arch):
+    """Prompt chunks whose longest spans one query block, a multiple of 16 of them and
+    another count, fresh and after cached tokens, once warmed up: no new variant of the
+    prefill attention or the K/V rows kernel (a compile while serving holds up a step)."""
+    from alignedserve.common.kv_layout import KVLayout
+    from alignedserve.common.model_config import ModelConfig
+    from alignedserve.common.sampling_params import SamplingParams
+    from alignedserve.worker.kernels import kv_rows, prefill_attention
+    from alignedserve.worker.kv_cache import KVCache
+    from alignedserve.worker.loader import load_model
+    from alignedserve.worker.runner import ModelRunner, SeqChunk
+    from alignedserve.worker.tiny import init_tiny
+
+    path = init_tiny(tmp_path, arch=arch)
+    config = ModelConfig.from_dir(path)
+    layout = KVLayout.for_model(config, 16)
+    runner = ModelRunner(load_model(path, device="cuda"), KVCache(layout, 256, "cuda", True))
+    runner.warm_up(max_batch=8, max_model_len=config.max_position_embeddings)
+    kernels = prefill_attention._prefill_attention_kernel, kv_rows._kv_rows_kernel
+    before = compiled_variants(*kernels)
+    block_m = prefill_attention.DEFAULT_TILING.block_m
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    for n in (40, 3 * block_m + 5, 16 * block_m):  # 1, 4 and 16 query blocks
+        table = tuple(range(layout.blocks_for(n + 7)))
+        runner.step([SeqChunk("a", (1,) * n, 0, table, greedy)])
+        runner.step([SeqChunk("a", (2,) * 7, n, table, greedy)])  # a chunk after cached ones
+    assert compiled_variants(*kernels) == before

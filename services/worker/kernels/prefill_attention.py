@@ -81,7 +81,11 @@ def _tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# num_m_blocks varies with the pass's longest chunk, and Triton compiles a variant for each of
+# an integer's classes (1, a multiple of 16, other): the warm-up's passes cover two, so the
+# third compiled while serving (suspected in a fresh machine's slow first steps, fortieth
+# session). It is only subtracted from: nothing is lost by not specialising it.
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     cu_q_ptr, cu_k_ptr,
