@@ -159,12 +159,15 @@ def compiled_variants(*kernels) -> int:
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_gpu_a_warmed_up_prefill_compiles_nothing_whatever_its_chunks_length(tmp_path, arch):
     """Prompt chunks whose longest spans one query block, a multiple of 16 of them and
-    another count, fresh and after cached tokens, once warmed up: no new variant of the
-    prefill attention or the K/V rows kernel (a compile while serving holds up a step)."""
+    another count, fresh and after cached tokens, and mixed steps whose tables are 16 and 19
+    blocks wide, once warmed up: no new variant of the prefill attention, the K/V rows, the
+    decode attention or its plan kernel (a compile while serving holds up a step)."""
     from alignedserve.common.kv_layout import KVLayout
     from alignedserve.common.model_config import ModelConfig
     from alignedserve.common.sampling_params import SamplingParams
     from alignedserve.worker.kernels import kv_rows, prefill_attention
+    from alignedserve.worker.kernels.decode_attention import _decode_attention_kernel
+    from alignedserve.worker.kernels.decode_plan import _decode_plan_kernel
     from alignedserve.worker.kv_cache import KVCache
     from alignedserve.worker.loader import load_model
     from alignedserve.worker.runner import ModelRunner, SeqChunk
@@ -175,7 +178,12 @@ def test_gpu_a_warmed_up_prefill_compiles_nothing_whatever_its_chunks_length(tmp
     layout = KVLayout.for_model(config, 16)
     runner = ModelRunner(load_model(path, device="cuda"), KVCache(layout, 256, "cuda", True))
     runner.warm_up(max_batch=8, max_model_len=config.max_position_embeddings)
-    kernels = prefill_attention._prefill_attention_kernel, kv_rows._kv_rows_kernel
+    kernels = (
+        prefill_attention._prefill_attention_kernel,
+        kv_rows._kv_rows_kernel,
+        _decode_attention_kernel,
+        _decode_plan_kernel,
+    )
     before = compiled_variants(*kernels)
     block_m = prefill_attention.DEFAULT_TILING.block_m
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
@@ -183,4 +191,11 @@ def test_gpu_a_warmed_up_prefill_compiles_nothing_whatever_its_chunks_length(tmp
         table = tuple(range(layout.blocks_for(n + 7)))
         runner.step([SeqChunk("a", (1,) * n, 0, table, greedy)])
         runner.step([SeqChunk("a", (2,) * 7, n, table, greedy)])  # a chunk after cached ones
+    decoding = tuple(range(19))  # 19 blocks: a request of up to 304 tokens
+    runner.step([SeqChunk("d", (3,) * 255, 0, decoding, greedy)])
+    for cached in (255, 299):  # its table 16, then 19 blocks wide, beside a prompt chunk
+        runner.step(
+            [SeqChunk("c", (4,) * 40, 0, (100, 101, 102), greedy),
+             SeqChunk("d", (5,), cached, decoding[: layout.blocks_for(cached + 1)], greedy)]
+        )  # fmt: skip
     assert compiled_variants(*kernels) == before

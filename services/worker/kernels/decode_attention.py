@@ -40,6 +40,7 @@ NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop (loads in flight per program)
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 FLOAT_DTYPES = tuple(TL_DTYPES)
+TABLE_WIDTH_CLASSES = (1, 16, 17)  # warm_up's table widths: each class Triton specialises
 
 
 def _visible_keys(
@@ -358,7 +359,10 @@ def warm_up(
     device, dtype = k_blocks.device, k_blocks.dtype
     for pad in pads:
         q = torch.zeros((pad, q_heads, k_blocks.shape[-1]), dtype=dtype, device=device)
-        table = torch.zeros((pad, 1), dtype=torch.long, device=device)
         ones = torch.ones(pad, dtype=torch.long, device=device)
-        decode_attention(q, k_blocks, v_blocks, table, ones, 1.0, sliding_window)
+        # A step's tables are as wide as its longest request, and Triton specialises their
+        # row stride by class (1, a multiple of 16, other): one width of each.
+        for width in TABLE_WIDTH_CLASSES:
+            table = torch.zeros((pad, width), dtype=torch.long, device=device)
+            decode_attention(q, k_blocks, v_blocks, table, ones, 1.0, sliding_window)
     return pads
