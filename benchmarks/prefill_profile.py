@@ -85,10 +85,13 @@ def indexing():
         kv_rows.write_rows, kv_rows.gather_rows = kernels
 
 
-def fa2(q, k, v, cu_q, cu_k, max_q, scale, tiling=None, out=None):
+def fa2(q, k, v, cu_q, cu_k, max_q, scale, tiling=None, out=None, max_k=None):
     """torch's FlashAttention 2 as the prefill pass called it before the fortieth session (q
-    made contiguous), in prefill_attention.prefill_attention's signature."""
-    max_k = int((cu_k[1:] - cu_k[:-1]).max())  # a host sync the served call did not make
+    made contiguous), in prefill_attention.prefill_attention's signature; `max_k`, the
+    longest request's keys, is read from cu_k unless given (a host sync the served call did
+    not make)."""
+    if max_k is None:
+        max_k = int((cu_k[1:] - cu_k[:-1]).max())
     got = torch.ops.aten._flash_attention_forward(
         q.contiguous(), k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
     )[0]
@@ -196,9 +199,7 @@ def attention_side_by_side(config, requests: list[tuple[int, int]]) -> dict:
     scale = d**-0.5
 
     def flash():
-        return torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max(q_lens), max(ctx), 0.0, True, False, scale=scale
-        )[0]
+        return fa2(q, k, v, cu_q, cu_k, max(q_lens), scale, max_k=max(ctx))
 
     layers = config.num_layers
     want = flash().float()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignedserve.worker.kv_cache import KVCache
+from alignedserve.worker.kv_cache import KVCache, gather_rows_ref
 from alignedserve.worker.transfer import to_device
 
 
@@ -225,13 +225,10 @@ def attend_prefill(
     than its decode rows' whole attention)."""
     if meta.keys_are_new and new_kv is not None and k_blocks.dtype == q.dtype:
         return _attend_varlen(q, *new_kv, meta, scale)  # (no decode rows among them)
+    gather = gather_rows_ref  # [K, kv_heads, D] each
     if q.is_cuda:  # one kernel, a key's row per program (kernels/kv_rows.py)
-        from alignedserve.worker.kernels.kv_rows import gather_rows
-
-        keys, values = gather_rows(k_blocks, v_blocks, meta.key_block, meta.key_offset, q.dtype)
-    else:
-        keys = k_blocks[meta.key_block, meta.key_offset].to(q.dtype)  # [K, kv_heads, D]
-        values = v_blocks[meta.key_block, meta.key_offset].to(q.dtype)
+        from alignedserve.worker.kernels.kv_rows import gather_rows as gather
+    keys, values = gather(k_blocks, v_blocks, meta.key_block, meta.key_offset, q.dtype)
     n = meta.num_decode_rows
     if not n:
         return _attend_varlen(q, keys, values, meta, scale)

@@ -50,9 +50,37 @@ class KVCache:
             from alignedserve.worker.kernels.kv_rows import write_rows
 
             write_rows(k, v, *self.layer(layer), slot_block, slot_offset)
-            return
-        self.blocks[slot_block, layer, 0, slot_offset] = k.to(self.blocks.dtype)
-        self.blocks[slot_block, layer, 1, slot_offset] = v.to(self.blocks.dtype)
+        else:
+            write_rows_ref(k, v, *self.layer(layer), slot_block, slot_offset)
+
+
+def write_rows_ref(
+    k: torch.Tensor,  # [N, H, D]
+    v: torch.Tensor,  # [N, H, D]
+    k_blocks: torch.Tensor,  # [num_blocks, T, H, D] (a strided per-layer view is fine)
+    v_blocks: torch.Tensor,  # [num_blocks, T, H, D]
+    slot_block: torch.Tensor,  # [N] int: block of each token
+    slot_offset: torch.Tensor,  # [N] int: its offset in that block
+) -> None:
+    """k, v into the blocks by advanced indexing: the CPU's append, and the twin of
+    kernels/kv_rows.write_rows."""
+    k_blocks[slot_block, slot_offset] = k.to(k_blocks.dtype)
+    v_blocks[slot_block, slot_offset] = v.to(v_blocks.dtype)
+
+
+def gather_rows_ref(
+    k_blocks: torch.Tensor,  # [num_blocks, T, H, D]
+    v_blocks: torch.Tensor,
+    slot_block: torch.Tensor,  # [N] int
+    slot_offset: torch.Tensor,  # [N] int
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values [N, H, D] of dtype
+    """The rows at (slot_block[i], slot_offset[i]), packed: the CPU's gather, and the twin
+    of kernels/kv_rows.gather_rows."""
+    return (
+        k_blocks[slot_block, slot_offset].to(dtype),
+        v_blocks[slot_block, slot_offset].to(dtype),
+    )
 
 
 def block_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:

@@ -23,32 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+# the twins: the CPU's path, in plain torch
+from alignedserve.worker.kv_cache import gather_rows_ref, write_rows_ref  # noqa: F401
+
 NUM_WARPS = 4
-
-
-def write_rows_ref(
-    k: torch.Tensor,  # [N, H, D]
-    v: torch.Tensor,  # [N, H, D]
-    k_blocks: torch.Tensor,  # [num_blocks, T, H, D] (a strided per-layer view is fine)
-    v_blocks: torch.Tensor,  # [num_blocks, T, H, D]
-    slot_block: torch.Tensor,  # [N] int: block of each token
-    slot_offset: torch.Tensor,  # [N] int: its offset in that block
-) -> None:
-    k_blocks[slot_block, slot_offset] = k.to(k_blocks.dtype)
-    v_blocks[slot_block, slot_offset] = v.to(v_blocks.dtype)
-
-
-def gather_rows_ref(
-    k_blocks: torch.Tensor,  # [num_blocks, T, H, D]
-    v_blocks: torch.Tensor,
-    slot_block: torch.Tensor,  # [N] int
-    slot_offset: torch.Tensor,  # [N] int
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values [N, H, D] of dtype
-    return (
-        k_blocks[slot_block, slot_offset].to(dtype),
-        v_blocks[slot_block, slot_offset].to(dtype),
-    )
 
 
 @triton.jit
