@@ -44,6 +44,10 @@ RUN groupadd --gid 10001 alignedserve \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin alignedserve
 COPY --from=build /wheels /wheels
+# Triton compiles the worker's kernels here (the user has no home); the operator mounts a
+# volume over it that outlives the worker container
+ENV TRITON_CACHE_DIR=/var/cache/alignedserve/triton
+RUN install -d -o 10001 -g 10001 /var/cache/alignedserve
 # `.[worker]`: torch >= 2.4 is already in the base image, so pip keeps its CUDA build.
 RUN wheel="$(ls /wheels/alignedserve-*.whl)" \
  && pip install "${wheel}[worker]" \

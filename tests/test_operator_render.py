@@ -96,6 +96,20 @@ def test_worker_pod_shape():
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
 
 
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_the_worker_compiles_its_kernels_into_a_writable_volume_of_the_pod(example):
+    """The image's user has no home, so Triton's default cache cannot be written: the worker's
+    TRITON_CACHE_DIR lies in a volume that is writable, on disk (not charged to memory) and
+    lives as long as the pod, so a restarted worker container reads what it compiled."""
+    pod = by_kind(children(example))[("Deployment", "worker")]["spec"]["template"]["spec"]
+    worker = pod["containers"][1]
+    (cache_dir,) = [e["value"] for e in worker["env"] if e["name"] == "TRITON_CACHE_DIR"]
+    (mount,) = [m for m in worker["volumeMounts"] if cache_dir.startswith(m["mountPath"] + "/")]
+    assert not mount.get("readOnly", False)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "medium" not in volume["emptyDir"]  # node disk, not the pod's memory
+
+
 def test_only_an_aligned_pool_is_charged_to_the_pod():
     """aligned's CPU pool lives in /dev/shm and counts against the batcher's memory; fcfs's
     is a sparse mirror of the device's blocks that takes none (batcher/pool_attachment.py)."""

@@ -6,8 +6,10 @@ For an AlignedServe N in namespace NS:
 - Deployment `N-worker` + headless Service `N-worker`: each pod is one batcher container
   beside one model-worker container. They share a memory-backed volume at /dev/shm that holds
   the CPU KV pool (sized to the pool, so /dev/shm is never the 64 MiB default); the worker pins
-  it, so it gets CAP_IPC_LOCK (pinning is bounded by RLIMIT_MEMLOCK otherwise). One pod asks
-  for both GPUs of its pair, so the decode and prefetch GPUs land on one node.
+  it, so it gets CAP_IPC_LOCK (pinning is bounded by RLIMIT_MEMLOCK otherwise). The worker
+  compiles its Triton kernels into a kernel-cache volume (TRITON_CACHE_DIR), which a restarted
+  worker container finds full. One pod asks for both GPUs of its pair, so the decode and
+  prefetch GPUs land on one node.
 - PodDisruptionBudget `N-worker` (one worker pod down at a time), and optionally a
   ServiceMonitor `N`.
 Every pod drains: preStop waits for endpoints to forget it, SIGTERM then lets in-flight
@@ -33,6 +35,10 @@ FIELD_MANAGER = "alignedserve-operator"
 PRESTOP_S = 5  # endpoints controllers and routers stop sending before SIGTERM
 KV_POOL_VOLUME = "kv-pool"
 MODEL_VOLUME = "model"
+# Triton compiles the worker's GPU kernels into this volume (the image's user has no home):
+# it outlives the worker container, so a restarted worker reads them instead of compiling
+KERNEL_CACHE_VOLUME = "kernel-cache"
+KERNEL_CACHE_PATH = "/var/cache/alignedserve"
 
 
 @dataclass(frozen=True)
@@ -282,8 +288,10 @@ def worker_deployment(
     if gpus:
         for kind in ("requests", "limits"):
             resources.setdefault(kind, {})["nvidia.com/gpu"] = gpus
+    kernel_cache = {"name": KERNEL_CACHE_VOLUME, "mountPath": KERNEL_CACHE_PATH}
     worker |= {
-        "volumeMounts": [shm, *mounts],
+        "env": [{"name": "TRITON_CACHE_DIR", "value": f"{KERNEL_CACHE_PATH}/triton"}],
+        "volumeMounts": [shm, kernel_cache, *mounts],
         "resources": resources,
         # pinning the shared pool needs locked memory beyond the default RLIMIT_MEMLOCK
         "securityContext": {
@@ -293,7 +301,8 @@ def worker_deployment(
         # stays up while its batcher drains in-flight requests through it
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S + spec.drain_seconds}}},
     }
-    pod = _pod_spec(spec, [batcher, worker], [pool_volume, *volumes])
+    cache_volume = {"name": KERNEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": "2Gi"}}
+    pod = _pod_spec(spec, [batcher, worker], [pool_volume, cache_volume, *volumes])
     if spec.workers.node_selector:
         pod["nodeSelector"] = dict(spec.workers.node_selector)
     if spec.workers.tolerations:

@@ -26,6 +26,7 @@ from alignedserve.common.proto import worker_pb2, worker_pb2_grpc
 from alignedserve.common.rpc import aio_server, set_serving
 from alignedserve.common.tokenizer import TOKENIZER_FILE, Tokenizer
 from alignedserve.common.wire import layout_to_proto
+from alignedserve.worker.kernel_cache import check_kernel_cache, kernel_cache_dir
 from alignedserve.worker.service import (
     AUTO_BLOCKS,
     PREFILL_STAGING_EXTRA_TOKENS,
@@ -120,10 +121,13 @@ def load(config: WorkerConfig) -> LoadedModel:
 
     model_dir = Path(config.model_dir)
     model_config = ModelConfig.from_dir(model_dir)
+    on_gpu = torch_device_is_cuda(config.device)
+    if on_gpu:  # before the weights load: a cache it cannot write fails the first launch
+        cache = kernel_cache_dir()
+        logger.info("Triton kernel cache %s: %d entries", cache, check_kernel_cache(cache))
     model = load_model(model_dir, device=config.device, dtype=config.dtype)
     ceilings = measure_ceilings(config.device)  # before the KV cache takes the memory
     layout = kv_layout(config, model_config)
-    on_gpu = torch_device_is_cuda(config.device)
     kv_cache = KVCache(layout, config.num_device_blocks, device=config.device, scratch_block=on_gpu)
     eos = set(model_config.eos_token_ids)
     if (model_dir / TOKENIZER_FILE).is_file():  # generation_config's end-of-turn ids
