@@ -97,17 +97,23 @@ def test_worker_pod_shape():
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_the_worker_compiles_its_kernels_into_a_writable_volume_of_the_pod(example):
+def test_the_worker_compiles_its_kernels_into_a_writable_volume_that_outlives_it(example):
     """The image's user has no home, so Triton's default cache cannot be written: the worker's
-    TRITON_CACHE_DIR lies in a volume that is writable, on disk (not charged to memory) and
-    lives as long as the pod, so a restarted worker container reads what it compiled."""
+    TRITON_CACHE_DIR lies in a writable volume that outlives the worker container: the pod's
+    own on disk (not charged to memory), or the claim the spec names, whose files the pod's
+    fsGroup gives the image's group."""
     pod = by_kind(children(example))[("Deployment", "worker")]["spec"]["template"]["spec"]
     worker = pod["containers"][1]
     (cache_dir,) = [e["value"] for e in worker["env"] if e["name"] == "TRITON_CACHE_DIR"]
     (mount,) = [m for m in worker["volumeMounts"] if cache_dir.startswith(m["mountPath"] + "/")]
     assert not mount.get("readOnly", False)
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert "medium" not in volume["emptyDir"]  # node disk, not the pod's memory
+    if example == "full":  # kernelCachePvcName is set
+        assert volume["persistentVolumeClaim"] == {"claimName": "alignedserve-kernels"}
+        assert pod["securityContext"]["fsGroup"] == 10001
+    else:
+        assert "medium" not in volume["emptyDir"]  # node disk, not the pod's memory
+        assert "securityContext" not in pod  # nothing to give the image's group
 
 
 def test_only_an_aligned_pool_is_charged_to_the_pod():
@@ -197,6 +203,7 @@ SPEC_TO_CONFIG: dict[str, tuple[str, str] | None] = {
     "workers.replicas": None,
     "workers.gpusPerPod": None,  # the GPU request, --device and --prefetch-device
     "workers.nodeSelector": None,
+    "workers.kernelCachePvcName": None,  # the kernel-cache volume
     "workers.tolerations": None,
     "workers.resources": None,
 }

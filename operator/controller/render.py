@@ -7,8 +7,9 @@ For an AlignedServe N in namespace NS:
   beside one model-worker container. They share a memory-backed volume at /dev/shm that holds
   the CPU KV pool (sized to the pool, so /dev/shm is never the 64 MiB default); the worker pins
   it, so it gets CAP_IPC_LOCK (pinning is bounded by RLIMIT_MEMLOCK otherwise). The worker
-  compiles its Triton kernels into a kernel-cache volume (TRITON_CACHE_DIR), which a restarted
-  worker container finds full. One pod asks for both GPUs of its pair, so the decode and
+  compiles its Triton kernels into a kernel-cache volume (TRITON_CACHE_DIR): the pod's own,
+  which a restarted worker container finds full, or a claim the pool's pods share, so a new
+  pod starts without compiling. One pod asks for both GPUs of its pair, so the decode and
   prefetch GPUs land on one node.
 - PodDisruptionBudget `N-worker` (one worker pod down at a time), and optionally a
   ServiceMonitor `N`.
@@ -39,6 +40,7 @@ MODEL_VOLUME = "model"
 # it outlives the worker container, so a restarted worker reads them instead of compiling
 KERNEL_CACHE_VOLUME = "kernel-cache"
 KERNEL_CACHE_PATH = "/var/cache/alignedserve"
+IMAGE_GID = 10001  # the image's user's group (Dockerfile)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,16 @@ def _model_volume(spec: AlignedServeSpec) -> tuple[list[dict], list[dict]]:
         source = {"hostPath": {"path": model.host_path, "type": "Directory"}}
     mount = {"name": MODEL_VOLUME, "mountPath": model.path, "readOnly": True}
     return [{"name": MODEL_VOLUME, **source}], [mount]
+
+
+def _kernel_cache(spec: AlignedServeSpec) -> dict:
+    """The worker's kernel-cache volume: the pool's shared claim (Triton writes each file
+    aside and renames it in, so pods compiling at once do not tear an entry; the key of an
+    entry covers the GPU's architecture and Triton's version), or the pod's own directory."""
+    if spec.workers.kernel_cache_pvc_name:
+        claim = {"claimName": spec.workers.kernel_cache_pvc_name}
+        return {"name": KERNEL_CACHE_VOLUME, "persistentVolumeClaim": claim}
+    return {"name": KERNEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": "2Gi"}}
 
 
 def _flag_args(flags: Mapping[str, Any]) -> list[str]:
@@ -301,8 +313,9 @@ def worker_deployment(
         # stays up while its batcher drains in-flight requests through it
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S + spec.drain_seconds}}},
     }
-    cache_volume = {"name": KERNEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": "2Gi"}}
-    pod = _pod_spec(spec, [batcher, worker], [pool_volume, cache_volume, *volumes])
+    pod = _pod_spec(spec, [batcher, worker], [pool_volume, _kernel_cache(spec), *volumes])
+    if spec.workers.kernel_cache_pvc_name:  # the claim's files become the image group's
+        pod["securityContext"] = {"fsGroup": IMAGE_GID, "fsGroupChangePolicy": "OnRootMismatch"}
     if spec.workers.node_selector:
         pod["nodeSelector"] = dict(spec.workers.node_selector)
     if spec.workers.tolerations:

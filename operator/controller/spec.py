@@ -69,6 +69,9 @@ class Workers:
     # the worker queues a step on the GPU before answering the one before (back to back)
     overlap_steps: bool = True
     warm_up_batch: int = 512  # decode graphs captured before serving, up to this batch; 0: none
+    # a PVC the pool's workers share for their compiled GPU kernels (a new pod then starts
+    # without compiling); empty: each pod's own emptyDir
+    kernel_cache_pvc_name: str = ""
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     resources: Mapping[str, Any] = field(default_factory=dict)
