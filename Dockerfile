@@ -48,6 +48,12 @@ COPY --from=build /wheels /wheels
 # volume over it that outlives the worker container
 ENV TRITON_CACHE_DIR=/var/cache/alignedserve/triton
 RUN install -d -o 10001 -g 10001 /var/cache/alignedserve
+# Triton builds each kernel's launcher with gcc or clang at run time (into that cache); CUDA
+# runtime images have shipped without a compiler (pytorch/pytorch#116696)
+RUN if ! command -v gcc >/dev/null && ! command -v clang >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 # `.[worker]`: torch >= 2.4 is already in the base image, so pip keeps its CUDA build.
 RUN wheel="$(ls /wheels/alignedserve-*.whl)" \
  && pip install "${wheel}[worker]" \
