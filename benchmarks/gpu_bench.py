@@ -313,7 +313,7 @@ def prefill_speed(model, config, kv, ceil, read_params) -> list[dict]:
             )
             with torch.inference_mode():
                 hidden = model(ids, meta.positions, meta, kv)
-                return model.logits(hidden[meta.last_token])
+                return model.logits(hidden[meta.q_lens.cumsum(0) - 1])
 
         seconds = cuda_time(step, iters=5, warmup=2)
         tokens = batch * q_len

@@ -68,7 +68,7 @@ def prefill_pass(model, config, kv, requests: list[tuple[int, int]]):
         meta = AttentionMetadata.build(q_lens, cached, tables, kv.layout.block_tokens, "cuda")
         with torch.inference_mode():
             hidden = model(ids, meta.positions, meta, kv)
-            return model.logits(hidden[meta.last_token])
+            return model.logits(hidden[meta.q_lens.cumsum(0) - 1])
 
     return run
 

@@ -34,7 +34,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] (padding points at block 0 and is masked)
     q_lens: torch.Tensor  # [B]
     ctx_lens: torch.Tensor  # [B] cached + new tokens
-    last_token: torch.Tensor  # [B] packed index of each request's last new token
     max_q_len: int
     # Prefill (max_q_len > 1): the keys of every request with more than one new token (P of
     # them), packed, as (block, offset) pairs, and the cumulative query / key counts a varlen
@@ -119,7 +118,6 @@ class AttentionMetadata:
             block_tables=to_device(table, device),
             q_lens=to_device(q_lens_t, device),
             ctx_lens=to_device(ctx_t, device),
-            last_token=to_device(starts + q_lens_t - 1, device),
             max_q_len=max_q_len,
             **keys,
         )

@@ -118,7 +118,6 @@ class DecodeGraph:
             block_tables=self.block_tables,
             q_lens=torch.ones_like(self.rows),
             ctx_lens=self.ctx_lens,
-            last_token=self.rows,
             max_q_len=1,
         )
         hidden = self.model(self.input_ids, positions, meta, self.kv_cache)
