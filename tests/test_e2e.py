@@ -186,6 +186,23 @@ def test_the_batcher_runs_in_its_own_process_and_its_series_reach_the_routers_me
     assert stack.metric("alignedserve:request_queue_time_seconds_count") == before + 1
 
 
+def test_the_workers_start_reaches_the_metrics_by_phase(stack):
+    """The worker's ModelInfo gives its start by phase, and the batcher exports it on
+    attaching: a CPU worker loads in seconds, warms nothing up and has no kernel cache."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{stack.url}/metrics").text
+    samples = {
+        (sample.name, sample.labels.get("phase")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("model_name") == stack.model
+    }
+    assert 0 < samples[("alignedserve:worker_start_seconds", "load")] < 60
+    assert samples[("alignedserve:worker_start_seconds", "warm_up")] == 0
+    assert samples[("alignedserve:worker_kernel_cache_entries", None)] == 0
+
+
 def test_killing_the_batcher_process_restarts_it_and_the_stack_serves_again(stack):
     """SIGKILL the batcher: its supervisor restarts it on the same port, it attaches to the
     worker again, and the router's client reconnects; new requests are served."""

@@ -470,6 +470,7 @@ class BatcherEngine:
             self._setup(info, self._attachment.pool)
         self.worker_ready = True
         log.info("worker %s attached (%s)", self.config.worker_address, info.model_name)
+        engine_metrics.report_worker_start(info)
 
     def _setup(self, info: worker_pb2.ModelInfo, pool: CpuKVPool) -> None:
         self.info, self.layout = info, pool.layout

@@ -6,6 +6,7 @@ from __future__ import annotations
 from alignedserve.batcher.scheduler import BatchPlan, Scheduler
 from alignedserve.common import metrics
 from alignedserve.common.kv_layout import KVLayout
+from alignedserve.common.proto import worker_pb2
 
 
 def create_series(model: str) -> None:
@@ -27,6 +28,14 @@ def create_series(model: str) -> None:
         metrics.CPU_POOL_USAGE_PERC,
     ):
         gauge.labels(model).set(0)
+
+
+def report_worker_start(info: worker_pb2.ModelInfo) -> None:
+    """How long the attached worker took to start, by phase, and the kernels it found
+    cached: on every attach, so a worker that restarted reports its new start."""
+    for phase, seconds in (("load", info.load_seconds), ("warm_up", info.warm_up_seconds)):
+        metrics.WORKER_START_SECONDS.labels(info.model_name, phase).set(seconds)
+    metrics.WORKER_KERNEL_CACHE_ENTRIES.labels(info.model_name).set(info.kernel_cache_entries)
 
 
 def report_plan(

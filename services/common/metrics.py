@@ -69,6 +69,18 @@ WORKER_READY = Gauge(
     "1 while the batcher's worker is attached and answering, else 0.",
     MODEL,
 )
+WORKER_START_SECONDS = Gauge(
+    f"{PREFIX}worker_start_seconds",
+    "The attached worker's start, by phase: load (weights, KV caches) and warm_up (kernels "
+    "compiled, decode graphs captured).",
+    (*MODEL, "phase"),
+)
+WORKER_KERNEL_CACHE_ENTRIES = Gauge(
+    f"{PREFIX}worker_kernel_cache_entries",
+    "Compiled kernels the attached worker found in its kernel cache at start (0: it compiled "
+    "them all).",
+    MODEL,
+)
 
 # ---- gauges (router) -----------------------------------------------------------------------
 NUM_REQUESTS_HELD = Gauge(

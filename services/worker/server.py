@@ -119,12 +119,15 @@ def load(config: WorkerConfig) -> LoadedModel:
     from alignedserve.worker.residency import DeviceResidency
     from alignedserve.worker.runner import ModelRunner
 
+    begin = time.perf_counter()
     model_dir = Path(config.model_dir)
     model_config = ModelConfig.from_dir(model_dir)
     on_gpu = torch_device_is_cuda(config.device)
+    cached_kernels = 0
     if on_gpu:  # before the weights load: a cache it cannot write fails the first launch
         cache = kernel_cache_dir()
-        logger.info("Triton kernel cache %s: %d entries", cache, check_kernel_cache(cache))
+        cached_kernels = check_kernel_cache(cache)
+        logger.info("Triton kernel cache %s: %d entries", cache, cached_kernels)
     model = load_model(model_dir, device=config.device, dtype=config.dtype)
     ceilings = measure_ceilings(config.device)  # before the KV cache takes the memory
     layout = kv_layout(config, model_config)
@@ -181,6 +184,7 @@ def load(config: WorkerConfig) -> LoadedModel:
         )
     runner = ModelRunner(model, kv_cache)
     start = time.perf_counter()
+    info.load_seconds, info.kernel_cache_entries = start - begin, cached_kernels
     num_graphs = runner.warm_up(config.warm_up_batch, info.max_model_len)
     if prefiller is not None:
         # no decode graphs; its prefill kernels, and the decode kernel's smallest variant,
@@ -188,10 +192,11 @@ def load(config: WorkerConfig) -> LoadedModel:
         prefiller.runner.warm_up(0, info.max_model_len)
     if second_runner is not None:
         num_graphs += second_runner.warm_up(config.warm_up_batch, info.max_model_len)
+    info.warm_up_seconds = time.perf_counter() - start if runner.device.type == "cuda" else 0
     if runner.device.type == "cuda":
         logger.info(
             "warmed up in %.1f s: prefill kernels compiled, %d decode graphs captured",
-            time.perf_counter() - start,
+            info.warm_up_seconds,
             num_graphs,
         )
     if on_gpu:

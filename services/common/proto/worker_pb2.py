@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alignedserve.common.proto import common_pb2 as alignedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61lignedserve/v1/worker.proto\x12\x0f\x61lignedserve.v1\x1a\x1c\x61lignedserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xf2\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12,\n\tkv_layout\x18\x05 \x01(\x0b\x32\x19.alignedserve.v1.KVLayout\x12\x19\n\x11num_device_blocks\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12\x64\x65\x63ode_kernel_cost\x18\t \x01(\t\x12\x16\n\x0eprefill_device\x18\n \x01(\t\x12\x1a\n\x12num_prefill_blocks\x18\x0b \x01(\r\x12!\n\x19num_prefill_decode_blocks\x18\x0c \x01(\r\x12\x1c\n\x14ridge_flops_per_byte\x18\r \x01(\r\x12\x0f\n\x07loading\x18\x0e \x01(\x08\"~\n\rAttachRequest\x12\x11\n\tpool_name\x18\x01 \x01(\t\x12\x17\n\x0fnum_pool_blocks\x18\x02 \x01(\r\x12,\n\tkv_layout\x18\x03 \x01(\x0b\x32\x19.alignedserve.v1.KVLayout\x12\x13\n\x0bmirror_only\x18\x04 \x01(\x08\"\x10\n\x0e\x41ttachResponse\"f\n\tLoadEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bpool_blocks\x18\x02 \x03(\r\x12\x15\n\rnum_kv_tokens\x18\x03 \x01(\r\x12\x19\n\x11on_prefill_device\x18\x04 \x01(\x08\"\xd8\x01\n\x0cPrefillChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x13\n\x0bpool_blocks\x18\x04 \x03(\r\x12/\n\x06params\x18\x05 \x01(\x0b\x32\x1f.alignedserve.v1.SamplingParams\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x15\n\rkeep_resident\x18\x07 \x01(\x08\x12\x19\n\x11on_prefill_device\x18\x08 \x01(\x08\"\xac\x01\n\x0b\x44\x65\x63odeEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x15\n\rnum_kv_tokens\x18\x03 \x01(\r\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.alignedserve.v1.SamplingParams\x12\x14\n\x0clast_sampled\x18\x05 \x01(\x08\x12\x19\n\x11on_prefill_device\x18\x06 \x01(\x08\"P\n\nEvictEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bpool_blocks\x18\x02 \x03(\r\x12\x19\n\x11on_prefill_device\x18\x03 \x01(\x08\"\xf6\x01\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07release\x18\x06 \x03(\t\x12(\n\x04load\x18\x02 \x03(\x0b\x32\x1a.alignedserve.v1.LoadEntry\x12.\n\x07prefill\x18\x03 \x03(\x0b\x32\x1d.alignedserve.v1.PrefillChunk\x12,\n\x06\x64\x65\x63ode\x18\x04 \x03(\x0b\x32\x1c.alignedserve.v1.DecodeEntry\x12*\n\x05\x65vict\x18\x05 \x03(\x0b\x32\x1b.alignedserve.v1.EvictEntry\x12\x14\n\x0cwait_prefill\x18\x07 \x01(\x08\"E\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xd1\x01\n\x0cStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12-\n\x06tokens\x18\x02 \x03(\x0b\x32\x1d.alignedserve.v1.SampledToken\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x18\n\x10second_compute_s\x18\x08 \x01(\x01\x12\x0e\n\x06load_s\x18\x04 \x01(\x01\x12\x0f\n\x07\x63opying\x18\t \x03(\t\x12\x11\n\tprefilled\x18\x06 \x03(\t\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x10\n\x08launch_s\x18\x07 \x01(\x01\x32\xe9\x01\n\x06Worker\x12H\n\x08\x44\x65scribe\x12 .alignedserve.v1.DescribeRequest\x1a\x1a.alignedserve.v1.ModelInfo\x12I\n\x06\x41ttach\x12\x1e.alignedserve.v1.AttachRequest\x1a\x1f.alignedserve.v1.AttachResponse\x12J\n\x07Session\x12\x1c.alignedserve.v1.StepRequest\x1a\x1d.alignedserve.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61lignedserve/v1/worker.proto\x12\x0f\x61lignedserve.v1\x1a\x1c\x61lignedserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12,\n\tkv_layout\x18\x05 \x01(\x0b\x32\x19.alignedserve.v1.KVLayout\x12\x19\n\x11num_device_blocks\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12\x64\x65\x63ode_kernel_cost\x18\t \x01(\t\x12\x16\n\x0eprefill_device\x18\n \x01(\t\x12\x1a\n\x12num_prefill_blocks\x18\x0b \x01(\r\x12!\n\x19num_prefill_decode_blocks\x18\x0c \x01(\r\x12\x1c\n\x14ridge_flops_per_byte\x18\r \x01(\r\x12\x0f\n\x07loading\x18\x0e \x01(\x08\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\x12\x17\n\x0fwarm_up_seconds\x18\x10 \x01(\x01\x12\x1c\n\x14kernel_cache_entries\x18\x11 \x01(\r\"~\n\rAttachRequest\x12\x11\n\tpool_name\x18\x01 \x01(\t\x12\x17\n\x0fnum_pool_blocks\x18\x02 \x01(\r\x12,\n\tkv_layout\x18\x03 \x01(\x0b\x32\x19.alignedserve.v1.KVLayout\x12\x13\n\x0bmirror_only\x18\x04 \x01(\x08\"\x10\n\x0e\x41ttachResponse\"f\n\tLoadEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bpool_blocks\x18\x02 \x03(\r\x12\x15\n\rnum_kv_tokens\x18\x03 \x01(\r\x12\x19\n\x11on_prefill_device\x18\x04 \x01(\x08\"\xd8\x01\n\x0cPrefillChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x13\n\x0bpool_blocks\x18\x04 \x03(\r\x12/\n\x06params\x18\x05 \x01(\x0b\x32\x1f.alignedserve.v1.SamplingParams\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x15\n\rkeep_resident\x18\x07 \x01(\x08\x12\x19\n\x11on_prefill_device\x18\x08 \x01(\x08\"\xac\x01\n\x0b\x44\x65\x63odeEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x15\n\rnum_kv_tokens\x18\x03 \x01(\r\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.alignedserve.v1.SamplingParams\x12\x14\n\x0clast_sampled\x18\x05 \x01(\x08\x12\x19\n\x11on_prefill_device\x18\x06 \x01(\x08\"P\n\nEvictEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bpool_blocks\x18\x02 \x03(\r\x12\x19\n\x11on_prefill_device\x18\x03 \x01(\x08\"\xf6\x01\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07release\x18\x06 \x03(\t\x12(\n\x04load\x18\x02 \x03(\x0b\x32\x1a.alignedserve.v1.LoadEntry\x12.\n\x07prefill\x18\x03 \x03(\x0b\x32\x1d.alignedserve.v1.PrefillChunk\x12,\n\x06\x64\x65\x63ode\x18\x04 \x03(\x0b\x32\x1c.alignedserve.v1.DecodeEntry\x12*\n\x05\x65vict\x18\x05 \x03(\x0b\x32\x1b.alignedserve.v1.EvictEntry\x12\x14\n\x0cwait_prefill\x18\x07 \x01(\x08\"E\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xd1\x01\n\x0cStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12-\n\x06tokens\x18\x02 \x03(\x0b\x32\x1d.alignedserve.v1.SampledToken\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x18\n\x10second_compute_s\x18\x08 \x01(\x01\x12\x0e\n\x06load_s\x18\x04 \x01(\x01\x12\x0f\n\x07\x63opying\x18\t \x03(\t\x12\x11\n\tprefilled\x18\x06 \x03(\t\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x10\n\x08launch_s\x18\x07 \x01(\x01\x32\xe9\x01\n\x06Worker\x12H\n\x08\x44\x65scribe\x12 .alignedserve.v1.DescribeRequest\x1a\x1a.alignedserve.v1.ModelInfo\x12I\n\x06\x41ttach\x12\x1e.alignedserve.v1.AttachRequest\x1a\x1f.alignedserve.v1.AttachResponse\x12J\n\x07Session\x12\x1c.alignedserve.v1.StepRequest\x1a\x1d.alignedserve.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=79
   _globals['_DESCRIBEREQUEST']._serialized_end=96
   _globals['_MODELINFO']._serialized_start=99
-  _globals['_MODELINFO']._serialized_end=469
-  _globals['_ATTACHREQUEST']._serialized_start=471
-  _globals['_ATTACHREQUEST']._serialized_end=597
-  _globals['_ATTACHRESPONSE']._serialized_start=599
-  _globals['_ATTACHRESPONSE']._serialized_end=615
-  _globals['_LOADENTRY']._serialized_start=617
-  _globals['_LOADENTRY']._serialized_end=719
-  _globals['_PREFILLCHUNK']._serialized_start=722
-  _globals['_PREFILLCHUNK']._serialized_end=938
-  _globals['_DECODEENTRY']._serialized_start=941
-  _globals['_DECODEENTRY']._serialized_end=1113
-  _globals['_EVICTENTRY']._serialized_start=1115
-  _globals['_EVICTENTRY']._serialized_end=1195
-  _globals['_STEPREQUEST']._serialized_start=1198
-  _globals['_STEPREQUEST']._serialized_end=1444
-  _globals['_SAMPLEDTOKEN']._serialized_start=1446
-  _globals['_SAMPLEDTOKEN']._serialized_end=1515
-  _globals['_STEPRESPONSE']._serialized_start=1518
-  _globals['_STEPRESPONSE']._serialized_end=1727
-  _globals['_WORKER']._serialized_start=1730
-  _globals['_WORKER']._serialized_end=1963
+  _globals['_MODELINFO']._serialized_end=546
+  _globals['_ATTACHREQUEST']._serialized_start=548
+  _globals['_ATTACHREQUEST']._serialized_end=674
+  _globals['_ATTACHRESPONSE']._serialized_start=676
+  _globals['_ATTACHRESPONSE']._serialized_end=692
+  _globals['_LOADENTRY']._serialized_start=694
+  _globals['_LOADENTRY']._serialized_end=796
+  _globals['_PREFILLCHUNK']._serialized_start=799
+  _globals['_PREFILLCHUNK']._serialized_end=1015
+  _globals['_DECODEENTRY']._serialized_start=1018
+  _globals['_DECODEENTRY']._serialized_end=1190
+  _globals['_EVICTENTRY']._serialized_start=1192
+  _globals['_EVICTENTRY']._serialized_end=1272
+  _globals['_STEPREQUEST']._serialized_start=1275
+  _globals['_STEPREQUEST']._serialized_end=1521
+  _globals['_SAMPLEDTOKEN']._serialized_start=1523
+  _globals['_SAMPLEDTOKEN']._serialized_end=1592
+  _globals['_STEPRESPONSE']._serialized_start=1595
+  _globals['_STEPRESPONSE']._serialized_end=1804
+  _globals['_WORKER']._serialized_start=1807
+  _globals['_WORKER']._serialized_end=2040
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "num_device_blocks", "device", "weight_bytes", "decode_kernel_cost", "prefill_device", "num_prefill_blocks", "num_prefill_decode_blocks", "ridge_flops_per_byte", "loading")
+    __slots__ = ("model_name", "max_model_len", "vocab_size", "eos_token_ids", "kv_layout", "num_device_blocks", "device", "weight_bytes", "decode_kernel_cost", "prefill_device", "num_prefill_blocks", "num_prefill_decode_blocks", "ridge_flops_per_byte", "loading", "load_seconds", "warm_up_seconds", "kernel_cache_entries")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,9 @@ class ModelInfo(_message.Message):
     NUM_PREFILL_DECODE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RIDGE_FLOPS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
     LOADING_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WARM_UP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     vocab_size: int
@@ -41,7 +44,10 @@ class ModelInfo(_message.Message):
     num_prefill_decode_blocks: int
     ridge_flops_per_byte: int
     loading: bool
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ..., prefill_device: _Optional[str] = ..., num_prefill_blocks: _Optional[int] = ..., num_prefill_decode_blocks: _Optional[int] = ..., ridge_flops_per_byte: _Optional[int] = ..., loading: _Optional[bool] = ...) -> None: ...
+    load_seconds: float
+    warm_up_seconds: float
+    kernel_cache_entries: int
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_device_blocks: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., decode_kernel_cost: _Optional[str] = ..., prefill_device: _Optional[str] = ..., num_prefill_blocks: _Optional[int] = ..., num_prefill_decode_blocks: _Optional[int] = ..., ridge_flops_per_byte: _Optional[int] = ..., loading: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., warm_up_seconds: _Optional[float] = ..., kernel_cache_entries: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("pool_name", "num_pool_blocks", "kv_layout", "mirror_only")
