@@ -101,9 +101,22 @@ def test_a_worker_reports_its_cost_model_and_the_batcher_uses_it(tmp_path, devic
     if device == "cpu":  # nothing measured: the scheduler keeps its default ridge
         assert info.ridge_flops_per_byte == 0
         assert config.ridge_flops_per_byte == SchedulerConfig.ridge_flops_per_byte
+        assert info.warm_up_seconds == 0 and info.kernel_cache_entries == 0  # no warm-up
     else:  # measured at start (H200 ~190; an H100 reads its HBM slower)
         assert 100 < info.ridge_flops_per_byte < 400
         assert config.ridge_flops_per_byte == info.ridge_flops_per_byte
+        assert info.warm_up_seconds > 0  # kernels and graphs, on any cache
+    # the worker's start by phase, as the batcher exports it
+    start = {
+        phase: REGISTRY.get_sample_value(
+            "alignedserve:worker_start_seconds", {"model_name": model, "phase": phase}
+        )
+        for phase in ("load", "warm_up")
+    }
+    assert 0 < info.load_seconds < 60
+    assert start == {"load": info.load_seconds, "warm_up": info.warm_up_seconds}
+    entries = sample("alignedserve:worker_kernel_cache_entries", model)
+    assert entries == info.kernel_cache_entries
 
     assert at_attach == dict.fromkeys(at_attach, 0.0)  # every series there, at zero
     assert sample("alignedserve:prefetch_seconds_count", model) >= 1  # aligned loads them all
