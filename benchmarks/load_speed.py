@@ -9,7 +9,9 @@ every tensor of the checkpoint, alternated for --rounds rounds:
 - pinned: `loader.PinnedUpload` (the host fills one pinned buffer while the other crosses);
 - safe_open: `safe_open(..., device="cuda:0")` tensor by tensor (the loader's route before);
 - load_file: `safetensors.torch.load_file(..., device="cuda:0")`, all at once;
-then `load_model` itself (model built on meta, uploads, projections fused). Results:
+then `load_model` itself (model built on meta, uploads, projections fused). --root DIR
+writes the checkpoint there instead (a disk), and --drop-caches empties the page cache before
+each route (root only: /proc/sys/vm/drop_caches), so each reads the disk. Results:
 OUT/load_speed.md and .json.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -57,7 +60,14 @@ def by_load_file(files: list[Path], device: str) -> list[torch.Tensor]:
     return [t for file in files for t in load_file(str(file), device=device).values()]
 
 
-def timed(route, *args) -> tuple[float, int]:
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(route, *args, drop_caches: bool = False) -> tuple[float, int]:
+    if drop_caches:
+        drop_page_cache()
     torch.cuda.synchronize()
     begin = time.perf_counter()
     result = route(*args)
@@ -69,6 +79,10 @@ def timed(route, *args) -> tuple[float, int]:
     return seconds, nbytes
 
 
+def tmp_root(root: str | None) -> str:
+    return root or tempfile.gettempdir()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +90,8 @@ def main() -> None:
     parser.add_argument("--model-shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--root", default=None, help="write the checkpoint here (a disk)")
+    parser.add_argument("--drop-caches", action="store_true", help="read it from the disk")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -83,7 +99,8 @@ def main() -> None:
     shape = SHAPES[args.model_shape]
     routes = {"pinned": pinned, "safe_open": by_safe_open, "load_file": by_load_file}
     times: dict[str, list[float]] = {name: [] for name in [*routes, "load_model"]}
-    with tempfile.TemporaryDirectory(dir=model_root(shape, 0, False)) as tmp:
+    root = args.root or model_root(shape, 0, False)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
         model = init_tiny(
             Path(tmp) / "m",
             arch=shape.arch,
@@ -95,14 +112,15 @@ def main() -> None:
         nbytes = 0
         for _ in range(args.rounds):
             for name, route in routes.items():
-                seconds, nbytes = timed(route, files, args.device)
+                seconds, nbytes = timed(route, files, args.device, drop_caches=args.drop_caches)
                 times[name].append(seconds)
-            seconds, _ = timed(load_model, model, args.device)
+            seconds, _ = timed(load_model, model, args.device, drop_caches=args.drop_caches)
             times["load_model"].append(seconds)
             print({k: round(v[-1], 3) for k, v in times.items()}, flush=True)
     gb = nbytes / 1e9
     lines = [
-        f"# {args.model_shape} weights ({gb:.2f} GB, bf16) from /dev/shm to "
+        f"# {args.model_shape} weights ({gb:.2f} GB, bf16) from {tmp_root(root)}"
+        f"{' (page cache dropped before each)' if args.drop_caches else ''} to "
         f"{torch.cuda.get_device_name(args.device)}, {args.rounds} rounds\n",
         "| route | median s | GB/s | each round s | ÷ pinned |",
         "|---|---|---|---|---|",
