@@ -63,7 +63,7 @@ def by_token(pool, layout, blocks):
 def run_on_decode_device(model, layout, pool, plans, sampling):
     """The worker's path without a prefill device: residency + runner, write back, release."""
     # the worker's own mapping of the batcher's pool, as Attach makes it
-    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 64), pin=False)
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 64), "mapped")
     residency = DeviceResidency(KVCache(layout, 256), mapping)
     runner = ModelRunner(model, residency.kv_cache)
     tokens = {}

@@ -678,7 +678,7 @@ def residency(request) -> DeviceResidency:
     owner_view = pool_tensor(pool)
     owner_view.copy_(torch.randn(owner_view.shape).to(owner_view.dtype))
     del owner_view
-    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 8), pin=False)
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 8), "mapped")
     res = DeviceResidency(KVCache(layout, 6), mapping)
     yield res
     res.close()
@@ -716,9 +716,10 @@ def test_a_mirror_only_pool_is_never_locked_and_its_residency_moves_no_kv():
     over it holds requests on the device but refuses every copy through the pool, rather
     than read or write a sparse, unlocked segment; such a pool is never page-locked."""
     pool = CpuKVPool.create(LAYOUT, 8)
-    with pytest.raises(ValueError, match="never page-locked"):
-        PoolMapping(pool, pin=True, mirror_only=True)
-    mapping = PoolMapping(CpuKVPool.attach(pool.name, LAYOUT, 8), pin=False, mirror_only=True)
+    with pytest.raises(ValueError, match="access 'locked' not one of"):
+        PoolMapping(pool, "locked")
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, LAYOUT, 8), "mirror")
+    assert not mapping.is_pinned
     res = DeviceResidency(KVCache(LAYOUT, 6), mapping)
     try:
         res.prefill_chunk("x", [5] * 6, 0, [1, 2], None)  # kept on the device: no copy
@@ -753,7 +754,7 @@ def test_gpu_loads_copy_beside_the_stream_and_report_when_landed():
     pool = CpuKVPool.create(layout, 512)
     owner = pool_tensor(pool)
     owner.copy_(torch.randn(owner.shape).to(owner.dtype))
-    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 512), pin=True)
+    mapping = PoolMapping(CpuKVPool.attach(pool.name, layout, 512), "pinned")
     res = DeviceResidency(KVCache(layout, 600, device="cuda"), mapping)
     try:
         torch.cuda._sleep(1 << 30)  # the stream busy (~0.5 s): the copies queue behind it

@@ -15,17 +15,20 @@ import torch
 from alignedserve.batcher.kv_pool import CpuKVPool
 from alignedserve.worker.kv_cache import TORCH_DTYPES
 
+# How the worker maps a pool: "pinned", page-locked for DMA (a GPU that copies KV through it);
+# "mapped", mapped alone (the CPU's copies are memcpy); "mirror", mapped alone and never copied
+# through (fcfs's: AttachRequest.mirror_only), so its residencies copy nothing.
+ACCESS = ("pinned", "mapped", "mirror")
+
 
 class PoolMapping:
-    def __init__(self, pool: CpuKVPool, pin: bool, mirror_only: bool = False):
-        """Views the pool's blocks over the segment (no copy) and, with `pin`, page-locks
-        them for every GPU (blocking: see the module docstring). `mirror_only`: no KV is ever
-        copied through this pool (fcfs's: AttachRequest.mirror_only), so it is never pinned
-        and its residencies copy nothing."""
-        if pin and mirror_only:
-            raise ValueError(f"pool {pool.name!r}: a mirror-only pool is never page-locked")
+    def __init__(self, pool: CpuKVPool, access: str):
+        """Views the pool's blocks over the segment (no copy); page-locks them for every GPU
+        when `access` is "pinned" (blocking: see the module docstring)."""
+        if access not in ACCESS:
+            raise ValueError(f"pool {pool.name!r}: access {access!r} not one of {ACCESS}")
         self.pool = pool
-        self.mirror_only = mirror_only
+        self.mirror_only = access == "mirror"
         layout = pool.layout
         # uint8 -> dtype is a reinterpretation, so bf16 works although numpy has no bf16.
         # [num_pool_blocks, layers, 2, block_tokens, kv_heads, head_dim]
@@ -35,7 +38,7 @@ class PoolMapping:
             .view(pool.num_blocks, *layout.block_shape)
         )
         self.is_pinned = False
-        if pin:
+        if access == "pinned":
             from alignedserve.worker.prefetch import pin as page_lock
 
             page_lock(self.blocks)

@@ -106,7 +106,7 @@ def map_pool(pool: CpuKVPool, copied: bool, gpu: bool) -> PoolMapping:
     device (not a mirror-only pool: AttachRequest.mirror_only)."""
     from alignedserve.worker.pool_mapping import PoolMapping
 
-    return PoolMapping(pool, pin=gpu and copied, mirror_only=not copied)
+    return PoolMapping(pool, ("pinned" if gpu else "mapped") if copied else "mirror")
 
 
 def load(config: WorkerConfig) -> LoadedModel:
