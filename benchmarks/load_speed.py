@@ -6,7 +6,7 @@ own device loads, side by side in one process, then the whole `load_model`.
 The checkpoint (random bf16 weights, tiny.FULL_SIZE) is written to /dev/shm, so every route
 reads it from memory, as a node's page cache serves a model read before. Routes, each over
 every tensor of the checkpoint, alternated for --rounds rounds:
-- pinned: `loader.PinnedUpload` (the host fills one pinned buffer while the other crosses);
+- pinned: `transfer.PinnedUpload` (the host fills one pinned buffer while the other crosses);
 - safe_open: `safe_open(..., device="cuda:0")` tensor by tensor (the loader's route before);
 - load_file: `safetensors.torch.load_file(..., device="cuda:0")`, all at once;
 then `load_model` itself (model built on meta, uploads, projections fused). --root DIR
@@ -34,8 +34,9 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from alignedserve.worker.loader import PinnedUpload, checkpoint_files, load_model  # noqa: E402
+from alignedserve.worker.loader import checkpoint_files, load_model  # noqa: E402
 from alignedserve.worker.tiny import FULL_SIZE, init_tiny  # noqa: E402
+from alignedserve.worker.transfer import PinnedUpload  # noqa: E402
 
 
 def pinned(files: list[Path], device: str) -> list[torch.Tensor]:
@@ -79,10 +80,6 @@ def timed(route, *args, drop_caches: bool = False) -> tuple[float, int]:
     return seconds, nbytes
 
 
-def tmp_root(root: str | None) -> str:
-    return root or tempfile.gettempdir()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,7 +96,7 @@ def main() -> None:
     shape = SHAPES[args.model_shape]
     routes = {"pinned": pinned, "safe_open": by_safe_open, "load_file": by_load_file}
     times: dict[str, list[float]] = {name: [] for name in [*routes, "load_model"]}
-    root = args.root or model_root(shape, 0, False)
+    root = args.root or model_root(shape, 0, False) or tempfile.gettempdir()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         model = init_tiny(
             Path(tmp) / "m",
@@ -119,7 +116,7 @@ def main() -> None:
             print({k: round(v[-1], 3) for k, v in times.items()}, flush=True)
     gb = nbytes / 1e9
     lines = [
-        f"# {args.model_shape} weights ({gb:.2f} GB, bf16) from {tmp_root(root)}"
+        f"# {args.model_shape} weights ({gb:.2f} GB, bf16) from {root}"
         f"{' (page cache dropped before each)' if args.drop_caches else ''} to "
         f"{torch.cuda.get_device_name(args.device)}, {args.rounds} rounds\n",
         "| route | median s | GB/s | each round s | ÷ pinned |",

@@ -114,3 +114,27 @@ def test_a_download_does_not_wait_for_a_bulk_copy_to_the_host_queued_before_it()
     copied_out.synchronize()
     # (after the query: `.cpu()` is a copy to the host, which waits for the bulk copy)
     assert torch.equal(host[:nbytes].view(torch.int64), (src * 3).cpu())
+
+
+# --- uploads to a GPU through pinned buffers ----------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pinned_upload_gives_each_tensor_byte_for_byte_across_pieces():
+    """Pieces of 1,000 bytes, so tensors cross buffers at odd offsets and both buffers are
+    reused many times; each result is read on the current stream at once."""
+    upload = transfer.PinnedUpload("cuda:0", chunk_bytes=1000)
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3, 1001, generator=g).to(torch.bfloat16),  # 6,006 bytes
+        torch.randn(7, generator=g),
+        torch.randint(0, 2**40, (0, 5), generator=g),
+        torch.randint(0, 255, (2000,), generator=g, dtype=torch.uint8),
+        torch.randn(64, 64, generator=g).to(torch.float16).t(),  # not contiguous
+    ]
+    out = [upload(t) for t in tensors]
+    for host, dev in zip(tensors, out, strict=True):
+        assert dev.device.type == "cuda" and dev.dtype == host.dtype and dev.shape == host.shape
+        assert torch.equal(dev.cpu(), host)
+    upload.finish()

@@ -3,9 +3,9 @@
 The model is built on the meta device (no memory), then each tensor is read from the
 memory-mapped safetensors file(s) and placed straight on the target device in the target
 dtype, one tensor at a time: host memory never holds a second full copy of the weights.
-To a GPU the bytes go through two pinned buffers in turn (`PinnedUpload`): the host fills one
-while the other crosses PCIe, where safetensors' own device load copies each tensor from
-pageable memory, one after another.
+To a GPU the bytes go through two pinned buffers in turn (`transfer.PinnedUpload`): the host
+fills one while the other crosses PCIe, where safetensors' own device load copies each tensor
+from pageable memory, one after another.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from alignedserve.common.errors import ModelLoadError
 from alignedserve.common.model_config import ModelConfig
 from alignedserve.worker.kv_cache import TORCH_DTYPES
 from alignedserve.worker.models import FAMILIES
+from alignedserve.worker.transfer import PinnedUpload
 
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that we recompute instead of loading.
@@ -104,49 +105,6 @@ def load_model(
     if torch.device(device).type == "cuda":
         fuse_projections(model)
     return model.eval()
-
-
-class PinnedUpload:
-    """Host tensors to one GPU through two pinned buffers of `chunk_bytes`, in turn: the host
-    copies the next piece into one buffer while a copy stream moves the other's to the
-    device. A tensor comes back ready to use on the current stream."""
-
-    def __init__(self, device: str | torch.device, chunk_bytes: int = 256 << 20) -> None:
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
-        self.buffers = [
-            torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)
-        ]
-        self.copied: list[torch.cuda.Event | None] = [None, None]  # each buffer free again
-        self.turn = 0
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
-        if tensor.numel() == 0:
-            return out
-        src = tensor.contiguous().view(-1).view(torch.uint8)
-        dst = out.view(-1).view(torch.uint8)
-        # the copy stream writes `out`, allocated on the current stream: it waits for that
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        chunk = self.buffers[0].numel()
-        for start in range(0, src.numel(), chunk):
-            end = min(start + chunk, src.numel())
-            buffer, done = self.buffers[self.turn], self.copied[self.turn]
-            if done is not None:
-                done.synchronize()  # its last piece has left for the device
-            buffer[: end - start].copy_(src[start:end])
-            with torch.cuda.stream(self.stream):
-                dst[start:end].copy_(buffer[: end - start], non_blocking=True)
-                self.copied[self.turn] = torch.cuda.Event()
-                self.copied[self.turn].record(self.stream)
-            self.turn ^= 1
-        out.record_stream(self.stream)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return out
-
-    def finish(self) -> None:
-        """Wait for the last copies, so the pinned buffers can go."""
-        self.stream.synchronize()
 
 
 def fuse_projections(model: nn.Module) -> None:

@@ -192,14 +192,13 @@ def load(config: WorkerConfig) -> LoadedModel:
         prefiller.runner.warm_up(0, info.max_model_len)
     if second_runner is not None:
         num_graphs += second_runner.warm_up(config.warm_up_batch, info.max_model_len)
-    info.warm_up_seconds = time.perf_counter() - start if runner.device.type == "cuda" else 0
-    if runner.device.type == "cuda":
+    if on_gpu:  # on the CPU nothing is compiled or captured: warm_up_seconds stays 0
+        info.warm_up_seconds = time.perf_counter() - start
         logger.info(
             "warmed up in %.1f s: prefill kernels compiled, %d decode graphs captured",
             info.warm_up_seconds,
             num_graphs,
         )
-    if on_gpu:
         limit_cpu_threads()
     return LoadedModel(
         info,

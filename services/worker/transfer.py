@@ -113,6 +113,49 @@ class PinnedRing:
         return out
 
 
+class PinnedUpload:
+    """Host tensors to one GPU through two pinned buffers of `chunk_bytes`, in turn: the host
+    copies the next piece into one buffer while a copy stream moves the other's to the
+    device. A tensor comes back ready to use on the current stream. For bulk uploads before
+    any step runs (a model's weights: loader.py), so copy engines are the right road here."""
+
+    def __init__(self, device: str | torch.device, chunk_bytes: int = 256 << 20) -> None:
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+        self.buffers = [
+            torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)
+        ]
+        self.copied: list[torch.cuda.Event | None] = [None, None]  # each buffer free again
+        self.turn = 0
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+        if tensor.numel() == 0:
+            return out
+        src, dst = _bytes(tensor), _bytes(out)
+        # the copy stream writes `out`, allocated on the current stream: it waits for that
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        chunk = self.buffers[0].numel()
+        for start in range(0, src.numel(), chunk):
+            end = min(start + chunk, src.numel())
+            buffer, done = self.buffers[self.turn], self.copied[self.turn]
+            if done is not None:
+                done.synchronize()  # its last piece has left for the device
+            buffer[: end - start].copy_(src[start:end])
+            with torch.cuda.stream(self.stream):
+                dst[start:end].copy_(buffer[: end - start], non_blocking=True)
+                self.copied[self.turn] = torch.cuda.Event()
+                self.copied[self.turn].record(self.stream)
+            self.turn ^= 1
+        out.record_stream(self.stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    def finish(self) -> None:
+        """Wait for the last copies, so the pinned buffers can go."""
+        self.stream.synchronize()
+
+
 def _ring(device: torch.device) -> PinnedRing:
     rings = getattr(_local, "rings", None)
     if rings is None:
