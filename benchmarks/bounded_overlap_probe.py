@@ -5,7 +5,7 @@
 The fortieth session's overlap_probe.py found no overlap between one half-batch's cuBLAS GEMMs
 and the other half's attention on two streams: cuBLAS takes every SM, and torch's SM carveout
 did not change its kernels. This probe puts a GEMM in their place that launches a given number
-of persistent programs (worker/kernels/persistent_linear.py), and asks in turn:
+of persistent programs (bounded_gemm.py), and asks in turn:
 
 1. How fast is it against cuBLAS at the decode step's shapes (Llama-3-8B's fused qkv, o,
    gate_up and down at M = 64-512), over every SM, with the best of a few tile shapes?
@@ -29,12 +29,12 @@ from pathlib import Path
 import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
 import torch.nn.functional as F
+from bounded_gemm import GemmTiles, persistent_linear
 from gpu_bench import ceilings, cuda_time
 from overlap_probe import CELLS, Work, llama_shape
 
 from alignedserve.worker.kernels.decode_plan import PROGRAMS_PER_SM
 from alignedserve.worker.kernels.device import num_sms
-from alignedserve.worker.kernels.persistent_linear import GemmTiles, persistent_linear
 
 TILES = [
     GemmTiles(128, 128, 64, num_stages=4, num_warps=8),
@@ -164,9 +164,11 @@ def side_by_side(first, second):
     return run
 
 
-def pipeline(gemms: dict, attention: dict, layers: int):
+def pipeline(gemms: dict, attention: dict, layers: int, attention_first: bool):
     """Two halves, X and Y, per layer: X's GEMMs beside Y's attention, then Y's GEMMs beside
-    X's attention; each phase starts when both kernels of the one before have ended."""
+    X's attention; each phase starts when both kernels of the one before have ended. The
+    kernel launched first is placed first: a GEMM that fills the SMs leaves the attention
+    only what it does not hold."""
     streams = torch.cuda.Stream(), torch.cuda.Stream()
 
     def run():
@@ -175,10 +177,12 @@ def pipeline(gemms: dict, attention: dict, layers: int):
             for g, a in (("x", "y"), ("y", "x")):
                 for stream in streams:
                     stream.wait_stream(here)
-                with torch.cuda.stream(streams[0]):
-                    gemms[g]()
-                with torch.cuda.stream(streams[1]):
-                    attention[a](layer)
+                launches = [gemms[g], functools.partial(attention[a], layer)]
+                if attention_first:
+                    launches.reverse()
+                for stream, launch in zip(streams, launches, strict=True):
+                    with torch.cuda.stream(stream):
+                        launch()
                 for stream in streams:
                     here.wait_stream(stream)
 
@@ -237,12 +241,17 @@ def probe_cell(shape: dict, batch: int, length: int, ceil: dict, sms: int) -> di
         cublas_half = gpu_ms(gemms["x"].cublas())
         attention_alone = gpu_ms(attention_all("y"))
         both = gpu_ms(side_by_side(gemms["x"].bounded(g_programs), attention_all("y")))
-        piped = gpu_ms(
-            pipeline(
-                {h: g.bounded_layer(g_programs) for h, g in gemms.items()},
-                {h: functools.partial(attend, h) for h in halves},
-                layers,
+        both_a = gpu_ms(side_by_side(attention_all("y"), gemms["x"].bounded(g_programs)))
+        piped, piped_a = (
+            gpu_ms(
+                pipeline(
+                    {h: g.bounded_layer(g_programs) for h, g in gemms.items()},
+                    {h: functools.partial(attend, h) for h in halves},
+                    layers,
+                    attention_first,
+                )
             )
+            for attention_first in (False, True)
         )
         split = dict(
             gemm_sms=g_programs, attention_sms=a_programs // PROGRAMS_PER_SM,
@@ -250,13 +259,15 @@ def probe_cell(shape: dict, batch: int, length: int, ceil: dict, sms: int) -> di
             attention_half_ms=attention_alone, both_ms=both,
             overlap=(gemms_alone + attention_alone) / both, pipelined_ms=piped,
             pipelined_fraction=roof / piped, speedup=now / piped,
+            attention_first_both_ms=both_a, attention_first_pipelined_ms=piped_a,
         )  # fmt: skip
         row["splits"].append(split)
         print(
             f"  GEMMs on {g_programs:3d} SMs {gemms_alone:6.2f} (cuBLAS, all {cublas_half:6.2f})"
             f" | attention on {split['attention_sms']:3d} SMs' programs {attention_alone:6.2f}"
             f" | at once {both:6.2f} ms ({split['overlap']:.2f}x their sum) | pipelined step "
-            f"{piped:6.2f} ms = {100 * roof / piped:.1f}% of the roofline, {now / piped:.2f}x now",
+            f"{piped:6.2f} ms = {100 * roof / piped:.1f}% of the roofline, {now / piped:.2f}x now"
+            f" | attention launched first: at once {both_a:6.2f}, pipelined {piped_a:6.2f} ms",
             flush=True,
         )
     del work, whole, gemms

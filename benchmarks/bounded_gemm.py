@@ -1,4 +1,6 @@
-"""y = x @ w.T on a bounded number of SMs: a persistent Triton GEMM beside its torch twin.
+"""y = x @ w.T on a bounded number of SMs: a persistent Triton GEMM beside its torch twin,
+for bounded_overlap_probe.py (measured, not served: see docs/benchmarks.md, "forty-second
+session").
 
 Why it exists (issue 5's last four decode cells): at B = 128-512 a decode step's
 projections are compute-bound and its attention memory-bound, and they run one after the
@@ -6,7 +8,7 @@ other, so the step takes their sum where the roofline is their max. They could s
 GPU only if the GEMMs left SMs free for the attention, and cuBLAS takes every SM (torch's
 SM carveout did not change its kernels' times; fortieth session). This kernel launches
 exactly `num_programs` programs, each walking the output tiles `num_programs` apart, so
-the rest of the GPU stays free for a kernel on another stream. benchmarks/overlap_probe.py
+the rest of the GPU stays free for a kernel on another stream. bounded_overlap_probe.py
 times it against cuBLAS and beside the decode attention.
 
 Loads go through TMA descriptors (Hopper's bulk tensor copies), built on the host. The

@@ -1,4 +1,5 @@
-"""The persistent GEMM (worker/kernels/persistent_linear.py) against its torch twin.
+"""The bounded persistent GEMM (benchmarks/bounded_gemm.py, issue 5's overlap probe) against
+its torch twin.
 
 Without a GPU the kernel runs in Triton's interpreter on tiny fp32 shapes; the `gpu` tests add
 the Llama-3-8B projections in bf16 at decode batch sizes and bounded program counts.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_cpu import DEVICE, HAS_CUDA, kernel_module, randn, scalar_loop_bounds
+from triton_cpu import DEVICE, HAS_CUDA, randn, scalar_loop_bounds  # isort: skip  (first)
 
-pl = kernel_module("alignedserve.worker.kernels.persistent_linear", "_persistent_linear_kernel")
+from factories import benchmark_module
+
+pl = benchmark_module("bounded_gemm")
 
 SMALL = pl.GemmTiles(block_m=16, block_n=16, block_k=16, num_stages=2, num_warps=4)
 
