@@ -270,6 +270,12 @@ def test_models(client):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].owned_by == "alignedserve"
+    # the client's retrieve, as tools that check a model before using it call it
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no/such-model")
+    assert err.value.status_code == 404
+    assert "no/such-model" in err.value.body["message"]
 
 
 def test_stop_strings_truncate_and_abort_downstream(client, fake):

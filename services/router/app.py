@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, and
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models[/{id}], and
 /health, /ready, /metrics for Kubernetes and Prometheus."""
 
 from __future__ import annotations
@@ -102,16 +102,25 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
         )
         return await run(request, arrival_s, gen, fmt)
 
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "alignedserve",
+        "max_model_len": limits.max_model_len,
+    }
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "alignedserve",
-            "max_model_len": limits.max_model_len,
-        }
         return JSONResponse({"object": "list", "data": [card]})
+
+    # `path`: a served name may hold slashes (meta-llama/Meta-Llama-3-8B), as the client's
+    # models.retrieve sends it
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != model_name:
+            raise ModelNotFoundError(model_id)
+        return JSONResponse(card)
 
     @app.get("/health")
     async def health() -> JSONResponse:
