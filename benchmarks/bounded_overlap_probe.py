@@ -30,11 +30,10 @@ import gpu_bench  # noqa: F401  (puts alignedserve on the path)
 import torch
 import torch.nn.functional as F
 from bounded_gemm import GemmTiles, persistent_linear
-from gpu_bench import ceilings, cuda_time
-from overlap_probe import CELLS, Work, llama_shape
+from gpu_bench import cuda_time
+from overlap_probe import CELLS, Work, llama_shape, measured_device, side_by_side
 
 from alignedserve.worker.kernels.decode_plan import PROGRAMS_PER_SM
-from alignedserve.worker.kernels.device import num_sms
 
 TILES = [
     GemmTiles(128, 128, 64, num_stages=4, num_warps=8),
@@ -147,21 +146,6 @@ def graphed(fn):
 
 def gpu_ms(fn) -> float:
     return cuda_time(graphed(fn)) * 1e3
-
-
-def side_by_side(first, second):
-    streams = torch.cuda.Stream(), torch.cuda.Stream()
-
-    def run():
-        here = torch.cuda.current_stream()
-        for stream, fn in zip(streams, (first, second), strict=True):
-            stream.wait_stream(here)
-            with torch.cuda.stream(stream):
-                fn()
-        for stream in streams:
-            here.wait_stream(stream)
-
-    return run
 
 
 def pipeline(gemms: dict, attention: dict, layers: int, attention_first: bool):
@@ -304,18 +288,17 @@ def main() -> None:
     )
     parser.add_argument("--out", default=".")
     parser.add_argument("--skip-table", action="store_true", help="skip part 1")
-    args = parser.parse_args()
-    ceil = ceilings()
-    sms = num_sms(torch.cuda.current_device())
-    print(
-        f"{torch.cuda.get_device_name()} ({sms} SMs): matmul "
-        f"{ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, HBM read "
-        f"{ceil['hbm_read_bytes_per_s'] / 1e9:.0f} GB/s",
-        flush=True,
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        default=[f"{b}x{length}" for b, length in CELLS],
+        help="B x L cells of parts 2-3 (default: the four the grid misses)",
     )
+    args = parser.parse_args()
+    ceil, sms = measured_device()
     shape = llama_shape()
     table = [] if args.skip_table else gemm_table(shape, sms)
-    cells = [probe_cell(shape, b, length, ceil, sms) for b, length in CELLS]
+    cells = [probe_cell(shape, *map(int, c.split("x")), ceil, sms) for c in args.cells]
     result = dict(device=torch.cuda.get_device_name(), ceilings=ceil, gemms=table, cells=cells)
     (Path(args.out) / "bounded_overlap_probe.json").write_text(json.dumps(result, indent=1))
 

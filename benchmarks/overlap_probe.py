@@ -177,12 +177,8 @@ def probe_cell(shape: dict, batch: int, length: int, ceil: dict, sms: int) -> di
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default=".")
-    args = parser.parse_args()
+def measured_device() -> tuple[dict, int]:
+    """This GPU's ceilings (measured now) and SM count, printed as a header."""
     ceil = ceilings()
     sms = num_sms(torch.cuda.current_device())
     print(
@@ -191,6 +187,16 @@ def main() -> None:
         f"{ceil['hbm_read_bytes_per_s'] / 1e9:.0f} GB/s",
         flush=True,
     )
+    return ceil, sms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    ceil, sms = measured_device()
     shape = llama_shape()
     rows = [probe_cell(shape, b, length, ceil, sms) for b, length in CELLS]
     result = dict(device=torch.cuda.get_device_name(), ceilings=ceil, cells=rows)
