@@ -58,10 +58,10 @@ class Gemms:
     """The layer's four projections at M rows x layers, by cuBLAS or by the bounded GEMM
     with the fastest tile per projection at that program count (picked by timing)."""
 
-    def __init__(self, work: Work, rows: slice, layers: int):
-        self.work, self.rows, self.layers = work, rows, layers
+    def __init__(self, work: Work, rows: slice):
+        self.work, self.layers = work, work.layers
         self.x = [work.inputs[w.shape[1]][rows].contiguous() for w in work.weights]
-        self.out = [torch.empty(x.shape[0], w.shape[0], **_like(x)) for x, w in
+        self.out = [x.new_empty(x.shape[0], w.shape[0]) for x, w in
                     zip(self.x, work.weights, strict=True)]  # fmt: skip
         self.best: dict[int, list[GemmTiles]] = {}
 
@@ -107,30 +107,17 @@ class Gemms:
         self.best[programs] = best
         return rows
 
-    def bounded(self, programs: int):
+    def bounded(self, programs: int, layers: int):
+        """The four projections x layers, each with its picked tile at `programs`."""
         best = self.best[programs]
 
         def run():
-            for _ in range(self.layers):
-                for i in range(len(best)):
-                    persistent_linear(self.x[i], self.work.weights[i], programs, best[i],
+            for _ in range(layers):
+                for i, tiles in enumerate(best):
+                    persistent_linear(self.x[i], self.work.weights[i], programs, tiles,
                                       out=self.out[i])  # fmt: skip
 
         return run
-
-    def bounded_layer(self, programs: int):
-        best = self.best[programs]
-
-        def run():
-            for i in range(len(best)):
-                persistent_linear(self.x[i], self.work.weights[i], programs, best[i],
-                                  out=self.out[i])  # fmt: skip
-
-        return run
-
-
-def _like(x: torch.Tensor) -> dict:
-    return dict(device=x.device, dtype=x.dtype)
 
 
 def graphed(fn):
@@ -197,7 +184,7 @@ def probe_cell(shape: dict, batch: int, length: int, ceil: dict, sms: int) -> di
     work = Work(shape, batch, length)
     layers, half = work.layers, batch // 2
     halves = {"x": slice(0, half), "y": slice(half, batch)}
-    whole = Gemms(work, slice(0, batch), layers)
+    whole = Gemms(work, slice(0, batch))
     now_gemms = gpu_ms(whole.cublas())
     now_attention = gpu_ms(work.attention(slice(0, batch), None))
     now = now_gemms + now_attention
@@ -209,7 +196,7 @@ def probe_cell(shape: dict, batch: int, length: int, ceil: dict, sms: int) -> di
     )
     row = dict(batch=batch, kv_len=length, roofline_ms=roof, now_ms=now,
                now_gemms_ms=now_gemms, now_attention_ms=now_attention, splits=[])  # fmt: skip
-    gemms = {h: Gemms(work, rows, layers) for h, rows in halves.items()}
+    gemms = {h: Gemms(work, rows) for h, rows in halves.items()}
     for gemm_sms, attention_sms in SPLITS:
         g_programs = gemm_sms or sms
         a_programs = (attention_sms or sms) * PROGRAMS_PER_SM
@@ -221,15 +208,15 @@ def probe_cell(shape: dict, batch: int, length: int, ceil: dict, sms: int) -> di
         def attention_all(h: str, attend=attend):
             return lambda: [attend(h, layer) for layer in range(layers)]
 
-        gemms_alone = gpu_ms(gemms["x"].bounded(g_programs))
+        gemms_alone = gpu_ms(gemms["x"].bounded(g_programs, layers))
         cublas_half = gpu_ms(gemms["x"].cublas())
         attention_alone = gpu_ms(attention_all("y"))
-        both = gpu_ms(side_by_side(gemms["x"].bounded(g_programs), attention_all("y")))
-        both_a = gpu_ms(side_by_side(attention_all("y"), gemms["x"].bounded(g_programs)))
+        both = gpu_ms(side_by_side(gemms["x"].bounded(g_programs, layers), attention_all("y")))
+        both_a = gpu_ms(side_by_side(attention_all("y"), gemms["x"].bounded(g_programs, layers)))
         piped, piped_a = (
             gpu_ms(
                 pipeline(
-                    {h: g.bounded_layer(g_programs) for h, g in gemms.items()},
+                    {h: g.bounded(g_programs, 1) for h, g in gemms.items()},
                     {h: functools.partial(attend, h) for h in halves},
                     layers,
                     attention_first,
@@ -264,7 +251,7 @@ def gemm_table(shape: dict, sms: int) -> list[dict]:
     rows = []
     for m in (64, 128, 256, 512):
         work = Work(shape, m, 16)
-        got = Gemms(work, slice(0, m), work.layers).pick(sms)
+        got = Gemms(work, slice(0, m)).pick(sms)
         for r in got:
             print(
                 f"M={m:3d} N={r['n']:5d} K={r['k']:5d}: cuBLAS {r['cublas_ms']:6.3f} ms, "
