@@ -15,12 +15,15 @@ differ by ~1-2 % (cuBLAS's choice of kernel, memory placement).
     python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 0 16 32 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --batches 64 --skinny-max-tokens 0 64 --out "$OUT"
     python3 benchmarks/decode_kernel_sweep.py --small --skinny-max-tokens 32 --skinny-fused on off
+    python3 benchmarks/decode_kernel_sweep.py --settings 8x0.5 --launches 2x3x64x16 --out "$OUT"
 
 --skinny-max-tokens makes the variants the skinny GEMM's reach instead (kernels/
 skinny_linear.MAX_TOKENS: 0 = cuBLAS for every projection), with the default attention split,
 each with the layer's small ops fused into it or not (--skinny-fused, default on: kernels/
 skinny_linear.FUSED_OPS); --small takes batches of 1-32 (where the skinny GEMM applies)
 instead of the grid's cells, and --batches keeps the cells of the given batch sizes.
+--launches adds variants of the attention kernel's launch (warps, stages, keys a tile,
+programs per SM), each with the served split otherwise.
 """
 
 from __future__ import annotations
@@ -119,22 +122,40 @@ def main() -> None:
         "--skinny-fused", nargs="*", default=["on"], choices=["on", "off"],
         help="with --skinny-max-tokens: the layer's small ops inside the skinny GEMMs or not",
     )  # fmt: skip
+    parser.add_argument(
+        "--launches", nargs="*", default=[],
+        help="variants: the attention kernel launched with WxSxN[xP]: W warps, S pipeline "
+        "stages, N keys a tile, P programs per SM (default: the served split's)",
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="batches of 1-32")
     parser.add_argument("--batches", nargs="*", type=int, help="only cells of these batch sizes")
     args = parser.parse_args()
     model, config, kv = build_model()
     settings = [split_setting(s, dam) for s in args.settings]
-    # variant -> (attention work split, skinny GEMM's reach, fused ops); None: an earlier
-    # checkout's kernel
-    default = (skinny.MAX_TOKENS, skinny.FUSED_OPS)
+    # variant -> (attention work split, skinny GEMM's reach, fused ops, attention launch);
+    # None: an earlier checkout's kernel
+    served = (dam.NUM_WARPS, dam.NUM_STAGES, dpm.GPU_BLOCK_N)
+    default = (skinny.MAX_TOKENS, skinny.FUSED_OPS, served)
     variants = {split_label(split): (split, *default) for split in settings}
+    for text in args.launches:
+        fields = [int(v) for v in text.split("x")]
+        split = current_split(dam)
+        if len(fields) == 4:
+            split = (fields[3], *split[1:])
+        label = f"{fields[0]} warps, {fields[1]} stages, {fields[2]} keys, {split[0]}x SMs"
+        variants[label] = (split, *default[:2], tuple(fields[:3]))
     if args.skinny_max_tokens:
         split = current_split(dam)
         variants = {
-            f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on")
+            f"skinny<={t}{' fused' if f == 'on' else ''}": (split, t, f == "on", served)
             for t, f in itertools.product(args.skinny_max_tokens, args.skinny_fused)
         }
     current = dam.decode_attention, dpm.plan_decode
+    served_split = current_split(dam)
+
+    def launch(setting):
+        dam.NUM_WARPS, dam.NUM_STAGES, dpm.GPU_BLOCK_N = setting
+
     previous = previous_kernels(args.previous)
     variants = {**dict.fromkeys(previous), **variants}
     rows = []
@@ -146,15 +167,19 @@ def main() -> None:
         for _, (variant, setting) in itertools.product(range(args.repeats), variants.items()):
             if setting is None:
                 dam.decode_attention, dpm.plan_decode = previous_kernel(previous[variant])
-                skinny.MAX_TOKENS, skinny.FUSED_OPS = default
+                skinny.MAX_TOKENS, skinny.FUSED_OPS = default[:2]
+                launch(served)
             else:  # all are captured into the graph: set before step_ms
                 dam.decode_attention, dpm.plan_decode = current
-                split, skinny.MAX_TOKENS, skinny.FUSED_OPS = setting
+                split, skinny.MAX_TOKENS, skinny.FUSED_OPS, attention_launch = setting
                 set_split(dam, split)
+                launch(attention_launch)
             times[variant].append(step_ms(model, config, kv, lengths))
         row.update({v: statistics.median(t) for v, t in times.items()}, times_ms=times)
         dam.decode_attention, dpm.plan_decode = current
-        skinny.MAX_TOKENS, skinny.FUSED_OPS = default
+        skinny.MAX_TOKENS, skinny.FUSED_OPS = default[:2]
+        launch(served)
+        set_split(dam, served_split)
         rows.append(row)
         print(
             f"{name:22s} max {row['max']:5d} mean {row['mean']:5d}: "
