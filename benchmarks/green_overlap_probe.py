@@ -56,14 +56,23 @@ SETTINGS = [
 
 @contextlib.contextmanager
 def launch(setting):
-    """The attention kernel launched with `setting`'s warps and stages meanwhile."""
+    """The attention kernel launched with `setting`'s warps and stages meanwhile, and with TMA
+    loads of whole blocks where its optional fifth field is 1 (a kernel option that was
+    measured and not kept: docs/results/session43/variants/tma_block_loads.patch adds it)."""
     dam = importlib.import_module("alignedserve.worker.kernels.decode_attention")
+    tma = len(setting) > 4 and bool(setting[4])
+    if tma and not hasattr(dam, "KV_LOADS"):
+        raise ValueError("TMA loads: apply docs/results/session43/variants/tma_block_loads.patch")
     served = dam.NUM_WARPS, dam.NUM_STAGES
     dam.NUM_WARPS, dam.NUM_STAGES = setting[0], setting[1]
+    if tma:
+        dam.KV_LOADS = "tma"
     try:
         yield
     finally:
         dam.NUM_WARPS, dam.NUM_STAGES = served
+        if tma:
+            dam.KV_LOADS = "pointers"
 
 
 @contextlib.contextmanager
@@ -251,41 +260,48 @@ def planned(work: Work, halves: dict[str, slice], programs: int | None, block_n=
     return attend
 
 
-def attention_sweep(shape: dict, timer: Timer, total: int) -> list[dict]:
-    """Part 1b: KV read per SM by the attention kernel over 128 rows x 512 keys (half of the
-    256 x 512 cell), per launch setting, on 36 and 52 SMs and on all of them."""
-    work = Work(shape, 128, 512)
-    rows = {"y": slice(0, 128)}
-    kv_bytes = 128 * work.kv_bytes_per_row
+def attention_sweep(
+    shape: dict, timer: Timer, total: int, cells: list[tuple[int, int]], settings: list[tuple]
+) -> list[dict]:
+    """Part 1b: KV read per SM by the attention kernel over B rows x L keys (by default 128 x
+    512, half of the 256 x 512 cell), per launch setting, on 36 and 52 SMs and on all."""
     out = []
-    for attention_sms in (36, 52, total):
-        split = GreenSplit(total - attention_sms) if attention_sms < total else None
-        try:
-            sms = split.second.sms if split else total
-            for setting in SETTINGS:
-                warps, stages, block_n, per_sm = setting
-                with launch(setting):
-                    attend = planned(work, rows, per_sm * sms, block_n)
-                    run = layers_of(lambda layer, attend=attend: attend("y", layer), work.layers)
-                    try:
-                        ms = timer(on(split.second.stream, run) if split else run)
-                    except Exception as err:  # a setting that fails to compile
-                        print(f"  {setting}: {type(err).__name__}: {err}"[:200], flush=True)
-                        continue
-                per_sm_gbs = kv_bytes / (ms / 1e3) / sms / 1e9
-                out.append(dict(sms=sms, warps=warps, stages=stages, block_n=block_n,
-                                programs_per_sm=per_sm, ms=ms, gb_s_per_sm=per_sm_gbs))  # fmt: skip
-                print(
-                    f"  attention on {sms:3d} SMs, {warps} warps, {stages} stages, {block_n} "
-                    f"keys a tile, {per_sm} programs an SM: {ms:6.2f} ms, "
-                    f"{kv_bytes / ms / 1e6:6.0f} GB/s, {per_sm_gbs:5.1f} GB/s per SM",
-                    flush=True,
-                )
-        finally:
-            if split:
-                split.close()
-    del work
-    torch.cuda.empty_cache()
+    for batch, length in cells:
+        work = Work(shape, batch, length)
+        rows = {"y": slice(0, batch)}
+        kv_bytes = batch * work.kv_bytes_per_row
+        for attention_sms in (36, 52, total):
+            split = GreenSplit(total - attention_sms) if attention_sms < total else None
+            try:
+                sms = split.second.sms if split else total
+                for setting in settings:
+                    warps, stages, block_n, per_sm = setting[:4]
+                    with launch(setting):
+                        attend = planned(work, rows, per_sm * sms, block_n)
+                        run = layers_of(lambda la, attend=attend: attend("y", la), work.layers)
+                        try:
+                            ms = timer(on(split.second.stream, run) if split else run)
+                        except Exception as err:  # a setting that fails to compile
+                            print(f"  {setting}: {type(err).__name__}: {err}"[:200], flush=True)
+                            continue
+                    per_sm_gbs = kv_bytes / (ms / 1e3) / sms / 1e9
+                    tma = len(setting) > 4 and bool(setting[4])
+                    out.append(dict(batch=batch, kv_len=length, sms=sms, warps=warps,
+                                    stages=stages, block_n=block_n, programs_per_sm=per_sm,
+                                    tma=tma, ms=ms, gb_s_per_sm=per_sm_gbs))  # fmt: skip
+                    print(
+                        f"  {batch} x {length}: attention on {sms:3d} SMs, {warps} warps, "
+                        f"{stages} stages, {block_n} keys a tile{', TMA' if tma else ''}, "
+                        f"{per_sm} programs an SM: "
+                        f"{ms:6.2f} ms, {kv_bytes / ms / 1e6:6.0f} GB/s, {per_sm_gbs:5.1f} GB/s "
+                        "per SM",
+                        flush=True,
+                    )
+            finally:
+                if split:
+                    split.close()
+        del work
+        torch.cuda.empty_cache()
     return out
 
 
@@ -408,6 +424,17 @@ def main() -> None:
         "--setting", default="", help="warps,stages,block_n,programs_per_sm of the attention "
         "for the cells (default: the sweep's best on 36 SMs, else the served launch)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sweep-cells", nargs="+", default=["128x512"], help="B x L of the attention sweep"
+    )
+    parser.add_argument(
+        "--sweep-settings", nargs="*", default=[],
+        help="warps,stages,block_n,programs_per_sm[,tma] launches of the attention sweep "
+        "(default: ten, the served one first; tma 1: TMA loads of whole blocks, block_n 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sweep", nargs="*", default=["gemms"], choices=["gemms"], help="the GEMMs' sweep too"
+    )
     parser.add_argument("--blas", nargs="+", default=["lt", "default"], choices=["lt", "default"])
     parser.add_argument("--graph-check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -425,11 +452,15 @@ def main() -> None:
                   timing=timer.mode)  # fmt: skip
     setting = SETTINGS[0]
     if "sweep" in args.parts:
-        result["attention"] = attention_sweep(shape, timer, sms)
-        result["gemms"] = gemm_sweep(shape, timer, sms)
-        few = [r for r in result["attention"] if r["sms"] == 36]
+        cells = [tuple(map(int, c.split("x"))) for c in args.sweep_cells]
+        settings = [tuple(int(v) for v in t.split(",")) for t in args.sweep_settings]
+        result["attention"] = attention_sweep(shape, timer, sms, cells, settings or SETTINGS)
+        if "gemms" in args.sweep:
+            result["gemms"] = gemm_sweep(shape, timer, sms)
+        few = [r for r in result["attention"] if r["sms"] == 36 and r["kv_len"] == cells[0][1]]
         best = max(few, key=lambda r: r["gb_s_per_sm"])
-        setting = (best["warps"], best["stages"], best["block_n"], best["programs_per_sm"])
+        setting = (best["warps"], best["stages"], best["block_n"], best["programs_per_sm"],
+                   int(best["tma"]))  # fmt: skip
     if args.setting:
         setting = tuple(int(v) for v in args.setting.split(","))
     print(f"attention launch for the cells: {setting}", flush=True)
