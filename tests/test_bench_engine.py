@@ -26,7 +26,7 @@ from alignedserve.bench.shapes import Offline
 from alignedserve.bench.targets import completion_body
 from alignedserve.bench.workload import BenchRequest, make_requests
 from alignedserve.common.errors import ConfigError, UnavailableError
-from alignedserve.router.preprocess import Limits, completion_input
+from alignedserve.router.preprocess import Limits, completion_inputs
 from alignedserve.router.schemas import CompletionRequest
 from alignedserve.serve import free_port
 from alignedserve.worker.tiny import VOCAB
@@ -68,7 +68,8 @@ def test_sampling_is_what_the_router_makes_of_the_http_targets_request():
     body = completion_body("tiny", request)
     wire_json = json.loads(json.dumps(body))  # what the target sends
     limits = Limits(max_model_len=2048, vocab_size=VOCAB, default_max_tokens=16)
-    routed = completion_input(CompletionRequest.model_validate(wire_json), None, limits, "r")
+    gens = completion_inputs(CompletionRequest.model_validate(wire_json), None, limits, "r")
+    (routed,) = gens.inputs
     assert routed.prompt_ids == request.prompt_token_ids
     assert routed.params == sampling_params(request)
     assert routed.params.ignore_eos and routed.params.max_tokens == 7

@@ -90,6 +90,31 @@ def test_greedy_through_the_stack_equals_the_runtime(stack, model_dir):
         assert got.usage.completion_tokens == 24
 
 
+def test_n_seeded_samples_and_a_batch_of_prompts_through_the_stack(stack, model_dir):
+    """Sample j of a seeded request is that request alone with seed + j, sampled by the
+    worker; a batch of prompts gives each prompt's own greedy tokens, in order."""
+    c = client(stack)
+    args = dict(model=stack.model, max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    many = c.completions.create(prompt="Once upon", n=3, seed=11, **args)
+    alone = [
+        c.completions.create(prompt="Once upon", seed=11 + j, **args).choices[0].text
+        for j in range(3)
+    ]
+    assert [choice.text for choice in many.choices] == alone
+    assert len(set(alone)) == 3  # three seeds, three samples
+    prompts = random_prompts((5, 12, 30), seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = LocalRuntime.from_dir(model_dir).generate(prompts, [params] * len(prompts))
+    tokenizer = Tokenizer.from_dir(model_dir)
+    got = c.completions.create(model=stack.model, prompt=prompts, max_tokens=10, temperature=0,
+                               extra_body={"ignore_eos": True})  # fmt: skip
+    assert [choice.text for choice in got.choices] == [
+        tokenizer.decode(ref.token_ids) for ref in expected
+    ]
+    assert got.usage.prompt_tokens == sum(map(len, prompts))
+    assert got.usage.completion_tokens == 30
+
+
 def test_200_concurrent_streams_then_50_aborted_free_their_blocks(stack):
     async def main():
         limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)

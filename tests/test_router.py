@@ -177,6 +177,104 @@ def test_chat_completion(client, tokenizer, fake):
     assert params == SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
 
 
+def test_n_choices_of_one_prompt_each_a_request_with_its_own_seed(client, fake):
+    one = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, seed=7)
+    num_requests = len(fake.requests)
+    many = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, seed=7, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    # the fake ignores seeds: every choice is the one-choice text
+    assert [c.text for c in many.choices] == [one.choices[0].text] * 3
+    assert [c.finish_reason for c in many.choices] == ["length"] * 3
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    assert many.usage.completion_tokens == 3 * 5
+    sent = sorted(fake.requests[num_requests:])
+    assert [r[0] for r in sent] == [f"{many.id}-{k}" for k in range(3)]
+    assert [r[2].seed for r in sent] == [7, 8, 9]  # sample j: the seed + j
+    unseeded = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, n=2)
+    assert len(unseeded.choices) == 2 and all(r[2].seed is None for r in fake.requests[-2:])
+
+
+def test_a_batch_of_prompts_numbers_choices_prompt_first(client, tokenizer):
+    prompts = ["abc", "hello there"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=4) for p in prompts]
+    texts = [a.choices[0].text for a in alone]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [texts[0], texts[0], texts[1], texts[1]]
+    assert out.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert out.usage.completion_tokens == 4 * 4
+    ids = [tokenizer.encode(p) for p in prompts]  # a batch of token id lists
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=4)
+    assert [c.text for c in out.choices] == texts
+
+
+def test_streamed_choices_equal_whole_ones_and_usage_counts_them_all(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Stream us"}], max_tokens=9)
+    whole = client.chat.completions.create(**kwargs, n=3)
+    stream = client.chat.completions.create(
+        **kwargs, n=3, stream=True, stream_options={"include_usage": True}
+    )
+    texts, roles, finished, usage = {}, [], {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            roles += [c.index] if c.delta.role else []
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+    assert sorted(roles) == [0, 1, 2]  # one role chunk a choice
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finished == {c.index: c.finish_reason for c in whole.choices}
+    assert usage.model_dump() == whole.usage.model_dump()
+    assert whole.usage.completion_tokens == 3 * 9
+
+
+def test_each_choice_has_its_own_logprobs_and_text_offsets(client):
+    single = client.completions.create(model=MODEL, prompt="abcd", max_tokens=4, logprobs=1)
+    out = client.completions.create(model=MODEL, prompt="abcd", max_tokens=4, logprobs=1, n=2)
+    for c in out.choices:
+        assert c.logprobs.text_offset == single.choices[0].logprobs.text_offset
+        assert c.logprobs.token_logprobs == single.choices[0].logprobs.token_logprobs
+    streamed = client.completions.create(
+        model=MODEL, prompt="abcd", max_tokens=4, logprobs=1, n=2, stream=True
+    )
+    offsets: dict[int, list[int]] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            offsets.setdefault(c.index, []).extend(c.logprobs.text_offset if c.logprobs else [])
+    assert offsets == {i: single.choices[0].logprobs.text_offset for i in (0, 1)}
+
+
+def test_closing_a_stream_of_choices_cancels_every_one(client, fake):
+    num_requests = len(fake.requests)
+    stream = client.completions.create(
+        model=MODEL, prompt=["long", "longer"], max_tokens=1000, n=2, stream=True
+    )
+    next(iter(stream))
+    stream.close()
+    assert fake.wait_for(lambda: len(fake.requests) == num_requests + 4)
+    ids = [r[0] for r in fake.requests[num_requests:]]
+    assert fake.wait_for(lambda: set(ids) <= set(fake.cancelled), timeout_s=2.0)
+
+
+def test_a_refused_choice_refuses_the_request_and_cancels_the_others(client, fake):
+    fake.reject_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=3, n=3, stream=stream)
+    fake.reject_with = None
+    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, n=3)
+    assert len(out.choices) == 3  # and serving goes on
+
+
+def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error_event(client, fake):
+    fake.fail_after = 3
+    stream = client.completions.create(model=MODEL, prompt="hello", max_tokens=20, n=2,
+                                       stream=True)  # fmt: skip
+    with pytest.raises(openai.APIError, match="worker lost"):
+        list(stream)
+
+
 def test_a_max_tokens_the_router_fills_in_is_marked_so(client, fake):
     """Without max_tokens the router sends the context's room (at most default_max_tokens),
     marked as filled in: the batcher's load order ranks only the max_tokens clients set."""
@@ -449,7 +547,7 @@ def test_metrics_move(client, router, tokenizer):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=7)
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=20, stop="cs")
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="metrics", max_tokens=7, n=3)
+        client.completions.create(model=MODEL, prompt="metrics", max_tokens=7, n=0)
     after = router_samples(router)
 
     def moved(name: str, **labels: str) -> float:
@@ -503,7 +601,14 @@ BAD_INPUTS = {
         "temperature",
     ),
     "top_p 0": (CHAT, {"model": MODEL, "messages": USER, "top_p": 0}, 400, "top_p", "(0, 1]"),
-    "n=2": (CHAT, {"model": MODEL, "messages": USER, "n": 2}, 400, "n", "n=1"),
+    "n=0": (CHAT, {"model": MODEL, "messages": USER, "n": 0}, 400, "n", "n=0 must be >= 1"),
+    "more choices than one request may ask for": (
+        COMPLETIONS,
+        {"model": MODEL, "prompt": ["a", "b", "c"], "n": 100},
+        400,
+        "n",
+        "300 choices: at most 256",
+    ),
     "empty messages": (CHAT, {"model": MODEL, "messages": []}, 400, "messages", "non-empty"),
     "missing messages": (CHAT, {"model": MODEL}, 400, "messages", "required"),
     "bad role": (
@@ -542,12 +647,26 @@ BAD_INPUTS = {
         "context length",
     ),
     "empty prompt": (COMPLETIONS, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
-    "batched prompts": (
+    "a batch of strings and token ids mixed": (
         COMPLETIONS,
-        {"model": MODEL, "prompt": ["a", "b"]},
+        {"model": MODEL, "prompt": ["a", [98]]},
         400,
         "prompt",
-        "batches are not supported",
+        "a list of strings or of token id lists",
+    ),
+    "an empty prompt in a batch": (
+        COMPLETIONS,
+        {"model": MODEL, "prompt": ["a", ""]},
+        400,
+        "prompt[1]",
+        "prompt[1] is empty",
+    ),
+    "a token id outside the vocabulary in a batch": (
+        COMPLETIONS,
+        {"model": MODEL, "prompt": [[97], [1, 99999]]},
+        400,
+        "prompt[1]",
+        "99999",
     ),
     "token id outside the vocabulary": (
         COMPLETIONS,

@@ -23,10 +23,10 @@ from alignedserve.common.tokenizer import Tokenizer
 from alignedserve.router.client import BatcherClient
 from alignedserve.router.config import RouterConfig
 from alignedserve.router.formats import ChatFormat, CompletionFormat, ResponseFormat
-from alignedserve.router.generation import generate_text
+from alignedserve.router.generation import generate_choices
 from alignedserve.router.guard import RequestGuard, RouterState
 from alignedserve.router.http_errors import ErrorReplies, ModelNotFoundError
-from alignedserve.router.preprocess import GenerationInput, Limits, chat_input, completion_input
+from alignedserve.router.preprocess import Generations, Limits, chat_inputs, completion_inputs
 from alignedserve.router.request_stats import RequestStats, init_series
 from alignedserve.router.schemas import ChatCompletionRequest, CompletionRequest
 from alignedserve.router.serving import respond
@@ -76,31 +76,33 @@ def create_app(config: RouterConfig, client: BatcherClient) -> FastAPI:
             raise ModelNotFoundError(model_field)
 
     async def run(
-        request: Request, arrival_s: float, gen: GenerationInput, fmt: ResponseFormat
+        request: Request, arrival_s: float, gens: Generations, fmt: ResponseFormat
     ) -> Response:
-        stats = RequestStats(model_name, arrival_s, len(gen.prompt_ids))
-        deltas = generate_text(client, tokenizer, gen, stats)
-        return await respond(request, deltas, fmt, gen, errors)
+        stats = [RequestStats(model_name, arrival_s, len(g.prompt_ids)) for g in gens.inputs]
+        deltas = generate_choices(client, tokenizer, gens.inputs, stats)
+        return await respond(request, deltas, fmt, gens, errors)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival_s = time.monotonic()
         admit(body.model)
-        gen = completion_input(body, tokenizer, limits, f"cmpl-{uuid.uuid4().hex}")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        gens = completion_inputs(body, tokenizer, limits, request_id)
         fmt = CompletionFormat(
-            gen.request_id, model_name, int(time.time()), tokenizer, gen.params.logprobs
+            request_id, model_name, int(time.time()), tokenizer, gens.first.params.logprobs
         )
-        return await run(request, arrival_s, gen, fmt)
+        return await run(request, arrival_s, gens, fmt)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival_s = time.monotonic()
         admit(body.model)
-        gen = chat_input(body, tokenizer, limits, f"chatcmpl-{uuid.uuid4().hex}")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        gens = chat_inputs(body, tokenizer, limits, request_id)
         fmt = ChatFormat(
-            gen.request_id, model_name, int(time.time()), tokenizer, gen.params.logprobs
+            request_id, model_name, int(time.time()), tokenizer, gens.first.params.logprobs
         )
-        return await run(request, arrival_s, gen, fmt)
+        return await run(request, arrival_s, gens, fmt)
 
     card = {
         "id": model_name,

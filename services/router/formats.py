@@ -1,5 +1,5 @@
 """OpenAI's response shapes for /v1/completions and /v1/chat/completions: streamed chunks and
-whole responses, built from the same deltas."""
+whole responses, built from the same deltas, each delta of one choice (by its index)."""
 
 from __future__ import annotations
 
@@ -22,18 +22,19 @@ def usage_json(usage: Usage) -> Json:
 
 
 class ResponseFormat(Protocol):
-    def prelude(self) -> list[Json]:
+    def prelude(self, num_choices: int) -> list[Json]:
         """Chunks streamed before the first delta."""
         ...
 
-    def chunk(self, delta: Delta) -> Json | None:
-        """The streamed chunk for one delta; None when it has nothing to tell."""
+    def chunk(self, index: int, delta: Delta) -> Json | None:
+        """The streamed chunk for one delta of choice `index`; None when it has nothing to
+        tell."""
         ...
 
     def usage_chunk(self, usage: Usage) -> Json: ...
 
-    def response(self, deltas: Sequence[Delta]) -> Json:
-        """The whole, non-streamed response."""
+    def response(self, choices: Sequence[Sequence[Delta]], usage: Usage) -> Json:
+        """The whole, non-streamed response: each choice's deltas, in index order."""
         ...
 
 
@@ -69,7 +70,7 @@ class _Format:
         has_logprobs = self._logprobs and bool(delta.token_ids)
         return not (delta.text or delta.finish_reason or has_logprobs)
 
-    def prelude(self) -> list[Json]:
+    def prelude(self, num_choices: int) -> list[Json]:
         return []
 
     def usage_chunk(self, usage: Usage) -> Json:
@@ -83,51 +84,44 @@ class CompletionFormat(_Format):
         self, request_id: str, model: str, created: int, tokenizer: Tokenizer, logprobs: bool
     ):
         super().__init__(request_id, model, created, tokenizer, logprobs)
-        self._text_offset = 0  # of the next token in the completion's text
+        self._text_offsets: dict[int, int] = {}  # choice -> its next token's text offset
 
-    def _logprobs_json(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> Json | None:
+    def _logprobs_json(
+        self, index: int, token_ids: Sequence[int], logprobs: Sequence[float]
+    ) -> Json | None:
         if not self._logprobs:
             return None
         result: Json = {"tokens": [], "token_logprobs": [], "text_offset": []}
+        offset = self._text_offsets.get(index, 0)
         for token_id, logprob in zip(token_ids, logprobs, strict=True):
             token = self._token_text(token_id)
             result["tokens"].append(token)
             result["token_logprobs"].append(logprob)
-            result["text_offset"].append(self._text_offset)
-            self._text_offset += len(token)
+            result["text_offset"].append(offset)
+            offset += len(token)
+        self._text_offsets[index] = offset
         # Alternatives are not computed: top_logprobs stays null.
         return {**result, "top_logprobs": None}
 
-    def _choice(
-        self,
-        text: str,
-        token_ids: Sequence[int],
-        logprobs: Sequence[float],
-        finish_reason: str | None,
-    ) -> Json:
+    def _choice(self, index: int, deltas: Sequence[Delta]) -> Json:
         return {
-            "index": 0,
-            "text": text,
-            "logprobs": self._logprobs_json(token_ids, logprobs),
-            "finish_reason": finish_reason,
-        }
+            "index": index,
+            "text": "".join(d.text for d in deltas),
+            "logprobs": self._logprobs_json(
+                index, [t for d in deltas for t in d.token_ids],
+                [lp for d in deltas for lp in d.logprobs],
+            ),
+            "finish_reason": deltas[-1].finish_reason,
+        }  # fmt: skip
 
-    def chunk(self, delta: Delta) -> Json | None:
+    def chunk(self, index: int, delta: Delta) -> Json | None:
         if self._is_empty(delta):
             return None
-        choice = self._choice(delta.text, delta.token_ids, delta.logprobs, delta.finish_reason)
-        return self._envelope(self.chunk_object_name, [choice])
+        return self._envelope(self.chunk_object_name, [self._choice(index, [delta])])
 
-    def response(self, deltas: Sequence[Delta]) -> Json:
-        last = deltas[-1]
-        assert last.usage is not None, "the last delta carries usage"
-        choice = self._choice(
-            "".join(d.text for d in deltas),
-            [t for d in deltas for t in d.token_ids],
-            [lp for d in deltas for lp in d.logprobs],
-            last.finish_reason,
-        )
-        return {**self._envelope("text_completion", [choice]), "usage": usage_json(last.usage)}
+    def response(self, choices: Sequence[Sequence[Delta]], usage: Usage) -> Json:
+        body = [self._choice(i, deltas) for i, deltas in enumerate(choices)]
+        return {**self._envelope("text_completion", body), "usage": usage_json(usage)}
 
 
 class ChatFormat(_Format):
@@ -149,37 +143,39 @@ class ChatFormat(_Format):
             )
         return {"content": content}
 
-    def prelude(self) -> list[Json]:
-        # OpenAI's first chunk names the role, with empty content.
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return [self._envelope(self.chunk_object_name, [choice])]
+    def prelude(self, num_choices: int) -> list[Json]:
+        # OpenAI's first chunk of each choice names the role, with empty content.
+        return [
+            self._envelope(
+                self.chunk_object_name,
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}],
+            )
+            for i in range(num_choices)
+        ]  # fmt: skip
 
-    def chunk(self, delta: Delta) -> Json | None:
+    def chunk(self, index: int, delta: Delta) -> Json | None:
         if self._is_empty(delta):
             return None
         choice = {
-            "index": 0,
+            "index": index,
             "delta": {"content": delta.text} if delta.text else {},
             "logprobs": self._logprobs_json(delta.token_ids, delta.logprobs),
             "finish_reason": delta.finish_reason,
         }
         return self._envelope(self.chunk_object_name, [choice])
 
-    def response(self, deltas: Sequence[Delta]) -> Json:
-        last = deltas[-1]
-        assert last.usage is not None, "the last delta carries usage"
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
-            "logprobs": self._logprobs_json(
-                [t for d in deltas for t in d.token_ids],
-                [lp for d in deltas for lp in d.logprobs],
-            ),
-            "finish_reason": last.finish_reason,
-        }
-        return {**self._envelope("chat.completion", [choice]), "usage": usage_json(last.usage)}
+    def response(self, choices: Sequence[Sequence[Delta]], usage: Usage) -> Json:
+        body = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+                "logprobs": self._logprobs_json(
+                    [t for d in deltas for t in d.token_ids],
+                    [lp for d in deltas for lp in d.logprobs],
+                ),
+                "finish_reason": deltas[-1].finish_reason,
+            }
+            for i, deltas in enumerate(choices)
+        ]
+        return {**self._envelope("chat.completion", body), "usage": usage_json(usage)}

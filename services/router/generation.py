@@ -1,10 +1,11 @@
 """One request's token stream from a batcher -> text deltas: incremental detokenization (a
-multi-byte character is never split across deltas), stop strings, usage, metrics."""
+multi-byte character is never split across deltas), stop strings, usage, metrics; and the
+choices of one API request (several prompts, n samples each), merged as they come."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
@@ -100,3 +101,47 @@ async def generate_text(
         if not finished:
             stats.on_finish("abort")
         raise
+
+
+async def generate_choices(
+    client: BatcherClient,
+    tokenizer: Tokenizer,
+    requests: Sequence[GenerationInput],
+    stats: Sequence[RequestStats],
+) -> AsyncGenerator[tuple[int, Delta], None]:
+    """(choice index, delta) of every request, as each comes; it ends once each request has
+    sent its last delta. A request's error ends them all, and closing the iterator early
+    cancels every batcher call still running."""
+    if len(requests) == 1:  # no task in between: a request's tokens go straight through
+        async with aclosing(generate_text(client, tokenizer, requests[0], stats[0])) as deltas:
+            async for delta in deltas:
+                yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        deltas = generate_text(client, tokenizer, requests[index], stats[index])
+        try:
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    queue.put_nowait((index, delta, None))
+                    if delta.finish_reason is not None:
+                        return
+            raise RuntimeError(f"choice {index}'s token stream ended before its last delta")
+        except Exception as exc:  # to the consumer, which stops the others
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(requests))]
+    try:
+        running = len(requests)
+        while running:
+            index, delta, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            assert delta is not None
+            running -= delta.finish_reason is not None
+            yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,10 +1,11 @@
-"""A validated request body -> what the batcher is asked to do: prompt token ids, sampling
-parameters, stop strings. Every refusal is an InvalidRequestError naming the field."""
+"""A validated request body -> what the batcher is asked to do: one generation per choice
+(each prompt of a batch, n samples of each), with its prompt token ids, sampling parameters
+and stop strings. Every refusal is an InvalidRequestError naming the field."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from alignedserve.common.errors import InvalidRequestError
@@ -36,9 +37,27 @@ class GenerationInput:
     continuous_usage: bool  # streaming: and every chunk with the usage so far
 
 
+# Choices one request may ask for (prompts x n): each is a request of its own to a batcher,
+# and a request's choices are admitted together or not at all.
+MAX_CHOICES = 256
+SEED_RANGE = 2**63  # SamplingParams' seeds: sample j of a prompt takes seed + j, wrapped
+
+
+@dataclass(frozen=True)
+class Generations:
+    """One API request's generations: a choice per (prompt, sample), numbered prompt-major as
+    OpenAI numbers them. They share the request's stream options."""
+
+    inputs: tuple[GenerationInput, ...]
+    num_prompt_tokens: int  # usage: each prompt counted once, however many samples it has
+
+    @property
+    def first(self) -> GenerationInput:
+        return self.inputs[0]
+
+
 # field -> (values that change nothing, so that ignoring the feature is exact; what we support)
 _SHARED_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((None, 1), "only n=1"),
     "presence_penalty": ((None, 0), "no penalties"),
     "frequency_penalty": ((None, 0), "no penalties"),
     "repetition_penalty": ((None, 1), "no penalties"),
@@ -58,9 +77,9 @@ _CHAT_UNSUPPORTED = {
 }
 
 
-def completion_input(
+def completion_inputs(
     req: CompletionRequest, tokenizer: Tokenizer, limits: Limits, request_id: str
-) -> GenerationInput:
+) -> Generations:
     _refuse_unsupported(req, {**_SHARED_UNSUPPORTED, **_COMPLETION_UNSUPPORTED})
     if req.logprobs is not None and not 0 <= req.logprobs <= 1:
         raise InvalidRequestError(
@@ -69,41 +88,69 @@ def completion_input(
         )
     if not req.prompt:
         raise InvalidRequestError("prompt is empty", param="prompt")
-    if isinstance(req.prompt, str):
-        prompt_ids = tokenizer.encode(req.prompt)
-    else:
-        _check_token_ids(req.prompt, limits, "prompt")
-        prompt_ids = req.prompt
-    return _generation_input(
-        req,
-        request_id,
-        prompt_ids,
-        prompt_param="prompt",
-        max_param="max_tokens",
-        num_max=req.max_tokens,
-        logprobs=req.logprobs is not None,
-        limits=limits,
-    )
+    single = isinstance(req.prompt, str) or isinstance(req.prompt[0], int)
+    batch = [req.prompt] if single else req.prompt  # a list of strings or of id lists
+    prompts = []
+    for i, prompt in enumerate(batch):
+        param = "prompt" if single else f"prompt[{i}]"
+        if not prompt:
+            raise InvalidRequestError(f"{param} is empty", param=param)
+        if isinstance(prompt, str):
+            prompts.append((param, tokenizer.encode(prompt)))
+        else:
+            _check_token_ids(prompt, limits, param)
+            prompts.append((param, prompt))
+    return _generations(req, request_id, prompts, "max_tokens", req.max_tokens,
+                        req.logprobs is not None, limits)  # fmt: skip
 
 
-def chat_input(
+def chat_inputs(
     req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits, request_id: str
-) -> GenerationInput:
+) -> Generations:
     _refuse_unsupported(req, {**_SHARED_UNSUPPORTED, **_CHAT_UNSUPPORTED})
     # The rendered template starts with its own BOS: encode without adding another.
     text = tokenizer.apply_chat_template([_message(m) for m in req.messages])
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     max_param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-    return _generation_input(
-        req,
-        request_id,
-        prompt_ids,
-        prompt_param="messages",
-        max_param=max_param,
-        num_max=getattr(req, max_param),
-        logprobs=bool(req.logprobs),
-        limits=limits,
-    )
+    return _generations(req, request_id, [("messages", prompt_ids)], max_param,
+                        getattr(req, max_param), bool(req.logprobs), limits)  # fmt: skip
+
+
+def _generations(
+    req: GenerationRequest,
+    request_id: str,
+    prompts: list[tuple[str, Sequence[int]]],  # (the field that carried it, token ids)
+    max_param: str,
+    num_max: int | None,
+    logprobs: bool,
+    limits: Limits,
+) -> Generations:
+    """n samples of each prompt. Sample j of a prompt takes the request's seed + j, so that a
+    seeded request's choices differ from each other and repeat exactly."""
+    n = 1 if req.n is None else req.n
+    if n < 1:
+        raise InvalidRequestError(f"n={n} must be >= 1", param="n")
+    if len(prompts) * n > MAX_CHOICES:
+        raise InvalidRequestError(
+            f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} choices: at most "
+            f"{MAX_CHOICES} in one request",
+            param="n" if n > 1 else "prompt",
+        )
+    inputs = []
+    for param, prompt_ids in prompts:
+        one = _generation_input(req, request_id, prompt_ids, prompt_param=param,
+                                max_param=max_param, num_max=num_max, logprobs=logprobs,
+                                limits=limits)  # fmt: skip
+        for j in range(n):
+            seed = one.params.seed
+            params = one.params if seed is None else replace(
+                one.params, seed=(seed + j) % SEED_RANGE
+            )  # fmt: skip
+            inputs.append(replace(one, params=params))
+    if len(inputs) > 1:  # each choice is a batcher request of its own
+        inputs = [replace(g, request_id=f"{request_id}-{k}") for k, g in enumerate(inputs)]
+    num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+    return Generations(tuple(inputs), num_prompt_tokens)
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:

@@ -23,11 +23,21 @@ def _is_int(value: Any) -> bool:
 
 # Union fields are checked as a whole before pydantic sees them: its own error for a union
 # lists one complaint per member, under loc entries named after types.
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(map(_is_int, value))
+
+
 def _prompt(value: Any) -> Any:
-    if isinstance(value, str) or (isinstance(value, list) and all(map(_is_int, value))):
+    """One prompt (a string, or token ids) or a batch of them (a list of either kind)."""
+    if isinstance(value, str) or _is_ids(value):
+        return value
+    if isinstance(value, list) and (
+        all(isinstance(p, str) for p in value) or all(map(_is_ids, value))
+    ):
         return value
     raise PydanticCustomError(
-        "prompt_type", "must be a string or a list of token ids (batches are not supported)"
+        "prompt_type",
+        "must be a string, a list of token ids, or a batch: a list of strings or of token id lists",
     )
 
 
@@ -54,7 +64,7 @@ def _content(value: Any) -> Any:
     )
 
 
-Prompt = Annotated[str | list[int], BeforeValidator(_prompt)]
+Prompt = Annotated[str | list[int] | list[str] | list[list[int]], BeforeValidator(_prompt)]
 Stop = Annotated[str | list[str] | None, BeforeValidator(_stop)]
 
 
@@ -82,8 +92,8 @@ class GenerationRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
+    n: int | None = None  # choices per prompt (None: 1)
     # known, not implemented: refused unless neutral
-    n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None

@@ -1,5 +1,5 @@
 """Answering one generation request, streamed (server-sent events) or whole, and stopping its
-generation as soon as the client goes away."""
+generations (one per choice) as soon as the client goes away."""
 
 from __future__ import annotations
 
@@ -18,27 +18,31 @@ from starlette.types import Receive, Send
 from alignedserve.router.formats import ResponseFormat, usage_json
 from alignedserve.router.generation import Delta
 from alignedserve.router.http_errors import ErrorReplies
-from alignedserve.router.preprocess import GenerationInput
+from alignedserve.router.preprocess import Generations
 from alignedserve.router.wire import Usage
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 
 
+Choice = tuple[int, Delta]  # a delta of the choice with that index
+
+
 async def respond(
     request: Request,
-    deltas: AsyncGenerator[Delta, None],
+    deltas: AsyncGenerator[Choice, None],
     fmt: ResponseFormat,
-    gen: GenerationInput,
+    gens: Generations,
     errors: ErrorReplies,
 ) -> Response:
-    if not gen.stream:
-        collected = await until_disconnect(request, _collect(deltas))
-        return JSONResponse(fmt.response(collected))
+    if not gens.first.stream:
+        choices = await until_disconnect(request, _collect(deltas, len(gens.inputs)))
+        usage = Usage(gens.num_prompt_tokens, sum(len(d.token_ids) for c in choices for d in c))
+        return JSONResponse(fmt.response(choices, usage))
     # Wait for the first delta before answering, so that admission errors (429 queue full,
     # 503 draining) get their own status instead of an error event inside a 200.
     first = await until_disconnect(request, anext(deltas))
-    return EventStreamResponse(_events(first, deltas, fmt, gen, errors))
+    return EventStreamResponse(_events(first, deltas, fmt, gens, errors))
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
@@ -60,8 +64,11 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
-async def _collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
-    return [delta async for delta in deltas]
+async def _collect(deltas: AsyncIterator[Choice], num_choices: int) -> list[list[Delta]]:
+    choices: list[list[Delta]] = [[] for _ in range(num_choices)]
+    async for index, delta in deltas:
+        choices[index].append(delta)
+    return choices
 
 
 def _event(data: dict[str, Any]) -> str:
@@ -69,36 +76,37 @@ def _event(data: dict[str, Any]) -> str:
 
 
 async def _events(
-    first: Delta,
-    deltas: AsyncGenerator[Delta, None],
+    first: Choice,
+    deltas: AsyncGenerator[Choice, None],
     fmt: ResponseFormat,
-    gen: GenerationInput,
+    gens: Generations,
     errors: ErrorReplies,
 ) -> AsyncGenerator[str, None]:
-    num_prompt = len(gen.prompt_ids)
-    num_tokens = 0  # generated so far, the held-back deltas' included
+    num_prompt = gens.num_prompt_tokens
+    num_tokens = 0  # generated so far by every choice, the held-back deltas' included
+    running = len(gens.inputs)  # choices without their last delta yet
     async with aclosing(deltas):
-        for chunk in fmt.prelude():
+        for chunk in fmt.prelude(running):
             yield _event(chunk)
-        delta = first
+        index, delta = first
         try:
             while True:
                 num_tokens += len(delta.token_ids)
-                chunk = fmt.chunk(delta)
+                chunk = fmt.chunk(index, delta)
                 if chunk is not None:
-                    if gen.continuous_usage:
+                    if gens.first.continuous_usage:
                         chunk["usage"] = usage_json(Usage(num_prompt, num_tokens))
                     yield _event(chunk)
-                if delta.finish_reason is not None:
+                running -= delta.finish_reason is not None
+                if not running:
                     break
-                delta = await anext(deltas)
+                index, delta = await anext(deltas)
         except Exception as exc:
             # The 200 is out: the error travels as an event, as OpenAI's and vLLM's do.
             yield _event(errors.event(exc))
         else:
-            if gen.include_usage:
-                assert delta.usage is not None, "the last delta carries usage"
-                yield _event(fmt.usage_chunk(delta.usage))
+            if gens.first.include_usage:
+                yield _event(fmt.usage_chunk(Usage(num_prompt, num_tokens)))
     yield DONE
 
 
