@@ -36,6 +36,7 @@ VARIANTS = (
     "fcfs-dp2-byrequests",
     "vllm",
     "vllm-samekv",
+    "vllm-dp2",
 )
 
 
@@ -86,10 +87,12 @@ VARIANT_TEXT = {
     "vllm": "vLLM's OpenAI server on --device with its defaults for this GPU (V1 engine, "
     "torch.compile, CUDA graphs, chunked prefill, prefix caching), bf16, 0.9 of the GPU's memory",
     "vllm-samekv": "vllm with our engines' device KV (--kv-cache-memory-bytes of --device-kv-gib)",
+    "vllm-dp2": "vLLM's data parallelism over --device and --prefetch-device "
+    "(--data-parallel-size 2), each engine with our device KV",
 }
 
 # other projects' servers: compared with, never judged by issue 6's targets
-PEER_SERVERS = ("vllm", "vllm-samekv")
+PEER_SERVERS = ("vllm", "vllm-samekv", "vllm-dp2")
 
 
 MIN_PEER_RATIO = 10.0  # issue 6: at least 10x the transformers peer's output tok/s

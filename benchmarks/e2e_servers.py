@@ -183,13 +183,16 @@ def start_dp2(policy, args, model, env, blocks, tiers, logs: Path, balance_by: s
 def start_vllm(policy, args, model: Path, env: dict[str, str], tiers, logs: Path) -> None:
     """vLLM's OpenAI server on args.device, from the packages under args.vllm_site (put first
     on its path: vLLM pins its own FastAPI), with its defaults for the GPU (0.9 of its memory)
-    or, as vllm-samekv, our engines' device KV (--device-kv-gib); ready once it lists its
-    model."""
+    or, as vllm-samekv, our engines' device KV (--device-kv-gib); as vllm-dp2, vLLM's own
+    data parallelism over args.device and args.prefetch_device, each engine with our device KV
+    (fcfs-dp2's setup); ready once it lists its model. The environment is ours, NCCL's
+    settings (NVLink multicast off) included."""
     if not args.vllm_site:
         raise RuntimeError("the vllm variant needs --vllm-site (vLLM and its packages)")
     child = dict(env)
     child["PYTHONPATH"] = ":".join(p for p in (args.vllm_site, env.get("PYTHONPATH")) if p)
-    child["CUDA_VISIBLE_DEVICES"] = args.device.removeprefix("cuda:") or "0"
+    devices = [args.device, args.prefetch_device] if policy == "vllm-dp2" else [args.device]
+    child["CUDA_VISIBLE_DEVICES"] = ",".join(d.removeprefix("cuda:") or "0" for d in devices)
     # vLLM's start samples once with top-k/top-p (_dummy_sampler_run), which compiles
     # FlashInfer's sampling kernels from source (their prebuilt cubins are not bundled): ~2 of
     # its ~4 minutes. The bench's requests are greedy, and vLLM decides all-greedy batches by
@@ -199,7 +202,9 @@ def start_vllm(policy, args, model: Path, env: dict[str, str], tiers, logs: Path
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(args.port), "--dtype", "bfloat16",
     ]  # fmt: skip
-    if policy == "vllm-samekv":
+    if policy == "vllm-dp2":
+        cmd += ["--data-parallel-size", "2"]
+    if policy in ("vllm-samekv", "vllm-dp2"):
         cmd += ["--kv-cache-memory-bytes", str(int(args.device_kv_gib * 2**30))]
     else:
         cmd += ["--gpu-memory-utilization", "0.9"]

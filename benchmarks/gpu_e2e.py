@@ -54,6 +54,9 @@ The variants (--policies; --baseline names the one aligned is compared with):
   0.9 of an H200 gives it ~100 GiB): the engines compared at equal KV memory. (Before the
   thirty-eighth session's last commits fcfs's CPU pool capped its device's KV: --pool-gib 48
   left it 48 GiB; fcfs now reserves no pool.)
+- vllm-dp2: vLLM's own data parallelism (--data-parallel-size 2) over --device and
+  --prefetch-device, each engine with our device KV: vLLM as fcfs-dp2 deploys our engines,
+  the pair's peer for issue 6's stretch.
 
     python3 benchmarks/gpu_e2e.py --model-shape llama3-8b --num-requests 100 \\
         --rate 4 --rate 6 --rate 8 --peer-requests 48 --out "$OUT"  # nvidia-h200-x2; carry .wheels
@@ -111,7 +114,7 @@ import_alignedserve()
 from alignedserve.common.kv_layout import KVLayout  # noqa: E402
 from alignedserve.common.model_config import ModelConfig  # noqa: E402
 
-BASELINES = ("fcfs", "fcfs-dp2", "vllm", "vllm-samekv")
+BASELINES = ("fcfs", "fcfs-dp2", "vllm", "vllm-samekv", "vllm-dp2")
 TINY_VOCAB = 8192  # a dry run's vocabulary: as in the full ones, nearly every id is a word
 SERVER_OVERHEAD_S = 60.0  # reserved for each server still to start and stop
 

@@ -42,14 +42,15 @@ def e2e_servers():
 
 
 @pytest.mark.parametrize(
-    ("variant", "kv_flag"),
+    ("variant", "kv_flag", "devices"),
     [
-        ("vllm", ["--gpu-memory-utilization", "0.9"]),
-        ("vllm-samekv", ["--kv-cache-memory-bytes", str(88 * 2**30)]),  # our device KV
+        ("vllm", ["--gpu-memory-utilization", "0.9"], "1"),
+        ("vllm-samekv", ["--kv-cache-memory-bytes", str(88 * 2**30)], "1"),  # our device KV
+        ("vllm-dp2", ["--kv-cache-memory-bytes", str(88 * 2**30)], "1,0"),  # both GPUs
     ],
 )
 def test_a_vllm_variant_starts_from_its_site_with_the_kv_it_is_given(
-    e2e_servers, tmp_path, variant, kv_flag
+    e2e_servers, tmp_path, variant, kv_flag, devices
 ):
     site = tmp_path / "site"
     api = site / "vllm" / "entrypoints" / "openai"
@@ -59,19 +60,23 @@ def test_a_vllm_variant_starts_from_its_site_with_the_kv_it_is_given(
     (api / "api_server.py").write_text(textwrap.dedent(STAND_IN))
     started_as = tmp_path / "started.json"
     args = SimpleNamespace(
-        vllm_site=str(site), device="cuda:1", port=free_port(), pool_gib=48, device_kv_gib=88
-    )
+        vllm_site=str(site), device="cuda:1", prefetch_device="cuda:0", port=free_port(),
+        pool_gib=48, device_kv_gib=88,
+    )  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/ours", "STARTED_AS": str(started_as)}
     model = Path("/models/opt-13b-random")
     with e2e_servers.serving(variant, args, model, env, 0, tmp_path / "logs"):
         started = json.loads(started_as.read_text())
         assert e2e_servers.http_get(f"http://127.0.0.1:{args.port}/v1/models") is not None
     assert started["pythonpath"] == f"{site}:/ours"  # vLLM's own FastAPI first
-    assert started["devices"] == "1"
+    assert started["devices"] == devices
     assert started["flashinfer_sampler"] == "0"  # no JIT compile at start (greedy bench)
     argv = started["argv"]
     assert argv[argv.index("--model") + 1] == str(model)
     assert argv[-2:] == kv_flag
+    assert ("--data-parallel-size" in argv) == (variant == "vllm-dp2")
+    if variant == "vllm-dp2":
+        assert argv[argv.index("--data-parallel-size") + 1] == "2"
     assert e2e_servers.http_get(f"http://127.0.0.1:{args.port}/v1/models") is None  # stopped
 
 
