@@ -115,6 +115,27 @@ def test_n_seeded_samples_and_a_batch_of_prompts_through_the_stack(stack, model_
     assert got.usage.completion_tokens == 30
 
 
+def test_logit_bias_forces_a_token_and_bans_another_through_the_stack(stack, model_dir):
+    c = client(stack)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    args = dict(model=stack.model, prompt="Once upon", max_tokens=6, temperature=0,
+                extra_body={"ignore_eos": True}, logprobs=1)  # fmt: skip
+    plain = c.completions.create(**args)
+    first = tokenizer.encode(plain.choices[0].logprobs.tokens[0], add_special_tokens=False)[0]
+    (x,) = tokenizer.encode("x", add_special_tokens=False)
+    forced = c.completions.create(**args, logit_bias={str(x): 100})
+    assert forced.choices[0].text == "x" * 6
+    banned = c.completions.create(**args, logit_bias={str(first): -100})
+    assert banned.choices[0].logprobs.tokens[0] != plain.choices[0].logprobs.tokens[0]
+    # sampled rows keep the bias too; min_p = 1 keeps only the most likely token: greedy
+    sampled = c.completions.create(
+        **{**args, "temperature": 1.0, "extra_body": {"ignore_eos": True, "min_p": 1.0}}, seed=4
+    )
+    assert sampled.choices[0].text == plain.choices[0].text
+    unfiltered = c.completions.create(**{**args, "temperature": 1.0}, seed=4)
+    assert unfiltered.choices[0].text != plain.choices[0].text  # so min_p made the difference
+
+
 def test_200_concurrent_streams_then_50_aborted_free_their_blocks(stack):
     async def main():
         limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)

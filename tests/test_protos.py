@@ -33,6 +33,7 @@ def test_generated_code_is_current():
         SamplingParams(seed=2**63 - 1, stop_token_ids=(1, 2, 3), ignore_eos=True, logprobs=True),
         SamplingParams(temperature=0.0),
         SamplingParams(max_tokens=4096, is_default_max_tokens=True),
+        SamplingParams(min_p=0.05, logit_bias=((3, -100.0), (17, 2.5), (50000, 100.0))),
     ],
 )
 def test_sampling_params_round_trip(params):

@@ -275,6 +275,16 @@ def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error_event(client,
         list(stream)
 
 
+def test_min_p_and_logit_bias_reach_the_batcher(client, fake):
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+        logit_bias={"97": 100, "5": -100, "12": 2.5}, extra_body={"min_p": 0.1},
+    )  # fmt: skip
+    params = fake.requests[-1][2]
+    assert params.min_p == 0.1
+    assert params.logit_bias == ((5, -100.0), (12, 2.5), (97, 100.0))
+
+
 def test_a_max_tokens_the_router_fills_in_is_marked_so(client, fake):
     """Without max_tokens the router sends the context's room (at most default_max_tokens),
     marked as filled in: the batcher's load order ranks only the max_tokens clients set."""
@@ -730,6 +740,34 @@ BAD_INPUTS = {
         400,
         "presence_penalty",
         "not supported",
+    ),
+    "logit_bias key not a token id": (
+        CHAT,
+        {"model": MODEL, "messages": USER, "logit_bias": {"hello": 5}},
+        400,
+        "logit_bias",
+        "not a token id",
+    ),
+    "logit_bias key outside the vocabulary": (
+        COMPLETIONS,
+        {"model": MODEL, "prompt": "hi", "logit_bias": {"99999": -100}},
+        400,
+        "logit_bias",
+        "99999",
+    ),
+    "logit_bias value out of range": (
+        COMPLETIONS,
+        {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 150}},
+        400,
+        "logit_bias",
+        "[-100, 100]",
+    ),
+    "min_p out of range": (
+        CHAT,
+        {"model": MODEL, "messages": USER, "min_p": 2},
+        400,
+        "min_p",
+        "[0, 1]",
     ),
     "seed out of range": (
         COMPLETIONS,

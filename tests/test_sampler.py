@@ -46,11 +46,14 @@ def draw_many(logits_row: torch.Tensor, params: SamplingParams, n: int) -> np.nd
     return tokens.numpy()
 
 
-def reference_probs(logits, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
-    """Independent reference: temperature, then top-k, then the smallest nucleus with mass
-    >= top_p, renormalised."""
+def reference_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> np.ndarray:
+    """Independent reference: temperature, then min-p (tokens below min_p x the top
+    probability dropped), then top-k, then the smallest nucleus with mass >= top_p,
+    renormalised."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     p = np.exp(z - z.max())
+    p /= p.sum()
+    p = np.where(p >= min_p * p.max(), p, 0.0)
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
     keep = np.zeros(len(p), dtype=bool)
@@ -203,8 +206,10 @@ def test_top_p_support(temperature, top_p, support):
         ([0.3, 1.2, -0.4, 0.9, 0.0, 0.6], dict(temperature=1.5, top_k=3)),
         (np.log(BRIEF_PROBS).tolist(), dict(temperature=1.0, top_p=0.75)),
         (np.log(BRIEF_PROBS).tolist(), dict(temperature=2.0, top_p=0.75)),
+        ([2.0, 1.0, 0.5, 0.0, -1.0], dict(temperature=1.0, min_p=0.2)),
+        ([2.0, 1.0, 0.5, 0.0, -1.0], dict(temperature=2.0, min_p=0.3, top_p=0.9)),
     ],
-    ids=["t0.5", "t2", "t1", "t1.5-topk3", "topp0.75", "t2-topp0.75"],
+    ids=["t0.5", "t2", "t1", "t1.5-topk3", "topp0.75", "t2-topp0.75", "minp0.2", "t2-minp-topp"],
 )
 def test_empirical_frequencies_match_the_processed_distribution(logits, kw):
     n = 4000
@@ -232,6 +237,12 @@ def test_empirical_frequencies_match_the_processed_distribution(logits, kw):
         ("top_k", -1),
         ("seed", -1),
         ("seed", 2**63),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("min_p", math.nan),
+        ("logit_bias", ((5, 100.5),)),
+        ("logit_bias", ((5, math.nan),)),
+        ("logit_bias", ((-1, 1.0),)),
     ],
 )
 def test_invalid_sampling_params_name_the_field(field, value):
@@ -260,6 +271,58 @@ def test_boundary_sampling_params_are_accepted(kw):
     params = SamplingParams(**kw)
     assert all(getattr(params, k) == v for k, v in kw.items())
     assert params.is_greedy == (params.temperature == 0.0)
+
+
+def test_min_p_draws_only_tokens_within_its_share_of_the_top_one():
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])  # probs relative to the top: 1, .37, .22
+    assert set(draw_many(row, sp(seed=5, min_p=0.3), 3000).tolist()) == {0, 1}
+    assert set(draw_many(row, sp(seed=5, min_p=0.2), 3000).tolist()) == {0, 1, 2}
+    assert set(draw_many(row, sp(seed=5, min_p=1.0), 500).tolist()) == {0}
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows_and_leaves_logprobs_the_models():
+    logits = random_logits(4)
+    top = logits.argmax(-1)
+    ban = [sp(temperature=0.0, logit_bias=((int(t), -100.0),)) for t in top[:2]]
+    force = [sp(temperature=t, seed=9, logit_bias=((7, 100.0),)) for t in (0.0, 1.0)]
+    tokens, logprobs = sample(logits, ban + force, [0, 1, 2, 3])
+    second = logits[:2].topk(2, dim=-1).indices[:, 1]
+    assert tokens[:2].tolist() == second.tolist()  # the top token banned: the next one
+    assert tokens[2:].tolist() == [7, 7]  # +100 forces token 7, greedy or sampled
+    model = torch.log_softmax(logits, dim=-1)
+    assert torch.equal(logprobs, model.gather(1, tokens[:, None]).squeeze(1))
+    before = logits.clone()
+    sample(logits, force, [0, 1])
+    assert torch.equal(logits, before)  # the caller's logits are left as they were
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_logit_bias_and_min_p_on_the_gpu_as_on_the_cpu():
+    logits = random_logits(6, vocab=32000)
+    params = [
+        sp(temperature=0.0, logit_bias=((int(logits[0].argmax()), -100.0), (3, 1.5))),
+        sp(temperature=0.0, logit_bias=((31999, 100.0),)),
+        sp(temperature=0.7, seed=1, min_p=1.0),  # only the top token survives: greedy
+        sp(temperature=1.0, seed=2, logit_bias=((42, 100.0),), min_p=0.5),
+        sp(temperature=0.0),
+        sp(temperature=1.3, seed=3, min_p=1.0, top_p=0.5),
+    ]
+    positions = list(range(6))
+    want, want_lp = sample(logits, params, positions)
+    got, got_lp = sample(logits.cuda(), params, positions)
+    assert got.cpu().tolist() == want.tolist()
+    assert want.tolist()[1] == 31999 and want.tolist()[3] == 42
+    assert want.tolist()[2] == int(logits[2].argmax()) and want.tolist()[5] == int(
+        logits[5].argmax()
+    )
+    torch.testing.assert_close(got_lp.cpu(), want_lp, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bias_past_the_vocabulary_is_left_out():
+    logits = random_logits(1)
+    tokens, _ = sample(logits, [sp(temperature=0.0, logit_bias=((VOCAB + 5, 100.0),))], [0])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
 def test_largest_seed_samples():

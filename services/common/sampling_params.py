@@ -20,6 +20,11 @@ class SamplingParams:
     # The router filled max_tokens in because the client set none: then it is a cap, not the
     # client's word on how long the output runs, and the scheduler does not rank by it.
     is_default_max_tokens: bool = False
+    # Sampled rows drop tokens less likely than min_p x the most likely one (after temperature).
+    min_p: float = 0.0
+    # (token id, added to its logit) in ascending id order, before greedy or sampled choice;
+    # logprobs stay the model's. OpenAI's range: [-100, 100] (-100 bans, 100 forces).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = (
@@ -28,6 +33,12 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            (
+                "logit_bias",
+                all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+                "must map token ids to values in [-100, 100]",
+            ),
         )
         for name, ok, rule in checks:
             if not ok:

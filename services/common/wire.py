@@ -17,6 +17,8 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         is_default_max_tokens=p.is_default_max_tokens,
+        min_p=p.min_p,
+        logit_bias=dict(p.logit_bias),
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -35,6 +37,8 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
         is_default_max_tokens=msg.is_default_max_tokens,
+        min_p=msg.min_p,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
     )
 
 

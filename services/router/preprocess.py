@@ -61,9 +61,7 @@ _SHARED_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "presence_penalty": ((None, 0), "no penalties"),
     "frequency_penalty": ((None, 0), "no penalties"),
     "repetition_penalty": ((None, 1), "no penalties"),
-    "logit_bias": ((None, {}), "no logit_bias"),
     "min_tokens": ((None, 0), "no min_tokens"),
-    "min_p": ((None, 0), "no min_p"),
 }
 _COMPLETION_UNSUPPORTED = {
     "echo": ((None, False), "no echo"),
@@ -180,6 +178,20 @@ def _check_token_ids(ids: Sequence[int], limits: Limits, param: str) -> None:
         )
 
 
+def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> (id, bias) pairs in id order; SamplingParams checks the
+    values."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= limits.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias key {key!r} is not a token id in [0, {limits.vocab_size})",
+                param="logit_bias",
+            )
+        pairs.append((int(key), value))
+    return tuple(sorted(pairs))
+
+
 def _generation_input(
     req: GenerationRequest,
     request_id: str,
@@ -219,6 +231,8 @@ def _generation_input(
     if "" in stop:
         raise InvalidRequestError("stop strings must not be empty", param="stop")
     params = SamplingParams(
+        min_p=0.0 if req.min_p is None else req.min_p,
+        logit_bias=_logit_bias(req.logit_bias, limits),
         max_tokens=num_max,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,

@@ -93,13 +93,13 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
     n: int | None = None  # choices per prompt (None: 1)
+    min_p: float | None = None  # extension (None: 0, off)
+    logit_bias: dict[str, float] | None = None  # {"token id": added to its logit}
     # known, not implemented: refused unless neutral
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
-    min_p: float | None = None
 
 
 class CompletionRequest(GenerationRequest):

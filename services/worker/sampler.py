@@ -27,7 +27,8 @@ def sample(
     positions: Sequence[int],  # position of the token being sampled, per row
 ) -> tuple[torch.Tensor, torch.Tensor]:  # token ids [M], logprob of each under the model [M]
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1)  # the model's, before any logit_bias
+    logits = _biased(logits, params)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rows:
@@ -46,12 +47,31 @@ def sample(
     return tokens, chosen
 
 
+def _biased(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The rows' logit_bias added (a new tensor; the same one when no row has a bias). Ids
+    past the vocabulary are left out (the router refuses them)."""
+    vocab = logits.shape[-1]
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if t < vocab]
+    if not entries:
+        return logits
+    rows, ids, values = zip(*entries, strict=True)
+    device = logits.device
+    index = (tensor_on(rows, torch.long, device), tensor_on(ids, torch.long, device))
+    return logits.index_put(index, tensor_on(values, torch.float32, device), accumulate=True)
+
+
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus), as vLLM and transformers order them."""
+    """Temperature, then min-p, then top-k, then top-p (nucleus): temperature first, as vLLM
+    and transformers do."""
     device = logits.device
     # every host value goes through tensor_on: the host must not wait for the device here
     temps = tensor_on([p.temperature for p in params], torch.float32, device)
     logits = logits / temps[:, None]
+    if any(p.min_p > 0 for p in params):
+        min_p = tensor_on([p.min_p for p in params], torch.float32, device)
+        probs = logits.softmax(dim=-1)
+        floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_k = tensor_on(top_k, torch.long, device)
