@@ -1213,7 +1213,7 @@ def test_a_stop_string_inside_a_merged_chunk_ends_the_output_at_its_token(tokeni
             return True
 
     params = SamplingParams(max_tokens=50)
-    request = GenerationInput("r", (1, 2), params, ("brown",), True, True, False)
+    request = GenerationInput("r", (1, 2), params, ("brown",))
 
     client = OneChunk()
 

@@ -32,9 +32,6 @@ class GenerationInput:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     stop: tuple[str, ...]  # stop strings, matched by the router on the text
-    stream: bool
-    include_usage: bool  # streaming: a last chunk with usage and no choices
-    continuous_usage: bool  # streaming: and every chunk with the usage so far
 
 
 # Choices one request may ask for (prompts x n): each is a request of its own to a batcher,
@@ -50,6 +47,9 @@ class Generations:
 
     inputs: tuple[GenerationInput, ...]
     num_prompt_tokens: int  # usage: each prompt counted once, however many samples it has
+    stream: bool
+    include_usage: bool  # streaming: a last chunk with usage and no choices
+    continuous_usage: bool  # streaming: and every chunk with the usage so far
 
     @property
     def first(self) -> GenerationInput:
@@ -124,7 +124,8 @@ def _generations(
     limits: Limits,
 ) -> Generations:
     """n samples of each prompt. Sample j of a prompt takes the request's seed + j, so that a
-    seeded request's choices differ from each other and repeat exactly."""
+    seeded request's choices differ from each other and repeat exactly. What the request's
+    choices share (stop strings, sampling settings, stream options) is read once."""
     n = 1 if req.n is None else req.n
     if n < 1:
         raise InvalidRequestError(f"n={n} must be >= 1", param="n")
@@ -134,21 +135,73 @@ def _generations(
             f"{MAX_CHOICES} in one request",
             param="n" if n > 1 else "prompt",
         )
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
+    lengths = [_max_tokens(ids, param, max_param, num_max, limits) for param, ids in prompts]
+    stop_ids = req.stop_token_ids or []
+    _check_token_ids(stop_ids, limits, "stop_token_ids")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if "" in stop:
+        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    shared = dict(
+        min_p=0.0 if req.min_p is None else req.min_p,
+        logit_bias=_logit_bias(req.logit_bias, limits),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+    )
     inputs = []
-    for param, prompt_ids in prompts:
-        one = _generation_input(req, request_id, prompt_ids, prompt_param=param,
-                                max_param=max_param, num_max=num_max, logprobs=logprobs,
-                                limits=limits)  # fmt: skip
+    for (_, prompt_ids), (max_tokens, is_default) in zip(prompts, lengths, strict=True):
         for j in range(n):
-            seed = one.params.seed
-            params = one.params if seed is None else replace(
-                one.params, seed=(seed + j) % SEED_RANGE
-            )  # fmt: skip
-            inputs.append(replace(one, params=params))
+            # sample 0 takes the seed as sent, so an out-of-range one is refused by name
+            seed = req.seed if req.seed is None or j == 0 else (req.seed + j) % SEED_RANGE
+            params = SamplingParams(max_tokens=max_tokens, is_default_max_tokens=is_default,
+                                    seed=seed, **shared)  # fmt: skip
+            inputs.append(GenerationInput(request_id, tuple(prompt_ids), params, stop))
     if len(inputs) > 1:  # each choice is a batcher request of its own
         inputs = [replace(g, request_id=f"{request_id}-{k}") for k, g in enumerate(inputs)]
-    num_prompt_tokens = sum(len(ids) for _, ids in prompts)
-    return Generations(tuple(inputs), num_prompt_tokens)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Generations(
+        inputs=tuple(inputs),
+        num_prompt_tokens=sum(len(ids) for _, ids in prompts),
+        stream=bool(req.stream),
+        include_usage=include_usage,
+        continuous_usage=include_usage and bool(req.stream_options.continuous_usage_stats),
+    )
+
+
+def _max_tokens(
+    prompt_ids: Sequence[int],
+    prompt_param: str,  # the field that carried the prompt
+    max_param: str,  # the field that carried num_max
+    num_max: int | None,
+    limits: Limits,
+) -> tuple[int, bool]:
+    """The prompt's max_tokens, checked against the context, and whether the router filled
+    it in."""
+    n, context = len(prompt_ids), limits.max_model_len
+    if n >= context:
+        raise InvalidRequestError(
+            f"this model's context length is {context} tokens, and the prompt alone is {n} "
+            f"tokens: at most {context - 1} leave room for one generated token",
+            param=prompt_param,
+        )
+    if num_max is None:
+        return min(context - n, limits.default_max_tokens), True
+    if num_max < 1:
+        raise InvalidRequestError(f"{max_param}={num_max} must be >= 1", param=max_param)
+    if n + num_max > context:
+        raise InvalidRequestError(
+            f"this model's context length is {context} tokens, but {n} prompt tokens plus "
+            f"{max_param}={num_max} is {n + num_max}: lower {max_param} or shorten the prompt",
+            param=max_param,
+        )
+    return num_max, False
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:
@@ -190,66 +243,3 @@ def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> tuple[tuple[in
             )
         pairs.append((int(key), value))
     return tuple(sorted(pairs))
-
-
-def _generation_input(
-    req: GenerationRequest,
-    request_id: str,
-    prompt_ids: Sequence[int],
-    *,
-    prompt_param: str,  # the field that carried the prompt
-    max_param: str,  # the field that carried num_max
-    num_max: int | None,
-    logprobs: bool,
-    limits: Limits,
-) -> GenerationInput:
-    if req.stream_options is not None and not req.stream:
-        raise InvalidRequestError(
-            "stream_options is only allowed when stream is true", param="stream_options"
-        )
-    n, context = len(prompt_ids), limits.max_model_len
-    if n >= context:
-        raise InvalidRequestError(
-            f"this model's context length is {context} tokens, and the prompt alone is {n} "
-            f"tokens: at most {context - 1} leave room for one generated token",
-            param=prompt_param,
-        )
-    is_default_max_tokens = num_max is None
-    if is_default_max_tokens:
-        num_max = min(context - n, limits.default_max_tokens)
-    elif num_max < 1:
-        raise InvalidRequestError(f"{max_param}={num_max} must be >= 1", param=max_param)
-    elif n + num_max > context:
-        raise InvalidRequestError(
-            f"this model's context length is {context} tokens, but {n} prompt tokens plus "
-            f"{max_param}={num_max} is {n + num_max}: lower {max_param} or shorten the prompt",
-            param=max_param,
-        )
-    stop_ids = req.stop_token_ids or []
-    _check_token_ids(stop_ids, limits, "stop_token_ids")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if "" in stop:
-        raise InvalidRequestError("stop strings must not be empty", param="stop")
-    params = SamplingParams(
-        min_p=0.0 if req.min_p is None else req.min_p,
-        logit_bias=_logit_bias(req.logit_bias, limits),
-        max_tokens=num_max,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k in (None, -1) else req.top_k,
-        seed=req.seed,
-        stop_token_ids=tuple(stop_ids),
-        ignore_eos=bool(req.ignore_eos),
-        is_default_max_tokens=is_default_max_tokens,
-        logprobs=logprobs,
-    )
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return GenerationInput(
-        request_id=request_id,
-        prompt_ids=tuple(prompt_ids),
-        params=params,
-        stop=stop,
-        stream=bool(req.stream),
-        include_usage=include_usage,
-        continuous_usage=include_usage and bool(req.stream_options.continuous_usage_stats),
-    )

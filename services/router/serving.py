@@ -35,7 +35,7 @@ async def respond(
     gens: Generations,
     errors: ErrorReplies,
 ) -> Response:
-    if not gens.first.stream:
+    if not gens.stream:
         choices = await until_disconnect(request, _collect(deltas, len(gens.inputs)))
         usage = Usage(gens.num_prompt_tokens, sum(len(d.token_ids) for c in choices for d in c))
         return JSONResponse(fmt.response(choices, usage))
@@ -94,7 +94,7 @@ async def _events(
                 num_tokens += len(delta.token_ids)
                 chunk = fmt.chunk(index, delta)
                 if chunk is not None:
-                    if gens.first.continuous_usage:
+                    if gens.continuous_usage:
                         chunk["usage"] = usage_json(Usage(num_prompt, num_tokens))
                     yield _event(chunk)
                 running -= delta.finish_reason is not None
@@ -105,7 +105,7 @@ async def _events(
             # The 200 is out: the error travels as an event, as OpenAI's and vLLM's do.
             yield _event(errors.event(exc))
         else:
-            if gens.first.include_usage:
+            if gens.include_usage:
                 yield _event(fmt.usage_chunk(Usage(num_prompt, num_tokens)))
     yield DONE
 
