@@ -169,11 +169,8 @@ def checks(work: Work, split: GreenSplit) -> dict:
     )  # fmt: skip
     torch.cuda.synchronize()
     out = {}
-
-    def capture_attention():
-        out["a"] = attend_out(work, rows, split.second.sms * PROGRAMS_PER_SM)
-
-    on(split.second.stream, capture_attention)()
+    attend = planned(work, {"y": rows}, split.second.sms * PROGRAMS_PER_SM)
+    on(split.second.stream, lambda: out.setdefault("a", attend("y", 0)))()
     torch.cuda.synchronize()
     equal = {
         "gemm_first": bool(torch.equal(got["first"], want)),
@@ -228,17 +225,6 @@ def capture_both() -> None:
     print("one graph holds both partitions' work")
 
 
-def attend_out(work: Work, rows: slice, programs: int) -> torch.Tensor:
-    """The served attention over `rows` of layer 0, planned for `programs`, its output kept."""
-    from alignedserve.worker.kernels.decode_attention import decode_attention
-    from alignedserve.worker.kernels.decode_plan import plan_decode
-
-    q, tables, ctx = work.q[rows], work.tables[rows], work.ctx[rows]
-    plan = plan_decode(q, work.k_blocks[0], tables, ctx, num_programs=programs)
-    return decode_attention(q, work.k_blocks[0], work.v_blocks[0], tables, ctx, work.scale,
-                            plan=plan)  # fmt: skip
-
-
 def planned(work: Work, halves: dict[str, slice], programs: int | None, block_n=None):
     """attend(h, layer): the served attention over half h's rows and that layer's KV, planned
     once for `programs` persistent programs (None: the served count) and `block_n` keys a tile."""
@@ -252,10 +238,10 @@ def planned(work: Work, halves: dict[str, slice], programs: int | None, block_n=
                            block_n=block_n)  # fmt: skip
         plans[h] = (q, tables, ctx, plan)
 
-    def attend(h: str, layer: int) -> None:
+    def attend(h: str, layer: int) -> torch.Tensor:
         q, tables, ctx, plan = plans[h]
-        decode_attention(q, work.k_blocks[layer], work.v_blocks[layer], tables, ctx, work.scale,
-                         plan=plan)  # fmt: skip
+        return decode_attention(q, work.k_blocks[layer], work.v_blocks[layer], tables, ctx,
+                                work.scale, plan=plan)  # fmt: skip
 
     return attend
 
